@@ -1,0 +1,341 @@
+"""The identity adapter installed in a diffusers UNet: projection, decoupled cross-attention, LoRA.
+
+``FaceIDAdapter.install(unet, checkpoint)`` checks that the checkpoint fits the UNet, then
+
+* replaces the processor of every cross-attention layer with a ``FaceIDAttnProcessor`` that carries
+  that layer's ``to_k_ip``/``to_v_ip``;
+* adds the identity LoRA (if the checkpoint has one) on ``to_q``/``to_k``/``to_v``/``to_out.0`` of every
+  attention layer through PEFT, as a named adapter next to any LoRA the user already has;
+* builds the ``IdentityProjection`` that turns face embeddings into identity tokens.
+
+The returned handle changes ``scale`` and ``lora_scale`` without reloading, can fuse the LoRA into the
+base weights, and ``remove()`` puts back the exact processor objects, modules and weights it found.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .attention import FaceIDAttnProcessor
+from .checkpoints import LORA_TARGETS, AdapterSpec, family_name, load_state_dict
+from .errors import CheckpointError
+from .projection import IdentityProjection
+
+StateDict = dict[str, dict[str, torch.Tensor]]
+
+
+def _attention_layers(unet: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(module path, Attention module) in ``unet.attn_processors`` order: the checkpoint's numbering."""
+    return [(name.removesuffix(".processor"), unet.get_submodule(name.removesuffix(".processor")))
+            for name in unet.attn_processors]
+
+
+def _module_target(target: str) -> str:
+    return "to_out.0" if target == "to_out" else target
+
+
+class FaceIDAdapter:
+    """An IP-Adapter-FaceID installed in a UNet. Create it with ``FaceIDAdapter.install``."""
+
+    def __init__(self, unet: nn.Module, spec: AdapterSpec, name: str):
+        self.unet = unet
+        self.spec = spec
+        self.name = name
+        self.projection: IdentityProjection | None = None
+        self.processors: dict[str, FaceIDAttnProcessor] = {}
+        self._original_processors: dict[str, object] = {}
+        self._lora_layers: list[str] = []  # module paths of the PEFT layers that hold our LoRA
+        self._replaced_modules: dict[str, nn.Module] = {}  # path -> original nn.Linear we wrapped
+        self._requires_grad: dict[str, bool] = {}
+        self._fused_weights: dict[str, torch.Tensor] | None = None
+        self._scale = 1.0
+        self._lora_scale = 1.0
+
+    # ------------------------------------------------------------------ install / remove
+    @classmethod
+    def install(
+        cls,
+        unet: nn.Module,
+        checkpoint: str | Path | StateDict,
+        scale: float = 1.0,
+        lora_scale: float = 1.0,
+        name: str = "faceid",
+    ) -> "FaceIDAdapter":
+        """Load ``checkpoint`` (a path in either official layout, or its state dict) into ``unet``."""
+        label = Path(checkpoint).name if isinstance(checkpoint, (str, Path)) else "checkpoint"
+        state = load_state_dict(checkpoint) if isinstance(checkpoint, (str, Path)) else checkpoint
+        spec = AdapterSpec.from_state_dict(state, label)
+        layers = _attention_layers(unet)
+        check_fits(spec, unet, layers, label)
+        if any(isinstance(p, FaceIDAttnProcessor) for p in unet.attn_processors.values()):
+            raise CheckpointError("this UNet already has a FaceID adapter installed; remove() it first")
+
+        adapter = cls(unet, spec, name)
+        param = next(unet.parameters())
+        device, dtype = param.device, param.dtype
+        adapter._requires_grad = {n: p.requires_grad for n, p in unet.named_parameters()}
+
+        projection = IdentityProjection(
+            spec.cross_attention_dim, spec.num_tokens, spec.id_dim, spec.hidden_dim, spec.perceiver
+        )
+        _load_strict(projection, state["image_proj"], f"{label} image_proj")
+        adapter.projection = projection.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+        adapter._original_processors = dict(unet.attn_processors)
+        new_processors = dict(adapter._original_processors)
+        for index, (path, attn) in enumerate(layers):
+            if index not in spec.ip_layers:
+                continue
+            processor = FaceIDAttnProcessor.for_layer(attn, scale)
+            _load_strict(processor, {
+                "to_k_ip.weight": state["ip_adapter"][f"{index}.to_k_ip.weight"],
+                "to_v_ip.weight": state["ip_adapter"][f"{index}.to_v_ip.weight"],
+            }, f"{label} ip_adapter.{index}")
+            processor.to(device=device, dtype=dtype).requires_grad_(False)
+            new_processors[f"{path}.processor"] = processor
+            adapter.processors[path] = processor
+        unet.set_attn_processor(new_processors)
+
+        if spec.lora_rank:
+            adapter._install_lora(layers, state["ip_adapter"])
+        adapter.set_scale(scale)
+        adapter.set_lora_scale(lora_scale)
+        return adapter
+
+    def _install_lora(self, layers: list[tuple[str, nn.Module]], weights: dict[str, torch.Tensor]) -> None:
+        from peft import LoraConfig, inject_adapter_in_model
+
+        rank = self.spec.lora_rank
+        targets = {}
+        for index, per_target in self.spec.lora_layers.items():
+            path = layers[index][0]
+            for target in per_target:
+                targets[f"{path}.{_module_target(target)}"] = (index, target)
+        self._replaced_modules = {
+            path: module for path in targets if not _is_lora_layer(module := self.unet.get_submodule(path))
+        }
+        # lora_alpha == r gives PEFT scaling 1: the reference's LoRALinearLayer with network_alpha None.
+        config = LoraConfig(r=rank, lora_alpha=rank, target_modules=list(targets), init_lora_weights=False)
+        inject_adapter_in_model(config, self.unet, adapter_name=self.name)
+        with torch.no_grad():
+            for path, (index, target) in targets.items():
+                layer = self.unet.get_submodule(path)
+                layer.lora_A[self.name].weight.copy_(weights[f"{index}.{target}_lora.down.weight"])
+                layer.lora_B[self.name].weight.copy_(weights[f"{index}.{target}_lora.up.weight"])
+                layer.lora_A[self.name].requires_grad_(False)
+                layer.lora_B[self.name].requires_grad_(False)
+                # Join the layer's active adapters rather than replace them: a user's style LoRA stays on.
+                layer.set_adapter(sorted(set(layer.active_adapters) | {self.name}))
+        self._lora_layers = list(targets)
+        # PEFT marks every non-LoRA parameter frozen on injection; the UNet's own flags are not ours to change.
+        for param_name, param in self.unet.named_parameters():
+            if param_name in self._requires_grad:
+                param.requires_grad_(self._requires_grad[param_name])
+
+    def remove(self) -> None:
+        """Take the adapter out, leaving the UNet exactly as ``install`` found it."""
+        if self.projection is None:
+            return
+        if self._fused_weights is not None:
+            self.unfuse_lora()
+        self.unet.set_attn_processor(dict(self._original_processors))
+        for path in self._lora_layers:
+            layer = self.unet.get_submodule(path)
+            if path in self._replaced_modules:
+                parent, _, child = path.rpartition(".")
+                setattr(self.unet.get_submodule(parent), child, self._replaced_modules[path])
+            else:  # the layer also holds the user's LoRA: take out only ours
+                layer.delete_adapter(self.name)
+        for param_name, param in self.unet.named_parameters():
+            if param_name in self._requires_grad:
+                param.requires_grad_(self._requires_grad[param_name])
+        self.projection = None
+        self.processors = {}
+        self._lora_layers = []
+        self._replaced_modules = {}
+
+    @property
+    def installed(self) -> bool:
+        return self.projection is not None
+
+    # ------------------------------------------------------------------ knobs
+    @property
+    def scale(self) -> float:
+        return self._scale
+
+    def set_scale(self, scale: float) -> None:
+        """Identity strength: the weight of the identity branch in every cross-attention layer."""
+        self._scale = float(scale)
+        for processor in self.processors.values():
+            processor.scale = self._scale
+
+    @property
+    def lora_scale(self) -> float:
+        return self._lora_scale
+
+    def set_lora_scale(self, lora_scale: float) -> None:
+        """Weight of the identity LoRA (1.0 as released). Refused while fused: unfuse first."""
+        if self._fused_weights is not None and float(lora_scale) != self._lora_scale:
+            raise RuntimeError("the identity LoRA is fused into the UNet; call unfuse_lora() before changing lora_scale")
+        self._lora_scale = float(lora_scale)
+        for path in self._lora_layers:
+            self.unet.get_submodule(path).set_scale(self.name, self._lora_scale)
+
+    @contextlib.contextmanager
+    def scaled(self, scale: float | None) -> Iterator[None]:
+        """Use ``scale`` inside the block only (None keeps the current one)."""
+        previous = self._scale
+        if scale is not None:
+            self.set_scale(scale)
+        try:
+            yield
+        finally:
+            self.set_scale(previous)
+
+    # ------------------------------------------------------------------ LoRA fusing
+    def fuse_lora(self) -> None:
+        """Merge the identity LoRA into the base weights: no LoRA matmuls per step while ``lora_scale`` is fixed."""
+        if not self._lora_layers or self._fused_weights is not None:
+            return
+        saved = {}
+        for path in self._lora_layers:
+            layer = self.unet.get_submodule(path)
+            others = [a for a in layer.active_adapters if a != self.name]
+            if others and not set(others) <= set(layer.merged_adapters):
+                raise RuntimeError(
+                    f"cannot fuse the identity LoRA alone while other LoRAs ({', '.join(others)}) are active "
+                    "and unfused on the same layers; fuse those first"
+                )
+            # Kept so that unfusing restores the weights bit for bit instead of subtracting in float.
+            saved[path] = layer.get_base_layer().weight.detach().to("cpu", copy=True)
+        for path in self._lora_layers:
+            self.unet.get_submodule(path).merge(adapter_names=[self.name])
+        self._fused_weights = saved
+
+    def unfuse_lora(self) -> None:
+        if self._fused_weights is None:
+            return
+        with torch.no_grad():
+            for path, weight in self._fused_weights.items():
+                layer = self.unet.get_submodule(path)
+                base = layer.get_base_layer().weight
+                base.copy_(weight.to(base.device, base.dtype))
+                layer.merged_adapters.remove(self.name)
+        self._fused_weights = None
+
+    @property
+    def lora_fused(self) -> bool:
+        return self._fused_weights is not None
+
+    # ------------------------------------------------------------------ identity tokens
+    @torch.no_grad()
+    def identity_tokens(
+        self,
+        id_embeds: torch.Tensor,
+        clip_embeds: torch.Tensor | None = None,
+        uncond_clip_embeds: torch.Tensor | None = None,
+        shortcut: bool = False,
+        s_scale: float = 1.0,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Conditional and unconditional identity tokens (SPEC.md section 4).
+
+        The unconditional tokens are the projection of an all-zero embedding (and, for Plus, of the CLIP
+        features of an all-zero pixel tensor, ``uncond_clip_embeds``), not zeros.
+        """
+        if self.projection is None:
+            raise RuntimeError("the adapter was removed")
+        param = next(self.projection.parameters())
+        id_embeds = id_embeds.to(param.device, param.dtype)
+        if clip_embeds is not None:
+            clip_embeds = clip_embeds.to(param.device, param.dtype)
+            uncond_clip_embeds = uncond_clip_embeds.to(param.device, param.dtype)
+        cond = self.projection(id_embeds, clip_embeds, shortcut=shortcut, s_scale=s_scale)
+        uncond = self.projection(torch.zeros_like(id_embeds), uncond_clip_embeds, shortcut=shortcut, s_scale=s_scale)
+        return cond, uncond
+
+    @contextlib.contextmanager
+    def caching(self) -> Iterator[None]:
+        """Compute context keys/values once for the whole block (one pipeline call), not once per step."""
+        for processor in self.processors.values():
+            processor.cache.enabled = True
+        try:
+            yield
+        finally:
+            for processor in self.processors.values():
+                processor.cache.clear()
+
+    # ------------------------------------------------------------------ export
+    def state_dict(self) -> StateDict:
+        """The adapter's weights in the official layout (``image_proj`` / ``ip_adapter`` by processor index)."""
+        if self.projection is None:
+            raise RuntimeError("the adapter was removed")
+        ip: dict[str, torch.Tensor] = {}
+        paths = [path for path, _ in _attention_layers(self.unet)]
+        for index, path in enumerate(paths):
+            for target in LORA_TARGETS:
+                module_path = f"{path}.{_module_target(target)}"
+                if module_path in self._lora_layers:
+                    layer = self.unet.get_submodule(module_path)
+                    ip[f"{index}.{target}_lora.down.weight"] = layer.lora_A[self.name].weight.detach()
+                    ip[f"{index}.{target}_lora.up.weight"] = layer.lora_B[self.name].weight.detach()
+            if path in self.processors:
+                ip[f"{index}.to_k_ip.weight"] = self.processors[path].to_k_ip.weight.detach()
+                ip[f"{index}.to_v_ip.weight"] = self.processors[path].to_v_ip.weight.detach()
+        return {"image_proj": {k: v.detach() for k, v in self.projection.state_dict().items()}, "ip_adapter": ip}
+
+
+def _is_lora_layer(module: nn.Module) -> bool:
+    from peft.tuners.lora import LoraLayer
+
+    return isinstance(module, LoraLayer)
+
+
+def _load_strict(module: nn.Module, state: dict[str, torch.Tensor], label: str) -> None:
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{label} does not match the expected layout: {exc}") from None
+
+
+def check_fits(spec: AdapterSpec, unet: nn.Module, layers: list[tuple[str, nn.Module]], label: str) -> None:
+    """Refuse a checkpoint that was made for another base model, saying what it is and what it fits."""
+    unet_cad = unet.config.cross_attention_dim
+    cross = [i for i, (_, attn) in enumerate(layers) if attn.is_cross_attention]
+    unet_desc = (
+        f"the base model's UNet is {family_name(unet_cad)} (cross-attention dim {unet_cad}, "
+        f"{len(cross)} cross-attention layers)"
+    )
+
+    def refuse(detail: str) -> None:
+        raise CheckpointError(
+            f"{label} does not fit this base model: it is {spec.describe()}, while {unet_desc}. {detail}".strip()
+        )
+
+    if spec.cross_attention_dim != unet_cad:
+        refuse(f"Use a FaceID checkpoint made for {family_name(unet_cad)}, or a {spec.family} base model.")
+    if sorted(spec.ip_layers) != cross:
+        refuse("The checkpoint's layer numbering does not match this UNet's attention layers.")
+    for index, (hidden, in_features) in spec.ip_layers.items():
+        attn = layers[index][1]
+        if (attn.to_k.out_features, attn.to_k.in_features) != (hidden, in_features):
+            refuse(
+                f"Layer {index} ({layers[index][0]}) has width {attn.to_k.out_features}, the checkpoint "
+                f"{hidden}."
+            )
+    for index, per_target in spec.lora_layers.items():
+        if index >= len(layers):
+            refuse(f"It has LoRA weights for attention layer {index}; this UNet has {len(layers)}.")
+        attn = layers[index][1]
+        for target, (in_features, out_features) in per_target.items():
+            linear = attn.get_submodule(_module_target(target))
+            linear = linear.get_base_layer() if hasattr(linear, "get_base_layer") else linear
+            if (linear.in_features, linear.out_features) != (in_features, out_features):
+                refuse(
+                    f"LoRA {index}.{target} is {in_features}->{out_features}, the layer "
+                    f"{linear.in_features}->{linear.out_features}."
+                )

@@ -1,0 +1,149 @@
+"""Decoupled cross-attention: the identity branch added to every cross-attention layer of the UNet.
+
+``attn2(x) = to_out( attention(q, K_text, V_text) + scale * attention(q, K_id, V_id) )`` where
+``K_id = to_k_ip(identity tokens)`` and ``V_id = to_v_ip(identity tokens)`` (SPEC.md section 3).
+
+Identity tokens reach the processor explicitly, through ``cross_attention_kwargs["ip_hidden_states"]``
+(a key that diffusers' ``Attention`` lets through quietly), not by being appended to the text tokens
+and sliced off again: the processor never has to guess how many of the context tokens are identity
+tokens. LoRA is not in here: it lives on ``to_q``/``to_k``/``to_v``/``to_out.0`` through PEFT, so this
+processor stays the plain SDPA attention plus one extra branch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+try:  # the type only; diffusers is a hard dependency anyway
+    from diffusers.models.attention_processor import Attention
+except ImportError:  # pragma: no cover
+    Attention = nn.Module  # type: ignore[misc,assignment]
+
+
+class _KeyValueCache:
+    """Keys/values of context tensors that stay the same across denoising steps.
+
+    Inside one pipeline call the text embeddings and the identity tokens are the same tensor objects at
+    every step, so their key/value projections are computed once per call instead of once per step.
+    The cache is keyed by tensor identity and is only active between ``enable()`` and ``clear()``,
+    which the pipeline brackets each call with; outside that (training, direct UNet calls) nothing is
+    cached and nothing can go stale.
+    """
+
+    def __init__(self) -> None:
+        self.enabled = False
+        self._entries: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def get(self, slot: str, source: torch.Tensor, compute) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.enabled:
+            return compute(source)
+        entry = self._entries.get(slot)
+        if entry is not None and entry[0] is source:
+            return entry[1], entry[2]
+        key, value = compute(source)
+        # Holding a reference to ``source`` keeps its id from being reused by another tensor.
+        self._entries[slot] = (source, key, value)
+        return key, value
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self.enabled = False
+
+
+class FaceIDAttnProcessor(nn.Module):
+    """Attention processor for a cross-attention layer with an identity branch.
+
+    It owns the layer's ``to_k_ip``/``to_v_ip`` (sized from the ``Attention`` module it serves) and a
+    ``scale`` (identity strength; 0 skips the branch, giving bit-for-bit the output without adapter).
+    Without ``ip_hidden_states`` it behaves exactly like diffusers' ``AttnProcessor2_0``.
+    """
+
+    def __init__(self, hidden_size: int, cross_attention_dim: int, scale: float = 1.0):
+        super().__init__()
+        self.to_k_ip = nn.Linear(cross_attention_dim, hidden_size, bias=False)
+        self.to_v_ip = nn.Linear(cross_attention_dim, hidden_size, bias=False)
+        self.scale = scale
+        self.cache = _KeyValueCache()
+
+    @classmethod
+    def for_layer(cls, attn: Attention, scale: float = 1.0) -> "FaceIDAttnProcessor":
+        """A processor sized for ``attn`` (its key projection's input and output widths)."""
+        return cls(hidden_size=attn.to_k.out_features, cross_attention_dim=attn.to_k.in_features, scale=scale)
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        ip_hidden_states: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        batch_size, sequence_length, _ = context.shape
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            key, value = attn.to_k(hidden_states), attn.to_v(hidden_states)
+        else:
+            if attn.norm_cross:
+                encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+            key, value = self.cache.get(
+                "text", encoder_hidden_states, lambda ctx: (attn.to_k(ctx), attn.to_v(ctx))
+            )
+
+        head_dim = key.shape[-1] // attn.heads
+
+        def heads(x: torch.Tensor) -> torch.Tensor:
+            return x.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+
+        query, key, value = heads(query), heads(key), heads(value)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        hidden_states = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
+        )
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+        hidden_states = hidden_states.to(query.dtype)
+
+        if ip_hidden_states is not None and self.scale != 0:
+            if ip_hidden_states.shape[0] != batch_size:
+                raise ValueError(
+                    f"identity tokens have batch {ip_hidden_states.shape[0]} but the UNet batch is {batch_size}"
+                )
+            ip_key, ip_value = self.cache.get(
+                "identity", ip_hidden_states, lambda ctx: (self.to_k_ip(ctx), self.to_v_ip(ctx))
+            )
+            ip_states = F.scaled_dot_product_attention(
+                query, heads(ip_key), heads(ip_value), attn_mask=None, dropout_p=0.0, is_causal=False
+            )
+            ip_states = ip_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+            hidden_states = hidden_states + self.scale * ip_states.to(query.dtype)
+
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor

@@ -1,0 +1,177 @@
+"""Reading the official IP-Adapter-FaceID checkpoints and saying what they are.
+
+Two on-disk layouts hold the same tensors (SPEC.md section 3):
+
+* ``.bin``: a pickled ``{"image_proj": {...}, "ip_adapter": {...}}`` (read with ``weights_only=True``);
+* ``.safetensors``: the same tensors, flat, as ``image_proj.<key>`` / ``ip_adapter.<key>``.
+
+``ip_adapter`` keys are numbered by the position of each attention processor in diffusers'
+``unet.attn_processors`` order (even = self-attention, odd = cross-attention). That positional format
+is the ecosystem's and is kept on disk; ``AdapterSpec`` reads everything the model needs (widths,
+token count, LoRA rank, perceiver shape) off the tensors, so no variant has to be named by the user.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import CheckpointError
+from .projection import PerceiverConfig
+
+GROUPS = ("image_proj", "ip_adapter")
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out")  # checkpoint names; ``to_out`` is diffusers' ``to_out.0``
+_IP_KEY = re.compile(r"^(\d+)\.(to_[qkv]_lora|to_out_lora)\.(down|up)\.weight$|^(\d+)\.(to_k_ip|to_v_ip)\.weight$")
+_PERCEIVER_LAYER = re.compile(r"^perceiver_resampler\.layers\.(\d+)\.")
+
+# Cross-attention widths of the base model families the released checkpoints were trained for.
+FAMILIES = {768: "SD1.5", 2048: "SDXL"}
+
+
+def family_name(cross_attention_dim: int) -> str:
+    return FAMILIES.get(cross_attention_dim, f"a model with cross-attention dim {cross_attention_dim}")
+
+
+def load_state_dict(path: str | Path) -> dict[str, dict[str, torch.Tensor]]:
+    """Read an adapter file in either official layout into ``{"image_proj": ..., "ip_adapter": ...}``."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"adapter checkpoint not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            flat = load_file(str(path), device="cpu")
+            groups: dict[str, dict[str, torch.Tensor]] = {g: {} for g in GROUPS}
+            for key, tensor in flat.items():
+                group, _, rest = key.partition(".")
+                if group not in groups or not rest:
+                    raise CheckpointError(
+                        f"{path.name}: unexpected key {key!r}; an IP-Adapter-FaceID .safetensors file holds only "
+                        "'image_proj.*' and 'ip_adapter.*' tensors"
+                    )
+                groups[group][rest] = tensor
+        else:
+            # weights_only=True: a pickle can run code on load; a state dict of tensors needs none of that.
+            groups = torch.load(str(path), map_location="cpu", weights_only=True)
+    except CheckpointError:
+        raise
+    except Exception as exc:  # unreadable, truncated, not a checkpoint at all
+        raise CheckpointError(f"cannot read adapter checkpoint {path}: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(groups, dict) or set(groups) != set(GROUPS):
+        found = sorted(groups) if isinstance(groups, dict) else type(groups).__name__
+        raise CheckpointError(
+            f"{path.name} is not an IP-Adapter-FaceID checkpoint: expected the groups 'image_proj' and "
+            f"'ip_adapter', found {found}"
+        )
+    return groups
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """What a checkpoint is, read off its tensors."""
+
+    cross_attention_dim: int
+    num_tokens: int
+    id_dim: int
+    hidden_dim: int
+    perceiver: PerceiverConfig | None
+    lora_rank: int | None
+    # processor index -> (hidden_size, cross_attention_dim) of its to_k_ip/to_v_ip; odd indices only
+    ip_layers: dict[int, tuple[int, int]] = field(default_factory=dict)
+    # processor index -> {target: (in_features, out_features)} of its LoRA
+    lora_layers: dict[int, dict[str, tuple[int, int]]] = field(default_factory=dict)
+
+    @property
+    def variant(self) -> str:
+        if self.perceiver is not None:
+            return "faceid-plus"
+        if self.lora_rank is None and self.num_tokens == 16:
+            return "faceid-portrait"
+        return "faceid"
+
+    @property
+    def family(self) -> str:
+        return family_name(self.cross_attention_dim)
+
+    def describe(self) -> str:
+        lora = f"LoRA rank {self.lora_rank}" if self.lora_rank else "no LoRA"
+        return (
+            f"a {self.variant} adapter for {self.family} (cross-attention dim {self.cross_attention_dim}, "
+            f"{len(self.ip_layers)} cross-attention layers, {self.num_tokens} tokens, {lora})"
+        )
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, dict[str, torch.Tensor]], name: str = "checkpoint") -> "AdapterSpec":
+        proj, ip = state["image_proj"], state["ip_adapter"]
+        try:
+            first, last, norm = proj["proj.0.weight"], proj["proj.2.weight"], proj["norm.weight"]
+        except KeyError as exc:
+            raise CheckpointError(
+                f"{name}: 'image_proj' lacks {exc.args[0]!r}; this is not an IP-Adapter-FaceID projection "
+                "(plain IP-Adapter checkpoints, which take CLIP image embeddings, are a different model)"
+            ) from None
+        cad = norm.shape[0]
+        if last.shape[0] % cad:
+            raise CheckpointError(f"{name}: projection output {last.shape[0]} is not a multiple of its width {cad}")
+        perceiver = None
+        if any(k.startswith("perceiver_resampler.") for k in proj):
+            depth = 1 + max(int(m.group(1)) for k in proj if (m := _PERCEIVER_LAYER.match(k)))
+            inner = proj["perceiver_resampler.layers.0.0.to_q.weight"].shape[0]
+            ff = proj["perceiver_resampler.layers.0.1.1.weight"].shape[0]
+            perceiver = PerceiverConfig(
+                clip_dim=proj["perceiver_resampler.proj_in.weight"].shape[1],
+                depth=depth,
+                dim_head=64 if inner % 64 == 0 else inner,
+                ff_mult=ff // cad,
+            )
+
+        ip_layers: dict[int, tuple[int, int]] = {}
+        lora_layers: dict[int, dict[str, tuple[int, int]]] = {}
+        ranks = set()
+        for key, tensor in ip.items():
+            match = _IP_KEY.match(key)
+            if not match:
+                raise CheckpointError(f"{name}: unknown key 'ip_adapter.{key}' (not an IP-Adapter-FaceID layer key)")
+            if match.group(1) is not None:
+                index, target, part = int(match.group(1)), match.group(2).removesuffix("_lora"), match.group(3)
+                dims = lora_layers.setdefault(index, {}).setdefault(target, [0, 0])
+                if part == "down":
+                    ranks.add(tensor.shape[0])
+                    dims[0] = tensor.shape[1]
+                else:
+                    dims[1] = tensor.shape[0]
+            else:
+                index, which = int(match.group(4)), match.group(5)
+                out_features, in_features = tensor.shape
+                ip_layers[index] = (out_features, in_features)
+        if len(ranks) > 1:
+            raise CheckpointError(f"{name}: LoRA ranks differ between layers ({sorted(ranks)})")
+        return cls(
+            cross_attention_dim=cad,
+            num_tokens=last.shape[0] // cad,
+            id_dim=first.shape[1],
+            hidden_dim=first.shape[0],
+            perceiver=perceiver,
+            lora_rank=ranks.pop() if ranks else None,
+            ip_layers=dict(sorted(ip_layers.items())),
+            lora_layers={i: {t: tuple(d) for t, d in v.items()} for i, v in sorted(lora_layers.items())},
+        )
+
+
+def save_state_dict(state: dict[str, dict[str, torch.Tensor]], path: str | Path, dtype=torch.float16) -> Path:
+    """Write ``state`` in the official layout chosen by the file suffix (``.bin`` or ``.safetensors``)."""
+    path = Path(path)
+    cast = {g: {k: v.detach().to("cpu", dtype).contiguous() for k, v in state[g].items()} for g in GROUPS}
+    tmp = path.with_name(path.name + ".tmp")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file({f"{g}.{k}": v for g in GROUPS for k, v in cast[g].items()}, str(tmp))
+    else:
+        torch.save(cast, str(tmp))
+    tmp.replace(path)  # atomic: a reader never sees half a file
+    return path
