@@ -72,6 +72,12 @@ class FaceIDAttnProcessor(nn.Module):
         """A processor sized for ``attn`` (its key projection's input and output widths)."""
         return cls(hidden_size=attn.to_k.out_features, cross_attention_dim=attn.to_k.in_features, scale=scale)
 
+    @staticmethod
+    def _text_key_value(attn: Attention, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(context)
+        return attn.to_k(context), attn.to_v(context)
+
     def __call__(
         self,
         attn: Attention,
@@ -103,11 +109,8 @@ class FaceIDAttnProcessor(nn.Module):
         if encoder_hidden_states is None:
             key, value = attn.to_k(hidden_states), attn.to_v(hidden_states)
         else:
-            if attn.norm_cross:
-                encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-            key, value = self.cache.get(
-                "text", encoder_hidden_states, lambda ctx: (attn.to_k(ctx), attn.to_v(ctx))
-            )
+            # Keyed on the tensor the UNet passes in (the same object at every step), before any norm.
+            key, value = self.cache.get("text", encoder_hidden_states, lambda ctx: self._text_key_value(attn, ctx))
 
         head_dim = key.shape[-1] // attn.heads
 

@@ -1,0 +1,376 @@
+"""Face photo(s) + prompt(s) -> images of that person, on a diffusers Stable Diffusion pipeline.
+
+``FaceIDPipeline`` wraps a stock ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline`` (it does
+not fork them): it encodes the prompts with the pipeline's own ``encode_prompt``, turns the faces into
+identity tokens with the installed ``FaceIDAdapter``, batches both the same way (prompt i pairs with
+face i; each repeated per image; unconditional half first under classifier-free guidance), and hands
+the identity tokens to the UNet through ``cross_attention_kwargs``. Everything that does not change
+across denoising steps (identity tokens, their keys/values, the text keys/values) is computed once
+per call.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .adapter import FaceIDAdapter
+from .errors import FaceIDError
+from .hub import ADAPTERS, DEFAULT_ADAPTER, model_not_found, resolve_adapter
+
+logger = logging.getLogger(__name__)
+
+# The reference implementation's defaults (ip_adapter_faceid.py) and SPEC.md section 4.
+DEFAULT_PROMPT = "best quality, high quality"
+DEFAULT_NEGATIVE_PROMPT = "monochrome, lowres, bad anatomy, worst quality, low quality"
+FAMILY_DEFAULTS = {
+    "SD1.5": {"width": 512, "height": 768, "guidance_scale": 7.5, "num_inference_steps": 30},
+    "SDXL": {"width": 1024, "height": 1024, "guidance_scale": 5.0, "num_inference_steps": 30},
+}
+# The DDIM settings of the authors' demos; other fields come from the base model's scheduler config.
+DDIM_OVERRIDES = {"clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1}
+
+
+@dataclass
+class FaceIDOutput:
+    """What a call returns: the images, and the face analysed for each prompt (None for raw embeddings)."""
+
+    images: list | np.ndarray
+    faces: list = field(default_factory=list)
+    nsfw_content_detected: list[bool] | None = None
+
+
+@dataclass
+class Conditioning:
+    """Everything a call feeds the UNet, before the per-image repetition done by the pipeline."""
+
+    pipe_kwargs: dict[str, torch.Tensor]  # prompt_embeds etc., already repeated per image
+    identity: torch.Tensor  # (prompts, tokens, dim) conditional identity tokens
+    uncond_identity: torch.Tensor  # (prompts, tokens, dim) unconditional identity tokens
+    num_images_per_prompt: int
+    faces: list = field(default_factory=list)
+
+    def identity_states(self, classifier_free_guidance: bool) -> torch.Tensor:
+        """Identity tokens in the UNet's batch order: [uncond p0 p0 p1 p1 ; cond p0 p0 p1 p1]."""
+        n = self.num_images_per_prompt
+        cond = self.identity.repeat_interleave(n, dim=0)
+        if not classifier_free_guidance:
+            return cond
+        return torch.cat([self.uncond_identity.repeat_interleave(n, dim=0), cond])
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    # Half precision on accelerators (the released weights are fp16); float32 on the CPU, where fp16
+    # matmuls are slow or unsupported.
+    return torch.float16 if device.type in ("cuda", "mps") else torch.float32
+
+
+def load_base_pipeline(base_model: str | os.PathLike, torch_dtype: torch.dtype, vae: str | None = None):
+    """A Stable Diffusion 1.5 or SDXL pipeline from a diffusers folder, a Hub repo id or a single file."""
+    from diffusers import AutoencoderKL, DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    kwargs: dict[str, Any] = {"torch_dtype": torch_dtype}
+    if vae is not None:
+        try:
+            kwargs["vae"] = AutoencoderKL.from_pretrained(str(vae), torch_dtype=torch_dtype)
+        except Exception as exc:
+            raise model_not_found(str(vae), exc) from exc
+    path = Path(base_model).expanduser()
+    try:
+        if path.is_file():
+            # Single-file checkpoints (.safetensors/.ckpt, original layout): SDXL ones have a "conditioner".
+            cls = StableDiffusionXLPipeline if _is_sdxl_single_file(path) else StableDiffusionPipeline
+            pipe = cls.from_single_file(str(path), **kwargs)
+        else:
+            pipe = DiffusionPipeline.from_pretrained(str(base_model), **kwargs)
+    except FaceIDError:
+        raise
+    except Exception as exc:
+        raise model_not_found(str(base_model), exc) from exc
+    if not isinstance(pipe, (StableDiffusionPipeline, StableDiffusionXLPipeline)):
+        raise FaceIDError(
+            f"{base_model} is a {type(pipe).__name__}; faceid works with Stable Diffusion 1.5 and SDXL "
+            "text-to-image pipelines"
+        )
+    return pipe
+
+
+def _is_sdxl_single_file(path: Path) -> bool:
+    if path.suffix != ".safetensors":
+        return False
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return any(key.startswith("conditioner.") for key in handle.keys())
+
+
+class FaceIDPipeline:
+    """Identity-preserving text-to-image generation.
+
+    >>> pipe = FaceIDPipeline.from_pretrained("SG161222/Realistic_Vision_V4.0_noVAE", adapter="faceid-sd15")
+    >>> images = pipe("a photo of a person as an astronaut", face="me.jpg", seed=42).images
+    """
+
+    def __init__(self, pipe, adapter: FaceIDAdapter, face_analyzer=None, face_models: str | os.PathLike | None = None):
+        self.pipe = pipe
+        self.adapter = adapter
+        self._face_analyzer = face_analyzer
+        self._face_models = face_models
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_pretrained(
+        cls,
+        base_model: str | os.PathLike | None = None,
+        adapter: str | os.PathLike = DEFAULT_ADAPTER,
+        *,
+        vae: str | os.PathLike | None = None,
+        torch_dtype: torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        scheduler: str | None = "ddim",
+        scale: float = 1.0,
+        lora_scale: float = 1.0,
+        fuse_lora: bool = False,
+        face_analyzer=None,
+        face_models: str | os.PathLike | None = None,
+        progress: bool = True,
+    ) -> "FaceIDPipeline":
+        """Load a base model and install an adapter in it.
+
+        ``base_model``: a diffusers folder, a Hub repo id or a single ``.safetensors`` file; by default
+        the base model the adapter's authors show (with its VAE). ``adapter``: a released adapter's name
+        (``faceid-sd15`` ...) or a ``.bin``/``.safetensors`` file. ``scheduler="ddim"`` uses the authors'
+        DDIM settings; ``None`` keeps the base model's scheduler. ``fuse_lora`` merges the identity LoRA
+        into the UNet weights (faster; ``lora_scale`` is then fixed until ``adapter.unfuse_lora()``).
+        ``face_analyzer`` / ``face_models``: a ready ``FaceAnalyzer``, or the folder of the buffalo_l
+        models (fetched into the cache on first use when neither is given).
+        """
+        preset = ADAPTERS.get(str(adapter))
+        if base_model is None:
+            if preset is None:
+                raise FaceIDError("give base_model: the Stable Diffusion model to generate with")
+            base_model, vae = preset.base_model, vae or preset.vae
+        adapter_path = resolve_adapter(adapter)
+        device = torch.device(device) if device is not None else default_device()
+        torch_dtype = torch_dtype or default_dtype(device)
+
+        pipe = load_base_pipeline(base_model, torch_dtype, vae)
+        if scheduler == "ddim":
+            from diffusers import DDIMScheduler
+
+            pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, **DDIM_OVERRIDES)
+        elif scheduler is not None:
+            raise FaceIDError(f"unknown scheduler {scheduler!r}: use 'ddim' or None (keep the base model's)")
+        pipe.set_progress_bar_config(disable=not progress)
+        pipe.to(device)
+        installed = FaceIDAdapter.install(pipe.unet, adapter_path, scale=scale, lora_scale=lora_scale)
+        if fuse_lora:
+            installed.fuse_lora()
+        return cls(pipe, installed, face_analyzer=face_analyzer, face_models=face_models)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def family(self) -> str:
+        from diffusers import StableDiffusionXLPipeline
+
+        return "SDXL" if isinstance(self.pipe, StableDiffusionXLPipeline) else "SD1.5"
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipe._execution_device
+
+    @property
+    def face_analyzer(self):
+        if self._face_analyzer is None:
+            from .faces import FaceAnalyzer
+
+            self._face_analyzer = FaceAnalyzer.from_pretrained(self._face_models)
+        return self._face_analyzer
+
+    # ------------------------------------------------------------------ faces
+    def face_embeddings(self, faces: Any, face_index: int = 0) -> tuple[torch.Tensor, list]:
+        """One identity per entry of ``faces`` -> (embeddings (n, 512) or (n, k, 512), analysed faces).
+
+        An entry is a photo (path, PIL image, HxWx3 array), a ``Face`` from face analysis, or an
+        embedding (512,) / (k, 512) as an array or tensor. A 2-D float array or tensor of several
+        embeddings stands for that many identities.
+        """
+        if _is_embedding(faces):
+            tensor = torch.as_tensor(np.asarray(faces, dtype=np.float32) if not torch.is_tensor(faces) else faces)
+            tensor = tensor.float()
+            if tensor.ndim == 1:
+                tensor = tensor[None]
+            return tensor, [None] * tensor.shape[0]
+        entries = list(faces) if isinstance(faces, (list, tuple)) else [faces]
+        if not entries:
+            raise FaceIDError("no face given: pass a face photo, a face-analysis result or an embedding")
+        embeddings, analysed = [], []
+        for entry in entries:
+            if _is_embedding(entry):
+                embedding, face = torch.as_tensor(np.asarray(entry, dtype=np.float32)), None
+                if torch.is_tensor(entry):
+                    embedding = entry.detach().float().cpu()
+            else:
+                face = entry if _is_face(entry) else self.face_analyzer.get(entry, index=face_index)
+                embedding = torch.as_tensor(np.asarray(face.embedding, dtype=np.float32))
+            embeddings.append(embedding)
+            analysed.append(face)
+        shapes = {tuple(e.shape) for e in embeddings}
+        if len(shapes) > 1:
+            raise FaceIDError(f"the faces give embeddings of different shapes: {sorted(shapes)}")
+        return torch.stack(embeddings), analysed
+
+    # ------------------------------------------------------------------ conditioning
+    @torch.no_grad()
+    def encode(
+        self,
+        prompt: str | Sequence[str] | None,
+        face: Any,
+        negative_prompt: str | Sequence[str] | None = None,
+        num_images_per_prompt: int = 1,
+        face_index: int = 0,
+    ) -> Conditioning:
+        """Text embeddings and identity tokens for a call; prompt i pairs with face i."""
+        embeds, faces = self.face_embeddings(face, face_index)
+        prompts = _as_list(prompt if prompt is not None else DEFAULT_PROMPT)
+        if len(prompts) == 1 and embeds.shape[0] > 1:
+            prompts = prompts * embeds.shape[0]
+        if embeds.shape[0] == 1 and len(prompts) > 1:
+            embeds, faces = embeds.expand(len(prompts), *embeds.shape[1:]), faces * len(prompts)
+        if embeds.shape[0] != len(prompts):
+            raise FaceIDError(
+                f"{len(prompts)} prompts but {embeds.shape[0]} faces: give one face for all prompts, "
+                "one prompt for all faces, or one face per prompt"
+            )
+        negatives = _as_list(negative_prompt if negative_prompt is not None else DEFAULT_NEGATIVE_PROMPT)
+        if len(negatives) == 1:
+            negatives = negatives * len(prompts)
+        if len(negatives) != len(prompts):
+            raise FaceIDError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
+        self._check_embedding_dim(embeds)
+
+        if self.adapter.projection.needs_clip:
+            raise FaceIDError(
+                "this is a FaceID-Plus adapter, which also needs CLIP features of the face; Plus is not "
+                "supported by this version yet: use a FaceID (non-Plus) adapter"
+            )
+        cond, uncond = self.adapter.identity_tokens(embeds)
+
+        text = self.pipe.encode_prompt(
+            prompts,
+            device=self.device,
+            num_images_per_prompt=num_images_per_prompt,
+            do_classifier_free_guidance=True,
+            negative_prompt=negatives,
+        )
+        names = ["prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds"]
+        return Conditioning(dict(zip(names, text)), cond, uncond, num_images_per_prompt, faces)
+
+    def _check_embedding_dim(self, embeds: torch.Tensor) -> None:
+        expected = self.adapter.spec.id_dim
+        if embeds.shape[-1] != expected:
+            raise FaceIDError(
+                f"face embeddings are {embeds.shape[-1]}-d but the adapter takes {expected}-d embeddings "
+                "(insightface buffalo_l ArcFace)"
+            )
+        norms = embeds.norm(dim=-1)
+        if not torch.allclose(norms, torch.ones_like(norms), atol=1e-2):
+            logger.warning(
+                "face embeddings are not L2-normalised (norms %s); the released adapters were trained on "
+                "insightface's normed_embedding",
+                [round(float(n), 3) for n in norms.flatten()[:4]],
+            )
+
+    # ------------------------------------------------------------------ generation
+    def __call__(
+        self,
+        prompt: str | Sequence[str] | None = None,
+        face: Any = None,
+        negative_prompt: str | Sequence[str] | None = None,
+        num_images_per_prompt: int = 1,
+        seed: int | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        width: int | None = None,
+        height: int | None = None,
+        scale: float | None = None,
+        face_index: int = 0,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        conditioning: Conditioning | None = None,
+        **pipeline_kwargs: Any,
+    ) -> FaceIDOutput:
+        """Generate ``num_images_per_prompt`` images for every prompt, each of the paired face.
+
+        ``face``: a photo (path, PIL image, array), a ``Face``, an embedding, or a list of these with one
+        per prompt. ``scale`` (identity strength) applies to this call only; None uses the adapter's.
+        ``seed`` seeds one generator for the whole batch, as the reference does. ``output_type``:
+        ``"pil"`` or ``"np"`` (float arrays in [0, 1]). Other keyword arguments go to the diffusers
+        pipeline (``callback_on_step_end``, ``eta``, ...). ``conditioning`` reuses an ``encode()`` result.
+        """
+        if conditioning is None:
+            if face is None:
+                raise FaceIDError("no face given: pass face= a photo, a face-analysis result or an embedding")
+            conditioning = self.encode(prompt, face, negative_prompt, num_images_per_prompt, face_index)
+        defaults = FAMILY_DEFAULTS[self.family]
+        guidance_scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
+        if generator is None and seed is not None:
+            generator = torch.Generator(self.device).manual_seed(seed)
+        cfg = guidance_scale > 1 and self.pipe.unet.config.time_cond_proj_dim is None
+        cross_attention_kwargs = dict(pipeline_kwargs.pop("cross_attention_kwargs", None) or {})
+        cross_attention_kwargs["ip_hidden_states"] = conditioning.identity_states(cfg)
+
+        with self.adapter.scaled(scale), self.adapter.caching():
+            result = self.pipe(
+                **conditioning.pipe_kwargs,
+                num_inference_steps=num_inference_steps or defaults["num_inference_steps"],
+                guidance_scale=guidance_scale,
+                width=width or defaults["width"],
+                height=height or defaults["height"],
+                generator=generator,
+                latents=latents,
+                output_type=output_type,
+                cross_attention_kwargs=cross_attention_kwargs,
+                **pipeline_kwargs,
+            )
+        return FaceIDOutput(
+            images=result.images,
+            faces=conditioning.faces,
+            nsfw_content_detected=getattr(result, "nsfw_content_detected", None),
+        )
+
+
+def _as_list(value: str | Sequence[str]) -> list[str]:
+    return [value] if isinstance(value, str) else list(value)
+
+
+def _is_face(value: Any) -> bool:
+    return hasattr(value, "embedding") and hasattr(value, "landmarks")
+
+
+def _is_embedding(value: Any) -> bool:
+    """A float vector or matrix of embeddings, as opposed to an image (HxWx3) or a path."""
+    if torch.is_tensor(value):
+        floating, shape = value.is_floating_point(), tuple(value.shape)
+    elif isinstance(value, np.ndarray):
+        floating, shape = value.dtype.kind == "f", value.shape
+    else:
+        return False
+    # (dim,), (identities, dim) or (identities, faces, dim); an image's last axis is its 1-4 channels.
+    return floating and 1 <= len(shape) <= 3 and shape[-1] > 4
