@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .attention import FaceIDAttnProcessor
-from .checkpoints import LORA_TARGETS, AdapterSpec, family_name, load_state_dict
+from .checkpoints import FAMILIES, LORA_TARGETS, AdapterSpec, describe_unet, family_name, load_state_dict
 from .errors import CheckpointError
 from .projection import IdentityProjection
 
@@ -306,10 +306,7 @@ def check_fits(spec: AdapterSpec, unet: nn.Module, layers: list[tuple[str, nn.Mo
     """Refuse a checkpoint that was made for another base model, saying what it is and what it fits."""
     unet_cad = unet.config.cross_attention_dim
     cross = [i for i, (_, attn) in enumerate(layers) if attn.is_cross_attention]
-    unet_desc = (
-        f"the base model's UNet is {family_name(unet_cad)} (cross-attention dim {unet_cad}, "
-        f"{len(cross)} cross-attention layers)"
-    )
+    unet_desc = f"the base model is {describe_unet(unet_cad, len(cross))}"
 
     def refuse(detail: str) -> None:
         raise CheckpointError(
@@ -317,7 +314,9 @@ def check_fits(spec: AdapterSpec, unet: nn.Module, layers: list[tuple[str, nn.Mo
         )
 
     if spec.cross_attention_dim != unet_cad:
-        refuse(f"Use a FaceID checkpoint made for {family_name(unet_cad)}, or a {spec.family} base model.")
+        if unet_cad in FAMILIES and spec.cross_attention_dim in FAMILIES:
+            refuse(f"Use a FaceID checkpoint made for {family_name(unet_cad)}, or this one with a {spec.family} base model.")
+        refuse("Use a FaceID checkpoint made for this base model.")
     if sorted(spec.ip_layers) != cross:
         refuse("The checkpoint's layer numbering does not match this UNet's attention layers.")
     for index, (hidden, in_features) in spec.ip_layers.items():

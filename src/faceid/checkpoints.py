@@ -32,7 +32,14 @@ FAMILIES = {768: "SD1.5", 2048: "SDXL"}
 
 
 def family_name(cross_attention_dim: int) -> str:
-    return FAMILIES.get(cross_attention_dim, f"a model with cross-attention dim {cross_attention_dim}")
+    return FAMILIES.get(cross_attention_dim, f"a UNet with cross-attention dim {cross_attention_dim}")
+
+
+def describe_unet(cross_attention_dim: int, cross_layers: int) -> str:
+    """``SD1.5 (cross-attention dim 768, 16 cross-attention layers)``, or the numbers alone if unknown."""
+    family = FAMILIES.get(cross_attention_dim)
+    numbers = f"cross-attention dim {cross_attention_dim}, {cross_layers} cross-attention layers"
+    return f"{family} ({numbers})" if family else f"a UNet with {numbers}"
 
 
 def load_state_dict(path: str | Path) -> dict[str, dict[str, torch.Tensor]]:
@@ -99,10 +106,8 @@ class AdapterSpec:
 
     def describe(self) -> str:
         lora = f"LoRA rank {self.lora_rank}" if self.lora_rank else "no LoRA"
-        return (
-            f"a {self.variant} adapter for {self.family} (cross-attention dim {self.cross_attention_dim}, "
-            f"{len(self.ip_layers)} cross-attention layers, {self.num_tokens} tokens, {lora})"
-        )
+        target = describe_unet(self.cross_attention_dim, len(self.ip_layers))
+        return f"a {self.variant} adapter ({self.num_tokens} tokens, {lora}) for {target}"
 
     @classmethod
     def from_state_dict(cls, state: dict[str, dict[str, torch.Tensor]], name: str = "checkpoint") -> "AdapterSpec":

@@ -45,6 +45,7 @@ class FaceIDOutput:
     images: list | np.ndarray
     faces: list = field(default_factory=list)
     nsfw_content_detected: list[bool] | None = None
+    settings: dict[str, Any] = field(default_factory=dict)  # the values the call resolved its defaults to
 
 
 @dataclass
@@ -56,6 +57,8 @@ class Conditioning:
     uncond_identity: torch.Tensor  # (prompts, tokens, dim) unconditional identity tokens
     num_images_per_prompt: int
     faces: list = field(default_factory=list)
+    prompts: list[str] = field(default_factory=list)
+    negative_prompts: list[str] = field(default_factory=list)
 
     def identity_states(self, classifier_free_guidance: bool) -> torch.Tensor:
         """Identity tokens in the UNet's batch order: [uncond p0 p0 p1 p1 ; cond p0 p0 p1 p1]."""
@@ -84,10 +87,10 @@ def load_base_pipeline(base_model: str | os.PathLike, torch_dtype: torch.dtype, 
     """A Stable Diffusion 1.5 or SDXL pipeline from a diffusers folder, a Hub repo id or a single file."""
     from diffusers import AutoencoderKL, DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    kwargs: dict[str, Any] = {"torch_dtype": torch_dtype}
+    kwargs: dict[str, Any] = {"dtype": torch_dtype}
     if vae is not None:
         try:
-            kwargs["vae"] = AutoencoderKL.from_pretrained(str(vae), torch_dtype=torch_dtype)
+            kwargs["vae"] = AutoencoderKL.from_pretrained(str(vae), dtype=torch_dtype)
         except Exception as exc:
             raise model_not_found(str(vae), exc) from exc
     path = Path(base_model).expanduser()
@@ -126,9 +129,17 @@ class FaceIDPipeline:
     >>> images = pipe("a photo of a person as an astronaut", face="me.jpg", seed=42).images
     """
 
-    def __init__(self, pipe, adapter: FaceIDAdapter, face_analyzer=None, face_models: str | os.PathLike | None = None):
+    def __init__(
+        self,
+        pipe,
+        adapter: FaceIDAdapter,
+        face_analyzer=None,
+        face_models: str | os.PathLike | None = None,
+        base_model: str | None = None,
+    ):
         self.pipe = pipe
         self.adapter = adapter
+        self.base_model = base_model or getattr(pipe, "name_or_path", None)
         self._face_analyzer = face_analyzer
         self._face_models = face_models
 
@@ -181,7 +192,7 @@ class FaceIDPipeline:
         installed = FaceIDAdapter.install(pipe.unet, adapter_path, scale=scale, lora_scale=lora_scale)
         if fuse_lora:
             installed.fuse_lora()
-        return cls(pipe, installed, face_analyzer=face_analyzer, face_models=face_models)
+        return cls(pipe, installed, face_analyzer=face_analyzer, face_models=face_models, base_model=str(base_model))
 
     # ------------------------------------------------------------------ properties
     @property
@@ -279,7 +290,7 @@ class FaceIDPipeline:
             negative_prompt=negatives,
         )
         names = ["prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds"]
-        return Conditioning(dict(zip(names, text)), cond, uncond, num_images_per_prompt, faces)
+        return Conditioning(dict(zip(names, text)), cond, uncond, num_images_per_prompt, faces, prompts, negatives)
 
     def _check_embedding_dim(self, embeds: torch.Tensor) -> None:
         expected = self.adapter.spec.id_dim
@@ -303,7 +314,7 @@ class FaceIDPipeline:
         face: Any = None,
         negative_prompt: str | Sequence[str] | None = None,
         num_images_per_prompt: int = 1,
-        seed: int | None = None,
+        seed: int | Sequence[int] | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
@@ -320,7 +331,9 @@ class FaceIDPipeline:
 
         ``face``: a photo (path, PIL image, array), a ``Face``, an embedding, or a list of these with one
         per prompt. ``scale`` (identity strength) applies to this call only; None uses the adapter's.
-        ``seed`` seeds one generator for the whole batch, as the reference does. ``output_type``:
+        ``seed``: an int seeds one generator for the whole batch, as the reference does; a list gives
+        every image its own seed (image i is then reproduced alone by ``seed=[seeds[i]]``). Generators
+        live on the CPU so that a seed gives the same starting noise on any device. ``output_type``:
         ``"pil"`` or ``"np"`` (float arrays in [0, 1]). Other keyword arguments go to the diffusers
         pipeline (``callback_on_step_end``, ``eta``, ...). ``conditioning`` reuses an ``encode()`` result.
         """
@@ -331,18 +344,28 @@ class FaceIDPipeline:
         defaults = FAMILY_DEFAULTS[self.family]
         guidance_scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
         if generator is None and seed is not None:
-            generator = torch.Generator(self.device).manual_seed(seed)
+            generator = seeded_generators(seed)
         cfg = guidance_scale > 1 and self.pipe.unet.config.time_cond_proj_dim is None
         cross_attention_kwargs = dict(pipeline_kwargs.pop("cross_attention_kwargs", None) or {})
         cross_attention_kwargs["ip_hidden_states"] = conditioning.identity_states(cfg)
-
+        settings = {
+            "prompt": conditioning.prompts,
+            "negative_prompt": conditioning.negative_prompts,
+            "num_inference_steps": num_inference_steps or defaults["num_inference_steps"],
+            "guidance_scale": guidance_scale,
+            "width": width or defaults["width"],
+            "height": height or defaults["height"],
+            "scale": self.adapter.scale if scale is None else scale,
+            "lora_scale": self.adapter.lora_scale,
+            "seed": seed,
+        }
         with self.adapter.scaled(scale), self.adapter.caching():
             result = self.pipe(
                 **conditioning.pipe_kwargs,
-                num_inference_steps=num_inference_steps or defaults["num_inference_steps"],
+                num_inference_steps=settings["num_inference_steps"],
                 guidance_scale=guidance_scale,
-                width=width or defaults["width"],
-                height=height or defaults["height"],
+                width=settings["width"],
+                height=settings["height"],
                 generator=generator,
                 latents=latents,
                 output_type=output_type,
@@ -353,7 +376,14 @@ class FaceIDPipeline:
             images=result.images,
             faces=conditioning.faces,
             nsfw_content_detected=getattr(result, "nsfw_content_detected", None),
+            settings=settings,
         )
+
+
+def seeded_generators(seed: int | Sequence[int]) -> torch.Generator | list[torch.Generator]:
+    if isinstance(seed, int):
+        return torch.Generator("cpu").manual_seed(seed)
+    return [torch.Generator("cpu").manual_seed(int(s)) for s in seed]
 
 
 def _as_list(value: str | Sequence[str]) -> list[str]:

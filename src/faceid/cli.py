@@ -1,0 +1,201 @@
+"""The ``faceid`` command line: thin wrappers over the Python API.
+
+Every failure a user can cause ends as one line on stderr and a non-zero exit status (2 for bad
+input, 1 for anything unexpected; ``--debug`` shows the traceback). Work that can fail (reading the
+photo, finding the face, loading the models) happens before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import random
+import sys
+import warnings
+from pathlib import Path
+
+from . import __version__
+from .errors import FaceIDError
+
+DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    _quiet_libraries(args.debug)
+    try:
+        return args.func(args) or 0
+    except FaceIDError as exc:
+        print(f"faceid: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("faceid: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug or an environment problem: one line, traceback on request
+        if args.debug:
+            raise
+        print(f"faceid: unexpected error: {type(exc).__name__}: {exc} (run with --debug for details)", file=sys.stderr)
+        return 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="faceid", description="Identity-preserving image generation (IP-Adapter-FaceID).")
+    parser.add_argument("--version", action="version", version=f"faceid {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks and library logs")
+    commands = parser.add_subparsers(title="commands")
+
+    gen = commands.add_parser("generate", help="images of the person in a face photo, as a prompt describes")
+    gen.add_argument("--face", required=True, help="photo of the person (the largest face is used)")
+    gen.add_argument("--prompt", required=True, help="what to generate, e.g. 'a photo of a person as an astronaut'")
+    gen.add_argument("--negative-prompt", default=None, help="what to avoid (default: the reference's)")
+    gen.add_argument("-n", "--num-images", type=int, default=4, help="number of images (default 4)")
+    gen.add_argument("--seed", type=int, default=None, help="seed of the first image; image i uses seed+i")
+    gen.add_argument("--scale", type=float, default=1.0, help="identity strength (default 1.0)")
+    gen.add_argument("--lora-scale", type=float, default=1.0, help="weight of the identity LoRA (default 1.0)")
+    gen.add_argument("--steps", type=int, default=None, help="denoising steps (default 30)")
+    gen.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (SD1.5: 7.5, SDXL: 5)")
+    gen.add_argument("--width", type=int, default=None, help="image width (SD1.5: 512, SDXL: 1024)")
+    gen.add_argument("--height", type=int, default=None, help="image height (SD1.5: 768, SDXL: 1024)")
+    gen.add_argument("--face-index", type=int, default=0, help="which face when the photo has several (0 = largest)")
+    gen.add_argument("--base-model", default=None, help="SD1.5/SDXL model: diffusers folder, Hub repo id or .safetensors file")
+    gen.add_argument("--vae", default=None, help="VAE to use instead of the base model's (folder or Hub repo id)")
+    gen.add_argument("--adapter", default="faceid-sd15", help="adapter file (.bin/.safetensors) or released name")
+    gen.add_argument("--face-models", default=None, help="folder with the face detector and recognizer (buffalo_l)")
+    gen.add_argument("--device", default=None, help="cuda, cpu, mps (default: the best available)")
+    gen.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: fp16 on GPU, fp32 on CPU")
+    gen.add_argument("--fuse-lora", action="store_true", help="merge the identity LoRA into the UNet (faster)")
+    gen.add_argument("--out", required=True, help="folder for the images and the contact sheet")
+    gen.set_defaults(func=cmd_generate)
+
+    emb = commands.add_parser("embed", help="find the faces in a photo; save the embedding and aligned crop")
+    emb.add_argument("photo", help="a photo with a face")
+    emb.add_argument("--face-index", type=int, default=0, help="which face to save (0 = largest)")
+    emb.add_argument("--face-models", default=None, help="folder with the face detector and recognizer (buffalo_l)")
+    emb.add_argument("--out", default=".", help="folder for <photo>_face<k>.npy and .png (default: here)")
+    emb.set_defaults(func=cmd_embed)
+    return parser
+
+
+def _face_analyzer(face_models: str | None):
+    from .faces import FaceAnalyzer
+
+    return FaceAnalyzer.from_dir(face_models) if face_models else FaceAnalyzer.from_pretrained()
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    import numpy as np
+    from PIL import Image
+
+    analyzer = _face_analyzer(args.face_models)
+    faces = analyzer.analyze(args.photo)
+    if not faces:
+        analyzer.get(args.photo)  # raises the NoFaceError with its advice
+    for i, face in enumerate(faces):
+        x1, y1, x2, y2 = (round(float(v)) for v in face.box)
+        marker = "*" if i == args.face_index else " "
+        print(f"{marker} face {i}: box=({x1}, {y1}, {x2}, {y2}) size={x2 - x1}x{y2 - y1} score={face.score:.3f}")
+    face = analyzer.get(args.photo, index=args.face_index)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"{Path(args.photo).stem}_face{args.face_index}"
+    np.save(out / f"{stem}.npy", face.embedding.astype(np.float32))
+    Image.fromarray(face.aligned).save(out / f"{stem}.png")
+    print(f"saved {out / (stem + '.npy')} ({face.embedding.shape[0]}-d, L2-normalised) and {out / (stem + '.png')}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .outputs import contact_sheet, save_png
+    from .pipeline import FaceIDPipeline
+
+    if args.num_images < 1:
+        raise FaceIDError("--num-images must be at least 1")
+    # The face first: a photo without a usable face fails in seconds, before the big models load.
+    analyzer = _face_analyzer(args.face_models)
+    face = analyzer.get(args.face, index=args.face_index)
+    pipe = FaceIDPipeline.from_pretrained(
+        args.base_model,
+        args.adapter,
+        vae=args.vae,
+        device=args.device,
+        torch_dtype=getattr(torch, DTYPES[args.dtype]) if args.dtype else None,
+        lora_scale=args.lora_scale,
+        fuse_lora=args.fuse_lora,
+        face_analyzer=analyzer,
+    )
+    seed = args.seed if args.seed is not None else random.randrange(2**31)
+    seeds = [seed + i for i in range(args.num_images)]
+    result = pipe(
+        prompt=args.prompt,
+        face=face,
+        negative_prompt=args.negative_prompt,
+        num_images_per_prompt=args.num_images,
+        seed=seeds,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        width=args.width,
+        height=args.height,
+        scale=args.scale,
+    )
+    call = result.settings
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = Path(args.face).stem
+    written = []
+    for image, image_seed in zip(result.images, seeds):
+        settings = {
+            "prompt": args.prompt,
+            "negative_prompt": call["negative_prompt"][0],
+            "seed": image_seed,
+            "scale": args.scale,
+            "lora_scale": args.lora_scale,
+            "steps": call["num_inference_steps"],
+            "guidance_scale": call["guidance_scale"],
+            "width": image.width,
+            "height": image.height,
+            "base_model": pipe.base_model,
+            "adapter": args.adapter,
+            "face": str(args.face),
+            "face_index": args.face_index,
+            "faceid_version": __version__,
+        }
+        written.append(save_png(image, _free_path(out / f"{stem}_s{image_seed}.png"), settings))
+    sheet = contact_sheet(result.images, reference=face.aligned, labels=[f"seed {s}" for s in seeds])
+    sheet_path = _free_path(out / f"contact_sheet_s{seed}.png")
+    sheet.save(sheet_path)
+    for path in written:
+        print(path)
+    print(f"contact sheet: {sheet_path}")
+    return 0
+
+
+def _free_path(path: Path) -> Path:
+    """``path``, or ``name-1.png``, ``name-2.png``... if taken: never overwrite earlier results."""
+    candidate, k = path, 1
+    while candidate.exists():
+        candidate = path.with_name(f"{path.stem}-{k}{path.suffix}")
+        k += 1
+    return candidate
+
+
+def _quiet_libraries(debug: bool) -> None:
+    """Library chatter (deprecations, backend notices) is not for CLI users; progress bars stay."""
+    if debug:
+        return
+    warnings.filterwarnings("ignore")
+    # Read by diffusers and transformers when they are first imported (they reset their loggers then).
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    for name in ("diffusers", "transformers", "faceid"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""Writing results: PNGs that remember how they were made, and contact sheets to look at."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageOps, PngImagePlugin
+
+# Text-chunk key holding every setting as JSON; the common ones are also written as plain keys
+# ("prompt", "seed", ...) so image viewers and `exiftool` show them directly.
+SETTINGS_KEY = "faceid"
+
+
+def save_png(image: Image.Image, path: str | Path, settings: Mapping[str, object]) -> Path:
+    """Save ``image`` with ``settings`` in its text chunks; atomically (a reader never sees half a file)."""
+    path = Path(path)
+    info = PngImagePlugin.PngInfo()
+    for key, value in settings.items():
+        if value is not None and not isinstance(value, (dict, list)):
+            info.add_text(str(key), str(value))
+    info.add_text(SETTINGS_KEY, json.dumps(dict(settings), default=str))
+    tmp = path.with_name(f".{path.name}.tmp")
+    image.save(tmp, format="PNG", pnginfo=info)
+    tmp.replace(path)
+    return path
+
+
+def read_settings(path: str | Path) -> dict:
+    """The settings ``save_png`` stored in a PNG."""
+    with Image.open(path) as image:
+        return json.loads(image.text[SETTINGS_KEY])
+
+
+def contact_sheet(
+    images: Sequence[Image.Image],
+    reference: Image.Image | np.ndarray | None = None,
+    columns: int | None = None,
+    tile: int = 256,
+    labels: Sequence[str] | None = None,
+) -> Image.Image:
+    """A grid of ``images`` (each fitted into a ``tile``-px square), led by the ``reference`` face if given."""
+    tiles = []
+    if reference is not None:
+        ref = Image.fromarray(reference) if isinstance(reference, np.ndarray) else reference
+        tiles.append((ref.convert("RGB"), "reference"))
+    for i, image in enumerate(images):
+        tiles.append((image.convert("RGB"), labels[i] if labels else f"#{i}"))
+    columns = columns or min(len(tiles), max(1, math.ceil(math.sqrt(len(tiles)))))
+    rows = math.ceil(len(tiles) / columns)
+    sheet = Image.new("RGB", (columns * tile, rows * tile), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (image, label) in enumerate(tiles):
+        # contain() scales both ways: tiny previews are enlarged (nearest, to stay crisp), big ones shrunk.
+        small = max(image.size) < tile // 2
+        fitted = ImageOps.contain(
+            image, (tile, tile - 14), Image.Resampling.NEAREST if small else Image.Resampling.LANCZOS
+        )
+        x, y = (i % columns) * tile, (i // columns) * tile
+        sheet.paste(fitted, (x + (tile - fitted.width) // 2, y + (tile - 14 - fitted.height) // 2))
+        draw.text((x + 4, y + tile - 13), label, fill="black")
+    return sheet
