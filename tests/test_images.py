@@ -70,11 +70,12 @@ def _truncated_png(path: Path) -> None:
     path.write_bytes(data[: len(data) // 2])
 
 
-def _corrupt_jpeg(path: Path) -> None:
-    # A valid header followed by garbage instead of entropy-coded data.
-    data = bytearray(_jpeg_bytes(skimage.data.astronaut()))
-    start = len(data) // 3
-    data[start:] = bytes(range(256)) * ((len(data) - start) // 256) + b"\x00" * ((len(data) - start) % 256)
+def _corrupt_png(path: Path) -> None:
+    # Valid header, garbage in the middle of the compressed pixel data (libjpeg, by contrast, decodes
+    # garbage JPEG data into noise without complaint, so a corrupt JPEG cannot be detected reliably).
+    data = bytearray(_png_bytes(Image.fromarray(skimage.data.astronaut())))
+    middle = len(data) // 2
+    data[middle : middle + 64] = bytes(range(64))
     path.write_bytes(bytes(data))
 
 
@@ -85,11 +86,16 @@ BROKEN_CASES = {
     "text_file": ("notes.jpg", lambda p: p.write_text("these are my notes, not a photo\n"), ["not an image"], {}),
     "truncated_jpeg": ("cut.jpg", _truncated_jpeg, ["truncated"], {}),
     "truncated_png": ("cut.png", _truncated_png, ["truncated"], {}),
-    "corrupt_jpeg": ("garbage.jpg", _corrupt_jpeg, ["corrupt"], {}),
+    "corrupt_png": ("garbage.png", _corrupt_png, ["corrupt"], {}),
     # 30000 x 30000 = 900 MP: beyond PIL's own bomb guard (2 x 89 MP), refused at open.
-    "bomb_900mp": ("bomb.png", lambda p: p.write_bytes(_huge_blank_png(30000, 30000)), ["too large"], {}),
+    "bomb_900mp": ("bomb.png", lambda p: p.write_bytes(_huge_blank_png(30000, 30000)), ["too large", "bomb"], {}),
     # 9000 x 9000 = 81 MP: PIL would decode it, faceid's 50 MP default limit refuses it.
-    "over_default_limit": ("big.png", lambda p: p.write_bytes(_huge_blank_png(9000, 9000)), ["too large", "81.0"], {}),
+    "over_default_limit": (
+        "big.png",
+        lambda p: p.write_bytes(_huge_blank_png(9000, 9000)),
+        ["too large", "81 megapixels", "50 megapixels"],
+        {},
+    ),
     "over_custom_limit": (
         "photo.png",
         lambda p: p.write_bytes(_png_bytes(Image.new("RGB", (200, 100)))),

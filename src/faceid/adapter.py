@@ -52,6 +52,7 @@ class FaceIDAdapter:
         self._lora_layers: list[str] = []  # module paths of the PEFT layers that hold our LoRA
         self._replaced_modules: dict[str, nn.Module] = {}  # path -> original nn.Linear we wrapped
         self._requires_grad: dict[str, bool] = {}
+        self._had_peft_config = False
         self._fused_weights: dict[str, torch.Tensor] | None = None
         self._scale = 1.0
         self._lora_scale = 1.0
@@ -119,20 +120,30 @@ class FaceIDAdapter:
         self._replaced_modules = {
             path: module for path in targets if not _is_lora_layer(module := self.unet.get_submodule(path))
         }
+        # PEFT's injection makes the new adapter the only active one on every LoRA layer of the model;
+        # the user's LoRAs must stay as they were, so their active sets are restored afterwards.
+        active_before = {
+            path: list(module.active_adapters) for path, module in self.unet.named_modules() if _is_lora_layer(module)
+        }
+        self._had_peft_config = hasattr(self.unet, "peft_config")
         # lora_alpha == r gives PEFT scaling 1: the reference's LoRALinearLayer with network_alpha None.
         config = LoraConfig(r=rank, lora_alpha=rank, target_modules=list(targets), init_lora_weights=False)
         inject_adapter_in_model(config, self.unet, adapter_name=self.name)
+        for path, active in active_before.items():
+            self.unet.get_submodule(path).set_adapter(active)
         with torch.no_grad():
             for path, (index, target) in targets.items():
                 layer = self.unet.get_submodule(path)
-                layer.lora_A[self.name].weight.copy_(weights[f"{index}.{target}_lora.down.weight"])
-                layer.lora_B[self.name].weight.copy_(weights[f"{index}.{target}_lora.up.weight"])
-                layer.lora_A[self.name].requires_grad_(False)
-                layer.lora_B[self.name].requires_grad_(False)
-                # Join the layer's active adapters rather than replace them: a user's style LoRA stays on.
                 layer.set_adapter(sorted(set(layer.active_adapters) | {self.name}))
+                dtype = layer.get_base_layer().weight.dtype  # PEFT upcasts adapters to fp32; keep the UNet's
+                for module, key in ((layer.lora_A, "down"), (layer.lora_B, "up")):
+                    module[self.name].to(dtype).requires_grad_(False)
+                    module[self.name].weight.copy_(weights[f"{index}.{target}_lora.{key}.weight"])
         self._lora_layers = list(targets)
-        # PEFT marks every non-LoRA parameter frozen on injection; the UNet's own flags are not ours to change.
+        # PEFT (and set_adapter) flip requires_grad flags; the UNet's and the user's flags are not ours.
+        self._restore_requires_grad()
+
+    def _restore_requires_grad(self) -> None:
         for param_name, param in self.unet.named_parameters():
             if param_name in self._requires_grad:
                 param.requires_grad_(self._requires_grad[param_name])
@@ -151,9 +162,12 @@ class FaceIDAdapter:
                 setattr(self.unet.get_submodule(parent), child, self._replaced_modules[path])
             else:  # the layer also holds the user's LoRA: take out only ours
                 layer.delete_adapter(self.name)
-        for param_name, param in self.unet.named_parameters():
-            if param_name in self._requires_grad:
-                param.requires_grad_(self._requires_grad[param_name])
+        if self._lora_layers:
+            configs = getattr(self.unet, "peft_config", {})
+            configs.pop(self.name, None)
+            if not self._had_peft_config and not configs and hasattr(self.unet, "peft_config"):
+                del self.unet.peft_config
+        self._restore_requires_grad()
         self.projection = None
         self.processors = {}
         self._lora_layers = []
@@ -338,3 +352,37 @@ def check_fits(spec: AdapterSpec, unet: nn.Module, layers: list[tuple[str, nn.Mo
                     f"LoRA {index}.{target} is {in_features}->{out_features}, the layer "
                     f"{linear.in_features}->{linear.out_features}."
                 )
+
+
+def initial_state_dict(
+    unet: nn.Module,
+    num_tokens: int = 4,
+    lora_rank: int | None = 128,
+    id_dim: int = 512,
+    hidden_dim: int = 1024,
+    perceiver=None,
+    generator: torch.Generator | None = None,
+) -> StateDict:
+    """A fresh adapter for ``unet`` in the official layout, initialised as the training recipe says.
+
+    The projection gets PyTorch's default initialisation; every ``to_k_ip``/``to_v_ip`` starts as a copy
+    of its layer's ``to_k``/``to_v`` (so the identity branch starts out attending like the text branch);
+    LoRA ``down`` is Gaussian with std 1/rank and ``up`` is zero, so the LoRA starts as a no-op.
+    """
+    cad = unet.config.cross_attention_dim
+    projection = IdentityProjection(cad, num_tokens, id_dim, hidden_dim, perceiver)
+    ip: dict[str, torch.Tensor] = {}
+    for index, (_, attn) in enumerate(_attention_layers(unet)):
+        if lora_rank:
+            for target in LORA_TARGETS:
+                linear = attn.get_submodule(_module_target(target))
+                linear = linear.get_base_layer() if hasattr(linear, "get_base_layer") else linear
+                down = torch.empty(lora_rank, linear.in_features).normal_(std=1 / lora_rank, generator=generator)
+                ip[f"{index}.{target}_lora.down.weight"] = down
+                ip[f"{index}.{target}_lora.up.weight"] = torch.zeros(linear.out_features, lora_rank)
+        if attn.is_cross_attention:
+            for target in ("to_k", "to_v"):
+                linear = attn.get_submodule(target)
+                linear = linear.get_base_layer() if hasattr(linear, "get_base_layer") else linear
+                ip[f"{index}.{target}_ip.weight"] = linear.weight.detach().float().cpu().clone()
+    return {"image_proj": {k: v.detach().clone() for k, v in projection.state_dict().items()}, "ip_adapter": ip}

@@ -50,6 +50,8 @@ __all__ = [
     "SCRFDDetector",
     "YuNetDetector",
     "align_face",
+    "default_yunet_path",
+    "faceid_models_home",
 ]
 
 #: insightface's ``arcface_dst``: where the 5 landmarks land in the 112x112 aligned crop
@@ -236,7 +238,10 @@ class YuNetDetector:
         # OpenCV 5 logs a harmless "Targets are not supported by the new graph engine" warning here.
         logging.setLogLevel(logging.LOG_LEVEL_ERROR)
         try:
-            self._net = cv2.FaceDetectorYN.create(str(path), "", (320, 320), self.threshold, float(nms_threshold), 5000)
+            # (320, 320) is a placeholder: detect() sets the real input size per image.
+            self._net = cv2.FaceDetectorYN.create(
+                str(path), "", (320, 320), self.threshold, float(nms_threshold), 5000
+            )
         except cv2.error as exc:
             raise MissingWeightsError(f"Cannot load YuNet model {path}: {exc}".splitlines()[0]) from exc
         finally:
@@ -284,7 +289,8 @@ def default_yunet_path() -> Path:
 def _clean_detections(boxes, scores, kps) -> list[Detection]:
     """Drop degenerate or non-finite detections and convert to Detection objects (float32)."""
     out = []
-    for box, score, lmk in zip(np.asarray(boxes, np.float32), np.asarray(scores).ravel(), np.asarray(kps, np.float32)):
+    boxes, scores, kps = np.asarray(boxes, np.float32), np.asarray(scores).ravel(), np.asarray(kps, np.float32)
+    for box, score, lmk in zip(boxes, scores, kps):
         if not (np.isfinite(box).all() and np.isfinite(lmk).all()):
             continue
         if box[2] - box[0] <= 1 or box[3] - box[1] <= 1:
@@ -351,7 +357,9 @@ class ONNXRecognizer:
         blob = (batch.astype(np.float32).transpose(0, 3, 1, 2) - self.mean) / self.std
         blob = np.ascontiguousarray(blob, dtype=np.float32)
         if self._batch_one:
-            outs = [self.session.run([self.output_name], {self.input_name: blob[i : i + 1]})[0] for i in range(len(blob))]
+            outs = [
+                self.session.run([self.output_name], {self.input_name: blob[i : i + 1]})[0] for i in range(len(blob))
+            ]
             out = np.concatenate(outs, axis=0) if outs else np.zeros((0, getattr(self, "dim", 0)), np.float32)
         else:
             out = self.session.run([self.output_name], {self.input_name: blob})[0]
@@ -503,46 +511,9 @@ class FaceAnalyzer:
         ``*yunet*.onnx`` -> YuNet. Recognizer: ``w600k_r50.onnx``, else the single other ``.onnx`` file
         whose input is 112x112. Extra keyword arguments go to the FaceAnalyzer constructor.
         """
-        folder = Path(path).expanduser()
-        if not folder.is_dir():
-            raise MissingWeightsError(
-                f"Face model folder not found: {folder}. It must hold a detector (det_10g.onnx) and a "
-                "recognizer (w600k_r50.onnx) from insightface's buffalo_l pack."
-            )
-        onnx_files = sorted(p for p in folder.iterdir() if p.suffix.lower() == ".onnx" and p.is_file())
-        names = {p.name.lower(): p for p in onnx_files}
-
-        scrfd = [p for p in onnx_files if p.name.lower().startswith(("det_", "scrfd"))]
-        yunet = [p for p in onnx_files if "yunet" in p.name.lower()]
-        if "det_10g.onnx" in names:
-            detector_path = names["det_10g.onnx"]
-            detector: Detector = SCRFDDetector(detector_path)
-        elif scrfd:
-            detector_path = scrfd[0]
-            detector = SCRFDDetector(detector_path)
-        elif yunet:
-            detector_path = yunet[0]
-            detector = YuNetDetector(detector_path)
-        else:
-            raise MissingWeightsError(
-                f"No face detector in {folder}: expected det_10g.onnx (insightface buffalo_l) or a YuNet "
-                "*yunet*.onnx file."
-            )
-
-        if "w600k_r50.onnx" in names:
-            recognizer_path = names["w600k_r50.onnx"]
-        else:
-            candidates = [
-                p for p in onnx_files if p not in scrfd and p not in yunet and p != detector_path
-            ]
-            fits = [p for p in candidates if _input_hw(p) == (112, 112)]
-            if len(fits) != 1:
-                found = ", ".join(p.name for p in fits) or "none"
-                raise MissingWeightsError(
-                    f"No unique face recognizer in {folder}: expected w600k_r50.onnx (insightface buffalo_l) "
-                    f"or exactly one other .onnx model with a 112x112 input (found: {found})."
-                )
-            recognizer_path = fits[0]
+        detector_path, recognizer_path = _find_models(Path(path).expanduser())
+        is_yunet = "yunet" in detector_path.name.lower()
+        detector: Detector = YuNetDetector(detector_path) if is_yunet else SCRFDDetector(detector_path)
         return cls(detector, ONNXRecognizer(recognizer_path), **kwargs)
 
     @classmethod
@@ -555,10 +526,11 @@ class FaceAnalyzer:
     ) -> FaceAnalyzer:
         """The insightface pack FaceID was trained with, from disk or downloaded once.
 
-        Looks in ``models_dir`` if given, else in ``$FACEID_HOME/models/<name>`` (default
-        ``~/.cache/faceid/models/<name>``) and insightface's ``~/.insightface/models/<name>``. When the
-        files are missing and ``download`` is true, fetches ``<name>.zip`` from insightface's releases into
-        ``models_dir`` (or the faceid cache) and extracts only the detector and the recognizer.
+        Looks in ``models_dir`` if given (any folder :meth:`from_dir` accepts), else in
+        ``$FACEID_HOME/models/<name>`` (default ``~/.cache/faceid/models/<name>``) and insightface's
+        ``~/.insightface/models/<name>``. When the files are missing and ``download`` is true, fetches
+        ``<name>.zip`` from insightface's releases into ``models_dir`` (or the faceid cache) and extracts
+        only the detector and the recognizer. insightface's models are for non-commercial research use.
         """
         if name not in _PACKS:
             raise MissingWeightsError(
@@ -567,12 +539,17 @@ class FaceAnalyzer:
             )
         needed = _PACKS[name]
         if models_dir is not None:
+            # An explicit folder may hold any models from_dir accepts (e.g. YuNet + a recognizer).
             search = [Path(models_dir).expanduser()]
+            try:
+                return cls.from_dir(search[0], **kwargs)
+            except MissingWeightsError:
+                pass  # missing or incomplete: fetch the pack into it below
         else:
             search = [faceid_models_home() / name, Path("~/.insightface/models").expanduser() / name]
-        for folder in search:
-            if all((folder / f).is_file() for f in needed):
-                return cls.from_dir(folder, **kwargs)
+            for folder in search:
+                if all((folder / f).is_file() for f in needed):
+                    return cls.from_dir(folder, **kwargs)
 
         target = search[0]
         url = _pack_url(name)
@@ -591,6 +568,42 @@ class FaceAnalyzer:
                 f"Face models {name!r} are not in {target} and downloading them failed ({reason}). {how}"
             ) from exc
         return cls.from_dir(target, **kwargs)
+
+
+def _find_models(folder: Path) -> tuple[Path, Path]:
+    """(detector, recognizer) model files in ``folder`` by from_dir's rules; MissingWeightsError if absent."""
+    if not folder.is_dir():
+        raise MissingWeightsError(
+            f"Face model folder not found: {folder}. It must hold a detector (det_10g.onnx) and a "
+            "recognizer (w600k_r50.onnx) from insightface's buffalo_l pack."
+        )
+    onnx_files = sorted(p for p in folder.iterdir() if p.suffix.lower() == ".onnx" and p.is_file())
+    names = {p.name.lower(): p for p in onnx_files}
+    scrfd = [p for p in onnx_files if p.name.lower().startswith(("det_", "scrfd"))]
+    yunet = [p for p in onnx_files if "yunet" in p.name.lower()]
+    if "det_10g.onnx" in names:
+        detector_path = names["det_10g.onnx"]
+    elif scrfd or yunet:
+        detector_path = (scrfd or yunet)[0]
+    else:
+        raise MissingWeightsError(
+            f"No face detector in {folder}: expected det_10g.onnx (insightface buffalo_l) or a YuNet "
+            "*yunet*.onnx file."
+        )
+
+    if "w600k_r50.onnx" in names:
+        return detector_path, names["w600k_r50.onnx"]
+    # Anything that is not a detector and takes a 112x112 image is a recognizer candidate; buffalo_l's
+    # other models (landmarks at 192, gender/age at 96) are excluded by their input size.
+    candidates = [p for p in onnx_files if p not in scrfd and p not in yunet]
+    fits = [p for p in candidates if _input_hw(p) == (112, 112)]
+    if len(fits) != 1:
+        found = ", ".join(p.name for p in fits) or "none"
+        raise MissingWeightsError(
+            f"No unique face recognizer in {folder}: expected w600k_r50.onnx (insightface buffalo_l) "
+            f"or exactly one other .onnx model with a 112x112 input (found: {found})."
+        )
+    return detector_path, fits[0]
 
 
 def faceid_models_home() -> Path:

@@ -115,9 +115,10 @@ def _open_and_decode(stream: io.BytesIO, name: str, max_pixels: int | None) -> I
         try:
             img = Image.open(stream)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            # PIL's hard limit (2x MAX_IMAGE_PIXELS) applies whatever max_pixels says.
             raise ImageError(
-                f"Image {name} is too large to decode safely ({exc}); resize it below "
-                f"{_fmt_limit(max_pixels)} or raise the limit."
+                f"Image {name} is too large to decode safely (possible decompression bomb: {exc}); "
+                "downscale it first."
             ) from exc
         except UnidentifiedImageError as exc:
             raise ImageError(
@@ -159,15 +160,13 @@ def _check_pixels(size: tuple[int, int], max_pixels: int | None, name: str) -> N
         raise ImageError(f"Image {name} has no pixels ({width}x{height}).")
     if max_pixels is not None and width * height > max_pixels:
         raise ImageError(
-            f"Image {name} is too large: {width}x{height} = {width * height / 1e6:.1f} megapixels exceeds the "
+            f"Image {name} is too large: {width}x{height} = {width * height / 1e6:.3g} megapixels exceeds the "
             f"{_fmt_limit(max_pixels)} limit (possible decompression bomb); downscale it or raise max_pixels."
         )
 
 
-def _fmt_limit(max_pixels: int | None) -> str:
-    if max_pixels is None:
-        return f"{(Image.MAX_IMAGE_PIXELS or 0) / 1e6:.0f} megapixels"
-    return f"{max_pixels / 1e6:g} megapixels"
+def _fmt_limit(max_pixels: int) -> str:
+    return f"{max_pixels / 1e6:.3g} megapixels"
 
 
 def _apply_exif_orientation(img: Image.Image) -> Image.Image:
