@@ -81,6 +81,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="a small UNet config for a quick smoke run")
     p.add_argument("--rtol", type=float, default=None,
                    help="relative tolerance of the equality check (default: fp32 1e-3, fp16 2e-2, bf16 5e-2)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
     args = p.parse_args(argv)
@@ -289,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     from faceid.checkpoints import save_state_dict
 
     device, dtype = args.device, DTYPES[args.dtype]
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if device == "cpu":
         device_name = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()})"
     else:

@@ -31,9 +31,7 @@ _OPSET = 13
 _IR_VERSION = 8
 
 # Real photos: $FACEID_FACES_DIR, else <repo>/../shared/faces.
-FACES_DIR = Path(
-    os.environ.get("FACEID_FACES_DIR", Path(__file__).resolve().parent.parent.parent / "shared" / "faces")
-)
+FACES_DIR = Path(os.environ.get("FACEID_FACES_DIR", Path(__file__).resolve().parent.parent.parent / "shared" / "faces"))
 YUNET_FILE = "face_detection_yunet_2023mar_int8bq.onnx"
 
 
@@ -121,9 +119,7 @@ def make_fake_scrfd_onnx(path: str | os.PathLike) -> Path:
     inits.append(numpy_helper.from_array(np.array([-1, 4], np.int64), "shape4"))
     inits.append(numpy_helper.from_array(np.array([-1, 10], np.int64), "shape10"))
     for s in strides:
-        nodes.append(
-            helper.make_node("AveragePool", ["input.1"], [f"pool{s}"], kernel_shape=[s, s], strides=[s, s])
-        )
+        nodes.append(helper.make_node("AveragePool", ["input.1"], [f"pool{s}"], kernel_shape=[s, s], strides=[s, s]))
         # score: weights on (R, G, B) = 10 * (1, -0.5, -0.5), bias -5, per anchor
         sw = np.tile(np.array([10.0, -5.0, -5.0], np.float32).reshape(1, 3, 1, 1), (anchors, 1, 1, 1))
         sb = np.full(anchors, -5.0, np.float32)

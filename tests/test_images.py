@@ -2,81 +2,21 @@
 
 from __future__ import annotations
 
-import io
 import os
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import skimage.data
+from bad_files import corrupt_png, huge_blank_png, jpeg_bytes, png_bytes, truncated_jpeg, truncated_png
+from face_helpers import FACES_DIR
 from PIL import Image
 
 from faceid.errors import FaceIDError, ImageError
 from faceid.images import load_image
 
-from face_helpers import FACES_DIR
-
-
 # ----------------------------------------------------------------------------------------------
 # Broken input: one table, each case must fail with ImageError whose message names the file.
-
-
-def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-
-def _huge_blank_png(width: int, height: int) -> bytes:
-    """A valid 1-bit grayscale PNG of width x height zeros: megapixels that compress to a few KB.
-
-    Built by hand (streaming zlib) because PIL would need the whole bitmap in memory to write it.
-    """
-    row = b"\x00" * (1 + (width + 7) // 8)  # filter byte + packed bits
-    comp = zlib.compressobj(9)
-    parts = []
-    block = row * 1000
-    for start in range(0, height, 1000):
-        parts.append(comp.compress(block if height - start >= 1000 else row * (height - start)))
-    parts.append(comp.flush())
-    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + _png_chunk(b"IHDR", ihdr)
-        + _png_chunk(b"IDAT", b"".join(parts))
-        + _png_chunk(b"IEND", b"")
-    )
-
-
-def _jpeg_bytes(rgb: np.ndarray, **kwargs) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, "JPEG", quality=90, **kwargs)
-    return buf.getvalue()
-
-
-def _png_bytes(img: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, "PNG")
-    return buf.getvalue()
-
-
-def _truncated_jpeg(path: Path) -> None:
-    data = _jpeg_bytes(skimage.data.astronaut())
-    path.write_bytes(data[: len(data) * 6 // 10])
-
-
-def _truncated_png(path: Path) -> None:
-    data = _png_bytes(Image.fromarray(skimage.data.astronaut()))
-    path.write_bytes(data[: len(data) // 2])
-
-
-def _corrupt_png(path: Path) -> None:
-    # Valid header, garbage in the middle of the compressed pixel data (libjpeg, by contrast, decodes
-    # garbage JPEG data into noise without complaint, so a corrupt JPEG cannot be detected reliably).
-    data = bytearray(_png_bytes(Image.fromarray(skimage.data.astronaut())))
-    middle = len(data) // 2
-    data[middle : middle + 64] = bytes(range(64))
-    path.write_bytes(bytes(data))
 
 
 BROKEN_CASES = {
@@ -84,21 +24,21 @@ BROKEN_CASES = {
     "missing": ("nope.jpg", None, ["not found"], {}),
     "zero_byte": ("empty.jpg", lambda p: p.write_bytes(b""), ["empty", "0 bytes"], {}),
     "text_file": ("notes.jpg", lambda p: p.write_text("these are my notes, not a photo\n"), ["not an image"], {}),
-    "truncated_jpeg": ("cut.jpg", _truncated_jpeg, ["truncated"], {}),
-    "truncated_png": ("cut.png", _truncated_png, ["truncated"], {}),
-    "corrupt_png": ("garbage.png", _corrupt_png, ["corrupt"], {}),
+    "truncated_jpeg": ("cut.jpg", truncated_jpeg, ["truncated"], {}),
+    "truncated_png": ("cut.png", truncated_png, ["truncated"], {}),
+    "corrupt_png": ("garbage.png", corrupt_png, ["corrupt"], {}),
     # 30000 x 30000 = 900 MP: beyond PIL's own bomb guard (2 x 89 MP), refused at open.
-    "bomb_900mp": ("bomb.png", lambda p: p.write_bytes(_huge_blank_png(30000, 30000)), ["too large", "bomb"], {}),
+    "bomb_900mp": ("bomb.png", lambda p: p.write_bytes(huge_blank_png(30000, 30000)), ["too large", "bomb"], {}),
     # 9000 x 9000 = 81 MP: PIL would decode it, faceid's 50 MP default limit refuses it.
     "over_default_limit": (
         "big.png",
-        lambda p: p.write_bytes(_huge_blank_png(9000, 9000)),
+        lambda p: p.write_bytes(huge_blank_png(9000, 9000)),
         ["too large", "81 megapixels", "50 megapixels"],
         {},
     ),
     "over_custom_limit": (
         "photo.png",
-        lambda p: p.write_bytes(_png_bytes(Image.new("RGB", (200, 100)))),
+        lambda p: p.write_bytes(png_bytes(Image.new("RGB", (200, 100)))),
         ["too large", "200x100"],
         {"max_pixels": 10_000},
     ),
@@ -138,7 +78,7 @@ def _snapshot(path: Path):
 def test_bomb_is_refused_before_decoding(monkeypatch, tmp_path):
     # The size check must use the header only: decoding a bomb is exactly what we must avoid.
     path = tmp_path / "big.png"
-    path.write_bytes(_huge_blank_png(9000, 9000))
+    path.write_bytes(huge_blank_png(9000, 9000))
 
     def no_decode(self, *args, **kwargs):
         raise AssertionError("pixels were decoded")
@@ -154,7 +94,7 @@ def test_bytes_errors_and_success():
         load_image(b"")
     with pytest.raises(ImageError, match="not an image"):
         load_image(b"hello world")
-    data = _jpeg_bytes(skimage.data.astronaut())
+    data = jpeg_bytes(skimage.data.astronaut())
     with pytest.raises(ImageError, match="truncated"):
         load_image(data[: len(data) // 2])
     img = load_image(data)

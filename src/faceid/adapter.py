@@ -31,8 +31,10 @@ StateDict = dict[str, dict[str, torch.Tensor]]
 
 def _attention_layers(unet: nn.Module) -> list[tuple[str, nn.Module]]:
     """(module path, Attention module) in ``unet.attn_processors`` order: the checkpoint's numbering."""
-    return [(name.removesuffix(".processor"), unet.get_submodule(name.removesuffix(".processor")))
-            for name in unet.attn_processors]
+    return [
+        (name.removesuffix(".processor"), unet.get_submodule(name.removesuffix(".processor")))
+        for name in unet.attn_processors
+    ]
 
 
 def _module_target(target: str) -> str:
@@ -66,7 +68,7 @@ class FaceIDAdapter:
         scale: float = 1.0,
         lora_scale: float = 1.0,
         name: str = "faceid",
-    ) -> "FaceIDAdapter":
+    ) -> FaceIDAdapter:
         """Load ``checkpoint`` (a path in either official layout, or its state dict) into ``unet``."""
         label = Path(checkpoint).name if isinstance(checkpoint, (str, Path)) else "checkpoint"
         state = load_state_dict(checkpoint) if isinstance(checkpoint, (str, Path)) else checkpoint
@@ -93,10 +95,14 @@ class FaceIDAdapter:
             if index not in spec.ip_layers:
                 continue
             processor = FaceIDAttnProcessor.for_layer(attn, scale)
-            _load_strict(processor, {
-                "to_k_ip.weight": state["ip_adapter"][f"{index}.to_k_ip.weight"],
-                "to_v_ip.weight": state["ip_adapter"][f"{index}.to_v_ip.weight"],
-            }, f"{label} ip_adapter.{index}")
+            _load_strict(
+                processor,
+                {
+                    "to_k_ip.weight": state["ip_adapter"][f"{index}.to_k_ip.weight"],
+                    "to_v_ip.weight": state["ip_adapter"][f"{index}.to_v_ip.weight"],
+                },
+                f"{label} ip_adapter.{index}",
+            )
             processor.to(device=device, dtype=dtype).requires_grad_(False)
             new_processors[f"{path}.processor"] = processor
             adapter.processors[path] = processor
@@ -195,7 +201,9 @@ class FaceIDAdapter:
     def set_lora_scale(self, lora_scale: float) -> None:
         """Weight of the identity LoRA (1.0 as released). Refused while fused: unfuse first."""
         if self._fused_weights is not None and float(lora_scale) != self._lora_scale:
-            raise RuntimeError("the identity LoRA is fused into the UNet; call unfuse_lora() before changing lora_scale")
+            raise RuntimeError(
+                "the identity LoRA is fused into the UNet; call unfuse_lora() before changing lora_scale"
+            )
         self._lora_scale = float(lora_scale)
         for path in self._lora_layers:
             self.unet.get_submodule(path).set_scale(self.name, self._lora_scale)
@@ -329,17 +337,16 @@ def check_fits(spec: AdapterSpec, unet: nn.Module, layers: list[tuple[str, nn.Mo
 
     if spec.cross_attention_dim != unet_cad:
         if unet_cad in FAMILIES and spec.cross_attention_dim in FAMILIES:
-            refuse(f"Use a FaceID checkpoint made for {family_name(unet_cad)}, or this one with a {spec.family} base model.")
+            refuse(
+                f"Use a FaceID checkpoint made for {family_name(unet_cad)}, or this one with a {spec.family} base model."
+            )
         refuse("Use a FaceID checkpoint made for this base model.")
     if sorted(spec.ip_layers) != cross:
         refuse("The checkpoint's layer numbering does not match this UNet's attention layers.")
     for index, (hidden, in_features) in spec.ip_layers.items():
         attn = layers[index][1]
         if (attn.to_k.out_features, attn.to_k.in_features) != (hidden, in_features):
-            refuse(
-                f"Layer {index} ({layers[index][0]}) has width {attn.to_k.out_features}, the checkpoint "
-                f"{hidden}."
-            )
+            refuse(f"Layer {index} ({layers[index][0]}) has width {attn.to_k.out_features}, the checkpoint {hidden}.")
     for index, per_target in spec.lora_layers.items():
         if index >= len(layers):
             refuse(f"It has LoRA weights for attention layer {index}; this UNet has {len(layers)}.")

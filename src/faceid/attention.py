@@ -68,7 +68,7 @@ class FaceIDAttnProcessor(nn.Module):
         self.cache = _KeyValueCache()
 
     @classmethod
-    def for_layer(cls, attn: Attention, scale: float = 1.0) -> "FaceIDAttnProcessor":
+    def for_layer(cls, attn: Attention, scale: float = 1.0) -> FaceIDAttnProcessor:
         """A processor sized for ``attn`` (its key projection's input and output widths)."""
         return cls(hidden_size=attn.to_k.out_features, cross_attention_dim=attn.to_k.in_features, scale=scale)
 

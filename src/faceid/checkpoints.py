@@ -110,7 +110,7 @@ class AdapterSpec:
         return f"a {self.variant} adapter ({self.num_tokens} tokens, {lora}) for {target}"
 
     @classmethod
-    def from_state_dict(cls, state: dict[str, dict[str, torch.Tensor]], name: str = "checkpoint") -> "AdapterSpec":
+    def from_state_dict(cls, state: dict[str, dict[str, torch.Tensor]], name: str = "checkpoint") -> AdapterSpec:
         proj, ip = state["image_proj"], state["ip_adapter"]
         try:
             first, last, norm = proj["proj.0.weight"], proj["proj.2.weight"], proj["norm.weight"]
@@ -150,7 +150,7 @@ class AdapterSpec:
                 else:
                     dims[1] = tensor.shape[0]
             else:
-                index, which = int(match.group(4)), match.group(5)
+                index = int(match.group(4))
                 out_features, in_features = tensor.shape
                 ip_layers[index] = (out_features, in_features)
         if len(ranks) > 1:

@@ -44,7 +44,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="faceid", description="Identity-preserving image generation (IP-Adapter-FaceID).")
+    parser = argparse.ArgumentParser(
+        prog="faceid", description="Identity-preserving image generation (IP-Adapter-FaceID)."
+    )
     parser.add_argument("--version", action="version", version=f"faceid {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks and library logs")
     commands = parser.add_subparsers(title="commands")
@@ -62,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--width", type=int, default=None, help="image width (SD1.5: 512, SDXL: 1024)")
     gen.add_argument("--height", type=int, default=None, help="image height (SD1.5: 768, SDXL: 1024)")
     gen.add_argument("--face-index", type=int, default=0, help="which face when the photo has several (0 = largest)")
-    gen.add_argument("--base-model", default=None, help="SD1.5/SDXL model: diffusers folder, Hub repo id or .safetensors file")
+    gen.add_argument(
+        "--base-model", default=None, help="SD1.5/SDXL model: diffusers folder, Hub repo id or .safetensors file"
+    )
     gen.add_argument("--vae", default=None, help="VAE to use instead of the base model's (folder or Hub repo id)")
     gen.add_argument("--adapter", default="faceid-sd15", help="adapter file (.bin/.safetensors) or released name")
     gen.add_argument("--face-models", default=None, help="folder with the face detector and recognizer (buffalo_l)")
@@ -149,7 +153,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     stem = Path(args.face).stem
     written = []
-    for image, image_seed in zip(result.images, seeds):
+    for image, image_seed in zip(result.images, seeds, strict=True):
         settings = {
             "prompt": args.prompt,
             "negative_prompt": call["negative_prompt"][0],
@@ -193,7 +197,7 @@ def _quiet_libraries(debug: bool) -> None:
     # Read by diffusers and transformers when they are first imported (they reset their loggers then).
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    for name in ("diffusers", "transformers", "faceid"):
+    for name in ("diffusers", "transformers", "huggingface_hub", "faceid"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
 

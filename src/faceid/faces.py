@@ -28,9 +28,10 @@ import threading
 import urllib.error
 import urllib.request
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import cv2
 import numpy as np
@@ -239,9 +240,7 @@ class YuNetDetector:
         logging.setLogLevel(logging.LOG_LEVEL_ERROR)
         try:
             # (320, 320) is a placeholder: detect() sets the real input size per image.
-            self._net = cv2.FaceDetectorYN.create(
-                str(path), "", (320, 320), self.threshold, float(nms_threshold), 5000
-            )
+            self._net = cv2.FaceDetectorYN.create(str(path), "", (320, 320), self.threshold, float(nms_threshold), 5000)
         except cv2.error as exc:
             raise MissingWeightsError(f"Cannot load YuNet model {path}: {exc}".splitlines()[0]) from exc
         finally:
@@ -290,7 +289,7 @@ def _clean_detections(boxes, scores, kps) -> list[Detection]:
     """Drop degenerate or non-finite detections and convert to Detection objects (float32)."""
     out = []
     boxes, scores, kps = np.asarray(boxes, np.float32), np.asarray(scores).ravel(), np.asarray(kps, np.float32)
-    for box, score, lmk in zip(boxes, scores, kps):
+    for box, score, lmk in zip(boxes, scores, kps, strict=True):
         if not (np.isfinite(box).all() and np.isfinite(lmk).all()):
             continue
         if box[2] - box[0] <= 1 or box[3] - box[1] <= 1:
@@ -587,8 +586,7 @@ def _find_models(folder: Path) -> tuple[Path, Path]:
         detector_path = (scrfd or yunet)[0]
     else:
         raise MissingWeightsError(
-            f"No face detector in {folder}: expected det_10g.onnx (insightface buffalo_l) or a YuNet "
-            "*yunet*.onnx file."
+            f"No face detector in {folder}: expected det_10g.onnx (insightface buffalo_l) or a YuNet *yunet*.onnx file."
         )
 
     if "w600k_r50.onnx" in names:

@@ -35,9 +35,7 @@ ADAPTERS: dict[str, AdapterFile] = {
     "faceid-plus-sd15": AdapterFile("ip-adapter-faceid-plus_sd15.bin", "SD1.5", _SD15_BASE, _SD15_VAE),
     "faceid-plusv2-sd15": AdapterFile("ip-adapter-faceid-plusv2_sd15.bin", "SD1.5", _SD15_BASE, _SD15_VAE),
     "faceid-portrait-sd15": AdapterFile("ip-adapter-faceid-portrait_sd15.bin", "SD1.5", _SD15_BASE, _SD15_VAE),
-    "faceid-portrait-v11-sd15": AdapterFile(
-        "ip-adapter-faceid-portrait-v11_sd15.bin", "SD1.5", _SD15_BASE, _SD15_VAE
-    ),
+    "faceid-portrait-v11-sd15": AdapterFile("ip-adapter-faceid-portrait-v11_sd15.bin", "SD1.5", _SD15_BASE, _SD15_VAE),
     "faceid-sdxl": AdapterFile("ip-adapter-faceid_sdxl.bin", "SDXL", _SDXL_BASE),
     "faceid-plusv2-sdxl": AdapterFile("ip-adapter-faceid-plusv2_sdxl.bin", "SDXL", _SDXL_BASE),
     "faceid-portrait-sdxl": AdapterFile("ip-adapter-faceid-portrait_sdxl.bin", "SDXL", _SDXL_BASE),
@@ -70,7 +68,7 @@ def download(repo_id: str, filename: str, subfolder: str | None = None) -> Path:
     from huggingface_hub import hf_hub_download
 
     try:
-        return Path(hf_hub_download(repo_id, filename, subfolder=subfolder))
+        return Path(hf_hub_download(repo_id, filename, subfolder=subfolder, local_files_only=offline()))
     except Exception as exc:  # offline, no such file, gated repo, network error: the remedy is the same
         where = f"{subfolder}/{filename}" if subfolder else filename
         raise MissingWeightsError(

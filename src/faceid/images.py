@@ -20,7 +20,6 @@ import struct
 import warnings
 import zlib
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -33,7 +32,7 @@ __all__ = ["DEFAULT_MAX_PIXELS", "ImageSource", "load_image", "source_name"]
 #: decompression bombs (a few KB of PNG can declare 30000x30000 pixels = 2.7 GB of RGB).
 DEFAULT_MAX_PIXELS = 50_000_000
 
-ImageSource = Union[str, os.PathLike, bytes, bytearray, Image.Image, np.ndarray]
+ImageSource = str | os.PathLike | bytes | bytearray | Image.Image | np.ndarray
 
 # Errors PIL raises while decoding broken data. PIL is not consistent: truncated JPEGs give OSError,
 # broken PNG chunks SyntaxError or zlib.error, odd headers ValueError/struct.error/EOFError.
@@ -117,8 +116,7 @@ def _open_and_decode(stream: io.BytesIO, name: str, max_pixels: int | None) -> I
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             # PIL's hard limit (2x MAX_IMAGE_PIXELS) applies whatever max_pixels says.
             raise ImageError(
-                f"Image {name} is too large to decode safely (possible decompression bomb: {exc}); "
-                "downscale it first."
+                f"Image {name} is too large to decode safely (possible decompression bomb: {exc}); downscale it first."
             ) from exc
         except UnidentifiedImageError as exc:
             raise ImageError(
@@ -148,9 +146,7 @@ def _decode(img: Image.Image, name: str) -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageError(f"Image {name} is too large to decode safely ({exc}).") from exc
     except _DECODE_ERRORS as exc:
-        raise ImageError(
-            f"Image file {name} is truncated or corrupt ({exc}); re-download or re-export it."
-        ) from exc
+        raise ImageError(f"Image file {name} is truncated or corrupt ({exc}); re-download or re-export it.") from exc
     return img
 
 

@@ -23,7 +23,7 @@ import torch
 
 from .adapter import FaceIDAdapter
 from .errors import FaceIDError
-from .hub import ADAPTERS, DEFAULT_ADAPTER, model_not_found, resolve_adapter
+from .hub import ADAPTERS, DEFAULT_ADAPTER, model_not_found, offline, resolve_adapter
 
 logger = logging.getLogger(__name__)
 
@@ -87,10 +87,11 @@ def load_base_pipeline(base_model: str | os.PathLike, torch_dtype: torch.dtype, 
     """A Stable Diffusion 1.5 or SDXL pipeline from a diffusers folder, a Hub repo id or a single file."""
     from diffusers import AutoencoderKL, DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    kwargs: dict[str, Any] = {"dtype": torch_dtype}
+    # HF_HUB_OFFLINE is read by huggingface_hub at import; passing it on makes a later setting count too.
+    kwargs: dict[str, Any] = {"dtype": torch_dtype, "local_files_only": offline()}
     if vae is not None:
         try:
-            kwargs["vae"] = AutoencoderKL.from_pretrained(str(vae), dtype=torch_dtype)
+            kwargs["vae"] = AutoencoderKL.from_pretrained(str(vae), dtype=torch_dtype, local_files_only=offline())
         except Exception as exc:
             raise model_not_found(str(vae), exc) from exc
     path = Path(base_model).expanduser()
@@ -160,7 +161,7 @@ class FaceIDPipeline:
         face_analyzer=None,
         face_models: str | os.PathLike | None = None,
         progress: bool = True,
-    ) -> "FaceIDPipeline":
+    ) -> FaceIDPipeline:
         """Load a base model and install an adapter in it.
 
         ``base_model``: a diffusers folder, a Hub repo id or a single ``.safetensors`` file; by default
@@ -290,7 +291,9 @@ class FaceIDPipeline:
             negative_prompt=negatives,
         )
         names = ["prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds"]
-        return Conditioning(dict(zip(names, text)), cond, uncond, num_images_per_prompt, faces, prompts, negatives)
+        return Conditioning(
+            dict(zip(names, text, strict=False)), cond, uncond, num_images_per_prompt, faces, prompts, negatives
+        )
 
     def _check_embedding_dim(self, embeds: torch.Tensor) -> None:
         expected = self.adapter.spec.id_dim
