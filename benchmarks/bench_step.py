@@ -271,6 +271,14 @@ def compare(a: torch.Tensor, b: torch.Tensor) -> dict:
     return {"max_abs_diff": diff, "rel_diff": diff / scale, "max_abs": scale}
 
 
+def load_note() -> str:
+    """The 1-minute load average (CPU runs: other processes on the machine skew the timings)."""
+    try:
+        return f"; load avg {os.getloadavg()[0]:.2f}"
+    except OSError:
+        return ""
+
+
 # ---------------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
@@ -344,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
         }
         outputs[name] = out
         print(f"#   {name:13s} mean {results[name]['mean_ms']:10.1f} ms  min {results[name]['min_ms']:10.1f} ms  "
-              f"peak {results[name]['peak_mem_mib']:9.0f} MiB (rise {results[name]['mem_rise_mib']:7.0f})", flush=True)
+              f"peak {results[name]['peak_mem_mib']:9.0f} MiB (rise {results[name]['mem_rise_mib']:7.0f}); steps ms "
+              f"{[round(t, 1) for t in times]}{load_note()}", flush=True)
 
     # 1. plain
     print("# measuring ...", flush=True)

@@ -68,9 +68,13 @@ class FaceIDAdapter:
         scale: float = 1.0,
         lora_scale: float = 1.0,
         name: str = "faceid",
+        label: str | None = None,
     ) -> FaceIDAdapter:
-        """Load ``checkpoint`` (a path in either official layout, or its state dict) into ``unet``."""
-        label = Path(checkpoint).name if isinstance(checkpoint, (str, Path)) else "checkpoint"
+        """Load ``checkpoint`` (a path in either official layout, or its state dict) into ``unet``.
+
+        ``label`` names the checkpoint in error messages (default: the file name).
+        """
+        label = label or (Path(checkpoint).name if isinstance(checkpoint, (str, Path)) else "checkpoint")
         state = load_state_dict(checkpoint) if isinstance(checkpoint, (str, Path)) else checkpoint
         spec = AdapterSpec.from_state_dict(state, label)
         layers = _attention_layers(unet)
@@ -324,6 +328,20 @@ def _load_strict(module: nn.Module, state: dict[str, torch.Tensor], label: str) 
         raise CheckpointError(f"{label} does not match the expected layout: {exc}") from None
 
 
+def refuse_other_family(spec: AdapterSpec, cross_attention_dim: int, label: str, unet_desc: str | None = None) -> None:
+    """Raise the error for a checkpoint whose cross-attention width is not the base model's."""
+    if unet_desc is None:
+        unet_desc = f"the base model is {family_name(cross_attention_dim)} (cross-attention dim {cross_attention_dim})"
+    if cross_attention_dim in FAMILIES and spec.cross_attention_dim in FAMILIES:
+        hint = (
+            f"Use a FaceID checkpoint made for {family_name(cross_attention_dim)}, "
+            f"or this one with a {spec.family} base model."
+        )
+    else:
+        hint = "Use a FaceID checkpoint made for this base model."
+    raise CheckpointError(f"{label} does not fit this base model: it is {spec.describe()}, while {unet_desc}. {hint}")
+
+
 def check_fits(spec: AdapterSpec, unet: nn.Module, layers: list[tuple[str, nn.Module]], label: str) -> None:
     """Refuse a checkpoint that was made for another base model, saying what it is and what it fits."""
     unet_cad = unet.config.cross_attention_dim
@@ -336,11 +354,7 @@ def check_fits(spec: AdapterSpec, unet: nn.Module, layers: list[tuple[str, nn.Mo
         )
 
     if spec.cross_attention_dim != unet_cad:
-        if unet_cad in FAMILIES and spec.cross_attention_dim in FAMILIES:
-            refuse(
-                f"Use a FaceID checkpoint made for {family_name(unet_cad)}, or this one with a {spec.family} base model."
-            )
-        refuse("Use a FaceID checkpoint made for this base model.")
+        refuse_other_family(spec, unet_cad, label, unet_desc)
     if sorted(spec.ip_layers) != cross:
         refuse("The checkpoint's layer numbering does not match this UNet's attention layers.")
     for index, (hidden, in_features) in spec.ip_layers.items():

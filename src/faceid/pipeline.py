@@ -11,6 +11,7 @@ per call.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Sequence
@@ -21,7 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .adapter import FaceIDAdapter
+from .adapter import FaceIDAdapter, refuse_other_family
+from .checkpoints import AdapterSpec, load_state_dict
 from .errors import FaceIDError
 from .hub import ADAPTERS, DEFAULT_ADAPTER, model_not_found, offline, resolve_adapter
 
@@ -114,6 +116,17 @@ def load_base_pipeline(base_model: str | os.PathLike, torch_dtype: torch.dtype, 
     return pipe
 
 
+def _unet_cross_attention_dim(base_model: str | os.PathLike) -> int | None:
+    """The UNet's cross-attention width from a local diffusers folder's config; None when not at hand."""
+    config = Path(base_model).expanduser() / "unet" / "config.json"
+    if not config.is_file():
+        return None
+    try:
+        return int(json.loads(config.read_text())["cross_attention_dim"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 def _is_sdxl_single_file(path: Path) -> bool:
     if path.suffix != ".safetensors":
         return False
@@ -178,6 +191,13 @@ class FaceIDPipeline:
                 raise FaceIDError("give base_model: the Stable Diffusion model to generate with")
             base_model, vae = preset.base_model, vae or preset.vae
         adapter_path = resolve_adapter(adapter)
+        state = load_state_dict(adapter_path)
+        spec = AdapterSpec.from_state_dict(state, adapter_path.name)
+        # Refuse an adapter made for another family before loading gigabytes of base model, when the
+        # base model's UNet config can be read cheaply.
+        base_cad = _unet_cross_attention_dim(base_model)
+        if base_cad is not None and base_cad != spec.cross_attention_dim:
+            refuse_other_family(spec, base_cad, adapter_path.name)
         device = torch.device(device) if device is not None else default_device()
         torch_dtype = torch_dtype or default_dtype(device)
 
@@ -190,7 +210,7 @@ class FaceIDPipeline:
             raise FaceIDError(f"unknown scheduler {scheduler!r}: use 'ddim' or None (keep the base model's)")
         pipe.set_progress_bar_config(disable=not progress)
         pipe.to(device)
-        installed = FaceIDAdapter.install(pipe.unet, adapter_path, scale=scale, lora_scale=lora_scale)
+        installed = FaceIDAdapter.install(pipe.unet, state, scale=scale, lora_scale=lora_scale, label=adapter_path.name)
         if fuse_lora:
             installed.fuse_lora()
         return cls(pipe, installed, face_analyzer=face_analyzer, face_models=face_models, base_model=str(base_model))

@@ -1,0 +1,50 @@
+"""Smoke test of benchmarks/bench_step.py: a tiny UNet on CPU, one step per variant (about 20 s)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "bench_step.py"
+
+
+def test_bench_step_tiny_smoke(tmp_path):
+    out_json = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--tiny",
+            "--device",
+            "cpu",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--json",
+            str(out_json),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
+    for variant in ("plain", "diffusers", "faceid", "faceid-fused"):
+        assert any(row.startswith(f"| {variant}: ") for row in rows), f"no table row for {variant}:\n{proc.stdout}"
+    assert "equality check (relative tolerance 0.001): PASSED" in proc.stdout, proc.stdout
+    assert "remove() restore check: PASSED" in proc.stdout, proc.stdout
+
+    data = json.loads(out_json.read_text())
+    assert set(data["results"]) == {"plain", "diffusers", "faceid", "faceid-fused"}
+    assert data["equality"]["passed"] and data["remove_restores_unet"]
+    for result in data["results"].values():
+        assert result["mean_ms"] > 0 and result["min_ms"] > 0 and len(result["times_ms"]) == 1
+    # The three adapter paths agree closely, and differ clearly from the plain UNet.
+    for check in data["equality"]["checks"].values():
+        assert check["rel_diff"] < 1e-4
+    assert data["equality"]["adapter_effect_vs_plain"]["rel_diff"] > 1e-2

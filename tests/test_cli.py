@@ -1,0 +1,145 @@
+"""The faceid command line, end to end and offline: real photos, YuNet, a stand-in recognizer, tiny SD."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from bad_files import huge_blank_png, truncated_jpeg
+from PIL import Image
+
+from faceid.cli import main
+from faceid.outputs import read_settings
+
+TINY = {"--steps": "3", "--width": "24", "--height": "16"}
+
+
+@pytest.fixture
+def sd15(golden_dir):
+    return {
+        "--base-model": str(golden_dir / "models" / "sd15-tiny"),
+        "--adapter": str(golden_dir / "adapters" / "faceid.safetensors"),
+    }
+
+
+def _args(**options) -> list[str]:
+    return [item for key, value in options.items() for item in (key, value)]
+
+
+def _generate(face, out, model, face_models, *extra):
+    argv = ["generate", "--face", str(face), "--prompt", "a photo of a person in a garden", "--out", str(out)]
+    return main(argv + _args(**model, **TINY, **{"--face-models": str(face_models)}) + list(extra))
+
+
+def test_generate_end_to_end(tmp_path, capsys, faces_dir, sd15, face_models_dir):
+    out = tmp_path / "out"
+    assert _generate(faces_dir / "obama.jpg", out, sd15, face_models_dir, "-n", "3", "--seed", "7") == 0
+    images = sorted(out.glob("obama_s*.png"))
+    assert [p.name for p in images] == ["obama_s7.png", "obama_s8.png", "obama_s9.png"]
+    for path, seed in zip(images, (7, 8, 9), strict=True):
+        with Image.open(path) as image:
+            assert image.size == (24, 16)
+            assert image.text["prompt"] == "a photo of a person in a garden"  # plain text chunks for viewers
+        settings = read_settings(path)
+        assert settings["seed"] == seed and settings["scale"] == 1.0 and settings["steps"] == 3
+        assert settings["guidance_scale"] == 7.5 and settings["face"].endswith("obama.jpg")
+        assert settings["adapter"].endswith("faceid.safetensors")
+    sheet = out / "contact_sheet_s7.png"
+    with Image.open(sheet) as image:
+        assert image.size == (512, 512)  # reference face + 3 images in a 2x2 grid of 256-px tiles
+    printed = capsys.readouterr().out
+    assert "obama_s7.png" in printed and "contact sheet" in printed
+
+
+def test_scale_zero_and_one_differ_and_seed_reproduces(tmp_path, faces_dir, sd15, face_models_dir):
+    def image(scale, name):
+        out = tmp_path / name
+        code = _generate(
+            faces_dir / "obama.jpg", out, sd15, face_models_dir, "-n", "1", "--seed", "3", "--scale", scale
+        )
+        assert code == 0
+        return np.asarray(Image.open(out / "obama_s3.png"), dtype=np.int16)
+
+    one, zero, one_again = image("1", "a"), image("0", "b"), image("1", "c")
+    assert np.abs(one - zero).max() > 0
+    np.testing.assert_array_equal(one, one_again)
+    assert read_settings(tmp_path / "b" / "obama_s3.png")["scale"] == 0.0
+
+
+def test_second_run_never_overwrites(tmp_path, faces_dir, sd15, face_models_dir):
+    for _ in range(2):
+        assert _generate(faces_dir / "obama.jpg", tmp_path, sd15, face_models_dir, "-n", "1", "--seed", "1") == 0
+    assert sorted(p.name for p in tmp_path.glob("obama_s1*.png")) == ["obama_s1-1.png", "obama_s1.png"]
+
+
+def test_embed_prints_faces_and_saves(tmp_path, capsys, faces_dir, face_models_dir):
+    code = main(["embed", str(faces_dir / "obama2.jpg"), "--face-models", str(face_models_dir), "--out", str(tmp_path)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "face 0: box=(" in printed and "score=" in printed
+    embedding = np.load(tmp_path / "obama2_face0.npy")
+    assert embedding.shape == (512,) and abs(np.linalg.norm(embedding) - 1) < 1e-5
+    with Image.open(tmp_path / "obama2_face0.png") as crop:
+        assert crop.size == (112, 112)
+
+
+# ---------------------------------------------------------------------- bad input
+def _no_face_photo(path: Path) -> None:
+    Image.new("RGB", (640, 480), (120, 160, 200)).save(path)
+
+
+BAD_INPUTS = {
+    # name: (make the face file, model override, words expected in the error)
+    "missing_file": (None, {}, ["not found"]),
+    "zero_byte": (lambda p: p.write_bytes(b""), {}, ["empty"]),
+    "not_an_image": (lambda p: p.write_text("hello, I am not a photo"), {}, ["not an image"]),
+    "truncated": (truncated_jpeg, {}, ["truncated"]),
+    "decompression_bomb": (lambda p: p.write_bytes(huge_blank_png(30000, 30000)), {}, ["too large"]),
+    "no_face": (_no_face_photo, {}, ["no face"]),
+    "wrong_checkpoint": ("obama", {"--adapter": "faceid-sdxl.safetensors"}, ["does not fit", "cross-attention dim"]),
+    "missing_adapter": ("obama", {"--adapter": "nowhere/ip-adapter.bin"}, ["adapter file not found"]),
+    "missing_base_model": ("obama", {"--base-model": "nobody/no-such-model"}, ["could not load model", "download"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_is_one_clear_line_and_writes_nothing(
+    case, tmp_path, capsys, monkeypatch, faces_dir, sd15, face_models_dir, golden_dir
+):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    make, override, words = BAD_INPUTS[case]
+    face = tmp_path / "input.jpg"
+    if make == "obama":
+        face = faces_dir / "obama.jpg"
+    elif make is not None:
+        make(face)
+    model = dict(sd15)
+    for key, value in override.items():
+        model[key] = str(golden_dir / "adapters" / value) if value.endswith(".safetensors") else value
+    out = tmp_path / "out"
+    code = _generate(face, out, model, face_models_dir)
+    stderr = capsys.readouterr().err
+    err = stderr.strip().splitlines()[-1]  # progress bars may come first; the error is the last line
+    assert code == 2
+    assert err.startswith("faceid: error:") and "Traceback" not in stderr
+    for word in words:
+        assert word.lower() in err.lower(), err
+    assert not out.exists()  # nothing written, not even the folder
+
+
+def test_console_script_reports_errors_without_traceback(tmp_path):
+    exe = shutil.which("faceid", path=str(Path(sys.executable).parent))
+    assert exe, "the faceid console script is not installed"
+    done = subprocess.run(
+        [exe, "embed", str(tmp_path / "nope.jpg"), "--face-models", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert done.stderr.startswith("faceid: error:") and "Traceback" not in done.stderr
+    assert subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=60).returncode == 0
