@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from faceid.pipeline import FaceIDPipeline
 
@@ -42,9 +43,9 @@ def _params():
 
 
 def _unsupported(case: dict) -> str | None:
-    """Why a case's variant cannot run yet (None when it can)."""
-    if case.get("image_encoder") or "plus" in case["variant"]:
-        return f"variant {case['variant']}: FaceID-Plus (CLIP image features of the face) is not built yet"
+    """Why a case's variant cannot run (None when it can): every IP-Adapter-FaceID variant is built."""
+    if not case["variant"].startswith("faceid"):
+        return f"variant {case['variant']} is not an IP-Adapter-FaceID model"
     return None
 
 
@@ -72,13 +73,44 @@ def _check_all(actual: dict, case: dict) -> None:
 
 
 def _pipeline(case: dict, fmt: str) -> FaceIDPipeline:
+    encoder = case.get("image_encoder")
     return FaceIDPipeline.from_pretrained(
         GOLDEN_DIR / case["base_model"],
         GOLDEN_DIR / case["adapter"][fmt],
         device="cpu",
         torch_dtype=torch.float32,
+        image_encoder=GOLDEN_DIR / encoder if encoder else None,
         progress=False,
     )
+
+
+def _face_arguments(pipe: FaceIDPipeline, case: dict, kwargs: dict) -> dict:
+    """The identity arguments of ``encode`` for the reference's (faceid_embeds, face_image, shortcut, s_scale)."""
+    embeds = _array(kwargs.pop("faceid_embeds"))
+    arguments = {"face": embeds}
+    if "portrait" in case["variant"]:
+        # The reference takes (1, n, 512) as one identity of n photos and concatenates their tokens.
+        arguments["combine"] = "concat"
+    if "face_image" in kwargs:
+        images = kwargs.pop("face_image")
+        images = images if isinstance(images, list) else [images]
+        arguments["face_image"] = [Image.open(GOLDEN_DIR / image["png"]).convert("RGB") for image in images]
+    if pipe.adapter.projection.needs_clip:
+        # Reference defaults: IPAdapterFaceIDPlus.generate shortcut=False, IPAdapterFaceIDPlusXL True.
+        arguments["shortcut"] = kwargs.pop("shortcut", case["pipeline_class"] == "StableDiffusionXLPipeline")
+        arguments["s_scale"] = kwargs.pop("s_scale", 1.0)
+    return arguments
+
+
+def _clip_arrays(conditioning) -> dict:
+    clip = conditioning.clip
+    if not clip:
+        return {}
+    return {
+        "clip_pixel_values": clip["clip_pixel_values"],
+        "clip_image_embeds": clip["clip_embeds"],
+        "uncond_clip_image_embeds": clip["uncond_clip_embeds"],
+    }
 
 
 def _faces_per_identity(case: dict) -> int:
@@ -105,7 +137,7 @@ def test_case(case, fmt):
 
 def _run_generate(pipe: FaceIDPipeline, case: dict) -> dict:
     kwargs = dict(case["generate_kwargs"])
-    embeds = _array(kwargs.pop("faceid_embeds"))
+    face = _face_arguments(pipe, case, kwargs)
     num_samples = kwargs.pop("num_samples", 4) ** _faces_per_identity(case)
     latents = _array(kwargs.pop("latents")) if "latents" in kwargs else None
     scale = kwargs.pop("scale", 1.0)
@@ -116,7 +148,10 @@ def _run_generate(pipe: FaceIDPipeline, case: dict) -> dict:
     guidance = kwargs.pop("guidance_scale", None)
 
     conditioning = pipe.encode(
-        kwargs.pop("prompt", None), embeds, kwargs.pop("negative_prompt", None), num_images_per_prompt=num_samples
+        kwargs.pop("prompt", None),
+        negative_prompt=kwargs.pop("negative_prompt", None),
+        num_images_per_prompt=num_samples,
+        **face,
     )
     recorded = _record(pipe)
     output = pipe(
@@ -134,7 +169,7 @@ def _run_generate(pipe: FaceIDPipeline, case: dict) -> dict:
     recorded.detach()
     num_images = len(output.images)
     cfg = recorded.noise_preds[0].shape[0] == 2 * num_images
-    actual = {
+    actual = _clip_arrays(conditioning) | {
         "image_prompt_embeds": conditioning.identity,
         "uncond_image_prompt_embeds": conditioning.uncond_identity,
         "prompt_embeds_cfg": _context(conditioning, cfg),
@@ -190,9 +225,9 @@ def _record(pipe):
 
 
 def _run_unet_call(pipe: FaceIDPipeline, case: dict) -> dict:
-    inputs = case["unet_inputs"]
-    embeds = _array(inputs["faceid_embeds"])
-    conditioning = pipe.encode(inputs.get("prompt"), embeds, inputs.get("negative_prompt"), num_images_per_prompt=1)
+    inputs = dict(case["unet_inputs"])
+    face = _face_arguments(pipe, case, inputs)
+    conditioning = pipe.encode(inputs.get("prompt"), negative_prompt=inputs.get("negative_prompt"), **face)
     text = torch.cat([conditioning.pipe_kwargs["negative_prompt_embeds"], conditioning.pipe_kwargs["prompt_embeds"]])
     identity = conditioning.identity_states(classifier_free_guidance=True)
     latent = _array(inputs["latent"])
@@ -207,7 +242,7 @@ def _run_unet_call(pipe: FaceIDPipeline, case: dict) -> dict:
         h, w = inputs["height"], inputs["width"]
         time_ids = torch.tensor([[h, w, 0, 0, h, w]] * latent.shape[0], dtype=pooled.dtype)
         unet_kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids}
-    actual = {f"add_{k}": v for k, v in unet_kwargs.get("added_cond_kwargs", {}).items()}
+    actual = {f"add_{k}": v for k, v in unet_kwargs.get("added_cond_kwargs", {}).items()} | _clip_arrays(conditioning)
     actual |= {
         "text_embeds_cfg": text,
         "image_prompt_embeds": conditioning.identity,

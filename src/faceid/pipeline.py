@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import identity
 from .adapter import FaceIDAdapter, refuse_other_family
 from .checkpoints import AdapterSpec, load_state_dict
 from .errors import FaceIDError
@@ -61,6 +62,7 @@ class Conditioning:
     faces: list = field(default_factory=list)
     prompts: list[str] = field(default_factory=list)
     negative_prompts: list[str] = field(default_factory=list)
+    clip: dict[str, torch.Tensor] = field(default_factory=dict)  # Plus: CLIP pixels and features of the faces
 
     def identity_states(self, classifier_free_guidance: bool) -> torch.Tensor:
         """Identity tokens in the UNet's batch order: [uncond p0 p0 p1 p1 ; cond p0 p0 p1 p1]."""
@@ -150,9 +152,13 @@ class FaceIDPipeline:
         face_analyzer=None,
         face_models: str | os.PathLike | None = None,
         base_model: str | None = None,
+        image_encoder: identity.CLIPFaceEncoder | None = None,
+        shortcut: bool = False,
     ):
         self.pipe = pipe
         self.adapter = adapter
+        self.image_encoder = image_encoder
+        self.shortcut = shortcut  # Plus: the default of the per-call ``shortcut`` (True for PlusV2)
         self.base_model = base_model or getattr(pipe, "name_or_path", None)
         self._face_analyzer = face_analyzer
         self._face_models = face_models
@@ -173,6 +179,8 @@ class FaceIDPipeline:
         fuse_lora: bool = False,
         face_analyzer=None,
         face_models: str | os.PathLike | None = None,
+        image_encoder: str | os.PathLike | None = None,
+        shortcut: bool | None = None,
         progress: bool = True,
     ) -> FaceIDPipeline:
         """Load a base model and install an adapter in it.
@@ -183,7 +191,10 @@ class FaceIDPipeline:
         DDIM settings; ``None`` keeps the base model's scheduler. ``fuse_lora`` merges the identity LoRA
         into the UNet weights (faster; ``lora_scale`` is then fixed until ``adapter.unfuse_lora()``).
         ``face_analyzer`` / ``face_models``: a ready ``FaceAnalyzer``, or the folder of the buffalo_l
-        models (fetched into the cache on first use when neither is given).
+        models (fetched into the cache on first use when neither is given). ``image_encoder`` (Plus
+        only): the CLIP ViT-H image encoder, by default ``h94/IP-Adapter`` ``models/image_encoder``.
+        ``shortcut`` (Plus only): the default of PlusV2's shortcut; None decides by the adapter's name
+        (on for ``*plusv2*``, as the authors use them).
         """
         preset = ADAPTERS.get(str(adapter))
         if base_model is None:
@@ -213,7 +224,25 @@ class FaceIDPipeline:
         installed = FaceIDAdapter.install(pipe.unet, state, scale=scale, lora_scale=lora_scale, label=adapter_path.name)
         if fuse_lora:
             installed.fuse_lora()
-        return cls(pipe, installed, face_analyzer=face_analyzer, face_models=face_models, base_model=str(base_model))
+        encoder = None
+        if spec.perceiver is not None:
+            encoder = identity.CLIPFaceEncoder.from_pretrained(image_encoder, dtype=torch_dtype, device=device)
+            if encoder.hidden_size != spec.perceiver.clip_dim:
+                raise FaceIDError(
+                    f"the image encoder gives {encoder.hidden_size}-d features but {adapter_path.name} takes "
+                    f"{spec.perceiver.clip_dim}-d ones (the Plus adapters use CLIP ViT-H/14, 1280-d)"
+                )
+        if shortcut is None:
+            shortcut = "plusv2" in str(adapter).lower().replace("_", "").replace("-", "")
+        return cls(
+            pipe,
+            installed,
+            face_analyzer=face_analyzer,
+            face_models=face_models,
+            base_model=str(base_model),
+            image_encoder=encoder,
+            shortcut=shortcut,
+        )
 
     # ------------------------------------------------------------------ properties
     @property
@@ -234,40 +263,12 @@ class FaceIDPipeline:
             self._face_analyzer = FaceAnalyzer.from_pretrained(self._face_models)
         return self._face_analyzer
 
-    # ------------------------------------------------------------------ faces
-    def face_embeddings(self, faces: Any, face_index: int = 0) -> tuple[torch.Tensor, list]:
-        """One identity per entry of ``faces`` -> (embeddings (n, 512) or (n, k, 512), analysed faces).
-
-        An entry is a photo (path, PIL image, HxWx3 array), a ``Face`` from face analysis, or an
-        embedding (512,) / (k, 512) as an array or tensor. A 2-D float array or tensor of several
-        embeddings stands for that many identities.
-        """
-        if _is_embedding(faces):
-            tensor = torch.as_tensor(np.asarray(faces, dtype=np.float32) if not torch.is_tensor(faces) else faces)
-            tensor = tensor.float()
-            if tensor.ndim == 1:
-                tensor = tensor[None]
-            return tensor, [None] * tensor.shape[0]
-        entries = list(faces) if isinstance(faces, (list, tuple)) else [faces]
-        if not entries:
-            raise FaceIDError("no face given: pass a face photo, a face-analysis result or an embedding")
-        embeddings, analysed = [], []
-        for entry in entries:
-            if _is_embedding(entry):
-                embedding, face = torch.as_tensor(np.asarray(entry, dtype=np.float32)), None
-                if torch.is_tensor(entry):
-                    embedding = entry.detach().float().cpu()
-            else:
-                face = entry if _is_face(entry) else self.face_analyzer.get(entry, index=face_index)
-                embedding = torch.as_tensor(np.asarray(face.embedding, dtype=np.float32))
-            embeddings.append(embedding)
-            analysed.append(face)
-        shapes = {tuple(e.shape) for e in embeddings}
-        if len(shapes) > 1:
-            raise FaceIDError(f"the faces give embeddings of different shapes: {sorted(shapes)}")
-        return torch.stack(embeddings), analysed
-
     # ------------------------------------------------------------------ conditioning
+    @property
+    def default_combine(self) -> str:
+        """Portrait was trained on concatenated per-photo tokens; the others on one embedding."""
+        return "concat" if self.adapter.spec.variant == "faceid-portrait" else "mean"
+
     @torch.no_grad()
     def encode(
         self,
@@ -276,17 +277,26 @@ class FaceIDPipeline:
         negative_prompt: str | Sequence[str] | None = None,
         num_images_per_prompt: int = 1,
         face_index: int = 0,
+        face_image: Any = None,
+        combine: str | None = None,
+        shortcut: bool | None = None,
+        s_scale: float = 1.0,
     ) -> Conditioning:
-        """Text embeddings and identity tokens for a call; prompt i pairs with face i."""
-        embeds, faces = self.face_embeddings(face, face_index)
+        """Text embeddings and identity tokens for a call; prompt i pairs with identity i.
+
+        See ``__call__`` for the arguments; ``face_image`` gives the aligned 224x224 face crops that the
+        Plus variants need when ``face`` holds embeddings rather than photos or ``Face`` objects.
+        """
+        combine = combine or self.default_combine
+        found = identity.collect(face, lambda photo: self.face_analyzer.get(photo, index=face_index), face_image)
         prompts = _as_list(prompt if prompt is not None else DEFAULT_PROMPT)
-        if len(prompts) == 1 and embeds.shape[0] > 1:
-            prompts = prompts * embeds.shape[0]
-        if embeds.shape[0] == 1 and len(prompts) > 1:
-            embeds, faces = embeds.expand(len(prompts), *embeds.shape[1:]), faces * len(prompts)
-        if embeds.shape[0] != len(prompts):
+        if len(prompts) == 1 and len(found) > 1:
+            prompts = prompts * len(found)
+        if len(found) == 1 and len(prompts) > 1:
+            found = found.repeat(len(prompts))
+        if len(found) != len(prompts):
             raise FaceIDError(
-                f"{len(prompts)} prompts but {embeds.shape[0]} faces: give one face for all prompts, "
+                f"{len(prompts)} prompts but {len(found)} faces: give one face for all prompts, "
                 "one prompt for all faces, or one face per prompt"
             )
         negatives = _as_list(negative_prompt if negative_prompt is not None else DEFAULT_NEGATIVE_PROMPT)
@@ -294,14 +304,24 @@ class FaceIDPipeline:
             negatives = negatives * len(prompts)
         if len(negatives) != len(prompts):
             raise FaceIDError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
+        embeds = identity.stack(found, combine)
         self._check_embedding_dim(embeds)
 
+        clip = {}
         if self.adapter.projection.needs_clip:
-            raise FaceIDError(
-                "this is a FaceID-Plus adapter, which also needs CLIP features of the face; Plus is not "
-                "supported by this version yet: use a FaceID (non-Plus) adapter"
-            )
-        cond, uncond = self.adapter.identity_tokens(embeds)
+            if self.image_encoder is None:
+                raise FaceIDError("this FaceID-Plus adapter needs a CLIP image encoder (image_encoder=...)")
+            pixels, features, uncond = self.image_encoder([c for row in found.crops for c in row])
+            counts = found.photos_per_identity
+            clip = {
+                "clip_pixel_values": pixels,
+                "clip_embeds": identity.combine_features(features, counts, combine),
+                "uncond_clip_embeds": identity.combine_features(uncond, counts, combine),
+            }
+        shortcut = self.shortcut if shortcut is None else shortcut
+        cond, uncond = self.adapter.identity_tokens(
+            embeds, clip.get("clip_embeds"), clip.get("uncond_clip_embeds"), shortcut=shortcut, s_scale=s_scale
+        )
 
         text = self.pipe.encode_prompt(
             prompts,
@@ -312,7 +332,14 @@ class FaceIDPipeline:
         )
         names = ["prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds"]
         return Conditioning(
-            dict(zip(names, text, strict=False)), cond, uncond, num_images_per_prompt, faces, prompts, negatives
+            pipe_kwargs=dict(zip(names, text, strict=False)),
+            identity=cond,
+            uncond_identity=uncond,
+            num_images_per_prompt=num_images_per_prompt,
+            faces=[row[0] if len(row) == 1 else row for row in found.faces],
+            prompts=prompts,
+            negative_prompts=negatives,
+            clip=clip,
         )
 
     def _check_embedding_dim(self, embeds: torch.Tensor) -> None:
@@ -345,6 +372,10 @@ class FaceIDPipeline:
         height: int | None = None,
         scale: float | None = None,
         face_index: int = 0,
+        face_image: Any = None,
+        combine: str | None = None,
+        shortcut: bool | None = None,
+        s_scale: float = 1.0,
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
         conditioning: Conditioning | None = None,
@@ -353,7 +384,11 @@ class FaceIDPipeline:
         """Generate ``num_images_per_prompt`` images for every prompt, each of the paired face.
 
         ``face``: a photo (path, PIL image, array), a ``Face``, an embedding, or a list of these with one
-        per prompt. ``scale`` (identity strength) applies to this call only; None uses the adapter's.
+        per prompt; an entry that is itself a list/tuple is several photos of one person, combined as
+        ``combine`` says (``"mean"`` of the normalised embeddings, or ``"concat"`` of their tokens;
+        default: concat for Portrait, mean otherwise). ``scale`` (identity strength) applies to this
+        call only; None uses the adapter's. Plus variants: ``shortcut`` (PlusV2's
+        ``tokens + s_scale * perceiver``; default on for PlusV2 adapters) and ``s_scale``.
         ``seed``: an int seeds one generator for the whole batch, as the reference does; a list gives
         every image its own seed (image i is then reproduced alone by ``seed=[seeds[i]]``). Generators
         live on the CPU so that a seed gives the same starting noise on any device. ``output_type``:
@@ -361,9 +396,9 @@ class FaceIDPipeline:
         pipeline (``callback_on_step_end``, ``eta``, ...). ``conditioning`` reuses an ``encode()`` result.
         """
         if conditioning is None:
-            if face is None:
-                raise FaceIDError("no face given: pass face= a photo, a face-analysis result or an embedding")
-            conditioning = self.encode(prompt, face, negative_prompt, num_images_per_prompt, face_index)
+            conditioning = self.encode(
+                prompt, face, negative_prompt, num_images_per_prompt, face_index, face_image, combine, shortcut, s_scale
+            )
         defaults = FAMILY_DEFAULTS[self.family]
         guidance_scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
         if generator is None and seed is not None:
@@ -411,19 +446,3 @@ def seeded_generators(seed: int | Sequence[int]) -> torch.Generator | list[torch
 
 def _as_list(value: str | Sequence[str]) -> list[str]:
     return [value] if isinstance(value, str) else list(value)
-
-
-def _is_face(value: Any) -> bool:
-    return hasattr(value, "embedding") and hasattr(value, "landmarks")
-
-
-def _is_embedding(value: Any) -> bool:
-    """A float vector or matrix of embeddings, as opposed to an image (HxWx3) or a path."""
-    if torch.is_tensor(value):
-        floating, shape = value.is_floating_point(), tuple(value.shape)
-    elif isinstance(value, np.ndarray):
-        floating, shape = value.dtype.kind == "f", value.shape
-    else:
-        return False
-    # (dim,), (identities, dim) or (identities, faces, dim); an image's last axis is its 1-4 channels.
-    return floating and 1 <= len(shape) <= 3 and shape[-1] > 4
