@@ -123,3 +123,80 @@ def test_missing_models_say_what_to_do(tmp_path, monkeypatch, golden_dir):
         FaceIDPipeline.from_pretrained("someone/not-a-model", str(tmp_path / "missing.bin"))
     with pytest.raises(MissingWeightsError, match="ip-adapter-faceid_sd15.bin"):
         FaceIDPipeline.from_pretrained(adapter="faceid-sd15")
+
+
+# ---------------------------------------------------------------------- step window
+def test_identity_window_covering_every_step_is_no_window(pipe):
+    face = _embeddings(1)
+    plain = pipe("p", face, seed=2, output_type="np", **SIZE).images
+    window = pipe("p", face, seed=2, output_type="np", identity_window=(0.0, 1.0), **SIZE).images
+    np.testing.assert_array_equal(window, plain)
+
+
+def test_empty_identity_window_is_the_adapter_off_bit_for_bit(pipe, golden_dir):
+    from diffusers import StableDiffusionPipeline
+
+    face = _embeddings(1)
+    off = pipe("p", face, seed=2, output_type="np", identity_window=(0.5, 0.5), **SIZE).images
+    assert pipe.adapter.active and pipe.adapter.scale == 1.0  # switched back on after the call
+    # The base model alone, same text embeddings and starting noise, no adapter anywhere.
+    plain = StableDiffusionPipeline.from_pretrained(golden_dir / "models" / "sd15-tiny", safety_checker=None)
+    plain.scheduler = type(pipe.pipe.scheduler).from_config(pipe.pipe.scheduler.config)
+    plain.set_progress_bar_config(disable=True)
+    text = pipe.encode("p", face).pipe_kwargs
+    base = plain(
+        prompt_embeds=text["prompt_embeds"],
+        negative_prompt_embeds=text["negative_prompt_embeds"],
+        generator=torch.Generator().manual_seed(2),
+        guidance_scale=7.5,
+        output_type="np",
+        **SIZE,
+    ).images
+    np.testing.assert_array_equal(off, base)
+    full = pipe("p", face, seed=2, output_type="np", **SIZE).images
+    early = pipe("p", face, seed=2, output_type="np", identity_window=(0.0, 0.5), **SIZE).images
+    assert np.abs(early - full).max() > 1e-5 and np.abs(early - off).max() > 1e-5
+
+
+def test_identity_window_is_validated_and_user_callbacks_still_run(pipe):
+    with pytest.raises(FaceIDError, match="identity_window"):
+        pipe("p", _embeddings(1), identity_window=(0.8, 0.2), **SIZE)
+    seen = []
+
+    def callback(pipeline, step, timestep, kwargs):
+        seen.append((step, pipe.adapter.active))
+        return kwargs
+
+    pipe("p", _embeddings(1), seed=0, identity_window=(0.0, 0.5), callback_on_step_end=callback, **SIZE)
+    # steps 0,1 of 3 are inside [0, 0.5) for i/3 < 0.5 -> 0 and 1; the callback sees the next step's state
+    assert seen == [(0, True), (1, False), (2, False)]
+
+
+# ---------------------------------------------------------------------- several photos of one person
+def test_mean_combines_normalised_embeddings(pipe):
+    a, b = _embeddings(2)
+    combined = pipe.encode("p", [[a, b]], combine="mean").identity
+    mean = torch.nn.functional.normalize((a + b) / 2, dim=-1)
+    torch.testing.assert_close(combined, pipe.encode("p", mean).identity)
+
+
+def test_concat_gives_tokens_per_photo(pipe):
+    a, b = _embeddings(2)
+    both = pipe.encode("p", [[a, b]], combine="concat").identity
+    assert both.shape == (1, 8, 64)
+    torch.testing.assert_close(both[:, 4:], pipe.encode("p", b).identity)
+    with pytest.raises(FaceIDError, match="same number of photos"):
+        pipe.encode(["p", "q"], [[a, b], [a]], combine="concat")
+    with pytest.raises(FaceIDError, match="unknown combine"):
+        pipe.encode("p", [[a, b]], combine="median")
+
+
+def test_several_real_photos_of_one_person(pipe, faces_dir):
+    photos = (faces_dir / "obama.jpg", faces_dir / "obama2.jpg")
+    conditioning = pipe.encode("p", [photos])
+    assert len(conditioning.faces) == 1 and len(conditioning.faces[0]) == 2
+    single = [pipe.face_analyzer.get(p).embedding for p in photos]
+    mean = torch.nn.functional.normalize(torch.tensor(np.mean(single, axis=0)), dim=-1)
+    torch.testing.assert_close(conditioning.identity, pipe.encode("p", mean).identity)
+    images = pipe("p", [photos], seed=0, output_type="np", **SIZE).images
+    assert images.shape == (1, 16, 24, 3)

@@ -58,6 +58,7 @@ class FaceIDAdapter:
         self._fused_weights: dict[str, torch.Tensor] | None = None
         self._scale = 1.0
         self._lora_scale = 1.0
+        self._active = True
 
     # ------------------------------------------------------------------ install / remove
     @classmethod
@@ -196,7 +197,7 @@ class FaceIDAdapter:
         """Identity strength: the weight of the identity branch in every cross-attention layer."""
         self._scale = float(scale)
         for processor in self.processors.values():
-            processor.scale = self._scale
+            processor.scale = self._scale if self._active else 0.0
 
     @property
     def lora_scale(self) -> float:
@@ -210,7 +211,25 @@ class FaceIDAdapter:
             )
         self._lora_scale = float(lora_scale)
         for path in self._lora_layers:
-            self.unet.get_submodule(path).set_scale(self.name, self._lora_scale)
+            self.unet.get_submodule(path).set_scale(self.name, self._lora_scale if self._active else 0.0)
+
+    @property
+    def active(self) -> bool:
+        return self._active
+
+    def set_active(self, active: bool) -> None:
+        """Switch the adapter's whole effect (identity branch and LoRA) off or back on; knobs are kept.
+
+        Off, the UNet computes exactly what it computes without the adapter (both weights are 0, and a
+        zero-weight branch is skipped or adds exact zeros). Used for the per-call step window.
+        """
+        if not active and self._fused_weights is not None:
+            raise RuntimeError(
+                "the identity LoRA is fused into the UNet and cannot be switched off; unfuse_lora() first"
+            )
+        self._active = bool(active)
+        self.set_scale(self._scale)
+        self.set_lora_scale(self._lora_scale)
 
     @contextlib.contextmanager
     def scaled(self, scale: float | None) -> Iterator[None]:

@@ -342,6 +342,28 @@ class FaceIDPipeline:
             clip=clip,
         )
 
+    def _window_callback(self, window: Sequence[float], steps: int, pipeline_kwargs: dict) -> dict:
+        """A step-end callback that switches the adapter on inside ``window`` (fractions of the steps) only.
+
+        Step i is inside when start <= i / steps < end; the switch for step i+1 happens at the end of
+        step i, and step 0's state is set here, before the loop. A user's own callback still runs.
+        """
+        start, end = _check_window(window)
+        user_callback = pipeline_kwargs.get("callback_on_step_end")
+
+        def inside(step: int) -> bool:
+            return start <= step / steps < end
+
+        def on_step_end(pipeline, step, timestep, callback_kwargs):
+            self.adapter.set_active(inside(step + 1))
+            return user_callback(pipeline, step, timestep, callback_kwargs) if user_callback else callback_kwargs
+
+        self.adapter.set_active(inside(0))
+        extra = {"callback_on_step_end": on_step_end}
+        if hasattr(user_callback, "tensor_inputs") and "callback_on_step_end_tensor_inputs" not in pipeline_kwargs:
+            extra["callback_on_step_end_tensor_inputs"] = user_callback.tensor_inputs
+        return extra
+
     def _check_embedding_dim(self, embeds: torch.Tensor) -> None:
         expected = self.adapter.spec.id_dim
         if embeds.shape[-1] != expected:
@@ -376,6 +398,7 @@ class FaceIDPipeline:
         combine: str | None = None,
         shortcut: bool | None = None,
         s_scale: float = 1.0,
+        identity_window: Sequence[float] | None = None,
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
         conditioning: Conditioning | None = None,
@@ -389,6 +412,8 @@ class FaceIDPipeline:
         default: concat for Portrait, mean otherwise). ``scale`` (identity strength) applies to this
         call only; None uses the adapter's. Plus variants: ``shortcut`` (PlusV2's
         ``tokens + s_scale * perceiver``; default on for PlusV2 adapters) and ``s_scale``.
+        ``identity_window=(start, end)``: the adapter acts only in that part of the denoising steps
+        (fractions; ``(0, 1)`` is every step, an empty window switches it off, bit for bit).
         ``seed``: an int seeds one generator for the whole batch, as the reference does; a list gives
         every image its own seed (image i is then reproduced alone by ``seed=[seeds[i]]``). Generators
         live on the CPU so that a seed gives the same starting noise on any device. ``output_type``:
@@ -417,25 +442,40 @@ class FaceIDPipeline:
             "lora_scale": self.adapter.lora_scale,
             "seed": seed,
         }
-        with self.adapter.scaled(scale), self.adapter.caching():
-            result = self.pipe(
-                **conditioning.pipe_kwargs,
-                num_inference_steps=settings["num_inference_steps"],
-                guidance_scale=guidance_scale,
-                width=settings["width"],
-                height=settings["height"],
-                generator=generator,
-                latents=latents,
-                output_type=output_type,
-                cross_attention_kwargs=cross_attention_kwargs,
-                **pipeline_kwargs,
+        if identity_window is not None:
+            settings["identity_window"] = list(_check_window(identity_window))
+            pipeline_kwargs.update(
+                self._window_callback(identity_window, settings["num_inference_steps"], pipeline_kwargs)
             )
+        try:
+            with self.adapter.scaled(scale), self.adapter.caching():
+                result = self.pipe(
+                    **conditioning.pipe_kwargs,
+                    num_inference_steps=settings["num_inference_steps"],
+                    guidance_scale=guidance_scale,
+                    width=settings["width"],
+                    height=settings["height"],
+                    generator=generator,
+                    latents=latents,
+                    output_type=output_type,
+                    cross_attention_kwargs=cross_attention_kwargs,
+                    **pipeline_kwargs,
+                )
+        finally:
+            self.adapter.set_active(True)
         return FaceIDOutput(
             images=result.images,
             faces=conditioning.faces,
             nsfw_content_detected=getattr(result, "nsfw_content_detected", None),
             settings=settings,
         )
+
+
+def _check_window(window: Sequence[float]) -> tuple[float, float]:
+    start, end = (float(x) for x in window)
+    if not 0.0 <= start <= end <= 1.0:
+        raise FaceIDError(f"identity_window must be (start, end) with 0 <= start <= end <= 1, got {tuple(window)}")
+    return start, end
 
 
 def seeded_generators(seed: int | Sequence[int]) -> torch.Generator | list[torch.Generator]:

@@ -1,0 +1,530 @@
+"""LoRA files as the ecosystem knows them: export the identity LoRA, load anyone's LoRA next to it.
+
+Two things live here, both on top of PEFT and diffusers' own key converters (no LoRA math of our own):
+
+* ``identity_lora_state_dict`` / ``save_lora``: the identity LoRA of an installed ``FaceIDAdapter`` as a
+  standalone LoRA file, the same thing as the released ``*_lora.safetensors`` twins. The released SD1.5
+  files are kohya-style (A1111/ComfyUI) with diffusers module names and **no** ``.alpha`` tensors::
+
+      lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_out_0.lora_down.weight  [128, 320]
+      lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_out_0.lora_up.weight    [320, 128]
+
+  fp16, no header metadata: that layout reproduces ``ip-adapter-faceid_sd15_lora.safetensors`` to the
+  byte (51,059,544 bytes, its Git LFS size). Every kohya reader takes a missing alpha as scale 1, which
+  is the FaceID LoRA's ``W x + up(down(x))``; ``alpha=True`` writes ``alpha = rank`` instead (same
+  scale). ``layout="diffusers"`` writes diffusers/PEFT keys ``unet.<module>.lora_A.weight`` /
+  ``lora_B.weight``, as ``StableDiffusionPipeline.save_lora_weights`` does.
+
+* ``load_lora`` / ``set_lora_weight`` / ``remove_lora`` / ``list_loras``: a kohya or diffusers/PEFT LoRA
+  file (SD1.5 or SDXL) loaded onto the UNet as a named PEFT adapter, next to the LoRAs already there
+  (the identity LoRA included), which stay active with their weights. ``remove_lora`` puts back the
+  modules, weights, active adapters and ``requires_grad`` flags it found. Text-encoder parts of a file
+  are reported (``LoadedLora.ignored``, and a log warning) but not applied.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from .checkpoints import FAMILIES, describe_unet, family_name
+from .errors import CheckpointError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .adapter import FaceIDAdapter
+
+logger = logging.getLogger(__name__)
+
+LAYOUTS = ("kohya", "diffusers")
+_KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+_TEXT_ENCODER_PREFIXES = ("text_encoder.", "text_encoder_2.")
+_PEFT_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B)\.weight$")
+_REGISTRY = "_faceid_loras"  # attribute on the UNet: name -> _Record of the LoRAs load_lora put there
+# Kohya/A1111 metadata names for the base model (what A1111 reads to sort LoRAs by SD version).
+_KOHYA_BASE = {768: "sd_v1", 2048: "sdxl_base_v1-0"}
+_MODELSPEC_ARCH = {768: "stable-diffusion-v1/lora", 2048: "stable-diffusion-xl-v1-base/lora"}
+
+
+# ---------------------------------------------------------------------------------------------- export
+def identity_lora_state_dict(
+    adapter: FaceIDAdapter, layout: str = "kohya", alpha: bool = False
+) -> dict[str, torch.Tensor]:
+    """The adapter's identity LoRA as a standalone LoRA state dict (CPU tensors, the adapter's dtype).
+
+    ``layout="kohya"``: ``lora_unet_<module path, dots as _>.lora_down.weight`` / ``.lora_up.weight`` like
+    the released ``*_lora.safetensors`` (no ``.alpha``, i.e. scale 1; ``alpha=True`` adds ``alpha = rank``,
+    the same scale spelled out). ``layout="diffusers"``: ``unet.<module path>.lora_A.weight`` /
+    ``.lora_B.weight``. The weights are the LoRA as trained: ``lora_scale`` is a runtime knob and is not
+    baked in, and a fused LoRA is exported unfused.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown LoRA layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+    if not adapter.installed:
+        raise RuntimeError("the adapter was removed")
+    if not adapter._lora_layers:
+        raise CheckpointError(
+            f"this adapter ({adapter.spec.describe()}) has no identity LoRA to export; "
+            "FaceID Portrait checkpoints ship without one"
+        )
+    peft_state: dict[str, torch.Tensor] = {}
+    for path in adapter._lora_layers:
+        layer = adapter.unet.get_submodule(path)
+        peft_state[f"unet.{path}.lora_A.weight"] = layer.lora_A[adapter.name].weight.detach().to("cpu", copy=True)
+        peft_state[f"unet.{path}.lora_B.weight"] = layer.lora_B[adapter.name].weight.detach().to("cpu", copy=True)
+    if layout == "diffusers":
+        return peft_state
+
+    from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
+
+    kohya = convert_state_dict_to_kohya(peft_state)
+    for key in [k for k in kohya if k.endswith(".alpha")]:
+        if alpha:  # diffusers writes an int64 scalar; kohya's trainer writes the weights' float type
+            rank = kohya[key.removesuffix(".alpha") + ".lora_down.weight"].shape[0]
+            kohya[key] = torch.tensor(float(rank), dtype=kohya[key.removesuffix(".alpha") + ".lora_down.weight"].dtype)
+        else:
+            del kohya[key]
+    return kohya
+
+
+def save_lora(
+    adapter: FaceIDAdapter,
+    path: str | Path,
+    layout: str = "kohya",
+    dtype: torch.dtype = torch.float16,
+    alpha: bool = False,
+) -> Path:
+    """Write the identity LoRA to ``path`` (``.safetensors``) in ``layout``; fp16 like the released files.
+
+    The file is written to a temporary name next to ``path`` and renamed, so a reader never sees half a
+    file. Its header metadata says what it is (``faceid.*`` keys, plus what A1111 or diffusers read).
+    """
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path.name}: LoRA files are written as .safetensors")
+    state = identity_lora_state_dict(adapter, layout, alpha=alpha)
+    tensors = {k: v.to(dtype if v.is_floating_point() else v.dtype).contiguous() for k, v in state.items()}
+    spec = adapter.spec
+    rank = spec.lora_rank
+    cad = spec.cross_attention_dim
+    metadata = {
+        "format": "pt",
+        "faceid.content": "identity LoRA of an IP-Adapter-FaceID adapter (W x + lora_scale * up(down(x)), scale 1)",
+        "faceid.variant": spec.variant,
+        "faceid.base_model": spec.family,
+        "faceid.lora_rank": str(rank),
+        "faceid.layout": layout,
+        "faceid.layers": str(len(adapter._lora_layers)),
+    }
+    if layout == "kohya":
+        metadata["ss_network_module"] = "networks.lora"
+        metadata["ss_network_dim"] = str(rank)
+        metadata["ss_network_alpha"] = str(rank)  # scale 1 whether or not the file carries .alpha tensors
+        if cad in _KOHYA_BASE:
+            metadata["ss_base_model_version"] = _KOHYA_BASE[cad]
+            metadata["modelspec.architecture"] = _MODELSPEC_ARCH[cad]
+    else:
+        # What diffusers' save_lora_weights writes: the LoraConfig, prefixed with the component name.
+        config = {"r": rank, "lora_alpha": rank, "target_modules": sorted(adapter._lora_layers)}
+        metadata["lora_adapter_metadata"] = json.dumps({f"unet.{k}": v for k, v in config.items()}, sort_keys=True)
+
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp_name, metadata=metadata)
+        os.replace(tmp_name, path)  # atomic: a reader never sees half a file
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- loading
+@dataclass(frozen=True)
+class LoadedLora:
+    """What ``load_lora`` put on the UNet."""
+
+    name: str
+    layout: str  # "kohya" (A1111/ComfyUI) or "diffusers" (diffusers/PEFT)
+    weight: float
+    modules: tuple[str, ...]  # UNet module paths that carry the LoRA
+    ranks: tuple[int, ...]  # the distinct ranks in the file
+    ignored: tuple[str, ...] = ()  # tensors of the file that were not applied (text encoders)
+
+
+@dataclass
+class _Record:
+    weight: float
+    layers: list[str]
+    replaced: dict[str, nn.Module]  # path -> the plain module that PEFT wrapped (put back on removal)
+    had_peft_config: bool
+    peft_names_before: set[str]
+    hf_flag: tuple[bool, object]  # whether _hf_peft_config_loaded was in the UNet's __dict__, and its value
+    info: LoadedLora | None = field(default=None)
+
+
+def load_lora(
+    unet: nn.Module,
+    lora: str | Path | dict[str, torch.Tensor],
+    name: str,
+    weight: float = 1.0,
+    label: str | None = None,
+) -> LoadedLora:
+    """Load a LoRA file (kohya or diffusers/PEFT layout, SD1.5 or SDXL) onto ``unet`` as adapter ``name``.
+
+    ``lora`` is a ``.safetensors`` (or pickled ``.bin``/``.pt``, read with ``weights_only``) file, a
+    diffusers LoRA folder, or a state dict. The LoRAs already on the UNet stay active with their
+    weights; ``weight`` scales this one (``W x + weight * alpha/rank * up(down(x))``). Raises
+    ``CheckpointError`` for an unreadable file, a file that is not a LoRA, a LoRA made for another base
+    model (naming the layer and the sizes), or a name already in use.
+    """
+    label = label or (Path(lora).name if isinstance(lora, (str, Path)) else "LoRA state dict")
+    _check_name(unet, name)
+    raw, metadata = _read_lora(lora, label)
+    layout, unet_state, alphas, ignored = _to_peft(unet, raw, label)
+    if not unet_state:
+        raise CheckpointError(
+            f"{label} has no UNet weights (only {len(ignored)} text-encoder tensors); faceid applies UNet LoRAs only"
+        )
+    modules = _check_fits(unet, unet_state, label)
+    if ignored:
+        logger.warning(
+            "%s: %d text-encoder tensors are not applied (faceid loads the UNet part of a LoRA only)", label, len(ignored)
+        )
+
+    from peft.tuners.lora import LoraLayer
+
+    lora_layers_before = {path: m for path, m in unet.named_modules() if isinstance(m, LoraLayer)}
+    active_before = {path: list(m.active_adapters) for path, m in lora_layers_before.items()}
+    requires_grad = {n: p.requires_grad for n, p in unet.named_parameters()}
+    record = _Record(
+        weight=float(weight),
+        layers=list(modules),
+        replaced={p: unet.get_submodule(p) for p in modules if p not in lora_layers_before},
+        had_peft_config=hasattr(unet, "peft_config"),
+        peft_names_before=set(getattr(unet, "peft_config", {})),
+        hf_flag=("_hf_peft_config_loaded" in unet.__dict__, unet.__dict__.get("_hf_peft_config_loaded")),
+    )
+    try:
+        unet.load_lora_adapter(
+            {f"unet.{k}": v for k, v in unet_state.items()},
+            prefix="unet",
+            network_alphas=alphas or None,
+            adapter_name=name,
+            metadata=metadata,
+        )
+    except Exception as exc:
+        _undo(unet, name, record, active_before, requires_grad)
+        raise CheckpointError(f"{label} could not be loaded as a LoRA: {type(exc).__name__}: {exc}") from exc
+
+    # PEFT makes the new adapter the only active one on every LoRA layer and flips requires_grad flags:
+    # put the others back as they were, and add this one where it lives.
+    for path, module in unet.named_modules():
+        if isinstance(module, LoraLayer):
+            active = list(active_before.get(path, []))
+            if name in module.scaling:
+                active.append(name)
+            module.set_adapter(active)
+    with torch.no_grad():
+        for path in modules:
+            layer = unet.get_submodule(path)
+            dtype = layer.get_base_layer().weight.dtype  # PEFT keeps adapters in fp32; keep the UNet's
+            for container in (layer.lora_A, layer.lora_B):
+                container[name].to(dtype).requires_grad_(False)
+            layer.set_scale(name, float(weight))
+    for param_name, param in unet.named_parameters():
+        param.requires_grad_(requires_grad.get(param_name, False))
+
+    ranks = sorted({t.shape[0] for k, t in unet_state.items() if k.endswith(".lora_A.weight")})
+    info = LoadedLora(name, layout, float(weight), tuple(modules), tuple(ranks), tuple(ignored))
+    record.info = info
+    _registry(unet)[name] = record
+    return info
+
+
+def set_lora_weight(unet: nn.Module, name: str, weight: float) -> None:
+    """Change the weight of LoRA ``name`` without reloading it (0 turns it off, bit for bit).
+
+    For the identity LoRA of a ``FaceIDAdapter``, use ``adapter.set_lora_scale`` so the adapter knows.
+    """
+    layers = _layers_with(unet, name)
+    if not layers:
+        raise KeyError(f"no LoRA named {name!r} on this UNet (loaded: {', '.join(list_loras(unet)) or 'none'})")
+    if any(name in layer.merged_adapters for layer in layers.values()):
+        raise RuntimeError(f"LoRA {name!r} is fused into the UNet's weights; unfuse it before changing its weight")
+    for layer in layers.values():
+        layer.set_scale(name, float(weight))
+    record = _registry(unet).get(name)
+    if record is not None:
+        record.weight = float(weight)
+
+
+def remove_lora(unet: nn.Module, name: str) -> None:
+    """Take out LoRA ``name`` (loaded with ``load_lora``), leaving the UNet exactly as ``load_lora`` found it.
+
+    Modules that PEFT wrapped only for this LoRA get their original module back; on layers shared with
+    other LoRAs only this adapter is deleted. The other LoRAs keep their active state and weights, and
+    every ``requires_grad`` flag stays as it is.
+    """
+    registry = _registry(unet)
+    if name not in registry:
+        loaded = ", ".join(registry) or "none"
+        raise KeyError(
+            f"no LoRA named {name!r} was loaded with load_lora (loaded: {loaded}); "
+            "an identity LoRA goes with its FaceIDAdapter.remove()"
+        )
+    record = registry[name]
+    layers = _layers_with(unet, name)
+    if any(name in layer.merged_adapters for layer in layers.values()):
+        raise RuntimeError(f"LoRA {name!r} is fused into the UNet's weights; unfuse it before removing it")
+    from peft.tuners.lora import LoraLayer
+
+    active_now = {path: list(m.active_adapters) for path, m in unet.named_modules() if isinstance(m, LoraLayer)}
+    requires_grad = {n: p.requires_grad for n, p in unet.named_parameters()}
+    del registry[name]
+    _undo(unet, name, record, active_now, requires_grad)
+    if not registry:
+        del unet.__dict__[_REGISTRY]
+
+
+def list_loras(unet: nn.Module) -> dict[str, float]:
+    """Every LoRA adapter on the UNet (the identity LoRA included) and its weight, in loading order."""
+    from peft.tuners.lora import LoraLayer
+
+    registry = _registry(unet, create=False)
+    weights: dict[str, float] = {}
+    for _, module in unet.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        for adapter_name in module.scaling:
+            if adapter_name in weights:
+                continue
+            if adapter_name in registry:
+                weights[adapter_name] = registry[adapter_name].weight
+            else:  # loaded by someone else (the FaceID adapter, diffusers): read the scale off PEFT
+                r, lora_alpha = module.r[adapter_name], module.lora_alpha[adapter_name]
+                base = lora_alpha / math.sqrt(r) if module.use_rslora.get(adapter_name, False) else lora_alpha / r
+                weights[adapter_name] = module.scaling[adapter_name] / base
+    order = list(getattr(unet, "peft_config", {}))
+    return dict(sorted(weights.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _registry(unet: nn.Module, create: bool = True) -> dict[str, _Record]:
+    registry = unet.__dict__.get(_REGISTRY)
+    if registry is None:
+        registry = {}
+        if create:
+            unet.__dict__[_REGISTRY] = registry
+    return registry
+
+
+def _layers_with(unet: nn.Module, name: str) -> dict[str, nn.Module]:
+    from peft.tuners.lora import LoraLayer
+
+    return {p: m for p, m in unet.named_modules() if isinstance(m, LoraLayer) and name in m.scaling}
+
+
+def _check_name(unet: nn.Module, name: str) -> None:
+    if not isinstance(name, str) or not name or "." in name:
+        raise ValueError(f"a LoRA name must be a non-empty string without '.', got {name!r}")
+    if name in getattr(unet, "peft_config", {}) or _layers_with(unet, name):
+        raise CheckpointError(
+            f"a LoRA named {name!r} is already loaded on this UNet; remove it first or choose another name "
+            f"(loaded: {', '.join(list_loras(unet))})"
+        )
+
+
+def _read_lora(lora: str | Path | dict, label: str) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """The file's tensors and diffusers' LoRA config metadata (``lora_adapter_metadata``) if it has one."""
+    metadata = None
+    if isinstance(lora, dict):
+        state = dict(lora)
+    else:
+        path = Path(lora)
+        if path.is_dir():  # a diffusers LoRA folder
+            candidates = [path / "pytorch_lora_weights.safetensors", path / "pytorch_lora_weights.bin"]
+            path = next((c for c in candidates if c.is_file()), candidates[0])
+        if not path.is_file():
+            raise CheckpointError(f"LoRA file not found: {path}")
+        try:
+            if path.suffix == ".safetensors":
+                from safetensors import safe_open
+                from safetensors.torch import load_file
+
+                state = load_file(str(path), device="cpu")
+                with safe_open(str(path), framework="pt") as handle:
+                    raw_meta = (handle.metadata() or {}).get("lora_adapter_metadata")
+                metadata = json.loads(raw_meta) if raw_meta else None
+            else:
+                # weights_only=True: a pickle can run code on load; a state dict of tensors needs none of that.
+                state = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as exc:  # unreadable, truncated, not a tensor file at all
+            raise CheckpointError(f"cannot read LoRA file {path}: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        kind = f"{len(state)} entries" if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(f"{label} is not a LoRA file: expected a flat dict of tensors, found {kind}")
+    keys = list(state)
+    if any(k.startswith(("image_proj.", "ip_adapter.")) for k in keys):
+        raise CheckpointError(
+            f"{label} is an IP-Adapter(-FaceID) checkpoint, not a LoRA file; install it with FaceIDAdapter.install"
+        )
+    if not any("lora" in k for k in keys):
+        raise CheckpointError(
+            f"{label} is not a LoRA file: none of its {len(keys)} tensors is a LoRA weight "
+            f"(e.g. {', '.join(keys[:3])})"
+        )
+    return state, metadata
+
+
+def _to_peft(
+    unet: nn.Module, state: dict[str, torch.Tensor], label: str
+) -> tuple[str, dict[str, torch.Tensor], dict[str, float], list[str]]:
+    """(layout, UNet part as PEFT keys without prefix, kohya alphas with the ``unet.`` prefix, ignored keys)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
+
+    layout = "kohya" if all(k.startswith(_KOHYA_PREFIXES) for k in state) else "diffusers"
+    is_sdxl = getattr(unet.config, "addition_embed_type", None) == "text_time"
+    loader = StableDiffusionXLPipeline if is_sdxl else StableDiffusionPipeline
+    try:
+        # Kohya keys (diffusers or SGM block names) -> diffusers keys; DoRA scales are dropped with a warning.
+        converted, alphas = loader.lora_state_dict(dict(state), unet_config=unet.config)
+    except Exception as exc:
+        raise CheckpointError(f"{label}: not a LoRA layout diffusers can read: {type(exc).__name__}: {exc}") from exc
+
+    has_prefix = any(k.startswith(("unet.", *_TEXT_ENCODER_PREFIXES)) for k in converted)
+    unet_part: dict[str, torch.Tensor] = {}
+    ignored: list[str] = []
+    for key, tensor in converted.items():
+        if key.startswith("unet."):
+            unet_part[key.removeprefix("unet.")] = tensor
+        elif has_prefix:
+            ignored.append(key)
+        else:  # an unprefixed PEFT/diffusers UNet state dict (``unet.save_lora_adapter``)
+            unet_part[key] = tensor
+    if unet_part and not all(_PEFT_KEY.match(k) for k in unet_part):
+        unet_part = convert_unet_state_dict_to_peft(unet_part)  # older diffusers names (``.lora.down.weight``)
+    unsupported = [k for k in unet_part if not _PEFT_KEY.match(k)]
+    if unsupported:
+        raise CheckpointError(
+            f"{label}: unsupported LoRA tensors (only plain LoRA down/up pairs are supported), "
+            f"e.g. {', '.join(unsupported[:3])}"
+        )
+    alphas = {k: v for k, v in (alphas or {}).items() if k.startswith("unet.")}
+    return layout, unet_part, alphas, sorted(ignored)
+
+
+def _check_fits(unet: nn.Module, state: dict[str, torch.Tensor], label: str) -> list[str]:
+    """Refuse a LoRA whose layers this UNet lacks or has at other sizes; returns the module paths."""
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        match = _PEFT_KEY.match(key)
+        pairs.setdefault(match["module"], {})[match["part"]] = tensor
+    unet_cad = unet.config.cross_attention_dim
+    cross_layers = sum(1 for n in unet.attn_processors if ".attn2." in n)
+    unet_desc = describe_unet(unet_cad, cross_layers)
+
+    def refuse(detail: str) -> None:
+        hint = _guess_base(pairs)
+        raise CheckpointError(
+            f"{label} does not fit this base model ({unet_desc}): {detail}"
+            + (f" The LoRA looks made for {hint}." if hint else "")
+        )
+
+    missing = []
+    for path, parts in sorted(pairs.items()):
+        if set(parts) != {"lora_A", "lora_B"}:
+            raise CheckpointError(f"{label}: layer {path} has {' and '.join(sorted(parts))} but not both LoRA halves")
+        try:
+            module = unet.get_submodule(path)
+        except AttributeError:
+            missing.append(path)
+            continue
+        base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+        down, up = parts["lora_A"], parts["lora_B"]
+        if isinstance(base, nn.Linear):
+            sizes = (base.in_features, base.out_features)
+        elif isinstance(base, nn.Conv2d):
+            sizes = (base.in_channels, base.out_channels)
+        else:
+            raise CheckpointError(f"{label}: layer {path} is a {type(base).__name__}, which LoRA cannot adapt here")
+        lora_sizes = (down.shape[1] if down.ndim > 1 else -1, up.shape[0])
+        if lora_sizes != sizes or up.ndim < 2 or up.shape[1] != down.shape[0]:
+            refuse(
+                f"its LoRA for layer {path} is {lora_sizes[0]}->{lora_sizes[1]} (rank {down.shape[0]}), "
+                f"this UNet's layer is {sizes[0]}->{sizes[1]}."
+            )
+    if missing:
+        refuse(
+            f"{len(missing)} of its {len(pairs)} LoRA layers do not exist in this UNet "
+            f"(e.g. {', '.join(missing[:2])})."
+        )
+    return sorted(pairs)
+
+
+def _guess_base(pairs: dict[str, dict[str, torch.Tensor]]) -> str:
+    """The base model family a LoRA was made for, from the context width of its cross-attention keys."""
+    widths = {
+        parts["lora_A"].shape[1]
+        for path, parts in pairs.items()
+        if path.endswith(("attn2.to_k", "attn2.to_v")) and "lora_A" in parts and parts["lora_A"].ndim == 2
+    }
+    if len(widths) != 1:
+        return ""
+    width = widths.pop()
+    return f"{FAMILIES[width]} (cross-attention dim {width})" if width in FAMILIES else family_name(width)
+
+
+def _undo(
+    unet: nn.Module,
+    name: str,
+    record: _Record,
+    active: dict[str, list[str]],
+    requires_grad: dict[str, bool],
+) -> None:
+    """Take adapter ``name`` out (after a load or a failed load) and restore the rest as recorded."""
+    from peft.tuners.lora import LoraLayer
+
+    for path, module in list(unet.named_modules()):
+        if not isinstance(module, LoraLayer) or name not in module.scaling:
+            continue
+        others = [a for a in module.scaling if a != name]
+        if path in record.replaced and not others:
+            parent, _, child = path.rpartition(".")
+            setattr(unet.get_submodule(parent) if parent else unet, child, record.replaced[path])
+        else:  # the layer also holds other LoRAs (or was a LoRA layer before): take out only this one
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # PEFT warns when it picks a new active adapter; we set it below
+                module.delete_adapter(name)
+    for path, module in unet.named_modules():
+        if isinstance(module, LoraLayer) and path in active:
+            module.set_adapter([a for a in active[path] if a != name and a in module.scaling])
+    configs = getattr(unet, "peft_config", None)
+    if configs is not None:
+        configs.pop(name, None)
+        if not record.had_peft_config and not configs:
+            del unet.peft_config
+    remaining = set(getattr(unet, "peft_config", {}))
+    if remaining <= record.peft_names_before:  # nothing loaded since relies on the flag diffusers set
+        had_flag, value = record.hf_flag
+        if had_flag:
+            unet.__dict__["_hf_peft_config_loaded"] = value
+        else:
+            unet.__dict__.pop("_hf_peft_config_loaded", None)
+    for param_name, param in unet.named_parameters():
+        if param_name in requires_grad:
+            param.requires_grad_(requires_grad[param_name])
