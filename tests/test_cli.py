@@ -143,3 +143,56 @@ def test_console_script_reports_errors_without_traceback(tmp_path):
     assert done.returncode == 2
     assert done.stderr.startswith("faceid: error:") and "Traceback" not in done.stderr
     assert subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=60).returncode == 0
+
+
+# ---------------------------------------------------------------------- every model family
+def test_models_lists_presets_and_describes_files(capsys, golden_dir):
+    assert main(["models"]) == 0
+    listing = capsys.readouterr().out
+    for name in ("faceid-sd15", "faceid-plusv2-sd15", "faceid-portrait-sd15", "faceid-sdxl", "faceid-plusv2-sdxl"):
+        assert name in listing
+    files = [str(golden_dir / "adapters" / f"{n}.bin") for n in ("faceid", "faceid-plusv2", "faceid-portrait")]
+    assert main(["models", *files]) == 0
+    described = capsys.readouterr().out.splitlines()
+    assert "faceid adapter (4 tokens, LoRA rank 8)" in described[0]
+    assert "Plus or PlusV2" in described[1] and "16 tokens, no LoRA" in described[2]
+
+
+def test_generate_sdxl(tmp_path, golden_dir, faces_dir, face_models_dir):
+    model = {
+        "--base-model": str(golden_dir / "models" / "sdxl-tiny"),
+        "--adapter": str(golden_dir / "adapters" / "faceid-sdxl.bin"),
+    }
+    assert _generate(faces_dir / "biden.jpg", tmp_path, model, face_models_dir, "--seed", "1", "-n", "2") == 0
+    settings = read_settings(tmp_path / "biden_s1.png")
+    assert settings["guidance_scale"] == 5.0  # SDXL's default
+    assert Image.open(tmp_path / "biden_s2.png").size == (24, 16)
+
+
+def test_generate_plusv2_with_window(tmp_path, golden_dir, faces_dir, face_models_dir):
+    model = {
+        "--base-model": str(golden_dir / "models" / "sd15-tiny"),
+        "--adapter": str(golden_dir / "adapters" / "faceid-plusv2.safetensors"),
+        "--image-encoder": str(golden_dir / "models" / "image-encoder-tiny"),
+    }
+    extra = ["--seed", "4", "--s-scale", "0.5", "--window", "0", "0.7"]
+    assert _generate(faces_dir / "obama2.jpg", tmp_path / "a", model, face_models_dir, *extra) == 0
+    settings = read_settings(tmp_path / "a" / "obama2_s4.png")
+    assert settings["shortcut"] is True and settings["s_scale"] == 0.5  # "plusv2" in the file name
+    assert settings["identity_window"] == [0.0, 0.7]
+    assert _generate(faces_dir / "obama2.jpg", tmp_path / "b", model, face_models_dir, *extra, "--no-shortcut") == 0
+    assert read_settings(tmp_path / "b" / "obama2_s4.png")["shortcut"] is False
+    a = np.asarray(Image.open(tmp_path / "a" / "obama2_s4.png"), dtype=np.int16)
+    b = np.asarray(Image.open(tmp_path / "b" / "obama2_s4.png"), dtype=np.int16)
+    assert np.abs(a - b).max() > 0
+
+
+def test_generate_portrait_from_several_photos(tmp_path, golden_dir, faces_dir, face_models_dir):
+    model = {
+        "--base-model": str(golden_dir / "models" / "sd15-tiny"),
+        "--adapter": str(golden_dir / "adapters" / "faceid-portrait.bin"),
+    }
+    photos = ["--face", str(faces_dir / "obama2.jpg")]
+    assert _generate(faces_dir / "obama.jpg", tmp_path, model, face_models_dir, *photos, "--seed", "2") == 0
+    settings = read_settings(tmp_path / "obama_s2.png")
+    assert settings["combine"] == "concat" and "obama2.jpg" in settings["face"]

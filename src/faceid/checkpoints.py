@@ -107,7 +107,9 @@ class AdapterSpec:
     def describe(self) -> str:
         lora = f"LoRA rank {self.lora_rank}" if self.lora_rank else "no LoRA"
         target = describe_unet(self.cross_attention_dim, len(self.ip_layers))
-        return f"a {self.variant} adapter ({self.num_tokens} tokens, {lora}) for {target}"
+        # Plus and PlusV2 have the same tensors (the shortcut is a setting), so the file cannot tell.
+        kind = "faceid-plus (Plus or PlusV2)" if self.variant == "faceid-plus" else self.variant
+        return f"a {kind} adapter ({self.num_tokens} tokens, {lora}) for {target}"
 
     @classmethod
     def from_state_dict(cls, state: dict[str, dict[str, torch.Tensor]], name: str = "checkpoint") -> AdapterSpec:

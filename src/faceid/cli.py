@@ -36,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("faceid: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into `head` and the like: not an error
+        sys.stderr.close()
+        return 0
     except Exception as exc:  # a bug or an environment problem: one line, traceback on request
         if args.debug:
             raise
@@ -52,7 +55,19 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(title="commands")
 
     gen = commands.add_parser("generate", help="images of the person in a face photo, as a prompt describes")
-    gen.add_argument("--face", required=True, help="photo of the person (the largest face is used)")
+    gen.add_argument(
+        "--face",
+        required=True,
+        action="append",
+        help="photo of the person (the largest face is used); repeat for several photos of the same person",
+    )
+    gen.add_argument(
+        "--combine",
+        choices=("mean", "concat"),
+        default=None,
+        help="how several photos are combined "
+        "(mean of embeddings, or concatenated tokens; default: concat for Portrait, mean otherwise)",
+    )
     gen.add_argument("--prompt", required=True, help="what to generate, e.g. 'a photo of a person as an astronaut'")
     gen.add_argument("--negative-prompt", default=None, help="what to avoid (default: the reference's)")
     gen.add_argument("-n", "--num-images", type=int, default=4, help="number of images (default 4)")
@@ -73,8 +88,30 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default=None, help="cuda, cpu, mps (default: the best available)")
     gen.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: fp16 on GPU, fp32 on CPU")
     gen.add_argument("--fuse-lora", action="store_true", help="merge the identity LoRA into the UNet (faster)")
+    gen.add_argument(
+        "--window",
+        nargs=2,
+        type=float,
+        metavar=("START", "END"),
+        default=None,
+        help="apply the identity only in this part of the denoising steps (fractions, e.g. 0 0.8)",
+    )
+    gen.add_argument("--image-encoder", default=None, help="Plus only: CLIP ViT-H image encoder folder or repo")
+    gen.add_argument("--s-scale", type=float, default=1.0, help="PlusV2: weight of the CLIP face structure (1.0)")
+    gen.add_argument(
+        "--shortcut",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="Plus: use PlusV2's embedding shortcut (default: on for PlusV2 adapters)",
+    )
     gen.add_argument("--out", required=True, help="folder for the images and the contact sheet")
     gen.set_defaults(func=cmd_generate)
+
+    models = commands.add_parser(
+        "models", help="list the released models by name, or say what adapter checkpoint files are"
+    )
+    models.add_argument("checkpoints", nargs="*", help="adapter files (.bin/.safetensors) to describe")
+    models.set_defaults(func=cmd_models)
 
     emb = commands.add_parser("embed", help="find the faces in a photo; save the embedding and aligned crop")
     emb.add_argument("photo", help="a photo with a face")
@@ -113,6 +150,30 @@ def cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models(args: argparse.Namespace) -> int:
+    from .hub import PRESETS
+
+    if not args.checkpoints:
+        print(f"{'name':<26} {'base':<6} {'needs':<24} file (h94/IP-Adapter-FaceID)")
+        for preset in PRESETS.values():
+            needs = ["face photo(s)" if preset.portrait else "face photo"]
+            if preset.plus:
+                needs.append("CLIP ViT-H")
+            print(f"{preset.name:<26} {preset.family:<6} {' + '.join(needs):<24} {preset.filename}")
+            print(f"{'':<26} {'':<6} {preset.description}; base model {preset.base_model}")
+        print("\nUse a name with --adapter; files from anywhere work too (`faceid models FILE` says what one is).")
+        return 0
+    from .checkpoints import AdapterSpec, load_state_dict
+    from .hub import preset_for
+
+    for path in args.checkpoints:
+        spec = AdapterSpec.from_state_dict(load_state_dict(path), Path(path).name)
+        preset = preset_for(path)
+        named = f" (released as {preset.name})" if preset else ""
+        print(f"{path}: {spec.describe()}{named}")
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
@@ -121,9 +182,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     if args.num_images < 1:
         raise FaceIDError("--num-images must be at least 1")
-    # The face first: a photo without a usable face fails in seconds, before the big models load.
+    # The faces first: a photo without a usable face fails in seconds, before the big models load.
     analyzer = _face_analyzer(args.face_models)
-    face = analyzer.get(args.face, index=args.face_index)
+    faces = [analyzer.get(photo, index=args.face_index) for photo in args.face]
     pipe = FaceIDPipeline.from_pretrained(
         args.base_model,
         args.adapter,
@@ -133,12 +194,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
         lora_scale=args.lora_scale,
         fuse_lora=args.fuse_lora,
         face_analyzer=analyzer,
+        image_encoder=args.image_encoder,
+        shortcut=args.shortcut,
     )
     seed = args.seed if args.seed is not None else random.randrange(2**31)
     seeds = [seed + i for i in range(args.num_images)]
     result = pipe(
         prompt=args.prompt,
-        face=face,
+        face=[faces],  # one identity (this prompt's), from every photo given
+        combine=args.combine,
+        s_scale=args.s_scale,
+        identity_window=args.window,
         negative_prompt=args.negative_prompt,
         num_images_per_prompt=args.num_images,
         seed=seeds,
@@ -151,7 +217,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     call = result.settings
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = Path(args.face).stem
+    stem = Path(args.face[0]).stem
     written = []
     for image, image_seed in zip(result.images, seeds, strict=True):
         settings = {
@@ -166,12 +232,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
             "height": image.height,
             "base_model": pipe.base_model,
             "adapter": args.adapter,
-            "face": str(args.face),
+            "face": ", ".join(str(f) for f in args.face),
             "face_index": args.face_index,
+            "combine": args.combine or pipe.default_combine if len(args.face) > 1 else None,
+            "shortcut": (pipe.shortcut if args.shortcut is None else args.shortcut) if pipe.image_encoder else None,
+            "s_scale": args.s_scale if pipe.image_encoder else None,
+            "identity_window": call.get("identity_window"),
             "faceid_version": __version__,
         }
         written.append(save_png(image, _free_path(out / f"{stem}_s{image_seed}.png"), settings))
-    sheet = contact_sheet(result.images, reference=face.aligned, labels=[f"seed {s}" for s in seeds])
+    sheet = contact_sheet(result.images, reference=faces[0].aligned, labels=[f"seed {s}" for s in seeds])
     sheet_path = _free_path(out / f"contact_sheet_s{seed}.png")
     sheet.save(sheet_path)
     for path in written:

@@ -16,31 +16,99 @@ ADAPTER_REPO = "h94/IP-Adapter-FaceID"
 
 
 @dataclass(frozen=True)
-class AdapterFile:
-    """One released adapter and the base model the authors show it with."""
+class Preset:
+    """A released model by name: its adapter file, what it needs, and the settings it works best with."""
 
-    filename: str
+    name: str
+    filename: str  # in ADAPTER_REPO
     family: str  # "SD1.5" or "SDXL"
-    base_model: str
+    base_model: str  # the base model the authors show it with
     vae: str | None = None
+    plus: bool = False  # needs the CLIP ViT-H image encoder
+    shortcut: bool = False  # PlusV2: tokens + s_scale * perceiver
+    portrait: bool = False  # several photos, tokens concatenated, no LoRA
+    description: str = ""
+
+    @property
+    def image_encoder(self) -> tuple[str, str] | None:
+        return CLIP_IMAGE_ENCODER if self.plus else None
+
+    @property
+    def lora_filename(self) -> str | None:
+        """The separate ``*_lora.safetensors`` twin (Portrait has no LoRA)."""
+        return None if self.portrait else self.filename.replace(".bin", "_lora.safetensors")
+
+    @property
+    def combine(self) -> str:
+        return "concat" if self.portrait else "mean"
 
 
 # The authors' demos use Realistic Vision 4.0 with the sd-vae-ft-mse VAE for SD1.5, RealVisXL for SDXL.
-_SD15_BASE = "SG161222/Realistic_Vision_V4.0_noVAE"
-_SD15_VAE = "stabilityai/sd-vae-ft-mse"
-_SDXL_BASE = "SG161222/RealVisXL_V3.0"
+_SD15 = {"family": "SD1.5", "base_model": "SG161222/Realistic_Vision_V4.0_noVAE", "vae": "stabilityai/sd-vae-ft-mse"}
+_SDXL = {"family": "SDXL", "base_model": "SG161222/RealVisXL_V3.0"}
+CLIP_IMAGE_ENCODER = ("h94/IP-Adapter", "models/image_encoder")  # CLIP ViT-H/14 laion2B-s32B-b79K
 
-ADAPTERS: dict[str, AdapterFile] = {
-    "faceid-sd15": AdapterFile("ip-adapter-faceid_sd15.bin", "SD1.5", _SD15_BASE, _SD15_VAE),
-    "faceid-plus-sd15": AdapterFile("ip-adapter-faceid-plus_sd15.bin", "SD1.5", _SD15_BASE, _SD15_VAE),
-    "faceid-plusv2-sd15": AdapterFile("ip-adapter-faceid-plusv2_sd15.bin", "SD1.5", _SD15_BASE, _SD15_VAE),
-    "faceid-portrait-sd15": AdapterFile("ip-adapter-faceid-portrait_sd15.bin", "SD1.5", _SD15_BASE, _SD15_VAE),
-    "faceid-portrait-v11-sd15": AdapterFile("ip-adapter-faceid-portrait-v11_sd15.bin", "SD1.5", _SD15_BASE, _SD15_VAE),
-    "faceid-sdxl": AdapterFile("ip-adapter-faceid_sdxl.bin", "SDXL", _SDXL_BASE),
-    "faceid-plusv2-sdxl": AdapterFile("ip-adapter-faceid-plusv2_sdxl.bin", "SDXL", _SDXL_BASE),
-    "faceid-portrait-sdxl": AdapterFile("ip-adapter-faceid-portrait_sdxl.bin", "SDXL", _SDXL_BASE),
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in (
+        Preset("faceid-sd15", "ip-adapter-faceid_sd15.bin", **_SD15, description="face embedding + LoRA"),
+        Preset(
+            "faceid-plus-sd15",
+            "ip-adapter-faceid-plus_sd15.bin",
+            **_SD15,
+            plus=True,
+            description="face embedding + CLIP face features (perceiver) + LoRA",
+        ),
+        Preset(
+            "faceid-plusv2-sd15",
+            "ip-adapter-faceid-plusv2_sd15.bin",
+            **_SD15,
+            plus=True,
+            shortcut=True,
+            description="Plus with the embedding shortcut; s_scale sets the face structure weight",
+        ),
+        Preset(
+            "faceid-portrait-sd15",
+            "ip-adapter-faceid-portrait_sd15.bin",
+            **_SD15,
+            portrait=True,
+            description="several photos of one person, 16 tokens each, no LoRA",
+        ),
+        Preset(
+            "faceid-portrait-v11-sd15",
+            "ip-adapter-faceid-portrait-v11_sd15.bin",
+            **_SD15,
+            portrait=True,
+            description="Portrait, version 1.1",
+        ),
+        Preset("faceid-sdxl", "ip-adapter-faceid_sdxl.bin", **_SDXL, description="face embedding + LoRA, SDXL"),
+        Preset(
+            "faceid-plusv2-sdxl",
+            "ip-adapter-faceid-plusv2_sdxl.bin",
+            **_SDXL,
+            plus=True,
+            shortcut=True,
+            description="PlusV2 for SDXL",
+        ),
+        Preset(
+            "faceid-portrait-sdxl",
+            "ip-adapter-faceid-portrait_sdxl.bin",
+            **_SDXL,
+            portrait=True,
+            description="Portrait for SDXL",
+        ),
+    )
 }
 DEFAULT_ADAPTER = "faceid-sd15"
+
+
+def preset_for(adapter: str | os.PathLike) -> Preset | None:
+    """The preset named ``adapter``, or the one whose released file name it has (a downloaded copy)."""
+    name = str(adapter)
+    if name in PRESETS:
+        return PRESETS[name]
+    filename = Path(name).name
+    return next((p for p in PRESETS.values() if p.filename == filename or p.lora_filename == filename), None)
 
 
 def offline() -> bool:
@@ -53,14 +121,16 @@ def resolve_adapter(adapter: str | os.PathLike) -> Path:
     if path.is_file():
         return path
     name = str(adapter)
-    if name in ADAPTERS:
-        return download(ADAPTER_REPO, ADAPTERS[name].filename)
+    if name in PRESETS:
+        return download(ADAPTER_REPO, PRESETS[name].filename)
     if path.suffix in (".bin", ".safetensors") or os.sep in name:
         raise MissingWeightsError(
             f"adapter file not found: {path}. Give the path of an IP-Adapter-FaceID .bin/.safetensors file "
-            f"or one of the released names: {', '.join(ADAPTERS)}"
+            f"or one of the released names: {', '.join(PRESETS)}"
         )
-    raise MissingWeightsError(f"unknown adapter {name!r}: give a file path or one of {', '.join(ADAPTERS)}")
+    raise MissingWeightsError(
+        f"unknown adapter {name!r}: give a file path or one of {', '.join(PRESETS)} (see `faceid models`)"
+    )
 
 
 def download(repo_id: str, filename: str, subfolder: str | None = None) -> Path:

@@ -23,7 +23,6 @@ import torch
 from .errors import FaceIDError
 
 COMBINE_MODES = ("mean", "concat")
-CLIP_IMAGE_ENCODER = ("h94/IP-Adapter", "models/image_encoder")  # CLIP ViT-H/14, laion2B-s32B-b79K
 
 
 @dataclass
@@ -191,7 +190,7 @@ class CLIPFaceEncoder:
     ) -> CLIPFaceEncoder:
         from transformers import CLIPVisionModelWithProjection
 
-        from .hub import model_not_found, offline
+        from .hub import CLIP_IMAGE_ENCODER, model_not_found, offline
 
         repo, subfolder = (str(path), None) if path is not None else CLIP_IMAGE_ENCODER
         try:

@@ -202,14 +202,16 @@ def load_lora(
     modules = _check_fits(unet, unet_state, label)
     if ignored:
         logger.warning(
-            "%s: %d text-encoder tensors are not applied (faceid loads the UNet part of a LoRA only)", label, len(ignored)
+            "%s: %d text-encoder tensors are not applied (faceid loads the UNet part of a LoRA only)",
+            label,
+            len(ignored),
         )
 
     from peft.tuners.lora import LoraLayer
 
     lora_layers_before = {path: m for path, m in unet.named_modules() if isinstance(m, LoraLayer)}
     active_before = {path: list(m.active_adapters) for path, m in lora_layers_before.items()}
-    requires_grad = {n: p.requires_grad for n, p in unet.named_parameters()}
+    requires_grad = _grad_flags(unet)
     record = _Record(
         weight=float(weight),
         layers=list(modules),
@@ -245,8 +247,7 @@ def load_lora(
             for container in (layer.lora_A, layer.lora_B):
                 container[name].to(dtype).requires_grad_(False)
             layer.set_scale(name, float(weight))
-    for param_name, param in unet.named_parameters():
-        param.requires_grad_(requires_grad.get(param_name, False))
+    _restore_grad_flags(unet, requires_grad, new=False)
 
     ranks = sorted({t.shape[0] for k, t in unet_state.items() if k.endswith(".lora_A.weight")})
     info = LoadedLora(name, layout, float(weight), tuple(modules), tuple(ranks), tuple(ignored))
@@ -293,7 +294,7 @@ def remove_lora(unet: nn.Module, name: str) -> None:
     from peft.tuners.lora import LoraLayer
 
     active_now = {path: list(m.active_adapters) for path, m in unet.named_modules() if isinstance(m, LoraLayer)}
-    requires_grad = {n: p.requires_grad for n, p in unet.named_parameters()}
+    requires_grad = _grad_flags(unet)
     del registry[name]
     _undo(unet, name, record, active_now, requires_grad)
     if not registry:
@@ -384,8 +385,7 @@ def _read_lora(lora: str | Path | dict, label: str) -> tuple[dict[str, torch.Ten
         )
     if not any("lora" in k for k in keys):
         raise CheckpointError(
-            f"{label} is not a LoRA file: none of its {len(keys)} tensors is a LoRA weight "
-            f"(e.g. {', '.join(keys[:3])})"
+            f"{label} is not a LoRA file: none of its {len(keys)} tensors is a LoRA weight (e.g. {', '.join(keys[:3])})"
         )
     return state, metadata
 
@@ -470,8 +470,7 @@ def _check_fits(unet: nn.Module, state: dict[str, torch.Tensor], label: str) -> 
             )
     if missing:
         refuse(
-            f"{len(missing)} of its {len(pairs)} LoRA layers do not exist in this UNet "
-            f"(e.g. {', '.join(missing[:2])})."
+            f"{len(missing)} of its {len(pairs)} LoRA layers do not exist in this UNet (e.g. {', '.join(missing[:2])})."
         )
     return sorted(pairs)
 
@@ -489,12 +488,26 @@ def _guess_base(pairs: dict[str, dict[str, torch.Tensor]]) -> str:
     return f"{FAMILIES[width]} (cross-attention dim {width})" if width in FAMILIES else family_name(width)
 
 
+def _grad_flags(unet: nn.Module) -> dict[int, tuple[nn.Parameter, bool]]:
+    """``requires_grad`` of every parameter, by parameter object: PEFT renames the ones it wraps."""
+    return {id(p): (p, p.requires_grad) for p in unet.parameters()}
+
+
+def _restore_grad_flags(unet: nn.Module, flags: dict[int, tuple[nn.Parameter, bool]], new: bool | None = None) -> None:
+    """Put the recorded flags back; parameters not in the record get ``new`` (None: left alone)."""
+    for param in unet.parameters():
+        if id(param) in flags:
+            param.requires_grad_(flags[id(param)][1])
+        elif new is not None:
+            param.requires_grad_(new)
+
+
 def _undo(
     unet: nn.Module,
     name: str,
     record: _Record,
     active: dict[str, list[str]],
-    requires_grad: dict[str, bool],
+    requires_grad: dict[int, tuple[nn.Parameter, bool]],
 ) -> None:
     """Take adapter ``name`` out (after a load or a failed load) and restore the rest as recorded."""
     from peft.tuners.lora import LoraLayer
@@ -525,6 +538,4 @@ def _undo(
             unet.__dict__["_hf_peft_config_loaded"] = value
         else:
             unet.__dict__.pop("_hf_peft_config_loaded", None)
-    for param_name, param in unet.named_parameters():
-        if param_name in requires_grad:
-            param.requires_grad_(requires_grad[param_name])
+    _restore_grad_flags(unet, requires_grad)

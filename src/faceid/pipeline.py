@@ -26,7 +26,7 @@ from . import identity
 from .adapter import FaceIDAdapter, refuse_other_family
 from .checkpoints import AdapterSpec, load_state_dict
 from .errors import FaceIDError
-from .hub import ADAPTERS, DEFAULT_ADAPTER, model_not_found, offline, resolve_adapter
+from .hub import DEFAULT_ADAPTER, model_not_found, offline, preset_for, resolve_adapter
 
 logger = logging.getLogger(__name__)
 
@@ -196,7 +196,7 @@ class FaceIDPipeline:
         ``shortcut`` (Plus only): the default of PlusV2's shortcut; None decides by the adapter's name
         (on for ``*plusv2*``, as the authors use them).
         """
-        preset = ADAPTERS.get(str(adapter))
+        preset = preset_for(adapter)
         if base_model is None:
             if preset is None:
                 raise FaceIDError("give base_model: the Stable Diffusion model to generate with")
@@ -233,7 +233,8 @@ class FaceIDPipeline:
                     f"{spec.perceiver.clip_dim}-d ones (the Plus adapters use CLIP ViT-H/14, 1280-d)"
                 )
         if shortcut is None:
-            shortcut = "plusv2" in str(adapter).lower().replace("_", "").replace("-", "")
+            # Plus and PlusV2 checkpoints have the same tensors; the released name says which one it is.
+            shortcut = preset.shortcut if preset else "plusv2" in str(adapter).lower().replace("_", "").replace("-", "")
         return cls(
             pipe,
             installed,
