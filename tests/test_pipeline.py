@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from faceid.errors import FaceIDError, MissingWeightsError
 from faceid.pipeline import FaceIDPipeline
@@ -200,3 +201,62 @@ def test_several_real_photos_of_one_person(pipe, faces_dir):
     torch.testing.assert_close(conditioning.identity, pipe.encode("p", mean).identity)
     images = pipe("p", [photos], seed=0, output_type="np", **SIZE).images
     assert images.shape == (1, 16, 24, 3)
+
+
+# ---------------------------------------------------------------------- Plus and Portrait
+@pytest.fixture(scope="module")
+def plus_pipe(golden_dir, face_models_dir):
+    from faceid.faces import FaceAnalyzer
+
+    return FaceIDPipeline.from_pretrained(
+        golden_dir / "models" / "sd15-tiny",
+        golden_dir / "adapters" / "faceid-plusv2.bin",
+        image_encoder=golden_dir / "models" / "image-encoder-tiny",
+        device="cpu",
+        progress=False,
+        face_analyzer=FaceAnalyzer.from_dir(face_models_dir),
+    )
+
+
+def test_plus_uses_the_aligned_224_crop_of_each_photo(plus_pipe, faces_dir):
+    assert plus_pipe.shortcut  # a *plusv2* file
+    face = plus_pipe.face_analyzer.get(faces_dir / "obama.jpg")
+    from_photo = plus_pipe.encode("p", faces_dir / "obama.jpg")
+    from_parts = plus_pipe.encode("p", face.embedding, face_image=Image.fromarray(face.crop_224))
+    torch.testing.assert_close(from_photo.identity, from_parts.identity)
+    assert from_photo.clip["clip_pixel_values"].shape == (1, 3, 224, 224)
+    without_shortcut = plus_pipe.encode("p", face, shortcut=False).identity
+    assert not torch.allclose(without_shortcut, from_photo.identity)
+    half = plus_pipe.encode("p", face, s_scale=0.5).identity
+    torch.testing.assert_close(  # shortcut: tokens = x + s_scale * perceiver, linear in s_scale
+        (from_photo.identity + plus_pipe.encode("p", face, s_scale=0.0).identity) / 2, half, atol=1e-5, rtol=1e-5
+    )
+    with pytest.raises(FaceIDError, match="aligned face image"):
+        plus_pipe.encode("p", face.embedding)
+
+
+def test_plus_several_photos(plus_pipe, faces_dir):
+    photos = (faces_dir / "obama.jpg", faces_dir / "obama2.jpg")
+    mean = plus_pipe.encode("p", [photos], combine="mean")
+    concat = plus_pipe.encode("p", [photos], combine="concat")
+    assert mean.identity.shape == (1, 4, 64) and concat.identity.shape == (1, 8, 64)
+    assert mean.clip["clip_embeds"].shape == (1, 50, 48) and concat.clip["clip_embeds"].shape == (1, 2, 50, 48)
+    images = plus_pipe("p", [photos], seed=0, output_type="np", **SIZE).images
+    assert images.shape == (1, 16, 24, 3)
+
+
+def test_portrait_takes_any_number_of_photos_per_call(golden_dir, face_models_dir, faces_dir):
+    pipe = FaceIDPipeline.from_pretrained(
+        golden_dir / "models" / "sd15-tiny",
+        golden_dir / "adapters" / "faceid-portrait.bin",
+        device="cpu",
+        progress=False,
+    )
+    assert pipe.default_combine == "concat"
+    outputs = {}
+    for count in (1, 2, 5, 3):
+        faces = _embeddings(count)
+        conditioning = pipe.encode("p", [list(faces)])
+        assert conditioning.identity.shape == (1, 16 * count, 64)
+        outputs[count] = pipe(conditioning=conditioning, seed=0, output_type="np", **SIZE).images
+    assert not np.allclose(outputs[2], outputs[3])
