@@ -64,9 +64,11 @@ def test_install_then_remove_leaves_unet_as_it_was(tiny_unet):
     inputs, identity = _inputs(tiny_unet)
     before_output = _run(tiny_unet, inputs)
     snapshot = _snapshot(tiny_unet)
+    flags = {p: p.requires_grad for p in tiny_unet.parameters()}
     for _ in range(2):  # twice: the second install must not see leftovers of the first
         adapter = FaceIDAdapter.install(tiny_unet, _random_adapter_state(tiny_unet))
         assert repr(tiny_unet) != snapshot[0]
+        assert all(p.requires_grad == flag for p, flag in flags.items())  # the UNet's own flags untouched
         assert not torch.equal(_run(tiny_unet, inputs, identity), before_output)
         adapter.remove()
         _assert_same_as(tiny_unet, snapshot)

@@ -53,7 +53,8 @@ class FaceIDAdapter:
         self._original_processors: dict[str, object] = {}
         self._lora_layers: list[str] = []  # module paths of the PEFT layers that hold our LoRA
         self._replaced_modules: dict[str, nn.Module] = {}  # path -> original nn.Linear we wrapped
-        self._requires_grad: dict[str, bool] = {}
+        # By parameter object: PEFT renames the weights it wraps (".weight" -> ".base_layer.weight").
+        self._requires_grad: dict[nn.Parameter, bool] = {}
         self._had_peft_config = False
         self._fused_weights: dict[str, torch.Tensor] | None = None
         self._scale = 1.0
@@ -86,7 +87,7 @@ class FaceIDAdapter:
         adapter = cls(unet, spec, name)
         param = next(unet.parameters())
         device, dtype = param.device, param.dtype
-        adapter._requires_grad = {n: p.requires_grad for n, p in unet.named_parameters()}
+        adapter._requires_grad = {p: p.requires_grad for p in unet.parameters()}
 
         projection = IdentityProjection(
             spec.cross_attention_dim, spec.num_tokens, spec.id_dim, spec.hidden_dim, spec.perceiver
@@ -155,9 +156,8 @@ class FaceIDAdapter:
         self._restore_requires_grad()
 
     def _restore_requires_grad(self) -> None:
-        for param_name, param in self.unet.named_parameters():
-            if param_name in self._requires_grad:
-                param.requires_grad_(self._requires_grad[param_name])
+        for param, flag in self._requires_grad.items():
+            param.requires_grad_(flag)
 
     def remove(self) -> None:
         """Take the adapter out, leaving the UNet exactly as ``install`` found it."""
@@ -173,6 +173,9 @@ class FaceIDAdapter:
                 setattr(self.unet.get_submodule(parent), child, self._replaced_modules[path])
             else:  # the layer also holds the user's LoRA: take out only ours
                 layer.delete_adapter(self.name)
+                if not layer.lora_A:  # the user's LoRA went first: nothing left to wrap
+                    parent, _, child = path.rpartition(".")
+                    setattr(self.unet.get_submodule(parent), child, layer.get_base_layer())
         if self._lora_layers:
             configs = getattr(self.unet, "peft_config", {})
             configs.pop(self.name, None)

@@ -9,10 +9,12 @@ Two things live here, both on top of PEFT and diffusers' own key converters (no 
       lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_out_0.lora_down.weight  [128, 320]
       lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_out_0.lora_up.weight    [320, 128]
 
-  fp16, no header metadata: that layout reproduces ``ip-adapter-faceid_sd15_lora.safetensors`` to the
-  byte (51,059,544 bytes, its Git LFS size). Every kohya reader takes a missing alpha as scale 1, which
-  is the FaceID LoRA's ``W x + up(down(x))``; ``alpha=True`` writes ``alpha = rank`` instead (same
-  scale). ``layout="diffusers"`` writes diffusers/PEFT keys ``unet.<module>.lora_A.weight`` /
+  in fp16. Written without header metadata, exactly these tensors make a file of the size of
+  ``ip-adapter-faceid_sd15_lora.safetensors`` to the byte (51,059,544, its Git LFS size); ``save_lora``
+  adds a small metadata header saying what the file is. (The SDXL twins' size is not matched exactly
+  by any key naming/alpha combination tried, so some detail of their header is unknown.) Kohya readers
+  (A1111, ComfyUI, diffusers) take a missing alpha as scale 1, which is the FaceID LoRA's
+  ``W x + up(down(x))``; ``alpha=True`` writes ``alpha = rank`` instead (the same scale, spelled out). ``layout="diffusers"`` writes diffusers/PEFT keys ``unet.<module>.lora_A.weight`` /
   ``lora_B.weight``, as ``StableDiffusionPipeline.save_lora_weights`` does.
 
 * ``load_lora`` / ``set_lora_weight`` / ``remove_lora`` / ``list_loras``: a kohya or diffusers/PEFT LoRA
@@ -195,6 +197,7 @@ def load_lora(
     _check_name(unet, name)
     raw, metadata = _read_lora(lora, label)
     layout, unet_state, alphas, ignored = _to_peft(unet, raw, label)
+    metadata = _unet_metadata(metadata, prefixed=any(k.startswith("unet.") for k in raw))
     if not unet_state:
         raise CheckpointError(
             f"{label} has no UNet weights (only {len(ignored)} text-encoder tensors); faceid applies UNet LoRAs only"
@@ -221,13 +224,16 @@ def load_lora(
         hf_flag=("_hf_peft_config_loaded" in unet.__dict__, unet.__dict__.get("_hf_peft_config_loaded")),
     )
     try:
-        unet.load_lora_adapter(
-            {f"unet.{k}": v for k, v in unet_state.items()},
-            prefix="unet",
-            network_alphas=alphas or None,
-            adapter_name=name,
-            metadata=metadata,
-        )
+        with warnings.catch_warnings():
+            # Several adapters on one model is the point here, not an accident.
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            unet.load_lora_adapter(
+                {f"unet.{k}": v for k, v in unet_state.items()},
+                prefix="unet",
+                network_alphas=alphas or None,
+                adapter_name=name,
+                metadata=metadata,
+            )
     except Exception as exc:
         _undo(unet, name, record, active_before, requires_grad)
         raise CheckpointError(f"{label} could not be loaded as a LoRA: {type(exc).__name__}: {exc}") from exc
@@ -268,7 +274,7 @@ def set_lora_weight(unet: nn.Module, name: str, weight: float) -> None:
         raise RuntimeError(f"LoRA {name!r} is fused into the UNet's weights; unfuse it before changing its weight")
     for layer in layers.values():
         layer.set_scale(name, float(weight))
-    record = _registry(unet).get(name)
+    record = _registry(unet, create=False).get(name)
     if record is not None:
         record.weight = float(weight)
 
@@ -280,7 +286,7 @@ def remove_lora(unet: nn.Module, name: str) -> None:
     other LoRAs only this adapter is deleted. The other LoRAs keep their active state and weights, and
     every ``requires_grad`` flag stays as it is.
     """
-    registry = _registry(unet)
+    registry = _registry(unet, create=False)
     if name not in registry:
         loaded = ", ".join(registry) or "none"
         raise KeyError(
@@ -298,7 +304,7 @@ def remove_lora(unet: nn.Module, name: str) -> None:
     del registry[name]
     _undo(unet, name, record, active_now, requires_grad)
     if not registry:
-        del unet.__dict__[_REGISTRY]
+        unet.__dict__.pop(_REGISTRY, None)
 
 
 def list_loras(unet: nn.Module) -> dict[str, float]:
@@ -388,6 +394,21 @@ def _read_lora(lora: str | Path | dict, label: str) -> tuple[dict[str, torch.Ten
             f"{label} is not a LoRA file: none of its {len(keys)} tensors is a LoRA weight (e.g. {', '.join(keys[:3])})"
         )
     return state, metadata
+
+
+def _unet_metadata(metadata: dict | None, prefixed: bool) -> dict | None:
+    """diffusers' LoRA config metadata for the UNet, with the ``unet.`` prefix ``load_lora_adapter`` expects.
+
+    ``save_lora_weights`` prefixes it per component (``unet.r``); ``save_lora_adapter`` writes the UNet's
+    config unprefixed next to unprefixed keys. Anything else (text encoders only) means: none.
+    """
+    if not metadata:
+        return None
+    if any(k.startswith("unet.") for k in metadata):
+        return {k: v for k, v in metadata.items() if k.startswith("unet.")}
+    if prefixed or any(k.startswith(_TEXT_ENCODER_PREFIXES) for k in metadata):
+        return None
+    return {f"unet.{k}": v for k, v in metadata.items()}
 
 
 def _to_peft(

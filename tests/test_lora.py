@@ -1,0 +1,439 @@
+"""LoRA files: the identity LoRA exported as the ecosystem's LoRA file, user LoRAs stacked next to it."""
+
+from __future__ import annotations
+
+import json
+import types
+
+import pytest
+import torch
+from conftest import make_tiny_unet
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from faceid.adapter import FaceIDAdapter, initial_state_dict
+from faceid.checkpoints import save_state_dict
+from faceid.errors import CheckpointError
+from faceid.lora import identity_lora_state_dict, list_loras, load_lora, remove_lora, save_lora, set_lora_weight
+
+# Layers of the tiny UNet that the "style" LoRA adapts: attention projections of two transformer blocks,
+# a feed-forward Linear and a 1x1 Conv (proj_in), like a typical A1111 LoRA.
+STYLE_TARGETS = [
+    *(
+        f"down_blocks.0.attentions.0.transformer_blocks.0.{a}.{t}"
+        for a in ("attn1", "attn2")
+        for t in ("to_q", "to_k", "to_v", "to_out.0")
+    ),
+    *(f"up_blocks.1.attentions.1.transformer_blocks.0.attn2.{t}" for t in ("to_q", "to_k", "to_v", "to_out.0")),
+    "mid_block.attentions.0.transformer_blocks.0.ff.net.2",
+    "down_blocks.0.attentions.0.proj_in",
+]
+
+
+def _half_exact(tensor: torch.Tensor) -> torch.Tensor:
+    """Values that survive a round trip through fp16 (the released LoRA files are fp16)."""
+    return tensor.half().float()
+
+
+def _adapter_state(unet, lora_rank=4, seed=0):
+    """A fresh FaceID adapter whose LoRA visibly acts (non-zero ``up``), all values fp16-exact."""
+    generator = torch.Generator().manual_seed(seed)
+    state = initial_state_dict(unet, lora_rank=lora_rank, generator=generator)
+    for key, tensor in state["ip_adapter"].items():
+        if key.endswith("up.weight"):
+            tensor = torch.randn(tensor.shape, generator=generator) * 0.5
+        state["ip_adapter"][key] = _half_exact(tensor)
+    for key, tensor in state["image_proj"].items():
+        state["image_proj"][key] = tensor + torch.randn(tensor.shape, generator=generator) * 0.05
+    return state
+
+
+def _without_lora(state):
+    return {
+        "image_proj": state["image_proj"],
+        "ip_adapter": {k: v for k, v in state["ip_adapter"].items() if "_lora." not in k},
+    }
+
+
+def _inputs(unet, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    cad = unet.config.cross_attention_dim
+    inputs = {  # small on purpose: the CPU test machines are shared
+        "sample": torch.randn(1, 4, 8, 8, generator=generator),
+        "timestep": torch.tensor(500),
+        "encoder_hidden_states": torch.randn(1, 8, cad, generator=generator),
+    }
+    return inputs, torch.randn(1, 4, cad, generator=generator)
+
+
+@torch.no_grad()
+def _run(unet, inputs, identity=None):
+    kwargs = {"cross_attention_kwargs": {"ip_hidden_states": identity}} if identity is not None else {}
+    return unet(**inputs, **kwargs).sample
+
+
+def _style_lora(unet, rank=4, alpha=2.0, seed=3, targets=STYLE_TARGETS, text_encoder=True):
+    """A kohya-format LoRA (as A1111/ComfyUI write it) for ``unet``, with alphas and text-encoder parts."""
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for path in targets:
+        module = unet.get_submodule(path)
+        module = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+        conv = isinstance(module, torch.nn.Conv2d)
+        n_in, n_out = (module.in_channels, module.out_channels) if conv else (module.in_features, module.out_features)
+        key = "lora_unet_" + path.replace(".", "_")
+        down, up = (
+            torch.randn(rank, n_in, generator=generator) * 0.3,
+            torch.randn(n_out, rank, generator=generator) * 0.3,
+        )
+        state[f"{key}.lora_down.weight"] = _half_exact(down[..., None, None] if conv else down)
+        state[f"{key}.lora_up.weight"] = _half_exact(up[..., None, None] if conv else up)
+        state[f"{key}.alpha"] = torch.tensor(alpha)
+    if text_encoder:
+        key = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+        state[f"{key}.lora_down.weight"] = torch.randn(rank, 32, generator=generator)
+        state[f"{key}.lora_up.weight"] = torch.randn(32, rank, generator=generator)
+        state[f"{key}.alpha"] = torch.tensor(alpha)
+    return state
+
+
+@torch.no_grad()
+def _merge_by_hand(unet, kohya, weight):
+    """W += weight * alpha / rank * up @ down on the plain layers: what a stacked LoRA must compute."""
+    for key in [k for k in kohya if k.startswith("lora_unet_") and k.endswith(".lora_down.weight")]:
+        stem = key.removesuffix(".lora_down.weight")
+        path = next(p for p in STYLE_TARGETS if "lora_unet_" + p.replace(".", "_") == stem)
+        down, up = kohya[key], kohya[f"{stem}.lora_up.weight"]
+        delta = weight * float(kohya[f"{stem}.alpha"]) / down.shape[0] * (up.flatten(1) @ down.flatten(1))
+        target = unet.get_submodule(path).weight
+        target += delta.reshape(target.shape)
+
+
+def _snapshot(unet):
+    from peft.tuners.lora import LoraLayer
+
+    layers = {p: m for p, m in unet.named_modules() if isinstance(m, LoraLayer)}
+    return {
+        "repr": repr(unet),
+        "state": {k: v.clone() for k, v in unet.state_dict().items()},
+        "grads": {n: p.requires_grad for n, p in unet.named_parameters()},
+        "active": {p: list(m.active_adapters) for p, m in layers.items()},
+        "scaling": {p: dict(m.scaling) for p, m in layers.items()},
+        "peft_config": list(getattr(unet, "peft_config", {})),
+        "processors": dict(unet.attn_processors),
+        "flag": unet.__dict__.get("_hf_peft_config_loaded"),
+    }
+
+
+def _assert_same_as(unet, snapshot):
+    now = _snapshot(unet)
+    for key in ("repr", "grads", "active", "scaling", "peft_config", "flag"):
+        assert now[key] == snapshot[key], key
+    assert now["state"].keys() == snapshot["state"].keys()
+    assert all(torch.equal(now["state"][k], v) for k, v in snapshot["state"].items())
+    assert all(unet.attn_processors[k] is v for k, v in snapshot["processors"].items())
+
+
+# ---------------------------------------------------------------------- identity LoRA export
+@pytest.mark.parametrize(("layout", "alpha"), [("kohya", False), ("kohya", True), ("diffusers", False)])
+def test_exported_identity_lora_replaces_the_checkpoint_lora(tmp_path, layout, alpha):
+    unet = make_tiny_unet()
+    state = _adapter_state(unet)
+    inputs, identity = _inputs(unet)
+    full = FaceIDAdapter.install(unet, state)
+    expected = _run(unet, inputs, identity)
+    path = save_lora(full, tmp_path / "faceid_lora.safetensors", layout=layout, alpha=alpha)
+    full.remove()
+
+    with safe_open(str(path), framework="pt") as handle:
+        keys, metadata = list(handle.keys()), handle.metadata()
+        dtypes = {handle.get_tensor(k).dtype for k in keys}
+    assert dtypes == {torch.float16}
+    assert metadata["faceid.layout"] == layout and metadata["faceid.lora_rank"] == "4"
+    modules = 8 * 4  # every attention layer, to_q/to_k/to_v/to_out.0
+    if layout == "kohya":
+        assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_out_0.lora_down.weight" in keys
+        assert len(keys) == modules * (3 if alpha else 2)
+        assert all(k.startswith("lora_unet_") for k in keys)
+    else:
+        assert "unet.up_blocks.1.attentions.1.transformer_blocks.0.attn2.to_out.0.lora_B.weight" in keys
+        assert len(keys) == modules * 2
+        assert json.loads(metadata["lora_adapter_metadata"])["unet.r"] == 4
+
+    # The adapter without its LoRA keys installs fine; the LoRA file brings the rest.
+    adapter = FaceIDAdapter.install(unet, _without_lora(state))
+    assert not adapter._lora_layers
+    info = load_lora(unet, path, "identity")
+    assert (info.layout, info.ranks, len(info.modules), info.ignored) == (layout, (4,), modules, ())
+    torch.testing.assert_close(_run(unet, inputs, identity), expected, atol=1e-5, rtol=0)
+    assert list_loras(unet) == {"identity": 1.0}
+
+
+@pytest.mark.parametrize("layout", ["kohya", "diffusers"])
+def test_exported_file_loads_with_diffusers_own_loader(tmp_path, layout):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    unet = make_tiny_unet()
+    state = _adapter_state(unet)
+    inputs, identity = _inputs(unet)
+    full = FaceIDAdapter.install(unet, state)
+    expected = _run(unet, inputs, identity)
+    path = save_lora(full, tmp_path / "faceid_lora.safetensors", layout=layout)
+    full.remove()
+
+    FaceIDAdapter.install(unet, _without_lora(state))
+    pipe = StableDiffusionPipeline(
+        vae=None,
+        text_encoder=None,
+        tokenizer=None,
+        unet=unet,
+        scheduler=DDIMScheduler(steps_offset=1, clip_sample=False),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.load_lora_weights(str(path), adapter_name="identity")
+    assert (unet.peft_config["identity"].r, unet.peft_config["identity"].lora_alpha) == (4, 4)
+    torch.testing.assert_close(_run(unet, inputs, identity), expected, atol=1e-5, rtol=0)
+
+
+def test_kohya_export_has_the_released_sd15_file_layout(tmp_path):
+    """Tensor names, shapes and dtype of ip-adapter-faceid_sd15_lora.safetensors, pinned by its size.
+
+    The released file (h94/IP-Adapter-FaceID, Git LFS size 51,059,544 bytes) is reproduced to the byte by
+    rank-128 fp16 ``lora_down``/``lora_up`` pairs on every SD1.5 attention projection, diffusers module
+    names, no ``.alpha`` and no header metadata; any other naming or an alpha per layer changes the size.
+    """
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+
+    with init_empty_weights():
+        sd15 = UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8)  # the SD1.5 UNet config
+    paths = [
+        f"{name.removesuffix('.processor')}.{t}"
+        for name in sd15.attn_processors
+        for t in ("to_q", "to_k", "to_v", "to_out.0")
+    ]
+
+    def lora_layer(path):
+        linear = sd15.get_submodule(path)
+        down = types.SimpleNamespace(weight=torch.zeros(128, linear.in_features, dtype=torch.float16))
+        up = types.SimpleNamespace(weight=torch.zeros(linear.out_features, 128, dtype=torch.float16))
+        return types.SimpleNamespace(lora_A={"faceid": down}, lora_B={"faceid": up})
+
+    layers = {path: lora_layer(path) for path in paths}
+    stand_in = types.SimpleNamespace(
+        installed=True, name="faceid", _lora_layers=paths, unet=types.SimpleNamespace(get_submodule=layers.__getitem__)
+    )
+    state = identity_lora_state_dict(stand_in, "kohya")
+    assert len(state) == 32 * 4 * 2
+    assert state["lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight"].shape == (
+        128,
+        768,
+    )
+    save_file(state, str(tmp_path / "sd15_lora.safetensors"))
+    assert (tmp_path / "sd15_lora.safetensors").stat().st_size == 51_059_544
+
+
+# ---------------------------------------------------------------------- stacking
+def test_style_lora_stacks_with_the_identity_lora_and_comes_out_cleanly():
+    unet = make_tiny_unet()
+    state = _adapter_state(unet)
+    inputs, identity = _inputs(unet)
+    plain_snapshot = _snapshot(unet)
+    adapter = FaceIDAdapter.install(unet, state)
+    unet.conv_in.requires_grad_(False)  # mixed flags: load/remove must leave every one of them alone
+    with_identity = _run(unet, inputs, identity)
+    before = _snapshot(unet)
+    flags = {p: p.requires_grad for p in unet.parameters()}  # by object: PEFT renames what it wraps
+    style = _style_lora(unet, rank=4, alpha=2.0)
+
+    info = load_lora(unet, style, "style", weight=0.0)
+    assert info.layout == "kohya" and set(info.modules) == set(STYLE_TARGETS)
+    assert info.ignored and all(k.startswith("text_encoder.") for k in info.ignored)
+    assert list_loras(unet) == {"faceid": 1.0, "style": 0.0}
+    assert all(p.requires_grad == flag for p, flag in flags.items())
+    assert all(not p.requires_grad for p in unet.parameters() if p not in flags)  # the new LoRA is frozen
+    shared = unet.get_submodule(STYLE_TARGETS[0])
+    assert shared.active_adapters == ["faceid", "style"]
+    assert torch.equal(_run(unet, inputs, identity), with_identity)  # weight 0: bit for bit the same
+
+    set_lora_weight(unet, "style", 0.5)
+    stacked = _run(unet, inputs, identity)
+    assert not torch.allclose(stacked, with_identity, atol=1e-3)
+    assert list_loras(unet) == {"faceid": 1.0, "style": 0.5}
+
+    # By hand: the style LoRA merged into a plain copy of the UNet at 0.5 * alpha/rank, then FaceID on top.
+    manual_unet = make_tiny_unet()
+    _merge_by_hand(manual_unet, style, 0.5)
+    FaceIDAdapter.install(manual_unet, state)
+    torch.testing.assert_close(stacked, _run(manual_unet, inputs, identity), atol=1e-5, rtol=1e-5)
+
+    adapter.set_lora_scale(0.0)  # the identity LoRA still acts next to the style LoRA
+    assert not torch.allclose(_run(unet, inputs, identity), stacked, atol=1e-3)
+    adapter.set_lora_scale(1.0)
+    assert torch.equal(_run(unet, inputs, identity), stacked)
+
+    remove_lora(unet, "style")
+    _assert_same_as(unet, before)
+    assert torch.equal(_run(unet, inputs, identity), with_identity)
+    assert list_loras(unet) == {"faceid": 1.0}
+
+    # Loading straight at 0.5 gives what set_lora_weight gave.
+    load_lora(unet, style, "style", weight=0.5)
+    assert torch.equal(_run(unet, inputs, identity), stacked)
+    remove_lora(unet, "style")
+    _assert_same_as(unet, before)
+
+    unet.conv_in.requires_grad_(True)
+    adapter.remove()
+    _assert_same_as(unet, plain_snapshot)
+
+
+def test_style_loaded_before_the_adapter_keeps_working():
+    unet = make_tiny_unet()
+    state = _adapter_state(unet)
+    inputs, identity = _inputs(unet)
+    FaceIDAdapter.install(unet, state).remove()  # warm-up: nothing left behind
+    style = _style_lora(unet, text_encoder=False)
+    load_lora(unet, style, "style", weight=0.7)
+    adapter = FaceIDAdapter.install(unet, state)
+    both = _run(unet, inputs, identity)
+    manual_unet = make_tiny_unet()
+    _merge_by_hand(manual_unet, style, 0.7)
+    FaceIDAdapter.install(manual_unet, state)
+    torch.testing.assert_close(both, _run(manual_unet, inputs, identity), atol=1e-5, rtol=1e-5)
+    remove_lora(unet, "style")
+    reference = make_tiny_unet()
+    FaceIDAdapter.install(reference, state)
+    assert torch.equal(_run(unet, inputs, identity), _run(reference, inputs, identity))
+    adapter.remove()
+    assert torch.equal(_run(unet, inputs), _run(make_tiny_unet(), inputs))
+
+
+def test_sgm_named_kohya_lora_on_an_sdxl_unet():
+    """SDXL LoRAs from kohya's trainer name blocks the SGM way (input_blocks_4_1); diffusers maps them."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        cross_attention_dim=64,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=80,
+        norm_num_groups=32,
+    ).eval()
+    inputs, _ = _inputs(unet)
+    inputs["added_cond_kwargs"] = {"text_embeds": torch.randn(1, 32), "time_ids": torch.randn(1, 6)}
+    plain = _run(unet, inputs)
+    targets = [
+        "down_blocks.1.attentions.1.transformer_blocks.1.attn2.to_k",
+        "up_blocks.0.attentions.2.transformer_blocks.0.attn1.to_out.0",
+    ]
+    diffusers_named = _style_lora(unet, targets=targets, text_encoder=False)
+    sgm = {
+        k.replace("down_blocks_1_attentions_1", "input_blocks_5_1").replace(
+            "up_blocks_0_attentions_2", "output_blocks_2_1"
+        ): v
+        for k, v in diffusers_named.items()
+    }
+    load_lora(unet, diffusers_named, "a")
+    expected = _run(unet, inputs)
+    assert not torch.allclose(expected, plain, atol=1e-4)
+    remove_lora(unet, "a")
+    assert torch.equal(_run(unet, inputs), plain)
+    info = load_lora(unet, sgm, "b")
+    assert set(info.modules) == set(targets)
+    assert torch.equal(_run(unet, inputs), expected)
+
+
+# ---------------------------------------------------------------------- refusals
+def test_lora_for_another_base_model_is_refused_naming_the_layer(tmp_path):
+    unet = make_tiny_unet()
+    adapter = FaceIDAdapter.install(unet, _adapter_state(unet))
+    snapshot = _snapshot(unet)
+    other = make_tiny_unet(cross_attention_dim=2048)  # an "SDXL-wide" context
+    wide = _style_lora(other, text_encoder=False)
+    with pytest.raises(CheckpointError) as info:
+        load_lora(unet, wide, "style", label="wide.safetensors")
+    message = str(info.value)
+    assert "wide.safetensors does not fit" in message and "attn2.to_k is 2048->32" in message
+    assert "layer is 64->32" in message and "made for SDXL" in message
+    missing = {
+        "lora_unet_down_blocks_1_attentions_0_transformer_blocks_1_attn1_to_q.lora_down.weight": torch.zeros(4, 64)
+    }
+    missing["lora_unet_down_blocks_1_attentions_0_transformer_blocks_1_attn1_to_q.lora_up.weight"] = torch.zeros(64, 4)
+    with pytest.raises(CheckpointError, match=r"1 of its 1 LoRA layers do not exist in this UNet"):
+        load_lora(unet, missing, "style")
+    _assert_same_as(unet, snapshot)  # nothing was changed on the way
+    adapter.remove()
+
+
+def test_files_that_are_not_loras_are_refused(tmp_path):
+    unet = make_tiny_unet()
+    snapshot = _snapshot(unet)
+    weights = tmp_path / "model.safetensors"
+    save_file({"conv_in.weight": torch.zeros(32, 4, 3, 3)}, str(weights))
+    with pytest.raises(CheckpointError, match="model.safetensors is not a LoRA file"):
+        load_lora(unet, weights, "x")
+    faceid = save_state_dict(_adapter_state(unet), tmp_path / "ip-adapter-faceid_sd15.safetensors")
+    with pytest.raises(CheckpointError, match="IP-Adapter.*not a LoRA file"):
+        load_lora(unet, faceid, "x")
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(faceid.read_bytes()[:500])
+    with pytest.raises(CheckpointError, match="cannot read LoRA file"):
+        load_lora(unet, cut, "x")
+    with pytest.raises(CheckpointError, match="not found"):
+        load_lora(unet, tmp_path / "missing.safetensors", "x")
+    pickled = tmp_path / "lora.bin"
+    torch.save({"state_dict": {"w": torch.zeros(1)}}, pickled)
+    with pytest.raises(CheckpointError, match="not a LoRA file"):
+        load_lora(unet, pickled, "x")
+    _assert_same_as(unet, snapshot)
+
+
+def test_a_name_in_use_is_refused():
+    unet = make_tiny_unet()
+    adapter = FaceIDAdapter.install(unet, _adapter_state(unet))
+    load_lora(unet, _style_lora(unet), "style")
+    snapshot = _snapshot(unet)
+    for name in ("style", adapter.name):
+        with pytest.raises(CheckpointError, match=f"a LoRA named '{name}' is already loaded"):
+            load_lora(unet, _style_lora(unet, seed=9), name)
+    _assert_same_as(unet, snapshot)
+    with pytest.raises(ValueError, match="without '.'"):
+        load_lora(unet, _style_lora(unet), "my.style")
+    with pytest.raises(KeyError, match="an identity LoRA goes with its FaceIDAdapter.remove"):
+        remove_lora(unet, adapter.name)
+    with pytest.raises(KeyError, match="no LoRA named 'nope'"):
+        set_lora_weight(unet, "nope", 1.0)
+
+
+def test_lora_saved_by_diffusers_own_writer_loads_with_its_alpha(tmp_path):
+    """``unet.save_lora_adapter`` writes unprefixed PEFT keys; its lora_alpha (!= rank) lives in the metadata."""
+    from peft import LoraConfig
+
+    trained = make_tiny_unet()
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_v", "ff.net.2"], init_lora_weights="gaussian")
+    trained.add_adapter(config, adapter_name="mine")
+    for module in trained.modules():
+        if hasattr(module, "lora_B") and "mine" in module.lora_B:
+            torch.nn.init.normal_(module.lora_B["mine"].weight, std=0.2)
+    inputs, _ = _inputs(trained)
+    expected = _run(trained, inputs)
+    trained.save_lora_adapter(str(tmp_path), adapter_name="mine")
+
+    unet = make_tiny_unet()
+    assert not torch.equal(_run(unet, inputs), expected)
+    info = load_lora(unet, tmp_path, "mine")  # a diffusers LoRA folder
+    assert info.layout == "diffusers" and info.ranks == (4,)
+    assert unet.peft_config["mine"].lora_alpha == 8
+    assert torch.equal(_run(unet, inputs), expected)
