@@ -196,3 +196,42 @@ def test_generate_portrait_from_several_photos(tmp_path, golden_dir, faces_dir, 
     assert _generate(faces_dir / "obama.jpg", tmp_path, model, face_models_dir, *photos, "--seed", "2") == 0
     settings = read_settings(tmp_path / "obama_s2.png")
     assert settings["combine"] == "concat" and "obama2.jpg" in settings["face"]
+
+
+def _style_lora_file(path, golden_dir, seed=0):
+    """A kohya-layout LoRA on every attention to_q/to_v of the tiny SD1.5 UNet, as A1111/ComfyUI write it."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
+
+    unet = UNet2DConditionModel.from_pretrained(golden_dir / "models" / "sd15-tiny" / "unet")
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, module in unet.named_modules():
+        if name.endswith(("attn1.to_q", "attn2.to_v")):
+            key = "lora_unet_" + name.replace(".", "_")
+            state[f"{key}.lora_down.weight"] = torch.randn(2, module.in_features, generator=generator)
+            state[f"{key}.lora_up.weight"] = torch.randn(module.out_features, 2, generator=generator)
+            state[f"{key}.alpha"] = torch.tensor(2.0)
+    save_file(state, str(path))
+    return path
+
+
+def test_generate_with_a_style_lora(tmp_path, golden_dir, faces_dir, sd15, face_models_dir):
+    style = _style_lora_file(tmp_path / "style.safetensors", golden_dir)
+
+    def run(name, *lora):
+        assert _generate(faces_dir / "obama.jpg", tmp_path / name, sd15, face_models_dir, "--seed", "1", *lora) == 0
+        return np.asarray(Image.open(tmp_path / name / "obama_s1.png"), dtype=np.int16)
+
+    plain, zero, styled = run("plain"), run("zero", "--lora", f"{style}:0"), run("styled", "--lora", f"{style}:0.8")
+    np.testing.assert_array_equal(plain, zero)  # weight 0: the LoRA changes nothing
+    assert np.abs(styled - plain).max() > 0
+    assert read_settings(tmp_path / "styled" / "obama_s1.png")["loras"] == {"style": 0.8}
+    bad = tmp_path / "not-a-lora.safetensors"
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"weight": torch.zeros(2)}, str(bad))
+    assert _generate(faces_dir / "obama.jpg", tmp_path / "bad", sd15, face_models_dir, "--lora", str(bad)) == 2
+    assert not (tmp_path / "bad").exists()

@@ -96,6 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="apply the identity only in this part of the denoising steps (fractions, e.g. 0 0.8)",
     )
+    gen.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="FILE[:WEIGHT]",
+        help="a LoRA file (kohya or diffusers layout) to stack with the identity, e.g. style.safetensors:0.7",
+    )
     gen.add_argument("--image-encoder", default=None, help="Plus only: CLIP ViT-H image encoder folder or repo")
     gen.add_argument("--s-scale", type=float, default=1.0, help="PlusV2: weight of the CLIP face structure (1.0)")
     gen.add_argument(
@@ -112,6 +119,47 @@ def build_parser() -> argparse.ArgumentParser:
     )
     models.add_argument("checkpoints", nargs="*", help="adapter files (.bin/.safetensors) to describe")
     models.set_defaults(func=cmd_models)
+
+    prep = commands.add_parser("prepare", help="turn a folder of captioned photos into a training dataset")
+    from .data import add_prepare_arguments
+
+    add_prepare_arguments(prep)
+    prep.set_defaults(func=cmd_prepare)
+
+    train = commands.add_parser(
+        "train",
+        help="train or fine-tune an adapter on a prepared dataset (multi-GPU: `accelerate launch -m faceid.cli train`)",
+    )
+    train.add_argument("--config", default=None, help="YAML/JSON file of training settings (configs/*.yaml)")
+    for flag, kind, text in (
+        ("--base-model", str, "SD1.5/SDXL base model (Hub repo id or diffusers folder)"),
+        ("--dataset", str, "folder written by `faceid prepare`"),
+        ("--output-dir", str, "where checkpoints, logs and the exported adapter go"),
+        ("--variant", str, "faceid | plus | portrait"),
+        ("--init-adapter", str, "start from this adapter checkpoint (fine-tuning)"),
+        ("--image-encoder", str, "Plus: CLIP ViT-H image encoder folder or repo"),
+        ("--max-train-steps", int, "optimizer steps"),
+        ("--train-batch-size", int, "images per device per step"),
+        ("--gradient-accumulation-steps", int, "micro-batches per optimizer step"),
+        ("--learning-rate", float, "AdamW learning rate (1e-4)"),
+        ("--resolution", int, "training resolution (512)"),
+        ("--lora-rank", int, "identity LoRA rank (128)"),
+        ("--mixed-precision", str, "no | fp16 | bf16"),
+        ("--checkpointing-steps", int, "save a checkpoint every N steps"),
+        ("--validation-steps", int, "validate every N steps (0: never)"),
+        ("--face-models", str, "face detector + recognizer folder for validation"),
+        ("--report-to", str, "tensorboard | none"),
+        ("--seed", int, "seed of the data order, noise and dropout"),
+    ):
+        train.add_argument(flag, type=kind, default=None, help=text)
+    train.add_argument("--resume", default=None, help="a checkpoint folder, or 'latest' in the output folder")
+    train.add_argument("--validation-face", action="append", default=None, help="photo to validate on (repeatable)")
+    train.add_argument("--gradient-checkpointing", action="store_true", default=None, help="save memory")
+    train.add_argument("--use-8bit-adam", action="store_true", default=None, help="bitsandbytes AdamW8bit")
+    train.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="any other setting of TrainConfig"
+    )
+    train.set_defaults(func=cmd_train)
 
     emb = commands.add_parser("embed", help="find the faces in a photo; save the embedding and aligned crop")
     emb.add_argument("photo", help="a photo with a face")
@@ -174,6 +222,59 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from .data import run_prepare
+
+    return run_prepare(args)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import yaml
+
+    from .train import TrainConfig, Trainer
+
+    overrides = {
+        key: getattr(args, key)
+        for key in (
+            "base_model",
+            "dataset",
+            "output_dir",
+            "variant",
+            "init_adapter",
+            "image_encoder",
+            "max_train_steps",
+            "train_batch_size",
+            "gradient_accumulation_steps",
+            "learning_rate",
+            "resolution",
+            "lora_rank",
+            "mixed_precision",
+            "checkpointing_steps",
+            "validation_steps",
+            "face_models",
+            "report_to",
+            "seed",
+            "gradient_checkpointing",
+            "use_8bit_adam",
+        )
+    }
+    overrides["resume_from_checkpoint"] = args.resume
+    overrides["validation_faces"] = args.validation_face
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise FaceIDError(f"--set takes KEY=VALUE, got {item!r}")
+        overrides[key.strip().replace("-", "_")] = yaml.safe_load(value)
+    config = TrainConfig.from_file(args.config, **overrides)
+    result = Trainer(config).train()
+    if not result["stopped"]:
+        print(
+            f"trained {result['global_step']} steps ({result['samples_per_second']:.2f} samples/s); "
+            f"adapter written to {config.output_dir}/{config.export_name}.bin and .safetensors"
+        )
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
@@ -196,6 +297,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         face_analyzer=analyzer,
         image_encoder=args.image_encoder,
         shortcut=args.shortcut,
+        loras=[_lora_argument(item) for item in args.lora],
     )
     seed = args.seed if args.seed is not None else random.randrange(2**31)
     seeds = [seed + i for i in range(args.num_images)]
@@ -238,6 +340,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             "shortcut": (pipe.shortcut if args.shortcut is None else args.shortcut) if pipe.image_encoder else None,
             "s_scale": args.s_scale if pipe.image_encoder else None,
             "identity_window": call.get("identity_window"),
+            "loras": {name: w for name, w in pipe.loras.items() if name != pipe.adapter.name} or None,
             "faceid_version": __version__,
         }
         written.append(save_png(image, _free_path(out / f"{stem}_s{image_seed}.png"), settings))
@@ -248,6 +351,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(path)
     print(f"contact sheet: {sheet_path}")
     return 0
+
+
+def _lora_argument(item: str) -> tuple[str, float]:
+    """``FILE`` or ``FILE:WEIGHT``."""
+    path, sep, weight = item.rpartition(":")
+    if sep:
+        try:
+            return path, float(weight)
+        except ValueError:
+            pass
+    return item, 1.0
 
 
 def _free_path(path: Path) -> Path:

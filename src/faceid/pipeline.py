@@ -181,6 +181,7 @@ class FaceIDPipeline:
         face_models: str | os.PathLike | None = None,
         image_encoder: str | os.PathLike | None = None,
         shortcut: bool | None = None,
+        loras: Sequence[str | os.PathLike | tuple[str | os.PathLike, float]] = (),
         progress: bool = True,
     ) -> FaceIDPipeline:
         """Load a base model and install an adapter in it.
@@ -194,7 +195,8 @@ class FaceIDPipeline:
         models (fetched into the cache on first use when neither is given). ``image_encoder`` (Plus
         only): the CLIP ViT-H image encoder, by default ``h94/IP-Adapter`` ``models/image_encoder``.
         ``shortcut`` (Plus only): the default of PlusV2's shortcut; None decides by the adapter's name
-        (on for ``*plusv2*``, as the authors use them).
+        (on for ``*plusv2*``, as the authors use them). ``loras``: LoRA files (or ``(file, weight)``) to
+        stack with the identity LoRA, as ``load_lora`` does.
         """
         preset = preset_for(adapter)
         if base_model is None:
@@ -232,6 +234,11 @@ class FaceIDPipeline:
                     f"the image encoder gives {encoder.hidden_size}-d features but {adapter_path.name} takes "
                     f"{spec.perceiver.clip_dim}-d ones (the Plus adapters use CLIP ViT-H/14, 1280-d)"
                 )
+        for item in loras:
+            path, weight = item if isinstance(item, tuple) else (item, 1.0)
+            from . import lora
+
+            lora.load_lora(pipe.unet, path, name=Path(path).stem, weight=weight)
         if shortcut is None:
             # Plus and PlusV2 checkpoints have the same tensors; the released name says which one it is.
             shortcut = preset.shortcut if preset else "plusv2" in str(adapter).lower().replace("_", "").replace("-", "")
@@ -263,6 +270,36 @@ class FaceIDPipeline:
 
             self._face_analyzer = FaceAnalyzer.from_pretrained(self._face_models)
         return self._face_analyzer
+
+    # ------------------------------------------------------------------ user LoRAs
+    def load_lora(self, path: str | os.PathLike, weight: float = 1.0, name: str | None = None) -> str:
+        """Stack an ecosystem LoRA (kohya or diffusers layout; a style, a character...) with its own weight.
+
+        The identity LoRA and any other loaded LoRA stay active. Returns the name to use with
+        ``set_lora_weight`` / ``remove_lora`` (default: the file name without suffix).
+        """
+        from . import lora
+
+        name = name or Path(path).stem
+        lora.load_lora(self.pipe.unet, path, name=name, weight=weight)
+        return name
+
+    def set_lora_weight(self, name: str, weight: float) -> None:
+        from . import lora
+
+        lora.set_lora_weight(self.pipe.unet, name, weight)
+
+    def remove_lora(self, name: str) -> None:
+        from . import lora
+
+        lora.remove_lora(self.pipe.unet, name)
+
+    @property
+    def loras(self) -> dict[str, float]:
+        """Every LoRA on the UNet and its weight, the identity LoRA included."""
+        from . import lora
+
+        return lora.list_loras(self.pipe.unet)
 
     # ------------------------------------------------------------------ conditioning
     @property
