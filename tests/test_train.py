@@ -1,0 +1,192 @@
+"""Training on a small dataset made from real photos: learning, exact resume, stop-and-save, 2 processes,
+and exported checkpoints that load here and in diffusers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageOps
+
+from faceid.checkpoints import load_state_dict
+from faceid.errors import FaceIDError
+from faceid.train import TrainConfig, Trainer, list_checkpoints
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory, faces_dir, face_models_dir):
+    """Real photos, augmented (mirror, crop, rescale), prepared with YuNet + the stand-in recognizer."""
+    from faceid.data import prepare_dataset
+    from faceid.faces import FaceAnalyzer
+
+    root = tmp_path_factory.mktemp("train-data")
+    images = root / "images"
+    images.mkdir()
+    lines = []
+    for name in ("obama", "obama2", "biden"):
+        photo = Image.open(faces_dir / f"{name}.jpg").convert("RGB")
+        w, h = photo.size
+        variants = {
+            "a": photo,
+            "mirror": ImageOps.mirror(photo),
+            "small": photo.resize((w * 2 // 3, h * 2 // 3)),
+            "crop": photo.crop((w // 10, 0, w - w // 10, h - h // 8)),
+        }
+        for tag, image in variants.items():
+            image.save(images / f"{name}_{tag}.jpg")
+            lines.append(json.dumps({"file_name": f"{name}_{tag}.jpg", "text": "a photo of a person"}))
+    (images / "metadata.jsonl").write_text("\n".join(lines))
+    out = root / "dataset"
+    report = prepare_dataset(images, out, lambda: FaceAnalyzer.from_dir(face_models_dir), progress=False)
+    assert report.kept == 12
+    return out
+
+
+def _config(dataset, golden_dir, output_dir, **overrides) -> TrainConfig:
+    settings = dict(
+        base_model=str(golden_dir / "models" / "sd15-tiny"),
+        dataset=str(dataset),
+        output_dir=str(output_dir),
+        resolution=16,
+        train_batch_size=3,
+        lora_rank=4,
+        learning_rate=1e-3,
+        max_train_steps=6,
+        checkpointing_steps=0,
+        report_to="none",
+        seed=3,
+    )
+    settings.update(overrides)
+    return TrainConfig.from_file(None, **settings)
+
+
+def _trained_state(output_dir: Path) -> dict:
+    return load_state_dict(output_dir / "ip-adapter-faceid.safetensors")
+
+
+def _assert_same_state(a: dict, b: dict) -> None:
+    for group in a:
+        assert a[group].keys() == b[group].keys()
+        for key in a[group]:
+            assert torch.equal(a[group][key], b[group][key]), f"{group}.{key} differs"
+
+
+def test_resume_gives_the_same_weights_as_one_run(dataset, golden_dir, tmp_path):
+    one = tmp_path / "one"
+    Trainer(_config(dataset, golden_dir, one, max_train_steps=6)).train()
+
+    split = tmp_path / "split"
+    first = Trainer(_config(dataset, golden_dir, split, max_train_steps=3, checkpointing_steps=3)).train()
+    assert first["global_step"] == 3 and (split / "checkpoint-3").is_dir()
+    second = Trainer(_config(dataset, golden_dir, split, max_train_steps=6, resume_from_checkpoint="latest")).train()
+    assert second["global_step"] == 6
+    _assert_same_state(_trained_state(one), _trained_state(split))
+    fresh = _trained_state(tmp_path / "one")
+    assert not torch.equal(fresh["image_proj"]["norm.weight"], torch.ones_like(fresh["image_proj"]["norm.weight"]))
+
+
+def test_stop_signal_saves_a_checkpoint_that_resumes_exactly(dataset, golden_dir, tmp_path, monkeypatch):
+    reference = tmp_path / "reference"
+    Trainer(_config(dataset, golden_dir, reference, max_train_steps=5)).train()
+
+    stopped = tmp_path / "stopped"
+    trainer = Trainer(_config(dataset, golden_dir, stopped, max_train_steps=5))
+    original = Trainer.training_loss
+    calls = []
+
+    def loss_then_signal(self, batch, generator):
+        calls.append(1)
+        if len(calls) == 2:  # the scheduler sends SIGTERM during step 2
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, batch, generator)
+
+    monkeypatch.setattr(Trainer, "training_loss", loss_then_signal)
+    result = trainer.train()
+    monkeypatch.setattr(Trainer, "training_loss", original)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    assert result["stopped"] and result["global_step"] == 2
+    assert [p.name for p in list_checkpoints(stopped)] == ["checkpoint-2"]
+    assert not (stopped / "ip-adapter-faceid.bin").exists()  # not exported: the run is not finished
+    Trainer(_config(dataset, golden_dir, stopped, max_train_steps=5, resume_from_checkpoint="latest")).train()
+    _assert_same_state(_trained_state(reference), _trained_state(stopped))
+
+
+def test_config_files_and_bad_settings(tmp_path, golden_dir, dataset):
+    path = tmp_path / "train.yaml"
+    path.write_text(f"base_model: {golden_dir / 'models' / 'sd15-tiny'}\ndataset: {dataset}\nlearning_rate: 1e-4\n")
+    config = TrainConfig.from_file(path, max_train_steps="7")
+    assert config.learning_rate == 1e-4 and config.max_train_steps == 7 and config.variant == "faceid"
+    path.write_text("base_model: x\ndataset: y\nlearnin_rate: 1\n")
+    with pytest.raises(FaceIDError, match="unknown training settings.*learnin_rate"):
+        TrainConfig.from_file(path)
+    with pytest.raises(FaceIDError, match="variant"):
+        TrainConfig.from_file(None, base_model="x", dataset="y", variant="turbo")
+    with pytest.raises(FaceIDError, match="not a int"):
+        TrainConfig.from_file(None, base_model="x", dataset="y", max_train_steps="many")
+
+
+def test_exported_adapter_loads_here_and_in_diffusers_with_equal_outputs(dataset, golden_dir, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from faceid.pipeline import FaceIDPipeline
+
+    out = tmp_path / "run"
+    Trainer(_config(dataset, golden_dir, out, max_train_steps=4)).train()
+    for name in ("ip-adapter-faceid.bin", "ip-adapter-faceid.safetensors", "ip-adapter-faceid_lora.safetensors"):
+        assert (out / name).is_file()
+
+    embedding = torch.nn.functional.normalize(torch.randn(1, 512, generator=torch.Generator().manual_seed(0)), dim=-1)
+    size = {"width": 16, "height": 16, "num_inference_steps": 3, "guidance_scale": 7.5, "output_type": "np"}
+    ours = FaceIDPipeline.from_pretrained(
+        golden_dir / "models" / "sd15-tiny", out / "ip-adapter-faceid.bin", device="cpu", progress=False
+    )
+    conditioning = ours.encode("a photo of a person", embedding)
+    mine = ours(conditioning=conditioning, seed=1, **size).images
+
+    theirs = StableDiffusionPipeline.from_pretrained(golden_dir / "models" / "sd15-tiny", safety_checker=None)
+    theirs.scheduler = type(ours.pipe.scheduler).from_config(ours.pipe.scheduler.config)
+    theirs.set_progress_bar_config(disable=True)
+    theirs.load_ip_adapter(str(out), subfolder="", weight_name="ip-adapter-faceid.bin", image_encoder_folder=None)
+    theirs.set_ip_adapter_scale(1.0)
+    id_embeds = torch.cat([torch.zeros_like(embedding), embedding])[:, None]  # (2, 1, 512): uncond, cond
+    text = conditioning.pipe_kwargs
+    other = theirs(
+        prompt_embeds=text["prompt_embeds"],
+        negative_prompt_embeds=text["negative_prompt_embeds"],
+        ip_adapter_image_embeds=[id_embeds],
+        generator=torch.Generator().manual_seed(1),
+        **size,
+    ).images
+    print(f"\nmax |faceid - diffusers| = {np.abs(mine - other).max():.2e}")
+    np.testing.assert_allclose(mine, other, atol=1e-4)
+
+
+def test_two_process_training_with_accelerate_launch(dataset, golden_dir, tmp_path):
+    out = tmp_path / "ddp"
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", str(REPO / "configs" / "accelerate_cpu_2proc.yaml"),
+        "-m", "faceid.cli", "train",
+        "--base-model", str(golden_dir / "models" / "sd15-tiny"),
+        "--dataset", str(dataset),
+        "--output-dir", str(out),
+        "--resolution", "16", "--train-batch-size", "2", "--lora-rank", "4", "--max-train-steps", "3",
+        "--checkpointing-steps", "2", "--report-to", "none",
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (out / "checkpoint-2" / "adapter.safetensors").is_file()
+    history = json.loads((out / "train_history.json").read_text())
+    assert [h["step"] for h in history] == [1, 2, 3]
+    load_state_dict(out / "ip-adapter-faceid.safetensors")  # a complete, loadable adapter
