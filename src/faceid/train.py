@@ -189,7 +189,9 @@ def step_generator(seed: int, step: int, process: int, device) -> torch.Generato
 class Trainer:
     """One training run: ``Trainer(config).train()``."""
 
-    def __init__(self, config: TrainConfig, accelerator=None):
+    def __init__(self, config: TrainConfig, accelerator=None, pipeline=None, dataset=None):
+        """``pipeline`` / ``dataset``: ready objects instead of ``config.base_model`` / ``config.dataset``
+        (benchmarks and notebooks build them in memory)."""
         from accelerate import Accelerator
         from accelerate.utils import ProjectConfiguration
 
@@ -203,6 +205,7 @@ class Trainer:
         )
         self._stop_requested = False
         self.history: list[dict[str, float]] = []
+        self._given_pipeline, self._given_dataset = pipeline, dataset
 
     # ------------------------------------------------------------------ set-up
     def setup(self) -> None:
@@ -213,10 +216,13 @@ class Trainer:
 
         cfg, acc = self.config, self.accelerator
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
-        try:
-            self.pipe = DiffusionPipeline.from_pretrained(cfg.base_model, local_files_only=offline())
-        except Exception as exc:
-            raise model_not_found(cfg.base_model, exc) from exc
+        if self._given_pipeline is not None:
+            self.pipe = self._given_pipeline
+        else:
+            try:
+                self.pipe = DiffusionPipeline.from_pretrained(cfg.base_model, local_files_only=offline())
+            except Exception as exc:
+                raise model_not_found(cfg.base_model, exc) from exc
         self.pipe.set_progress_bar_config(disable=True)
         self.sdxl = hasattr(self.pipe, "text_encoder_2")
         self.noise_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
@@ -256,7 +262,9 @@ class Trainer:
                 cfg.image_encoder, dtype=self.weight_dtype, device=acc.device
             )
 
-        dataset = FaceDataset(cfg.dataset, resolution=cfg.resolution, with_crops=self.plus, hflip=cfg.hflip)
+        dataset = self._given_dataset or FaceDataset(
+            cfg.dataset, resolution=cfg.resolution, with_crops=self.plus, hflip=cfg.hflip
+        )
         if len(dataset) == 0:
             raise FaceIDError(f"the dataset {cfg.dataset} has no images")
         self.sampler = EpochSampler(len(dataset), cfg.seed)
