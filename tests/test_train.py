@@ -190,3 +190,19 @@ def test_two_process_training_with_accelerate_launch(dataset, golden_dir, tmp_pa
     history = json.loads((out / "train_history.json").read_text())
     assert [h["step"] for h in history] == [1, 2, 3]
     load_state_dict(out / "ip-adapter-faceid.safetensors")  # a complete, loadable adapter
+
+
+def test_training_lowers_the_loss_and_reports_the_identity_gap(dataset, golden_dir, tmp_path):
+    from faceid.data import FaceDataset
+    from faceid.train import _collate
+
+    trainer = Trainer(_config(dataset, golden_dir, tmp_path / "learn", max_train_steps=40, learning_rate=3e-3))
+    trainer.train()
+    losses = [h["loss"] for h in trainer.history]
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    items = FaceDataset(dataset, resolution=16)
+    batches = [_collate([items[i] for i in (j, j + 4, j + 8)]) for j in range(4)]  # 3 photos per batch
+    true = sum(trainer.identity_loss(batches, shuffle=False, seed=s) for s in range(4)) / 4
+    shuffled = sum(trainer.identity_loss(batches, shuffle=True, seed=s) for s in range(4)) / 4
+    print(f"\nloss {first:.4f} -> {last:.4f}; denoising loss with own identity {true:.5f}, shuffled {shuffled:.5f}")
+    assert last < 0.8 * first
