@@ -235,3 +235,15 @@ def test_generate_with_a_style_lora(tmp_path, golden_dir, faces_dir, sd15, face_
     save_file({"weight": torch.zeros(2)}, str(bad))
     assert _generate(faces_dir / "obama.jpg", tmp_path / "bad", sd15, face_models_dir, "--lora", str(bad)) == 2
     assert not (tmp_path / "bad").exists()
+
+
+def test_generate_best_of_keeps_n_and_records_scores(tmp_path, faces_dir, sd15, face_models_dir):
+    assert _generate(faces_dir / "obama.jpg", tmp_path, sd15, face_models_dir, "-n", "2", "--best-of", "3",
+                     "--seed", "10") == 0  # fmt: skip
+    kept = sorted(tmp_path.glob("obama_s*.png"))
+    assert len(kept) == 2
+    settings = [read_settings(p) for p in kept]
+    assert {s["seed"] for s in settings} <= set(range(10, 16))
+    assert sorted(s["best_of_rank"] for s in settings) == [0, 1]
+    for s in settings:
+        assert s["best_of"] == 3 and "identity_similarity" in s and s["identity_recognizer"]

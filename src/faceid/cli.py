@@ -103,6 +103,19 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE[:WEIGHT]",
         help="a LoRA file (kohya or diffusers layout) to stack with the identity, e.g. style.safetensors:0.7",
     )
+    gen.add_argument(
+        "--best-of",
+        type=int,
+        default=1,
+        metavar="K",
+        help="generate K candidates per image and keep the ones most like the person (scores in the PNGs)",
+    )
+    gen.add_argument(
+        "--best-of-clip",
+        default=None,
+        metavar="MODEL",
+        help="CLIP model (Hub id or folder) to break identity-score ties by prompt fidelity (CLIP-T)",
+    )
     gen.add_argument("--image-encoder", default=None, help="Plus only: CLIP ViT-H image encoder folder or repo")
     gen.add_argument("--s-scale", type=float, default=1.0, help="PlusV2: weight of the CLIP face structure (1.0)")
     gen.add_argument(
@@ -160,6 +173,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--set", action="append", default=[], metavar="KEY=VALUE", help="any other setting of TrainConfig"
     )
     train.set_defaults(func=cmd_train)
+
+    from .evaluate import add_eval_arguments, add_score_arguments, run_eval_command, run_score_command
+
+    ev = commands.add_parser(
+        "eval", help="generate identities x prompts x seeds (x scales), score likeness and prompt fidelity, report"
+    )
+    add_eval_arguments(ev)
+    ev.set_defaults(func=run_eval_command)
+    sc = commands.add_parser("score", help="score existing images against a reference face")
+    add_score_arguments(sc)
+    sc.set_defaults(func=run_score_command)
 
     emb = commands.add_parser("embed", help="find the faces in a photo; save the embedding and aligned crop")
     emb.add_argument("photo", help="a photo with a face")
@@ -281,8 +305,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .outputs import contact_sheet, save_png
     from .pipeline import FaceIDPipeline
 
-    if args.num_images < 1:
-        raise FaceIDError("--num-images must be at least 1")
+    if args.num_images < 1 or args.best_of < 1:
+        raise FaceIDError("--num-images and --best-of must be at least 1")
     # The faces first: a photo without a usable face fails in seconds, before the big models load.
     analyzer = _face_analyzer(args.face_models)
     faces = [analyzer.get(photo, index=args.face_index) for photo in args.face]
@@ -300,28 +324,35 @@ def cmd_generate(args: argparse.Namespace) -> int:
         loras=[_lora_argument(item) for item in args.lora],
     )
     seed = args.seed if args.seed is not None else random.randrange(2**31)
-    seeds = [seed + i for i in range(args.num_images)]
-    result = pipe(
-        prompt=args.prompt,
-        face=[faces],  # one identity (this prompt's), from every photo given
-        combine=args.combine,
-        s_scale=args.s_scale,
-        identity_window=args.window,
-        negative_prompt=args.negative_prompt,
-        num_images_per_prompt=args.num_images,
-        seed=seeds,
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance,
-        width=args.width,
-        height=args.height,
-        scale=args.scale,
-    )
-    call = result.settings
+    n = args.num_images
+    conditioning = pipe.encode(  # one identity (this prompt's), from every photo given
+        args.prompt, [faces], args.negative_prompt, num_images_per_prompt=n, combine=args.combine,
+        s_scale=args.s_scale, shortcut=args.shortcut,
+    )  # fmt: skip
+    images, seeds, call = [], [], {}
+    for round_ in range(args.best_of):  # batches of n: best-of-K needs no K-times larger batch
+        batch_seeds = [seed + round_ * n + i for i in range(n)]
+        result = pipe(
+            conditioning=conditioning,
+            identity_window=args.window,
+            seed=batch_seeds,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance,
+            width=args.width,
+            height=args.height,
+            scale=args.scale,
+        )
+        images += result.images
+        seeds += batch_seeds
+        call = result.settings
+    scores = [{} for _ in images]
+    if args.best_of > 1:
+        images, seeds, scores = _keep_best(images, seeds, faces, analyzer, args, n)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = Path(args.face[0]).stem
     written = []
-    for image, image_seed in zip(result.images, seeds, strict=True):
+    for image, image_seed, image_scores in zip(images, seeds, scores, strict=True):
         settings = {
             "prompt": args.prompt,
             "negative_prompt": call["negative_prompt"][0],
@@ -341,16 +372,45 @@ def cmd_generate(args: argparse.Namespace) -> int:
             "s_scale": args.s_scale if pipe.image_encoder else None,
             "identity_window": call.get("identity_window"),
             "loras": {name: w for name, w in pipe.loras.items() if name != pipe.adapter.name} or None,
+            "best_of": args.best_of if args.best_of > 1 else None,
             "faceid_version": __version__,
+            **image_scores,
         }
         written.append(save_png(image, _free_path(out / f"{stem}_s{image_seed}.png"), settings))
-    sheet = contact_sheet(result.images, reference=faces[0].aligned, labels=[f"seed {s}" for s in seeds])
+    labels = [
+        f"seed {s}" + (f"  id {sc['identity_similarity']:.2f}" if sc else "")
+        for s, sc in zip(seeds, scores, strict=True)
+    ]
+    sheet = contact_sheet(images, reference=faces[0].aligned, labels=labels)
     sheet_path = _free_path(out / f"contact_sheet_s{seed}.png")
     sheet.save(sheet_path)
     for path in written:
         print(path)
     print(f"contact sheet: {sheet_path}")
     return 0
+
+
+def _keep_best(images, seeds, faces, analyzer, args, keep):
+    """The ``keep`` candidates most like the person (ties by CLIP-T), with their scores for the PNGs."""
+    import numpy as np
+
+    from .evaluate import best_of
+    from .scoring import ClipTextScorer, IdentityScorer
+
+    reference = np.mean([f.embedding for f in faces], axis=0)
+    reference = reference / np.linalg.norm(reference)
+    clip = ClipTextScorer(args.best_of_clip) if args.best_of_clip else None
+    picked = best_of(images, reference, IdentityScorer(analyzer), clip, args.prompt, keep=keep)
+    kept_scores = []
+    for rank, (_, score) in enumerate(picked):
+        kept_scores.append({
+            "identity_similarity": round(score.similarity, 6),
+            "identity_recognizer": score.recognizer,
+            "no_face": score.no_face,
+            "clip_t": None if score.clip_t is None else round(score.clip_t, 6),
+            "best_of_rank": rank,
+        })  # fmt: skip
+    return [images[s.index] for _, s in picked], [seeds[s.index] for _, s in picked], kept_scores
 
 
 def _lora_argument(item: str) -> tuple[str, float]:

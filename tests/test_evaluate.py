@@ -1,0 +1,341 @@
+"""The evaluation end to end and offline: tiny SD1.5 + FaceID adapter, YuNet + stand-in recognizer, SFace, tiny CLIP."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from faceid.errors import FaceIDError
+from faceid.evaluate import (
+    add_eval_arguments,
+    add_score_arguments,
+    best_of,
+    default_prompts_path,
+    load_prompts,
+    parse_scales,
+    parse_seeds,
+    run_eval,
+    run_eval_command,
+    run_score_command,
+    score_folder,
+)
+from faceid.faces import FaceAnalyzer
+from faceid.outputs import read_settings, save_png
+from faceid.scoring import ClipTextScorer, IdentityScore, IdentityScorer, sface_scorer
+
+TINY = {"num_inference_steps": 2, "width": 24, "height": 16}
+PROMPTS = ["a photo of a person in a garden", "an oil painting of a person"]
+
+
+def _make_tiny_clip(folder, golden_dir):
+    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTokenizer, CLIPVisionConfig
+
+    try:
+        from transformers import CLIPImageProcessorPil as ImageProcessor
+    except ImportError:  # older transformers
+        from transformers import CLIPImageProcessor as ImageProcessor
+
+    text = CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8
+    )
+    torch.manual_seed(0)
+    CLIPModel(
+        CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=16)
+    ).save_pretrained(folder)
+    CLIPTokenizer.from_pretrained(golden_dir / "models" / "sd15-tiny" / "tokenizer").save_pretrained(folder)
+    ImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_clip_dir(tmp_path_factory, golden_dir):
+    return _make_tiny_clip(tmp_path_factory.mktemp("tiny-clip"), golden_dir)
+
+
+@pytest.fixture(scope="module")
+def analyzer(face_models_dir):
+    return FaceAnalyzer.from_dir(face_models_dir)
+
+
+@pytest.fixture(scope="module")
+def pipe(golden_dir, analyzer):
+    from faceid.pipeline import FaceIDPipeline
+
+    return FaceIDPipeline.from_pretrained(
+        golden_dir / "models" / "sd15-tiny",
+        golden_dir / "adapters" / "faceid.safetensors",
+        device="cpu",
+        progress=False,
+        face_analyzer=analyzer,
+    )
+
+
+@pytest.fixture(scope="module")
+def two_people(tmp_path_factory, faces_dir):
+    folder = tmp_path_factory.mktemp("identities")
+    for name in ("obama", "biden"):
+        shutil.copyfile(faces_dir / f"{name}.jpg", folder / f"{name}.jpg")
+    return folder
+
+
+class CountingPipe:
+    """The real pipeline, counting the images it is asked to generate."""
+
+    def __init__(self, pipe):
+        self._pipe = pipe
+        self.images = 0
+
+    def __call__(self, *args, **kwargs):
+        self.images += kwargs["num_images_per_prompt"]
+        return self._pipe(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._pipe, name)
+
+
+# ---------------------------------------------------------------------- run_eval
+def test_run_eval_end_to_end_then_resumes(tmp_path, pipe, analyzer, two_people, tiny_clip_dir):
+    out = tmp_path / "eval"
+    scorers = [IdentityScorer(analyzer), sface_scorer()]
+    clip = ClipTextScorer(tiny_clip_dir, device="cpu")
+    counting = CountingPipe(pipe)
+    messages = []
+
+    def run(scales=(0.5, 1.0), **extra):
+        options = {"batch_size": 2, "log": messages.append, **TINY, **extra}
+        return run_eval(counting, two_people, PROMPTS, 2, scales, out, scorers, clip, **options)
+
+    result = run()
+    assert (result.generated, result.reused, counting.images) == (16, 0, 16)
+
+    # results.jsonl: one row per image of the grid 2 identities x 2 prompts x 2 seeds x 2 scales.
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 16 and rows == result.rows
+    grid = {(r["identity"], r["prompt"], r["seed"], r["scale"]) for r in rows}
+    assert grid == {(i, p, s, c) for i in ("biden", "obama") for p in PROMPTS for s in (0, 1) for c in (0.5, 1.0)}
+    for row in rows:
+        assert set(row["similarity"]) == set(row["no_face"]) == {"standin_recognizer", "sface"}
+        for name, value in row["similarity"].items():
+            assert -1.0 <= value <= 1.0 and (value == 0.0 or not row["no_face"][name])
+        assert -1.0 <= row["clip_t"] <= 1.0 and 0.0 <= row["diversity"] <= 2.0
+        image = out / row["path"]
+        settings = read_settings(image)
+        assert (settings["identity"], settings["prompt"], settings["seed"], settings["scale"]) == (
+            row["identity"],
+            row["prompt"],
+            row["seed"],
+            row["scale"],
+        )
+        assert settings["steps"] == 2 and settings["face"] == f"{row['identity']}.jpg"
+        with Image.open(image) as im:
+            assert im.size == (24, 16)
+    # The scale changes the images (the adapter acts), the seed changes them too.
+    first = {(r["identity"], r["prompt_index"], r["seed"], r["scale"]): out / r["path"] for r in rows}
+    pixels = {k: np.asarray(Image.open(p), dtype=np.int16) for k, p in first.items()}
+    assert np.abs(pixels[("obama", 0, 0, 0.5)] - pixels[("obama", 0, 0, 1.0)]).max() > 0
+    assert np.abs(pixels[("obama", 0, 0, 1.0)] - pixels[("obama", 0, 1, 1.0)]).max() > 0
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert [g["scale"] for g in summary["by_scale"]] == [0.5, 1.0]
+    assert all(g["n"] == 8 for g in summary["by_scale"]) and len(summary["by_prompt"]) == 4
+    assert len(summary["by_identity"]) == 4 and summary["overall"]["n"] == 16
+    for group in summary["by_scale"]:
+        assert set(group["identity"]) == {"standin_recognizer", "sface"}
+        assert 0.0 <= group["identity"]["sface"]["detection_rate"] <= 1.0
+        assert group["clip_t"]["n"] == 8 and group["diversity"]["n"] == 4  # 2 identities x 2 prompts
+    assert summary["settings"]["seeds"] == [0, 1] and summary["settings"]["prompts"] == PROMPTS
+    markdown = (out / "summary.md").read_text()
+    assert "## Per adapter scale" in markdown and PROMPTS[1] in markdown and "sface" in markdown
+    assert [p.name for p in result.plots] == ["curve.png", "prompts.png", "histograms.png"]
+    for plot in result.plots:
+        with Image.open(plot) as im:
+            assert im.format == "PNG" and min(im.size) > 100
+
+    # Second run: nothing is generated again, no image file is touched, the results are the same.
+    mtimes = {p: p.stat().st_mtime_ns for p in first.values()}
+    again = run()
+    assert (again.generated, again.reused, counting.images) == (0, 16, 16)
+    assert {p: p.stat().st_mtime_ns for p in first.values()} == mtimes
+    assert again.rows == rows
+
+    # A missing image is made again, alone, and identical (seeds are per image, not per batch).
+    lost = first[("biden", 1, 1, 0.5)]
+    lost.unlink()
+    third = run()
+    assert (third.generated, third.reused, counting.images) == (1, 15, 17)
+    assert np.abs(np.asarray(Image.open(lost), dtype=np.int16) - pixels[("biden", 1, 1, 0.5)]).max() <= 1
+
+    # Other settings in the same folder: refused before anything is generated (not even the images of
+    # the new scale 0.25, which come first in the grid).
+    with pytest.raises(FaceIDError, match="other settings"):
+        run(scales=(0.25, 0.5, 1.0), num_inference_steps=3)
+    assert counting.images == 17 and not (out / "images" / "scale_0.25").exists()
+    replaced = run(scales=(0.5,), num_inference_steps=3, overwrite=True)
+    assert (replaced.generated, replaced.reused, counting.images) == (8, 0, 25)
+    assert read_settings(first[("obama", 0, 0, 0.5)])["steps"] == 3
+    assert any("16 image(s) generated" in m for m in messages)
+
+
+def test_run_eval_checks_inputs_before_generating(tmp_path, pipe, analyzer, two_people, faces_dir):
+    counting = CountingPipe(pipe)
+    with pytest.raises(FaceIDError, match="no photos"):
+        run_eval(counting, tmp_path, PROMPTS, 1, [1.0], tmp_path / "out", [IdentityScorer(analyzer)], **TINY)
+    no_face = tmp_path / "people"
+    no_face.mkdir()
+    shutil.copyfile(faces_dir / "obama.jpg", no_face / "obama.jpg")
+    Image.new("RGB", (200, 200), "gray").save(no_face / "nobody.png")
+    with pytest.raises(FaceIDError, match="nobody"):
+        run_eval(counting, no_face, PROMPTS, 1, [1.0], tmp_path / "out", [IdentityScorer(analyzer)], **TINY)
+    assert counting.images == 0 and not (tmp_path / "out").exists()
+
+
+def test_prompts_seeds_and_scales():
+    prompts = load_prompts()
+    assert 20 <= len(prompts) <= 30 and len(set(prompts)) == len(prompts)
+    assert not any(p.startswith("#") for p in prompts) and all("person" in p for p in prompts)
+    assert default_prompts_path().name == "eval_prompts.txt"
+    assert parse_seeds("3") == [0, 1, 2] and parse_seeds("5,1,9") == [5, 1, 9] and parse_seeds(2) == [0, 1]
+    assert parse_scales("0.4,0.7,1") == [0.4, 0.7, 1.0]
+    for bad in ("0", "x", "1,1"):
+        with pytest.raises(FaceIDError):
+            parse_seeds(bad)
+    for bad in ("", "a", "-1", "1,1"):
+        with pytest.raises(FaceIDError):
+            parse_scales(bad)
+
+
+# ---------------------------------------------------------------------- best_of
+class FakeIdentity:
+    """An identity scorer whose order is known: similarity by candidate name; 'x' has no face."""
+
+    name = "fake"
+
+    def __init__(self, table):
+        self.table = table
+        self.calls = 0
+
+    def score(self, image, reference):
+        return self.score_many([image], reference)[0]
+
+    def score_many(self, images, reference):
+        self.calls += 1
+        return [IdentityScore(self.table[i], self.table[i] == 0.0, self.name) for i in images]
+
+
+class FakeClip:
+    name = "fake-clip"
+
+    def __init__(self, table):
+        self.table = table
+
+    def score(self, images, prompts):
+        return np.array([self.table[i] for i in images], np.float32)
+
+
+def test_best_of_keeps_the_most_similar_with_clip_breaking_ties():
+    identity = FakeIdentity({"a": 0.5, "b": 0.9, "c": 0.5, "x": 0.0, "e": 0.7, "f": 0.5})
+    clip = FakeClip({"a": 0.10, "b": 0.20, "c": 0.30, "x": 0.99, "e": 0.00, "f": 0.30})
+    candidates = ["a", "b", "c", "x", "e", "f"]
+
+    best = best_of(candidates, "ref.jpg", identity, clip, prompt="a prompt", keep=4)
+    assert [image for image, _ in best] == ["b", "e", "c", "f"]  # c and f tie on both: input order
+    assert [s.index for _, s in best] == [1, 4, 2, 5]
+    assert best[0][1].similarity == 0.9 and best[0][1].clip_t == pytest.approx(0.2) and best[0][1].recognizer == "fake"
+    everything = best_of(candidates, "ref.jpg", identity, clip, prompt="a prompt", keep=10)
+    assert [image for image, _ in everything] == ["b", "e", "c", "f", "a", "x"]  # no face last
+    # Without CLIP-T (or without a prompt) ties keep the input order; the result is deterministic.
+    assert [i for i, _ in best_of(candidates, "ref.jpg", identity, keep=3)] == ["b", "e", "a"]
+    assert [i for i, _ in best_of(candidates, "ref.jpg", identity, clip, keep=3)] == ["b", "e", "a"]
+    assert best_of(candidates, "ref.jpg", identity, clip, "a prompt", 4) == best
+    assert best_of([], "ref.jpg", identity) == []
+    with pytest.raises(ValueError):
+        best_of(candidates, "ref.jpg", identity, keep=0)
+
+
+def test_best_of_with_real_recognizer_picks_the_person(faces_dir):
+    scorer = sface_scorer()
+    candidates = [faces_dir / "biden.jpg", Image.new("RGB", (64, 64)), faces_dir / "obama2.jpg"]
+    (image, score), (second, _) = best_of(candidates, faces_dir / "obama.jpg", scorer, keep=2)
+    assert image == faces_dir / "obama2.jpg" and score.index == 2 and not score.no_face
+    assert second == faces_dir / "biden.jpg"
+
+
+# ---------------------------------------------------------------------- score_folder and the commands
+def test_score_folder_on_existing_images(tmp_path, faces_dir, analyzer, tiny_clip_dir):
+    folder = tmp_path / "images"
+    (folder / "sub").mkdir(parents=True)
+    shutil.copyfile(faces_dir / "obama2.jpg", folder / "obama2.jpg")
+    shutil.copyfile(faces_dir / "biden.jpg", folder / "sub" / "biden.jpg")
+    save_png(Image.new("RGB", (64, 48), "gray"), folder / "gen.png", {"prompt": "a gray square", "seed": 1})
+    Image.new("RGB", (8, 8)).save(folder / "contact_sheet_s1.png")  # faceid's contact sheets are left out
+    (folder / "notes.txt").write_text("not an image")
+    scorers = [IdentityScorer(analyzer), sface_scorer()]
+    clip = ClipTextScorer(tiny_clip_dir, device="cpu")
+
+    rows = score_folder(folder, faces_dir / "obama.jpg", scorers, clip)
+    by_path = {r["path"]: r for r in rows}
+    assert sorted(by_path) == ["gen.png", "obama2.jpg", "sub/biden.jpg"]
+    assert by_path["obama2.jpg"]["similarity"]["sface"] > by_path["sub/biden.jpg"]["similarity"]["sface"] + 0.3
+    assert by_path["gen.png"]["no_face"] == {"standin_recognizer": True, "sface": True}
+    assert by_path["gen.png"]["prompt"] == "a gray square" and -1 <= by_path["gen.png"]["clip_t"] <= 1
+    assert by_path["obama2.jpg"]["clip_t"] is None  # a JPEG has no stored prompt
+    with_prompt = score_folder(folder, faces_dir / "obama.jpg", scorers[1:], clip, prompt="a man in a suit")
+    assert all(r["clip_t"] is not None and r["prompt"] == "a man in a suit" for r in with_prompt)
+
+
+def test_eval_and_score_commands(tmp_path, capsys, golden_dir, face_models_dir, faces_dir, tiny_clip_dir):
+    faces = tmp_path / "faces"
+    faces.mkdir()
+    shutil.copyfile(faces_dir / "obama.jpg", faces / "obama.jpg")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# a comment\n\na photo of a person\n")
+    out = tmp_path / "out"
+    parser = argparse.ArgumentParser()
+    add_eval_arguments(parser)
+    args = parser.parse_args(
+        ["--faces", str(faces), "--prompts", str(prompts), "--seeds", "1", "--scales", "0.5,1", "--out", str(out)]
+        + ["--base-model", str(golden_dir / "models" / "sd15-tiny")]
+        + ["--adapter", str(golden_dir / "adapters" / "faceid.safetensors")]
+        + ["--face-models", str(face_models_dir), "--clip", str(tiny_clip_dir), "--device", "cpu"]
+        + ["--steps", "2", "--width", "24", "--height", "16"]
+    )
+    assert run_eval_command(args) == 0
+    printed = capsys.readouterr().out
+    assert "1 identities x 1 prompts x 1 seeds x 2 scales = 2 images" in printed and "scale 0.5:" in printed
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [(r["scale"], r["seed"]) for r in rows] == [(0.5, 0), (1.0, 0)]
+    assert read_settings(out / rows[0]["path"])["adapter"].endswith("faceid.safetensors")
+
+    parser = argparse.ArgumentParser()
+    add_score_arguments(parser)
+    jsonl = tmp_path / "scores.jsonl"
+    args = parser.parse_args(
+        [str(out / "images"), "--face", str(faces_dir / "obama2.jpg"), "--face-models", str(face_models_dir)]
+        + ["--clip", str(tiny_clip_dir), "--clip-device", "cpu", "--out", str(jsonl)]
+    )
+    assert run_score_command(args) == 0
+    printed = capsys.readouterr().out
+    assert "scale_0.5/obama/p00_s0.png" in printed and "2 of 2 image(s)" in printed and "CLIP-T" in printed
+    assert len(jsonl.read_text().splitlines()) == 2
+
+    with pytest.raises(FaceIDError, match="recognizers"):
+        run_score_command(
+            parser.parse_args([str(out / "images"), "--face", str(faces / "obama.jpg"), "--recognizers", "x"])
+        )

@@ -1,0 +1,196 @@
+"""Identity and prompt-fidelity scores on real photos: SFace (independent), the stand-in recognizer, tiny CLIP."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from faceid.errors import FaceIDError, NoFaceError
+from faceid.faces import FaceAnalyzer
+from faceid.scoring import (
+    SFACE_COSINE_THRESHOLD,
+    ClipTextScorer,
+    IdentityScore,
+    IdentityScorer,
+    SFaceAnalyzer,
+    detection_rate,
+    diversity,
+    sface_scorer,
+)
+
+SD15_TOKENIZER = "models/sd15-tiny/tokenizer"
+
+
+def make_tiny_clip(folder, golden_dir, seed=0):
+    """A random-weight CLIPModel (32-px images, 16-d projection) saved with the real CLIP BPE tokenizer."""
+    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTokenizer, CLIPVisionConfig
+
+    try:
+        from transformers import CLIPImageProcessorPil as ImageProcessor
+    except ImportError:  # older transformers
+        from transformers import CLIPImageProcessor as ImageProcessor
+
+    text = CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8
+    )
+    torch.manual_seed(seed)
+    model = CLIPModel(CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=16)).eval()
+    model.save_pretrained(folder)
+    CLIPTokenizer.from_pretrained(golden_dir / SD15_TOKENIZER).save_pretrained(folder)
+    ImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_clip_dir(tmp_path_factory, golden_dir):
+    return make_tiny_clip(tmp_path_factory.mktemp("tiny-clip"), golden_dir)
+
+
+@pytest.fixture(scope="module")
+def sface():
+    return sface_scorer()
+
+
+@pytest.fixture(scope="module")
+def standin(face_models_dir):
+    return IdentityScorer(FaceAnalyzer.from_dir(face_models_dir))
+
+
+def _blank(size=(320, 240)):
+    return Image.new("RGB", size, (120, 160, 200))
+
+
+# ---------------------------------------------------------------------- identity
+def test_sface_tells_people_apart_on_real_photos(sface, faces_dir):
+    obama, obama2, biden = (faces_dir / f"{n}.jpg" for n in ("obama", "obama2", "biden"))
+    same = sface.score(obama2, obama)
+    other = sface.score(biden, obama)
+    other2 = sface.score(biden, obama2)
+    print(
+        f"\nSFace cosine: obama vs obama2 {same.similarity:.3f}; obama vs biden {other.similarity:.3f}; "
+        f"obama2 vs biden {other2.similarity:.3f} (OpenCV Zoo same-person threshold {SFACE_COSINE_THRESHOLD})"
+    )
+    assert same.recognizer == other.recognizer == "sface"
+    assert not (same.no_face or other.no_face or other2.no_face)
+    # Same person well above the published threshold, different people well below it.
+    assert same.similarity > SFACE_COSINE_THRESHOLD + 0.2
+    assert max(other.similarity, other2.similarity) < SFACE_COSINE_THRESHOLD
+    assert same.similarity - max(other.similarity, other2.similarity) > 0.3
+    # Symmetric up to the (deterministic) choice of face in each photo.
+    assert sface.score(obama, obama2).similarity == pytest.approx(same.similarity, abs=1e-5)
+
+
+@pytest.mark.parametrize("which", ["standin", "sface"])
+def test_an_image_against_itself_scores_one(which, request, faces_dir):
+    scorer = request.getfixturevalue(which)
+    for name in ("obama", "biden"):
+        photo = faces_dir / f"{name}.jpg"
+        result = scorer.score(photo, photo)
+        assert isinstance(result, IdentityScore) and not result.no_face
+        assert result.similarity == pytest.approx(1.0, abs=1e-5)
+        assert result.recognizer == scorer.name
+    # A PIL image and an array of the same photo are the same image.
+    pil = Image.open(faces_dir / "obama.jpg")
+    assert scorer.score(np.asarray(pil.convert("RGB")), pil).similarity == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("which", ["standin", "sface"])
+def test_no_face_scores_zero_with_the_flag(which, request, faces_dir):
+    scorer = request.getfixturevalue(which)
+    result = scorer.score(_blank(), faces_dir / "obama.jpg")
+    assert result == IdentityScore(0.0, True, scorer.name)
+    assert detection_rate([result, scorer.score(faces_dir / "obama2.jpg", faces_dir / "obama.jpg")]) == 0.5
+    with pytest.raises(NoFaceError, match="reference"):
+        scorer.score(faces_dir / "obama.jpg", _blank())
+
+
+def test_the_largest_face_is_the_one_scored(sface, faces_dir):
+    """A group picture: Obama large, Biden small. Against Obama it is Obama; against Biden, still Obama."""
+    big = Image.open(faces_dir / "obama2.jpg").convert("RGB")
+    small = Image.open(faces_dir / "biden.jpg").convert("RGB")
+    big = big.resize((big.width * 700 // big.height, 700))
+    small = small.resize((small.width * 350 // small.height, 350))
+    group = Image.new("RGB", (big.width + small.width + 40, 700), "white")
+    group.paste(big, (0, 0))
+    group.paste(small, (big.width + 40, 175))
+    assert len(sface.analyzer.analyze(group)) == 2
+    as_obama = sface.score(group, faces_dir / "obama.jpg").similarity
+    as_biden = sface.score(group, faces_dir / "biden.jpg").similarity
+    print(f"\ngroup picture vs obama {as_obama:.3f}, vs biden {as_biden:.3f}")
+    assert as_obama > SFACE_COSINE_THRESHOLD > as_biden
+
+
+def test_reference_may_be_an_embedding_of_the_same_recognizer(sface, standin, faces_dir):
+    ref = sface.reference_embedding(faces_dir / "obama.jpg")
+    assert ref.shape == (128,) and np.linalg.norm(ref) == pytest.approx(1.0, abs=1e-5)
+    by_photo = sface.score(faces_dir / "obama2.jpg", faces_dir / "obama.jpg").similarity
+    assert sface.score(faces_dir / "obama2.jpg", ref * 3.0).similarity == pytest.approx(by_photo, abs=1e-6)
+    assert [s.similarity for s in sface.score_many([faces_dir / "obama2.jpg", _blank()], ref)] == [
+        pytest.approx(by_photo, abs=1e-6),
+        0.0,
+    ]
+    with pytest.raises(FaceIDError, match="128-d"):  # a 128-d SFace vector is no ArcFace reference
+        standin.score(faces_dir / "obama2.jpg", ref)
+
+
+def test_sface_uses_its_own_pipeline(sface, standin, faces_dir):
+    """Independent at every stage: YuNet + OpenCV alignCrop + a 128-d SFace embedding."""
+    analyzer = sface.analyzer
+    assert isinstance(analyzer, SFaceAnalyzer) and analyzer._aligner is not None
+    face = analyzer.analyze(faces_dir / "obama.jpg")[0]
+    assert face.aligned.shape == (112, 112, 3) and face.aligned.dtype == np.uint8
+    assert face.embedding.shape == (128,) and np.linalg.norm(face.embedding) == pytest.approx(1.0, abs=1e-5)
+    assert standin.name == "standin_recognizer" and sface.name == "sface"
+
+
+# ---------------------------------------------------------------------- CLIP-T
+def test_clip_t_is_the_cosine_of_clip_embeddings(tiny_clip_dir, faces_dir):
+    from transformers import CLIPModel, CLIPTokenizer
+
+    scorer = ClipTextScorer(tiny_clip_dir, device="cpu", batch_size=2)
+    images = [Image.open(faces_dir / f"{n}.jpg") for n in ("obama", "obama2", "biden")] + [_blank(), _blank((24, 16))]
+    prompts = ["a photo of a person", "an oil painting of a man", "a person at the beach", "blue sky", "a red car"]
+    scores = scorer.score(images, prompts)
+    assert scores.shape == (5,) and scores.dtype == np.float32
+    assert np.all(np.abs(scores) <= 1.0 + 1e-6)
+
+    # transformers' own forward pass: logits_per_image = exp(logit_scale) * cosine.
+    model = CLIPModel.from_pretrained(tiny_clip_dir).eval()
+    tokens = CLIPTokenizer.from_pretrained(tiny_clip_dir)(prompts, padding=True, return_tensors="pt")
+    pixels = scorer.processor(images=[im.convert("RGB") for im in images], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        out = model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"], pixel_values=pixels)
+        cosine = (out.logits_per_image / model.logit_scale.exp()).diagonal().numpy()
+    np.testing.assert_allclose(scores, cosine, atol=1e-5)
+
+    # Batching does not change anything; one prompt serves all images; embeddings are unit vectors.
+    singles = [scorer.score_one(im, p) for im, p in zip(images, prompts, strict=True)]
+    np.testing.assert_allclose(scores, singles, atol=1e-5)
+    np.testing.assert_allclose(scorer.score(images[:2], "a red car"), scorer.score(images[:2], ["a red car"] * 2))
+    np.testing.assert_allclose(np.linalg.norm(scorer.text_embeddings(prompts), axis=1), 1.0, atol=1e-5)
+    with pytest.raises(ValueError, match="prompts"):
+        scorer.score(images, prompts[:2])
+
+
+def test_diversity_is_the_mean_pairwise_cosine_distance():
+    assert diversity(np.ones((3, 4))) == pytest.approx(0.0, abs=1e-6)
+    assert diversity(np.eye(3)) == pytest.approx(1.0)
+    assert diversity(np.array([[1.0, 0.0], [-2.0, 0.0]])) == pytest.approx(2.0)
+    assert diversity(np.array([[1.0, 0.0], [1.0, 1.0], [0.0, 3.0]])) == pytest.approx(
+        np.mean([1 - np.sqrt(0.5), 1.0, 1 - np.sqrt(0.5)])
+    )
+    assert diversity(np.ones((1, 4))) is None
+    assert detection_rate([]) is None
