@@ -206,3 +206,44 @@ def test_training_lowers_the_loss_and_reports_the_identity_gap(dataset, golden_d
     shuffled = sum(trainer.identity_loss(batches, shuffle=True, seed=s) for s in range(4)) / 4
     print(f"\nloss {first:.4f} -> {last:.4f}; denoising loss with own identity {true:.5f}, shuffled {shuffled:.5f}")
     assert last < 0.8 * first
+
+
+@pytest.fixture(scope="module")
+def dataset_with_crops(dataset, tmp_path_factory, face_models_dir):
+    from faceid.data import prepare_dataset, read_dataset_info
+    from faceid.faces import FaceAnalyzer
+
+    images = Path(read_dataset_info(dataset)["images_dir"])
+    out = tmp_path_factory.mktemp("train-data-crops") / "dataset"
+    prepare_dataset(images, out, lambda: FaceAnalyzer.from_dir(face_models_dir), with_crops=True, progress=False)
+    return out
+
+
+def test_plus_training_with_validation_and_tensorboard(
+    dataset_with_crops, golden_dir, tmp_path, faces_dir, face_models_dir
+):
+    out = tmp_path / "plus"
+    config = _config(
+        dataset_with_crops, golden_dir, out, variant="plus", image_encoder=str(golden_dir / "models" / "image-encoder-tiny"),
+        max_train_steps=2, validation_steps=2, validation_faces=[str(faces_dir / "obama.jpg")],
+        validation_inference_steps=2, face_models=str(face_models_dir), report_to="tensorboard",
+    )  # fmt: skip
+    trainer = Trainer(config)
+    trainer.train()
+    state = _trained_state(out)
+    assert any(k.startswith("perceiver_resampler.") for k in state["image_proj"])
+    assert (out / "validation" / "step-000002.png").is_file()
+    assert list((out / "logs").rglob("events.out.tfevents.*"))
+
+
+def test_portrait_and_sdxl_training_run(dataset, golden_dir, tmp_path):
+    Trainer(_config(dataset, golden_dir, tmp_path / "portrait", variant="portrait", max_train_steps=2)).train()
+    portrait = _trained_state(tmp_path / "portrait")
+    assert not any("lora" in k for k in portrait["ip_adapter"])
+    assert portrait["image_proj"]["proj.2.weight"].shape[0] == 16 * 64
+    assert not (tmp_path / "portrait" / "ip-adapter-faceid_lora.safetensors").exists()
+
+    sdxl = tmp_path / "sdxl"
+    Trainer(_config(dataset, golden_dir, sdxl, base_model=str(golden_dir / "models" / "sdxl-tiny"),
+                    max_train_steps=2)).train()  # fmt: skip
+    assert _trained_state(sdxl)["image_proj"]["norm.weight"].shape == (128,)

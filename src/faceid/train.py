@@ -124,7 +124,9 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     """YAML reads ``1e-4`` as a string and flags arrive as text: convert to the setting's own type."""
     if value is None:
         return None
-    kinds = [t for t in typing.get_args(hint) or (hint,) if t is not type(None)]
+    if typing.get_origin(hint) is list:
+        return [value] if isinstance(value, str) else list(value)
+    kinds = [t for t in typing.get_args(hint) or (hint,) if t is not type(None)]  # X | None -> X
     kind = kinds[0] if kinds else str
     try:
         if kind is bool and isinstance(value, str):
