@@ -10,7 +10,7 @@ from conftest import make_tiny_unet
 
 from faceid.adapter import FaceIDAdapter, initial_state_dict
 from faceid.checkpoints import AdapterSpec, load_state_dict, save_state_dict
-from faceid.errors import CheckpointError
+from faceid.errors import CheckpointError, FaceIDError
 
 
 def _random_adapter_state(unet, num_tokens=4, lora_rank=4, seed=0):
@@ -117,7 +117,7 @@ def test_fused_lora_matches_unfused_and_unfuse_restores_weights(tiny_unet):
     assert adapter.lora_fused
     fused = _run(tiny_unet, inputs, identity)
     torch.testing.assert_close(fused, unfused, atol=1e-5, rtol=1e-5)
-    with pytest.raises(RuntimeError, match="unfuse"):
+    with pytest.raises(FaceIDError, match="unfuse"):
         adapter.set_lora_scale(0.5)
     adapter.unfuse_lora()
     for path, weight in bases.items():

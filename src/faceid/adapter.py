@@ -23,7 +23,7 @@ from torch import nn
 
 from .attention import FaceIDAttnProcessor
 from .checkpoints import FAMILIES, LORA_TARGETS, AdapterSpec, describe_unet, family_name, load_state_dict
-from .errors import CheckpointError
+from .errors import CheckpointError, FaceIDError
 from .projection import IdentityProjection
 
 StateDict = dict[str, dict[str, torch.Tensor]]
@@ -209,7 +209,7 @@ class FaceIDAdapter:
     def set_lora_scale(self, lora_scale: float) -> None:
         """Weight of the identity LoRA (1.0 as released). Refused while fused: unfuse first."""
         if self._fused_weights is not None and float(lora_scale) != self._lora_scale:
-            raise RuntimeError(
+            raise FaceIDError(
                 "the identity LoRA is fused into the UNet; call unfuse_lora() before changing lora_scale"
             )
         self._lora_scale = float(lora_scale)
@@ -227,7 +227,7 @@ class FaceIDAdapter:
         zero-weight branch is skipped or adds exact zeros). Used for the per-call step window.
         """
         if not active and self._fused_weights is not None:
-            raise RuntimeError(
+            raise FaceIDError(
                 "the identity LoRA is fused into the UNet and cannot be switched off; unfuse_lora() first"
             )
         self._active = bool(active)
@@ -255,7 +255,7 @@ class FaceIDAdapter:
             layer = self.unet.get_submodule(path)
             others = [a for a in layer.active_adapters if a != self.name]
             if others and not set(others) <= set(layer.merged_adapters):
-                raise RuntimeError(
+                raise FaceIDError(
                     f"cannot fuse the identity LoRA alone while other LoRAs ({', '.join(others)}) are active "
                     "and unfused on the same layers; fuse those first"
                 )

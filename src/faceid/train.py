@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 import signal
@@ -650,7 +649,3 @@ def _collate(items: list[dict]) -> dict:
 
 def train(config: TrainConfig) -> dict[str, Any]:
     return Trainer(config).train()
-
-
-def steps_per_epoch(dataset_size: int, batch: int, processes: int) -> int:
-    return max(1, math.floor(dataset_size / (batch * processes)))
