@@ -13,6 +13,7 @@ token count, LoRA rank, perceiver shape) off the tensors, so no variant has to b
 
 from __future__ import annotations
 
+import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,7 +68,13 @@ def load_state_dict(path: str | Path) -> dict[str, dict[str, torch.Tensor]]:
     except CheckpointError:
         raise
     except Exception as exc:  # unreadable, truncated, not a checkpoint at all
-        raise CheckpointError(f"cannot read adapter checkpoint {path}: {type(exc).__name__}: {exc}") from exc
+        reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+        if isinstance(exc, pickle.UnpicklingError):  # torch's own text suggests weights_only=False: never
+            reason = "not a pickle of tensors only (faceid never loads pickles that could run code)"
+        raise CheckpointError(
+            f"cannot read adapter checkpoint {path} ({type(exc).__name__}: {reason[:300]}); is it an "
+            "IP-Adapter-FaceID .bin/.safetensors file, complete and not corrupted?"
+        ) from exc
     if not isinstance(groups, dict) or set(groups) != set(GROUPS):
         found = sorted(groups) if isinstance(groups, dict) else type(groups).__name__
         raise CheckpointError(

@@ -31,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args) or 0
     except FaceIDError as exc:
-        print(f"faceid: error: {exc}", file=sys.stderr)
+        # One line whatever the message (some carry a library's multi-line text).
+        print("faceid: error: " + " ".join(str(exc).split()), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("faceid: interrupted", file=sys.stderr)
