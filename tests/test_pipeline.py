@@ -260,3 +260,29 @@ def test_portrait_takes_any_number_of_photos_per_call(golden_dir, face_models_di
         assert conditioning.identity.shape == (1, 16 * count, 64)
         outputs[count] = pipe(conditioning=conditioning, seed=0, output_type="np", **SIZE).images
     assert not np.allclose(outputs[2], outputs[3])
+
+
+def test_single_file_base_models_go_to_the_right_diffusers_loader(tmp_path, monkeypatch):
+    """A single .safetensors base model is read by diffusers' from_single_file of its family (SDXL files
+    have a "conditioner"); what from_single_file does with it is diffusers' own, tested there."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from safetensors.torch import save_file
+
+    from faceid.pipeline import load_base_pipeline
+
+    calls = []
+
+    def fake_loader(cls, path, **kwargs):
+        calls.append((cls.__name__, path, kwargs))
+        raise OSError("no config here")
+
+    for cls in (StableDiffusionPipeline, StableDiffusionXLPipeline):
+        monkeypatch.setattr(cls, "from_single_file", classmethod(fake_loader))
+    sd15, sdxl = tmp_path / "sd15.safetensors", tmp_path / "sdxl.safetensors"
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1)}, str(sd15))
+    save_file({"conditioner.embedders.1.model.ln_final.weight": torch.zeros(1)}, str(sdxl))
+    for path, expected in ((sd15, "StableDiffusionPipeline"), (sdxl, "StableDiffusionXLPipeline")):
+        with pytest.raises(MissingWeightsError, match=path.name):
+            load_base_pipeline(path, torch.float16)
+        assert calls[-1][0] == expected and calls[-1][1] == str(path)
+        assert calls[-1][2]["dtype"] == torch.float16
