@@ -172,10 +172,16 @@ def test_exported_adapter_loads_here_and_in_diffusers_with_equal_outputs(dataset
 
 
 def test_two_process_training_with_accelerate_launch(dataset, golden_dir, tmp_path):
+    import socket
+
     out = tmp_path / "ddp"
+    with socket.socket() as probe:  # a free port, so that a leftover run on the default one cannot collide
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     command = [
         sys.executable, "-m", "accelerate.commands.launch",
         "--config_file", str(REPO / "configs" / "accelerate_cpu_2proc.yaml"),
+        "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
         "-m", "faceid.cli", "train",
         "--base-model", str(golden_dir / "models" / "sd15-tiny"),
         "--dataset", str(dataset),
