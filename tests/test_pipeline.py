@@ -285,4 +285,7 @@ def test_single_file_base_models_go_to_the_right_diffusers_loader(tmp_path, monk
         with pytest.raises(MissingWeightsError, match=path.name):
             load_base_pipeline(path, torch.float16)
         assert calls[-1][0] == expected and calls[-1][1] == str(path)
-        assert calls[-1][2]["dtype"] == torch.float16
+        assert calls[-1][2]["dtype"] == torch.float16 and "config" not in calls[-1][2]
+    with pytest.raises(MissingWeightsError):
+        load_base_pipeline(sd15, torch.float32, single_file_config=tmp_path / "sd15-config")
+    assert calls[-1][2]["config"] == str(tmp_path / "sd15-config")  # offline: the config from a local folder

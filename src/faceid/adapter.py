@@ -209,9 +209,7 @@ class FaceIDAdapter:
     def set_lora_scale(self, lora_scale: float) -> None:
         """Weight of the identity LoRA (1.0 as released). Refused while fused: unfuse first."""
         if self._fused_weights is not None and float(lora_scale) != self._lora_scale:
-            raise FaceIDError(
-                "the identity LoRA is fused into the UNet; call unfuse_lora() before changing lora_scale"
-            )
+            raise FaceIDError("the identity LoRA is fused into the UNet; call unfuse_lora() before changing lora_scale")
         self._lora_scale = float(lora_scale)
         for path in self._lora_layers:
             self.unet.get_submodule(path).set_scale(self.name, self._lora_scale if self._active else 0.0)

@@ -84,6 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--base-model", default=None, help="SD1.5/SDXL model: diffusers folder, Hub repo id or .safetensors file"
     )
     gen.add_argument("--vae", default=None, help="VAE to use instead of the base model's (folder or Hub repo id)")
+    gen.add_argument(
+        "--base-config",
+        default=None,
+        help="single-file base model offline: a diffusers folder of the same architecture for its configuration",
+    )
     gen.add_argument("--adapter", default="faceid-sd15", help="adapter file (.bin/.safetensors) or released name")
     gen.add_argument("--face-models", default=None, help="folder with the face detector and recognizer (buffalo_l)")
     gen.add_argument("--device", default=None, help="cuda, cpu, mps (default: the best available)")
@@ -315,6 +320,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         args.base_model,
         args.adapter,
         vae=args.vae,
+        single_file_config=args.base_config,
         device=args.device,
         torch_dtype=getattr(torch, DTYPES[args.dtype]) if args.dtype else None,
         lora_scale=args.lora_scale,

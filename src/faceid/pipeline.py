@@ -87,8 +87,17 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.float16 if device.type in ("cuda", "mps") else torch.float32
 
 
-def load_base_pipeline(base_model: str | os.PathLike, torch_dtype: torch.dtype, vae: str | None = None):
-    """A Stable Diffusion 1.5 or SDXL pipeline from a diffusers folder, a Hub repo id or a single file."""
+def load_base_pipeline(
+    base_model: str | os.PathLike,
+    torch_dtype: torch.dtype,
+    vae: str | None = None,
+    single_file_config: str | os.PathLike | None = None,
+):
+    """A Stable Diffusion 1.5 or SDXL pipeline from a diffusers folder, a Hub repo id or a single file.
+
+    A single file holds weights only; diffusers fetches the matching model configuration from the Hub
+    unless ``single_file_config`` names a diffusers folder (or repo id) of the same architecture.
+    """
     from diffusers import AutoencoderKL, DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     # HF_HUB_OFFLINE is read by huggingface_hub at import; passing it on makes a later setting count too.
@@ -103,6 +112,8 @@ def load_base_pipeline(base_model: str | os.PathLike, torch_dtype: torch.dtype, 
         if path.is_file():
             # Single-file checkpoints (.safetensors/.ckpt, original layout): SDXL ones have a "conditioner".
             cls = StableDiffusionXLPipeline if _is_sdxl_single_file(path) else StableDiffusionPipeline
+            if single_file_config is not None:
+                kwargs["config"] = str(single_file_config)
             pipe = cls.from_single_file(str(path), **kwargs)
         else:
             pipe = DiffusionPipeline.from_pretrained(str(base_model), **kwargs)
@@ -171,6 +182,7 @@ class FaceIDPipeline:
         adapter: str | os.PathLike = DEFAULT_ADAPTER,
         *,
         vae: str | os.PathLike | None = None,
+        single_file_config: str | os.PathLike | None = None,
         torch_dtype: torch.dtype | None = None,
         device: str | torch.device | None = None,
         scheduler: str | None = "ddim",
@@ -187,7 +199,8 @@ class FaceIDPipeline:
         """Load a base model and install an adapter in it.
 
         ``base_model``: a diffusers folder, a Hub repo id or a single ``.safetensors`` file; by default
-        the base model the adapter's authors show (with its VAE). ``adapter``: a released adapter's name
+        the base model the adapter's authors show (with its VAE). ``single_file_config``: for a single
+        file offline, a diffusers folder of the same architecture to take the configuration from. ``adapter``: a released adapter's name
         (``faceid-sd15`` ...) or a ``.bin``/``.safetensors`` file. ``scheduler="ddim"`` uses the authors'
         DDIM settings; ``None`` keeps the base model's scheduler. ``fuse_lora`` merges the identity LoRA
         into the UNet weights (faster; ``lora_scale`` is then fixed until ``adapter.unfuse_lora()``).
@@ -214,7 +227,7 @@ class FaceIDPipeline:
         device = torch.device(device) if device is not None else default_device()
         torch_dtype = torch_dtype or default_dtype(device)
 
-        pipe = load_base_pipeline(base_model, torch_dtype, vae)
+        pipe = load_base_pipeline(base_model, torch_dtype, vae, single_file_config)
         if scheduler == "ddim":
             from diffusers import DDIMScheduler
 
