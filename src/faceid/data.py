@@ -894,24 +894,19 @@ def __getattr__(name: str):
 # Command line (wired into `faceid prepare` by faceid.cli)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def _int_at_least(minimum: int):
+    """An argparse type: a whole number no smaller than ``minimum``."""
 
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
+    return parse
 
 
 def add_prepare_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -927,16 +922,16 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     )
     parser.add_argument(
         "--min-face-size",
-        type=_non_negative_int,
+        type=_int_at_least(0),
         default=64,
         help="skip faces narrower than this many pixels (default 64)",
     )
     parser.add_argument(
         "--with-crops", action="store_true", help="also store the 224x224 aligned face crops (needed for Plus)"
     )
-    parser.add_argument("--workers", type=_positive_int, default=2, help="parallel face analyzers (default 2)")
+    parser.add_argument("--workers", type=_int_at_least(1), default=2, help="parallel face analyzers (default 2)")
     parser.add_argument(
-        "--shard-size", type=_positive_int, default=256, help="source images per shard file (default 256)"
+        "--shard-size", type=_int_at_least(1), default=256, help="source images per shard file (default 256)"
     )
     parser.add_argument(
         "--overwrite", action="store_true", help="rebuild the output folder even if it was prepared with other settings"
