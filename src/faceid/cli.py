@@ -210,15 +210,16 @@ def cmd_embed(args: argparse.Namespace) -> int:
     import numpy as np
     from PIL import Image
 
+    from .faces import select_face
+    from .images import source_name
+
     analyzer = _face_analyzer(args.face_models)
-    faces = analyzer.analyze(args.photo)
-    if not faces:
-        analyzer.get(args.photo)  # raises the NoFaceError with its advice
-    for i, face in enumerate(faces):
-        x1, y1, x2, y2 = (round(float(v)) for v in face.box)
+    faces = analyzer.analyze(args.photo)  # once: listing and choosing use the same result
+    for i, found in enumerate(faces):
+        x1, y1, x2, y2 = (round(float(v)) for v in found.box)
         marker = "*" if i == args.face_index else " "
-        print(f"{marker} face {i}: box=({x1}, {y1}, {x2}, {y2}) size={x2 - x1}x{y2 - y1} score={face.score:.3f}")
-    face = analyzer.get(args.photo, index=args.face_index)
+        print(f"{marker} face {i}: box=({x1}, {y1}, {x2}, {y2}) size={x2 - x1}x{y2 - y1} score={found.score:.3f}")
+    face = select_face(faces, args.face_index, source_name(args.photo))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"{Path(args.photo).stem}_face{args.face_index}"

