@@ -393,13 +393,13 @@ class FaceIDPipeline:
             clip=clip,
         )
 
-    def _window_callback(self, window: Sequence[float], steps: int, pipeline_kwargs: dict) -> dict:
+    def _window_callback(self, window: tuple[float, float], steps: int, pipeline_kwargs: dict) -> dict:
         """A step-end callback that switches the adapter on inside ``window`` (fractions of the steps) only.
 
         Step i is inside when start <= i / steps < end; the switch for step i+1 happens at the end of
         step i, and step 0's state is set here, before the loop. A user's own callback still runs.
         """
-        start, end = _check_window(window)
+        start, end = window  # already checked by _check_window
         user_callback = pipeline_kwargs.get("callback_on_step_end")
 
         def inside(step: int) -> bool:
@@ -494,10 +494,9 @@ class FaceIDPipeline:
             "seed": seed,
         }
         if identity_window is not None:
-            settings["identity_window"] = list(_check_window(identity_window))
-            pipeline_kwargs.update(
-                self._window_callback(identity_window, settings["num_inference_steps"], pipeline_kwargs)
-            )
+            window = _check_window(identity_window)
+            settings["identity_window"] = list(window)
+            pipeline_kwargs.update(self._window_callback(window, settings["num_inference_steps"], pipeline_kwargs))
         try:
             with self.adapter.scaled(scale), self.adapter.caching():
                 result = self.pipe(

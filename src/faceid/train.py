@@ -241,15 +241,13 @@ class Trainer:
             unet, state, label=Path(cfg.init_adapter).name if cfg.init_adapter else None
         )
         self.plus = self.adapter.projection.needs_clip
+        unet.to(acc.device)
+        if self.weight_dtype != torch.float32:
+            unet.to(dtype=self.weight_dtype)
         trainable = self.trainable_parameters()
         for param in trainable:  # trainable weights in fp32, whatever the frozen ones are
             param.data = param.data.float()
             param.requires_grad_(True)
-        unet.to(acc.device)
-        if self.weight_dtype != torch.float32:
-            unet.to(dtype=self.weight_dtype)
-            for param in trainable:
-                param.data = param.data.float()
         self.adapter.projection.to(acc.device, dtype=torch.float32)
         if cfg.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
