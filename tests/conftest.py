@@ -101,3 +101,25 @@ def make_tiny_clip(folder, golden_dir, seed=0):
 def tiny_clip_dir(tmp_path_factory, golden_dir):
     """A tiny CLIP (model, tokenizer, processor) for CLIP-T tests, built here: no download."""
     return make_tiny_clip(tmp_path_factory.mktemp("tiny-clip"), golden_dir)
+
+
+@pytest.fixture(scope="session")
+def analyzer(face_models_dir):
+    """Offline face analysis: YuNet + the stand-in recognizer."""
+    from faceid.faces import FaceAnalyzer
+
+    return FaceAnalyzer.from_dir(face_models_dir)
+
+
+@pytest.fixture(scope="module")
+def pipe(golden_dir, analyzer):
+    """FaceIDPipeline on the tiny SD1.5 model with the golden faceid adapter (one per test module)."""
+    from faceid.pipeline import FaceIDPipeline
+
+    return FaceIDPipeline.from_pretrained(
+        golden_dir / "models" / "sd15-tiny",
+        golden_dir / "adapters" / "faceid.safetensors",
+        device="cpu",
+        progress=False,
+        face_analyzer=analyzer,
+    )

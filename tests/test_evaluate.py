@@ -24,30 +24,11 @@ from faceid.evaluate import (
     run_score_command,
     score_folder,
 )
-from faceid.faces import FaceAnalyzer
 from faceid.outputs import read_settings, save_png
 from faceid.scoring import ClipTextScorer, IdentityScore, IdentityScorer, sface_scorer
 
 TINY = {"num_inference_steps": 2, "width": 24, "height": 16}
 PROMPTS = ["a photo of a person in a garden", "an oil painting of a person"]
-
-
-@pytest.fixture(scope="module")
-def analyzer(face_models_dir):
-    return FaceAnalyzer.from_dir(face_models_dir)
-
-
-@pytest.fixture(scope="module")
-def pipe(golden_dir, analyzer):
-    from faceid.pipeline import FaceIDPipeline
-
-    return FaceIDPipeline.from_pretrained(
-        golden_dir / "models" / "sd15-tiny",
-        golden_dir / "adapters" / "faceid.safetensors",
-        device="cpu",
-        progress=False,
-        face_analyzer=analyzer,
-    )
 
 
 @pytest.fixture(scope="module")

@@ -13,19 +13,6 @@ from faceid.pipeline import FaceIDPipeline
 SIZE = {"width": 24, "height": 16, "num_inference_steps": 3}
 
 
-@pytest.fixture(scope="module")
-def pipe(golden_dir, face_models_dir):
-    from faceid.faces import FaceAnalyzer
-
-    return FaceIDPipeline.from_pretrained(
-        golden_dir / "models" / "sd15-tiny",
-        golden_dir / "adapters" / "faceid.safetensors",
-        device="cpu",
-        progress=False,
-        face_analyzer=FaceAnalyzer.from_dir(face_models_dir),
-    )
-
-
 def _embeddings(n, seed=0):
     return torch.nn.functional.normalize(torch.randn(n, 512, generator=torch.Generator().manual_seed(seed)), dim=-1)
 
