@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from .atomic import atomic_path
 from .errors import CheckpointError
 from .projection import PerceiverConfig
 
@@ -180,12 +181,11 @@ def save_state_dict(state: dict[str, dict[str, torch.Tensor]], path: str | Path,
     """Write ``state`` in the official layout chosen by the file suffix (``.bin`` or ``.safetensors``)."""
     path = Path(path)
     cast = {g: {k: v.detach().to("cpu", dtype).contiguous() for k, v in state[g].items()} for g in GROUPS}
-    tmp = path.with_name(path.name + ".tmp")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import save_file
+    with atomic_path(path) as tmp:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import save_file
 
-        save_file({f"{g}.{k}": v for g in GROUPS for k, v in cast[g].items()}, str(tmp))
-    else:
-        torch.save(cast, str(tmp))
-    tmp.replace(path)  # atomic: a reader never sees half a file
+            save_file({f"{g}.{k}": v for g in GROUPS for k, v in cast[g].items()}, str(tmp))
+        else:
+            torch.save(cast, str(tmp))
     return path

@@ -41,7 +41,6 @@ import os
 import posixpath
 import queue
 import shutil
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -52,6 +51,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from faceid.atomic import atomic_path
 from faceid.errors import FaceIDError, ImageError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -308,16 +308,10 @@ def _analyze_file(analyzer, path: Path, rel: str, multi_face: str, min_face_size
 
 def _atomic_write(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see the old file or the whole new one, never a part."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _json_bytes(obj: Any) -> bytes:

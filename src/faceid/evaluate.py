@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from . import __version__
+from .atomic import atomic_path
 from .errors import FaceIDError, ImageError
 from .images import ImageSource, load_image
 from .outputs import read_settings, save_png
@@ -663,9 +664,8 @@ def write_plots(
 
 
 def _save_figure(fig, path: Path) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png")
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
     return path
 
 
@@ -674,9 +674,8 @@ def _short(text: str, width: int) -> str:
 
 
 def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def _write_jsonl(path: Path, rows: Iterable[Mapping[str, Any]]) -> None:

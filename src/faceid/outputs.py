@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps, PngImagePlugin
 
+from .atomic import atomic_path
+
 # Text-chunk key holding every setting as JSON; the common ones are also written as plain keys
 # ("prompt", "seed", ...) so image viewers and `exiftool` show them directly.
 SETTINGS_KEY = "faceid"
@@ -23,9 +25,8 @@ def save_png(image: Image.Image, path: str | Path, settings: Mapping[str, object
         if value is not None and not isinstance(value, (dict, list)):
             info.add_text(str(key), str(value))
     info.add_text(SETTINGS_KEY, json.dumps(dict(settings), default=str))
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG", pnginfo=info)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG", pnginfo=info)
     return path
 
 
