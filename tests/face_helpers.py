@@ -63,9 +63,11 @@ def _save(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
 def make_standin_recognizer_onnx(path: str | os.PathLike, dim: int = 512, seed: int = 0) -> Path:
     """Write a small deterministic recognizer with ArcFace's ONNX interface.
 
-    Graph: input.1 [N,3,112,112] -> Conv 3x3 (8 ch) -> Relu -> AveragePool 8x8 -> Flatten (8*14*14)
-    -> Gemm (fixed random weights) -> [N, dim]. The ReLU makes it non-linear, so embeddings are not just
-    a linear function of the mean colour and different faces point in clearly different directions.
+    Graph: input.1 [N,3,112,112] -> Conv 3x3 (8 ch) -> Relu -> AveragePool 8x8 -> minus its per-channel
+    mean -> Flatten (8*14*14) -> Gemm (fixed random weights) -> [N, dim]. The ReLU makes it non-linear, so
+    embeddings are not just a linear function of the mean colour. Removing the per-channel mean removes
+    the part every face shares (ReLU features are all positive), so that, as with ArcFace, different
+    faces give nearly orthogonal embeddings (cosine about 0.05-0.15 for the test photos, not 0.6).
     """
     rng = np.random.default_rng(seed)
     conv_w = rng.standard_normal((8, 3, 3, 3)).astype(np.float32) * 0.5
@@ -77,8 +79,10 @@ def make_standin_recognizer_onnx(path: str | os.PathLike, dim: int = 512, seed: 
         helper.make_node("Conv", ["input.1", "conv_w", "conv_b"], ["c"], pads=[1, 1, 1, 1], name="Conv_0"),
         helper.make_node("Relu", ["c"], ["r"], name="Relu_1"),
         helper.make_node("AveragePool", ["r"], ["p"], kernel_shape=[8, 8], strides=[8, 8], name="Pool_2"),
-        helper.make_node("Flatten", ["p"], ["f"], axis=1, name="Flatten_3"),
-        helper.make_node("Gemm", ["f", "gemm_w", "gemm_b"], ["embedding"], transB=1, name="Gemm_4"),
+        helper.make_node("ReduceMean", ["p"], ["m"], axes=[2, 3], keepdims=1, name="ReduceMean_3"),
+        helper.make_node("Sub", ["p", "m"], ["centred"], name="Sub_4"),
+        helper.make_node("Flatten", ["centred"], ["f"], axis=1, name="Flatten_5"),
+        helper.make_node("Gemm", ["f", "gemm_w", "gemm_b"], ["embedding"], transB=1, name="Gemm_6"),
     ]
     graph = helper.make_graph(
         nodes,
