@@ -94,6 +94,28 @@ def test_resume_gives_the_same_weights_as_one_run(dataset, golden_dir, tmp_path)
     assert not torch.equal(fresh["image_proj"]["norm.weight"], torch.ones_like(fresh["image_proj"]["norm.weight"]))
 
 
+def test_8bit_adam_trains_and_resumes_exactly(dataset, golden_dir, tmp_path):
+    bnb = pytest.importorskip("bitsandbytes")
+    one = tmp_path / "one"
+    trainer = Trainer(_config(dataset, golden_dir, one, max_train_steps=4, use_8bit_adam=True))
+    trainer.train()
+    optimizer = trainer.optimizer.optimizer  # accelerate wraps it
+    assert isinstance(optimizer, bnb.optim.AdamW8bit)
+    states = [optimizer.state[p] for group in optimizer.param_groups for p in group["params"]]
+    assert any(state["state1"].dtype == torch.uint8 for state in states)  # the large weights keep 8-bit moments
+
+    split = tmp_path / "split"
+    Trainer(_config(dataset, golden_dir, split, max_train_steps=2, checkpointing_steps=2, use_8bit_adam=True)).train()
+    Trainer(
+        _config(dataset, golden_dir, split, max_train_steps=4, resume_from_checkpoint="latest", use_8bit_adam=True)
+    ).train()
+    _assert_same_state(_trained_state(one), _trained_state(split))
+    plain = tmp_path / "plain"
+    Trainer(_config(dataset, golden_dir, plain, max_train_steps=4)).train()
+    eight, full = _trained_state(one)["image_proj"], _trained_state(plain)["image_proj"]
+    assert not torch.equal(eight["proj.0.weight"], full["proj.0.weight"])  # a different optimizer really ran
+
+
 def test_stop_signal_saves_a_checkpoint_that_resumes_exactly(dataset, golden_dir, tmp_path, monkeypatch):
     reference = tmp_path / "reference"
     Trainer(_config(dataset, golden_dir, reference, max_train_steps=5)).train()

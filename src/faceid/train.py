@@ -327,7 +327,7 @@ class Trainer:
             try:
                 import bitsandbytes as bnb
             except ImportError as exc:
-                raise FaceIDError("use_8bit_adam needs bitsandbytes: pip install bitsandbytes (CUDA only)") from exc
+                raise FaceIDError("use_8bit_adam needs bitsandbytes: pip install 'faceid[train8bit]'") from exc
             cls = bnb.optim.AdamW8bit
         else:
             cls = torch.optim.AdamW
