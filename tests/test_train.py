@@ -143,6 +143,104 @@ def test_stop_signal_saves_a_checkpoint_that_resumes_exactly(dataset, golden_dir
     _assert_same_state(_trained_state(reference), _trained_state(stopped))
 
 
+def test_fine_tuning_starts_from_a_released_checkpoint(dataset, golden_dir, tmp_path):
+    released = load_state_dict(golden_dir / "adapters" / "faceid.bin")
+    untouched = tmp_path / "zero"
+    Trainer(
+        _config(
+            dataset,
+            golden_dir,
+            untouched,
+            init_adapter=str(golden_dir / "adapters" / "faceid.bin"),
+            max_train_steps=0,
+            lora_rank=None,
+        )
+    ).train()
+    _assert_same_state(released, _trained_state(untouched))  # the layout and every weight come from the file
+    tuned = tmp_path / "tuned"
+    Trainer(
+        _config(
+            dataset,
+            golden_dir,
+            tuned,
+            init_adapter=str(golden_dir / "adapters" / "faceid.safetensors"),
+            max_train_steps=2,
+        )
+    ).train()
+    state = _trained_state(tuned)
+    assert state["image_proj"].keys() == released["image_proj"].keys()
+    assert state["ip_adapter"].keys() == released["ip_adapter"].keys()  # same rank and layers as the release
+    moved = (state["image_proj"]["proj.0.weight"] - released["image_proj"]["proj.0.weight"]).abs().max()
+    assert 0 < moved < 0.01  # two steps at lr 1e-3 from the released weights, not from scratch
+
+
+def test_gradient_checkpointing_gives_the_same_weights(dataset, golden_dir, tmp_path):
+    plain, checkpointed = tmp_path / "plain", tmp_path / "checkpointed"
+    Trainer(_config(dataset, golden_dir, plain, max_train_steps=2)).train()
+    Trainer(_config(dataset, golden_dir, checkpointed, max_train_steps=2, gradient_checkpointing=True)).train()
+    a, b = _trained_state(plain), _trained_state(checkpointed)
+    for group in a:
+        for key in a[group]:
+            torch.testing.assert_close(a[group][key], b[group][key], rtol=0, atol=1e-6, msg=f"{group}.{key}")
+
+
+def test_gradient_accumulation_counts_optimizer_steps_and_resumes_exactly(dataset, golden_dir, tmp_path):
+    one = tmp_path / "one"
+    trainer = Trainer(_config(dataset, golden_dir, one, max_train_steps=3, gradient_accumulation_steps=2))
+    trainer.train()
+    assert [h["step"] for h in trainer.history] == [1, 2, 3]  # optimizer steps, each from 2 batches
+    split = tmp_path / "split"
+    Trainer(
+        _config(dataset, golden_dir, split, max_train_steps=2, gradient_accumulation_steps=2, checkpointing_steps=2)
+    ).train()
+    Trainer(
+        _config(
+            dataset,
+            golden_dir,
+            split,
+            max_train_steps=3,
+            gradient_accumulation_steps=2,
+            resume_from_checkpoint="latest",
+        )
+    ).train()
+    _assert_same_state(_trained_state(one), _trained_state(split))
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate keeps one process-wide state: a new mixed-precision setting needs it reset (before and after)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_bf16_mixed_precision_trains_fp32_weights(dataset, golden_dir, tmp_path, fresh_accelerate_state):
+    from accelerate.state import AcceleratorState
+
+    out = tmp_path / "bf16"
+    trainer = Trainer(_config(dataset, golden_dir, out, max_train_steps=3, mixed_precision="bf16"))
+    trainer.train()
+    assert trainer.pipe.unet.conv_in.weight.dtype == torch.bfloat16  # the frozen UNet runs in bf16
+    assert all(p.dtype == torch.float32 for p in trainer.trainable_parameters())  # the trained weights do not
+    assert all(np.isfinite(h["loss"]) for h in trainer.history)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    start = _trained_state_of(dataset, golden_dir, tmp_path / "start", max_train_steps=0)
+    reference = _trained_state_of(dataset, golden_dir, tmp_path / "fp32")
+    bf16 = _trained_state(out)
+    assert bf16["ip_adapter"].keys() == reference["ip_adapter"].keys()
+    # The same training, rounded differently: the bf16 updates point the way the fp32 ones do.
+    for key in ("proj.0.weight", "proj.2.weight"):
+        ours, theirs = (s["image_proj"][key].float() - start["image_proj"][key].float() for s in (bf16, reference))
+        assert torch.nn.functional.cosine_similarity(ours.flatten(), theirs.flatten(), dim=0) > 0.9, key
+
+
+def _trained_state_of(dataset, golden_dir, output_dir, **overrides) -> dict:
+    Trainer(_config(dataset, golden_dir, output_dir, **{"max_train_steps": 3, **overrides})).train()
+    return _trained_state(output_dir)
+
+
 def test_config_files_and_bad_settings(tmp_path, golden_dir, dataset):
     path = tmp_path / "train.yaml"
     path.write_text(f"base_model: {golden_dir / 'models' / 'sd15-tiny'}\ndataset: {dataset}\nlearning_rate: 1e-4\n")
