@@ -311,6 +311,25 @@ def test_style_loaded_before_the_adapter_keeps_working():
     assert torch.equal(_run(unet, inputs), _run(make_tiny_unet(), inputs))
 
 
+def test_removing_the_adapter_first_keeps_a_style_lora_loaded_after_it():
+    """The identity LoRA and a later style LoRA share layers; the adapter leaves first, the style stays."""
+    unet = make_tiny_unet()
+    state = _adapter_state(unet)
+    inputs, _ = _inputs(unet)
+    plain = _snapshot(unet)
+    adapter = FaceIDAdapter.install(unet, state)
+    style = _style_lora(unet, text_encoder=False)
+    load_lora(unet, style, "style", weight=0.7)
+    adapter.remove()
+    assert list_loras(unet) == {"style": 0.7}
+    assert unet.get_submodule(STYLE_TARGETS[0]).active_adapters == ["style"]
+    manual_unet = make_tiny_unet()
+    _merge_by_hand(manual_unet, style, 0.7)
+    torch.testing.assert_close(_run(unet, inputs), _run(manual_unet, inputs), atol=1e-5, rtol=1e-5)
+    remove_lora(unet, "style")
+    _assert_same_as(unet, plain)  # the layers PEFT wrapped for the identity LoRA are plain again
+
+
 def test_sgm_named_kohya_lora_on_an_sdxl_unet():
     """SDXL LoRAs from kohya's trainer name blocks the SGM way (input_blocks_4_1); diffusers maps them."""
     from diffusers import UNet2DConditionModel

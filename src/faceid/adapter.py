@@ -15,6 +15,7 @@ base weights, and ``remove()`` puts back the exact processor objects, modules an
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from torch import nn
 from .attention import FaceIDAttnProcessor
 from .checkpoints import FAMILIES, LORA_TARGETS, AdapterSpec, describe_unet, family_name, load_state_dict
 from .errors import CheckpointError, FaceIDError
+from .lora import PeftInjection
 from .projection import IdentityProjection
 
 StateDict = dict[str, dict[str, torch.Tensor]]
@@ -52,10 +54,7 @@ class FaceIDAdapter:
         self.processors: dict[str, FaceIDAttnProcessor] = {}
         self._original_processors: dict[str, object] = {}
         self._lora_layers: list[str] = []  # module paths of the PEFT layers that hold our LoRA
-        self._replaced_modules: dict[str, nn.Module] = {}  # path -> original nn.Linear we wrapped
-        # By parameter object: PEFT renames the weights it wraps (".weight" -> ".base_layer.weight").
-        self._requires_grad: dict[nn.Parameter, bool] = {}
-        self._had_peft_config = False
+        self._peft: PeftInjection | None = None  # how to take the LoRA out again
         self._fused_weights: dict[str, torch.Tensor] | None = None
         self._scale = 1.0
         self._lora_scale = 1.0
@@ -87,7 +86,6 @@ class FaceIDAdapter:
         adapter = cls(unet, spec, name)
         param = next(unet.parameters())
         device, dtype = param.device, param.dtype
-        adapter._requires_grad = {p: p.requires_grad for p in unet.parameters()}
 
         projection = IdentityProjection(
             spec.cross_attention_dim, spec.num_tokens, spec.id_dim, spec.hidden_dim, spec.perceiver
@@ -129,35 +127,20 @@ class FaceIDAdapter:
             path = layers[index][0]
             for target in per_target:
                 targets[f"{path}.{_module_target(target)}"] = (index, target)
-        self._replaced_modules = {
-            path: module for path in targets if not _is_lora_layer(module := self.unet.get_submodule(path))
-        }
-        # PEFT's injection makes the new adapter the only active one on every LoRA layer of the model;
-        # the user's LoRAs must stay as they were, so their active sets are restored afterwards.
-        active_before = {
-            path: list(module.active_adapters) for path, module in self.unet.named_modules() if _is_lora_layer(module)
-        }
-        self._had_peft_config = hasattr(self.unet, "peft_config")
+        self._peft = PeftInjection.before(self.unet, self.name)
         # lora_alpha == r gives PEFT scaling 1: the reference's LoRALinearLayer with network_alpha None.
         config = LoraConfig(r=rank, lora_alpha=rank, target_modules=list(targets), init_lora_weights=False)
-        inject_adapter_in_model(config, self.unet, adapter_name=self.name)
-        for path, active in active_before.items():
-            self.unet.get_submodule(path).set_adapter(active)
+        with warnings.catch_warnings():
+            # A user's LoRA next to the identity LoRA is intended, not an accident.
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            inject_adapter_in_model(config, self.unet, adapter_name=self.name)
+        self._peft.settle(self.unet)
         with torch.no_grad():
             for path, (index, target) in targets.items():
                 layer = self.unet.get_submodule(path)
-                layer.set_adapter(sorted(set(layer.active_adapters) | {self.name}))
-                dtype = layer.get_base_layer().weight.dtype  # PEFT upcasts adapters to fp32; keep the UNet's
                 for module, key in ((layer.lora_A, "down"), (layer.lora_B, "up")):
-                    module[self.name].to(dtype).requires_grad_(False)
                     module[self.name].weight.copy_(weights[f"{index}.{target}_lora.{key}.weight"])
         self._lora_layers = list(targets)
-        # PEFT (and set_adapter) flip requires_grad flags; the UNet's and the user's flags are not ours.
-        self._restore_requires_grad()
-
-    def _restore_requires_grad(self) -> None:
-        for param, flag in self._requires_grad.items():
-            param.requires_grad_(flag)
 
     def remove(self) -> None:
         """Take the adapter out, leaving the UNet exactly as ``install`` found it."""
@@ -166,26 +149,12 @@ class FaceIDAdapter:
         if self._fused_weights is not None:
             self.unfuse_lora()
         self.unet.set_attn_processor(dict(self._original_processors))
-        for path in self._lora_layers:
-            layer = self.unet.get_submodule(path)
-            if path in self._replaced_modules:
-                parent, _, child = path.rpartition(".")
-                setattr(self.unet.get_submodule(parent), child, self._replaced_modules[path])
-            else:  # the layer also holds the user's LoRA: take out only ours
-                layer.delete_adapter(self.name)
-                if not layer.lora_A:  # the user's LoRA went first: nothing left to wrap
-                    parent, _, child = path.rpartition(".")
-                    setattr(self.unet.get_submodule(parent), child, layer.get_base_layer())
-        if self._lora_layers:
-            configs = getattr(self.unet, "peft_config", {})
-            configs.pop(self.name, None)
-            if not self._had_peft_config and not configs and hasattr(self.unet, "peft_config"):
-                del self.unet.peft_config
-        self._restore_requires_grad()
+        if self._peft is not None:
+            self._peft.undo(self.unet)
         self.projection = None
         self.processors = {}
         self._lora_layers = []
-        self._replaced_modules = {}
+        self._peft = None
 
     @property
     def installed(self) -> bool:
@@ -333,12 +302,6 @@ class FaceIDAdapter:
                 ip[f"{index}.to_k_ip.weight"] = self.processors[path].to_k_ip.weight.detach()
                 ip[f"{index}.to_v_ip.weight"] = self.processors[path].to_v_ip.weight.detach()
         return {"image_proj": {k: v.detach() for k, v in self.projection.state_dict().items()}, "ip_adapter": ip}
-
-
-def _is_lora_layer(module: nn.Module) -> bool:
-    from peft.tuners.lora import LoraLayer
-
-    return isinstance(module, LoraLayer)
 
 
 def _load_strict(module: nn.Module, state: dict[str, torch.Tensor], label: str) -> None:

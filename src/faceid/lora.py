@@ -161,13 +161,84 @@ class LoadedLora:
 
 
 @dataclass
-class _Record:
-    weight: float
-    layers: list[str]
-    replaced: dict[str, nn.Module]  # path -> the plain module that PEFT wrapped (put back on removal)
+class PeftInjection:
+    """What adding the PEFT adapter ``name`` changes on a UNet, recorded just before, so it can be undone.
+
+    PEFT's injection (``inject_adapter_in_model`` or diffusers' ``load_lora_adapter``) wraps plain modules in
+    LoRA layers, makes the new adapter the only active one on every LoRA layer of the model, flips
+    ``requires_grad`` flags and creates ``unet.peft_config`` (diffusers also sets ``_hf_peft_config_loaded``).
+    ``settle`` after the injection keeps every other adapter as it was; ``undo`` takes this one out again
+    and leaves the rest as it finds it. The identity LoRA of ``FaceIDAdapter`` and ``load_lora`` share it.
+    """
+
+    name: str
+    active: dict[str, list[str]]  # LoRA-layer path -> its active adapters, before the injection
+    grad_flags: dict[int, tuple[nn.Parameter, bool]]  # by parameter object: PEFT renames what it wraps
     had_peft_config: bool
     peft_names_before: set[str]
     hf_flag: tuple[bool, object]  # whether _hf_peft_config_loaded was in the UNet's __dict__, and its value
+
+    @classmethod
+    def before(cls, unet: nn.Module, name: str) -> PeftInjection:
+        _check_name(unet, name)
+        return cls(
+            name=name,
+            active=_active_adapters(unet),
+            grad_flags=_grad_flags(unet),
+            had_peft_config=hasattr(unet, "peft_config"),
+            peft_names_before=set(getattr(unet, "peft_config", {})),
+            hf_flag=("_hf_peft_config_loaded" in unet.__dict__, unet.__dict__.get("_hf_peft_config_loaded")),
+        )
+
+    def settle(self, unet: nn.Module) -> list[str]:
+        """After the injection: the other adapters active as before and this one too where it lives, its
+        weights in the dtype of the layers they adapt and frozen, every other ``requires_grad`` flag as
+        before. Returns the paths of the layers that hold this adapter."""
+        layers = _layers_with(unet, self.name)
+        for path, module in _lora_layers(unet).items():
+            active = [a for a in self.active.get(path, []) if a != self.name]
+            module.set_adapter(active + [self.name] if path in layers else active)
+        with torch.no_grad():
+            for layer in layers.values():
+                dtype = layer.get_base_layer().weight.dtype  # PEFT upcasts adapters to fp32; keep the UNet's
+                for container in (layer.lora_A, layer.lora_B):
+                    container[self.name].to(dtype)
+        _restore_grad_flags(unet, self.grad_flags, new=False)
+        return list(layers)
+
+    def undo(self, unet: nn.Module) -> None:
+        """Take this adapter out: a layer left with no adapter becomes its original module again; the other
+        adapters keep their active state and weights; ``peft_config`` and every flag are as found."""
+        active_now, flags_now = _active_adapters(unet), _grad_flags(unet)
+        for path, layer in _layers_with(unet, self.name).items():
+            if any(a != self.name for a in layer.scaling):  # shared with other LoRAs: take out only this one
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # PEFT warns when it picks a new active adapter; set below
+                    layer.delete_adapter(self.name)
+            else:
+                parent, _, child = path.rpartition(".")
+                setattr(unet.get_submodule(parent) if parent else unet, child, layer.get_base_layer())
+        for path, module in _lora_layers(unet).items():
+            if path in active_now:
+                module.set_adapter([a for a in active_now[path] if a != self.name and a in module.scaling])
+        configs = getattr(unet, "peft_config", None)
+        if configs is not None:
+            configs.pop(self.name, None)
+            if not self.had_peft_config and not configs:
+                del unet.peft_config
+        if set(getattr(unet, "peft_config", {})) <= self.peft_names_before:  # no later load relies on the flag
+            had_flag, value = self.hf_flag
+            if had_flag:
+                unet.__dict__["_hf_peft_config_loaded"] = value
+            else:
+                unet.__dict__.pop("_hf_peft_config_loaded", None)
+        _restore_grad_flags(unet, flags_now)
+
+
+@dataclass
+class _Record:
+    weight: float
+    injection: PeftInjection
     info: LoadedLora | None = field(default=None)
 
 
@@ -203,19 +274,7 @@ def load_lora(
             len(ignored),
         )
 
-    from peft.tuners.lora import LoraLayer
-
-    lora_layers_before = {path: m for path, m in unet.named_modules() if isinstance(m, LoraLayer)}
-    active_before = {path: list(m.active_adapters) for path, m in lora_layers_before.items()}
-    requires_grad = _grad_flags(unet)
-    record = _Record(
-        weight=float(weight),
-        layers=list(modules),
-        replaced={p: unet.get_submodule(p) for p in modules if p not in lora_layers_before},
-        had_peft_config=hasattr(unet, "peft_config"),
-        peft_names_before=set(getattr(unet, "peft_config", {})),
-        hf_flag=("_hf_peft_config_loaded" in unet.__dict__, unet.__dict__.get("_hf_peft_config_loaded")),
-    )
+    injection = PeftInjection.before(unet, name)
     try:
         with warnings.catch_warnings():
             # Several adapters on one model is the point here, not an accident.
@@ -228,30 +287,15 @@ def load_lora(
                 metadata=metadata,
             )
     except Exception as exc:
-        _undo(unet, name, record, active_before, requires_grad)
+        injection.undo(unet)
         raise CheckpointError(f"{label} could not be loaded as a LoRA: {type(exc).__name__}: {exc}") from exc
-
-    # PEFT makes the new adapter the only active one on every LoRA layer and flips requires_grad flags:
-    # put the others back as they were, and add this one where it lives.
-    for path, module in unet.named_modules():
-        if isinstance(module, LoraLayer):
-            active = list(active_before.get(path, []))
-            if name in module.scaling:
-                active.append(name)
-            module.set_adapter(active)
-    with torch.no_grad():
-        for path in modules:
-            layer = unet.get_submodule(path)
-            dtype = layer.get_base_layer().weight.dtype  # PEFT keeps adapters in fp32; keep the UNet's
-            for container in (layer.lora_A, layer.lora_B):
-                container[name].to(dtype).requires_grad_(False)
-            layer.set_scale(name, float(weight))
-    _restore_grad_flags(unet, requires_grad, new=False)
+    for layer in _layers_with(unet, name).values():
+        layer.set_scale(name, float(weight))
+    injection.settle(unet)
 
     ranks = sorted({t.shape[0] for k, t in unet_state.items() if k.endswith(".lora_A.weight")})
     info = LoadedLora(name, layout, float(weight), tuple(modules), tuple(ranks), tuple(ignored))
-    record.info = info
-    _registry(unet)[name] = record
+    _registry(unet)[name] = _Record(float(weight), injection, info)
     return info
 
 
@@ -290,25 +334,17 @@ def remove_lora(unet: nn.Module, name: str) -> None:
     layers = _layers_with(unet, name)
     if any(name in layer.merged_adapters for layer in layers.values()):
         raise RuntimeError(f"LoRA {name!r} is fused into the UNet's weights; unfuse it before removing it")
-    from peft.tuners.lora import LoraLayer
-
-    active_now = {path: list(m.active_adapters) for path, m in unet.named_modules() if isinstance(m, LoraLayer)}
-    requires_grad = _grad_flags(unet)
     del registry[name]
-    _undo(unet, name, record, active_now, requires_grad)
+    record.injection.undo(unet)
     if not registry:
         unet.__dict__.pop(_REGISTRY, None)
 
 
 def list_loras(unet: nn.Module) -> dict[str, float]:
     """Every LoRA adapter on the UNet (the identity LoRA included) and its weight, in loading order."""
-    from peft.tuners.lora import LoraLayer
-
     registry = _registry(unet, create=False)
     weights: dict[str, float] = {}
-    for _, module in unet.named_modules():
-        if not isinstance(module, LoraLayer):
-            continue
+    for module in _lora_layers(unet).values():
         for adapter_name in module.scaling:
             if adapter_name in weights:
                 continue
@@ -333,9 +369,7 @@ def _registry(unet: nn.Module, create: bool = True) -> dict[str, _Record]:
 
 
 def _layers_with(unet: nn.Module, name: str) -> dict[str, nn.Module]:
-    from peft.tuners.lora import LoraLayer
-
-    return {p: m for p, m in unet.named_modules() if isinstance(m, LoraLayer) and name in m.scaling}
+    return {path: m for path, m in _lora_layers(unet).items() if name in m.scaling}
 
 
 def _check_name(unet: nn.Module, name: str) -> None:
@@ -516,40 +550,11 @@ def _restore_grad_flags(unet: nn.Module, flags: dict[int, tuple[nn.Parameter, bo
             param.requires_grad_(new)
 
 
-def _undo(
-    unet: nn.Module,
-    name: str,
-    record: _Record,
-    active: dict[str, list[str]],
-    requires_grad: dict[int, tuple[nn.Parameter, bool]],
-) -> None:
-    """Take adapter ``name`` out (after a load or a failed load) and restore the rest as recorded."""
+def _lora_layers(unet: nn.Module) -> dict[str, nn.Module]:
     from peft.tuners.lora import LoraLayer
 
-    for path, module in list(unet.named_modules()):
-        if not isinstance(module, LoraLayer) or name not in module.scaling:
-            continue
-        others = [a for a in module.scaling if a != name]
-        if path in record.replaced and not others:
-            parent, _, child = path.rpartition(".")
-            setattr(unet.get_submodule(parent) if parent else unet, child, record.replaced[path])
-        else:  # the layer also holds other LoRAs (or was a LoRA layer before): take out only this one
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # PEFT warns when it picks a new active adapter; we set it below
-                module.delete_adapter(name)
-    for path, module in unet.named_modules():
-        if isinstance(module, LoraLayer) and path in active:
-            module.set_adapter([a for a in active[path] if a != name and a in module.scaling])
-    configs = getattr(unet, "peft_config", None)
-    if configs is not None:
-        configs.pop(name, None)
-        if not record.had_peft_config and not configs:
-            del unet.peft_config
-    remaining = set(getattr(unet, "peft_config", {}))
-    if remaining <= record.peft_names_before:  # nothing loaded since relies on the flag diffusers set
-        had_flag, value = record.hf_flag
-        if had_flag:
-            unet.__dict__["_hf_peft_config_loaded"] = value
-        else:
-            unet.__dict__.pop("_hf_peft_config_loaded", None)
-    _restore_grad_flags(unet, requires_grad)
+    return {path: m for path, m in unet.named_modules() if isinstance(m, LoraLayer)}
+
+
+def _active_adapters(unet: nn.Module) -> dict[str, list[str]]:
+    return {path: list(m.active_adapters) for path, m in _lora_layers(unet).items()}
