@@ -23,6 +23,14 @@ fi
 
 if [ "${1:-}" = "test" ]; then
   shift
+  # DeepSpeed (optional; tests/test_deepspeed.py) is an sdist built against the installed torch: with
+  # --no-build-isolation, since an isolated build would fetch a multi-GB CUDA torch. Tried once per environment.
+  if [ ! -e "$VENV/.faceid-deepspeed-tried" ]; then
+    touch "$VENV/.faceid-deepspeed-tried"
+    "$VENV/bin/python" -m pip install --quiet --no-build-isolation --no-deps deepspeed==0.19.8 hjson==3.1.0 \
+        py-cpuinfo==9.0.0 msgpack==1.2.4 einops==0.8.2 ninja==1.13.2 \
+      || echo "faceid: DeepSpeed could not be installed; tests/test_deepspeed.py will be skipped" >&2
+  fi
   # Tests never touch the network: every model they use is built by the tests or ships on disk.
   export HF_HUB_OFFLINE=1
   exec "$VENV/bin/python" -m pytest "$@"

@@ -291,31 +291,54 @@ def test_exported_adapter_loads_here_and_in_diffusers_with_equal_outputs(dataset
     np.testing.assert_allclose(mine, other, atol=1e-4)
 
 
-def test_two_process_training_with_accelerate_launch(dataset, golden_dir, tmp_path):
+def _accelerate_launch(config: str, args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
+    """``accelerate launch --config_file configs/<config> ... -m faceid.cli train <args>`` on a free port."""
     import socket
 
-    out = tmp_path / "ddp"
     with socket.socket() as probe:  # a free port, so that a leftover run on the default one cannot collide
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     command = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--config_file", str(REPO / "configs" / "accelerate_cpu_2proc.yaml"),
-        "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
-        "-m", "faceid.cli", "train",
-        "--base-model", str(golden_dir / "models" / "sd15-tiny"),
-        "--dataset", str(dataset),
-        "--output-dir", str(out),
-        "--resolution", "16", "--train-batch-size", "2", "--lora-rank", "4", "--max-train-steps", "3",
-        "--checkpointing-steps", "2", "--report-to", "none",
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "configs" / config),
+        "--num_processes", "2", "--mixed_precision", "no", "--main_process_ip", "127.0.0.1",
+        "--main_process_port", str(port), "-m", "faceid.cli", "train", *args,
     ]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", **env)
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=cwd)
+
+
+def _launch_args(dataset, golden_dir, out, *extra) -> list[str]:
+    return [
+        "--base-model", str(golden_dir / "models" / "sd15-tiny"), "--dataset", str(dataset),
+        "--output-dir", str(out), "--resolution", "16", "--train-batch-size", "2", "--lora-rank", "4",
+        "--max-train-steps", "3", "--checkpointing-steps", "2", "--report-to", "none", *extra,
+    ]  # fmt: skip
+
+
+def test_two_process_training_with_accelerate_launch(dataset, golden_dir, tmp_path):
+    """The shipped DDP config on 2 CPU processes (gloo): the main process counts 2, and every step averages
+    both processes' batches, so the weights differ from a single process's."""
+    out = tmp_path / "ddp"
+    done = _accelerate_launch(
+        "accelerate_ddp.yaml", _launch_args(dataset, golden_dir, out), {"ACCELERATE_USE_CPU": "true"}, tmp_path
+    )
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "trained 3 steps on 2 processes" in done.stdout  # printed once, by the main process
     assert (out / "checkpoint-2" / "adapter.safetensors").is_file()
     history = json.loads((out / "train_history.json").read_text())
     assert [h["step"] for h in history] == [1, 2, 3]
-    load_state_dict(out / "ip-adapter-faceid.safetensors")  # a complete, loadable adapter
+    ddp = _trained_state(out)
+    single = tmp_path / "single"
+    Trainer(_config(dataset, golden_dir, single, train_batch_size=2, max_train_steps=3)).train()
+    assert any(not torch.equal(ddp[g][k], _trained_state(single)[g][k]) for g in ddp for k in ddp[g])
+
+
+def test_launch_that_accelerate_would_split_into_lone_processes_is_refused(dataset, golden_dir, tmp_path):
+    """Without GPUs and without ACCELERATE_USE_CPU, accelerate starts 2 processes that each think they are alone."""
+    done = _accelerate_launch("accelerate_ddp.yaml", _launch_args(dataset, golden_dir, tmp_path / "x"), {}, tmp_path)
+    assert done.returncode != 0
+    assert "ACCELERATE_USE_CPU=true" in done.stderr
+    assert not (tmp_path / "x" / "ip-adapter-faceid.bin").exists()
 
 
 PEOPLE = ("obama", "obama2", "biden")  # each photo counts as one person here: the stand-in has no identity

@@ -298,9 +298,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides[key.strip().replace("-", "_")] = yaml.safe_load(value)
     config = TrainConfig.from_file(args.config, **overrides)
     result = Trainer(config).train()
-    if not result["stopped"]:
+    if not result["stopped"] and result["is_main_process"]:
+        processes = result["num_processes"]
         print(
-            f"trained {result['global_step']} steps ({result['samples_per_second']:.2f} samples/s); "
+            f"trained {result['global_step']} steps on {processes} process{'es' if processes > 1 else ''} "
+            f"({result['samples_per_second']:.2f} samples/s); "
             f"adapter written to {config.output_dir}/{config.export_name}.bin and .safetensors"
         )
     return 0

@@ -194,19 +194,54 @@ class Trainer:
         """``pipeline`` / ``dataset``: ready objects instead of ``config.base_model`` / ``config.dataset``
         (benchmarks and notebooks build them in memory)."""
         from accelerate import Accelerator
-        from accelerate.utils import ProjectConfiguration
+        from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
         self.config = config
         out = Path(config.output_dir)
+        handlers = []
+        if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and not torch.cuda.is_available():
+            # accelerate picks no process-group backend for DeepSpeed without GPUs, then counts one process
+            # and DeepSpeed refuses the batch size; DeepSpeed's CPU accelerator talks gloo.
+            handlers.append(InitProcessGroupKwargs(backend="gloo"))
         self.accelerator = accelerator or Accelerator(
             gradient_accumulation_steps=config.gradient_accumulation_steps,
             mixed_precision=config.mixed_precision,
             log_with=None if config.report_to == "none" else config.report_to,
             project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+            kwargs_handlers=handlers,
         )
+        self._check_launch()
         self._stop_requested = False
         self.history: list[dict[str, float]] = []
         self._given_pipeline, self._given_dataset = pipeline, dataset
+
+    @property
+    def deepspeed(self) -> bool:
+        from accelerate.utils import DistributedType
+
+        return self.accelerator.distributed_type == DistributedType.DEEPSPEED
+
+    def _check_launch(self) -> None:
+        """Refuse launches that would silently train something else than the configuration says."""
+        acc, cfg = self.accelerator, self.config
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched > 1 and acc.num_processes == 1:
+            raise FaceIDError(
+                f"{launched} processes were launched but accelerate sees only this one, so each would train alone. "
+                "Without GPUs, set ACCELERATE_USE_CPU=true (DDP on CPU) or DS_ACCELERATOR=cpu (DeepSpeed)."
+            )
+        if acc.gradient_accumulation_steps != cfg.gradient_accumulation_steps:
+            raise FaceIDError(
+                f"the accelerate config accumulates {acc.gradient_accumulation_steps} batches per step but the "
+                f"training config says gradient_accumulation_steps: {cfg.gradient_accumulation_steps}; make them equal"
+            )
+        if self.deepspeed:
+            clipping = acc.state.deepspeed_plugin.deepspeed_config.get("gradient_clipping")
+            if clipping not in (None, "auto") and float(clipping) != float(cfg.max_grad_norm):
+                raise FaceIDError(
+                    f"DeepSpeed clips gradients at {clipping} (the accelerate config's gradient_clipping) but the "
+                    f"training config says max_grad_norm: {cfg.max_grad_norm}; make them equal"
+                )
 
     # ------------------------------------------------------------------ set-up
     def setup(self) -> None:
@@ -360,7 +395,9 @@ class Trainer:
         if acc.is_main_process and tmp.exists():
             shutil.rmtree(tmp)
         acc.wait_for_everyone()
-        acc.save_state(str(tmp))
+        # DeepSpeed saves its engine's whole module unless told to leave the frozen UNet out.
+        acc.save_state(str(tmp), **({"exclude_frozen_parameters": True} if self.deepspeed else {}))
+        acc.wait_for_everyone()  # every process has written its part (ZeRO shards) before the rename
         if acc.is_main_process:
             (tmp / "trainer_state.json").write_text(json.dumps({"global_step": step}))
             if final.exists():
@@ -390,7 +427,7 @@ class Trainer:
         path = Path(target)
         if not (path / ADAPTER_FILE).is_file():
             raise FaceIDError(f"{path} is not a faceid training checkpoint (no {ADAPTER_FILE})")
-        self.accelerator.load_state(str(path))
+        self.accelerator.load_state(str(path), **({"load_module_strict": False} if self.deepspeed else {}))
         return json.loads((path / "trainer_state.json").read_text())["global_step"]
 
     # ------------------------------------------------------------------ the loop
@@ -462,6 +499,8 @@ class Trainer:
             "global_step": global_step,
             "samples_per_second": samples / elapsed if elapsed else 0.0,
             "stopped": self._stop_requested,
+            "num_processes": acc.num_processes,
+            "is_main_process": acc.is_main_process,
         }
 
     def training_loss(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
