@@ -31,7 +31,7 @@ import logging
 import math
 import re
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -190,10 +190,10 @@ class PeftInjection:
             hf_flag=("_hf_peft_config_loaded" in unet.__dict__, unet.__dict__.get("_hf_peft_config_loaded")),
         )
 
-    def settle(self, unet: nn.Module) -> list[str]:
+    def settle(self, unet: nn.Module) -> None:
         """After the injection: the other adapters active as before and this one too where it lives, its
         weights in the dtype of the layers they adapt and frozen, every other ``requires_grad`` flag as
-        before. Returns the paths of the layers that hold this adapter."""
+        before."""
         layers = _layers_with(unet, self.name)
         for path, module in _lora_layers(unet).items():
             active = [a for a in self.active.get(path, []) if a != self.name]
@@ -204,7 +204,6 @@ class PeftInjection:
                 for container in (layer.lora_A, layer.lora_B):
                     container[self.name].to(dtype)
         _restore_grad_flags(unet, self.grad_flags, new=False)
-        return list(layers)
 
     def undo(self, unet: nn.Module) -> None:
         """Take this adapter out: a layer left with no adapter becomes its original module again; the other
@@ -239,7 +238,7 @@ class PeftInjection:
 class _Record:
     weight: float
     injection: PeftInjection
-    info: LoadedLora | None = field(default=None)
+    info: LoadedLora
 
 
 def load_lora(
