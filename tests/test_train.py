@@ -461,7 +461,20 @@ def test_plus_training_with_validation_and_tensorboard(
     state = _trained_state(out)
     assert any(k.startswith("perceiver_resampler.") for k in state["image_proj"])
     assert (out / "validation" / "step-000002.png").is_file()
-    assert list((out / "logs").rglob("events.out.tfevents.*"))
+    logged = trainer.history[-1]  # validation ran at step 2: its figures join that step's record
+    assert logged["step"] == 2 and 0.0 <= logged["face_detected"] <= 1.0
+    assert logged["identity_gap"] == pytest.approx(logged["loss_shuffled_identity"] / logged["loss_own_identity"] - 1)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars, images = set(), set()
+    for events in (out / "logs").rglob("events.out.tfevents.*"):
+        tags = EventAccumulator(str(events)).Reload().Tags()
+        scalars |= set(tags["scalars"])
+        images |= set(tags["images"])
+    assert {"train/loss", "validation/identity_gap", "validation/identity_similarity"} <= scalars
+    assert "validation" in images
+    with Image.open(out / "training.png") as plot:  # loss and identity gap, for people without TensorBoard
+        assert plot.format == "PNG" and plot.height > plot.width * 0.8  # two panels
 
 
 def test_portrait_and_sdxl_training_run(dataset, golden_dir, tmp_path):

@@ -35,7 +35,7 @@ from . import __version__
 from .atomic import atomic_path
 from .errors import FaceIDError, ImageError
 from .images import ImageSource, load_image
-from .outputs import read_settings, save_png
+from .outputs import read_settings, save_figure, save_png
 from .scoring import (
     DEFAULT_CLIP_MODEL,
     ClipTextScorer,
@@ -603,7 +603,7 @@ def write_plots(
     ax.grid(alpha=0.3)
     ax.legend(title="recognizer" if recs else None)
     fig.tight_layout()
-    paths.append(_save_figure(fig, folder / "curve.png"))
+    paths.append(save_figure(fig, folder / "curve.png"))
 
     # 2. Per prompt: identity similarity (each recognizer) and CLIP-T, bars per scale.
     prompts = sorted({(g["prompt_index"], g["prompt"]) for g in summary["by_prompt"]})
@@ -631,7 +631,7 @@ def write_plots(
         axes[0].invert_yaxis()
         axes[-1].legend(fontsize=7, loc="lower right")
         fig.tight_layout()
-        paths.append(_save_figure(fig, folder / "prompts.png"))
+        paths.append(save_figure(fig, folder / "prompts.png"))
 
     # 3. Histograms of every image's scores.
     if rows and panels:
@@ -659,14 +659,8 @@ def write_plots(
             else:
                 ax.text(0.5, 0.5, "no faces found", ha="center", va="center", transform=ax.transAxes)
         fig.tight_layout()
-        paths.append(_save_figure(fig, folder / "histograms.png"))
+        paths.append(save_figure(fig, folder / "histograms.png"))
     return paths
-
-
-def _save_figure(fig, path: Path) -> Path:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    return path
 
 
 def _short(text: str, width: int) -> str:

@@ -64,3 +64,42 @@ def contact_sheet(
         sheet.paste(fitted, (x + (tile - fitted.width) // 2, y + (tile - 14 - fitted.height) // 2))
         draw.text((x + 4, y + tile - 13), label, fill="black")
     return sheet
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Save a matplotlib ``Figure`` as a PNG, atomically."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    return path
+
+
+def plot_training(history: Sequence[Mapping[str, float]], path: str | Path) -> Path | None:
+    """``training.png``: the loss of every step with its running mean and, below it, the identity gap where
+    validation measured it. Needs matplotlib (returns None without it, or without any step)."""
+    try:
+        from matplotlib.figure import Figure  # the object API: no pyplot, no global backend state
+    except ImportError:
+        return None
+    if not history:
+        return None
+    steps = np.array([h["step"] for h in history])
+    loss = np.array([h["loss"] for h in history])
+    gaps = [(h["step"], 100 * h["identity_gap"]) for h in history if "identity_gap" in h]
+    fig = Figure(figsize=(6.4, 6.0 if gaps else 3.6), dpi=100)
+    axes = fig.subplots(2 if gaps else 1, 1, sharex=True, squeeze=False)[:, 0]
+    axes[0].plot(steps, loss, color="0.75", linewidth=0.8, label="loss of the step")
+    window = max(1, len(loss) // 10)
+    running = np.convolve(loss, np.ones(window) / window, mode="valid")
+    axes[0].plot(steps[window - 1 :], running, color="C0", label=f"mean of {window} steps")
+    axes[0].set_ylabel("denoising loss")
+    axes[0].legend()
+    if gaps:
+        axes[1].plot(*zip(*gaps, strict=True), marker="o", color="C1")
+        axes[1].axhline(0.0, color="0.5", linewidth=0.8)
+        axes[1].set_ylabel("identity gap (%)\nshuffled vs own identity")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[-1].set_xlabel("step")
+    fig.tight_layout()
+    return save_figure(fig, path)

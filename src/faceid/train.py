@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -301,6 +302,7 @@ class Trainer:
         )
         if len(dataset) == 0:
             raise FaceIDError(f"the dataset {cfg.dataset} has no images")
+        self.dataset = dataset
         self.sampler = EpochSampler(len(dataset), cfg.seed)
         dataloader = torch.utils.data.DataLoader(
             dataset,
@@ -503,8 +505,11 @@ class Trainer:
             "is_main_process": acc.is_main_process,
         }
 
-    def training_loss(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
-        """The published objective: MSE between the predicted and the true noise (or v), with dropout."""
+    def training_loss(self, batch: dict, generator: torch.Generator, model: nn.Module | None = None) -> torch.Tensor:
+        """The published objective: MSE between the predicted and the true noise (or v), with dropout.
+
+        ``model``: another module to run than the prepared (DDP/DeepSpeed-wrapped) one, e.g. the unwrapped model
+        for an evaluation on one process only."""
         cfg, acc = self.config, self.accelerator
         device = acc.device
         pixel_values = batch["pixel_values"].to(device, dtype=self.pipe.vae.dtype)
@@ -542,7 +547,7 @@ class Trainer:
         if self.plus:
             clip_embeds = self._clip_features(batch["clip_image"], drop_id)
 
-        prediction = self.model(
+        prediction = (model or self.model)(
             noisy, timesteps, text_embeds, id_embeds, clip_embeds, added_cond_kwargs, shortcut=cfg.shortcut
         )
         if self.noise_scheduler.config.prediction_type == "v_prediction":
@@ -566,6 +571,7 @@ class Trainer:
         """
         saved = (self.config.drop_id, self.config.drop_text, self.config.drop_both)
         self.config.drop_id = self.config.drop_text = self.config.drop_both = 0.0
+        model = self.accelerator.unwrap_model(self.model)  # no collective ops: one process may run this alone
         self.model.eval()
         try:
             losses = []
@@ -576,7 +582,8 @@ class Trainer:
                     batch["id_embedding"] = batch["id_embedding"][order]
                     if "clip_image" in batch:
                         batch["clip_image"] = batch["clip_image"][order]
-                losses.append(self.training_loss(batch, step_generator(seed, i, 0, self.accelerator.device)).item())
+                generator = step_generator(seed, i, 0, self.accelerator.device)
+                losses.append(self.training_loss(batch, generator, model).item())
             return sum(losses) / len(losses)
         finally:
             self.config.drop_id, self.config.drop_text, self.config.drop_both = saved
@@ -585,11 +592,39 @@ class Trainer:
     # ------------------------------------------------------------------ validation and export
     @torch.no_grad()
     def validate(self, step: int) -> dict[str, float]:
-        """Images for the validation faces x prompts, logged with their identity similarity."""
+        """Every ``validation_steps``: the identity gap (always) and, for the validation faces x prompts,
+        images with their identity similarity. Logged (TensorBoard), kept in the history, and returned."""
         cfg, acc = self.config, self.accelerator
-        if not acc.is_main_process or not cfg.validation_faces:
-            acc.wait_for_everyone()
+        metrics: dict[str, float] = {}
+        if acc.is_main_process:
+            metrics.update(self._identity_gap())
+            if cfg.validation_faces:
+                metrics.update(self._validation_images(step))
+            if self.history and self.history[-1]["step"] == step:
+                self.history[-1].update({key.split("/")[-1]: value for key, value in metrics.items()})
+            if cfg.report_to != "none" and metrics:
+                acc.log(metrics, step=step)
+        acc.wait_for_everyone()
+        return metrics
+
+    def _identity_gap(self) -> dict[str, float]:
+        """Denoising loss on fixed images with their own identity and with the identities shuffled among
+        them: how much the adapter uses the identity (0 before training; it grows as the adapter learns)."""
+        size = min(len(self.dataset), max(2, self.config.train_batch_size))
+        if size < 2:
             return {}
+        count = min(4, len(self.dataset) // size)
+        batches = [_collate([self.dataset[i * size + j] for j in range(size)]) for i in range(count)]
+        own = self.identity_loss(batches, shuffle=False, seed=self.config.seed)
+        shuffled = self.identity_loss(batches, shuffle=True, seed=self.config.seed)
+        return {
+            "validation/loss_own_identity": own,
+            "validation/loss_shuffled_identity": shuffled,
+            "validation/identity_gap": shuffled / own - 1.0,
+        }
+
+    def _validation_images(self, step: int) -> dict[str, float]:
+        cfg, acc = self.config, self.accelerator
         from .faces import FaceAnalyzer
         from .outputs import contact_sheet
         from .pipeline import FaceIDPipeline
@@ -617,23 +652,17 @@ class Trainer:
                     images.append(image)
         finally:
             self.model.train()
-        metrics = {
-            "validation/identity_similarity": sum(similarities) / len(similarities),
-            "validation/face_detected": sum(s != 0.0 for s in similarities) / len(similarities),
-        }
         sheet = contact_sheet(images, labels=[f"{s:.2f}" for s in similarities])
         folder = Path(cfg.output_dir) / "validation"
         folder.mkdir(parents=True, exist_ok=True)
         sheet.save(folder / f"step-{step:06d}.png")
-        if cfg.report_to != "none":
-            import numpy as np
-
-            acc.log(metrics, step=step)
-            for tracker in acc.trackers:
-                if tracker.name == "tensorboard":
-                    tracker.writer.add_image("validation", np.asarray(sheet), step, dataformats="HWC")
-        acc.wait_for_everyone()
-        return metrics
+        for tracker in acc.trackers if cfg.report_to != "none" else []:
+            if tracker.name == "tensorboard":
+                tracker.writer.add_image("validation", np.asarray(sheet), step, dataformats="HWC")
+        return {
+            "validation/identity_similarity": sum(similarities) / len(similarities),
+            "validation/face_detected": sum(s != 0.0 for s in similarities) / len(similarities),
+        }
 
     def export(self) -> dict[str, Path]:
         """The trained adapter in the official layouts (+ the separate LoRA file) in the output folder."""
@@ -650,6 +679,9 @@ class Trainer:
 
                 written["lora"] = save_lora(self.adapter, out / f"{self.config.export_name}_lora.safetensors")
             (out / "train_history.json").write_text(json.dumps(self.history))
+            from .outputs import plot_training
+
+            plot_training(self.history, out / "training.png")
         acc.wait_for_everyone()
         return written
 
