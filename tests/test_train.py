@@ -423,14 +423,15 @@ def test_training_teaches_the_adapter_to_use_the_identity(
     losses = [h["loss"] for h in trainer.history]
     first, last = sum(losses[:20]) / 20, sum(losses[-20:]) / 20
     with capsys.disabled():
-        print(f"\ntraining loss {first:.4f} -> {last:.4f}")
+        print(f"\ntraining loss, mean of the first and the last 20 steps: {first:.4f} -> {last:.4f}")
         for label, (true, shuffled, wins) in (("before training", before), ("after 100 steps", after)):
             print(
                 f"{label}: denoising loss with own identity {true:.4f}, shuffled {shuffled:.4f} "
                 f"(shuffled {100 * (shuffled - true) / true:+.1f}%; own lower in {wins}/8 evaluations)"
             )
-    assert last < 0.9 * first
-    assert after[0] < before[0]  # the same noise and timesteps: the loss with the own identity fell
+    # The loss falls: measured on the same images, noise and timesteps before and after (the per-step
+    # training loss printed above is too noisy to assert on: every step draws new timesteps).
+    assert after[0] < 0.97 * before[0]
     true, shuffled, wins = after
     assert true < shuffled and wins == 8
     assert shuffled - true > 3 * abs(before[1] - before[0])  # the gap comes from training
