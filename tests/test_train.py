@@ -253,6 +253,10 @@ def test_config_files_and_bad_settings(tmp_path, golden_dir, dataset):
         TrainConfig.from_file(None, base_model="x", dataset="y", variant="turbo")
     with pytest.raises(FaceIDError, match="not a int"):
         TrainConfig.from_file(None, base_model="x", dataset="y", max_train_steps="many")
+    # a wrong dataset is reported before the base model is even looked for
+    missing = TrainConfig.from_file(None, base_model="no/such-model", dataset=str(tmp_path / "nope"))
+    with pytest.raises(FaceIDError, match="Dataset folder not found.*faceid prepare"):
+        Trainer(missing).setup()
 
 
 def test_exported_adapter_loads_here_and_in_diffusers_with_equal_outputs(dataset, golden_dir, tmp_path):

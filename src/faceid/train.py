@@ -252,6 +252,10 @@ class Trainer:
         from .hub import model_not_found, offline
 
         cfg, acc = self.config, self.accelerator
+        if self._given_dataset is None:
+            from .data import read_dataset_info
+
+            read_dataset_info(cfg.dataset)  # a wrong dataset path fails now, not after minutes of model loading
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
         if self._given_pipeline is not None:
             self.pipe = self._given_pipeline
