@@ -198,21 +198,31 @@ def test_generate_portrait_from_several_photos(tmp_path, golden_dir, faces_dir, 
     assert settings["combine"] == "concat" and "obama2.jpg" in settings["face"]
 
 
-def _style_lora_file(path, golden_dir, seed=0):
-    """A kohya-layout LoRA on every attention to_q/to_v of the tiny SD1.5 UNet, as A1111/ComfyUI write it."""
+def _style_lora_file(path, golden_dir, seed=0, text_encoder_only=False):
+    """A kohya-layout LoRA on every attention to_q/to_v of the tiny SD1.5 UNet, as A1111/ComfyUI write it.
+
+    ``text_encoder_only``: the UNet part does nothing (zero up weights) and the text encoder's attention
+    projections carry the LoRA instead (``lora_te_text_model_...`` keys)."""
     import torch
     from diffusers import UNet2DConditionModel
     from safetensors.torch import save_file
+    from transformers import CLIPTextModel
 
-    unet = UNet2DConditionModel.from_pretrained(golden_dir / "models" / "sd15-tiny" / "unet")
+    models = golden_dir / "models" / "sd15-tiny"
     generator = torch.Generator().manual_seed(seed)
     state = {}
-    for name, module in unet.named_modules():
-        if name.endswith(("attn1.to_q", "attn2.to_v")):
-            key = "lora_unet_" + name.replace(".", "_")
-            state[f"{key}.lora_down.weight"] = torch.randn(2, module.in_features, generator=generator)
-            state[f"{key}.lora_up.weight"] = torch.randn(module.out_features, 2, generator=generator)
-            state[f"{key}.alpha"] = torch.tensor(2.0)
+    parts = [(UNet2DConditionModel.from_pretrained(models / "unet"), "lora_unet_", ("attn1.to_q", "attn2.to_v"))]
+    if text_encoder_only:
+        parts.append((CLIPTextModel.from_pretrained(models / "text_encoder"), "lora_te_text_model_", ("_proj",)))
+    for model, prefix, suffixes in parts:
+        for name, module in model.named_modules():
+            if name.endswith(suffixes) and isinstance(module, torch.nn.Linear):
+                key = prefix + name.replace(".", "_")
+                up = torch.randn(module.out_features, 2, generator=generator)
+                silent = text_encoder_only and prefix == "lora_unet_"
+                state[f"{key}.lora_down.weight"] = torch.randn(2, module.in_features, generator=generator)
+                state[f"{key}.lora_up.weight"] = torch.zeros_like(up) if silent else up
+                state[f"{key}.alpha"] = torch.tensor(2.0)
     save_file(state, str(path))
     return path
 
@@ -228,6 +238,10 @@ def test_generate_with_a_style_lora(tmp_path, golden_dir, faces_dir, sd15, face_
     np.testing.assert_array_equal(plain, zero)  # weight 0: the LoRA changes nothing
     assert np.abs(styled - plain).max() > 0
     assert read_settings(tmp_path / "styled" / "obama_s1.png")["loras"] == {"style": 0.8}
+    # a LoRA that acts through the text encoder only: applied there, with the same weight
+    prompt_style = _style_lora_file(tmp_path / "prompt_style.safetensors", golden_dir, text_encoder_only=True)
+    np.testing.assert_array_equal(run("prompt_zero", "--lora", f"{prompt_style}:0"), plain)
+    assert np.abs(run("prompt_styled", "--lora", f"{prompt_style}:1") - plain).max() > 0
     bad = tmp_path / "not-a-lora.safetensors"
     import torch
     from safetensors.torch import save_file

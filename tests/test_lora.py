@@ -330,6 +330,130 @@ def test_removing_the_adapter_first_keeps_a_style_lora_loaded_after_it():
     _assert_same_as(unet, plain)  # the layers PEFT wrapped for the identity LoRA are plain again
 
 
+def _text_encoder_lora(encoder, modules, rank=4, alphas=(2.0,), seed=5, width=None):
+    """Kohya text-encoder keys (``lora_te_text_model_...``, as A1111 writes them) for ``modules`` of ``encoder``;
+    module i gets ``alphas[i % len(alphas)]``."""
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for i, path in enumerate(modules):
+        alpha = alphas[i % len(alphas)]
+        module = encoder.get_submodule(path)
+        n_in, n_out = width or module.in_features, width or module.out_features
+        key = "lora_te_text_model_" + path.removeprefix("text_model.").replace(".", "_")
+        state[f"{key}.lora_down.weight"] = _half_exact(torch.randn(rank, n_in, generator=generator) * 0.3)
+        state[f"{key}.lora_up.weight"] = _half_exact(torch.randn(n_out, rank, generator=generator) * 0.3)
+        state[f"{key}.alpha"] = torch.tensor(alpha)
+    return state
+
+
+def _text_snapshot(encoder):
+    return {
+        "repr": repr(encoder),
+        "state": {k: v.clone() for k, v in encoder.state_dict().items()},
+        "peft_config": list(getattr(encoder, "peft_config", {})),
+        "flag": encoder.__dict__.get("_hf_peft_config_loaded"),
+    }
+
+
+def test_text_encoder_part_goes_onto_the_text_encoder_with_the_same_weight(golden_dir):
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTextModel
+
+    pipe = StableDiffusionPipeline.from_pretrained(
+        golden_dir / "models" / "sd15-tiny", safety_checker=None, requires_safety_checker=False
+    )
+    unet, encoder = pipe.unet, pipe.text_encoder
+    ids = pipe.tokenizer(["a photo of a person"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    plain = encoder(ids)[0]
+    unet_before, encoder_before = _snapshot(unet), _text_snapshot(encoder)
+    # an attention projection without out_proj (diffusers' loader alone misses it) and an MLP layer,
+    # each with its own alpha
+    modules = ["encoder.layers.0.self_attn.q_proj", "encoder.layers.1.mlp.fc1", "encoder.layers.1.self_attn.v_proj"]
+    text = _text_encoder_lora(encoder, modules, alphas=(2.0, 4.0))
+    state = {**_style_lora(unet, targets=STYLE_TARGETS[:4], text_encoder=False), **text}
+
+    info = load_lora(unet, state, "style", weight=0.5, text_encoders={"text_encoder": encoder})
+    assert info.ignored == ()
+    assert set(info.text_encoder_modules) == {f"text_encoder.{m}" for m in modules}
+    by_hand = CLIPTextModel.from_pretrained(golden_dir / "models" / "sd15-tiny" / "text_encoder")  # a plain copy
+    with torch.no_grad():
+        for path in modules:
+            stem = "lora_te_text_model_" + path.replace(".", "_")
+            down, up = text[f"{stem}.lora_down.weight"], text[f"{stem}.lora_up.weight"]
+            by_hand.get_submodule(path).weight += 0.5 * float(text[f"{stem}.alpha"]) / 4 * (up @ down)
+    styled = encoder(ids)[0]
+    torch.testing.assert_close(styled, by_hand(ids)[0], atol=1e-5, rtol=1e-5)
+
+    set_lora_weight(unet, "style", 0.0)  # the weight applies to both parts
+    assert torch.equal(encoder(ids)[0], plain)
+    set_lora_weight(unet, "style", 0.5)
+    assert torch.equal(encoder(ids)[0], styled)
+    remove_lora(unet, "style")
+    _assert_same_as(unet, unet_before)
+    after = _text_snapshot(encoder)
+    assert {k: after[k] for k in ("repr", "peft_config", "flag")} == {
+        k: encoder_before[k] for k in ("repr", "peft_config", "flag")
+    }
+    assert all(torch.equal(after["state"][k], v) for k, v in encoder_before["state"].items())
+    assert torch.equal(encoder(ids)[0], plain)
+
+    # Without the text encoder the part is reported, not applied.
+    info = load_lora(unet, state, "style", weight=0.5)
+    assert len(info.ignored) == 2 * len(modules) and info.text_encoder_modules == ()
+    assert torch.equal(encoder(ids)[0], plain)
+    remove_lora(unet, "style")
+
+
+def test_sdxl_lora_reaches_both_text_encoders(golden_dir):
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(golden_dir / "models" / "sdxl-tiny")
+    encoders = {"text_encoder": pipe.text_encoder, "text_encoder_2": pipe.text_encoder_2}
+    ids = {
+        key: tokenizer(["a photo"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+        for key, tokenizer in (("text_encoder", pipe.tokenizer), ("text_encoder_2", pipe.tokenizer_2))
+    }
+    plain = {key: encoder(ids[key])[0] for key, encoder in encoders.items()}
+    # transformers 5 flattens CLIPTextModel but not CLIPTextModelWithProjection (text_model.encoder...)
+    paths = {
+        key: ("text_model." if hasattr(encoder, "text_model") else "") + "encoder.layers.0.self_attn.k_proj"
+        for key, encoder in encoders.items()
+    }
+    state = {}
+    for prefix, key in (("lora_te1_", "text_encoder"), ("lora_te2_", "text_encoder_2")):
+        for name, value in _text_encoder_lora(encoders[key], [paths[key]]).items():
+            state[name.replace("lora_te_", prefix)] = value
+    unet_path = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"
+    state.update(_style_lora(pipe.unet, targets=[unet_path], text_encoder=False))
+    info = load_lora(pipe.unet, state, "style", weight=1.0, text_encoders=encoders)
+    assert set(info.text_encoder_modules) == {f"{key}.{path}" for key, path in paths.items()}
+    assert all(not torch.allclose(encoders[k](ids[k])[0], plain[k]) for k in encoders)
+    remove_lora(pipe.unet, "style")
+    assert all(torch.equal(encoders[k](ids[k])[0], plain[k]) for k in encoders)
+
+
+def test_text_encoder_part_for_another_model_is_refused_and_nothing_stays(golden_dir):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(
+        golden_dir / "models" / "sd15-tiny", safety_checker=None, requires_safety_checker=False
+    )
+    unet, encoder = pipe.unet, pipe.text_encoder
+    unet_before, encoder_before = _snapshot(unet), _text_snapshot(encoder)
+    wrong = _text_encoder_lora(encoder, ["encoder.layers.0.self_attn.q_proj"], width=48)  # made for a wider model
+    state = {**_style_lora(unet, targets=STYLE_TARGETS[:4], text_encoder=False), **wrong}
+    with pytest.raises(CheckpointError, match="text_encoder part does not fit"):
+        load_lora(unet, state, "style", text_encoders={"text_encoder": encoder})
+    _assert_same_as(unet, unet_before)
+    after = _text_snapshot(encoder)
+    assert (after["repr"], after["peft_config"], after["flag"]) == (
+        encoder_before["repr"],
+        encoder_before["peft_config"],
+        encoder_before["flag"],
+    )
+    assert list_loras(unet) == {}
+
+
 def test_sgm_named_kohya_lora_on_an_sdxl_unet():
     """SDXL LoRAs from kohya's trainer name blocks the SGM way (input_blocks_4_1); diffusers maps them."""
     from diffusers import UNet2DConditionModel

@@ -20,8 +20,9 @@ Two things live here, both on top of PEFT and diffusers' own key converters (no 
 * ``load_lora`` / ``set_lora_weight`` / ``remove_lora`` / ``list_loras``: a kohya or diffusers/PEFT LoRA
   file (SD1.5 or SDXL) loaded onto the UNet as a named PEFT adapter, next to the LoRAs already there
   (the identity LoRA included), which stay active with their weights. ``remove_lora`` puts back the
-  modules, weights, active adapters and ``requires_grad`` flags it found. Text-encoder parts of a file
-  are reported (``LoadedLora.ignored``, and a log warning) but not applied.
+  modules, weights, active adapters and ``requires_grad`` flags it found. A file's text-encoder part goes
+  onto the text encoders given (``FaceIDPipeline.load_lora`` gives the pipeline's) with the same weight;
+  without them it is reported (``LoadedLora.ignored``, and a log warning).
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ import logging
 import math
 import re
 import warnings
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -157,7 +159,8 @@ class LoadedLora:
     weight: float
     modules: tuple[str, ...]  # UNet module paths that carry the LoRA
     ranks: tuple[int, ...]  # the distinct ranks in the file
-    ignored: tuple[str, ...] = ()  # tensors of the file that were not applied (text encoders)
+    ignored: tuple[str, ...] = ()  # tensors of the file that were not applied (text encoders not given)
+    text_encoder_modules: tuple[str, ...] = ()  # "<text encoder>.<module path>" that carry the LoRA
 
 
 @dataclass
@@ -239,6 +242,7 @@ class _Record:
     weight: float
     injection: PeftInjection
     info: LoadedLora
+    text_encoders: dict[str, tuple[nn.Module, PeftInjection]] = field(default_factory=dict)
 
 
 def load_lora(
@@ -247,31 +251,32 @@ def load_lora(
     name: str,
     weight: float = 1.0,
     label: str | None = None,
+    text_encoders: Mapping[str, nn.Module | None] | None = None,
 ) -> LoadedLora:
     """Load a LoRA file (kohya or diffusers/PEFT layout, SD1.5 or SDXL) onto ``unet`` as adapter ``name``.
 
     ``lora`` is a ``.safetensors`` (or pickled ``.bin``/``.pt``, read with ``weights_only``) file, a
     diffusers LoRA folder, or a state dict. The LoRAs already on the UNet stay active with their
-    weights; ``weight`` scales this one (``W x + weight * alpha/rank * up(down(x))``). Raises
+    weights; ``weight`` scales this one (``W x + weight * alpha/rank * up(down(x))``). The file's
+    text-encoder part goes onto ``text_encoders`` (``{"text_encoder": ..., "text_encoder_2": ...}``) with the
+    same weight, as A1111 and ComfyUI apply it; without them it is reported in ``ignored``. Raises
     ``CheckpointError`` for an unreadable file, a file that is not a LoRA, a LoRA made for another base
-    model (naming the layer and the sizes), or a name already in use.
+    model (naming the layer and the sizes), or a name already in use; nothing is left loaded then.
     """
     label = label or (Path(lora).name if isinstance(lora, (str, Path)) else "LoRA state dict")
     _check_name(unet, name)
     raw, metadata = _read_lora(lora, label)
-    layout, unet_state, alphas, ignored = _to_peft(unet, raw, label)
+    layout, unet_state, alphas, text_state, text_alphas = _to_peft(unet, raw, label)
     metadata = _unet_metadata(metadata, prefixed=any(k.startswith("unet.") for k in raw))
     if not unet_state:
         raise CheckpointError(
-            f"{label} has no UNet weights (only {len(ignored)} text-encoder tensors); faceid applies UNet LoRAs only"
+            f"{label} has no UNet weights (only {len(text_state)} text-encoder tensors); faceid needs a UNet LoRA"
         )
     modules = _check_fits(unet, unet_state, label)
+    encoders = {p: m for p, m in (text_encoders or {}).items() if m is not None}
+    ignored = sorted(k for k in text_state if k.split(".", 1)[0] not in encoders)
     if ignored:
-        logger.warning(
-            "%s: %d text-encoder tensors are not applied (faceid loads the UNet part of a LoRA only)",
-            label,
-            len(ignored),
-        )
+        logger.warning("%s: %d text-encoder tensors are not applied (no text encoder given)", label, len(ignored))
 
     injection = PeftInjection.before(unet, name)
     try:
@@ -292,10 +297,69 @@ def load_lora(
         layer.set_scale(name, float(weight))
     injection.settle(unet)
 
+    loaded_text: dict[str, tuple[nn.Module, PeftInjection]] = {}
+    try:
+        for prefix, encoder in encoders.items():
+            part = {k: v for k, v in text_state.items() if k.startswith(f"{prefix}.")}
+            if part:
+                loaded_text[prefix] = (
+                    encoder,
+                    _load_text_encoder_lora(encoder, prefix, part, text_alphas, name, label),
+                )
+                for layer in _layers_with(encoder, name).values():
+                    layer.set_scale(name, float(weight))
+    except CheckpointError:
+        for encoder, text_injection in loaded_text.values():
+            text_injection.undo(encoder)
+        injection.undo(unet)
+        raise
+
     ranks = sorted({t.shape[0] for k, t in unet_state.items() if k.endswith(".lora_A.weight")})
-    info = LoadedLora(name, layout, float(weight), tuple(modules), tuple(ranks), tuple(ignored))
-    _registry(unet)[name] = _Record(float(weight), injection, info)
+    text_modules = tuple(
+        f"{p}.{path}" for p, (encoder, _) in loaded_text.items() for path in _layers_with(encoder, name)
+    )
+    info = LoadedLora(name, layout, float(weight), tuple(modules), tuple(ranks), tuple(ignored), text_modules)
+    _registry(unet)[name] = _Record(float(weight), injection, info, loaded_text)
     return info
+
+
+def _load_text_encoder_lora(
+    encoder: nn.Module, prefix: str, part: dict, alphas: dict, name: str, label: str
+) -> PeftInjection:
+    """One text encoder's part of a LoRA, through diffusers' own loader (kohya names, ``text_model.``
+    prefixes and alphas handled there); refused unless every one of its layers found its module."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils.state_dict_utils import DIFFUSERS_OLD_TO_DIFFUSERS, convert_state_dict
+
+    # diffusers' kohya converter names text-encoder attention LoRAs the old way (``self_attn.to_q_lora.down``)
+    # and its loader recognises that only when an ``out_proj`` LoRA is present: rename them here, alphas too,
+    # and drop the ``text_model.`` level that flattened (transformers 5) CLIP text models no longer have.
+    flat = not hasattr(encoder, "text_model")
+
+    def rename(entries: dict) -> dict:
+        renamed = convert_state_dict(dict(entries), DIFFUSERS_OLD_TO_DIFFUSERS)
+        return {k.replace(f"{prefix}.text_model.", f"{prefix}.") if flat else k: v for k, v in renamed.items()}
+
+    part = rename(part)
+    alphas = rename({k: v for k, v in alphas.items() if k.startswith(f"{prefix}.")})
+    wanted = sum(key.endswith(("down.weight", "lora_A.weight")) for key in part)  # one per adapted layer
+    injection = PeftInjection.before(encoder, name)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            StableDiffusionPipeline.load_lora_into_text_encoder(
+                part, alphas or None, encoder, prefix=prefix, lora_scale=1.0, adapter_name=name
+            )
+        found = len(_layers_with(encoder, name))
+        if found < wanted:
+            raise ValueError(f"{wanted} LoRA layers for {prefix}, {found} of them found in the model")
+    except Exception as exc:
+        injection.undo(encoder)
+        raise CheckpointError(
+            f"{label}: its {prefix} part does not fit this model's {prefix}: {type(exc).__name__}: {exc}"
+        ) from exc
+    injection.settle(encoder)
+    return injection
 
 
 def set_lora_weight(unet: nn.Module, name: str, weight: float) -> None:
@@ -308,9 +372,11 @@ def set_lora_weight(unet: nn.Module, name: str, weight: float) -> None:
         raise KeyError(f"no LoRA named {name!r} on this UNet (loaded: {', '.join(list_loras(unet)) or 'none'})")
     if any(name in layer.merged_adapters for layer in layers.values()):
         raise RuntimeError(f"LoRA {name!r} is fused into the UNet's weights; unfuse it before changing its weight")
+    record = _registry(unet, create=False).get(name)
+    for encoder, _ in record.text_encoders.values() if record is not None else ():
+        layers.update({f"{id(encoder)}.{p}": m for p, m in _layers_with(encoder, name).items()})
     for layer in layers.values():
         layer.set_scale(name, float(weight))
-    record = _registry(unet, create=False).get(name)
     if record is not None:
         record.weight = float(weight)
 
@@ -335,6 +401,8 @@ def remove_lora(unet: nn.Module, name: str) -> None:
         raise RuntimeError(f"LoRA {name!r} is fused into the UNet's weights; unfuse it before removing it")
     del registry[name]
     record.injection.undo(unet)
+    for encoder, text_injection in record.text_encoders.values():
+        text_injection.undo(encoder)
     if not registry:
         unet.__dict__.pop(_REGISTRY, None)
 
@@ -440,7 +508,8 @@ def _unet_metadata(metadata: dict | None, prefixed: bool) -> dict | None:
 def _to_peft(
     unet: nn.Module, state: dict[str, torch.Tensor], label: str
 ) -> tuple[str, dict[str, torch.Tensor], dict[str, float], list[str]]:
-    """(layout, UNet part as PEFT keys without prefix, kohya alphas with the ``unet.`` prefix, ignored keys)."""
+    """(layout, UNet part as PEFT keys without prefix, its kohya alphas with the ``unet.`` prefix, the
+    text-encoder part with its ``text_encoder(_2).`` prefix as diffusers converted it, and its alphas)."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
 
@@ -455,12 +524,12 @@ def _to_peft(
 
     has_prefix = any(k.startswith(("unet.", *_TEXT_ENCODER_PREFIXES)) for k in converted)
     unet_part: dict[str, torch.Tensor] = {}
-    ignored: list[str] = []
+    text_part: dict[str, torch.Tensor] = {}
     for key, tensor in converted.items():
         if key.startswith("unet."):
             unet_part[key.removeprefix("unet.")] = tensor
         elif has_prefix:
-            ignored.append(key)
+            text_part[key] = tensor
         else:  # an unprefixed PEFT/diffusers UNet state dict (``unet.save_lora_adapter``)
             unet_part[key] = tensor
     if unet_part and not all(_PEFT_KEY.match(k) for k in unet_part):
@@ -471,8 +540,9 @@ def _to_peft(
             f"{label}: unsupported LoRA tensors (only plain LoRA down/up pairs are supported), "
             f"e.g. {', '.join(unsupported[:3])}"
         )
+    text_alphas = {k: v for k, v in (alphas or {}).items() if k.startswith(_TEXT_ENCODER_PREFIXES)}
     alphas = {k: v for k, v in (alphas or {}).items() if k.startswith("unet.")}
-    return layout, unet_part, alphas, sorted(ignored)
+    return layout, unet_part, alphas, text_part, text_alphas
 
 
 def _check_fits(unet: nn.Module, state: dict[str, torch.Tensor], label: str) -> list[str]:

@@ -247,15 +247,10 @@ class FaceIDPipeline:
                     f"the image encoder gives {encoder.hidden_size}-d features but {adapter_path.name} takes "
                     f"{spec.perceiver.clip_dim}-d ones (the Plus adapters use CLIP ViT-H/14, 1280-d)"
                 )
-        for item in loras:
-            path, weight = item if isinstance(item, tuple) else (item, 1.0)
-            from . import lora
-
-            lora.load_lora(pipe.unet, path, name=Path(path).stem, weight=weight)
         if shortcut is None:
             # Plus and PlusV2 checkpoints have the same tensors; the released name says which one it is.
             shortcut = preset.shortcut if preset else "plusv2" in str(adapter).lower().replace("_", "").replace("-", "")
-        return cls(
+        loaded = cls(
             pipe,
             installed,
             face_analyzer=face_analyzer,
@@ -264,6 +259,10 @@ class FaceIDPipeline:
             image_encoder=encoder,
             shortcut=shortcut,
         )
+        for item in loras:
+            path, weight = item if isinstance(item, tuple) else (item, 1.0)
+            loaded.load_lora(path, weight)
+        return loaded
 
     # ------------------------------------------------------------------ properties
     @property
@@ -286,7 +285,8 @@ class FaceIDPipeline:
 
     # ------------------------------------------------------------------ user LoRAs
     def load_lora(self, path: str | os.PathLike, weight: float = 1.0, name: str | None = None) -> str:
-        """Stack an ecosystem LoRA (kohya or diffusers layout; a style, a character...) with its own weight.
+        """Stack an ecosystem LoRA (kohya or diffusers layout; a style, a character...) with its own weight,
+        on the UNet and (its text-encoder part) on the text encoders.
 
         The identity LoRA and any other loaded LoRA stay active. Returns the name to use with
         ``set_lora_weight`` / ``remove_lora`` (default: the file name without suffix).
@@ -294,7 +294,8 @@ class FaceIDPipeline:
         from . import lora
 
         name = name or Path(path).stem
-        lora.load_lora(self.pipe.unet, path, name=name, weight=weight)
+        encoders = {key: getattr(self.pipe, key, None) for key in ("text_encoder", "text_encoder_2")}
+        lora.load_lora(self.pipe.unet, path, name=name, weight=weight, text_encoders=encoders)
         return name
 
     def set_lora_weight(self, name: str, weight: float) -> None:
