@@ -373,12 +373,12 @@ def set_lora_weight(unet: nn.Module, name: str, weight: float) -> None:
     if any(name in layer.merged_adapters for layer in layers.values()):
         raise RuntimeError(f"LoRA {name!r} is fused into the UNet's weights; unfuse it before changing its weight")
     record = _registry(unet, create=False).get(name)
-    for encoder, _ in record.text_encoders.values() if record is not None else ():
-        layers.update({f"{id(encoder)}.{p}": m for p, m in _layers_with(encoder, name).items()})
-    for layer in layers.values():
-        layer.set_scale(name, float(weight))
-    if record is not None:
+    targets = list(layers.values())
+    if record is not None:  # loaded by load_lora: its text-encoder part takes the same weight
+        targets += [m for encoder, _ in record.text_encoders.values() for m in _layers_with(encoder, name).values()]
         record.weight = float(weight)
+    for layer in targets:
+        layer.set_scale(name, float(weight))
 
 
 def remove_lora(unet: nn.Module, name: str) -> None:
