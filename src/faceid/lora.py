@@ -293,8 +293,7 @@ def load_lora(
     except Exception as exc:
         injection.undo(unet)
         raise CheckpointError(f"{label} could not be loaded as a LoRA: {type(exc).__name__}: {exc}") from exc
-    for layer in _layers_with(unet, name).values():
-        layer.set_scale(name, float(weight))
+    _set_weight(unet, name, weight)
     injection.settle(unet)
 
     loaded_text: dict[str, tuple[nn.Module, PeftInjection]] = {}
@@ -306,8 +305,7 @@ def load_lora(
                     encoder,
                     _load_text_encoder_lora(encoder, prefix, part, text_alphas, name, label),
                 )
-                for layer in _layers_with(encoder, name).values():
-                    layer.set_scale(name, float(weight))
+                _set_weight(encoder, name, weight)
     except CheckpointError:
         for encoder, text_injection in loaded_text.values():
             text_injection.undo(encoder)
@@ -326,8 +324,8 @@ def load_lora(
 def _load_text_encoder_lora(
     encoder: nn.Module, prefix: str, part: dict, alphas: dict, name: str, label: str
 ) -> PeftInjection:
-    """One text encoder's part of a LoRA, through diffusers' own loader (kohya names, ``text_model.``
-    prefixes and alphas handled there); refused unless every one of its layers found its module."""
+    """One text encoder's part of a LoRA, through diffusers' own loader once the names are ones it reads;
+    refused (and taken out again) unless every one of its layers found its module."""
     from diffusers import StableDiffusionPipeline
     from diffusers.utils.state_dict_utils import DIFFUSERS_OLD_TO_DIFFUSERS, convert_state_dict
 
@@ -372,13 +370,12 @@ def set_lora_weight(unet: nn.Module, name: str, weight: float) -> None:
         raise KeyError(f"no LoRA named {name!r} on this UNet (loaded: {', '.join(list_loras(unet)) or 'none'})")
     if any(name in layer.merged_adapters for layer in layers.values()):
         raise RuntimeError(f"LoRA {name!r} is fused into the UNet's weights; unfuse it before changing its weight")
+    _set_weight(unet, name, weight)
     record = _registry(unet, create=False).get(name)
-    targets = list(layers.values())
     if record is not None:  # loaded by load_lora: its text-encoder part takes the same weight
-        targets += [m for encoder, _ in record.text_encoders.values() for m in _layers_with(encoder, name).values()]
+        for encoder, _ in record.text_encoders.values():
+            _set_weight(encoder, name, weight)
         record.weight = float(weight)
-    for layer in targets:
-        layer.set_scale(name, float(weight))
 
 
 def remove_lora(unet: nn.Module, name: str) -> None:
@@ -433,6 +430,12 @@ def _registry(unet: nn.Module, create: bool = True) -> dict[str, _Record]:
         if create:
             unet.__dict__[_REGISTRY] = registry
     return registry
+
+
+def _set_weight(model: nn.Module, name: str, weight: float) -> None:
+    """The weight of adapter ``name`` on every layer of ``model`` that carries it."""
+    for layer in _layers_with(model, name).values():
+        layer.set_scale(name, float(weight))
 
 
 def _layers_with(unet: nn.Module, name: str) -> dict[str, nn.Module]:

@@ -215,6 +215,7 @@ class Trainer:
         self._stop_requested = False
         self.history: list[dict[str, float]] = []
         self._given_pipeline, self._given_dataset = pipeline, dataset
+        self._gap_batches: list[dict] | None = None  # the fixed images validation measures the identity gap on
 
     @property
     def deepspeed(self) -> bool:
@@ -551,7 +552,7 @@ class Trainer:
         if self.plus:
             clip_embeds = self._clip_features(batch["clip_image"], drop_id)
 
-        prediction = (model or self.model)(
+        prediction = (self.model if model is None else model)(
             noisy, timesteps, text_embeds, id_embeds, clip_embeds, added_cond_kwargs, shortcut=cfg.shortcut
         )
         if self.noise_scheduler.config.prediction_type == "v_prediction":
@@ -614,11 +615,15 @@ class Trainer:
     def _identity_gap(self) -> dict[str, float]:
         """Denoising loss on fixed images with their own identity and with the identities shuffled among
         them: how much the adapter uses the identity (0 before training; it grows as the adapter learns)."""
-        size = min(len(self.dataset), max(2, self.config.train_batch_size))
-        if size < 2:
+        if self._gap_batches is None:
+            size = min(len(self.dataset), max(2, self.config.train_batch_size))
+            count = min(4, len(self.dataset) // size) if size >= 2 else 0
+            # Read once; fork_rng keeps a random hflip here from moving the training's random numbers.
+            with torch.random.fork_rng(devices=[]):
+                self._gap_batches = [_collate([self.dataset[i * size + j] for j in range(size)]) for i in range(count)]
+        batches = self._gap_batches
+        if not batches:
             return {}
-        count = min(4, len(self.dataset) // size)
-        batches = [_collate([self.dataset[i * size + j] for j in range(size)]) for i in range(count)]
         own = self.identity_loss(batches, shuffle=False, seed=self.config.seed)
         shuffled = self.identity_loss(batches, shuffle=True, seed=self.config.seed)
         return {
