@@ -132,10 +132,11 @@ def test_stop_signal_saves_a_checkpoint_that_resumes_exactly(dataset, golden_dir
         return original(self, batch, generator)
 
     monkeypatch.setattr(Trainer, "training_loss", loss_then_signal)
+    handlers = (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT))
     result = trainer.train()
     monkeypatch.setattr(Trainer, "training_loss", original)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    # The trainer's handlers live only while it trains: the process's own are back afterwards.
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == handlers
     assert result["stopped"] and result["global_step"] == 2
     assert [p.name for p in list_checkpoints(stopped)] == ["checkpoint-2"]
     assert not (stopped / "ip-adapter-faceid.bin").exists()  # not exported: the run is not finished

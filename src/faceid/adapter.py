@@ -160,6 +160,51 @@ class FaceIDAdapter:
     def installed(self) -> bool:
         return self.projection is not None
 
+    def detached_layers(self) -> list[str]:
+        """Attention layers where the adapter no longer acts because other code took its place.
+
+        Identity tokens reach the UNet as ``cross_attention_kwargs["ip_hidden_states"]``, which diffusers
+        silently drops for any processor that does not take it: after ``set_default_attn_processor()``,
+        ``enable_xformers_memory_efficient_attention()``, ``load_ip_adapter()`` and the like, a call would
+        render a stranger. Likewise ``unload_lora_weights()`` takes the identity LoRA with it.
+        """
+        if self.projection is None:
+            return []
+        current = self.unet.attn_processors
+        gone = [path for path, proc in self.processors.items() if current.get(f"{path}.processor") is not proc]
+        for path in self._lora_layers:
+            lora_a = getattr(self.unet.get_submodule(path), "lora_A", None)
+            if lora_a is None or self.name not in lora_a:
+                gone.append(path)
+        return gone
+
+    def check_attached(self) -> None:
+        """Raise a FaceIDError when the adapter no longer acts on every layer it was installed on."""
+        if self.projection is None:
+            raise FaceIDError("the FaceID adapter was removed from this UNet; load the pipeline again to use it")
+        gone = self.detached_layers()
+        if not gone:
+            return
+        lora_gone = [path for path in gone if path not in self.processors]
+        remedy = (
+            "load the pipeline again (the identity LoRA was unloaded)"
+            if lora_gone
+            else "call pipe.adapter.reattach() to put the FaceID processors back, or load the pipeline again"
+        )
+        raise FaceIDError(
+            f"the FaceID adapter no longer acts on {len(gone)} attention layer(s) (first: {gone[0]}): other code "
+            "replaced its attention processors or unloaded its LoRA (set_default_attn_processor, xformers, "
+            f"load_ip_adapter, unload_lora_weights...), so the identity would be ignored without a word; {remedy}"
+        )
+
+    def reattach(self) -> None:
+        """Put the FaceID processors back on their layers after other code replaced them."""
+        if self.projection is None:
+            raise FaceIDError("the FaceID adapter was removed from this UNet; install it again")
+        processors = dict(self.unet.attn_processors)
+        processors.update({f"{path}.processor": proc for path, proc in self.processors.items()})
+        self.unet.set_attn_processor(processors)
+
     # ------------------------------------------------------------------ knobs
     @property
     def scale(self) -> float:

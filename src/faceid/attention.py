@@ -22,29 +22,60 @@ except ImportError:  # pragma: no cover
     Attention = nn.Module  # type: ignore[misc,assignment]
 
 
+def module_state(*modules: nn.Module) -> tuple:
+    """A fingerprint of everything a projection's output depends on besides its input.
+
+    Covers the weights (storage and in-place version of every parameter, so a swapped or edited weight
+    counts) and the state PEFT keeps on a LoRA-wrapped layer: which adapters are active, their weights
+    (``scaling``), which are merged into the base weight, and whether adapters are disabled. Two equal
+    fingerprints mean the projection computes the same function. Read duck-typed, so that this module
+    needs nothing from PEFT.
+    """
+    parts: list = []
+    for module in modules:
+        for sub in module.modules():
+            if hasattr(sub, "scaling") and hasattr(sub, "merged_adapters"):  # a PEFT LoRA layer
+                parts.append(
+                    (
+                        tuple(sub.active_adapters),
+                        tuple(sorted(sub.scaling.items())),
+                        tuple(sub.merged_adapters),
+                        bool(sub.disable_adapters),
+                    )
+                )
+        parts.extend((p.data_ptr(), p._version) for p in module.parameters())
+    return tuple(parts)
+
+
 class _KeyValueCache:
     """Keys/values of context tensors that stay the same across denoising steps.
 
     Inside one pipeline call the text embeddings and the identity tokens are the same tensor objects at
-    every step, so their key/value projections are computed once per call instead of once per step.
-    The cache is keyed by tensor identity and is only active between ``enable()`` and ``clear()``,
-    which the pipeline brackets each call with; outside that (training, direct UNet calls) nothing is
-    cached and nothing can go stale.
+    every step, so their key/value projections need computing once per call, not once per step. But the
+    projections themselves can change within a call: the identity window switches the identity LoRA on
+    ``to_k``/``to_v`` on and off between steps, and a step callback may change a LoRA weight or fuse it.
+    So an entry is reused only while both the source tensor (by identity and in-place version) and the
+    fingerprint of the projecting modules (``module_state``) are unchanged; otherwise it is recomputed.
+    The cache is only active between ``enable()`` and ``clear()``, which the pipeline brackets each call
+    with; outside that (training, direct UNet calls) nothing is cached.
     """
 
     def __init__(self) -> None:
         self.enabled = False
-        self._entries: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._entries: dict[str, tuple[torch.Tensor, tuple, torch.Tensor, torch.Tensor]] = {}
 
-    def get(self, slot: str, source: torch.Tensor, compute) -> tuple[torch.Tensor, torch.Tensor]:
+    def get(
+        self, slot: str, source: torch.Tensor, modules: tuple[nn.Module, ...], compute
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.enabled:
             return compute(source)
+        state = (source._version, module_state(*modules))
         entry = self._entries.get(slot)
-        if entry is not None and entry[0] is source:
-            return entry[1], entry[2]
+        if entry is not None and entry[0] is source and entry[1] == state:
+            return entry[2], entry[3]
         key, value = compute(source)
         # Holding a reference to ``source`` keeps its id from being reused by another tensor.
-        self._entries[slot] = (source, key, value)
+        self._entries[slot] = (source, state, key, value)
         return key, value
 
     def clear(self) -> None:
@@ -71,6 +102,12 @@ class FaceIDAttnProcessor(nn.Module):
     def for_layer(cls, attn: Attention, scale: float = 1.0) -> FaceIDAttnProcessor:
         """A processor sized for ``attn`` (its key projection's input and output widths)."""
         return cls(hidden_size=attn.to_k.out_features, cross_attention_dim=attn.to_k.in_features, scale=scale)
+
+    @staticmethod
+    def _text_modules(attn: Attention) -> tuple[nn.Module, ...]:
+        """The modules the text keys/values go through (what their cache entry depends on)."""
+        norm = (attn.norm_cross,) if attn.norm_cross else ()
+        return (*norm, attn.to_k, attn.to_v)
 
     @staticmethod
     def _text_key_value(attn: Attention, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,7 +147,9 @@ class FaceIDAttnProcessor(nn.Module):
             key, value = attn.to_k(hidden_states), attn.to_v(hidden_states)
         else:
             # Keyed on the tensor the UNet passes in (the same object at every step), before any norm.
-            key, value = self.cache.get("text", encoder_hidden_states, lambda ctx: self._text_key_value(attn, ctx))
+            key, value = self.cache.get(
+                "text", encoder_hidden_states, self._text_modules(attn), lambda ctx: self._text_key_value(attn, ctx)
+            )
 
         head_dim = key.shape[-1] // attn.heads
 
@@ -135,7 +174,10 @@ class FaceIDAttnProcessor(nn.Module):
                     f"identity tokens have batch {ip_hidden_states.shape[0]} but the UNet batch is {batch_size}"
                 )
             ip_key, ip_value = self.cache.get(
-                "identity", ip_hidden_states, lambda ctx: (self.to_k_ip(ctx), self.to_v_ip(ctx))
+                "identity",
+                ip_hidden_states,
+                (self.to_k_ip, self.to_v_ip),
+                lambda ctx: (self.to_k_ip(ctx), self.to_v_ip(ctx)),
             )
             ip_states = F.scaled_dot_product_attention(
                 query, heads(ip_key), heads(ip_value), attn_mask=None, dropout_p=0.0, is_causal=False

@@ -394,11 +394,14 @@ class FaceIDPipeline:
             clip=clip,
         )
 
-    def _window_callback(self, window: tuple[float, float], steps: int, pipeline_kwargs: dict) -> dict:
+    def _window_callback(
+        self, window: tuple[float, float], steps: int, pipeline_kwargs: dict, active: bool = True
+    ) -> dict:
         """A step-end callback that switches the adapter on inside ``window`` (fractions of the steps) only.
 
         Step i is inside when start <= i / steps < end; the switch for step i+1 happens at the end of
-        step i, and step 0's state is set here, before the loop. A user's own callback still runs.
+        step i, and step 0's state is set here, before the loop. A user's own callback still runs. An
+        adapter the user switched off (``active`` False) stays off: the window only narrows.
         """
         start, end = window  # already checked by _check_window
         user_callback = pipeline_kwargs.get("callback_on_step_end")
@@ -407,10 +410,10 @@ class FaceIDPipeline:
             return start <= step / steps < end
 
         def on_step_end(pipeline, step, timestep, callback_kwargs):
-            self.adapter.set_active(inside(step + 1))
+            self.adapter.set_active(active and inside(step + 1))
             return user_callback(pipeline, step, timestep, callback_kwargs) if user_callback else callback_kwargs
 
-        self.adapter.set_active(inside(0))
+        self.adapter.set_active(active and inside(0))
         extra = {"callback_on_step_end": on_step_end}
         if hasattr(user_callback, "tensor_inputs") and "callback_on_step_end_tensor_inputs" not in pipeline_kwargs:
             extra["callback_on_step_end_tensor_inputs"] = user_callback.tensor_inputs
@@ -494,10 +497,15 @@ class FaceIDPipeline:
             "lora_scale": self.adapter.lora_scale,
             "seed": seed,
         }
+        # Refuse before any work if other code took the adapter's processors: the identity would vanish.
+        self.adapter.check_attached()
+        was_active = self.adapter.active  # the user's state, restored after the call
         if identity_window is not None:
             window = _check_window(identity_window)
             settings["identity_window"] = list(window)
-            pipeline_kwargs.update(self._window_callback(window, settings["num_inference_steps"], pipeline_kwargs))
+            pipeline_kwargs.update(
+                self._window_callback(window, settings["num_inference_steps"], pipeline_kwargs, was_active)
+            )
         try:
             with self.adapter.scaled(scale), self.adapter.caching():
                 result = self.pipe(
@@ -513,7 +521,8 @@ class FaceIDPipeline:
                     **pipeline_kwargs,
                 )
         finally:
-            self.adapter.set_active(True)
+            if self.adapter.active != was_active:
+                self.adapter.set_active(was_active)
         return FaceIDOutput(
             images=result.images,
             faces=conditioning.faces,

@@ -15,6 +15,7 @@ from (seed, epoch), so a resumed run continues exactly as the uninterrupted one 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -22,6 +23,7 @@ import shutil
 import signal
 import time
 import typing
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -447,7 +449,26 @@ class Trainer:
             raise FaceIDError(
                 f"the dataset is smaller than one batch ({cfg.train_batch_size} x {acc.num_processes} processes)"
             )
-        self._install_signal_handlers()
+        with self._stop_on_signals():
+            global_step, samples, elapsed = self._run_steps(global_step, batches_per_epoch)
+        if self._stop_requested:
+            path = self.save_checkpoint(global_step)
+            if acc.is_main_process:
+                print(f"faceid: training stopped at step {global_step}; resume with --resume {path}")
+        else:
+            self.export()
+        acc.end_training()
+        return {
+            "global_step": global_step,
+            "samples_per_second": samples / elapsed if elapsed else 0.0,
+            "stopped": self._stop_requested,
+            "num_processes": acc.num_processes,
+            "is_main_process": acc.is_main_process,
+        }
+
+    def _run_steps(self, global_step: int, batches_per_epoch: int) -> tuple[int, int, float]:
+        """Optimizer steps from ``global_step`` until the last one or a stop request: (step, samples, seconds)."""
+        cfg, acc = self.config, self.accelerator
         from tqdm.auto import tqdm
 
         progress = tqdm(
@@ -494,28 +515,22 @@ class Trainer:
                 if global_step >= cfg.max_train_steps or self._stop_requested:
                     break
         progress.close()
-        elapsed = time.perf_counter() - started
-        if self._stop_requested:
-            path = self.save_checkpoint(global_step)
-            if acc.is_main_process:
-                print(f"faceid: training stopped at step {global_step}; resume with --resume {path}")
-        else:
-            self.export()
-        acc.end_training()
-        return {
-            "global_step": global_step,
-            "samples_per_second": samples / elapsed if elapsed else 0.0,
-            "stopped": self._stop_requested,
-            "num_processes": acc.num_processes,
-            "is_main_process": acc.is_main_process,
-        }
+        return global_step, samples, time.perf_counter() - started
 
-    def training_loss(self, batch: dict, generator: torch.Generator, model: nn.Module | None = None) -> torch.Tensor:
+    def training_loss(
+        self,
+        batch: dict,
+        generator: torch.Generator,
+        model: nn.Module | None = None,
+        dropout: tuple[float, float, float] | None = None,
+    ) -> torch.Tensor:
         """The published objective: MSE between the predicted and the true noise (or v), with dropout.
 
         ``model``: another module to run than the prepared (DDP/DeepSpeed-wrapped) one, e.g. the unwrapped model
-        for an evaluation on one process only."""
+        for an evaluation on one process only. ``dropout``: the odds of dropping (identity, text, both); by
+        default the configuration's."""
         cfg, acc = self.config, self.accelerator
+        p_id, p_text, p_both = (cfg.drop_id, cfg.drop_text, cfg.drop_both) if dropout is None else dropout
         device = acc.device
         pixel_values = batch["pixel_values"].to(device, dtype=self.pipe.vae.dtype)
         bsz = pixel_values.shape[0]
@@ -530,9 +545,9 @@ class Trainer:
 
         # Conditioning dropout for classifier-free guidance: [identity | text | both] with the given odds.
         draw = torch.rand(bsz, generator=generator, device=device).cpu()
-        drop_id = draw < cfg.drop_id
-        drop_text = (draw >= cfg.drop_id) & (draw < cfg.drop_id + cfg.drop_text)
-        drop_both = (draw >= cfg.drop_id + cfg.drop_text) & (draw < cfg.drop_id + cfg.drop_text + cfg.drop_both)
+        drop_id = draw < p_id
+        drop_text = (draw >= p_id) & (draw < p_id + p_text)
+        drop_both = (draw >= p_id + p_text) & (draw < p_id + p_text + p_both)
         drop_id, drop_text = drop_id | drop_both, drop_text | drop_both
         id_embeds = batch["id_embedding"].to(device, torch.float32)
         id_embeds = torch.where(drop_id.to(device)[:, None], torch.zeros_like(id_embeds), id_embeds)
@@ -574,8 +589,6 @@ class Trainer:
         No dropout; the same noise and timesteps for both, so the gap measures how much the adapter uses
         the identity.
         """
-        saved = (self.config.drop_id, self.config.drop_text, self.config.drop_both)
-        self.config.drop_id = self.config.drop_text = self.config.drop_both = 0.0
         model = self.accelerator.unwrap_model(self.model)  # no collective ops: one process may run this alone
         self.model.eval()
         try:
@@ -588,10 +601,9 @@ class Trainer:
                     if "clip_image" in batch:
                         batch["clip_image"] = batch["clip_image"][order]
                 generator = step_generator(seed, i, 0, self.accelerator.device)
-                losses.append(self.training_loss(batch, generator, model).item())
+                losses.append(self.training_loss(batch, generator, model, dropout=(0.0, 0.0, 0.0)).item())
             return sum(losses) / len(losses)
         finally:
-            self.config.drop_id, self.config.drop_text, self.config.drop_both = saved
             self.model.train()
 
     # ------------------------------------------------------------------ validation and export
@@ -694,8 +706,10 @@ class Trainer:
         acc.wait_for_everyone()
         return written
 
-    def _install_signal_handlers(self) -> None:
-        """SIGTERM (schedulers, preemption) and Ctrl-C finish the current step, save, then stop."""
+    @contextlib.contextmanager
+    def _stop_on_signals(self) -> Iterator[None]:
+        """Inside the block, SIGTERM (schedulers, preemption) and Ctrl-C finish the current step, save, then
+        stop; the handlers that were there before are put back when the block ends."""
 
         def request_stop(signum, frame):
             if self._stop_requested:  # a second Ctrl-C: stop now
@@ -703,11 +717,17 @@ class Trainer:
             self._stop_requested = True
             logger.warning("stop requested (signal %s): saving a checkpoint after this step", signum)
 
+        previous = {}
         try:
-            signal.signal(signal.SIGTERM, request_stop)
-            signal.signal(signal.SIGINT, request_stop)
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                previous[signum] = signal.signal(signum, request_stop)
         except ValueError:  # not the main thread (e.g. notebooks): no handlers
             pass
+        try:
+            yield
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
 
 
 def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
