@@ -45,7 +45,7 @@ def test_generate_end_to_end(tmp_path, capsys, faces_dir, sd15, face_models_dir)
             assert image.size == (24, 16)
             assert image.text["prompt"] == "a photo of a person in a garden"  # plain text chunks for viewers
         settings = read_settings(path)
-        assert settings["seed"] == seed and settings["scale"] == 1.0 and settings["steps"] == 3
+        assert settings["seed"] == seed and settings["scale"] == 1.0 and settings["num_inference_steps"] == 3
         assert settings["guidance_scale"] == 7.5 and settings["face"].endswith("obama.jpg")
         assert settings["adapter"].endswith("faceid.safetensors")
     sheet = out / "contact_sheet_s7.png"
@@ -68,6 +68,65 @@ def test_scale_zero_and_one_differ_and_seed_reproduces(tmp_path, faces_dir, sd15
     assert np.abs(one - zero).max() > 0
     np.testing.assert_array_equal(one, one_again)
     assert read_settings(tmp_path / "b" / "obama_s3.png")["scale"] == 0.0
+
+
+def test_every_generation_setting_has_a_flag_that_sets_it(tmp_path):
+    from faceid.cli import build_parser, settings_from_args
+    from faceid.settings import GenerationSettings
+
+    values = {
+        "prompt": "a", "negative_prompt": "b", "num_images_per_prompt": 3, "seed": 9, "num_inference_steps": 7,
+        "guidance_scale": 4.5, "width": 64, "height": 32, "scale": 0.7, "lora_scale": 0.6, "face_index": 1,
+        "combine": "concat", "shortcut": False, "s_scale": 0.5, "identity_window": (0.1, 0.9),
+        "base_model": "base", "adapter": "adapter.bin", "loras": {"style.safetensors": 0.7},
+    }  # fmt: skip
+    assert set(values) == set(GenerationSettings.model_fields)  # a new field needs a value here, and a flag
+    argv = ["generate", "--face", "x.jpg", "--out", str(tmp_path)]
+    for name, value in values.items():
+        flag = GenerationSettings.model_fields[name].json_schema_extra["cli"]["flags"][-1]
+        if isinstance(value, bool):
+            argv.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, tuple):
+            argv += [flag, *map(str, value)]
+        elif isinstance(value, dict):
+            argv += [flag, ",".join(f"{k}:{v}" for k, v in value.items())]
+        else:
+            argv += [flag, str(value)]
+    assert settings_from_args(build_parser().parse_args(argv)) == GenerationSettings(**values)
+    # Nothing given: every field stays open for the settings file and the family defaults (n: the CLI's 4).
+    bare = settings_from_args(build_parser().parse_args(["generate", "--face", "x.jpg", "--out", "o"]))
+    assert bare == GenerationSettings(num_images_per_prompt=4)
+
+
+def test_png_metadata_reproduces_the_image(tmp_path, faces_dir, sd15, face_models_dir):
+    from faceid.settings import GenerationSettings
+
+    first = tmp_path / "first"
+    extra = ["-n", "2", "--seed", "5", "--scale", "0.8", "--window", "0", "0.5", "--negative-prompt", "blurry"]
+    assert _generate(faces_dir / "obama.jpg", first, sd15, face_models_dir, *extra) == 0
+    image = first / "obama_s6.png"
+    settings = GenerationSettings.from_png(image)
+    assert (settings.seed, settings.num_images_per_prompt, settings.scale) == (6, 1, 0.8)
+    assert settings.identity_window == (0.0, 0.5) and settings.negative_prompt == "blurry"
+    assert settings == GenerationSettings.model_validate_json(settings.model_dump_json())  # JSON round trip
+    # The models, the prompt and every setting come from the PNG: only the photo and the face models are given.
+    again = tmp_path / "again"
+    argv = ["generate", "--settings", str(image), "--face", str(faces_dir / "obama.jpg"), "--out", str(again)]
+    assert main(argv + ["--face-models", str(face_models_dir)]) == 0
+    np.testing.assert_array_equal(np.asarray(Image.open(again / "obama_s6.png")), np.asarray(Image.open(image)))
+    assert GenerationSettings.from_png(again / "obama_s6.png") == settings
+    # A flag given with the file wins over it.
+    assert main(argv + ["--face-models", str(face_models_dir), "--scale", "0"]) == 0
+    assert read_settings(again / "obama_s6-1.png")["scale"] == 0.0
+
+
+def test_bad_settings_are_one_clear_error(tmp_path, faces_dir, sd15, face_models_dir, capsys):
+    out = tmp_path / "out"
+    assert _generate(faces_dir / "obama.jpg", out, sd15, face_models_dir, "--width", "30") == 2
+    assert "width: must be a multiple of 8" in capsys.readouterr().err
+    assert _generate(faces_dir / "obama.jpg", out, sd15, face_models_dir, "--window", "0.8", "0.2") == 2
+    assert "identity_window" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_second_run_never_overwrites(tmp_path, faces_dir, sd15, face_models_dir):
@@ -237,7 +296,7 @@ def test_generate_with_a_style_lora(tmp_path, golden_dir, faces_dir, sd15, face_
     plain, zero, styled = run("plain"), run("zero", "--lora", f"{style}:0"), run("styled", "--lora", f"{style}:0.8")
     np.testing.assert_array_equal(plain, zero)  # weight 0: the LoRA changes nothing
     assert np.abs(styled - plain).max() > 0
-    assert read_settings(tmp_path / "styled" / "obama_s1.png")["loras"] == {"style": 0.8}
+    assert read_settings(tmp_path / "styled" / "obama_s1.png")["loras"] == {str(style): 0.8}
     # a LoRA that acts through the text encoder only: applied there, with the same weight
     prompt_style = _style_lora_file(tmp_path / "prompt_style.safetensors", golden_dir, text_encoder_only=True)
     np.testing.assert_array_equal(run("prompt_zero", "--lora", f"{prompt_style}:0"), plain)

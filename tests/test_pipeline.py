@@ -87,7 +87,7 @@ def test_face_inputs_photo_face_and_embedding_agree(pipe, faces_dir):
     result = pipe("p", photo, seed=0, **SIZE)
     assert len(result.images) == 1 and result.images[0].size == (24, 16)
     assert result.faces[0].box.shape == (4,)
-    assert result.settings["guidance_scale"] == 7.5 and result.settings["num_inference_steps"] == 3
+    assert result.settings.guidance_scale == 7.5 and result.settings.num_inference_steps == 3
 
 
 def test_bad_face_inputs(pipe, tmp_path):
@@ -175,7 +175,7 @@ def test_concat_gives_tokens_per_photo(pipe):
     torch.testing.assert_close(both[:, 4:], pipe.encode("p", b).identity)
     with pytest.raises(FaceIDError, match="same number of photos"):
         pipe.encode(["p", "q"], [[a, b], [a]], combine="concat")
-    with pytest.raises(FaceIDError, match="unknown combine"):
+    with pytest.raises(FaceIDError, match="combine: Input should be .mean. or .concat."):
         pipe.encode("p", [[a, b]], combine="median")
 
 

@@ -247,15 +247,19 @@ class FaceIDAdapter:
         self.set_lora_scale(self._lora_scale)
 
     @contextlib.contextmanager
-    def scaled(self, scale: float | None) -> Iterator[None]:
-        """Use ``scale`` inside the block only (None keeps the current one)."""
-        previous = self._scale
+    def scaled(self, scale: float | None, lora_scale: float | None = None) -> Iterator[None]:
+        """Use ``scale`` (and ``lora_scale``) inside the block only; None keeps the current one."""
+        previous, previous_lora = self._scale, self._lora_scale
         if scale is not None:
             self.set_scale(scale)
         try:
+            if lora_scale is not None and self._lora_layers:
+                self.set_lora_scale(lora_scale)
             yield
         finally:
             self.set_scale(previous)
+            if self._lora_scale != previous_lora:
+                self.set_lora_scale(previous_lora)
 
     # ------------------------------------------------------------------ LoRA fusing
     def fuse_lora(self) -> None:

@@ -63,52 +63,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="photo of the person (the largest face is used); repeat for several photos of the same person",
     )
     gen.add_argument(
-        "--combine",
-        choices=("mean", "concat"),
+        "--settings",
         default=None,
-        help="how several photos are combined "
-        "(mean of embeddings, or concatenated tokens; default: concat for Portrait, mean otherwise)",
+        metavar="FILE",
+        help="take every generation setting from a PNG made by faceid (reproduces it) or a JSON file; "
+        "flags given as well win",
     )
-    gen.add_argument("--prompt", required=True, help="what to generate, e.g. 'a photo of a person as an astronaut'")
-    gen.add_argument("--negative-prompt", default=None, help="what to avoid (default: the reference's)")
-    gen.add_argument("-n", "--num-images", type=int, default=4, help="number of images (default 4)")
-    gen.add_argument("--seed", type=int, default=None, help="seed of the first image; image i uses seed+i")
-    gen.add_argument("--scale", type=float, default=1.0, help="identity strength (default 1.0)")
-    gen.add_argument("--lora-scale", type=float, default=1.0, help="weight of the identity LoRA (default 1.0)")
-    gen.add_argument("--steps", type=int, default=None, help="denoising steps (default 30)")
-    gen.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (SD1.5: 7.5, SDXL: 5)")
-    gen.add_argument("--width", type=int, default=None, help="image width (SD1.5: 512, SDXL: 1024)")
-    gen.add_argument("--height", type=int, default=None, help="image height (SD1.5: 768, SDXL: 1024)")
-    gen.add_argument("--face-index", type=int, default=0, help="which face when the photo has several (0 = largest)")
-    gen.add_argument(
-        "--base-model", default=None, help="SD1.5/SDXL model: diffusers folder, Hub repo id or .safetensors file"
-    )
+    add_settings_arguments(gen)
     gen.add_argument("--vae", default=None, help="VAE to use instead of the base model's (folder or Hub repo id)")
     gen.add_argument(
         "--base-config",
         default=None,
         help="single-file base model offline: a diffusers folder of the same architecture for its configuration",
     )
-    gen.add_argument("--adapter", default="faceid-sd15", help="adapter file (.bin/.safetensors) or released name")
     gen.add_argument("--face-models", default=None, help="folder with the face detector and recognizer (buffalo_l)")
     gen.add_argument("--device", default=None, help="cuda, cpu, mps (default: the best available)")
     gen.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: fp16 on GPU, fp32 on CPU")
     gen.add_argument("--fuse-lora", action="store_true", help="merge the identity LoRA into the UNet (faster)")
-    gen.add_argument(
-        "--window",
-        nargs=2,
-        type=float,
-        metavar=("START", "END"),
-        default=None,
-        help="apply the identity only in this part of the denoising steps (fractions, e.g. 0 0.8)",
-    )
-    gen.add_argument(
-        "--lora",
-        action="append",
-        default=[],
-        metavar="FILE[:WEIGHT]",
-        help="a LoRA file (kohya or diffusers layout) to stack with the identity, e.g. style.safetensors:0.7",
-    )
     gen.add_argument(
         "--best-of",
         type=int,
@@ -123,13 +94,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="CLIP model (Hub id or folder) to break identity-score ties by prompt fidelity (CLIP-T)",
     )
     gen.add_argument("--image-encoder", default=None, help="Plus only: CLIP ViT-H image encoder folder or repo")
-    gen.add_argument("--s-scale", type=float, default=1.0, help="PlusV2: weight of the CLIP face structure (1.0)")
-    gen.add_argument(
-        "--shortcut",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="Plus: use PlusV2's embedding shortcut (default: on for PlusV2 adapters)",
-    )
     gen.add_argument("--out", required=True, help="folder for the images and the contact sheet")
     gen.set_defaults(func=cmd_generate)
 
@@ -198,6 +162,74 @@ def build_parser() -> argparse.ArgumentParser:
     emb.add_argument("--out", default=".", help="folder for <photo>_face<k>.npy and .png (default: here)")
     emb.set_defaults(func=cmd_embed)
     return parser
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per field of ``GenerationSettings``, built from the field's declaration (type, help, flag).
+
+    Every flag defaults to None ("not given"), so that a settings file and the family defaults can fill
+    what the command line leaves open.
+    """
+    import typing
+
+    from .settings import GenerationSettings
+
+    for name, field in GenerationSettings.model_fields.items():
+        cli = (field.json_schema_extra or {})["cli"]
+        kwargs: dict = {"dest": name, "default": None, "help": _help(field.description, cli.get("default"))}
+        if "metavar" in cli:
+            kwargs["metavar"] = cli["metavar"]
+        kinds = {a for a in typing.get_args(field.annotation) if a is not type(None)} or {field.annotation}
+        literal = next((a for a in kinds if typing.get_origin(a) is typing.Literal), None)
+        if literal is not None:
+            kwargs["choices"] = typing.get_args(literal)
+        elif bool in kinds:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif any(typing.get_origin(a) is tuple for a in kinds):
+            kwargs.update(nargs=2, type=float)
+        elif any(typing.get_origin(a) is dict for a in kinds):
+            kwargs.update(action="append", type=_lora_argument)
+        elif int in kinds:
+            kwargs["type"] = int
+        elif float in kinds:
+            kwargs["type"] = float
+        parser.add_argument(*cli["flags"], **kwargs)
+
+
+def _help(description: str | None, default) -> str:
+    text = description or ""
+    return f"{text} (default {default})" if default is not None else text
+
+
+def settings_from_args(args: argparse.Namespace):
+    """The generation settings a command line asks for: a ``--settings`` file, then the flags given."""
+    import json
+
+    from .settings import GenerationSettings
+
+    base: dict = {}
+    if getattr(args, "settings", None):
+        path = Path(args.settings)
+        if not path.is_file():
+            raise FaceIDError(f"settings file not found: {path}")
+        if path.suffix.lower() == ".png":
+            base = GenerationSettings.from_png(path).model_dump(exclude_unset=True)
+        else:
+            try:
+                base = json.loads(path.read_text())
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise FaceIDError(f"{path} is not a JSON file of generation settings ({exc})") from None
+    if isinstance(base.get("seed"), list):  # the CLI numbers images from one seed: image i has seed + i
+        base["seed"] = base["seed"][0]
+    given = {
+        name: getattr(args, name) for name in GenerationSettings.model_fields if getattr(args, name, None) is not None
+    }
+    if "loras" in given:
+        given["loras"] = dict(given["loras"])
+    if "num_images_per_prompt" not in given and "num_images_per_prompt" not in base:
+        cli = GenerationSettings.model_fields["num_images_per_prompt"].json_schema_extra["cli"]
+        given["num_images_per_prompt"] = cli["default"]
+    return GenerationSettings.parse(base, **given)
 
 
 def _face_analyzer(face_models: str | None):
@@ -311,88 +343,68 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
+    from .hub import DEFAULT_ADAPTER
     from .outputs import contact_sheet, save_png
     from .pipeline import FaceIDPipeline
 
-    if args.num_images < 1 or args.best_of < 1:
-        raise FaceIDError("--num-images and --best-of must be at least 1")
+    settings = settings_from_args(args)  # bad settings fail here, before anything loads
+    if settings.prompt is None:
+        raise FaceIDError("give --prompt (or --settings FILE with a prompt)")
+    if not isinstance(settings.prompt, str):
+        raise FaceIDError("faceid generate takes one prompt; use the Python API for several")
+    if args.best_of < 1:
+        raise FaceIDError("--best-of must be at least 1")
     # The faces first: a photo without a usable face fails in seconds, before the big models load.
     analyzer = _face_analyzer(args.face_models)
-    faces = [analyzer.get(photo, index=args.face_index) for photo in args.face]
+    faces = [analyzer.get(photo, index=settings.face_index) for photo in args.face]
     pipe = FaceIDPipeline.from_pretrained(
-        args.base_model,
-        args.adapter,
+        settings.base_model,
+        settings.adapter or DEFAULT_ADAPTER,
         vae=args.vae,
         single_file_config=args.base_config,
         device=args.device,
         torch_dtype=getattr(torch, DTYPES[args.dtype]) if args.dtype else None,
-        lora_scale=args.lora_scale,
+        lora_scale=1.0 if settings.lora_scale is None else settings.lora_scale,
         fuse_lora=args.fuse_lora,
         face_analyzer=analyzer,
         image_encoder=args.image_encoder,
-        shortcut=args.shortcut,
-        loras=[_lora_argument(item) for item in args.lora],
+        shortcut=settings.shortcut,
+        loras=list((settings.loras or {}).items()),
     )
-    seed = args.seed if args.seed is not None else random.randrange(2**31)
-    n = args.num_images
-    conditioning = pipe.encode(  # one identity (this prompt's), from every photo given
-        args.prompt, [faces], args.negative_prompt, num_images_per_prompt=n, combine=args.combine,
-        s_scale=args.s_scale, shortcut=args.shortcut,
-    )  # fmt: skip
-    images, seeds, call = [], [], {}
+    first_seed = settings.seed if settings.seed is not None else random.randrange(2**31)
+    n = settings.num_images_per_prompt
+    # One identity (this prompt's), from every photo given; encoded once for every round of best-of.
+    conditioning = pipe.encode(face=[faces], settings=settings.replace(seed=None))
+    images, seeds, run = [], [], None
     for round_ in range(args.best_of):  # batches of n: best-of-K needs no K-times larger batch
-        batch_seeds = [seed + round_ * n + i for i in range(n)]
-        result = pipe(
-            conditioning=conditioning,
-            identity_window=args.window,
-            seed=batch_seeds,
-            num_inference_steps=args.steps,
-            guidance_scale=args.guidance,
-            width=args.width,
-            height=args.height,
-            scale=args.scale,
-        )
+        batch_seeds = [first_seed + round_ * n + i for i in range(n)]
+        result = pipe(conditioning=conditioning, settings=settings.replace(seed=batch_seeds))
         images += result.images
         seeds += batch_seeds
-        call = result.settings
+        run = result.settings
     scores = [{} for _ in images]
     if args.best_of > 1:
-        images, seeds, scores = _keep_best(images, seeds, faces, analyzer, args, n)
+        images, seeds, scores = _keep_best(images, seeds, faces, analyzer, args, run.prompt, n)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = Path(args.face[0]).stem
     written = []
     for image, image_seed, image_scores in zip(images, seeds, scores, strict=True):
-        settings = {
-            "prompt": args.prompt,
-            "negative_prompt": call["negative_prompt"][0],
-            "seed": image_seed,
-            "scale": args.scale,
-            "lora_scale": args.lora_scale,
-            "steps": call["num_inference_steps"],
-            "guidance_scale": call["guidance_scale"],
-            "width": image.width,
-            "height": image.height,
-            "base_model": pipe.base_model,
-            "adapter": args.adapter,
+        # What reproduces this image alone (`faceid generate --settings IMAGE.png --face ...`), and what it shows.
+        metadata = {
+            **run.replace(seed=image_seed, num_images_per_prompt=1).to_json(),
             "face": ", ".join(str(f) for f in args.face),
-            "face_index": args.face_index,
-            "combine": args.combine or pipe.default_combine if len(args.face) > 1 else None,
-            "shortcut": (pipe.shortcut if args.shortcut is None else args.shortcut) if pipe.image_encoder else None,
-            "s_scale": args.s_scale if pipe.image_encoder else None,
-            "identity_window": call.get("identity_window"),
-            "loras": {name: w for name, w in pipe.loras.items() if name != pipe.adapter.name} or None,
             "best_of": args.best_of if args.best_of > 1 else None,
             "faceid_version": __version__,
             **image_scores,
         }
-        written.append(save_png(image, _free_path(out / f"{stem}_s{image_seed}.png"), settings))
+        written.append(save_png(image, _free_path(out / f"{stem}_s{image_seed}.png"), metadata))
     labels = [
         f"seed {s}" + (f"  id {sc['identity_similarity']:.2f}" if sc else "")
         for s, sc in zip(seeds, scores, strict=True)
     ]
     sheet = contact_sheet(images, reference=faces[0].aligned, labels=labels)
-    sheet_path = _free_path(out / f"contact_sheet_s{seed}.png")
+    sheet_path = _free_path(out / f"contact_sheet_s{first_seed}.png")
     sheet.save(sheet_path)
     for path in written:
         print(path)
@@ -400,7 +412,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _keep_best(images, seeds, faces, analyzer, args, keep):
+def _keep_best(images, seeds, faces, analyzer, args, prompt, keep):
     """The ``keep`` candidates most like the person (ties by CLIP-T), with their scores for the PNGs."""
     import numpy as np
 
@@ -410,7 +422,7 @@ def _keep_best(images, seeds, faces, analyzer, args, keep):
     reference = np.mean([f.embedding for f in faces], axis=0)
     reference = reference / np.linalg.norm(reference)
     clip = ClipTextScorer(args.best_of_clip) if args.best_of_clip else None
-    picked = best_of(images, reference, IdentityScorer(analyzer), clip, args.prompt, keep=keep)
+    picked = best_of(images, reference, IdentityScorer(analyzer), clip, prompt, keep=keep)
     kept_scores = []
     for rank, (_, score) in enumerate(picked):
         kept_scores.append({

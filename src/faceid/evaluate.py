@@ -214,7 +214,7 @@ def run_eval(
         raise FaceIDError(f"two identity scorers share a name: {names}")
 
     # Everything that can fail on the inputs fails here, before the first image is generated.
-    from .pipeline import DEFAULT_NEGATIVE_PROMPT, FAMILY_DEFAULTS
+    from .settings import DEFAULT_NEGATIVE_PROMPT, FAMILY_DEFAULTS
 
     defaults = FAMILY_DEFAULTS[pipe.family]
     negative_prompt = DEFAULT_NEGATIVE_PROMPT if negative_prompt is None else str(negative_prompt)

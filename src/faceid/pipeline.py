@@ -11,10 +11,12 @@ per call.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
-from collections.abc import Sequence
+import random
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,28 +29,23 @@ from .adapter import FaceIDAdapter, refuse_other_family
 from .checkpoints import AdapterSpec, load_state_dict
 from .errors import FaceIDError
 from .hub import DEFAULT_ADAPTER, model_not_found, offline, preset_for, resolve_adapter
+from .settings import ENCODE_FIELDS, GenerationSettings
 
 logger = logging.getLogger(__name__)
 
-# The reference implementation's defaults (ip_adapter_faceid.py) and SPEC.md section 4.
-DEFAULT_PROMPT = "best quality, high quality"
-DEFAULT_NEGATIVE_PROMPT = "monochrome, lowres, bad anatomy, worst quality, low quality"
-FAMILY_DEFAULTS = {
-    "SD1.5": {"width": 512, "height": 768, "guidance_scale": 7.5, "num_inference_steps": 30},
-    "SDXL": {"width": 1024, "height": 1024, "guidance_scale": 5.0, "num_inference_steps": 30},
-}
 # The DDIM settings of the authors' demos; other fields come from the base model's scheduler config.
 DDIM_OVERRIDES = {"clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1}
 
 
 @dataclass
 class FaceIDOutput:
-    """What a call returns: the images, and the face analysed for each prompt (None for raw embeddings)."""
+    """What a call returns: the images, the face analysed for each prompt (None for raw embeddings), and
+    the settings with every default resolved (``settings.for_image(i)`` reproduces image i alone)."""
 
     images: list | np.ndarray
     faces: list = field(default_factory=list)
     nsfw_content_detected: list[bool] | None = None
-    settings: dict[str, Any] = field(default_factory=dict)  # the values the call resolved its defaults to
+    settings: GenerationSettings | None = None
 
 
 @dataclass
@@ -63,6 +60,7 @@ class Conditioning:
     prompts: list[str] = field(default_factory=list)
     negative_prompts: list[str] = field(default_factory=list)
     clip: dict[str, torch.Tensor] = field(default_factory=dict)  # Plus: CLIP pixels and features of the faces
+    settings: GenerationSettings | None = None  # the encode-time settings (prompts, faces, combine...), resolved
 
     def identity_states(self, classifier_free_guidance: bool) -> torch.Tensor:
         """Identity tokens in the UNet's batch order: [uncond p0 p0 p1 p1 ; cond p0 p0 p1 p1]."""
@@ -165,9 +163,12 @@ class FaceIDPipeline:
         base_model: str | None = None,
         image_encoder: identity.CLIPFaceEncoder | None = None,
         shortcut: bool = False,
+        adapter_source: str | None = None,
     ):
         self.pipe = pipe
         self.adapter = adapter
+        self.adapter_source = adapter_source  # the adapter as the user named it (a released name or a file)
+        self._lora_sources: dict[str, str] = {}  # LoRA name -> the file it was loaded from
         self.image_encoder = image_encoder
         self.shortcut = shortcut  # Plus: the default of the per-call ``shortcut`` (True for PlusV2)
         self.base_model = base_model or getattr(pipe, "name_or_path", None)
@@ -258,6 +259,7 @@ class FaceIDPipeline:
             base_model=str(base_model),
             image_encoder=encoder,
             shortcut=shortcut,
+            adapter_source=str(adapter),
         )
         for item in loras:
             path, weight = item if isinstance(item, tuple) else (item, 1.0)
@@ -296,6 +298,7 @@ class FaceIDPipeline:
         name = name or Path(path).stem
         encoders = {key: getattr(self.pipe, key, None) for key in ("text_encoder", "text_encoder_2")}
         lora.load_lora(self.pipe.unet, path, name=name, weight=weight, text_encoders=encoders)
+        self._lora_sources[name] = str(path)
         return name
 
     def set_lora_weight(self, name: str, weight: float) -> None:
@@ -307,6 +310,12 @@ class FaceIDPipeline:
         from . import lora
 
         lora.remove_lora(self.pipe.unet, name)
+        self._lora_sources.pop(name, None)
+
+    def lora_sources(self) -> dict[str, float]:
+        """The stacked LoRAs (not the identity LoRA) by the file they came from, with their weights."""
+        weights = self.loras
+        return {self._lora_sources.get(name, name): weights[name] for name in weights if name != self.adapter.name}
 
     @property
     def loras(self) -> dict[str, float]:
@@ -324,24 +333,31 @@ class FaceIDPipeline:
     @torch.no_grad()
     def encode(
         self,
-        prompt: str | Sequence[str] | None,
-        face: Any,
-        negative_prompt: str | Sequence[str] | None = None,
-        num_images_per_prompt: int = 1,
-        face_index: int = 0,
+        prompt: str | Sequence[str] | None = None,
+        face: Any = None,
+        settings: GenerationSettings | Mapping[str, Any] | None = None,
+        *,
         face_image: Any = None,
-        combine: str | None = None,
-        shortcut: bool | None = None,
-        s_scale: float = 1.0,
+        **overrides: Any,
     ) -> Conditioning:
         """Text embeddings and identity tokens for a call; prompt i pairs with identity i.
 
-        See ``__call__`` for the arguments; ``face_image`` gives the aligned 224x224 face crops that the
-        Plus variants need when ``face`` holds embeddings rather than photos or ``Face`` objects.
+        See ``__call__`` for the arguments (only the settings of ``faceid.settings.ENCODE_FIELDS`` matter
+        here); ``face_image`` gives the aligned 224x224 face crops that the Plus variants need when
+        ``face`` holds embeddings rather than photos or ``Face`` objects.
         """
-        combine = combine or self.default_combine
-        found = identity.collect(face, lambda photo: self.face_analyzer.get(photo, index=face_index), face_image)
-        prompts = _as_list(prompt if prompt is not None else DEFAULT_PROMPT)
+        unknown = sorted(set(overrides) - set(ENCODE_FIELDS))
+        if unknown:
+            raise FaceIDError(f"encode() takes the settings {', '.join(ENCODE_FIELDS)}; not {', '.join(unknown)}")
+        if prompt is not None:
+            overrides["prompt"] = list(prompt) if isinstance(prompt, tuple) else prompt
+        requested = GenerationSettings.parse(settings, **overrides)
+        encoded = requested.resolve(self.family, **self._known_defaults())
+        combine = encoded.combine
+        found = identity.collect(
+            face, lambda photo: self.face_analyzer.get(photo, index=encoded.face_index), face_image
+        )
+        prompts = _as_list(encoded.prompt)
         if len(prompts) == 1 and len(found) > 1:
             prompts = prompts * len(found)
         if len(found) == 1 and len(prompts) > 1:
@@ -351,11 +367,12 @@ class FaceIDPipeline:
                 f"{len(prompts)} prompts but {len(found)} faces: give one face for all prompts, "
                 "one prompt for all faces, or one face per prompt"
             )
-        negatives = _as_list(negative_prompt if negative_prompt is not None else DEFAULT_NEGATIVE_PROMPT)
+        negatives = _as_list(encoded.negative_prompt)
         if len(negatives) == 1:
             negatives = negatives * len(prompts)
         if len(negatives) != len(prompts):
             raise FaceIDError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
+        num_images_per_prompt = encoded.num_images_per_prompt
         embeds = identity.stack(found, combine)
         self._check_embedding_dim(embeds)
 
@@ -370,9 +387,12 @@ class FaceIDPipeline:
                 "clip_embeds": identity.combine_features(features, counts, combine),
                 "uncond_clip_embeds": identity.combine_features(uncond, counts, combine),
             }
-        shortcut = self.shortcut if shortcut is None else shortcut
         cond, uncond = self.adapter.identity_tokens(
-            embeds, clip.get("clip_embeds"), clip.get("uncond_clip_embeds"), shortcut=shortcut, s_scale=s_scale
+            embeds,
+            clip.get("clip_embeds"),
+            clip.get("uncond_clip_embeds"),
+            shortcut=bool(encoded.shortcut),
+            s_scale=encoded.s_scale,
         )
 
         text = self.pipe.encode_prompt(
@@ -392,7 +412,26 @@ class FaceIDPipeline:
             prompts=prompts,
             negative_prompts=negatives,
             clip=clip,
+            settings=encoded.replace(
+                prompt=prompts[0] if isinstance(encoded.prompt, str) else prompts,
+                negative_prompt=negatives[0] if isinstance(encoded.negative_prompt, str) else negatives,
+            ),
         )
+
+    def _known_defaults(self) -> dict[str, Any]:
+        """Defaults that come from what is loaded rather than from the family."""
+        known: dict[str, Any] = {
+            "combine": self.default_combine,
+            "scale": self.adapter.scale,
+            "base_model": self.base_model,
+            "adapter": self.adapter_source,
+            "loras": self.lora_sources(),
+        }
+        if self.adapter.spec.lora_rank:
+            known["lora_scale"] = self.adapter.lora_scale
+        if self.image_encoder is not None:  # the shortcut means something for Plus only
+            known["shortcut"] = self.shortcut
+        return known
 
     def _window_callback(
         self, window: tuple[float, float], steps: int, pipeline_kwargs: dict, active: bool = True
@@ -403,7 +442,7 @@ class FaceIDPipeline:
         step i, and step 0's state is set here, before the loop. A user's own callback still runs. An
         adapter the user switched off (``active`` False) stays off: the window only narrows.
         """
-        start, end = window  # already checked by _check_window
+        start, end = window  # already checked by GenerationSettings
         user_callback = pipeline_kwargs.get("callback_on_step_end")
 
         def inside(step: int) -> bool:
@@ -439,86 +478,87 @@ class FaceIDPipeline:
         self,
         prompt: str | Sequence[str] | None = None,
         face: Any = None,
-        negative_prompt: str | Sequence[str] | None = None,
-        num_images_per_prompt: int = 1,
-        seed: int | Sequence[int] | None = None,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        num_inference_steps: int | None = None,
-        guidance_scale: float | None = None,
-        width: int | None = None,
-        height: int | None = None,
-        scale: float | None = None,
-        face_index: int = 0,
+        settings: GenerationSettings | Mapping[str, Any] | None = None,
+        *,
         face_image: Any = None,
-        combine: str | None = None,
-        shortcut: bool | None = None,
-        s_scale: float = 1.0,
-        identity_window: Sequence[float] | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
         conditioning: Conditioning | None = None,
-        **pipeline_kwargs: Any,
+        **kwargs: Any,
     ) -> FaceIDOutput:
         """Generate ``num_images_per_prompt`` images for every prompt, each of the paired face.
+
+        The generation settings (``faceid.settings.GenerationSettings``: ``negative_prompt``,
+        ``num_images_per_prompt``, ``seed``, ``num_inference_steps``, ``guidance_scale``, ``width``,
+        ``height``, ``scale``, ``lora_scale``, ``face_index``, ``combine``, ``shortcut``, ``s_scale``,
+        ``identity_window``) come as ``settings`` and/or keyword arguments (which win); the result's
+        ``settings`` holds them with every default resolved.
 
         ``face``: a photo (path, PIL image, array), a ``Face``, an embedding, or a list of these with one
         per prompt; an entry that is itself a list/tuple is several photos of one person, combined as
         ``combine`` says (``"mean"`` of the normalised embeddings, or ``"concat"`` of their tokens;
-        default: concat for Portrait, mean otherwise). ``scale`` (identity strength) applies to this
-        call only; None uses the adapter's. Plus variants: ``shortcut`` (PlusV2's
+        default: concat for Portrait, mean otherwise). ``scale`` (identity strength) and ``lora_scale``
+        apply to this call only; None uses the adapter's. Plus variants: ``shortcut`` (PlusV2's
         ``tokens + s_scale * perceiver``; default on for PlusV2 adapters) and ``s_scale``.
         ``identity_window=(start, end)``: the adapter acts only in that part of the denoising steps
         (fractions; ``(0, 1)`` is every step, an empty window switches it off, bit for bit).
         ``seed``: an int seeds one generator for the whole batch, as the reference does; a list gives
-        every image its own seed (image i is then reproduced alone by ``seed=[seeds[i]]``). Generators
-        live on the CPU so that a seed gives the same starting noise on any device. ``output_type``:
-        ``"pil"`` or ``"np"`` (float arrays in [0, 1]). Other keyword arguments go to the diffusers
-        pipeline (``callback_on_step_end``, ``eta``, ...). ``conditioning`` reuses an ``encode()`` result.
+        every image its own seed (image i is then reproduced alone by ``seed=[seeds[i]]``); none (and no
+        ``generator`` or ``latents``) draws a seed per image, recorded in the result's settings.
+        Generators live on the CPU so that a seed gives the same starting noise on any device.
+        ``output_type``: ``"pil"``, ``"np"`` (float arrays in [0, 1]) or ``"latent"``. Other keyword
+        arguments go to the diffusers pipeline (``callback_on_step_end``, ``eta``, ...); an argument
+        neither knows is an error. ``conditioning`` reuses an ``encode()`` result.
         """
+        fields = GenerationSettings.model_fields
+        diffusers_kwargs = {k: v for k, v in kwargs.items() if k not in fields}
+        self._check_diffusers_kwargs(diffusers_kwargs)
+        overrides = {k: v for k, v in kwargs.items() if k in fields}
+        if prompt is not None:
+            overrides["prompt"] = list(prompt) if isinstance(prompt, tuple) else prompt
+        requested = GenerationSettings.parse(settings, **overrides)
+        self._check_models(requested)
         if conditioning is None:
             conditioning = self.encode(
-                prompt, face, negative_prompt, num_images_per_prompt, face_index, face_image, combine, shortcut, s_scale
+                face=face, face_image=face_image, **requested.model_dump(include=set(ENCODE_FIELDS), exclude_unset=True)
             )
-        defaults = FAMILY_DEFAULTS[self.family]
-        guidance_scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
-        if generator is None and seed is not None:
-            generator = seeded_generators(seed)
-        cfg = guidance_scale > 1 and self.pipe.unet.config.time_cond_proj_dim is None
-        cross_attention_kwargs = dict(pipeline_kwargs.pop("cross_attention_kwargs", None) or {})
+        else:
+            self._check_same_encoding(requested, conditioning.settings)
+        run = requested.replace(**conditioning.settings.model_dump(include=set(ENCODE_FIELDS))).resolve(
+            self.family, **self._known_defaults()
+        )
+        total = len(conditioning.prompts) * conditioning.num_images_per_prompt
+        if run.seed is None and generator is None and latents is None:
+            run = run.replace(seed=[random.randrange(2**31) for _ in range(total)])  # every image reproducible
+        if isinstance(run.seed, list) and len(run.seed) != total:
+            raise FaceIDError(f"{len(run.seed)} seeds for {total} images: give one seed per image, or one int")
+        if generator is None and run.seed is not None:
+            generator = seeded_generators(run.seed)
+
+        cfg = run.guidance_scale > 1 and self.pipe.unet.config.time_cond_proj_dim is None
+        cross_attention_kwargs = dict(diffusers_kwargs.pop("cross_attention_kwargs", None) or {})
         cross_attention_kwargs["ip_hidden_states"] = conditioning.identity_states(cfg)
-        settings = {
-            "prompt": conditioning.prompts,
-            "negative_prompt": conditioning.negative_prompts,
-            "num_inference_steps": num_inference_steps or defaults["num_inference_steps"],
-            "guidance_scale": guidance_scale,
-            "width": width or defaults["width"],
-            "height": height or defaults["height"],
-            "scale": self.adapter.scale if scale is None else scale,
-            "lora_scale": self.adapter.lora_scale,
-            "seed": seed,
-        }
         # Refuse before any work if other code took the adapter's processors: the identity would vanish.
         self.adapter.check_attached()
         was_active = self.adapter.active  # the user's state, restored after the call
-        if identity_window is not None:
-            window = _check_window(identity_window)
-            settings["identity_window"] = list(window)
-            pipeline_kwargs.update(
-                self._window_callback(window, settings["num_inference_steps"], pipeline_kwargs, was_active)
+        if run.identity_window is not None:
+            diffusers_kwargs.update(
+                self._window_callback(run.identity_window, run.num_inference_steps, diffusers_kwargs, was_active)
             )
         try:
-            with self.adapter.scaled(scale), self.adapter.caching():
+            with self.adapter.scaled(run.scale, run.lora_scale), self.adapter.caching():
                 result = self.pipe(
                     **conditioning.pipe_kwargs,
-                    num_inference_steps=settings["num_inference_steps"],
-                    guidance_scale=guidance_scale,
-                    width=settings["width"],
-                    height=settings["height"],
+                    num_inference_steps=run.num_inference_steps,
+                    guidance_scale=run.guidance_scale,
+                    width=run.width,
+                    height=run.height,
                     generator=generator,
                     latents=latents,
                     output_type=output_type,
                     cross_attention_kwargs=cross_attention_kwargs,
-                    **pipeline_kwargs,
+                    **diffusers_kwargs,
                 )
         finally:
             if self.adapter.active != was_active:
@@ -527,15 +567,61 @@ class FaceIDPipeline:
             images=result.images,
             faces=conditioning.faces,
             nsfw_content_detected=getattr(result, "nsfw_content_detected", None),
-            settings=settings,
+            settings=run,
         )
 
+    def _check_diffusers_kwargs(self, kwargs: Mapping[str, Any]) -> None:
+        """Refuse an argument that is neither a generation setting nor one the diffusers pipeline takes
+        (diffusers would swallow it into ``**kwargs`` and ignore it)."""
+        accepted = set(inspect.signature(self.pipe.__call__).parameters)
+        # Given by faceid itself, from the settings or the conditioning.
+        ours = {"prompt", "prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds",
+                "negative_pooled_prompt_embeds", "num_images_per_prompt", "generator", "latents", "output_type"}  # fmt: skip
+        unknown = sorted(k for k in kwargs if k not in accepted or k in ours)
+        if unknown:
+            raise FaceIDError(
+                f"unknown argument(s) {', '.join(unknown)}: not a generation setting "
+                f"({', '.join(GenerationSettings.model_fields)}) nor an argument of {type(self.pipe).__name__}"
+            )
 
-def _check_window(window: Sequence[float]) -> tuple[float, float]:
-    start, end = (float(x) for x in window)
-    if not 0.0 <= start <= end <= 1.0:
-        raise FaceIDError(f"identity_window must be (start, end) with 0 <= start <= end <= 1, got {tuple(window)}")
-    return start, end
+    def _check_models(self, requested: GenerationSettings) -> None:
+        """Settings that name models must name the ones loaded here (a request is never run on another)."""
+        loaded = {"base_model": self.base_model, "adapter": self.adapter_source}
+        for key, value in loaded.items():
+            wanted = getattr(requested, key)
+            if wanted is not None and value is not None and not _same_source(wanted, value):
+                raise FaceIDError(f"these settings ask for {key} {wanted!r} but this pipeline has {value!r} loaded")
+        if requested.loras is not None:
+            have = self.lora_sources()
+            if _by_source(requested.loras) != _by_source(have):
+                raise FaceIDError(
+                    f"these settings ask for the LoRAs {requested.loras} but this pipeline has {have or 'none'} "
+                    "loaded: load_lora / set_lora_weight / remove_lora first"
+                )
+
+    @staticmethod
+    def _check_same_encoding(requested: GenerationSettings, encoded: GenerationSettings) -> None:
+        """With ``conditioning=``, an encode-time setting given again must be the one it was encoded with."""
+        for key in requested.model_fields_set & set(ENCODE_FIELDS):
+            if getattr(requested, key) != getattr(encoded, key):
+                raise FaceIDError(
+                    f"{key}={getattr(requested, key)!r} differs from the conditioning's {getattr(encoded, key)!r}: "
+                    "encode() again with the new value"
+                )
+
+
+def _source_key(source: str) -> str:
+    """A model named as given, or its resolved path when it is a local file or folder."""
+    path = Path(source).expanduser()
+    return str(path.resolve()) if path.exists() else str(source)
+
+
+def _same_source(a: str, b: str) -> bool:
+    return _source_key(a) == _source_key(b)
+
+
+def _by_source(loras: Mapping[str, float]) -> dict[str, float]:
+    return {_source_key(source): float(weight) for source, weight in loras.items()}
 
 
 def seeded_generators(seed: int | Sequence[int]) -> torch.Generator | list[torch.Generator]:

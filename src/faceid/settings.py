@@ -1,0 +1,206 @@
+"""One description of a generation request: ``GenerationSettings``.
+
+Everything that decides what a call draws, declared once, with its validation, its per-family default
+and its command-line flag. The pipeline resolves a call's arguments into it; the CLI builds its
+``generate`` flags from it; ``faceid eval`` and the HTTP API take it; every PNG stores it, and
+``GenerationSettings.from_png`` reads it back, so an image's metadata reproduces the image.
+
+Fields left ``None`` take the base model family's default when a pipeline resolves them
+(``resolve``): the reference implementation's defaults (SPEC.md section 4).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import FaceIDError
+
+DEFAULT_PROMPT = "best quality, high quality"
+DEFAULT_NEGATIVE_PROMPT = "monochrome, lowres, bad anatomy, worst quality, low quality"
+FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "SD1.5": {"width": 512, "height": 768, "guidance_scale": 7.5, "num_inference_steps": 30},
+    "SDXL": {"width": 1024, "height": 1024, "guidance_scale": 5.0, "num_inference_steps": 30},
+}
+# Fields used to encode the prompts and faces (``FaceIDPipeline.encode``); the rest steer the sampling.
+ENCODE_FIELDS = ("prompt", "negative_prompt", "num_images_per_prompt", "face_index", "combine", "shortcut", "s_scale")
+# Fields naming the models, recorded so that an image says what made it; a pipeline checks them.
+MODEL_FIELDS = ("base_model", "adapter", "loras")
+
+
+def _flag(*names: str, **extra: Any) -> dict[str, Any]:
+    """The command-line flag(s) of a field, kept next to its declaration."""
+    return {"cli": {"flags": list(names), **extra}}
+
+
+class GenerationSettings(BaseModel):
+    """What a generation draws. ``None`` means "the family's default" (see ``resolve``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    prompt: str | list[str] | None = Field(
+        None, description="what to generate; a list pairs prompt i with face i", json_schema_extra=_flag("--prompt")
+    )
+    negative_prompt: str | list[str] | None = Field(
+        None, description="what to avoid (default: the reference's)", json_schema_extra=_flag("--negative-prompt")
+    )
+    num_images_per_prompt: int = Field(
+        1, ge=1, description="images per prompt", json_schema_extra=_flag("-n", "--num-images", default=4)
+    )
+    seed: int | list[int] | None = Field(
+        None,
+        description="an int seeds the whole batch; a list gives each image its own seed (image i: seed+i in the CLI)",
+        json_schema_extra=_flag("--seed"),
+    )
+    num_inference_steps: int | None = Field(
+        None, ge=1, le=1000, description="denoising steps (default 30)", json_schema_extra=_flag("--steps")
+    )
+    guidance_scale: float | None = Field(
+        None, ge=0, description="classifier-free guidance (SD1.5: 7.5, SDXL: 5)", json_schema_extra=_flag("--guidance")
+    )
+    width: int | None = Field(
+        None, ge=8, description="image width (SD1.5: 512, SDXL: 1024)", json_schema_extra=_flag("--width")
+    )
+    height: int | None = Field(
+        None, ge=8, description="image height (SD1.5: 768, SDXL: 1024)", json_schema_extra=_flag("--height")
+    )
+    scale: float | None = Field(None, description="identity strength (1.0)", json_schema_extra=_flag("--scale"))
+    lora_scale: float | None = Field(
+        None, description="weight of the identity LoRA (1.0)", json_schema_extra=_flag("--lora-scale")
+    )
+    face_index: int = Field(
+        0,
+        ge=0,
+        description="which face when a photo has several (0 = largest)",
+        json_schema_extra=_flag("--face-index"),
+    )
+    combine: Literal["mean", "concat"] | None = Field(
+        None,
+        description="how several photos of one person combine: mean of embeddings or concatenated tokens "
+        "(default: concat for Portrait, mean otherwise)",
+        json_schema_extra=_flag("--combine"),
+    )
+    shortcut: bool | None = Field(
+        None,
+        description="Plus: PlusV2's embedding shortcut (default: on for PlusV2 adapters)",
+        json_schema_extra=_flag("--shortcut"),
+    )
+    s_scale: float = Field(
+        1.0, description="PlusV2: weight of the CLIP face structure", json_schema_extra=_flag("--s-scale")
+    )
+    identity_window: tuple[float, float] | None = Field(
+        None,
+        description="apply the identity only in this part of the denoising steps (fractions, e.g. 0 0.8)",
+        json_schema_extra=_flag("--window", metavar=("START", "END")),
+    )
+    base_model: str | None = Field(
+        None, description="SD1.5/SDXL model: diffusers folder, Hub repo id or .safetensors file",
+        json_schema_extra=_flag("--base-model"),
+    )  # fmt: skip
+    adapter: str | None = Field(
+        None, description="adapter file (.bin/.safetensors) or released name", json_schema_extra=_flag("--adapter")
+    )
+    loras: dict[str, float] | None = Field(
+        None,
+        description="LoRA files stacked with the identity, and their weights (e.g. style.safetensors:0.7)",
+        json_schema_extra=_flag("--lora", metavar="FILE[:WEIGHT]"),
+    )
+
+    # ------------------------------------------------------------------ validation
+    @field_validator("width", "height")
+    @classmethod
+    def _multiple_of_8(cls, value: int | None) -> int | None:
+        if value is not None and value % 8:
+            raise ValueError(f"must be a multiple of 8 (Stable Diffusion's VAE works in 8-pixel cells), got {value}")
+        return value
+
+    @field_validator("seed")
+    @classmethod
+    def _seeds(cls, value: int | list[int] | None) -> int | list[int] | None:
+        seeds = value if isinstance(value, list) else [] if value is None else [value]
+        if any(not 0 <= s < 2**63 for s in seeds):
+            raise ValueError("seeds must be integers from 0 to 2**63 - 1")
+        if isinstance(value, list) and not value:
+            raise ValueError("give at least one seed, or none for random seeds")
+        return value
+
+    @field_validator("scale", "lora_scale", "s_scale", "guidance_scale")
+    @classmethod
+    def _finite(cls, value: float | None) -> float | None:
+        if value is not None and not math.isfinite(value):
+            raise ValueError("must be a finite number")
+        return value
+
+    @field_validator("identity_window")
+    @classmethod
+    def _window(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
+        if value is not None and not 0.0 <= value[0] <= value[1] <= 1.0:
+            raise ValueError(f"must be (start, end) with 0 <= start <= end <= 1, got {tuple(value)}")
+        return value
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def parse(
+        cls, values: Mapping[str, Any] | GenerationSettings | None = None, **overrides: Any
+    ) -> GenerationSettings:
+        """Settings from a mapping (or settings) plus overrides; bad values give one FaceIDError that names them."""
+        base = values.model_dump(exclude_unset=True) if isinstance(values, GenerationSettings) else dict(values or {})
+        base.update(overrides)
+        try:
+            return cls.model_validate(base)
+        except ValidationError as exc:
+            raise FaceIDError(describe_errors(exc)) from None
+
+    @classmethod
+    def from_png(cls, path: str | Path) -> GenerationSettings:
+        """The settings an image was made with, from the metadata ``faceid.outputs.save_png`` wrote."""
+        from .outputs import read_settings
+
+        stored = read_settings(path)
+        return cls.parse({key: value for key, value in stored.items() if key in cls.model_fields})
+
+    def replace(self, **changes: Any) -> GenerationSettings:
+        """A copy with ``changes``, validated again."""
+        return self.parse(self, **changes)
+
+    # ------------------------------------------------------------------ defaults
+    def resolve(self, family: str, **known: Any) -> GenerationSettings:
+        """Every ``None`` that has a default filled in: the family's size, steps and guidance, the reference's
+        prompts; ``known`` fills the rest (the adapter's scale, the variant's combine mode...)."""
+        if family not in FAMILY_DEFAULTS:
+            raise FaceIDError(f"unknown base model family {family!r}: {', '.join(FAMILY_DEFAULTS)}")
+        defaults = {
+            "prompt": DEFAULT_PROMPT,
+            "negative_prompt": DEFAULT_NEGATIVE_PROMPT,
+            **FAMILY_DEFAULTS[family],
+            **known,
+        }
+        missing = {key: value for key, value in defaults.items() if getattr(self, key) is None}
+        return self.replace(**missing) if missing else self
+
+    def for_image(self, index: int) -> GenerationSettings:
+        """The settings that reproduce image ``index`` of this (single-prompt) request alone."""
+        if not isinstance(self.seed, list):
+            raise FaceIDError("only settings with one seed per image describe a single image")
+        # One image: an int seed gives the same noise as a one-element list.
+        return self.replace(seed=self.seed[index], num_images_per_prompt=1)
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain JSON values (tuples as lists), without the fields left at ``None``."""
+        return self.model_dump(mode="json", exclude_none=True)
+
+
+def describe_errors(exc: ValidationError) -> str:
+    """pydantic's errors as one line a person can act on: ``field: what is wrong; ...``."""
+    parts = []
+    for error in exc.errors():
+        where = ".".join(str(p) for p in error["loc"]) or "settings"
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            message = f"unknown setting (known: {', '.join(GenerationSettings.model_fields)})"
+        parts.append(f"{where}: {message}")
+    return "invalid generation settings: " + "; ".join(parts)
