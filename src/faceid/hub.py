@@ -115,6 +115,14 @@ def _stamp(path: str) -> list[int] | None:
     return [stat.st_size, stat.st_mtime_ns]
 
 
+def _read_hash_cache() -> dict:
+    try:
+        cache = json.loads(_hash_cache().read_text())
+    except (OSError, ValueError):
+        return {}
+    return cache if isinstance(cache, dict) else {}
+
+
 def file_sha256(path: str | os.PathLike) -> str:
     """The sha256 of ``path``, remembered per (real path, size, mtime): a file that changes is hashed again,
     and entries of files that changed or are gone are dropped whenever one is added."""
@@ -122,13 +130,7 @@ def file_sha256(path: str | os.PathLike) -> str:
     stamp = _stamp(real)
     if stamp is None:
         raise CheckpointError(f"{path}: file not found")
-    cache_file = _hash_cache()
-    try:
-        cache = json.loads(cache_file.read_text())
-        if not isinstance(cache, dict):
-            cache = {}
-    except (OSError, ValueError):
-        cache = {}
+    cache = _read_hash_cache()
     entry = cache.get(real)
     if isinstance(entry, dict) and entry.get("stamp") == stamp and isinstance(entry.get("sha256"), str):
         return entry["sha256"]
@@ -141,6 +143,7 @@ def file_sha256(path: str | os.PathLike) -> str:
         return found
     fresh = {k: e for k, e in cache.items() if isinstance(e, dict) and _stamp(k) == e.get("stamp")}
     fresh[real] = {"stamp": stamp, "sha256": found}
+    cache_file = _hash_cache()
     try:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(cache_file) as tmp:
