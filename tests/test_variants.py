@@ -154,13 +154,17 @@ def test_offline_fake_hub_cache(tmp_path, monkeypatch):
     import huggingface_hub.constants
 
     release = VARIANTS["faceid-portrait-sd15"].adapter
-    snapshot = tmp_path / "hub" / "models--h94--IP-Adapter-FaceID" / "snapshots" / ADAPTER_REVISION
-    snapshot.mkdir(parents=True)
-    (snapshot / release.filename).write_bytes(b"a truncated download")
+    repo = tmp_path / "hub" / "models--h94--IP-Adapter-FaceID"
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "snapshots" / ADAPTER_REVISION).mkdir(parents=True)
+    blob = repo / "blobs" / release.sha256  # as the Hub cache names LFS blobs, whatever they hold
+    blob.write_bytes(b"a truncated download")
+    (repo / "snapshots" / ADAPTER_REVISION / release.filename).symlink_to(blob)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(CheckpointError, match=release.sha256):
+    with pytest.raises(CheckpointError, match=release.sha256) as info:
         hub.resolve_adapter("faceid-portrait-sd15")
+    assert f"delete {blob.resolve()} (and the link" in str(info.value)
     with pytest.raises(MissingWeightsError, match=f"ip-adapter-faceid_sd15.bin at commit {ADAPTER_REVISION}"):
         hub.resolve_adapter("faceid-sd15")  # not in the cache: what to download, at which commit
 

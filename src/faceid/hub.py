@@ -90,11 +90,13 @@ def verify(path: str | os.PathLike, file: HubFile) -> None:
     if found == file.sha256:
         return
     size = Path(path).stat().st_size
+    real = Path(path).resolve()
+    where = f"{real} (and the link {path} to it)" if Path(path).is_symlink() else str(real)
     sizes = f" ({size} bytes; the release has {file.size})" if file.size is not None and size != file.size else ""
     raise CheckpointError(
         f"{file.filename} from {file.repo} (commit {file.revision or 'main'}) is not the released file: its sha256 "
         f"is {found}{sizes}, the release's is {file.sha256}. The download is incomplete or corrupted, or the "
-        f"cached copy was changed: delete {Path(path).resolve()} and run again to download it afresh. If a "
+        f"cached copy was changed: delete {where} and run again to download it afresh. If a "
         f"fresh download still differs, report it (https://huggingface.co/{file.repo}/discussions) and use a "
         "copy you trust by its path meanwhile"
     )

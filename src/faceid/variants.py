@@ -51,10 +51,6 @@ class HubFile:
     def path_in_repo(self) -> str:
         return f"{self.subfolder}/{self.filename}" if self.subfolder else self.filename
 
-    @property
-    def url(self) -> str:
-        return f"https://huggingface.co/{self.repo}/blob/{self.revision or 'main'}/{self.path_in_repo}"
-
 
 @dataclass(frozen=True)
 class HubFolder:
