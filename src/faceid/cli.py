@@ -247,8 +247,10 @@ def cmd_models(args: argparse.Namespace) -> int:
             print(f"{pad}base model {v.base_model}" + (f", VAE {v.vae}" if v.vae else ""))
             pinned = [v.adapter.revision[:7] if v.adapter.revision else "main (not pinned)"]
             pinned.append(f"sha256 {v.adapter.sha256[:12]}..." if v.adapter.sha256 else "no sha256 (not checked)")
-            encoder = f"; image encoder {v.image_encoder}@{v.image_encoder.revision[:7]}" if v.image_encoder else ""
-            print(f"{pad}pinned: {', '.join(pinned)}{encoder}")
+            encoder = (
+                v.image_encoder and f"; image encoder {v.image_encoder}@{(v.image_encoder.revision or 'main')[:7]}"
+            )
+            print(f"{pad}pinned: {', '.join(pinned)}{encoder or ''}")
         print("\nUse a name with --adapter; files from anywhere work too (`faceid models FILE` says what one is).")
         return 0
     from .checkpoints import AdapterSpec, load_state_dict
@@ -266,7 +268,7 @@ def cmd_models(args: argparse.Namespace) -> int:
             named += f" (like {', '.join(v.name for v in like)})" if like else ""
         else:
             named = "; fits no released variant exactly (a layout of its own)"
-        if len(fits) > 1:
+        if len(fits) > 1 and not release:
             named += "; Plus and PlusV2 have the same tensors: the file cannot tell them apart (--shortcut chooses)"
         print(f"{path}: {spec.describe()}{named}")
     return 0
