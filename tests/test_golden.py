@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from faceid.pipeline import FaceIDPipeline
+from faceid.variants import VARIANTS, VariantSpec
 
 GOLDEN_DIR = Path(os.environ.get("FACEID_GOLDEN_DIR", Path(__file__).resolve().parents[2] / "shared" / "golden"))
 FORMATS = ("bin", "safetensors")
@@ -42,10 +43,16 @@ def _params():
     return params
 
 
+def _variant(case: dict) -> VariantSpec | None:
+    """The case's row of faceid's variant table: golden variants are named as released, less "-sd15"."""
+    name = case["variant"]
+    return VARIANTS.get(name) or VARIANTS.get(f"{name}-sd15")
+
+
 def _unsupported(case: dict) -> str | None:
-    """Why a case's variant cannot run (None when it can): every IP-Adapter-FaceID variant is built."""
-    if not case["variant"].startswith("faceid"):
-        return f"variant {case['variant']} is not an IP-Adapter-FaceID model"
+    """Why a case's variant cannot run (None when it can): every variant of the table is built."""
+    if _variant(case) is None:
+        return f"variant {case['variant']} is not in faceid's variant table (faceid.variants.VARIANTS)"
     return None
 
 
@@ -84,19 +91,19 @@ def _pipeline(case: dict, fmt: str) -> FaceIDPipeline:
     )
 
 
-def _face_arguments(pipe: FaceIDPipeline, case: dict, kwargs: dict) -> dict:
+def _face_arguments(case: dict, kwargs: dict) -> dict:
     """The identity arguments of ``encode`` for the reference's (faceid_embeds, face_image, shortcut, s_scale)."""
     embeds = _array(kwargs.pop("faceid_embeds"))
-    arguments = {"face": embeds}
-    if "portrait" in case["variant"]:
-        # The reference takes (1, n, 512) as one identity of n photos and concatenates their tokens.
-        arguments["combine"] = "concat"
+    # How the table says the variant combines photos: Portrait's reference takes (1, n, 512) as one
+    # identity of n photos and concatenates their tokens ("concat"); the others get one photo each.
+    arguments = {"face": embeds, "combine": _variant(case).combine}
     if "face_image" in kwargs:
         images = kwargs.pop("face_image")
         images = images if isinstance(images, list) else [images]
         arguments["face_image"] = [Image.open(GOLDEN_DIR / image["png"]).convert("RGB") for image in images]
-    if pipe.adapter.projection.needs_clip:
-        # Reference defaults: IPAdapterFaceIDPlus.generate shortcut=False, IPAdapterFaceIDPlusXL True.
+    if _variant(case).needs_clip:
+        # The reference's own defaults when a case does not give them (they are its classes', not the
+        # variant's: IPAdapterFaceIDPlus.generate shortcut=False even for PlusV2, IPAdapterFaceIDPlusXL True).
         arguments["shortcut"] = kwargs.pop("shortcut", case["pipeline_class"] == "StableDiffusionXLPipeline")
         arguments["s_scale"] = kwargs.pop("s_scale", 1.0)
     return arguments
@@ -115,7 +122,7 @@ def _clip_arrays(conditioning) -> dict:
 
 def _faces_per_identity(case: dict) -> int:
     """Portrait's reference repeats samples twice (num_samples**2 images per prompt); others once."""
-    return 2 if "portrait" in case["variant"] else 1
+    return 2 if _variant(case).architecture.name == "portrait" else 1
 
 
 @pytest.mark.parametrize("case,fmt", _params())
@@ -126,6 +133,8 @@ def test_case(case, fmt):
         pytest.skip(reason)
     torch.manual_seed(0)
     pipe = _pipeline(case, fmt)
+    # The file's tensors fit the table's architecture row of the case's variant.
+    assert _variant(case).architecture in pipe.adapter.spec.architectures
     if case["kind"] == "generate":
         actual = _run_generate(pipe, case)
     elif case["kind"] == "unet_call":
@@ -137,7 +146,7 @@ def test_case(case, fmt):
 
 def _run_generate(pipe: FaceIDPipeline, case: dict) -> dict:
     kwargs = dict(case["generate_kwargs"])
-    face = _face_arguments(pipe, case, kwargs)
+    face = _face_arguments(case, kwargs)
     num_samples = kwargs.pop("num_samples", 4) ** _faces_per_identity(case)
     latents = _array(kwargs.pop("latents")) if "latents" in kwargs else None
     scale = kwargs.pop("scale", 1.0)
@@ -226,7 +235,7 @@ def _record(pipe):
 
 def _run_unet_call(pipe: FaceIDPipeline, case: dict) -> dict:
     inputs = dict(case["unet_inputs"])
-    face = _face_arguments(pipe, case, inputs)
+    face = _face_arguments(case, inputs)
     conditioning = pipe.encode(inputs.get("prompt"), negative_prompt=inputs.get("negative_prompt"), **face)
     text = torch.cat([conditioning.pipe_kwargs["negative_prompt_embeds"], conditioning.pipe_kwargs["prompt_embeds"]])
     identity = conditioning.identity_states(classifier_free_guidance=True)

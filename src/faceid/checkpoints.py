@@ -23,14 +23,12 @@ import torch
 from .atomic import atomic_path
 from .errors import CheckpointError
 from .projection import PerceiverConfig
+from .variants import FAMILIES, Architecture, closest_architecture, match_architectures
 
 GROUPS = ("image_proj", "ip_adapter")
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out")  # checkpoint names; ``to_out`` is diffusers' ``to_out.0``
 _IP_KEY = re.compile(r"^(\d+)\.(to_[qkv]_lora|to_out_lora)\.(down|up)\.weight$|^(\d+)\.(to_k_ip|to_v_ip)\.weight$")
 _PERCEIVER_LAYER = re.compile(r"^perceiver_resampler\.layers\.(\d+)\.")
-
-# Cross-attention widths of the base model families the released checkpoints were trained for.
-FAMILIES = {768: "SD1.5", 2048: "SDXL"}
 
 
 def family_name(cross_attention_dim: int) -> str:
@@ -100,13 +98,23 @@ class AdapterSpec:
     # processor index -> {target: (in_features, out_features)} of its LoRA
     lora_layers: dict[int, dict[str, tuple[int, int]]] = field(default_factory=dict)
 
+    def _layout(self) -> tuple[bool, int, bool]:
+        return self.perceiver is not None, self.num_tokens, self.lora_rank is not None
+
+    @property
+    def architectures(self) -> tuple[Architecture, ...]:
+        """The rows of ``faceid.variants.ARCHITECTURES`` this file fits exactly: Plus and PlusV2 have the
+        same tensors, so a Plus file fits both; () for a layout of its own (e.g. 8 tokens)."""
+        return match_architectures(*self._layout())
+
+    def architecture(self, name: str = "") -> Architecture:
+        """The row to use this file as; ``name`` (its file name) tells Plus from PlusV2 (``...plusv2...``)."""
+        return closest_architecture(*self._layout(), name=name)
+
     @property
     def variant(self) -> str:
-        if self.perceiver is not None:
-            return "faceid-plus"
-        if self.lora_rank is None and self.num_tokens == 16:
-            return "faceid-portrait"
-        return "faceid"
+        """``faceid``, ``faceid-plus`` (Plus or PlusV2) or ``faceid-portrait``."""
+        return self.architecture().label
 
     @property
     def family(self) -> str:
@@ -115,8 +123,12 @@ class AdapterSpec:
     def describe(self) -> str:
         lora = f"LoRA rank {self.lora_rank}" if self.lora_rank else "no LoRA"
         target = describe_unet(self.cross_attention_dim, len(self.ip_layers))
+        fits = self.architectures
         # Plus and PlusV2 have the same tensors (the shortcut is a setting), so the file cannot tell.
-        kind = "faceid-plus (Plus or PlusV2)" if self.variant == "faceid-plus" else self.variant
+        if len(fits) > 1:
+            kind = f"{self.variant} ({' or '.join(a.title for a in fits)})"
+        else:
+            kind = self.variant if fits else f"{self.variant}-like"
         return f"a {kind} adapter ({self.num_tokens} tokens, {lora}) for {target}"
 
     @classmethod

@@ -262,25 +262,46 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from .hub import PRESETS
+    from .variants import ADAPTER_REPO, ADAPTER_REVISION, VARIANTS
 
     if not args.checkpoints:
-        print(f"{'name':<26} {'base':<6} {'needs':<24} file (h94/IP-Adapter-FaceID)")
-        for preset in PRESETS.values():
-            needs = ["face photo(s)" if preset.portrait else "face photo"]
-            if preset.plus:
+        print(f"Released models (files in {ADAPTER_REPO}, pinned to commit {ADAPTER_REVISION[:7]} and sha256-checked):")
+        print(f"{'name':<26} {'base':<6} {'needs':<24} file (+ the LoRA alone, where released)")
+        pad = " " * 34
+        for v in VARIANTS.values():
+            needs = ["face photo(s)" if v.combine == "concat" else "face photo"]
+            if v.image_encoder:
                 needs.append("CLIP ViT-H")
-            print(f"{preset.name:<26} {preset.family:<6} {' + '.join(needs):<24} {preset.filename}")
-            print(f"{'':<26} {'':<6} {preset.description}; base model {preset.base_model}")
+            twin = f" (+ {v.lora.filename})" if v.lora else ""
+            print(f"{v.name:<26} {v.family:<6} {' + '.join(needs):<24} {v.adapter.filename}{twin}")
+            lora = f"LoRA rank {v.lora_rank}" if v.lora_rank else "no LoRA"
+            print(f"{pad}{v.description} ({v.tokens_per_face} tokens per photo, {lora})")
+            print(f"{pad}base model {v.base_model}" + (f", VAE {v.vae}" if v.vae else ""))
+            pinned = [v.adapter.revision[:7] if v.adapter.revision else "main (not pinned)"]
+            pinned.append(f"sha256 {v.adapter.sha256[:12]}..." if v.adapter.sha256 else "no sha256 (not checked)")
+            encoder = (
+                v.image_encoder and f"; image encoder {v.image_encoder}@{(v.image_encoder.revision or 'main')[:7]}"
+            )
+            print(f"{pad}pinned: {', '.join(pinned)}{encoder or ''}")
         print("\nUse a name with --adapter; files from anywhere work too (`faceid models FILE` says what one is).")
         return 0
     from .checkpoints import AdapterSpec, load_state_dict
-    from .hub import preset_for
+    from .variants import released, releases_like
 
     for path in args.checkpoints:
         spec = AdapterSpec.from_state_dict(load_state_dict(path), Path(path).name)
-        preset = preset_for(path)
-        named = f" (released as {preset.name})" if preset else ""
+        release = released(path)
+        fits = spec.architectures
+        if release:
+            named = f"; released as {release.name}"
+        elif fits:
+            like = releases_like(fits, spec.family)  # none for a family without releases
+            named = f"; variant {' or '.join(a.name for a in fits)}"
+            named += f" (like {', '.join(v.name for v in like)})" if like else ""
+        else:
+            named = "; fits no released variant exactly (a layout of its own)"
+        if len(fits) > 1 and not release:
+            named += "; Plus and PlusV2 have the same tensors: the file cannot tell them apart (--shortcut chooses)"
         print(f"{path}: {spec.describe()}{named}")
     return 0
 
@@ -343,7 +364,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from .hub import DEFAULT_ADAPTER
+    from .variants import DEFAULT_ADAPTER
     from .outputs import contact_sheet, save_png
     from .pipeline import FaceIDPipeline
 

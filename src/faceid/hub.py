@@ -1,114 +1,26 @@
-"""Where the released weights live, and fetching them with progress and clear errors.
+"""Fetching the released weights: pinned to a Hub commit, checked against their sha256, with clear errors.
 
-Adapter names resolve to files of the Hugging Face Hub repo ``h94/IP-Adapter-FaceID`` (SPEC.md
-section 3). Anything that is a local file or folder is used as it is; nothing is downloaded then.
+Adapter names resolve to the files of ``faceid.variants.VARIANTS`` (repository ``h94/IP-Adapter-FaceID``,
+SPEC.md section 3), downloaded at the table's pinned commit. A downloaded file whose sha256 is not the
+table's is refused. The hash of a file is remembered (``$FACEID_HOME/sha256.json``, keyed by the file's
+real path, size and modification time) so that a 1 GB file is hashed once, not on every start.
+Anything that is a local file or folder is used as it is; nothing is downloaded or checked then.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import MissingWeightsError
+from .atomic import atomic_path
+from .errors import CheckpointError, MissingWeightsError
+from .variants import VARIANTS, HubFile
 
-ADAPTER_REPO = "h94/IP-Adapter-FaceID"
-
-
-@dataclass(frozen=True)
-class Preset:
-    """A released model by name: its adapter file, what it needs, and the settings it works best with."""
-
-    name: str
-    filename: str  # in ADAPTER_REPO
-    family: str  # "SD1.5" or "SDXL"
-    base_model: str  # the base model the authors show it with
-    vae: str | None = None
-    plus: bool = False  # needs the CLIP ViT-H image encoder
-    shortcut: bool = False  # PlusV2: tokens + s_scale * perceiver
-    portrait: bool = False  # several photos, tokens concatenated, no LoRA
-    description: str = ""
-
-    @property
-    def image_encoder(self) -> tuple[str, str] | None:
-        return CLIP_IMAGE_ENCODER if self.plus else None
-
-    @property
-    def lora_filename(self) -> str | None:
-        """The separate ``*_lora.safetensors`` twin (Portrait has no LoRA)."""
-        return None if self.portrait else self.filename.replace(".bin", "_lora.safetensors")
-
-    @property
-    def combine(self) -> str:
-        return "concat" if self.portrait else "mean"
-
-
-# The authors' demos use Realistic Vision 4.0 with the sd-vae-ft-mse VAE for SD1.5, RealVisXL for SDXL.
-_SD15 = {"family": "SD1.5", "base_model": "SG161222/Realistic_Vision_V4.0_noVAE", "vae": "stabilityai/sd-vae-ft-mse"}
-_SDXL = {"family": "SDXL", "base_model": "SG161222/RealVisXL_V3.0"}
-CLIP_IMAGE_ENCODER = ("h94/IP-Adapter", "models/image_encoder")  # CLIP ViT-H/14 laion2B-s32B-b79K
-
-PRESETS: dict[str, Preset] = {
-    p.name: p
-    for p in (
-        Preset("faceid-sd15", "ip-adapter-faceid_sd15.bin", **_SD15, description="face embedding + LoRA"),
-        Preset(
-            "faceid-plus-sd15",
-            "ip-adapter-faceid-plus_sd15.bin",
-            **_SD15,
-            plus=True,
-            description="face embedding + CLIP face features (perceiver) + LoRA",
-        ),
-        Preset(
-            "faceid-plusv2-sd15",
-            "ip-adapter-faceid-plusv2_sd15.bin",
-            **_SD15,
-            plus=True,
-            shortcut=True,
-            description="Plus with the embedding shortcut; s_scale sets the face structure weight",
-        ),
-        Preset(
-            "faceid-portrait-sd15",
-            "ip-adapter-faceid-portrait_sd15.bin",
-            **_SD15,
-            portrait=True,
-            description="several photos of one person, 16 tokens each, no LoRA",
-        ),
-        Preset(
-            "faceid-portrait-v11-sd15",
-            "ip-adapter-faceid-portrait-v11_sd15.bin",
-            **_SD15,
-            portrait=True,
-            description="Portrait, version 1.1",
-        ),
-        Preset("faceid-sdxl", "ip-adapter-faceid_sdxl.bin", **_SDXL, description="face embedding + LoRA, SDXL"),
-        Preset(
-            "faceid-plusv2-sdxl",
-            "ip-adapter-faceid-plusv2_sdxl.bin",
-            **_SDXL,
-            plus=True,
-            shortcut=True,
-            description="PlusV2 for SDXL",
-        ),
-        Preset(
-            "faceid-portrait-sdxl",
-            "ip-adapter-faceid-portrait_sdxl.bin",
-            **_SDXL,
-            portrait=True,
-            description="Portrait for SDXL",
-        ),
-    )
-}
-DEFAULT_ADAPTER = "faceid-sd15"
-
-
-def preset_for(adapter: str | os.PathLike) -> Preset | None:
-    """The preset named ``adapter``, or the one whose released file name it has (a downloaded copy)."""
-    name = str(adapter)
-    if name in PRESETS:
-        return PRESETS[name]
-    filename = Path(name).name
-    return next((p for p in PRESETS.values() if p.filename == filename or p.lora_filename == filename), None)
+logger = logging.getLogger(__name__)
+_warned: set[tuple[str, str]] = set()  # (repo, file) already warned about as not pinned: once per process
 
 
 def offline() -> bool:
@@ -116,36 +28,131 @@ def offline() -> bool:
 
 
 def resolve_adapter(adapter: str | os.PathLike) -> Path:
-    """A local adapter file, or a released adapter's name (downloaded once into the Hub cache)."""
+    """A local adapter file, or a released adapter's name (downloaded once into the Hub cache, verified)."""
     path = Path(adapter).expanduser()
     if path.is_file():
         return path
     name = str(adapter)
-    if name in PRESETS:
-        return download(ADAPTER_REPO, PRESETS[name].filename)
+    if name in VARIANTS:
+        return fetch(VARIANTS[name].adapter)
     if path.suffix in (".bin", ".safetensors") or os.sep in name:
         raise MissingWeightsError(
             f"adapter file not found: {path}. Give the path of an IP-Adapter-FaceID .bin/.safetensors file "
-            f"or one of the released names: {', '.join(PRESETS)}"
+            f"or one of the released names: {', '.join(VARIANTS)}"
         )
     raise MissingWeightsError(
-        f"unknown adapter {name!r}: give a file path or one of {', '.join(PRESETS)} (see `faceid models`)"
+        f"unknown adapter {name!r}: give a file path or one of {', '.join(VARIANTS)} (see `faceid models`)"
     )
 
 
-def download(repo_id: str, filename: str, subfolder: str | None = None) -> Path:
+def fetch(file: HubFile) -> Path:
+    """A released file from the Hub at its pinned commit, refused unless its sha256 is the table's."""
+    path = download(file.repo, file.filename, file.subfolder, revision=file.revision)
+    verify(path, file)
+    return path
+
+
+def download(repo_id: str, filename: str, subfolder: str | None = None, revision: str | None = None) -> Path:
     """Fetch one file from the Hub (with huggingface_hub's progress bar), or say how to get it by hand."""
     from huggingface_hub import hf_hub_download
 
     try:
-        return Path(hf_hub_download(repo_id, filename, subfolder=subfolder, local_files_only=offline()))
+        return Path(
+            hf_hub_download(repo_id, filename, subfolder=subfolder, revision=revision, local_files_only=offline())
+        )
     except Exception as exc:  # offline, no such file, gated repo, network error: the remedy is the same
         where = f"{subfolder}/{filename}" if subfolder else filename
+        at = f" at commit {revision}" if revision else ""
         raise MissingWeightsError(
-            f"could not get {where} from the Hugging Face Hub repo {repo_id} ({type(exc).__name__}). "
-            f"Download it on a machine with internet (https://huggingface.co/{repo_id}, file {where}) "
-            "and pass the local file path instead of the name"
+            f"could not get {where}{at} from the Hugging Face Hub repo {repo_id} ({type(exc).__name__}). "
+            f"Download it on a machine with internet (https://huggingface.co/{repo_id}/blob/{revision or 'main'}/"
+            f"{where}) and pass the local file path instead of the name"
         ) from exc
+
+
+def verify(path: str | os.PathLike, file: HubFile) -> None:
+    """Refuse ``path`` unless it hashes to ``file.sha256``; warn once when the table has no hash for it."""
+    first = (file.repo, file.path_in_repo) not in _warned
+    _warned.add((file.repo, file.path_in_repo))
+    if first and file.revision is None:
+        logger.warning(
+            "%s is not pinned to a commit of %s: the repository's current main is used", file.filename, file.repo
+        )
+    if file.sha256 is None:
+        if first:
+            logger.warning(
+                "%s (%s) is not hash-pinned in faceid's variant table: it is used without checking its sha256",
+                file.filename,
+                file.repo,
+            )
+        return
+    found = file_sha256(path)
+    if found == file.sha256:
+        return
+    size = Path(path).stat().st_size
+    real = Path(path).resolve()
+    where = f"{real} (and the link {path} to it)" if Path(path).is_symlink() else str(real)
+    sizes = f" ({size} bytes; the release has {file.size})" if file.size is not None and size != file.size else ""
+    raise CheckpointError(
+        f"{file.filename} from {file.repo} (commit {file.revision or 'main'}) is not the released file: its sha256 "
+        f"is {found}{sizes}, the release's is {file.sha256}. The download is incomplete or corrupted, or the "
+        f"cached copy was changed: delete {where} and run again to download it afresh. If a "
+        f"fresh download still differs, report it (https://huggingface.co/{file.repo}/discussions) and use a "
+        "copy you trust by its path meanwhile"
+    )
+
+
+# ---------------------------------------------------------------------------------------------- hashes
+def _hash_cache() -> Path:
+    home = os.environ.get("FACEID_HOME")
+    return (Path(home).expanduser() if home else Path("~/.cache/faceid").expanduser()) / "sha256.json"
+
+
+def _stamp(path: str) -> list[int] | None:
+    """What a remembered hash depends on: the file's size and modification time (None: file gone)."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+def _read_hash_cache() -> dict:
+    try:
+        cache = json.loads(_hash_cache().read_text())
+    except (OSError, ValueError):
+        return {}
+    return cache if isinstance(cache, dict) else {}
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 of ``path``, remembered per (real path, size, mtime): a file that changes is hashed again,
+    and entries of files that changed or are gone are dropped whenever one is added."""
+    real = str(Path(path).resolve())
+    stamp = _stamp(real)
+    if stamp is None:
+        raise CheckpointError(f"{path}: file not found")
+    cache = _read_hash_cache()
+    entry = cache.get(real)
+    if isinstance(entry, dict) and entry.get("stamp") == stamp and isinstance(entry.get("sha256"), str):
+        return entry["sha256"]
+    digest = hashlib.sha256()
+    with open(real, "rb") as handle:
+        while chunk := handle.read(1 << 23):
+            digest.update(chunk)
+    found = digest.hexdigest()
+    if _stamp(real) != stamp:  # changed while being read: do not remember a hash of a moving target
+        return found
+    fresh = {k: e for k, e in cache.items() if isinstance(e, dict) and _stamp(k) == e.get("stamp")}
+    fresh[real] = {"stamp": stamp, "sha256": found}
+    cache_file = _hash_cache()
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(cache_file) as tmp:
+            tmp.write_text(json.dumps(fresh, indent=1, sort_keys=True))
+    except OSError as exc:  # a read-only home only costs hashing again next time
+        logger.debug("could not remember the hash of %s: %s", real, exc)
+    return found
 
 
 def model_not_found(model: str, exc: Exception) -> MissingWeightsError:

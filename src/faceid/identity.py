@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from .errors import FaceIDError
+from .variants import CLIP_VIT_H, HubFolder
 
 COMBINE_MODES = ("mean", "concat")
 
@@ -186,20 +187,21 @@ class CLIPFaceEncoder:
 
     @classmethod
     def from_pretrained(
-        cls, path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32, device=None
+        cls, path: str | os.PathLike | HubFolder | None = None, dtype: torch.dtype = torch.float32, device=None
     ) -> CLIPFaceEncoder:
+        """A folder or Hub repo id; by default the pinned CLIP ViT-H of ``faceid.variants.CLIP_VIT_H``."""
         from transformers import CLIPVisionModelWithProjection
 
-        from .hub import CLIP_IMAGE_ENCODER, model_not_found, offline
+        from .hub import model_not_found, offline
 
-        repo, subfolder = (str(path), None) if path is not None else CLIP_IMAGE_ENCODER
+        source = path if isinstance(path, HubFolder) else HubFolder(str(path), None, None) if path else CLIP_VIT_H
         try:
-            kwargs = {"subfolder": subfolder} if subfolder else {}
+            kwargs = {k: v for k, v in (("subfolder", source.subfolder), ("revision", source.revision)) if v}
             model = CLIPVisionModelWithProjection.from_pretrained(
-                repo, dtype=dtype, local_files_only=offline(), **kwargs
+                source.repo, dtype=dtype, local_files_only=offline(), **kwargs
             )
         except Exception as exc:
-            raise model_not_found(f"{repo}/{subfolder}" if subfolder else repo, exc) from exc
+            raise model_not_found(str(source), exc) from exc
         return cls(model.to(device) if device is not None else model)
 
     @property

@@ -28,8 +28,9 @@ from . import identity
 from .adapter import FaceIDAdapter, refuse_other_family
 from .checkpoints import AdapterSpec, load_state_dict
 from .errors import FaceIDError
-from .hub import DEFAULT_ADAPTER, model_not_found, offline, preset_for, resolve_adapter
+from .hub import model_not_found, offline, resolve_adapter
 from .settings import ENCODE_FIELDS, GenerationSettings
+from .variants import DEFAULT_ADAPTER, released
 
 logger = logging.getLogger(__name__)
 
@@ -207,16 +208,18 @@ class FaceIDPipeline:
         into the UNet weights (faster; ``lora_scale`` is then fixed until ``adapter.unfuse_lora()``).
         ``face_analyzer`` / ``face_models``: a ready ``FaceAnalyzer``, or the folder of the buffalo_l
         models (fetched into the cache on first use when neither is given). ``image_encoder`` (Plus
-        only): the CLIP ViT-H image encoder, by default ``h94/IP-Adapter`` ``models/image_encoder``.
-        ``shortcut`` (Plus only): the default of PlusV2's shortcut; None decides by the adapter's name
-        (on for ``*plusv2*``, as the authors use them). ``loras``: LoRA files (or ``(file, weight)``) to
-        stack with the identity LoRA, as ``load_lora`` does.
+        only): the CLIP ViT-H image encoder, by default ``h94/IP-Adapter`` ``models/image_encoder`` at the
+        table's pinned commit.
+        ``shortcut`` (Plus only): the default of PlusV2's shortcut; None takes the variant table's (on for
+        PlusV2, as the authors use it), the variant told by the released name or, for other files, by
+        whether the file name says ``plusv2`` (Plus and PlusV2 files have the same tensors). ``loras``:
+        LoRA files (or ``(file, weight)``) to stack with the identity LoRA, as ``load_lora`` does.
         """
-        preset = preset_for(adapter)
+        release = released(adapter)
         if base_model is None:
-            if preset is None:
+            if release is None:
                 raise FaceIDError("give base_model: the Stable Diffusion model to generate with")
-            base_model, vae = preset.base_model, vae or preset.vae
+            base_model, vae = release.base_model, vae or release.vae
         adapter_path = resolve_adapter(adapter)
         state = load_state_dict(adapter_path)
         spec = AdapterSpec.from_state_dict(state, adapter_path.name)
@@ -242,7 +245,8 @@ class FaceIDPipeline:
             installed.fuse_lora()
         encoder = None
         if spec.perceiver is not None:
-            encoder = identity.CLIPFaceEncoder.from_pretrained(image_encoder, dtype=torch_dtype, device=device)
+            source = image_encoder or (release.image_encoder if release else None)
+            encoder = identity.CLIPFaceEncoder.from_pretrained(source, dtype=torch_dtype, device=device)
             if encoder.hidden_size != spec.perceiver.clip_dim:
                 raise FaceIDError(
                     f"the image encoder gives {encoder.hidden_size}-d features but {adapter_path.name} takes "
@@ -250,7 +254,7 @@ class FaceIDPipeline:
                 )
         if shortcut is None:
             # Plus and PlusV2 checkpoints have the same tensors; the released name says which one it is.
-            shortcut = preset.shortcut if preset else "plusv2" in str(adapter).lower().replace("_", "").replace("-", "")
+            shortcut = release.shortcut if release else spec.architecture(Path(str(adapter)).name).shortcut
         loaded = cls(
             pipe,
             installed,
@@ -327,8 +331,9 @@ class FaceIDPipeline:
     # ------------------------------------------------------------------ conditioning
     @property
     def default_combine(self) -> str:
-        """Portrait was trained on concatenated per-photo tokens; the others on one embedding."""
-        return "concat" if self.adapter.spec.variant == "faceid-portrait" else "mean"
+        """The variant table's: Portrait was trained on concatenated per-photo tokens, the others on one
+        embedding."""
+        return self.adapter.spec.architecture().combine
 
     @torch.no_grad()
     def encode(

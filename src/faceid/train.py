@@ -37,10 +37,10 @@ from .adapter import FaceIDAdapter, initial_state_dict
 from .checkpoints import load_state_dict, save_state_dict
 from .errors import FaceIDError
 from .projection import PerceiverConfig
+from .variants import ARCHITECTURES
 
 logger = logging.getLogger(__name__)
 
-VARIANTS = ("faceid", "plus", "portrait")
 ADAPTER_FILE = "adapter.safetensors"  # inside each checkpoint folder: the trained weights, official layout
 
 
@@ -51,12 +51,12 @@ class TrainConfig:
     base_model: str = ""  # SD1.5/SDXL: diffusers folder or Hub repo id
     dataset: str = ""  # a folder written by `faceid prepare`
     output_dir: str = "faceid-training"
-    variant: str = "faceid"  # faceid | plus | portrait (ignored when init_adapter is given)
+    variant: str = "faceid"  # faceid | plus | plusv2 | portrait (faceid.variants; init_adapter: the file's)
     init_adapter: str | None = None  # start from this checkpoint (fine-tuning), e.g. a released file
-    num_tokens: int | None = None  # default: 4 (16 for portrait)
+    num_tokens: int | None = None  # default: the variant's (4; 16 per face for portrait)
     lora_rank: int | None = 128  # None: no LoRA (portrait default)
     image_encoder: str | None = None  # Plus: CLIP ViT-H folder/repo (default h94/IP-Adapter models/image_encoder)
-    shortcut: bool = True  # Plus: train PlusV2 (tokens + perceiver) or Plus v1
+    shortcut: bool | None = None  # Plus: tokens + perceiver (PlusV2) or perceiver alone; None: the variant's
     resolution: int = 512
     hflip: bool = False
     train_batch_size: int = 8
@@ -114,8 +114,8 @@ class TrainConfig:
     def validate(self) -> None:
         if not self.base_model or not self.dataset:
             raise FaceIDError("training needs base_model (the SD model) and dataset (a `faceid prepare` folder)")
-        if self.variant not in VARIANTS:
-            raise FaceIDError(f"variant must be one of {', '.join(VARIANTS)}, not {self.variant!r}")
+        if self.variant not in ARCHITECTURES:
+            raise FaceIDError(f"variant must be one of {', '.join(ARCHITECTURES)}, not {self.variant!r}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise FaceIDError(f"mixed_precision must be no, fp16 or bf16, not {self.mixed_precision!r}")
         if not 0 <= self.drop_id + self.drop_text + self.drop_both <= 1:
@@ -284,6 +284,13 @@ class Trainer:
             unet, state, label=Path(cfg.init_adapter).name if cfg.init_adapter else None
         )
         self.plus = self.adapter.projection.needs_clip
+        # The variant's shortcut default: the config's variant, or for a file the one its tensors and name say.
+        variant = (
+            self.adapter.spec.architecture(Path(cfg.init_adapter).name)
+            if cfg.init_adapter
+            else ARCHITECTURES[cfg.variant]
+        )
+        self.shortcut = variant.shortcut if cfg.shortcut is None else cfg.shortcut
         unet.to(acc.device)
         if self.weight_dtype != torch.float32:
             unet.to(dtype=self.weight_dtype)
@@ -338,9 +345,9 @@ class Trainer:
 
     def _fresh_state(self, unet) -> dict:
         cfg = self.config
-        portrait = cfg.variant == "portrait"
+        variant = ARCHITECTURES[cfg.variant]
         perceiver = None
-        if cfg.variant == "plus":
+        if variant.needs_clip:
             from .identity import CLIPFaceEncoder
 
             encoder = CLIPFaceEncoder.from_pretrained(cfg.image_encoder)
@@ -349,8 +356,8 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # the projection's default initialisation
         return initial_state_dict(
             unet,
-            num_tokens=cfg.num_tokens or (16 if portrait else 4),
-            lora_rank=None if portrait else cfg.lora_rank,
+            num_tokens=cfg.num_tokens or variant.tokens_per_face,
+            lora_rank=cfg.lora_rank if variant.lora_rank is not None else None,
             perceiver=perceiver,
             generator=generator,
         )
@@ -568,7 +575,7 @@ class Trainer:
             clip_embeds = self._clip_features(batch["clip_image"], drop_id)
 
         prediction = (self.model if model is None else model)(
-            noisy, timesteps, text_embeds, id_embeds, clip_embeds, added_cond_kwargs, shortcut=cfg.shortcut
+            noisy, timesteps, text_embeds, id_embeds, clip_embeds, added_cond_kwargs, shortcut=self.shortcut
         )
         if self.noise_scheduler.config.prediction_type == "v_prediction":
             target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
@@ -652,7 +659,7 @@ class Trainer:
 
         analyzer = FaceAnalyzer.from_dir(cfg.face_models) if cfg.face_models else FaceAnalyzer.from_pretrained()
         pipeline = FaceIDPipeline(
-            self.pipe, self.adapter, face_analyzer=analyzer, image_encoder=self.image_encoder, shortcut=cfg.shortcut
+            self.pipe, self.adapter, face_analyzer=analyzer, image_encoder=self.image_encoder, shortcut=self.shortcut
         )
         self.model.eval()
         similarities, images = [], []
