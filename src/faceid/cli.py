@@ -364,9 +364,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from .variants import DEFAULT_ADAPTER
     from .outputs import contact_sheet, save_png
     from .pipeline import FaceIDPipeline
+    from .variants import DEFAULT_ADAPTER
 
     settings = settings_from_args(args)  # bad settings fail here, before anything loads
     if settings.prompt is None:
