@@ -27,6 +27,7 @@ from .adapter import FaceIDAdapter, refuse_other_family
 from .checkpoints import AdapterSpec, load_state_dict
 from .errors import FaceIDError
 from .hub import DEFAULT_ADAPTER, model_not_found, offline, preset_for, resolve_adapter
+from .lora import LoraStack
 
 logger = logging.getLogger(__name__)
 
@@ -173,6 +174,9 @@ class FaceIDPipeline:
         self.base_model = base_model or getattr(pipe, "name_or_path", None)
         self._face_analyzer = face_analyzer
         self._face_models = face_models
+        # The user LoRAs (load_lora); their text-encoder parts go onto the pipeline's text encoder(s).
+        encoders = {key: getattr(pipe, key, None) for key in ("text_encoder", "text_encoder_2")}
+        self.lora_stack = LoraStack(pipe.unet, encoders)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -291,29 +295,18 @@ class FaceIDPipeline:
         The identity LoRA and any other loaded LoRA stay active. Returns the name to use with
         ``set_lora_weight`` / ``remove_lora`` (default: the file name without suffix).
         """
-        from . import lora
-
-        name = name or Path(path).stem
-        encoders = {key: getattr(self.pipe, key, None) for key in ("text_encoder", "text_encoder_2")}
-        lora.load_lora(self.pipe.unet, path, name=name, weight=weight, text_encoders=encoders)
-        return name
+        return self.lora_stack.load(path, name=name or Path(path).stem, weight=weight).name
 
     def set_lora_weight(self, name: str, weight: float) -> None:
-        from . import lora
-
-        lora.set_lora_weight(self.pipe.unet, name, weight)
+        self.lora_stack.set_weight(name, weight)
 
     def remove_lora(self, name: str) -> None:
-        from . import lora
-
-        lora.remove_lora(self.pipe.unet, name)
+        self.lora_stack.remove(name)
 
     @property
     def loras(self) -> dict[str, float]:
         """Every LoRA on the UNet and its weight, the identity LoRA included."""
-        from . import lora
-
-        return lora.list_loras(self.pipe.unet)
+        return self.lora_stack.list()
 
     # ------------------------------------------------------------------ conditioning
     @property
