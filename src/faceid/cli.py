@@ -420,7 +420,10 @@ def _build_scorers(args, analyzer=None):
             scorers.append(IdentityScorer(analyzer))
         else:
             scorers.append(sface_scorer(args.sface_model))
-    clip = None if args.no_clip else ClipTextScorer(args.clip, device=args.clip_device)
+    clip = None
+    if not args.no_clip:
+        _quiet_model_loading()
+        clip = ClipTextScorer(args.clip, device=args.clip_device)
     return scorers, clip, analyzer
 
 
@@ -442,6 +445,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for _, photo in identities:
         analyzer.get(photo)  # NoFaceError names the photo
     scorers, clip, analyzer = _build_scorers(args, analyzer)
+    _quiet_model_loading()
     pipe = FaceIDPipeline.from_pretrained(
         args.base_model,
         args.adapter,
@@ -564,6 +568,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise FaceIDError(f"--set takes KEY=VALUE, got {item!r}")
         overrides[key.strip().replace("-", "_")] = yaml.safe_load(value)
     config = TrainConfig.from_file(args.config, **overrides)
+    _quiet_model_loading()
     result = Trainer(config).train()
     if not result["stopped"] and result["is_main_process"]:
         processes = result["num_processes"]
@@ -586,6 +591,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     # The faces first: a photo without a usable face fails in seconds, before the big models load.
     analyzer = _face_analyzer(args.face_models)
     faces = [analyzer.get(photo, index=args.face_index) for photo in args.face]
+    _quiet_model_loading()
     pipe = FaceIDPipeline.from_pretrained(
         args.base_model,
         args.adapter,
@@ -676,7 +682,7 @@ def _keep_best(images, seeds, faces, analyzer, args, keep):
 
     reference = np.mean([f.embedding for f in faces], axis=0)
     reference = reference / np.linalg.norm(reference)
-    clip = ClipTextScorer(args.best_of_clip) if args.best_of_clip else None
+    clip = ClipTextScorer(args.best_of_clip) if args.best_of_clip else None  # after the pipeline: already quiet
     picked = best_of(images, reference, IdentityScorer(analyzer), clip, args.prompt, keep=keep)
     kept_scores = []
     for rank, (_, score) in enumerate(picked):
@@ -741,15 +747,20 @@ class _OneLineFormatter(logging.Formatter):
         return f"{self.prefix or record.name}: {record.levelname.lower()}: {message}"
 
 
+_QUIET = {"model_loading": False}  # set by _configure_logging: quiet the libraries' model-loading bars
+
+
 def _configure_logging(debug: bool) -> None:
     """faceid's own warnings reach the user, one line each (``faceid: warning: ...``); other libraries'
-    log lines and Python warnings only with ``--debug``, except errors. Progress bars stay."""
+    log lines and Python warnings only with ``--debug``, except errors; their model-loading bars too (see
+    :func:`_quiet_model_loading`)."""
     own = logging.getLogger("faceid")
     if not any(isinstance(h, _StderrHandler) for h in own.handlers):  # main() may run more than once
         handler = _StderrHandler()
         handler.setFormatter(_OneLineFormatter("faceid"))
         own.addHandler(handler)
     own.setLevel(logging.DEBUG if debug else logging.WARNING)
+    _QUIET["model_loading"] = not debug
     if debug:
         return
     # Read by diffusers and transformers when they are first imported (they reset their loggers then).
@@ -769,6 +780,23 @@ def _configure_logging(debug: bool) -> None:
     warnings.filterwarnings("ignore")  # other libraries' deprecation and usage notices
     warnings.filterwarnings("default", module=r"faceid(\.|$)")  # faceid's own, where its code is the caller
     warnings.showwarning = _show_warning
+
+
+def _quiet_model_loading() -> None:
+    """Before a command loads diffusers/transformers models: their bars for reading files from disk
+    ("Loading pipeline components...", "Loading weights") are chatter; download bars and faceid's own
+    progress (denoising steps, prepare) stay. ``--debug`` keeps them all."""
+    if not _QUIET["model_loading"]:
+        return
+    import huggingface_hub.utils
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    downloads_shown = not huggingface_hub.utils.are_progress_bars_disabled()
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()  # this turns huggingface_hub's download bars off too...
+    if downloads_shown:
+        huggingface_hub.utils.enable_progress_bars()  # ...which stay
 
 
 def _is_faceid(logger_name: str) -> bool:
