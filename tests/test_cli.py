@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -202,6 +204,78 @@ def test_console_script_reports_errors_without_traceback(tmp_path):
     assert done.returncode == 2
     assert done.stderr.startswith("faceid: error:") and "Traceback" not in done.stderr
     assert subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=60).returncode == 0
+
+
+def test_every_command_refuses_an_incomplete_face_models_folder(tmp_path, capsys, monkeypatch, faces_dir, sd15):
+    """--face-models DIR means the same in every command: the models of that folder, and a clear error naming
+    what is missing and where to get it when it lacks one; nothing is downloaded into a user's folder."""
+    import faceid.faces.model_files as model_files
+    from faceid.faces import default_yunet_path
+
+    monkeypatch.setattr(model_files, "_download", lambda *a, **k: pytest.fail("must not download"))
+    incomplete = tmp_path / "models"
+    incomplete.mkdir()
+    shutil.copyfile(default_yunet_path(), incomplete / "face_detection_yunet.onnx")  # a detector, no recognizer
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    shutil.copyfile(faces_dir / "obama.jpg", photos / "obama.jpg")
+    photo = str(faces_dir / "obama.jpg")
+    commands = {
+        "generate": ["generate", "--face", photo, "--prompt", "p", "--out", str(tmp_path / "g"), *_args(**sd15)],
+        "embed": ["embed", photo, "--out", str(tmp_path / "e")],
+        "prepare": ["prepare", str(photos), "--out", str(tmp_path / "p")],
+        "eval": ["eval", "--faces", str(photos), "--out", str(tmp_path / "v"), "--no-clip", *_args(**sd15)],
+        "score": ["score", str(photos), "--face", photo, "--no-clip"],
+    }
+    for name, argv in commands.items():
+        assert main([*argv, "--face-models", str(incomplete)]) == 2, name
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith(f"faceid: error: No unique face recognizer in {incomplete}"), (name, err)
+        assert "w600k_r50.onnx" in err and model_files.BUFFALO_L_URL in err, (name, err)
+    assert [p.name for p in incomplete.iterdir()] == ["face_detection_yunet.onnx"]
+    assert not any((tmp_path / out).exists() for out in ("g", "e", "p", "v"))
+
+
+# A tqdm bar without a description: the denoising steps, the progress faceid shows on purpose.
+_STEP_BAR = re.compile(r"^\s*\d+%\|[^|]*\| \d+/\d+ \[")
+
+
+def _run_cli(*argv: str) -> subprocess.CompletedProcess:
+    """A fresh ``python -m faceid.cli`` process: what a user sees on a first start, import-time notices included."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    for name in ("DIFFUSERS_VERBOSITY", "TRANSFORMERS_VERBOSITY"):
+        env.pop(name, None)
+    return subprocess.run(
+        [sys.executable, "-m", "faceid.cli", *argv], capture_output=True, text=True, timeout=600, env=env
+    )
+
+
+def test_quiet_start_shows_faceid_warnings_and_no_library_chatter(tmp_path, faces_dir, sd15, face_models_dir):
+    done = _run_cli(
+        "generate", "--face", str(faces_dir / "obama.jpg"), "--prompt", "a photo of a person", "-n", "1",
+        "--out", str(tmp_path / "out"), "--face-models", str(face_models_dir), *_args(**sd15, **TINY),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    # Library notices (bitsandbytes' "Failed to load CPU gemm_4bit_forward ...", transformers' image
+    # processor notices, diffusers' and transformers' model-loading bars) are gone; the steps bar stays.
+    chatter = [part for part in re.split(r"[\r\n]+", done.stderr) if part.strip() and not _STEP_BAR.match(part)]
+    assert chatter == []
+
+    images = tmp_path / "images"
+    images.mkdir()
+    shutil.copyfile(faces_dir / "obama2.jpg", images / "obama2.jpg")
+    truncated_jpeg(images / "broken.jpg")
+    done = _run_cli("score", str(images), "--face", str(faces_dir / "obama.jpg"), "--recognizers", "sface", "--no-clip")
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("faceid: warning: skipping ") and "broken.jpg" in lines[0]
+    assert "1 of 2 image(s)" in done.stdout
+
+    # --debug lets every library speak; faceid's warning is still there.
+    debug = _run_cli(
+        "--debug", "score", str(images), "--face", str(faces_dir / "obama.jpg"), "--recognizers", "sface", "--no-clip"
+    )
+    assert debug.returncode == 0 and "faceid: warning: skipping " in debug.stderr
 
 
 # ---------------------------------------------------------------------- every model family

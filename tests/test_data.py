@@ -24,16 +24,15 @@ from bad_files import corrupt_png
 from PIL import Image
 from safetensors.numpy import load_file
 
+from faceid.cli import add_prepare_arguments, cmd_prepare
 from faceid.data import (
     FORMAT_VERSION,
     SKIP_REASONS,
     FaceDataset,
     PrepareReport,
-    add_prepare_arguments,
     find_images,
     prepare_dataset,
     read_captions,
-    run_prepare,
 )
 from faceid.errors import FaceIDError
 from faceid.faces import FaceAnalyzer
@@ -529,7 +528,7 @@ def test_prepare_arguments_and_run(image_folder, face_models_dir, tmp_path, caps
     )
     assert (args.workers, args.shard_size, args.multi_face, args.min_face_size) == (1, 16, "largest", 20)
     assert args.with_crops and not args.overwrite
-    assert run_prepare(args) == 0
+    assert cmd_prepare(args) == 0
     printed = capsys.readouterr().out
     # min 20 px: the ~30 px face is kept too; largest: the two-face image as well.
     assert f"Prepared {len(KEPT) + 2} of {len(EXPECTED)} image(s)" in printed
@@ -539,7 +538,7 @@ def test_prepare_arguments_and_run(image_folder, face_models_dir, tmp_path, caps
     empty.mkdir()
     shutil.copyfile(image_folder / "no_face.jpg", empty / "cup.jpg")
     args = parser.parse_args([str(empty), "--out", str(tmp_path / "e"), "--face-models", str(face_models_dir)])
-    assert run_prepare(args) == 2
+    assert cmd_prepare(args) == 2
     assert "no image was kept" in capsys.readouterr().err
 
     for bad in (["--workers", "0"], ["--shard-size", "x"], ["--multi-face", "all"], ["--min-face-size", "-1"]):
@@ -550,6 +549,6 @@ def test_prepare_arguments_and_run(image_folder, face_models_dir, tmp_path, caps
 
 
 def test_import_stays_light():
-    # The CLI imports faceid.data to build its parser; that must not import torch (seconds).
+    # The CLI imports faceid.data to build its parser (prepare's choices); that must not import torch (seconds).
     code = "import sys, faceid.data; assert 'torch' not in sys.modules and 'cv2' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

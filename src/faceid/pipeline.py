@@ -29,6 +29,7 @@ from .adapter import FaceIDAdapter, refuse_other_family
 from .checkpoints import AdapterSpec, load_state_dict
 from .errors import FaceIDError
 from .hub import model_not_found, offline, resolve_adapter
+from .lora import LoraStack
 from .settings import ENCODE_FIELDS, GenerationSettings
 from .variants import DEFAULT_ADAPTER, released
 
@@ -169,12 +170,14 @@ class FaceIDPipeline:
         self.pipe = pipe
         self.adapter = adapter
         self.adapter_source = adapter_source  # the adapter as the user named it (a released name or a file)
-        self._lora_sources: dict[str, str] = {}  # LoRA name -> the file it was loaded from
         self.image_encoder = image_encoder
         self.shortcut = shortcut  # Plus: the default of the per-call ``shortcut`` (True for PlusV2)
         self.base_model = base_model or getattr(pipe, "name_or_path", None)
         self._face_analyzer = face_analyzer
         self._face_models = face_models
+        # The user LoRAs (load_lora); their text-encoder parts go onto the pipeline's text encoder(s).
+        encoders = {key: getattr(pipe, key, None) for key in ("text_encoder", "text_encoder_2")}
+        self.lora_stack = LoraStack(pipe.unet, encoders)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -297,36 +300,22 @@ class FaceIDPipeline:
         The identity LoRA and any other loaded LoRA stay active. Returns the name to use with
         ``set_lora_weight`` / ``remove_lora`` (default: the file name without suffix).
         """
-        from . import lora
-
-        name = name or Path(path).stem
-        encoders = {key: getattr(self.pipe, key, None) for key in ("text_encoder", "text_encoder_2")}
-        lora.load_lora(self.pipe.unet, path, name=name, weight=weight, text_encoders=encoders)
-        self._lora_sources[name] = str(path)
-        return name
+        return self.lora_stack.load(path, name=name or Path(path).stem, weight=weight).name
 
     def set_lora_weight(self, name: str, weight: float) -> None:
-        from . import lora
-
-        lora.set_lora_weight(self.pipe.unet, name, weight)
+        self.lora_stack.set_weight(name, weight)
 
     def remove_lora(self, name: str) -> None:
-        from . import lora
-
-        lora.remove_lora(self.pipe.unet, name)
-        self._lora_sources.pop(name, None)
+        self.lora_stack.remove(name)
 
     def lora_sources(self) -> dict[str, float]:
         """The stacked LoRAs (not the identity LoRA) by the file they came from, with their weights."""
-        weights = self.loras
-        return {self._lora_sources.get(name, name): weights[name] for name in weights if name != self.adapter.name}
+        return self.lora_stack.sources()
 
     @property
     def loras(self) -> dict[str, float]:
         """Every LoRA on the UNet and its weight, the identity LoRA included."""
-        from . import lora
-
-        return lora.list_loras(self.pipe.unet)
+        return self.lora_stack.list()
 
     # ------------------------------------------------------------------ conditioning
     @property

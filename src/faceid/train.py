@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adapter import FaceIDAdapter, initial_state_dict
+from .atomic import atomic_write
 from .checkpoints import load_state_dict, save_state_dict
 from .errors import FaceIDError
 from .projection import PerceiverConfig
@@ -657,7 +658,7 @@ class Trainer:
         from .outputs import contact_sheet
         from .pipeline import FaceIDPipeline
 
-        analyzer = FaceAnalyzer.from_dir(cfg.face_models) if cfg.face_models else FaceAnalyzer.from_pretrained()
+        analyzer = FaceAnalyzer.from_pretrained(cfg.face_models or None)
         pipeline = FaceIDPipeline(
             self.pipe, self.adapter, face_analyzer=analyzer, image_encoder=self.image_encoder, shortcut=self.shortcut
         )
@@ -706,7 +707,7 @@ class Trainer:
                 from .lora import save_lora
 
                 written["lora"] = save_lora(self.adapter, out / f"{self.config.export_name}_lora.safetensors")
-            (out / "train_history.json").write_text(json.dumps(self.history))
+            atomic_write(out / "train_history.json", json.dumps(self.history))
             from .outputs import plot_training
 
             plot_training(self.history, out / "training.png")

@@ -1,0 +1,45 @@
+"""Measure identity preservation and prompt fidelity: the protocol of the FaceID papers, on our own outputs.
+
+Along the data flow: :mod:`~faceid.evaluation.inputs` (identities, prompts, seeds, scales),
+:mod:`~faceid.evaluation.run` (generate, keep and score the grid: :func:`run_eval`; score existing
+images: :func:`score_folder`), :mod:`~faceid.evaluation.summary` (statistics and Markdown tables),
+:mod:`~faceid.evaluation.plots`; and :mod:`~faceid.evaluation.best_of`, which keeps the candidates most
+like the person. The scores themselves (identity similarity, CLIP-T, diversity) are :mod:`faceid.scoring`.
+"""
+
+from __future__ import annotations
+
+from .best_of import BestOfScore, best_of
+from .inputs import (
+    DEFAULT_NUM_SEEDS,
+    DEFAULT_SCALES,
+    default_prompts_path,
+    list_identities,
+    list_images,
+    load_prompts,
+    parse_scales,
+    parse_seeds,
+)
+from .plots import write_plots
+from .run import EvalResult, run_eval, score_folder, write_jsonl
+from .summary import summarize, summary_markdown
+
+__all__ = [
+    "DEFAULT_NUM_SEEDS",
+    "DEFAULT_SCALES",
+    "BestOfScore",
+    "EvalResult",
+    "best_of",
+    "default_prompts_path",
+    "list_identities",
+    "list_images",
+    "load_prompts",
+    "parse_scales",
+    "parse_seeds",
+    "run_eval",
+    "score_folder",
+    "summarize",
+    "summary_markdown",
+    "write_jsonl",
+    "write_plots",
+]

@@ -1,0 +1,122 @@
+"""The plots of an evaluation: identity vs prompt fidelity over the adapter scale, per prompt, histograms."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..outputs import save_figure
+
+__all__ = ["write_plots"]
+
+logger = logging.getLogger(__name__)
+
+
+def write_plots(
+    summary: Mapping[str, Any],
+    rows: Sequence[Mapping[str, Any]],
+    folder: Path,
+    log: Callable[[str], None] | None = None,
+) -> list[Path]:
+    """``curve.png`` (identity similarity vs CLIP-T, one point per scale), ``prompts.png`` (per prompt),
+    ``histograms.png`` (scores of every image). Needs matplotlib; without it, says so and writes none."""
+    try:
+        from matplotlib.figure import Figure  # the object API: no pyplot, no global backend state
+    except ImportError:
+        (log or logger.warning)("plots skipped: matplotlib is not installed (pip install matplotlib)")
+        return []
+    recs = list(summary["overall"]["identity"])
+    by_scale = summary["by_scale"]
+    has_clip = any(g["clip_t"]["mean"] is not None for g in by_scale)
+    if not rows or not (recs or has_clip):
+        return []
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+
+    # 1. The trade-off curve: identity similarity against prompt fidelity, one point per adapter scale.
+    fig = Figure(figsize=(6.4, 4.8), dpi=100)
+    ax = fig.add_subplot()
+    for rec in recs:
+        ys = [g["identity"][rec]["mean"] for g in by_scale]
+        xs = [g["clip_t"]["mean"] for g in by_scale] if has_clip else [g["scale"] for g in by_scale]
+        ax.plot(xs, ys, marker="o", label=rec)
+        for x, y, g in zip(xs, ys, by_scale, strict=True):
+            ax.annotate(f"{g['scale']:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel("CLIP-T (prompt fidelity)" if has_clip else "adapter scale")
+    ax.set_ylabel("identity similarity (cosine)")
+    ax.set_title(
+        "identity vs prompt fidelity over the adapter scale" if has_clip else "identity over the adapter scale"
+    )
+    if not recs and has_clip:  # no recognizer: CLIP-T over the scale
+        ax.plot([g["scale"] for g in by_scale], [g["clip_t"]["mean"] for g in by_scale], marker="o", label="CLIP-T")
+        ax.set_xlabel("adapter scale")
+        ax.set_ylabel("CLIP-T")
+    ax.grid(alpha=0.3)
+    ax.legend(title="recognizer" if recs else None)
+    fig.tight_layout()
+    paths.append(save_figure(fig, folder / "curve.png"))
+
+    # 2. Per prompt: identity similarity (each recognizer) and CLIP-T, bars per scale.
+    prompts = sorted({(g["prompt_index"], g["prompt"]) for g in summary["by_prompt"]})
+    scales = [g["scale"] for g in by_scale]
+    panels = recs + (["CLIP-T"] if has_clip else [])
+    if prompts and panels:
+        height = max(3.0, 0.32 * len(prompts) * max(1, len(scales)) / 2 + 1.5)
+        fig = Figure(figsize=(5.0 * len(panels) + 2.5, height), dpi=100)
+        axes = fig.subplots(1, len(panels), sharey=True, squeeze=False)[0]
+        positions = np.arange(len(prompts))
+        bar = 0.8 / max(1, len(scales))
+        for ax, panel in zip(axes, panels, strict=True):
+            for k, scale in enumerate(scales):
+                values = []
+                for p_index, _ in prompts:
+                    group = next(
+                        g for g in summary["by_prompt"] if g["scale"] == scale and g["prompt_index"] == p_index
+                    )
+                    stats = group["clip_t"] if panel == "CLIP-T" else group["identity"][panel]
+                    values.append(np.nan if stats["mean"] is None else stats["mean"])
+                ax.barh(positions + k * bar - 0.4 + bar / 2, values, height=bar, label=f"scale {scale:g}")
+            ax.set_title(panel if panel == "CLIP-T" else f"{panel} similarity")
+            ax.grid(axis="x", alpha=0.3)
+        axes[0].set_yticks(positions, [_short(p, 48) for _, p in prompts], fontsize=7)
+        axes[0].invert_yaxis()
+        axes[-1].legend(fontsize=7, loc="lower right")
+        fig.tight_layout()
+        paths.append(save_figure(fig, folder / "prompts.png"))
+
+    # 3. Histograms of every image's scores.
+    if rows and panels:
+        fig = Figure(figsize=(4.2 * len(panels), 3.4), dpi=100)
+        axes = fig.subplots(1, len(panels), squeeze=False)[0]
+        for ax, panel in zip(axes, panels, strict=True):
+            per_scale = {}
+            for scale in scales:
+                at = [r for r in rows if r["scale"] == scale]
+                if panel == "CLIP-T":
+                    per_scale[scale] = [r["clip_t"] for r in at if r.get("clip_t") is not None]
+                else:
+                    per_scale[scale] = [r["similarity"][panel] for r in at if not r["no_face"][panel]]
+            everything = [v for values in per_scale.values() for v in values]
+            if everything:  # the same bins for every scale, so the histograms can be compared
+                low, high = min(everything), max(everything)
+                edges = np.linspace(low, high if high > low else low + 1e-3, 21)
+                for scale, values in per_scale.items():
+                    if values:
+                        ax.hist(values, bins=edges, alpha=0.5, label=f"scale {scale:g}")
+            ax.set_title("CLIP-T" if panel == "CLIP-T" else f"{panel} similarity (faces found)")
+            ax.set_ylabel("images")
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
+            else:
+                ax.text(0.5, 0.5, "no faces found", ha="center", va="center", transform=ax.transAxes)
+        fig.tight_layout()
+        paths.append(save_figure(fig, folder / "histograms.png"))
+    return paths
+
+
+def _short(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"

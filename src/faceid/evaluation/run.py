@@ -1,0 +1,375 @@
+"""Running an evaluation: generate, keep and score images, write the results.
+
+* :func:`run_eval` generates the grid identities x prompts x seeds x adapter scales with a
+  :class:`~faceid.pipeline.FaceIDPipeline`, keeps every image (a PNG that remembers its settings), skips
+  images that are already there with the same settings (so an interrupted run resumes), scores them and
+  writes ``results.jsonl``, ``summary.json``, ``summary.md`` and plots.
+* :func:`score_folder` scores images that already exist (``faceid score``).
+
+Layout of an evaluation folder (``--out DIR``)::
+
+    DIR/images/scale_<s>/<identity>/p<NN>_s<seed>.png   every generated image, settings in its text chunks
+    DIR/results.jsonl                                   one row per image (see docs/EVALUATION.md)
+    DIR/summary.json, DIR/summary.md                    per scale, per prompt and per identity statistics
+    DIR/plots/curve.png, prompts.png, histograms.png    identity vs CLIP-T over the scale; per prompt; histograms
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import __version__
+from ..atomic import atomic_write
+from ..errors import FaceIDError, ImageError
+from ..images import ImageSource, load_image
+from ..outputs import read_settings, save_png
+from ..scoring import ClipTextScorer, IdentityScoring, diversity
+from .inputs import list_identities, list_images, load_prompts, parse_scales, parse_seeds
+from .plots import write_plots
+from .summary import summarize, summary_markdown
+
+__all__ = ["EvalResult", "run_eval", "score_folder", "write_jsonl"]
+
+logger = logging.getLogger(__name__)
+
+# Settings that describe the file itself rather than how it was made: not compared when resuming.
+_NOT_COMPARED = {"faceid_version"}
+
+
+# ----------------------------------------------------------------------------------------------
+# run_eval
+
+
+@dataclass
+class EvalResult:
+    """What :func:`run_eval` did: the rows of ``results.jsonl``, the summary, and how many images it made."""
+
+    rows: list[dict[str, Any]]
+    summary: dict[str, Any]
+    out_dir: Path
+    generated: int = 0
+    reused: int = 0
+    plots: list[Path] = field(default_factory=list)
+
+
+def run_eval(
+    pipe,
+    faces_dir: str | os.PathLike,
+    prompts: Sequence[str] | str | os.PathLike | None,
+    seeds: Sequence[int] | int | str,
+    scales: Sequence[float] | str = (1.0,),
+    out_dir: str | os.PathLike = "eval",
+    identity_scorers: Sequence[IdentityScoring] = (),
+    clip_scorer: ClipTextScorer | None = None,
+    *,
+    resume: bool = True,
+    overwrite: bool = False,
+    num_inference_steps: int | None = None,
+    guidance_scale: float | None = None,
+    width: int | None = None,
+    height: int | None = None,
+    negative_prompt: str | None = None,
+    batch_size: int = 4,
+    model_settings: Mapping[str, Any] | None = None,
+    plots: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> EvalResult:
+    """Generate, keep and score the grid identities x prompts x seeds x scales; write results and summary.
+
+    ``faces_dir``: one photo per identity (the file stem names it); each photo is both the identity the
+    adapter is conditioned on and the reference the scores compare with. ``prompts``: a list, or a file
+    (default: the shipped list). ``seeds``: a count K (seeds 0..K-1) or a list. ``scales``: adapter
+    scales (the identity strength), for the identity-vs-prompt-fidelity curve. ``identity_scorers``:
+    recognizers, the first being the primary one (ArcFace buffalo_l, then SFace); ``clip_scorer``:
+    CLIP-T and diversity (None skips both). ``resume``: keep images already in ``out_dir`` whose stored
+    settings match; an image there with *other* settings is an error unless ``overwrite``. ``resume=False``
+    regenerates everything. ``model_settings``: extra settings stored in every PNG and compared when
+    resuming (the CLI passes the base model and adapter it loaded). ``log``: progress messages.
+    """
+    say = log or logger.info
+    if isinstance(prompts, (str, os.PathLike)) or prompts is None:
+        prompts = load_prompts(prompts)
+    prompts = [str(p) for p in prompts]
+    if not prompts:
+        raise FaceIDError("no prompts to evaluate")
+    seeds = parse_seeds(seeds)
+    scales = parse_scales(scales)
+    identities = list_identities(faces_dir)
+    out_dir = Path(out_dir).expanduser()
+    scorers = list(identity_scorers)
+    names = [s.name for s in scorers]
+    if len(set(names)) != len(names):
+        raise FaceIDError(f"two identity scorers share a name: {names}")
+
+    # Everything that can fail on the inputs fails here, before the first image is generated.
+    from ..settings import DEFAULT_NEGATIVE_PROMPT, FAMILY_DEFAULTS
+
+    defaults = FAMILY_DEFAULTS[pipe.family]
+    negative_prompt = DEFAULT_NEGATIVE_PROMPT if negative_prompt is None else str(negative_prompt)
+    steps = int(num_inference_steps or defaults["num_inference_steps"])
+    guidance = float(defaults["guidance_scale"] if guidance_scale is None else guidance_scale)
+    width, height = int(width or defaults["width"]), int(height or defaults["height"])
+    faces = {name: pipe.face_analyzer.get(photo) for name, photo in identities}
+    for scorer in scorers:  # a reference photo in which a recognizer finds no face fails here
+        if hasattr(scorer, "reference_embedding"):
+            for _, photo in identities:
+                scorer.reference_embedding(photo)
+
+    base = {
+        "base_model": getattr(pipe, "base_model", None),
+        "adapter": getattr(pipe.adapter, "name", None),
+        "lora_scale": getattr(pipe.adapter, "lora_scale", None),
+    }
+    base.update(dict(model_settings or {}))
+    base.update(
+        {
+            "negative_prompt": negative_prompt,
+            "steps": steps,
+            "guidance_scale": guidance,
+            "width": width,
+            "height": height,
+        }
+    )
+    hashes = {name: _file_digest(photo) for name, photo in identities}
+
+    # ---- plan: which images are already there (a folder of another run fails here, not halfway) ----
+    jobs: list[dict[str, Any]] = []
+    todo: list[tuple[str, int, float, list[dict[str, Any]]]] = []
+    reused = 0
+    for scale in scales:
+        for name, photo in identities:
+            for p_index, prompt in enumerate(prompts):
+                missing = []
+                for seed in seeds:
+                    path = out_dir / "images" / f"scale_{_fmt_scale(scale)}" / name / f"p{p_index:02d}_s{seed}.png"
+                    settings = {
+                        "identity": name,
+                        "face": photo.name,
+                        "face_sha256": hashes[name],
+                        "prompt": prompt,
+                        "prompt_index": p_index,
+                        "seed": seed,
+                        "scale": scale,
+                        **base,
+                        "faceid_version": __version__,
+                    }
+                    job = {"identity": name, "photo": photo, "prompt": prompt, "prompt_index": p_index}
+                    job.update({"seed": seed, "scale": scale, "path": path, "settings": settings})
+                    jobs.append(job)
+                    if resume and path.exists() and _same_settings(path, settings, overwrite):
+                        reused += 1
+                    else:
+                        missing.append(job)
+                if missing:
+                    todo.append((name, p_index, scale, missing))
+
+    # ---- generate what is missing ---------------------------------------------------------------
+    generated = 0
+    step = max(1, int(batch_size))
+    for name, p_index, scale, missing in todo:
+        for start in range(0, len(missing), step):
+            chunk = missing[start : start + step]
+            result = pipe(
+                chunk[0]["prompt"],
+                face=faces[name],
+                negative_prompt=negative_prompt,
+                num_images_per_prompt=len(chunk),
+                seed=[j["seed"] for j in chunk],
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                width=width,
+                height=height,
+                scale=scale,
+            )
+            for job, image in zip(chunk, result.images, strict=True):
+                job["path"].parent.mkdir(parents=True, exist_ok=True)
+                save_png(image, job["path"], job["settings"])
+                generated += 1
+            say(f"[{generated}/{len(jobs) - reused}] {name} p{p_index:02d} scale {scale:g}: {len(chunk)} image(s)")
+    say(f"{generated} image(s) generated, {reused} reused from {out_dir}")
+
+    # ---- score --------------------------------------------------------------------------------
+    rows = _score_jobs(jobs, scorers, clip_scorer, out_dir, say)
+    summary = summarize(
+        rows,
+        recognizers=names,
+        settings={
+            **{k: v for k, v in base.items() if k != "faceid_version"},
+            "identities": [name for name, _ in identities],
+            "prompts": prompts,
+            "seeds": seeds,
+            "scales": scales,
+            "recognizers": names,
+            "clip_model": clip_scorer.name if clip_scorer is not None else None,
+            "faceid_version": __version__,
+        },
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_jsonl(out_dir / "results.jsonl", rows)
+    atomic_write(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write(out_dir / "summary.md", summary_markdown(summary))
+    plot_paths = write_plots(summary, rows, out_dir / "plots", say) if plots else []
+    say(f"results: {out_dir / 'results.jsonl'}; summary: {out_dir / 'summary.md'}")
+    return EvalResult(rows, summary, out_dir, generated, reused, plot_paths)
+
+
+def _fmt_scale(scale: float) -> str:
+    return f"{scale:g}"
+
+
+def _file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+def _same_settings(path: Path, expected: Mapping[str, Any], overwrite: bool) -> bool:
+    """True when the PNG at ``path`` was made with ``expected``; False to (re)generate it.
+
+    An unreadable file (e.g. from a crash before save_png's atomic rename existed) is regenerated; a
+    readable one made with other settings is an error, so two different runs never mix in one folder.
+    """
+    try:
+        stored = read_settings(path)
+    except Exception:  # noqa: BLE001 - missing chunk, truncated file: just make it again
+        return False
+    want = _jsonable({k: v for k, v in expected.items() if k not in _NOT_COMPARED})
+    differing = sorted(k for k in want if stored.get(k) != want[k])
+    if not differing:
+        return True
+    if overwrite:
+        return False
+    key = differing[0]
+    raise FaceIDError(
+        f"{path} was made with other settings ({key}: {stored.get(key)!r}, now {want[key]!r}); "
+        "use a new --out folder for a different run, or --overwrite to replace the images there"
+    )
+
+
+def _score_jobs(jobs, scorers, clip_scorer, out_dir: Path, say) -> list[dict[str, Any]]:
+    say(
+        f"scoring {len(jobs)} image(s) with {', '.join(s.name for s in scorers) or 'no recognizer'}"
+        + (f" and CLIP ({clip_scorer.name})" if clip_scorer is not None else "")
+    )
+    rows = []
+    for job in jobs:
+        similarity, no_face = {}, {}
+        for scorer in scorers:
+            result = scorer.score(job["path"], job["photo"])
+            similarity[scorer.name], no_face[scorer.name] = result.similarity, result.no_face
+        rows.append(
+            {
+                "identity": job["identity"],
+                "face": job["photo"].name,
+                "prompt": job["prompt"],
+                "prompt_index": job["prompt_index"],
+                "seed": job["seed"],
+                "scale": job["scale"],
+                "similarity": similarity,
+                "no_face": no_face,
+                "clip_t": None,
+                "path": _relative(job["path"], out_dir),
+            }
+        )
+    if clip_scorer is not None and jobs:
+        image_emb = clip_scorer.image_embeddings([job["path"] for job in jobs])
+        prompts = sorted({job["prompt"] for job in jobs})
+        text_emb = clip_scorer.text_embeddings(prompts)
+        index = {p: i for i, p in enumerate(prompts)}
+        clip_t = np.einsum("nd,nd->n", image_emb, text_emb[[index[job["prompt"]] for job in jobs]])
+        groups: dict[tuple, list[int]] = {}
+        for i, (row, value) in enumerate(zip(rows, clip_t, strict=True)):
+            row["clip_t"] = float(value)
+            groups.setdefault((row["scale"], row["identity"], row["prompt_index"]), []).append(i)
+        for members in groups.values():
+            value = diversity(image_emb[members])
+            for i in members:
+                rows[i]["diversity"] = value  # of the group (identity, prompt, scale) the image belongs to
+    return rows
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def write_jsonl(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]]) -> Path:
+    """One JSON object per line, written atomically (``results.jsonl``, ``faceid score --out``)."""
+    return atomic_write(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+# ----------------------------------------------------------------------------------------------
+# Existing images
+
+
+def _image_prompt(path: Path) -> str | None:
+    """The prompt stored in a PNG written by faceid (or by another tool's ``prompt`` text chunk)."""
+    try:
+        settings = read_settings(path)
+        prompt = settings.get("prompt")
+    except Exception:  # noqa: BLE001 - not a faceid PNG: try the plain text chunk
+        try:
+            from PIL import Image
+
+            with Image.open(path) as image:
+                prompt = getattr(image, "text", {}).get("prompt")
+        except Exception:  # noqa: BLE001 - unreadable here; load_image reports it properly later
+            return None
+    if isinstance(prompt, list):
+        prompt = prompt[0] if prompt else None
+    return str(prompt) if prompt else None
+
+
+def score_folder(
+    images_dir: str | os.PathLike,
+    reference_face: ImageSource,
+    scorers: Sequence[IdentityScoring],
+    clip_scorer: ClipTextScorer | None = None,
+    prompt: str | None = None,
+    recursive: bool = True,
+) -> list[dict[str, Any]]:
+    """Score every image in ``images_dir`` against ``reference_face``: one row per image.
+
+    Row: ``path`` (relative to ``images_dir``), ``prompt``, ``similarity`` and ``no_face`` per recognizer,
+    ``clip_t`` (None without a CLIP scorer or a prompt). The prompt for CLIP-T is ``prompt`` when given,
+    else the one stored in the image (PNGs written by faceid remember theirs).
+    """
+    folder = Path(images_dir).expanduser()
+    images = list_images(folder, recursive)
+    scorers = list(scorers)
+    for scorer in scorers:  # a reference without a face fails before any image is scored
+        if hasattr(scorer, "reference_embedding"):
+            scorer.reference_embedding(reference_face)
+    rows = []
+    for path in images:
+        try:
+            load_image(path)
+        except ImageError as exc:
+            logger.warning("skipping %s: %s", path, exc)
+            continue
+        row: dict[str, Any] = {"path": _relative(path, folder), "prompt": prompt or _image_prompt(path)}
+        scores = {s.name: s.score(path, reference_face) for s in scorers}
+        row["similarity"] = {k: v.similarity for k, v in scores.items()}
+        row["no_face"] = {k: v.no_face for k, v in scores.items()}
+        row["clip_t"] = None
+        rows.append(row)
+    if clip_scorer is not None:
+        with_prompt = [r for r in rows if r["prompt"]]
+        if with_prompt:
+            values = clip_scorer.score([folder / r["path"] for r in with_prompt], [r["prompt"] for r in with_prompt])
+            for row, value in zip(with_prompt, values, strict=True):
+                row["clip_t"] = float(value)
+    return rows

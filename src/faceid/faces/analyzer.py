@@ -1,0 +1,207 @@
+"""The analyzer: a detector and a recognizer together -> :class:`Face` (box, landmarks, embedding, aligned
+crops), robust to real photos (huge photos, faces filling the whole frame, small faces), and the choice of
+one face among several.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from ..errors import FaceSelectionError, NoFaceError
+from ..images import ImageSource, load_image, source_name
+from .align import align_face
+from .detect import Detection, Detector, SCRFDDetector, YuNetDetector, box_area
+from .model_files import pretrained_models
+from .recognize import ONNXRecognizer, Recognizer
+
+__all__ = ["DEFAULT_DET_SIZES", "Face", "FaceAnalyzer", "select_face"]
+
+# Detection sizes FaceAnalyzer tries: buffalo_l's 640x640 first (what the weights expect), then a
+# larger size as a retry for faces too small to be found at 640.
+DEFAULT_DET_SIZES: tuple[tuple[int, int], ...] = ((640, 640), (1280, 1280))
+
+
+@dataclass(eq=False, repr=False)
+class Face:
+    """A detected, aligned and embedded face.
+
+    ``box`` and ``landmarks`` are in the pixels of the original (EXIF-rotated) image. ``embedding`` is
+    L2-normalised (insightface's ``normed_embedding``). ``aligned`` is the 112x112 RGB crop the recognizer
+    saw; ``crop_224`` is the same alignment at 224x224, the CLIP input of the Plus variants.
+    """
+
+    box: np.ndarray
+    score: float
+    landmarks: np.ndarray
+    embedding: np.ndarray
+    aligned: np.ndarray
+    crop_224: np.ndarray
+
+    @property
+    def area(self) -> float:
+        return box_area(self.box)
+
+    def __repr__(self) -> str:  # arrays would flood logs; show what identifies the face
+        x1, y1, x2, y2 = (round(float(v), 1) for v in self.box)
+        return f"Face(box=({x1}, {y1}, {x2}, {y2}), score={self.score:.3f}, dim={self.embedding.shape[0]})"
+
+
+def select_face(faces: Sequence[Face], index: int, name: str) -> Face:
+    """``faces[index]`` of an ``analyze`` result, or the error that says why there is none."""
+    if not faces:
+        raise NoFaceError(
+            f"No face found in {name}. Use a clear, front-facing photo where the face is at least "
+            "~64 px wide, or crop the photo around the face."
+        )
+    if not 0 <= index < len(faces):
+        raise FaceSelectionError(
+            f"Asked for face index {index} in {name}, but only {len(faces)} face(s) were found "
+            f"(valid: 0..{len(faces) - 1}, largest face first)."
+        )
+    return faces[index]
+
+
+# ----------------------------------------------------------------------------------------------
+# Analyzer
+
+
+class FaceAnalyzer:
+    """Detect, align and embed faces; choose one.
+
+    ``det_sizes``: detection sizes to try, in order. The first (640x640 for buffalo_l) is what FaceID
+    was trained with; later ones are only used when nothing is found, to catch small faces.
+    ``max_detect_side``: photos with a longer side are downscaled (area filter) for detection only;
+    landmarks are mapped back and alignment always samples the full-resolution image.
+    """
+
+    def __init__(
+        self,
+        detector: Detector,
+        recognizer: Recognizer,
+        det_sizes: Sequence[tuple[int, int]] = DEFAULT_DET_SIZES,
+        max_detect_side: int = 4096,
+    ) -> None:
+        if not det_sizes:
+            raise ValueError("det_sizes must name at least one detection size")
+        self.detector = detector
+        self.recognizer = recognizer
+        self.det_sizes = tuple((int(w), int(h)) for w, h in det_sizes)
+        self.max_detect_side = int(max_detect_side)
+
+    # -- public API ---------------------------------------------------------------------------
+
+    def analyze(self, image: ImageSource) -> list[Face]:
+        """All faces in ``image``, largest box first."""
+        rgb = np.asarray(load_image(image))
+        detections = self.detect(rgb)
+        if not detections:
+            return []
+        aligned = np.stack([align_face(rgb, d.landmarks, 112) for d in detections])
+        raw = np.asarray(self.recognizer.embed(aligned), dtype=np.float32)
+        norms = np.linalg.norm(raw, axis=1, keepdims=True)
+        # insightface's normed_embedding; a zero vector (broken model) stays zero instead of NaN.
+        embeddings = raw / np.maximum(norms, 1e-12)
+        faces = [
+            Face(
+                box=d.box,
+                score=d.score,
+                landmarks=d.landmarks,
+                embedding=embeddings[i].astype(np.float32),
+                aligned=aligned[i],
+                crop_224=align_face(rgb, d.landmarks, 224),
+            )
+            for i, d in enumerate(detections)
+        ]
+        return faces
+
+    def get(self, image: ImageSource, index: int = 0) -> Face:
+        """The ``index``-th largest face in ``image`` (0 = largest)."""
+        return select_face(self.analyze(image), index, source_name(image))
+
+    def detect(self, image_rgb: np.ndarray) -> list[Detection]:
+        """Detections in ``image_rgb`` pixels, largest first, with the retries described in the class doc."""
+        primary = self.det_sizes[0]
+
+        # 1. Huge photos: detect on an area-downscaled copy (cv2's bilinear resize inside the detector
+        #    would alias badly from, say, 8000 px straight down to 640).
+        work, scale = _downscale(image_rgb, self.max_detect_side)
+        found = self._run(work, primary, scale=scale)
+
+        # 2. A face filling the whole frame is larger than any anchor: pad 50% on each side and retry.
+        #    Shrink first to the det size (the detector would anyway) to keep the padded copy small.
+        if not found:
+            small, pad_scale = _downscale(image_rgb, max(primary))
+            ph, pw = small.shape[0] // 2, small.shape[1] // 2
+            padded = cv2.copyMakeBorder(small, ph, ph, pw, pw, cv2.BORDER_CONSTANT, value=(0, 0, 0))
+            found = self._run(padded, primary, scale=pad_scale, offset=(pw, ph))
+
+        # 3. Small faces: larger detection sizes (the image is enlarged into the bigger input).
+        for det_size in self.det_sizes[1:]:
+            if found:
+                break
+            found = self._run(work, det_size, scale=scale)
+
+        found.sort(key=lambda d: d.area, reverse=True)
+        return found
+
+    def _run(self, image: np.ndarray, det_size, *, scale: tuple[float, float], offset=(0, 0)) -> list[Detection]:
+        """Detect on a transformed copy and map results back: original = (p - offset) / scale."""
+        dets = self.detector.detect(image, det_size=det_size)
+        shift = np.array(offset, np.float64)
+        factor = np.array(scale, np.float64)
+        for d in dets:
+            d.box = ((d.box.reshape(2, 2) - shift) / factor).reshape(4).astype(np.float32)
+            d.landmarks = ((d.landmarks - shift) / factor).astype(np.float32)
+        return list(dets)
+
+    # -- construction -------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        models_dir: str | os.PathLike | None = None,
+        name: str = "buffalo_l",
+        download: bool = True,
+        **kwargs,
+    ) -> FaceAnalyzer:
+        """The face analyzer of every faceid command and of training: buffalo_l, or a folder's models.
+
+        ``models_dir`` (the CLI's ``--face-models DIR``): a folder of ONNX models. Detector:
+        ``det_10g.onnx`` (else another ``det_*.onnx`` / ``scrfd*.onnx``) -> SCRFD, else a ``*yunet*.onnx``
+        -> YuNet. Recognizer: ``w600k_r50.onnx``, else the single other ``.onnx`` file whose input is
+        112x112. A folder without them is a :class:`MissingWeightsError` that names what is missing and
+        where to get it; nothing is downloaded into it. Without ``models_dir``: the ``name`` pack from
+        ``$FACEID_HOME/models/<name>`` (default ``~/.cache/faceid/models/<name>``) or insightface's
+        ``~/.insightface/models/<name>``, downloaded once into the first when missing and ``download``.
+        insightface's models are for non-commercial research use. Extra keyword arguments go to the
+        FaceAnalyzer constructor.
+        """
+        detector_path, recognizer_path = pretrained_models(models_dir, name, download)
+        is_yunet = "yunet" in detector_path.name.lower()
+        detector: Detector = YuNetDetector(detector_path) if is_yunet else SCRFDDetector(detector_path)
+        return cls(detector, ONNXRecognizer(recognizer_path), **kwargs)
+
+    @classmethod
+    def from_dir(cls, path: str | os.PathLike, **kwargs) -> FaceAnalyzer:
+        """The models of the folder ``path``: ``from_pretrained(path)``, by a name that says so."""
+        return cls.from_pretrained(path, **kwargs)
+
+
+def _downscale(image: np.ndarray, max_side: int) -> tuple[np.ndarray, tuple[float, float]]:
+    """Shrink so the longer side is at most ``max_side`` (area filter: no aliasing).
+
+    Returns the image (itself when already small enough) and the exact per-axis (x, y) scale applied,
+    which differs slightly between axes after rounding to whole pixels.
+    """
+    h, w = image.shape[:2]
+    if max(h, w) <= max_side:
+        return image, (1.0, 1.0)
+    scale = max_side / max(h, w)
+    new_w, new_h = max(1, int(round(w * scale))), max(1, int(round(h * scale)))
+    resized = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_AREA)
+    return resized, (new_w / w, new_h / h)
