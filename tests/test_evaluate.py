@@ -24,7 +24,7 @@ from faceid.evaluation import (
 from faceid.outputs import read_settings, save_png
 from faceid.scoring import ClipTextScorer, IdentityScore, IdentityScorer, diversity, sface_scorer
 
-TINY = {"num_inference_steps": 2, "width": 24, "height": 16}
+TINY = {"settings": {"num_inference_steps": 2, "width": 24, "height": 16}}
 PROMPTS = ["a photo of a person in a garden", "an oil painting of a person"]
 
 
@@ -44,7 +44,7 @@ class CountingPipe:
         self.images = 0
 
     def __call__(self, *args, **kwargs):
-        self.images += kwargs["num_images_per_prompt"]
+        self.images += kwargs["settings"].num_images_per_prompt
         return self._pipe(*args, **kwargs)
 
     def __getattr__(self, name):
@@ -92,9 +92,15 @@ def test_run_eval_end_to_end_then_resumes(tmp_path, pipe, analyzer, two_people, 
             row["seed"],
             row["scale"],
         )
-        assert settings["steps"] == 2 and settings["face"] == f"{row['identity']}.jpg"
+        assert settings["num_inference_steps"] == 2 and settings["face"] == f"{row['identity']}.jpg"
         with Image.open(image) as im:
             assert im.size == (24, 16)
+    # Any image of the grid reproduces alone from its own metadata.
+    from faceid.settings import GenerationSettings
+
+    image = out / rows[-1]["path"]
+    again = pipe(face=two_people / rows[-1]["face"], settings=GenerationSettings.from_png(image)).images[0]
+    np.testing.assert_array_equal(np.asarray(again), np.asarray(Image.open(image)))
     # Diversity: of the seeds of one identity, prompt and scale, the same value on each of their rows.
     assert len(groups) == 8
     for members in groups.values():
@@ -139,11 +145,11 @@ def test_run_eval_end_to_end_then_resumes(tmp_path, pipe, analyzer, two_people, 
     # Other settings in the same folder: refused before anything is generated (not even the images of
     # the new scale 0.25, which come first in the grid).
     with pytest.raises(FaceIDError, match="other settings"):
-        run(scales=(0.25, 0.5, 1.0), num_inference_steps=3)
+        run(scales=(0.25, 0.5, 1.0), settings={**TINY["settings"], "num_inference_steps": 3})
     assert counting.images == 17 and not (out / "images" / "scale_0.25").exists()
-    replaced = run(scales=(0.5,), num_inference_steps=3, overwrite=True)
+    replaced = run(scales=(0.5,), settings={**TINY["settings"], "num_inference_steps": 3}, overwrite=True)
     assert (replaced.generated, replaced.reused, counting.images) == (8, 0, 25)
-    assert read_settings(first[("obama", 0, 0, 0.5)])["steps"] == 3
+    assert read_settings(first[("obama", 0, 0, 0.5)])["num_inference_steps"] == 3
     assert any("16 image(s) generated" in m for m in messages)
 
 

@@ -169,7 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
+EVAL_GRID_FIELDS = ("prompt", "seed", "scale", "num_images_per_prompt")
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
     """One flag per field of ``GenerationSettings``, built from the field's declaration (type, help, flag).
 
     Every flag defaults to None ("not given"), so that a settings file and the family defaults can fill
@@ -180,6 +183,8 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     from .settings import GenerationSettings
 
     for name, field in GenerationSettings.model_fields.items():
+        if name in exclude:
+            continue
         cli = (field.json_schema_extra or {})["cli"]
         kwargs: dict = {"dest": name, "default": None, "help": _help(field.description, cli.get("default"))}
         if "metavar" in cli:
@@ -231,7 +236,8 @@ def settings_from_args(args: argparse.Namespace):
     }
     if "loras" in given:
         given["loras"] = dict(given["loras"])
-    if "num_images_per_prompt" not in given and "num_images_per_prompt" not in base:
+    # The CLI's own default image count, where the command has the flag and nothing else set it.
+    if hasattr(args, "num_images_per_prompt") and not {"num_images_per_prompt"} & (set(given) | set(base)):
         cli = GenerationSettings.model_fields["num_images_per_prompt"].json_schema_extra["cli"]
         given["num_images_per_prompt"] = cli["default"]
     return GenerationSettings.parse(base, **given)
@@ -424,17 +430,10 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         default=",".join(f"{s:g}" for s in DEFAULT_SCALES),
         help="adapter scales for the identity-vs-prompt curve, comma-separated (0.4,0.7,1)",
     )
-    parser.add_argument(
-        "--base-model", default=None, help="SD1.5/SDXL model: diffusers folder, Hub repo id or .safetensors file"
-    )
+    # Every generation setting but the grid's own axes (prompt, seed, scale, images per prompt).
+    add_settings_arguments(parser, exclude=EVAL_GRID_FIELDS)
     parser.add_argument("--vae", default=None, help="VAE to use instead of the base model's (folder or Hub repo id)")
-    parser.add_argument("--adapter", default=DEFAULT_ADAPTER, help="adapter file (.bin/.safetensors) or released name")
     parser.add_argument("--image-encoder", default=None, help="Plus only: CLIP ViT-H image encoder folder or repo")
-    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default 30)")
-    parser.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (SD1.5: 7.5, SDXL: 5)")
-    parser.add_argument("--width", type=int, default=None, help="image width (SD1.5: 512, SDXL: 1024)")
-    parser.add_argument("--height", type=int, default=None, help="image height (SD1.5: 768, SDXL: 1024)")
-    parser.add_argument("--negative-prompt", default=None, help="what to avoid (default: the reference's)")
     parser.add_argument("--batch-size", type=int, default=4, help="images per pipeline call (4)")
     parser.add_argument("--device", default=None, help="cuda, cpu, mps (default: the best available)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: fp16 on GPU, fp32 on CPU")
@@ -495,19 +494,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
     identities = list_identities(args.faces)
     if args.batch_size < 1:
         raise FaceIDError("--batch-size must be at least 1")
+    settings = settings_from_args(args)
     analyzer = _face_analyzer(args.face_models)
     for _, photo in identities:
         analyzer.get(photo)  # NoFaceError names the photo
     scorers, clip, analyzer = _build_scorers(args, analyzer)
     _quiet_model_loading()
     pipe = FaceIDPipeline.from_pretrained(
-        args.base_model,
-        args.adapter,
+        settings.base_model,
+        settings.adapter or DEFAULT_ADAPTER,
         vae=args.vae,
         device=args.device,
         torch_dtype=getattr(torch, DTYPES[args.dtype]) if args.dtype else None,
+        lora_scale=1.0 if settings.lora_scale is None else settings.lora_scale,
         face_analyzer=analyzer,
         image_encoder=args.image_encoder,
+        shortcut=settings.shortcut,
+        loras=list((settings.loras or {}).items()),
         progress=False,
     )
     n = len(identities) * len(prompts) * len(seeds) * len(scales)
@@ -524,15 +527,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         args.out,
         scorers,
         clip,
+        settings=settings,
         resume=not args.no_resume,
         overwrite=args.overwrite,
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance,
-        width=args.width,
-        height=args.height,
-        negative_prompt=args.negative_prompt,
         batch_size=args.batch_size,
-        model_settings={"base_model": pipe.base_model, "adapter": str(args.adapter), "vae": args.vae},
+        extra_metadata={"vae": args.vae},
         plots=not args.no_plots,
         log=print,
     )

@@ -412,6 +412,12 @@ class FaceIDPipeline:
             ),
         )
 
+    def resolve_settings(self, settings: GenerationSettings | Mapping[str, Any] | None = None) -> GenerationSettings:
+        """``settings`` with every default this pipeline would use filled in (family, adapter, variant)."""
+        requested = GenerationSettings.parse(settings)
+        self._check_models(requested)
+        return requested.resolve(self.family, **self._known_defaults())
+
     def _known_defaults(self) -> dict[str, Any]:
         """Defaults that come from what is loaded rather than from the family."""
         known: dict[str, Any] = {

@@ -33,6 +33,7 @@ from ..errors import FaceIDError, ImageError
 from ..images import ImageSource, load_image
 from ..outputs import read_settings, save_png
 from ..scoring import ClipTextScorer, IdentityScoring, diversity
+from ..settings import GenerationSettings
 from .inputs import list_identities, list_images, load_prompts, parse_scales, parse_seeds
 from .plots import write_plots
 from .summary import summarize, summary_markdown
@@ -71,15 +72,11 @@ def run_eval(
     identity_scorers: Sequence[IdentityScoring] = (),
     clip_scorer: ClipTextScorer | None = None,
     *,
+    settings: GenerationSettings | Mapping[str, Any] | None = None,
     resume: bool = True,
     overwrite: bool = False,
-    num_inference_steps: int | None = None,
-    guidance_scale: float | None = None,
-    width: int | None = None,
-    height: int | None = None,
-    negative_prompt: str | None = None,
     batch_size: int = 4,
-    model_settings: Mapping[str, Any] | None = None,
+    extra_metadata: Mapping[str, Any] | None = None,
     plots: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> EvalResult:
@@ -92,8 +89,11 @@ def run_eval(
     recognizers, the first being the primary one (ArcFace buffalo_l, then SFace); ``clip_scorer``:
     CLIP-T and diversity (None skips both). ``resume``: keep images already in ``out_dir`` whose stored
     settings match; an image there with *other* settings is an error unless ``overwrite``. ``resume=False``
-    regenerates everything. ``model_settings``: extra settings stored in every PNG and compared when
-    resuming (the CLI passes the base model and adapter it loaded). ``log``: progress messages.
+    regenerates everything. ``settings``: the generation settings every image shares
+    (``GenerationSettings``: steps, guidance, size, negative prompt, window...; the grid sets prompt, seed
+    and scale itself); each PNG stores its own, so any image of the grid reproduces alone.
+    ``extra_metadata``: more values stored in every PNG and compared when resuming (the CLI passes the
+    VAE it loaded). ``log``: progress messages.
     """
     say = log or logger.info
     if isinstance(prompts, (str, os.PathLike)) or prompts is None:
@@ -111,34 +111,18 @@ def run_eval(
         raise FaceIDError(f"two identity scorers share a name: {names}")
 
     # Everything that can fail on the inputs fails here, before the first image is generated.
-    from ..settings import DEFAULT_NEGATIVE_PROMPT, FAMILY_DEFAULTS
-
-    defaults = FAMILY_DEFAULTS[pipe.family]
-    negative_prompt = DEFAULT_NEGATIVE_PROMPT if negative_prompt is None else str(negative_prompt)
-    steps = int(num_inference_steps or defaults["num_inference_steps"])
-    guidance = float(defaults["guidance_scale"] if guidance_scale is None else guidance_scale)
-    width, height = int(width or defaults["width"]), int(height or defaults["height"])
-    faces = {name: pipe.face_analyzer.get(photo) for name, photo in identities}
+    shared = GenerationSettings.parse(settings)
+    axes = sorted(shared.model_fields_set & {"prompt", "seed", "scale", "num_images_per_prompt"})
+    if axes:
+        raise FaceIDError(f"the evaluation grid sets {', '.join(axes)} itself: use its prompts, seeds and scales")
+    shared = pipe.resolve_settings(shared)
+    faces = {name: pipe.face_analyzer.get(photo, index=shared.face_index) for name, photo in identities}
     for scorer in scorers:  # a reference photo in which a recognizer finds no face fails here
         if hasattr(scorer, "reference_embedding"):
             for _, photo in identities:
                 scorer.reference_embedding(photo)
 
-    base = {
-        "base_model": getattr(pipe, "base_model", None),
-        "adapter": getattr(pipe.adapter, "name", None),
-        "lora_scale": getattr(pipe.adapter, "lora_scale", None),
-    }
-    base.update(dict(model_settings or {}))
-    base.update(
-        {
-            "negative_prompt": negative_prompt,
-            "steps": steps,
-            "guidance_scale": guidance,
-            "width": width,
-            "height": height,
-        }
-    )
+    extra = dict(extra_metadata or {})
     hashes = {name: _file_digest(photo) for name, photo in identities}
 
     # ---- plan: which images are already there (a folder of another run fails here, not halfway) ----
@@ -151,21 +135,20 @@ def run_eval(
                 missing = []
                 for seed in seeds:
                     path = out_dir / "images" / f"scale_{_fmt_scale(scale)}" / name / f"p{p_index:02d}_s{seed}.png"
-                    settings = {
+                    # What reproduces this image alone, and where it belongs in the grid.
+                    metadata = {
+                        **shared.replace(prompt=prompt, seed=seed, scale=scale).to_json(),
                         "identity": name,
                         "face": photo.name,
                         "face_sha256": hashes[name],
-                        "prompt": prompt,
                         "prompt_index": p_index,
-                        "seed": seed,
-                        "scale": scale,
-                        **base,
+                        **extra,
                         "faceid_version": __version__,
                     }
                     job = {"identity": name, "photo": photo, "prompt": prompt, "prompt_index": p_index}
-                    job.update({"seed": seed, "scale": scale, "path": path, "settings": settings})
+                    job.update({"seed": seed, "scale": scale, "path": path, "metadata": metadata})
                     jobs.append(job)
-                    if resume and path.exists() and _same_settings(path, settings, overwrite):
+                    if resume and path.exists() and _same_settings(path, metadata, overwrite):
                         reused += 1
                     else:
                         missing.append(job)
@@ -178,21 +161,16 @@ def run_eval(
     for name, p_index, scale, missing in todo:
         for start in range(0, len(missing), step):
             chunk = missing[start : start + step]
-            result = pipe(
-                chunk[0]["prompt"],
-                face=faces[name],
-                negative_prompt=negative_prompt,
+            request = shared.replace(
+                prompt=chunk[0]["prompt"],
                 num_images_per_prompt=len(chunk),
                 seed=[j["seed"] for j in chunk],
-                num_inference_steps=steps,
-                guidance_scale=guidance,
-                width=width,
-                height=height,
                 scale=scale,
             )
+            result = pipe(face=faces[name], settings=request)
             for job, image in zip(chunk, result.images, strict=True):
                 job["path"].parent.mkdir(parents=True, exist_ok=True)
-                save_png(image, job["path"], job["settings"])
+                save_png(image, job["path"], job["metadata"])
                 generated += 1
             say(f"[{generated}/{len(jobs) - reused}] {name} p{p_index:02d} scale {scale:g}: {len(chunk)} image(s)")
     say(f"{generated} image(s) generated, {reused} reused from {out_dir}")
@@ -203,7 +181,8 @@ def run_eval(
         rows,
         recognizers=names,
         settings={
-            **{k: v for k, v in base.items() if k != "faceid_version"},
+            **shared.to_json(),
+            **extra,
             "identities": [name for name, _ in identities],
             "prompts": prompts,
             "seeds": seeds,

@@ -106,7 +106,9 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
         ("scales", ", ".join(f"{s:g}" for s in settings.get("scales", [])) or None),
         (
             "steps / guidance",
-            f"{settings.get('steps')} / {settings.get('guidance_scale')}" if settings.get("steps") else None,
+            f"{settings.get('num_inference_steps')} / {settings.get('guidance_scale')}"
+            if settings.get("num_inference_steps")
+            else None,
         ),
         ("size", f"{settings.get('width')}x{settings.get('height')}" if settings.get("width") else None),
         ("recognizers", ", ".join(recs) or None),
