@@ -350,8 +350,8 @@ PEOPLE = ("obama", "obama2", "biden")  # each photo counts as one person here: t
 def base_that_knows_the_people(dataset, tiny_models, tmp_path_factory):
     """The tiny SD1.5 model made to behave like a trained one, so that an identity has something to add.
 
-    The golden random-weight model cannot show it: its VAE's posterior noise (std ~1.1 before scaling)
-    swamps the image (std ~0.3), and its UNet denoises nothing, so no conditioning lowers the loss. Here
+    The random-weight tiny model (tiny_models.py) cannot show it: its VAE's posterior noise (std ~1 before
+    scaling) swamps the image (std ~0.2), and its UNet denoises nothing, so no conditioning lowers the loss. Here
     (1) the VAE's posterior is made near-deterministic (log-variance bias -12, std 0.0025) and its scaling
     factor gives unit-variance latents, as SD's 0.18215 does; (2) the UNet (all of it) learns to draw each
     person when the prompt names them ("a photo of alice"), as SD draws what a prompt names. Adapter

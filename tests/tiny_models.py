@@ -262,6 +262,18 @@ def make_ddim_scheduler():
 
 
 # ---------------------------------------------------------------------- whole folders
+def _own_random_numbers(build):
+    """Run a builder on its own seeds: the caller's global random state is the same afterwards."""
+
+    @functools.wraps(build)
+    def wrapper(*args, **kwargs):
+        with torch.random.fork_rng(devices=[]):
+            return build(*args, **kwargs)
+
+    return wrapper
+
+
+@_own_random_numbers
 def build_sd15(folder: str | Path, seed: int = 0) -> Path:
     """A tiny StableDiffusionPipeline saved in diffusers format (loads offline with from_pretrained)."""
     from diffusers import StableDiffusionPipeline
@@ -285,6 +297,7 @@ def build_sd15(folder: str | Path, seed: int = 0) -> Path:
     return folder
 
 
+@_own_random_numbers
 def build_sdxl(folder: str | Path, seed: int = 0) -> Path:
     """A tiny StableDiffusionXLPipeline saved in diffusers format; text_encoder is SD1.5's (same seed)."""
     from diffusers import StableDiffusionXLPipeline
@@ -324,6 +337,7 @@ def _remove(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
+@_own_random_numbers
 def build_image_encoder(folder: str | Path, seed: int = 0) -> Path:
     """A tiny CLIPVisionModelWithProjection (50 tokens of width 48) with a default CLIPImageProcessor config."""
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
@@ -363,6 +377,7 @@ def adapter_state(unet, variant: str, seed: int = 0) -> dict[str, dict[str, torc
 
     _, num_tokens, lora_rank, plus = ADAPTERS[variant]
     generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # the projection's layers take PyTorch's default initialisation (global generator)
     state = initial_state_dict(
         unet,
         num_tokens=num_tokens,
@@ -379,6 +394,7 @@ def adapter_state(unet, variant: str, seed: int = 0) -> dict[str, dict[str, torc
     return state
 
 
+@_own_random_numbers
 def build_adapter(unet, variant: str, folder: str | Path, seed: int = 0) -> dict[str, Path]:
     """``<folder>/<variant>.bin`` and ``.safetensors``: the same float16 tensors in both official layouts."""
     from faceid.checkpoints import save_state_dict
