@@ -4,6 +4,7 @@ cases of ``test_golden.py`` come from outside (``FACEID_GOLDEN_DIR``, default ``
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -120,7 +121,8 @@ def _golden_reports(terminalreporter) -> list:
         report
         for reports in terminalreporter.stats.values()
         for report in reports
-        if getattr(report, "nodeid", "").split("::")[0].endswith(GOLDEN_MODULE)
+        if isinstance(report, pytest.TestReport | pytest.CollectReport)  # not warnings
+        and report.nodeid.split("::")[0].endswith(GOLDEN_MODULE)
     ]
 
 
@@ -136,8 +138,7 @@ def golden_summary(terminalreporter) -> str | None:
         )
     outcomes: dict[str, int] = {}
     for report in reports:
-        when = getattr(report, "when", "collect")
-        if when == "call":
+        if isinstance(report, pytest.TestReport) and report.when == "call":
             outcome = report.outcome
         elif report.outcome in ("skipped", "failed"):  # what stopped a test before or after its call
             outcome = "skipped" if report.outcome == "skipped" else "error"
@@ -145,7 +146,13 @@ def golden_summary(terminalreporter) -> str | None:
             continue
         outcomes[outcome] = outcomes.get(outcome, 0) + 1
     counted = ", ".join(f"{n} {outcome}" for outcome, n in sorted(outcomes.items()))
-    return f"golden conformance: {counted} in test_golden.py (each case in each checkpoint format) from {GOLDEN_DIR}"
+    try:
+        cases = json.loads((GOLDEN_DIR / "manifest.json").read_text())["cases"]
+        runs = sum(fmt in case.get("adapter", {}) for case in cases for fmt in ("bin", "safetensors"))
+        content = f"the manifest's {len(cases)} cases in {runs} case-format runs, and its adapter files"
+    except (ValueError, KeyError, TypeError):
+        content = "manifest.json unreadable"
+    return f"golden conformance: {counted} in test_golden.py ({content}) from {GOLDEN_DIR}"
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
