@@ -363,9 +363,14 @@ def faceid_variant(unet, inputs: Inputs, notes: dict, ckpt_path: Path, fused: bo
             adapter.fuse_lora()
         with adapter.caching():  # the same text/identity tensors at every step, as in one pipeline call
             yield Variant(
-                lambda: unet(
-                    inputs.latents, inputs.timestep, encoder_hidden_states=inputs.text, cross_attention_kwargs=kwargs
-                ).sample,
+                lambda: (
+                    unet(
+                        inputs.latents,
+                        inputs.timestep,
+                        encoder_hidden_states=inputs.text,
+                        cross_attention_kwargs=kwargs,
+                    ).sample
+                ),
                 module_bytes(unet, adapter.projection),
             )
     finally:
@@ -419,9 +424,9 @@ def diffusers_variant(unet, inputs: Inputs, notes: dict, ckpt_path: Path):
     face = inputs.face.to(inputs.latents.device, inputs.latents.dtype)
     kwargs = {"image_embeds": [torch.cat([torch.zeros_like(face), face]).unsqueeze(1)]}
     yield Variant(
-        lambda: unet(
-            inputs.latents, inputs.timestep, encoder_hidden_states=inputs.text, added_cond_kwargs=kwargs
-        ).sample,
+        lambda: (
+            unet(inputs.latents, inputs.timestep, encoder_hidden_states=inputs.text, added_cond_kwargs=kwargs).sample
+        ),
         module_bytes(unet),
     )
 

@@ -1,7 +1,10 @@
-"""Shared fixtures: tiny random-weight models built here, and the shared golden/faces folders."""
+"""Shared fixtures. The suite needs nothing outside the repository: the tiny random-weight models and adapters
+are built here (``tiny_models.py``), the face photos ship in ``tests/data/faces``. Only the golden conformance
+cases of ``test_golden.py`` come from outside (``FACEID_GOLDEN_DIR``, default ``../shared/golden``)."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -10,33 +13,19 @@ import pytest
 import torch
 
 TESTS = Path(__file__).resolve().parent
-sys.path.insert(0, str(TESTS))  # face_helpers and friends
+sys.path.insert(0, str(TESTS))  # face_helpers, tiny_models and friends
 
-SHARED = TESTS.parents[1] / "shared"
-GOLDEN_DIR = Path(os.environ.get("FACEID_GOLDEN_DIR", SHARED / "golden"))
-FACES_DIR = Path(os.environ.get("FACEID_FACES_DIR", SHARED / "faces"))
+from face_helpers import FACES_DIR  # noqa: E402
+from tiny_models import TinyModels, make_tiny_unet, token_ids, vocab_size, write_clip_tokenizer  # noqa: E402
+
+__all__ = ["FACES_DIR", "GOLDEN_DIR", "make_tiny_clip", "make_tiny_unet"]
+
+# The golden conformance set (reference outputs + the models they were made with): test_golden.py only.
+GOLDEN_DIR = Path(os.environ.get("FACEID_GOLDEN_DIR", TESTS.parents[1] / "shared" / "golden")).absolute()
+GOLDEN_MODULE = "test_golden.py"
 
 # Keep runs comparable on the 2-core CI machine (the goldens were made with 2 threads).
 torch.set_num_threads(2)
-
-
-def make_tiny_unet(cross_attention_dim: int = 64, seed: int = 0):
-    """An SD1.5-shaped UNet small enough for CPU tests (two resolutions, 8 attention layers)."""
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(seed)
-    return UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=cross_attention_dim,
-        attention_head_dim=8,
-        norm_num_groups=32,
-    ).eval()
 
 
 @pytest.fixture
@@ -45,16 +34,19 @@ def tiny_unet():
 
 
 @pytest.fixture(scope="session")
-def golden_dir() -> Path:
-    if not (GOLDEN_DIR / "manifest.json").is_file():
-        pytest.skip(f"no golden folder at {GOLDEN_DIR} (set FACEID_GOLDEN_DIR)")
-    return GOLDEN_DIR
+def tiny_models(tmp_path_factory) -> TinyModels:
+    """The tiny SD1.5/SDXL pipelines, CLIP image encoder, tokenizer and adapters, built once per session on
+    first use: ``.sd15``, ``.sdxl``, ``.image_encoder``, ``.tokenizer`` (folders) and
+    ``.adapter("faceid-plusv2", "bin")`` (files)."""
+    return TinyModels(tmp_path_factory.mktemp("tiny-models"))
 
 
 @pytest.fixture(scope="session")
 def faces_dir() -> Path:
-    if not (FACES_DIR / "obama.jpg").is_file():
-        pytest.skip(f"no face photos at {FACES_DIR} (set FACEID_FACES_DIR)")
+    """The real photos (tests/data/faces, or FACEID_FACES_DIR): obama.jpg, obama2.jpg, biden.jpg."""
+    missing = [n for n in ("obama.jpg", "obama2.jpg", "biden.jpg") if not (FACES_DIR / n).is_file()]
+    if missing:
+        pytest.fail(f"face photos {missing} not found in {FACES_DIR} (tests/data/faces ships them; FACEID_FACES_DIR?)")
     return FACES_DIR
 
 
@@ -66,9 +58,9 @@ def face_models_dir(tmp_path_factory) -> Path:
     return make_test_face_models_dir(tmp_path_factory.mktemp("face-models"))
 
 
-def make_tiny_clip(folder, golden_dir, seed=0):
-    """A random-weight CLIPModel (32-px images, 16-d projection) saved with the real CLIP BPE tokenizer."""
-    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTokenizer, CLIPVisionConfig
+def make_tiny_clip(folder, seed=0):
+    """A random-weight CLIPModel (32-px images, 16-d projection) saved with the tests' CLIP BPE tokenizer."""
+    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
 
     try:
         from transformers import CLIPImageProcessorPil as ImageProcessor
@@ -76,15 +68,13 @@ def make_tiny_clip(folder, golden_dir, seed=0):
         from transformers import CLIPImageProcessor as ImageProcessor
 
     text = CLIPTextConfig(
-        vocab_size=49408,
+        vocab_size=vocab_size(),
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,
         num_attention_heads=4,
         max_position_embeddings=77,
-        bos_token_id=49406,
-        eos_token_id=49407,
-        pad_token_id=49407,
+        **token_ids(),
     )
     vision = CLIPVisionConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8
@@ -92,15 +82,15 @@ def make_tiny_clip(folder, golden_dir, seed=0):
     torch.manual_seed(seed)
     model = CLIPModel(CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=16)).eval()
     model.save_pretrained(folder)
-    CLIPTokenizer.from_pretrained(golden_dir / "models" / "sd15-tiny" / "tokenizer").save_pretrained(folder)
+    write_clip_tokenizer(folder)
     ImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
     return folder
 
 
 @pytest.fixture(scope="session")
-def tiny_clip_dir(tmp_path_factory, golden_dir):
+def tiny_clip_dir(tmp_path_factory):
     """A tiny CLIP (model, tokenizer, processor) for CLIP-T tests, built here: no download."""
-    return make_tiny_clip(tmp_path_factory.mktemp("tiny-clip"), golden_dir)
+    return make_tiny_clip(tmp_path_factory.mktemp("tiny-clip"))
 
 
 @pytest.fixture(scope="session")
@@ -112,14 +102,63 @@ def analyzer(face_models_dir):
 
 
 @pytest.fixture(scope="module")
-def pipe(golden_dir, analyzer):
-    """FaceIDPipeline on the tiny SD1.5 model with the golden faceid adapter (one per test module)."""
+def pipe(tiny_models, analyzer):
+    """FaceIDPipeline on the tiny SD1.5 model with the tiny faceid adapter (one per test module)."""
     from faceid.pipeline import FaceIDPipeline
 
     return FaceIDPipeline.from_pretrained(
-        golden_dir / "models" / "sd15-tiny",
-        golden_dir / "adapters" / "faceid.safetensors",
+        tiny_models.sd15,
+        tiny_models.adapter("faceid", "safetensors"),
         device="cpu",
         progress=False,
         face_analyzer=analyzer,
     )
+
+
+# ---------------------------------------------------------------------- the conformance line
+def _golden_reports(terminalreporter) -> list:
+    return [
+        report
+        for reports in terminalreporter.stats.values()
+        for report in reports
+        if isinstance(report, pytest.TestReport | pytest.CollectReport)  # not warnings
+        and report.nodeid.split("::")[0].endswith(GOLDEN_MODULE)
+    ]
+
+
+def golden_summary(terminalreporter) -> str | None:
+    """One line on the golden conformance cases of this run; None when test_golden.py was not part of it."""
+    reports = _golden_reports(terminalreporter)
+    if not reports:
+        return None
+    if not (GOLDEN_DIR / "manifest.json").is_file():
+        return (
+            f"golden conformance: not run (no golden folder at {GOLDEN_DIR}); set FACEID_GOLDEN_DIR=/path/to/golden "
+            "to run them (the number of cases, each in both checkpoint formats, is in that folder's manifest.json)"
+        )
+    outcomes: dict[str, int] = {}
+    for report in reports:
+        if isinstance(report, pytest.TestReport) and report.when == "call":
+            outcome = report.outcome
+        elif report.outcome in ("skipped", "failed"):  # what stopped a test before or after its call
+            outcome = "skipped" if report.outcome == "skipped" else "error"
+        else:
+            continue
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+    counted = ", ".join(f"{n} {outcome}" for outcome, n in sorted(outcomes.items()))
+    try:
+        cases = json.loads((GOLDEN_DIR / "manifest.json").read_text())["cases"]
+        runs = sum(fmt in case.get("adapter", {}) for case in cases for fmt in ("bin", "safetensors"))
+        content = f"the manifest's {len(cases)} cases in {runs} case-format runs, and its adapter files"
+    except (ValueError, KeyError, TypeError):
+        content = "manifest.json unreadable"
+    return f"golden conformance: {counted} in test_golden.py ({content}) from {GOLDEN_DIR}"
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    result = yield  # after the other summaries (failures, short test summary): the line right above the totals
+    line = golden_summary(terminalreporter)
+    if line:
+        terminalreporter.write_line(line, bold=True, yellow="not run" in line)
+    return result

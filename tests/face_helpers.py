@@ -29,18 +29,19 @@ from onnx import TensorProto, helper, numpy_helper
 _OPSET = 13
 _IR_VERSION = 8
 
-# Real photos: $FACEID_FACES_DIR, else <repo>/../shared/faces.
-FACES_DIR = Path(os.environ.get("FACEID_FACES_DIR", Path(__file__).resolve().parent.parent.parent / "shared" / "faces"))
+# Real photos: tests/data/faces (public domain, in the repository; see its README), or $FACEID_FACES_DIR.
+FACES_DIR = Path(os.environ.get("FACEID_FACES_DIR", Path(__file__).resolve().parent / "data" / "faces"))
 YUNET_FILE = "face_detection_yunet_2023mar_int8bq.onnx"
 
 
 def face_photo(name: str) -> Path:
-    """Path of a real test photo (obama.jpg, obama2.jpg, biden.jpg); skips the test when absent."""
+    """Path of a real test photo (obama.jpg, obama2.jpg, biden.jpg); they ship with the tests, so a missing
+    one fails the test (a broken checkout or a wrong FACEID_FACES_DIR), it is never skipped."""
     import pytest
 
     path = FACES_DIR / name
     if not path.is_file():
-        pytest.skip(f"real face photo {path} not available (set FACEID_FACES_DIR)")
+        pytest.fail(f"real face photo {path} not found (tests/data/faces ships them; check FACEID_FACES_DIR)")
     return path
 
 

@@ -217,15 +217,24 @@ def test_export_round_trip(tiny_unet, tmp_path, suffix):
     assert torch.equal(_run(tiny_unet, inputs, identity), output)
 
 
-def test_golden_checkpoints_describe_themselves(golden_dir):
-    specs = {
-        name: AdapterSpec.from_state_dict(load_state_dict(golden_dir / "adapters" / f"{name}.safetensors"))
-        for name in ("faceid", "faceid-portrait", "faceid-sdxl", "faceid-plusv2")
-    }
-    assert specs["faceid"].variant == "faceid" and specs["faceid"].lora_rank == 8
-    assert specs["faceid-portrait"].variant == "faceid-portrait" and specs["faceid-portrait"].num_tokens == 16
-    assert specs["faceid-sdxl"].cross_attention_dim == 128
-    assert specs["faceid-plusv2"].variant == "faceid-plus" and specs["faceid-plusv2"].perceiver.clip_dim == 48
+def test_checkpoints_of_every_variant_describe_themselves(tiny_models):
+    """Both official layouts of each variant (the reference's own files: test_golden.py)."""
+    specs = {}
+    for name in ("faceid", "faceid-plusv2", "faceid-portrait", "faceid-sdxl", "faceid-plusv2-sdxl"):
+        states = [load_state_dict(tiny_models.adapter(name, fmt)) for fmt in ("bin", "safetensors")]
+        for group in states[0]:
+            assert states[0][group].keys() == states[1][group].keys()
+            assert all(torch.equal(v, states[1][group][k]) for k, v in states[0][group].items())
+        specs[name] = AdapterSpec.from_state_dict(states[0])
+    assert specs["faceid"].variant == "faceid" and specs["faceid"].lora_rank == 8 and specs["faceid"].num_tokens == 4
+    assert specs["faceid"].cross_attention_dim == 64 and len(specs["faceid"].ip_layers) == 4
+    portrait = specs["faceid-portrait"]
+    assert portrait.variant == "faceid-portrait" and portrait.num_tokens == 16 and portrait.lora_rank is None
+    assert specs["faceid-sdxl"].variant == "faceid" and specs["faceid-sdxl"].cross_attention_dim == 128
+    assert len(specs["faceid-sdxl"].ip_layers) == 8  # transformer_layers_per_block (1, 2): 8 cross-attention layers
+    for name, cad in (("faceid-plusv2", 64), ("faceid-plusv2-sdxl", 128)):
+        assert specs[name].variant == "faceid-plus" and specs[name].cross_attention_dim == cad
+        assert specs[name].perceiver.clip_dim == 48  # the tiny image encoder's width
 
 
 # ---------------------------------------------------------------------- refusals

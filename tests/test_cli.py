@@ -21,11 +21,8 @@ TINY = {"--steps": "3", "--width": "24", "--height": "16"}
 
 
 @pytest.fixture
-def sd15(golden_dir):
-    return {
-        "--base-model": str(golden_dir / "models" / "sd15-tiny"),
-        "--adapter": str(golden_dir / "adapters" / "faceid.safetensors"),
-    }
+def sd15(tiny_models):
+    return {"--base-model": str(tiny_models.sd15), "--adapter": str(tiny_models.adapter("faceid", "safetensors"))}
 
 
 def _args(**options) -> list[str]:
@@ -161,7 +158,7 @@ BAD_INPUTS = {
     "truncated": (truncated_jpeg, {}, ["truncated"]),
     "decompression_bomb": (lambda p: p.write_bytes(huge_blank_png(30000, 30000)), {}, ["too large"]),
     "no_face": (_no_face_photo, {}, ["no face"]),
-    "wrong_checkpoint": ("obama", {"--adapter": "faceid-sdxl.safetensors"}, ["does not fit", "cross-attention dim"]),
+    "wrong_checkpoint": ("obama", {"--adapter": "tiny:faceid-sdxl"}, ["does not fit", "cross-attention dim"]),
     "missing_adapter": ("obama", {"--adapter": "nowhere/ip-adapter.bin"}, ["adapter file not found"]),
     "missing_base_model": ("obama", {"--base-model": "nobody/no-such-model"}, ["could not load model", "download"]),
 }
@@ -169,7 +166,7 @@ BAD_INPUTS = {
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
 def test_bad_input_is_one_clear_line_and_writes_nothing(
-    case, tmp_path, capsys, monkeypatch, faces_dir, sd15, face_models_dir, golden_dir
+    case, tmp_path, capsys, monkeypatch, faces_dir, sd15, face_models_dir, tiny_models
 ):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     make, override, words = BAD_INPUTS[case]
@@ -180,7 +177,7 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(
         make(face)
     model = dict(sd15)
     for key, value in override.items():
-        model[key] = str(golden_dir / "adapters" / value) if value.endswith(".safetensors") else value
+        model[key] = str(tiny_models.adapter(value.removeprefix("tiny:"))) if value.startswith("tiny:") else value
     out = tmp_path / "out"
     code = _generate(face, out, model, face_models_dir)
     stderr = capsys.readouterr().err
@@ -279,34 +276,31 @@ def test_quiet_start_shows_faceid_warnings_and_no_library_chatter(tmp_path, face
 
 
 # ---------------------------------------------------------------------- every model family
-def test_models_lists_presets_and_describes_files(capsys, golden_dir):
+def test_models_lists_presets_and_describes_files(capsys, tiny_models):
     assert main(["models"]) == 0
     listing = capsys.readouterr().out
     for name in ("faceid-sd15", "faceid-plusv2-sd15", "faceid-portrait-sd15", "faceid-sdxl", "faceid-plusv2-sdxl"):
         assert name in listing
-    files = [str(golden_dir / "adapters" / f"{n}.bin") for n in ("faceid", "faceid-plusv2", "faceid-portrait")]
+    files = [str(tiny_models.adapter(n, "bin")) for n in ("faceid", "faceid-plusv2", "faceid-portrait")]
     assert main(["models", *files]) == 0
     described = capsys.readouterr().out.splitlines()
     assert "faceid adapter (4 tokens, LoRA rank 8)" in described[0]
     assert "Plus or PlusV2" in described[1] and "16 tokens, no LoRA" in described[2]
 
 
-def test_generate_sdxl(tmp_path, golden_dir, faces_dir, face_models_dir):
-    model = {
-        "--base-model": str(golden_dir / "models" / "sdxl-tiny"),
-        "--adapter": str(golden_dir / "adapters" / "faceid-sdxl.bin"),
-    }
+def test_generate_sdxl(tmp_path, tiny_models, faces_dir, face_models_dir):
+    model = {"--base-model": str(tiny_models.sdxl), "--adapter": str(tiny_models.adapter("faceid-sdxl", "bin"))}
     assert _generate(faces_dir / "biden.jpg", tmp_path, model, face_models_dir, "--seed", "1", "-n", "2") == 0
     settings = read_settings(tmp_path / "biden_s1.png")
     assert settings["guidance_scale"] == 5.0  # SDXL's default
     assert Image.open(tmp_path / "biden_s2.png").size == (24, 16)
 
 
-def test_generate_plusv2_with_window(tmp_path, golden_dir, faces_dir, face_models_dir):
+def test_generate_plusv2_with_window(tmp_path, tiny_models, faces_dir, face_models_dir):
     model = {
-        "--base-model": str(golden_dir / "models" / "sd15-tiny"),
-        "--adapter": str(golden_dir / "adapters" / "faceid-plusv2.safetensors"),
-        "--image-encoder": str(golden_dir / "models" / "image-encoder-tiny"),
+        "--base-model": str(tiny_models.sd15),
+        "--adapter": str(tiny_models.adapter("faceid-plusv2", "safetensors")),
+        "--image-encoder": str(tiny_models.image_encoder),
     }
     extra = ["--seed", "4", "--s-scale", "0.5", "--window", "0", "0.7"]
     assert _generate(faces_dir / "obama2.jpg", tmp_path / "a", model, face_models_dir, *extra) == 0
@@ -320,18 +314,15 @@ def test_generate_plusv2_with_window(tmp_path, golden_dir, faces_dir, face_model
     assert np.abs(a - b).max() > 0
 
 
-def test_generate_portrait_from_several_photos(tmp_path, golden_dir, faces_dir, face_models_dir):
-    model = {
-        "--base-model": str(golden_dir / "models" / "sd15-tiny"),
-        "--adapter": str(golden_dir / "adapters" / "faceid-portrait.bin"),
-    }
+def test_generate_portrait_from_several_photos(tmp_path, tiny_models, faces_dir, face_models_dir):
+    model = {"--base-model": str(tiny_models.sd15), "--adapter": str(tiny_models.adapter("faceid-portrait", "bin"))}
     photos = ["--face", str(faces_dir / "obama2.jpg")]
     assert _generate(faces_dir / "obama.jpg", tmp_path, model, face_models_dir, *photos, "--seed", "2") == 0
     settings = read_settings(tmp_path / "obama_s2.png")
     assert settings["combine"] == "concat" and "obama2.jpg" in settings["face"]
 
 
-def _style_lora_file(path, golden_dir, seed=0, text_encoder_only=False):
+def _style_lora_file(path, base_model, seed=0, text_encoder_only=False):
     """A kohya-layout LoRA on every attention to_q/to_v of the tiny SD1.5 UNet, as A1111/ComfyUI write it.
 
     ``text_encoder_only``: the UNet part does nothing (zero up weights) and the text encoder's attention
@@ -341,7 +332,7 @@ def _style_lora_file(path, golden_dir, seed=0, text_encoder_only=False):
     from safetensors.torch import save_file
     from transformers import CLIPTextModel
 
-    models = golden_dir / "models" / "sd15-tiny"
+    models = Path(base_model)
     generator = torch.Generator().manual_seed(seed)
     state = {}
     parts = [(UNet2DConditionModel.from_pretrained(models / "unet"), "lora_unet_", ("attn1.to_q", "attn2.to_v"))]
@@ -360,8 +351,8 @@ def _style_lora_file(path, golden_dir, seed=0, text_encoder_only=False):
     return path
 
 
-def test_generate_with_a_style_lora(tmp_path, golden_dir, faces_dir, sd15, face_models_dir):
-    style = _style_lora_file(tmp_path / "style.safetensors", golden_dir)
+def test_generate_with_a_style_lora(tmp_path, tiny_models, faces_dir, sd15, face_models_dir):
+    style = _style_lora_file(tmp_path / "style.safetensors", tiny_models.sd15)
 
     def run(name, *lora):
         assert _generate(faces_dir / "obama.jpg", tmp_path / name, sd15, face_models_dir, "--seed", "1", *lora) == 0
@@ -372,7 +363,7 @@ def test_generate_with_a_style_lora(tmp_path, golden_dir, faces_dir, sd15, face_
     assert np.abs(styled - plain).max() > 0
     assert read_settings(tmp_path / "styled" / "obama_s1.png")["loras"] == {str(style): 0.8}
     # a LoRA that acts through the text encoder only: applied there, with the same weight
-    prompt_style = _style_lora_file(tmp_path / "prompt_style.safetensors", golden_dir, text_encoder_only=True)
+    prompt_style = _style_lora_file(tmp_path / "prompt_style.safetensors", tiny_models.sd15, text_encoder_only=True)
     np.testing.assert_array_equal(run("prompt_zero", "--lora", f"{prompt_style}:0"), plain)
     assert np.abs(run("prompt_styled", "--lora", f"{prompt_style}:1") - plain).max() > 0
     bad = tmp_path / "not-a-lora.safetensors"

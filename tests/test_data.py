@@ -1,6 +1,6 @@
 """Training data: prepare_dataset (face analysis into shards, skips, resume) and FaceDataset.
 
-Runs offline on the real photos in shared/faces, with the real YuNet detector and the stand-in
+Runs offline on the real photos in tests/data/faces, with the real YuNet detector and the stand-in
 recognizer from face_helpers (deterministic embeddings, no identity meaning).
 """
 

@@ -23,9 +23,9 @@ pytestmark = pytest.mark.skipif(  # decided before the dataset fixture is built
 CPU = {"DS_ACCELERATOR": "cpu"}  # DeepSpeed's CPU accelerator (gloo between the processes)
 
 
-def test_deepspeed_zero2_on_two_cpu_processes_trains_and_resumes(dataset, golden_dir, tmp_path):  # noqa: F811
+def test_deepspeed_zero2_on_two_cpu_processes_trains_and_resumes(dataset, tiny_models, tmp_path):  # noqa: F811
     one = tmp_path / "one"
-    done = _accelerate_launch("accelerate_deepspeed_zero2.yaml", _launch_args(dataset, golden_dir, one), CPU, tmp_path)
+    done = _accelerate_launch("accelerate_deepspeed_zero2.yaml", _launch_args(dataset, tiny_models, one), CPU, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "trained 3 steps on 2 processes" in done.stdout
     checkpoint = one / "checkpoint-2"
@@ -46,7 +46,7 @@ def test_deepspeed_zero2_on_two_cpu_processes_trains_and_resumes(dataset, golden
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     shutil.copytree(checkpoint, resumed / "checkpoint-2")
-    args = _launch_args(dataset, golden_dir, resumed, "--resume", "latest")
+    args = _launch_args(dataset, tiny_models, resumed, "--resume", "latest")
     done = _accelerate_launch("accelerate_deepspeed_zero2.yaml", args, CPU, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((resumed / "train_history.json").read_text()) == history[2:]
@@ -56,8 +56,8 @@ def test_deepspeed_zero2_on_two_cpu_processes_trains_and_resumes(dataset, golden
             assert torch.equal(final[group][key], again[group][key]), f"{group}.{key} differs after resume"
 
 
-def test_deepspeed_config_that_disagrees_with_the_training_config_is_refused(dataset, golden_dir, tmp_path):  # noqa: F811
-    args = _launch_args(dataset, golden_dir, tmp_path / "x", "--set", "max_grad_norm=0.5")
+def test_deepspeed_config_that_disagrees_with_the_training_config_is_refused(dataset, tiny_models, tmp_path):  # noqa: F811
+    args = _launch_args(dataset, tiny_models, tmp_path / "x", "--set", "max_grad_norm=0.5")
     done = _accelerate_launch("accelerate_deepspeed_zero2.yaml", args, CPU, tmp_path)
     assert done.returncode != 0
     assert "gradient_clipping" in done.stderr and "max_grad_norm" in done.stderr

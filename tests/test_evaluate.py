@@ -272,7 +272,7 @@ def test_score_folder_on_existing_images(tmp_path, faces_dir, analyzer, tiny_cli
     assert abs(given["gen.png"] - stored_prompt) > 1e-4
 
 
-def test_eval_and_score_commands(tmp_path, capsys, golden_dir, face_models_dir, faces_dir, tiny_clip_dir):
+def test_eval_and_score_commands(tmp_path, capsys, tiny_models, face_models_dir, faces_dir, tiny_clip_dir):
     faces = tmp_path / "faces"
     faces.mkdir()
     shutil.copyfile(faces_dir / "obama.jpg", faces / "obama.jpg")
@@ -283,8 +283,8 @@ def test_eval_and_score_commands(tmp_path, capsys, golden_dir, face_models_dir, 
     add_eval_arguments(parser)
     args = parser.parse_args(
         ["--faces", str(faces), "--prompts", str(prompts), "--seeds", "1", "--scales", "0.5,1", "--out", str(out)]
-        + ["--base-model", str(golden_dir / "models" / "sd15-tiny")]
-        + ["--adapter", str(golden_dir / "adapters" / "faceid.safetensors")]
+        + ["--base-model", str(tiny_models.sd15)]
+        + ["--adapter", str(tiny_models.adapter("faceid", "safetensors"))]
         + ["--face-models", str(face_models_dir), "--clip", str(tiny_clip_dir), "--device", "cpu"]
         + ["--steps", "2", "--width", "24", "--height", "16"]
     )

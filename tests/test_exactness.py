@@ -44,18 +44,6 @@ def _latents(pipe, face, window, size, **kwargs):
 
 
 @pytest.fixture(scope="module")
-def tiny_models(golden_dir):  # TEMP until the self-contained tiny models land
-    import types
-
-    return types.SimpleNamespace(
-        sd15=golden_dir / "models" / "sd15-tiny",
-        sdxl=golden_dir / "models" / "sdxl-tiny",
-        image_encoder=golden_dir / "models" / "image-encoder-tiny",
-        adapter=lambda name, fmt="safetensors": golden_dir / "adapters" / f"{name}.{fmt}",
-    )
-
-
-@pytest.fixture(scope="module")
 def sd15_pipe(tiny_models):
     return FaceIDPipeline.from_pretrained(tiny_models.sd15, tiny_models.adapter("faceid"), device="cpu", progress=False)
 

@@ -2,34 +2,32 @@
 
 The golden folder (``FACEID_GOLDEN_DIR``, default ``../shared/golden``) holds outputs of the official
 reference implementation on tiny random-weight models; its ``FORMAT.md`` describes the layout. Each case
-runs once per checkpoint format it ships (test ids ``test_case[<format>-<case id>]``). Nothing here is
-specific to the cases at hand: every argument is read from the manifest.
+runs once per checkpoint format it ships (test ids ``test_case[<format>-<case id>]``), and every adapter file
+must describe itself as the manifest says. Nothing here is specific to the cases at hand: every argument is
+read from the manifest. This is the only module that needs anything from outside the repository: without the
+folder it is skipped as a whole, and conftest.py ends the run with a line that says how to point at it.
 """
 
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import GOLDEN_DIR
 from PIL import Image
 
+from faceid.checkpoints import AdapterSpec, load_state_dict
 from faceid.pipeline import FaceIDPipeline
 from faceid.variants import VARIANTS, VariantSpec
 
-GOLDEN_DIR = Path(os.environ.get("FACEID_GOLDEN_DIR", Path(__file__).resolve().parents[2] / "shared" / "golden"))
 FORMATS = ("bin", "safetensors")
 
+if not (GOLDEN_DIR / "manifest.json").is_file():
+    pytest.skip(f"no golden folder at {GOLDEN_DIR} (set FACEID_GOLDEN_DIR)", allow_module_level=True)
 
-def _load_manifest() -> dict:
-    path = GOLDEN_DIR / "manifest.json"
-    return json.loads(path.read_text()) if path.is_file() else {"cases": []}
-
-
-MANIFEST = _load_manifest()
+MANIFEST = json.loads((GOLDEN_DIR / "manifest.json").read_text())
 
 
 def _params():
@@ -38,8 +36,6 @@ def _params():
         for fmt in FORMATS:
             if fmt in case.get("adapter", {}):
                 params.append(pytest.param(case, fmt, id=f"{fmt}-{case['id']}"))
-    if not params:
-        params.append(pytest.param(None, None, id="no-golden-folder"))
     return params
 
 
@@ -47,6 +43,15 @@ def _variant(case: dict) -> VariantSpec | None:
     """The case's row of faceid's variant table: golden variants are named as released, less "-sd15"."""
     name = case["variant"]
     return VARIANTS.get(name) or VARIANTS.get(f"{name}-sd15")
+
+
+def _adapter_params():
+    return [
+        pytest.param(name, fmt, id=f"{fmt}-{name}")
+        for name, adapter in MANIFEST.get("adapters", {}).items()
+        for fmt in FORMATS
+        if fmt in adapter
+    ]
 
 
 def _unsupported(case: dict) -> str | None:
@@ -125,10 +130,28 @@ def _faces_per_identity(case: dict) -> int:
     return 2 if _variant(case).architecture.name == "portrait" else 1
 
 
+@pytest.mark.parametrize("name,fmt", _adapter_params())
+def test_adapter_file_describes_itself(name, fmt):
+    """The reference's own files: what AdapterSpec reads off the tensors is what the manifest says they are."""
+    adapter = MANIFEST["adapters"][name]
+    spec = AdapterSpec.from_state_dict(load_state_dict(GOLDEN_DIR / adapter[fmt]))
+    proj_keys = adapter["image_proj_keys"]
+    assert spec.num_tokens == adapter["num_tokens"]
+    assert spec.lora_rank == adapter["lora_rank"]
+    assert spec.cross_attention_dim == proj_keys["norm.weight"][0]
+    plus = adapter["image_proj_class"] == "ProjPlusModel"
+    assert (spec.perceiver is not None) == plus
+    if plus:
+        assert spec.variant == "faceid-plus"
+        assert spec.perceiver.clip_dim == proj_keys["perceiver_resampler.proj_in.weight"][1]
+    elif "separate" in adapter["reference_class"]:  # Portrait: the reference's faceid_separate module
+        assert spec.variant == "faceid-portrait"
+    else:
+        assert spec.variant == "faceid"
+
+
 @pytest.mark.parametrize("case,fmt", _params())
 def test_case(case, fmt):
-    if case is None:
-        pytest.skip(f"no golden folder at {GOLDEN_DIR} (set FACEID_GOLDEN_DIR)")
     if reason := _unsupported(case):
         pytest.skip(reason)
     torch.manual_seed(0)

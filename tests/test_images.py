@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import skimage.data
 from bad_files import corrupt_png, huge_blank_png, jpeg_bytes, png_bytes, truncated_jpeg, truncated_png
-from face_helpers import FACES_DIR
+from face_helpers import face_photo
 from PIL import Image
 
 from faceid.errors import FaceIDError, ImageError
@@ -221,9 +221,7 @@ def test_exif_orientation_applied(tmp_path):
 
 
 def test_real_photo_loads(tmp_path):
-    path = FACES_DIR / "obama.jpg"
-    if not path.is_file():
-        pytest.skip(f"{path} not available (set FACEID_FACES_DIR)")
+    path = face_photo("obama.jpg")
     img = load_image(path)
     assert img.mode == "RGB" and img.size == (910, 1137)
     assert load_image(str(path)).size == img.size

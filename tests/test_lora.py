@@ -371,13 +371,11 @@ def _text_snapshot(encoder):
     }
 
 
-def test_text_encoder_part_goes_onto_the_text_encoder_with_the_same_weight(golden_dir):
+def test_text_encoder_part_goes_onto_the_text_encoder_with_the_same_weight(tiny_models):
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPTextModel
 
-    pipe = StableDiffusionPipeline.from_pretrained(
-        golden_dir / "models" / "sd15-tiny", safety_checker=None, requires_safety_checker=False
-    )
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_models.sd15, safety_checker=None, requires_safety_checker=False)
     unet, encoder = pipe.unet, pipe.text_encoder
     ids = pipe.tokenizer(["a photo of a person"], padding="max_length", max_length=77, return_tensors="pt").input_ids
     plain = encoder(ids)[0]
@@ -392,7 +390,7 @@ def test_text_encoder_part_goes_onto_the_text_encoder_with_the_same_weight(golde
     info = stack.load(state, "style", weight=0.5)
     assert info.ignored == ()
     assert set(info.text_encoder_modules) == {f"text_encoder.{m}" for m in modules}
-    by_hand = CLIPTextModel.from_pretrained(golden_dir / "models" / "sd15-tiny" / "text_encoder")  # a plain copy
+    by_hand = CLIPTextModel.from_pretrained(tiny_models.sd15 / "text_encoder")  # a plain copy
     with torch.no_grad():
         for path in modules:
             stem = "lora_te_text_model_" + path.replace(".", "_")
@@ -422,10 +420,10 @@ def test_text_encoder_part_goes_onto_the_text_encoder_with_the_same_weight(golde
     bare.remove("style")
 
 
-def test_sdxl_lora_reaches_both_text_encoders(golden_dir):
+def test_sdxl_lora_reaches_both_text_encoders(tiny_models):
     from diffusers import StableDiffusionXLPipeline
 
-    pipe = StableDiffusionXLPipeline.from_pretrained(golden_dir / "models" / "sdxl-tiny")
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_models.sdxl)
     encoders = {"text_encoder": pipe.text_encoder, "text_encoder_2": pipe.text_encoder_2}
     ids = {
         key: tokenizer(["a photo"], padding="max_length", max_length=77, return_tensors="pt").input_ids
@@ -451,12 +449,10 @@ def test_sdxl_lora_reaches_both_text_encoders(golden_dir):
     assert all(torch.equal(encoders[k](ids[k])[0], plain[k]) for k in encoders)
 
 
-def test_text_encoder_part_for_another_model_is_refused_and_nothing_stays(golden_dir):
+def test_text_encoder_part_for_another_model_is_refused_and_nothing_stays(tiny_models):
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(
-        golden_dir / "models" / "sd15-tiny", safety_checker=None, requires_safety_checker=False
-    )
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_models.sd15, safety_checker=None, requires_safety_checker=False)
     unet, encoder = pipe.unet, pipe.text_encoder
     unet_before, encoder_before = _snapshot(unet), _text_snapshot(encoder)
     wrong = _text_encoder_lora(encoder, ["encoder.layers.0.self_attn.q_proj"], width=48)  # made for a wider model

@@ -1,4 +1,4 @@
-"""FaceIDPipeline on the tiny SD1.5 model of the golden folder: inputs, pairing, knobs, outputs."""
+"""FaceIDPipeline on the tests' tiny SD1.5 model (tiny_models.py): inputs, pairing, knobs, outputs."""
 
 from __future__ import annotations
 
@@ -103,10 +103,10 @@ def test_bad_face_inputs(pipe, tmp_path):
         pipe.encode("p", torch.randn(1, 128))
 
 
-def test_missing_models_say_what_to_do(tmp_path, monkeypatch, golden_dir):
+def test_missing_models_say_what_to_do(tmp_path, monkeypatch, tiny_models):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(MissingWeightsError, match="huggingface-cli download someone/not-a-model"):
-        FaceIDPipeline.from_pretrained("someone/not-a-model", golden_dir / "adapters" / "faceid.bin")
+        FaceIDPipeline.from_pretrained("someone/not-a-model", tiny_models.adapter("faceid", "bin"))
     with pytest.raises(MissingWeightsError, match="adapter file not found"):
         FaceIDPipeline.from_pretrained("someone/not-a-model", str(tmp_path / "missing.bin"))
     with pytest.raises(MissingWeightsError, match="ip-adapter-faceid_sd15.bin"):
@@ -121,14 +121,14 @@ def test_identity_window_covering_every_step_is_no_window(pipe):
     np.testing.assert_array_equal(window, plain)
 
 
-def test_empty_identity_window_is_the_adapter_off_bit_for_bit(pipe, golden_dir):
+def test_empty_identity_window_is_the_adapter_off_bit_for_bit(pipe, tiny_models):
     from diffusers import StableDiffusionPipeline
 
     face = _embeddings(1)
     off = pipe("p", face, seed=2, output_type="np", identity_window=(0.5, 0.5), **SIZE).images
     assert pipe.adapter.active and pipe.adapter.scale == 1.0  # switched back on after the call
     # The base model alone, same text embeddings and starting noise, no adapter anywhere.
-    plain = StableDiffusionPipeline.from_pretrained(golden_dir / "models" / "sd15-tiny", safety_checker=None)
+    plain = StableDiffusionPipeline.from_pretrained(tiny_models.sd15, safety_checker=None)
     plain.scheduler = type(pipe.pipe.scheduler).from_config(pipe.pipe.scheduler.config)
     plain.set_progress_bar_config(disable=True)
     text = pipe.encode("p", face).pipe_kwargs
@@ -192,13 +192,13 @@ def test_several_real_photos_of_one_person(pipe, faces_dir):
 
 # ---------------------------------------------------------------------- Plus and Portrait
 @pytest.fixture(scope="module")
-def plus_pipe(golden_dir, face_models_dir):
+def plus_pipe(tiny_models, face_models_dir):
     from faceid.faces import FaceAnalyzer
 
     return FaceIDPipeline.from_pretrained(
-        golden_dir / "models" / "sd15-tiny",
-        golden_dir / "adapters" / "faceid-plusv2.bin",
-        image_encoder=golden_dir / "models" / "image-encoder-tiny",
+        tiny_models.sd15,
+        tiny_models.adapter("faceid-plusv2", "bin"),
+        image_encoder=tiny_models.image_encoder,
         device="cpu",
         progress=False,
         face_analyzer=FaceAnalyzer.from_dir(face_models_dir),
@@ -232,10 +232,10 @@ def test_plus_several_photos(plus_pipe, faces_dir):
     assert images.shape == (1, 16, 24, 3)
 
 
-def test_portrait_takes_any_number_of_photos_per_call(golden_dir, face_models_dir, faces_dir):
+def test_portrait_takes_any_number_of_photos_per_call(tiny_models, face_models_dir, faces_dir):
     pipe = FaceIDPipeline.from_pretrained(
-        golden_dir / "models" / "sd15-tiny",
-        golden_dir / "adapters" / "faceid-portrait.bin",
+        tiny_models.sd15,
+        tiny_models.adapter("faceid-portrait", "bin"),
         device="cpu",
         progress=False,
     )

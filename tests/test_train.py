@@ -51,9 +51,9 @@ def dataset(tmp_path_factory, faces_dir, face_models_dir):
     return out
 
 
-def _config(dataset, golden_dir, output_dir, **overrides) -> TrainConfig:
+def _config(dataset, tiny_models, output_dir, **overrides) -> TrainConfig:
     settings = dict(
-        base_model=str(golden_dir / "models" / "sd15-tiny"),
+        base_model=str(tiny_models.sd15),
         dataset=str(dataset),
         output_dir=str(output_dir),
         resolution=16,
@@ -80,24 +80,24 @@ def _assert_same_state(a: dict, b: dict) -> None:
             assert torch.equal(a[group][key], b[group][key]), f"{group}.{key} differs"
 
 
-def test_resume_gives_the_same_weights_as_one_run(dataset, golden_dir, tmp_path):
+def test_resume_gives_the_same_weights_as_one_run(dataset, tiny_models, tmp_path):
     one = tmp_path / "one"
-    Trainer(_config(dataset, golden_dir, one, max_train_steps=6)).train()
+    Trainer(_config(dataset, tiny_models, one, max_train_steps=6)).train()
 
     split = tmp_path / "split"
-    first = Trainer(_config(dataset, golden_dir, split, max_train_steps=3, checkpointing_steps=3)).train()
+    first = Trainer(_config(dataset, tiny_models, split, max_train_steps=3, checkpointing_steps=3)).train()
     assert first["global_step"] == 3 and (split / "checkpoint-3").is_dir()
-    second = Trainer(_config(dataset, golden_dir, split, max_train_steps=6, resume_from_checkpoint="latest")).train()
+    second = Trainer(_config(dataset, tiny_models, split, max_train_steps=6, resume_from_checkpoint="latest")).train()
     assert second["global_step"] == 6
     _assert_same_state(_trained_state(one), _trained_state(split))
     fresh = _trained_state(tmp_path / "one")
     assert not torch.equal(fresh["image_proj"]["norm.weight"], torch.ones_like(fresh["image_proj"]["norm.weight"]))
 
 
-def test_8bit_adam_trains_and_resumes_exactly(dataset, golden_dir, tmp_path):
+def test_8bit_adam_trains_and_resumes_exactly(dataset, tiny_models, tmp_path):
     bnb = pytest.importorskip("bitsandbytes")
     one = tmp_path / "one"
-    trainer = Trainer(_config(dataset, golden_dir, one, max_train_steps=4, use_8bit_adam=True))
+    trainer = Trainer(_config(dataset, tiny_models, one, max_train_steps=4, use_8bit_adam=True))
     trainer.train()
     optimizer = trainer.optimizer.optimizer  # accelerate wraps it
     assert isinstance(optimizer, bnb.optim.AdamW8bit)
@@ -105,23 +105,23 @@ def test_8bit_adam_trains_and_resumes_exactly(dataset, golden_dir, tmp_path):
     assert any(state["state1"].dtype == torch.uint8 for state in states)  # the large weights keep 8-bit moments
 
     split = tmp_path / "split"
-    Trainer(_config(dataset, golden_dir, split, max_train_steps=2, checkpointing_steps=2, use_8bit_adam=True)).train()
+    Trainer(_config(dataset, tiny_models, split, max_train_steps=2, checkpointing_steps=2, use_8bit_adam=True)).train()
     Trainer(
-        _config(dataset, golden_dir, split, max_train_steps=4, resume_from_checkpoint="latest", use_8bit_adam=True)
+        _config(dataset, tiny_models, split, max_train_steps=4, resume_from_checkpoint="latest", use_8bit_adam=True)
     ).train()
     _assert_same_state(_trained_state(one), _trained_state(split))
     plain = tmp_path / "plain"
-    Trainer(_config(dataset, golden_dir, plain, max_train_steps=4)).train()
+    Trainer(_config(dataset, tiny_models, plain, max_train_steps=4)).train()
     eight, full = _trained_state(one)["image_proj"], _trained_state(plain)["image_proj"]
     assert not torch.equal(eight["proj.0.weight"], full["proj.0.weight"])  # a different optimizer really ran
 
 
-def test_stop_signal_saves_a_checkpoint_that_resumes_exactly(dataset, golden_dir, tmp_path, monkeypatch):
+def test_stop_signal_saves_a_checkpoint_that_resumes_exactly(dataset, tiny_models, tmp_path, monkeypatch):
     reference = tmp_path / "reference"
-    Trainer(_config(dataset, golden_dir, reference, max_train_steps=5)).train()
+    Trainer(_config(dataset, tiny_models, reference, max_train_steps=5)).train()
 
     stopped = tmp_path / "stopped"
-    trainer = Trainer(_config(dataset, golden_dir, stopped, max_train_steps=5))
+    trainer = Trainer(_config(dataset, tiny_models, stopped, max_train_steps=5))
     original = Trainer.training_loss
     calls = []
 
@@ -140,19 +140,19 @@ def test_stop_signal_saves_a_checkpoint_that_resumes_exactly(dataset, golden_dir
     assert result["stopped"] and result["global_step"] == 2
     assert [p.name for p in list_checkpoints(stopped)] == ["checkpoint-2"]
     assert not (stopped / "ip-adapter-faceid.bin").exists()  # not exported: the run is not finished
-    Trainer(_config(dataset, golden_dir, stopped, max_train_steps=5, resume_from_checkpoint="latest")).train()
+    Trainer(_config(dataset, tiny_models, stopped, max_train_steps=5, resume_from_checkpoint="latest")).train()
     _assert_same_state(_trained_state(reference), _trained_state(stopped))
 
 
-def test_fine_tuning_starts_from_a_released_checkpoint(dataset, golden_dir, tmp_path):
-    released = load_state_dict(golden_dir / "adapters" / "faceid.bin")
+def test_fine_tuning_starts_from_a_released_checkpoint(dataset, tiny_models, tmp_path):
+    released = load_state_dict(tiny_models.adapter("faceid", "bin"))
     untouched = tmp_path / "zero"
     Trainer(
         _config(
             dataset,
-            golden_dir,
+            tiny_models,
             untouched,
-            init_adapter=str(golden_dir / "adapters" / "faceid.bin"),
+            init_adapter=str(tiny_models.adapter("faceid", "bin")),
             max_train_steps=0,
             lora_rank=None,
         )
@@ -162,9 +162,9 @@ def test_fine_tuning_starts_from_a_released_checkpoint(dataset, golden_dir, tmp_
     Trainer(
         _config(
             dataset,
-            golden_dir,
+            tiny_models,
             tuned,
-            init_adapter=str(golden_dir / "adapters" / "faceid.safetensors"),
+            init_adapter=str(tiny_models.adapter("faceid", "safetensors")),
             max_train_steps=2,
         )
     ).train()
@@ -175,29 +175,29 @@ def test_fine_tuning_starts_from_a_released_checkpoint(dataset, golden_dir, tmp_
     assert 0 < moved < 0.01  # two steps at lr 1e-3 from the released weights, not from scratch
 
 
-def test_gradient_checkpointing_gives_the_same_weights(dataset, golden_dir, tmp_path):
+def test_gradient_checkpointing_gives_the_same_weights(dataset, tiny_models, tmp_path):
     plain, checkpointed = tmp_path / "plain", tmp_path / "checkpointed"
-    Trainer(_config(dataset, golden_dir, plain, max_train_steps=2)).train()
-    Trainer(_config(dataset, golden_dir, checkpointed, max_train_steps=2, gradient_checkpointing=True)).train()
+    Trainer(_config(dataset, tiny_models, plain, max_train_steps=2)).train()
+    Trainer(_config(dataset, tiny_models, checkpointed, max_train_steps=2, gradient_checkpointing=True)).train()
     a, b = _trained_state(plain), _trained_state(checkpointed)
     for group in a:
         for key in a[group]:
             torch.testing.assert_close(a[group][key], b[group][key], rtol=0, atol=1e-6, msg=f"{group}.{key}")
 
 
-def test_gradient_accumulation_counts_optimizer_steps_and_resumes_exactly(dataset, golden_dir, tmp_path):
+def test_gradient_accumulation_counts_optimizer_steps_and_resumes_exactly(dataset, tiny_models, tmp_path):
     one = tmp_path / "one"
-    trainer = Trainer(_config(dataset, golden_dir, one, max_train_steps=3, gradient_accumulation_steps=2))
+    trainer = Trainer(_config(dataset, tiny_models, one, max_train_steps=3, gradient_accumulation_steps=2))
     trainer.train()
     assert [h["step"] for h in trainer.history] == [1, 2, 3]  # optimizer steps, each from 2 batches
     split = tmp_path / "split"
     Trainer(
-        _config(dataset, golden_dir, split, max_train_steps=2, gradient_accumulation_steps=2, checkpointing_steps=2)
+        _config(dataset, tiny_models, split, max_train_steps=2, gradient_accumulation_steps=2, checkpointing_steps=2)
     ).train()
     Trainer(
         _config(
             dataset,
-            golden_dir,
+            tiny_models,
             split,
             max_train_steps=3,
             gradient_accumulation_steps=2,
@@ -217,18 +217,18 @@ def fresh_accelerate_state():
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
-def test_bf16_mixed_precision_trains_fp32_weights(dataset, golden_dir, tmp_path, fresh_accelerate_state):
+def test_bf16_mixed_precision_trains_fp32_weights(dataset, tiny_models, tmp_path, fresh_accelerate_state):
     from accelerate.state import AcceleratorState
 
     out = tmp_path / "bf16"
-    trainer = Trainer(_config(dataset, golden_dir, out, max_train_steps=3, mixed_precision="bf16"))
+    trainer = Trainer(_config(dataset, tiny_models, out, max_train_steps=3, mixed_precision="bf16"))
     trainer.train()
     assert trainer.pipe.unet.conv_in.weight.dtype == torch.bfloat16  # the frozen UNet runs in bf16
     assert all(p.dtype == torch.float32 for p in trainer.trainable_parameters())  # the trained weights do not
     assert all(np.isfinite(h["loss"]) for h in trainer.history)
     AcceleratorState._reset_state(reset_partial_state=True)
-    start = _trained_state_of(dataset, golden_dir, tmp_path / "start", max_train_steps=0)
-    reference = _trained_state_of(dataset, golden_dir, tmp_path / "fp32")
+    start = _trained_state_of(dataset, tiny_models, tmp_path / "start", max_train_steps=0)
+    reference = _trained_state_of(dataset, tiny_models, tmp_path / "fp32")
     bf16 = _trained_state(out)
     assert bf16["ip_adapter"].keys() == reference["ip_adapter"].keys()
     # The same training, rounded differently: the bf16 updates point the way the fp32 ones do.
@@ -237,14 +237,14 @@ def test_bf16_mixed_precision_trains_fp32_weights(dataset, golden_dir, tmp_path,
         assert torch.nn.functional.cosine_similarity(ours.flatten(), theirs.flatten(), dim=0) > 0.9, key
 
 
-def _trained_state_of(dataset, golden_dir, output_dir, **overrides) -> dict:
-    Trainer(_config(dataset, golden_dir, output_dir, **{"max_train_steps": 3, **overrides})).train()
+def _trained_state_of(dataset, tiny_models, output_dir, **overrides) -> dict:
+    Trainer(_config(dataset, tiny_models, output_dir, **{"max_train_steps": 3, **overrides})).train()
     return _trained_state(output_dir)
 
 
-def test_config_files_and_bad_settings(tmp_path, golden_dir, dataset):
+def test_config_files_and_bad_settings(tmp_path, tiny_models, dataset):
     path = tmp_path / "train.yaml"
-    path.write_text(f"base_model: {golden_dir / 'models' / 'sd15-tiny'}\ndataset: {dataset}\nlearning_rate: 1e-4\n")
+    path.write_text(f"base_model: {tiny_models.sd15}\ndataset: {dataset}\nlearning_rate: 1e-4\n")
     config = TrainConfig.from_file(path, max_train_steps="7")
     assert config.learning_rate == 1e-4 and config.max_train_steps == 7 and config.variant == "faceid"
     path.write_text("base_model: x\ndataset: y\nlearnin_rate: 1\n")
@@ -260,25 +260,23 @@ def test_config_files_and_bad_settings(tmp_path, golden_dir, dataset):
         Trainer(missing).setup()
 
 
-def test_exported_adapter_loads_here_and_in_diffusers_with_equal_outputs(dataset, golden_dir, tmp_path):
+def test_exported_adapter_loads_here_and_in_diffusers_with_equal_outputs(dataset, tiny_models, tmp_path):
     from diffusers import StableDiffusionPipeline
 
     from faceid.pipeline import FaceIDPipeline
 
     out = tmp_path / "run"
-    Trainer(_config(dataset, golden_dir, out, max_train_steps=4)).train()
+    Trainer(_config(dataset, tiny_models, out, max_train_steps=4)).train()
     for name in ("ip-adapter-faceid.bin", "ip-adapter-faceid.safetensors", "ip-adapter-faceid_lora.safetensors"):
         assert (out / name).is_file()
 
     embedding = torch.nn.functional.normalize(torch.randn(1, 512, generator=torch.Generator().manual_seed(0)), dim=-1)
     size = {"width": 16, "height": 16, "num_inference_steps": 3, "guidance_scale": 7.5, "output_type": "np"}
-    ours = FaceIDPipeline.from_pretrained(
-        golden_dir / "models" / "sd15-tiny", out / "ip-adapter-faceid.bin", device="cpu", progress=False
-    )
+    ours = FaceIDPipeline.from_pretrained(tiny_models.sd15, out / "ip-adapter-faceid.bin", device="cpu", progress=False)
     conditioning = ours.encode("a photo of a person", embedding)
     mine = ours(conditioning=conditioning, seed=1, **size).images
 
-    theirs = StableDiffusionPipeline.from_pretrained(golden_dir / "models" / "sd15-tiny", safety_checker=None)
+    theirs = StableDiffusionPipeline.from_pretrained(tiny_models.sd15, safety_checker=None)
     theirs.scheduler = type(ours.pipe.scheduler).from_config(ours.pipe.scheduler.config)
     theirs.set_progress_bar_config(disable=True)
     theirs.load_ip_adapter(str(out), subfolder="", weight_name="ip-adapter-faceid.bin", image_encoder_folder=None)
@@ -312,20 +310,20 @@ def _accelerate_launch(config: str, args: list[str], env: dict[str, str], cwd: P
     return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=cwd)
 
 
-def _launch_args(dataset, golden_dir, out, *extra) -> list[str]:
+def _launch_args(dataset, tiny_models, out, *extra) -> list[str]:
     return [
-        "--base-model", str(golden_dir / "models" / "sd15-tiny"), "--dataset", str(dataset),
+        "--base-model", str(tiny_models.sd15), "--dataset", str(dataset),
         "--output-dir", str(out), "--resolution", "16", "--train-batch-size", "2", "--lora-rank", "4",
         "--max-train-steps", "3", "--checkpointing-steps", "2", "--report-to", "none", *extra,
     ]  # fmt: skip
 
 
-def test_two_process_training_with_accelerate_launch(dataset, golden_dir, tmp_path):
+def test_two_process_training_with_accelerate_launch(dataset, tiny_models, tmp_path):
     """The shipped DDP config on 2 CPU processes (gloo): the main process counts 2, and every step averages
     both processes' batches, so the weights differ from a single process's."""
     out = tmp_path / "ddp"
     done = _accelerate_launch(
-        "accelerate_ddp.yaml", _launch_args(dataset, golden_dir, out), {"ACCELERATE_USE_CPU": "true"}, tmp_path
+        "accelerate_ddp.yaml", _launch_args(dataset, tiny_models, out), {"ACCELERATE_USE_CPU": "true"}, tmp_path
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "trained 3 steps on 2 processes" in done.stdout  # printed once, by the main process
@@ -334,13 +332,13 @@ def test_two_process_training_with_accelerate_launch(dataset, golden_dir, tmp_pa
     assert [h["step"] for h in history] == [1, 2, 3]
     ddp = _trained_state(out)
     single = tmp_path / "single"
-    Trainer(_config(dataset, golden_dir, single, train_batch_size=2, max_train_steps=3)).train()
+    Trainer(_config(dataset, tiny_models, single, train_batch_size=2, max_train_steps=3)).train()
     assert any(not torch.equal(ddp[g][k], _trained_state(single)[g][k]) for g in ddp for k in ddp[g])
 
 
-def test_launch_that_accelerate_would_split_into_lone_processes_is_refused(dataset, golden_dir, tmp_path):
+def test_launch_that_accelerate_would_split_into_lone_processes_is_refused(dataset, tiny_models, tmp_path):
     """Without GPUs and without ACCELERATE_USE_CPU, accelerate starts 2 processes that each think they are alone."""
-    done = _accelerate_launch("accelerate_ddp.yaml", _launch_args(dataset, golden_dir, tmp_path / "x"), {}, tmp_path)
+    done = _accelerate_launch("accelerate_ddp.yaml", _launch_args(dataset, tiny_models, tmp_path / "x"), {}, tmp_path)
     assert done.returncode != 0
     assert "ACCELERATE_USE_CPU=true" in done.stderr
     assert not (tmp_path / "x" / "ip-adapter-faceid.bin").exists()
@@ -350,11 +348,11 @@ PEOPLE = ("obama", "obama2", "biden")  # each photo counts as one person here: t
 
 
 @pytest.fixture(scope="module")
-def base_that_knows_the_people(dataset, golden_dir, tmp_path_factory):
+def base_that_knows_the_people(dataset, tiny_models, tmp_path_factory):
     """The tiny SD1.5 model made to behave like a trained one, so that an identity has something to add.
 
-    The golden random-weight model cannot show it: its VAE's posterior noise (std ~1.1 before scaling)
-    swamps the image (std ~0.3), and its UNet denoises nothing, so no conditioning lowers the loss. Here
+    The random-weight tiny model (tiny_models.py) cannot show it: its VAE's posterior noise (std ~1 before
+    scaling) swamps the image (std ~0.2), and its UNet denoises nothing, so no conditioning lowers the loss. Here
     (1) the VAE's posterior is made near-deterministic (log-variance bias -12, std 0.0025) and its scaling
     factor gives unit-variance latents, as SD's 0.18215 does; (2) the UNet (all of it) learns to draw each
     person when the prompt names them ("a photo of alice"), as SD draws what a prompt names. Adapter
@@ -368,7 +366,7 @@ def base_that_knows_the_people(dataset, golden_dir, tmp_path_factory):
     from faceid.data import FaceDataset
 
     base = tmp_path_factory.mktemp("base") / "sd15-tiny-trained"
-    shutil.copytree(golden_dir / "models" / "sd15-tiny", base)
+    shutil.copytree(tiny_models.sd15, base)
     pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None, requires_safety_checker=False)
     items = FaceDataset(dataset, resolution=16)
     pixels = torch.stack([items[i]["pixel_values"] for i in range(len(items))])
@@ -397,7 +395,7 @@ def base_that_knows_the_people(dataset, golden_dir, tmp_path_factory):
 
 
 def test_training_teaches_the_adapter_to_use_the_identity(
-    dataset, golden_dir, base_that_knows_the_people, tmp_path, capsys
+    dataset, tiny_models, base_that_knows_the_people, tmp_path, capsys
 ):
     from faceid.data import FaceDataset
     from faceid.train import _collate
@@ -419,10 +417,10 @@ def test_training_teaches_the_adapter_to_use_the_identity(
         return true, shuffled, sum(t < s for t, s in pairs)
 
     base = str(base_that_knows_the_people)
-    untrained = Trainer(_config(dataset, golden_dir, tmp_path / "untrained", base_model=base, max_train_steps=0))
+    untrained = Trainer(_config(dataset, tiny_models, tmp_path / "untrained", base_model=base, max_train_steps=0))
     untrained.train()
     before = gaps(untrained)
-    trainer = Trainer(_config(dataset, golden_dir, tmp_path / "learn", base_model=base, max_train_steps=100))
+    trainer = Trainer(_config(dataset, tiny_models, tmp_path / "learn", base_model=base, max_train_steps=100))
     trainer.train()
     after = gaps(trainer)
     losses = [h["loss"] for h in trainer.history]
@@ -454,11 +452,11 @@ def dataset_with_crops(dataset, tmp_path_factory, face_models_dir):
 
 
 def test_plus_training_with_validation_and_tensorboard(
-    dataset_with_crops, golden_dir, tmp_path, faces_dir, face_models_dir
+    dataset_with_crops, tiny_models, tmp_path, faces_dir, face_models_dir
 ):
     out = tmp_path / "plus"
     config = _config(
-        dataset_with_crops, golden_dir, out, variant="plus", image_encoder=str(golden_dir / "models" / "image-encoder-tiny"),
+        dataset_with_crops, tiny_models, out, variant="plus", image_encoder=str(tiny_models.image_encoder),
         max_train_steps=2, validation_steps=2, validation_faces=[str(faces_dir / "obama.jpg")],
         validation_inference_steps=2, face_models=str(face_models_dir), report_to="tensorboard",
     )  # fmt: skip
@@ -483,14 +481,14 @@ def test_plus_training_with_validation_and_tensorboard(
         assert plot.format == "PNG" and plot.height > plot.width * 0.8  # two panels
 
 
-def test_portrait_and_sdxl_training_run(dataset, golden_dir, tmp_path):
-    Trainer(_config(dataset, golden_dir, tmp_path / "portrait", variant="portrait", max_train_steps=2)).train()
+def test_portrait_and_sdxl_training_run(dataset, tiny_models, tmp_path):
+    Trainer(_config(dataset, tiny_models, tmp_path / "portrait", variant="portrait", max_train_steps=2)).train()
     portrait = _trained_state(tmp_path / "portrait")
     assert not any("lora" in k for k in portrait["ip_adapter"])
     assert portrait["image_proj"]["proj.2.weight"].shape[0] == 16 * 64
     assert not (tmp_path / "portrait" / "ip-adapter-faceid_lora.safetensors").exists()
 
     sdxl = tmp_path / "sdxl"
-    Trainer(_config(dataset, golden_dir, sdxl, base_model=str(golden_dir / "models" / "sdxl-tiny"),
+    Trainer(_config(dataset, tiny_models, sdxl, base_model=str(tiny_models.sdxl),
                     max_train_steps=2)).train()  # fmt: skip
     assert _trained_state(sdxl)["image_proj"]["norm.weight"].shape == (128,)

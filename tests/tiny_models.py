@@ -1,0 +1,452 @@
+"""Tiny random-weight models for the tests, built here in seconds: nothing to download, nothing outside the repo.
+
+They have the shapes of the golden folder's models (``FORMAT.md`` of the conformance set), so a test written
+against one runs against the other, but their weights are this file's own (seeded, deterministic):
+
+* ``sd15-tiny``: a diffusers ``StableDiffusionPipeline`` folder. UNet block_out_channels (32, 64), down
+  (CrossAttnDownBlock2D, DownBlock2D), up (UpBlock2D, CrossAttnUpBlock2D), layers_per_block 1,
+  cross_attention_dim 64, attention_head_dim 8, sample_size 8; VAE (32, 64), vae_scale_factor 2, scaling 0.18215;
+  CLIPTextModel hidden 64, 2 layers, 77 positions; DDIM (0.00085 to 0.012, scaled_linear, clip_sample False,
+  set_alpha_to_one False, steps_offset 1); no safety checker.
+* ``sdxl-tiny``: a ``StableDiffusionXLPipeline`` folder. UNet down (DownBlock2D, CrossAttnDownBlock2D),
+  transformer_layers_per_block (1, 2), linear projections, text_time conditioning (addition_time_embed_dim 8),
+  cross_attention_dim 128 = 64 + 64; text_encoder as SD1.5's, text_encoder_2 a CLIPTextModelWithProjection
+  (hidden 64, 3 layers, projection 32); tokenizer_2 pads with "!"; DDIM as above.
+* ``image-encoder-tiny``: CLIPVisionModelWithProjection (224 px, patch 32, hidden 48, 3 layers, 4 heads:
+  50 tokens) with the transformers-default CLIPImageProcessor config.
+* a CLIP tokenizer: a real byte-level BPE in CLIP's format (``vocab.json`` + ``merges.txt``: the 256 byte
+  symbols, the same with ``</w>``, merges learned here from a few hundred words of prompt-like text, then
+  ``<|startoftext|>`` and ``<|endoftext|>``). Any text tokenizes (unknown words fall back to bytes), and
+  the text encoders' vocab_size and bos/eos/pad ids are taken from it. The real CLIP BPE (49408 tokens)
+  is not needed: nothing in the tests depends on which ids a word gets, only that texts differ.
+* adapter checkpoints for every variant (``faceid``, ``faceid-plusv2``, ``faceid-portrait``, ``faceid-sdxl``,
+  ``faceid-plusv2-sdxl``) in both official layouts (``.bin`` and ``.safetensors``, float16 as released):
+  ``faceid.adapter.initial_state_dict`` on the matching UNet, then the LoRA ``up`` weights (zero at
+  initialisation) and the projection's LayerNorm are randomised so that every part of the adapter acts.
+
+``TinyModels(root)`` builds each model the first time it is asked for and keeps it under ``root``;
+``conftest.py`` shares one instance per test session (fixture ``tiny_models``).
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import json
+import re
+from pathlib import Path
+
+import torch
+
+# ---------------------------------------------------------------------- tokenizer
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+
+# Text the BPE merges are learned from: prompts in the style the tests and the evaluation use.
+CORPUS = """
+a photo of a person. a photo of a person in a garden. a close-up portrait photo of a person, soft studio lighting.
+a photo of a person smiling, looking at the camera. a black and white portrait photo of a person.
+a side view photo of a person looking out of a window. a photo of a person laughing, candid shot.
+a photo of a person riding a bicycle in a city street. a photo of a person playing the guitar on a stage.
+a photo of a person cooking in a kitchen. a photo of a person reading a book in a library.
+a photo of a person running on a beach at sunrise. an oil painting of a person, impressionist style.
+a watercolor illustration of a person. a pencil sketch of a person. a pop art poster of a person.
+a person as a character in a 3d animated film. a photo of a person wearing sunglasses and a baseball cap.
+a photo of a person wearing a red scarf and a winter coat. a photo of a person wearing headphones.
+a photo of a person in a business suit and tie. a photo of a person wearing a spacesuit.
+a photo of a person in front of the eiffel tower. a photo of a person in a snowy forest.
+a photo of a person as an astronaut, best quality. best quality, high quality.
+monochrome, lowres, bad anatomy, worst quality, low quality. an oil painting of a man. a man in a suit.
+a person at the beach. blue sky. a red car. a gray square. a woman with long hair in the rain.
+a portrait of a man with a beard, dramatic lighting, high detail, sharp focus, photorealistic.
+a portrait of a woman, cinematic lighting, film grain, bokeh, depth of field, masterpiece.
+a person standing on a mountain at sunset, wide angle, landscape, clouds, golden hour.
+a person sitting in a cafe, drinking coffee, morning light, shallow depth of field.
+an anime drawing of a person, colorful, detailed. a statue of a person made of marble.
+a person walking a dog in a park in autumn, leaves, trees, warm colors.
+photo of alice. photo of bob. photo of carol. a photo of alice, a photo of bob and a photo of carol.
+"""
+
+
+@functools.lru_cache(maxsize=1)
+def bytes_to_unicode() -> dict[int, str]:
+    """CLIP's (and GPT-2's) reversible map of the 256 byte values to printable characters."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, map(chr, chars), strict=True))
+
+
+# The pre-tokenizer split of CLIP's tokenizer (letters, single digits, runs of other non-space characters).
+_WORDS = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d|[a-z]+|[0-9]|[^\sa-z0-9]+")
+
+
+def learn_bpe(corpus: str, num_merges: int) -> list[tuple[str, str]]:
+    """Byte-level BPE merges learned from ``corpus``, CLIP style (``</w>`` marks a word's last symbol).
+
+    Greedy: the most frequent adjacent pair is merged first; ties go to the pair that sorts first, so the
+    result depends on nothing but the corpus. Stops early when no pair occurs twice.
+    """
+    byte_chars = bytes_to_unicode()
+    counts = collections.Counter(
+        "".join(byte_chars[b] for b in word.encode("utf-8")) for word in _WORDS.findall(corpus.lower())
+    )
+    words = {tuple(w[:-1]) + (w[-1] + "</w>",): n for w, n in counts.items()}
+    merges: list[tuple[str, str]] = []
+    while len(merges) < num_merges:
+        pairs: collections.Counter = collections.Counter()
+        for symbols, n in words.items():
+            for pair in zip(symbols, symbols[1:], strict=False):
+                pairs[pair] += n
+        if not pairs:
+            break
+        best, count = min(pairs.items(), key=lambda item: (-item[1], item[0]))
+        if count < 2:
+            break
+        merges.append(best)
+        merged = {}
+        for symbols, n in words.items():
+            out, i = [], 0
+            while i < len(symbols):
+                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
+                    out.append(symbols[i] + symbols[i + 1])
+                    i += 2
+                else:
+                    out.append(symbols[i])
+                    i += 1
+            merged[tuple(out)] = merged.get(tuple(out), 0) + n
+        words = merged
+    return merges
+
+
+@functools.lru_cache(maxsize=1)
+def clip_bpe(num_merges: int = 400) -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
+    """(vocab, merges) of the tests' CLIP tokenizer, in the order CLIP's vocab.json has them."""
+    merges = learn_bpe(CORPUS, num_merges)
+    symbols = list(bytes_to_unicode().values())
+    tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + [BOS, EOS]
+    assert len(set(tokens)) == len(tokens), "a merge produced a token twice"
+    return {token: i for i, token in enumerate(tokens)}, tuple(merges)
+
+
+def vocab_size() -> int:
+    return len(clip_bpe()[0])
+
+
+def token_ids() -> dict[str, int]:
+    """Config ids of the special tokens, for the text encoders (pad is <|endoftext|>, as in CLIP)."""
+    vocab = clip_bpe()[0]
+    return {"bos_token_id": vocab[BOS], "eos_token_id": vocab[EOS], "pad_token_id": vocab[EOS]}
+
+
+def write_clip_tokenizer(folder: str | Path, pad_token: str = EOS) -> Path:
+    """A CLIPTokenizer folder (vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab, merges = clip_bpe()
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    special = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": pad_token}
+    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
+    config = special | {
+        "add_prefix_space": False,
+        "clean_up_tokenization_spaces": True,
+        "do_lower_case": True,
+        "errors": "replace",
+        "model_max_length": 77,
+        "tokenizer_class": "CLIPTokenizer",
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    return folder
+
+
+# ---------------------------------------------------------------------- model parts
+def make_tiny_unet(cross_attention_dim: int = 64, seed: int = 0):
+    """The SD1.5-shaped tiny UNet (two resolutions, 8 attention layers: 4 attn1 + 4 attn2)."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    ).eval()
+
+
+def make_tiny_sdxl_unet(seed: int = 0):
+    """The SDXL-shaped tiny UNet: text_time conditioning, 2 transformer layers in the lower block (16 attention layers)."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=80,  # pooled text (32) + 6 size/crop numbers x 8
+        cross_attention_dim=128,
+        norm_num_groups=32,
+    ).eval()
+
+
+def make_tiny_vae(scaling_factor: float = 0.18215, force_upcast: bool = False, seed: int = 0):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=32,
+        scaling_factor=scaling_factor,
+        force_upcast=force_upcast,
+    ).eval()
+
+
+def make_tiny_text_encoder(seed: int = 0, with_projection: bool = False):
+    """SD1.5's tiny CLIPTextModel (quick_gelu, 2 layers), or SDXL's second encoder (gelu, 3 layers, projection 32)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=vocab_size(),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3 if with_projection else 2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        hidden_act="gelu" if with_projection else "quick_gelu",
+        projection_dim=32 if with_projection else 64,
+        **token_ids(),
+    )
+    torch.manual_seed(seed)
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config).eval()
+
+
+def make_ddim_scheduler():
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+
+
+# ---------------------------------------------------------------------- whole folders
+def _own_random_numbers(build):
+    """Run a builder on its own seeds: the caller's global random state is the same afterwards."""
+
+    @functools.wraps(build)
+    def wrapper(*args, **kwargs):
+        with torch.random.fork_rng(devices=[]):
+            return build(*args, **kwargs)
+
+    return wrapper
+
+
+@_own_random_numbers
+def build_sd15(folder: str | Path, seed: int = 0) -> Path:
+    """A tiny StableDiffusionPipeline saved in diffusers format (loads offline with from_pretrained)."""
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    folder = Path(folder)
+    tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(folder / "_tokenizer_src"))
+    pipe = StableDiffusionPipeline(
+        vae=make_tiny_vae(seed=seed + 1),
+        text_encoder=make_tiny_text_encoder(seed=seed + 2),
+        tokenizer=tokenizer,
+        unet=make_tiny_unet(64, seed=seed + 3),
+        scheduler=make_ddim_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(folder)
+    _replace_tokenizer(folder / "tokenizer")
+    _remove(folder / "_tokenizer_src")
+    return folder
+
+
+@_own_random_numbers
+def build_sdxl(folder: str | Path, seed: int = 0) -> Path:
+    """A tiny StableDiffusionXLPipeline saved in diffusers format; text_encoder is SD1.5's (same seed)."""
+    from diffusers import StableDiffusionXLPipeline
+    from transformers import CLIPTokenizer
+
+    folder = Path(folder)
+    tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(folder / "_tokenizer_src"))
+    tokenizer_2 = CLIPTokenizer.from_pretrained(write_clip_tokenizer(folder / "_tokenizer_2_src", pad_token="!"))
+    pipe = StableDiffusionXLPipeline(
+        vae=make_tiny_vae(scaling_factor=0.13025, force_upcast=True, seed=seed + 1),
+        text_encoder=make_tiny_text_encoder(seed=seed + 2),
+        text_encoder_2=make_tiny_text_encoder(seed=seed + 4, with_projection=True),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=make_tiny_sdxl_unet(seed=seed + 3),
+        scheduler=make_ddim_scheduler(),
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
+    pipe.save_pretrained(folder)
+    _replace_tokenizer(folder / "tokenizer")
+    _replace_tokenizer(folder / "tokenizer_2", pad_token="!")
+    for name in ("_tokenizer_src", "_tokenizer_2_src"):
+        _remove(folder / name)
+    return folder
+
+
+def _replace_tokenizer(folder: Path, pad_token: str = EOS) -> None:
+    """The tokenizer folder exactly as CLIP's slow files describe it (what save_pretrained wrote is dropped)."""
+    _remove(folder)
+    write_clip_tokenizer(folder, pad_token=pad_token)
+
+
+def _remove(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@_own_random_numbers
+def build_image_encoder(folder: str | Path, seed: int = 0) -> Path:
+    """A tiny CLIPVisionModelWithProjection (50 tokens of width 48) with a default CLIPImageProcessor config."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    folder = Path(folder)
+    config = CLIPVisionConfig(
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        image_size=224,
+        patch_size=32,
+        projection_dim=24,
+        hidden_act="gelu",
+    )
+    torch.manual_seed(seed)
+    CLIPVisionModelWithProjection(config).eval().save_pretrained(folder)
+    CLIPImageProcessor().save_pretrained(folder)  # shortest edge 224, bicubic, centre crop 224, OpenAI mean/std
+    return folder
+
+
+# variant -> (base model, num_tokens, LoRA rank, Plus perceiver)
+ADAPTERS = {
+    "faceid": ("sd15", 4, 8, False),
+    "faceid-plusv2": ("sd15", 4, 4, True),
+    "faceid-portrait": ("sd15", 16, None, False),
+    "faceid-sdxl": ("sdxl", 4, 8, False),
+    "faceid-plusv2-sdxl": ("sdxl", 4, 8, True),
+}
+FORMATS = ("bin", "safetensors")
+
+
+def adapter_state(unet, variant: str, seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:
+    """An adapter for ``unet`` in the official layout, with every part acting (see the module docstring)."""
+    from faceid.adapter import initial_state_dict
+    from faceid.projection import PerceiverConfig
+
+    _, num_tokens, lora_rank, plus = ADAPTERS[variant]
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # the projection's layers take PyTorch's default initialisation (global generator)
+    state = initial_state_dict(
+        unet,
+        num_tokens=num_tokens,
+        lora_rank=lora_rank,
+        perceiver=PerceiverConfig(clip_dim=48) if plus else None,
+        generator=generator,
+    )
+    for key, tensor in state["ip_adapter"].items():
+        if key.endswith("_lora.up.weight"):  # zero at initialisation: the LoRA would do nothing
+            state["ip_adapter"][key] = torch.randn(tensor.shape, generator=generator) * 0.05
+    for key in ("norm.weight", "norm.bias"):
+        norm = state["image_proj"][key]
+        state["image_proj"][key] = norm + torch.randn(norm.shape, generator=generator) * 0.1
+    return state
+
+
+@_own_random_numbers
+def build_adapter(unet, variant: str, folder: str | Path, seed: int = 0) -> dict[str, Path]:
+    """``<folder>/<variant>.bin`` and ``.safetensors``: the same float16 tensors in both official layouts."""
+    from faceid.checkpoints import save_state_dict
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = adapter_state(unet, variant, seed=seed)
+    return {fmt: save_state_dict(state, folder / f"{variant}.{fmt}") for fmt in FORMATS}
+
+
+class TinyModels:
+    """The tests' tiny models under one folder, each built on first use (``root/<name>``)."""
+
+    def __init__(self, root: str | Path, seed: int = 0):
+        self.root = Path(root)
+        self.seed = seed
+
+    @functools.cached_property
+    def sd15(self) -> Path:
+        """Folder of the tiny SD1.5 pipeline."""
+        return build_sd15(self.root / "sd15-tiny", seed=self.seed)
+
+    @functools.cached_property
+    def sdxl(self) -> Path:
+        """Folder of the tiny SDXL pipeline."""
+        return build_sdxl(self.root / "sdxl-tiny", seed=self.seed + 10)
+
+    @functools.cached_property
+    def image_encoder(self) -> Path:
+        """Folder of the tiny CLIP image encoder (Plus variants)."""
+        return build_image_encoder(self.root / "image-encoder-tiny", seed=self.seed + 20)
+
+    @property
+    def tokenizer(self) -> Path:
+        """Folder of the tests' CLIP tokenizer (the one inside the SD1.5 pipeline)."""
+        return self.sd15 / "tokenizer"
+
+    @functools.cached_property
+    def _adapters(self) -> dict[str, dict[str, Path]]:
+        return {}
+
+    def adapter(self, variant: str = "faceid", fmt: str = "safetensors") -> Path:
+        """``adapters/<variant>.<fmt>`` for the matching tiny base model (built with both formats)."""
+        if variant not in ADAPTERS:
+            raise KeyError(f"no tiny adapter {variant!r}; there are {sorted(ADAPTERS)}")
+        if fmt not in FORMATS:
+            raise KeyError(f"format {fmt!r}: one of {FORMATS}")
+        if variant not in self._adapters:
+            from diffusers import UNet2DConditionModel
+
+            base = self.sd15 if ADAPTERS[variant][0] == "sd15" else self.sdxl
+            unet = UNet2DConditionModel.from_pretrained(base / "unet")
+            seed = self.seed + 100 + sorted(ADAPTERS).index(variant)
+            self._adapters[variant] = build_adapter(unet, variant, self.root / "adapters", seed=seed)
+        return self._adapters[variant][fmt]
