@@ -222,7 +222,9 @@ class FaceIDPipeline:
         if base_model is None:
             if release is None:
                 raise FaceIDError("give base_model: the Stable Diffusion model to generate with")
-            base_model, vae = release.base_model, vae or release.vae
+            base_model = release.base_model
+        if vae is None and release is not None and str(base_model) == release.base_model:
+            vae = release.vae  # the VAE the authors pair with that base model, whether named or defaulted
         adapter_path = resolve_adapter(adapter)
         state = load_state_dict(adapter_path)
         spec = AdapterSpec.from_state_dict(state, adapter_path.name)
