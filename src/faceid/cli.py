@@ -79,7 +79,6 @@ def build_parser() -> argparse.ArgumentParser:
         "flags given as well win",
     )
     add_settings_arguments(gen)
-    gen.add_argument("--vae", default=None, help="VAE to use instead of the base model's (folder or Hub repo id)")
     gen.add_argument(
         "--base-config",
         default=None,
@@ -432,7 +431,6 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     )
     # Every generation setting but the grid's own axes (prompt, seed, scale, images per prompt).
     add_settings_arguments(parser, exclude=EVAL_GRID_FIELDS)
-    parser.add_argument("--vae", default=None, help="VAE to use instead of the base model's (folder or Hub repo id)")
     parser.add_argument("--image-encoder", default=None, help="Plus only: CLIP ViT-H image encoder folder or repo")
     parser.add_argument("--batch-size", type=int, default=4, help="images per pipeline call (4)")
     parser.add_argument("--device", default=None, help="cuda, cpu, mps (default: the best available)")
@@ -503,7 +501,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     pipe = FaceIDPipeline.from_pretrained(
         settings.base_model,
         settings.adapter or DEFAULT_ADAPTER,
-        vae=args.vae,
+        vae=settings.vae,
         device=args.device,
         torch_dtype=getattr(torch, DTYPES[args.dtype]) if args.dtype else None,
         lora_scale=1.0 if settings.lora_scale is None else settings.lora_scale,
@@ -531,7 +529,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
         resume=not args.no_resume,
         overwrite=args.overwrite,
         batch_size=args.batch_size,
-        extra_metadata={"vae": args.vae},
         plots=not args.no_plots,
         log=print,
     )
@@ -653,7 +650,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     pipe = FaceIDPipeline.from_pretrained(
         settings.base_model,
         settings.adapter or DEFAULT_ADAPTER,
-        vae=args.vae,
+        vae=settings.vae,
         single_file_config=args.base_config,
         device=args.device,
         torch_dtype=getattr(torch, DTYPES[args.dtype]) if args.dtype else None,

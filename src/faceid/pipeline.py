@@ -166,10 +166,12 @@ class FaceIDPipeline:
         image_encoder: identity.CLIPFaceEncoder | None = None,
         shortcut: bool = False,
         adapter_source: str | None = None,
+        vae_source: str | None = None,
     ):
         self.pipe = pipe
         self.adapter = adapter
         self.adapter_source = adapter_source  # the adapter as the user named it (a released name or a file)
+        self.vae_source = vae_source  # the VAE loaded instead of the base model's own (None: its own)
         self.image_encoder = image_encoder
         self.shortcut = shortcut  # Plus: the default of the per-call ``shortcut`` (True for PlusV2)
         self.base_model = base_model or getattr(pipe, "name_or_path", None)
@@ -269,6 +271,7 @@ class FaceIDPipeline:
             image_encoder=encoder,
             shortcut=shortcut,
             adapter_source=str(adapter),
+            vae_source=None if vae is None else str(vae),
         )
         for item in loras:
             path, weight = item if isinstance(item, tuple) else (item, 1.0)
@@ -427,6 +430,7 @@ class FaceIDPipeline:
             "scale": self.adapter.scale,
             "base_model": self.base_model,
             "adapter": self.adapter_source,
+            "vae": self.vae_source,
             "loras": self.lora_sources(),
         }
         if self.adapter.spec.lora_rank:
@@ -588,7 +592,7 @@ class FaceIDPipeline:
 
     def _check_models(self, requested: GenerationSettings) -> None:
         """Settings that name models must name the ones loaded here (a request is never run on another)."""
-        loaded = {"base_model": self.base_model, "adapter": self.adapter_source}
+        loaded = {"base_model": self.base_model, "vae": self.vae_source, "adapter": self.adapter_source}
         for key, value in loaded.items():
             wanted = getattr(requested, key)
             if wanted is not None and value is not None and not _same_source(wanted, value):

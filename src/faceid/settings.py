@@ -29,7 +29,7 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
 # Fields used to encode the prompts and faces (``FaceIDPipeline.encode``); the rest steer the sampling.
 ENCODE_FIELDS = ("prompt", "negative_prompt", "num_images_per_prompt", "face_index", "combine", "shortcut", "s_scale")
 # Fields naming the models, recorded so that an image says what made it; a pipeline checks them.
-MODEL_FIELDS = ("base_model", "adapter", "loras")
+MODEL_FIELDS = ("base_model", "vae", "adapter", "loras")
 
 
 def _flag(*names: str, **extra: Any) -> dict[str, Any]:
@@ -101,6 +101,12 @@ class GenerationSettings(BaseModel):
         None, description="SD1.5/SDXL model: diffusers folder, Hub repo id or .safetensors file",
         json_schema_extra=_flag("--base-model"),
     )  # fmt: skip
+    vae: str | None = Field(
+        None,
+        description="VAE to use instead of the base model's (folder or Hub repo id; the released adapters' "
+        "default base model comes with sd-vae-ft-mse)",
+        json_schema_extra=_flag("--vae"),
+    )
     adapter: str | None = Field(
         None, description="adapter file (.bin/.safetensors) or released name", json_schema_extra=_flag("--adapter")
     )
