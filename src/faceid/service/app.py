@@ -1,0 +1,369 @@
+"""The HTTP API: ``create_app(config)`` -> a FastAPI app over a ``Service``. Routes only translate HTTP.
+
+Errors are JSON, ``{"error": {"code": ..., "message": ...}}``, with a message that says what to do. With
+API keys every request (but ``/health`` and the API docs) needs ``Authorization: Bearer KEY``, and what a
+key creates (identities, generations, images) is visible to that key only: another key gets 404.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .. import __version__
+from ..errors import FaceIDError, FaceSelectionError, ImageError, NoFaceError
+from ..settings import GenerationSettings
+from .config import ServeConfig
+from .core import Conflict, LimitExceeded, NotFound, Service, crop_url
+from .jobs import QueueFull
+from .metrics import CONTENT_TYPE
+
+logger = logging.getLogger(__name__)
+
+JSON_BODY_LIMIT = 1024 * 1024
+SSE_POLL_SECONDS = 0.05
+SSE_KEEPALIVE_SECONDS = 15.0
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.headers = status, code, message, headers
+
+
+def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+
+
+class GenerationRequest(GenerationSettings):
+    """A generation: the ``GenerationSettings`` fields, and whose face."""
+
+    identity_id: str | None = Field(None, description="the person, for every prompt (from POST /v1/identities)")
+    identity_ids: list[str] | None = Field(None, description="one person per prompt (prompt must then be a list)")
+
+
+class FaceView(BaseModel):
+    k: int
+    box: list[float]
+    score: float
+    faces_found: int
+    crop_url: str
+
+
+class IdentityView(BaseModel):
+    id: str
+    name: str | None
+    created: float
+    faces: list[FaceView]
+    warnings: list[str] = []
+
+
+class JobAccepted(BaseModel):
+    id: str
+    status: str
+    queue_position: int | None
+    url: str
+    events_url: str
+
+
+def identity_view(identity, warnings: list[str] = ()) -> IdentityView:
+    return IdentityView(
+        id=identity.id,
+        name=identity.name,
+        created=identity.created,
+        faces=[
+            FaceView(k=f.k, box=f.box, score=f.score, faces_found=f.faces_found, crop_url=crop_url(identity.id, f.k))
+            for f in identity.faces
+        ],
+        warnings=list(warnings),
+    )
+
+
+def create_app(config: ServeConfig) -> FastAPI:
+    service = Service(config)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await asyncio.to_thread(service.start)
+        if not config.api_keys:
+            logger.warning(
+                "serving WITHOUT authentication: anyone who can reach this address can use the API and read "
+                "its identities (give --api-key KEY to require keys)"
+            )
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(service.stop)
+
+    app = FastAPI(
+        title="faceid",
+        version=__version__,
+        lifespan=lifespan,
+        description="Identity-preserving image generation (IP-Adapter-FaceID): enroll a person from photos, "
+        'then generate images of them. Errors are `{"error": {"code", "message"}}`.',
+    )
+    app.state.service = service
+    app.add_middleware(BodyLimit, limits={"/v1/identities": config.max_photos * config.max_upload_bytes + 65536})
+    _install_error_handlers(app)
+
+    bearer = HTTPBearer(auto_error=False, description="one of the server's API keys (--api-key)")
+
+    def owner(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> str:
+        found = config.owner_of(credentials.credentials if credentials else None)
+        if found is None:
+            raise ApiError(
+                401,
+                "unauthorized",
+                "this server needs an API key: send the header 'Authorization: Bearer KEY' with one of its keys",
+                {"WWW-Authenticate": "Bearer"},
+            )
+        return found
+
+    Owner = Annotated[str, Depends(owner)]
+
+    # ------------------------------------------------------------------ identities
+    @app.post("/v1/identities", status_code=201, response_model=IdentityView, tags=["identities"])
+    def create_identity(
+        who: Owner,
+        photos: Annotated[list[UploadFile], File(description="one or more photos of one person")],
+        name: Annotated[str | None, Form(description="a name to show")] = None,
+    ) -> IdentityView:
+        """Enroll a person: every photo is analysed (the largest face is used), and its photo, aligned crop and
+        embedding stored. Runs in the request's thread, never behind generation."""
+        uploads = []
+        for i, photo in enumerate(photos):
+            label = f"photos[{i}]" + (f" ({photo.filename[:80]!r})" if photo.filename else "")
+            uploads.append((label, photo.file.read(config.max_upload_bytes + 1)))
+        identity, warnings = service.enroll(who, name, uploads)
+        return identity_view(identity, warnings)
+
+    @app.get("/v1/identities", response_model=list[IdentityView], tags=["identities"])
+    def list_identities(who: Owner) -> list[IdentityView]:
+        return [identity_view(i) for i in service.identities(who)]
+
+    @app.get("/v1/identities/{identity_id}", response_model=IdentityView, tags=["identities"])
+    def get_identity(identity_id: str, who: Owner) -> IdentityView:
+        return identity_view(service.identity(identity_id, who))
+
+    @app.get(
+        "/v1/identities/{identity_id}/crops/{k}.png",
+        response_class=FileResponse,
+        responses={200: {"content": {"image/png": {}}}},
+        tags=["identities"],
+    )
+    def get_crop(identity_id: str, k: int, who: Owner):
+        """The aligned 112x112 face of photo ``k``."""
+        return FileResponse(service.crop_path(identity_id, k, who), media_type="image/png")
+
+    @app.delete("/v1/identities/{identity_id}", status_code=204, tags=["identities"])
+    def delete_identity(identity_id: str, who: Owner) -> Response:
+        """Delete the identity: its photos, crops and embeddings, from disk and database."""
+        service.delete_identity(identity_id, who)
+        return Response(status_code=204)
+
+    # ------------------------------------------------------------------ generations
+    @app.post("/v1/generations", status_code=202, response_model=JobAccepted, tags=["generations"])
+    def create_generation(request: GenerationRequest, who: Owner) -> JobAccepted:
+        """Queue a generation. Seeds: none draws one per image; an int gives image i seed + i; a list, one each."""
+        job, position = service.submit(who, request.model_dump(exclude_unset=True))
+        return JobAccepted(
+            id=job.id,
+            status="queued",
+            queue_position=position,
+            url=f"/v1/generations/{job.id}",
+            events_url=f"/v1/generations/{job.id}/events",
+        )
+
+    @app.get("/v1/generations/{job_id}", tags=["generations"])
+    def get_generation(job_id: str, who: Owner) -> dict[str, Any]:
+        """Status (queued, running, done, failed, cancelled), queue position, progress, image URLs, settings."""
+        return service.job_view(job_id, who)
+
+    @app.delete("/v1/generations/{job_id}", tags=["generations"])
+    def cancel_generation(job_id: str, who: Owner) -> dict[str, Any]:
+        """Cancel: a queued job at once, a running one at its next step."""
+        return service.cancel(job_id, who)
+
+    @app.get(
+        "/v1/generations/{job_id}/events",
+        response_class=StreamingResponse,
+        responses={200: {"content": {"text/event-stream": {}}}},
+        tags=["generations"],
+    )
+    async def generation_events(job_id: str, who: Owner):
+        """Server-sent events: ``queued``, ``progress`` (each step), then one of ``done``, ``failed``, ``cancelled``."""
+        view = await run_in_threadpool(service.job_view, job_id, who)
+        return StreamingResponse(
+            _event_stream(service, job_id, view),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    @app.get(
+        "/v1/images/{image_id}.png",
+        response_class=FileResponse,
+        responses={200: {"content": {"image/png": {}}}},
+        tags=["generations"],
+    )
+    def get_image(image_id: str, who: Owner):
+        """A generated PNG, with the settings that reproduce it in its text chunks (as the CLI writes them)."""
+        return FileResponse(service.image_path(image_id, who), media_type="image/png")
+
+    # ------------------------------------------------------------------ server
+    @app.get("/v1/models", tags=["server"])
+    def models(who: Owner) -> dict[str, Any]:
+        """What is configured and loaded, and the defaults a generation gets."""
+        return service.models()
+
+    @app.get("/health", tags=["server"])
+    def health() -> dict[str, Any]:
+        return service.health()
+
+    @app.get("/metrics", tags=["server"], response_class=Response)
+    def metrics(who: Owner) -> Response:
+        """Prometheus text format."""
+        return Response(service.metrics.render(), media_type=CONTENT_TYPE)
+
+    return app
+
+
+async def _event_stream(service: Service, job_id: str, view: dict[str, Any]):
+    live = service.queue.get(job_id)
+    if live is None:  # finished before this server started: its last event, from the database
+        data = {"status": view["status"], "error": view["error"], "images": view["images"]}
+        yield _sse(view["status"], {k: v for k, v in data.items() if v})
+        return
+    index, quiet_since = 0, time.monotonic()
+    while True:
+        items, closed = live.events.since(index)
+        for kind, data in items:
+            yield _sse(kind, data)
+        index += len(items)
+        if closed or service.queue.stopped:
+            return
+        if items:
+            quiet_since = time.monotonic()
+        elif time.monotonic() - quiet_since > SSE_KEEPALIVE_SECONDS:
+            yield ": keep-alive\n\n"
+            quiet_since = time.monotonic()
+        await asyncio.sleep(SSE_POLL_SECONDS)
+
+
+def _sse(kind: str, data: dict[str, Any]) -> str:
+    return f"event: {kind}\ndata: {json.dumps(data)}\n\n"
+
+
+# ---------------------------------------------------------------------------------------------- errors
+def _install_error_handlers(app: FastAPI) -> None:
+    def handler(status: int, code: str):
+        async def handle(request: Request, exc: Exception) -> JSONResponse:
+            return error_response(status, code, " ".join(str(exc).split()))
+
+        return handle
+
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc.status, exc.code, exc.message, exc.headers)
+
+    async def limit(request: Request, exc: LimitExceeded) -> JSONResponse:
+        return error_response(exc.status, "limit_exceeded", str(exc))
+
+    async def queue_full(request: Request, exc: QueueFull) -> JSONResponse:
+        return error_response(
+            429,
+            "queue_full",
+            f"the generation queue is full; try again in {exc.retry_after} s",
+            {"Retry-After": str(exc.retry_after)},
+        )
+
+    async def validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = []
+        for error in exc.errors():
+            where = ".".join(str(p) for p in error["loc"] if p != "body") or "body"
+            message = str(error["msg"]).removeprefix("Value error, ")
+            if error["type"] == "extra_forbidden":
+                message = "unknown field (GET /openapi.json lists the fields)"
+            parts.append(f"{where}: {message}")
+        return error_response(
+            422, "invalid_request", "invalid request: " + "; ".join(parts) + "; fix it and send again"
+        )
+
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        codes = {404: "not_found", 405: "method_not_allowed"}
+        message = {404: f"no such endpoint: {request.url.path} (GET /docs lists them)"}.get(exc.status_code, exc.detail)
+        return error_response(exc.status_code, codes.get(exc.status_code, "http_error"), str(message), exc.headers)
+
+    async def internal(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("internal error on %s %s", request.method, request.url.path)
+        return error_response(500, "internal_error", "internal server error; the server log has the details")
+
+    app.add_exception_handler(ApiError, api_error)
+    app.add_exception_handler(NotFound, handler(404, "not_found"))
+    app.add_exception_handler(Conflict, handler(409, "conflict"))
+    app.add_exception_handler(LimitExceeded, limit)
+    app.add_exception_handler(QueueFull, queue_full)
+    app.add_exception_handler(ImageError, handler(400, "bad_image"))
+    app.add_exception_handler(NoFaceError, handler(422, "no_face"))
+    app.add_exception_handler(FaceSelectionError, handler(422, "no_face"))
+    app.add_exception_handler(FaceIDError, handler(422, "invalid_request"))
+    app.add_exception_handler(RequestValidationError, validation)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(Exception, internal)
+
+
+class BodyLimit:
+    """ASGI middleware: a request body larger than its path's limit (``limits``, else 1 MB) is refused with 413,
+    from the Content-Length header or, for chunked bodies, as soon as the bytes read pass the limit."""
+
+    def __init__(self, app, limits: dict[str, int]) -> None:
+        self.app = app
+        self.limits = limits
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        limit = self.limits.get(scope["path"].rstrip("/"), JSON_BODY_LIMIT)
+        message = (
+            f"the request body is larger than this server takes ({limit / 1e6:.1f} MB for {scope['path']}): "
+            "send smaller or fewer photos"
+        )
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            await error_response(413, "limit_exceeded", message)(scope, receive, send)
+            return
+        state = {"seen": 0, "exceeded": False, "started": False}
+
+        async def limited_receive():
+            item = await receive()
+            if item["type"] == "http.request":
+                state["seen"] += len(item.get("body", b""))
+                if state["seen"] > limit:
+                    state["exceeded"] = True
+                    raise LimitExceeded(message, status=413)
+            return item
+
+        async def guarded_send(item) -> None:
+            if state["exceeded"]:
+                return  # the app's own answer to the broken-off body is replaced by the 413 below
+            state["started"] = True
+            await send(item)
+
+        try:
+            await self.app(scope, limited_receive, guarded_send)
+        except Exception:
+            if not state["exceeded"]:
+                raise
+        if state["exceeded"] and not state["started"]:
+            await error_response(413, "limit_exceeded", message)(scope, receive, send)

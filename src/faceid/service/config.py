@@ -1,0 +1,100 @@
+"""What a server is told at start: where its data lives, who may use it, its limits and its models."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import FaceIDError
+from ..images import DEFAULT_MAX_PIXELS
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+@dataclass
+class ServeConfig:
+    """Everything ``create_app`` needs. Models come as ``pipeline`` (a ready ``FaceIDPipeline``) or
+    ``loader`` (called once per device in the worker thread with the device name); the face analyzer as
+    ``analyzer`` or, by default, the pipeline's."""
+
+    data_dir: Path = Path("faceid-data")
+    database_url: str | None = None  # default: sqlite:///<data_dir>/faceid.db
+    api_keys: tuple[str, ...] = ()
+    max_queue: int = 16  # queued jobs (running ones not counted); more -> 429
+    max_batch: int = 4  # images per pipeline call when compatible jobs are batched
+    max_upload_bytes: int = 20 * 1024 * 1024  # per photo
+    max_photos: int = 10  # per identity
+    max_pixels: int = DEFAULT_MAX_PIXELS  # per photo, checked from the header before decoding
+    max_images: int = 8  # per generation request (prompts x images per prompt)
+    max_steps: int = 100
+    max_side: int = 2048  # width and height
+    small_face: int = 64  # px; a narrower face is enrolled with a warning
+    devices: tuple[str, ...] = ("default",)  # one generation worker each
+    pipeline: Any = None
+    loader: Callable[[str], Any] | None = None
+    analyzer: Any = None
+    models: dict[str, Any] = field(default_factory=dict)  # what was configured, for GET /v1/models
+    start_workers: bool = True  # False: jobs wait in the queue (tests of restarts)
+
+    def __post_init__(self) -> None:
+        self.data_dir = Path(self.data_dir).expanduser().absolute()
+        for name in ("max_queue", "max_batch", "max_upload_bytes", "max_photos", "max_pixels", "max_images",
+                     "max_steps", "max_side"):  # fmt: skip
+            if int(getattr(self, name)) < 1:
+                raise FaceIDError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.pipeline is None and self.loader is None:
+            raise FaceIDError("give the server a pipeline or a loader of one")
+        self.api_keys = tuple(self.api_keys)
+        if any(not key or any(c.isspace() for c in key) for key in self.api_keys):
+            raise FaceIDError("API keys must be non-empty and without spaces")
+
+    @property
+    def database(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'faceid.db'}"
+
+    def owner_of(self, key: str | None) -> str | None:
+        """The owner id of an API key (a hash: keys themselves are never stored); None when it is not one of
+        ours. Without keys every request is the local owner ``""``."""
+        if not self.api_keys:
+            return ""
+        if key is None:
+            return None
+        for known in self.api_keys:
+            if hmac.compare_digest(known.encode(), key.encode()):
+                return owner_id(known)
+        return None
+
+
+def owner_id(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()[:24]
+
+
+def read_api_keys(keys: Iterable[str] = (), keys_file: str | os.PathLike | None = None) -> tuple[str, ...]:
+    """``--api-key`` values plus the lines of ``--api-keys-file`` (blank lines and ``#`` comments skipped)."""
+    found = [k.strip() for k in keys]
+    if keys_file is not None:
+        path = Path(keys_file)
+        if not path.is_file():
+            raise FaceIDError(f"API keys file not found: {path}")
+        for line in path.read_text(encoding="utf-8").splitlines():
+            line = line.strip()
+            if line and not line.startswith("#"):
+                found.append(line)
+    if keys_file is not None and not found:
+        raise FaceIDError(f"{keys_file} holds no API key (one key per line)")
+    return tuple(dict.fromkeys(found))
+
+
+def check_bind(host: str, api_keys: tuple[str, ...], insecure_no_auth: bool) -> None:
+    """Without keys the server answers anyone who reaches it: only on the loopback interface, unless asked."""
+    if api_keys or host in LOOPBACK_HOSTS or insecure_no_auth:
+        return
+    raise FaceIDError(
+        f"refusing to serve on {host} without authentication: give --api-key KEY (or --api-keys-file FILE), "
+        "or --insecure-no-auth if every machine that can reach it may use it (and read its identities)"
+    )

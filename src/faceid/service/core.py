@@ -1,0 +1,390 @@
+"""``Service``: what the server does, without HTTP. The FastAPI routes (``app.py``), a web page or a Ray
+Serve deployment call these methods; they hold the database, the data dir, the queue and the workers.
+
+Errors a client can cause are ``FaceIDError`` subclasses that say what to do; ``app.py`` maps them to
+HTTP statuses (``NotFound`` 404, ``LimitExceeded`` 413/422, ``QueueFull`` 429, the others 4xx).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from typing import Any
+
+from .. import __version__
+from ..errors import FaceIDError
+from ..outputs import save_png
+from ..settings import GenerationSettings
+from .config import ServeConfig
+from .enroll import Enroller
+from .files import DataDir, is_id, new_id
+from .jobs import JobQueue, QueuedJob
+from .metrics import Metrics
+from .store import CANCELLED, DONE, FAILED, FINISHED, QUEUED, RUNNING, ImageRow, Job, Store
+from .worker import Worker
+
+logger = logging.getLogger(__name__)
+
+
+class NotFound(FaceIDError):
+    """No such thing, or not the caller's (the same answer: another key's data is not acknowledged)."""
+
+
+class LimitExceeded(FaceIDError):
+    """A request larger than this server takes: 413 for uploads, 422 for what a generation asks."""
+
+    def __init__(self, message: str, status: int = 422) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class Conflict(FaceIDError):
+    """The request does not fit the thing's state (cancelling a finished job)."""
+
+
+class Service:
+    def __init__(self, config: ServeConfig) -> None:
+        self.config = config
+        self.data = DataDir(config.data_dir)
+        self.store = Store(config.database)
+        analyzer = config.analyzer
+        if analyzer is None and config.pipeline is not None:
+            analyzer = config.pipeline.face_analyzer
+        if analyzer is None:
+            raise FaceIDError("give the server a face analyzer (ServeConfig.analyzer)")
+        self.enroller = Enroller(analyzer, self.data, self.store, config.max_pixels, config.small_face)
+        devices = ("default",) if config.pipeline is not None else config.devices
+        self.queue = JobQueue(config.max_queue, workers=len(devices))
+        self.workers = [Worker(self, device, config.pipeline) for device in devices]
+        self.metrics = Metrics(self)
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ life
+    def start(self) -> None:
+        """Load the models (each worker in its thread), re-queue what a previous run left, start generating."""
+        self.queue.set_paused(not self.config.start_workers)
+        self.recover()
+        for worker in self.workers:
+            worker.start()
+        for worker in self.workers:
+            worker.loaded.wait()
+        errors = [w.load_error for w in self.workers if w.load_error]
+        if errors and len(errors) == len(self.workers):
+            raise FaceIDError(f"no worker could load the models: {errors[0]}")
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """Stop the workers; a running batch stops at its next step and its jobs stay queued for the next start."""
+        self.queue.stop()
+        for worker in self.workers:
+            if worker.is_alive():
+                worker.join(timeout)
+        self.store.close()
+
+    def recover(self) -> None:
+        """Every job that was queued or running when the server last stopped (or was killed) is queued again,
+        in its order; a job whose identity was deleted meanwhile fails with that reason. None is lost."""
+        for row in self.store.unfinished_jobs():
+            missing = [i for i in row.identity_ids if not self.store.identity_exists(i, row.owner)]
+            if missing:
+                error = (
+                    f"identity {missing[0]} was deleted before this job could run (the server restarted "
+                    "meanwhile); enroll the person again and submit the job again"
+                )
+                self.store.finish_job(row.id, FAILED, error=error)
+                logger.warning("job %s failed on restart: %s", row.id, error)
+                continue
+            was = row.status
+            self.store.update_job(row.id, status=QUEUED, started=None)
+            job = self._queued_job(row)
+            position = self.queue.put(job, force=True)
+            job.events.add("queued", {"queue_position": position})
+            logger.warning("job %s (%s when the server stopped) is queued again", row.id, was)
+
+    @property
+    def pipeline(self):
+        """A loaded pipeline (all workers load the same models): for resolving settings."""
+        for worker in self.workers:
+            if worker.pipeline is not None:
+                return worker.pipeline
+        raise FaceIDError("the models are not loaded (yet); see GET /health")
+
+    # ------------------------------------------------------------------ identities
+    def enroll(self, owner: str, name: str | None, photos: list[tuple[str, bytes]]) -> tuple[Any, list[str]]:
+        """``photos``: (label, bytes). Every photo is checked and analysed before anything is written."""
+        if not photos:
+            raise FaceIDError("send at least one photo (multipart field 'photos')")
+        if len(photos) > self.config.max_photos:
+            raise LimitExceeded(
+                f"{len(photos)} photos: this server takes at most {self.config.max_photos} per identity", status=413
+            )
+        if name is not None and len(name) > 200:
+            raise FaceIDError("name: at most 200 characters")
+        for label, data in photos:
+            if len(data) > self.config.max_upload_bytes:
+                raise LimitExceeded(
+                    f"{label} is {len(data) / 1e6:.1f} MB; this server takes photos up to "
+                    f"{self.config.max_upload_bytes / 1e6:.1f} MB: downscale or recompress it",
+                    status=413,
+                )
+        analysed = [self.enroller.analyse(data, label) for label, data in photos]
+        identity = self.enroller.create(owner, name, analysed)
+        return identity, [w for photo in analysed for w in photo.warnings]
+
+    def identity(self, identity_id: str, owner: str):
+        found = self.store.identity(identity_id, owner) if is_id(identity_id) else None
+        if found is None:
+            raise NotFound(f"no identity {identity_id}: list yours with GET /v1/identities")
+        return found
+
+    def identities(self, owner: str) -> list:
+        return self.store.identities(owner)
+
+    def crop_path(self, identity_id: str, k: int, owner: str):
+        identity = self.identity(identity_id, owner)
+        if not any(face.k == k for face in identity.faces):
+            raise NotFound(f"identity {identity_id} has no photo {k} (it has {len(identity.faces)})")
+        return self.data.crop(identity_id, k)
+
+    def delete_identity(self, identity_id: str, owner: str) -> None:
+        if not (is_id(identity_id) and self.enroller.delete(identity_id, owner)):
+            raise NotFound(f"no identity {identity_id}: list yours with GET /v1/identities")
+
+    def identity_faces(self, job: QueuedJob) -> list[list] | str:
+        """Each prompt's identity as a list of ``Face`` (several photos: one person); an error text if one is gone."""
+        faces = {}
+        for identity_id in dict.fromkeys(job.identity_ids):
+            identity = self.store.identity(identity_id, job.owner)
+            if identity is None:
+                return f"identity {identity_id} was deleted before this job ran; enroll the person again"
+            faces[identity_id] = self.enroller.faces(identity)
+        return [faces[i] for i in job.identity_ids]
+
+    # ------------------------------------------------------------------ generations
+    def submit(self, owner: str, request: dict[str, Any]) -> tuple[QueuedJob, int]:
+        """Check and resolve a request (``GenerationSettings`` fields + ``identity_id`` or ``identity_ids``), then
+        queue it. Raises before anything is stored when it is bad, too large or the queue is full."""
+        request = dict(request)
+        identity_id, identity_ids = request.pop("identity_id", None), request.pop("identity_ids", None)
+        settings = GenerationSettings.parse(request)
+        if (identity_id is None) == (identity_ids is None):
+            raise FaceIDError(
+                "give identity_id (one person for every prompt) or identity_ids (one per prompt), not both; "
+                "POST /v1/identities makes one"
+            )
+        if settings.face_index:
+            raise FaceIDError("face_index: an identity already holds one face per photo (the largest); leave it out")
+        resolved = self.pipeline.resolve_settings(settings)
+        prompts = [resolved.prompt] if isinstance(resolved.prompt, str) else list(resolved.prompt)
+        if identity_ids is not None:
+            if not isinstance(resolved.prompt, list) or len(identity_ids) != len(prompts):
+                raise FaceIDError(
+                    f"identity_ids: {len(identity_ids)} identities for {len(prompts)} prompt(s): give prompt as a "
+                    "list with one prompt per identity"
+                )
+            ids = list(identity_ids)
+        else:
+            ids = [identity_id] * len(prompts)
+        negatives = resolved.negative_prompt
+        if isinstance(negatives, list) and len(negatives) not in (1, len(prompts)):
+            raise FaceIDError(f"negative_prompt: {len(negatives)} negative prompts for {len(prompts)} prompts")
+        self._check_limits(resolved, len(prompts))
+        for i in dict.fromkeys(ids):
+            self.identity(i, owner)  # 404 for a missing identity or another key's
+        total = len(prompts) * resolved.num_images_per_prompt
+        seed = resolved.seed
+        if seed is None:
+            seeds = [random.randrange(2**31) for _ in range(total)]
+        elif isinstance(seed, int):  # as the CLI: image i has seed + i, so each image reproduces alone
+            seeds = [seed + i for i in range(total)]
+        elif len(seed) != total:
+            raise FaceIDError(f"seed: {len(seed)} seeds for {total} images: give one seed per image, or one int")
+        else:
+            seeds = list(seed)
+        resolved = resolved.replace(seed=seeds)
+        job_id = new_id()
+        row = Job(
+            id=job_id,
+            owner=owner,
+            status=QUEUED,
+            created_ns=time.time_ns(),
+            identity_ids=ids,
+            settings=resolved.to_json(),
+        )
+        job = self._queued_job(row)
+        with self._lock:  # the row exists before a worker can take the job, and no row is left when it is refused
+            self.store.add_job(row)
+            try:
+                position = self.queue.put(job)
+            except Exception:
+                self.store.delete_job(job_id)
+                raise
+        job.events.add("queued", {"queue_position": position})
+        self.metrics.submitted.inc()
+        return job, position
+
+    def _check_limits(self, settings: GenerationSettings, prompts: int) -> None:
+        c = self.config
+        images = prompts * settings.num_images_per_prompt
+        if images > c.max_images:
+            raise LimitExceeded(
+                f"{images} images requested ({prompts} prompt(s) x {settings.num_images_per_prompt}); this server "
+                f"makes at most {c.max_images} per request: split it into several requests"
+            )
+        if settings.num_inference_steps > c.max_steps:
+            raise LimitExceeded(f"num_inference_steps: at most {c.max_steps} on this server")
+        for name in ("width", "height"):
+            if getattr(settings, name) > c.max_side:
+                raise LimitExceeded(f"{name}: at most {c.max_side} pixels on this server")
+
+    def _queued_job(self, row: Job) -> QueuedJob:
+        return QueuedJob(
+            id=row.id,
+            owner=row.owner,
+            settings=GenerationSettings.parse(row.settings),
+            identity_ids=list(row.identity_ids),
+            created_ns=row.created_ns,
+        )
+
+    def job(self, job_id: str, owner: str) -> Job:
+        row = self.store.job(job_id, owner) if is_id(job_id) else None
+        if row is None:
+            raise NotFound(f"no generation {job_id}: the id comes from POST /v1/generations")
+        return row
+
+    def job_view(self, job_id: str, owner: str) -> dict[str, Any]:
+        row = self.job(job_id, owner)
+        live = self.queue.get(job_id)
+        status = row.status
+        if live is not None and status not in FINISHED and live.status == RUNNING:
+            status = RUNNING
+        view = {
+            "id": row.id,
+            "status": status,
+            "queue_position": self.queue.position(job_id) if status == QUEUED else None,
+            "progress": {
+                "step": live.step
+                if live is not None
+                else (row.settings.get("num_inference_steps") if status == DONE else 0),
+                "total": row.settings.get("num_inference_steps"),
+            },
+            "images": [image_url(image.id) for image in row.images],
+            "identity_ids": row.identity_ids,
+            "settings": row.settings,
+            "error": row.error,
+            "started": row.started,
+            "finished": row.finished,
+        }
+        return view
+
+    def cancel(self, job_id: str, owner: str) -> dict[str, Any]:
+        row = self.job(job_id, owner)
+        if row.status in FINISHED:
+            raise Conflict(f"generation {job_id} is already {row.status}; nothing to cancel")
+        where = self.queue.cancel(job_id)
+        if where == "queued":
+            self.finish(self.queue.get(job_id), CANCELLED)
+        elif where is None:  # in the database only (a worker paused at start, or a race): cancel it there
+            self.store.finish_job(job_id, CANCELLED)
+        return self.job_view(job_id, owner)
+
+    # ------------------------------------------------------------------ called by the workers
+    def mark_running(self, job: QueuedJob, started: float) -> None:
+        self.store.update_job(job.id, status=RUNNING, started=started)
+        job.status = RUNNING
+
+    def finish(self, job: QueuedJob, status: str, error: str | None = None, images: list[ImageRow] = ()) -> None:
+        self.store.finish_job(job.id, status, error=error, images=list(images))
+        job.status = status
+        self.queue.done(job)
+        self.metrics.finished(status, time.time_ns() - job.created_ns, len(images))
+        data: dict[str, Any] = {"status": status}
+        if error:
+            data["error"] = error
+        if images:
+            data["images"] = [image_url(image.id) for image in images]
+        job.events.add(status, data, last=True)
+
+    def requeue_later(self, job: QueuedJob) -> None:
+        """The server stops while ``job`` runs: it stays queued in the database for the next start."""
+        self.store.update_job(job.id, status=QUEUED, started=None)
+        self.queue.done(job)
+
+    def save_images(self, job: QueuedJob, images: list) -> None:
+        rows = []
+        n = job.settings.num_images_per_prompt
+        prompts, negatives = job.prompts, job.negative_prompts
+        for index, image in enumerate(images):
+            # What reproduces this image alone, as the CLI writes it (`faceid generate --settings IMAGE.png`).
+            settings = job.settings.replace(
+                prompt=prompts[index // n],
+                negative_prompt=negatives[index // n],
+                seed=job.settings.seed[index],
+                num_images_per_prompt=1,
+            )
+            image_id = new_id()
+            metadata = {
+                **settings.to_json(),
+                "identity_id": job.identity_ids[index // n],
+                "generation_id": job.id,
+                "faceid_version": __version__,
+            }
+            save_png(image, self.data.image(image_id), metadata)
+            rows.append(ImageRow(id=image_id, owner=job.owner, job_id=job.id, index=index, settings=settings.to_json()))
+        self.finish(job, DONE, images=rows)
+
+    # ------------------------------------------------------------------ images, models, health
+    def image_path(self, image_id: str, owner: str):
+        row = self.store.image(image_id, owner) if is_id(image_id) else None
+        if row is None:
+            raise NotFound(f"no image {image_id}: image URLs come from GET /v1/generations/{{id}}")
+        return self.data.image(image_id)
+
+    def models(self) -> dict[str, Any]:
+        workers = []
+        for worker in self.workers:
+            pipe = worker.pipeline
+            entry = {"device": worker.device, "loaded": pipe is not None, "error": worker.load_error}
+            if pipe is not None:
+                entry.update(
+                    device=str(pipe.device),
+                    dtype=str(pipe.pipe.unet.dtype).removeprefix("torch."),
+                    family=pipe.family,
+                    base_model=pipe.base_model,
+                    adapter=pipe.adapter_source,
+                    vae=pipe.vae_source,
+                    variant=pipe.adapter.spec.architecture().name,
+                    loras=pipe.lora_sources(),
+                )
+            workers.append(entry)
+        defaults = None
+        try:
+            defaults = self.pipeline.resolve_settings(GenerationSettings()).to_json()
+        except FaceIDError:
+            pass
+        return {"configured": self.config.models, "workers": workers, "defaults": defaults}
+
+    def health(self) -> dict[str, Any]:
+        loaded = [w.pipeline is not None for w in self.workers]
+        return {
+            "status": "ok"
+            if any(loaded)
+            else "loading"
+            if not all(w.loaded.is_set() for w in self.workers)
+            else "error",
+            "version": __version__,
+            "workers": len(self.workers),
+            "workers_loaded": sum(loaded),
+            "queue_depth": self.queue.depth,
+            "running": self.queue.running,
+            "authenticated": bool(self.config.api_keys),
+        }
+
+
+def image_url(image_id: str) -> str:
+    return f"/v1/images/{image_id}.png"
+
+
+def crop_url(identity_id: str, k: int) -> str:
+    return f"/v1/identities/{identity_id}/crops/{k}.png"

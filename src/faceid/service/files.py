@@ -1,0 +1,102 @@
+"""The data dir: where identities' photos, crops and embeddings and the generated images live.
+
+Every path is built from ids the server made (``new_id``: 32 hex digits), never from a request's file
+names or other values, and every path is checked to resolve inside the data dir before it is used.
+
+```
+DATA/
+  faceid.db                        the database (SQLite, unless --database-url)
+  identities/<identity>/           one folder per identity: deleting it deletes its biometric data
+    photo_<k>.png                  the photo as analysed (decoded, upright, no metadata)
+    crop_<k>.png                   the aligned 112x112 face
+    face_<k>.npz                   embedding, landmarks, box, aligned crops (what generation needs)
+  images/<image>.png               generated images, with their settings in the PNG text chunks
+```
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import FaceIDError
+
+ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")
+FILE_PATTERN = re.compile(r"^((photo|crop|face)_\d{1,4}\.(png|npz)|[0-9a-f]{32}\.png)$")
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def is_id(value: str) -> bool:
+    return bool(ID_PATTERN.fullmatch(value))
+
+
+class DataDir:
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).expanduser().resolve()
+        for sub in ("identities", "images"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+
+    def _inside(self, *parts: str) -> Path:
+        for part in parts:
+            if not (is_id(part) or FILE_PATTERN.fullmatch(part) or part in ("identities", "images")):
+                raise FaceIDError(f"not a server-made path component: {part!r}")
+        path = self.root.joinpath(*parts).resolve()
+        if not path.is_relative_to(self.root):
+            raise FaceIDError(f"{path} is outside the data dir {self.root}")
+        return path
+
+    # ------------------------------------------------------------------ identities
+    def identity_dir(self, identity_id: str) -> Path:
+        return self._inside("identities", identity_id)
+
+    def photo(self, identity_id: str, k: int) -> Path:
+        return self._inside("identities", identity_id, f"photo_{int(k)}.png")
+
+    def crop(self, identity_id: str, k: int) -> Path:
+        return self._inside("identities", identity_id, f"crop_{int(k)}.png")
+
+    def face(self, identity_id: str, k: int) -> Path:
+        return self._inside("identities", identity_id, f"face_{int(k)}.npz")
+
+    def remove_identity(self, identity_id: str) -> None:
+        folder = self.identity_dir(identity_id)
+        if folder.exists():
+            shutil.rmtree(folder)
+
+    def save_face(self, identity_id: str, k: int, face) -> None:
+        from ..atomic import atomic_path
+
+        with atomic_path(self.face(identity_id, k)) as tmp, open(tmp, "wb") as handle:
+            np.savez(
+                handle,
+                box=np.asarray(face.box, np.float32),
+                score=np.float32(face.score),
+                landmarks=np.asarray(face.landmarks, np.float32),
+                embedding=np.asarray(face.embedding, np.float32),
+                aligned=np.asarray(face.aligned, np.uint8),
+                crop_224=np.asarray(face.crop_224, np.uint8),
+            )
+
+    def load_face(self, identity_id: str, k: int):
+        from ..faces import Face
+
+        with np.load(self.face(identity_id, k)) as data:
+            return Face(
+                box=data["box"],
+                score=float(data["score"]),
+                landmarks=data["landmarks"],
+                embedding=data["embedding"],
+                aligned=data["aligned"],
+                crop_224=data["crop_224"],
+            )
+
+    # ------------------------------------------------------------------ images
+    def image(self, image_id: str) -> Path:
+        return self._inside("images", f"{image_id}.png")

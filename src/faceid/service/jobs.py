@@ -1,0 +1,194 @@
+"""The job queue: bounded, in submission order, handing workers batches of compatible jobs; and each job's
+events (what ``GET /v1/generations/{id}/events`` streams).
+
+The database holds every job (a restart finds them again); this is the in-memory side: who is waiting,
+who runs, their progress and their events.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..settings import GenerationSettings
+
+KEEP_FINISHED = 1000  # finished jobs whose events stay in memory (older ones are answered from the database)
+
+
+class QueueFull(Exception):
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(retry_after)
+        self.retry_after = retry_after
+
+
+class EventLog:
+    """Append-only events of one job; readers poll ``since(i)``. ``closed`` after the last event."""
+
+    def __init__(self) -> None:
+        self._items: list[tuple[str, dict]] = []
+        self._lock = threading.Lock()
+        self.closed = False
+
+    def add(self, kind: str, data: dict[str, Any], last: bool = False) -> None:
+        with self._lock:
+            if self.closed:
+                return
+            self._items.append((kind, data))
+            self.closed = last
+
+    def since(self, index: int) -> tuple[list[tuple[str, dict]], bool]:
+        with self._lock:
+            return self._items[index:], self.closed
+
+
+@dataclass(eq=False)
+class QueuedJob:
+    id: str
+    owner: str
+    settings: GenerationSettings  # resolved, one seed per image
+    identity_ids: list[str]  # one per prompt
+    created_ns: int
+    status: str = "queued"
+    step: int = 0
+    total: int = 0
+    cancel: threading.Event = field(default_factory=threading.Event)
+    events: EventLog = field(default_factory=EventLog)
+
+    @property
+    def prompts(self) -> list[str]:
+        prompt = self.settings.prompt
+        return [prompt] if isinstance(prompt, str) else list(prompt)
+
+    @property
+    def negative_prompts(self) -> list[str]:
+        negative = self.settings.negative_prompt
+        negatives = [negative] if isinstance(negative, str) else list(negative)
+        return negatives * len(self.prompts) if len(negatives) == 1 else negatives
+
+    @property
+    def images(self) -> int:
+        return len(self.prompts) * self.settings.num_images_per_prompt
+
+    @property
+    def batch_key(self) -> str:
+        """Jobs with the same key can share one UNet batch: everything but prompts and seeds is the same."""
+        return self.settings.model_dump_json(exclude={"prompt", "negative_prompt", "seed"})
+
+
+class JobQueue:
+    def __init__(self, max_queue: int, workers: int = 1) -> None:
+        self.max_queue = max_queue
+        self.workers = workers
+        self._cond = threading.Condition()
+        self._queued: list[QueuedJob] = []
+        self._running: dict[str, QueuedJob] = {}
+        self._jobs: OrderedDict[str, QueuedJob] = OrderedDict()  # every job this process knows
+        self._stopped = False
+        self.paused = False
+        self.mean_job_seconds = 10.0  # updated by the workers; for Retry-After
+
+    # ------------------------------------------------------------------ producers
+    def put(self, job: QueuedJob, force: bool = False) -> int:
+        """Queue ``job``; its position (0 = next). Refused with ``QueueFull`` when full, unless ``force``
+        (a restart re-queues every unfinished job whatever the bound)."""
+        with self._cond:
+            if not force and len(self._queued) >= self.max_queue:
+                waiting = len(self._queued) + len(self._running)
+                raise QueueFull(max(1, round(self.mean_job_seconds * waiting / max(1, self.workers))))
+            self._queued.append(job)
+            self._remember(job)
+            self._cond.notify_all()
+            return len(self._queued) - 1
+
+    def _remember(self, job: QueuedJob) -> None:
+        self._jobs[job.id] = job
+        finished = [k for k, j in self._jobs.items() if j.status not in ("queued", "running")]
+        for key in finished[: max(0, len(finished) - KEEP_FINISHED)]:
+            del self._jobs[key]
+
+    def get(self, job_id: str) -> QueuedJob | None:
+        with self._cond:
+            return self._jobs.get(job_id)
+
+    def position(self, job_id: str) -> int | None:
+        with self._cond:
+            for i, job in enumerate(self._queued):
+                if job.id == job_id:
+                    return i
+            return None
+
+    def cancel(self, job_id: str) -> str | None:
+        """``"queued"``: taken out of the queue at once; ``"running"``: it stops at its next step; None: neither."""
+        with self._cond:
+            for job in self._queued:
+                if job.id == job_id:
+                    self._queued.remove(job)
+                    job.cancel.set()
+                    return "queued"
+            job = self._running.get(job_id)
+            if job is not None:
+                job.cancel.set()
+                return "running"
+            return None
+
+    # ------------------------------------------------------------------ workers
+    def take(self, max_images: int, timeout: float = 0.5) -> list[QueuedJob]:
+        """The next job and the queued jobs after it that share its batch key, up to ``max_images`` images in
+        all (a job is never split; the first one runs even if alone it has more). Empty after ``timeout``."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._stopped or (self._queued and not self.paused), timeout):
+                return []
+            if self._stopped:
+                return []
+            first = self._queued[0]
+            batch, images = [first], first.images
+            for job in self._queued[1:]:
+                if job.batch_key == first.batch_key and images + job.images <= max_images:
+                    batch.append(job)
+                    images += job.images
+            for job in batch:
+                self._queued.remove(job)
+                self._running[job.id] = job
+                job.status = "running"
+            return batch
+
+    def done(self, job: QueuedJob) -> None:
+        with self._cond:
+            self._running.pop(job.id, None)
+            self._cond.notify_all()
+
+    def record_seconds(self, seconds: float) -> None:
+        self.mean_job_seconds = 0.8 * self.mean_job_seconds + 0.2 * seconds
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopped
+
+    def set_paused(self, paused: bool) -> None:
+        with self._cond:
+            self.paused = paused
+            self._cond.notify_all()
+
+    @property
+    def depth(self) -> int:
+        return len(self._queued)
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Until nothing is queued or running (tests)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            return self._cond.wait_for(
+                lambda: not self._queued and not self._running, max(0.0, deadline - time.monotonic())
+            )

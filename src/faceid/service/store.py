@@ -1,0 +1,193 @@
+"""The database: identities and their faces, generation jobs and their images, each row with its owner.
+
+SQLAlchemy 2 (any URL it takes; SQLite in the data dir by default). With SQLite, deleted rows are
+overwritten on disk (``secure_delete``): an identity's data that is deleted is gone, not left in free pages.
+Jobs are rows too, so a restart finds every job that was queued or running (``unfinished_jobs``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, Float, ForeignKey, Integer, String, Text, create_engine, event, select
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
+
+QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
+FINISHED = (DONE, FAILED, CANCELLED)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Identity(Base):
+    __tablename__ = "identities"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(64), index=True)
+    name: Mapped[str | None] = mapped_column(String(200))
+    created: Mapped[float] = mapped_column(Float)
+    faces: Mapped[list[IdentityFace]] = relationship(
+        back_populates="identity", cascade="all, delete-orphan", order_by="IdentityFace.k"
+    )
+
+
+class IdentityFace(Base):
+    """The face used from photo ``k`` of an identity (the largest one found); its arrays are in the data dir."""
+
+    __tablename__ = "identity_faces"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    identity_id: Mapped[str] = mapped_column(ForeignKey("identities.id", ondelete="CASCADE"), index=True)
+    owner: Mapped[str] = mapped_column(String(64))
+    k: Mapped[int] = mapped_column(Integer)
+    box: Mapped[list] = mapped_column(JSON)
+    score: Mapped[float] = mapped_column(Float)
+    faces_found: Mapped[int] = mapped_column(Integer)
+    identity: Mapped[Identity] = relationship(back_populates="faces")
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(64), index=True)
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    created_ns: Mapped[int] = mapped_column(BigInteger, index=True)  # queue order
+    identity_ids: Mapped[list] = mapped_column(JSON)  # one per prompt
+    settings: Mapped[dict] = mapped_column(JSON)  # resolved, one seed per image
+    started: Mapped[float | None] = mapped_column(Float)
+    finished: Mapped[float | None] = mapped_column(Float)
+    error: Mapped[str | None] = mapped_column(Text)
+    images: Mapped[list[ImageRow]] = relationship(back_populates="job", order_by="ImageRow.index")
+
+
+class ImageRow(Base):
+    __tablename__ = "images"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(64), index=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), index=True)
+    index: Mapped[int] = mapped_column(Integer)
+    settings: Mapped[dict] = mapped_column(JSON)
+    job: Mapped[Job] = relationship(back_populates="images")
+
+
+class Store:
+    """Sessions on one engine; every method opens its own, so threads (requests, workers) can share it."""
+
+    def __init__(self, url: str) -> None:
+        kwargs: dict[str, Any] = {}
+        self.sqlite = url.startswith("sqlite")
+        if self.sqlite:
+            kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+        self.engine = create_engine(url, **kwargs)
+        if self.sqlite:
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        Base.metadata.create_all(self.engine)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[Session]:
+        with self._sessions() as session, session.begin():
+            yield session
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # ------------------------------------------------------------------ identities
+    def add_identity(self, identity: Identity) -> None:
+        with self.session() as s:
+            s.add(identity)
+
+    def identity(self, identity_id: str, owner: str) -> Identity | None:
+        with self.session() as s:
+            found = s.get(Identity, identity_id)
+            if found is None or found.owner != owner:
+                return None
+            _ = list(found.faces)  # loaded before the session closes
+            return found
+
+    def identities(self, owner: str) -> list[Identity]:
+        with self.session() as s:
+            rows = s.scalars(select(Identity).where(Identity.owner == owner).order_by(Identity.created)).all()
+            for row in rows:
+                _ = list(row.faces)
+            return list(rows)
+
+    def identity_exists(self, identity_id: str, owner: str) -> bool:
+        return self.identity(identity_id, owner) is not None
+
+    def delete_identity(self, identity_id: str, owner: str) -> bool:
+        with self.session() as s:
+            found = s.get(Identity, identity_id)
+            if found is None or found.owner != owner:
+                return False
+            s.delete(found)
+        if self.sqlite:  # the write-ahead log still holds the deleted pages: fold it into the (zeroed) file
+            with self.engine.connect() as connection:
+                connection.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+        return True
+
+    # ------------------------------------------------------------------ jobs
+    def add_job(self, job: Job) -> None:
+        with self.session() as s:
+            s.add(job)
+
+    def job(self, job_id: str, owner: str | None = None) -> Job | None:
+        """The job; with ``owner``, only when it is theirs."""
+        with self.session() as s:
+            found = s.get(Job, job_id)
+            if found is None or (owner is not None and found.owner != owner):
+                return None
+            _ = list(found.images)
+            return found
+
+    def update_job(self, job_id: str, **values: Any) -> None:
+        with self.session() as s:
+            found = s.get(Job, job_id)
+            if found is not None:
+                for key, value in values.items():
+                    setattr(found, key, value)
+
+    def delete_job(self, job_id: str) -> None:
+        with self.session() as s:
+            found = s.get(Job, job_id)
+            if found is not None:
+                s.delete(found)
+
+    def unfinished_jobs(self) -> list[Job]:
+        """Jobs that were queued or running, oldest first (what a restart re-queues)."""
+        with self.session() as s:
+            return list(s.scalars(select(Job).where(Job.status.in_((QUEUED, RUNNING))).order_by(Job.created_ns)))
+
+    def finish_job(self, job_id: str, status: str, error: str | None = None, images: list[ImageRow] = ()) -> None:
+        with self.session() as s:
+            found = s.get(Job, job_id)
+            if found is None:
+                return
+            found.status, found.error, found.finished = status, error, time.time()
+            for image in images:
+                s.add(image)
+
+    # ------------------------------------------------------------------ images
+    def image(self, image_id: str, owner: str) -> ImageRow | None:
+        with self.session() as s:
+            found = s.get(ImageRow, image_id)
+            return found if found is not None and found.owner == owner else None
+
+
+def _sqlite_pragmas(connection, _record) -> None:
+    cursor = connection.cursor()
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA secure_delete=ON")  # deleted biometric rows are overwritten, not left in free pages
+    cursor.execute("PRAGMA journal_mode=WAL")  # readers (requests) do not wait for the writer (a worker)
+    cursor.close()
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)

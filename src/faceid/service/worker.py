@@ -1,0 +1,123 @@
+"""One generation thread per device: loads the pipeline once, takes batches of compatible jobs from the
+queue and runs each batch as one pipeline call.
+
+Jobs in a batch share the UNet batch (same model, size, steps, guidance, window...) but keep their own
+prompts, faces and seeds: the pipeline pairs prompt i with face i and gives image i its own seed, so a job
+gets the images it would get alone. Progress is reported at every step (``callback_on_step_end``); a
+cancelled job is dropped at its next step, and the call stops when every job in it is cancelled.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import traceback
+from typing import TYPE_CHECKING, Any
+
+from ..errors import FaceIDError
+
+if TYPE_CHECKING:
+    from .core import Service
+    from .jobs import QueuedJob
+
+logger = logging.getLogger(__name__)
+
+
+class _Stop(Exception):
+    """Raised from the step callback: every job in the batch was cancelled, or the server stops."""
+
+
+class Worker(threading.Thread):
+    def __init__(self, service: Service, device: str, pipeline: Any = None) -> None:
+        super().__init__(name=f"faceid-worker-{device}", daemon=True)
+        self.service = service
+        self.device = device
+        self.pipeline = pipeline
+        self.loaded = threading.Event()
+        self.load_error: str | None = None
+        self.batches = 0
+
+    def load(self) -> None:
+        """The pipeline, once (in this thread when started by ``run``)."""
+        if self.pipeline is None:
+            try:
+                self.pipeline = self.service.config.loader(self.device)
+            except Exception as exc:  # reported by /health and the start-up
+                self.load_error = f"{type(exc).__name__}: {exc}"
+                logger.error("could not load the models on %s: %s", self.device, self.load_error)
+        self.loaded.set()
+
+    def run(self) -> None:
+        self.load()
+        if self.pipeline is None:
+            return
+        queue = self.service.queue
+        while not queue.stopped:
+            batch = queue.take(self.service.config.max_batch)
+            if batch:
+                self.run_batch(batch)
+
+    # ------------------------------------------------------------------ one batch
+    def run_batch(self, batch: list[QueuedJob]) -> None:
+        service = self.service
+        started = time.time()
+        live: list[tuple[QueuedJob, list]] = []
+        for job in batch:
+            faces = service.identity_faces(job)
+            if isinstance(faces, str):  # the identity is gone
+                service.finish(job, "failed", error=faces)
+            else:
+                service.mark_running(job, started)
+                live.append((job, faces))
+        if not live:
+            return
+        first = live[0][0]
+        prompts = [p for job, _ in live for p in job.prompts]
+        negatives = [p for job, _ in live for p in job.negative_prompts]
+        faces = [identity for _, identities in live for identity in identities]
+        seeds = [s for job, _ in live for s in job.settings.seed]
+        total = first.settings.num_inference_steps
+        for job, _ in live:
+            job.step, job.total = 0, total
+        active = [job for job, _ in live]
+
+        def on_step_end(pipeline, step, timestep, callback_kwargs):
+            for job in list(active):
+                if job.cancel.is_set():
+                    active.remove(job)
+                    service.finish(job, "cancelled")
+                else:
+                    job.step = step + 1
+                    job.events.add("progress", {"step": job.step, "total": total})
+            if not active or service.queue.stopped:
+                raise _Stop()
+            return callback_kwargs
+
+        settings = first.settings.replace(prompt=prompts, negative_prompt=negatives, seed=seeds)
+        try:
+            result = self.pipeline(face=faces, settings=settings, callback_on_step_end=on_step_end)
+        except _Stop:
+            if service.queue.stopped:  # the server stops: the jobs wait for the next start
+                for job in active:
+                    service.requeue_later(job)
+            return
+        except FaceIDError as exc:
+            for job in active:
+                service.finish(job, "failed", error=str(exc))
+            return
+        except Exception as exc:
+            logger.error("generation failed: %s", traceback.format_exc())
+            for job in active:
+                service.finish(job, "failed", error=f"internal error ({type(exc).__name__}: {exc}); see the server log")
+            return
+        finally:
+            self.batches += 1
+        images = iter(result.images)
+        for job, _ in live:
+            mine = [next(images) for _ in range(job.images)]
+            if job in active and not job.cancel.is_set():
+                service.save_images(job, mine)
+            elif job in active:
+                service.finish(job, "cancelled")
+        service.queue.record_seconds((time.time() - started) / max(1, len(live)))
