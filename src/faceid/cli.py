@@ -159,6 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_score_arguments(sc)
     sc.set_defaults(func=cmd_score)
 
+    srv = commands.add_parser("serve", help="the HTTP API: enroll people from photos, queue generations of them")
+    add_serve_arguments(srv)
+    srv.set_defaults(func=cmd_serve)
+
     emb = commands.add_parser("embed", help="find the faces in a photo; save the embedding and aligned crop")
     emb.add_argument("photo", help="a photo with a face")
     emb.add_argument("--face-index", type=int, default=0, help="which face to save (0 = largest)")
@@ -240,6 +244,102 @@ def settings_from_args(args: argparse.Namespace):
         cli = GenerationSettings.model_fields["num_images_per_prompt"].json_schema_extra["cli"]
         given["num_images_per_prompt"] = cli["default"]
     return GenerationSettings.parse(base, **given)
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """``faceid serve``: where, who, limits; the model flags of ``generate`` (from ``GenerationSettings``)."""
+    from .settings import MODEL_FIELDS, GenerationSettings
+
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=7860, help="default 7860")
+    parser.add_argument("--data-dir", default="faceid-data", help="photos, crops, embeddings, images, database")
+    parser.add_argument(
+        "--database-url", default=None, help="any SQLAlchemy URL (default: sqlite:///DATA_DIR/faceid.db)"
+    )
+    add_settings_arguments(parser, exclude=tuple(f for f in GenerationSettings.model_fields if f not in MODEL_FIELDS))
+    parser.add_argument(
+        "--base-config",
+        default=None,
+        help="single-file base model offline: a diffusers folder of the same architecture for its configuration",
+    )
+    parser.add_argument("--face-models", default=None, help=FACE_MODELS_HELP)
+    parser.add_argument("--image-encoder", default=None, help="Plus only: CLIP ViT-H image encoder folder or repo")
+    parser.add_argument(
+        "--device",
+        action="append",
+        default=None,
+        help="cuda, cuda:1, cpu, mps (default: the best available); repeat for one generation worker per device",
+    )
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: fp16 on GPU, fp32 on CPU")
+    parser.add_argument("--api-key", action="append", default=None, metavar="KEY", help="require this key (repeatable)")
+    parser.add_argument("--api-keys-file", default=None, metavar="FILE", help="API keys, one per line")
+    parser.add_argument(
+        "--insecure-no-auth",
+        action="store_true",
+        help="serve on a non-loopback --host without API keys (anyone who reaches it can use it)",
+    )
+    for flag, default, text in (
+        ("--max-queue", 16, "queued generations before new ones get 429"),
+        ("--max-batch", 4, "images per pipeline call when compatible jobs run together"),
+        ("--max-images", 8, "images per generation request"),
+        ("--max-steps", 100, "denoising steps per request"),
+        ("--max-side", 2048, "image width and height"),
+        ("--max-upload-mb", 20, "size of one uploaded photo"),
+    ):
+        parser.add_argument(flag, type=_int_at_least(1), default=default, help=f"{text} (default {default})")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .service.config import ServeConfig, check_bind, read_api_keys
+
+    keys = read_api_keys(args.api_key or (), args.api_keys_file)
+    check_bind(args.host, keys, args.insecure_no_auth)  # before anything loads or is written
+    import torch
+    import uvicorn
+
+    from .pipeline import FaceIDPipeline
+    from .service import create_app
+
+    settings = settings_from_args(args)
+    analyzer = _face_analyzer(args.face_models)
+    dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
+
+    def load(device: str):
+        _quiet_model_loading()
+        return FaceIDPipeline.from_pretrained(
+            settings.base_model,
+            settings.adapter or DEFAULT_ADAPTER,
+            vae=settings.vae,
+            single_file_config=args.base_config,
+            device=None if device == "default" else device,
+            torch_dtype=dtype,
+            face_analyzer=analyzer,
+            image_encoder=args.image_encoder,
+            loras=list((settings.loras or {}).items()),
+            progress=False,
+        )
+
+    devices = tuple(args.device or ["default"])
+    # One device: load here, so that a model that cannot load is one error line before the server starts.
+    pipeline = load(devices[0]) if len(devices) == 1 else None
+    config = ServeConfig(
+        data_dir=args.data_dir,
+        database_url=args.database_url,
+        api_keys=keys,
+        max_queue=args.max_queue,
+        max_batch=args.max_batch,
+        max_images=args.max_images,
+        max_steps=args.max_steps,
+        max_side=args.max_side,
+        max_upload_bytes=args.max_upload_mb * 1024 * 1024,
+        devices=devices,
+        pipeline=pipeline,
+        loader=load,
+        analyzer=analyzer,
+        models={**settings.to_json(), "face_models": args.face_models, "devices": list(devices), "dtype": args.dtype},
+    )
+    uvicorn.run(create_app(config), host=args.host, port=args.port, log_level="info")
+    return 0
 
 
 def _face_analyzer(face_models: str | None):

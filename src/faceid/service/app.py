@@ -91,6 +91,25 @@ def identity_view(identity, warnings: list[str] = ()) -> IdentityView:
     )
 
 
+bearer = HTTPBearer(auto_error=False, description="one of the server's API keys (--api-key)")
+
+
+def owner(request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> str:
+    """The owner of a request: its API key's (hashed), or the local owner when the server has no keys."""
+    found = request.app.state.service.config.owner_of(credentials.credentials if credentials else None)
+    if found is None:
+        raise ApiError(
+            401,
+            "unauthorized",
+            "this server needs an API key: send the header 'Authorization: Bearer KEY' with one of its keys",
+            {"WWW-Authenticate": "Bearer"},
+        )
+    return found
+
+
+Owner = Annotated[str, Depends(owner)]
+
+
 def create_app(config: ServeConfig) -> FastAPI:
     service = Service(config)
 
@@ -117,21 +136,6 @@ def create_app(config: ServeConfig) -> FastAPI:
     app.state.service = service
     app.add_middleware(BodyLimit, limits={"/v1/identities": config.max_photos * config.max_upload_bytes + 65536})
     _install_error_handlers(app)
-
-    bearer = HTTPBearer(auto_error=False, description="one of the server's API keys (--api-key)")
-
-    def owner(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> str:
-        found = config.owner_of(credentials.credentials if credentials else None)
-        if found is None:
-            raise ApiError(
-                401,
-                "unauthorized",
-                "this server needs an API key: send the header 'Authorization: Bearer KEY' with one of its keys",
-                {"WWW-Authenticate": "Bearer"},
-            )
-        return found
-
-    Owner = Annotated[str, Depends(owner)]
 
     # ------------------------------------------------------------------ identities
     @app.post("/v1/identities", status_code=201, response_model=IdentityView, tags=["identities"])

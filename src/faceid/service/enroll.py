@@ -7,6 +7,7 @@ a decompression bomb, no face) is refused before a byte is written or a row adde
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -46,7 +47,8 @@ class Enroller:
         try:
             image = load_image(data, max_pixels=self.max_pixels)
         except ImageError as exc:
-            raise ImageError(f"{label}: {str(exc).replace('<image bytes>', 'the upload')}") from None
+            # load_image names bytes "<image bytes>": say "the photo", after the upload's label
+            raise ImageError(f"{label}: {re.sub(r'(Image (file )?)?<image bytes>', 'the photo', str(exc))}") from None
         with self._lock:
             faces = self.analyzer.analyze(np.asarray(image))
         if not faces:
