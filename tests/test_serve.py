@@ -438,7 +438,7 @@ def test_killed_server_loses_no_job(tmp_path, tiny_models, face_models_dir, face
     data = tmp_path / "data"
     command = [sys.executable, "-m", "faceid.cli", "serve", "--port", str(port), "--data-dir", str(data),
                "--base-model", str(tiny_models.sd15), "--adapter", str(tiny_models.adapter("faceid", "safetensors")),
-               "--face-models", str(face_models_dir), "--device", "cpu"]  # fmt: skip
+               "--face-models", str(face_models_dir), "--device", "cpu", "--max-steps", "1000"]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
     server = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
@@ -453,7 +453,7 @@ def test_killed_server_loses_no_job(tmp_path, tiny_models, face_models_dir, face
                 time.sleep(0.2)
         with httpx.Client(base_url=base, timeout=30) as http:
             identity = enroll(http, faces_dir, "obama.jpg").json()["id"]
-            job = generate(http, identity, num_inference_steps=400, seed=9).json()["id"]
+            job = generate(http, identity, num_inference_steps=150, seed=9).json()["id"]
             while time.monotonic() < deadline:
                 view = http.get(f"/v1/generations/{job}").json()
                 if view["status"] == "running" and view["progress"]["step"] >= 1:
