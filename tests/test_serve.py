@@ -76,6 +76,9 @@ def make_client(tmp_path, pipe, analyzer):
 
     yield make
     for client in opened:
+        held = client.app.state.service.workers[0].pipeline
+        if isinstance(held, Recording):
+            held.go.set()  # a failed test must not leave a worker waiting
         client.__exit__(None, None, None)
 
 
@@ -283,9 +286,13 @@ def test_cancel_queued_and_running(make_client, faces_dir, pipe):
     recording = Recording(pipe, hold=True)
     client = make_client(pipeline=recording)
     identity = enroll(client, faces_dir, "obama.jpg").json()["id"]
-    running = generate(client, identity, num_inference_steps=4).json()["id"]
+    running = generate(client, identity, num_inference_steps=4, scale=0.5).json()["id"]
     assert recording.started.wait(DEADLINE)  # at its first step, held
     queued = generate(client, identity, num_inference_steps=3).json()["id"]  # another size of batch: waits
+    # face analysis does not wait behind generation
+    assert enroll(client, faces_dir, "biden.jpg").status_code == 201
+    # a request's defaults are the server's, not the running job's (its scale 0.5 is the adapter's during its call)
+    assert client.get(f"/v1/generations/{queued}").json()["settings"]["scale"] == 1.0
 
     view = client.delete(f"/v1/generations/{queued}").json()
     assert view["status"] == "cancelled"  # at once

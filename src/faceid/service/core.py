@@ -59,6 +59,7 @@ class Service:
         self.queue = JobQueue(config.max_queue, workers=len(devices))
         self.workers = [Worker(self, device, config.pipeline) for device in devices]
         self.metrics = Metrics(self)
+        self.defaults: GenerationSettings | None = None  # set by start()
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ life
@@ -73,6 +74,9 @@ class Service:
         errors = [w.load_error for w in self.workers if w.load_error]
         if errors and len(errors) == len(self.workers):
             raise FaceIDError(f"no worker could load the models: {errors[0]}")
+        # The defaults a request gets, taken while no job runs: during a call the adapter's scale is the
+        # call's, so the pipeline's own defaults are read once, here, not while a worker generates.
+        self.defaults = self.pipeline.resolve_settings(GenerationSettings())
 
     def stop(self, timeout: float = 60.0) -> None:
         """Stop the workers; a running batch stops at its next step and its jobs stay queued for the next start."""
@@ -175,7 +179,9 @@ class Service:
             )
         if settings.face_index:
             raise FaceIDError("face_index: an identity already holds one face per photo (the largest); leave it out")
-        resolved = self.pipeline.resolve_settings(settings)
+        pipeline = self.pipeline
+        pipeline.resolve_settings(settings)  # refuses a request naming other models than the loaded ones
+        resolved = settings.resolve(pipeline.family, **self.defaults.model_dump(exclude_none=True))
         prompts = [resolved.prompt] if isinstance(resolved.prompt, str) else list(resolved.prompt)
         if identity_ids is not None:
             if not isinstance(resolved.prompt, list) or len(identity_ids) != len(prompts):
@@ -358,11 +364,7 @@ class Service:
                     loras=pipe.lora_sources(),
                 )
             workers.append(entry)
-        defaults = None
-        try:
-            defaults = self.pipeline.resolve_settings(GenerationSettings()).to_json()
-        except FaceIDError:
-            pass
+        defaults = self.defaults.to_json() if self.defaults is not None else None
         return {"configured": self.config.models, "workers": workers, "defaults": defaults}
 
     def health(self) -> dict[str, Any]:
