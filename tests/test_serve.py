@@ -62,7 +62,8 @@ class Recording:
 
 @pytest.fixture
 def make_client(tmp_path, pipe, analyzer):
-    """``make_client(**config)`` -> a TestClient (started) on an app in ``tmp_path/data``; closed after the test."""
+    """``make_client(**config)`` -> a TestClient (started) on an app in ``tmp_path/data``; closed after the test
+    (``make_client.close(client)`` closes one before)."""
     opened = []
 
     def make(pipeline=None, data_dir=None, **options):
@@ -74,6 +75,12 @@ def make_client(tmp_path, pipe, analyzer):
         opened.append(client)
         return client
 
+    def close(client):
+        """Stop a server before the test ends (a restart)."""
+        opened.remove(client)
+        client.__exit__(None, None, None)
+
+    make.close = close
     yield make
     for client in opened:
         held = client.app.state.service.workers[0].pipeline
@@ -382,12 +389,19 @@ def test_keys_file_and_bind_rules(tmp_path):
         check_bind("0.0.0.0", (), False)
 
 
-def test_serve_refuses_public_host_without_keys(tmp_path, capsys):
+def test_serve_refuses_bad_setups_before_writing(tmp_path, capsys):
     from faceid.cli import main
 
-    assert main(["serve", "--host", "0.0.0.0", "--data-dir", str(tmp_path / "d")]) == 2
+    data = str(tmp_path / "d")
+    assert main(["serve", "--host", "0.0.0.0", "--data-dir", data]) == 2
     err = capsys.readouterr().err
     assert "without authentication" in err and "--insecure-no-auth" in err
+    assert main(["serve", "--data-dir", data, "--api-keys-file", str(tmp_path / "none.txt")]) == 2
+    assert "API keys file not found" in capsys.readouterr().err
+    incomplete = tmp_path / "models"
+    incomplete.mkdir()
+    assert main(["serve", "--data-dir", data, "--face-models", str(incomplete)]) == 2
+    assert capsys.readouterr().err.startswith("faceid: error: ")
     assert not (tmp_path / "d").exists()
 
 
@@ -419,7 +433,7 @@ def test_restart_requeues_queued_and_running_jobs(make_client, faces_dir, tmp_pa
     orphan = generate(first, gone, seed=3).json()["id"]
     first.app.state.service.store.update_job(running, status="running", started=time.time())  # killed mid-run
     assert first.delete(f"/v1/identities/{gone}").status_code == 204
-    first.__exit__(None, None, None)  # the server goes away with its jobs unfinished
+    make_client.close(first)  # the server goes away with its jobs unfinished
 
     second = make_client()  # a new server on the same data dir
     for job in (queued, running):
@@ -429,6 +443,21 @@ def test_restart_requeues_queued_and_running_jobs(make_client, faces_dir, tmp_pa
     assert view["status"] == "failed" and "deleted" in view["error"] and "enroll" in view["error"]
     # events of a job finished before this server started come from the database
     assert [kind for kind, _ in events(second, orphan)] == ["failed"]
+
+
+def test_stopping_while_a_job_runs_keeps_it_for_the_next_start(make_client, faces_dir, pipe):
+    recording = Recording(pipe, hold=True)
+    first = make_client(pipeline=recording)
+    identity = enroll(first, faces_dir, "obama.jpg").json()["id"]
+    job = generate(first, identity, seed=4).json()["id"]
+    assert recording.started.wait(DEADLINE)
+    release = threading.Timer(0.3, recording.go.set)  # the step ends after the server began to stop
+    release.start()
+    make_client.close(first)  # a graceful stop: the job stops at its next step
+    release.join()
+    second = make_client()
+    view = wait_finished(second, job)
+    assert view["status"] == "done" and view["settings"]["seed"] == [4]
 
 
 def _free_port() -> int:

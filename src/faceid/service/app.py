@@ -12,7 +12,7 @@ import contextlib
 import json
 import logging
 import time
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
@@ -68,6 +68,24 @@ class IdentityView(BaseModel):
     created: float
     faces: list[FaceView]
     warnings: list[str] = []
+
+
+class Progress(BaseModel):
+    step: int = Field(description="denoising steps done")
+    total: int | None = Field(description="denoising steps in all")
+
+
+class JobView(BaseModel):
+    id: str
+    status: Literal["queued", "running", "done", "failed", "cancelled"]
+    queue_position: int | None = Field(description="jobs ahead of this one (0: next); None unless queued")
+    progress: Progress
+    images: list[str] = Field(description="URLs of the PNGs, once done")
+    identity_ids: list[str] = Field(description="the identity of each prompt")
+    settings: dict[str, Any] = Field(description="the GenerationSettings it runs with, every default resolved")
+    error: str | None = Field(description="why it failed")
+    started: float | None
+    finished: float | None
 
 
 class JobAccepted(BaseModel):
@@ -190,12 +208,12 @@ def create_app(config: ServeConfig) -> FastAPI:
             events_url=f"/v1/generations/{job.id}/events",
         )
 
-    @app.get("/v1/generations/{job_id}", tags=["generations"])
+    @app.get("/v1/generations/{job_id}", response_model=JobView, tags=["generations"])
     def get_generation(job_id: str, who: Owner) -> dict[str, Any]:
         """Status (queued, running, done, failed, cancelled), queue position, progress, image URLs, settings."""
         return service.job_view(job_id, who)
 
-    @app.delete("/v1/generations/{job_id}", tags=["generations"])
+    @app.delete("/v1/generations/{job_id}", response_model=JobView, tags=["generations"])
     def cancel_generation(job_id: str, who: Owner) -> dict[str, Any]:
         """Cancel: a queued job at once, a running one at its next step."""
         return service.cancel(job_id, who)

@@ -58,7 +58,7 @@ class Service:
         devices = ("default",) if config.pipeline is not None else config.devices
         self.queue = JobQueue(config.max_queue, workers=len(devices))
         self.workers = [Worker(self, device, config.pipeline) for device in devices]
-        self.metrics = Metrics(self)
+        self.metrics = Metrics(self.queue)
         self.defaults: GenerationSettings | None = None  # set by start()
         self._lock = threading.Lock()
 

@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-if TYPE_CHECKING:
-    from .core import Service
+from .jobs import JobQueue
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800)
 
 
 class Metrics:
-    def __init__(self, service: Service) -> None:
+    def __init__(self, queue: JobQueue) -> None:
         self.registry = registry = CollectorRegistry()
-        queue = service.queue
         Gauge("faceid_queue_depth", "generation jobs waiting", registry=registry).set_function(lambda: queue.depth)
         Gauge("faceid_jobs_running", "generation jobs running", registry=registry).set_function(lambda: queue.running)
         self.submitted = Counter("faceid_jobs_submitted", "generation jobs accepted", registry=registry)

@@ -13,13 +13,11 @@ import logging
 import threading
 import time
 import traceback
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from ..errors import FaceIDError
-
-if TYPE_CHECKING:
-    from .core import Service
-    from .jobs import QueuedJob
+from .config import ServeConfig
+from .jobs import JobQueue, QueuedJob
 
 logger = logging.getLogger(__name__)
 
@@ -28,8 +26,22 @@ class _Stop(Exception):
     """Raised from the step callback: every job in the batch was cancelled, or the server stops."""
 
 
+class JobHost(Protocol):
+    """What a worker needs from the service (``faceid.service.core.Service``): the queue, and the job's
+    lifecycle in the database and its events."""
+
+    config: ServeConfig
+    queue: JobQueue
+
+    def identity_faces(self, job: QueuedJob) -> list[list] | str: ...
+    def mark_running(self, job: QueuedJob, started: float) -> None: ...
+    def finish(self, job: QueuedJob, status: str, error: str | None = None) -> None: ...
+    def save_images(self, job: QueuedJob, images: list) -> None: ...
+    def requeue_later(self, job: QueuedJob) -> None: ...
+
+
 class Worker(threading.Thread):
-    def __init__(self, service: Service, device: str, pipeline: Any = None) -> None:
+    def __init__(self, service: JobHost, device: str, pipeline: Any = None) -> None:
         super().__init__(name=f"faceid-worker-{device}", daemon=True)
         self.service = service
         self.device = device
