@@ -267,6 +267,8 @@ def test_request_limits(make_client, faces_dir):
     error(generate(client, None), 422, "invalid_request", "identity_id")
     error(generate(client, "0" * 32), 404, "not_found", "GET /v1/identities")
     error(generate(client, identity, base_model="some/other-model"), 422, "invalid_request", "base_model")
+    form = client.post("/v1/generations", data={"identity_id": identity})
+    error(form, 422, "invalid_request", "Content-Type: application/json")
     big = {"prompt": "x" * 2_000_000, "identity_id": identity}
     error(client.post("/v1/generations", json=big), 413, "limit_exceeded", "larger than")
     error(client.get("/v1/nothing-here"), 404, "not_found", "/docs")
@@ -443,6 +445,28 @@ def test_restart_requeues_queued_and_running_jobs(make_client, faces_dir, tmp_pa
     assert view["status"] == "failed" and "deleted" in view["error"] and "enroll" in view["error"]
     # events of a job finished before this server started come from the database
     assert [kind for kind, _ in events(second, orphan)] == ["failed"]
+
+
+def test_job_of_a_deleted_identity_fails_saying_so(make_client, faces_dir):
+    client = make_client(start_workers=False)
+    identity = enroll(client, faces_dir, "obama.jpg").json()["id"]
+    job = generate(client, identity).json()["id"]
+    assert client.delete(f"/v1/identities/{identity}").status_code == 204
+    client.app.state.service.queue.set_paused(False)
+    view = wait_finished(client, job)
+    assert view["status"] == "failed" and "was deleted" in view["error"] and "enroll" in view["error"]
+
+
+def test_a_broken_file_fails_its_job_not_the_worker(make_client, faces_dir, tmp_path):
+    client = make_client(start_workers=False)
+    broken = enroll(client, faces_dir, "obama.jpg").json()["id"]
+    fine = enroll(client, faces_dir, "biden.jpg").json()["id"]
+    (tmp_path / "data" / "identities" / broken / "face_0.npz").write_bytes(b"not an npz file")
+    jobs = [generate(client, identity, seed=1).json()["id"] for identity in (broken, fine, broken, fine)]
+    client.app.state.service.queue.set_paused(False)
+    views = [wait_finished(client, job) for job in jobs]
+    assert [v["status"] for v in views] == ["failed", "done", "failed", "done"]
+    assert "internal error" in views[0]["error"] and "server log" in views[0]["error"]
 
 
 def test_stopping_while_a_job_runs_keeps_it_for_the_next_start(make_client, faces_dir, pipe):

@@ -316,6 +316,8 @@ def _install_error_handlers(app: FastAPI) -> None:
             message = str(error["msg"]).removeprefix("Value error, ")
             if error["type"] == "extra_forbidden":
                 message = "unknown field (GET /openapi.json lists the fields)"
+            if tuple(error["loc"]) == ("body",):
+                message += " (send a JSON object with the header Content-Type: application/json)"
             parts.append(f"{where}: {message}")
         return error_response(
             422, "invalid_request", "invalid request: " + "; ".join(parts) + "; fix it and send again"

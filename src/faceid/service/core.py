@@ -291,8 +291,8 @@ class Service:
         where = self.queue.cancel(job_id)
         if where == "queued":
             self.finish(self.queue.get(job_id), CANCELLED)
-        elif where is None:  # in the database only (a worker paused at start, or a race): cancel it there
-            self.store.finish_job(job_id, CANCELLED)
+        elif where is None:  # not in the queue (it just ended, or is being put back): only if it has not ended
+            self.store.finish_job(job_id, CANCELLED, unfinished_only=True)
         return self.job_view(job_id, owner)
 
     # ------------------------------------------------------------------ called by the workers

@@ -165,14 +165,18 @@ class Store:
         with self.session() as s:
             return list(s.scalars(select(Job).where(Job.status.in_((QUEUED, RUNNING))).order_by(Job.created_ns)))
 
-    def finish_job(self, job_id: str, status: str, error: str | None = None, images: list[ImageRow] = ()) -> None:
+    def finish_job(
+        self, job_id: str, status: str, error: str | None = None, images: list[ImageRow] = (), unfinished_only=False
+    ) -> bool:
+        """Set the job's end; with ``unfinished_only``, only if it has not ended yet. Whether it was set."""
         with self.session() as s:
             found = s.get(Job, job_id)
-            if found is None:
-                return
+            if found is None or (unfinished_only and found.status in FINISHED):
+                return False
             found.status, found.error, found.finished = status, error, time.time()
             for image in images:
                 s.add(image)
+        return True
 
     # ------------------------------------------------------------------ images
     def image(self, image_id: str, owner: str) -> ImageRow | None:

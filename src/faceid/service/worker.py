@@ -67,8 +67,15 @@ class Worker(threading.Thread):
         queue = self.service.queue
         while not queue.stopped:
             batch = queue.take(self.service.config.max_batch)
-            if batch:
+            if not batch:
+                continue
+            try:
                 self.run_batch(batch)
+            except Exception as exc:  # a broken file, a full disk...: the jobs fail, the worker goes on
+                logger.error("generation batch failed: %s", traceback.format_exc())
+                for job in batch:
+                    if job.status in ("queued", "running"):
+                        self.service.finish(job, "failed", error=_internal(exc))
 
     # ------------------------------------------------------------------ one batch
     def run_batch(self, batch: list[QueuedJob]) -> None:
@@ -76,7 +83,12 @@ class Worker(threading.Thread):
         started = time.time()
         live: list[tuple[QueuedJob, list]] = []
         for job in batch:
-            faces = service.identity_faces(job)
+            try:
+                faces = service.identity_faces(job)
+            except Exception as exc:  # an unreadable file of its identity: this job fails, not its batch
+                logger.error("could not read the identity of job %s: %s", job.id, traceback.format_exc())
+                service.finish(job, "failed", error=_internal(exc))
+                continue
             if isinstance(faces, str):  # the identity is gone
                 service.finish(job, "failed", error=faces)
             else:
@@ -121,7 +133,7 @@ class Worker(threading.Thread):
         except Exception as exc:
             logger.error("generation failed: %s", traceback.format_exc())
             for job in active:
-                service.finish(job, "failed", error=f"internal error ({type(exc).__name__}: {exc}); see the server log")
+                service.finish(job, "failed", error=_internal(exc))
             return
         finally:
             self.batches += 1
@@ -133,3 +145,7 @@ class Worker(threading.Thread):
             elif job in active:
                 service.finish(job, "cancelled")
         service.queue.record_seconds((time.time() - started) / max(1, len(live)))
+
+
+def _internal(exc: Exception) -> str:
+    return f"internal error ({type(exc).__name__}: {exc}); see the server log"
