@@ -8,7 +8,6 @@ who runs, their progress and their events.
 from __future__ import annotations
 
 import threading
-import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
@@ -184,11 +183,3 @@ class JobQueue:
     @property
     def running(self) -> int:
         return len(self._running)
-
-    def wait_idle(self, timeout: float) -> bool:
-        """Until nothing is queued or running (tests)."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            return self._cond.wait_for(
-                lambda: not self._queued and not self._running, max(0.0, deadline - time.monotonic())
-            )

@@ -8,7 +8,6 @@ Jobs are rows too, so a restart finds every job that was queued or running (``un
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -191,7 +190,3 @@ def _sqlite_pragmas(connection, _record) -> None:
     cursor.execute("PRAGMA secure_delete=ON")  # deleted biometric rows are overwritten, not left in free pages
     cursor.execute("PRAGMA journal_mode=WAL")  # readers (requests) do not wait for the writer (a worker)
     cursor.close()
-
-
-def dumps(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, default=str)

@@ -48,7 +48,6 @@ class Worker(threading.Thread):
         self.pipeline = pipeline
         self.loaded = threading.Event()
         self.load_error: str | None = None
-        self.batches = 0
 
     def load(self) -> None:
         """The pipeline, once (in this thread when started by ``run``)."""
@@ -135,8 +134,6 @@ class Worker(threading.Thread):
             for job in active:
                 service.finish(job, "failed", error=_internal(exc))
             return
-        finally:
-            self.batches += 1
         images = iter(result.images)
         for job, _ in live:
             mine = [next(images) for _ in range(job.images)]
