@@ -217,7 +217,14 @@ def test_a_call_leaves_the_users_adapter_state_as_it_was(sd15_pipe):
         assert not pipe.adapter.active
         torch.testing.assert_close(windowed, off, atol=0, rtol=0)  # a window does not switch it back on
         pipe.adapter.set_scale(0.5)
-        pipe("p", face, seed=1, scale=0.9, **size)
+        seen = []
+
+        def look(pipeline, step, timestep, kwargs):  # what another thread would read during the call
+            seen.append((pipe.adapter.scale, pipe.adapter.lora_scale, pipe.resolve_settings().scale))
+            return kwargs
+
+        pipe("p", face, seed=1, scale=0.9, lora_scale=0.2, callback_on_step_end=look, **size)
+        assert seen == [(0.5, 1.0, 0.5)] * 3  # the user's values, never the call's
         assert pipe.adapter.scale == 0.5 and not pipe.adapter.active
     finally:
         pipe.adapter.set_active(True)

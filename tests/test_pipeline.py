@@ -152,12 +152,13 @@ def test_identity_window_is_validated_and_user_callbacks_still_run(pipe):
     seen = []
 
     def callback(pipeline, step, timestep, kwargs):
-        seen.append((step, pipe.adapter.active))
+        seen.append((step, pipe.adapter.acting, pipe.adapter.active))
         return kwargs
 
     pipe("p", _embeddings(1), seed=0, identity_window=(0.0, 0.5), callback_on_step_end=callback, **SIZE)
     # steps 0,1 of 3 are inside [0, 0.5) for i/3 < 0.5 -> 0 and 1; the callback sees the next step's state
-    assert seen == [(0, True), (1, False), (2, False)]
+    # (the user's own setting, ``active``, stays on throughout)
+    assert seen == [(0, True, True), (1, False, True), (2, False, True)]
 
 
 # ---------------------------------------------------------------------- several photos of one person

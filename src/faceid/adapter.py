@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -56,9 +56,14 @@ class FaceIDAdapter:
         self._lora_layers: list[str] = []  # module paths of the PEFT layers that hold our LoRA
         self._peft: PeftInjection | None = None  # how to take the LoRA out again
         self._fused_weights: dict[str, torch.Tensor] | None = None
+        # The user's settings; a call's own values and its identity window are kept apart (``scaled``), so
+        # that reading these during a call, or after one, always gives what the user set.
         self._scale = 1.0
         self._lora_scale = 1.0
         self._active = True
+        self._call_scale: float | None = None
+        self._call_lora_scale: float | None = None
+        self._gate_open = True  # closed outside a call's identity window
 
     # ------------------------------------------------------------------ install / remove
     @classmethod
@@ -213,13 +218,13 @@ class FaceIDAdapter:
     # ------------------------------------------------------------------ knobs
     @property
     def scale(self) -> float:
+        """The identity strength the user set (a call's ``scale=`` does not change it)."""
         return self._scale
 
     def set_scale(self, scale: float) -> None:
         """Identity strength: the weight of the identity branch in every cross-attention layer."""
         self._scale = float(scale)
-        for processor in self.processors.values():
-            processor.scale = self._scale if self._active else 0.0
+        self._apply()
 
     @property
     def lora_scale(self) -> float:
@@ -227,44 +232,77 @@ class FaceIDAdapter:
 
     def set_lora_scale(self, lora_scale: float) -> None:
         """Weight of the identity LoRA (1.0 as released). Refused while fused: unfuse first."""
-        if self._fused_weights is not None and float(lora_scale) != self._lora_scale:
-            raise FaceIDError("the identity LoRA is fused into the UNet; call unfuse_lora() before changing lora_scale")
+        self._refuse_if_fused(lora_scale)
         self._lora_scale = float(lora_scale)
-        for path in self._lora_layers:
-            self.unet.get_submodule(path).set_scale(self.name, self._lora_scale if self._active else 0.0)
+        self._apply()
 
     @property
     def active(self) -> bool:
+        """Whether the user has the adapter switched on (a call's identity window does not change it)."""
         return self._active
+
+    @property
+    def acting(self) -> bool:
+        """Whether the adapter acts right now: switched on, and inside the running call's identity window."""
+        return self._active and self._gate_open
 
     def set_active(self, active: bool) -> None:
         """Switch the adapter's whole effect (identity branch and LoRA) off or back on; knobs are kept.
 
         Off, the UNet computes exactly what it computes without the adapter (both weights are 0, and a
-        zero-weight branch is skipped or adds exact zeros). Used for the per-call step window.
+        zero-weight branch is skipped or adds exact zeros).
         """
-        if not active and self._fused_weights is not None:
+        if not active:
+            self._refuse_off_if_fused()
+        self._active = bool(active)
+        self._apply()
+
+    @contextlib.contextmanager
+    def scaled(self, scale: float | None = None, lora_scale: float | None = None) -> Iterator[Callable[[bool], None]]:
+        """Inside the block, use ``scale`` and ``lora_scale`` (None: the user's) for one call.
+
+        Yields ``gate(open)``, which switches the adapter's effect off and on again within the block (the
+        identity window). The user's settings (``scale``, ``lora_scale``, ``active``) are never changed, so
+        they read the same during the call and are exactly what is in force after it.
+        """
+        if lora_scale is not None and self._lora_layers:
+            self._refuse_if_fused(lora_scale)
+
+        def gate(open_: bool) -> None:
+            if not open_:
+                self._refuse_off_if_fused()
+            self._gate_open = bool(open_)
+            self._apply()
+
+        self._call_scale = None if scale is None else float(scale)
+        self._call_lora_scale = None if lora_scale is None else float(lora_scale)
+        self._apply()
+        try:
+            yield gate
+        finally:
+            self._call_scale = self._call_lora_scale = None
+            self._gate_open = True
+            self._apply()
+
+    def _apply(self) -> None:
+        """Put the weights in force (the call's, else the user's; 0 when off) on the processors and the LoRA."""
+        on = self._active and self._gate_open
+        scale = self._scale if self._call_scale is None else self._call_scale
+        lora_scale = self._lora_scale if self._call_lora_scale is None else self._call_lora_scale
+        for processor in self.processors.values():
+            processor.scale = scale if on else 0.0
+        for path in self._lora_layers:
+            self.unet.get_submodule(path).set_scale(self.name, lora_scale if on else 0.0)
+
+    def _refuse_if_fused(self, lora_scale: float) -> None:
+        if self._fused_weights is not None and float(lora_scale) != self._lora_scale:
+            raise FaceIDError("the identity LoRA is fused into the UNet; call unfuse_lora() before changing lora_scale")
+
+    def _refuse_off_if_fused(self) -> None:
+        if self._fused_weights is not None:
             raise FaceIDError(
                 "the identity LoRA is fused into the UNet and cannot be switched off; unfuse_lora() first"
             )
-        self._active = bool(active)
-        self.set_scale(self._scale)
-        self.set_lora_scale(self._lora_scale)
-
-    @contextlib.contextmanager
-    def scaled(self, scale: float | None, lora_scale: float | None = None) -> Iterator[None]:
-        """Use ``scale`` (and ``lora_scale``) inside the block only; None keeps the current one."""
-        previous, previous_lora = self._scale, self._lora_scale
-        if scale is not None:
-            self.set_scale(scale)
-        try:
-            if lora_scale is not None and self._lora_layers:
-                self.set_lora_scale(lora_scale)
-            yield
-        finally:
-            self.set_scale(previous)
-            if self._lora_scale != previous_lora:
-                self.set_lora_scale(previous_lora)
 
     # ------------------------------------------------------------------ LoRA fusing
     def fuse_lora(self) -> None:

@@ -16,7 +16,7 @@ import json
 import logging
 import os
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -439,14 +439,15 @@ class FaceIDPipeline:
             known["shortcut"] = self.shortcut
         return known
 
+    @staticmethod
     def _window_callback(
-        self, window: tuple[float, float], steps: int, pipeline_kwargs: dict, active: bool = True
+        window: tuple[float, float], steps: int, pipeline_kwargs: dict, gate: Callable[[bool], None]
     ) -> dict:
-        """A step-end callback that switches the adapter on inside ``window`` (fractions of the steps) only.
+        """A step-end callback that lets the adapter act inside ``window`` (fractions of the steps) only.
 
-        Step i is inside when start <= i / steps < end; the switch for step i+1 happens at the end of
-        step i, and step 0's state is set here, before the loop. A user's own callback still runs. An
-        adapter the user switched off (``active`` False) stays off: the window only narrows.
+        Step i is inside when start <= i / steps < end; the gate for step i+1 is set at the end of step i,
+        and step 0's here, before the loop. A user's own callback still runs. The gate only narrows: an
+        adapter the user switched off stays off, and the user's settings are never touched.
         """
         start, end = window  # already checked by GenerationSettings
         user_callback = pipeline_kwargs.get("callback_on_step_end")
@@ -455,10 +456,10 @@ class FaceIDPipeline:
             return start <= step / steps < end
 
         def on_step_end(pipeline, step, timestep, callback_kwargs):
-            self.adapter.set_active(active and inside(step + 1))
+            gate(inside(step + 1))
             return user_callback(pipeline, step, timestep, callback_kwargs) if user_callback else callback_kwargs
 
-        self.adapter.set_active(active and inside(0))
+        gate(inside(0))
         extra = {"callback_on_step_end": on_step_end}
         if hasattr(user_callback, "tensor_inputs") and "callback_on_step_end_tensor_inputs" not in pipeline_kwargs:
             extra["callback_on_step_end_tensor_inputs"] = user_callback.tensor_inputs
@@ -547,28 +548,23 @@ class FaceIDPipeline:
         cross_attention_kwargs["ip_hidden_states"] = conditioning.identity_states(cfg)
         # Refuse before any work if other code took the adapter's processors: the identity would vanish.
         self.adapter.check_attached()
-        was_active = self.adapter.active  # the user's state, restored after the call
-        if run.identity_window is not None:
-            diffusers_kwargs.update(
-                self._window_callback(run.identity_window, run.num_inference_steps, diffusers_kwargs, was_active)
-            )
-        try:
-            with self.adapter.scaled(run.scale, run.lora_scale), self.adapter.caching():
-                result = self.pipe(
-                    **conditioning.pipe_kwargs,
-                    num_inference_steps=run.num_inference_steps,
-                    guidance_scale=run.guidance_scale,
-                    width=run.width,
-                    height=run.height,
-                    generator=generator,
-                    latents=latents,
-                    output_type=output_type,
-                    cross_attention_kwargs=cross_attention_kwargs,
-                    **diffusers_kwargs,
+        with self.adapter.scaled(run.scale, run.lora_scale) as gate, self.adapter.caching():
+            if run.identity_window is not None:
+                diffusers_kwargs.update(
+                    self._window_callback(run.identity_window, run.num_inference_steps, diffusers_kwargs, gate)
                 )
-        finally:
-            if self.adapter.active != was_active:
-                self.adapter.set_active(was_active)
+            result = self.pipe(
+                **conditioning.pipe_kwargs,
+                num_inference_steps=run.num_inference_steps,
+                guidance_scale=run.guidance_scale,
+                width=run.width,
+                height=run.height,
+                generator=generator,
+                latents=latents,
+                output_type=output_type,
+                cross_attention_kwargs=cross_attention_kwargs,
+                **diffusers_kwargs,
+            )
         return FaceIDOutput(
             images=result.images,
             faces=conditioning.faces,
