@@ -140,6 +140,7 @@ $("enroll-form").addEventListener("submit", async (event) => {
     else setStatus("enroll-status", "enrolled " + (identity.name || "this person") + ": the aligned faces are below");
     showCrops(identity);
     selectIdentity(identity);
+    $("photos").value = "";  // the next upload is a new person
     await loadLibrary();
   } catch (e) {
     setStatus("enroll-status", e.message, "error");
