@@ -12,12 +12,14 @@ import contextlib
 import json
 import logging
 import time
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -35,6 +37,7 @@ logger = logging.getLogger(__name__)
 JSON_BODY_LIMIT = 1024 * 1024
 SSE_POLL_SECONDS = 0.05
 SSE_KEEPALIVE_SECONDS = 15.0
+STATIC_DIR = Path(__file__).with_name("static")  # the web app: a static page over this API
 
 
 class ApiError(Exception):
@@ -248,6 +251,14 @@ def create_app(config: ServeConfig) -> FastAPI:
     def models(who: Owner) -> dict[str, Any]:
         """What is configured and loaded, and the defaults a generation gets."""
         return service.models()
+
+    # ------------------------------------------------------------------ the web app
+    @app.get("/", include_in_schema=False)
+    def web_app() -> FileResponse:
+        """The web app (a static page that calls the /v1 API from the browser, with the key it is given)."""
+        return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
     @app.get("/health", tags=["server"])
     def health() -> dict[str, Any]:

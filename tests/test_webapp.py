@@ -1,0 +1,154 @@
+"""The web app at ``/`` in a real browser: a real uvicorn server on the tiny models, Debian's chromium driven
+headless through Selenium. Enroll a real photo and see its aligned crop, generate and see the gallery, and see
+the error a photo without a face gives. Screenshots go to the test's tmp folder (and to ``FACEID_TEST_ARTIFACTS``
+when set). CI installs chromium and chromium-driver (.ci/run); without them this test fails, saying how."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+pytest.importorskip("fastapi")
+import uvicorn  # noqa: E402
+
+from faceid.service import ServeConfig, create_app  # noqa: E402
+
+WAIT = 60  # seconds any wait in this test may take
+INSTALL = "install them with: apt-get update && apt-get install -y chromium chromium-driver (CI's .ci/run does)"
+
+
+def browser_binaries() -> tuple[str, str]:
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if not chromium or not driver:
+        pytest.fail(f"the web app test needs chromium and chromedriver (found {chromium=}, {driver=}): {INSTALL}")
+    return chromium, driver
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def server(tmp_path, pipe, analyzer):
+    """A real uvicorn server (in a thread) on the tiny models; yields its base URL."""
+    app = create_app(ServeConfig(data_dir=tmp_path / "data", pipeline=pipe, analyzer=analyzer))
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + WAIT
+    while not srv.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    srv.should_exit = True
+    thread.join(WAIT)
+
+
+@pytest.fixture
+def browser():
+    chromium, driver_path = browser_binaries()
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        pytest.fail("the web app test needs selenium: pip install -e '.[test]' (it pins selenium)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        "--window-size=1280,1100",
+    ):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    driver.set_page_load_timeout(WAIT)
+    yield driver
+    driver.quit()
+
+
+def screenshot(driver, tmp_path: Path, name: str) -> Path:
+    path = tmp_path / f"webapp-{name}.png"
+    driver.save_screenshot(str(path))
+    if os.environ.get("FACEID_TEST_ARTIFACTS"):
+        folder = Path(os.environ["FACEID_TEST_ARTIFACTS"])
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, folder / path.name)
+    return path
+
+
+def loaded_images(driver, selector: str) -> int:
+    return driver.execute_script(
+        "return [...document.querySelectorAll(arguments[0])].filter(i => i.complete && i.naturalWidth > 0).length",
+        selector,
+    )
+
+
+def set_value(driver, element_id: str, value) -> None:
+    from selenium.webdriver.common.by import By
+
+    field = driver.find_element(By.ID, element_id)
+    field.clear()
+    field.send_keys(str(value))
+
+
+def test_web_app_enroll_generate_and_no_face_error(server, browser, faces_dir, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(browser, WAIT)
+    browser.get(server + "/")
+    assert browser.title == "faceid"
+    wait.until(lambda d: d.find_element(By.ID, "model").text.strip() not in ("",))
+    assert "no model" not in browser.find_element(By.ID, "model").text
+
+    # enroll a real photo: its aligned crop appears, and the person is chosen and in the library
+    set_value(browser, "name", "Barack <b>Obama</b>")  # shown as text, never as markup
+    browser.find_element(By.ID, "photos").send_keys(str(faces_dir / "obama.jpg"))
+    browser.find_element(By.ID, "enroll").click()
+    wait.until(lambda d: loaded_images(d, "#crops img.crop") == 1)
+    wait.until(lambda d: loaded_images(d, "#library img") == 1)
+    assert "Barack <b>Obama</b>" in browser.find_element(By.ID, "selected").text
+    assert "Barack <b>Obama</b>" in browser.find_element(By.ID, "library").text
+    assert not browser.find_elements(By.CSS_SELECTOR, "#library b")
+    screenshot(browser, tmp_path, "1-enrolled")
+
+    # generate two tiny images: progress, then the gallery with settings, download links and "same seed again"
+    for field, value in {"steps": 2, "width": 24, "height": 16, "seed": 7, "count": 2}.items():
+        set_value(browser, field, value)
+    browser.find_element(By.ID, "generate").click()
+    wait.until(lambda d: loaded_images(d, "#gallery img.generated") == 2)
+    assert browser.find_element(By.ID, "generate-status").text.startswith("done: 2 images")
+    captions = [c.text for c in browser.find_elements(By.CSS_SELECTOR, "#gallery figcaption")]
+    assert any("seed 7" in c for c in captions) and any("seed 8" in c for c in captions), captions
+    assert all("steps 2" in c and "24×16" in c for c in captions), captions
+    links = browser.find_elements(By.CSS_SELECTOR, "#gallery a[download]")
+    assert len(links) == 2 and all(a.get_attribute("href").startswith("blob:") for a in links)
+    screenshot(browser, tmp_path, "2-generated")
+    browser.find_elements(By.CSS_SELECTOR, "#gallery button")[0].click()
+    wait.until(lambda d: loaded_images(d, "#gallery img.generated") == 3)
+    first = browser.find_elements(By.CSS_SELECTOR, "#gallery figcaption")[0].text
+    assert "seed 7" in first or "seed 8" in first, first
+
+    # a photo without a face: the server's error is on the page
+    gray = tmp_path / "gray.png"
+    Image.new("RGB", (256, 256), (128, 128, 128)).save(gray)
+    browser.find_element(By.ID, "photos").send_keys(str(gray))
+    browser.find_element(By.ID, "enroll").click()
+    status = browser.find_element(By.ID, "enroll-status")
+    wait.until(lambda d: "error" in status.get_attribute("class") and status.text)
+    assert "photos[0] ('gray.png'): no face found" in status.text, status.text  # the only photo sent
+    screenshot(browser, tmp_path, "3-no-face")
+    print("screenshots in", tmp_path)
