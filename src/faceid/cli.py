@@ -278,6 +278,25 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="serve on a non-loopback --host without API keys (anyone who reaches it can use it)",
     )
+    parser.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="ADDRESS",
+        help="serve on Ray Serve: the API as ingress, one model replica per GPU (CPU replicas without GPUs); "
+        "ADDRESS of a running cluster (ray://... or auto), else a local Ray instance",
+    )
+    parser.add_argument(
+        "--replicas", type=_int_at_least(1), default=None, help="--ray: a fixed number of model replicas"
+    )
+    parser.add_argument(
+        "--max-replicas",
+        type=_int_at_least(1),
+        default=None,
+        help="--ray without --replicas: autoscale from 1 replica up to this many on queued requests "
+        "(default: the cluster's GPUs, or 1)",
+    )
     for flag, default, text in (
         ("--max-queue", 16, "queued generations before new ones get 429"),
         ("--max-batch", 4, "images per pipeline call when compatible jobs run together"),
@@ -301,6 +320,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .service import create_app
 
     settings = settings_from_args(args)
+    if args.ray is not None:
+        return _serve_on_ray(args, keys, settings)
     analyzer = _face_analyzer(args.face_models)
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
 
@@ -339,6 +360,52 @@ def cmd_serve(args: argparse.Namespace) -> int:
         models={**settings.to_json(), "face_models": args.face_models, "devices": list(devices), "dtype": args.dtype},
     )
     uvicorn.run(create_app(config), host=args.host, port=args.port, log_level="info")
+    return 0
+
+
+def _serve_on_ray(args: argparse.Namespace, keys: tuple[str, ...], settings) -> int:
+    """``faceid serve --ray``: the same app on Ray Serve (``faceid.service.ray_serve``)."""
+    try:
+        import ray
+        from ray import serve
+    except ImportError as exc:
+        raise FaceIDError("--ray needs Ray Serve: pip install 'faceid[cluster]'") from exc
+    from .service.ray_serve import APP_NAME, PipelineLoader, RayOptions, build_application
+
+    if args.device:
+        raise FaceIDError("--ray places the models itself (one replica per GPU): leave out --device")
+    ray.init(address=args.ray or None)
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    loader = PipelineLoader(
+        base_model=settings.base_model,
+        adapter=settings.adapter or DEFAULT_ADAPTER,
+        vae=settings.vae,
+        base_config=args.base_config,
+        image_encoder=args.image_encoder,
+        loras=tuple((settings.loras or {}).items()),
+        dtype=DTYPES[args.dtype] if args.dtype else None,
+        face_models=args.face_models,
+    )
+    options = RayOptions(
+        replicas=args.replicas,
+        max_replicas=args.max_replicas or max(1, gpus),
+        gpus=gpus > 0,
+        max_batch=args.max_batch,
+        config={
+            "data_dir": args.data_dir,
+            "database_url": args.database_url,
+            "api_keys": keys,
+            "max_queue": args.max_queue,
+            "max_images": args.max_images,
+            "max_steps": args.max_steps,
+            "max_side": args.max_side,
+            "max_upload_bytes": args.max_upload_mb * 1024 * 1024,
+            "face_models": args.face_models,
+            "models": {**settings.to_json(), "face_models": args.face_models, "ray": args.ray or "local"},
+        },
+    )
+    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.run(build_application(loader, options), name=APP_NAME, route_prefix="/", blocking=True)
     return 0
 
 

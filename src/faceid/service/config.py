@@ -40,6 +40,8 @@ class ServeConfig:
     analyzer: Any = None
     models: dict[str, Any] = field(default_factory=dict)  # what was configured, for GET /v1/models
     start_workers: bool = True  # False: jobs wait in the queue (tests of restarts)
+    # service -> its workers, instead of one ``Worker`` per device (Ray Serve: workers that hand jobs to replicas)
+    worker_factory: Callable[[Any], list] | None = None
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir).expanduser().absolute()

@@ -57,7 +57,11 @@ class Service:
         self.enroller = Enroller(analyzer, self.data, self.store, config.max_pixels, config.small_face)
         devices = ("default",) if config.pipeline is not None else config.devices
         self.queue = JobQueue(config.max_queue, workers=len(devices))
-        self.workers = [Worker(self, device, config.pipeline) for device in devices]
+        if config.worker_factory is not None:
+            self.workers = list(config.worker_factory(self))
+            self.queue.workers = len(self.workers)
+        else:
+            self.workers = [Worker(self, device, config.pipeline) for device in devices]
         self.metrics = Metrics(self.queue)
         self.defaults: GenerationSettings | None = None  # set by start()
         self._lock = threading.Lock()
@@ -317,7 +321,8 @@ class Service:
         self.store.update_job(job.id, status=QUEUED, started=None)
         self.queue.done(job)
 
-    def save_images(self, job: QueuedJob, images: list) -> None:
+    def save_images(self, job: QueuedJob, images: list, extra: dict[str, Any] | None = None) -> None:
+        """``extra``: more metadata for every PNG (Ray Serve: the replica that made it)."""
         rows = []
         n = job.settings.num_images_per_prompt
         prompts, negatives = job.prompts, job.negative_prompts
@@ -335,6 +340,7 @@ class Service:
                 "identity_id": job.identity_ids[index // n],
                 "generation_id": job.id,
                 "faceid_version": __version__,
+                **(extra or {}),
             }
             save_png(image, self.data.image(image_id), metadata)
             rows.append(ImageRow(id=image_id, owner=job.owner, job_id=job.id, index=index, settings=settings.to_json()))
@@ -348,22 +354,7 @@ class Service:
         return self.data.image(image_id)
 
     def models(self) -> dict[str, Any]:
-        workers = []
-        for worker in self.workers:
-            pipe = worker.pipeline
-            entry = {"device": worker.device, "loaded": pipe is not None, "error": worker.load_error}
-            if pipe is not None:
-                entry.update(
-                    device=str(pipe.device),
-                    dtype=str(pipe.pipe.unet.dtype).removeprefix("torch."),
-                    family=pipe.family,
-                    base_model=pipe.base_model,
-                    adapter=pipe.adapter_source,
-                    vae=pipe.vae_source,
-                    variant=pipe.adapter.spec.architecture().name,
-                    loras=pipe.lora_sources(),
-                )
-            workers.append(entry)
+        workers = [worker.describe() for worker in self.workers]
         defaults = self.defaults.to_json() if self.defaults is not None else None
         return {"configured": self.config.models, "workers": workers, "defaults": defaults}
 

@@ -59,6 +59,23 @@ class Worker(threading.Thread):
                 logger.error("could not load the models on %s: %s", self.device, self.load_error)
         self.loaded.set()
 
+    def describe(self) -> dict[str, Any]:
+        """What ``GET /v1/models`` says of this worker."""
+        pipe = self.pipeline
+        entry = {"device": self.device, "loaded": pipe is not None, "error": self.load_error}
+        if pipe is not None:
+            entry.update(
+                device=str(pipe.device),
+                dtype=str(pipe.pipe.unet.dtype).removeprefix("torch."),
+                family=pipe.family,
+                base_model=pipe.base_model,
+                adapter=pipe.adapter_source,
+                vae=pipe.vae_source,
+                variant=pipe.adapter.spec.architecture().name,
+                loras=pipe.lora_sources(),
+            )
+        return entry
+
     def run(self) -> None:
         self.load()
         if self.pipeline is None:

@@ -1,0 +1,109 @@
+"""``faceid serve --ray``: the FastAPI app on a local Ray Serve instance with 2 CPU model replicas (the tiny
+SD1.5 model, loaded by each replica from its path); jobs run on both replicas and give correct PNGs."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import io
+import json
+import shutil
+import socket
+import tempfile
+import time
+
+import pytest
+from PIL import Image
+
+pytest.importorskip("fastapi")
+ray = pytest.importorskip("ray")
+serve = pytest.importorskip("ray.serve")
+httpx = pytest.importorskip("httpx")
+
+from faceid.outputs import SETTINGS_KEY  # noqa: E402
+from faceid.service.ray_serve import APP_NAME, PipelineLoader, RayOptions, build_application  # noqa: E402
+
+TINY = {"num_inference_steps": 2, "width": 24, "height": 16}
+DEADLINE = 100.0  # the whole test: Ray up, replicas loaded, jobs done
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def ray_local():
+    """A local Ray instance (2 CPUs, a small object store, no dashboard, loopback); shut down even on failure."""
+    temp = tempfile.mkdtemp(prefix="ray")  # short: Ray's socket paths must fit in 107 bytes
+    ray.init(
+        num_cpus=2,
+        object_store_memory=200 * 1024 * 1024,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        _temp_dir=temp,
+        log_to_driver=False,
+    )
+    try:
+        yield
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+            shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_jobs_run_on_two_cpu_replicas(ray_local, tmp_path, tiny_models, face_models_dir, faces_dir):
+    start = time.monotonic()
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    loader = PipelineLoader(str(tiny_models.sd15), str(tiny_models.adapter("faceid", "safetensors")))
+    options = RayOptions(
+        replicas=2,
+        max_batch=2,
+        config={"data_dir": str(tmp_path / "data"), "face_models": str(face_models_dir), "max_steps": 10},
+    )
+    serve.run(build_application(loader, options), name=APP_NAME, route_prefix="/")
+
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
+        while (health := http.get("/health")).status_code != 200 or health.json()["status"] != "ok":
+            assert time.monotonic() - start < DEADLINE, health.text
+            time.sleep(0.2)
+        models = http.get("/v1/models").json()
+        assert models["workers"][0]["loaded"] and models["workers"][0]["family"] == "SD1.5", models
+        photo = (faces_dir / "obama.jpg").read_bytes()
+        identity = http.post("/v1/identities", files=[("photos", ("obama.jpg", photo, "image/jpeg"))]).json()["id"]
+
+        def submit(i: int) -> str:
+            body = {"prompt": f"a photo of a person, picture {i}", **TINY, "identity_id": identity, "seed": 10 + i}
+            response = http.post("/v1/generations", json=body)
+            assert response.status_code == 202, response.text
+            return response.json()["id"]
+
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            jobs = list(pool.map(submit, range(8)))
+        views = {}
+        while len(views) < len(jobs):
+            assert time.monotonic() - start < DEADLINE, f"jobs not done in {DEADLINE} s: {views}"
+            for job in jobs:
+                view = http.get(f"/v1/generations/{job}").json()
+                if view["status"] in ("done", "failed", "cancelled"):
+                    views[job] = view
+            time.sleep(0.1)
+
+        replicas = set()
+        for i, job in enumerate(jobs):
+            view = views[job]
+            assert view["status"] == "done" and len(view["images"]) == 1, view
+            response = http.get(view["images"][0])
+            assert response.status_code == 200 and response.headers["content-type"] == "image/png"
+            assert response.content.startswith(b"\x89PNG\r\n\x1a\n")
+            image = Image.open(io.BytesIO(response.content))
+            assert image.size == (24, 16)
+            meta = json.loads(image.text[SETTINGS_KEY])  # the settings that reproduce it, + who made it
+            assert meta["generation_id"] == job and meta["identity_id"] == identity and meta["seed"] == 10 + i
+            assert meta["prompt"] == f"a photo of a person, picture {i}" and meta["num_inference_steps"] == 2
+            replicas.add(meta["replica"])
+    assert len(replicas) == 2, replicas  # both model replicas made images
+    assert time.monotonic() - start < 120
