@@ -307,7 +307,23 @@ def _accelerate_launch(config: str, args: list[str], env: dict[str, str], cwd: P
         "--main_process_port", str(port), "-m", "faceid.cli", "train", *args,
     ]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", **env)
+    _clear_stale_extension_locks(env)
     return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=cwd)
+
+
+def _clear_stale_extension_locks(env: dict[str, str], older_than_s: float = 900.0) -> None:
+    """Remove torch extension build locks that a killed run left behind.
+
+    DeepSpeed JIT-builds a communication op under torch's ``FileBaton`` lock file at every start; a process
+    killed while holding it leaves the file, and every later start then waits on it forever. A build takes
+    a few minutes, so a lock older than ``older_than_s`` has no live owner.
+    """
+    import time
+
+    root = Path(env.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
+    for lock in root.glob("*/*/lock"):
+        if time.time() - lock.stat().st_mtime > older_than_s:
+            lock.unlink(missing_ok=True)
 
 
 def _launch_args(dataset, tiny_models, out, *extra) -> list[str]:
