@@ -79,14 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
         "flags given as well win",
     )
     add_settings_arguments(gen)
-    gen.add_argument(
-        "--base-config",
-        default=None,
-        help="single-file base model offline: a diffusers folder of the same architecture for its configuration",
-    )
-    gen.add_argument("--face-models", default=None, help=FACE_MODELS_HELP)
-    gen.add_argument("--device", default=None, help="cuda, cpu, mps (default: the best available)")
-    gen.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: fp16 on GPU, fp32 on CPU")
+    add_model_loading_arguments(gen)
     gen.add_argument("--fuse-lora", action="store_true", help="merge the identity LoRA into the UNet (faster)")
     gen.add_argument(
         "--best-of",
@@ -101,7 +94,6 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MODEL",
         help="CLIP model (Hub id or folder) to break identity-score ties by prompt fidelity (CLIP-T)",
     )
-    gen.add_argument("--image-encoder", default=None, help="Plus only: CLIP ViT-H image encoder folder or repo")
     gen.add_argument("--out", required=True, help="folder for the images and the contact sheet")
     gen.set_defaults(func=cmd_generate)
 
@@ -173,6 +165,36 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 EVAL_GRID_FIELDS = ("prompt", "seed", "scale", "num_images_per_prompt")
+
+
+def add_model_loading_arguments(
+    parser: argparse.ArgumentParser,
+    *,
+    several_devices: bool = False,
+    single_file: bool = True,
+    face_models: bool = True,
+) -> None:
+    """The flags that say how the models load, for every command that loads a pipeline (what to draw comes
+    from ``GenerationSettings``). ``several_devices``: ``--device`` repeats, one worker per device."""
+    if single_file:
+        parser.add_argument(
+            "--base-config",
+            default=None,
+            help="single-file base model offline: a diffusers folder of the same architecture for its configuration",
+        )
+    if face_models:
+        parser.add_argument("--face-models", default=None, help=FACE_MODELS_HELP)
+    parser.add_argument("--image-encoder", default=None, help="Plus only: CLIP ViT-H image encoder folder or repo")
+    if several_devices:
+        parser.add_argument(
+            "--device",
+            action="append",
+            default=None,
+            help="cuda, cuda:1, cpu, mps (default: the best available); repeat for one generation worker per device",
+        )
+    else:
+        parser.add_argument("--device", default=None, help="cuda, cpu, mps (default: the best available)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: fp16 on GPU, fp32 on CPU")
 
 
 def add_settings_arguments(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
@@ -257,20 +279,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--database-url", default=None, help="any SQLAlchemy URL (default: sqlite:///DATA_DIR/faceid.db)"
     )
     add_settings_arguments(parser, exclude=tuple(f for f in GenerationSettings.model_fields if f not in MODEL_FIELDS))
-    parser.add_argument(
-        "--base-config",
-        default=None,
-        help="single-file base model offline: a diffusers folder of the same architecture for its configuration",
-    )
-    parser.add_argument("--face-models", default=None, help=FACE_MODELS_HELP)
-    parser.add_argument("--image-encoder", default=None, help="Plus only: CLIP ViT-H image encoder folder or repo")
-    parser.add_argument(
-        "--device",
-        action="append",
-        default=None,
-        help="cuda, cuda:1, cpu, mps (default: the best available); repeat for one generation worker per device",
-    )
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: fp16 on GPU, fp32 on CPU")
+    add_model_loading_arguments(parser, several_devices=True)
     parser.add_argument("--api-key", action="append", default=None, metavar="KEY", help="require this key (repeatable)")
     parser.add_argument("--api-keys-file", default=None, metavar="FILE", help="API keys, one per line")
     parser.add_argument(
@@ -598,10 +607,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     )
     # Every generation setting but the grid's own axes (prompt, seed, scale, images per prompt).
     add_settings_arguments(parser, exclude=EVAL_GRID_FIELDS)
-    parser.add_argument("--image-encoder", default=None, help="Plus only: CLIP ViT-H image encoder folder or repo")
+    # --face-models comes with the scorer flags, which `faceid score` shares.
+    add_model_loading_arguments(parser, single_file=False, face_models=False)
     parser.add_argument("--batch-size", type=int, default=4, help="images per pipeline call (4)")
-    parser.add_argument("--device", default=None, help="cuda, cpu, mps (default: the best available)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: fp16 on GPU, fp32 on CPU")
     _add_scorer_arguments(parser)
     parser.add_argument("--no-resume", action="store_true", help="regenerate every image, even those already there")
     parser.add_argument(
