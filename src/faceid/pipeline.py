@@ -350,8 +350,7 @@ class FaceIDPipeline:
             raise FaceIDError(f"encode() takes the settings {', '.join(ENCODE_FIELDS)}; not {', '.join(unknown)}")
         if prompt is not None:
             overrides["prompt"] = list(prompt) if isinstance(prompt, tuple) else prompt
-        requested = GenerationSettings.parse(settings, **overrides)
-        encoded = requested.resolve(self.family, **self._known_defaults())
+        encoded = self.resolve_settings(GenerationSettings.parse(settings, **overrides))
         combine = encoded.combine
         found = identity.collect(
             face, lambda photo: self.face_analyzer.get(photo, index=encoded.face_index), face_image
@@ -525,16 +524,14 @@ class FaceIDPipeline:
         if prompt is not None:
             overrides["prompt"] = list(prompt) if isinstance(prompt, tuple) else prompt
         requested = GenerationSettings.parse(settings, **overrides)
-        self._check_models(requested)
+        self._check_models(requested)  # before encoding: a request for other models fails at once
         if conditioning is None:
             conditioning = self.encode(
                 face=face, face_image=face_image, **requested.model_dump(include=set(ENCODE_FIELDS), exclude_unset=True)
             )
         else:
             self._check_same_encoding(requested, conditioning.settings)
-        run = requested.replace(**conditioning.settings.model_dump(include=set(ENCODE_FIELDS))).resolve(
-            self.family, **self._known_defaults()
-        )
+        run = self.resolve_settings(requested.replace(**conditioning.settings.model_dump(include=set(ENCODE_FIELDS))))
         total = len(conditioning.prompts) * conditioning.num_images_per_prompt
         if run.seed is None and generator is None and latents is None:
             run = run.replace(seed=[random.randrange(2**31) for _ in range(total)])  # every image reproducible
