@@ -125,6 +125,10 @@ def test_bad_settings_are_one_clear_error(tmp_path, faces_dir, sd15, face_models
     assert "width: must be a multiple of 8" in capsys.readouterr().err
     assert _generate(faces_dir / "obama.jpg", out, sd15, face_models_dir, "--window", "0.8", "0.2") == 2
     assert "identity_window" in capsys.readouterr().err
+    plain = tmp_path / "plain.png"
+    Image.new("RGB", (8, 8)).save(plain)  # a PNG that faceid did not write
+    assert _generate(faces_dir / "obama.jpg", out, sd15, face_models_dir, "--settings", str(plain)) == 2
+    assert "holds no faceid settings" in capsys.readouterr().err
     assert not out.exists()
 
 

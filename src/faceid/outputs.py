@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageOps, PngImagePlugin
 
 from .atomic import atomic_path
+from .errors import ImageError
 
 # Text-chunk key holding every setting as JSON; the common ones are also written as plain keys
 # ("prompt", "seed", ...) so image viewers and `exiftool` show them directly.
@@ -31,9 +32,15 @@ def save_png(image: Image.Image, path: str | Path, settings: Mapping[str, object
 
 
 def read_settings(path: str | Path) -> dict:
-    """The settings ``save_png`` stored in a PNG."""
-    with Image.open(path) as image:
-        return json.loads(image.text[SETTINGS_KEY])
+    """The settings ``save_png`` stored in a PNG; ``ImageError`` for a file that has none."""
+    try:
+        with Image.open(path) as image:
+            return json.loads(image.text[SETTINGS_KEY])
+    except (OSError, KeyError, AttributeError, ValueError) as exc:
+        raise ImageError(
+            f"{path} holds no faceid settings ({type(exc).__name__}): give a PNG that faceid wrote, with its "
+            "metadata intact, or a JSON file of generation settings"
+        ) from None
 
 
 def contact_sheet(
