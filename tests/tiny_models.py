@@ -450,3 +450,41 @@ class TinyModels:
             seed = self.seed + 100 + sorted(ADAPTERS).index(variant)
             self._adapters[variant] = build_adapter(unet, variant, self.root / "adapters", seed=seed)
         return self._adapters[variant][fmt]
+
+
+# ---------------------------------------------------------------------- few-step LoRAs
+# The module kinds the published few-step LoRAs adapt (attention, projections, feed-forward, ResNet convs
+# and time embeddings, as LCM-LoRA does), and how their files spell the keys:
+#   "kohya": lora_unet_<module, dots as _>.lora_down.weight / .lora_up.weight / .alpha, diffusers module
+#            names (LCM-LoRA, SDXL-Lightning and Hyper-SD, made for A1111/ComfyUI and diffusers alike);
+#   "diffusers-old": unet.<module>.lora.down.weight / .lora.up.weight, what diffusers' training scripts
+#            saved in early 2024 (TCD).
+FEW_STEP_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+                    "conv1", "conv2", "time_emb_proj")  # fmt: skip
+FEW_STEP_LAYOUTS = {"lcm": "kohya", "lightning": "kohya", "hyper": "kohya", "tcd": "diffusers-old"}
+
+
+def few_step_lora_state(unet, layout: str, rank: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A random LoRA for ``unet`` in a few-step LoRA's key layout (``FEW_STEP_LAYOUTS``), acting everywhere."""
+    generator = torch.Generator().manual_seed(seed)
+    state: dict[str, torch.Tensor] = {}
+    for path, module in unet.named_modules():
+        path = path.removesuffix(".base_layer")  # a layer that already carries a (PEFT) LoRA
+        if not path.endswith(FEW_STEP_TARGETS) or not isinstance(module, torch.nn.Linear | torch.nn.Conv2d):
+            continue
+        if isinstance(module, torch.nn.Linear):
+            down_shape, up_shape = (rank, module.in_features), (module.out_features, rank)
+        else:
+            down_shape = (rank, module.in_channels, *module.kernel_size)
+            up_shape = (module.out_channels, rank, 1, 1)
+        down = torch.randn(down_shape, generator=generator) * 0.1
+        up = torch.randn(up_shape, generator=generator) * 0.1
+        if layout == "kohya":
+            key = "lora_unet_" + path.replace(".", "_")
+            state.update({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up})
+            state[f"{key}.alpha"] = torch.tensor(float(rank) / 2)
+        elif layout == "diffusers-old":
+            state.update({f"unet.{path}.lora.down.weight": down, f"unet.{path}.lora.up.weight": up})
+        else:
+            raise KeyError(f"layout {layout!r}: one of kohya, diffusers-old")
+    return {key: tensor.to(torch.float16) for key, tensor in state.items()}

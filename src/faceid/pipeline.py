@@ -11,6 +11,7 @@ per call.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import logging
@@ -27,8 +28,10 @@ import torch
 from . import identity
 from .adapter import FaceIDAdapter, refuse_other_family
 from .checkpoints import AdapterSpec, load_state_dict
-from .errors import FaceIDError
-from .hub import model_not_found, offline, resolve_adapter
+from .errors import FaceIDError, MissingWeightsError
+from .fast import ETA_SCHEDULERS, make_scheduler, preset
+from .hub import fetch, model_not_found, offline, resolve_adapter
+from .identity_guidance import identity_guidance
 from .lora import LoraStack
 from .settings import ENCODE_FIELDS, GenerationSettings
 from .variants import DEFAULT_ADAPTER, released
@@ -64,9 +67,12 @@ class Conditioning:
     clip: dict[str, torch.Tensor] = field(default_factory=dict)  # Plus: CLIP pixels and features of the faces
     settings: GenerationSettings | None = None  # the encode-time settings (prompts, faces, combine...), resolved
 
-    def identity_states(self, classifier_free_guidance: bool) -> torch.Tensor:
-        """Identity tokens in the UNet's batch order: [uncond p0 p0 p1 p1 ; cond p0 p0 p1 p1]."""
+    def identity_states(self, classifier_free_guidance: bool, unconditional: bool = False) -> torch.Tensor:
+        """Identity tokens in the UNet's batch order: [uncond p0 p0 p1 p1 ; cond p0 p0 p1 p1]
+        (``unconditional``: the unconditional tokens of the conditional half alone)."""
         n = self.num_images_per_prompt
+        if unconditional:
+            return self.uncond_identity.repeat_interleave(n, dim=0)
         cond = self.identity.repeat_interleave(n, dim=0)
         if not classifier_free_guidance:
             return cond
@@ -180,6 +186,7 @@ class FaceIDPipeline:
         # The user LoRAs (load_lora); their text-encoder parts go onto the pipeline's text encoder(s).
         encoders = {key: getattr(pipe, key, None) for key in ("text_encoder", "text_encoder_2")}
         self.lora_stack = LoraStack(pipe.unet, encoders)
+        self._fast_loras: dict[str, str] = {}  # few-step LoRAs loaded (adapter name -> file), see load_fast_lora
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -314,8 +321,10 @@ class FaceIDPipeline:
         self.lora_stack.remove(name)
 
     def lora_sources(self) -> dict[str, float]:
-        """The stacked LoRAs (not the identity LoRA) by the file they came from, with their weights."""
-        return self.lora_stack.sources()
+        """The stacked LoRAs (not the identity LoRA, nor a few-step preset's) by the file they came from, with
+        their weights."""
+        fast = set(self._fast_loras.values())
+        return {source: weight for source, weight in self.lora_stack.sources().items() if source not in fast}
 
     @property
     def loras(self) -> dict[str, float]:
@@ -540,12 +549,32 @@ class FaceIDPipeline:
         if generator is None and run.seed is not None:
             generator = seeded_generators(run.seed)
 
+        # As diffusers decides it: guidance above 1 on a UNet without a distilled guidance embedding.
         cfg = run.guidance_scale > 1 and self.pipe.unet.config.time_cond_proj_dim is None
         cross_attention_kwargs = dict(diffusers_kwargs.pop("cross_attention_kwargs", None) or {})
         cross_attention_kwargs["ip_hidden_states"] = conditioning.identity_states(cfg)
+        scheduler = self._scheduler_for(run)
+        if run.eta is not None:
+            diffusers_kwargs["eta"] = run.eta
+        fast_lora = self._fast_lora(run.fast) if run.fast else None
         # Refuse before any work if other code took the adapter's processors: the identity would vanish.
         self.adapter.check_attached()
-        with self.adapter.scaled(run.scale, run.lora_scale) as gate, self.adapter.caching():
+        with contextlib.ExitStack() as stack:
+            gate = stack.enter_context(self.adapter.scaled(run.scale, run.lora_scale))
+            stack.enter_context(self.adapter.caching())
+            if scheduler is not None:
+                stack.enter_context(_swapped(self.pipe, "scheduler", scheduler))
+            if fast_lora is not None:
+                stack.enter_context(self.lora_stack.weighted(fast_lora, 1.0))
+            stack.enter_context(
+                identity_guidance(
+                    self.pipe.unet,
+                    run.identity_guidance,
+                    run.guidance_scale,
+                    cfg,
+                    conditioning.identity_states(False, unconditional=True),
+                )
+            )
             if run.identity_window is not None:
                 diffusers_kwargs.update(
                     self._window_callback(run.identity_window, run.num_inference_steps, diffusers_kwargs, gate)
@@ -568,6 +597,42 @@ class FaceIDPipeline:
             nsfw_content_detected=getattr(result, "nsfw_content_detected", None),
             settings=run,
         )
+
+    # ------------------------------------------------------------------ samplers and few-step presets
+    def _scheduler_for(self, run: GenerationSettings):
+        """The call's own scheduler (a fresh one on the base model's noise schedule), or None to keep the
+        pipeline's; refuses ``eta`` for a sampler that would silently ignore it."""
+        scheduler = None if run.scheduler is None else make_scheduler(run.scheduler, self.pipe.scheduler.config)
+        used = type(scheduler or self.pipe.scheduler).__name__
+        if run.eta is not None and used not in ETA_SCHEDULERS:
+            raise FaceIDError(f"eta applies to the DDIM and TCD samplers only, not {used}: leave it out")
+        return scheduler
+
+    def load_fast_lora(self, name: str, source: str | os.PathLike | None = None) -> str:
+        """Load the distillation LoRA of few-step preset ``name`` (``faceid.fast.PRESETS``) for this base
+        model's family: ``source`` (a local file), else the pinned Hub file (downloaded once, checked against
+        its sha256). Calls with ``fast=name`` load it themselves; this does it ahead (a server at start, or a
+        machine without internet from a copied file). It stays loaded, with weight 0 outside those calls."""
+        adapter_name = f"fast-{name}"
+        if adapter_name in self._fast_loras:
+            return adapter_name
+        file = preset(name).lora(self.family)
+        if source is not None:
+            path = Path(source)
+        else:
+            try:
+                path = fetch(file)
+            except MissingWeightsError as exc:
+                raise MissingWeightsError(
+                    f"{exc}. Or load a copy of the file: pipe.load_fast_lora({name!r}, PATH) in Python, "
+                    f"--fast-lora PATH on the command line"
+                ) from exc
+        self.lora_stack.load(path, name=adapter_name, weight=0.0, label=f"the {name} few-step LoRA ({path.name})")
+        self._fast_loras[adapter_name] = str(path)
+        return adapter_name
+
+    def _fast_lora(self, name: str) -> str:
+        return self.load_fast_lora(name)
 
     def _check_diffusers_kwargs(self, kwargs: Mapping[str, Any]) -> None:
         """Refuse an argument that is neither a generation setting nor one the diffusers pipeline takes
@@ -607,6 +672,17 @@ class FaceIDPipeline:
                     f"{key}={getattr(requested, key)!r} differs from the conditioning's {getattr(encoded, key)!r}: "
                     "encode() again with the new value"
                 )
+
+
+@contextlib.contextmanager
+def _swapped(owner: Any, attribute: str, value: Any):
+    """``owner.attribute = value`` inside the block only."""
+    original = getattr(owner, attribute)
+    setattr(owner, attribute, value)
+    try:
+        yield
+    finally:
+        setattr(owner, attribute, original)
 
 
 def _source_key(source: str) -> str:

@@ -19,6 +19,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import FaceIDError
+from .fast import PRESETS, SCHEDULERS
 
 DEFAULT_PROMPT = "best quality, high quality"
 DEFAULT_NEGATIVE_PROMPT = "monochrome, lowres, bad anatomy, worst quality, low quality"
@@ -35,6 +36,10 @@ MODEL_FIELDS = ("base_model", "vae", "adapter", "loras")
 def _flag(*names: str, **extra: Any) -> dict[str, Any]:
     """The command-line flag(s) of a field, kept next to its declaration."""
     return {"cli": {"flags": list(names), **extra}}
+
+
+FastName = Literal[tuple(PRESETS)]  # type: ignore[valid-type]
+SchedulerName = Literal[tuple(SCHEDULERS)]  # type: ignore[valid-type]
 
 
 class GenerationSettings(BaseModel):
@@ -92,6 +97,27 @@ class GenerationSettings(BaseModel):
     s_scale: float = Field(
         1.0, description="PlusV2: weight of the CLIP face structure", json_schema_extra=_flag("--s-scale")
     )
+    fast: FastName | None = Field(
+        None,
+        description="few-step preset: its distillation LoRA, scheduler, 4 steps and no guidance (faceid.fast)",
+        json_schema_extra=_flag("--fast"),
+    )
+    scheduler: SchedulerName | None = Field(
+        None,
+        description="sampler (default: the pipeline's, DDIM as the authors use it; a --fast preset's own); "
+        "name one for a distilled UNet, e.g. euler-trailing for an SDXL-Lightning UNet",
+        json_schema_extra=_flag("--scheduler"),
+    )
+    eta: float | None = Field(
+        None, ge=0, le=1, description="DDIM/TCD stochasticity (TCD preset: 0.3)", json_schema_extra=_flag("--eta")
+    )
+    identity_guidance: float = Field(
+        0.0,
+        ge=0,
+        description="identity guidance: push further from the same prompt without the identity (0 = off, no "
+        "extra UNet pass); helps few-step modes keep the likeness",
+        json_schema_extra=_flag("--identity-guidance"),
+    )
     identity_window: tuple[float, float] | None = Field(
         None,
         description="apply the identity only in this part of the denoising steps (fractions, e.g. 0 0.8)",
@@ -134,7 +160,7 @@ class GenerationSettings(BaseModel):
             raise ValueError("give at least one seed, or none for random seeds")
         return value
 
-    @field_validator("scale", "lora_scale", "s_scale", "guidance_scale")
+    @field_validator("scale", "lora_scale", "s_scale", "guidance_scale", "eta", "identity_guidance")
     @classmethod
     def _finite(cls, value: float | None) -> float | None:
         if value is not None and not math.isfinite(value):
@@ -184,6 +210,8 @@ class GenerationSettings(BaseModel):
             "negative_prompt": DEFAULT_NEGATIVE_PROMPT,
             **FAMILY_DEFAULTS[family],
             **known,
+            # A few-step preset's steps, guidance and sampler win over the family's (not over given values).
+            **(PRESETS[self.fast].settings_defaults(family) if self.fast else {}),
         }
         missing = {key: value for key, value in defaults.items() if getattr(self, key) is None}
         return self.replace(**missing) if missing else self

@@ -12,9 +12,10 @@ bare UNet, make one: ``LoraStack(unet).load("style.safetensors", weight=0.7)``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -180,6 +181,17 @@ class LoraStack:
             for encoder, _ in record.text_encoders.values():
                 set_adapter_weight(encoder, name, weight)
             record.weight = float(weight)
+
+    @contextlib.contextmanager
+    def weighted(self, name: str, weight: float) -> Iterator[None]:
+        """LoRA ``name`` at ``weight`` inside the block, back to its weight after it."""
+        record = self._records.get(name)
+        before = record.weight if record is not None else self.list()[name]
+        self.set_weight(name, weight)
+        try:
+            yield
+        finally:
+            self.set_weight(name, before)
 
     def remove(self, name: str) -> None:
         """Take out LoRA ``name`` (loaded by this stack), leaving the models exactly as ``load`` found them.
