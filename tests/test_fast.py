@@ -265,3 +265,32 @@ def test_identity_guidance_on_sdxl(sdxl_fast_pipe):
                                 identity_guidance=1.0, width=32, height=32, output_type="np")  # fmt: skip
     assert watch.batches == [2, 2] and np.isfinite(result.images).all()
     assert result.settings.identity_guidance == 1.0
+
+
+def test_cli_fast_preset_with_a_local_lora_file_reproduces_from_its_png(
+    tmp_path, capsys, tiny_models, faces_dir, face_models_dir
+):
+    from diffusers import UNet2DConditionModel
+    from PIL import Image
+
+    from faceid.cli import main
+    from faceid.outputs import read_settings
+
+    lora = tmp_path / "lcm.safetensors"
+    unet = UNet2DConditionModel.from_pretrained(tiny_models.sd15 / "unet")
+    save_file(few_step_lora_state(unet, FEW_STEP_LAYOUTS["lcm"]), str(lora))
+    common = ["--face", str(faces_dir / "obama.jpg"), "--face-models", str(face_models_dir), "--base-model",
+              str(tiny_models.sd15), "--adapter", str(tiny_models.adapter("faceid")), "--fast-lora", str(lora)]  # fmt: skip
+    argv = ["generate", *common, "--prompt", "p", "--fast", "lcm", "--identity-guidance", "1.5", "-n", "1",
+            "--seed", "3", "--width", "24", "--height", "16", "--out", str(tmp_path / "a")]  # fmt: skip
+    assert main(argv) == 0
+    first = tmp_path / "a" / "obama_s3.png"
+    stored = read_settings(first)
+    assert (stored["fast"], stored["scheduler"], stored["num_inference_steps"], stored["guidance_scale"]) == (
+        "lcm", "lcm", 4, 1.0)  # fmt: skip
+    assert stored["identity_guidance"] == 1.5
+    assert main(["generate", *common, "--settings", str(first), "--out", str(tmp_path / "b")]) == 0
+    again = tmp_path / "b" / "obama_s3.png"
+    np.testing.assert_array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(again)))
+    assert main(["generate", *common, "--prompt", "p", "--out", str(tmp_path / "c")]) != 0
+    assert "--fast-lora goes with --fast" in capsys.readouterr().err

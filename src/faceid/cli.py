@@ -173,6 +173,7 @@ def add_model_loading_arguments(
     several_devices: bool = False,
     single_file: bool = True,
     face_models: bool = True,
+    fast_lora: bool = True,
 ) -> None:
     """The flags that say how the models load, for every command that loads a pipeline (what to draw comes
     from ``GenerationSettings``). ``several_devices``: ``--device`` repeats, one worker per device."""
@@ -195,6 +196,13 @@ def add_model_loading_arguments(
     else:
         parser.add_argument("--device", default=None, help="cuda, cpu, mps (default: the best available)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: fp16 on GPU, fp32 on CPU")
+    if fast_lora:
+        parser.add_argument(
+            "--fast-lora",
+            default=None,
+            metavar="FILE",
+            help="with --fast: a local copy of the preset's LoRA file (default: the pinned Hub file, downloaded once)",
+        )
 
 
 def add_settings_arguments(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
@@ -279,7 +287,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--database-url", default=None, help="any SQLAlchemy URL (default: sqlite:///DATA_DIR/faceid.db)"
     )
     add_settings_arguments(parser, exclude=tuple(f for f in GenerationSettings.model_fields if f not in MODEL_FIELDS))
-    add_model_loading_arguments(parser, several_devices=True)
+    add_model_loading_arguments(parser, several_devices=True, fast_lora=False)
     parser.add_argument("--api-key", action="append", default=None, metavar="KEY", help="require this key (repeatable)")
     parser.add_argument("--api-keys-file", default=None, metavar="FILE", help="API keys, one per line")
     parser.add_argument(
@@ -686,6 +694,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         loras=list((settings.loras or {}).items()),
         progress=False,
     )
+    _load_fast_lora(pipe, settings, args)
     n = len(identities) * len(prompts) * len(seeds) * len(scales)
     print(
         f"evaluating {len(identities)} identities x {len(prompts)} prompts x {len(seeds)} seeds x "
@@ -836,6 +845,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         shortcut=settings.shortcut,
         loras=list((settings.loras or {}).items()),
     )
+    _load_fast_lora(pipe, settings, args)
     first_seed = settings.seed if settings.seed is not None else random.randrange(2**31)
     n = settings.num_images_per_prompt
     # One identity (this prompt's), from every photo given; encoded once for every round of best-of.
@@ -875,6 +885,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(path)
     print(f"contact sheet: {sheet_path}")
     return 0
+
+
+def _load_fast_lora(pipe, settings, args: argparse.Namespace) -> None:
+    """``--fast-lora FILE``: the preset's LoRA from a local copy instead of the Hub."""
+    if getattr(args, "fast_lora", None) is None:
+        return
+    if settings.fast is None:
+        raise FaceIDError("--fast-lora goes with --fast PRESET (the preset whose LoRA the file is)")
+    pipe.load_fast_lora(settings.fast, args.fast_lora)
 
 
 def _keep_best(images, seeds, faces, analyzer, args, prompt, keep):
