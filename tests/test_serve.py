@@ -380,7 +380,8 @@ def test_delete_images_and_generations(make_client, faces_dir, tmp_path):
     assert files_under(images) == [kept.split("/")[-1]]
     error(client.get(dropped, headers=a), 404, "not_found")
     error(client.delete(dropped, headers=a), 404, "not_found")
-    assert client.get(f"/v1/generations/{done}", headers=a).json()["images"] == [kept]
+    after = client.get(f"/v1/generations/{done}", headers=a).json()
+    assert after["images"] == [kept] and after["image_index"] == [0]  # the kept one is still image 0 (its seed)
 
     # a finished generation: DELETE still only cancels (409); ?purge=true deletes it
     error(client.delete(f"/v1/generations/{done}", headers=a), 409, "conflict", "already done", "purge=true")

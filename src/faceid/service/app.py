@@ -84,6 +84,10 @@ class JobView(BaseModel):
     queue_position: int | None = Field(description="jobs ahead of this one (0: next); None unless queued")
     progress: Progress
     images: list[str] = Field(description="URLs of the PNGs, once done")
+    image_index: list[int] = Field(
+        description="each image's place among those the generation made: its seed is settings.seed[i], its prompt "
+        "i // num_images_per_prompt (it stays when other images are deleted)"
+    )
     identity_ids: list[str] = Field(description="the identity of each prompt")
     settings: dict[str, Any] = Field(description="the GenerationSettings it runs with, every default resolved")
     error: str | None = Field(description="why it failed")

@@ -286,6 +286,7 @@ class Service:
                 "total": row.settings.get("num_inference_steps"),
             },
             "images": [image_url(image.id) for image in row.images],
+            "image_index": [image.index for image in row.images],
             "identity_ids": row.identity_ids,
             "settings": row.settings,
             "error": row.error,
