@@ -281,3 +281,13 @@ def test_web_app_cancels_a_queued_generation(make_server, browser, faces_dir, tm
     browser.find_element(By.CSS_SELECTOR, "#gallery button.delete-generation").click()
     wait.until(lambda d: not d.find_elements(By.CSS_SELECTOR, "#gallery .generation"))
     assert httpx.get(f"{url}/v1/generations/{job}").status_code == 404
+
+    # a queued generation the page finds on loading (GET /v1/generations) can be cancelled too
+    browser.find_element(By.ID, "generate").click()
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#gallery .generation[data-status=queued]"))
+    browser.refresh()
+    entry = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#gallery .generation[data-status=queued]"))[0]
+    job = entry.get_attribute("data-id")
+    entry.find_element(By.CSS_SELECTOR, "button.cancel").click()
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#gallery .generation[data-status=cancelled]"))
+    assert httpx.get(f"{url}/v1/generations/{job}").json()["status"] == "cancelled"

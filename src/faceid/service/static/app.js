@@ -277,20 +277,24 @@ function progressText(kind, data) {
 }
 
 // Follows a generation to its end (once, however often asked), keeping its gallery entry up to date and calling
-// onEvent(kind, data) with its progress; resolves to the generation's last view.
+// onEvent(kind, data) with its progress; resolves to the generation's last view. With stream, through its events
+// (one connection each: the browser allows 6 per server, so only the page's own generation streams), else and
+// after the stream by polling.
 const following = new Map();
-function follow(id, onEvent = () => {}) {
+function follow(id, onEvent = () => {}, stream = true) {
   if (!following.has(id)) following.set(id, watch().finally(() => following.delete(id)));
   return following.get(id);
 
   async function watch() {
     const url = "/v1/generations/" + id;
-    try {
-      await followEvents(url + "/events", (kind, data) => {
-        setEntryStatus(id, progressText(kind, data));
-        onEvent(kind, data);
-      });
-    } catch (e) { /* the stream broke off: polling below says how it ends */ }
+    if (stream) {
+      try {
+        await followEvents(url + "/events", (kind, data) => {
+          setEntryStatus(id, progressText(kind, data));
+          onEvent(kind, data);
+        });
+      } catch (e) { /* the stream broke off: polling below says how it ends */ }
+    }
     let view = await api(url);
     for (let i = 0; i < 1200 && !FINISHED.includes(view.status); i++) {
       showGeneration(view);
@@ -345,7 +349,7 @@ async function loadGallery(more = false) {
     if (!more) gallery.replaceChildren();
     for (const view of page.generations) {
       showGeneration(view, "append");
-      if (!FINISHED.includes(view.status)) follow(view.id).catch(() => {});
+      if (!FINISHED.includes(view.status)) follow(view.id, undefined, false).catch(() => {});
     }
     state.cursor = page.next_cursor;
     $("more").hidden = !page.next_cursor;
