@@ -332,6 +332,76 @@ def test_cancel_queued_and_running(make_client, faces_dir, pipe):
     assert 'faceid_jobs_finished_total{status="cancelled"} 2.0' in metrics
 
 
+# ---------------------------------------------------------------------- listing and deleting generations
+def test_list_generations_newest_first_in_pages(make_client, faces_dir):
+    client = make_client(api_keys=("key-a", "key-b"), start_workers=False)
+    a, b = {"Authorization": "Bearer key-a"}, {"Authorization": "Bearer key-b"}
+    identity = enroll(client, faces_dir, "obama.jpg", headers=a).json()["id"]
+    jobs = [generate(client, identity, headers=a, seed=seed).json()["id"] for seed in range(5)]
+    pages, cursor = [], None
+    while True:
+        params = {"limit": 2, **({"cursor": cursor} if cursor else {})}
+        page = client.get("/v1/generations", params=params, headers=a).json()
+        pages.append([view["id"] for view in page["generations"]])
+        for view in page["generations"]:  # each the same view as GET /v1/generations/{id}
+            assert view == client.get(f"/v1/generations/{view['id']}", headers=a).json()
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert pages == [jobs[4:2:-1], jobs[2:0:-1], jobs[:1]]  # newest first, 2 a page, nothing twice
+    first = client.get("/v1/generations", headers=a).json()
+    assert [v["id"] for v in first["generations"]] == jobs[::-1] and first["next_cursor"] is None
+    assert first["generations"][0]["status"] == "queued" and first["generations"][0]["queue_position"] == 4
+    assert client.get("/v1/generations", headers=b).json() == {"generations": [], "next_cursor": None}
+    error(client.get("/v1/generations"), 401, "unauthorized")
+    error(client.get("/v1/generations", params={"limit": 0}, headers=a), 422, "invalid_request", "limit")
+    error(client.get("/v1/generations", params={"limit": 101}, headers=a), 422, "invalid_request", "limit")
+    error(client.get("/v1/generations", params={"cursor": "../x"}, headers=a), 422, "invalid_request", "next_cursor")
+
+
+def test_delete_images_and_generations(make_client, faces_dir, tmp_path):
+    client = make_client(api_keys=("key-a", "key-b"))
+    a, b = {"Authorization": "Bearer key-a"}, {"Authorization": "Bearer key-b"}
+    images = tmp_path / "data" / "images"
+    prompt = "a photo of quetzalcoatl-the-unique"
+    identity = enroll(client, faces_dir, "obama.jpg", headers=a).json()["id"]
+    done = generate(client, identity, headers=a, prompt=prompt, num_images_per_prompt=2).json()["id"]
+    view = wait_finished(client, done, headers=a)
+    kept, dropped = view["images"]
+    assert files_under(images) == sorted(url.split("/")[-1] for url in view["images"])
+
+    # another key: 404 for everything, and nothing is deleted
+    error(client.delete(dropped, headers=b), 404, "not_found")
+    error(client.delete(f"/v1/generations/{done}", params={"purge": "true"}, headers=b), 404, "not_found")
+    assert len(files_under(images)) == 2
+
+    # one image: its PNG and row go, its generation lists the other
+    assert client.delete(dropped, headers=a).status_code == 204
+    assert files_under(images) == [kept.split("/")[-1]]
+    error(client.get(dropped, headers=a), 404, "not_found")
+    error(client.delete(dropped, headers=a), 404, "not_found")
+    after = client.get(f"/v1/generations/{done}", headers=a).json()
+    assert after["images"] == [kept] and after["image_index"] == [0]  # the kept one is still image 0 (its seed)
+
+    # a finished generation: DELETE still only cancels (409); ?purge=true deletes it
+    error(client.delete(f"/v1/generations/{done}", headers=a), 409, "conflict", "already done", "purge=true")
+    client.app.state.service.queue.set_paused(True)
+    queued = generate(client, identity, headers=a, prompt=prompt).json()["id"]
+    purge = {"purge": "true"}
+    error(client.delete(f"/v1/generations/{queued}", params=purge, headers=a), 409, "conflict", "cancel it first")
+    assert client.delete(f"/v1/generations/{queued}", headers=a).json()["status"] == "cancelled"
+    for job in (done, queued):
+        assert client.delete(f"/v1/generations/{job}", params=purge, headers=a).status_code == 204
+        error(client.get(f"/v1/generations/{job}", headers=a), 404, "not_found")
+        error(client.delete(f"/v1/generations/{job}", params=purge, headers=a), 404, "not_found")
+    assert files_under(images) == []
+    error(client.get(kept, headers=a), 404, "not_found")
+    assert client.get("/v1/generations", headers=a).json()["generations"] == []
+    for name in files_under(tmp_path / "data"):  # the prompt is gone from the database file and its log too
+        assert prompt.encode() not in (tmp_path / "data" / name).read_bytes(), name
+    assert client.get(f"/v1/identities/{identity}", headers=a).status_code == 200  # the person stays
+
+
 # ---------------------------------------------------------------------- batching
 def test_compatible_jobs_share_one_pipeline_call(make_client, faces_dir, pipe):
     recording = Recording(pipe)

@@ -1,6 +1,7 @@
 """The web app at ``/`` in a real browser: a real uvicorn server on the tiny models, Debian's chromium driven
-headless through Selenium. Enroll a real photo and see its aligned crop, generate and see the gallery, and see
-the error a photo without a face gives. Screenshots go to the test's tmp folder (and to ``FACEID_TEST_ARTIFACTS``
+headless through Selenium. Enroll a real photo and see its aligned crop, generate and see the gallery (kept over
+a reload), and see the error a photo without a face gives; with API keys, the key the page asks for (a wrong one
+refused) loads everything, images included; cancel a queued generation; delete images and generations. Screenshots go to the test's tmp folder (and to ``FACEID_TEST_ARTIFACTS``
 when set). CI installs chromium and chromium-driver (.ci/run); without them this test fails, saying how."""
 
 from __future__ import annotations
@@ -39,20 +40,34 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def server(tmp_path, pipe, analyzer):
-    """A real uvicorn server (in a thread) on the tiny models; yields its base URL."""
-    app = create_app(ServeConfig(data_dir=tmp_path / "data", pipeline=pipe, analyzer=analyzer))
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + WAIT
-    while not srv.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(WAIT)
+def make_server(tmp_path, pipe, analyzer):
+    """``make_server(**config)``: a real uvicorn server (in a thread) on the tiny models, its data in
+    ``tmp_path/data``; its base URL. Stopped after the test."""
+    running = []
+
+    def make(**options) -> str:
+        app = create_app(ServeConfig(data_dir=tmp_path / "data", pipeline=pipe, analyzer=analyzer, **options))
+        port = free_port()
+        srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+        thread = threading.Thread(target=srv.run, daemon=True)
+        thread.start()
+        running.append((srv, thread))
+        deadline = time.monotonic() + WAIT
+        while not srv.started:
+            assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.05)
+        return f"http://127.0.0.1:{port}"
+
+    yield make
+    for srv, thread in running:
+        srv.should_exit = True
+        thread.join(WAIT)
+
+
+@pytest.fixture
+def server(make_server):
+    """A server without API keys; its base URL."""
+    return make_server()
 
 
 @pytest.fixture
@@ -104,7 +119,24 @@ def set_value(driver, element_id: str, value) -> None:
     field.send_keys(str(value))
 
 
-def test_web_app_enroll_generate_and_no_face_error(server, browser, faces_dir, tmp_path):
+def image_files(data: Path) -> list[str]:
+    return sorted(p.name for p in (data / "images").iterdir())
+
+
+def enroll_and_generate(driver, wait, faces_dir, images: int) -> None:
+    """Enroll obama.jpg (its crop shows) and generate ``images`` tiny images (they show in the gallery)."""
+    from selenium.webdriver.common.by import By
+
+    driver.find_element(By.ID, "photos").send_keys(str(faces_dir / "obama.jpg"))
+    driver.find_element(By.ID, "enroll").click()
+    wait.until(lambda d: loaded_images(d, "#crops img.crop") == 1)
+    for field, value in {"steps": 2, "width": 24, "height": 16, "seed": 7, "count": images}.items():
+        set_value(driver, field, value)
+    driver.find_element(By.ID, "generate").click()
+    wait.until(lambda d: loaded_images(d, "#gallery img.generated") == images)
+
+
+def test_web_app_enroll_generate_and_no_face_error(server, browser, faces_dir, tmp_path, pipe):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -112,7 +144,9 @@ def test_web_app_enroll_generate_and_no_face_error(server, browser, faces_dir, t
     browser.get(server + "/")
     assert browser.title == "faceid"
     wait.until(lambda d: d.find_element(By.ID, "model").text.strip() not in ("",))
-    assert "no model" not in browser.find_element(By.ID, "model").text
+    assert not browser.find_element(By.ID, "key-form").is_displayed()  # no key to ask for
+    option = browser.find_element(By.CSS_SELECTOR, "#model option")  # a short label, the whole source as its title
+    assert (option.text, option.get_attribute("title")) == (Path(pipe.base_model).name, str(pipe.base_model))
 
     # enroll a real photo: its aligned crop appears, and the person is chosen and in the library
     set_value(browser, "name", "Barack <b>Obama</b>")  # shown as text, never as markup
@@ -137,10 +171,16 @@ def test_web_app_enroll_generate_and_no_face_error(server, browser, faces_dir, t
     links = browser.find_elements(By.CSS_SELECTOR, "#gallery a[download]")
     assert len(links) == 2 and all(a.get_attribute("href").startswith("blob:") for a in links)
     screenshot(browser, tmp_path, "2-generated")
-    browser.find_elements(By.CSS_SELECTOR, "#gallery button")[0].click()
+    browser.find_elements(By.CSS_SELECTOR, "#gallery button.again")[0].click()
     wait.until(lambda d: loaded_images(d, "#gallery img.generated") == 3)
     first = browser.find_elements(By.CSS_SELECTOR, "#gallery figcaption")[0].text
     assert "seed 7" in first or "seed 8" in first, first
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#gallery .generation")) == 2
+
+    # a reload keeps the gallery: it comes from GET /v1/generations, newest first
+    browser.refresh()
+    wait.until(lambda d: loaded_images(d, "#gallery img.generated") == 3)
+    assert [c.text for c in browser.find_elements(By.CSS_SELECTOR, "#gallery figcaption")][1:] == captions
 
     # a photo without a face: the server's error is on the page
     gray = tmp_path / "gray.png"
@@ -152,3 +192,102 @@ def test_web_app_enroll_generate_and_no_face_error(server, browser, faces_dir, t
     assert "photos[0] ('gray.png'): no face found" in status.text, status.text  # the only photo sent
     screenshot(browser, tmp_path, "3-no-face")
     print("screenshots in", tmp_path)
+
+
+def test_web_app_with_api_key_and_deleting(make_server, browser, faces_dir, tmp_path):
+    import httpx
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(browser, WAIT)
+    url = make_server(api_keys=("key-a",))
+    data = tmp_path / "data"
+    browser.get(url + "/")
+    key_status = browser.find_element(By.ID, "key-status")
+    wait.until(lambda d: "needs an API key" in key_status.text)
+    assert browser.find_element(By.ID, "key-form").is_displayed()
+    assert "enter the API key first" in browser.find_element(By.ID, "library").text
+
+    # a wrong key: refused, saying so
+    set_value(browser, "api-key", "wrong-key")
+    browser.find_element(By.ID, "use-key").click()
+    wait.until(lambda d: "error" in key_status.get_attribute("class") and "refused this API key" in key_status.text)
+    assert "models unavailable" in browser.find_element(By.ID, "model").text
+    screenshot(browser, tmp_path, "4-wrong-key")
+
+    # the right key: everything loads with it, the crop and the images too (an <img src> without it gets 401)
+    set_value(browser, "api-key", "key-a")
+    browser.find_element(By.ID, "use-key").click()
+    wait.until(lambda d: key_status.text == "key accepted")
+    assert browser.execute_script("return sessionStorage.getItem('faceid-api-key')") == "key-a"
+    assert browser.execute_script("return localStorage.getItem('faceid-api-key')") is None
+    enroll_and_generate(browser, wait, faces_dir, images=2)
+    sources = [i.get_attribute("src") for i in browser.find_elements(By.CSS_SELECTOR, "#gallery img, #crops img")]
+    assert len(sources) == 3 and all(src.startswith("blob:") for src in sources), sources
+    assert len(image_files(data)) == 2
+
+    # a reload: the key is kept for the tab, the gallery comes back
+    browser.refresh()
+    wait.until(lambda d: loaded_images(d, "#gallery img.generated") == 2)
+    assert browser.find_element(By.ID, "key-status").text == "key accepted"
+    screenshot(browser, tmp_path, "5-keyed-gallery")
+
+    # delete one image: gone from the page, the data dir and the API; the other stays
+    figures = browser.find_elements(By.CSS_SELECTOR, "#gallery figure")
+    dropped, kept = (f.find_element(By.CSS_SELECTOR, "a[download]").get_attribute("download") for f in figures)
+    figures[0].find_element(By.CSS_SELECTOR, "button.delete-image").click()
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#gallery figure")) == 1)
+    assert image_files(data) == [kept]
+    key = {"Authorization": "Bearer key-a"}
+    assert httpx.get(f"{url}/v1/images/{dropped}", headers=key).status_code == 404
+    assert httpx.get(f"{url}/v1/images/{kept}", headers=key).status_code == 200
+
+    # delete the generation: its entry, its last image and its row go
+    job = browser.find_element(By.CSS_SELECTOR, "#gallery .generation").get_attribute("data-id")
+    browser.find_element(By.CSS_SELECTOR, "#gallery button.delete-generation").click()
+    wait.until(lambda d: not d.find_elements(By.CSS_SELECTOR, "#gallery .generation"))
+    assert image_files(data) == []
+    assert httpx.get(f"{url}/v1/generations/{job}", headers=key).status_code == 404
+    assert "generated images appear here" in browser.find_element(By.ID, "gallery").text
+    assert browser.find_element(By.ID, "gallery-status").text == "generation deleted"
+
+
+def test_web_app_cancels_a_queued_generation(make_server, browser, faces_dir, tmp_path):
+    import httpx
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(browser, WAIT)
+    url = make_server(start_workers=False)  # jobs stay queued
+    browser.get(url + "/")
+    browser.find_element(By.ID, "photos").send_keys(str(faces_dir / "obama.jpg"))
+    browser.find_element(By.ID, "enroll").click()
+    wait.until(lambda d: loaded_images(d, "#crops img.crop") == 1)
+    set_value(browser, "steps", 2)
+    browser.find_element(By.ID, "generate").click()
+    entry = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#gallery .generation[data-status=queued]"))[0]
+    job = entry.get_attribute("data-id")
+    assert httpx.get(f"{url}/v1/generations/{job}").json()["status"] == "queued"
+    assert "queued" in browser.find_element(By.ID, "progress-text").text
+    screenshot(browser, tmp_path, "6-queued")
+
+    entry.find_element(By.CSS_SELECTOR, "button.cancel").click()
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#gallery .generation[data-status=cancelled]"))
+    assert httpx.get(f"{url}/v1/generations/{job}").json()["status"] == "cancelled"
+    status = browser.find_element(By.ID, "generate-status")
+    wait.until(lambda d: status.text == "generation cancelled")
+    assert browser.find_element(By.ID, "generate").is_enabled()  # ready for the next one
+    assert not browser.find_elements(By.CSS_SELECTOR, "#gallery button.cancel")  # a Delete button instead
+    browser.find_element(By.CSS_SELECTOR, "#gallery button.delete-generation").click()
+    wait.until(lambda d: not d.find_elements(By.CSS_SELECTOR, "#gallery .generation"))
+    assert httpx.get(f"{url}/v1/generations/{job}").status_code == 404
+
+    # a queued generation the page finds on loading (GET /v1/generations) can be cancelled too
+    browser.find_element(By.ID, "generate").click()
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#gallery .generation[data-status=queued]"))
+    browser.refresh()
+    entry = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#gallery .generation[data-status=queued]"))[0]
+    job = entry.get_attribute("data-id")
+    entry.find_element(By.CSS_SELECTOR, "button.cancel").click()
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#gallery .generation[data-status=cancelled]"))
+    assert httpx.get(f"{url}/v1/generations/{job}").json()["status"] == "cancelled"

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
+from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -84,11 +84,21 @@ class JobView(BaseModel):
     queue_position: int | None = Field(description="jobs ahead of this one (0: next); None unless queued")
     progress: Progress
     images: list[str] = Field(description="URLs of the PNGs, once done")
+    image_index: list[int] = Field(
+        description="each image's place among those the generation made: its seed is settings.seed[i], its prompt "
+        "i // num_images_per_prompt (it stays when other images are deleted)"
+    )
     identity_ids: list[str] = Field(description="the identity of each prompt")
     settings: dict[str, Any] = Field(description="the GenerationSettings it runs with, every default resolved")
     error: str | None = Field(description="why it failed")
+    created: float = Field(description="when it was submitted (Unix time)")
     started: float | None
     finished: float | None
+
+
+class GenerationPage(BaseModel):
+    generations: list[JobView] = Field(description="newest first")
+    next_cursor: str | None = Field(description="the next page's ?cursor=; None on the last page")
 
 
 class JobAccepted(BaseModel):
@@ -211,14 +221,37 @@ def create_app(config: ServeConfig) -> FastAPI:
             events_url=f"/v1/generations/{job.id}/events",
         )
 
+    @app.get("/v1/generations", response_model=GenerationPage, tags=["generations"])
+    def list_generations(
+        who: Owner,
+        limit: Annotated[int, Query(ge=1, le=100, description="generations per page")] = 20,
+        cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
+    ) -> dict[str, Any]:
+        """Your generations, newest first, a page at a time: follow ``next_cursor`` until it is null."""
+        return service.generations(who, limit, cursor)
+
     @app.get("/v1/generations/{job_id}", response_model=JobView, tags=["generations"])
     def get_generation(job_id: str, who: Owner) -> dict[str, Any]:
         """Status (queued, running, done, failed, cancelled), queue position, progress, image URLs, settings."""
         return service.job_view(job_id, who)
 
-    @app.delete("/v1/generations/{job_id}", response_model=JobView, tags=["generations"])
-    def cancel_generation(job_id: str, who: Owner) -> dict[str, Any]:
-        """Cancel: a queued job at once, a running one at its next step."""
+    @app.delete(
+        "/v1/generations/{job_id}",
+        response_model=JobView,
+        responses={204: {"description": "purged: the generation and its images are deleted"}},
+        tags=["generations"],
+    )
+    def cancel_generation(
+        job_id: str,
+        who: Owner,
+        purge: Annotated[bool, Query(description="delete a finished generation and its images")] = False,
+    ) -> Any:
+        """Cancel: a queued job at once, a running one at its next step (409 once finished). With
+        ``?purge=true``: delete a finished generation, its images' files and rows (409 while it is queued or
+        running: cancel it first); 404 for it afterwards."""
+        if purge:
+            service.delete_generation(job_id, who)
+            return Response(status_code=204)
         return service.cancel(job_id, who)
 
     @app.get(
@@ -245,6 +278,12 @@ def create_app(config: ServeConfig) -> FastAPI:
     def get_image(image_id: str, who: Owner):
         """A generated PNG, with the settings that reproduce it in its text chunks (as the CLI writes them)."""
         return FileResponse(service.image_path(image_id, who), media_type="image/png")
+
+    @app.delete("/v1/images/{image_id}.png", status_code=204, tags=["generations"])
+    def delete_image(image_id: str, who: Owner) -> Response:
+        """Delete a generated image (DELETE its URL): its PNG and its row; its generation lists the others."""
+        service.delete_image(image_id, who)
+        return Response(status_code=204)
 
     # ------------------------------------------------------------------ server
     @app.get("/v1/models", tags=["server"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import threading
 import time
 from typing import Any
@@ -26,6 +27,8 @@ from .store import CANCELLED, DONE, FAILED, FINISHED, QUEUED, RUNNING, ImageRow,
 from .worker import Worker
 
 logger = logging.getLogger(__name__)
+
+CURSOR = re.compile(r"^(\d{1,20})-([0-9a-f]{32})$")  # a page's next_cursor: created_ns-id of its last generation
 
 
 class NotFound(FaceIDError):
@@ -264,7 +267,10 @@ class Service:
         return row
 
     def job_view(self, job_id: str, owner: str) -> dict[str, Any]:
-        row = self.job(job_id, owner)
+        return self._view(self.job(job_id, owner))
+
+    def _view(self, row: Job) -> dict[str, Any]:
+        job_id = row.id
         live = self.queue.get(job_id)
         status = row.status
         if live is not None and status not in FINISHED and live.status == RUNNING:
@@ -280,18 +286,56 @@ class Service:
                 "total": row.settings.get("num_inference_steps"),
             },
             "images": [image_url(image.id) for image in row.images],
+            "image_index": [image.index for image in row.images],
             "identity_ids": row.identity_ids,
             "settings": row.settings,
             "error": row.error,
+            "created": row.created_ns / 1e9,
             "started": row.started,
             "finished": row.finished,
         }
         return view
 
+    def generations(self, owner: str, limit: int, cursor: str | None = None) -> dict[str, Any]:
+        """A page of the owner's generations, newest first, and the cursor of the next page (None: the last)."""
+        before = None
+        if cursor is not None:
+            found = CURSOR.fullmatch(cursor)
+            if found is None:
+                raise FaceIDError(f"cursor {cursor[:80]!r}: give the next_cursor of the previous page, or none")
+            before = (int(found[1]), found[2])
+        rows = self.store.jobs(owner, limit + 1, before)
+        page = rows[:limit]
+        more = len(rows) > limit
+        return {
+            "generations": [self._view(row) for row in page],
+            "next_cursor": f"{page[-1].created_ns}-{page[-1].id}" if more else None,
+        }
+
+    def delete_generation(self, job_id: str, owner: str) -> None:
+        """Delete a finished generation: its row, and its images' rows and files."""
+        row = self.job(job_id, owner)
+        if row.status not in FINISHED:
+            raise Conflict(
+                f"generation {job_id} is {row.status}: cancel it first (DELETE /v1/generations/{job_id}), "
+                "then delete it"
+            )
+        for image_id in self.store.delete_job(job_id, owner) or ():
+            self.data.image(image_id).unlink(missing_ok=True)
+
+    def delete_image(self, image_id: str, owner: str) -> None:
+        """Delete a generated image: its row and its PNG (its generation lists the others)."""
+        if not (is_id(image_id) and self.store.delete_image(image_id, owner)):
+            raise NotFound(f"no image {image_id}: image URLs come from GET /v1/generations")
+        self.data.image(image_id).unlink(missing_ok=True)
+
     def cancel(self, job_id: str, owner: str) -> dict[str, Any]:
         row = self.job(job_id, owner)
         if row.status in FINISHED:
-            raise Conflict(f"generation {job_id} is already {row.status}; nothing to cancel")
+            raise Conflict(
+                f"generation {job_id} is already {row.status}; nothing to cancel "
+                f"(DELETE /v1/generations/{job_id}?purge=true deletes it and its images)"
+            )
         where = self.queue.cancel(job_id)
         if where == "queued":
             self.finish(self.queue.get(job_id), CANCELLED)

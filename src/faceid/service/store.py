@@ -12,8 +12,21 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Float, ForeignKey, Integer, String, Text, create_engine, event, select
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    and_,
+    create_engine,
+    event,
+    or_,
+    select,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, selectinload, sessionmaker
 
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
 FINISHED = (DONE, FAILED, CANCELLED)
@@ -127,10 +140,15 @@ class Store:
             if found is None or found.owner != owner:
                 return False
             s.delete(found)
-        if self.sqlite:  # the write-ahead log still holds the deleted pages: fold it into the (zeroed) file
+        self._forget()
+        return True
+
+    def _forget(self) -> None:
+        """After a delete: with SQLite the write-ahead log still holds the deleted pages; fold it into the
+        (zeroed, ``secure_delete``) file, so what was deleted is gone from disk."""
+        if self.sqlite:
             with self.engine.connect() as connection:
                 connection.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
-        return True
 
     # ------------------------------------------------------------------ jobs
     def add_job(self, job: Job) -> None:
@@ -153,11 +171,29 @@ class Store:
                 for key, value in values.items():
                     setattr(found, key, value)
 
-    def delete_job(self, job_id: str) -> None:
+    def jobs(self, owner: str, limit: int, before: tuple[int, str] | None = None) -> list[Job]:
+        """The owner's jobs, newest first (by creation, then id), with their images; with ``before``
+        (created_ns, id), only those after it in that order: the next page."""
+        query = select(Job).where(Job.owner == owner).options(selectinload(Job.images))
+        if before is not None:
+            created, job_id = before
+            query = query.where(or_(Job.created_ns < created, and_(Job.created_ns == created, Job.id < job_id)))
+        with self.session() as s:
+            return list(s.scalars(query.order_by(Job.created_ns.desc(), Job.id.desc()).limit(limit)))
+
+    def delete_job(self, job_id: str, owner: str | None = None) -> list[str] | None:
+        """Delete the job and its images' rows (with ``owner``, only theirs): the ids of the images it had, or
+        None when there was no such job."""
         with self.session() as s:
             found = s.get(Job, job_id)
-            if found is not None:
-                s.delete(found)
+            if found is None or (owner is not None and found.owner != owner):
+                return None
+            images = [image.id for image in found.images]
+            for image in found.images:
+                s.delete(image)
+            s.delete(found)
+        self._forget()
+        return images
 
     def unfinished_jobs(self) -> list[Job]:
         """Jobs that were queued or running, oldest first (what a restart re-queues)."""
@@ -182,6 +218,16 @@ class Store:
         with self.session() as s:
             found = s.get(ImageRow, image_id)
             return found if found is not None and found.owner == owner else None
+
+    def delete_image(self, image_id: str, owner: str) -> bool:
+        """Delete the image's row, only when it is the owner's; whether it was."""
+        with self.session() as s:
+            found = s.get(ImageRow, image_id)
+            if found is None or found.owner != owner:
+                return False
+            s.delete(found)
+        self._forget()
+        return True
 
 
 def _sqlite_pragmas(connection, _record) -> None:

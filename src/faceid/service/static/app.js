@@ -1,17 +1,25 @@
 // The faceid web app: a static page over the /v1 API (the same one other clients use). All user and server text
 // goes into the page through textContent, never innerHTML.
+//
+// With API keys (GET /health says "authenticated"), the page asks for a key, keeps it in sessionStorage (this tab
+// only) and sends it as "Authorization: Bearer KEY" on every request. Neither <img src> nor EventSource can send
+// that header, so images and crops are fetched and shown as blob URLs, and the progress events are read from a
+// fetch() stream (with polling of the generation as the fallback when the stream breaks off).
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { identity: null, models: [] };
+const FINISHED = ["done", "failed", "cancelled"];
+const PAGE = 12;  // generations per gallery page
+const state = { identity: null, models: [], authenticated: false, cursor: null };
 
 // ------------------------------------------------------------------ API key and requests
 const keyInput = $("api-key");
-keyInput.value = localStorage.getItem("faceid-api-key") || "";
-keyInput.addEventListener("change", () => {
-  localStorage.setItem("faceid-api-key", keyInput.value.trim());
-  loadModels();
-  loadLibrary();
+localStorage.removeItem("faceid-api-key");  // earlier versions kept it past the session
+keyInput.value = sessionStorage.getItem("faceid-api-key") || "";
+$("key-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  sessionStorage.setItem("faceid-api-key", keyInput.value.trim());
+  loadAll();
 });
 
 function authHeaders(extra = {}) {
@@ -19,16 +27,26 @@ function authHeaders(extra = {}) {
   return key ? { ...extra, Authorization: "Bearer " + key } : extra;
 }
 
+// The Error for a failed response: the server's message; for 401, what to do about the key (also shown by it).
+async function apiError(response) {
+  let message = response.status + " " + response.statusText;
+  try {
+    const body = await response.json();
+    if (body && body.error && body.error.message) message = body.error.message;
+  } catch (e) { /* not JSON */ }
+  if (response.status === 401) {
+    message = keyInput.value.trim()
+      ? "the server refused this API key (401 unauthorized): check it, enter it again and press Use key"
+      : "this server needs an API key: enter it at the top and press Use key";
+    $("key-form").hidden = false;
+    setStatus("key-status", message, "error");
+  }
+  return new Error(message);
+}
+
 async function api(path, options = {}) {
   const response = await fetch(path, { ...options, headers: authHeaders(options.headers || {}) });
-  if (!response.ok) {
-    let message = response.status + " " + response.statusText;
-    try {
-      const body = await response.json();
-      if (body && body.error && body.error.message) message = body.error.message;
-    } catch (e) { /* not JSON */ }
-    throw new Error(message);
-  }
+  if (!response.ok) throw await apiError(response);
   return response.status === 204 ? null : response.json();
 }
 
@@ -37,10 +55,15 @@ const blobs = new Map();
 async function imageURL(path) {
   if (!blobs.has(path)) {
     const response = await fetch(path, { headers: authHeaders() });
-    if (!response.ok) throw new Error("could not load " + path + ": " + response.status);
+    if (!response.ok) throw await apiError(response);
     blobs.set(path, URL.createObjectURL(await response.blob()));
   }
   return blobs.get(path);
+}
+
+function forgetImage(path) {
+  if (blobs.has(path)) URL.revokeObjectURL(blobs.get(path));
+  blobs.delete(path);
 }
 
 function el(tag, props = {}, ...children) {
@@ -65,21 +88,61 @@ function showImage(img, path) {
   imageURL(path).then((url) => { img.src = url; }).catch((e) => { img.alt = e.message; });
 }
 
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+// ------------------------------------------------------------------ start: ask for a key when the server needs one
+async function start() {
+  try {
+    state.authenticated = !!(await (await fetch("/health")).json()).authenticated;
+  } catch (e) { /* the API calls below say what is wrong */ }
+  $("key-form").hidden = !state.authenticated;
+  if (state.authenticated && !keyInput.value.trim()) {
+    setStatus("key-status", "this server needs an API key: enter it and press Use key (kept for this tab only)", "warn");
+    for (const id of ["library", "gallery"]) $(id).replaceChildren(el("p", { className: "muted", text: "enter the API key first" }));
+    keyInput.focus();
+    return;
+  }
+  await loadAll();
+}
+
+// Everything the key sees (another key sees other identities and generations): loaded again when it changes.
+async function loadAll() {
+  for (const path of [...blobs.keys()]) forgetImage(path);
+  state.identity = null;
+  $("selected").textContent = "none chosen: upload photos or pick one from the library";
+  $("crops").replaceChildren();
+  if (state.authenticated) setStatus("key-status", "checking the key…");
+  if (!(await loadModels())) return;  // a refused key says so at the top
+  if (state.authenticated) setStatus("key-status", "key accepted");
+  await Promise.all([loadLibrary(), loadGallery()]);
+}
+
 // ------------------------------------------------------------------ models
+// A short label for a model source: its last path part (a repo's or folder's name, a file's name); two sources
+// with the same last part keep one more part each. The option's title holds the whole source.
+function shortNames(sources) {
+  const parts = sources.map((s) => String(s).replace(/[\\/]+$/, "").split(/[\\/]/));
+  const last = parts.map((p) => p[p.length - 1]);
+  return parts.map((p, i) => (last.filter((name) => name === last[i]).length > 1 ? p.slice(-2).join("/") : last[i]));
+}
+
 async function loadModels() {
   const select = $("model");
   try {
     const info = await api("/v1/models");
     const names = [...new Set(info.workers.filter((w) => w.loaded).map((w) => w.base_model))];
     state.models = names;
-    select.replaceChildren(...names.map((name) => el("option", { value: name, text: name })));
+    const labels = shortNames(names);
+    select.replaceChildren(...names.map((name, i) => el("option", { value: name, title: name, text: labels[i] })));
     if (!names.length) select.append(el("option", { value: "", text: "no model loaded (yet)" }));
     const d = info.defaults || {};
     if (d.num_inference_steps) $("steps").value = d.num_inference_steps;
     if (d.width) $("width").placeholder = "default " + d.width;
     if (d.height) $("height").placeholder = "default " + d.height;
+    return true;
   } catch (e) {
     select.replaceChildren(el("option", { value: "", text: "models unavailable: " + e.message }));
+    return false;
   }
 }
 
@@ -184,7 +247,8 @@ function showProgress(step, total, text) {
 // for each event; resolves when the stream ends.
 async function followEvents(url, onEvent) {
   const response = await fetch(url, { headers: authHeaders({ Accept: "text/event-stream" }) });
-  if (!response.ok || !response.body) throw new Error("no progress stream: " + response.status);
+  if (!response.ok) throw await apiError(response);
+  if (!response.body) throw new Error("this browser cannot read a response as a stream");
   const reader = response.body.getReader();
   const decoder = new TextDecoder();
   let buffer = "";
@@ -206,8 +270,44 @@ async function followEvents(url, onEvent) {
   }
 }
 
+function progressText(kind, data) {
+  if (kind === "queued") return "queued" + (data.queue_position ? ", " + data.queue_position + " ahead" : "");
+  if (kind === "progress") return "running, step " + data.step + " of " + (data.total || "?");
+  return kind;
+}
+
+// Follows a generation to its end (once, however often asked), keeping its gallery entry up to date and calling
+// onEvent(kind, data) with its progress; resolves to the generation's last view. With stream, through its events
+// (one connection each: the browser allows 6 per server, so only the page's own generation streams), else and
+// after the stream by polling.
+const following = new Map();
+function follow(id, onEvent = () => {}, stream = true) {
+  if (!following.has(id)) following.set(id, watch().finally(() => following.delete(id)));
+  return following.get(id);
+
+  async function watch() {
+    const url = "/v1/generations/" + id;
+    if (stream) {
+      try {
+        await followEvents(url + "/events", (kind, data) => {
+          setEntryStatus(id, progressText(kind, data));
+          onEvent(kind, data);
+        });
+      } catch (e) { /* the stream broke off: polling below says how it ends */ }
+    }
+    let view = await api(url);
+    for (let i = 0; i < 1200 && !FINISHED.includes(view.status); i++) {
+      showGeneration(view);
+      onEvent(view.status === "running" ? "progress" : "queued", { step: view.progress.step, total: view.progress.total });
+      await sleep(500);
+      view = await api(url);
+    }
+    showGeneration(view);
+    return view;
+  }
+}
+
 async function runGeneration(body) {
-  if (!state.identity) return setStatus("generate-status", "choose a person first: upload photos or pick one from the library", "error");
   $("generate").disabled = true;
   setStatus("generate-status", "queued…");
   showProgress(0, 1, "queued");
@@ -215,24 +315,17 @@ async function runGeneration(body) {
     const job = await api("/v1/generations", {
       method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
     });
-    try {
-      await followEvents(job.events_url, (kind, data) => {
-        if (kind === "queued") showProgress(0, 1, "queued" + (data.queue_position ? ", " + data.queue_position + " ahead" : ""));
-        else if (kind === "progress") showProgress(data.step, data.total, "step " + data.step + " of " + (data.total || "?"));
-      });
-    } catch (e) { /* the stream broke off: the job view below says how it ended */ }
-    let view = await api(job.url);
-    for (let i = 0; i < 1200 && !["done", "failed", "cancelled"].includes(view.status); i++) {
-      await new Promise((r) => setTimeout(r, 500));
-      view = await api(job.url);
-      showProgress(view.progress.step, view.progress.total, view.status);
-    }
+    showGeneration(await api(job.url));
+    const view = await follow(job.id, (kind, data) => {
+      if (kind === "queued" || kind === "progress") showProgress(data.step || 0, data.total || 1, progressText(kind, data));
+    });
     if (view.status === "done") {
       showProgress(1, 1, "done");
       setStatus("generate-status", "done: " + view.images.length + " image" + (view.images.length === 1 ? "" : "s"));
-      addToGallery(view);
     } else {
-      setStatus("generate-status", "generation " + view.status + (view.error ? ": " + view.error : ""), "error");
+      showProgress(0, 1, view.status);
+      setStatus("generate-status", "generation " + view.status + (view.error ? ": " + view.error : ""),
+        view.status === "cancelled" ? "warn" : "error");
     }
   } catch (e) {
     setStatus("generate-status", e.message, "error");
@@ -247,40 +340,152 @@ $("generate-form").addEventListener("submit", (event) => {
   runGeneration(requestBody());
 });
 
-function describe(settings, seed) {
+// ------------------------------------------------------------------ gallery: one entry per generation, newest first
+async function loadGallery(more = false) {
+  const gallery = $("gallery");
+  try {
+    const cursor = more && state.cursor ? "&cursor=" + encodeURIComponent(state.cursor) : "";
+    const page = await api("/v1/generations?limit=" + PAGE + cursor);
+    if (!more) gallery.replaceChildren();
+    for (const view of page.generations) {
+      showGeneration(view, "append");
+      if (!FINISHED.includes(view.status)) follow(view.id, undefined, false).catch(() => {});
+    }
+    state.cursor = page.next_cursor;
+    $("more").hidden = !page.next_cursor;
+    showEmptyGallery();
+  } catch (e) {
+    gallery.replaceChildren(el("p", { className: "muted", text: "gallery unavailable: " + e.message }));
+  }
+}
+
+$("more").addEventListener("click", () => loadGallery(true));
+
+function showEmptyGallery() {
+  const gallery = $("gallery");
+  const empty = gallery.querySelector(".empty");
+  if (gallery.querySelector(".generation")) empty?.remove();
+  else if (!empty) gallery.append(el("p", { className: "muted empty", text: "generated images appear here" }));
+}
+
+function entryOf(id) {
+  return [...document.querySelectorAll("#gallery .generation")].find((node) => node.dataset.id === id);
+}
+
+function setEntryStatus(id, text) {
+  const entry = entryOf(id);
+  if (entry) entry.querySelector(".gen-status").textContent = text;
+}
+
+// Shows a generation's view in the gallery: replaces its entry, or adds one (first, or with "append" last).
+function showGeneration(view, where = "prepend") {
+  const node = generationEntry(view);
+  const old = entryOf(view.id);
+  if (old) old.replaceWith(node);
+  else $("gallery")[where](node);
+  showEmptyGallery();
+}
+
+function statusText(view) {
+  const when = new Date(view.created * 1000).toLocaleString();
+  if (view.status === "queued") return progressText("queued", view) + " · " + when;
+  if (view.status === "running") return progressText("progress", view.progress) + " · " + when;
+  if (view.status === "failed") return "failed: " + view.error + " · " + when;
+  if (view.status === "done") return "done: " + view.images.length + " image" + (view.images.length === 1 ? "" : "s") + " · " + when;
+  return view.status + " · " + when;
+}
+
+function generationEntry(view) {
+  const finished = FINISHED.includes(view.status);
+  const action = finished
+    ? el("button", { className: "small danger delete-generation", type: "button", text: "Delete",
+      title: "delete this generation and its images", onclick: (e) => deleteGeneration(view, e.target) })
+    : el("button", { className: "small cancel", type: "button", text: "Cancel",
+      title: "cancel this generation", onclick: (e) => cancelGeneration(view.id, e.target) });
+  const head = el("div", { className: "gen-head" }, el("span", { className: "gen-status", text: statusText(view) }), action);
+  const images = el("div", { className: "gen-images" }, ...view.images.map((url, i) => imageFigure(view, url, i)));
+  const node = el("article", { className: "generation" }, head, images);
+  node.dataset.id = view.id;
+  node.dataset.status = view.status;
+  return node;
+}
+
+function describe(settings, prompt, negative, seed) {
   const parts = [];
-  if (settings.prompt) parts.push("prompt: " + settings.prompt);
-  if (settings.negative_prompt) parts.push("negative: " + settings.negative_prompt);
+  if (prompt) parts.push("prompt: " + prompt);
+  if (negative) parts.push("negative: " + negative);
   parts.push("seed " + seed, "steps " + settings.num_inference_steps, "strength " + settings.scale,
     "guidance " + settings.guidance_scale, settings.width + "×" + settings.height);
   if (settings.base_model) parts.push("model " + settings.base_model);
   return parts.join(" · ");
 }
 
-function addToGallery(view) {
-  const gallery = $("gallery");
-  if (gallery.querySelector(".muted")) gallery.replaceChildren();
+function imageFigure(view, url, i) {
   const settings = view.settings || {};
-  const seeds = Array.isArray(settings.seed) ? settings.seed : view.images.map((_, i) => (settings.seed ?? 0) + i);
-  const figures = view.images.map((url, i) => {
-    const img = el("img", { className: "generated", alt: "generated image " + (i + 1) });
-    showImage(img, url);
-    const download = el("a", { href: "#", download: url.split("/").pop(), text: "download" });
-    imageURL(url).then((u) => { download.href = u; }).catch(() => {});
-    const again = el("button", {
-      className: "small", type: "button", text: "same seed again",
-      onclick: () => {
-        const body = { identity_id: view.identity_ids[0], seed: seeds[i], num_images_per_prompt: 1 };
-        for (const k of ["prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "width", "height", "scale"]) {
-          if (settings[k] !== undefined && settings[k] !== null) body[k] = Array.isArray(settings[k]) ? settings[k][0] : settings[k];
-        }
-        runGeneration(body);
-      },
-    });
-    return el("figure", {}, img, el("figcaption", { text: describe(settings, seeds[i]) }), download, again);
+  const index = (view.image_index || [])[i] ?? i;  // its place in the generation: its seed and prompt
+  const per = settings.num_images_per_prompt || 1;
+  const pick = (value) => (Array.isArray(value) ? value[Math.floor(index / per)] ?? value[0] : value);
+  const seed = Array.isArray(settings.seed) ? settings.seed[index] : (settings.seed ?? 0) + index;
+  const prompt = pick(settings.prompt), negative = pick(settings.negative_prompt);
+  const img = el("img", { className: "generated", alt: "generated image " + (index + 1) });
+  showImage(img, url);
+  const download = el("a", { href: "#", download: url.split("/").pop(), text: "download" });
+  imageURL(url).then((u) => { download.href = u; }).catch(() => {});
+  const again = el("button", {
+    className: "small again", type: "button", text: "same seed again",
+    onclick: () => {
+      const body = { identity_id: view.identity_ids[Math.floor(index / per)], seed, num_images_per_prompt: 1, prompt };
+      if (negative) body.negative_prompt = negative;
+      for (const k of ["num_inference_steps", "guidance_scale", "width", "height", "scale"]) {
+        if (settings[k] !== undefined && settings[k] !== null) body[k] = settings[k];
+      }
+      runGeneration(body);
+    },
   });
-  gallery.prepend(...figures);
+  const figure = el("figure", {}, img, el("figcaption", { text: describe(settings, prompt, negative, seed) }), download, again);
+  const remove = el("button", { className: "small danger delete-image", type: "button", text: "Delete",
+    title: "delete this image", onclick: () => deleteImage(url, figure, remove) });
+  figure.append(remove);
+  return figure;
 }
 
-loadModels();
-loadLibrary();
+async function deleteImage(url, figure, button) {
+  button.disabled = true;
+  try {
+    await api(url, { method: "DELETE" });
+    forgetImage(url);
+    figure.remove();
+    setStatus("gallery-status", "image deleted");
+  } catch (e) {
+    button.disabled = false;
+    setStatus("gallery-status", e.message, "error");
+  }
+}
+
+async function deleteGeneration(view, button) {
+  button.disabled = true;
+  try {
+    await api("/v1/generations/" + view.id + "?purge=true", { method: "DELETE" });
+    for (const url of view.images) forgetImage(url);
+    entryOf(view.id)?.remove();
+    showEmptyGallery();
+    setStatus("gallery-status", "generation deleted");
+  } catch (e) {
+    button.disabled = false;
+    setStatus("gallery-status", e.message, "error");
+  }
+}
+
+async function cancelGeneration(id, button) {
+  button.disabled = true;
+  try {
+    const view = await api("/v1/generations/" + id, { method: "DELETE" });
+    showGeneration(view);
+    setStatus("gallery-status", view.status === "cancelled" ? "generation cancelled" : "cancelling: it stops at its next step");
+  } catch (e) {
+    button.disabled = false;
+    setStatus("gallery-status", e.message, "error");
+  }
+}
+
+start();
