@@ -294,3 +294,23 @@ def test_cli_fast_preset_with_a_local_lora_file_reproduces_from_its_png(
     np.testing.assert_array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(again)))
     assert main(["generate", *common, "--prompt", "p", "--out", str(tmp_path / "c")]) != 0
     assert "--fast-lora goes with --fast" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- batches in parts
+def test_a_batch_run_in_parts_gives_the_same_images(fast_pipe):
+    faces, common = _face(2), {"num_images_per_prompt": 3, "num_inference_steps": 2, "output_type": "np", **SIZE}
+    seeds = [11, 12, 13, 14, 15, 16]
+    whole = fast_pipe(["a", "b"], faces, seed=seeds, **common)
+    watch = _Watch(fast_pipe)
+    with watch:
+        parts = fast_pipe(["a", "b"], faces, seed=seeds, max_batch=4, **common)
+    assert watch.batches == [8, 8, 4, 4]  # 4 images then 2, each with its unconditional half
+    np.testing.assert_allclose(parts.images, whole.images, atol=1e-5)
+    assert parts.settings == whole.settings and parts.images.shape == (6, 16, 24, 3)
+    # One seed for the whole batch draws every image's noise from one stream: it runs whole.
+    watch = _Watch(fast_pipe)
+    with watch:
+        fast_pipe(["a", "b"], faces, seed=7, max_batch=4, **common)
+    assert watch.batches == [12, 12]
+    with pytest.raises(FaceIDError, match="max_batch must be at least 1"):
+        fast_pipe("a", faces[:1], seed=[1], max_batch=0, **SIZE)

@@ -67,6 +67,27 @@ class Conditioning:
     clip: dict[str, torch.Tensor] = field(default_factory=dict)  # Plus: CLIP pixels and features of the faces
     settings: GenerationSettings | None = None  # the encode-time settings (prompts, faces, combine...), resolved
 
+    def images(self, indices: Sequence[int]) -> Conditioning:
+        """The conditioning of images ``indices`` alone, one image per prompt: a batch run in parts."""
+        n = self.num_images_per_prompt
+        owners = [i // n for i in indices]
+        rows = torch.tensor(list(indices))
+        prompts = [self.prompts[o] for o in owners]
+        negatives = [self.negative_prompts[o] for o in owners]
+        return Conditioning(
+            pipe_kwargs={k: v[rows.to(v.device)] for k, v in self.pipe_kwargs.items() if v is not None},
+            identity=self.identity[owners],
+            uncond_identity=self.uncond_identity[owners],
+            num_images_per_prompt=1,
+            faces=[self.faces[o] for o in owners] if self.faces else [],
+            prompts=prompts,
+            negative_prompts=negatives,
+            clip=self.clip,
+            settings=None
+            if self.settings is None
+            else self.settings.replace(prompt=prompts, negative_prompt=negatives, num_images_per_prompt=1),
+        )
+
     def identity_states(self, classifier_free_guidance: bool, unconditional: bool = False) -> torch.Tensor:
         """Identity tokens in the UNet's batch order: [uncond p0 p0 p1 p1 ; cond p0 p0 p1 p1]
         (``unconditional``: the unconditional tokens of the conditional half alone)."""
@@ -500,6 +521,7 @@ class FaceIDPipeline:
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
         conditioning: Conditioning | None = None,
+        max_batch: int | None = None,
         **kwargs: Any,
     ) -> FaceIDOutput:
         """Generate ``num_images_per_prompt`` images for every prompt, each of the paired face.
@@ -546,11 +568,19 @@ class FaceIDPipeline:
             run = run.replace(seed=[random.randrange(2**31) for _ in range(total)])  # every image reproducible
         if isinstance(run.seed, list) and len(run.seed) != total:
             raise FaceIDError(f"{len(run.seed)} seeds for {total} images: give one seed per image, or one int")
-        if generator is None and run.seed is not None:
-            generator = seeded_generators(run.seed)
-
         # As diffusers decides it: guidance above 1 on a UNet without a distilled guidance embedding.
         cfg = run.guidance_scale > 1 and self.pipe.unet.config.time_cond_proj_dim is None
+        # Per-image seeds make a batch separable: run it in parts of at most ``limit`` images, each image as
+        # it would be in the whole batch. (One seed for the batch, or given latents, draw the noise of every
+        # image from one stream: those run whole.)
+        separable = isinstance(run.seed, list) and generator is None and latents is None
+        limit = max_batch if max_batch is not None else self.max_batch_size(run, cfg)
+        if max_batch is not None and max_batch < 1:
+            raise FaceIDError(f"max_batch must be at least 1, got {max_batch}")
+        if separable and limit is not None and total > limit:
+            return self._in_parts(conditioning, run, limit, output_type, dict(diffusers_kwargs))
+        if generator is None and run.seed is not None:
+            generator = seeded_generators(run.seed)
         cross_attention_kwargs = dict(diffusers_kwargs.pop("cross_attention_kwargs", None) or {})
         cross_attention_kwargs["ip_hidden_states"] = conditioning.identity_states(cfg)
         scheduler = self._scheduler_for(run)
@@ -597,6 +627,70 @@ class FaceIDPipeline:
             nsfw_content_detected=getattr(result, "nsfw_content_detected", None),
             settings=run,
         )
+
+    # ------------------------------------------------------------------ batches that do not fit at once
+    def max_batch_size(self, run: GenerationSettings, classifier_free_guidance: bool) -> int | None:
+        """How many images of ``run``'s size fit in one UNet batch in the device's free memory; None when no
+        limit is known (CPU, MPS: the batch runs whole).
+
+        A rough estimate (what a UNet pass keeps alive per image, about 60 activations of its first block's
+        width at the latent size, twice under guidance; the VAE decodes one image at a time then), capped
+        at 64. A batch that still runs out of memory is retried in halves (``_in_parts``).
+        """
+        if self.device.type != "cuda":
+            return None
+        free, _ = torch.cuda.mem_get_info(self.device)
+        unet = self.pipe.unet
+        latent_pixels = (run.width // self.pipe.vae_scale_factor) * (run.height // self.pipe.vae_scale_factor)
+        per_image = 60 * unet.config.block_out_channels[0] * latent_pixels * unet.dtype.itemsize
+        per_image *= 2 if classifier_free_guidance else 1
+        return max(1, min(64, int(0.7 * free // per_image)))
+
+    def _in_parts(
+        self, conditioning: Conditioning, run: GenerationSettings, limit: int, output_type: str, kwargs: dict
+    ) -> FaceIDOutput:
+        # ``kwargs``: the diffusers arguments of the call (its settings are all in ``run``).
+        """Run the images of ``run`` in batches of at most ``limit``; halve it on a CUDA out-of-memory error.
+
+        Every image keeps its seed, prompt and face, so each is the image the whole batch would give. A step
+        callback runs once per part and step.
+        """
+        total = len(run.seed)
+        images: list = []
+        start = 0
+        vae = self.pipe.vae
+        slicing = getattr(vae, "use_slicing", None)
+        if hasattr(vae, "enable_slicing") and slicing is False:
+            vae.enable_slicing()  # the decode of a part, one image at a time (VAEs work per image)
+        try:
+            while start < total:
+                indices = list(range(start, min(total, start + limit)))
+                part = conditioning.images(indices)
+                try:
+                    settings = run.replace(
+                        prompt=part.prompts,
+                        negative_prompt=part.negative_prompts,
+                        num_images_per_prompt=1,
+                        seed=[run.seed[i] for i in indices],
+                    )
+                    result = self(
+                        conditioning=part, settings=settings, output_type=output_type, max_batch=len(indices), **kwargs
+                    )
+                except torch.cuda.OutOfMemoryError:
+                    if limit == 1:
+                        raise
+                    torch.cuda.empty_cache()
+                    limit //= 2
+                    logger.warning("out of device memory: running %d images at a time", limit)
+                    continue
+                images.extend(list(result.images))
+                start += len(indices)
+        finally:
+            if slicing is False:
+                vae.disable_slicing()
+        if output_type != "pil":
+            images = np.stack(images) if output_type == "np" else torch.stack(images)
+        return FaceIDOutput(images=images, faces=conditioning.faces, settings=run)
 
     # ------------------------------------------------------------------ samplers and few-step presets
     def _scheduler_for(self, run: GenerationSettings):
