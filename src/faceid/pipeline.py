@@ -17,6 +17,7 @@ import logging
 import os
 import random
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import identity
+from . import identity, previews
 from .adapter import FaceIDAdapter, refuse_other_family
 from .checkpoints import AdapterSpec, load_state_dict
 from .errors import FaceIDError
@@ -167,11 +168,16 @@ class FaceIDPipeline:
         shortcut: bool = False,
         adapter_source: str | None = None,
         vae_source: str | None = None,
+        tiny_vae=None,
+        tiny_vae_source: str | None = None,
     ):
         self.pipe = pipe
         self.adapter = adapter
         self.adapter_source = adapter_source  # the adapter as the user named it (a released name or a file)
         self.vae_source = vae_source  # the VAE loaded instead of the base model's own (None: its own)
+        # The tiny VAE (TAESD/TAESDXL ``AutoencoderTiny``): previews, and the final decode where a call asks.
+        self.tiny_vae = tiny_vae
+        self.tiny_vae_source = tiny_vae_source
         self.image_encoder = image_encoder
         self.shortcut = shortcut  # Plus: the default of the per-call ``shortcut`` (True for PlusV2)
         self.base_model = base_model or getattr(pipe, "name_or_path", None)
@@ -189,6 +195,7 @@ class FaceIDPipeline:
         adapter: str | os.PathLike = DEFAULT_ADAPTER,
         *,
         vae: str | os.PathLike | None = None,
+        tiny_vae: str | os.PathLike | None = None,
         single_file_config: str | os.PathLike | None = None,
         torch_dtype: torch.dtype | None = None,
         device: str | torch.device | None = None,
@@ -219,6 +226,9 @@ class FaceIDPipeline:
         PlusV2, as the authors use it), the variant told by the released name or, for other files, by
         whether the file name says ``plusv2`` (Plus and PlusV2 files have the same tensors). ``loras``:
         LoRA files (or ``(file, weight)``) to stack with the identity LoRA, as ``load_lora`` does.
+        ``tiny_vae``: a tiny VAE for previews and for calls with ``decoder="tiny"``: ``"taesd"`` (SD1.5),
+        ``"taesdxl"`` (SDXL) or ``"auto"`` (the family's; pinned downloads), a diffusers ``AutoencoderTiny``
+        folder or its ``.safetensors`` file.
         """
         release = released(adapter)
         if base_model is None:
@@ -247,6 +257,9 @@ class FaceIDPipeline:
             raise FaceIDError(f"unknown scheduler {scheduler!r}: use 'ddim' or None (keep the base model's)")
         pipe.set_progress_bar_config(disable=not progress)
         pipe.to(device)
+        tiny = tiny_source = None
+        if tiny_vae is not None:
+            tiny, tiny_source = previews.load_tiny_vae(tiny_vae, _family(pipe), pipe.vae, torch_dtype, device)
         installed = FaceIDAdapter.install(pipe.unet, state, scale=scale, lora_scale=lora_scale, label=adapter_path.name)
         if fuse_lora:
             installed.fuse_lora()
@@ -272,6 +285,8 @@ class FaceIDPipeline:
             shortcut=shortcut,
             adapter_source=str(adapter),
             vae_source=None if vae is None else str(vae),
+            tiny_vae=tiny,
+            tiny_vae_source=tiny_source,
         )
         for item in loras:
             path, weight = item if isinstance(item, tuple) else (item, 1.0)
@@ -281,9 +296,7 @@ class FaceIDPipeline:
     # ------------------------------------------------------------------ properties
     @property
     def family(self) -> str:
-        from diffusers import StableDiffusionXLPipeline
-
-        return "SDXL" if isinstance(self.pipe, StableDiffusionXLPipeline) else "SD1.5"
+        return _family(self.pipe)
 
     @property
     def device(self) -> torch.device:
@@ -420,7 +433,8 @@ class FaceIDPipeline:
         """``settings`` with every default this pipeline would use filled in (family, adapter, variant)."""
         requested = GenerationSettings.parse(settings)
         self._check_models(requested)
-        return requested.resolve(self.family, **self._known_defaults())
+        # The tiny VAE as loaded ("auto" named): checked above, recorded as what this pipeline has.
+        return requested.replace(tiny_vae=None).resolve(self.family, **self._known_defaults())
 
     def _known_defaults(self) -> dict[str, Any]:
         """Defaults that come from what is loaded rather than from the family."""
@@ -430,6 +444,8 @@ class FaceIDPipeline:
             "base_model": self.base_model,
             "adapter": self.adapter_source,
             "vae": self.vae_source,
+            "tiny_vae": self.tiny_vae_source,
+            "decoder": "full",
             "loras": self.lora_sources(),
         }
         if self.adapter.spec.lora_rank:
@@ -491,6 +507,8 @@ class FaceIDPipeline:
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
         conditioning: Conditioning | None = None,
+        preview_every: int | None = None,
+        on_preview: Callable[[int, int, list], None] | None = None,
         **kwargs: Any,
     ) -> FaceIDOutput:
         """Generate ``num_images_per_prompt`` images for every prompt, each of the paired face.
@@ -516,10 +534,16 @@ class FaceIDPipeline:
         ``output_type``: ``"pil"``, ``"np"`` (float arrays in [0, 1]) or ``"latent"``. Other keyword
         arguments go to the diffusers pipeline (``callback_on_step_end``, ``eta``, ...); an argument
         neither knows is an error. ``conditioning`` reuses an ``encode()`` result.
+        ``decoder``: ``"full"`` (the VAE, default) or ``"tiny"`` (the tiny VAE loaded with ``tiny_vae=``)
+        decodes the final images. ``on_preview(step, total, images)``: called after every ``preview_every``-th
+        step (default 1) and after the last, in step order, with one PIL image per image of the batch, decoded
+        by the tiny VAE where one is loaded, else by the VAE; the last preview is the final latents decoded
+        (``faceid.previews.live_previews``). Previews change nothing the sampling computes.
         """
         fields = GenerationSettings.model_fields
         diffusers_kwargs = {k: v for k, v in kwargs.items() if k not in fields}
         self._check_diffusers_kwargs(diffusers_kwargs)
+        previews.check_preview_arguments(preview_every, on_preview)
         overrides = {k: v for k, v in kwargs.items() if k in fields}
         if prompt is not None:
             overrides["prompt"] = list(prompt) if isinstance(prompt, tuple) else prompt
@@ -545,11 +569,21 @@ class FaceIDPipeline:
         cross_attention_kwargs["ip_hidden_states"] = conditioning.identity_states(cfg)
         # Refuse before any work if other code took the adapter's processors: the identity would vanish.
         self.adapter.check_attached()
-        with self.adapter.scaled(run.scale, run.lora_scale) as gate, self.adapter.caching():
+        with self.adapter.scaled(run.scale, run.lora_scale) as gate, self.adapter.caching(), ExitStack() as scoped:
             if run.identity_window is not None:
                 diffusers_kwargs.update(
                     self._window_callback(run.identity_window, run.num_inference_steps, diffusers_kwargs, gate)
                 )
+            # Previews and the tiny decode last for this call only: nothing of them stays on the pipeline.
+            if on_preview is not None:
+                shown_by = self.tiny_vae or self.pipe.vae
+                diffusers_kwargs.update(
+                    scoped.enter_context(
+                        previews.live_previews(self.pipe, shown_by, preview_every, on_preview, diffusers_kwargs)
+                    )
+                )
+            if run.decoder == "tiny":
+                scoped.enter_context(previews.decoding_with(self.pipe, self.tiny_vae))
             result = self.pipe(
                 **conditioning.pipe_kwargs,
                 num_inference_steps=run.num_inference_steps,
@@ -590,6 +624,17 @@ class FaceIDPipeline:
             wanted = getattr(requested, key)
             if wanted is not None and value is not None and not _same_source(wanted, value):
                 raise FaceIDError(f"these settings ask for {key} {wanted!r} but this pipeline has {value!r} loaded")
+        if requested.tiny_vae is not None and self.tiny_vae_source is not None:
+            wanted = previews.tiny_vae_name(requested.tiny_vae, self.family)
+            if not _same_source(wanted, self.tiny_vae_source):
+                raise FaceIDError(
+                    f"these settings ask for tiny_vae {wanted!r} but this pipeline has {self.tiny_vae_source!r} loaded"
+                )
+        if requested.decoder == "tiny" and self.tiny_vae is None:
+            raise FaceIDError(
+                "decoder 'tiny' needs a tiny VAE, and this pipeline has none loaded: "
+                "FaceIDPipeline.from_pretrained(..., tiny_vae='auto') (faceid: --tiny-vae), or decoder 'full'"
+            )
         if requested.loras is not None:
             have = self.lora_sources()
             if _by_source(requested.loras) != _by_source(have):
@@ -621,6 +666,12 @@ def _same_source(a: str, b: str) -> bool:
 
 def _by_source(loras: Mapping[str, float]) -> dict[str, float]:
     return {_source_key(source): float(weight) for source, weight in loras.items()}
+
+
+def _family(pipe) -> str:
+    from diffusers import StableDiffusionXLPipeline
+
+    return "SDXL" if isinstance(pipe, StableDiffusionXLPipeline) else "SD1.5"
 
 
 def seeded_generators(seed: int | Sequence[int]) -> torch.Generator | list[torch.Generator]:
