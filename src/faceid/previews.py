@@ -109,9 +109,9 @@ def load_tiny_vae(
     if release is not None:
         from .hub import fetch
 
-        vae = _from_weights(fetch(release.file), name)
+        vae = _from_weights(fetch(release.file))
     elif path.is_file():
-        vae = _from_weights(path, name)
+        vae = _from_weights(path)
     elif path.is_dir():
         try:
             vae = AutoencoderTiny.from_pretrained(str(path))
@@ -126,10 +126,13 @@ def load_tiny_vae(
             f"this {family} model), a diffusers AutoencoderTiny folder or its {WEIGHTS}"
         )
     _check_fits(vae, base_vae, name)
-    return vae.to(device=device, dtype=dtype).eval().requires_grad_(False), name
+    vae = vae.to(device=device)
+    if vae.dtype != dtype:  # (only then: diffusers warns about any cast of this model)
+        vae = vae.to(dtype=dtype)
+    return vae.eval().requires_grad_(False), name
 
 
-def _from_weights(path: Path, name: str):
+def _from_weights(path: Path):
     """The released architecture (``AutoencoderTiny()``) with the weights of ``path``, every shape checked."""
     from diffusers import AutoencoderTiny
     from safetensors.torch import load_file
