@@ -176,9 +176,7 @@ def _check_fits(vae, base_vae, source: str) -> None:
     scale = vae.config.upsampling_scaling_factor ** (len(vae.config.decoder_block_out_channels) - 1)
     base_scale = 2 ** (len(base_vae.config.block_out_channels) - 1)
     if scale != base_scale:
-        raise CheckpointError(
-            f"tiny VAE {source} upsamples latents {scale}x; this model's VAE does {base_scale}x"
-        )
+        raise CheckpointError(f"tiny VAE {source} upsamples latents {scale}x; this model's VAE does {base_scale}x")
 
 
 # ---------------------------------------------------------------------------------------------- decoding
