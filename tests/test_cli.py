@@ -78,6 +78,7 @@ def test_every_generation_setting_has_a_flag_that_sets_it(tmp_path):
         "guidance_scale": 4.5, "width": 64, "height": 32, "scale": 0.7, "lora_scale": 0.6, "face_index": 1,
         "combine": "concat", "shortcut": False, "s_scale": 0.5, "identity_window": (0.1, 0.9),
         "base_model": "base", "vae": "vae", "adapter": "adapter.bin", "loras": {"style.safetensors": 0.7},
+        "tiny_vae": "taesd", "decoder": "tiny",
     }  # fmt: skip
     assert set(values) == set(GenerationSettings.model_fields)  # a new field needs a value here, and a flag
     argv = ["generate", "--face", "x.jpg", "--out", str(tmp_path)]
@@ -95,6 +96,9 @@ def test_every_generation_setting_has_a_flag_that_sets_it(tmp_path):
     # Nothing given: every field stays open for the settings file and the family defaults (n: the CLI's 4).
     bare = settings_from_args(build_parser().parse_args(["generate", "--face", "x.jpg", "--out", "o"]))
     assert bare == GenerationSettings(num_images_per_prompt=4)
+    # --tiny-vae alone: the family's released tiny VAE.
+    alone = build_parser().parse_args(["generate", "--face", "x.jpg", "--out", "o", "--tiny-vae"])
+    assert settings_from_args(alone).tiny_vae == "auto"
 
 
 def test_png_metadata_reproduces_the_image(tmp_path, faces_dir, sd15, face_models_dir):

@@ -314,3 +314,11 @@ def test_a_batch_run_in_parts_gives_the_same_images(fast_pipe):
     assert watch.batches == [12, 12]
     with pytest.raises(FaceIDError, match="max_batch must be at least 1"):
         fast_pipe("a", faces[:1], seed=[1], max_batch=0, **SIZE)
+
+
+def test_previews_of_a_batch_run_in_parts_keep_their_places(fast_pipe):
+    seen = []
+    fast_pipe(["a", "b"], _face(2), seed=[1, 2], num_inference_steps=2, max_batch=1, preview_every=1,
+              on_preview=lambda step, total, images: seen.append((step, [im is not None for im in images])),
+              **SIZE)  # fmt: skip
+    assert seen == [(1, [True, False]), (2, [True, False]), (1, [False, True]), (2, [False, True])]

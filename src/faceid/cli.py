@@ -95,6 +95,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="CLIP model (Hub id or folder) to break identity-score ties by prompt fidelity (CLIP-T)",
     )
     gen.add_argument("--out", required=True, help="folder for the images and the contact sheet")
+    gen.add_argument(
+        "--preview-every",
+        type=int,
+        default=None,
+        metavar="K",
+        help="save a preview of every image every K steps and at the last step (NAME_sSEED-step003.png), decoded "
+        "by the tiny VAE when one is loaded (--tiny-vae), else by the VAE",
+    )
+    gen.add_argument("--preview-dir", default=None, metavar="DIR", help="folder for the previews (default: --out)")
     gen.set_defaults(func=cmd_generate)
 
     models = commands.add_parser(
@@ -220,8 +229,7 @@ def add_settings_arguments(parser: argparse.ArgumentParser, exclude: tuple[str, 
             continue
         cli = (field.json_schema_extra or {})["cli"]
         kwargs: dict = {"dest": name, "default": None, "help": _help(field.description, cli.get("default"))}
-        if "metavar" in cli:
-            kwargs["metavar"] = cli["metavar"]
+        kwargs.update({key: cli[key] for key in ("metavar", "nargs", "const") if key in cli})
         kinds = {a for a in typing.get_args(field.annotation) if a is not type(None)} or {field.annotation}
         literal = next((a for a in kinds if typing.get_origin(a) is typing.Literal), None)
         if literal is not None:
@@ -348,6 +356,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             settings.base_model,
             settings.adapter or DEFAULT_ADAPTER,
             vae=settings.vae,
+            tiny_vae=settings.tiny_vae,
             single_file_config=args.base_config,
             device=None if device == "default" else device,
             torch_dtype=dtype,
@@ -391,6 +400,8 @@ def _serve_on_ray(args: argparse.Namespace, keys: tuple[str, ...], settings) -> 
 
     if args.device:
         raise FaceIDError("--ray places the models itself (one replica per GPU): leave out --device")
+    if settings.tiny_vae is not None:
+        raise FaceIDError("--tiny-vae is not available with --ray yet: serve without --ray, or leave it out")
     ray.init(address=args.ray or None)
     gpus = int(ray.cluster_resources().get("GPU", 0))
     loader = PipelineLoader(
@@ -675,7 +686,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     identities = list_identities(args.faces)
     if args.batch_size < 1:
         raise FaceIDError("--batch-size must be at least 1")
-    settings = settings_from_args(args)
+    settings = _tiny_vae_defaults(settings_from_args(args))
     analyzer = _face_analyzer(args.face_models)
     for _, photo in identities:
         analyzer.get(photo)  # NoFaceError names the photo
@@ -685,6 +696,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         settings.base_model,
         settings.adapter or DEFAULT_ADAPTER,
         vae=settings.vae,
+        tiny_vae=settings.tiny_vae,
         device=args.device,
         torch_dtype=getattr(torch, DTYPES[args.dtype]) if args.dtype else None,
         lora_scale=1.0 if settings.lora_scale is None else settings.lora_scale,
@@ -827,6 +839,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise FaceIDError("faceid generate takes one prompt; use the Python API for several")
     if args.best_of < 1:
         raise FaceIDError("--best-of must be at least 1")
+    if args.preview_every is not None and args.preview_every < 1:
+        raise FaceIDError("--preview-every must be at least 1")
+    settings = _tiny_vae_defaults(settings)
     # The faces first: a photo without a usable face fails in seconds, before the big models load.
     analyzer = _face_analyzer(args.face_models)
     faces = [analyzer.get(photo, index=settings.face_index) for photo in args.face]
@@ -835,6 +850,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         settings.base_model,
         settings.adapter or DEFAULT_ADAPTER,
         vae=settings.vae,
+        tiny_vae=settings.tiny_vae,
         single_file_config=args.base_config,
         device=args.device,
         torch_dtype=getattr(torch, DTYPES[args.dtype]) if args.dtype else None,
@@ -848,12 +864,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
     _load_fast_lora(pipe, settings, args)
     first_seed = settings.seed if settings.seed is not None else random.randrange(2**31)
     n = settings.num_images_per_prompt
+    stem = Path(args.face[0]).stem
     # One identity (this prompt's), from every photo given; encoded once for every round of best-of.
     conditioning = pipe.encode(face=[faces], settings=settings.replace(seed=None))
     images, seeds, run = [], [], None
     for round_ in range(args.best_of):  # batches of n: best-of-K needs no K-times larger batch
         batch_seeds = [first_seed + round_ * n + i for i in range(n)]
-        result = pipe(conditioning=conditioning, settings=settings.replace(seed=batch_seeds))
+        previews = {}
+        if args.preview_every is not None:
+            previews = {
+                "preview_every": args.preview_every,
+                "on_preview": _preview_saver(Path(args.preview_dir or args.out), stem, batch_seeds),
+            }
+        result = pipe(conditioning=conditioning, settings=settings.replace(seed=batch_seeds), **previews)
         images += result.images
         seeds += batch_seeds
         run = result.settings
@@ -862,7 +885,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
         images, seeds, scores = _keep_best(images, seeds, faces, analyzer, args, run.prompt, n)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = Path(args.face[0]).stem
     written = []
     for image, image_seed, image_scores in zip(images, seeds, scores, strict=True):
         # What reproduces this image alone (`faceid generate --settings IMAGE.png --face ...`), and what it shows.
@@ -894,6 +916,30 @@ def _load_fast_lora(pipe, settings, args: argparse.Namespace) -> None:
     if settings.fast is None:
         raise FaceIDError("--fast-lora goes with --fast PRESET (the preset whose LoRA the file is)")
     pipe.load_fast_lora(settings.fast, args.fast_lora)
+
+
+def _tiny_vae_defaults(settings):
+    """``--tiny-vae`` alone decodes with it; ``--decoder tiny`` alone loads the family's released tiny VAE."""
+    if settings.tiny_vae is not None and settings.decoder is None:
+        return settings.replace(decoder="tiny")
+    if settings.decoder == "tiny" and settings.tiny_vae is None:
+        return settings.replace(tiny_vae="auto")
+    return settings
+
+
+def _preview_saver(folder: Path, stem: str, seeds: list[int]):
+    """``on_preview`` for ``faceid generate``: each image's preview as ``STEM_sSEED-stepNNN.png`` in ``folder``."""
+    from .atomic import atomic_path
+
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def save(step: int, total: int, images: list) -> None:
+        digits = max(3, len(str(total)))
+        for image, seed in zip(images, seeds, strict=True):
+            with atomic_path(folder / f"{stem}_s{seed}-step{step:0{digits}d}.png") as tmp:
+                image.save(tmp, format="PNG")
+
+    return save
 
 
 def _keep_best(images, seeds, faces, analyzer, args, prompt, keep):

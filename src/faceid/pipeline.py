@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import identity
+from . import identity, previews
 from .adapter import FaceIDAdapter, refuse_other_family
 from .checkpoints import AdapterSpec, load_state_dict
 from .errors import FaceIDError, MissingWeightsError
@@ -194,11 +194,16 @@ class FaceIDPipeline:
         shortcut: bool = False,
         adapter_source: str | None = None,
         vae_source: str | None = None,
+        tiny_vae=None,
+        tiny_vae_source: str | None = None,
     ):
         self.pipe = pipe
         self.adapter = adapter
         self.adapter_source = adapter_source  # the adapter as the user named it (a released name or a file)
         self.vae_source = vae_source  # the VAE loaded instead of the base model's own (None: its own)
+        # The tiny VAE (TAESD/TAESDXL ``AutoencoderTiny``): previews, and the final decode where a call asks.
+        self.tiny_vae = tiny_vae
+        self.tiny_vae_source = tiny_vae_source
         self.image_encoder = image_encoder
         self.shortcut = shortcut  # Plus: the default of the per-call ``shortcut`` (True for PlusV2)
         self.base_model = base_model or getattr(pipe, "name_or_path", None)
@@ -217,6 +222,7 @@ class FaceIDPipeline:
         adapter: str | os.PathLike = DEFAULT_ADAPTER,
         *,
         vae: str | os.PathLike | None = None,
+        tiny_vae: str | os.PathLike | None = None,
         single_file_config: str | os.PathLike | None = None,
         torch_dtype: torch.dtype | None = None,
         device: str | torch.device | None = None,
@@ -247,6 +253,9 @@ class FaceIDPipeline:
         PlusV2, as the authors use it), the variant told by the released name or, for other files, by
         whether the file name says ``plusv2`` (Plus and PlusV2 files have the same tensors). ``loras``:
         LoRA files (or ``(file, weight)``) to stack with the identity LoRA, as ``load_lora`` does.
+        ``tiny_vae``: a tiny VAE for previews and for calls with ``decoder="tiny"``: ``"taesd"`` (SD1.5),
+        ``"taesdxl"`` (SDXL) or ``"auto"`` (the family's; pinned downloads), a diffusers ``AutoencoderTiny``
+        folder or its ``.safetensors`` file.
         """
         release = released(adapter)
         if base_model is None:
@@ -275,6 +284,9 @@ class FaceIDPipeline:
             raise FaceIDError(f"unknown scheduler {scheduler!r}: use 'ddim' or None (keep the base model's)")
         pipe.set_progress_bar_config(disable=not progress)
         pipe.to(device)
+        tiny = tiny_source = None
+        if tiny_vae is not None:
+            tiny, tiny_source = previews.load_tiny_vae(tiny_vae, _family(pipe), pipe.vae, torch_dtype, device)
         installed = FaceIDAdapter.install(pipe.unet, state, scale=scale, lora_scale=lora_scale, label=adapter_path.name)
         if fuse_lora:
             installed.fuse_lora()
@@ -300,6 +312,8 @@ class FaceIDPipeline:
             shortcut=shortcut,
             adapter_source=str(adapter),
             vae_source=None if vae is None else str(vae),
+            tiny_vae=tiny,
+            tiny_vae_source=tiny_source,
         )
         for item in loras:
             path, weight = item if isinstance(item, tuple) else (item, 1.0)
@@ -309,9 +323,7 @@ class FaceIDPipeline:
     # ------------------------------------------------------------------ properties
     @property
     def family(self) -> str:
-        from diffusers import StableDiffusionXLPipeline
-
-        return "SDXL" if isinstance(self.pipe, StableDiffusionXLPipeline) else "SD1.5"
+        return _family(self.pipe)
 
     @property
     def device(self) -> torch.device:
@@ -450,7 +462,8 @@ class FaceIDPipeline:
         """``settings`` with every default this pipeline would use filled in (family, adapter, variant)."""
         requested = GenerationSettings.parse(settings)
         self._check_models(requested)
-        return requested.resolve(self.family, **self._known_defaults())
+        # The tiny VAE as loaded ("auto" named): checked above, recorded as what this pipeline has.
+        return requested.replace(tiny_vae=None).resolve(self.family, **self._known_defaults())
 
     def _known_defaults(self) -> dict[str, Any]:
         """Defaults that come from what is loaded rather than from the family."""
@@ -460,6 +473,8 @@ class FaceIDPipeline:
             "base_model": self.base_model,
             "adapter": self.adapter_source,
             "vae": self.vae_source,
+            "tiny_vae": self.tiny_vae_source,
+            "decoder": "full",
             "loras": self.lora_sources(),
         }
         if self.adapter.spec.lora_rank:
@@ -522,6 +537,8 @@ class FaceIDPipeline:
         output_type: str = "pil",
         conditioning: Conditioning | None = None,
         max_batch: int | None = None,
+        preview_every: int | None = None,
+        on_preview: Callable[[int, int, list], None] | None = None,
         **kwargs: Any,
     ) -> FaceIDOutput:
         """Generate ``num_images_per_prompt`` images for every prompt, each of the paired face.
@@ -547,10 +564,16 @@ class FaceIDPipeline:
         ``output_type``: ``"pil"``, ``"np"`` (float arrays in [0, 1]) or ``"latent"``. Other keyword
         arguments go to the diffusers pipeline (``callback_on_step_end``, ``eta``, ...); an argument
         neither knows is an error. ``conditioning`` reuses an ``encode()`` result.
+        ``decoder``: ``"full"`` (the VAE, default) or ``"tiny"`` (the tiny VAE loaded with ``tiny_vae=``)
+        decodes the final images. ``on_preview(step, total, images)``: called after every ``preview_every``-th
+        step (default 1) and after the last, in step order, with one PIL image per image of the batch, decoded
+        by the tiny VAE where one is loaded, else by the VAE; the last preview is the final latents decoded
+        (``faceid.previews.live_previews``). Previews change nothing the sampling computes.
         """
         fields = GenerationSettings.model_fields
         diffusers_kwargs = {k: v for k, v in kwargs.items() if k not in fields}
         self._check_diffusers_kwargs(diffusers_kwargs)
+        previews.check_preview_arguments(preview_every, on_preview)
         overrides = {k: v for k, v in kwargs.items() if k in fields}
         if prompt is not None:
             overrides["prompt"] = list(prompt) if isinstance(prompt, tuple) else prompt
@@ -578,7 +601,8 @@ class FaceIDPipeline:
         if max_batch is not None and max_batch < 1:
             raise FaceIDError(f"max_batch must be at least 1, got {max_batch}")
         if separable and limit is not None and total > limit:
-            return self._in_parts(conditioning, run, limit, output_type, dict(diffusers_kwargs))
+            previewing = {"preview_every": preview_every, "on_preview": on_preview} if on_preview else {}
+            return self._in_parts(conditioning, run, limit, output_type, {**diffusers_kwargs, **previewing})
         if generator is None and run.seed is not None:
             generator = seeded_generators(run.seed)
         cross_attention_kwargs = dict(diffusers_kwargs.pop("cross_attention_kwargs", None) or {})
@@ -609,6 +633,16 @@ class FaceIDPipeline:
                 diffusers_kwargs.update(
                     self._window_callback(run.identity_window, run.num_inference_steps, diffusers_kwargs, gate)
                 )
+            # Previews and the tiny decode last for this call only: nothing of them stays on the pipeline.
+            if on_preview is not None:
+                shown_by = self.tiny_vae or self.pipe.vae
+                diffusers_kwargs.update(
+                    stack.enter_context(
+                        previews.live_previews(self.pipe, shown_by, preview_every, on_preview, diffusers_kwargs)
+                    )
+                )
+            if run.decoder == "tiny":
+                stack.enter_context(_swapped(self.pipe, "vae", self.tiny_vae))
             result = self.pipe(
                 **conditioning.pipe_kwargs,
                 num_inference_steps=run.num_inference_steps,
@@ -649,11 +683,11 @@ class FaceIDPipeline:
     def _in_parts(
         self, conditioning: Conditioning, run: GenerationSettings, limit: int, output_type: str, kwargs: dict
     ) -> FaceIDOutput:
-        # ``kwargs``: the diffusers arguments of the call (its settings are all in ``run``).
         """Run the images of ``run`` in batches of at most ``limit``; halve it on a CUDA out-of-memory error.
 
         Every image keeps its seed, prompt and face, so each is the image the whole batch would give. A step
-        callback runs once per part and step.
+        callback runs once per part and step. ``kwargs``: the call's other arguments (diffusers', previews);
+        its settings are all in ``run``.
         """
         total = len(run.seed)
         images: list = []
@@ -674,7 +708,11 @@ class FaceIDPipeline:
                         seed=[run.seed[i] for i in indices],
                     )
                     result = self(
-                        conditioning=part, settings=settings, output_type=output_type, max_batch=len(indices), **kwargs
+                        conditioning=part,
+                        settings=settings,
+                        output_type=output_type,
+                        max_batch=len(indices),
+                        **_previews_of_part(kwargs, indices, total),
                     )
                 except torch.cuda.OutOfMemoryError:
                     if limit == 1:
@@ -749,6 +787,17 @@ class FaceIDPipeline:
             wanted = getattr(requested, key)
             if wanted is not None and value is not None and not _same_source(wanted, value):
                 raise FaceIDError(f"these settings ask for {key} {wanted!r} but this pipeline has {value!r} loaded")
+        if requested.tiny_vae is not None and self.tiny_vae_source is not None:
+            wanted = previews.tiny_vae_name(requested.tiny_vae, self.family)
+            if not _same_source(wanted, self.tiny_vae_source):
+                raise FaceIDError(
+                    f"these settings ask for tiny_vae {wanted!r} but this pipeline has {self.tiny_vae_source!r} loaded"
+                )
+        if requested.decoder == "tiny" and self.tiny_vae is None:
+            raise FaceIDError(
+                "decoder 'tiny' needs a tiny VAE, and this pipeline has none loaded: "
+                "FaceIDPipeline.from_pretrained(..., tiny_vae='auto') (faceid: --tiny-vae), or decoder 'full'"
+            )
         if requested.loras is not None:
             have = self.lora_sources()
             if _by_source(requested.loras) != _by_source(have):
@@ -766,6 +815,22 @@ class FaceIDPipeline:
                     f"{key}={getattr(requested, key)!r} differs from the conditioning's {getattr(encoded, key)!r}: "
                     "encode() again with the new value"
                 )
+
+
+def _previews_of_part(kwargs: dict, indices: list[int], total: int) -> dict:
+    """A part's call arguments: its previews go to the call's ``on_preview`` at their places in the whole
+    batch (the other parts' places hold None)."""
+    on_preview = kwargs.get("on_preview")
+    if on_preview is None:
+        return kwargs
+
+    def placed(step: int, steps: int, images: list) -> None:
+        whole: list = [None] * total
+        for index, image in zip(indices, images, strict=True):
+            whole[index] = image
+        on_preview(step, steps, whole)
+
+    return {**kwargs, "on_preview": placed}
 
 
 @contextlib.contextmanager
@@ -791,6 +856,12 @@ def _same_source(a: str, b: str) -> bool:
 
 def _by_source(loras: Mapping[str, float]) -> dict[str, float]:
     return {_source_key(source): float(weight) for source, weight in loras.items()}
+
+
+def _family(pipe) -> str:
+    from diffusers import StableDiffusionXLPipeline
+
+    return "SDXL" if isinstance(pipe, StableDiffusionXLPipeline) else "SD1.5"
 
 
 def seeded_generators(seed: int | Sequence[int]) -> torch.Generator | list[torch.Generator]:

@@ -30,7 +30,7 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
 # Fields used to encode the prompts and faces (``FaceIDPipeline.encode``); the rest steer the sampling.
 ENCODE_FIELDS = ("prompt", "negative_prompt", "num_images_per_prompt", "face_index", "combine", "shortcut", "s_scale")
 # Fields naming the models, recorded so that an image says what made it; a pipeline checks them.
-MODEL_FIELDS = ("base_model", "vae", "adapter", "loras")
+MODEL_FIELDS = ("base_model", "vae", "tiny_vae", "adapter", "loras")
 
 
 def _flag(*names: str, **extra: Any) -> dict[str, Any]:
@@ -132,6 +132,18 @@ class GenerationSettings(BaseModel):
         description="VAE to use instead of the base model's (folder or Hub repo id; the released adapters' "
         "default base model comes with sd-vae-ft-mse)",
         json_schema_extra=_flag("--vae"),
+    )
+    tiny_vae: str | None = Field(
+        None,
+        description="tiny VAE (AutoencoderTiny) for previews and --decoder tiny: taesd (SD1.5), taesdxl (SDXL), "
+        "a folder or .safetensors file; the flag alone takes the base model family's (pinned download)",
+        json_schema_extra=_flag("--tiny-vae", nargs="?", const="auto", metavar="SOURCE"),
+    )
+    decoder: Literal["full", "tiny"] | None = Field(
+        None,
+        description="what decodes the final image: the VAE, or the tiny VAE (faster, a little softer) "
+        "(default full; tiny when --tiny-vae is given)",
+        json_schema_extra=_flag("--decoder"),
     )
     adapter: str | None = Field(
         None, description="adapter file (.bin/.safetensors) or released name", json_schema_extra=_flag("--adapter")
