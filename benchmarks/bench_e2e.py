@@ -28,7 +28,6 @@ end to end than the default mode (full size only).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import json
 import statistics
@@ -69,7 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 # ---------------------------------------------------------------------------------------------- models
 def build(args, folder: Path):
-    """The FaceIDPipeline on random full-size (or tiny) SD1.5 weights, and the tiny VAE."""
+    """The FaceIDPipeline on random full-size (or tiny) SD1.5 weights, with a random tiny VAE."""
     from diffusers import AutoencoderKL, AutoencoderTiny, DDIMScheduler, StableDiffusionPipeline
     from face_helpers import make_test_face_models_dir
     from tiny_models import token_ids, vocab_size, write_clip_tokenizer
@@ -116,7 +115,9 @@ def build(args, folder: Path):
     adapter = FaceIDAdapter.install(pipe.unet, load_state_dict(checkpoint), label=checkpoint.name)
     face_models = Path(args.face_models) if args.face_models else make_test_face_models_dir(folder / "face-models")
     analyzer = FaceAnalyzer.from_dir(face_models)
-    return FaceIDPipeline(pipe, adapter, face_analyzer=analyzer, base_model="random SD1.5"), tiny_vae
+    return FaceIDPipeline(
+        pipe, adapter, face_analyzer=analyzer, base_model="random SD1.5", tiny_vae=tiny_vae, tiny_vae_source="random"
+    )
 
 
 def load_presets(pipe, folder: Path, modes) -> None:
@@ -129,20 +130,6 @@ def load_presets(pipe, folder: Path, modes) -> None:
         state = few_step_lora_state(pipe.pipe.unet, FEW_STEP_LAYOUTS[preset], rank=64, seed=len(preset))
         save_file(state, str(path))
         pipe.load_fast_lora(preset, path)
-
-
-@contextlib.contextmanager
-def decoder(pipe, tiny_vae, tiny: bool):
-    """The tiny VAE decodes the final latents inside the block (the pipeline's VAE otherwise)."""
-    if not tiny:
-        yield
-        return
-    full = pipe.pipe.vae
-    pipe.pipe.vae = tiny_vae
-    try:
-        yield
-    finally:
-        pipe.pipe.vae = full
 
 
 # ---------------------------------------------------------------------------------------------- timing
@@ -159,13 +146,12 @@ def timed(call, device: str) -> float:
     return time.perf_counter() - start
 
 
-def mode_settings(mode: str, size: int, tiny: bool) -> tuple[dict, bool]:
-    """(settings, decode with the tiny VAE) of a mode."""
-    steps = 30 if not tiny else 3
+def mode_settings(mode: str, tiny_models: bool) -> dict:
+    """The settings of a mode: the default (30 DDIM steps, guidance 7.5, full VAE) or a preset (with the tiny
+    VAE unless the mode ends in ``-full-vae``)."""
     if mode == "default":
-        return {"num_inference_steps": steps, "guidance_scale": 7.5}, False
-    preset = mode.split("-")[0]
-    return {"fast": preset}, not mode.endswith("full-vae")
+        return {"num_inference_steps": 3 if tiny_models else 30, "guidance_scale": 7.5, "decoder": "full"}
+    return {"fast": mode.split("-")[0], "decoder": "full" if mode.endswith("full-vae") else "tiny"}
 
 
 def unet_passes(settings: dict, images: int) -> int:
@@ -192,7 +178,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         t0 = time.perf_counter()
-        pipe, tiny_vae = build(args, folder)
+        pipe = build(args, folder)
         load_presets(pipe, folder, modes)
         print(f"built the random {'tiny' if args.tiny else 'full-size'} SD1.5 FaceID pipeline in "
               f"{time.perf_counter() - t0:.0f} s on {args.device} ({args.dtype}), {size}x{size}")  # fmt: skip
@@ -204,24 +190,24 @@ def main(argv=None) -> int:
         rows = []
         for mode in modes:
             base = mode.removesuffix("-compiled")
-            settings, tiny = mode_settings(base, size, args.tiny)
+            settings = mode_settings(base, args.tiny)
             if mode.endswith("compiled"):
                 pipe.compile()
-                with decoder(pipe, tiny_vae, tiny):  # the first call compiles
-                    first = timed(functools.partial(pipe, face=face, seed=[0], **settings, **common), args.device)
+                first = timed(functools.partial(pipe, face=face, seed=[0], **settings, **common), args.device)
                 print(f"  {mode}: first call (compiling) {first:.1f} s")
+            # warm-up of this mode's own parts (its sampler, LoRA weights, decoder): one step
+            pipe(face=face, seed=[0], **{**settings, **common, "num_inference_steps": 1})
             with_face, without_face = [], []
-            with decoder(pipe, tiny_vae, tiny):
-                for r in range(repeats):
-                    without_face.append(
-                        timed(functools.partial(pipe, face=face, seed=[r], **settings, **common), args.device)
-                    )
-                    with_face.append(
-                        timed(functools.partial(pipe, face=str(PHOTO), seed=[r], **settings, **common), args.device)
-                    )
+            for r in range(repeats):
+                without_face.append(
+                    timed(functools.partial(pipe, face=face, seed=[r], **settings, **common), args.device)
+                )
+                with_face.append(
+                    timed(functools.partial(pipe, face=str(PHOTO), seed=[r], **settings, **common), args.device)
+                )
             row = {
                 "mode": mode,
-                "decoder": "tiny VAE" if tiny else "full VAE",
+                "decoder": f"{settings['decoder']} VAE",
                 "unet_passes": unet_passes(settings, 1),
                 "s_per_image": statistics.median(without_face),
                 "s_per_image_with_face": statistics.median(with_face),
@@ -243,7 +229,7 @@ def main(argv=None) -> int:
 
         extra = {}
         if args.device.startswith("cuda"):
-            extra = cuda_figures(pipe, tiny_vae, face, size, args)
+            extra = cuda_figures(pipe, face, size, args)
 
         status = 0
         lcm = next((r for r in rows if r["mode"] == "lcm"), None)
@@ -258,7 +244,7 @@ def main(argv=None) -> int:
     return status
 
 
-def cuda_figures(pipe, tiny_vae, face, size: int, args) -> dict:
+def cuda_figures(pipe, face, size: int, args) -> dict:
     """ms per UNet pass at batch 1 against the H100 floor; images/s of the lcm mode at several batches."""
     unet = pipe.pipe.unet
     latents = torch.randn(1, 4, size // 8, size // 8, device=args.device, dtype=unet.dtype)
@@ -271,16 +257,16 @@ def cuda_figures(pipe, tiny_vae, face, size: int, args) -> dict:
     ms = statistics.median(times) * 1e3
     print(f"\none UNet pass, batch 1, {size}x{size}: {ms:.2f} ms (H100 floor at 512x512: {H100_FLOOR_MS:.2f} ms)")
     throughput = {}
-    with decoder(pipe, tiny_vae, True):
-        for batch in [int(b) for b in args.batches.split(",")]:
-            seeds = list(range(batch))
-            pipe(face=face, prompt="p", seed=seeds, fast="lcm", width=size, height=size)  # warm-up
-            call = functools.partial(
-                pipe, face=face, prompt="p", seed=seeds, fast="lcm", width=size, height=size, max_batch=batch
-            )
-            seconds = timed(call, args.device)  # fmt: skip
-            throughput[batch] = batch / seconds
-            print(f"lcm, tiny VAE, batch {batch:2d}: {throughput[batch]:.1f} images/s")
+    for batch in [int(b) for b in args.batches.split(",")]:
+        seeds = list(range(batch))
+        call = functools.partial(
+            pipe, face=face, prompt="p", seed=seeds, fast="lcm", decoder="tiny", width=size, height=size,
+            max_batch=batch,
+        )  # fmt: skip
+        call()  # warm-up
+        seconds = timed(call, args.device)
+        throughput[batch] = batch / seconds
+        print(f"lcm, tiny VAE, batch {batch:2d}: {throughput[batch]:.1f} images/s")
     return {"unet_ms_batch1": ms, "h100_floor_ms": H100_FLOOR_MS, "lcm_images_per_s": throughput}
 
 
