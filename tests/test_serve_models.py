@@ -205,3 +205,18 @@ def test_jobs_for_loaded_models_go_first_but_the_oldest_is_passed_over_a_bounded
     order = [job.id for _ in range(PASS_OVER_LIMIT + 3) for job in queue.take(4, ready=lambda job: job.entry == "a")]
     assert order == [f"warm{i}" for i in range(PASS_OVER_LIMIT)] + ["cold", f"warm{PASS_OVER_LIMIT}",
                                                                    f"warm{PASS_OVER_LIMIT + 1}"]  # fmt: skip
+
+
+def test_serve_flags_for_several_model_sets(tmp_path, capsys):
+    from faceid.cli import _model_set, main
+
+    assert _model_set("base,faceid-sdxl") == {"base_model": "base", "adapter": "faceid-sdxl"}
+    assert _model_set(",faceid-sdxl") == {"adapter": "faceid-sdxl"}  # the adapter's released base model
+    data = str(tmp_path / "d")
+    with pytest.raises(SystemExit) as exited:
+        main(["serve", "--data-dir", data, "--also-model", "a,b,c,d"])
+    assert exited.value.code == 2
+    assert "BASE_MODEL[,ADAPTER[,VAE]]" in capsys.readouterr().err
+    assert main(["serve", "--data-dir", data, "--ray", "--also-model", ",faceid-sdxl"]) == 2
+    assert "--ray serves one model set" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()

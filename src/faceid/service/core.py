@@ -131,7 +131,7 @@ class Service:
 
     @property
     def pipeline(self):
-        """A loaded pipeline (all workers load the same models): for resolving settings."""
+        """A loaded pipeline (every worker loads the default model set at start): for its defaults."""
         for worker in self.workers:
             if worker.pipeline is not None:
                 return worker.pipeline
