@@ -37,7 +37,7 @@ class Recording:
     """The pipeline, counting its calls; with ``hold``, each call waits at its first step until ``go`` is set."""
 
     def __init__(self, pipe, hold: bool = False) -> None:
-        self.pipe = pipe
+        self.wrapped = pipe  # not ``pipe``: that is the pipeline's own diffusers pipeline, read through __getattr__
         self.calls: list[GenerationSettings] = []
         self.started = threading.Event()
         self.go = threading.Event()
@@ -45,7 +45,7 @@ class Recording:
             self.go.set()
 
     def __getattr__(self, name):
-        return getattr(self.pipe, name)
+        return getattr(self.wrapped, name)
 
     def __call__(self, *args, **kwargs):
         self.calls.append(kwargs["settings"])
@@ -57,7 +57,7 @@ class Recording:
             return user(pipeline, step, timestep, callback_kwargs)
 
         kwargs["callback_on_step_end"] = on_step_end
-        return self.pipe(*args, **kwargs)
+        return self.wrapped(*args, **kwargs)
 
 
 @pytest.fixture

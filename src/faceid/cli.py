@@ -296,6 +296,22 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_settings_arguments(parser, exclude=tuple(f for f in GenerationSettings.model_fields if f not in MODEL_FIELDS))
     add_model_loading_arguments(parser, several_devices=True, fast_lora=False)
+    parser.add_argument(
+        "--also-model",
+        action="append",
+        type=_model_set,
+        default=[],
+        metavar="BASE_MODEL[,ADAPTER[,VAE]]",
+        help="another model set a request may pick by naming its models (repeatable; an empty BASE_MODEL: the "
+        "adapter's released base model); the model flags above are the default set",
+    )
+    parser.add_argument(
+        "--model-memory-gb",
+        type=float,
+        default=None,
+        help="per worker: loaded model sets beyond this evict the least recently used (default: 3/4 of a CUDA "
+        "device's memory, half the RAM on CPU)",
+    )
     parser.add_argument("--api-key", action="append", default=None, metavar="KEY", help="require this key (repeatable)")
     parser.add_argument("--api-keys-file", default=None, metavar="FILE", help="API keys, one per line")
     parser.add_argument(
@@ -333,6 +349,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(flag, type=_int_at_least(1), default=default, help=f"{text} (default {default})")
 
 
+def _model_set(text: str) -> dict:
+    """``--also-model BASE_MODEL[,ADAPTER[,VAE]]`` -> the model fields of one catalog entry."""
+    parts = [part.strip() for part in text.split(",")]
+    if len(parts) > 3 or not any(parts):
+        raise argparse.ArgumentTypeError(f"{text!r}: give BASE_MODEL[,ADAPTER[,VAE]]")
+    return {key: value for key, value in zip(("base_model", "adapter", "vae"), parts, strict=False) if value}
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from .service.config import ServeConfig, check_bind, read_api_keys
 
@@ -343,32 +367,36 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from .pipeline import FaceIDPipeline
     from .service import create_app
+    from .settings import MODEL_FIELDS, GenerationSettings
 
     settings = settings_from_args(args)
     if args.ray is not None:
+        if args.also_model or args.model_memory_gb is not None:
+            raise FaceIDError("--ray serves one model set: leave out --also-model and --model-memory-gb")
         return _serve_on_ray(args, keys, settings)
-    analyzer = _face_analyzer(args.face_models)
+    analyzer = _face_analyzer(args.face_models)  # one, shared by every model set
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
 
-    def load(device: str):
+    def load(device: str, models):
         _quiet_model_loading()
         return FaceIDPipeline.from_pretrained(
-            settings.base_model,
-            settings.adapter or DEFAULT_ADAPTER,
-            vae=settings.vae,
+            models.base_model,
+            models.adapter or DEFAULT_ADAPTER,
+            vae=models.vae,
             tiny_vae=settings.tiny_vae,
             single_file_config=args.base_config,
             device=None if device == "default" else device,
             torch_dtype=dtype,
             face_analyzer=analyzer,
             image_encoder=args.image_encoder,
-            loras=list((settings.loras or {}).items()),
+            loras=list((models.loras or {}).items()),
             progress=False,
         )
 
     devices = tuple(args.device or ["default"])
+    default = settings.model_dump(include=set(MODEL_FIELDS), exclude_none=True)
     # One device: load here, so that a model that cannot load is one error line before the server starts.
-    pipeline = load(devices[0]) if len(devices) == 1 else None
+    pipeline = load(devices[0], GenerationSettings(**default)) if len(devices) == 1 else None
     config = ServeConfig(
         data_dir=args.data_dir,
         database_url=args.database_url,
@@ -383,6 +411,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         pipeline=pipeline,
         loader=load,
         analyzer=analyzer,
+        catalog=(default, *args.also_model),
+        model_memory_gb=args.model_memory_gb,
         models={**settings.to_json(), "face_models": args.face_models, "devices": list(devices), "dtype": args.dtype},
     )
     uvicorn.run(create_app(config), host=args.host, port=args.port, log_level="info")

@@ -156,6 +156,46 @@ def load_base_pipeline(
     return pipe
 
 
+def default_models(
+    base_model: str | os.PathLike | None, adapter: str | os.PathLike, vae: str | os.PathLike | None = None
+) -> tuple[str, str | None]:
+    """The base model and VAE that ``FaceIDPipeline.from_pretrained`` loads for these arguments: by default a
+    released adapter's base model, with the VAE the authors pair with it (whether that base model is named or
+    defaulted)."""
+    release = released(adapter)
+    if base_model is None:
+        if release is None:
+            raise FaceIDError("give base_model: the Stable Diffusion model to generate with")
+        base_model = release.base_model
+    if vae is None and release is not None and str(base_model) == release.base_model:
+        vae = release.vae
+    return str(base_model), None if vae is None else str(vae)
+
+
+def model_family(base_model: str | os.PathLike, adapter: str | os.PathLike = DEFAULT_ADAPTER) -> str:
+    """``"SD1.5"`` or ``"SDXL"``: the family of a base model, read from its configuration (a released adapter's
+    table, a single file's keys, the pipeline's ``model_index.json``) without loading its weights."""
+    from diffusers import DiffusionPipeline
+
+    release = released(adapter)
+    if release is not None and str(base_model) == release.base_model:
+        return release.family
+    path = Path(base_model).expanduser()
+    if path.is_file():
+        return "SDXL" if _is_sdxl_single_file(path) else "SD1.5"
+    try:
+        config = DiffusionPipeline.load_config(str(base_model), local_files_only=offline())
+    except Exception as exc:
+        raise model_not_found(str(base_model), exc) from exc
+    name = config.get("_class_name", "")
+    if name.startswith("StableDiffusionXL"):
+        return "SDXL"
+    if name.startswith("StableDiffusion"):
+        return "SD1.5"
+    raise FaceIDError(f"{base_model} is a {name or 'pipeline of unknown kind'}; faceid works with Stable "
+                      "Diffusion 1.5 and SDXL text-to-image pipelines")  # fmt: skip
+
+
 def _unet_cross_attention_dim(base_model: str | os.PathLike) -> int | None:
     """The UNet's cross-attention width from a local diffusers folder's config; None when not at hand."""
     config = Path(base_model).expanduser() / "unet" / "config.json"
@@ -258,12 +298,7 @@ class FaceIDPipeline:
         folder or its ``.safetensors`` file.
         """
         release = released(adapter)
-        if base_model is None:
-            if release is None:
-                raise FaceIDError("give base_model: the Stable Diffusion model to generate with")
-            base_model = release.base_model
-        if vae is None and release is not None and str(base_model) == release.base_model:
-            vae = release.vae  # the VAE the authors pair with that base model, whether named or defaulted
+        base_model, vae = default_models(base_model, adapter, vae)
         adapter_path = resolve_adapter(adapter)
         state = load_state_dict(adapter_path)
         spec = AdapterSpec.from_state_dict(state, adapter_path.name)

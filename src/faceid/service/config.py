@@ -5,22 +5,28 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import FaceIDError
 from ..images import DEFAULT_MAX_PIXELS
+from ..settings import GenerationSettings
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 @dataclass
 class ServeConfig:
-    """Everything ``create_app`` needs. Models come as ``pipeline`` (a ready ``FaceIDPipeline``) or
-    ``loader`` (called once per device in the worker thread with the device name); the face analyzer as
-    ``analyzer`` or, by default, the pipeline's."""
+    """Everything ``create_app`` needs. Models come as ``pipeline`` (a ready ``FaceIDPipeline`` of the default
+    model set) or ``loader`` (called in the worker thread with the device name and a model set's model fields);
+    the face analyzer as ``analyzer`` or, by default, the pipeline's.
+
+    ``catalog``: the model sets this server may load, each as its model fields (``base_model``, ``adapter``,
+    ``vae``, ``loras``); the first is the default, loaded by every worker at start (or given as ``pipeline``).
+    Empty: one, the loader's defaults. More than one need a ``loader``; each worker then keeps the ones it used
+    last within ``model_memory_gb`` (default: a fraction of its device's memory, or of the RAM on CPU)."""
 
     data_dir: Path = Path("faceid-data")
     database_url: str | None = None  # default: sqlite:///<data_dir>/faceid.db
@@ -36,7 +42,9 @@ class ServeConfig:
     small_face: int = 64  # px; a narrower face is enrolled with a warning
     devices: tuple[str, ...] = ("default",)  # one generation worker each
     pipeline: Any = None
-    loader: Callable[[str], Any] | None = None
+    loader: Callable[[str, GenerationSettings], Any] | None = None
+    catalog: tuple[GenerationSettings | Mapping[str, Any], ...] = ()
+    model_memory_gb: float | None = None  # per worker
     analyzer: Any = None
     models: dict[str, Any] = field(default_factory=dict)  # what was configured, for GET /v1/models
     start_workers: bool = True  # False: jobs wait in the queue (tests of restarts)
@@ -51,6 +59,11 @@ class ServeConfig:
                 raise FaceIDError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.pipeline is None and self.loader is None:
             raise FaceIDError("give the server a pipeline or a loader of one")
+        self.catalog = tuple(GenerationSettings.parse(spec) for spec in self.catalog)
+        if len(self.catalog) > 1 and self.loader is None:
+            raise FaceIDError("several model sets need a loader: a ready pipeline is one model set")
+        if self.model_memory_gb is not None and not self.model_memory_gb > 0:
+            raise FaceIDError(f"model_memory_gb must be more than 0, got {self.model_memory_gb}")
         self.api_keys = tuple(self.api_keys)
         if any(not key or any(c.isspace() for c in key) for key in self.api_keys):
             raise FaceIDError("API keys must be non-empty and without spaces")

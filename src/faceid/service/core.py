@@ -17,12 +17,13 @@ from typing import Any
 from .. import __version__
 from ..errors import FaceIDError
 from ..outputs import save_png
-from ..settings import GenerationSettings
+from ..settings import MODEL_FIELDS, GenerationSettings
 from .config import ServeConfig
 from .enroll import Enroller
 from .files import DataDir, is_id, new_id
 from .jobs import JobQueue, QueuedJob
 from .metrics import Metrics
+from .models import Catalog, ModelEntry
 from .store import CANCELLED, DONE, FAILED, FINISHED, QUEUED, RUNNING, ImageRow, Job, Store
 from .worker import Worker
 
@@ -66,14 +67,19 @@ class Service:
         else:
             self.workers = [Worker(self, device, config.pipeline) for device in devices]
         self.metrics = Metrics(self.queue)
+        if len(config.catalog) > 1 and config.worker_factory is not None:
+            raise FaceIDError("these workers serve one model set: give the others to a server of their own")
+        # The other model sets, described from their configuration (the default one is told by its pipeline).
+        self.extra_models = [ModelEntry.configured(i, spec) for i, spec in enumerate(config.catalog[1:], 1)]
+        self.catalog: Catalog | None = None  # set by start()
         self.defaults: GenerationSettings | None = None  # set by start()
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ life
     def start(self) -> None:
-        """Load the models (each worker in its thread), re-queue what a previous run left, start generating."""
-        self.queue.set_paused(not self.config.start_workers)
-        self.recover()
+        """Load the default models (each worker in its thread), re-queue what a previous run left, start
+        generating."""
+        self.queue.set_paused(True)
         for worker in self.workers:
             worker.start()
         for worker in self.workers:
@@ -84,6 +90,14 @@ class Service:
         # The defaults a request gets, taken while no job runs: during a call the adapter's scale is the
         # call's, so the pipeline's own defaults are read once, here, not while a worker generates.
         self.defaults = self.pipeline.resolve_settings(GenerationSettings())
+        default = ModelEntry.of(0, self.pipeline.family, self.defaults)
+        self.catalog = Catalog([default, *self.extra_models])
+        if self.config.worker_factory is None:
+            for worker in self.workers:
+                if worker.pipeline is not None:
+                    worker.adopt(default, self.defaults)
+        self.recover()
+        self.queue.set_paused(not self.config.start_workers)
 
     def stop(self, timeout: float = 60.0) -> None:
         """Stop the workers; a running batch stops at its next step and its jobs stay queued for the next start."""
@@ -106,16 +120,21 @@ class Service:
                 self.store.finish_job(row.id, FAILED, error=error)
                 logger.warning("job %s failed on restart: %s", row.id, error)
                 continue
+            try:
+                job = self._queued_job(row)
+            except FaceIDError as exc:  # its models are no longer served
+                self.store.finish_job(row.id, FAILED, error=f"{exc} (the server restarted meanwhile)")
+                logger.warning("job %s failed on restart: %s", row.id, exc)
+                continue
             was = row.status
             self.store.update_job(row.id, status=QUEUED, started=None)
-            job = self._queued_job(row)
             position = self.queue.put(job, force=True)
             job.events.add("queued", {"queue_position": position})
             logger.warning("job %s (%s when the server stopped) is queued again", row.id, was)
 
     @property
     def pipeline(self):
-        """A loaded pipeline (all workers load the same models): for resolving settings."""
+        """A loaded pipeline (every worker loads the default model set at start): for its defaults."""
         for worker in self.workers:
             if worker.pipeline is not None:
                 return worker.pipeline
@@ -186,9 +205,14 @@ class Service:
             )
         if settings.face_index:
             raise FaceIDError("face_index: an identity already holds one face per photo (the largest); leave it out")
-        pipeline = self.pipeline
-        pipeline.resolve_settings(settings)  # refuses a request naming other models than the loaded ones
-        resolved = settings.resolve(pipeline.family, **self.defaults.model_dump(exclude_none=True))
+        entry = self.catalog.find(settings)  # refuses a request naming models this server does not serve
+        # The default model set's defaults are known (it was loaded at start); another one's are the family's and
+        # its models', and the worker that runs the job fills in the rest (the adapter's scale...) from the
+        # loaded pipeline before it runs (``Worker.run_batch``), storing them: the job's settings always show
+        # what made its images.
+        known = self.defaults if entry is self.catalog.default else entry.models
+        models = entry.models.model_dump(include=set(MODEL_FIELDS))  # the entry's names, not the request's
+        resolved = settings.replace(**models).resolve(entry.family, **known.model_dump(exclude_none=True))
         prompts = [resolved.prompt] if isinstance(resolved.prompt, str) else list(resolved.prompt)
         if identity_ids is not None:
             if not isinstance(resolved.prompt, list) or len(identity_ids) != len(prompts):
@@ -252,12 +276,14 @@ class Service:
                 raise LimitExceeded(f"{name}: at most {c.max_side} pixels on this server")
 
     def _queued_job(self, row: Job) -> QueuedJob:
+        settings = GenerationSettings.parse(row.settings)
         return QueuedJob(
             id=row.id,
             owner=row.owner,
-            settings=GenerationSettings.parse(row.settings),
+            settings=settings,
             identity_ids=list(row.identity_ids),
             created_ns=row.created_ns,
+            entry=self.catalog.find(settings),
         )
 
     def job(self, job_id: str, owner: str) -> Job:
@@ -344,6 +370,11 @@ class Service:
         return self.job_view(job_id, owner)
 
     # ------------------------------------------------------------------ called by the workers
+    def update_settings(self, job: QueuedJob, settings: GenerationSettings) -> None:
+        """The worker resolved what the job left to its models' defaults."""
+        self.store.update_job(job.id, settings=settings.to_json())
+        job.settings = settings
+
     def mark_running(self, job: QueuedJob, started: float) -> None:
         self.store.update_job(job.id, status=RUNNING, started=started)
         job.status = RUNNING
@@ -398,9 +429,16 @@ class Service:
         return self.data.image(image_id)
 
     def models(self) -> dict[str, Any]:
+        """What is configured, what each worker holds (``loaded_models``: catalog indexes, least recently used
+        first; ``memory``), the default model set's defaults and the catalog (each entry's ``loaded_on``)."""
         workers = [worker.describe() for worker in self.workers]
         defaults = self.defaults.to_json() if self.defaults is not None else None
-        return {"configured": self.config.models, "workers": workers, "defaults": defaults}
+        entries = self.catalog.entries if self.catalog is not None else []
+        catalog = [
+            {**e.describe(), "loaded_on": [w["device"] for w in workers if e.index in w.get("loaded_models", ())]}
+            for e in entries
+        ]
+        return {"configured": self.config.models, "workers": workers, "defaults": defaults, "catalog": catalog}
 
     def health(self) -> dict[str, Any]:
         loaded = [w.pipeline is not None for w in self.workers]

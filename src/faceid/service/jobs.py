@@ -9,12 +9,18 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..settings import GenerationSettings
 
 KEEP_FINISHED = 1000  # finished jobs whose events stay in memory (older ones are answered from the database)
+# A worker takes jobs for the models it has loaded before older jobs that need a load (a load costs seconds to
+# minutes, a batch seconds: serving what is loaded first keeps the throughput), but the oldest job is passed
+# over at most this many times; then it runs next, loading its models. Counted in batches, not seconds, so
+# that a busy model cannot starve the others however long its batches take.
+PASS_OVER_LIMIT = 4
 
 
 class QueueFull(Exception):
@@ -50,7 +56,9 @@ class QueuedJob:
     settings: GenerationSettings  # resolved, one seed per image
     identity_ids: list[str]  # one per prompt
     created_ns: int
+    entry: Any = None  # the catalog entry (``faceid.service.models.ModelEntry``) it runs on
     status: str = "queued"
+    passed_over: int = 0  # times a worker took a later job first (see PASS_OVER_LIMIT)
     step: int = 0
     total: int = 0
     cancel: threading.Event = field(default_factory=threading.Event)
@@ -134,17 +142,30 @@ class JobQueue:
             return None
 
     # ------------------------------------------------------------------ workers
-    def take(self, max_images: int, timeout: float = 0.5) -> list[QueuedJob]:
+    def take(
+        self, max_images: int, timeout: float = 0.5, ready: Callable[[QueuedJob], bool] | None = None
+    ) -> list[QueuedJob]:
         """The next job and the queued jobs after it that share its batch key, up to ``max_images`` images in
-        all (a job is never split; the first one runs even if alone it has more). Empty after ``timeout``."""
+        all (a job is never split; the first one runs even if alone it has more). Empty after ``timeout``.
+
+        ``ready(job)``: whether the caller can run ``job`` without loading models. The next job is then the
+        oldest ready one, unless the oldest job was passed over ``PASS_OVER_LIMIT`` times already."""
         with self._cond:
             if not self._cond.wait_for(lambda: self._stopped or (self._queued and not self.paused), timeout):
                 return []
             if self._stopped:
                 return []
             first = self._queued[0]
+            if ready is not None and first.passed_over < PASS_OVER_LIMIT and not ready(first):
+                found = next((job for job in self._queued if ready(job)), None)
+                if found is not None:
+                    for job in self._queued[: self._queued.index(found)]:
+                        job.passed_over += 1
+                    first = found
             batch, images = [first], first.images
-            for job in self._queued[1:]:
+            for job in self._queued:
+                if job is first:
+                    continue
                 if job.batch_key == first.batch_key and images + job.images <= max_images:
                     batch.append(job)
                     images += job.images

@@ -1,5 +1,6 @@
-"""One generation thread per device: loads the pipeline once, takes batches of compatible jobs from the
-queue and runs each batch as one pipeline call.
+"""One generation thread per device: loads the default model set at start, takes batches of compatible jobs
+from the queue and runs each batch as one pipeline call, loading the batch's model set first when it is not
+loaded (and evicting the least recently used ones beyond the memory budget: ``models.LoadedModels``).
 
 Jobs in a batch share the UNet batch (same model, size, steps, guidance, window...) but keep their own
 prompts, faces and seeds: the pipeline pairs prompt i with face i and gives image i its own seed, so a job
@@ -16,8 +17,10 @@ import traceback
 from typing import Any, Protocol
 
 from ..errors import FaceIDError
+from ..settings import GenerationSettings
 from .config import ServeConfig
 from .jobs import JobQueue, QueuedJob
+from .models import GB, LoadedModels, ModelEntry, default_budget
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +37,7 @@ class JobHost(Protocol):
     queue: JobQueue
 
     def identity_faces(self, job: QueuedJob) -> list[list] | str: ...
+    def update_settings(self, job: QueuedJob, settings: GenerationSettings) -> None: ...
     def mark_running(self, job: QueuedJob, started: float) -> None: ...
     def finish(self, job: QueuedJob, status: str, error: str | None = None) -> None: ...
     def save_images(self, job: QueuedJob, images: list) -> None: ...
@@ -41,28 +45,61 @@ class JobHost(Protocol):
 
 
 class Worker(threading.Thread):
-    def __init__(self, service: JobHost, device: str, pipeline: Any = None) -> None:
+    def __init__(self, service: JobHost | None, device: str, pipeline: Any = None) -> None:
         super().__init__(name=f"faceid-worker-{device}", daemon=True)
         self.service = service
         self.device = device
-        self.pipeline = pipeline
+        self._pipeline = pipeline  # the default model set's, until ``adopt`` files it under its catalog entry
+        self.models: LoadedModels | None = None  # set by ``adopt``
         self.loaded = threading.Event()
         self.load_error: str | None = None
 
+    @property
+    def pipeline(self) -> Any:
+        """The pipeline this worker used last (None before it loaded one)."""
+        newest = self.models.newest() if self.models is not None else None
+        return newest if newest is not None else self._pipeline
+
+    @pipeline.setter
+    def pipeline(self, value: Any) -> None:
+        self._pipeline = value
+
     def load(self) -> None:
-        """The pipeline, once (in this thread when started by ``run``)."""
-        if self.pipeline is None:
+        """The default model set's pipeline, once (in this thread when started by ``run``)."""
+        if self._pipeline is None:
             try:
-                self.pipeline = self.service.config.loader(self.device)
+                config = self.service.config
+                default = config.catalog[0] if config.catalog else GenerationSettings()
+                self._pipeline = config.loader(self.device, default)
             except Exception as exc:  # reported by /health and the start-up
                 self.load_error = f"{type(exc).__name__}: {exc}"
                 logger.error("could not load the models on %s: %s", self.device, self.load_error)
         self.loaded.set()
 
+    def adopt(self, entry: ModelEntry, defaults: GenerationSettings) -> None:
+        """File the pipeline loaded at start under the catalog's default ``entry`` (called by the service once it
+        knows the entry, before any job runs); from now on model sets come and go within the memory budget."""
+        gb = self.service.config.model_memory_gb
+        self.models = LoadedModels(round(gb * GB) if gb else default_budget(self._pipeline.device))
+        self.models.add(entry, self._pipeline, defaults)
+        self._pipeline = None
+
+    def _load(self, entry: ModelEntry) -> tuple[Any, GenerationSettings]:
+        """Load ``entry`` here, in the worker thread, and take its defaults before any call runs on it."""
+        if self.service.config.loader is None:
+            raise FaceIDError(f"this server has no loader for model set {entry.label()}")
+        logger.info("loading model set %s on %s", entry.label(), self.device)
+        pipeline = self.service.config.loader(self.device, entry.models)
+        if pipeline.family != entry.family:
+            raise FaceIDError(f"model set {entry.label()} loaded as a {pipeline.family} pipeline")
+        return pipeline, pipeline.resolve_settings(GenerationSettings())
+
     def describe(self) -> dict[str, Any]:
-        """What ``GET /v1/models`` says of this worker."""
+        """What ``GET /v1/models`` says of this worker: the pipeline it used last, and what it holds."""
         pipe = self.pipeline
         entry = {"device": self.device, "loaded": pipe is not None, "error": self.load_error}
+        if self.models is not None:
+            entry.update(self.models.describe())
         if pipe is not None:
             entry.update(
                 device=str(pipe.device),
@@ -82,7 +119,7 @@ class Worker(threading.Thread):
             return
         queue = self.service.queue
         while not queue.stopped:
-            batch = queue.take(self.service.config.max_batch)
+            batch = queue.take(self.service.config.max_batch, ready=self._holds)
             if not batch:
                 continue
             try:
@@ -93,9 +130,24 @@ class Worker(threading.Thread):
                     if job.status in ("queued", "running"):
                         self.service.finish(job, "failed", error=_internal(exc))
 
+    def _holds(self, job: QueuedJob) -> bool:
+        return self.models is not None and self.models.holds(job.entry)
+
     # ------------------------------------------------------------------ one batch
     def run_batch(self, batch: list[QueuedJob]) -> None:
         service = self.service
+        try:  # the batch's models (one entry: its jobs share the batch key, which holds the model fields)
+            loaded = self.models.get(batch[0].entry, lambda: self._load(batch[0].entry))
+        except Exception as exc:
+            logger.error("could not load a model set on %s: %s", self.device, traceback.format_exc())
+            for job in batch:
+                service.finish(job, "failed", error=str(exc) if isinstance(exc, FaceIDError) else _internal(exc))
+            return
+        pipeline = loaded.pipeline
+        for job in batch:  # what the request left to the loaded models' defaults (the adapter's scale...)
+            resolved = job.settings.resolve(pipeline.family, **loaded.defaults.model_dump(exclude_none=True))
+            if resolved != job.settings:
+                service.update_settings(job, resolved)
         started = time.time()
         live: list[tuple[QueuedJob, list]] = []
         for job in batch:
@@ -136,7 +188,7 @@ class Worker(threading.Thread):
 
         settings = first.settings.replace(prompt=prompts, negative_prompt=negatives, seed=seeds)
         try:
-            result = self.pipeline(face=faces, settings=settings, callback_on_step_end=on_step_end)
+            result = pipeline(face=faces, settings=settings, callback_on_step_end=on_step_end)
         except _Stop:
             if service.queue.stopped:  # the server stops: the jobs wait for the next start
                 for job in active:

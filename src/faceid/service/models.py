@@ -1,0 +1,245 @@
+"""Several model sets per server: the catalog of what it may load, and each worker's loaded pipelines.
+
+The catalog is an allowlist: every entry comes from the server's configuration (``faceid serve``'s model flags
+for the first, ``--also-model`` for the others). A request only picks one by the model fields it names
+(``faceid.settings.MODEL_FIELDS``); its values are compared as text with each entry's names and never reach a
+filesystem path or the Hub. Each worker keeps the pipelines it loaded, least recently used first, within a
+memory budget (``LoadedModels``).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import FaceIDError
+from ..settings import MODEL_FIELDS, GenerationSettings
+
+logger = logging.getLogger(__name__)
+
+GB = 1024**3
+DEVICE_MEMORY_FRACTION = 0.75  # of a CUDA device's memory, by default: room for activations and a load in flight
+HOST_MEMORY_FRACTION = 0.5  # of the system RAM on CPU (and MPS, whose memory is the system's)
+
+
+class ModelNotServed(FaceIDError):
+    """A request names models that are not in this server's catalog."""
+
+
+@dataclass(frozen=True, eq=False)
+class ModelEntry:
+    """One model set this server may load: its model fields as ``FaceIDPipeline.from_pretrained`` loads them
+    (base model and VAE filled in for a released adapter) and its family."""
+
+    index: int
+    models: GenerationSettings  # only the MODEL_FIELDS are set
+    family: str
+
+    @classmethod
+    def configured(cls, index: int, spec: GenerationSettings | Mapping[str, Any]) -> ModelEntry:
+        """An entry from configuration, described without loading its weights."""
+        from ..pipeline import default_models, model_family
+        from ..variants import DEFAULT_ADAPTER
+
+        spec = GenerationSettings.parse(spec)
+        others = sorted(k for k in spec.model_fields_set if k not in MODEL_FIELDS)
+        if others:
+            raise FaceIDError(f"a model set names models only ({', '.join(MODEL_FIELDS)}), not {', '.join(others)}")
+        adapter = spec.adapter or DEFAULT_ADAPTER
+        base_model, vae = default_models(spec.base_model, adapter, spec.vae)
+        models = GenerationSettings(base_model=base_model, adapter=adapter, vae=vae, loras=spec.loras or None)
+        return cls(index, models, model_family(base_model, adapter))
+
+    @classmethod
+    def of(cls, index: int, family: str, defaults: GenerationSettings) -> ModelEntry:
+        """The entry of a loaded pipeline, from its family and its resolved defaults."""
+        values = defaults.model_dump(include=set(MODEL_FIELDS))
+        return cls(index, GenerationSettings(**{**values, "loras": values["loras"] or None}), family)
+
+    def matches(self, requested: GenerationSettings) -> bool:
+        """Whether every model field ``requested`` names is this entry's, as configured or as its resolved path
+        (``pipeline._source_key``, applied to the configured side only: the request's text is never a path)."""
+        for key in ("base_model", "adapter", "vae"):
+            wanted = getattr(requested, key)
+            if wanted is not None and wanted not in _names(getattr(self.models, key)):
+                return False
+        if requested.loras is None:
+            return True
+        have = self.models.loras or {}
+        if len(requested.loras) != len(have):
+            return False
+        return all(
+            any(source in _names(mine) and float(weight) == float(w) for mine, w in have.items())
+            for source, weight in requested.loras.items()
+        )
+
+    def label(self) -> str:
+        parts = [f"{key}={value!r}" for key, value in self.models.to_json().items()]
+        return f"[{self.index}] {self.family}: " + ", ".join(parts)
+
+    def describe(self) -> dict[str, Any]:
+        """What ``GET /v1/models`` says of this entry: its models, family and family defaults."""
+        defaults = self.models.resolve(self.family).model_dump(
+            include={"width", "height", "num_inference_steps", "guidance_scale"}
+        )
+        return {"index": self.index, "family": self.family, **self.models.to_json(), "defaults": defaults}
+
+
+def _names(source: str | None) -> set[str]:
+    if source is None:
+        return set()
+    from ..pipeline import _source_key
+
+    return {source, _source_key(source)}
+
+
+class Catalog:
+    """The model sets of a server, the default first. ``find`` picks the one a request asks for."""
+
+    def __init__(self, entries: Iterable[ModelEntry]) -> None:
+        self.entries = list(entries)
+        if not self.entries:
+            raise FaceIDError("a server needs at least one model set")
+        for i, entry in enumerate(self.entries):
+            for other in self.entries[:i]:
+                if entry.matches(other.models) and other.matches(entry.models):
+                    raise FaceIDError(f"model set {entry.label()} is configured twice")
+
+    @property
+    def default(self) -> ModelEntry:
+        return self.entries[0]
+
+    def find(self, requested: GenerationSettings) -> ModelEntry:
+        """The first entry that has every model field ``requested`` names (none named: the default)."""
+        for entry in self.entries:
+            if entry.matches(requested):
+                return entry
+        named = {k: v for k, v in requested.model_dump(include=set(MODEL_FIELDS)).items() if v is not None}
+        served = "; ".join(entry.label() for entry in self.entries)
+        raise ModelNotServed(
+            f"this server does not serve {named}: it serves {served}. Name one of these (GET /v1/models lists "
+            "them) or leave the model fields out for the first"
+        )
+
+
+# ---------------------------------------------------------------------- one worker's loaded pipelines
+@dataclass(eq=False)
+class Loaded:
+    pipeline: Any
+    defaults: GenerationSettings  # ``pipeline.resolve_settings()`` taken while no call ran on it
+    nbytes: int
+
+
+@dataclass(eq=False)
+class LoadedModels:
+    """A worker's pipelines by catalog entry, least recently used first, within ``budget`` bytes.
+
+    Loading an entry that does not fit evicts the least recently used ones; an entry larger than the whole
+    budget still loads (alone), with a warning, rather than never running. Only the worker thread loads and
+    evicts; request threads read what is loaded (under the lock)."""
+
+    budget: int
+    _loaded: OrderedDict[ModelEntry, Loaded] = field(default_factory=OrderedDict)
+    # What each entry measured when this worker last loaded it: the room to make *before* loading it again.
+    # A first load makes room after it, from its measured size.
+    _sizes: dict[ModelEntry, int] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, entry: ModelEntry, pipeline: Any, defaults: GenerationSettings) -> Loaded:
+        loaded = Loaded(pipeline, defaults, pipeline_bytes(pipeline))
+        self._sizes[entry] = loaded.nbytes
+        if loaded.nbytes > self.budget:
+            logger.warning(
+                "model set %s takes %.1f GB, more than the whole model memory budget (%.1f GB): it runs alone",
+                entry.label(), loaded.nbytes / GB, self.budget / GB,
+            )  # fmt: skip
+        with self._lock:
+            self._loaded[entry] = loaded
+        self._make_room(0)
+        return loaded
+
+    def get(self, entry: ModelEntry, load: Callable[[], tuple[Any, GenerationSettings]]) -> Loaded:
+        """``entry``'s pipeline, now the most recently used; ``load()`` -> (pipeline, defaults) when not loaded."""
+        with self._lock:
+            found = self._loaded.get(entry)
+            if found is not None:
+                self._loaded.move_to_end(entry)
+                return found
+        self._make_room(self._sizes.get(entry, 0))
+        return self.add(entry, *load())
+
+    def _make_room(self, needed: int) -> None:
+        """Evict least recently used pipelines until ``needed`` more bytes fit; the newest one always stays."""
+        freed = []
+        with self._lock:
+            while len(self._loaded) > (0 if needed else 1) and self.used + needed > self.budget:
+                entry, loaded = self._loaded.popitem(last=False)
+                freed.append(_device_type(loaded.pipeline))
+                logger.info("model set %s evicted (%.1f GB) to make room", entry.label(), loaded.nbytes / GB)
+                del loaded
+        if freed:
+            gc.collect()  # the pipelines' tensors go with their last reference
+            if "cuda" in freed:
+                import torch
+
+                torch.cuda.empty_cache()
+
+    @property
+    def used(self) -> int:
+        return sum(loaded.nbytes for loaded in self._loaded.values())
+
+    def holds(self, entry: ModelEntry | None) -> bool:
+        with self._lock:
+            return entry in self._loaded
+
+    def entries(self) -> list[ModelEntry]:
+        """Loaded entries, least recently used first."""
+        with self._lock:
+            return list(self._loaded)
+
+    def newest(self) -> Any:
+        with self._lock:
+            return next(reversed(self._loaded.values())).pipeline if self._loaded else None
+
+    def describe(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "loaded_models": [entry.index for entry in self._loaded],
+                "memory": {"budget_bytes": self.budget, "used_bytes": self.used},
+            }
+
+
+def pipeline_bytes(pipeline: Any) -> int:
+    """The memory a ``FaceIDPipeline``'s weights take: the parameters and buffers of its diffusers components,
+    its identity projection and its CLIP image encoder (each tensor once)."""
+    import torch
+
+    modules = [m for m in pipeline.pipe.components.values() if isinstance(m, torch.nn.Module)]
+    modules.append(pipeline.adapter.projection)
+    if pipeline.image_encoder is not None:
+        modules.append(pipeline.image_encoder.model)
+    tensors = {id(t): t for m in modules if m is not None for t in (*m.parameters(), *m.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def default_budget(device: Any) -> int:
+    """The default model memory of a worker: a fraction of a CUDA device's memory, else of the system RAM."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(DEVICE_MEMORY_FRACTION * torch.cuda.get_device_properties(device).total_memory)
+    return int(HOST_MEMORY_FRACTION * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def _device_type(pipeline: Any) -> str:
+    try:
+        return pipeline.device.type
+    except Exception:  # not a FaceIDPipeline (a test's stand-in)
+        return "cpu"
