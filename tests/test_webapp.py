@@ -119,6 +119,19 @@ def set_value(driver, element_id: str, value) -> None:
     field.send_keys(str(value))
 
 
+def click(driver, selector: str) -> bool:
+    """Click the element ``selector`` if it is there now; False (to wait and try again) if it is not, or was
+    redrawn between finding and clicking it."""
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+
+    try:
+        driver.find_element(By.CSS_SELECTOR, selector).click()
+    except (NoSuchElementException, StaleElementReferenceException):
+        return False
+    return True
+
+
 def image_files(data: Path) -> list[str]:
     return sorted(p.name for p in (data / "images").iterdir())
 
@@ -288,6 +301,7 @@ def test_web_app_cancels_a_queued_generation(make_server, browser, faces_dir, tm
     browser.refresh()
     entry = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#gallery .generation[data-status=queued]"))[0]
     job = entry.get_attribute("data-id")
-    entry.find_element(By.CSS_SELECTOR, "button.cancel").click()
+    # The gallery may draw the entry again while it loads: find and click in one go, again if it was redrawn.
+    wait.until(lambda d: click(d, f"#gallery .generation[data-id='{job}'] button.cancel"))
     wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#gallery .generation[data-status=cancelled]"))
     assert httpx.get(f"{url}/v1/generations/{job}").json()["status"] == "cancelled"
