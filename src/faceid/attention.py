@@ -126,12 +126,15 @@ class FaceIDAttnProcessor(nn.Module):
     def set_scale(self, scale: float | Sequence[float] | torch.Tensor) -> None:
         """The identity strength: a number, or one per sample of the UNet batch (in its order).
 
-        Written into the ``scale`` buffer in place while the shape stays (a compiled UNet sees a new value,
-        not a new graph); a per-sample strength of another length replaces the buffer (a new batch size
-        recompiles anyway).
+        Written into the ``scale`` buffer in place while its shape stays (a compiled UNet sees a new value,
+        not a new graph); a change between one number and a per-sample strength, or of its length,
+        replaces the buffer, and a compiled UNet then compiles once for the new shape.
         """
         if isinstance(scale, (int, float)):
-            self.scale.fill_(float(scale))  # no host-device copy, no sync
+            if self.scale.shape == (1, 1, 1):
+                self.scale.fill_(float(scale))  # no host-device copy, no sync
+            else:  # back from a per-sample scale
+                self.scale = torch.full((1, 1, 1), float(scale), device=self.scale.device)
             zero = float(scale) == 0
         else:
             value = torch.as_tensor(scale, dtype=torch.float32)
