@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -217,3 +218,34 @@ def test_inductor_compiles_an_attention_layer_with_the_identity_branch():
         with adapter.scaled(scale, lora_scale):
             torch.testing.assert_close(compiled(hidden, **kwargs), expected, rtol=1e-5, atol=1e-5)
     assert counter.frame_count == 1, path
+
+
+def test_cli_compile_fuses_a_fixed_identity_lora(tmp_path, monkeypatch, tiny_models, faces_dir, face_models_dir):
+    """``faceid generate --compile`` compiles the UNet, fusing the identity LoRA when nothing changes its weight
+    during the run (no identity window), and draws the image the uncompiled fused pipeline draws."""
+    from PIL import Image
+
+    from faceid.cli import main
+
+    compiled = []
+
+    def compile_traced(self, mode=None, backend=None):  # trace with the eager backend: seconds, not minutes
+        compiled.append(self)
+        return original(self, mode=mode, backend="eager")
+
+    original = FaceIDPipeline.compile
+    monkeypatch.setattr(FaceIDPipeline, "compile", compile_traced)
+    model = ["--base-model", str(tiny_models.sd15), "--adapter", str(tiny_models.adapter("faceid", "safetensors"))]
+
+    def generate(out, *extra):
+        argv = ["generate", "--face", str(faces_dir / "biden.jpg"), "--prompt", "a photo", "--out", str(out)]
+        size = ["--steps", "2", "--width", "24", "--height", "16", "--seed", "1"]
+        assert main([*argv, *model, *size, "--face-models", str(face_models_dir), *extra]) == 0
+        return np.asarray(Image.open(out / "biden_s1.png"))
+
+    fused = generate(tmp_path / "fused", "--fuse-lora")
+    assert not compiled
+    assert np.array_equal(generate(tmp_path / "compiled", "--compile"), fused)
+    assert compiled[-1].compiled and compiled[-1].adapter.lora_fused
+    generate(tmp_path / "window", "--compile", "--window", "0", "0.5")
+    assert compiled[-1].compiled and not compiled[-1].adapter.lora_fused  # the window switches the LoRA
