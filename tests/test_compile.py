@@ -14,8 +14,8 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
 from conftest import make_tiny_unet
+from safetensors.torch import save_file
 from torch._dynamo.testing import CompileCounterWithBackend, EagerAndRecordGraphs
 
 from faceid.adapter import FaceIDAdapter, initial_state_dict
@@ -72,7 +72,12 @@ CALLS = {
 SDXL_CALLS = {
     "first": {},
     "all but the window": {
-        "scale": 0.4, "lora_scale": 0.3, "style": 0.25, "face": 1, "prompt": CALLS["prompt"]["prompt"], "seed": 11
+        "scale": 0.4,
+        "lora_scale": 0.3,
+        "style": 0.25,
+        "face": 1,
+        "prompt": CALLS["prompt"]["prompt"],
+        "seed": 11,
     },
     "window": CALLS["window"],
 }
