@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -25,7 +25,7 @@ from torch import nn
 from .attention import FaceIDAttnProcessor
 from .checkpoints import FAMILIES, LORA_TARGETS, AdapterSpec, describe_unet, family_name, load_state_dict
 from .errors import CheckpointError, FaceIDError
-from .peft_adapters import PeftInjection, adapter_name_taken, adapter_weights, get_base_layer
+from .peft_adapters import PeftInjection, adapter_name_taken, adapter_weights, get_base_layer, set_layer_weight
 from .projection import IdentityProjection
 
 StateDict = dict[str, dict[str, torch.Tensor]]
@@ -61,7 +61,7 @@ class FaceIDAdapter:
         self._scale = 1.0
         self._lora_scale = 1.0
         self._active = True
-        self._call_scale: float | None = None
+        self._call_scale: float | torch.Tensor | None = None
         self._call_lora_scale: float | None = None
         self._gate_open = True  # closed outside a call's identity window
 
@@ -258,8 +258,13 @@ class FaceIDAdapter:
         self._apply()
 
     @contextlib.contextmanager
-    def scaled(self, scale: float | None = None, lora_scale: float | None = None) -> Iterator[Callable[[bool], None]]:
+    def scaled(
+        self, scale: float | Sequence[float] | torch.Tensor | None = None, lora_scale: float | None = None
+    ) -> Iterator[Callable[[bool], None]]:
         """Inside the block, use ``scale`` and ``lora_scale`` (None: the user's) for one call.
+
+        ``scale`` may also be one number per sample of the UNet batch (in its order: under classifier-free
+        guidance the unconditional half first), e.g. 0 for a batch chunk that must see no identity.
 
         Yields ``gate(open)``, which switches the adapter's effect off and on again within the block (the
         identity window). The user's settings (``scale``, ``lora_scale``, ``active``) are never changed, so
@@ -274,7 +279,10 @@ class FaceIDAdapter:
             self._gate_open = bool(open_)
             self._apply()
 
-        self._call_scale = None if scale is None else float(scale)
+        if scale is None or isinstance(scale, (int, float)):
+            self._call_scale = None if scale is None else float(scale)
+        else:  # per sample: on the UNet's device once, so that every gate switch copies nothing from the host
+            self._call_scale = torch.as_tensor(scale, dtype=torch.float32).to(next(self.unet.parameters()).device)
         self._call_lora_scale = None if lora_scale is None else float(lora_scale)
         self._apply()
         try:
@@ -290,9 +298,10 @@ class FaceIDAdapter:
         scale = self._scale if self._call_scale is None else self._call_scale
         lora_scale = self._lora_scale if self._call_lora_scale is None else self._call_lora_scale
         for processor in self.processors.values():
-            processor.scale = scale if on else 0.0
+            processor.set_scale(scale)
+            processor.set_gate(on)
         for path in self._lora_layers:
-            self.unet.get_submodule(path).set_scale(self.name, lora_scale if on else 0.0)
+            set_layer_weight(self.unet.get_submodule(path), self.name, lora_scale if on else 0.0)
 
     def _refuse_if_fused(self, lora_scale: float) -> None:
         if self._fused_weights is not None and float(lora_scale) != self._lora_scale:

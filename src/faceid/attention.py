@@ -8,9 +8,15 @@ Identity tokens reach the processor explicitly, through ``cross_attention_kwargs
 and sliced off again: the processor never has to guess how many of the context tokens are identity
 tokens. LoRA is not in here: it lives on ``to_q``/``to_k``/``to_v``/``to_out.0`` through PEFT, so this
 processor stays the plain SDPA attention plus one extra branch.
+
+The identity strength and the identity-window gate are tensors (buffers updated in place), not Python
+numbers, so that a compiled UNet (``torch.compile``) reads their values instead of specialising on them:
+changing either between calls, or the gate between steps, recompiles nothing.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +26,14 @@ try:  # the type only; diffusers is a hard dependency anyway
     from diffusers.models.attention_processor import Attention
 except ImportError:  # pragma: no cover
     Attention = nn.Module  # type: ignore[misc,assignment]
+
+from .errors import FaceIDError
+
+
+def _scaling_state(value: float | torch.Tensor) -> object:
+    """A LoRA weight for the fingerprint: a number as is; a tensor (set in place, see
+    ``peft_adapters.tensor_scalings``) by storage and in-place version, read without a device sync."""
+    return (value.data_ptr(), value._version) if isinstance(value, torch.Tensor) else value
 
 
 def module_state(*modules: nn.Module) -> tuple:
@@ -38,7 +52,7 @@ def module_state(*modules: nn.Module) -> tuple:
                 parts.append(
                     (
                         tuple(sub.active_adapters),
-                        tuple(sorted(sub.scaling.items())),
+                        tuple(sorted((name, _scaling_state(v)) for name, v in sub.scaling.items())),
                         tuple(sub.merged_adapters),
                         bool(sub.disable_adapters),
                     )
@@ -57,7 +71,9 @@ class _KeyValueCache:
     So an entry is reused only while both the source tensor (by identity and in-place version) and the
     fingerprint of the projecting modules (``module_state``) are unchanged; otherwise it is recomputed.
     The cache is only active between ``enable()`` and ``clear()``, which the pipeline brackets each call
-    with; outside that (training, direct UNet calls) nothing is cached.
+    with; outside that (training, direct UNet calls) nothing is cached. Nor inside a compiled UNet: the
+    lookups are Python bookkeeping (tensor identities, fingerprints) that would break the graph at every
+    layer, while the compiled projections are cheap; there the keys/values are computed at every step.
     """
 
     def __init__(self) -> None:
@@ -67,7 +83,7 @@ class _KeyValueCache:
     def get(
         self, slot: str, source: torch.Tensor, modules: tuple[nn.Module, ...], compute
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.enabled:
+        if torch.compiler.is_compiling() or not self.enabled:
             return compute(source)
         state = (source._version, module_state(*modules))
         entry = self._entries.get(slot)
@@ -86,17 +102,72 @@ class _KeyValueCache:
 class FaceIDAttnProcessor(nn.Module):
     """Attention processor for a cross-attention layer with an identity branch.
 
-    It owns the layer's ``to_k_ip``/``to_v_ip`` (sized from the ``Attention`` module it serves) and a
-    ``scale`` (identity strength; 0 skips the branch, giving bit-for-bit the output without adapter).
-    Without ``ip_hidden_states`` it behaves exactly like diffusers' ``AttnProcessor2_0``.
+    It owns the layer's ``to_k_ip``/``to_v_ip`` (sized from the ``Attention`` module it serves), the identity
+    strength ``scale`` and the window ``gate`` (float32 buffers, shape ``(1, 1, 1)``, or ``(batch, 1, 1)``
+    for a strength per sample of the UNet batch; ``set_scale`` / ``set_gate`` write them in place). Where
+    ``scale * gate`` is 0 the output is bit for bit the output without adapter. Without
+    ``ip_hidden_states`` it behaves exactly like diffusers' ``AttnProcessor2_0``.
     """
 
     def __init__(self, hidden_size: int, cross_attention_dim: int, scale: float = 1.0):
         super().__init__()
         self.to_k_ip = nn.Linear(cross_attention_dim, hidden_size, bias=False)
         self.to_v_ip = nn.Linear(cross_attention_dim, hidden_size, bias=False)
-        self.scale = scale
+        # Not persistent: the checkpoint layout has the projections only.
+        self.register_buffer("scale", torch.ones(1, 1, 1), persistent=False)
+        self.register_buffer("gate", torch.ones(1, 1, 1), persistent=False)
+        # Host-side mirrors, read in eager mode only (a compiled UNet never reads them): when scale * gate is
+        # 0 everywhere the branch is skipped rather than computed and discarded, with no device sync.
+        self._zero_scale = False
+        self._open = True
+        self.set_scale(scale)
         self.cache = _KeyValueCache()
+
+    def set_scale(self, scale: float | Sequence[float] | torch.Tensor) -> None:
+        """The identity strength: a number, or one per sample of the UNet batch (in its order).
+
+        Written into the ``scale`` buffer in place while its shape stays (a compiled UNet sees a new value,
+        not a new graph); a change between one number and a per-sample strength, or of its length,
+        replaces the buffer, and a compiled UNet then compiles once for the new shape.
+        """
+        if isinstance(scale, (int, float)):
+            if self.scale.shape == (1, 1, 1):
+                self.scale.fill_(float(scale))  # no host-device copy, no sync
+            else:  # back from a per-sample scale
+                self.scale = torch.full((1, 1, 1), float(scale), device=self.scale.device)
+            zero = float(scale) == 0
+        else:
+            value = torch.as_tensor(scale, dtype=torch.float32)
+            if value.ndim > 1:
+                raise FaceIDError(
+                    f"a per-sample identity scale is one number per sample (1-d), got shape {tuple(value.shape)}"
+                )
+            zero = not bool(value.any())  # before the move: no sync for values given on the host
+            value = value.reshape(-1, 1, 1).to(self.scale.device)
+            if value.shape == self.scale.shape:
+                self.scale.copy_(value)
+            else:
+                self.scale = value
+        self._zero_scale = zero
+
+    def set_gate(self, open_: bool) -> None:
+        """Open (1) or close (0) the identity branch, e.g. outside the identity window; in place."""
+        self.gate.fill_(1.0 if open_ else 0.0)
+        self._open = bool(open_)
+
+    @property
+    def idle(self) -> bool:
+        """Whether the identity branch adds nothing now (the strength is 0 for every sample, or the gate shut)."""
+        return self._zero_scale or not self._open
+
+    def _apply(self, fn, recurse: bool = True):
+        # ``scale`` and ``gate`` follow the module's device but stay float32 whatever its dtype, so that a
+        # half-precision layer weighs its identity branch exactly by the number given.
+        knobs = {name: self._buffers[name] for name in ("scale", "gate")}
+        result = super()._apply(fn, recurse)
+        for name, value in knobs.items():
+            self._buffers[name] = value.to(self._buffers[name].device)
+        return result
 
     @classmethod
     def for_layer(cls, attn: Attention, scale: float = 1.0) -> FaceIDAttnProcessor:
@@ -168,10 +239,17 @@ class FaceIDAttnProcessor(nn.Module):
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
         hidden_states = hidden_states.to(query.dtype)
 
-        if ip_hidden_states is not None and self.scale != 0:
+        # Compiled, the branch is always computed: skipping it would be Python control flow on a tensor value.
+        if ip_hidden_states is not None and (torch.compiler.is_compiling() or not self.idle):
             if ip_hidden_states.shape[0] != batch_size:
                 raise ValueError(
                     f"identity tokens have batch {ip_hidden_states.shape[0]} but the UNet batch is {batch_size}"
+                )
+            weight = self.scale * self.gate  # (1 or batch, 1, 1), float32
+            if weight.shape[0] not in (1, batch_size):
+                raise FaceIDError(
+                    f"the identity scale has {weight.shape[0]} values but the UNet batch is {batch_size}: "
+                    "give one number, or one per sample"
                 )
             ip_key, ip_value = self.cache.get(
                 "identity",
@@ -183,7 +261,10 @@ class FaceIDAttnProcessor(nn.Module):
                 query, heads(ip_key), heads(ip_value), attn_mask=None, dropout_p=0.0, is_causal=False
             )
             ip_states = ip_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
-            hidden_states = hidden_states + self.scale * ip_states.to(query.dtype)
+            # float32 weight times the branch, rounded once to the layer's dtype (as a Python number would be).
+            added = hidden_states + (ip_states.to(query.dtype) * weight).to(hidden_states.dtype)
+            # Where the weight is 0, exactly the output without adapter (even were the branch inf or nan).
+            hidden_states = torch.where(weight == 0, hidden_states, added)
 
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)

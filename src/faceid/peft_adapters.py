@@ -22,6 +22,8 @@ __all__ = [
     "layers_with",
     "lora_layers",
     "set_adapter_weight",
+    "set_layer_weight",
+    "tensor_scalings",
 ]
 
 
@@ -42,10 +44,37 @@ def layers_with(model: nn.Module, name: str) -> dict[str, nn.Module]:
     return {path: m for path, m in lora_layers(model).items() if name in m.scaling}
 
 
+def set_layer_weight(layer: nn.Module, name: str, weight: float) -> None:
+    """PEFT's ``set_scale`` of adapter ``name`` on one LoRA layer, written into its scaling tensor in place when
+    it has one (``tensor_scalings``), so that a compiled model reads the new value instead of recompiling."""
+    current = layer.scaling.get(name)
+    layer.set_scale(name, float(weight))  # PEFT's formula (alpha / r, or / sqrt(r) for rsLoRA); sets a float
+    if isinstance(current, torch.Tensor):
+        layer.scaling[name] = current.fill_(layer.scaling[name])
+
+
 def set_adapter_weight(model: nn.Module, name: str, weight: float) -> None:
     """The weight of adapter ``name`` on every layer of ``model`` that carries it."""
     for layer in layers_with(model, name).values():
-        layer.set_scale(name, float(weight))
+        set_layer_weight(layer, name, weight)
+
+
+def tensor_scalings(model: nn.Module) -> None:
+    """Hold every LoRA weight of ``model`` (PEFT's ``scaling``, a Python float) in a float32 0-d tensor on its
+    layer's device, changed in place from then on (``set_layer_weight``).
+
+    For a compiled model: TorchDynamo specialises on Python numbers, so a new LoRA weight (or the identity
+    window switching the identity LoRA) would recompile the graph, while a tensor is read as an input (as
+    PEFT's ``prepare_model_for_compiled_hotswap`` does). Values are kept exactly; a tensor on another device
+    is moved (a new object, so the next call recompiles once).
+    """
+    for layer in lora_layers(model).values():
+        device = layer.get_base_layer().weight.device
+        for name, value in layer.scaling.items():
+            if not isinstance(value, torch.Tensor):
+                layer.scaling[name] = torch.tensor(float(value), dtype=torch.float32, device=device)
+            elif value.device != device:
+                layer.scaling[name] = value.to(device)
 
 
 def adapter_weights(model: nn.Module) -> dict[str, float]:
@@ -57,7 +86,7 @@ def adapter_weights(model: nn.Module) -> dict[str, float]:
                 continue
             r, lora_alpha = module.r[name], module.lora_alpha[name]
             base = lora_alpha / math.sqrt(r) if module.use_rslora.get(name, False) else lora_alpha / r
-            weights[name] = module.scaling[name] / base
+            weights[name] = float(module.scaling[name]) / base
     order = list(getattr(model, "peft_config", {}))
     return dict(sorted(weights.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
 

@@ -33,6 +33,7 @@ from .fast import ETA_SCHEDULERS, make_scheduler, preset
 from .hub import fetch, model_not_found, offline, resolve_adapter
 from .identity_guidance import identity_guidance
 from .lora import LoraStack
+from .peft_adapters import tensor_scalings
 from .settings import ENCODE_FIELDS, GenerationSettings
 from .variants import DEFAULT_ADAPTER, released
 
@@ -276,6 +277,7 @@ class FaceIDPipeline:
         shortcut: bool | None = None,
         loras: Sequence[str | os.PathLike | tuple[str | os.PathLike, float]] = (),
         progress: bool = True,
+        compile: bool = False,
     ) -> FaceIDPipeline:
         """Load a base model and install an adapter in it.
 
@@ -296,6 +298,7 @@ class FaceIDPipeline:
         ``tiny_vae``: a tiny VAE for previews and for calls with ``decoder="tiny"``: ``"taesd"`` (SD1.5),
         ``"taesdxl"`` (SDXL) or ``"auto"`` (the family's; pinned downloads), a diffusers ``AutoencoderTiny``
         folder or its ``.safetensors`` file.
+        ``compile``: ``compile()`` the UNet once everything is loaded (see there; the first call is slow).
         """
         release = released(adapter)
         base_model, vae = default_models(base_model, adapter, vae)
@@ -353,7 +356,38 @@ class FaceIDPipeline:
         for item in loras:
             path, weight = item if isinstance(item, tuple) else (item, 1.0)
             loaded.load_lora(path, weight)
+        if compile:
+            loaded.compile()
         return loaded
+
+    def compile(self, mode: str | None = None, backend: str | Callable | None = None) -> FaceIDPipeline:
+        """``torch.compile`` the UNet in place (its Python object stays the same); returns the pipeline.
+
+        On CUDA the UNet goes to the channels_last memory format and compiles with ``mode="max-autotune"``
+        (inductor: Triton kernels tuned per shape, CUDA graphs); elsewhere with inductor's default mode.
+        ``mode`` / ``backend`` override that (``backend="eager"`` or ``"aot_eager"`` trace without
+        generating code). The compilation happens at the first call and takes long (tens of seconds on a
+        CPU for a small model, minutes on CUDA with max-autotune for SDXL); so does the first call at a
+        new image size, batch size or dtype, which compile a graph of their own. The identity scale, the
+        LoRA weights (of the identity LoRA and of stacked ones), the identity window, the face, the
+        prompt, the seed and the number of steps are tensors or live outside the UNet: changing them
+        recompiles nothing. Loading or removing a LoRA, fusing or unfusing one, or replacing attention
+        processors recompiles once. Keep the pipeline on its device after compiling.
+        """
+        unet = self.pipe.unet
+        cuda = unet.device.type == "cuda"
+        if cuda:
+            unet.to(memory_format=torch.channels_last)
+        tensor_scalings(unet)  # LoRA weights in tensors, on the UNet's device: a new weight is no new graph
+        if mode is None and cuda and backend in (None, "inductor"):
+            mode = "max-autotune"
+        unet.compile(mode=mode, backend=backend or "inductor")
+        return self
+
+    @property
+    def compiled(self) -> bool:
+        """Whether ``compile()`` (or ``unet.compile()``) compiled the UNet."""
+        return getattr(self.pipe.unet, "_compiled_call_impl", None) is not None
 
     # ------------------------------------------------------------------ properties
     @property
@@ -380,7 +414,13 @@ class FaceIDPipeline:
         The identity LoRA and any other loaded LoRA stay active. Returns the name to use with
         ``set_lora_weight`` / ``remove_lora`` (default: the file name without suffix).
         """
-        return self.lora_stack.load(path, name=name or Path(path).stem, weight=weight).name
+        return self._stack_lora(path, name or Path(path).stem, weight)
+
+    def _stack_lora(self, path: str | os.PathLike, name: str, weight: float, label: str | None = None) -> str:
+        name = self.lora_stack.load(path, name=name, weight=weight, label=label).name
+        if self.compiled:  # its weight in a tensor too: changing it later recompiles nothing
+            tensor_scalings(self.pipe.unet)
+        return name
 
     def set_lora_weight(self, name: str, weight: float) -> None:
         self.lora_stack.set_weight(name, weight)
@@ -794,7 +834,7 @@ class FaceIDPipeline:
                     f"{exc}. Or load a copy of the file: pipe.load_fast_lora({name!r}, PATH) in Python, "
                     f"--fast-lora PATH on the command line"
                 ) from exc
-        self.lora_stack.load(path, name=adapter_name, weight=0.0, label=f"the {name} few-step LoRA ({path.name})")
+        self._stack_lora(path, adapter_name, 0.0, label=f"the {name} few-step LoRA ({path.name})")
         self._fast_loras[adapter_name] = str(path)
         return adapter_name
 
