@@ -51,8 +51,8 @@ class EventLog:
         with self._lock:
             if self.closed:
                 return
-            if kind in self._latest_only or last:
-                drop = {kind} if not last else set(self._latest_only)
+            drop = self._latest_only if last else (kind,) if kind in self._latest_only else ()
+            if drop:
                 self._items = [item for item in self._items if item[1] not in drop]
             self._count += 1
             self._items.append((self._count, kind, data))

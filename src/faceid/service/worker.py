@@ -19,7 +19,6 @@ import traceback
 from typing import Any, Protocol
 
 from ..errors import FaceIDError
-from ..previews import data_url
 from ..settings import GenerationSettings
 from .config import ServeConfig
 from .jobs import JobQueue, QueuedJob
@@ -194,6 +193,8 @@ class Worker(threading.Thread):
         def on_preview(step, total, images):
             """The batch's previews, each job its own: ``image_index`` says which of its images they are (a batch
             run in parts previews one part at a time: the other parts' places are None)."""
+            from ..previews import data_url  # here: the service's modules load without torch (a Ray ingress)
+
             start = 0
             for job, _ in live:
                 mine = images[start : start + job.images]
