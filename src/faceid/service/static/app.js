@@ -385,6 +385,7 @@ async function runGeneration(body) {
     showGeneration(await api(job.url));
     const view = await follow(job.id, (kind, data) => {
       if (kind === "queued" || kind === "progress") showProgress(data.step || 0, data.total || 1, progressText(kind, data));
+      if (kind === "progress") setStatus("generate-status", "running…");
       else if (kind === "preview") showPreview(data);
     });
     if (view.status === "done") {
@@ -448,9 +449,15 @@ function setEntryStatus(id, text) {
 }
 
 // Shows a generation's view in the gallery: replaces its entry, or adds one (first, or with "append" last).
+// An entry whose status and images are unchanged only gets its status text (polling a queued generation every
+// 500 ms would otherwise rebuild it, and its buttons, under the user's pointer).
 function showGeneration(view, where = "prepend") {
-  const node = generationEntry(view);
   const old = entryOf(view.id);
+  if (old && old.dataset.key === entryKey(view)) {
+    old.querySelector(".gen-status").textContent = statusText(view);
+    return;
+  }
+  const node = generationEntry(view);
   if (old) old.replaceWith(node);
   else $("gallery")[where](node);
   showEmptyGallery();
@@ -477,7 +484,12 @@ function generationEntry(view) {
   const node = el("article", { className: "generation" }, head, images);
   node.dataset.id = view.id;
   node.dataset.status = view.status;
+  node.dataset.key = entryKey(view);
   return node;
+}
+
+function entryKey(view) {
+  return view.status + " " + view.images.join(" ");
 }
 
 function describe(settings, prompt, negative, seed) {
