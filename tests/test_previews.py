@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 from test_variants import _fake_download, _own_hash_cache  # noqa: F401 (an autouse fixture: own hash cache)
+from tiny_models import make_tiny_autoencoder
 
 from faceid import previews
 from faceid.errors import CheckpointError, FaceIDError, MissingWeightsError
@@ -22,22 +23,6 @@ ADAPTERS = {"sd15": "faceid", "sdxl": "faceid-sdxl"}
 
 def _embedding(seed=0):
     return torch.nn.functional.normalize(torch.randn(1, 512, generator=torch.Generator().manual_seed(seed)), dim=-1)
-
-
-def make_tiny_autoencoder(folder, seed=0, latent_channels=4, blocks=2):
-    """A random-weight AutoencoderTiny with the tiny models' 2x upsampling (two blocks of 8 channels), saved."""
-    from diffusers import AutoencoderTiny
-
-    torch.manual_seed(seed)
-    vae = AutoencoderTiny(
-        encoder_block_out_channels=(8,) * blocks,
-        decoder_block_out_channels=(8,) * blocks,
-        num_encoder_blocks=(1,) * blocks,
-        num_decoder_blocks=(1,) * blocks,
-        latent_channels=latent_channels,
-    )
-    vae.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -34,13 +34,15 @@ DEADLINE = 60.0  # seconds any wait in these tests may take
 
 
 class Recording:
-    """The pipeline, counting its calls; with ``hold``, each call waits at its first step until ``go`` is set."""
+    """The pipeline, counting its calls; with ``hold``, each call waits at its first step until ``go`` is set.
+    ``after_preview(step)``: called in the worker after each preview was delivered (to wait for a reader)."""
 
-    def __init__(self, pipe, hold: bool = False) -> None:
+    def __init__(self, pipe, hold: bool = False, after_preview=None) -> None:
         self.wrapped = pipe  # not ``pipe``: that is the pipeline's own diffusers pipeline, read through __getattr__
         self.calls: list[GenerationSettings] = []
         self.started = threading.Event()
         self.go = threading.Event()
+        self.after_preview = after_preview
         if not hold:
             self.go.set()
 
@@ -57,6 +59,14 @@ class Recording:
             return user(pipeline, step, timestep, callback_kwargs)
 
         kwargs["callback_on_step_end"] = on_step_end
+        deliver = kwargs.get("on_preview")
+        if deliver is not None and self.after_preview is not None:
+
+            def on_preview(step, total, images):
+                deliver(step, total, images)
+                self.after_preview(step)
+
+            kwargs["on_preview"] = on_preview
         return self.wrapped(*args, **kwargs)
 
 
@@ -109,16 +119,20 @@ def wait_finished(client, job_id, headers=None) -> dict:
     raise AssertionError(f"generation {job_id} did not finish in {DEADLINE} s: {view}")
 
 
-def events(client, job_id, headers=None) -> list[tuple[str, dict]]:
-    found, kind = [], None
+def event_stream(client, job_id, headers=None):
+    """A generation's events, (kind, data) each, as they arrive."""
+    kind = None
     with client.stream("GET", f"/v1/generations/{job_id}/events", headers=headers) as response:
         assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
         for line in response.iter_lines():
             if line.startswith("event: "):
                 kind = line.removeprefix("event: ")
             elif line.startswith("data: "):
-                found.append((kind, json.loads(line.removeprefix("data: "))))
-    return found
+                yield kind, json.loads(line.removeprefix("data: "))
+
+
+def events(client, job_id, headers=None) -> list[tuple[str, dict]]:
+    return list(event_stream(client, job_id, headers))
 
 
 def png(response) -> Image.Image:

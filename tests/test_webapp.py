@@ -1,8 +1,9 @@
 """The web app at ``/`` in a real browser: a real uvicorn server on the tiny models, Debian's chromium driven
 headless through Selenium. Enroll a real photo and see its aligned crop, generate and see the gallery (kept over
 a reload), and see the error a photo without a face gives; with API keys, the key the page asks for (a wrong one
-refused) loads everything, images included; cancel a queued generation; delete images and generations. Screenshots go to the test's tmp folder (and to ``FACEID_TEST_ARTIFACTS``
-when set). CI installs chromium and chromium-driver (.ci/run); without them this test fails, saying how."""
+refused) loads everything, images included; cancel a queued generation; delete images and generations; live
+previews replaced by the final images, the fast mode and identity guidance, the model menu from the catalog.
+Screenshots go to the test's tmp folder (and to ``FACEID_TEST_ARTIFACTS`` when set). CI installs chromium and chromium-driver (.ci/run); without them this test fails, saying how."""
 
 from __future__ import annotations
 
@@ -18,6 +19,9 @@ from PIL import Image
 
 pytest.importorskip("fastapi")
 import uvicorn  # noqa: E402
+from test_fast import _lora_file  # noqa: E402
+from test_serve import Recording  # noqa: E402
+from test_serve_live import live_pipe  # noqa: E402, F401 (a fixture)
 
 from faceid.service import ServeConfig, create_app  # noqa: E402
 
@@ -41,12 +45,13 @@ def free_port() -> int:
 
 @pytest.fixture
 def make_server(tmp_path, pipe, analyzer):
-    """``make_server(**config)``: a real uvicorn server (in a thread) on the tiny models, its data in
-    ``tmp_path/data``; its base URL. Stopped after the test."""
+    """``make_server(**config)``: a real uvicorn server (in a thread) on the tiny models (or ``pipeline``), its data
+    in ``tmp_path/data``; its base URL. Stopped after the test."""
     running = []
 
-    def make(**options) -> str:
-        app = create_app(ServeConfig(data_dir=tmp_path / "data", pipeline=pipe, analyzer=analyzer, **options))
+    def make(pipeline=None, **options) -> str:
+        config = ServeConfig(data_dir=tmp_path / "data", pipeline=pipeline or pipe, analyzer=analyzer, **options)
+        app = create_app(config)
         port = free_port()
         srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
         thread = threading.Thread(target=srv.run, daemon=True)
@@ -305,3 +310,64 @@ def test_web_app_cancels_a_queued_generation(make_server, browser, faces_dir, tm
     wait.until(lambda d: click(d, f"#gallery .generation[data-id='{job}'] button.cancel"))
     wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#gallery .generation[data-status=cancelled]"))
     assert httpx.get(f"{url}/v1/generations/{job}").json()["status"] == "cancelled"
+
+
+def test_web_app_live_previews_fast_mode_and_the_catalog(make_server, browser, faces_dir, tmp_path, live_pipe):  # noqa: F811
+    import httpx
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    from faceid.errors import FaceIDError
+
+    def no_loads(device, models):
+        raise FaceIDError("this test loads no other model set")
+
+    go = threading.Event()  # the first generation waits after its first preview until the page has shown it
+    recording = Recording(live_pipe, after_preview=lambda step: go.wait(WAIT))
+    live_pipe.load_fast_lora("lcm", _lora_file(live_pipe, "lcm", tmp_path))  # no download: a local LoRA
+    # the catalog: the loaded SD1.5 set, and an SDXL set a worker would load on first use
+    url = make_server(pipeline=recording, preview_every=1, loader=no_loads, catalog=({}, {"adapter": "faceid-sdxl"}))
+    wait = WebDriverWait(browser, WAIT)
+    browser.get(url + "/")
+
+    # the model menu lists the catalog, the unloaded set too; SDXL-Lightning only for the SDXL one
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#model option")) == 2)
+    labels = [o.text for o in browser.find_elements(By.CSS_SELECTOR, "#model option")]
+    assert "(SD1.5)" in labels[0] and "(SDXL, loads on first use)" in labels[1], labels
+    lightning = browser.find_element(By.CSS_SELECTOR, "#fast option[value=lightning]")
+    assert not lightning.is_enabled()
+    Select(browser.find_element(By.ID, "model")).select_by_index(1)
+    assert lightning.is_enabled()
+    Select(browser.find_element(By.ID, "model")).select_by_index(0)
+    assert not lightning.is_enabled()
+
+    # a generation: its preview shows while it runs, and the final image replaces it
+    browser.find_element(By.ID, "photos").send_keys(str(faces_dir / "obama.jpg"))
+    browser.find_element(By.ID, "enroll").click()
+    wait.until(lambda d: loaded_images(d, "#crops img.crop") == 1)
+    for field, value in {"steps": 3, "width": 24, "height": 16, "seed": 7, "count": 1}.items():
+        set_value(browser, field, value)
+    browser.find_element(By.ID, "generate").click()
+    wait.until(lambda d: loaded_images(d, "#previews img.preview") == 1)
+    preview = browser.find_element(By.CSS_SELECTOR, "#previews img.preview")
+    assert preview.get_attribute("src").startswith("data:image/jpeg;base64,")
+    assert preview.get_attribute("title") == "image 1 at step 1 of 3"
+    assert not browser.find_elements(By.CSS_SELECTOR, "#gallery img.generated")  # still running
+    screenshot(browser, tmp_path, "7-preview")
+    go.set()
+    wait.until(lambda d: loaded_images(d, "#previews img.final") == 1 and loaded_images(d, "#gallery img.generated"))
+    assert not browser.find_elements(By.CSS_SELECTOR, "#previews img.preview")
+    assert browser.find_element(By.CSS_SELECTOR, "#previews img.final").get_attribute("src").startswith("blob:")
+    screenshot(browser, tmp_path, "8-final")
+
+    # fast mode with identity guidance, Steps left empty: the preset's 4 steps
+    Select(browser.find_element(By.ID, "fast")).select_by_value("lcm")
+    browser.find_element(By.ID, "steps").clear()
+    assert "4" in browser.find_element(By.ID, "steps").get_attribute("placeholder")
+    set_value(browser, "identity-guidance", 0.5)
+    browser.find_element(By.ID, "generate").click()
+    wait.until(lambda d: loaded_images(d, "#gallery img.generated") == 2)
+    job = browser.find_element(By.CSS_SELECTOR, "#gallery .generation").get_attribute("data-id")  # the newest
+    settings = httpx.get(f"{url}/v1/generations/{job}").json()["settings"]
+    assert (settings["fast"], settings["num_inference_steps"], settings["identity_guidance"]) == ("lcm", 4, 0.5)
+    assert "fast lcm" in browser.find_element(By.CSS_SELECTOR, "#gallery figcaption").text

@@ -228,6 +228,22 @@ def make_tiny_vae(scaling_factor: float = 0.18215, force_upcast: bool = False, s
     ).eval()
 
 
+def make_tiny_autoencoder(folder, seed=0, latent_channels=4, blocks=2):
+    """A random-weight AutoencoderTiny with the tiny models' 2x upsampling (two blocks of 8 channels), saved."""
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(seed)
+    vae = AutoencoderTiny(
+        encoder_block_out_channels=(8,) * blocks,
+        decoder_block_out_channels=(8,) * blocks,
+        num_encoder_blocks=(1,) * blocks,
+        num_decoder_blocks=(1,) * blocks,
+        latent_channels=latent_channels,
+    )
+    vae.save_pretrained(folder)
+    return folder
+
+
 def make_tiny_text_encoder(seed: int = 0, with_projection: bool = False):
     """SD1.5's tiny CLIPTextModel (quick_gelu, 2 layers), or SDXL's second encoder (gelu, 3 layers, projection 32)."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection

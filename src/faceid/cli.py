@@ -312,6 +312,15 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "adapter's released base model); the model flags above are the default set",
     )
     parser.add_argument(
+        "--preview-every",
+        type=_int_at_least(0),
+        default=None,
+        metavar="K",
+        help="stream a preview of each image every K steps and at the last one (the events' 'preview'; 0: none). "
+        f"Default: every {SERVE_PREVIEW_EVERY} steps with --tiny-vae (a tiny decode costs milliseconds), none "
+        "without (each preview would be a full VAE decode)",
+    )
+    parser.add_argument(
         "--model-memory-gb",
         type=float,
         default=None,
@@ -355,6 +364,17 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(flag, type=_int_at_least(1), default=default, help=f"{text} (default {default})")
 
 
+# ``faceid serve --tiny-vae``'s previews: a few per generation at the usual 20-50 steps, for a few milliseconds each
+SERVE_PREVIEW_EVERY = 5
+
+
+def serve_preview_every(given: int | None, tiny_vae: str | None) -> int | None:
+    """``--preview-every``'s value for ``ServeConfig.preview_every``: as given (0: None), else the default."""
+    if given is None:
+        return SERVE_PREVIEW_EVERY if tiny_vae is not None else None
+    return given or None
+
+
 def _model_set(text: str) -> dict:
     """``--also-model BASE_MODEL[,ADAPTER[,VAE]]`` -> the model fields of one catalog entry."""
     parts = [part.strip() for part in text.split(",")]
@@ -379,6 +399,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.ray is not None:
         if args.also_model or args.model_memory_gb is not None:
             raise FaceIDError("--ray serves one model set: leave out --also-model and --model-memory-gb")
+        if args.preview_every:
+            raise FaceIDError("--ray streams no previews (nor per-step progress): leave out --preview-every")
         return _serve_on_ray(args, keys, settings)
     analyzer = _face_analyzer(args.face_models)  # one, shared by every model set
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
@@ -401,6 +423,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
 
     devices = tuple(args.device or ["default"])
+    preview_every = serve_preview_every(args.preview_every, settings.tiny_vae)
     default = settings.model_dump(include=set(MODEL_FIELDS), exclude_none=True)
     # One device: load here, so that a model that cannot load is one error line before the server starts.
     pipeline = load(devices[0], GenerationSettings(**default)) if len(devices) == 1 else None
@@ -420,7 +443,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         analyzer=analyzer,
         catalog=(default, *args.also_model),
         model_memory_gb=args.model_memory_gb,
-        models={**settings.to_json(), "face_models": args.face_models, "devices": list(devices), "dtype": args.dtype},
+        preview_every=preview_every,
+        models={
+            **settings.to_json(),
+            "face_models": args.face_models,
+            "devices": list(devices),
+            "dtype": args.dtype,
+            "preview_every": preview_every,
+        },  # fmt: skip
     )
     uvicorn.run(create_app(config), host=args.host, port=args.port, log_level="info")
     return 0

@@ -261,7 +261,9 @@ def create_app(config: ServeConfig) -> FastAPI:
         tags=["generations"],
     )
     async def generation_events(job_id: str, who: Owner):
-        """Server-sent events: ``queued``, ``progress`` (each step), then one of ``done``, ``failed``, ``cancelled``."""
+        """Server-sent events: ``queued``, ``progress`` (each step), ``preview`` (with ``--preview-every``: the images
+        so far, as JPEG data URLs; a late subscriber gets the newest one only), then one of ``done``, ``failed``,
+        ``cancelled``."""
         view = await run_in_threadpool(service.job_view, job_id, who)
         return StreamingResponse(
             _event_stream(service, job_id, view),
@@ -317,12 +319,11 @@ async def _event_stream(service: Service, job_id: str, view: dict[str, Any]):
         data = {"status": view["status"], "error": view["error"], "images": view["images"]}
         yield _sse(view["status"], {k: v for k, v in data.items() if v})
         return
-    index, quiet_since = 0, time.monotonic()
+    seen, quiet_since = 0, time.monotonic()
     while True:
-        items, closed = live.events.since(index)
+        items, seen, closed = live.events.since(seen)
         for kind, data in items:
             yield _sse(kind, data)
-        index += len(items)
         if closed or service.queue.stopped:
             return
         if items:

@@ -40,6 +40,9 @@ class ServeConfig:
     max_steps: int = 100
     max_side: int = 2048  # width and height
     small_face: int = 64  # px; a narrower face is enrolled with a warning
+    # A ``preview`` event every this many steps and at the last one (None: none); decoded by the tiny VAE when the
+    # pipeline has one (``faceid serve --tiny-vae``: milliseconds), else by the VAE (about a step's time each).
+    preview_every: int | None = None
     devices: tuple[str, ...] = ("default",)  # one generation worker each
     pipeline: Any = None
     loader: Callable[[str, GenerationSettings], Any] | None = None
@@ -57,6 +60,8 @@ class ServeConfig:
                      "max_steps", "max_side"):  # fmt: skip
             if int(getattr(self, name)) < 1:
                 raise FaceIDError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.preview_every is not None and int(self.preview_every) < 1:
+            raise FaceIDError(f"preview_every must be at least 1 step (None: no previews), got {self.preview_every}")
         if self.pipeline is None and self.loader is None:
             raise FaceIDError("give the server a pipeline or a loader of one")
         self.catalog = tuple(GenerationSettings.parse(spec) for spec in self.catalog)

@@ -30,10 +30,20 @@ class QueueFull(Exception):
 
 
 class EventLog:
-    """Append-only events of one job; readers poll ``since(i)``. ``closed`` after the last event."""
+    """The events of one job, numbered from 1; readers poll ``since(n)`` for those after the n-th. ``closed`` after
+    the last event.
 
-    def __init__(self) -> None:
-        self._items: list[tuple[str, dict]] = []
+    Every event is kept (a late subscriber gets them all), except the ``latest_only`` kinds (previews): there a new
+    event replaces the one before it, and the last event drops it. A reader that was still behind never needs an
+    old preview (the newer one shows more), and a finished job's images replace its previews; so a job's previews
+    hold one preview's memory while it runs and none after, however many steps it has and however long the
+    finished job stays in memory (``KEEP_FINISHED``), while late subscribers still get every other event and the
+    newest preview."""
+
+    def __init__(self, latest_only: tuple[str, ...] = ("preview",)) -> None:
+        self._items: list[tuple[int, str, dict]] = []  # (number, kind, data), in order
+        self._count = 0
+        self._latest_only = latest_only
         self._lock = threading.Lock()
         self.closed = False
 
@@ -41,12 +51,18 @@ class EventLog:
         with self._lock:
             if self.closed:
                 return
-            self._items.append((kind, data))
+            drop = self._latest_only if last else (kind,) if kind in self._latest_only else ()
+            if drop:
+                self._items = [item for item in self._items if item[1] not in drop]
+            self._count += 1
+            self._items.append((self._count, kind, data))
             self.closed = last
 
-    def since(self, index: int) -> tuple[list[tuple[str, dict]], bool]:
+    def since(self, number: int) -> tuple[list[tuple[str, dict]], int, bool]:
+        """The events after the ``number``-th (0: all kept), the number of the last one, and ``closed``."""
         with self._lock:
-            return self._items[index:], self.closed
+            items = [(kind, data) for n, kind, data in self._items if n > number]
+            return items, self._count, self.closed
 
 
 @dataclass(eq=False)

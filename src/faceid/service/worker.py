@@ -4,8 +4,10 @@ loaded (and evicting the least recently used ones beyond the memory budget: ``mo
 
 Jobs in a batch share the UNet batch (same model, size, steps, guidance, window...) but keep their own
 prompts, faces and seeds: the pipeline pairs prompt i with face i and gives image i its own seed, so a job
-gets the images it would get alone. Progress is reported at every step (``callback_on_step_end``); a
-cancelled job is dropped at its next step, and the call stops when every job in it is cancelled.
+gets the images it would get alone. Progress is reported at every step (``callback_on_step_end``); with
+``ServeConfig.preview_every``, each job also gets a ``preview`` event of its own images (the pipeline's
+``on_preview``, split by job); a cancelled job is dropped at its next step, and the call stops when every job
+in it is cancelled.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from .jobs import JobQueue, QueuedJob
 from .models import GB, LoadedModels, ModelEntry, default_budget
 
 logger = logging.getLogger(__name__)
+
+PREVIEW_SIDE = 256  # px, the longer side of a preview image in an event (JPEG): enough for a progress view
 
 
 class _Stop(Exception):
@@ -186,9 +190,25 @@ class Worker(threading.Thread):
                 raise _Stop()
             return callback_kwargs
 
+        def on_preview(step, total, images):
+            """The batch's previews, each job its own: ``image_index`` says which of its images they are (a batch
+            run in parts previews one part at a time: the other parts' places are None)."""
+            from ..previews import data_url  # here: the service's modules load without torch (a Ray ingress)
+
+            start = 0
+            for job, _ in live:
+                mine = images[start : start + job.images]
+                start += job.images
+                shown = [i for i, image in enumerate(mine) if image is not None]
+                if job in active and shown:
+                    urls = [data_url(mine[i], PREVIEW_SIDE) for i in shown]
+                    job.events.add("preview", {"step": step, "total": total, "images": urls, "image_index": shown})
+
+        every = service.config.preview_every
+        previews = {"preview_every": every, "on_preview": on_preview} if every else {}
         settings = first.settings.replace(prompt=prompts, negative_prompt=negatives, seed=seeds)
         try:
-            result = pipeline(face=faces, settings=settings, callback_on_step_end=on_step_end)
+            result = pipeline(face=faces, settings=settings, callback_on_step_end=on_step_end, **previews)
         except _Stop:
             if service.queue.stopped:  # the server stops: the jobs wait for the next start
                 for job in active:

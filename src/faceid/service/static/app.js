@@ -126,25 +126,57 @@ function shortNames(sources) {
   return parts.map((p, i) => (last.filter((name) => name === last[i]).length > 1 ? p.slice(-2).join("/") : last[i]));
 }
 
+// The model sets this server may run (GET /v1/models "catalog": loaded ones and those a worker loads on first use),
+// each with its family and its defaults. A request names the chosen set's models (base model and adapter).
 async function loadModels() {
   const select = $("model");
   try {
     const info = await api("/v1/models");
-    const names = [...new Set(info.workers.filter((w) => w.loaded).map((w) => w.base_model))];
-    state.models = names;
-    const labels = shortNames(names);
-    select.replaceChildren(...names.map((name, i) => el("option", { value: name, title: name, text: labels[i] })));
-    if (!names.length) select.append(el("option", { value: "", text: "no model loaded (yet)" }));
-    const d = info.defaults || {};
-    if (d.num_inference_steps) $("steps").value = d.num_inference_steps;
-    if (d.width) $("width").placeholder = "default " + d.width;
-    if (d.height) $("height").placeholder = "default " + d.height;
+    const entries = info.catalog || [];
+    state.models = entries;
+    const labels = shortNames(entries.map((e) => e.base_model));
+    const adapters = shortNames(entries.map((e) => e.adapter || ""));
+    select.replaceChildren(...entries.map((entry, i) => {
+      // several sets: which family, and whether choosing it waits for a load
+      const twin = entries.some((other) => other !== entry && other.base_model === entry.base_model);
+      const more = entries.length > 1
+        ? " (" + entry.family + ((entry.loaded_on || []).length ? "" : ", loads on first use") + ")" : "";
+      const label = labels[i] + (twin ? " + " + adapters[i] : "") + more;
+      return el("option", { value: String(entry.index), title: entry.base_model, text: label });
+    }));
+    if (!entries.length) select.append(el("option", { value: "", text: "no model loaded (yet)" }));
+    modelChanged();
     return true;
   } catch (e) {
     select.replaceChildren(el("option", { value: "", text: "models unavailable: " + e.message }));
     return false;
   }
 }
+
+function selectedModel() {
+  return state.models.find((entry) => String(entry.index) === $("model").value) || state.models[0] || null;
+}
+
+// The chosen model set's defaults as placeholders, and the fast presets its family has (SDXL-Lightning: SDXL only).
+function modelChanged() {
+  const entry = selectedModel();
+  const d = (entry && entry.defaults) || {};
+  for (const key of ["width", "height"]) $(key).placeholder = d[key] ? "default " + d[key] : "default";
+  const lightning = $("fast").querySelector("option[value=lightning]");
+  lightning.disabled = !!entry && entry.family !== "SDXL";
+  if (lightning.disabled && $("fast").value === "lightning") $("fast").value = "";
+  fastChanged();
+}
+
+// An empty Steps field leaves the steps to the server: the model's default, or a fast preset's 4.
+function fastChanged() {
+  const entry = selectedModel();
+  const steps = entry && entry.defaults && entry.defaults.num_inference_steps;
+  $("steps").placeholder = $("fast").value ? "4 (the preset's)" : steps ? "default " + steps : "default";
+}
+
+$("model").addEventListener("change", modelChanged);
+$("fast").addEventListener("change", fastChanged);
 
 // ------------------------------------------------------------------ identities
 function selectIdentity(identity) {
@@ -231,7 +263,14 @@ function requestBody() {
   };
   const negative = $("negative").value.trim();
   if (negative) body.negative_prompt = negative;
-  if (state.models.length > 1 && $("model").value) body.base_model = $("model").value;
+  const entry = selectedModel();
+  if (state.models.length > 1 && entry) {
+    body.base_model = entry.base_model;
+    if (entry.adapter) body.adapter = entry.adapter;
+  }
+  if ($("fast").value) body.fast = $("fast").value;
+  const guidance = parseFloat($("identity-guidance").value);
+  if (guidance) body.identity_guidance = guidance;  // 0 or empty: off (the default); a bad value: the server says
   for (const k of Object.keys(body)) if (body[k] === null || Number.isNaN(body[k])) delete body[k];
   return body;
 }
@@ -241,6 +280,33 @@ function showProgress(step, total, text) {
   $("progress").max = total || 1;
   $("progress").value = step;
   $("progress-text").textContent = text;
+}
+
+// The newest preview of each image (a "preview" event: JPEG data URLs and which images they are), replaced by the
+// final images when the generation is done. Previews come when the server has them on (faceid serve
+// --preview-every, or --tiny-vae).
+function previewImage(i) {
+  const box = $("previews");
+  while (box.children.length <= i) box.append(el("img", { className: "preview", alt: "preview" }));
+  return box.children[i];
+}
+
+function showPreview(data) {
+  data.images.forEach((url, k) => {
+    const i = (data.image_index || [])[k] ?? k;
+    const img = previewImage(i);
+    img.src = url;
+    img.className = "preview";
+    img.alt = img.title = "image " + (i + 1) + " at step " + data.step + " of " + data.total;
+  });
+}
+
+function showFinalImages(urls) {
+  $("previews").replaceChildren(...urls.map((url, i) => {
+    const img = el("img", { className: "final", alt: "image " + (i + 1) });
+    showImage(img, url);
+    return img;
+  }));
 }
 
 // Server-sent events through fetch (EventSource cannot send the Authorization header). Calls onEvent(kind, data)
@@ -272,7 +338,7 @@ async function followEvents(url, onEvent) {
 
 function progressText(kind, data) {
   if (kind === "queued") return "queued" + (data.queue_position ? ", " + data.queue_position + " ahead" : "");
-  if (kind === "progress") return "running, step " + data.step + " of " + (data.total || "?");
+  if (kind === "progress" || kind === "preview") return "running, step " + data.step + " of " + (data.total || "?");
   return kind;
 }
 
@@ -311,6 +377,7 @@ async function runGeneration(body) {
   $("generate").disabled = true;
   setStatus("generate-status", "queued…");
   showProgress(0, 1, "queued");
+  $("previews").replaceChildren();
   try {
     const job = await api("/v1/generations", {
       method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
@@ -318,12 +385,16 @@ async function runGeneration(body) {
     showGeneration(await api(job.url));
     const view = await follow(job.id, (kind, data) => {
       if (kind === "queued" || kind === "progress") showProgress(data.step || 0, data.total || 1, progressText(kind, data));
+      if (kind === "progress") setStatus("generate-status", "running…");
+      else if (kind === "preview") showPreview(data);
     });
     if (view.status === "done") {
       showProgress(1, 1, "done");
+      showFinalImages(view.images);
       setStatus("generate-status", "done: " + view.images.length + " image" + (view.images.length === 1 ? "" : "s"));
     } else {
       showProgress(0, 1, view.status);
+      $("previews").replaceChildren();
       setStatus("generate-status", "generation " + view.status + (view.error ? ": " + view.error : ""),
         view.status === "cancelled" ? "warn" : "error");
     }
@@ -378,9 +449,15 @@ function setEntryStatus(id, text) {
 }
 
 // Shows a generation's view in the gallery: replaces its entry, or adds one (first, or with "append" last).
+// An entry whose status and images are unchanged only gets its status text (polling a queued generation every
+// 500 ms would otherwise rebuild it, and its buttons, under the user's pointer).
 function showGeneration(view, where = "prepend") {
-  const node = generationEntry(view);
   const old = entryOf(view.id);
+  if (old && old.dataset.key === entryKey(view)) {
+    old.querySelector(".gen-status").textContent = statusText(view);
+    return;
+  }
+  const node = generationEntry(view);
   if (old) old.replaceWith(node);
   else $("gallery")[where](node);
   showEmptyGallery();
@@ -407,7 +484,12 @@ function generationEntry(view) {
   const node = el("article", { className: "generation" }, head, images);
   node.dataset.id = view.id;
   node.dataset.status = view.status;
+  node.dataset.key = entryKey(view);
   return node;
+}
+
+function entryKey(view) {
+  return view.status + " " + view.images.join(" ");
 }
 
 function describe(settings, prompt, negative, seed) {
@@ -416,6 +498,8 @@ function describe(settings, prompt, negative, seed) {
   if (negative) parts.push("negative: " + negative);
   parts.push("seed " + seed, "steps " + settings.num_inference_steps, "strength " + settings.scale,
     "guidance " + settings.guidance_scale, settings.width + "×" + settings.height);
+  if (settings.fast) parts.push("fast " + settings.fast);
+  if (settings.identity_guidance) parts.push("identity guidance " + settings.identity_guidance);
   if (settings.base_model) parts.push("model " + settings.base_model);
   return parts.join(" · ");
 }
@@ -436,7 +520,8 @@ function imageFigure(view, url, i) {
     onclick: () => {
       const body = { identity_id: view.identity_ids[Math.floor(index / per)], seed, num_images_per_prompt: 1, prompt };
       if (negative) body.negative_prompt = negative;
-      for (const k of ["num_inference_steps", "guidance_scale", "width", "height", "scale"]) {
+      for (const k of ["num_inference_steps", "guidance_scale", "width", "height", "scale", "fast", "identity_guidance",
+        "scheduler", "eta", "base_model", "adapter"]) {
         if (settings[k] !== undefined && settings[k] !== null) body[k] = settings[k];
       }
       runGeneration(body);
