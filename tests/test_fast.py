@@ -11,6 +11,7 @@ from tiny_models import FEW_STEP_LAYOUTS, few_step_lora_state
 from faceid.errors import FaceIDError
 from faceid.fast import PRESETS
 from faceid.identity_guidance import identity_guidance
+from faceid.peft_adapters import layers_with
 from faceid.pipeline import FaceIDPipeline
 from faceid.settings import GenerationSettings
 
@@ -99,7 +100,8 @@ def test_sd15_presets(fast_pipe, preset, tmp_path):
         assert watch.timesteps == [999, 749, 499, 249]
     assert watch.batches == [1] * spec.steps  # guidance off: one image, no unconditional half
     assert all(w[name] == 1.0 for w in watch.lora_weights)  # the preset's LoRA acts during the call...
-    assert pipe.loras[name] == 0.0  # ...and not after it
+    assert pipe.loras[name] == 0.0  # ...and not after it: switched out of the forward pass, no cost
+    assert all(name not in layer.active_adapters for layer in layers_with(pipe.pipe.unet, name).values())
     assert type(pipe.pipe.scheduler).__name__ == "DDIMScheduler"
     assert not np.allclose(result.images, plain, atol=1e-4)
     # A weight-0 LoRA changes nothing: the plain call is the same as before it was loaded, bit for bit.

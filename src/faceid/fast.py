@@ -24,7 +24,7 @@ model and name its sampler with ``scheduler`` (e.g. ``euler-trailing``), its ste
 
 The LoRA files are pinned by sha256 (the Git LFS oid) and, where we know it, by commit; they load
 through :class:`faceid.lora.LoraStack` as a LoRA named ``fast-<preset>`` the first time a call asks for
-the preset, and stay loaded with weight 0 (bit for bit no effect) between the calls that use it.
+the preset, and stay loaded but switched out of the UNet (no effect and no cost) between the calls that use it.
 """
 
 from __future__ import annotations

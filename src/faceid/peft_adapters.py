@@ -21,6 +21,7 @@ __all__ = [
     "get_base_layer",
     "layers_with",
     "lora_layers",
+    "set_adapter_active",
     "set_adapter_weight",
     "set_layer_weight",
     "tensor_scalings",
@@ -75,6 +76,21 @@ def tensor_scalings(model: nn.Module) -> None:
                 layer.scaling[name] = torch.tensor(float(value), dtype=torch.float32, device=device)
             elif value.device != device:
                 layer.scaling[name] = value.to(device)
+
+
+def set_adapter_active(model: nn.Module, name: str, active: bool) -> None:
+    """Whether adapter ``name`` takes part in ``model``'s forward passes, on every layer that carries it.
+
+    An inactive adapter costs nothing (PEFT skips it; at weight 0 it would still be computed). The other
+    adapters stay as they are, and so does every ``requires_grad`` flag: PEFT's own ``set_adapter`` would set
+    those of every adapter on the layer, so the layer's active list is written here as that method does.
+    """
+    for layer in layers_with(model, name).values():
+        current = list(layer.active_adapters)
+        if active and name not in current:
+            layer._active_adapter = [*current, name]
+        elif not active and name in current:
+            layer._active_adapter = [n for n in current if n != name]
 
 
 def adapter_weights(model: nn.Module) -> dict[str, float]:

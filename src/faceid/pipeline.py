@@ -694,7 +694,7 @@ class FaceIDPipeline:
             if scheduler is not None:
                 stack.enter_context(_swapped(self.pipe, "scheduler", scheduler))
             if fast_lora is not None:
-                stack.enter_context(self.lora_stack.weighted(fast_lora, 1.0))
+                stack.enter_context(self.lora_stack.acting(fast_lora, 1.0))
             stack.enter_context(
                 identity_guidance(
                     self.pipe.unet,
@@ -819,7 +819,8 @@ class FaceIDPipeline:
         """Load the distillation LoRA of few-step preset ``name`` (``faceid.fast.PRESETS``) for this base
         model's family: ``source`` (a local file), else the pinned Hub file (downloaded once, checked against
         its sha256). Calls with ``fast=name`` load it themselves; this does it ahead (a server at start, or a
-        machine without internet from a copied file). It stays loaded, with weight 0 outside those calls."""
+        machine without internet from a copied file). It stays loaded, inactive (no cost) and at weight 0
+        outside those calls."""
         adapter_name = f"fast-{name}"
         if adapter_name in self._fast_loras:
             return adapter_name
@@ -835,6 +836,7 @@ class FaceIDPipeline:
                     f"--fast-lora PATH on the command line"
                 ) from exc
         self._stack_lora(path, adapter_name, 0.0, label=f"the {name} few-step LoRA ({path.name})")
+        self.lora_stack.set_active(adapter_name, False)  # it acts in the calls that name the preset only
         self._fast_loras[adapter_name] = str(path)
         return adapter_name
 

@@ -30,6 +30,7 @@ from ..peft_adapters import (
     adapter_weights,
     get_base_layer,
     layers_with,
+    set_adapter_active,
     set_adapter_weight,
 )
 from .files import PEFT_KEY, read_lora
@@ -182,16 +183,28 @@ class LoraStack:
                 set_adapter_weight(encoder, name, weight)
             record.weight = float(weight)
 
+    def set_active(self, name: str, active: bool) -> None:
+        """Switch LoRA ``name`` (one this stack loaded) out of the forward passes and back in, its weight kept:
+        an inactive LoRA costs nothing, where one at weight 0 is still computed."""
+        record = self._records[name]
+        set_adapter_active(self.unet, name, active)
+        for encoder, _ in record.text_encoders.values():
+            set_adapter_active(encoder, name, active)
+
     @contextlib.contextmanager
-    def weighted(self, name: str, weight: float) -> Iterator[None]:
-        """LoRA ``name`` at ``weight`` inside the block, back to its weight after it."""
-        record = self._records.get(name)
-        before = record.weight if record is not None else self.list()[name]
+    def acting(self, name: str, weight: float) -> Iterator[None]:
+        """LoRA ``name`` (loaded by this stack, possibly inactive) active at ``weight`` inside the block; back to
+        its weight and its active state after it."""
+        record = self._records[name]
+        before = record.weight
+        was_active = all(name in layer.active_adapters for layer in layers_with(self.unet, name).values())
+        self.set_active(name, True)
         self.set_weight(name, weight)
         try:
             yield
         finally:
             self.set_weight(name, before)
+            self.set_active(name, was_active)
 
     def remove(self, name: str) -> None:
         """Take out LoRA ``name`` (loaded by this stack), leaving the models exactly as ``load`` found them.
