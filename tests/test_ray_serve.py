@@ -19,8 +19,9 @@ ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 httpx = pytest.importorskip("httpx")
 
+from faceid.cli import build_parser, ray_application_parts, settings_from_args  # noqa: E402
 from faceid.outputs import SETTINGS_KEY  # noqa: E402
-from faceid.service.ray_serve import APP_NAME, PipelineLoader, RayOptions, build_application  # noqa: E402
+from faceid.service.ray_serve import APP_NAME, build_application  # noqa: E402
 
 TINY = {"num_inference_steps": 2, "width": 24, "height": 16}
 DEADLINE = 240.0  # the whole test: Ray up, replicas loaded, jobs done (bounded; about 60 s on 2 idle cores)
@@ -61,12 +62,13 @@ def test_jobs_run_on_two_cpu_replicas(ray_local, tmp_path, tiny_models, face_mod
     start = time.monotonic()
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    loader = PipelineLoader(str(tiny_models.sd15), str(tiny_models.adapter("faceid", "safetensors")))
-    options = RayOptions(
-        replicas=2,
-        max_batch=2,
-        config={"data_dir": str(tmp_path / "data"), "face_models": str(face_models_dir), "max_steps": 10},
-    )
+    # The application `faceid serve --ray` builds from its command line (the CLI then starts Ray and runs it).
+    argv = ["serve", "--ray", "--base-model", str(tiny_models.sd15), "--adapter",
+            str(tiny_models.adapter("faceid", "safetensors")), "--replicas", "2", "--max-batch", "2",
+            "--data-dir", str(tmp_path / "data"), "--face-models", str(face_models_dir), "--max-steps", "10"]  # fmt: skip
+    args = build_parser().parse_args(argv)
+    loader, options = ray_application_parts(args, (), settings_from_args(args), gpus=0)
+    assert (options.replicas, options.max_batch, options.gpus) == (2, 2, False)
     serve.run(build_application(loader, options), name=APP_NAME, route_prefix="/")
 
     with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:

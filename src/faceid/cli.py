@@ -463,16 +463,32 @@ def _serve_on_ray(args: argparse.Namespace, keys: tuple[str, ...], settings) -> 
         from ray import serve
     except ImportError as exc:
         raise FaceIDError("--ray needs Ray Serve: pip install 'faceid[cluster]'") from exc
-    from .service.ray_serve import APP_NAME, PipelineLoader, RayOptions, build_application
+    from .service.ray_serve import APP_NAME, build_application
 
+    _check_ray_arguments(args, settings)
+    ray.init(address=args.ray or None)
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    loader, options = ray_application_parts(args, keys, settings, gpus)
+    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.run(build_application(loader, options), name=APP_NAME, route_prefix="/", blocking=True)
+    return 0
+
+
+def _check_ray_arguments(args: argparse.Namespace, settings) -> None:
     if args.device:
         raise FaceIDError("--ray places the models itself (one replica per GPU): leave out --device")
     if settings.tiny_vae is not None:
         raise FaceIDError("--tiny-vae is not available with --ray yet: serve without --ray, or leave it out")
     if args.compile:
         raise FaceIDError("--compile is not available with --ray yet: leave it out, or serve without --ray")
-    ray.init(address=args.ray or None)
-    gpus = int(ray.cluster_resources().get("GPU", 0))
+
+
+def ray_application_parts(args: argparse.Namespace, keys: tuple[str, ...], settings, gpus: int):
+    """What ``faceid serve --ray`` builds its Ray Serve application from: the replicas' model loader and the
+    deployment options, from the command line (``gpus``: the cluster's)."""
+    from .service.ray_serve import PipelineLoader, RayOptions
+
+    _check_ray_arguments(args, settings)
     loader = PipelineLoader(
         base_model=settings.base_model,
         adapter=settings.adapter or DEFAULT_ADAPTER,
@@ -501,9 +517,7 @@ def _serve_on_ray(args: argparse.Namespace, keys: tuple[str, ...], settings) -> 
             "models": {**settings.to_json(), "face_models": args.face_models, "ray": args.ray or "local"},
         },
     )
-    serve.start(http_options={"host": args.host, "port": args.port})
-    serve.run(build_application(loader, options), name=APP_NAME, route_prefix="/", blocking=True)
-    return 0
+    return loader, options
 
 
 def _face_analyzer(face_models: str | None):
