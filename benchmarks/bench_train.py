@@ -17,13 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "golden" / "models" / "sd15-tiny" / "tokenizer"
+TESTS = Path(__file__).resolve().parents[1] / "tests"  # the tests' CLIP tokenizer builder: nothing downloaded
 
 
 def build_pipeline(size: str, tokenizer_dir: Path):
@@ -116,7 +117,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--gradient-checkpointing", action="store_true")
-    parser.add_argument("--tokenizer", default=str(TOKENIZER), help="a CLIP tokenizer folder")
+    parser.add_argument(
+        "--tokenizer", default=None, help="a CLIP tokenizer folder (default: the tests' own, built here)"
+    )
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
@@ -128,7 +131,13 @@ def main() -> None:
     resolution = args.resolution or (512 if full else 32)
     batch = args.batch or (1 if full and args.device == "cpu" else 8)
     lora_rank = 128 if full else 16
-    pipe = build_pipeline(args.size, Path(args.tokenizer))
+    tokenizer = args.tokenizer
+    if tokenizer is None:
+        sys.path.insert(0, str(TESTS))
+        from tiny_models import write_clip_tokenizer
+
+        tokenizer = write_clip_tokenizer(Path(tempfile.mkdtemp(prefix="tokenizer")))
+    pipe = build_pipeline(args.size, Path(tokenizer))
     dataset = SyntheticFaces(batch * (args.steps + args.warmup), resolution)
     times = []
     with tempfile.TemporaryDirectory() as out:

@@ -1,4 +1,4 @@
-"""Smoke test of benchmarks/bench_step.py: a tiny UNet on CPU, one step per variant (about 20 s)."""
+"""Smoke tests of the benchmark scripts on tiny models on the CPU (they run; their figures come from full-size runs)."""
 
 from __future__ import annotations
 
@@ -48,3 +48,20 @@ def test_bench_step_tiny_smoke(tmp_path):
     for check in data["equality"]["checks"].values():
         assert check["rel_diff"] < 1e-4
     assert data["equality"]["adapter_effect_vs_plain"]["rel_diff"] > 1e-2
+
+
+def test_bench_e2e_tiny_smoke(tmp_path):
+    out_json = tmp_path / "e2e.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_e2e.py"), "--tiny", "--device", "cpu",
+         "--modes", "default,lcm,lcm-full-vae", "--json", str(out_json)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
+    rows = {row["mode"]: row for row in json.loads(out_json.read_text())["rows"]}
+    assert list(rows) == ["default", "lcm", "lcm-full-vae"]
+    assert (rows["default"]["unet_passes"], rows["lcm"]["unet_passes"]) == (6, 4)  # 3 steps with guidance; 4 without
+    assert rows["lcm"]["decoder"] == "tiny VAE" and rows["lcm-full-vae"]["decoder"] == "full VAE"
+    for row in rows.values():
+        assert row["s_per_image_with_face"] > row["s_per_image"] > 0
+    assert "4-step LCM without guidance, tiny VAE:" in proc.stdout
