@@ -377,7 +377,6 @@ def openpose_people(
     [-0.5, 0.5), heatmap peaks above ``peak_threshold`` after a Gaussian blur (sigma 3), limbs scored along
     their part affinity field; people with fewer than 4 parts or a mean score under 0.4 are dropped."""
     import torch
-    from scipy.ndimage import gaussian_filter, maximum_filter
 
     height, width = rgb.shape[:2]
     scale = 0.5 * 368 / height
@@ -398,10 +397,9 @@ def openpose_people(
     heat, paf = to_photo(heatmaps), to_photo(pafs)
     peaks = []  # per part: (n, 3) x, y, score
     for part in range(18):
-        blurred = gaussian_filter(heat[..., part], sigma=3)
-        found = (blurred == maximum_filter(blurred, footprint=[[0, 1, 0], [1, 1, 1], [0, 1, 0]])) & (
-            blurred > peak_threshold
-        )
+        blurred = cv2.GaussianBlur(heat[..., part], (0, 0), 3, borderType=cv2.BORDER_CONSTANT)
+        cross = cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3))
+        found = (blurred >= cv2.dilate(blurred, cross)) & (blurred > peak_threshold)
         ys, xs = np.nonzero(found)
         peaks.append(np.stack([xs, ys, heat[ys, xs, part]], 1) if len(xs) else np.zeros((0, 3)))
 
