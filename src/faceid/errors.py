@@ -30,3 +30,7 @@ class CheckpointError(FaceIDError):
 
 class MissingWeightsError(FaceIDError):
     """Model weights are not on disk and cannot be downloaded."""
+
+
+class NoPersonError(FaceIDError):
+    """No person was found where one was needed (a pose control image)."""
