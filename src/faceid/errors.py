@@ -30,3 +30,7 @@ class CheckpointError(FaceIDError):
 
 class MissingWeightsError(FaceIDError):
     """Model weights are not on disk and cannot be downloaded."""
+
+
+class MaskError(ImageError):
+    """A mask does not fit the image it is for (another size, or nothing to repaint)."""
