@@ -141,12 +141,14 @@ def plan_swap(
     sigma = feather * face_size / 4
     radius = max(1, math.ceil(3 * sigma))  # the blur's reach: the kernel is 2 * radius + 1 wide
 
+    grow = feather * face_size / 2  # the region is grown by this much, so that it stays ~1 after the blur
     if mask is None:
-        hull = _face_hull(face, grow=feather * face_size / 2)
+        hull = _face_hull(face, grow=grow)
         region_box = (*hull.min(axis=0), *hull.max(axis=0))
     else:
         ys, xs = np.nonzero(np.asarray(mask))
-        region_box = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+        reach = math.ceil(grow)
+        region_box = (xs.min() - reach, ys.min() - reach, xs.max() + 1 + reach, ys.max() + 1 + reach)
     # The square around the face, united with the region plus the blur's reach: the mask is 0 at the crop's
     # edges wherever they are inside the photo, so the paste-back has no seam.
     side = face_size * (1 + 2 * margin)
@@ -171,16 +173,11 @@ def plan_swap(
         cv2.fillConvexPoly(canvas, points, 1.0, lineType=cv2.LINE_AA, shift=4)
     else:
         inside = np.asarray(mask, np.float32)[by1:by2, bx1:bx2] / 255.0
+        # Past the photo's edges the mask goes on as it ends there; inside the photo the crop holds the whole
+        # region and the blur's reach, so the crop's surroundings are 0 anyway.
         canvas = cv2.copyMakeBorder(inside, radius, radius, radius, radius, cv2.BORDER_REPLICATE)
-        # Only the photo's own edges continue the mask; inside the photo the crop's surroundings are 0.
-        for side_inside, sl in (
-            (bx1 > 0, np.s_[:, :radius]),
-            (bx2 < width, np.s_[:, pad_w - radius :]),
-            (by1 > 0, np.s_[:radius, :]),
-            (by2 < height, np.s_[pad_h - radius :, :]),
-        ):
-            if side_inside:
-                canvas[sl] = 0.0
+        disc = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * reach + 1, 2 * reach + 1))
+        canvas = cv2.dilate(canvas, disc)
     soft = cv2.GaussianBlur(canvas, (2 * radius + 1, 2 * radius + 1), sigma, borderType=cv2.BORDER_CONSTANT)
     soft = soft[radius : radius + by2 - by1, radius : radius + bx2 - bx1]
     crop_mask = np.clip(np.rint(soft * 255.0), 0, 255).astype(np.uint8)
@@ -224,9 +221,7 @@ def swap_face(
         if analyzer is None:
             raise ValueError("swap_face needs an analyzer to find the face in the target photo")
         target = load_target(target, analyzer=analyzer, face_index=face_index, mask=mask)
-    plan = plan_swap(
-        target.image, target.face, resolution=resolution, margin=margin, feather=feather, mask=target.mask
-    )
+    plan = plan_swap(target.image, target.face, resolution=resolution, margin=margin, feather=feather, mask=target.mask)
     painted = inpaint(plan.crop(target.image), plan.crop_mask.copy(), plan.size)
     if not isinstance(painted, Image.Image) or painted.size != plan.size:
         got = f"a {painted.size[0]}x{painted.size[1]} image" if isinstance(painted, Image.Image) else repr(painted)
@@ -311,7 +306,7 @@ def _face_hull(face: Face, grow: float) -> np.ndarray:
 def _fit(low: float, high: float, limit: int) -> tuple[int, int]:
     """The span [low, high) in whole pixels, shifted to start at 0 or end at ``limit`` where it crosses one
     (keeping its length), and cut to [0, limit) where it is longer than that."""
-    length = min(limit, max(1, math.ceil(high - low)))
+    length = min(limit, max(1, math.ceil(high) - math.floor(low)))
     start = min(max(0, math.floor(low)), limit - length)
     return start, start + length
 
