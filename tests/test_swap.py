@@ -47,6 +47,22 @@ def _two_faces(faces_dir) -> Image.Image:
     return both
 
 
+def _assert_no_seam(plan) -> None:
+    """The mask is 0 outside the crop and along every edge of the crop that lies inside the photo."""
+    mask = np.asarray(plan.mask)
+    x1, y1, x2, y2 = plan.box
+    outside_box = np.ones_like(mask, bool)
+    outside_box[y1:y2, x1:x2] = False
+    assert not mask[outside_box].any()
+    crop = mask[y1:y2, x1:x2]
+    edges = {"top": (y1 > 0, crop[0]), "bottom": (y2 < mask.shape[0], crop[-1])}
+    edges |= {"left": (x1 > 0, crop[:, 0]), "right": (x2 < mask.shape[1], crop[:, -1])}
+    inner = [name for name, (inside, _) in edges.items() if inside]
+    assert inner, "the crop should lie inside the photo on some side"
+    for name in inner:
+        assert not edges[name][1].any(), f"the mask is not 0 at the crop's {name} edge"
+
+
 def test_only_the_feathered_mask_changes_on_a_real_photo(faces_dir, analyzer):
     target = load_image(faces_dir / "obama.jpg")
     face = analyzer.get(target)
@@ -80,14 +96,18 @@ def test_plan_crop_holds_the_face_and_its_mask_and_fits_the_photo(faces_dir, ana
     assert 0.35 < face_side / max(x2 - x1, y2 - y1) < 0.6  # the face at a size the model draws well
     assert max(plan.size) == 512 and all(side % 8 == 0 for side in plan.size)
     assert abs(plan.size[0] / plan.size[1] - (x2 - x1) / (y2 - y1)) < 0.05  # the crop's shape, not stretched
-    mask = np.asarray(plan.mask)
     assert plan.mask.size == target.size and plan.crop_mask.size == plan.size
-    outside_box = np.ones_like(mask, bool)
-    outside_box[y1:y2, x1:x2] = False
-    assert not mask[outside_box].any()
-    # No seam: the mask is 0 along every edge of the crop that lies inside the photo.
-    crop = mask[y1:y2, x1:x2]
-    assert not crop[0].any() and not crop[-1].any() and not crop[:, 0].any() and not crop[:, -1].any()
+    _assert_no_seam(plan)
+
+
+@pytest.mark.parametrize("feather", [0.05, 0.2, 0.5])
+def test_the_crop_widens_to_hold_the_whole_feathered_mask(faces_dir, analyzer, feather):
+    """With no margin the crop would be the face box; it grows to hold the feather, never cutting it."""
+    target = load_image(faces_dir / "biden.jpg")
+    plan = plan_swap(target, analyzer.get(target), margin=0.0, feather=feather)
+    _assert_no_seam(plan)
+    mask = np.asarray(plan.mask)
+    assert ((mask > 0) & (mask < 255)).any() and (mask == 255).any()
 
 
 def test_a_face_at_the_photo_edge_is_masked_up_to_it(faces_dir, analyzer):
@@ -135,6 +155,7 @@ def test_huge_target_is_generated_at_the_model_resolution(faces_dir, analyzer):
     assert result.image.size == huge.size and max(result.image.size) == 4000
     x1, y1, x2, y2 = result.plan.box
     assert max(x2 - x1, y2 - y1) > 2000  # the crop itself is large: it was shrunk for generation
+    _assert_no_seam(result.plan)
     out, original, mask = _arrays(result, huge)
     assert np.array_equal(out[mask == 0], original[mask == 0])
     assert np.abs(out[mask == 255].astype(int) - (255 - original[mask == 255].astype(int))).mean() < 8
@@ -183,6 +204,7 @@ def test_user_mask_is_used_and_checked(tmp_path, faces_dir, analyzer):
     out, original, mask = _arrays(result, target)
     assert np.array_equal(out[mask == 0], original[mask == 0])
     assert mask[my - 25 : my + 25, mx - 50 : mx + 50].min() > 0.9 * 255  # the feather grows outwards, corners too
+    _assert_no_seam(result.plan)
     for x, y in np.round(face.landmarks[:2]).astype(int):  # the eyes
         assert mask[y, x] == 0 and np.array_equal(out[y, x], original[y, x])
 
@@ -193,8 +215,8 @@ def test_user_mask_is_used_and_checked(tmp_path, faces_dir, analyzer):
     message = str(caught.value)
     assert f"{target.height}x{target.width}" in message and f"{target.width}x{target.height}" in message
     assert str(wrong) in message and "\n" not in message
-    with pytest.raises(MaskError, match="all black"):
-        swap_face(target, Inverter(), analyzer=analyzer, mask=Image.new("L", target.size, 0))
+    with pytest.raises(MaskError, match="nothing to repaint"):
+        swap_face(target, Inverter(), analyzer=analyzer, mask=Image.new("L", target.size, 100))
 
 
 def test_found_once_swapped_many_times(faces_dir, analyzer):
