@@ -164,6 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_arguments(srv)
     srv.set_defaults(func=cmd_serve)
 
+    swap = commands.add_parser(
+        "swap", help="put the person of a face photo into another photo, in place of a face there (inpainting)"
+    )
+    add_swap_arguments(swap)
+    swap.set_defaults(func=cmd_swap)
+
     emb = commands.add_parser("embed", help="find the faces in a photo; save the embedding and aligned crop")
     emb.add_argument("photo", help="a photo with a face")
     emb.add_argument("--face-index", type=int, default=0, help="which face to save (0 = largest)")
@@ -536,10 +542,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
     analyzer = _face_analyzer(args.face_models)
     faces = analyzer.analyze(args.photo)  # once: listing and choosing use the same result
-    for i, found in enumerate(faces):
-        x1, y1, x2, y2 = (round(float(v)) for v in found.box)
-        marker = "*" if i == args.face_index else " "
-        print(f"{marker} face {i}: box=({x1}, {y1}, {x2}, {y2}) size={x2 - x1}x{y2 - y1} score={found.score:.3f}")
+    _print_faces(faces, args.face_index)
     face = select_face(faces, args.face_index, source_name(args.photo))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -548,6 +551,140 @@ def cmd_embed(args: argparse.Namespace) -> int:
     Image.fromarray(face.aligned).save(out / f"{stem}.png")
     print(f"saved {out / (stem + '.npy')} ({face.embedding.shape[0]}-d, L2-normalised) and {out / (stem + '.png')}")
     return 0
+
+
+def _print_faces(faces, chosen: int) -> None:
+    """One line per face found (largest first), the chosen one starred."""
+    for i, found in enumerate(faces):
+        x1, y1, x2, y2 = (round(float(v)) for v in found.box)
+        marker = "*" if i == chosen else " "
+        print(f"{marker} face {i}: box=({x1}, {y1}, {x2}, {y2}) size={x2 - x1}x{y2 - y1} score={found.score:.3f}")
+
+
+def add_swap_arguments(parser: argparse.ArgumentParser) -> None:
+    """``faceid swap``: the person, the target photo and its face, the mask and crop; the generation settings
+    (but the image size: the crop's) and model flags of ``generate``."""
+    from .swap import DEFAULT_FEATHER, DEFAULT_MARGIN
+
+    parser.add_argument(
+        "--face",
+        required=True,
+        action="append",
+        help="photo of the person to put in (the largest face is used); repeat for several photos of the same person",
+    )
+    parser.add_argument("--target", required=True, help="the photo to put the person into (its size and EXIF "
+                        "orientation are kept; the output has no EXIF)")  # fmt: skip
+    parser.add_argument(
+        "--target-face-index", type=int, default=0, metavar="K", help="which face of the target (0 = largest)"
+    )
+    parser.add_argument(
+        "--mask",
+        default=None,
+        metavar="MASK",
+        help="what to repaint: an image of the target's (upright) size, white = repaint; default: the face, "
+        "from its box and landmarks",
+    )
+    parser.add_argument(
+        "--resolution",
+        type=int,
+        default=None,
+        help="size the crop around the face is generated at, a multiple of 8 (default: the model's, 512 for "
+        "SD1.5, 1024 for SDXL)",
+    )
+    parser.add_argument(
+        "--margin",
+        type=float,
+        default=DEFAULT_MARGIN,
+        help="crop margin on each side, in face sizes (default %(default)s)",
+    )
+    parser.add_argument(
+        "--feather",
+        type=float,
+        default=DEFAULT_FEATHER,
+        help="soft edge of the mask, in face sizes (default %(default)s)",
+    )
+    add_settings_arguments(parser, exclude=("width", "height"))
+    add_model_loading_arguments(parser)
+    parser.add_argument("--out", required=True, help="folder for the edited photos and the mask")
+
+
+def cmd_swap(args: argparse.Namespace) -> int:
+    from .outputs import save_png
+    from .settings import FAMILY_DEFAULTS
+    from .swap import DEFAULT_SWAP_PROMPT, load_target, pipeline_inpaint, plan_swap, swap_face
+
+    settings = settings_from_args(args)
+    if settings.prompt is None:
+        settings = settings.replace(prompt=DEFAULT_SWAP_PROMPT)
+    if not isinstance(settings.prompt, str):
+        raise FaceIDError("faceid swap takes one prompt")
+    settings = _tiny_vae_defaults(settings)
+    # Every bad input fails here, in seconds, before the big models load: the person's photos, the target and
+    # its face, the mask, the crop's numbers.
+    analyzer = _face_analyzer(args.face_models)
+    faces = [analyzer.get(photo, index=settings.face_index) for photo in args.face]
+    target = load_target(args.target, analyzer=analyzer, face_index=args.target_face_index, mask=args.mask)
+    _print_faces(target.faces, args.target_face_index)
+    geometry = {"margin": args.margin, "feather": args.feather}
+    plan_swap(target.image, target.face, resolution=args.resolution or 512, **geometry)
+    pipe = _load_pipeline(args, settings, analyzer)
+    resolution = args.resolution or min(FAMILY_DEFAULTS[pipe.family][key] for key in ("width", "height"))
+    first_seed = settings.seed if settings.seed is not None else random.randrange(2**31)
+    out = Path(args.out)
+    stem = Path(args.target).stem
+    written = []
+    for i in range(settings.num_images_per_prompt):
+        seed = first_seed + i
+        one = settings.replace(seed=seed, num_images_per_prompt=1)
+        result = swap_face(target, pipeline_inpaint(pipe, one, faces), resolution=resolution, **geometry)
+        metadata = {
+            **one.to_json(),
+            "face": ", ".join(str(f) for f in args.face),
+            "target": str(args.target),
+            "target_face_index": args.target_face_index,
+            "mask": None if args.mask is None else str(args.mask),
+            "resolution": resolution,
+            **geometry,
+            "crop_box": list(result.plan.box),
+            "faceid_version": __version__,
+        }
+        out.mkdir(parents=True, exist_ok=True)
+        written.append(save_png(result.image, _free_path(out / f"{stem}_swap_s{seed}.png"), metadata))
+    mask_path = _free_path(out / f"{stem}_swap_mask.png")
+    result.mask.save(mask_path)
+    for path in written:
+        print(path)
+    print(f"mask (white = repainted): {mask_path}")
+    return 0
+
+
+def _load_pipeline(args: argparse.Namespace, settings, analyzer, fuse_lora: bool = False):
+    """The ``FaceIDPipeline`` the model flags and settings describe (with the command's face analyzer)."""
+    import torch
+
+    from .pipeline import FaceIDPipeline
+
+    _quiet_model_loading()
+    pipe = FaceIDPipeline.from_pretrained(
+        settings.base_model,
+        settings.adapter or DEFAULT_ADAPTER,
+        vae=settings.vae,
+        tiny_vae=settings.tiny_vae,
+        single_file_config=args.base_config,
+        device=args.device,
+        torch_dtype=getattr(torch, DTYPES[args.dtype]) if args.dtype else None,
+        lora_scale=1.0 if settings.lora_scale is None else settings.lora_scale,
+        # Compiled, the identity LoRA is fused when its weight is fixed (no window switching it, and no
+        # stacked LoRA on the same layers): no LoRA matmuls in the graph.
+        fuse_lora=fuse_lora or (args.compile and settings.identity_window is None and not settings.loras),
+        compile=args.compile,
+        face_analyzer=analyzer,
+        image_encoder=args.image_encoder,
+        shortcut=settings.shortcut,
+        loras=list((settings.loras or {}).items()),
+    )
+    _load_fast_lora(pipe, settings, args)
+    return pipe
 
 
 def cmd_models(args: argparse.Namespace) -> int:

@@ -34,3 +34,7 @@ class MissingWeightsError(FaceIDError):
 
 class NoPersonError(FaceIDError):
     """No person was found where one was needed (a pose control image)."""
+
+
+class MaskError(ImageError):
+    """A mask does not fit the image it is for (another size, or nothing to repaint)."""
