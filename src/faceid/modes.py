@@ -156,11 +156,16 @@ class ModeInputs:
 
         return MultiControlNetModel([c.controlnet for c in self.controls])
 
-    def pipeline_kwargs(self, strength: float | None) -> dict[str, Any]:
-        """The diffusers arguments for these inputs (the pipeline chosen by ``class_name``)."""
+    def pipeline_kwargs(self, strength: float | None, batch: int) -> dict[str, Any]:
+        """The diffusers arguments for these inputs (the pipeline chosen by ``class_name``), for ``batch`` images.
+
+        The init image goes once per image: diffusers' inpainting pipelines sample its latents with the first
+        image's generator only when given it once, which shifts the noise of every other image (image i would
+        not be the image that its seed gives alone); once per image, each image's generator draws its own.
+        """
         kwargs: dict[str, Any] = {}
         if self.init_image is not None:
-            kwargs["image"] = self.init_image
+            kwargs["image"] = [self.init_image] * batch
             kwargs["strength"] = strength
         if self.mask_image is not None:
             kwargs["mask_image"] = self.mask_image

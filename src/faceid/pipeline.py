@@ -808,7 +808,7 @@ class FaceIDPipeline:
                 stack.enter_context(_swapped(target, "vae", self.tiny_vae))
             result = target(
                 **conditioning.pipe_kwargs,
-                **inputs.pipeline_kwargs(run.strength),
+                **inputs.pipeline_kwargs(run.strength, total),
                 **sizes,
                 **({"latents": latents} if latents is not None else {}),
                 num_inference_steps=run.num_inference_steps,
