@@ -141,7 +141,9 @@ def test_several_controlnets_at_once(family_pipe):
 def test_a_controlnet_of_the_other_family_is_refused(sd15_pipe, tiny_models, tmp_path):
     sdxl_controlnet = make_controlnet(tiny_models.sdxl, 1)
     sdxl_controlnet.save_pretrained(tmp_path / "sdxl-controlnet")
-    with pytest.raises(FaceIDError, match=r"cross-attention width 128 .* UNet has 64: use a ControlNet made for SD1\.5"):
+    with pytest.raises(
+        FaceIDError, match=r"cross-attention width 128 .* UNet has 64: use a ControlNet made for SD1\.5"
+    ):
         sd15_pipe.load_controlnet(tmp_path / "sdxl-controlnet")
     with pytest.raises(FaceIDError, match="cross-attention width 128"):
         sd15_pipe("a photo", _face(), control=ControlInput(_picture(2), sdxl_controlnet), **RUN)
@@ -152,7 +154,9 @@ def test_a_controlnet_of_the_other_family_is_refused(sd15_pipe, tiny_models, tmp
     loaded = sd15_pipe.load_controlnet(tmp_path / "sd15-controlnet")
     assert loaded.dtype == sd15_pipe.pipe.unet.dtype and not loaded.training
     again = sd15_pipe("a photo", _face(), seed=1, control=ControlInput(_picture(2), loaded), **RUN).images
-    given = sd15_pipe("a photo", _face(), seed=1, control=ControlInput(_picture(2), sd15_pipe.test_controlnets[0]), **RUN)
+    given = sd15_pipe(
+        "a photo", _face(), seed=1, control=ControlInput(_picture(2), sd15_pipe.test_controlnets[0]), **RUN
+    )
     np.testing.assert_array_equal(again, given.images)
 
 
@@ -330,7 +334,10 @@ def test_cli_img2img_writes_images_and_reproduces_from_the_png(tmp_path, tiny_mo
     init = tmp_path / "photo.png"
     _picture(1, (32, 24)).save(init)
     out = tmp_path / "out"
-    assert _cli(tmp_path, tiny_models, face_models_dir, faces_dir, out, "--init-image", str(init), "--strength", "0.5") == 0
+    assert (
+        _cli(tmp_path, tiny_models, face_models_dir, faces_dir, out, "--init-image", str(init), "--strength", "0.5")
+        == 0
+    )
     image = out / "obama_s3.png"
     with Image.open(image) as written:
         assert written.size == (32, 24)  # the init image's size

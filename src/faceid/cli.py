@@ -1000,7 +1000,9 @@ def _mode_arguments(args: argparse.Namespace) -> tuple[list[tuple[str, str, floa
                 raise FaceIDError(f"{args.settings} was made from {flag} {stored[key]}: give {flag} (the same file)")
             given = getattr(args, key)
             if stored.get(key) and given is not None and stored.get(f"{key}_sha256") != _file_sha256(given):
-                logger.warning("%s is not the %s file %s was made from: the image will differ", given, flag, args.settings)
+                logger.warning(
+                    "%s is not the %s file %s was made from: the image will differ", given, flag, args.settings
+                )
         if stored.get("controls") and not controls:
             raise FaceIDError(
                 f"{args.settings} was made with ControlNets ({stored['controls']}): give --controlnet and --control"
@@ -1056,7 +1058,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     modes = {"init_image": args.init_image, "mask_image": args.mask_image, "control": control or None}
     recorded = {
         **{key: value for key in ("init_image", "mask_image") if (value := getattr(args, key)) is not None},
-        **{f"{key}_sha256": _file_sha256(value) for key in ("init_image", "mask_image") if (value := getattr(args, key))},
+        **{
+            f"{key}_sha256": _file_sha256(value)
+            for key in ("init_image", "mask_image")
+            if (value := getattr(args, key))
+        },
         "controls": [
             {"kind": kind, "image": image, "scale": scale, "controlnet": net}
             for (kind, image, scale), net in zip(controls, nets, strict=True)

@@ -123,7 +123,9 @@ class ModeInputs:
         return "inpaint" if self.mask_image is not None else "img2img" if self.init_image is not None else None
 
     def class_name(self, family: str) -> str | None:
-        return pipeline_class_name(family, self.init_image is not None, self.mask_image is not None, bool(self.controls))
+        return pipeline_class_name(
+            family, self.init_image is not None, self.mask_image is not None, bool(self.controls)
+        )
 
     def size(self) -> tuple[int, int] | None:
         """The size the images ask for (the init image's, else the first control image's); None without any."""
@@ -197,4 +199,3 @@ def size_from_image(width: int | None, height: int | None, size: tuple[int, int]
     if height is None:
         return width, cells(round(width * h0 / w0 / 8) * 8)
     return width, height
-

@@ -723,14 +723,18 @@ class FaceIDPipeline:
         requested = GenerationSettings.parse(settings, **overrides)
         self._check_models(requested)  # before encoding: a request for other models fails at once
         if inputs.mode is None and requested.strength is not None:
-            raise FaceIDError("strength applies to img2img and inpainting: give init_image (--init-image) or leave it out")
+            raise FaceIDError(
+                "strength applies to img2img and inpainting: give init_image (--init-image) or leave it out"
+            )
         if inputs.mode is not None and requested.strength is None:
             requested = requested.replace(strength=DEFAULT_STRENGTH[inputs.mode])
         if inputs.size() is not None:  # the output size: what is given, the rest from the image
             width, height = size_from_image(requested.width, requested.height, inputs.size())
             requested = requested.replace(width=width, height=height)
         if latents is not None and "latents" not in inspect.signature(target.__call__).parameters:
-            raise FaceIDError(f"latents= does not apply to {type(target).__name__}: the init image gives them; leave it out")
+            raise FaceIDError(
+                f"latents= does not apply to {type(target).__name__}: the init image gives them; leave it out"
+            )
         if conditioning is None:
             conditioning = self.encode(
                 face=face, face_image=face_image, **requested.model_dump(include=set(ENCODE_FIELDS), exclude_unset=True)
@@ -892,9 +896,7 @@ class FaceIDPipeline:
                 vae.disable_slicing()
         if output_type != "pil":
             images = np.stack(images) if output_type == "np" else torch.stack(images)
-        return FaceIDOutput(
-            images=images, faces=conditioning.faces, settings=run, control_images=result.control_images
-        )
+        return FaceIDOutput(images=images, faces=conditioning.faces, settings=run, control_images=result.control_images)
 
     # ------------------------------------------------------------------ samplers and few-step presets
     def _scheduler_for(self, run: GenerationSettings):
