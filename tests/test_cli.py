@@ -79,7 +79,7 @@ def test_every_generation_setting_has_a_flag_that_sets_it(tmp_path):
         "combine": "concat", "shortcut": False, "s_scale": 0.5, "identity_window": (0.1, 0.9),
         "base_model": "base", "vae": "vae", "adapter": "adapter.bin", "loras": {"style.safetensors": 0.7},
         "tiny_vae": "taesd", "decoder": "tiny", "fast": "tcd", "scheduler": "euler-trailing", "eta": 0.2,
-        "identity_guidance": 1.5,
+        "identity_guidance": 1.5, "strength": 0.4,
     }  # fmt: skip
     assert set(values) == set(GenerationSettings.model_fields)  # a new field needs a value here, and a flag
     argv = ["generate", "--face", "x.jpg", "--out", str(tmp_path)]

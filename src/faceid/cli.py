@@ -22,6 +22,8 @@ from . import __version__
 from .errors import FaceIDError
 from .variants import DEFAULT_ADAPTER
 
+logger = logging.getLogger("faceid")
+
 #: ``--dtype`` choices -> torch dtype names (looked up on torch when a command runs: --help needs no torch).
 DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 FACE_MODELS_HELP = (
@@ -104,6 +106,33 @@ def build_parser() -> argparse.ArgumentParser:
         "by the tiny VAE when one is loaded (--tiny-vae), else by the VAE",
     )
     gen.add_argument("--preview-dir", default=None, metavar="DIR", help="folder for the previews (default: --out)")
+    modes = gen.add_argument_group("pose, composition and editing")
+    modes.add_argument(
+        "--init-image",
+        default=None,
+        metavar="IMAGE",
+        help="img2img: redraw this photo (--strength of the steps; width and height default to its size)",
+    )
+    modes.add_argument(
+        "--mask-image", default=None, metavar="IMAGE", help="inpainting: redraw --init-image only where this is white"
+    )
+    modes.add_argument(
+        "--controlnet",
+        action="append",
+        default=None,
+        metavar="MODEL",
+        help="a diffusers ControlNet (Hub id or folder) for this base model's family; repeat for several "
+        "(one for every --control, or one for all)",
+    )
+    modes.add_argument(
+        "--control",
+        action="append",
+        default=None,
+        metavar="KIND:IMAGE[:SCALE]",
+        help=f"a control image for the ControlNet(s): KIND is {'|'.join(CONTROL_KINDS)} (image: IMAGE is already a "
+        "control image; the others are made from a photo), SCALE its conditioning scale (1); repeatable. The "
+        "control image used is saved as NAME_sSEED-controlK.png",
+    )
     gen.set_defaults(func=cmd_generate)
 
     models = commands.add_parser(
@@ -1047,13 +1076,85 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+CONTROL_KINDS = ("canny", "pose", "depth", "kps", "image")
+
+
+def _control_argument(text: str) -> tuple[str, str, float]:
+    """``KIND:IMAGE[:SCALE]`` -> (kind, image, scale); the image path may hold colons."""
+    kind, sep, rest = text.partition(":")
+    if not sep or kind not in CONTROL_KINDS or not rest:
+        raise FaceIDError(f"--control {text!r}: give KIND:IMAGE[:SCALE] with KIND one of {', '.join(CONTROL_KINDS)}")
+    image, sep, scale = rest.rpartition(":")
+    if sep:
+        try:
+            return kind, image, float(scale)
+        except ValueError:
+            pass
+    return kind, rest, 1.0
+
+
+def _control_image(kind: str, image: str, analyzer):
+    """The control image of ``--control KIND:IMAGE``: the image itself for ``image``, else made from the photo."""
+    from .images import load_image
+
+    if kind == "image":
+        return load_image(image)
+    try:
+        from .control import make_control_image
+    except ImportError:
+        raise FaceIDError(
+            f"--control {kind}:...: this faceid cannot make {kind} control images yet; give a ready control image "
+            "as image:PATH"
+        ) from None
+    return make_control_image(kind, load_image(image), analyzer=analyzer)
+
+
+def _file_sha256(path: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _mode_arguments(args: argparse.Namespace) -> tuple[list[tuple[str, str, float]], list[str]]:
+    """The ``--control`` items and the ControlNet of each, checked before anything loads; and the inputs a
+    ``--settings IMAGE.png`` was made from must be given again (like ``--face``)."""
+    controls = [_control_argument(item) for item in args.control or []]
+    nets = list(args.controlnet or [])
+    if controls and not nets:
+        raise FaceIDError("--control needs --controlnet MODEL, the ControlNet that reads the control image")
+    if nets and not controls:
+        raise FaceIDError("--controlnet needs --control KIND:IMAGE[:SCALE], the control image it reads")
+    if len(nets) not in (1, len(controls)):
+        raise FaceIDError(f"{len(nets)} --controlnet for {len(controls)} --control: give one for each, or one for all")
+    if args.mask_image is not None and args.init_image is None:
+        raise FaceIDError("--mask-image needs --init-image, the photo to inpaint")
+    if getattr(args, "settings", None) and Path(args.settings).suffix.lower() == ".png":
+        from .outputs import read_settings
+
+        stored = read_settings(args.settings)
+        for key, flag in (("init_image", "--init-image"), ("mask_image", "--mask-image")):
+            if stored.get(key) and getattr(args, key) is None:
+                raise FaceIDError(f"{args.settings} was made from {flag} {stored[key]}: give {flag} (the same file)")
+            given = getattr(args, key)
+            if stored.get(key) and given is not None and stored.get(f"{key}_sha256") != _file_sha256(given):
+                logger.warning(
+                    "%s is not the %s file %s was made from: the image will differ", given, flag, args.settings
+                )
+        if stored.get("controls") and not controls:
+            raise FaceIDError(
+                f"{args.settings} was made with ControlNets ({stored['controls']}): give --controlnet and --control"
+            )
+    return controls, nets * len(controls) if len(nets) == 1 else nets
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from .outputs import contact_sheet, save_png
-    from .pipeline import FaceIDPipeline
+    from .pipeline import ControlInput, FaceIDPipeline
 
     settings = settings_from_args(args)  # bad settings fail here, before anything loads
+    controls, nets = _mode_arguments(args)
     if settings.prompt is None:
         raise FaceIDError("give --prompt (or --settings FILE with a prompt)")
     if not isinstance(settings.prompt, str):
@@ -1086,6 +1187,25 @@ def cmd_generate(args: argparse.Namespace) -> int:
         loras=list((settings.loras or {}).items()),
     )
     _load_fast_lora(pipe, settings, args)
+    loaded = {source: pipe.load_controlnet(source) for source in dict.fromkeys(nets)}
+    control = [
+        ControlInput(_control_image(kind, image, analyzer), loaded[net], scale)
+        for (kind, image, scale), net in zip(controls, nets, strict=True)
+    ]
+    modes = {"init_image": args.init_image, "mask_image": args.mask_image, "control": control or None}
+    recorded = {
+        **{key: value for key in ("init_image", "mask_image") if (value := getattr(args, key)) is not None},
+        **{
+            f"{key}_sha256": _file_sha256(value)
+            for key in ("init_image", "mask_image")
+            if (value := getattr(args, key))
+        },
+        "controls": [
+            {"kind": kind, "image": image, "scale": scale, "controlnet": net}
+            for (kind, image, scale), net in zip(controls, nets, strict=True)
+        ]
+        or None,
+    }
     first_seed = settings.seed if settings.seed is not None else random.randrange(2**31)
     n = settings.num_images_per_prompt
     stem = Path(args.face[0]).stem
@@ -1100,7 +1220,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 "preview_every": args.preview_every,
                 "on_preview": _preview_saver(Path(args.preview_dir or args.out), stem, batch_seeds),
             }
-        result = pipe(conditioning=conditioning, settings=settings.replace(seed=batch_seeds), **previews)
+        result = pipe(conditioning=conditioning, settings=settings.replace(seed=batch_seeds), **previews, **modes)
         images += result.images
         seeds += batch_seeds
         run = result.settings
@@ -1115,11 +1235,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
         metadata = {
             **run.replace(seed=image_seed, num_images_per_prompt=1).to_json(),
             "face": ", ".join(str(f) for f in args.face),
+            **recorded,
             "best_of": args.best_of if args.best_of > 1 else None,
             "faceid_version": __version__,
             **image_scores,
         }
-        written.append(save_png(image, _free_path(out / f"{stem}_s{image_seed}.png"), metadata))
+        path = save_png(image, _free_path(out / f"{stem}_s{image_seed}.png"), metadata)
+        written.append(path)
+        for k, used in enumerate(result.control_images):  # what the ControlNet saw, at the output's size
+            used.save(path.with_name(f"{path.stem}-control{k}.png"))
     labels = [
         f"seed {s}" + (f"  id {sc['identity_similarity']:.2f}" if sc else "")
         for s, sc in zip(seeds, scores, strict=True)

@@ -64,6 +64,12 @@ def identity_guidance(
             return extended(value)
         if isinstance(value, dict):
             return {key: batched(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):  # a ControlNet's down-block residuals: new at every step, no memo
+            n, b = sizes["n"], sizes["b"]
+            return type(value)(
+                torch.cat([item, item[n - b :]]) if isinstance(item, torch.Tensor) and item.shape[:1] == (n,) else item
+                for item in value
+            )
         return value
 
     def before(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:

@@ -33,6 +33,7 @@ from .fast import ETA_SCHEDULERS, make_scheduler, preset
 from .hub import fetch, model_not_found, offline, resolve_adapter
 from .identity_guidance import identity_guidance
 from .lora import LoraStack
+from .modes import DEFAULT_STRENGTH, ControlInput, ModeInputs, check_controlnet, check_placement, size_from_image
 from .peft_adapters import tensor_scalings
 from .settings import ENCODE_FIELDS, GenerationSettings
 from .variants import DEFAULT_ADAPTER, released
@@ -52,6 +53,7 @@ class FaceIDOutput:
     faces: list = field(default_factory=list)
     nsfw_content_detected: list[bool] | None = None
     settings: GenerationSettings | None = None
+    control_images: list = field(default_factory=list)  # the control images as the ControlNets saw them
 
 
 @dataclass
@@ -254,6 +256,9 @@ class FaceIDPipeline:
         encoders = {key: getattr(pipe, key, None) for key in ("text_encoder", "text_encoder_2")}
         self.lora_stack = LoraStack(pipe.unet, encoders)
         self._fast_loras: dict[str, str] = {}  # few-step LoRAs loaded (adapter name -> file), see load_fast_lora
+        # The img2img / inpainting / ControlNet pipelines built from ``pipe`` (class name -> pipeline), see
+        # ``pipeline_for``: they share every module of ``pipe`` and hold no ControlNet between calls.
+        self._siblings: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -439,6 +444,54 @@ class FaceIDPipeline:
         """Every LoRA on the UNet and its weight, the identity LoRA included."""
         return self.lora_stack.list()
 
+    # ------------------------------------------------------------------ img2img, inpainting, ControlNet
+    def load_controlnet(self, source: str | os.PathLike):
+        """A diffusers ``ControlNetModel`` (Hub id or diffusers folder) in this pipeline's dtype, on its device,
+        for ``ControlInput(image, controlnet, scale, window)``; one made for the other family is refused."""
+        from diffusers import ControlNetModel
+
+        try:
+            controlnet = ControlNetModel.from_pretrained(
+                str(source), dtype=self.pipe.unet.dtype, local_files_only=offline()
+            )
+        except Exception as exc:
+            raise model_not_found(str(source), exc) from exc
+        check_controlnet(controlnet, self.pipe.unet, self.family, str(source))
+        return controlnet.to(self.device).eval().requires_grad_(False)
+
+    def pipeline_for(self, class_name: str | None):
+        """The diffusers pipeline named ``class_name`` (``StableDiffusionXLControlNetInpaintPipeline``...) made
+        from the loaded one with ``from_pipe``: every module shared, nothing copied; None is the loaded one.
+
+        Built once and kept while it shares the loaded pipeline's components (replacing one of them, e.g.
+        ``pipe.pipe.scheduler = ...``, builds it again). A ControlNet pipeline is kept without a ControlNet:
+        each call sets its own for the call only, so no ControlNet stays alive through this cache.
+        """
+        if class_name is None:
+            return self.pipe
+        import diffusers
+
+        base = self.pipe.components
+        cached = self._siblings.get(class_name)
+        if cached is not None:
+            mine = cached.components
+            if all(mine.get(key) is value or mine.get(key) == value for key, value in base.items() if key in mine):
+                return cached
+        extra = {"controlnet": None} if "ControlNet" in class_name else {}
+        from diffusers.utils import logging as diffusers_logging
+
+        # from_pipe casts every module to ``dtype`` (float32 unless told): the loaded one's, a no-op (and no
+        # occasion for diffusers' warning about casting with ``to()``).
+        verbosity = diffusers_logging.get_verbosity()
+        diffusers_logging.set_verbosity_error()
+        try:
+            sibling = getattr(diffusers, class_name).from_pipe(self.pipe, dtype=self.pipe.unet.dtype, **extra)
+        finally:
+            diffusers_logging.set_verbosity(verbosity)
+        sibling.set_progress_bar_config(**getattr(self.pipe, "_progress_bar_config", {}))
+        self._siblings[class_name] = sibling
+        return sibling
+
     # ------------------------------------------------------------------ conditioning
     @property
     def default_combine(self) -> str:
@@ -614,6 +667,9 @@ class FaceIDPipeline:
         max_batch: int | None = None,
         preview_every: int | None = None,
         on_preview: Callable[[int, int, list], None] | None = None,
+        init_image: Any = None,
+        mask_image: Any = None,
+        control: ControlInput | Sequence[ControlInput] | None = None,
         **kwargs: Any,
     ) -> FaceIDOutput:
         """Generate ``num_images_per_prompt`` images for every prompt, each of the paired face.
@@ -644,16 +700,41 @@ class FaceIDPipeline:
         step (default 1) and after the last, in step order, with one PIL image per image of the batch, decoded
         by the tiny VAE where one is loaded, else by the VAE; the last preview is the final latents decoded
         (``faceid.previews.live_previews``). Previews change nothing the sampling computes.
+
+        Other pipelines, with everything above: ``init_image`` (a photo) redraws it (img2img; ``strength`` of
+        the steps, default 0.8), with ``mask_image`` (white: redraw, black: keep) only under the mask
+        (inpainting; default strength 1); ``control``: ``ControlInput(image, controlnet, scale, window)`` or a
+        list of them (several ControlNets at once). The call runs the matching diffusers pipeline
+        (``pipeline_for``). Width and height default to the init image's (else the first control image's),
+        and every image is resized to the output size; ``result.control_images`` are the control images used.
         """
         fields = GenerationSettings.model_fields
         diffusers_kwargs = {k: v for k, v in kwargs.items() if k not in fields}
-        self._check_diffusers_kwargs(diffusers_kwargs)
+        inputs = ModeInputs.load(init_image, mask_image, control)
+        for k, item in enumerate(inputs.controls):
+            check_controlnet(item.controlnet, self.pipe.unet, self.family, f"control[{k}]")
+            check_placement(item.controlnet, self.pipe.unet, f"control[{k}]")
+        target = self.pipeline_for(inputs.class_name(self.family))
+        self._check_diffusers_kwargs(diffusers_kwargs, target)
         previews.check_preview_arguments(preview_every, on_preview)
         overrides = {k: v for k, v in kwargs.items() if k in fields}
         if prompt is not None:
             overrides["prompt"] = list(prompt) if isinstance(prompt, tuple) else prompt
         requested = GenerationSettings.parse(settings, **overrides)
         self._check_models(requested)  # before encoding: a request for other models fails at once
+        if inputs.mode is None and requested.strength is not None:
+            raise FaceIDError(
+                "strength applies to img2img and inpainting: give init_image (--init-image) or leave it out"
+            )
+        if inputs.mode is not None and requested.strength is None:
+            requested = requested.replace(strength=DEFAULT_STRENGTH[inputs.mode])
+        if inputs.size() is not None:  # the output size: what is given, the rest from the image
+            width, height = size_from_image(requested.width, requested.height, inputs.size())
+            requested = requested.replace(width=width, height=height)
+        if latents is not None and "latents" not in inspect.signature(target.__call__).parameters:
+            raise FaceIDError(
+                f"latents= does not apply to {type(target).__name__}: the init image gives them; leave it out"
+            )
         if conditioning is None:
             conditioning = self.encode(
                 face=face, face_image=face_image, **requested.model_dump(include=set(ENCODE_FIELDS), exclude_unset=True)
@@ -675,9 +756,15 @@ class FaceIDPipeline:
         limit = max_batch if max_batch is not None else self.max_batch_size(run, cfg)
         if max_batch is not None and max_batch < 1:
             raise FaceIDError(f"max_batch must be at least 1, got {max_batch}")
+        inputs = inputs.sized(run.width, run.height)
+        if run.strength is not None and int(run.num_inference_steps * run.strength) < 1:
+            raise FaceIDError(
+                f"strength {run.strength} of {run.num_inference_steps} steps runs no step: raise strength or steps"
+            )
         if separable and limit is not None and total > limit:
             previewing = {"preview_every": preview_every, "on_preview": on_preview} if on_preview else {}
-            return self._in_parts(conditioning, run, limit, output_type, {**diffusers_kwargs, **previewing})
+            images = {"init_image": inputs.init_image, "mask_image": inputs.mask_image, "control": inputs.controls}
+            return self._in_parts(conditioning, run, limit, output_type, {**diffusers_kwargs, **previewing, **images})
         if generator is None and run.seed is not None:
             generator = seeded_generators(run.seed)
         cross_attention_kwargs = dict(diffusers_kwargs.pop("cross_attention_kwargs", None) or {})
@@ -688,11 +775,16 @@ class FaceIDPipeline:
         fast_lora = self._fast_lora(run.fast) if run.fast else None
         # Refuse before any work if other code took the adapter's processors: the identity would vanish.
         self.adapter.check_attached()
+        accepted = inspect.signature(target.__call__).parameters
+        sizes = {"width": run.width, "height": run.height} if "width" in accepted else {}  # img2img: the image's
         with contextlib.ExitStack() as stack:
             gate = stack.enter_context(self.adapter.scaled(run.scale, run.lora_scale))
             stack.enter_context(self.adapter.caching())
+            # Everything below is set on ``target``, the pipeline this call runs, and put back after it.
+            if inputs.controls:
+                stack.enter_context(_swapped(target, "controlnet", inputs.controlnet()))
             if scheduler is not None:
-                stack.enter_context(_swapped(self.pipe, "scheduler", scheduler))
+                stack.enter_context(_swapped(target, "scheduler", scheduler))
             if fast_lora is not None:
                 stack.enter_context(self.lora_stack.acting(fast_lora, 1.0))
             stack.enter_context(
@@ -713,19 +805,19 @@ class FaceIDPipeline:
                 shown_by = self.tiny_vae or self.pipe.vae
                 diffusers_kwargs.update(
                     stack.enter_context(
-                        previews.live_previews(self.pipe, shown_by, preview_every, on_preview, diffusers_kwargs)
+                        previews.live_previews(target, shown_by, preview_every, on_preview, diffusers_kwargs)
                     )
                 )
-            if run.decoder == "tiny":
-                stack.enter_context(_swapped(self.pipe, "vae", self.tiny_vae))
-            result = self.pipe(
+            if run.decoder == "tiny":  # (img2img and inpainting: it encodes the init image too)
+                stack.enter_context(_swapped(target, "vae", self.tiny_vae))
+            result = target(
                 **conditioning.pipe_kwargs,
+                **inputs.pipeline_kwargs(run.strength, total),
+                **sizes,
+                **({"latents": latents} if latents is not None else {}),
                 num_inference_steps=run.num_inference_steps,
                 guidance_scale=run.guidance_scale,
-                width=run.width,
-                height=run.height,
                 generator=generator,
-                latents=latents,
                 output_type=output_type,
                 cross_attention_kwargs=cross_attention_kwargs,
                 **diffusers_kwargs,
@@ -735,6 +827,7 @@ class FaceIDPipeline:
             faces=conditioning.faces,
             nsfw_content_detected=getattr(result, "nsfw_content_detected", None),
             settings=run,
+            control_images=[c.image for c in inputs.controls],
         )
 
     # ------------------------------------------------------------------ batches that do not fit at once
@@ -803,7 +896,7 @@ class FaceIDPipeline:
                 vae.disable_slicing()
         if output_type != "pil":
             images = np.stack(images) if output_type == "np" else torch.stack(images)
-        return FaceIDOutput(images=images, faces=conditioning.faces, settings=run)
+        return FaceIDOutput(images=images, faces=conditioning.faces, settings=run, control_images=result.control_images)
 
     # ------------------------------------------------------------------ samplers and few-step presets
     def _scheduler_for(self, run: GenerationSettings):
@@ -843,18 +936,21 @@ class FaceIDPipeline:
     def _fast_lora(self, name: str) -> str:
         return self.load_fast_lora(name)
 
-    def _check_diffusers_kwargs(self, kwargs: Mapping[str, Any]) -> None:
-        """Refuse an argument that is neither a generation setting nor one the diffusers pipeline takes
-        (diffusers would swallow it into ``**kwargs`` and ignore it)."""
-        accepted = set(inspect.signature(self.pipe.__call__).parameters)
-        # Given by faceid itself, from the settings or the conditioning.
+    def _check_diffusers_kwargs(self, kwargs: Mapping[str, Any], target) -> None:
+        """Refuse an argument that is neither a generation setting nor one the diffusers pipeline ``target``
+        takes (diffusers would swallow it into ``**kwargs`` and ignore it)."""
+        accepted = set(inspect.signature(target.__call__).parameters)
+        # Given by faceid itself, from the settings, the conditioning or the mode's inputs.
         ours = {"prompt", "prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds",
-                "negative_pooled_prompt_embeds", "num_images_per_prompt", "generator", "latents", "output_type"}  # fmt: skip
+                "negative_pooled_prompt_embeds", "num_images_per_prompt", "generator", "latents", "output_type",
+                "image", "mask_image", "control_image", "controlnet_conditioning_scale", "control_guidance_start",
+                "control_guidance_end"}  # fmt: skip
         unknown = sorted(k for k in kwargs if k not in accepted or k in ours)
         if unknown:
             raise FaceIDError(
                 f"unknown argument(s) {', '.join(unknown)}: not a generation setting "
-                f"({', '.join(GenerationSettings.model_fields)}) nor an argument of {type(self.pipe).__name__}"
+                f"({', '.join(GenerationSettings.model_fields)}) nor an argument of {type(target).__name__} "
+                "(images: init_image=, mask_image=, control=ControlInput(...))"
             )
 
     def _check_models(self, requested: GenerationSettings) -> None:

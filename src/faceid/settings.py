@@ -123,6 +123,14 @@ class GenerationSettings(BaseModel):
         description="apply the identity only in this part of the denoising steps (fractions, e.g. 0 0.8)",
         json_schema_extra=_flag("--window", metavar=("START", "END")),
     )
+    strength: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="img2img and inpainting: how much of the init image is redrawn, in (0, 1] (default: 0.8 for "
+        "img2img, 1 for inpainting; steps run: steps x strength)",
+        json_schema_extra=_flag("--strength"),
+    )
     base_model: str | None = Field(
         None, description="SD1.5/SDXL model: diffusers folder, Hub repo id or .safetensors file",
         json_schema_extra=_flag("--base-model"),
@@ -172,7 +180,7 @@ class GenerationSettings(BaseModel):
             raise ValueError("give at least one seed, or none for random seeds")
         return value
 
-    @field_validator("scale", "lora_scale", "s_scale", "guidance_scale", "eta", "identity_guidance")
+    @field_validator("scale", "lora_scale", "s_scale", "guidance_scale", "eta", "identity_guidance", "strength")
     @classmethod
     def _finite(cls, value: float | None) -> float | None:
         if value is not None and not math.isfinite(value):

@@ -1,0 +1,201 @@
+"""img2img, inpainting and ControlNet: the same FaceID call on diffusers' other Stable Diffusion pipelines.
+
+A call's inputs say which diffusers pipeline runs it: an ``init_image`` (img2img), with a ``mask_image``
+(inpainting), and ``control`` (one or several ControlNets, each with its control image, conditioning scale and
+step window), alone or together, SD1.5 or SDXL: ``StableDiffusion[XL][ControlNet][Img2Img|Inpaint]Pipeline``.
+``FaceIDPipeline`` builds that pipeline from its own with diffusers' ``from_pipe`` (every module shared: no
+memory, no copy of any pipeline code) and hands it the same prompt embeddings and identity tokens as the
+text-to-image pipeline; the identity goes through ``cross_attention_kwargs`` to the UNet in every mode.
+
+What is made here: ``ControlInput`` (one ControlNet of a call), ``ModeInputs`` (a call's images, loaded, sized
+and turned into the diffusers arguments of the pipeline that runs it) and the checks that refuse a ControlNet
+of the other family or on another device.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from .errors import FaceIDError
+from .images import load_image
+
+# diffusers' defaults: SD1.5's img2img redraws 80% of the steps; inpainting redraws everything under the mask.
+DEFAULT_STRENGTH = {"img2img": 0.8, "inpaint": 1.0}
+
+
+@dataclass(frozen=True)
+class ControlInput:
+    """One ControlNet of a call: its control image (already a pose, depth, canny... image: a path, PIL image
+    or array; ``faceid.control`` makes them from photos), the diffusers ``ControlNetModel``, its conditioning
+    scale (diffusers' ``controlnet_conditioning_scale``; 0 adds nothing) and the part of the denoising steps it
+    acts in (``control_guidance_start/end``, fractions)."""
+
+    image: Any
+    controlnet: Any
+    scale: float = 1.0
+    window: tuple[float, float] = (0.0, 1.0)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) or not math.isfinite(self.scale):
+            raise FaceIDError(f"ControlInput scale must be a finite number, got {self.scale!r}")
+        start, end = (float(v) for v in self.window)
+        if not 0.0 <= start < end <= 1.0:
+            raise FaceIDError(
+                f"ControlInput window must be (start, end) with 0 <= start < end <= 1, got {tuple(self.window)}"
+            )
+        object.__setattr__(self, "window", (start, end))
+
+
+def pipeline_class_name(family: str, img2img: bool, inpaint: bool, controlnet: bool) -> str | None:
+    """The diffusers pipeline class for a call's inputs; None for plain text-to-image (the loaded pipeline)."""
+    if not (img2img or inpaint or controlnet):
+        return None
+    prefix = "StableDiffusionXL" if family == "SDXL" else "StableDiffusion"
+    task = "Inpaint" if inpaint else "Img2Img" if img2img else ""
+    return f"{prefix}{'ControlNet' if controlnet else ''}{task}Pipeline"
+
+
+def check_controlnet(controlnet: Any, unet: Any, family: str, name: str | None = None) -> None:
+    """Refuse what is no diffusers ControlNet, or one made for the other family (its cross-attention width)."""
+    config = getattr(controlnet, "config", None)
+    width = getattr(config, "cross_attention_dim", None)
+    label = name or type(controlnet).__name__
+    if width is None or not hasattr(controlnet, "controlnet_cond_embedding"):
+        raise FaceIDError(
+            f"{label} is not a diffusers ControlNetModel: load one with pipe.load_controlnet(SOURCE) "
+            "(a Hub id or a diffusers folder)"
+        )
+    wanted = unet.config.cross_attention_dim
+    if width != wanted:
+        other = {768: "SD1.5", 1024: "SD2", 2048: "SDXL"}.get(width, "another model")
+        raise FaceIDError(
+            f"ControlNet {label} has cross-attention width {width} (made for {other}) but this {family} model's "
+            f"UNet has {wanted}: use a ControlNet made for {family}"
+        )
+
+
+def check_placement(controlnet: Any, unet: Any, name: str) -> None:
+    """A ControlNet must be on the UNet's device, in its dtype (the pipeline does not move a caller's model)."""
+    param = next(controlnet.parameters())
+    target = next(unet.parameters())
+    if param.device != target.device or param.dtype != target.dtype:
+        raise FaceIDError(
+            f"ControlNet {name} is on {param.device} in {param.dtype} but the pipeline runs on {target.device} in "
+            f"{target.dtype}: controlnet.to({str(target.device)!r}, {target.dtype}) first, or load it with "
+            "pipe.load_controlnet(SOURCE)"
+        )
+
+
+@dataclass
+class ModeInputs:
+    """A call's images, loaded (upright RGB; the mask as grayscale), and what it asks diffusers to do with them."""
+
+    init_image: Any = None
+    mask_image: Any = None
+    controls: list[ControlInput] = field(default_factory=list)
+
+    @classmethod
+    def load(cls, init_image: Any = None, mask_image: Any = None, control: Any = None) -> ModeInputs:
+        if mask_image is not None and init_image is None:
+            raise FaceIDError("mask_image needs init_image, the photo to inpaint (--init-image with --mask-image)")
+        controls = [] if control is None else [control] if isinstance(control, ControlInput) else list(control)
+        for item in controls:
+            if not isinstance(item, ControlInput):
+                raise FaceIDError(
+                    f"control takes faceid.modes.ControlInput(image, controlnet, scale, window) items, not "
+                    f"{type(item).__name__}"
+                )
+        return cls(
+            init_image=None if init_image is None else load_image(init_image),
+            mask_image=None if mask_image is None else load_image(mask_image).convert("L"),
+            controls=[replace(item, image=load_image(item.image)) for item in controls],
+        )
+
+    @property
+    def active(self) -> bool:
+        return self.init_image is not None or bool(self.controls)
+
+    @property
+    def mode(self) -> str | None:
+        """``"inpaint"``, ``"img2img"`` or None (text-to-image, with or without ControlNets)."""
+        return "inpaint" if self.mask_image is not None else "img2img" if self.init_image is not None else None
+
+    def class_name(self, family: str) -> str | None:
+        return pipeline_class_name(
+            family, self.init_image is not None, self.mask_image is not None, bool(self.controls)
+        )
+
+    def size(self) -> tuple[int, int] | None:
+        """The size the images ask for (the init image's, else the first control image's); None without any."""
+        source = self.init_image if self.init_image is not None else self.controls[0].image if self.controls else None
+        return None if source is None else source.size
+
+    def sized(self, width: int, height: int) -> ModeInputs:
+        """Every image at ``width`` x ``height``, as the pipeline will use it (the mask too)."""
+
+        def fit(image):
+            if image is None or image.size == (width, height):
+                return image
+            from PIL import Image
+
+            return image.resize((width, height), Image.Resampling.LANCZOS)
+
+        return ModeInputs(
+            init_image=fit(self.init_image),
+            mask_image=fit(self.mask_image),
+            controls=[replace(c, image=fit(c.image)) for c in self.controls],
+        )
+
+    def controlnet(self):
+        """The ControlNet the diffusers pipeline runs: the only one, or a ``MultiControlNetModel`` of them all."""
+        if not self.controls:
+            return None
+        if len(self.controls) == 1:
+            return self.controls[0].controlnet
+        from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
+
+        return MultiControlNetModel([c.controlnet for c in self.controls])
+
+    def pipeline_kwargs(self, strength: float | None, batch: int) -> dict[str, Any]:
+        """The diffusers arguments for these inputs (the pipeline chosen by ``class_name``), for ``batch`` images.
+
+        The init image goes once per image: diffusers' inpainting pipelines sample its latents with the first
+        image's generator only when given it once, which shifts the noise of every other image (image i would
+        not be the image that its seed gives alone); once per image, each image's generator draws its own.
+        """
+        kwargs: dict[str, Any] = {}
+        if self.init_image is not None:
+            kwargs["image"] = [self.init_image] * batch
+            kwargs["strength"] = strength
+        if self.mask_image is not None:
+            kwargs["mask_image"] = self.mask_image
+        if self.controls:
+            one = len(self.controls) == 1
+            images = [c.image for c in self.controls]
+            kwargs["control_image" if self.init_image is not None else "image"] = images[0] if one else images
+            scales = [float(c.scale) for c in self.controls]
+            starts = [c.window[0] for c in self.controls]
+            ends = [c.window[1] for c in self.controls]
+            kwargs["controlnet_conditioning_scale"] = scales[0] if one else scales
+            kwargs["control_guidance_start"] = starts[0] if one else starts
+            kwargs["control_guidance_end"] = ends[0] if one else ends
+        return kwargs
+
+
+def size_from_image(width: int | None, height: int | None, size: tuple[int, int]) -> tuple[int, int]:
+    """The output size for an input image of ``size``: what is given, the rest from the image (multiples of 8,
+    its aspect ratio kept when one side is given)."""
+
+    def cells(value: float) -> int:
+        return max(8, int(value) // 8 * 8)
+
+    w0, h0 = size
+    if width is None and height is None:
+        return cells(w0), cells(h0)
+    if width is None:
+        return cells(round(height * w0 / h0 / 8) * 8), height
+    if height is None:
+        return width, cells(round(width * h0 / w0 / 8) * 8)
+    return width, height
