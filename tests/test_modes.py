@@ -368,4 +368,24 @@ def test_cli_controlnet_writes_the_control_image(tmp_path, tiny_models, face_mod
     assert _cli(tmp_path, tiny_models, face_models_dir, faces_dir, out, "--control", f"image:{control}") == 2
     assert "--control needs --controlnet" in capsys.readouterr().err
     assert _cli(tmp_path, tiny_models, face_models_dir, faces_dir, out, *extra[:2], "--control", "edges:x.png") == 2
-    assert "KIND one of canny, pose, depth, kps, image" in capsys.readouterr().err
+    assert "KIND one of canny, kps, pose, depth, image" in capsys.readouterr().err
+
+
+def test_cli_control_images_made_from_a_photo(tmp_path, tiny_models, face_models_dir, faces_dir):
+    """--control kps:PHOTO and canny:PHOTO: faceid makes the control image (faceid.control) from the photo."""
+    import numpy as np
+
+    folder = tmp_path / "controlnet"
+    make_controlnet(tiny_models.sd15, 1).save_pretrained(folder)
+    photo = faces_dir / "biden.jpg"
+    out = tmp_path / "out"
+    extra = ["--controlnet", str(folder), "--control", f"kps:{photo}", "--control", f"canny:{photo}:0.5",
+             "--width", "64", "--height", "64"]  # fmt: skip
+    assert _cli(tmp_path, tiny_models, face_models_dir, faces_dir, out, *extra) == 0
+    with Image.open(out / "obama_s3-control0.png") as kps, Image.open(out / "obama_s3-control1.png") as edges:
+        kps, edges = np.asarray(kps.convert("RGB")), np.asarray(edges.convert("RGB"))
+    assert kps.shape == edges.shape == (64, 64, 3)
+    assert 0 < (kps.sum(axis=2) > 0).mean() < 0.5  # the keypoints drawn on black
+    assert set(np.unique(edges)) <= {0, 255} and edges.max() == 255
+    kinds = [c["kind"] for c in read_settings(out / "obama_s3.png")["controls"]]
+    assert kinds == ["kps", "canny"]

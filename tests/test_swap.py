@@ -281,3 +281,23 @@ def test_cli_wrong_mask_size_and_bad_index_fail_before_models_load(
     # The models come last: with a good target the missing base model is what stops it.
     assert _swap_cli(faces_dir / "biden.jpg", target, out, face_models_dir) == 2
     assert "adapter file not found" in capsys.readouterr().err.lower()
+
+
+def test_cli_swap_end_to_end_on_the_tiny_model(tmp_path, faces_dir, face_models_dir, tiny_models):
+    """`faceid swap` through the pipeline's inpainting: the target's size, and nothing outside the mask changes."""
+    out = tmp_path / "out"
+    target = faces_dir / "biden.jpg"
+    argv = ["swap", "--face", str(faces_dir / "obama.jpg"), "--target", str(target), "--out", str(out),
+            "--face-models", str(face_models_dir), "--base-model", str(tiny_models.sd15),
+            "--adapter", str(tiny_models.adapter("faceid")), "--resolution", "64", "--steps", "2", "-n", "1",
+            "--seed", "5"]  # fmt: skip
+    assert main(argv) == 0
+    result = out / "biden_swap_s5.png"
+    with Image.open(target) as original, Image.open(result) as swapped, Image.open(out / "biden_swap_mask.png") as m:
+        before = np.asarray(ImageOps.exif_transpose(original).convert("RGB"))
+        after = np.asarray(swapped.convert("RGB"))
+        mask = np.asarray(m.convert("L"))
+    assert after.shape == before.shape and mask.shape == before.shape[:2]
+    outside = mask == 0
+    assert outside.mean() > 0.5 and np.array_equal(after[outside], before[outside])
+    assert np.abs(after[mask == 255].astype(int) - before[mask == 255]).mean() > 1  # the face was repainted

@@ -1076,7 +1076,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-CONTROL_KINDS = ("canny", "pose", "depth", "kps", "image")
+from .control import KINDS as CONTROL_KINDS  # noqa: E402  (light: no torch at import)
 
 
 def _control_argument(text: str) -> tuple[str, str, float]:
@@ -1093,20 +1093,12 @@ def _control_argument(text: str) -> tuple[str, str, float]:
     return kind, rest, 1.0
 
 
-def _control_image(kind: str, image: str, analyzer):
+def _control_image(kind: str, image: str, analyzer, size: tuple[int, int] | None = None):
     """The control image of ``--control KIND:IMAGE``: the image itself for ``image``, else made from the photo."""
+    from .control import make_control_image
     from .images import load_image
 
-    if kind == "image":
-        return load_image(image)
-    try:
-        from .control import make_control_image
-    except ImportError:
-        raise FaceIDError(
-            f"--control {kind}:...: this faceid cannot make {kind} control images yet; give a ready control image "
-            "as image:PATH"
-        ) from None
-    return make_control_image(kind, load_image(image), analyzer=analyzer)
+    return make_control_image(kind, load_image(image), size=size, analyzer=analyzer)
 
 
 def _file_sha256(path: str) -> str:
@@ -1148,10 +1140,9 @@ def _mode_arguments(args: argparse.Namespace) -> tuple[list[tuple[str, str, floa
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    import torch
 
     from .outputs import contact_sheet, save_png
-    from .pipeline import ControlInput, FaceIDPipeline
+    from .pipeline import ControlInput
 
     settings = settings_from_args(args)  # bad settings fail here, before anything loads
     controls, nets = _mode_arguments(args)
@@ -1167,29 +1158,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     # The faces first: a photo without a usable face fails in seconds, before the big models load.
     analyzer = _face_analyzer(args.face_models)
     faces = [analyzer.get(photo, index=settings.face_index) for photo in args.face]
-    _quiet_model_loading()
-    pipe = FaceIDPipeline.from_pretrained(
-        settings.base_model,
-        settings.adapter or DEFAULT_ADAPTER,
-        vae=settings.vae,
-        tiny_vae=settings.tiny_vae,
-        single_file_config=args.base_config,
-        device=args.device,
-        torch_dtype=getattr(torch, DTYPES[args.dtype]) if args.dtype else None,
-        lora_scale=1.0 if settings.lora_scale is None else settings.lora_scale,
-        # Compiled, the identity LoRA is fused when its weight is fixed (no window switching it, and no
-        # stacked LoRA on the same layers): no LoRA matmuls in the graph.
-        fuse_lora=args.fuse_lora or (args.compile and settings.identity_window is None and not settings.loras),
-        compile=args.compile,
-        face_analyzer=analyzer,
-        image_encoder=args.image_encoder,
-        shortcut=settings.shortcut,
-        loras=list((settings.loras or {}).items()),
-    )
-    _load_fast_lora(pipe, settings, args)
+    pipe = _load_pipeline(args, settings, analyzer, fuse_lora=args.fuse_lora)
     loaded = {source: pipe.load_controlnet(source) for source in dict.fromkeys(nets)}
+    # Made at the generation size (lines and edges stay crisp), unless an init image sets the size.
+    resolved = pipe.resolve_settings(settings.replace(seed=None))
+    size = None if args.init_image else (resolved.width, resolved.height)
     control = [
-        ControlInput(_control_image(kind, image, analyzer), loaded[net], scale)
+        ControlInput(_control_image(kind, image, analyzer, size), loaded[net], scale)
         for (kind, image, scale), net in zip(controls, nets, strict=True)
     ]
     modes = {"init_image": args.init_image, "mask_image": args.mask_image, "control": control or None}

@@ -32,7 +32,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 from PIL import Image
 
@@ -127,6 +126,8 @@ def make_control_image(
     ``FaceSelectionError`` for ``"kps"`` without that face, :class:`~faceid.errors.NoPersonError` for
     ``"pose"`` without a person, and :class:`~faceid.errors.FaceIDError` for an unknown kind or option.
     """
+    import cv2  # here, not at import: the CLI builds its parser without it
+
     if kind not in KINDS:
         raise FaceIDError(f"unknown control image kind {kind!r}: use one of {', '.join(KINDS)}")
     unknown = sorted(set(options) - _OPTIONS[kind])
@@ -236,6 +237,8 @@ def draw_skeleton(
     """Keypoints drawn the way InstantID (``draw_kps``) and OpenPose (``draw_bodypose``) draw them, on black
     (or onto ``canvas``, an HxWx3 uint8 array, in place): each limb a filled ellipse ``stickwidth`` wide in 60%
     of its colour, then a disc of ``radius`` in full colour at each point. Points with NaN are skipped."""
+    import cv2  # here, not at import: the CLI builds its parser without it
+
     width, height = size
     canvas = np.zeros((height, width, 3), np.uint8) if canvas is None else canvas
     points = np.asarray(points, np.float64)
@@ -376,6 +379,7 @@ def openpose_people(
     keypoint not found. As ControlNet's annotator runs it: one scale (the photo 184 px tall), BGR input in
     [-0.5, 0.5), heatmap peaks above ``peak_threshold`` after a Gaussian blur (sigma 3), limbs scored along
     their part affinity field; people with fewer than 4 parts or a mean score under 0.4 are dropped."""
+    import cv2  # here, not at import: the CLI builds its parser without it
     import torch
 
     height, width = rgb.shape[:2]
@@ -390,6 +394,8 @@ def openpose_people(
         pafs, heatmaps = network(x.to(device))
 
     def to_photo(maps) -> np.ndarray:
+        import cv2  # here, not at import: the CLI builds its parser without it
+
         maps = maps[0].float().cpu().numpy().transpose(1, 2, 0)
         maps = cv2.resize(maps, None, fx=8, fy=8, interpolation=cv2.INTER_CUBIC)[:sh, :sw]
         return np.stack([cv2.resize(maps[..., c], (width, height), interpolation=cv2.INTER_CUBIC) for c in range(maps.shape[-1])], -1)  # fmt: skip
