@@ -277,3 +277,24 @@ def test_single_file_base_models_go_to_the_right_diffusers_loader(tmp_path, monk
     with pytest.raises(MissingWeightsError):
         load_base_pipeline(sd15, torch.float32, single_file_config=tmp_path / "sd15-config")
     assert calls[-1][2]["config"] == str(tmp_path / "sd15-config")  # offline: the config from a local folder
+
+
+def test_clip_face_crops_use_the_pil_image_processor_even_with_torchvision(monkeypatch, tiny_models):
+    """With torchvision installed, transformers' CLIPImageProcessor is its torchvision implementation, which
+    resizes differently from the reference's PIL preprocessing: the Plus encoder and CLIP-T keep the PIL one."""
+    import transformers
+    from transformers import CLIPVisionModelWithProjection
+
+    from faceid.identity import CLIPFaceEncoder, clip_image_processor
+
+    pil = getattr(transformers, "CLIPImageProcessorPil", None)
+    if pil is None:
+        pytest.skip("this transformers has one CLIP image processor only")
+
+    class TorchvisionProcessor:  # stands for the torchvision implementation a torchvision machine gets
+        pass
+
+    monkeypatch.setattr(transformers, "CLIPImageProcessor", TorchvisionProcessor)
+    assert clip_image_processor() is pil
+    model = CLIPVisionModelWithProjection.from_pretrained(tiny_models.image_encoder)
+    assert type(CLIPFaceEncoder(model).processor) is pil

@@ -175,15 +175,25 @@ def combine_features(features: torch.Tensor, counts: list[int], combine: str) ->
     return torch.stack([group.mean(0) for group in groups])
 
 
+def clip_image_processor():
+    """transformers' PIL CLIP image processor class, also where torchvision is installed.
+
+    With torchvision present, ``CLIPImageProcessor`` is the torchvision implementation, which resizes
+    differently; the PIL one is what the reference used (and OpenAI's CLIP preprocessing is PIL bicubic), so
+    every machine gives the same CLIP inputs, and the Plus identity tokens and CLIP-T scores stay the same.
+    """
+    import transformers
+
+    return getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
+
+
 class CLIPFaceEncoder:
     """CLIP ViT image features of aligned face crops, as the FaceID-Plus reference computes them."""
 
     def __init__(self, model, processor=None):
-        from transformers import CLIPImageProcessor
-
         self.model = model.eval().requires_grad_(False)
         # The reference builds CLIPImageProcessor() with the library defaults, whatever the model ships.
-        self.processor = processor or CLIPImageProcessor()
+        self.processor = processor or clip_image_processor()()
 
     @classmethod
     def from_pretrained(

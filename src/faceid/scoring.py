@@ -401,12 +401,11 @@ class ClipTextScorer:
         batch_size: int = 16,
     ) -> None:
         import torch
-        import transformers
         from transformers import CLIPModel, CLIPTokenizer
 
-        # The PIL image processor, also where torchvision is installed: the same resizing (PIL bicubic,
-        # as OpenAI's CLIP preprocessing) on every machine, so CLIP-T figures stay comparable.
-        image_processor = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
+        from .identity import clip_image_processor
+
+        image_processor = clip_image_processor()  # the PIL one on every machine: comparable CLIP-T figures
 
         from .hub import model_not_found, offline
 
