@@ -232,6 +232,16 @@ def test_every_command_refuses_an_incomplete_face_models_folder(tmp_path, capsys
         "prepare": ["prepare", str(photos), "--out", str(tmp_path / "p")],
         "eval": ["eval", "--faces", str(photos), "--out", str(tmp_path / "v"), "--no-clip", *_args(**sd15)],
         "score": ["score", str(photos), "--face", photo, "--no-clip"],
+        "swap": [
+            "swap",
+            "--face",
+            photo,
+            "--target",
+            str(faces_dir / "biden.jpg"),
+            "--out",
+            str(tmp_path / "s"),
+            *_args(**sd15),
+        ],  # fmt: skip
     }
     for name, argv in commands.items():
         assert main([*argv, "--face-models", str(incomplete)]) == 2, name
@@ -239,7 +249,7 @@ def test_every_command_refuses_an_incomplete_face_models_folder(tmp_path, capsys
         assert err.startswith(f"faceid: error: No unique face recognizer in {incomplete}"), (name, err)
         assert "w600k_r50.onnx" in err and model_files.BUFFALO_L_URL in err, (name, err)
     assert [p.name for p in incomplete.iterdir()] == ["face_detection_yunet.onnx"]
-    assert not any((tmp_path / out).exists() for out in ("g", "e", "p", "v"))
+    assert not any((tmp_path / out).exists() for out in ("g", "e", "p", "v", "s"))
 
 
 # A tqdm bar without a description: the denoising steps, the progress faceid shows on purpose.
