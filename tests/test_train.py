@@ -70,7 +70,9 @@ def _config(dataset, tiny_models, output_dir, **overrides) -> TrainConfig:
 
 
 def _trained_state(output_dir: Path) -> dict:
-    return load_state_dict(output_dir / "ip-adapter-faceid.safetensors")
+    """The exported adapter (named after its variant: ip-adapter-faceid[-plus|-plusv2|-portrait])."""
+    (path,) = (p for p in output_dir.glob("ip-adapter-faceid*.safetensors") if not p.stem.endswith("_lora"))
+    return load_state_dict(path)
 
 
 def _assert_same_state(a: dict, b: dict) -> None:
@@ -502,9 +504,30 @@ def test_portrait_and_sdxl_training_run(dataset, tiny_models, tmp_path):
     portrait = _trained_state(tmp_path / "portrait")
     assert not any("lora" in k for k in portrait["ip_adapter"])
     assert portrait["image_proj"]["proj.2.weight"].shape[0] == 16 * 64
-    assert not (tmp_path / "portrait" / "ip-adapter-faceid_lora.safetensors").exists()
+    assert (tmp_path / "portrait" / "ip-adapter-faceid-portrait.safetensors").is_file()
+    assert not list((tmp_path / "portrait").glob("*_lora.safetensors"))  # Portrait has no identity LoRA
 
     sdxl = tmp_path / "sdxl"
     Trainer(_config(dataset, tiny_models, sdxl, base_model=str(tiny_models.sdxl),
                     max_train_steps=2)).train()  # fmt: skip
     assert _trained_state(sdxl)["image_proj"]["norm.weight"].shape == (128,)
+
+
+@pytest.mark.parametrize(
+    ("variant", "shortcut", "stem"),
+    [("faceid", None, "ip-adapter-faceid"), ("plus", None, "ip-adapter-faceid-plus"),
+     ("plusv2", None, "ip-adapter-faceid-plusv2"), ("plus", True, "ip-adapter-faceid-plusv2"),
+     ("portrait", None, "ip-adapter-faceid-portrait")],
+)  # fmt: skip
+def test_exports_are_named_so_that_they_load_as_what_was_trained(variant, shortcut, stem):
+    """Plus and PlusV2 files hold the same tensors: the released names tell them apart, so the export is named
+    like them, and a PlusV2 export loads with its shortcut on."""
+    from faceid.train import export_name
+    from faceid.variants import ARCHITECTURES, closest_architecture
+
+    arch = ARCHITECTURES[variant]
+    on = arch.shortcut if shortcut is None else shortcut
+    assert export_name(arch.needs_clip, on, variant == "portrait") == stem
+    if arch.needs_clip:  # how loading reads the file: Plus layout, told apart by its name
+        loaded = closest_architecture(True, arch.tokens_per_face, True, name=f"{stem}.safetensors")
+        assert loaded.shortcut == on

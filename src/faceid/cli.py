@@ -1065,13 +1065,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides[key.strip().replace("-", "_")] = yaml.safe_load(value)
     config = TrainConfig.from_file(args.config, **overrides)
     _quiet_model_loading()
-    result = Trainer(config).train()
+    trainer = Trainer(config)
+    result = trainer.train()
     if not result["stopped"] and result["is_main_process"]:
         processes = result["num_processes"]
         print(
             f"trained {result['global_step']} steps on {processes} process{'es' if processes > 1 else ''} "
             f"({result['samples_per_second']:.2f} samples/s); "
-            f"adapter written to {config.output_dir}/{config.export_name}.bin and .safetensors"
+            f"adapter written to {config.output_dir}/{trainer.export_name}.bin and .safetensors"
         )
     return 0
 

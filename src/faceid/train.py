@@ -45,6 +45,15 @@ logger = logging.getLogger(__name__)
 ADAPTER_FILE = "adapter.safetensors"  # inside each checkpoint folder: the trained weights, official layout
 
 
+def export_name(plus: bool, shortcut: bool, portrait: bool) -> str:
+    """The released adapters' file name stem for what was trained (the base model family is not in it)."""
+    if portrait:
+        return "ip-adapter-faceid-portrait"
+    if plus:
+        return "ip-adapter-faceid-plusv2" if shortcut else "ip-adapter-faceid-plus"
+    return "ip-adapter-faceid"
+
+
 @dataclass
 class TrainConfig:
     """Every setting of a training run; defaults are the published recipe for FaceID SD1.5."""
@@ -85,7 +94,10 @@ class TrainConfig:
     face_models: str | None = None  # for validation: face detector + recognizer folder (buffalo_l)
     dataloader_num_workers: int = 0
     report_to: str = "tensorboard"  # tensorboard | none
-    export_name: str = "ip-adapter-faceid"
+    # The exported files' name; None: the variant's, as the releases name theirs (ip-adapter-faceid,
+    # -plus, -plusv2, -portrait), so that a PlusV2 export loads with its shortcut on (the name tells Plus from
+    # PlusV2: their tensors are the same).
+    export_name: str | None = None
 
     @classmethod
     def from_file(cls, path: str | os.PathLike | None = None, **overrides: Any) -> TrainConfig:
@@ -292,6 +304,7 @@ class Trainer:
             else ARCHITECTURES[cfg.variant]
         )
         self.shortcut = variant.shortcut if cfg.shortcut is None else cfg.shortcut
+        self.export_name = cfg.export_name or export_name(self.plus, self.shortcut, variant.name == "portrait")
         unet.to(acc.device)
         if self.weight_dtype != torch.float32:
             unet.to(dtype=self.weight_dtype)
@@ -702,11 +715,11 @@ class Trainer:
             out.mkdir(parents=True, exist_ok=True)
             state = self.adapter.state_dict()
             for suffix in (".bin", ".safetensors"):
-                written[suffix] = save_state_dict(state, out / f"{self.config.export_name}{suffix}")
+                written[suffix] = save_state_dict(state, out / f"{self.export_name}{suffix}")
             if self.adapter.spec.lora_rank:
                 from .lora import save_lora
 
-                written["lora"] = save_lora(self.adapter, out / f"{self.config.export_name}_lora.safetensors")
+                written["lora"] = save_lora(self.adapter, out / f"{self.export_name}_lora.safetensors")
             atomic_write(out / "train_history.json", json.dumps(self.history))
             from .outputs import plot_training
 
