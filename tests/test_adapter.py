@@ -7,6 +7,7 @@ import pickle
 import pytest
 import torch
 from conftest import make_tiny_unet
+from tiny_models import unet_inputs
 
 from faceid.adapter import FaceIDAdapter, initial_state_dict
 from faceid.checkpoints import AdapterSpec, load_state_dict, save_state_dict
@@ -23,16 +24,6 @@ def _random_adapter_state(unet, num_tokens=4, lora_rank=4, seed=0):
     for tensor in state["image_proj"].values():
         tensor.add_(torch.randn(tensor.shape, generator=generator) * 0.05)
     return state
-
-
-def _inputs(unet, batch=2, tokens=4, seed=1):
-    generator = torch.Generator().manual_seed(seed)
-    cad = unet.config.cross_attention_dim
-    return {
-        "sample": torch.randn(batch, 4, 8, 12, generator=generator),
-        "timestep": torch.tensor(500),
-        "encoder_hidden_states": torch.randn(batch, 77, cad, generator=generator),
-    }, torch.randn(batch, tokens, cad, generator=generator)
 
 
 @torch.no_grad()
@@ -61,7 +52,7 @@ def _assert_same_as(unet, snapshot):
 
 
 def test_install_then_remove_leaves_unet_as_it_was(tiny_unet):
-    inputs, identity = _inputs(tiny_unet)
+    inputs, identity = unet_inputs(tiny_unet)
     before_output = _run(tiny_unet, inputs)
     snapshot = _snapshot(tiny_unet)
     flags = {p: p.requires_grad for p in tiny_unet.parameters()}
@@ -76,7 +67,7 @@ def test_install_then_remove_leaves_unet_as_it_was(tiny_unet):
 
 
 def test_scale_zero_and_lora_zero_is_the_plain_unet_bit_for_bit(tiny_unet):
-    inputs, identity = _inputs(tiny_unet)
+    inputs, identity = unet_inputs(tiny_unet)
     plain = _run(tiny_unet, inputs)
     adapter = FaceIDAdapter.install(tiny_unet, _random_adapter_state(tiny_unet), scale=0.0, lora_scale=0.0)
     assert torch.equal(_run(tiny_unet, inputs, identity), plain)
@@ -86,7 +77,7 @@ def test_scale_zero_and_lora_zero_is_the_plain_unet_bit_for_bit(tiny_unet):
 
 def test_scale_and_lora_scale_change_without_reloading(tiny_unet):
     state = _random_adapter_state(tiny_unet)
-    inputs, identity = _inputs(tiny_unet)
+    inputs, identity = unet_inputs(tiny_unet)
     adapter = FaceIDAdapter.install(tiny_unet, state)
     outputs = {}
     for scale, lora_scale in [(1.0, 1.0), (0.5, 1.0), (1.0, 0.3), (0.0, 1.0)]:
@@ -109,7 +100,7 @@ def test_scaled_context_restores_the_scale(tiny_unet):
 
 
 def test_fused_lora_matches_unfused_and_unfuse_restores_weights(tiny_unet):
-    inputs, identity = _inputs(tiny_unet)
+    inputs, identity = unet_inputs(tiny_unet)
     adapter = FaceIDAdapter.install(tiny_unet, _random_adapter_state(tiny_unet), lora_scale=0.8)
     unfused = _run(tiny_unet, inputs, identity)
     bases = {p: tiny_unet.get_submodule(p).get_base_layer().weight.clone() for p in adapter._lora_layers}
@@ -134,7 +125,7 @@ def test_remove_while_fused_restores_the_unet(tiny_unet):
 
 
 def test_caching_computes_context_projections_once_and_changes_nothing(tiny_unet):
-    inputs, identity = _inputs(tiny_unet)
+    inputs, identity = unet_inputs(tiny_unet)
     adapter = FaceIDAdapter.install(tiny_unet, _random_adapter_state(tiny_unet))
     uncached = [_run(tiny_unet, inputs, identity) for _ in range(3)]
     calls = []
@@ -149,7 +140,7 @@ def test_caching_computes_context_projections_once_and_changes_nothing(tiny_unet
 
 
 def test_identity_tokens_batch_must_match(tiny_unet):
-    inputs, identity = _inputs(tiny_unet)
+    inputs, identity = unet_inputs(tiny_unet)
     FaceIDAdapter.install(tiny_unet, _random_adapter_state(tiny_unet))
     with pytest.raises(ValueError, match="batch"):
         _run(tiny_unet, inputs, identity[:1])
@@ -184,7 +175,7 @@ def test_user_lora_survives_install_and_remove(tiny_unet):
     for module in tiny_unet.modules():
         if hasattr(module, "lora_B") and "style" in module.lora_B:
             torch.nn.init.normal_(module.lora_B["style"].weight, std=0.5)
-    inputs, identity = _inputs(tiny_unet)
+    inputs, identity = unet_inputs(tiny_unet)
     styled = _run(tiny_unet, inputs)
     snapshot = _snapshot(tiny_unet)
     adapter = FaceIDAdapter.install(tiny_unet, _random_adapter_state(tiny_unet))
@@ -203,7 +194,7 @@ def test_user_lora_survives_install_and_remove(tiny_unet):
 def test_export_round_trip(tiny_unet, tmp_path, suffix):
     state = _random_adapter_state(tiny_unet)
     adapter = FaceIDAdapter.install(tiny_unet, state)
-    inputs, identity = _inputs(tiny_unet)
+    inputs, identity = unet_inputs(tiny_unet)
     output = _run(tiny_unet, inputs, identity)
     exported = adapter.state_dict()
     assert {g: set(v) for g, v in exported.items()} == {g: set(v) for g, v in state.items()}

@@ -16,6 +16,7 @@ import pytest
 import torch
 from conftest import make_tiny_unet
 from safetensors.torch import save_file
+from tiny_models import unet_inputs
 from torch._dynamo.testing import CompileCounterWithBackend, EagerAndRecordGraphs
 
 from faceid.adapter import FaceIDAdapter, initial_state_dict
@@ -156,15 +157,9 @@ def _installed_unet(seed=0):
     return unet, state
 
 
-def _unet_inputs(unet, batch=2, seed=1):
-    generator = torch.Generator().manual_seed(seed)
-    cad = unet.config.cross_attention_dim
-    return {
-        "sample": torch.randn(batch, 4, 8, 12, generator=generator),
-        "timestep": torch.tensor(500),
-        "encoder_hidden_states": torch.randn(batch, 77, cad, generator=generator),
-        "cross_attention_kwargs": {"ip_hidden_states": torch.randn(batch, 4, cad, generator=generator)},
-    }
+def _unet_inputs(unet):
+    inputs, tokens = unet_inputs(unet)
+    return {**inputs, "cross_attention_kwargs": {"ip_hidden_states": tokens}}
 
 
 @torch.no_grad()

@@ -185,6 +185,18 @@ def make_tiny_unet(cross_attention_dim: int = 64, seed: int = 0):
     ).eval()
 
 
+def unet_inputs(unet, batch: int = 2, tokens: int = 4, seed: int = 1) -> tuple[dict, torch.Tensor]:
+    """Random inputs of one step of a tiny SD1.5-shaped UNet (8x12 latents, 77 text tokens), and ``tokens``
+    identity tokens per sample: ``(unet(**inputs) arguments, identity tokens)``."""
+    generator = torch.Generator().manual_seed(seed)
+    cad = unet.config.cross_attention_dim
+    return {
+        "sample": torch.randn(batch, 4, 8, 12, generator=generator),
+        "timestep": torch.tensor(500),
+        "encoder_hidden_states": torch.randn(batch, 77, cad, generator=generator),
+    }, torch.randn(batch, tokens, cad, generator=generator)
+
+
 def make_tiny_sdxl_unet(seed: int = 0):
     """The SDXL-shaped tiny UNet: text_time conditioning, 2 transformer layers in the lower block (16 attention layers)."""
     from diffusers import UNet2DConditionModel

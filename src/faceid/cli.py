@@ -687,8 +687,18 @@ def cmd_swap(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_pipeline(args: argparse.Namespace, settings, analyzer, fuse_lora: bool = False):
-    """The ``FaceIDPipeline`` the model flags and settings describe (with the command's face analyzer)."""
+def _load_pipeline(
+    args: argparse.Namespace,
+    settings,
+    analyzer,
+    fuse_lora: bool = False,
+    *,
+    fuse_when_compiled: bool = True,
+    progress: bool = True,
+):
+    """The ``FaceIDPipeline`` the model flags and settings describe (with the command's face analyzer), and the
+    few-step LoRA of ``--fast-lora``. ``fuse_when_compiled``: with ``--compile``, fuse the identity LoRA when its
+    weight is fixed."""
     import torch
 
     from .pipeline import FaceIDPipeline
@@ -699,18 +709,20 @@ def _load_pipeline(args: argparse.Namespace, settings, analyzer, fuse_lora: bool
         settings.adapter or DEFAULT_ADAPTER,
         vae=settings.vae,
         tiny_vae=settings.tiny_vae,
-        single_file_config=args.base_config,
+        single_file_config=getattr(args, "base_config", None),  # eval has no single-file flag
         device=args.device,
         torch_dtype=getattr(torch, DTYPES[args.dtype]) if args.dtype else None,
         lora_scale=1.0 if settings.lora_scale is None else settings.lora_scale,
         # Compiled, the identity LoRA is fused when its weight is fixed (no window switching it, and no
         # stacked LoRA on the same layers): no LoRA matmuls in the graph.
-        fuse_lora=fuse_lora or (args.compile and settings.identity_window is None and not settings.loras),
+        fuse_lora=fuse_lora
+        or (fuse_when_compiled and args.compile and settings.identity_window is None and not settings.loras),
         compile=args.compile,
         face_analyzer=analyzer,
         image_encoder=args.image_encoder,
         shortcut=settings.shortcut,
         loras=list((settings.loras or {}).items()),
+        progress=progress,
     )
     _load_fast_lora(pipe, settings, args)
     return pipe
@@ -923,11 +935,8 @@ def _build_scorers(args, analyzer=None):
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """``faceid eval``: everything is checked (photos, faces, prompts, models) before the first image."""
-    import torch
-
     from .evaluation import list_identities, load_prompts, parse_scales, parse_seeds, run_eval
     from .evaluation.summary import format_rate, format_stats
-    from .pipeline import FaceIDPipeline
 
     prompts = load_prompts(args.prompts)
     seeds = parse_seeds(args.seeds)
@@ -940,23 +949,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for _, photo in identities:
         analyzer.get(photo)  # NoFaceError names the photo
     scorers, clip, analyzer = _build_scorers(args, analyzer)
-    _quiet_model_loading()
-    pipe = FaceIDPipeline.from_pretrained(
-        settings.base_model,
-        settings.adapter or DEFAULT_ADAPTER,
-        vae=settings.vae,
-        tiny_vae=settings.tiny_vae,
-        device=args.device,
-        torch_dtype=getattr(torch, DTYPES[args.dtype]) if args.dtype else None,
-        lora_scale=1.0 if settings.lora_scale is None else settings.lora_scale,
-        face_analyzer=analyzer,
-        image_encoder=args.image_encoder,
-        shortcut=settings.shortcut,
-        loras=list((settings.loras or {}).items()),
-        progress=False,
-        compile=args.compile,
-    )
-    _load_fast_lora(pipe, settings, args)
+    pipe = _load_pipeline(args, settings, analyzer, fuse_when_compiled=False, progress=False)
     n = len(identities) * len(prompts) * len(seeds) * len(scales)
     print(
         f"evaluating {len(identities)} identities x {len(prompts)} prompts x {len(seeds)} seeds x "
@@ -1162,8 +1155,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     pipe = _load_pipeline(args, settings, analyzer, fuse_lora=args.fuse_lora)
     loaded = {source: pipe.load_controlnet(source) for source in dict.fromkeys(nets)}
     # Made at the generation size (lines and edges stay crisp), unless an init image sets the size.
-    resolved = pipe.resolve_settings(settings.replace(seed=None))
-    size = None if args.init_image else (resolved.width, resolved.height)
+    size = None
+    if controls and not args.init_image:
+        resolved = pipe.resolve_settings(settings.replace(seed=None))
+        size = (resolved.width, resolved.height)
     control = [
         ControlInput(_control_image(kind, image, analyzer, size), loaded[net], scale)
         for (kind, image, scale), net in zip(controls, nets, strict=True)

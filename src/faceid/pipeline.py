@@ -772,7 +772,7 @@ class FaceIDPipeline:
         scheduler = self._scheduler_for(run)
         if run.eta is not None:
             diffusers_kwargs["eta"] = run.eta
-        fast_lora = self._fast_lora(run.fast) if run.fast else None
+        fast_lora = self.load_fast_lora(run.fast) if run.fast else None
         # Refuse before any work if other code took the adapter's processors: the identity would vanish.
         self.adapter.check_attached()
         accepted = inspect.signature(target.__call__).parameters
@@ -932,9 +932,6 @@ class FaceIDPipeline:
         self.lora_stack.set_active(adapter_name, False)  # it acts in the calls that name the preset only
         self._fast_loras[adapter_name] = str(path)
         return adapter_name
-
-    def _fast_lora(self, name: str) -> str:
-        return self.load_fast_lora(name)
 
     def _check_diffusers_kwargs(self, kwargs: Mapping[str, Any], target) -> None:
         """Refuse an argument that is neither a generation setting nor one the diffusers pipeline ``target``

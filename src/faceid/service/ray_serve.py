@@ -213,20 +213,17 @@ class RemoteWorker(Worker):
             entry["device"] = f"ray ({entry['device']} replicas)"
         return entry
 
-    def run(self) -> None:
-        self.load()
-        if self.pipeline is None:
-            return
-        queue = self.service.queue
-        while not queue.stopped:
-            batch = queue.take(0)  # one job: batching happens on the replicas
-            for job in batch:
-                try:
-                    self.run_job(job)
-                except Exception as exc:
-                    logger.error("generation failed: %s", traceback.format_exc())
-                    if job.status in ("queued", "running") and not queue.stopped:
-                        self.service.finish(job, "failed", error=_internal(exc))
+    def take(self) -> list[QueuedJob]:
+        return self.service.queue.take(0)  # one job: batching happens on the replicas
+
+    def run_batch(self, batch: list[QueuedJob]) -> None:
+        for job in batch:
+            try:
+                self.run_job(job)
+            except Exception as exc:
+                logger.error("generation failed: %s", traceback.format_exc())
+                if job.status in ("queued", "running") and not self.service.queue.stopped:
+                    self.service.finish(job, "failed", error=_internal(exc))
 
     def run_job(self, job: QueuedJob) -> None:
         service = self.service

@@ -135,8 +135,13 @@ class Store:
         return self.identity(identity_id, owner) is not None
 
     def delete_identity(self, identity_id: str, owner: str) -> bool:
+        return self._delete_owned(Identity, identity_id, owner)
+
+    def _delete_owned(self, model, row_id: str, owner: str) -> bool:
+        """Delete row ``row_id`` of ``model``, only when it is the owner's (its dependent rows go with it, as the
+        model's relationships cascade); whether it was."""
         with self.session() as s:
-            found = s.get(Identity, identity_id)
+            found = s.get(model, row_id)
             if found is None or found.owner != owner:
                 return False
             s.delete(found)
@@ -221,13 +226,7 @@ class Store:
 
     def delete_image(self, image_id: str, owner: str) -> bool:
         """Delete the image's row, only when it is the owner's; whether it was."""
-        with self.session() as s:
-            found = s.get(ImageRow, image_id)
-            if found is None or found.owner != owner:
-                return False
-            s.delete(found)
-        self._forget()
-        return True
+        return self._delete_owned(ImageRow, image_id, owner)
 
 
 def _sqlite_pragmas(connection, _record) -> None:

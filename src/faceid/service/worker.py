@@ -123,7 +123,7 @@ class Worker(threading.Thread):
             return
         queue = self.service.queue
         while not queue.stopped:
-            batch = queue.take(self.service.config.max_batch, ready=self._holds)
+            batch = self.take()
             if not batch:
                 continue
             try:
@@ -133,6 +133,10 @@ class Worker(threading.Thread):
                 for job in batch:
                     if job.status in ("queued", "running"):
                         self.service.finish(job, "failed", error=_internal(exc))
+
+    def take(self) -> list[QueuedJob]:
+        """The next batch: compatible jobs up to the batch size, those whose models are loaded first."""
+        return self.service.queue.take(self.service.config.max_batch, ready=self._holds)
 
     def _holds(self, job: QueuedJob) -> bool:
         return self.models is not None and self.models.holds(job.entry)
