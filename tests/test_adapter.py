@@ -95,8 +95,8 @@ def test_scale_and_lora_scale_change_without_reloading(tiny_unet):
 def test_scaled_context_restores_the_scale(tiny_unet):
     adapter = FaceIDAdapter.install(tiny_unet, _random_adapter_state(tiny_unet), scale=0.7)
     with adapter.scaled(0.2):
-        assert all(p.scale == 0.2 for p in adapter.processors.values())
-    assert adapter.scale == 0.7 and all(p.scale == 0.7 for p in adapter.processors.values())
+        assert all(b.scale == 0.2 for b in adapter.branches.values())
+    assert adapter.scale == 0.7 and all(b.scale == 0.7 for b in adapter.branches.values())
 
 
 def test_fused_lora_matches_unfused_and_unfuse_restores_weights(tiny_unet):
@@ -129,7 +129,7 @@ def test_caching_computes_context_projections_once_and_changes_nothing(tiny_unet
     adapter = FaceIDAdapter.install(tiny_unet, _random_adapter_state(tiny_unet))
     uncached = [_run(tiny_unet, inputs, identity) for _ in range(3)]
     calls = []
-    handles = [p.to_k_ip.register_forward_hook(lambda *a: calls.append(1)) for p in adapter.processors.values()]
+    handles = [b.to_k_ip.register_forward_hook(lambda *a: calls.append(1)) for b in adapter.branches.values()]
     with adapter.caching():
         cached = [_run(tiny_unet, inputs, identity) for _ in range(3)]
     assert len(calls) == len(adapter.processors)  # once per layer, not once per step

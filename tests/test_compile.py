@@ -181,8 +181,8 @@ def test_per_sample_scale_and_zero_are_exact_when_compiled():
     unet.compile(backend=counter)
     with adapter.scaled(scale=[0.8, 0.0]):
         torch.testing.assert_close(unet(**inputs).sample, eager_mixed, rtol=1e-5, atol=1e-5)
-    for processor in adapter.processors.values():  # a branch that overflows: inf keys and values
-        processor.to_v_ip.weight.fill_(float("inf"))
+    for branch in adapter.branches.values():  # a branch that overflows: inf keys and values
+        branch.to_v_ip.weight.fill_(float("inf"))
     with adapter.scaled(scale=0.0, lora_scale=0.0):  # a new batch-1 scale shape: one recompilation
         assert torch.equal(unet(**inputs).sample, plain)
     with adapter.scaled(scale=[0.0, 0.0], lora_scale=0.0):

@@ -168,7 +168,7 @@ def _edit_identity_in_place(adapter, inputs):
 
 def _edit_ip_projection(adapter, inputs):
     with torch.no_grad():
-        next(iter(adapter.processors.values())).to_k_ip.weight.mul_(2.0)
+        next(iter(adapter.branches.values())).to_k_ip.weight.mul_(2.0)
 
 
 MUTATIONS = [

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .attention import FaceIDAttnProcessor
+from .attention import DecoupledBranch, FaceIDAttnProcessor
 from .checkpoints import FAMILIES, LORA_TARGETS, AdapterSpec, describe_unet, family_name, load_state_dict
 from .errors import CheckpointError, FaceIDError
 from .peft_adapters import PeftInjection, adapter_name_taken, adapter_weights, get_base_layer, set_layer_weight
@@ -52,6 +52,7 @@ class FaceIDAdapter:
         self.name = name
         self.projection: IdentityProjection | None = None
         self.processors: dict[str, FaceIDAttnProcessor] = {}
+        self.branches: dict[str, DecoupledBranch] = {}  # module path -> this adapter's branch in its processor
         self._original_processors: dict[str, object] = {}
         self._lora_layers: list[str] = []  # module paths of the PEFT layers that hold our LoRA
         self._peft: PeftInjection | None = None  # how to take the LoRA out again
@@ -103,9 +104,10 @@ class FaceIDAdapter:
         for index, (path, attn) in enumerate(layers):
             if index not in spec.ip_layers:
                 continue
-            processor = FaceIDAttnProcessor.for_layer(attn, scale)
+            processor = FaceIDAttnProcessor.for_layer(attn, scale, name)
+            branch = processor.branches[name]
             _load_strict(
-                processor,
+                branch,
                 {
                     "to_k_ip.weight": state["ip_adapter"][f"{index}.to_k_ip.weight"],
                     "to_v_ip.weight": state["ip_adapter"][f"{index}.to_v_ip.weight"],
@@ -115,6 +117,7 @@ class FaceIDAdapter:
             processor.to(device=device, dtype=dtype).requires_grad_(False)
             new_processors[f"{path}.processor"] = processor
             adapter.processors[path] = processor
+            adapter.branches[path] = branch
         unet.set_attn_processor(new_processors)
 
         if spec.lora_rank:
@@ -163,6 +166,7 @@ class FaceIDAdapter:
             self._peft.undo(self.unet)
         self.projection = None
         self.processors = {}
+        self.branches = {}
         self._lora_layers = []
         self._peft = None
 
@@ -297,9 +301,9 @@ class FaceIDAdapter:
         on = self._active and self._gate_open
         scale = self._scale if self._call_scale is None else self._call_scale
         lora_scale = self._lora_scale if self._call_lora_scale is None else self._call_lora_scale
-        for processor in self.processors.values():
-            processor.set_scale(scale)
-            processor.set_gate(on)
+        for branch in self.branches.values():
+            branch.set_scale(scale)
+            branch.set_gate(on)
         for path in self._lora_layers:
             set_layer_weight(self.unet.get_submodule(path), self.name, lora_scale if on else 0.0)
 
@@ -399,9 +403,9 @@ class FaceIDAdapter:
                     layer = self.unet.get_submodule(module_path)
                     ip[f"{index}.{target}_lora.down.weight"] = layer.lora_A[self.name].weight.detach()
                     ip[f"{index}.{target}_lora.up.weight"] = layer.lora_B[self.name].weight.detach()
-            if path in self.processors:
-                ip[f"{index}.to_k_ip.weight"] = self.processors[path].to_k_ip.weight.detach()
-                ip[f"{index}.to_v_ip.weight"] = self.processors[path].to_v_ip.weight.detach()
+            if path in self.branches:
+                ip[f"{index}.to_k_ip.weight"] = self.branches[path].to_k_ip.weight.detach()
+                ip[f"{index}.to_v_ip.weight"] = self.branches[path].to_v_ip.weight.detach()
         return {"image_proj": {k: v.detach() for k, v in self.projection.state_dict().items()}, "ip_adapter": ip}
 
 

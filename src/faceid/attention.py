@@ -1,17 +1,19 @@
-"""Decoupled cross-attention: the identity branch added to every cross-attention layer of the UNet.
+"""Decoupled cross-attention: image-token branches added to every cross-attention layer of the UNet.
 
-``attn2(x) = to_out( attention(q, K_text, V_text) + scale * attention(q, K_id, V_id) )`` where
-``K_id = to_k_ip(identity tokens)`` and ``V_id = to_v_ip(identity tokens)`` (SPEC.md section 3).
+``attn2(x) = to_out( attention(q, K_text, V_text) + sum_g weight_g * mask_g * attention(q, K_g, V_g) )``
+where ``K_g = to_k_ip(tokens_g)`` and ``V_g = to_v_ip(tokens_g)`` through the branch (adapter) of token
+group ``g`` (SPEC.md section 3). One group is the FaceID case; several are several people (one identity
+adapter, a region each) and style or composition references (standard IP-Adapters, a branch each).
 
-Identity tokens reach the processor explicitly, through ``cross_attention_kwargs["ip_hidden_states"]``
-(a key that diffusers' ``Attention`` lets through quietly), not by being appended to the text tokens
-and sliced off again: the processor never has to guess how many of the context tokens are identity
-tokens. LoRA is not in here: it lives on ``to_q``/``to_k``/``to_v``/``to_out.0`` through PEFT, so this
-processor stays the plain SDPA attention plus one extra branch.
+Image tokens reach the processor explicitly, through ``cross_attention_kwargs["ip_hidden_states"]`` (a
+key that diffusers' ``Attention`` lets through quietly), not by being appended to the text tokens and
+sliced off again: the processor never has to guess how many of the context tokens are image tokens. LoRA
+is not in here: it lives on ``to_q``/``to_k``/``to_v``/``to_out.0`` through PEFT, so this processor stays
+the plain SDPA attention plus its branches.
 
-The identity strength and the identity-window gate are tensors (buffers updated in place), not Python
-numbers, so that a compiled UNet (``torch.compile``) reads their values instead of specialising on them:
-changing either between calls, or the gate between steps, recompiles nothing.
+A branch's strength and window gate are tensors (buffers updated in place), not Python numbers, so that a
+compiled UNet (``torch.compile``) reads their values instead of specialising on them: changing either
+between calls, or the gate between steps, recompiles nothing.
 """
 
 from __future__ import annotations
@@ -99,14 +101,65 @@ class _KeyValueCache:
         self.enabled = False
 
 
-class FaceIDAttnProcessor(nn.Module):
-    """Attention processor for a cross-attention layer with an identity branch.
+class TokenGroup:
+    """One group of image tokens for the decoupled cross-attention of one call.
 
-    It owns the layer's ``to_k_ip``/``to_v_ip`` (sized from the ``Attention`` module it serves), the identity
-    strength ``scale`` and the window ``gate`` (float32 buffers, shape ``(1, 1, 1)``, or ``(batch, 1, 1)``
-    for a strength per sample of the UNet batch; ``set_scale`` / ``set_gate`` write them in place). Where
-    ``scale * gate`` is 0 the output is bit for bit the output without adapter. Without
-    ``ip_hidden_states`` it behaves exactly like diffusers' ``AttnProcessor2_0``.
+    A call can pass several: each identity's FaceID tokens, each reference image's IP-Adapter tokens. Each
+    group is read through the projections of one ``branch`` (the adapter it belongs to), weighed by its
+    ``scale`` (a number, or one per sample of the UNet batch) times that branch's own strength and gate, and
+    optionally limited to a region: ``mask`` is ``(1 or batch, height, width)`` in [0, 1] in the output image's
+    proportions, brought to each layer's resolution the way diffusers' ``IPAdapterMaskProcessor.downsample``
+    does. ``set_open`` shuts or reopens the group between steps (its step window) in place, without a
+    device sync. ``null`` (optional) holds the group's tokens for "no identity", used by identity guidance.
+
+    Groups are made per call and passed as ``cross_attention_kwargs["ip_hidden_states"]`` (a list): nothing of
+    them stays on the UNet. The same list object must be passed at every step for the key/value cache to hit.
+    """
+
+    def __init__(
+        self,
+        tokens: torch.Tensor,
+        branch: str,
+        scale: float | Sequence[float] | torch.Tensor = 1.0,
+        mask: torch.Tensor | None = None,
+        null: torch.Tensor | None = None,
+    ) -> None:
+        if tokens.ndim != 3:
+            raise FaceIDError(f"a token group's tokens are (batch, tokens, dim), got shape {tuple(tokens.shape)}")
+        if mask is not None and mask.ndim != 3:
+            raise FaceIDError(f"a token group's mask is (1 or batch, height, width), got shape {tuple(mask.shape)}")
+        self.tokens = tokens
+        self.branch = branch
+        self.mask = mask
+        self.null = null
+        self._scale = torch.as_tensor(scale, dtype=torch.float32).reshape(-1, 1, 1).to(tokens.device)
+        self.weight = self._scale.clone()
+        self._zero = not bool(torch.as_tensor(scale).any())  # host-side, before any move: no sync
+        self._open = True
+
+    def set_open(self, open_: bool) -> None:
+        """Open (the group's scale) or shut (0) the group, e.g. outside its step window; in place."""
+        if bool(open_) != self._open:
+            self.weight.copy_(self._scale if open_ else torch.zeros_like(self._scale))
+            self._open = bool(open_)
+
+    @property
+    def idle(self) -> bool:
+        return self._zero or not self._open
+
+    def with_tokens(self, tokens: torch.Tensor, scale: torch.Tensor | None = None, mask=None) -> TokenGroup:
+        """The same group over other tokens (e.g. a batch extended by identity guidance), with its state."""
+        group = TokenGroup(tokens, self.branch, self._scale.flatten() if scale is None else scale, mask, None)
+        group.set_open(self._open)
+        return group
+
+
+class DecoupledBranch(nn.Module):
+    """One adapter's branch in a cross-attention layer: its ``to_k_ip``/``to_v_ip`` and its strength knobs.
+
+    ``scale`` (the adapter's strength) and ``gate`` (its window, and whether it is switched on) are float32
+    buffers of shape ``(1, 1, 1)``, or ``(batch, 1, 1)`` for a strength per sample of the UNet batch, written
+    in place by ``set_scale`` / ``set_gate``. Where ``scale * gate`` is 0 the branch adds nothing, bit for bit.
     """
 
     def __init__(self, hidden_size: int, cross_attention_dim: int, scale: float = 1.0):
@@ -121,10 +174,14 @@ class FaceIDAttnProcessor(nn.Module):
         self._zero_scale = False
         self._open = True
         self.set_scale(scale)
-        self.cache = _KeyValueCache()
+
+    @classmethod
+    def for_layer(cls, attn: Attention, scale: float = 1.0) -> DecoupledBranch:
+        """A branch sized for ``attn`` (its key projection's input and output widths)."""
+        return cls(hidden_size=attn.to_k.out_features, cross_attention_dim=attn.to_k.in_features, scale=scale)
 
     def set_scale(self, scale: float | Sequence[float] | torch.Tensor) -> None:
-        """The identity strength: a number, or one per sample of the UNet batch (in its order).
+        """The branch's strength: a number, or one per sample of the UNet batch (in its order).
 
         Written into the ``scale`` buffer in place while its shape stays (a compiled UNet sees a new value,
         not a new graph); a change between one number and a per-sample strength, or of its length,
@@ -151,28 +208,47 @@ class FaceIDAttnProcessor(nn.Module):
         self._zero_scale = zero
 
     def set_gate(self, open_: bool) -> None:
-        """Open (1) or close (0) the identity branch, e.g. outside the identity window; in place."""
+        """Open (1) or close (0) the branch, e.g. outside the adapter's window; in place."""
         self.gate.fill_(1.0 if open_ else 0.0)
         self._open = bool(open_)
 
     @property
     def idle(self) -> bool:
-        """Whether the identity branch adds nothing now (the strength is 0 for every sample, or the gate shut)."""
+        """Whether the branch adds nothing now (the strength is 0 for every sample, or the gate shut)."""
         return self._zero_scale or not self._open
 
     def _apply(self, fn, recurse: bool = True):
         # ``scale`` and ``gate`` follow the module's device but stay float32 whatever its dtype, so that a
-        # half-precision layer weighs its identity branch exactly by the number given.
+        # half-precision layer weighs its branch exactly by the number given.
         knobs = {name: self._buffers[name] for name in ("scale", "gate")}
         result = super()._apply(fn, recurse)
         for name, value in knobs.items():
             self._buffers[name] = value.to(self._buffers[name].device)
         return result
 
+
+class FaceIDAttnProcessor(nn.Module):
+    """Attention processor for a cross-attention layer with decoupled image-token branches.
+
+    It owns one ``DecoupledBranch`` per adapter installed (``branches``, by adapter name: the FaceID
+    adapter's first, then any reference IP-Adapter added next to it), sized from the ``Attention`` module it
+    serves. The image tokens come with each call as ``ip_hidden_states``: a tensor (read by the first branch,
+    the FaceID adapter, as one group) or a list of ``TokenGroup`` (several identities, reference images,
+    each with its own branch, scale, region and window). Each group adds ``weight * attention(q, K, V)`` to
+    the text attention, in list order. Where a group's weight is 0 it adds nothing, bit for bit; without
+    ``ip_hidden_states`` the processor is exactly diffusers' ``AttnProcessor2_0``.
+    """
+
+    def __init__(self, name: str, branch: DecoupledBranch):
+        super().__init__()
+        self.branches = nn.ModuleDict({name: branch})
+        self.primary = name
+        self.cache = _KeyValueCache()
+
     @classmethod
-    def for_layer(cls, attn: Attention, scale: float = 1.0) -> FaceIDAttnProcessor:
-        """A processor sized for ``attn`` (its key projection's input and output widths)."""
-        return cls(hidden_size=attn.to_k.out_features, cross_attention_dim=attn.to_k.in_features, scale=scale)
+    def for_layer(cls, attn: Attention, scale: float = 1.0, name: str = "faceid") -> FaceIDAttnProcessor:
+        """A processor for ``attn`` with one branch, ``name``, sized for it."""
+        return cls(name, DecoupledBranch.for_layer(attn, scale))
 
     @staticmethod
     def _text_modules(attn: Attention) -> tuple[nn.Module, ...]:
@@ -193,7 +269,7 @@ class FaceIDAttnProcessor(nn.Module):
         encoder_hidden_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         temb: torch.Tensor | None = None,
-        ip_hidden_states: torch.Tensor | None = None,
+        ip_hidden_states: torch.Tensor | Sequence[TokenGroup] | None = None,
     ) -> torch.Tensor:
         residual = hidden_states
         if attn.spatial_norm is not None:
@@ -239,32 +315,29 @@ class FaceIDAttnProcessor(nn.Module):
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
         hidden_states = hidden_states.to(query.dtype)
 
-        # Compiled, the branch is always computed: skipping it would be Python control flow on a tensor value.
-        if ip_hidden_states is not None and (torch.compiler.is_compiling() or not self.idle):
-            if ip_hidden_states.shape[0] != batch_size:
-                raise ValueError(
-                    f"identity tokens have batch {ip_hidden_states.shape[0]} but the UNet batch is {batch_size}"
-                )
-            weight = self.scale * self.gate  # (1 or batch, 1, 1), float32
-            if weight.shape[0] not in (1, batch_size):
-                raise FaceIDError(
-                    f"the identity scale has {weight.shape[0]} values but the UNet batch is {batch_size}: "
-                    "give one number, or one per sample"
-                )
-            ip_key, ip_value = self.cache.get(
-                "identity",
-                ip_hidden_states,
-                (self.to_k_ip, self.to_v_ip),
-                lambda ctx: (self.to_k_ip(ctx), self.to_v_ip(ctx)),
+        if isinstance(ip_hidden_states, torch.Tensor):  # one group: the FaceID adapter's tokens
+            hidden_states = self._add_group(
+                hidden_states, query, heads, "identity", self.branches[self.primary], ip_hidden_states
             )
-            ip_states = F.scaled_dot_product_attention(
-                query, heads(ip_key), heads(ip_value), attn_mask=None, dropout_p=0.0, is_causal=False
-            )
-            ip_states = ip_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
-            # float32 weight times the branch, rounded once to the layer's dtype (as a Python number would be).
-            added = hidden_states + (ip_states.to(query.dtype) * weight).to(hidden_states.dtype)
-            # Where the weight is 0, exactly the output without adapter (even were the branch inf or nan).
-            hidden_states = torch.where(weight == 0, hidden_states, added)
+        elif ip_hidden_states is not None:
+            for index, group in enumerate(ip_hidden_states):
+                if group.branch not in self.branches:
+                    raise FaceIDError(
+                        f"token group {index} is for adapter {group.branch!r}, which is not loaded on this UNet "
+                        f"(loaded: {', '.join(self.branches)})"
+                    )
+                if not torch.compiler.is_compiling() and group.idle:
+                    continue
+                hidden_states = self._add_group(
+                    hidden_states,
+                    query,
+                    heads,
+                    f"group{index}",
+                    self.branches[group.branch],
+                    group.tokens,
+                    group.weight,
+                    group.mask,
+                )
 
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
@@ -273,3 +346,61 @@ class FaceIDAttnProcessor(nn.Module):
         if attn.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
+
+    def _add_group(
+        self,
+        hidden_states: torch.Tensor,
+        query: torch.Tensor,
+        heads,
+        slot: str,
+        branch: DecoupledBranch,
+        tokens: torch.Tensor,
+        group_weight: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``hidden_states`` plus one group's weighted attention over its tokens (through ``branch``)."""
+        # Compiled, the branch is always computed: skipping it would be Python control flow on a tensor value.
+        if not torch.compiler.is_compiling() and branch.idle:
+            return hidden_states
+        batch_size = hidden_states.shape[0]
+        if tokens.shape[0] != batch_size:
+            raise ValueError(f"identity tokens have batch {tokens.shape[0]} but the UNet batch is {batch_size}")
+        weight = branch.scale * branch.gate  # (1 or batch, 1, 1), float32
+        if group_weight is not None:
+            weight = weight * group_weight
+        if weight.shape[0] not in (1, batch_size):
+            raise FaceIDError(
+                f"the identity scale has {weight.shape[0]} values but the UNet batch is {batch_size}: "
+                "give one number, or one per sample"
+            )
+        ip_key, ip_value = self.cache.get(
+            slot, tokens, (branch.to_k_ip, branch.to_v_ip), lambda ctx: (branch.to_k_ip(ctx), branch.to_v_ip(ctx))
+        )
+        ip_states = F.scaled_dot_product_attention(
+            query, heads(ip_key), heads(ip_value), attn_mask=None, dropout_p=0.0, is_causal=False
+        )
+        ip_states = ip_states.transpose(1, 2).reshape(batch_size, ip_states.shape[2], -1).to(query.dtype)
+        if mask is not None:
+            queries = ip_states.shape[1]
+            region, _ = self.cache.get(
+                f"{slot}.mask{queries}", mask, (), lambda m: (_downsample_mask(m, batch_size, queries),) * 2
+            )
+            ip_states = ip_states * region.to(ip_states.dtype)
+        # float32 weight times the branch, rounded once to the layer's dtype (as a Python number would be).
+        added = hidden_states + (ip_states * weight).to(hidden_states.dtype)
+        # Where the weight is 0, exactly the output without adapter (even were the branch inf or nan).
+        return torch.where(weight == 0, hidden_states, added)
+
+
+def _downsample_mask(mask: torch.Tensor, batch_size: int, queries: int) -> torch.Tensor:
+    """A region mask ``(1 or batch, H, W)`` at a layer's resolution, ``(batch, queries, 1)``.
+
+    diffusers' ``IPAdapterMaskProcessor.downsample``: the layer's height and width are not known inside a
+    transformer block (its tokens come flattened), so they are inferred from the token count and the mask's
+    proportions, exactly as diffusers infers them, so that a region means the same in both.
+    """
+    from diffusers.image_processor import IPAdapterMaskProcessor
+
+    if mask.shape[0] not in (1, batch_size):
+        raise FaceIDError(f"a region mask has {mask.shape[0]} rows but the UNet batch is {batch_size}")
+    return IPAdapterMaskProcessor.downsample(mask.float(), batch_size, queries, 1)

@@ -379,8 +379,8 @@ class Trainer:
     def trainable_parameters(self) -> list[nn.Parameter]:
         adapter = self.adapter
         params = list(adapter.projection.parameters())
-        for processor in adapter.processors.values():
-            params += [processor.to_k_ip.weight, processor.to_v_ip.weight]
+        for branch in adapter.branches.values():
+            params += [branch.to_k_ip.weight, branch.to_v_ip.weight]
         for path in adapter._lora_layers:
             layer = adapter.unet.get_submodule(path)
             params += [layer.lora_A[adapter.name].weight, layer.lora_B[adapter.name].weight]
