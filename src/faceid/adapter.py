@@ -96,7 +96,7 @@ class FaceIDAdapter:
         projection = IdentityProjection(
             spec.cross_attention_dim, spec.num_tokens, spec.id_dim, spec.hidden_dim, spec.perceiver
         )
-        _load_strict(projection, state["image_proj"], f"{label} image_proj")
+        load_strict(projection, state["image_proj"], f"{label} image_proj")
         adapter.projection = projection.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
         adapter._original_processors = dict(unet.attn_processors)
@@ -106,7 +106,7 @@ class FaceIDAdapter:
                 continue
             processor = FaceIDAttnProcessor.for_layer(attn, scale, name)
             branch = processor.branches[name]
-            _load_strict(
+            load_strict(
                 branch,
                 {
                     "to_k_ip.weight": state["ip_adapter"][f"{index}.to_k_ip.weight"],
@@ -409,7 +409,7 @@ class FaceIDAdapter:
         return {"image_proj": {k: v.detach() for k, v in self.projection.state_dict().items()}, "ip_adapter": ip}
 
 
-def _load_strict(module: nn.Module, state: dict[str, torch.Tensor], label: str) -> None:
+def load_strict(module: nn.Module, state: dict[str, torch.Tensor], label: str) -> None:
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as exc:

@@ -135,22 +135,25 @@ class TokenGroup:
         self._scale = torch.as_tensor(scale, dtype=torch.float32).reshape(-1, 1, 1).to(tokens.device)
         self.weight = self._scale.clone()
         self._zero = not bool(torch.as_tensor(scale).any())  # host-side, before any move: no sync
-        self._open = True
+        self._open = [True]  # shared with ``with_tokens`` copies, like ``weight``
 
     def set_open(self, open_: bool) -> None:
         """Open (the group's scale) or shut (0) the group, e.g. outside its step window; in place."""
-        if bool(open_) != self._open:
+        if bool(open_) != self._open[0]:
             self.weight.copy_(self._scale if open_ else torch.zeros_like(self._scale))
-            self._open = bool(open_)
+            self._open[0] = bool(open_)
 
     @property
     def idle(self) -> bool:
-        return self._zero or not self._open
+        return self._zero or not self._open[0]
 
-    def with_tokens(self, tokens: torch.Tensor, scale: torch.Tensor | None = None, mask=None) -> TokenGroup:
-        """The same group over other tokens (e.g. a batch extended by identity guidance), with its state."""
-        group = TokenGroup(tokens, self.branch, self._scale.flatten() if scale is None else scale, mask, None)
-        group.set_open(self._open)
+    def with_tokens(self, tokens: torch.Tensor) -> TokenGroup:
+        """The same group over other tokens (e.g. a batch that identity guidance extends): it shares this
+        group's weight and window state, so opening or shutting either acts on both."""
+        if self.weight.shape[0] != 1:
+            raise FaceIDError("a token group with a scale per sample cannot take another batch of tokens")
+        group = TokenGroup(tokens, self.branch, 1.0, self.mask, None)
+        group._scale, group.weight, group._zero, group._open = self._scale, self.weight, self._zero, self._open
         return group
 
 

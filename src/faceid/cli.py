@@ -268,7 +268,9 @@ def add_settings_arguments(parser: argparse.ArgumentParser, exclude: tuple[str, 
     for name, field in GenerationSettings.model_fields.items():
         if name in exclude:
             continue
-        cli = (field.json_schema_extra or {})["cli"]
+        cli = (field.json_schema_extra or {}).get("cli")
+        if cli is None:  # a field with flags of its own (regions, style: they come with images)
+            continue
         kwargs: dict = {"dest": name, "default": None, "help": _help(field.description, cli.get("default"))}
         kwargs.update({key: cli[key] for key in ("metavar", "nargs", "const") if key in cli})
         kinds = {a for a in typing.get_args(field.annotation) if a is not type(None)} or {field.annotation}

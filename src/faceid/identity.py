@@ -226,9 +226,23 @@ class CLIPFaceEncoder:
                 "this adapter (FaceID-Plus) needs the aligned face image: pass photos or Face objects, "
                 "or give face_image= with the 224x224 aligned crops when passing embeddings"
             )
+        return self.features(crops)
+
+    @torch.no_grad()
+    def features(
+        self, images: Sequence[Any], penultimate: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(pixel values, features, features for "no image") of any images.
+
+        ``penultimate``: the penultimate hidden states, and for "no image" those of an all-zero pixel tensor
+        (FaceID-Plus, IP-Adapter-Plus); else the projected image embedding, and zeros (plain IP-Adapter).
+        """
         param = next(self.model.parameters())
-        images = [np.asarray(c) if not hasattr(c, "convert") else c.convert("RGB") for c in crops]
+        images = [np.asarray(c) if not hasattr(c, "convert") else c.convert("RGB") for c in images]
         pixels = self.processor(images=images, return_tensors="pt").pixel_values.to(param.device, param.dtype)
+        if not penultimate:
+            embeds = self.model(pixels).image_embeds
+            return pixels, embeds, torch.zeros_like(embeds)
         features = self.model(pixels, output_hidden_states=True).hidden_states[-2]
         uncond = self.model(torch.zeros_like(pixels), output_hidden_states=True).hidden_states[-2]
         return pixels, features, uncond

@@ -44,7 +44,7 @@ def identity_guidance(
     if weight == 0:
         yield
         return
-    memo: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # per call: the same source -> the same extension
+    memo: dict[int, tuple[Any, Any]] = {}  # per call: the same source -> the same extension
     sizes: dict[str, int] = {}
 
     def extended(source: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
@@ -57,6 +57,14 @@ def identity_guidance(
         tail = extra if extra is not None else source[n - b :]
         result = torch.cat([source, tail.to(device=source.device, dtype=source.dtype)])
         memo[id(source)] = (source, result)
+        return result
+
+    def extended_groups(groups: list) -> list:
+        hit = memo.get(id(groups))
+        if hit is not None and hit[0] is groups:
+            return hit[1]
+        result = [group.with_tokens(extended(group.tokens, group.null)) for group in groups]
+        memo[id(groups)] = (groups, result)
         return result
 
     def batched(value: Any) -> Any:
@@ -83,8 +91,10 @@ def identity_guidance(
         attention = dict(kwargs.get("cross_attention_kwargs") or {})
         identity = attention.pop("ip_hidden_states", None)
         kwargs = {key: batched(value) for key, value in kwargs.items() if key != "cross_attention_kwargs"}
-        if identity is not None:
+        if isinstance(identity, torch.Tensor):
             attention["ip_hidden_states"] = extended(identity, null_identity)
+        elif identity is not None:  # token groups: each identity with its own null tokens, references as they are
+            attention["ip_hidden_states"] = extended_groups(identity)
         kwargs["cross_attention_kwargs"] = attention
         return tuple(args), kwargs
 

@@ -30,6 +30,7 @@ from .adapter import FaceIDAdapter, refuse_other_family
 from .checkpoints import AdapterSpec, load_state_dict
 from .errors import FaceIDError, MissingWeightsError
 from .fast import ETA_SCHEDULERS, make_scheduler, preset
+from .groups import EncodedReference, Reference, resolve_regions, token_groups
 from .hub import fetch, model_not_found, offline, resolve_adapter
 from .identity_guidance import identity_guidance
 from .lora import LoraStack
@@ -69,6 +70,9 @@ class Conditioning:
     negative_prompts: list[str] = field(default_factory=list)
     clip: dict[str, torch.Tensor] = field(default_factory=dict)  # Plus: CLIP pixels and features of the faces
     settings: GenerationSettings | None = None  # the encode-time settings (prompts, faces, combine...), resolved
+    # Several people in one picture: ``identity`` is (prompts, people, tokens, dim), one region per person.
+    regions: list = field(default_factory=list)
+    references: list[EncodedReference] = field(default_factory=list)  # style/composition references
 
     def images(self, indices: Sequence[int]) -> Conditioning:
         """The conditioning of images ``indices`` alone, one image per prompt: a batch run in parts."""
@@ -86,6 +90,8 @@ class Conditioning:
             prompts=prompts,
             negative_prompts=negatives,
             clip=self.clip,
+            regions=self.regions,
+            references=self.references,
             settings=None
             if self.settings is None
             else self.settings.replace(prompt=prompts, negative_prompt=negatives, num_images_per_prompt=1),
@@ -259,6 +265,10 @@ class FaceIDPipeline:
         # The img2img / inpainting / ControlNet pipelines built from ``pipe`` (class name -> pipeline), see
         # ``pipeline_for``: they share every module of ``pipe`` and hold no ControlNet between calls.
         self._siblings: dict[str, Any] = {}
+        # Standard IP-Adapters loaded next to FaceID for style/composition references (load_reference), and the
+        # CLIP image encoder that reads their images where the adapter itself needs none (FaceID, not Plus).
+        self.references: dict[str, Any] = {}
+        self._reference_encoder: identity.CLIPFaceEncoder | None = None
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -492,6 +502,84 @@ class FaceIDPipeline:
         self._siblings[class_name] = sibling
         return sibling
 
+    # ------------------------------------------------------------------ style and composition references
+    def load_reference(
+        self,
+        source: str | os.PathLike = "plus-face",
+        name: str | None = None,
+        image_encoder: str | os.PathLike | identity.CLIPFaceEncoder | None = None,
+    ) -> str:
+        """Load a standard IP-Adapter next to FaceID for ``style=[Reference(image, scale)]``; returns its name.
+
+        ``source``: ``"plain"``, ``"plus"`` or ``"plus-face"`` (``h94/IP-Adapter``'s ViT-H adapters for this
+        family, fetched on first use) or a checkpoint file in either official layout. ``name`` (default: the
+        kind or the file name) is what a ``Reference`` names. Its images are read by the pipeline's CLIP
+        image encoder (Plus), else by ``image_encoder`` (default: ``h94/IP-Adapter``'s ViT-H, loaded once).
+        """
+        from .references import REFERENCE_ADAPTERS, ReferenceAdapter
+
+        if str(source) in REFERENCE_ADAPTERS:
+            path, label = fetch(REFERENCE_ADAPTERS[str(source)][self.family]), str(source)
+        else:
+            path, label = Path(source), Path(source).name
+        name = name or (str(source) if str(source) in REFERENCE_ADAPTERS else Path(source).stem.replace(".", "-"))
+        if name in self.references:
+            raise FaceIDError(f"a reference adapter named {name!r} is loaded already; remove_reference it first")
+        adapter = ReferenceAdapter.install(self.adapter, path, name=name, label=label)
+        try:
+            if isinstance(image_encoder, identity.CLIPFaceEncoder):
+                self._reference_encoder = image_encoder
+            elif image_encoder is not None or (self.image_encoder is None and self._reference_encoder is None):
+                param = next(self.pipe.unet.parameters())
+                self._reference_encoder = identity.CLIPFaceEncoder.from_pretrained(
+                    image_encoder, dtype=param.dtype, device=param.device
+                )
+            adapter.check_encoder(self.reference_encoder)
+        except Exception:
+            adapter.remove()
+            raise
+        self.references[name] = adapter
+        return name
+
+    def remove_reference(self, name: str) -> None:
+        self._reference(name).remove()
+        del self.references[name]
+
+    @property
+    def reference_encoder(self) -> identity.CLIPFaceEncoder | None:
+        """The CLIP image encoder that reads reference images."""
+        return self._reference_encoder or self.image_encoder
+
+    def _reference(self, name: str | None):
+        if name is None and len(self.references) == 1:
+            return next(iter(self.references.values()))
+        if name in self.references:
+            return self.references[name]
+        loaded = ", ".join(self.references) or "none"
+        if name is None:
+            raise FaceIDError(
+                f"style references need a reference adapter: load one with pipe.load_reference('plus-face') "
+                f"(CLI --style-adapter), and name it in Reference(adapter=...) when several are loaded (loaded: {loaded})"
+            )
+        raise FaceIDError(f"no reference adapter named {name!r} is loaded (loaded: {loaded}); see load_reference")
+
+    def _encode_references(self, style: Sequence[Any]) -> list[EncodedReference]:
+        from .groups import check_box, is_box
+        from .images import load_image
+
+        encoded = []
+        for k, item in enumerate(style):
+            ref = item if isinstance(item, Reference) else Reference(item)
+            adapter = self._reference(ref.adapter)
+            image = load_image(ref.image)
+            _, features, uncond = self.reference_encoder.features([image], penultimate=adapter.spec.penultimate)
+            cond, uncond_tokens = adapter.tokens(features, uncond)
+            region = ref.region
+            if is_box(region):
+                region = check_box(region, f"reference {k}'s region")
+            encoded.append(EncodedReference(adapter.name, cond, uncond_tokens, float(ref.scale), ref.window, region))
+        return encoded
+
     # ------------------------------------------------------------------ conditioning
     @property
     def default_combine(self) -> str:
@@ -507,13 +595,16 @@ class FaceIDPipeline:
         settings: GenerationSettings | Mapping[str, Any] | None = None,
         *,
         face_image: Any = None,
+        regions: Any = None,
+        style: Sequence[Any] | None = None,
         **overrides: Any,
     ) -> Conditioning:
         """Text embeddings and identity tokens for a call; prompt i pairs with identity i.
 
         See ``__call__`` for the arguments (only the settings of ``faceid.settings.ENCODE_FIELDS`` matter
         here); ``face_image`` gives the aligned 224x224 face crops that the Plus variants need when
-        ``face`` holds embeddings rather than photos or ``Face`` objects.
+        ``face`` holds embeddings rather than photos or ``Face`` objects. With ``regions`` (or the settings'
+        ``regions``), ``face`` lists the people of every picture instead, person k in region k.
         """
         unknown = sorted(set(overrides) - set(ENCODE_FIELDS))
         if unknown:
@@ -526,11 +617,27 @@ class FaceIDPipeline:
             face, lambda photo: self.face_analyzer.get(photo, index=encoded.face_index), face_image
         )
         prompts = _as_list(encoded.prompt)
-        if len(prompts) == 1 and len(found) > 1:
+        if regions is None:
+            regions = encoded.regions
+        if regions == "masks":
+            raise FaceIDError("these settings place the people by mask images: give the masks with regions=[...]")
+        placed: list = []
+        if regions is not None:  # several people in each picture, not one person per prompt
+            recorded, placed = resolve_regions(regions, len(found), self.face_analyzer.analyze)
+            encoded = encoded.replace(regions=recorded)
+        if style is None and encoded.style:
+            raise FaceIDError(
+                f"these settings name {len(encoded.style)} style reference(s): give their images with "
+                "style=[Reference(image, ...)] (CLI --style)"
+            )
+        references = self._encode_references(style or [])
+        if references:
+            encoded = encoded.replace(style=[self._style_setting(r) for r in references])
+        if not placed and len(prompts) == 1 and len(found) > 1:
             prompts = prompts * len(found)
-        if len(found) == 1 and len(prompts) > 1:
+        if not placed and len(found) == 1 and len(prompts) > 1:
             found = found.repeat(len(prompts))
-        if len(found) != len(prompts):
+        if not placed and len(found) != len(prompts):
             raise FaceIDError(
                 f"{len(prompts)} prompts but {len(found)} faces: give one face for all prompts, "
                 "one prompt for all faces, or one face per prompt"
@@ -562,6 +669,11 @@ class FaceIDPipeline:
             shortcut=bool(encoded.shortcut),
             s_scale=encoded.s_scale,
         )
+        faces = [row[0] if len(row) == 1 else row for row in found.faces]
+        if placed:  # every prompt gets all the people: (prompts, people, tokens, dim)
+            cond = cond[None].expand(len(prompts), *cond.shape).contiguous()
+            uncond = uncond[None].expand(len(prompts), *uncond.shape).contiguous()
+            faces = [faces] * len(prompts)
 
         text = self.pipe.encode_prompt(
             prompts,
@@ -576,15 +688,22 @@ class FaceIDPipeline:
             identity=cond,
             uncond_identity=uncond,
             num_images_per_prompt=num_images_per_prompt,
-            faces=[row[0] if len(row) == 1 else row for row in found.faces],
+            faces=faces,
             prompts=prompts,
             negative_prompts=negatives,
             clip=clip,
+            regions=placed,
+            references=references,
             settings=encoded.replace(
                 prompt=prompts[0] if isinstance(encoded.prompt, str) else prompts,
                 negative_prompt=negatives[0] if isinstance(encoded.negative_prompt, str) else negatives,
             ),
         )
+
+    @staticmethod
+    def _style_setting(reference: EncodedReference) -> dict[str, Any]:
+        region = reference.region if reference.region is None or isinstance(reference.region, tuple) else "mask"
+        return {"adapter": reference.adapter, "scale": reference.scale, "window": reference.window, "region": region}
 
     def resolve_settings(self, settings: GenerationSettings | Mapping[str, Any] | None = None) -> GenerationSettings:
         """``settings`` with every default this pipeline would use filled in (family, adapter, variant)."""
@@ -613,25 +732,26 @@ class FaceIDPipeline:
 
     @staticmethod
     def _window_callback(
-        window: tuple[float, float], steps: int, pipeline_kwargs: dict, gate: Callable[[bool], None]
+        windows: Sequence[tuple[tuple[float, float], Callable[[bool], None]]], steps: int, pipeline_kwargs: dict
     ) -> dict:
-        """A step-end callback that lets the adapter act inside ``window`` (fractions of the steps) only.
+        """A step-end callback that lets each gated part (the identity adapter, a token group) act inside its
+        window (fractions of the steps) only: ``windows`` pairs each window with its gate.
 
         Step i is inside when start <= i / steps < end; the gate for step i+1 is set at the end of step i,
         and step 0's here, before the loop. A user's own callback still runs. The gate only narrows: an
         adapter the user switched off stays off, and the user's settings are never touched.
         """
-        start, end = window  # already checked by GenerationSettings
         user_callback = pipeline_kwargs.get("callback_on_step_end")
 
-        def inside(step: int) -> bool:
-            return start <= step / steps < end
+        def set_gates(step: int) -> None:
+            for (start, end), gate in windows:  # already checked by GenerationSettings
+                gate(start <= step / steps < end)
 
         def on_step_end(pipeline, step, timestep, callback_kwargs):
-            gate(inside(step + 1))
+            set_gates(step + 1)
             return user_callback(pipeline, step, timestep, callback_kwargs) if user_callback else callback_kwargs
 
-        gate(inside(0))
+        set_gates(0)
         extra = {"callback_on_step_end": on_step_end}
         if hasattr(user_callback, "tensor_inputs") and "callback_on_step_end_tensor_inputs" not in pipeline_kwargs:
             extra["callback_on_step_end_tensor_inputs"] = user_callback.tensor_inputs
@@ -670,6 +790,8 @@ class FaceIDPipeline:
         init_image: Any = None,
         mask_image: Any = None,
         control: ControlInput | Sequence[ControlInput] | None = None,
+        regions: Any = None,
+        style: Sequence[Any] | None = None,
         **kwargs: Any,
     ) -> FaceIDOutput:
         """Generate ``num_images_per_prompt`` images for every prompt, each of the paired face.
@@ -707,6 +829,13 @@ class FaceIDPipeline:
         list of them (several ControlNets at once). The call runs the matching diffusers pipeline
         (``pipeline_for``). Width and height default to the init image's (else the first control image's),
         and every image is resized to the output size; ``result.control_images`` are the control images used.
+
+        Several people in one picture: ``face=[alice, bob]`` with ``regions`` (``"auto"``: left-to-right
+        columns; one box ``(x0, y0, x1, y1)`` in fractions or one mask image per person; or a photo with that
+        many people, whose faces give the columns): every prompt gets all of them, person k acting only in
+        region k, the identity LoRA applied once. Style and composition references: ``style=[Reference(image,
+        scale, adapter, window, region)]`` (or bare images, scale 0.5) read by the standard IP-Adapters loaded
+        with ``load_reference``. Each person and each reference is a token group of the attention processor.
         """
         fields = GenerationSettings.model_fields
         diffusers_kwargs = {k: v for k, v in kwargs.items() if k not in fields}
@@ -737,7 +866,13 @@ class FaceIDPipeline:
             )
         if conditioning is None:
             conditioning = self.encode(
-                face=face, face_image=face_image, **requested.model_dump(include=set(ENCODE_FIELDS), exclude_unset=True)
+                face=face,
+                face_image=face_image,
+                regions=regions,
+                style=style,
+                **requested.model_dump(include=set(ENCODE_FIELDS) - {"regions", "style"}, exclude_unset=True),
+                **({} if regions is not None else requested.model_dump(include={"regions"}, exclude_none=True)),
+                **({} if style is not None else requested.model_dump(include={"style"}, exclude_none=True)),
             )
         else:
             self._check_same_encoding(requested, conditioning.settings)
@@ -768,7 +903,22 @@ class FaceIDPipeline:
         if generator is None and run.seed is not None:
             generator = seeded_generators(run.seed)
         cross_attention_kwargs = dict(diffusers_kwargs.pop("cross_attention_kwargs", None) or {})
-        cross_attention_kwargs["ip_hidden_states"] = conditioning.identity_states(cfg)
+        group_windows: list = []
+        if conditioning.identity.ndim == 3 and not conditioning.references:  # one person: the FaceID tensor path
+            cross_attention_kwargs["ip_hidden_states"] = conditioning.identity_states(cfg)
+        else:
+            groups, group_windows = token_groups(
+                conditioning.identity_states(cfg),
+                conditioning.identity_states(False, unconditional=True),
+                conditioning.regions,
+                conditioning.references,
+                total,
+                cfg,
+                run.width,
+                run.height,
+                self.adapter.name,
+            )
+            cross_attention_kwargs["ip_hidden_states"] = groups
         scheduler = self._scheduler_for(run)
         if run.eta is not None:
             diffusers_kwargs["eta"] = run.eta
@@ -796,10 +946,11 @@ class FaceIDPipeline:
                     conditioning.identity_states(False, unconditional=True),
                 )
             )
+            windows = [(window, group.set_open) for window, group in group_windows]
             if run.identity_window is not None:
-                diffusers_kwargs.update(
-                    self._window_callback(run.identity_window, run.num_inference_steps, diffusers_kwargs, gate)
-                )
+                windows.append((run.identity_window, gate))
+            if windows:
+                diffusers_kwargs.update(self._window_callback(windows, run.num_inference_steps, diffusers_kwargs))
             # Previews and the tiny decode last for this call only: nothing of them stays on the pipeline.
             if on_preview is not None:
                 shown_by = self.tiny_vae or self.pipe.vae

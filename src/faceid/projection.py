@@ -76,13 +76,14 @@ def _feed_forward(dim: int, mult: int) -> nn.Sequential:
 
 
 class PerceiverResampler(nn.Module):
-    """The FaceID-Plus resampler: the identity tokens are the perceiver's queries."""
+    """The FaceID-Plus resampler: the identity tokens are the perceiver's queries (``output_dim`` = ``dim``)."""
 
-    def __init__(self, dim: int, config: PerceiverConfig):
+    def __init__(self, dim: int, config: PerceiverConfig, output_dim: int | None = None):
         super().__init__()
+        output_dim = output_dim or dim
         self.proj_in = nn.Linear(config.clip_dim, dim)
-        self.proj_out = nn.Linear(dim, dim)
-        self.norm_out = nn.LayerNorm(dim)
+        self.proj_out = nn.Linear(dim, output_dim)
+        self.norm_out = nn.LayerNorm(output_dim)
         heads = dim // config.dim_head
         self.layers = nn.ModuleList(
             nn.ModuleList([PerceiverAttention(dim, config.dim_head, heads), _feed_forward(dim, config.ff_mult)])
@@ -145,3 +146,33 @@ class IdentityProjection(nn.Module):
             out = self.perceiver_resampler(tokens, clip_flat)
             tokens = tokens + s_scale * out if shortcut else out
         return tokens.reshape(batch, -1, self.cross_attention_dim)
+
+
+class ImageResampler(PerceiverResampler):
+    """IP-Adapter-Plus's projection (``Resampler``): learned queries read CLIP's penultimate hidden states.
+
+    The same perceiver as FaceID-Plus with learned ``latents`` as its queries, a width ``dim`` of its own
+    and an output of the UNet's cross-attention width; keys as released (``latents``, ``proj_in``...).
+    """
+
+    def __init__(self, dim: int, config: PerceiverConfig, num_tokens: int, output_dim: int):
+        super().__init__(dim, config, output_dim)
+        self.num_tokens = num_tokens
+        self.latents = nn.Parameter(torch.randn(1, num_tokens, dim) / dim**0.5)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return super().forward(self.latents.expand(features.shape[0], -1, -1), features)
+
+
+class ImageProjection(nn.Module):
+    """Plain IP-Adapter's projection (``ImageProjModel``): a CLIP image embedding -> ``num_tokens`` tokens."""
+
+    def __init__(self, cross_attention_dim: int, num_tokens: int, clip_dim: int):
+        super().__init__()
+        self.cross_attention_dim = cross_attention_dim
+        self.num_tokens = num_tokens
+        self.proj = nn.Linear(clip_dim, cross_attention_dim * num_tokens)
+        self.norm = nn.LayerNorm(cross_attention_dim)
+
+    def forward(self, embeds: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.proj(embeds).reshape(-1, self.num_tokens, self.cross_attention_dim))

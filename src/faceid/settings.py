@@ -28,7 +28,10 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     "SDXL": {"width": 1024, "height": 1024, "guidance_scale": 5.0, "num_inference_steps": 30},
 }
 # Fields used to encode the prompts and faces (``FaceIDPipeline.encode``); the rest steer the sampling.
-ENCODE_FIELDS = ("prompt", "negative_prompt", "num_images_per_prompt", "face_index", "combine", "shortcut", "s_scale")
+ENCODE_FIELDS = (
+    "prompt", "negative_prompt", "num_images_per_prompt", "face_index", "combine", "shortcut", "s_scale", "regions",
+    "style",
+)  # fmt: skip
 # Fields naming the models, recorded so that an image says what made it; a pipeline checks them.
 MODEL_FIELDS = ("base_model", "vae", "tiny_vae", "adapter", "loras")
 
@@ -39,6 +42,27 @@ def _flag(*names: str, **extra: Any) -> dict[str, Any]:
 
 
 FastName = Literal[tuple(PRESETS)]  # type: ignore[valid-type]
+Box = tuple[float, float, float, float]
+
+
+class StyleSetting(BaseModel):
+    """A style or composition reference as a request records it (its image is given to the call)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    adapter: str = Field(description="the reference adapter it was read by (a name given to load_reference)")
+    scale: float = Field(0.5, description="its strength")
+    window: tuple[float, float] | None = Field(None, description="the part of the steps it acts in (default all)")
+    region: Box | Literal["mask"] | None = Field(None, description="where it acts: a box in fractions, or a mask")
+
+    @field_validator("window")
+    @classmethod
+    def _window(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
+        if value is not None and not 0.0 <= value[0] <= value[1] <= 1.0:
+            raise ValueError(f"must be (start, end) with 0 <= start <= end <= 1, got {tuple(value)}")
+        return value
+
+
 SchedulerName = Literal[tuple(SCHEDULERS)]  # type: ignore[valid-type]
 
 
@@ -122,6 +146,14 @@ class GenerationSettings(BaseModel):
         None,
         description="apply the identity only in this part of the denoising steps (fractions, e.g. 0 0.8)",
         json_schema_extra=_flag("--window", metavar=("START", "END")),
+    )
+    regions: Literal["auto", "masks"] | list[Box] | None = Field(
+        None,
+        description="several people in one picture: where each person of face=[...] goes, 'auto' (left-to-right "
+        "columns), a box (x0, y0, x1, y1) in fractions per person, or 'masks' (mask images given to the call)",
+    )
+    style: list[StyleSetting] | None = Field(
+        None, description="style and composition references (standard IP-Adapters); their images are given to the call"
     )
     strength: float | None = Field(
         None,
