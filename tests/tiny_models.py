@@ -433,6 +433,33 @@ def build_adapter(unet, variant: str, folder: str | Path, seed: int = 0) -> dict
     return {fmt: save_state_dict(state, folder / f"{variant}.{fmt}") for fmt in FORMATS}
 
 
+# kind -> (tokens, reads the penultimate hidden states): tiny standard IP-Adapters for the tiny image encoder
+REFERENCE_KINDS = {"plain": (4, False), "plus": (4, True)}
+
+
+def reference_adapter_state(unet, kind: str, seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:
+    """A standard IP-Adapter (``ImageProjModel`` or ``Resampler``) for ``unet`` and the tiny image encoder
+    (hidden 48, projection 24), in the official layout; random weights that act."""
+    from faceid.projection import ImageProjection, ImageResampler, PerceiverConfig
+
+    tokens, plus = REFERENCE_KINDS[kind]
+    cad = unet.config.cross_attention_dim
+    torch.manual_seed(seed)
+    # The Resampler as diffusers converts it: depth 4, heads of 64 (its defaults).
+    projection = (
+        ImageResampler(64, PerceiverConfig(clip_dim=48), tokens, cad) if plus else ImageProjection(cad, tokens, 24)
+    )
+    generator = torch.Generator().manual_seed(seed)
+    ip = {}
+    for index, (name, _) in enumerate(unet.attn_processors.items()):
+        attn = unet.get_submodule(name.removesuffix(".processor"))
+        if attn.is_cross_attention:
+            for target in ("to_k", "to_v"):
+                shape = (attn.to_k.out_features, attn.to_k.in_features)
+                ip[f"{index}.{target}_ip.weight"] = torch.randn(shape, generator=generator) / shape[1] ** 0.5
+    return {"image_proj": {k: v.detach().clone() for k, v in projection.state_dict().items()}, "ip_adapter": ip}
+
+
 class TinyModels:
     """The tests' tiny models under one folder, each built on first use (``root/<name>``)."""
 
@@ -463,6 +490,19 @@ class TinyModels:
     @functools.cached_property
     def _adapters(self) -> dict[str, dict[str, Path]]:
         return {}
+
+    @functools.cache  # noqa: B019 (one instance per test session)
+    def reference(self, kind: str = "plain", family: str = "sd15") -> Path:
+        """``adapters/ip-adapter-<kind>_<family>.bin``: a tiny standard IP-Adapter (``REFERENCE_KINDS``)."""
+        from diffusers import UNet2DConditionModel
+
+        from faceid.checkpoints import save_state_dict
+
+        unet = UNet2DConditionModel.from_pretrained((self.sd15 if family == "sd15" else self.sdxl) / "unet")
+        seed = self.seed + 200 + sorted(REFERENCE_KINDS).index(kind)
+        state = _own_random_numbers(reference_adapter_state)(unet, kind, seed=seed)
+        (self.root / "adapters").mkdir(parents=True, exist_ok=True)
+        return save_state_dict(state, self.root / "adapters" / f"ip-adapter-{kind}_{family}.bin", dtype=torch.float32)
 
     def adapter(self, variant: str = "faceid", fmt: str = "safetensors") -> Path:
         """``adapters/<variant>.<fmt>`` for the matching tiny base model (built with both formats)."""

@@ -9,18 +9,20 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
-__all__ = ["ControlInput", "FaceAnalyzer", "FaceIDAdapter", "FaceIDPipeline", "__version__"]
+__all__ = ["ControlInput", "FaceAnalyzer", "FaceIDAdapter", "FaceIDPipeline", "Reference", "__version__"]
 
 _LAZY = {
     "FaceIDPipeline": "faceid.pipeline",
     "FaceIDAdapter": "faceid.adapter",
     "FaceAnalyzer": "faceid.faces",
     "ControlInput": "faceid.modes",
+    "Reference": "faceid.groups",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
     from .adapter import FaceIDAdapter
     from .faces import FaceAnalyzer
+    from .groups import Reference
     from .modes import ControlInput
     from .pipeline import FaceIDPipeline
 

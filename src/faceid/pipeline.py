@@ -870,9 +870,9 @@ class FaceIDPipeline:
                 face_image=face_image,
                 regions=regions,
                 style=style,
+                # The recorded regions and references as settings: the arguments of the same names win.
+                settings=requested.model_dump(include={"regions", "style"}, exclude_none=True),
                 **requested.model_dump(include=set(ENCODE_FIELDS) - {"regions", "style"}, exclude_unset=True),
-                **({} if regions is not None else requested.model_dump(include={"regions"}, exclude_none=True)),
-                **({} if style is not None else requested.model_dump(include={"style"}, exclude_none=True)),
             )
         else:
             self._check_same_encoding(requested, conditioning.settings)
