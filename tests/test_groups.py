@@ -219,3 +219,29 @@ def test_two_people_in_one_picture_from_a_photo_pair(styled_pipe, faces_dir):
     assert not np.array_equal(swapped.images[0], result.images[0])
     with pytest.raises(FaceIDError, match="3 regions for 2 people"):
         styled_pipe("two people", face=[obama, biden], regions=auto_layout(3), **SIZE)
+
+
+def test_people_and_references_run_in_parts_and_with_identity_guidance(styled_pipe, faces_dir, style_image):
+    """The groups go through a batch split in parts (image i as in the whole batch) and identity guidance
+    (each person's own null tokens in the extra entry)."""
+    people = [_unit(4), _unit(5)]
+    common = {"regions": "auto", "style": [Reference(style_image, 0.6, "plus")], "seed": [7, 8], **SIZE}
+    whole = styled_pipe("two people", people, num_images_per_prompt=2, **common).images
+    parts = styled_pipe("two people", people, num_images_per_prompt=2, max_batch=1, **common).images
+    np.testing.assert_allclose(parts, whole, atol=1e-5)
+    guided = styled_pipe("two people", people, num_images_per_prompt=2, identity_guidance=2.0, **common).images
+    assert np.abs(guided - whole).max() > 1e-3
+    zero = styled_pipe("two people", people, num_images_per_prompt=2, identity_guidance=0.0, **common).images
+    assert np.array_equal(zero, whole)
+
+
+def test_two_people_on_sdxl(tiny_models):
+    from faceid.pipeline import FaceIDPipeline
+
+    pipe = FaceIDPipeline.from_pretrained(
+        tiny_models.sdxl, tiny_models.adapter("faceid-sdxl"), device="cpu", progress=False
+    )
+    sizes = {**SIZE, "guidance_scale": 5.0}
+    one = pipe("two people", [_unit(6), _unit(7)], regions="auto", seed=1, **sizes).images
+    other = pipe("two people", [_unit(7), _unit(6)], regions="auto", seed=1, **sizes).images
+    assert one.shape == (1, 32, 32, 3) and np.abs(one - other).max() > 1e-4

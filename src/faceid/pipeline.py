@@ -623,7 +623,7 @@ class FaceIDPipeline:
             raise FaceIDError("these settings place the people by mask images: give the masks with regions=[...]")
         placed: list = []
         if regions is not None:  # several people in each picture, not one person per prompt
-            recorded, placed = resolve_regions(regions, len(found), self.face_analyzer.analyze)
+            recorded, placed = resolve_regions(regions, len(found), lambda image: self.face_analyzer.analyze(image))
             encoded = encoded.replace(regions=recorded)
         if style is None and encoded.style:
             raise FaceIDError(
