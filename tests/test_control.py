@@ -77,6 +77,22 @@ def test_kps_chooses_the_face_by_index_and_says_when_there_is_none(faces_dir, an
     assert "gradient.png" in str(caught.value) and "\n" not in str(caught.value)
 
 
+def test_kps_of_every_face_for_several_people(faces_dir, analyzer, tmp_path):
+    """``face_index="all"``: the keypoints of each person of a group photo, where the analysis found them."""
+    obama, biden = (Image.open(faces_dir / name).convert("RGB") for name in ("obama.jpg", "biden.jpg"))
+    pair = Image.new("RGB", (obama.width + biden.width, max(obama.height, biden.height)), "white")
+    pair.paste(obama, (0, 0))
+    pair.paste(biden, (obama.width, 0))
+    faces = analyzer.analyze(pair)
+    assert len(faces) == 2
+    pixels = np.asarray(make_control_image("kps", pair, analyzer=analyzer, face_index="all"))
+    for face in faces:
+        for (x, y), color in zip(face.landmarks, KPS_COLORS, strict=True):
+            assert tuple(pixels[int(round(y)), int(round(x))]) == color
+    one = np.asarray(make_control_image("kps", pair, analyzer=analyzer))
+    assert 0 < (one.sum(-1) > 0).sum() < (pixels.sum(-1) > 0).sum()
+
+
 def test_canny_gives_binary_three_channel_edges_of_the_requested_size(faces_dir):
     out = make_control_image("canny", faces_dir / "obama2.jpg", size=(256, 384))
     pixels = np.asarray(out)

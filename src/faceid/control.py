@@ -108,7 +108,7 @@ def make_control_image(
     *,
     size: tuple[int, int] | None = None,
     analyzer=None,
-    face_index: int = 0,
+    face_index: int | str = 0,
     fit: str = "crop",
     **options: Any,
 ) -> Image.Image:
@@ -116,7 +116,7 @@ def make_control_image(
     ``size`` = (width, height) (default: the photo's size), the photo fitted to it by ``fit`` (module doc).
 
     ``analyzer`` (``"kps"``): the :class:`~faceid.faces.FaceAnalyzer` (default: buffalo_l); ``face_index``
-    chooses among several faces, largest first. Options by kind: ``"canny"``: ``low_threshold`` (100),
+    chooses among several faces, largest first, or ``"all"`` draws every face (several people). Options by kind: ``"canny"``: ``low_threshold`` (100),
     ``high_threshold`` (200); ``"pose"``: ``pose_model`` (a ``body_pose_model.pth`` path, or an
     :class:`OpenPoseBody`; default the pinned Hub file), ``device``; ``"depth"``: ``depth_model`` (a
     transformers depth-estimation model name or folder, or a ready ``pipeline``; default
@@ -145,9 +145,16 @@ def make_control_image(
         from .faces import FaceAnalyzer, select_face
 
         analyzer = analyzer if analyzer is not None else FaceAnalyzer.from_pretrained()
-        face = select_face(analyzer.analyze(photo), face_index, name)
-        points = frame.points(face.landmarks)
-        return draw_skeleton(out_size, points, _KPS_LIMBS, [_KPS_COLORS[a] for a, _ in _KPS_LIMBS], _KPS_COLORS, 10)
+        found = analyzer.analyze(photo)
+        if face_index == "all":
+            faces = found or [select_face(found, 0, name)]  # none found: the no-face error
+        else:
+            faces = [select_face(found, face_index, name)]
+        canvas = np.zeros((out_size[1], out_size[0], 3), np.uint8)
+        colors = [_KPS_COLORS[a] for a, _ in _KPS_LIMBS]
+        for face in faces:
+            draw_skeleton(out_size, frame.points(face.landmarks), _KPS_LIMBS, colors, _KPS_COLORS, 10, canvas)
+        return Image.fromarray(canvas)
     if kind == "pose":
         body = options.get("pose_model")
         if not isinstance(body, OpenPoseBody):
