@@ -103,15 +103,18 @@ def test_no_groups_or_zero_scales_are_the_plain_unet_bit_for_bit():
 
 
 # ---------------------------------------------------------------------- against diffusers
-@pytest.mark.parametrize("masked", [False, True], ids=["whole", "masked"])
-def test_faceid_with_a_plain_ip_adapter_equals_diffusers(styled_pipe, tiny_models, style_image, masked):
-    """FaceID plus a plain IP-Adapter (scale 0.5), with and without a region each, is what diffusers'
+@pytest.mark.parametrize(
+    ("kind", "masked"), [("plain", False), ("plain", True), ("plus", True)], ids=["whole", "masked", "plus-masked"]
+)
+def test_faceid_with_an_ip_adapter_equals_diffusers(styled_pipe, tiny_models, style_image, kind, masked):
+    """FaceID plus a standard IP-Adapter (scale 0.5), with and without a region each, is what diffusers'
     ``load_ip_adapter([faceid, ip-adapter])`` computes with the same weights and ``ip_adapter_masks``."""
     from diffusers import StableDiffusionPipeline
 
     face_box, style_box = (0.0, 0.0, 0.5, 1.0), (0.25, 0.0, 1.0, 1.0)
     embedding = _unit(0)
-    reference = Reference(style_image, 0.5, adapter="ip-adapter-plain_sd15", region=style_box if masked else None)
+    name = "ip-adapter-plain_sd15" if kind == "plain" else "plus"
+    reference = Reference(style_image, 0.5, adapter=name, region=style_box if masked else None)
     conditioning = styled_pipe.encode(
         "a photo of a person", embedding, regions=[face_box] if masked else None, style=[reference]
     )
@@ -120,16 +123,16 @@ def test_faceid_with_a_plain_ip_adapter_equals_diffusers(styled_pipe, tiny_model
     theirs = StableDiffusionPipeline.from_pretrained(tiny_models.sd15, safety_checker=None)
     theirs.scheduler = type(styled_pipe.pipe.scheduler).from_config(styled_pipe.pipe.scheduler.config)
     theirs.set_progress_bar_config(disable=True)
-    faceid, plain = tiny_models.adapter("faceid", "bin"), tiny_models.reference("plain")
+    faceid, other_file = tiny_models.adapter("faceid", "bin"), tiny_models.reference(kind)
     theirs.load_ip_adapter(
-        [str(faceid.parent), str(plain.parent)],
+        [str(faceid.parent), str(other_file.parent)],
         subfolder=["", ""],
-        weight_name=[faceid.name, plain.name],
+        weight_name=[faceid.name, other_file.name],
         image_encoder_folder=None,
     )
     theirs.set_ip_adapter_scale([1.0, 0.5])
-    _, clip_embeds, _ = styled_pipe.reference_encoder.features([style_image], penultimate=False)
-    embeds = [torch.cat([torch.zeros_like(e), e])[:, None] for e in (embedding, clip_embeds)]
+    _, clip, clip_uncond = styled_pipe.reference_encoder.features([style_image], penultimate=kind == "plus")
+    embeds = [torch.cat([torch.zeros_like(embedding), embedding])[:, None], torch.cat([clip_uncond, clip])[:, None]]
     extra = {}
     if masked:
         masks = [region_mask(box, SIZE["width"], SIZE["height"])[None] for box in (face_box, style_box)]
@@ -143,13 +146,12 @@ def test_faceid_with_a_plain_ip_adapter_equals_diffusers(styled_pipe, tiny_model
         **SIZE,
         **extra,
     ).images
-    print(f"\nmax |faceid - diffusers| ({'masked' if masked else 'whole'}) = {np.abs(mine - other).max():.2e}")
+    print(f"\nmax |faceid - diffusers| ({kind}, {'masked' if masked else 'whole'}) = {np.abs(mine - other).max():.2e}")
     np.testing.assert_allclose(mine, other, atol=1e-4)
     without = styled_pipe(conditioning=styled_pipe.encode("a photo of a person", embedding), seed=1, **SIZE).images
     assert np.abs(mine - without).max() > 1e-3  # the reference acts
     if masked:  # and the regions do
-        whole_reference = Reference(style_image, 0.5, adapter="ip-adapter-plain_sd15")
-        whole = styled_pipe("a photo of a person", embedding, style=[whole_reference], seed=1, **SIZE)
+        whole = styled_pipe("a photo of a person", embedding, style=[Reference(style_image, 0.5, name)], seed=1, **SIZE)
         assert np.abs(mine - whole.images).max() > 1e-3
 
 

@@ -186,9 +186,9 @@ class ReferenceAdapter:
     def remove(self) -> None:
         """Take the branch out of every processor again."""
         for path in self.branches:
-            branches = self.faceid.processors.get(path, None)
-            if branches is not None and self.name in branches.branches:
-                del branches.branches[self.name]
+            processor = self.faceid.processors.get(path)
+            if processor is not None and self.name in processor.branches:
+                del processor.branches[self.name]
         self.branches = {}
         self.projection = None
 
