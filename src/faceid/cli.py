@@ -273,7 +273,12 @@ def add_settings_arguments(parser: argparse.ArgumentParser, exclude: tuple[str, 
             continue
         kwargs: dict = {"dest": name, "default": None, "help": _help(field.description, cli.get("default"))}
         kwargs.update({key: cli[key] for key in ("metavar", "nargs", "const") if key in cli})
-        kinds = {a for a in typing.get_args(field.annotation) if a is not type(None)} or {field.annotation}
+        # (An Annotated type counts as the type it annotates: a validated window is still a tuple.)
+        kinds = {
+            typing.get_args(a)[0] if typing.get_origin(a) is typing.Annotated else a
+            for a in typing.get_args(field.annotation)
+            if a is not type(None)
+        } or {field.annotation}
         literal = next((a for a in kinds if typing.get_origin(a) is typing.Literal), None)
         if literal is not None:
             kwargs["choices"] = typing.get_args(literal)

@@ -14,9 +14,9 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import FaceIDError
 from .fast import PRESETS, SCHEDULERS
@@ -45,6 +45,16 @@ FastName = Literal[tuple(PRESETS)]  # type: ignore[valid-type]
 Box = tuple[float, float, float, float]
 
 
+def _check_window(value: tuple[float, float]) -> tuple[float, float]:
+    if not 0.0 <= value[0] <= value[1] <= 1.0:
+        raise ValueError(f"must be (start, end) with 0 <= start <= end <= 1, got {tuple(value)}")
+    return value
+
+
+# A step window: (start, end) fractions of the denoising steps.
+Window = Annotated[tuple[float, float], AfterValidator(_check_window)]
+
+
 class StyleSetting(BaseModel):
     """A style or composition reference as a request records it (its image is given to the call)."""
 
@@ -52,15 +62,8 @@ class StyleSetting(BaseModel):
 
     adapter: str = Field(description="the reference adapter it was read by (a name given to load_reference)")
     scale: float = Field(0.5, description="its strength")
-    window: tuple[float, float] | None = Field(None, description="the part of the steps it acts in (default all)")
+    window: Window | None = Field(None, description="the part of the steps it acts in (default all)")
     region: Box | Literal["mask"] | None = Field(None, description="where it acts: a box in fractions, or a mask")
-
-    @field_validator("window")
-    @classmethod
-    def _window(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
-        if value is not None and not 0.0 <= value[0] <= value[1] <= 1.0:
-            raise ValueError(f"must be (start, end) with 0 <= start <= end <= 1, got {tuple(value)}")
-        return value
 
 
 SchedulerName = Literal[tuple(SCHEDULERS)]  # type: ignore[valid-type]
@@ -142,7 +145,7 @@ class GenerationSettings(BaseModel):
         "extra UNet pass); helps few-step modes keep the likeness",
         json_schema_extra=_flag("--identity-guidance"),
     )
-    identity_window: tuple[float, float] | None = Field(
+    identity_window: Window | None = Field(
         None,
         description="apply the identity only in this part of the denoising steps (fractions, e.g. 0 0.8)",
         json_schema_extra=_flag("--window", metavar=("START", "END")),
@@ -217,13 +220,6 @@ class GenerationSettings(BaseModel):
     def _finite(cls, value: float | None) -> float | None:
         if value is not None and not math.isfinite(value):
             raise ValueError("must be a finite number")
-        return value
-
-    @field_validator("identity_window")
-    @classmethod
-    def _window(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
-        if value is not None and not 0.0 <= value[0] <= value[1] <= 1.0:
-            raise ValueError(f"must be (start, end) with 0 <= start <= end <= 1, got {tuple(value)}")
         return value
 
     # ------------------------------------------------------------------ construction
