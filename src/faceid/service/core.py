@@ -278,8 +278,9 @@ class Service:
 
     # ------------------------------------------------------------------ generations
     def submit(self, owner: str, request: dict[str, Any]) -> tuple[QueuedJob, int]:
-        """Check and resolve a request (``GenerationSettings`` fields + ``identity_id`` or ``identity_ids``), then
-        queue it. Raises before anything is stored when it is bad, too large or the queue is full."""
+        """Check and resolve a request (``GenerationSettings`` fields + ``identity_id`` or ``identity_ids`` + the
+        ``JobInputs`` fields, its input images by upload id), then queue it. Raises before anything is stored when it
+        is bad, too large or the queue is full."""
         request = dict(request)
         identity_id, identity_ids = request.pop("identity_id", None), request.pop("identity_ids", None)
         inputs = JobInputs.parse({key: request.pop(key) for key in JobInputs.model_fields if key in request})
