@@ -122,7 +122,7 @@ def test_pose_on_a_photo_without_a_person_is_a_clear_error(gradient):
     with pytest.raises(NoPersonError) as caught:
         make_control_image("pose", gradient, pose_model=body)
     assert str(caught.value) == (
-        f"no person found in {gradient} for a pose control image; give a photo with a person, or another --control kind"
+        f"no person found in {gradient} for a pose control image; give a photo with a person, or another control kind"
     )
 
 

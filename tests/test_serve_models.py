@@ -92,7 +92,7 @@ def test_each_request_runs_on_the_model_set_it_names(make_client, faces_dir, set
         made = pipe if family == "SD1.5" else sets.made[0]
         assert made.resolve_settings(settings) == settings
         assert stored == {**settings.for_image(0).to_json(), "identity_id": identity, "generation_id": job,
-                          "faceid_version": stored["faceid_version"]}  # fmt: skip
+                          "mode": "text-to-image", "faceid_version": stored["faceid_version"]}  # fmt: skip
     # The SDXL image is the one its pipeline makes from the PNG's settings, as `faceid generate --settings` does.
     path = client.app.state.service.data.image(views[sdxl_job]["images"][0].split("/")[-1].removesuffix(".png"))
     again = sets.made[0].wrapped(face=analyzer.get(faces_dir / "obama.jpg"), settings=GenerationSettings.from_png(path))

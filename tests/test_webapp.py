@@ -2,7 +2,8 @@
 headless through Selenium. Enroll a real photo and see its aligned crop, generate and see the gallery (kept over
 a reload), and see the error a photo without a face gives; with API keys, the key the page asks for (a wrong one
 refused) loads everything, images included; cancel a queued generation; delete images and generations; live
-previews replaced by the final images, the fast mode and identity guidance, the model menu from the catalog.
+previews replaced by the final images, the fast mode and identity guidance, the model menu from the catalog; the
+mode menu showing each mode's fields, and an img2img generation from an uploaded photo.
 Screenshots go to the test's tmp folder (and to ``FACEID_TEST_ARTIFACTS`` when set). CI installs chromium and chromium-driver (.ci/run); without them this test fails, saying how."""
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import uvicorn  # noqa: E402
 from test_fast import _lora_file  # noqa: E402
 from test_serve import Recording  # noqa: E402
 from test_serve_live import live_pipe  # noqa: E402, F401 (a fixture)
+from test_serve_modes import controlnet_dir  # noqa: E402, F401 (a fixture)
 
 from faceid.service import ServeConfig, create_app  # noqa: E402
 
@@ -371,3 +373,67 @@ def test_web_app_live_previews_fast_mode_and_the_catalog(make_server, browser, f
     settings = httpx.get(f"{url}/v1/generations/{job}").json()["settings"]
     assert (settings["fast"], settings["num_inference_steps"], settings["identity_guidance"]) == ("lcm", 4, 0.5)
     assert "fast lcm" in browser.find_element(By.CSS_SELECTOR, "#gallery figcaption").text
+
+
+def test_web_app_modes_show_their_fields_and_run_img2img(make_server, browser, faces_dir, tmp_path, controlnet_dir):  # noqa: F811
+    import httpx
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    url = make_server(controlnets={"canny": str(controlnet_dir)})
+    wait = WebDriverWait(browser, WAIT)
+    browser.get(url + "/")
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#control-kind option"))
+    mode = Select(browser.find_element(By.ID, "mode"))
+    assert [o.get_attribute("value") for o in mode.options if o.is_enabled()] == [
+        "text-to-image", "img2img", "inpaint", "controlnet", "swap"
+    ]  # fmt: skip
+    kinds = Select(browser.find_element(By.ID, "control-kind")).options  # hidden until ControlNet is chosen
+    assert [o.get_attribute("value") for o in kinds] == ["canny"]
+
+    def shown() -> set[str]:
+        """The input fields on show: the upload slots, strength and width."""
+        names = {f"{slot}-file" for slot in ("init", "mask", "control", "target")} | {"strength", "width"}
+        return {name for name in names if browser.find_element(By.ID, name).is_displayed()}
+
+    expected = {
+        "text-to-image": {"width"},
+        "img2img": {"init-file", "strength", "width"},
+        "inpaint": {"init-file", "mask-file", "strength", "width"},
+        "controlnet": {"control-file", "width"},
+        "swap": {"target-file", "strength"},
+    }
+    for value, fields in expected.items():
+        mode.select_by_value(value)
+        assert shown() == fields, value
+    assert browser.find_element(By.ID, "control-scale").is_displayed() is False  # swap: no ControlNet fields
+    browser.find_element(By.ID, "generate").click()  # swap with no person and no target: said
+    wait.until(lambda d: "choose a person first" in d.find_element(By.ID, "generate-status").text)
+
+    # img2img: the uploaded photo's thumbnail is the server's upright copy; the image has its size
+    browser.find_element(By.ID, "photos").send_keys(str(faces_dir / "obama.jpg"))
+    browser.find_element(By.ID, "enroll").click()
+    wait.until(lambda d: loaded_images(d, "#crops img.crop") == 1)
+    mode.select_by_value("img2img")
+    browser.find_element(By.ID, "generate").click()
+    wait.until(lambda d: "choose the image to redraw first" in d.find_element(By.ID, "generate-status").text)
+    sideways = tmp_path / "sideways.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways, shown rotated
+    Image.new("RGB", (40, 24), (200, 120, 40)).save(sideways, exif=exif)
+    browser.find_element(By.ID, "init-file").send_keys(str(sideways))
+    wait.until(lambda d: loaded_images(d, '[data-slot="init"] img.thumb') == 1)
+    assert browser.find_element(By.CSS_SELECTOR, '[data-slot="init"] figcaption').text == "24×40"
+    for field, value in {"steps": 2, "seed": 7, "count": 1, "strength": 0.5}.items():
+        set_value(browser, field, value)
+    for field in ("width", "height"):
+        browser.find_element(By.ID, field).clear()
+    assert browser.find_element(By.ID, "width").get_attribute("placeholder") == "the image's"
+    browser.find_element(By.ID, "generate").click()
+    wait.until(lambda d: loaded_images(d, "#gallery img.generated") == 1)
+    assert "img2img 0.5" in browser.find_element(By.CSS_SELECTOR, "#gallery figcaption").text
+    job = browser.find_element(By.CSS_SELECTOR, "#gallery .generation").get_attribute("data-id")
+    view = httpx.get(f"{url}/v1/generations/{job}").json()
+    assert (view["mode"], view["settings"]["width"], view["settings"]["height"]) == ("img2img", 24, 40)
+    assert view["inputs"]["init_image"] == httpx.get(f"{url}/v1/uploads").json()[0]["id"]
+    screenshot(browser, tmp_path, "9-img2img")

@@ -354,6 +354,16 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "adapter's released base model); the model flags above are the default set",
     )
     parser.add_argument(
+        "--controlnet",
+        action="append",
+        type=_controlnet_of_kind,
+        default=[],
+        metavar="KIND=SOURCE",
+        help=f"the ControlNet (Hub id or diffusers folder, for the base model's family) that requests' control images "
+        f"of KIND ({'|'.join(CONTROL_KINDS)}) go to; repeatable, one per kind. A request names a kind, never a "
+        "model; kinds without one are refused. Loaded by a worker on first use",
+    )
+    parser.add_argument(
         "--preview-every",
         type=_int_at_least(0),
         default=None,
@@ -425,6 +435,14 @@ def _model_set(text: str) -> dict:
     return {key: value for key, value in zip(("base_model", "adapter", "vae"), parts, strict=False) if value}
 
 
+def _controlnet_of_kind(text: str) -> tuple[str, str]:
+    """``--controlnet KIND=SOURCE`` of ``faceid serve`` -> (kind, source)."""
+    kind, sep, source = text.partition("=")
+    if not sep or kind not in CONTROL_KINDS or not source.strip():
+        raise argparse.ArgumentTypeError(f"{text!r}: give KIND=SOURCE with KIND one of {', '.join(CONTROL_KINDS)}")
+    return kind, source.strip()
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from .service.config import ServeConfig, check_bind, read_api_keys
 
@@ -438,11 +456,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .settings import MODEL_FIELDS, GenerationSettings
 
     settings = settings_from_args(args)
+    controlnets = _controlnets(args.controlnet)  # before anything loads
     if args.ray is not None:
         if args.also_model or args.model_memory_gb is not None:
             raise FaceIDError("--ray serves one model set: leave out --also-model and --model-memory-gb")
         if args.preview_every:
             raise FaceIDError("--ray streams no previews (nor per-step progress): leave out --preview-every")
+        if args.controlnet:
+            raise FaceIDError("--ray runs text-to-image only for now: leave out --controlnet, or serve without --ray")
         return _serve_on_ray(args, keys, settings)
     analyzer = _face_analyzer(args.face_models)  # one, shared by every model set
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
@@ -486,16 +507,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
         catalog=(default, *args.also_model),
         model_memory_gb=args.model_memory_gb,
         preview_every=preview_every,
+        controlnets=controlnets,
         models={
             **settings.to_json(),
             "face_models": args.face_models,
             "devices": list(devices),
             "dtype": args.dtype,
             "preview_every": preview_every,
+            "controlnets": controlnets,
         },  # fmt: skip
     )
     uvicorn.run(create_app(config), host=args.host, port=args.port, log_level="info")
     return 0
+
+
+def _controlnets(given: list[tuple[str, str]]) -> dict[str, str]:
+    """``--controlnet KIND=SOURCE`` flags -> {kind: source}; a kind given twice is an error."""
+    found: dict[str, str] = {}
+    for kind, source in given:
+        if kind in found and found[kind] != source:
+            raise FaceIDError(f"--controlnet {kind}= is given twice ({found[kind]}, {source}): give one per kind")
+        found[kind] = source
+    return found
 
 
 def _serve_on_ray(args: argparse.Namespace, keys: tuple[str, ...], settings) -> int:

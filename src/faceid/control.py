@@ -45,6 +45,7 @@ __all__ = [
     "KINDS",
     "OPENPOSE_BODY",
     "OpenPoseBody",
+    "annotator_options",
     "draw_skeleton",
     "make_control_image",
     "openpose_people",
@@ -163,7 +164,7 @@ def make_control_image(
         if not people:
             raise NoPersonError(
                 f"no person found in {name} for a pose control image; give a photo with a person, "
-                "or another --control kind"
+                "or another control kind"
             )
         canvas = np.zeros((out_size[1], out_size[0], 3), np.uint8)
         for person in people:
@@ -178,6 +179,19 @@ def make_control_image(
     if kind == "depth":
         return _depth_pipeline(options.get("depth_model"), options.get("device"))(fitted)["depth"].convert("RGB")
     return fitted  # "image"
+
+
+def annotator_options(kind: str, device=None) -> dict[str, Any]:
+    """The models ``make_control_image(kind, ...)`` would load on every call (OpenPose's body network for
+    ``"pose"``, the depth pipeline for ``"depth"``; none for the other kinds), loaded once on ``device``: pass
+    them as its options to make many control images (``make_control_image(kind, photo, **options)``)."""
+    if kind not in KINDS:
+        raise FaceIDError(f"unknown control image kind {kind!r}: use one of {', '.join(KINDS)}")
+    if kind == "pose":
+        return {"pose_model": OpenPoseBody.from_pretrained(device=device)}
+    if kind == "depth":
+        return {"depth_model": _depth_pipeline(None, device)}
+    return {}
 
 
 # ----------------------------------------------------------------------------------------------- geometry

@@ -239,10 +239,11 @@ def swap_face(
     return SwapResult(image=Image.fromarray(out), mask=plan.mask, plan=plan)
 
 
-def pipeline_inpaint(pipe, settings, faces) -> Inpaint:
+def pipeline_inpaint(pipe, settings, faces, **call_kwargs) -> Inpaint:
     """An :data:`Inpaint` that repaints with a ``FaceIDPipeline``'s inpainting: ``faces`` (one person: Face
     objects, photos or embeddings) and ``settings`` (``GenerationSettings`` or a mapping: prompt, seed, steps,
-    ...; one image) at the size ``swap_face`` asks for."""
+    ...; one image) at the size ``swap_face`` asks for. ``call_kwargs`` go to the pipeline call as they are
+    (``callback_on_step_end``: the server's progress and cancellation)."""
 
     def inpaint(crop: Image.Image, mask: Image.Image, size: tuple[int, int]) -> Image.Image:
         width, height = size
@@ -254,6 +255,7 @@ def pipeline_inpaint(pipe, settings, faces) -> Inpaint:
             width=width,
             height=height,
             num_images_per_prompt=1,
+            **call_kwargs,
         )
         return result.images[0]
 

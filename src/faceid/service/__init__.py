@@ -2,10 +2,11 @@
 
 * :mod:`~faceid.service.config`: ``ServeConfig`` (data dir, database, keys, limits, models) and its checks;
 * :mod:`~faceid.service.files`: the data dir's layout; every path from server-made ids, checked to stay inside;
-* :mod:`~faceid.service.store`: SQLAlchemy models (identities, faces, jobs, images, each with its owner);
+* :mod:`~faceid.service.store`: SQLAlchemy models (identities, faces, uploads, jobs, images, each with its owner);
 * :mod:`~faceid.service.enroll`: photos -> an identity (face analysis, crops, embeddings), in the request's thread;
+* :mod:`~faceid.service.inputs`: a generation's input images by upload id (img2img, inpainting, ControlNet, swap);
 * :mod:`~faceid.service.jobs`: the bounded job queue (batch picking, cancellation) and each job's events;
-* :mod:`~faceid.service.worker`: one generation thread per device, batching compatible jobs;
+* :mod:`~faceid.service.worker`: one generation thread per device, batching compatible jobs (the same inputs);
 * :mod:`~faceid.service.metrics`: Prometheus metrics;
 * :mod:`~faceid.service.app`: the FastAPI app (``create_app``), used by ``faceid serve`` and the tests.
 

@@ -28,7 +28,8 @@ from .. import __version__
 from ..errors import FaceIDError, FaceSelectionError, ImageError, NoFaceError
 from ..settings import GenerationSettings
 from .config import ServeConfig
-from .core import Conflict, LimitExceeded, NotFound, Service, crop_url
+from .core import Conflict, LimitExceeded, NotFound, Service, crop_url, upload_url
+from .inputs import JobInputs
 from .jobs import QueueFull
 from .metrics import CONTENT_TYPE
 
@@ -50,8 +51,9 @@ def error_response(status: int, code: str, message: str, headers: dict[str, str]
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
 
 
-class GenerationRequest(GenerationSettings):
-    """A generation: the ``GenerationSettings`` fields, and whose face."""
+class GenerationRequest(GenerationSettings, JobInputs):
+    """A generation: the ``GenerationSettings`` fields, whose face, and its input images (``JobInputs``: none for
+    text-to-image; uploads by id for img2img, inpainting, ControlNet and swap)."""
 
     identity_id: str | None = Field(None, description="the person, for every prompt (from POST /v1/identities)")
     identity_ids: list[str] | None = Field(None, description="one person per prompt (prompt must then be a list)")
@@ -89,11 +91,36 @@ class JobView(BaseModel):
         "i // num_images_per_prompt (it stays when other images are deleted)"
     )
     identity_ids: list[str] = Field(description="the identity of each prompt")
+    mode: str = Field(description="text-to-image, img2img, inpaint, controlnet (+img2img, +inpaint) or swap")
+    inputs: dict[str, Any] = Field(description="its input images by upload id, as requested (JobInputs)")
+    control_images: list[str] = Field(
+        description="URLs of the control images its ControlNets saw (at the output's size), once done"
+    )
     settings: dict[str, Any] = Field(description="the GenerationSettings it runs with, every default resolved")
     error: str | None = Field(description="why it failed")
     created: float = Field(description="when it was submitted (Unix time)")
     started: float | None
     finished: float | None
+
+
+class UploadView(BaseModel):
+    id: str
+    name: str | None = Field(description="the uploaded file's name")
+    width: int = Field(description="upright (its EXIF orientation applied), as generation reads it")
+    height: int
+    created: float
+    url: str = Field(description="the image (PNG)")
+
+
+def upload_view(upload) -> UploadView:
+    return UploadView(
+        id=upload.id,
+        name=upload.name,
+        width=upload.width,
+        height=upload.height,
+        created=upload.created,
+        url=upload_url(upload.id),
+    )
 
 
 class GenerationPage(BaseModel):
@@ -165,7 +192,14 @@ def create_app(config: ServeConfig) -> FastAPI:
         'then generate images of them. Errors are `{"error": {"code", "message"}}`.',
     )
     app.state.service = service
-    app.add_middleware(BodyLimit, limits={"/v1/identities": config.max_photos * config.max_upload_bytes + 65536})
+    form_overhead = 65536
+    app.add_middleware(
+        BodyLimit,
+        limits={
+            "/v1/identities": config.max_photos * config.max_upload_bytes + form_overhead,
+            "/v1/uploads": config.max_upload_bytes + form_overhead,
+        },
+    )
     _install_error_handlers(app)
 
     # ------------------------------------------------------------------ identities
@@ -206,6 +240,42 @@ def create_app(config: ServeConfig) -> FastAPI:
     def delete_identity(identity_id: str, who: Owner) -> Response:
         """Delete the identity: its photos, crops and embeddings, from disk and database."""
         service.delete_identity(identity_id, who)
+        return Response(status_code=204)
+
+    # ------------------------------------------------------------------ uploads
+    @app.post("/v1/uploads", status_code=201, response_model=UploadView, tags=["uploads"])
+    def create_upload(
+        who: Owner,
+        image: Annotated[UploadFile, File(description="an image: init image, mask, control photo or swap target")],
+    ) -> UploadView:
+        """Upload an image a generation names by its id (``init_image``, ``mask_image``, ``controls[].image``,
+        ``swap.target``). It is decoded and checked first (size, pixels, format), and stored upright (its EXIF
+        orientation applied) without its metadata."""
+        return upload_view(service.add_upload(who, image.filename, image.file.read(config.max_upload_bytes + 1)))
+
+    @app.get("/v1/uploads", response_model=list[UploadView], tags=["uploads"])
+    def list_uploads(who: Owner) -> list[UploadView]:
+        """Your uploads, newest first."""
+        return [upload_view(u) for u in service.uploads(who)]
+
+    @app.get(
+        "/v1/uploads/{upload_id}.png",
+        response_class=FileResponse,
+        responses={200: {"content": {"image/png": {}}}},
+        tags=["uploads"],
+    )
+    def get_upload_image(upload_id: str, who: Owner):
+        """The uploaded image as generation reads it (upright PNG)."""
+        return FileResponse(service.upload_path(upload_id, who), media_type="image/png")
+
+    @app.get("/v1/uploads/{upload_id}", response_model=UploadView, tags=["uploads"])
+    def get_upload(upload_id: str, who: Owner) -> UploadView:
+        return upload_view(service.upload(upload_id, who))
+
+    @app.delete("/v1/uploads/{upload_id}", status_code=204, tags=["uploads"])
+    def delete_upload(upload_id: str, who: Owner) -> Response:
+        """Delete an upload: its file and its row. A queued generation that names it fails, saying so."""
+        service.delete_upload(upload_id, who)
         return Response(status_code=204)
 
     # ------------------------------------------------------------------ generations
@@ -270,6 +340,17 @@ def create_app(config: ServeConfig) -> FastAPI:
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
+
+    @app.get(
+        "/v1/generations/{job_id}/controls/{k}.png",
+        response_class=FileResponse,
+        responses={200: {"content": {"image/png": {}}}},
+        tags=["generations"],
+    )
+    def get_control_image(job_id: str, k: int, who: Owner):
+        """The control image ControlNet ``k`` of a done generation saw, at the output's size (made from its upload:
+        edges, face landmarks, pose, depth)."""
+        return FileResponse(service.control_image_path(job_id, k, who), media_type="image/png")
 
     @app.get(
         "/v1/images/{image_id}.png",

@@ -48,6 +48,9 @@ class ServeConfig:
     loader: Callable[[str, GenerationSettings], Any] | None = None
     catalog: tuple[GenerationSettings | Mapping[str, Any], ...] = ()
     model_memory_gb: float | None = None  # per worker
+    # The ControlNet of each control kind (canny, kps, pose, depth, image): a Hub id or folder, loaded by a worker
+    # when a job first uses it (onto the job's pipeline). The allowlist: a request names a kind, never a model.
+    controlnets: Mapping[str, str] = field(default_factory=dict)
     analyzer: Any = None
     models: dict[str, Any] = field(default_factory=dict)  # what was configured, for GET /v1/models
     start_workers: bool = True  # False: jobs wait in the queue (tests of restarts)
@@ -69,6 +72,14 @@ class ServeConfig:
             raise FaceIDError("several model sets need a loader: a ready pipeline is one model set")
         if self.model_memory_gb is not None and not self.model_memory_gb > 0:
             raise FaceIDError(f"model_memory_gb must be more than 0, got {self.model_memory_gb}")
+        from ..control import KINDS
+
+        self.controlnets = dict(self.controlnets)
+        for kind, source in self.controlnets.items():
+            if kind not in KINDS:
+                raise FaceIDError(f"controlnets: unknown control kind {kind!r}; the kinds are {', '.join(KINDS)}")
+            if not isinstance(source, str) or not source.strip():
+                raise FaceIDError(f"controlnets: give the ControlNet of {kind!r} as a Hub id or a folder")
         self.api_keys = tuple(self.api_keys)
         if any(not key or any(c.isspace() for c in key) for key in self.api_keys):
             raise FaceIDError("API keys must be non-empty and without spaces")

@@ -16,15 +16,17 @@ from typing import Any
 
 from .. import __version__
 from ..errors import FaceIDError
+from ..modes import DEFAULT_STRENGTH, size_from_image
 from ..outputs import save_png
-from ..settings import MODEL_FIELDS, GenerationSettings
+from ..settings import FAMILY_DEFAULTS, MODEL_FIELDS, GenerationSettings
 from .config import ServeConfig
-from .enroll import Enroller
+from .enroll import Enroller, decode_upload
 from .files import DataDir, is_id, new_id
+from .inputs import TEXT_TO_IMAGE, JobInputs
 from .jobs import JobQueue, QueuedJob
 from .metrics import Metrics
 from .models import Catalog, ModelEntry
-from .store import CANCELLED, DONE, FAILED, FINISHED, QUEUED, RUNNING, ImageRow, Job, Store
+from .store import CANCELLED, DONE, FAILED, FINISHED, QUEUED, RUNNING, ImageRow, Job, Store, Upload
 from .worker import Worker
 
 logger = logging.getLogger(__name__)
@@ -59,6 +61,7 @@ class Service:
         if analyzer is None:
             raise FaceIDError("give the server a face analyzer (ServeConfig.analyzer)")
         self.enroller = Enroller(analyzer, self.data, self.store, config.max_pixels, config.small_face)
+        self.analyzer = self.enroller.analyzer  # one analysis at a time: kps control images and swap targets too
         devices = ("default",) if config.pipeline is not None else config.devices
         self.queue = JobQueue(config.max_queue, workers=len(devices))
         if config.worker_factory is not None:
@@ -152,15 +155,18 @@ class Service:
         if name is not None and len(name) > 200:
             raise FaceIDError("name: at most 200 characters")
         for label, data in photos:
-            if len(data) > self.config.max_upload_bytes:
-                raise LimitExceeded(
-                    f"{label} is {len(data) / 1e6:.1f} MB; this server takes photos up to "
-                    f"{self.config.max_upload_bytes / 1e6:.1f} MB: downscale or recompress it",
-                    status=413,
-                )
+            self._check_upload_size(label, data)
         analysed = [self.enroller.analyse(data, label) for label, data in photos]
         identity = self.enroller.create(owner, name, analysed)
         return identity, [w for photo in analysed for w in photo.warnings]
+
+    def _check_upload_size(self, label: str, data: bytes) -> None:
+        if len(data) > self.config.max_upload_bytes:
+            raise LimitExceeded(
+                f"{label} is {len(data) / 1e6:.1f} MB; this server takes images up to "
+                f"{self.config.max_upload_bytes / 1e6:.1f} MB: downscale or recompress it",
+                status=413,
+            )
 
     def identity(self, identity_id: str, owner: str):
         found = self.store.identity(identity_id, owner) if is_id(identity_id) else None
@@ -191,12 +197,93 @@ class Service:
             faces[identity_id] = self.enroller.faces(identity)
         return [faces[i] for i in job.identity_ids]
 
+    # ------------------------------------------------------------------ uploads
+    def add_upload(self, owner: str, name: str | None, data: bytes) -> Upload:
+        """Store an uploaded image: decoded and checked (size, pixels) before anything is written, then kept as the
+        generation will read it: upright (its EXIF orientation applied), RGB, as PNG without metadata."""
+        label = "image" + (f" ({name[:80]!r})" if name else "")
+        self._check_upload_size(label, data)
+        image = decode_upload(data, label, self.config.max_pixels, what="the image")
+        row = Upload(
+            id=new_id(), owner=owner, name=name[:200] if name else None, width=image.width, height=image.height,
+            created=time.time(),
+        )  # fmt: skip
+        path = self.data.upload(row.id)
+        image.save(path, format="PNG")
+        try:
+            self.store.add_upload(row)
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        return row
+
+    def upload(self, upload_id: str, owner: str) -> Upload:
+        found = self.store.upload(upload_id, owner) if is_id(upload_id) else None
+        if found is None:
+            raise NotFound(f"no upload {upload_id}: POST /v1/uploads makes one, GET /v1/uploads lists yours")
+        return found
+
+    def uploads(self, owner: str) -> list[Upload]:
+        return self.store.uploads(owner)
+
+    def upload_path(self, upload_id: str, owner: str):
+        return self.data.upload(self.upload(upload_id, owner).id)
+
+    def delete_upload(self, upload_id: str, owner: str) -> None:
+        """Delete an upload, its row and its file. A queued job that names it fails when it runs, saying so."""
+        if not (is_id(upload_id) and self.store.delete_upload(upload_id, owner)):
+            raise NotFound(f"no upload {upload_id}: GET /v1/uploads lists yours")
+        self.data.upload(upload_id).unlink(missing_ok=True)
+
+    def upload_image(self, upload_id: str, owner: str, field: str):
+        """An upload as a job reads it (called by the workers): upright RGB, named ``upload ID`` in the library's
+        errors; a ``FaceIDError`` that says so when it was deleted after the job was queued."""
+        from ..images import load_image
+
+        if self.store.upload(upload_id, owner) is None:
+            raise FaceIDError(
+                f"{field}: upload {upload_id} was deleted before this job ran; upload the image again and submit "
+                "the generation again"
+            )
+        image = load_image(self.data.upload(upload_id), max_pixels=None)
+        # ``source_name`` reads a PIL image's filename: the library's errors then name the upload ("No face found
+        # in upload ..."), not "<PIL image>" nor a path on the server.
+        image.filename = f"upload {upload_id} ({field})"
+        return image
+
+    @property
+    def runs_modes(self) -> bool:
+        """Whether these workers run img2img, inpainting, ControlNet and swap (the Ray Serve ones do not yet)."""
+        return all(getattr(worker, "runs_modes", False) for worker in self.workers)
+
+    def _check_inputs(self, owner: str, inputs: JobInputs, strength: float | None) -> dict[str, Upload]:
+        """The request's input images checked (see ``JobInputs.check``) and found: the owner's uploads by id."""
+        if inputs.mode != TEXT_TO_IMAGE and not self.runs_modes:
+            raise FaceIDError(
+                f"{inputs.mode}: this server (faceid serve --ray) runs text-to-image only for now; img2img, "
+                "inpainting, ControlNet and swap need a server without --ray. Leave out init_image, mask_image, "
+                "controls and swap"
+            )
+        inputs.check(strength, self.config.controlnets)
+        found = {}
+        for field, upload_id in inputs.uploads():
+            row = self.store.upload(upload_id, owner) if is_id(upload_id) else None
+            if row is None:
+                raise FaceIDError(
+                    f"{field}: no upload {upload_id}: upload the image with POST /v1/uploads and give its id "
+                    "(GET /v1/uploads lists yours)"
+                )
+            found[upload_id] = row
+        return found
+
     # ------------------------------------------------------------------ generations
     def submit(self, owner: str, request: dict[str, Any]) -> tuple[QueuedJob, int]:
-        """Check and resolve a request (``GenerationSettings`` fields + ``identity_id`` or ``identity_ids``), then
-        queue it. Raises before anything is stored when it is bad, too large or the queue is full."""
+        """Check and resolve a request (``GenerationSettings`` fields + ``identity_id`` or ``identity_ids`` + the
+        ``JobInputs`` fields, its input images by upload id), then queue it. Raises before anything is stored when it
+        is bad, too large or the queue is full."""
         request = dict(request)
         identity_id, identity_ids = request.pop("identity_id", None), request.pop("identity_ids", None)
+        inputs = JobInputs.parse({key: request.pop(key) for key in JobInputs.model_fields if key in request})
         settings = GenerationSettings.parse(request)
         if (identity_id is None) == (identity_ids is None):
             raise FaceIDError(
@@ -206,6 +293,16 @@ class Service:
         if settings.face_index:
             raise FaceIDError("face_index: an identity already holds one face per photo (the largest); leave it out")
         entry = self.catalog.find(settings)  # refuses a request naming models this server does not serve
+        uploads = self._check_inputs(owner, inputs, settings.strength)
+        if inputs.swap is not None:
+            settings, inputs = self._for_swap(settings, inputs, identity_ids, entry.family)
+        elif inputs.init_image is not None:  # as the library: the size is what is given, the rest from the image
+            init = uploads[inputs.init_image]
+            width, height = size_from_image(settings.width, settings.height, (init.width, init.height))
+            settings = settings.replace(width=width, height=height)
+        if inputs.edits and settings.strength is None:  # the library's default, recorded with the job
+            settings = settings.replace(strength=DEFAULT_STRENGTH["inpaint" if inputs.mask_image or inputs.swap
+                                                                  else "img2img"])  # fmt: skip
         # The default model set's defaults are known (it was loaded at start); another one's are the family's and
         # its models', and the worker that runs the job fills in the rest (the adapter's scale...) from the
         # loaded pipeline before it runs (``Worker.run_batch``), storing them: the job's settings always show
@@ -226,7 +323,7 @@ class Service:
         negatives = resolved.negative_prompt
         if isinstance(negatives, list) and len(negatives) not in (1, len(prompts)):
             raise FaceIDError(f"negative_prompt: {len(negatives)} negative prompts for {len(prompts)} prompts")
-        self._check_limits(resolved, len(prompts))
+        self._check_limits(resolved, len(prompts), inputs)
         for i in dict.fromkeys(ids):
             self.identity(i, owner)  # 404 for a missing identity or another key's
         total = len(prompts) * resolved.num_images_per_prompt
@@ -248,6 +345,7 @@ class Service:
             created_ns=time.time_ns(),
             identity_ids=ids,
             settings=resolved.to_json(),
+            inputs=inputs.to_json(),
         )
         job = self._queued_job(row)
         with self._lock:  # the row exists before a worker can take the job, and no row is left when it is refused
@@ -261,7 +359,28 @@ class Service:
         self.metrics.submitted.inc()
         return job, position
 
-    def _check_limits(self, settings: GenerationSettings, prompts: int) -> None:
+    def _for_swap(
+        self, settings: GenerationSettings, inputs: JobInputs, identity_ids: list | None, family: str
+    ) -> tuple[GenerationSettings, JobInputs]:
+        """A swap's settings and inputs: one person and one prompt (the CLI's default one when none is given), the
+        resolution resolved (default: the family's). The size is the crop's, generated at that resolution, known
+        once the target's face is found (the worker records it then: until then it reads resolution x
+        resolution)."""
+        from ..swap import DEFAULT_SWAP_PROMPT
+
+        if identity_ids is not None or isinstance(settings.prompt, list):
+            raise FaceIDError("swap puts one person into its target: give identity_id and one prompt (not a list)")
+        if settings.width is not None or settings.height is not None:
+            raise FaceIDError(
+                "swap makes an image of its target's size (the crop around the face is generated at "
+                "swap.resolution): leave out width and height"
+            )
+        resolution = inputs.swap.resolution or min(FAMILY_DEFAULTS[family][key] for key in ("width", "height"))
+        swap = inputs.swap.model_copy(update={"resolution": resolution})
+        settings = settings.replace(prompt=settings.prompt or DEFAULT_SWAP_PROMPT, width=resolution, height=resolution)
+        return settings, inputs.model_copy(update={"swap": swap})
+
+    def _check_limits(self, settings: GenerationSettings, prompts: int, inputs: JobInputs) -> None:
         c = self.config
         images = prompts * settings.num_images_per_prompt
         if images > c.max_images:
@@ -273,7 +392,12 @@ class Service:
             raise LimitExceeded(f"num_inference_steps: at most {c.max_steps} on this server")
         for name in ("width", "height"):
             if getattr(settings, name) > c.max_side:
-                raise LimitExceeded(f"{name}: at most {c.max_side} pixels on this server")
+                hint = ""
+                if inputs.swap is not None:
+                    hint = ": give a smaller swap.resolution"
+                elif inputs.init_image is not None:
+                    hint = " (the size comes from init_image unless given): give width or height to generate smaller"
+                raise LimitExceeded(f"{name}: at most {c.max_side} pixels on this server{hint}")
 
     def _queued_job(self, row: Job) -> QueuedJob:
         settings = GenerationSettings.parse(row.settings)
@@ -284,6 +408,7 @@ class Service:
             identity_ids=list(row.identity_ids),
             created_ns=row.created_ns,
             entry=self.catalog.find(settings),
+            inputs=dict(row.inputs or {}),
         )
 
     def job(self, job_id: str, owner: str) -> Job:
@@ -301,6 +426,7 @@ class Service:
         status = row.status
         if live is not None and status not in FINISHED and live.status == RUNNING:
             status = RUNNING
+        inputs = JobInputs.parse(row.inputs)
         view = {
             "id": row.id,
             "status": status,
@@ -314,6 +440,11 @@ class Service:
             "images": [image_url(image.id) for image in row.images],
             "image_index": [image.index for image in row.images],
             "identity_ids": row.identity_ids,
+            "mode": inputs.mode,
+            "inputs": inputs.to_json(),
+            "control_images": [control_url(row.id, k) for k in range(len(inputs.controls or ()))]
+            if status == DONE
+            else [],
             "settings": row.settings,
             "error": row.error,
             "created": row.created_ns / 1e9,
@@ -348,6 +479,8 @@ class Service:
             )
         for image_id in self.store.delete_job(job_id, owner) or ():
             self.data.image(image_id).unlink(missing_ok=True)
+        for k in range(len(JobInputs.parse(row.inputs).controls or ())):
+            self.data.control_image(job_id, k).unlink(missing_ok=True)
 
     def delete_image(self, image_id: str, owner: str) -> None:
         """Delete a generated image: its row and its PNG (its generation lists the others)."""
@@ -396,8 +529,14 @@ class Service:
         self.store.update_job(job.id, status=QUEUED, started=None)
         self.queue.done(job)
 
-    def save_images(self, job: QueuedJob, images: list, extra: dict[str, Any] | None = None) -> None:
-        """``extra``: more metadata for every PNG (Ray Serve: the replica that made it)."""
+    def save_images(
+        self, job: QueuedJob, images: list, extra: dict[str, Any] | None = None, control_images: list = ()
+    ) -> None:
+        """``extra``: more metadata for every PNG (Ray Serve: the replica that made it; a swap: its crop).
+        ``control_images``: what the job's ControlNets saw, saved beside its images."""
+        for k, image in enumerate(control_images):
+            image.save(self.data.control_image(job.id, k), format="PNG")
+        inputs = JobInputs.parse(job.inputs)
         rows = []
         n = job.settings.num_images_per_prompt
         prompts, negatives = job.prompts, job.negative_prompts
@@ -414,6 +553,8 @@ class Service:
                 **settings.to_json(),
                 "identity_id": job.identity_ids[index // n],
                 "generation_id": job.id,
+                "mode": inputs.mode,
+                **inputs.to_json(),  # the upload ids it was made from
                 "faceid_version": __version__,
                 **(extra or {}),
             }
@@ -422,6 +563,17 @@ class Service:
         self.finish(job, DONE, images=rows)
 
     # ------------------------------------------------------------------ images, models, health
+    def control_image_path(self, job_id: str, k: int, owner: str):
+        row = self.job(job_id, owner)
+        controls = JobInputs.parse(row.inputs).controls or ()
+        path = self.data.control_image(job_id, k) if 0 <= k < len(controls) else None
+        if path is None or not path.is_file():
+            raise NotFound(
+                f"generation {job_id} has no control image {k}"
+                + (f" (it has {len(controls)}, once done)" if controls else " (it ran without ControlNets)")
+            )
+        return path
+
     def image_path(self, image_id: str, owner: str):
         row = self.store.image(image_id, owner) if is_id(image_id) else None
         if row is None:
@@ -438,7 +590,14 @@ class Service:
             {**e.describe(), "loaded_on": [w["device"] for w in workers if e.index in w.get("loaded_models", ())]}
             for e in entries
         ]
-        return {"configured": self.config.models, "workers": workers, "defaults": defaults, "catalog": catalog}
+        return {
+            "configured": self.config.models,
+            "workers": workers,
+            "defaults": defaults,
+            "catalog": catalog,
+            "modes": MODES if self.runs_modes else [MODES[0]],
+            "controlnets": dict(self.config.controlnets) if self.runs_modes else {},
+        }
 
     def health(self) -> dict[str, Any]:
         loaded = [w.pipeline is not None for w in self.workers]
@@ -457,8 +616,20 @@ class Service:
         }
 
 
+# What a generation can do, the web app's mode menu: the JobInputs modes a request asks for by its fields.
+MODES = [TEXT_TO_IMAGE, "img2img", "inpaint", "controlnet", "swap"]
+
+
 def image_url(image_id: str) -> str:
     return f"/v1/images/{image_id}.png"
+
+
+def control_url(job_id: str, k: int) -> str:
+    return f"/v1/generations/{job_id}/controls/{k}.png"
+
+
+def upload_url(upload_id: str) -> str:
+    return f"/v1/uploads/{upload_id}.png"
 
 
 def crop_url(identity_id: str, k: int) -> str:

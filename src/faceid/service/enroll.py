@@ -33,24 +33,39 @@ class AnalysedPhoto:
     warnings: list[str] = field(default_factory=list)
 
 
+def decode_upload(data: bytes, label: str, max_pixels: int, what: str = "the photo") -> Image.Image:
+    """An uploaded file as ``load_image`` loads it (upright RGB; size checked from the header before decoding), or
+    an ``ImageError`` that names the upload by ``label`` (load_image names bytes "<image bytes>": say ``what``)."""
+    try:
+        return load_image(data, max_pixels=max_pixels)
+    except ImageError as exc:
+        raise ImageError(f"{label}: {re.sub(r'(Image (file )?)?<image bytes>', what, str(exc))}") from None
+
+
+class SerialAnalyzer:
+    """A face analyzer that runs one analysis at a time: OpenCV's detectors keep per-call state (the input size),
+    and requests (enrollment) and workers (kps control images, swap targets) share one analyzer."""
+
+    def __init__(self, analyzer) -> None:
+        self.analyzer = analyzer
+        self._lock = threading.Lock()
+
+    def analyze(self, image, *args, **kwargs):
+        with self._lock:
+            return self.analyzer.analyze(image, *args, **kwargs)
+
+
 class Enroller:
     def __init__(self, analyzer, data: DataDir, store: Store, max_pixels: int, small_face: int) -> None:
-        self.analyzer = analyzer
+        self.analyzer = analyzer if isinstance(analyzer, SerialAnalyzer) else SerialAnalyzer(analyzer)
         self.data = data
         self.store = store
         self.max_pixels = max_pixels
         self.small_face = small_face
-        # OpenCV's detectors keep per-call state (input size): one analysis at a time per analyzer.
-        self._lock = threading.Lock()
 
     def analyse(self, data: bytes, label: str) -> AnalysedPhoto:
-        try:
-            image = load_image(data, max_pixels=self.max_pixels)
-        except ImageError as exc:
-            # load_image names bytes "<image bytes>": say "the photo", after the upload's label
-            raise ImageError(f"{label}: {re.sub(r'(Image (file )?)?<image bytes>', 'the photo', str(exc))}") from None
-        with self._lock:
-            faces = self.analyzer.analyze(np.asarray(image))
+        image = decode_upload(data, label, self.max_pixels)
+        faces = self.analyzer.analyze(np.asarray(image))
         if not faces:
             raise NoFaceError(
                 f"{label}: no face found. Use a clear, front-facing photo where the face is at least ~64 px wide, "

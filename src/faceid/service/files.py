@@ -26,7 +26,8 @@ import numpy as np
 from ..errors import FaceIDError
 
 ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")
-FILE_PATTERN = re.compile(r"^((photo|crop|face)_\d{1,4}\.(png|npz)|[0-9a-f]{32}\.png)$")
+FILE_PATTERN = re.compile(r"^((photo|crop|face)_\d{1,4}\.(png|npz)|[0-9a-f]{32}(-control\d{1,2})?\.png)$")
+FOLDERS = ("identities", "images", "uploads")
 
 
 def new_id() -> str:
@@ -40,12 +41,12 @@ def is_id(value: str) -> bool:
 class DataDir:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root).expanduser().resolve()
-        for sub in ("identities", "images"):
+        for sub in FOLDERS:
             (self.root / sub).mkdir(parents=True, exist_ok=True)
 
     def _inside(self, *parts: str) -> Path:
         for part in parts:
-            if not (is_id(part) or FILE_PATTERN.fullmatch(part) or part in ("identities", "images")):
+            if not (is_id(part) or FILE_PATTERN.fullmatch(part) or part in FOLDERS):
                 raise FaceIDError(f"not a server-made path component: {part!r}")
         path = self.root.joinpath(*parts).resolve()
         if not path.is_relative_to(self.root):
@@ -100,3 +101,10 @@ class DataDir:
     # ------------------------------------------------------------------ images
     def image(self, image_id: str) -> Path:
         return self._inside("images", f"{image_id}.png")
+
+    def control_image(self, job_id: str, k: int) -> Path:
+        return self._inside("images", f"{job_id}-control{int(k)}.png")
+
+    # ------------------------------------------------------------------ uploads
+    def upload(self, upload_id: str) -> Path:
+        return self._inside("uploads", f"{upload_id}.png")

@@ -7,6 +7,7 @@ who runs, their progress and their events.
 
 from __future__ import annotations
 
+import json
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -73,6 +74,7 @@ class QueuedJob:
     identity_ids: list[str]  # one per prompt
     created_ns: int
     entry: Any = None  # the catalog entry (``faceid.service.models.ModelEntry``) it runs on
+    inputs: dict[str, Any] = field(default_factory=dict)  # its input images by upload id (JobInputs JSON; {}: none)
     status: str = "queued"
     passed_over: int = 0  # times a worker took a later job first (see PASS_OVER_LIMIT)
     step: int = 0
@@ -97,8 +99,12 @@ class QueuedJob:
 
     @property
     def batch_key(self) -> str:
-        """Jobs with the same key can share one UNet batch: everything but prompts and seeds is the same."""
-        return self.settings.model_dump_json(exclude={"prompt", "negative_prompt", "seed"})
+        """Jobs with the same key can share one UNet batch: everything but prompts and seeds is the same, the input
+        images too (the same uploads, control kinds, scales and windows give every job the images it gets alone). A
+        swap runs alone: each of its images is a pipeline call of its own, on a crop of its own target."""
+        settings = self.settings.model_dump_json(exclude={"prompt", "negative_prompt", "seed"})
+        alone = {"swap job": self.id} if "swap" in self.inputs else {}
+        return settings + json.dumps({**self.inputs, **alone}, sort_keys=True)
 
 
 class JobQueue:

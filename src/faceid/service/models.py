@@ -133,7 +133,8 @@ class Catalog:
 class Loaded:
     pipeline: Any
     defaults: GenerationSettings  # ``pipeline.resolve_settings()`` taken while no call ran on it
-    nbytes: int
+    nbytes: int  # the pipeline's and its attached models'
+    attached: dict[str, Any] = field(default_factory=dict)  # models run with the pipeline (ControlNets), by source
 
 
 @dataclass(eq=False)
@@ -190,6 +191,19 @@ class LoadedModels:
 
                 torch.cuda.empty_cache()
 
+    def attach(self, loaded: Loaded, key: str, load: Callable[[], Any]) -> Any:
+        """A model that runs with ``loaded``'s pipeline (a ControlNet, ``key`` its source): ``load()`` the first
+        time, then kept with the pipeline and evicted with it, its memory counted in the budget."""
+        with self._lock:
+            found = loaded.attached.get(key)
+        if found is None:
+            found = load()
+            with self._lock:
+                loaded.attached[key] = found
+                loaded.nbytes += modules_bytes([found])
+            self._make_room(0)
+        return found
+
     @property
     def used(self) -> int:
         return sum(loaded.nbytes for loaded in self._loaded.values())
@@ -224,6 +238,11 @@ def pipeline_bytes(pipeline: Any) -> int:
     modules.append(pipeline.adapter.projection)
     if pipeline.image_encoder is not None:
         modules.append(pipeline.image_encoder.model)
+    return modules_bytes(modules)
+
+
+def modules_bytes(modules: Iterable[Any]) -> int:
+    """The memory of the parameters and buffers of ``modules`` (torch modules; None skipped), each tensor once."""
     tensors = {id(t): t for m in modules if m is not None for t in (*m.parameters(), *m.buffers())}
     return sum(t.numel() * t.element_size() for t in tensors.values())
 

@@ -194,6 +194,8 @@ class RemoteWorker(Worker):
     """A thread of the ingress: takes one job at a time and runs it on the model deployment (whose replicas
     batch the jobs that reach them together). Progress is not streamed: a job's events are queued, then done."""
 
+    runs_modes = False  # text-to-image only: the replicas get no uploads (the service refuses other modes, 422)
+
     def __init__(self, service, name: str, handle) -> None:
         super().__init__(service, name)
         self.handle = handle

@@ -1,4 +1,5 @@
-"""The database: identities and their faces, generation jobs and their images, each row with its owner.
+"""The database: identities and their faces, uploaded images, generation jobs and their images, each row with its
+owner.
 
 SQLAlchemy 2 (any URL it takes; SQLite in the data dir by default). With SQLite, deleted rows are
 overwritten on disk (``secure_delete``): an identity's data that is deleted is gone, not left in free pages.
@@ -23,6 +24,7 @@ from sqlalchemy import (
     and_,
     create_engine,
     event,
+    inspect,
     or_,
     select,
 )
@@ -72,6 +74,8 @@ class Job(Base):
     created_ns: Mapped[int] = mapped_column(BigInteger, index=True)  # queue order
     identity_ids: Mapped[list] = mapped_column(JSON)  # one per prompt
     settings: Mapped[dict] = mapped_column(JSON)  # resolved, one seed per image
+    # The input images by upload id (``faceid.service.inputs.JobInputs``, as JSON); empty: text-to-image.
+    inputs: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     started: Mapped[float | None] = mapped_column(Float)
     finished: Mapped[float | None] = mapped_column(Float)
     error: Mapped[str | None] = mapped_column(Text)
@@ -89,6 +93,24 @@ class ImageRow(Base):
     job: Mapped[Job] = relationship(back_populates="images")
 
 
+class Upload(Base):
+    """An uploaded image (an img2img, mask, control or swap target image); its PNG is in the data dir."""
+
+    __tablename__ = "uploads"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(64), index=True)
+    name: Mapped[str | None] = mapped_column(String(200))  # the uploaded file's name, to show
+    width: Mapped[int] = mapped_column(Integer)  # upright, as stored
+    height: Mapped[int] = mapped_column(Integer)
+    created: Mapped[float] = mapped_column(Float)
+
+
+# Columns added since a database could have been made: (table, column, SQL type), added at start when missing
+# (``create_all`` makes new tables, not new columns of existing ones).
+ADDED_COLUMNS = (("jobs", "inputs", "JSON"),)
+
+
 class Store:
     """Sessions on one engine; every method opens its own, so threads (requests, workers) can share it."""
 
@@ -101,6 +123,7 @@ class Store:
         if self.sqlite:
             event.listen(self.engine, "connect", _sqlite_pragmas)
         Base.metadata.create_all(self.engine)
+        self._add_missing_columns()
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     @contextlib.contextmanager
@@ -110,6 +133,14 @@ class Store:
 
     def close(self) -> None:
         self.engine.dispose()
+
+    def _add_missing_columns(self) -> None:
+        """A database made by an earlier version gets the columns added since (all nullable: old rows keep None)."""
+        found = inspect(self.engine)
+        with self.engine.begin() as connection:
+            for table, column, sql_type in ADDED_COLUMNS:
+                if column not in {c["name"] for c in found.get_columns(table)}:
+                    connection.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {column} {sql_type}")
 
     # ------------------------------------------------------------------ identities
     def add_identity(self, identity: Identity) -> None:
@@ -227,6 +258,25 @@ class Store:
     def delete_image(self, image_id: str, owner: str) -> bool:
         """Delete the image's row, only when it is the owner's; whether it was."""
         return self._delete_owned(ImageRow, image_id, owner)
+
+    # ------------------------------------------------------------------ uploads
+    def add_upload(self, upload: Upload) -> None:
+        with self.session() as s:
+            s.add(upload)
+
+    def upload(self, upload_id: str, owner: str) -> Upload | None:
+        with self.session() as s:
+            found = s.get(Upload, upload_id)
+            return found if found is not None and found.owner == owner else None
+
+    def uploads(self, owner: str) -> list[Upload]:
+        """The owner's uploads, newest first."""
+        with self.session() as s:
+            return list(s.scalars(select(Upload).where(Upload.owner == owner).order_by(Upload.created.desc())))
+
+    def delete_upload(self, upload_id: str, owner: str) -> bool:
+        """Delete the upload's row, only when it is the owner's; whether it was."""
+        return self._delete_owned(Upload, upload_id, owner)
 
 
 def _sqlite_pragmas(connection, _record) -> None:

@@ -8,6 +8,11 @@ gets the images it would get alone. Progress is reported at every step (``callba
 ``ServeConfig.preview_every``, each job also gets a ``preview`` event of its own images (the pipeline's
 ``on_preview``, split by job); a cancelled job is dropped at its next step, and the call stops when every job
 in it is cancelled.
+
+Input images (img2img, inpainting, ControlNet: ``faceid.service.inputs``) are read from the uploads when the batch
+runs (its jobs share them: they are in the batch key); each ControlNet is the server's one of its control kind,
+loaded onto the batch's pipeline on first use and kept with it (``LoadedModels.attach``), and its control image is
+made from the upload at the output's size. A swap job runs alone: one inpainting call per image.
 """
 
 from __future__ import annotations
@@ -21,8 +26,9 @@ from typing import Any, Protocol
 from ..errors import FaceIDError
 from ..settings import GenerationSettings
 from .config import ServeConfig
+from .inputs import ControlSpec, JobInputs, SwapSpec
 from .jobs import JobQueue, QueuedJob
-from .models import GB, LoadedModels, ModelEntry, default_budget
+from .models import GB, Loaded, LoadedModels, ModelEntry, default_budget
 
 logger = logging.getLogger(__name__)
 
@@ -39,16 +45,22 @@ class JobHost(Protocol):
 
     config: ServeConfig
     queue: JobQueue
+    analyzer: Any  # the face analyzer, one analysis at a time (``enroll.SerialAnalyzer``)
 
     def identity_faces(self, job: QueuedJob) -> list[list] | str: ...
     def update_settings(self, job: QueuedJob, settings: GenerationSettings) -> None: ...
     def mark_running(self, job: QueuedJob, started: float) -> None: ...
     def finish(self, job: QueuedJob, status: str, error: str | None = None) -> None: ...
-    def save_images(self, job: QueuedJob, images: list) -> None: ...
+    def save_images(
+        self, job: QueuedJob, images: list, extra: dict | None = None, control_images: list = ()
+    ) -> None: ...
+    def upload_image(self, upload_id: str, owner: str, field: str) -> Any: ...
     def requeue_later(self, job: QueuedJob) -> None: ...
 
 
 class Worker(threading.Thread):
+    runs_modes = True  # img2img, inpainting, ControlNet and swap (``Service.runs_modes``)
+
     def __init__(self, service: JobHost | None, device: str, pipeline: Any = None) -> None:
         super().__init__(name=f"faceid-worker-{device}", daemon=True)
         self.service = service
@@ -57,6 +69,7 @@ class Worker(threading.Thread):
         self.models: LoadedModels | None = None  # set by ``adopt``
         self.loaded = threading.Event()
         self.load_error: str | None = None
+        self._annotators: dict[str, dict[str, Any]] = {}  # control kind -> its models (OpenPose, depth), once
 
     @property
     def pipeline(self) -> Any:
@@ -211,8 +224,15 @@ class Worker(threading.Thread):
         every = service.config.preview_every
         previews = {"preview_every": every, "on_preview": on_preview} if every else {}
         settings = first.settings.replace(prompt=prompts, negative_prompt=negatives, seed=seeds)
+        extra, control_images = None, []
         try:
-            result = pipeline(face=faces, settings=settings, callback_on_step_end=on_step_end, **previews)
+            inputs = JobInputs.parse(first.inputs)
+            if inputs.swap is not None:  # alone in its batch (its batch key)
+                images, extra = self._swap(first, live[0][1][0], inputs.swap, pipeline, on_step_end)
+            else:
+                modes = self._mode_arguments(first, inputs, loaded)
+                result = pipeline(face=faces, settings=settings, callback_on_step_end=on_step_end, **previews, **modes)
+                images, control_images = result.images, result.control_images
         except _Stop:
             if service.queue.stopped:  # the server stops: the jobs wait for the next start
                 for job in active:
@@ -227,14 +247,75 @@ class Worker(threading.Thread):
             for job in active:
                 service.finish(job, "failed", error=_internal(exc))
             return
-        images = iter(result.images)
+        images = iter(images)
         for job, _ in live:
             mine = [next(images) for _ in range(job.images)]
             if job in active and not job.cancel.is_set():
-                service.save_images(job, mine)
+                service.save_images(job, mine, extra=extra, control_images=control_images)
             elif job in active:
                 service.finish(job, "cancelled")
         service.queue.record_seconds((time.time() - started) / max(1, len(live)))
+
+    # ------------------------------------------------------------------ input images
+    def _mode_arguments(self, job: QueuedJob, inputs: JobInputs, loaded: Loaded) -> dict[str, Any]:
+        """The pipeline's arguments for ``job``'s input images: its uploads, and for each ControlNet the control
+        image made from its upload at the output's size, read by the server's ControlNet of that kind."""
+        from ..modes import ControlInput
+
+        service = self.service
+        arguments = {
+            name: service.upload_image(upload_id, job.owner, name)
+            for name in ("init_image", "mask_image")
+            if (upload_id := getattr(inputs, name)) is not None
+        }
+        controls = [self._control(job, k, spec, loaded) for k, spec in enumerate(inputs.controls or ())]
+        if controls:
+            arguments["control"] = [ControlInput(image, net, spec.scale, spec.window) for spec, image, net in controls]
+        return arguments
+
+    def _control(self, job: QueuedJob, k: int, spec: ControlSpec, loaded: Loaded) -> tuple[ControlSpec, Any, Any]:
+        """(spec, control image, ControlNet) of ControlNet ``k`` of ``job``."""
+        from ..control import annotator_options, make_control_image
+
+        service, pipeline = self.service, loaded.pipeline
+        source = service.config.controlnets.get(spec.kind)
+        if source is None:  # the server was restarted without it while the job waited
+            raise FaceIDError(
+                f"controls[{k}]: this server no longer has a ControlNet for {spec.kind!r}; submit the generation "
+                "again with a kind GET /v1/models lists"
+            )
+        controlnet = self.models.attach(loaded, source, lambda: pipeline.load_controlnet(source))
+        if spec.kind not in self._annotators:
+            self._annotators[spec.kind] = annotator_options(spec.kind, device=str(pipeline.device))
+        field = f"controls[{k}].image"
+        image = make_control_image(
+            spec.kind,
+            service.upload_image(spec.image, job.owner, field),
+            size=(job.settings.width, job.settings.height),
+            analyzer=service.analyzer,
+            face_index=spec.face_index,
+            **self._annotators[spec.kind],
+        )
+        return spec, image, controlnet
+
+    def _swap(self, job: QueuedJob, person: list, spec: SwapSpec, pipeline: Any, on_step_end) -> tuple[list, dict]:
+        """A swap job's images, each an inpainting of the crop around the target's face (its seed), pasted back into
+        the target; and what to record with them. The job's width and height become the crop's generation size."""
+        from ..swap import load_target, pipeline_inpaint, swap_face
+
+        target = load_target(
+            self.service.upload_image(spec.target, job.owner, "swap.target"),
+            analyzer=self.service.analyzer,
+            face_index=spec.face_index,
+        )
+        results = []
+        for seed in job.settings.seed:
+            one = job.settings.replace(seed=seed, num_images_per_prompt=1)
+            inpaint = pipeline_inpaint(pipeline, one, person, callback_on_step_end=on_step_end)
+            results.append(swap_face(target, inpaint, resolution=spec.resolution))
+        plan = results[0].plan  # the same for every seed: it depends on the target and the resolution only
+        self.service.update_settings(job, job.settings.replace(width=plan.size[0], height=plan.size[1]))
+        return [r.image for r in results], {"crop_box": list(plan.box), "target_size": list(target.image.size)}
 
 
 def _internal(exc: Exception) -> str:

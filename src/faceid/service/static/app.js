@@ -10,7 +10,7 @@
 const $ = (id) => document.getElementById(id);
 const FINISHED = ["done", "failed", "cancelled"];
 const PAGE = 12;  // generations per gallery page
-const state = { identity: null, models: [], authenticated: false, cursor: null };
+const state = { identity: null, models: [], authenticated: false, cursor: null, modes: [], controlnets: {} };
 
 // ------------------------------------------------------------------ API key and requests
 const keyInput = $("api-key");
@@ -145,6 +145,7 @@ async function loadModels() {
       return el("option", { value: String(entry.index), title: entry.base_model, text: label });
     }));
     if (!entries.length) select.append(el("option", { value: "", text: "no model loaded (yet)" }));
+    showModes(info.modes || ["text-to-image"], info.controlnets || {});
     modelChanged();
     return true;
   } catch (e) {
@@ -160,8 +161,7 @@ function selectedModel() {
 // The chosen model set's defaults as placeholders, and the fast presets its family has (SDXL-Lightning: SDXL only).
 function modelChanged() {
   const entry = selectedModel();
-  const d = (entry && entry.defaults) || {};
-  for (const key of ["width", "height"]) $(key).placeholder = d[key] ? "default " + d[key] : "default";
+  modeChanged();  // the size placeholders: the model's defaults, or the input image's
   const lightning = $("fast").querySelector("option[value=lightning]");
   lightning.disabled = !!entry && entry.family !== "SDXL";
   if (lightning.disabled && $("fast").value === "lightning") $("fast").value = "";
@@ -176,6 +176,90 @@ function fastChanged() {
 }
 
 $("model").addEventListener("change", modelChanged);
+
+// ------------------------------------------------------------------ modes: the input images a generation starts from
+// Each upload slot (the image to redraw, the mask, the control photo, the swap target) is uploaded as soon as it is
+// chosen (POST /v1/uploads: a bad image is refused at once), and its thumbnail is the server's copy, upright as the
+// generation reads it. A generation names the uploads by id.
+const uploads = {};  // slot -> Promise of the upload's view
+
+// The modes this server runs (GET /v1/models "modes": text-to-image only on Ray) and its ControlNets by kind.
+function showModes(modes, controlnets) {
+  state.modes = modes;
+  state.controlnets = controlnets;
+  const kinds = Object.keys(controlnets);
+  for (const option of $("mode").options) {
+    const why = !modes.includes(option.value) ? "this server runs text-to-image only"
+      : option.value === "controlnet" && !kinds.length ? "this server has no ControlNet (faceid serve --controlnet KIND=SOURCE)" : "";
+    option.disabled = !!why;
+    option.title = why;
+  }
+  if ($("mode").selectedOptions[0]?.disabled) $("mode").value = "text-to-image";
+  $("control-kind").replaceChildren(...kinds.map((kind) => el("option", { value: kind, title: controlnets[kind], text: kind })));
+  modeChanged();
+}
+
+// Only the fields of the chosen mode show; swap makes an image of its target's size (no width and height).
+function modeChanged() {
+  const mode = $("mode").value;
+  for (const node of document.querySelectorAll(".mode-field")) node.hidden = !node.dataset.modes.split(" ").includes(mode);
+  const d = (selectedModel() && selectedModel().defaults) || {};
+  $("strength").placeholder = mode === "img2img" ? "default 0.8" : "default 1";
+  for (const key of ["width", "height"]) {
+    $(key).placeholder = mode === "img2img" || mode === "inpaint" ? "the image's" : d[key] ? "default " + d[key] : "default";
+  }
+}
+
+$("mode").addEventListener("change", modeChanged);
+
+function slotField(slot) {
+  return document.querySelector('.upload[data-slot="' + slot + '"]');
+}
+
+for (const slot of ["init", "mask", "control", "target"]) {
+  const input = $(slot + "-file");
+  input.addEventListener("change", () => {
+    const field = slotField(slot);
+    const figure = field.querySelector("figure"), thumb = figure.querySelector("img"), caption = figure.querySelector("figcaption");
+    delete uploads[slot];
+    thumb.removeAttribute("src");
+    figure.hidden = !input.files.length;
+    if (!input.files.length) return;
+    const form = new FormData();
+    form.append("image", input.files[0]);
+    caption.textContent = "uploading…";
+    caption.className = "";
+    uploads[slot] = api("/v1/uploads", { method: "POST", body: form });
+    uploads[slot].then((upload) => {
+      showImage(thumb, upload.url);
+      caption.textContent = upload.width + "×" + upload.height;
+    }).catch((e) => {
+      caption.textContent = e.message;
+      caption.className = "status error";
+    });
+  });
+}
+
+// The id of a slot's upload; an Error that says what to choose when there is none.
+async function uploadId(slot, what) {
+  if (!uploads[slot]) throw new Error("choose " + what + " first");
+  return (await uploads[slot]).id;
+}
+
+// The request fields of the chosen mode (JobInputs): uploads by id, the control kind and scale, the strength.
+async function modeFields() {
+  const mode = $("mode").value, fields = {};
+  if (mode === "img2img" || mode === "inpaint") fields.init_image = await uploadId("init", "the image to redraw");
+  if (mode === "inpaint") fields.mask_image = await uploadId("mask", "the mask");
+  if (mode === "controlnet") {
+    fields.controls = [{ kind: $("control-kind").value, image: await uploadId("control", "the reference photo"),
+      scale: parseFloat($("control-scale").value) }];
+  }
+  if (mode === "swap") fields.swap = { target: await uploadId("target", "the photo to put the person into"), face_index: intOrNull("target-face") || 0 };
+  const strength = parseFloat($("strength").value);
+  if (["img2img", "inpaint", "swap"].includes(mode) && !Number.isNaN(strength)) fields.strength = strength;
+  return fields;
+}
 $("fast").addEventListener("change", fastChanged);
 
 // ------------------------------------------------------------------ identities
@@ -250,7 +334,7 @@ function intOrNull(id) {
   return value === "" ? null : parseInt(value, 10);
 }
 
-function requestBody() {
+async function requestBody() {
   const body = {
     identity_id: state.identity.id,
     prompt: $("prompt").value,
@@ -271,6 +355,11 @@ function requestBody() {
   if ($("fast").value) body.fast = $("fast").value;
   const guidance = parseFloat($("identity-guidance").value);
   if (guidance) body.identity_guidance = guidance;  // 0 or empty: off (the default); a bad value: the server says
+  Object.assign(body, await modeFields());
+  if (body.swap) {
+    delete body.width;
+    delete body.height;
+  }
   for (const k of Object.keys(body)) if (body[k] === null || Number.isNaN(body[k])) delete body[k];
   return body;
 }
@@ -405,10 +494,16 @@ async function runGeneration(body) {
   }
 }
 
-$("generate-form").addEventListener("submit", (event) => {
+$("generate-form").addEventListener("submit", async (event) => {
   event.preventDefault();
   if (!state.identity) return setStatus("generate-status", "choose a person first: upload photos or pick one from the library", "error");
-  runGeneration(requestBody());
+  let body;
+  try {
+    body = await requestBody();
+  } catch (e) {
+    return setStatus("generate-status", e.message, "error");
+  }
+  runGeneration(body);
 });
 
 // ------------------------------------------------------------------ gallery: one entry per generation, newest first
@@ -480,7 +575,8 @@ function generationEntry(view) {
     : el("button", { className: "small cancel", type: "button", text: "Cancel",
       title: "cancel this generation", onclick: (e) => cancelGeneration(view.id, e.target) });
   const head = el("div", { className: "gen-head" }, el("span", { className: "gen-status", text: statusText(view) }), action);
-  const images = el("div", { className: "gen-images" }, ...view.images.map((url, i) => imageFigure(view, url, i)));
+  const images = el("div", { className: "gen-images" }, ...view.images.map((url, i) => imageFigure(view, url, i)),
+    ...(view.control_images || []).map((url, k) => controlFigure(url, k)));
   const node = el("article", { className: "generation" }, head, images);
   node.dataset.id = view.id;
   node.dataset.status = view.status;
@@ -492,8 +588,16 @@ function entryKey(view) {
   return view.status + " " + view.images.join(" ");
 }
 
-function describe(settings, prompt, negative, seed) {
+// What a ControlNet of the generation saw (made from its upload at the output's size).
+function controlFigure(url, k) {
+  const img = el("img", { className: "control", alt: "control image " + k });
+  showImage(img, url);
+  return el("figure", { className: "control" }, img, el("figcaption", { text: "control image " + k }));
+}
+
+function describe(settings, prompt, negative, seed, mode) {
   const parts = [];
+  if (mode && mode !== "text-to-image") parts.push(mode + (settings.strength ? " " + settings.strength : ""));
   if (prompt) parts.push("prompt: " + prompt);
   if (negative) parts.push("negative: " + negative);
   parts.push("seed " + seed, "steps " + settings.num_inference_steps, "strength " + settings.scale,
@@ -521,13 +625,19 @@ function imageFigure(view, url, i) {
       const body = { identity_id: view.identity_ids[Math.floor(index / per)], seed, num_images_per_prompt: 1, prompt };
       if (negative) body.negative_prompt = negative;
       for (const k of ["num_inference_steps", "guidance_scale", "width", "height", "scale", "fast", "identity_guidance",
-        "scheduler", "eta", "base_model", "adapter"]) {
+        "scheduler", "eta", "strength", "base_model", "adapter"]) {
         if (settings[k] !== undefined && settings[k] !== null) body[k] = settings[k];
+      }
+      Object.assign(body, view.inputs || {});  // the same uploads (a swap's size is its target's: no width, height)
+      if (body.swap) {
+        delete body.width;
+        delete body.height;
       }
       runGeneration(body);
     },
   });
-  const figure = el("figure", {}, img, el("figcaption", { text: describe(settings, prompt, negative, seed) }), download, again);
+  const caption = describe(settings, prompt, negative, seed, view.mode);
+  const figure = el("figure", {}, img, el("figcaption", { text: caption }), download, again);
   const remove = el("button", { className: "small danger delete-image", type: "button", text: "Delete",
     title: "delete this image", onclick: () => deleteImage(url, figure, remove) });
   figure.append(remove);

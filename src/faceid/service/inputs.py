@@ -1,0 +1,141 @@
+"""A generation's input images, by upload id: img2img, inpainting, ControlNet and swap (``faceid.modes``,
+``faceid.control``, ``faceid.swap`` over the HTTP API).
+
+``JobInputs`` declares the request fields once: the API's request model inherits them, the service checks them
+(``check``) and stores them as JSON with the job (``Job.inputs``), and the worker reads them back. Images are
+named by the id ``POST /v1/uploads`` gives, never by a path; a ControlNet by its control kind, which the server
+maps to a model it was configured with (``faceid serve --controlnet KIND=SOURCE``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ..control import KINDS
+from ..errors import FaceIDError
+from ..settings import describe_errors
+
+ControlKind = Literal[KINDS]  # type: ignore[valid-type]
+TEXT_TO_IMAGE = "text-to-image"
+MAX_CONTROLS = 4  # ControlNets in one request: each is a model run at every step
+
+
+class ControlSpec(BaseModel):
+    """One ControlNet of a request: what control image to make from which upload, and how much it steers."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: ControlKind = Field(
+        description="the control image made from the upload: canny (edges), kps (face landmarks), pose (body "
+        "skeleton), depth, or image (the upload already is a control image); the server's ControlNet for that kind "
+        "reads it (GET /v1/models lists them)"
+    )
+    image: str = Field(description="upload id (POST /v1/uploads): the reference photo, or the control image itself")
+    scale: float = Field(1.0, ge=0, le=2, description="conditioning scale (0 adds nothing)")
+    window: tuple[float, float] = Field(
+        (0.0, 1.0), description="the part of the denoising steps it acts in: (start, end) fractions"
+    )
+    face_index: int = Field(0, ge=0, description="kps: which face of the photo (0 = largest)")
+
+    @field_validator("window")
+    @classmethod
+    def _window(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not 0.0 <= value[0] < value[1] <= 1.0:
+            raise ValueError(f"must be (start, end) with 0 <= start < end <= 1, got {tuple(value)}")
+        return value
+
+
+class SwapSpec(BaseModel):
+    """Put the request's person into a photo, in place of one of its faces (``faceid.swap``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    target: str = Field(description="upload id of the photo to put the person into (the result has its size)")
+    face_index: int = Field(0, ge=0, description="which face of the target to replace (0 = largest)")
+    resolution: int | None = Field(
+        None,
+        ge=64,
+        multiple_of=8,
+        description="the size the crop around the face is generated at (default: the model's, 512 for SD1.5, 1024 "
+        "for SDXL)",
+    )
+
+
+class JobInputs(BaseModel):
+    """The input images of a generation (none: text-to-image)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    init_image: str | None = Field(
+        None,
+        description="img2img: upload id of the image to redraw (strength of the steps; width and height default to "
+        "its size)",
+    )
+    mask_image: str | None = Field(
+        None, description="inpainting: upload id of a mask, white where init_image is redrawn"
+    )
+    controls: list[ControlSpec] | None = Field(
+        None, max_length=MAX_CONTROLS, description="ControlNets: a control image each, made from an upload"
+    )
+    swap: SwapSpec | None = Field(None, description="put the person into an uploaded photo, in place of a face there")
+
+    @classmethod
+    def parse(cls, value: dict[str, Any] | None) -> JobInputs:
+        """Inputs from JSON: a request's fields, or a job row's (None: a job from before inputs existed,
+        text-to-image); a ``FaceIDError`` that names what is wrong."""
+        try:
+            return cls.model_validate(value or {})
+        except ValidationError as exc:
+            raise FaceIDError(describe_errors(exc)) from None
+
+    def to_json(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude_none=True)
+
+    @property
+    def mode(self) -> str:
+        """``text-to-image``, ``img2img``, ``inpaint``, ``controlnet``, ``controlnet+img2img``,
+        ``controlnet+inpaint`` or ``swap``."""
+        if self.swap is not None:
+            return "swap"
+        parts = ["controlnet"] if self.controls else []
+        if self.init_image is not None:
+            parts.append("inpaint" if self.mask_image is not None else "img2img")
+        return "+".join(parts) or TEXT_TO_IMAGE
+
+    @property
+    def edits(self) -> bool:
+        """Whether an image is redrawn (img2img, inpainting, swap): where ``strength`` applies."""
+        return self.init_image is not None or self.swap is not None
+
+    def uploads(self) -> list[tuple[str, str]]:
+        """(field, upload id) of every image it names, in request order."""
+        found = [(name, value) for name in ("init_image", "mask_image") if (value := getattr(self, name))]
+        found += [(f"controls[{k}].image", c.image) for k, c in enumerate(self.controls or ())]
+        if self.swap is not None:
+            found.append(("swap.target", self.swap.target))
+        return found
+
+    def check(self, strength: float | None, served_kinds: dict[str, str]) -> None:
+        """Refuse what does not go together, saying what to send instead. ``served_kinds``: the server's
+        ControlNet of each kind."""
+        if self.swap is not None and (self.init_image or self.mask_image or self.controls):
+            raise FaceIDError(
+                "swap repaints a face of its target: leave out init_image, mask_image and controls (or leave out swap)"
+            )
+        if self.mask_image is not None and self.init_image is None:
+            raise FaceIDError("mask_image needs init_image, the image to inpaint (an upload id)")
+        if strength is not None and not self.edits:
+            raise FaceIDError(
+                "strength applies to img2img, inpainting and swap: give init_image (an upload id) or swap, or leave "
+                "strength out"
+            )
+        for k, control in enumerate(self.controls or ()):
+            if control.kind not in served_kinds:
+                have = ", ".join(sorted(served_kinds)) or "none"
+                raise FaceIDError(
+                    f"controls[{k}].kind: this server has no ControlNet for {control.kind!r} (it has: {have}); use one "
+                    "of those kinds, or start the server with --controlnet "
+                    f"{control.kind}=SOURCE"
+                )

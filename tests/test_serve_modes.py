@@ -1,0 +1,278 @@
+"""``faceid serve`` beyond text-to-image: uploads, then img2img, inpainting, ControlNet (a tiny ControlNet of the tiny
+SD1.5 model on the server's allowlist) and swap jobs by upload id, on the tiny models and the real photos."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from test_modes import make_controlnet
+from test_serve import Recording, enroll, error, generate, make_client, png, wait_finished  # noqa: F401 (a fixture)
+
+from faceid.service.jobs import QueuedJob
+from faceid.settings import GenerationSettings
+
+STEPS = {"num_inference_steps": 2}
+
+
+@pytest.fixture(scope="module")
+def controlnet_dir(tiny_models, tmp_path_factory):
+    """A tiny ControlNet of the tiny SD1.5 model, saved as a diffusers folder (what --controlnet KIND=SOURCE names)."""
+    folder = tmp_path_factory.mktemp("controlnet")
+    make_controlnet(tiny_models.sd15, seed=1).save_pretrained(folder)
+    return folder
+
+
+def picture(width: int, height: int, seed: int = 0) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), np.uint8))
+
+
+def encoded(image: Image.Image, fmt: str = "PNG", **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def upload(client, data: bytes, name: str = "image.png", headers=None):
+    return client.post("/v1/uploads", files={"image": (name, data, "image/png")}, headers=headers)
+
+
+def upload_id(client, data: bytes, name: str = "image.png", headers=None) -> str:
+    response = upload(client, data, name, headers)
+    assert response.status_code == 201, response.text
+    return response.json()["id"]
+
+
+def done(client, response) -> dict:
+    assert response.status_code == 202, response.text
+    view = wait_finished(client, response.json()["id"])
+    assert view["status"] == "done", view
+    return view
+
+
+def metadata(client, url) -> dict:
+    return json.loads(png(client.get(url)).text["faceid"])
+
+
+# ---------------------------------------------------------------------- uploads
+def test_upload_round_trip_owners_and_bad_images(make_client, faces_dir):  # noqa: F811
+    client = make_client(api_keys=("key-a", "key-b"), max_upload_bytes=400_000)
+    a, b = {"Authorization": "Bearer key-a"}, {"Authorization": "Bearer key-b"}
+    # A phone photo stored sideways with an EXIF rotation: kept upright, its metadata dropped.
+    sideways = encoded(picture(40, 24), "JPEG", exif=_orientation(6))
+    response = upload(client, sideways, "phone.jpg", headers=a)
+    assert response.status_code == 201, response.text
+    view = response.json()
+    assert (view["name"], view["width"], view["height"]) == ("phone.jpg", 24, 40)
+    assert view["url"] == f"/v1/uploads/{view['id']}.png"
+    assert client.get(f"/v1/uploads/{view['id']}", headers=a).json() == view
+    assert [u["id"] for u in client.get("/v1/uploads", headers=a).json()] == [view["id"]]
+    stored = png(client.get(view["url"], headers=a))
+    assert stored.size == (24, 40) and not stored.getexif()
+
+    # Another key: not found, not listed, not usable in a generation, not deletable.
+    for path in (f"/v1/uploads/{view['id']}", view["url"]):
+        error(client.get(path, headers=b), 404, "not_found", "POST /v1/uploads")
+    assert client.get("/v1/uploads", headers=b).json() == []
+    error(client.delete(f"/v1/uploads/{view['id']}", headers=b), 404, "not_found")
+    identity = enroll(client, faces_dir, "obama.jpg", headers=b).json()["id"]
+    refused = generate(client, identity, headers=b, init_image=view["id"], **STEPS)
+    error(refused, 422, "invalid_request", "init_image", "no upload", "POST /v1/uploads")
+
+    # Bad files: a clear error naming the upload, nothing stored.
+    jpeg = encoded(picture(64, 64), "JPEG")
+    broken = upload(client, jpeg[: len(jpeg) * 6 // 10], "broken.jpg", headers=a)
+    error(broken, 400, "bad_image", "image ('broken.jpg')", "truncated")
+    error(upload(client, b"", "empty.png", headers=a), 400, "bad_image", "empty")
+    error(upload(client, b"not an image", "notes.txt", headers=a), 400, "bad_image", "JPEG, PNG or WebP")
+    error(upload(client, b"\0" * 500_000, "big.png", headers=a), 413, "limit_exceeded", "MB")
+    assert len(client.get("/v1/uploads", headers=a).json()) == 1
+
+    # Deleted: its row and file go.
+    path = client.app.state.service.data.upload(view["id"])
+    assert path.is_file()
+    assert client.delete(f"/v1/uploads/{view['id']}", headers=a).status_code == 204
+    assert not path.exists() and client.get(view["url"], headers=a).status_code == 404
+
+
+def _orientation(value: int) -> Image.Exif:
+    exif = Image.Exif()
+    exif[0x0112] = value
+    return exif
+
+
+# ---------------------------------------------------------------------- generations from uploads
+def test_img2img_inpaint_and_controlnet_jobs(make_client, faces_dir, controlnet_dir):  # noqa: F811
+    client = make_client(controlnets={"canny": str(controlnet_dir), "kps": str(controlnet_dir)})
+    identity = enroll(client, faces_dir, "obama.jpg").json()["id"]
+    init = upload_id(client, encoded(picture(40, 24, seed=1)))
+    mask = np.zeros((24, 40), np.uint8)
+    mask[:, 20:] = 255
+    mask_id = upload_id(client, encoded(Image.fromarray(mask)))
+    photo = upload_id(client, (faces_dir / "obama.jpg").read_bytes(), "obama.jpg")
+
+    # img2img: the size is the init image's; the mode, inputs and default-free strength are recorded.
+    view = done(client, generate(client, identity, init_image=init, strength=0.5, width=None, height=None, **STEPS))
+    assert (view["mode"], view["inputs"], view["control_images"]) == ("img2img", {"init_image": init}, [])
+    assert (view["settings"]["width"], view["settings"]["height"], view["settings"]["strength"]) == (40, 24, 0.5)
+    assert png(client.get(view["images"][0])).size == (40, 24)
+    stored = metadata(client, view["images"][0])
+    assert (stored["mode"], stored["init_image"], stored["strength"]) == ("img2img", init, 0.5)
+
+    # inpainting: strength defaults to the library's 1.0, recorded
+    view = done(client, generate(client, identity, init_image=init, mask_image=mask_id, width=None, height=None,
+                                 **STEPS))  # fmt: skip
+    assert (view["mode"], view["settings"]["strength"]) == ("inpaint", 1.0)
+    assert png(client.get(view["images"][0])).size == (40, 24)
+
+    # ControlNet: canny edges of the photo, at the output's size, saved beside the image
+    controls = [{"kind": "canny", "image": photo, "scale": 0.8, "window": [0.0, 0.5]}]
+    view = done(client, generate(client, identity, controls=controls, width=24, height=16, **STEPS))
+    assert view["mode"] == "controlnet" and view["inputs"]["controls"][0]["kind"] == "canny"
+    assert png(client.get(view["images"][0])).size == (24, 16)
+    assert len(view["control_images"]) == 1
+    edges = png(client.get(view["control_images"][0]))
+    assert edges.size == (24, 16) and edges.mode == "RGB"
+    assert metadata(client, view["images"][0])["controls"][0]["image"] == photo
+    error(client.get(view["control_images"][0].replace("/0.png", "/1.png")), 404, "not_found", "has 1")
+
+    # a photo without a face for a kps control image: the job fails with the library's one line, naming the upload
+    gray = upload_id(client, encoded(Image.new("RGB", (64, 64), (128, 128, 128))))
+    kps = [{"kind": "kps", "image": gray}]
+    response = generate(client, identity, controls=kps, width=24, height=16, **STEPS)
+    view = wait_finished(client, response.json()["id"])
+    assert view["status"] == "failed" and view["control_images"] == []
+    assert view["error"].startswith(f"No face found in upload {gray} (controls[0].image)"), view["error"]
+
+    # a queued job whose upload was deleted fails saying so
+    client.app.state.service.queue.set_paused(True)
+    response = generate(client, identity, init_image=init, width=None, height=None, **STEPS)
+    assert client.delete(f"/v1/uploads/{init}").status_code == 204
+    client.app.state.service.queue.set_paused(False)
+    view = wait_finished(client, response.json()["id"])
+    assert view["status"] == "failed" and "init_image: upload" in view["error"] and "deleted" in view["error"]
+
+
+def test_mode_requests_that_do_not_fit_are_422(make_client, faces_dir, controlnet_dir):  # noqa: F811
+    client = make_client(controlnets={"canny": str(controlnet_dir)}, start_workers=False, max_side=64)
+    identity = enroll(client, faces_dir, "obama.jpg").json()["id"]
+    init = upload_id(client, encoded(picture(40, 24)))
+    big = upload_id(client, encoded(picture(96, 24)))
+
+    def refused(*words, **fields):
+        return error(generate(client, identity, **STEPS, **fields), 422, "invalid_request", *words)
+
+    refused("'pose'", "it has: canny", "--controlnet pose=SOURCE", controls=[{"kind": "pose", "image": init}])
+    refused("controls.0.kind", controls=[{"kind": "sketch", "image": init}])
+    refused("controls.0.window", controls=[{"kind": "canny", "image": init, "window": [0.5, 0.5]}])
+    refused("controls[0].image", "no upload", controls=[{"kind": "canny", "image": "0" * 32}])
+    refused("strength applies to img2img", strength=0.5)
+    refused("mask_image needs init_image", mask_image=init)
+    refused("swap", "leave out init_image", init_image=init, swap={"target": init})
+    refused("leave out width and height", swap={"target": init}, width=24)
+    refused("swap.resolution", "multiple of 8", swap={"target": init, "resolution": 100})
+    refused("init_image", "no upload", init_image="../../faceid.db")
+    message = error(generate(client, identity, init_image=big, width=None, height=None, **STEPS), 422,
+                    "limit_exceeded", "width", "init_image")  # fmt: skip
+    assert "give width or height" in message
+    assert client.app.state.service.queue.depth == 0  # nothing was queued
+    models = client.get("/v1/models").json()
+    assert models["controlnets"] == {"canny": str(controlnet_dir)} and "swap" in models["modes"]
+
+
+def test_batches_hold_jobs_with_the_same_inputs_only(make_client, faces_dir, pipe):  # noqa: F811
+    recording = Recording(pipe)
+    client = make_client(pipeline=recording, start_workers=False, max_batch=4)
+    identity = enroll(client, faces_dir, "obama.jpg").json()["id"]
+    first, second = (upload_id(client, encoded(picture(24, 16, seed=s))) for s in (1, 2))
+    same = {"init_image": first, "width": None, "height": None, **STEPS}
+    jobs = [
+        generate(client, identity, seed=1, **same).json()["id"],
+        generate(client, identity, seed=2, init_image=second, width=None, height=None, **STEPS).json()["id"],
+        generate(client, identity, seed=3, **same).json()["id"],
+        generate(client, identity, seed=4, width=24, height=16, **STEPS).json()["id"],  # text-to-image, same size
+    ]
+    client.app.state.service.queue.set_paused(False)
+    views = [wait_finished(client, job) for job in jobs]
+    assert all(v["status"] == "done" for v in views), views
+    assert sorted(call.seed for call in recording.calls) == [[1, 3], [2], [4]]  # one call per set of inputs
+
+    # What a batch gives each job is what it gets alone.
+    alone = wait_finished(client, generate(client, identity, seed=3, **same).json()["id"])
+    batched = np.asarray(png(client.get(views[2]["images"][0])), dtype=int)
+    assert np.abs(batched - np.asarray(png(client.get(alone["images"][0])), dtype=int)).max() <= 1
+
+    # Swaps never share a batch, even with the same target and settings.
+    settings = GenerationSettings(prompt="a", seed=[1])
+    twins = [QueuedJob(id=i, owner="", settings=settings, identity_ids=["x"], created_ns=0,
+                       inputs={"swap": {"target": first, "face_index": 0}}) for i in ("a", "b")]  # fmt: skip
+    assert twins[0].batch_key != twins[1].batch_key
+
+
+def test_swap_job_keeps_the_target_size(make_client, faces_dir):  # noqa: F811
+    client = make_client()
+    biden = enroll(client, faces_dir, "biden.jpg").json()["id"]
+    target = upload_id(client, (faces_dir / "obama2.jpg").read_bytes(), "obama2.jpg")
+    swap = {"target": target, "resolution": 64}
+    view = done(client, generate(client, biden, swap=swap, seed=5, num_images_per_prompt=2, prompt=None, width=None,
+                                 height=None, **STEPS))  # fmt: skip
+    assert view["mode"] == "swap" and view["inputs"]["swap"] == {**swap, "face_index": 0}
+    assert len(view["images"]) == 2 and all(png(client.get(url)).size == (626, 1200) for url in view["images"])
+    settings = view["settings"]
+    assert max(settings["width"], settings["height"]) == 64 and settings["strength"] == 1.0
+    assert settings["prompt"].startswith("a photo of a person's face")  # the CLI's default swap prompt
+    stored = metadata(client, view["images"][1])
+    assert (stored["mode"], stored["seed"], stored["target_size"]) == ("swap", 6, [626, 1200])
+    # outside the crop, the target as it was
+    x1, y1, x2, y2 = stored["crop_box"]
+    original = np.asarray(Image.open(faces_dir / "obama2.jpg").convert("RGB"), dtype=int)
+    swapped = np.asarray(png(client.get(view["images"][0])), dtype=int)
+    outside = np.ones(original.shape[:2], bool)
+    outside[y1:y2, x1:x2] = False
+    assert np.abs(swapped - original)[outside].max() <= 3  # the PNG of the upload vs the decoded JPEG: equal
+
+    # A target without a face: the job fails with the library's one line.
+    gray = upload_id(client, encoded(Image.new("RGB", (96, 96), (128, 128, 128))))
+    response = generate(client, biden, swap={"target": gray, "resolution": 64}, width=None, height=None, **STEPS)
+    view = wait_finished(client, response.json()["id"])
+    assert view["status"] == "failed" and view["error"].startswith(f"No face found in upload {gray} (swap.target)")
+
+
+def test_serve_controlnet_flags(tmp_path, capsys):
+    from faceid.cli import _controlnets, build_parser, main
+
+    args = build_parser().parse_args(["serve", "--controlnet", "canny=some/repo", "--controlnet", "kps=./folder"])
+    assert _controlnets(args.controlnet) == {"canny": "some/repo", "kps": "./folder"}
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--controlnet", "sketch=x"])
+    assert "KIND=SOURCE with KIND one of canny" in capsys.readouterr().err
+    data = str(tmp_path / "d")
+    assert main(["serve", "--data-dir", data, "--controlnet", "canny=a", "--controlnet", "canny=b"]) == 2
+    assert "given twice" in capsys.readouterr().err
+    assert main(["serve", "--data-dir", data, "--ray", "--controlnet", "canny=a"]) == 2
+    assert "--ray runs text-to-image only" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
+
+
+def test_a_database_from_before_inputs_gets_the_column(tmp_path):
+    from sqlalchemy import inspect
+
+    from faceid.service.store import Job, Store
+
+    url = f"sqlite:///{tmp_path / 'faceid.db'}"
+    old = Store(url)
+    with old.engine.begin() as connection:  # the jobs table as an earlier version made it, with a job
+        connection.exec_driver_sql("ALTER TABLE jobs DROP COLUMN inputs")
+        connection.exec_driver_sql(
+            "INSERT INTO jobs (id, owner, status, created_ns, identity_ids, settings) "
+            "VALUES ('" + "a" * 32 + "', '', 'done', 1, '[]', '{}')"
+        )
+    old.close()
+    store = Store(url)
+    assert "inputs" in {column["name"] for column in inspect(store.engine).get_columns("jobs")}
+    job = store.job("a" * 32)
+    assert isinstance(job, Job) and job.inputs is None  # read as text-to-image
+    store.close()
