@@ -249,3 +249,38 @@ def test_cli_compile_fuses_a_fixed_identity_lora(tmp_path, monkeypatch, tiny_mod
     assert compiled[-1].compiled and compiled[-1].adapter.lora_fused
     generate(tmp_path / "window", "--compile", "--window", "0", "0.5")
     assert compiled[-1].compiled and not compiled[-1].adapter.lora_fused  # the window switches the LoRA
+
+
+@torch.no_grad()
+def test_token_groups_compile_once_and_their_windows_recompile_nothing():
+    """Several people (masked groups): compiled equals eager, and a group's window shutting and opening, or
+    new groups of the same shapes (the next call), reuse the one graph."""
+    from tiny_models import adapter_state
+
+    from faceid.attention import TokenGroup
+    from faceid.groups import region_mask
+
+    unet = make_tiny_unet()
+    inputs, tokens = unet_inputs(unet)
+    FaceIDAdapter.install(unet, adapter_state(unet, "faceid"))
+    left = region_mask((0, 0, 0.5, 1), 24, 16)
+
+    def groups(a, b, scale=0.5):
+        return [TokenGroup(a, "faceid", mask=left), TokenGroup(b, "faceid", scale, mask=1 - left)]
+
+    def run(value):
+        return unet(**inputs, cross_attention_kwargs={"ip_hidden_states": value}).sample
+
+    first = groups(tokens, tokens * 2)
+    eager_open = run(first)
+    first[1].set_open(False)
+    eager_shut = run(first)
+    first[1].set_open(True)
+    eager_next = run(groups(tokens * 3, tokens, 0.7))
+    counter = CompileCounterWithBackend("eager")
+    unet.compile(backend=counter)
+    assert torch.equal(run(first), eager_open)
+    first[1].set_open(False)
+    assert torch.equal(run(first), eager_shut)
+    assert torch.equal(run(groups(tokens * 3, tokens, 0.7)), eager_next)
+    assert counter.frame_count == 1
