@@ -534,7 +534,8 @@ class FaceIDPipeline:
                 self._reference_encoder = identity.CLIPFaceEncoder.from_pretrained(
                     image_encoder, dtype=param.dtype, device=param.device
                 )
-            adapter.check_encoder(self.reference_encoder)
+            for loaded in (*self.references.values(), adapter):  # a new encoder must suit those loaded too
+                loaded.check_encoder(self.reference_encoder)
         except Exception:
             adapter.remove()
             raise
@@ -875,6 +876,10 @@ class FaceIDPipeline:
                 **requested.model_dump(include=set(ENCODE_FIELDS) - {"regions", "style"}, exclude_unset=True),
             )
         else:
+            if regions is not None or style is not None:
+                raise FaceIDError(
+                    "regions= and style= are part of the encoding: give them to encode(), not with conditioning="
+                )
             self._check_same_encoding(requested, conditioning.settings)
         run = self.resolve_settings(requested.replace(**conditioning.settings.model_dump(include=set(ENCODE_FIELDS))))
         total = len(conditioning.prompts) * conditioning.num_images_per_prompt
