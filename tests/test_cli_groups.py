@@ -83,6 +83,31 @@ def test_two_people_with_auto_regions_and_from_a_group_photo(tmp_path, faces_dir
     assert np.abs(_png(tmp_path / "one")[1] - auto).max() > 0
 
 
+def test_two_people_by_mask_images(tmp_path, capsys, faces_dir, sd15, face_models_dir):
+    masks = []
+    for k in range(2):  # the left and the right half, white where the person goes
+        mask = Image.new("L", (24, 16), 0)
+        mask.paste(255, (12 * k, 0, 12 * (k + 1), 16))
+        mask.save(tmp_path / f"mask{k}.png")
+        masks += ["--region-mask", str(tmp_path / f"mask{k}.png")]
+    people = ["--face", str(faces_dir / "biden.jpg"), "--seed", "3", "-n", "1"]
+    assert _generate(faces_dir / "obama.jpg", tmp_path / "a", sd15, face_models_dir, *people, *masks) == 0
+    path, by_masks = _png(tmp_path / "a")
+    stored = read_settings(path)
+    assert stored["regions"] == "masks" and stored["region_masks"] == masks[1::2]
+    # The same halves as boxes make the same picture.
+    boxes = ["--regions", "0,0,0.5,1;0.5,0,1,1"]
+    assert _generate(faces_dir / "obama.jpg", tmp_path / "b", sd15, face_models_dir, *people, *boxes) == 0
+    np.testing.assert_array_equal(_png(tmp_path / "b")[1], by_masks)
+    again = ["generate", "--settings", str(path), "--face", str(faces_dir / "obama.jpg"), "--face",
+             str(faces_dir / "biden.jpg"), "--out", str(tmp_path / "c"), "--face-models", str(face_models_dir)]  # fmt: skip
+    capsys.readouterr()
+    assert main(again) == 2
+    assert "give one --region-mask per --face again" in capsys.readouterr().err
+    assert main([*again, *masks]) == 0
+    np.testing.assert_array_equal(_png(tmp_path / "c")[1], by_masks)
+
+
 def test_style_reference_is_recorded_and_reproduced(tmp_path, capsys, tiny_models, faces_dir, sd15, face_models_dir):
     plain = tiny_models.reference("plain")
     reference = ["--style-adapter", str(plain), "--image-encoder", str(tiny_models.image_encoder), "--seed", "2",
