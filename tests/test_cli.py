@@ -70,7 +70,7 @@ def test_scale_zero_and_one_differ_and_seed_reproduces(tmp_path, faces_dir, sd15
 
 
 def test_every_generation_setting_has_a_flag_that_sets_it(tmp_path):
-    from faceid.cli import build_parser, settings_from_args
+    from faceid.cli import REFERENCE_FIELDS, build_parser, settings_from_args
     from faceid.settings import GenerationSettings
 
     values = {
@@ -79,11 +79,23 @@ def test_every_generation_setting_has_a_flag_that_sets_it(tmp_path):
         "combine": "concat", "shortcut": False, "s_scale": 0.5, "identity_window": (0.1, 0.9),
         "base_model": "base", "vae": "vae", "adapter": "adapter.bin", "loras": {"style.safetensors": 0.7},
         "tiny_vae": "taesd", "decoder": "tiny", "fast": "tcd", "scheduler": "euler-trailing", "eta": 0.2,
-        "identity_guidance": 1.5, "strength": 0.4,
+        "identity_guidance": 1.5, "strength": 0.4, "regions": [(0.0, 0.0, 0.5, 1.0), (0.5, 0.25, 1.0, 1.0)],
+        "style": [{"adapter": "plain", "scale": 0.4, "window": (0.1, 0.9)},
+                  {"adapter": "plain", "scale": 0.5, "window": (0.1, 0.9)}],
     }  # fmt: skip
     assert set(values) == set(GenerationSettings.model_fields)  # a new field needs a value here, and a flag
     argv = ["generate", "--face", "x.jpg", "--out", str(tmp_path)]
+    # Fields whose flags come with images (add_reference_arguments): the images are the call's, not settings.
+    own_flags = {
+        "regions": ["--regions", "0,0,0.5,1; 0.5,0.25,1,1"],
+        "style": ["--style", "a.png:0.4", "--style-adapter", "plain", "--style-window", "0.1", "0.9", "--style",
+                  "C:/b.png"],
+    }  # fmt: skip
+    assert set(own_flags) == set(REFERENCE_FIELDS)
     for name, value in values.items():
+        if name in own_flags:
+            argv += own_flags[name]
+            continue
         flag = GenerationSettings.model_fields[name].json_schema_extra["cli"]["flags"][-1]
         if isinstance(value, bool):
             argv.append(flag if value else "--no-" + flag[2:])

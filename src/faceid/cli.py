@@ -14,18 +14,28 @@ import argparse
 import logging
 import os
 import random
+import re
 import sys
 import warnings
 from pathlib import Path
 
 from . import __version__
+from .combos import COMBOS
 from .errors import FaceIDError
-from .variants import DEFAULT_ADAPTER
+from .variants import DEFAULT_ADAPTER, VARIANTS
 
 logger = logging.getLogger("faceid")
 
 #: ``--dtype`` choices -> torch dtype names (looked up on torch when a command runs: --help needs no torch).
 DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+#: ``--style-adapter`` when neither it nor a settings file nor ``--combo`` names one.
+DEFAULT_STYLE_ADAPTER = "plus-face"
+#: ``--combo``'s adapter without ``--adapter``: the release for the family of faceid's default adapter.
+COMBO_FAMILY = VARIANTS[DEFAULT_ADAPTER].family
+# Settings whose flags say more than their value: they come with images (add_reference_arguments).
+REFERENCE_FIELDS = ("regions", "style")
+# What --regions takes for boxes (anything else names a photo): numbers, commas and semicolons.
+_BOXES = re.compile(r"[\d\s.,;eE+-]+")
 FACE_MODELS_HELP = (
     "folder with the face detector and recognizer (buffalo_l: det_10g.onnx, w600k_r50.onnx); "
     "default: faceid's cache, downloaded once"
@@ -71,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--face",
         required=True,
         action="append",
-        help="photo of the person (the largest face is used); repeat for several photos of the same person",
+        help="photo of the person (the largest face is used); repeat for several photos of the same person, or, "
+        "with --regions or --region-mask, once per person in the picture (person k goes to region k)",
     )
     gen.add_argument(
         "--settings",
@@ -133,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
         "control image; the others are made from a photo), SCALE its conditioning scale (1); repeatable. The "
         "control image used is saved as NAME_sSEED-controlK.png",
     )
+    add_reference_arguments(gen.add_argument_group("several people and style references"))
     gen.set_defaults(func=cmd_generate)
 
     models = commands.add_parser(
@@ -269,7 +281,7 @@ def add_settings_arguments(parser: argparse.ArgumentParser, exclude: tuple[str, 
         if name in exclude:
             continue
         cli = (field.json_schema_extra or {}).get("cli")
-        if cli is None:  # a field with flags of its own (regions, style: they come with images)
+        if cli is None:  # a field with flags of its own (REFERENCE_FIELDS: they come with images)
             continue
         kwargs: dict = {"dest": name, "default": None, "help": _help(field.description, cli.get("default"))}
         kwargs.update({key: cli[key] for key in ("metavar", "nargs", "const") if key in cli})
@@ -321,15 +333,203 @@ def settings_from_args(args: argparse.Namespace):
     if isinstance(base.get("seed"), list):  # the CLI numbers images from one seed: image i has seed + i
         base["seed"] = base["seed"][0]
     given = {
-        name: getattr(args, name) for name in GenerationSettings.model_fields if getattr(args, name, None) is not None
+        name: getattr(args, name)
+        for name in GenerationSettings.model_fields
+        if name not in REFERENCE_FIELDS and getattr(args, name, None) is not None
     }
     if "loras" in given:
         given["loras"] = dict(given["loras"])
+    regions, _ = _regions_flags(args)
+    if regions is not None:
+        given["regions"] = regions
+    style = _style_records(args, base.get("style") or [])
+    if style:
+        given["style"] = style
+    combo = _combo(args)
+    if combo is not None:  # the combination's adapter and scale, where neither the flags nor the file set them
+        for key, value in (("adapter", combo.adapter(COMBO_FAMILY)), ("scale", combo.scale)):
+            if key not in given and key not in base:
+                given[key] = value
     # The CLI's own default image count, where the command has the flag and nothing else set it.
     if hasattr(args, "num_images_per_prompt") and not {"num_images_per_prompt"} & (set(given) | set(base)):
         cli = GenerationSettings.model_fields["num_images_per_prompt"].json_schema_extra["cli"]
         given["num_images_per_prompt"] = cli["default"]
     return GenerationSettings.parse(base, **given)
+
+
+def add_reference_arguments(group) -> None:
+    """``generate``'s flags for several people in one picture and for style references: they set the
+    ``regions`` and ``style`` settings together with the images they come with (see ``settings_from_args``)."""
+    from .settings import StyleSetting
+
+    group.add_argument(
+        "--regions",
+        default=None,
+        metavar="auto|PHOTO|BOXES",
+        help="several people in each picture, one per --face in that order: 'auto' (equal columns, left to "
+        "right), a PHOTO with that many people (its faces, left to right, give the columns), or one box per "
+        "person in fractions of the picture, 'x0,y0,x1,y1;x0,y0,x1,y1'. The PNGs record the boxes used",
+    )
+    group.add_argument(
+        "--region-mask",
+        action="append",
+        default=None,
+        metavar="MASK",
+        help="instead of --regions: a mask image per person (white: where they go), repeated in the order of --face",
+    )
+    group.add_argument(
+        "--style",
+        action="append",
+        default=None,
+        metavar="IMAGE[:SCALE]",
+        help=f"a style or composition reference image read by --style-adapter, SCALE its strength "
+        f"({StyleSetting.model_fields['scale'].default}); repeatable",
+    )
+    group.add_argument(
+        "--style-adapter",
+        default=None,
+        metavar="plain|plus|plus-face|FILE",
+        help="the standard IP-Adapter that reads the reference images (--style and --combo's): h94/IP-Adapter's "
+        f"plain, plus or plus-face for the base model's family (fetched on first use), or a checkpoint FILE "
+        f"(default {DEFAULT_STYLE_ADAPTER}); images are read by the Plus image encoder, else --image-encoder",
+    )
+    group.add_argument(
+        "--style-window",
+        nargs=2,
+        type=float,
+        default=None,
+        metavar=("START", "END"),
+        help="the part of the denoising steps the --style references act in (fractions; default all)",
+    )
+    group.add_argument(
+        "--combo",
+        choices=sorted(COMBOS),
+        default=None,
+        help="a recommended adapter combination, "
+        + "; ".join(
+            f"{c.name}: --adapter {c.adapter(COMBO_FAMILY)} (SDXL: give --adapter "
+            f"{c.adapter('SDXL')}) and --scale {c.scale} unless given, and the first --face photo as a "
+            f"{c.reference_scale} reference read by {c.reference} (or --style-adapter)"
+            for c in COMBOS.values()
+        ),
+    )
+
+
+def _combo(args: argparse.Namespace):
+    name = getattr(args, "combo", None)
+    return None if name is None else COMBOS[name]
+
+
+def _regions_flags(args: argparse.Namespace) -> tuple[str | list | None, object]:
+    """``--regions`` / ``--region-mask`` -> (the ``regions`` setting, the file(s) the call is given as ``regions=``).
+
+    ``auto`` and boxes are the setting itself. A photo or mask images are inputs of the call; the settings then
+    record the boxes the photo's faces give, or ``"masks"``."""
+    text, masks = getattr(args, "regions", None), getattr(args, "region_mask", None)
+    if text is not None and masks:
+        raise FaceIDError("give --regions or --region-mask, not both")
+    if masks:
+        return "masks", list(masks)
+    if text is None:
+        return None, None
+    if text.strip() == "auto":
+        return "auto", None
+    if not _BOXES.fullmatch(text):  # a photo with several people
+        if not Path(text).is_file():
+            raise FaceIDError(
+                f"--regions {text!r}: give 'auto', a photo with the people (no such file), or one box per person "
+                "as 'x0,y0,x1,y1;x0,y0,x1,y1' in fractions of the picture"
+            )
+        return None, text
+    from .groups import check_box
+
+    boxes = []
+    for k, box in enumerate(part for part in text.split(";") if part.strip()):
+        numbers = box.split(",")
+        try:
+            values = [float(v) for v in numbers]
+        except ValueError:
+            values = []
+        if len(values) != 4:
+            raise FaceIDError(
+                f"--regions {text!r}: box {k} ({box.strip()!r}) is not 4 numbers x0,y0,x1,y1; give one box per "
+                "person, separated by ';'"
+            )
+        boxes.append(check_box(values, f"--regions box {k}"))
+    return boxes, None
+
+
+def _reference_images(args: argparse.Namespace) -> list[str]:
+    """The reference images of a command line, in the order of their ``style`` records: every ``--style``,
+    then the ``--combo``'s, which reads the first face photo."""
+    images = [_path_and_number(item)[0] for item in getattr(args, "style", None) or []]
+    combo = _combo(args)
+    return images + ([args.face[0]] if combo is not None else [])
+
+
+def _style_records(args: argparse.Namespace, recorded: list[dict]) -> list[dict]:
+    """The ``style`` records of ``--style`` and ``--combo``. A scale, window or adapter the flags leave open
+    comes from the settings file's record at the same place (``recorded``), so that ``--settings IMAGE.png
+    --style IMAGE`` makes the image again."""
+    from .settings import StyleSetting
+
+    items = [_path_and_number(item) for item in getattr(args, "style", None) or []]
+    combo = _combo(args)
+    if not items and combo is None:
+        for flag in ("--style-adapter", "--style-window"):
+            if getattr(args, flag[2:].replace("-", "_"), None) is not None:
+                raise FaceIDError(f"{flag} goes with --style IMAGE[:SCALE] (or --combo), the images it applies to")
+        return []
+    source = _style_adapter_source(args, recorded, combo)
+    name = _reference_name(source)
+    records = []
+    for k, (_, scale) in enumerate(items):
+        before = recorded[k] if k < len(recorded) else {}
+        if before.get("region") is not None:
+            raise FaceIDError(
+                f"the settings' style reference {k} acts in a region, which the command line cannot give: use "
+                "the Python API (Reference(image, region=...))"
+            )
+        records.append({
+            "adapter": name,
+            "scale": before.get("scale", StyleSetting.model_fields["scale"].default) if scale is None else scale,
+            "window": args.style_window or before.get("window"),
+        })  # fmt: skip
+    if combo is not None:
+        records.append({"adapter": name, "scale": combo.reference_scale})
+    return records
+
+
+def _style_adapter_source(args: argparse.Namespace, recorded: list[dict], combo) -> str:
+    """What ``--style-adapter`` loads: as given; else the adapter the settings file's references name (a kind;
+    a file must be given again); else the combination's, or plus-face."""
+    from .references import REFERENCE_ADAPTERS
+
+    if args.style_adapter is not None:  # generate's flag: only generate gives --style and --combo
+        source = args.style_adapter
+        if source not in REFERENCE_ADAPTERS and not Path(source).is_file():
+            raise FaceIDError(
+                f"--style-adapter {source!r}: give {', '.join(REFERENCE_ADAPTERS)} or an IP-Adapter checkpoint "
+                "file (no such file)"
+            )
+        return source
+    if recorded:
+        source = recorded[0]["adapter"]
+        if source not in REFERENCE_ADAPTERS:
+            raise FaceIDError(
+                f"the settings' style references were read by the reference adapter {source!r}, a file: give it "
+                "again with --style-adapter FILE"
+            )
+        return source
+    return combo.reference if combo is not None else DEFAULT_STYLE_ADAPTER
+
+
+def _reference_name(source: str) -> str:
+    """The name ``generate`` loads a reference adapter under, which the PNGs record: the kind, or the file's
+    name without its suffix (dots made dashes: branch names have none)."""
+    from .references import REFERENCE_ADAPTERS
+
+    return source if source in REFERENCE_ADAPTERS else Path(source).stem.replace(".", "-")
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -1118,13 +1318,8 @@ def _control_argument(text: str) -> tuple[str, str, float]:
     kind, sep, rest = text.partition(":")
     if not sep or kind not in CONTROL_KINDS or not rest:
         raise FaceIDError(f"--control {text!r}: give KIND:IMAGE[:SCALE] with KIND one of {', '.join(CONTROL_KINDS)}")
-    image, sep, scale = rest.rpartition(":")
-    if sep:
-        try:
-            return kind, image, float(scale)
-        except ValueError:
-            pass
-    return kind, rest, 1.0
+    image, scale = _path_and_number(rest)
+    return kind, image, 1.0 if scale is None else scale
 
 
 def _control_image(kind: str, image: str, analyzer, size: tuple[int, int] | None = None):
@@ -1173,6 +1368,52 @@ def _mode_arguments(args: argparse.Namespace) -> tuple[list[tuple[str, str, floa
     return controls, nets * len(controls) if len(nets) == 1 else nets
 
 
+def _people_and_references(args: argparse.Namespace, settings, regions) -> tuple[object, list, bool]:
+    """``generate``'s ``regions=`` input (``regions``: the photo or masks of ``_regions_flags``) and reference
+    images, loaded and checked before the models load; and whether the ``--face`` photos are the people of one
+    picture (else: photos of one person)."""
+    from .images import load_image
+
+    people = settings.regions is not None or regions is not None
+    if people:
+        if args.best_of > 1:
+            raise FaceIDError("--best-of scores the likeness of one person: leave it out with --regions/--region-mask")
+        if _combo(args) is not None:
+            raise FaceIDError("--combo reads one person's photo: leave out --regions/--region-mask")
+        given = regions if isinstance(regions, list) else settings.regions
+        if isinstance(given, list) and len(given) != len(args.face):
+            raise FaceIDError(f"{len(given)} regions for {len(args.face)} --face photos: give one region per person")
+    if settings.regions == "masks" and regions is None:
+        raise FaceIDError("these settings place the people by mask images: give one --region-mask per --face again")
+    images = _reference_images(args)
+    if settings.style and not images:
+        raise FaceIDError(
+            f"these settings name {len(settings.style)} style reference(s): give their images again with --style "
+            "IMAGE[:SCALE] (and --combo NAME where it was used)"
+        )
+    loaded = [load_image(m) for m in regions] if isinstance(regions, list) else regions and load_image(regions)
+    return loaded, [load_image(image) for image in images], people
+
+
+def _load_references(pipe, args: argparse.Namespace, settings, images: list) -> list:
+    """The reference adapter of ``--style-adapter`` loaded, and each reference image with its ``style`` record."""
+    from .groups import Reference
+
+    if not settings.style:
+        return []
+    source = args.style_adapter or settings.style[0].adapter  # a record names a kind unless the flag was given
+    name = pipe.load_reference(
+        source,
+        name=_reference_name(source),
+        # The Plus image encoder reads the references too; else --image-encoder's (default: h94's ViT-H).
+        image_encoder=args.image_encoder if pipe.image_encoder is None else None,
+    )
+    return [
+        Reference(image, record.scale, name, record.window, record.region)
+        for image, record in zip(images, settings.style, strict=True)
+    ]
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
 
     from .outputs import contact_sheet, save_png
@@ -1180,6 +1421,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     settings = settings_from_args(args)  # bad settings fail here, before anything loads
     controls, nets = _mode_arguments(args)
+    _, region_files = _regions_flags(args)
+    regions, reference_images, people = _people_and_references(args, settings, region_files)
     if settings.prompt is None:
         raise FaceIDError("give --prompt (or --settings FILE with a prompt)")
     if not isinstance(settings.prompt, str):
@@ -1193,6 +1436,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     analyzer = _face_analyzer(args.face_models)
     faces = [analyzer.get(photo, index=settings.face_index) for photo in args.face]
     pipe = _load_pipeline(args, settings, analyzer, fuse_lora=args.fuse_lora)
+    references = _load_references(pipe, args, settings, reference_images)
     loaded = {source: pipe.load_controlnet(source) for source in dict.fromkeys(nets)}
     # Made at the generation size (lines and edges stay crisp), unless an init image sets the size.
     size = None
@@ -1216,12 +1460,26 @@ def cmd_generate(args: argparse.Namespace) -> int:
             for (kind, image, scale), net in zip(controls, nets, strict=True)
         ]
         or None,
+        # What the regions and references were read from (the settings hold what they became).
+        "regions_photo": region_files if isinstance(region_files, str) else None,
+        "region_masks": args.region_mask,
+        "style_images": _reference_images(args) or None,
+        "style_adapter": args.style_adapter,  # a file's path (the settings name it by its stem)
+        "combo": args.combo,
     }
     first_seed = settings.seed if settings.seed is not None else random.randrange(2**31)
     n = settings.num_images_per_prompt
     stem = Path(args.face[0]).stem
-    # One identity (this prompt's), from every photo given; encoded once for every round of best-of.
-    conditioning = pipe.encode(face=[faces], settings=settings.replace(seed=None))
+    # One identity (this prompt's) from every photo given, or one person per photo in their regions; encoded
+    # once for every round of best-of.
+    conditioning = pipe.encode(
+        face=faces if people else [faces],
+        settings=settings.replace(seed=None),
+        regions=regions,
+        style=references or None,
+    )
+    # The regions and references as the encoding resolved them (a photo's boxes): what the images record.
+    settings = settings.replace(**conditioning.settings.model_dump(include={"regions", "style"}))
     images, seeds, run = [], [], None
     for round_ in range(args.best_of):  # batches of n: best-of-K needs no K-times larger batch
         batch_seeds = [first_seed + round_ * n + i for i in range(n)]
@@ -1324,15 +1582,21 @@ def _keep_best(images, seeds, faces, analyzer, args, prompt, keep):
     return [images[s.index] for _, s in picked], [seeds[s.index] for _, s in picked], kept_scores
 
 
-def _lora_argument(item: str) -> tuple[str, float]:
-    """``FILE`` or ``FILE:WEIGHT``."""
-    path, sep, weight = item.rpartition(":")
+def _path_and_number(text: str) -> tuple[str, float | None]:
+    """``PATH`` or ``PATH:NUMBER`` -> (path, number or None); the path may hold colons itself."""
+    path, sep, number = text.rpartition(":")
     if sep:
         try:
-            return path, float(weight)
+            return path, float(number)
         except ValueError:
             pass
-    return item, 1.0
+    return text, None
+
+
+def _lora_argument(item: str) -> tuple[str, float]:
+    """``FILE`` or ``FILE:WEIGHT`` (1)."""
+    path, weight = _path_and_number(item)
+    return path, 1.0 if weight is None else weight
 
 
 def _free_path(path: Path) -> Path:
