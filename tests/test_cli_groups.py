@@ -35,7 +35,12 @@ def test_combo_resolves_to_plusv2_at_0_8_and_plus_face_at_0_4():
         assert VARIANTS[name].family == family and VARIANTS[name].architecture.name == "plusv2"
     assert combo.reference in REFERENCE_ADAPTERS
     (reference,) = combo.style("me.jpg")
-    assert (reference.image, reference.scale, reference.adapter) == ("me.jpg", 0.4, "plus-face")
+    assert (reference.image, reference.scale, reference.adapter, reference.face_crop) == (
+        "me.jpg",
+        0.4,
+        "plus-face",
+        True,
+    )
 
     def resolve(*flags):
         args = build_parser().parse_args(["generate", "--face", "me.jpg", "--out", "o", "--combo", COMBO, *flags])
@@ -118,7 +123,9 @@ def test_style_reference_is_recorded_and_reproduced(tmp_path, capsys, tiny_model
                      "--style-window", "0", "0.5") == 0  # fmt: skip
     path, styled = _png(tmp_path / "a")
     stored = read_settings(path)
-    assert stored["style"] == [{"adapter": "ip-adapter-plain_sd15", "scale": 0.7, "window": [0.0, 0.5]}]
+    assert stored["style"] == [
+        {"adapter": "ip-adapter-plain_sd15", "scale": 0.7, "window": [0.0, 0.5], "face_crop": False}
+    ]
     assert stored["style_images"] == [str(faces_dir / "obama2.jpg")] and stored["style_adapter"] == str(plain)
     assert np.abs(styled - _png(tmp_path / "off")[1]).max() > 0  # the reference acts
     # --settings IMAGE.png: the reference image and the adapter file again; scale and window from the PNG.
@@ -143,7 +150,7 @@ def test_combo_on_the_tiny_models(tmp_path, tiny_models, faces_dir, face_models_
     assert _generate(faces_dir / "obama2.jpg", tmp_path, files, face_models_dir, *extra) == 0
     stored = read_settings(_png(tmp_path)[0])
     assert stored["scale"] == 0.8 and stored["shortcut"] is True and stored["combo"] == COMBO
-    assert stored["style"] == [{"adapter": "ip-adapter-plus_sd15", "scale": 0.4}]
+    assert stored["style"] == [{"adapter": "ip-adapter-plus_sd15", "scale": 0.4, "face_crop": True}]
     assert stored["style_images"] == [str(faces_dir / "obama2.jpg")]
 
 

@@ -480,8 +480,10 @@ def _style_records(args: argparse.Namespace, recorded: list[dict]) -> list[dict]
             if getattr(args, flag[2:].replace("-", "_"), None) is not None:
                 raise FaceIDError(f"{flag} goes with --style IMAGE[:SCALE] (or --combo), the images it applies to")
         return []
+    from .references import reference_name
+
     source = _style_adapter_source(args, recorded, combo)
-    name = _reference_name(source)
+    name = reference_name(source)
     records = []
     for k, (_, scale) in enumerate(items):
         before = recorded[k] if k < len(recorded) else {}
@@ -522,14 +524,6 @@ def _style_adapter_source(args: argparse.Namespace, recorded: list[dict], combo)
             )
         return source
     return combo.reference if combo is not None else DEFAULT_STYLE_ADAPTER
-
-
-def _reference_name(source: str) -> str:
-    """The name ``generate`` loads a reference adapter under, which the PNGs record: the kind, or the file's
-    name without its suffix (dots made dashes: branch names have none)."""
-    from .references import REFERENCE_ADAPTERS
-
-    return source if source in REFERENCE_ADAPTERS else Path(source).stem.replace(".", "-")
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -1398,19 +1392,22 @@ def _people_and_references(args: argparse.Namespace, settings, regions) -> tuple
 def _load_references(pipe, args: argparse.Namespace, settings, images: list) -> list:
     """The reference adapter of ``--style-adapter`` loaded, and each reference image with its ``style`` record."""
     from .groups import Reference
+    from .references import reference_name
 
     if not settings.style:
         return []
     source = args.style_adapter or settings.style[0].adapter  # a record names a kind unless the flag was given
     name = pipe.load_reference(
         source,
-        name=_reference_name(source),
+        name=reference_name(source),
         # The Plus image encoder reads the references too; else --image-encoder's (default: h94's ViT-H).
         image_encoder=args.image_encoder if pipe.image_encoder is None else None,
     )
+    # The --combo's reference (the last) reads the aligned crop of the face, as Plus-Face was trained.
+    combo = _combo(args) is not None
     return [
-        Reference(image, record.scale, name, record.window, record.region)
-        for image, record in zip(images, settings.style, strict=True)
+        Reference(image, record.scale, name, record.window, record.region, combo and k == len(images) - 1)
+        for k, (image, record) in enumerate(zip(images, settings.style, strict=True))
     ]
 
 

@@ -39,11 +39,12 @@ class AdapterCombo:
         return self.adapters[family]
 
     def style(self, photo: Any, adapter: str | None = None) -> list:
-        """The references to pass as ``style=``: the face photo read by the reference adapter, loaded under
-        ``adapter`` (default: the name ``load_reference(self.reference)`` gives it, the kind)."""
+        """The references to pass as ``style=``: the aligned crop of the photo's face (a photo or a ``Face``),
+        read by the reference adapter loaded under ``adapter`` (default: the name ``load_reference(self.reference)``
+        gives it, the kind)."""
         from .groups import Reference
 
-        return [Reference(photo, self.reference_scale, adapter or self.reference)]
+        return [Reference(photo, self.reference_scale, adapter or self.reference, face_crop=True)]
 
 
 COMBOS: dict[str, AdapterCombo] = {

@@ -36,7 +36,8 @@ class Reference:
 
     ``adapter``: the name it was loaded under (``FaceIDPipeline.load_reference``; None: the only one
     loaded). ``window``: the fraction of the steps it acts in (None: all). ``region``: a box ``(x0, y0, x1,
-    y1)`` in fractions, or a mask image; None: the whole picture.
+    y1)`` in fractions, or a mask image; None: the whole picture. ``face_crop``: read the aligned 224x224 crop
+    of the image's face (largest first) instead of the whole image, as Plus-Face was trained.
     """
 
     image: Any
@@ -44,6 +45,7 @@ class Reference:
     adapter: str | None = None
     window: tuple[float, float] | None = None
     region: Any = None
+    face_crop: bool = False
 
 
 @dataclass
@@ -56,6 +58,7 @@ class EncodedReference:
     scale: float
     window: tuple[float, float] | None
     region: Any
+    face_crop: bool = False
 
 
 def auto_layout(count: int) -> list[Box]:

@@ -516,13 +516,13 @@ class FaceIDPipeline:
         kind or the file name) is what a ``Reference`` names. Its images are read by the pipeline's CLIP
         image encoder (Plus), else by ``image_encoder`` (default: ``h94/IP-Adapter``'s ViT-H, loaded once).
         """
-        from .references import REFERENCE_ADAPTERS, ReferenceAdapter
+        from .references import REFERENCE_ADAPTERS, ReferenceAdapter, reference_name
 
         if str(source) in REFERENCE_ADAPTERS:
             path, label = fetch(REFERENCE_ADAPTERS[str(source)][self.family]), str(source)
         else:
             path, label = Path(source), Path(source).name
-        name = name or (str(source) if str(source) in REFERENCE_ADAPTERS else Path(source).stem.replace(".", "-"))
+        name = name or reference_name(source)
         if name in self.references:
             raise FaceIDError(f"a reference adapter named {name!r} is loaded already; remove_reference it first")
         adapter = ReferenceAdapter.install(self.adapter, path, name=name, label=label)
@@ -572,13 +572,19 @@ class FaceIDPipeline:
         for k, item in enumerate(style):
             ref = item if isinstance(item, Reference) else Reference(item)
             adapter = self._reference(ref.adapter)
-            image = load_image(ref.image)
+            if ref.face_crop:  # the aligned face, as FaceID-Plus reads it (a Face, or the face of a photo)
+                crop = ref.image.crop_224 if identity.is_face(ref.image) else self.face_analyzer.get(ref.image).crop_224
+                image = load_image(crop)
+            else:
+                image = load_image(ref.image)
             _, features, uncond = self.reference_encoder.features([image], penultimate=adapter.spec.penultimate)
             cond, uncond_tokens = adapter.tokens(features, uncond)
             region = ref.region
             if is_box(region):
                 region = check_box(region, f"reference {k}'s region")
-            encoded.append(EncodedReference(adapter.name, cond, uncond_tokens, float(ref.scale), ref.window, region))
+            encoded.append(
+                EncodedReference(adapter.name, cond, uncond_tokens, float(ref.scale), ref.window, region, ref.face_crop)
+            )
         return encoded
 
     # ------------------------------------------------------------------ conditioning
@@ -704,7 +710,13 @@ class FaceIDPipeline:
     @staticmethod
     def _style_setting(reference: EncodedReference) -> dict[str, Any]:
         region = reference.region if reference.region is None or isinstance(reference.region, tuple) else "mask"
-        return {"adapter": reference.adapter, "scale": reference.scale, "window": reference.window, "region": region}
+        return {
+            "adapter": reference.adapter,
+            "scale": reference.scale,
+            "window": reference.window,
+            "region": region,
+            "face_crop": reference.face_crop,
+        }
 
     def resolve_settings(self, settings: GenerationSettings | Mapping[str, Any] | None = None) -> GenerationSettings:
         """``settings`` with every default this pipeline would use filled in (family, adapter, variant)."""

@@ -58,6 +58,12 @@ REFERENCE_ADAPTERS: dict[str, dict[str, HubFile]] = {
 }
 
 
+def reference_name(source: str | Path) -> str:
+    """The name ``FaceIDPipeline.load_reference`` gives an adapter by default: the kind (``plus-face``...), or
+    the file's name without its suffix (dots made dashes: a branch name has none)."""
+    return str(source) if str(source) in REFERENCE_ADAPTERS else Path(source).stem.replace(".", "-")
+
+
 @dataclass(frozen=True)
 class ReferenceSpec:
     """What a standard IP-Adapter checkpoint is, read off its tensors."""
