@@ -116,6 +116,7 @@ def test_run_eval_end_to_end_then_resumes(tmp_path, pipe, analyzer, two_people, 
     assert [g["scale"] for g in summary["by_scale"]] == [0.5, 1.0]
     assert all(g["n"] == 8 for g in summary["by_scale"]) and len(summary["by_prompt"]) == 4
     assert len(summary["by_identity"]) == 4 and summary["overall"]["n"] == 16
+    assert [g["name"] for g in summary["by_identity"]] == ["biden", "obama"] * 2
     for group in summary["by_scale"]:
         assert set(group["identity"]) == {"standin_recognizer", "sface"}
         assert 0.0 <= group["identity"]["sface"]["detection_rate"] <= 1.0
@@ -123,6 +124,7 @@ def test_run_eval_end_to_end_then_resumes(tmp_path, pipe, analyzer, two_people, 
     assert summary["settings"]["seeds"] == [0, 1] and summary["settings"]["prompts"] == PROMPTS
     markdown = (out / "summary.md").read_text()
     assert "## Per adapter scale" in markdown and PROMPTS[1] in markdown and "sface" in markdown
+    assert "| obama | " in markdown and "{" not in markdown  # the per-identity rows are named
     assert [p.name for p in result.plots] == ["curve.png", "prompts.png", "histograms.png"]
     for plot in result.plots:
         with Image.open(plot) as im:

@@ -72,8 +72,9 @@ def summarize(
                 }
             )
         for name in sorted({r["identity"] for r in at}):
+            # The identity's name as "name": "identity" is the recognizers' statistics, as in every group.
             by_identity.append(
-                {"scale": s, "identity": name, **group_stats([r for r in at if r["identity"] == name], recognizers)}
+                {"scale": s, "name": name, **group_stats([r for r in at if r["identity"] == name], recognizers)}
             )
     out["by_prompt"] = by_prompt
     out["by_identity"] = by_identity
@@ -151,7 +152,7 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
             head += ["CLIP-T", "diversity"]
             lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
             for group in (g for g in summary[key] if g["scale"] == scale):
-                name = group["prompt"] if key == "by_prompt" else group["identity"]
+                name = group["prompt"] if key == "by_prompt" else group["name"]
                 cells = [str(name).replace("|", "\\|")]
                 cells += [format_stats(group["identity"][rec]) for rec in recs]
                 cells += [format_rate(group["identity"][rec]["detection_rate"]) for rec in recs]
