@@ -116,6 +116,7 @@ def test_run_eval_end_to_end_then_resumes(tmp_path, pipe, analyzer, two_people, 
     assert [g["scale"] for g in summary["by_scale"]] == [0.5, 1.0]
     assert all(g["n"] == 8 for g in summary["by_scale"]) and len(summary["by_prompt"]) == 4
     assert len(summary["by_identity"]) == 4 and summary["overall"]["n"] == 16
+    assert [g["name"] for g in summary["by_identity"]] == ["biden", "obama"] * 2
     for group in summary["by_scale"]:
         assert set(group["identity"]) == {"standin_recognizer", "sface"}
         assert 0.0 <= group["identity"]["sface"]["detection_rate"] <= 1.0
@@ -123,6 +124,7 @@ def test_run_eval_end_to_end_then_resumes(tmp_path, pipe, analyzer, two_people, 
     assert summary["settings"]["seeds"] == [0, 1] and summary["settings"]["prompts"] == PROMPTS
     markdown = (out / "summary.md").read_text()
     assert "## Per adapter scale" in markdown and PROMPTS[1] in markdown and "sface" in markdown
+    assert "| obama | " in markdown and "{" not in markdown  # the per-identity rows are named
     assert [p.name for p in result.plots] == ["curve.png", "prompts.png", "histograms.png"]
     for plot in result.plots:
         with Image.open(plot) as im:
@@ -309,3 +311,119 @@ def test_eval_and_score_commands(tmp_path, capsys, tiny_models, face_models_dir,
 
     with pytest.raises(FaceIDError, match="recognizers"):
         cmd_score(parser.parse_args([str(out / "images"), "--face", str(faces / "obama.jpg"), "--recognizers", "x"]))
+
+
+# ---------------------------------------------------------------------- several people in one picture
+def _pair(faces_dir, left="obama.jpg", right="biden.jpg"):
+    """A real two-person picture: two photos pasted side by side."""
+    a, b = (Image.open(faces_dir / name).convert("RGB") for name in (left, right))
+    pair = Image.new("RGB", (a.width + b.width, max(a.height, b.height)), "white")
+    pair.paste(a, (0, 0))
+    pair.paste(b, (a.width, 0))
+    return pair, a.width
+
+
+def test_run_eval_with_a_group_scores_each_person(tmp_path, pipe, analyzer, two_people, faces_dir):
+    """A group case beside the single identities: generated with its regions (reproducible from the PNG),
+    each person scored on their own face; with a real two-person picture in place of a generated one, each
+    person gets their face. Single-person rows keep their form."""
+    out = tmp_path / "eval"
+    scorers = [IdentityScorer(analyzer), sface_scorer()]
+    options = {"groups": ["obama,biden"], "plots": True, **TINY}
+    result = run_eval(pipe, two_people, PROMPTS[:1], 1, [1.0], out, scorers, None, **options)
+    assert result.generated == 3 and [r["identity"] for r in result.rows] == ["biden", "obama", "obama+biden"]
+    single, group = result.rows[1], result.rows[2]
+    assert "people" not in single and single["face"] == "obama.jpg" and set(single) >= {"similarity", "no_face"}
+    assert group["face"] == ["obama.jpg", "biden.jpg"] and [p["identity"] for p in group["people"]] == [
+        "obama",
+        "biden",
+    ]
+    image = out / group["path"]
+    stored = read_settings(image)
+    assert (
+        stored["regions"] == "auto" and stored["people"] == ["obama", "biden"] and stored["identity"] == "obama+biden"
+    )
+    again = pipe(
+        face=[two_people / "obama.jpg", two_people / "biden.jpg"],
+        regions="auto",
+        seed=0,
+        prompt=PROMPTS[0],
+        **TINY["settings"],
+    )
+    np.testing.assert_array_equal(np.asarray(again.images[0]), np.asarray(Image.open(image)))
+    # A 24x16 picture has no face: both people not found, the picture scores 0.
+    assert all(p["no_face"] == {"standin_recognizer": True, "sface": True} for p in group["people"])
+    assert group["similarity"] == group["similarity_min"] == {"standin_recognizer": 0.0, "sface": 0.0}
+
+    # A real two-person picture in that image's place (same settings, so the next run keeps and scores it).
+    pair, cut = _pair(faces_dir, "obama2.jpg", "biden.jpg")
+    save_png(pair, image, stored)
+    rescored = run_eval(pipe, two_people, PROMPTS[:1], 1, [1.0], out, scorers, None, **options)
+    assert rescored.generated == 0
+    group = rescored.rows[2]
+    obama, biden = group["people"]
+    for recognizer in ("standin_recognizer", "sface"):
+        assert not obama["no_face"][recognizer] and not biden["no_face"][recognizer]
+        assert group["extra_faces"][recognizer] == 0
+    # SFace tells the two apart: each gets the face on their side, and Biden's is his own photo.
+    assert obama["box"]["sface"][2] <= cut + 1 < biden["box"]["sface"][0] + 1
+    assert obama["similarity"]["sface"] > 0.5 and biden["similarity"]["sface"] > 0.9
+    assert group["similarity"]["sface"] == pytest.approx(
+        (obama["similarity"]["sface"] + biden["similarity"]["sface"]) / 2
+    )
+    assert group["similarity_min"]["sface"] == obama["similarity"]["sface"]
+
+    summary = rescored.summary
+    assert summary["settings"]["groups"] == ["obama+biden"]
+    people = {(g["name"], g["person"]): g for g in summary["by_person"]}
+    assert set(people) == {("obama+biden", "obama"), ("obama+biden", "biden")}
+    assert people[("obama+biden", "biden")]["identity"]["sface"]["mean"] == biden["similarity"]["sface"]
+    weakest = summary["by_scale"][0]["identity"]["sface"]["weakest"]
+    singles = [r["similarity"]["sface"] for r in rescored.rows[:2]]
+    assert weakest == pytest.approx(np.mean(singles + [obama["similarity"]["sface"]]))
+    markdown = (out / "summary.md").read_text()
+    assert "## Per person in group pictures" in markdown and "| obama+biden | biden |" in markdown
+    assert "weakest person" in markdown
+    assert [p.name for p in rescored.plots] == ["curve.png", "prompts.png", "histograms.png", "people.png"]
+    with pytest.raises(FaceIDError, match="no photo of carter"):
+        run_eval(pipe, two_people, PROMPTS[:1], 1, [1.0], out, scorers, None, groups=["obama,carter"], **TINY)
+
+
+def test_score_command_rates_each_person_of_a_group_picture(tmp_path, capsys, faces_dir):
+    """``faceid score --face A --face B``: one line per image and person, in either order of the photos; a
+    person missing from a picture is 'not found'; the rows (--out) carry person, box and extra faces."""
+    images = tmp_path / "images"
+    images.mkdir()
+    pair, cut = _pair(faces_dir)
+    pair.save(images / "pair.png")
+    shutil.copyfile(faces_dir / "obama.jpg", images / "only_obama.jpg")
+    parser = argparse.ArgumentParser()
+    add_score_arguments(parser)
+    for order in (("obama2", "biden"), ("biden", "obama2")):
+        jsonl = tmp_path / f"{order[0]}.jsonl"
+        faces = [arg for name in order for arg in ("--face", str(faces_dir / f"{name}.jpg"))]
+        args = parser.parse_args([str(images), *faces, "--recognizers", "sface", "--no-clip", "--out", str(jsonl)])
+        assert cmd_score(args) == 0
+        printed = capsys.readouterr().out
+        print(printed)
+        lines = {tuple(line.split()[:2]): line.split()[2:] for line in printed.splitlines()}
+        assert float(lines[("pair.png", "obama2")][0]) > 0.5 and float(lines[("pair.png", "biden")][0]) > 0.9
+        assert lines[("only_obama.jpg", "biden")] == ["not", "found"]
+        assert float(lines[("only_obama.jpg", "obama2")][0]) > 0.5
+        assert "2 of 2 image(s), 2 people each:" in printed and "weakest person" in printed
+        rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
+        assert [(r["path"], r["person"]) for r in rows] == [
+            ("only_obama.jpg", order[0]),
+            ("only_obama.jpg", order[1]),
+            ("pair.png", order[0]),
+            ("pair.png", order[1]),
+        ]
+        by = {(r["path"], r["person"]): r for r in rows}
+        assert (
+            by[("pair.png", "obama2")]["box"]["sface"][2] <= cut + 1 <= by[("pair.png", "biden")]["box"]["sface"][0] + 1
+        )
+        assert by[("only_obama.jpg", "biden")]["box"] == {"sface": None}
+        assert all(r["extra_faces"] == {"sface": 0} for r in rows)
+    same_name = ["--face", str(faces_dir / "obama.jpg"), "--face", str(tmp_path / "obama.jpg")]
+    with pytest.raises(FaceIDError, match="both named 'obama'"):
+        cmd_score(parser.parse_args([str(images), *same_name, "--recognizers", "sface", "--no-clip"]))

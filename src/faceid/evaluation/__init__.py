@@ -13,29 +13,36 @@ from .best_of import BestOfScore, best_of
 from .inputs import (
     DEFAULT_NUM_SEEDS,
     DEFAULT_SCALES,
+    EvalGroup,
     default_prompts_path,
     list_identities,
     list_images,
     load_prompts,
+    parse_group,
     parse_scales,
     parse_seeds,
+    resolve_groups,
 )
 from .plots import write_plots
-from .run import EvalResult, run_eval, score_folder, write_jsonl
+from .run import EvalResult, named_references, run_eval, score_folder, write_jsonl
 from .summary import summarize, summary_markdown
 
 __all__ = [
     "DEFAULT_NUM_SEEDS",
     "DEFAULT_SCALES",
     "BestOfScore",
+    "EvalGroup",
     "EvalResult",
     "best_of",
     "default_prompts_path",
     "list_identities",
     "list_images",
     "load_prompts",
+    "named_references",
+    "parse_group",
     "parse_scales",
     "parse_seeds",
+    "resolve_groups",
     "run_eval",
     "score_folder",
     "summarize",

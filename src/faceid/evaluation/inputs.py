@@ -1,11 +1,12 @@
-"""What an evaluation runs over: the identities (one photo each), the prompts, the seeds, the adapter scales,
-and the images of a folder to score."""
+"""What an evaluation runs over: the identities (one photo each), the groups of them pictured together, the
+prompts, the seeds, the adapter scales, and the images of a folder to score."""
 
 from __future__ import annotations
 
 import math
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -15,11 +16,14 @@ from ..images import IMAGE_SUFFIXES
 __all__ = [
     "DEFAULT_NUM_SEEDS",
     "DEFAULT_SCALES",
+    "EvalGroup",
     "default_prompts_path",
     "list_identities",
     "list_images",
     "load_prompts",
+    "parse_group",
     "parse_scales",
+    "resolve_groups",
     "parse_seeds",
 ]
 
@@ -65,6 +69,63 @@ def list_identities(faces_dir: str | os.PathLike) -> list[tuple[str, Path]]:
             )
         seen[photo.stem] = photo
     return [(p.stem, p) for p in photos]
+
+
+@dataclass(frozen=True)
+class EvalGroup:
+    """Several identities of the faces folder in one picture: a case of the evaluation grid of its own.
+
+    ``people``: identity names (file stems), person k in region k. ``regions``: where each goes, as the
+    pipeline takes it: ``"auto"`` (equal columns, left to right) or one box ``(x0, y0, x1, y1)`` in
+    fractions per person. The images go to ``images/scale_<s>/<name>/``, ``name`` being the people
+    joined by ``+``.
+    """
+
+    people: tuple[str, ...]
+    regions: str | tuple[tuple[float, float, float, float], ...] = "auto"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "people", tuple(str(p) for p in self.people))
+        if not isinstance(self.regions, str):
+            object.__setattr__(self, "regions", tuple(tuple(float(v) for v in box) for box in self.regions))
+        if len(self.people) < 2:
+            raise FaceIDError(f"a group pictures two people or more, got {list(self.people)}")
+        if len(set(self.people)) != len(self.people):
+            raise FaceIDError(f"a group names the same person twice: {'+'.join(self.people)}")
+        if isinstance(self.regions, str) and self.regions != "auto":
+            raise FaceIDError(f"a group's regions are 'auto' or one box per person, got {self.regions!r}")
+        if not isinstance(self.regions, str) and len(self.regions) != len(self.people):
+            raise FaceIDError(f"{len(self.regions)} regions for the {len(self.people)} people of {self.name}")
+
+    @property
+    def name(self) -> str:
+        return "+".join(self.people)
+
+
+def parse_group(text: str | EvalGroup | Sequence[str]) -> EvalGroup:
+    """``"obama,biden"`` (``--group``) -> the two in one picture, left to right, regions ``"auto"``."""
+    if isinstance(text, EvalGroup):
+        return text
+    names = [p.strip() for p in text.split(",") if p.strip()] if isinstance(text, str) else list(text)
+    if len(names) < 2:
+        raise FaceIDError(f"--group takes two identities or more, comma-separated (obama,biden), got {text!r}")
+    return EvalGroup(tuple(names))
+
+
+def resolve_groups(groups: Sequence[EvalGroup | str | Sequence[str]], identities: Sequence[str]) -> list[EvalGroup]:
+    """The groups, each naming only ``identities`` (those of the faces folder), no two alike."""
+    resolved: list[EvalGroup] = []
+    for group in (parse_group(g) for g in groups):
+        unknown = [p for p in group.people if p not in identities]
+        if unknown:
+            raise FaceIDError(
+                f"group {group.name}: no photo of {', '.join(unknown)} in the faces folder "
+                f"(its identities: {', '.join(identities)})"
+            )
+        if group.name in identities or any(g.name == group.name for g in resolved):
+            raise FaceIDError(f"the group {group.name} is given twice, or clashes with a photo of that name")
+        resolved.append(group)
+    return resolved
 
 
 def parse_seeds(text: str | int | Sequence[int]) -> list[int]:

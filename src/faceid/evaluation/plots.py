@@ -1,4 +1,5 @@
-"""The plots of an evaluation: identity vs prompt fidelity over the adapter scale, per prompt, histograms."""
+"""The plots of an evaluation: identity vs prompt fidelity over the adapter scale, per prompt, histograms, and
+per person of the group pictures."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ def write_plots(
     log: Callable[[str], None] | None = None,
 ) -> list[Path]:
     """``curve.png`` (identity similarity vs CLIP-T, one point per scale), ``prompts.png`` (per prompt),
-    ``histograms.png`` (scores of every image). Needs matplotlib; without it, says so and writes none."""
+    ``histograms.png`` (scores of every image), and with group pictures ``people.png`` (each person of each
+    group). Needs matplotlib; without it, says so and writes none."""
     try:
         from matplotlib.figure import Figure  # the object API: no pyplot, no global backend state
     except ImportError:
@@ -65,28 +67,14 @@ def write_plots(
     scales = [g["scale"] for g in by_scale]
     panels = recs + (["CLIP-T"] if has_clip else [])
     if prompts and panels:
-        height = max(3.0, 0.32 * len(prompts) * max(1, len(scales)) / 2 + 1.5)
-        fig = Figure(figsize=(5.0 * len(panels) + 2.5, height), dpi=100)
-        axes = fig.subplots(1, len(panels), sharey=True, squeeze=False)[0]
-        positions = np.arange(len(prompts))
-        bar = 0.8 / max(1, len(scales))
-        for ax, panel in zip(axes, panels, strict=True):
-            for k, scale in enumerate(scales):
-                values = []
-                for p_index, _ in prompts:
-                    group = next(
-                        g for g in summary["by_prompt"] if g["scale"] == scale and g["prompt_index"] == p_index
-                    )
-                    stats = group["clip_t"] if panel == "CLIP-T" else group["identity"][panel]
-                    values.append(np.nan if stats["mean"] is None else stats["mean"])
-                ax.barh(positions + k * bar - 0.4 + bar / 2, values, height=bar, label=f"scale {scale:g}")
-            ax.set_title(panel if panel == "CLIP-T" else f"{panel} similarity")
-            ax.grid(axis="x", alpha=0.3)
-        axes[0].set_yticks(positions, [_short(p, 48) for _, p in prompts], fontsize=7)
-        axes[0].invert_yaxis()
-        axes[-1].legend(fontsize=7, loc="lower right")
-        fig.tight_layout()
-        paths.append(save_figure(fig, folder / "prompts.png"))
+        by_prompt = {(g["scale"], g["prompt_index"]): g for g in summary["by_prompt"]}
+
+        def prompt_mean(panel: str, scale: float, p_index: int) -> float | None:
+            group = by_prompt[(scale, p_index)]
+            return (group["clip_t"] if panel == "CLIP-T" else group["identity"][panel])["mean"]
+
+        labels = [(p_index, _short(p, 48)) for p_index, p in prompts]
+        paths.append(_bars(folder / "prompts.png", labels, panels, scales, prompt_mean))
 
     # 3. Histograms of every image's scores.
     if rows and panels:
@@ -115,7 +103,49 @@ def write_plots(
                 ax.text(0.5, 0.5, "no faces found", ha="center", va="center", transform=ax.transAxes)
         fig.tight_layout()
         paths.append(save_figure(fig, folder / "histograms.png"))
+
+    # 4. Group pictures: each person's similarity (on the face assigned to them), bars per scale.
+    if summary.get("by_person") and recs:
+        by_person = {(g["scale"], g["name"], g["position"]): g for g in summary["by_person"]}
+        people = sorted({(g["name"], g["position"], g["person"]) for g in summary["by_person"]})
+
+        def person_mean(panel: str, scale: float, key: tuple[str, int]) -> float | None:
+            entry = by_person.get((scale, *key))
+            return None if entry is None else entry["identity"][panel]["mean"]
+
+        labels = [((name, k), f"{_short(name, 32)}: {person}") for name, k, person in people]
+        paths.append(_bars(folder / "people.png", labels, recs, scales, person_mean))
     return paths
+
+
+def _bars(
+    path: Path,
+    labels: Sequence[tuple[Any, str]],
+    panels: Sequence[str],
+    scales: Sequence[float],
+    mean: Callable[[str, float, Any], float | None],
+) -> Path:
+    """Horizontal bars: one panel per recognizer (or CLIP-T), one row per ``(key, label)``, one bar per
+    scale of height ``mean(panel, scale, key)`` (None: no bar)."""
+    from matplotlib.figure import Figure
+
+    height = max(3.0, 0.32 * len(labels) * max(1, len(scales)) / 2 + 1.5)
+    fig = Figure(figsize=(5.0 * len(panels) + 2.5, height), dpi=100)
+    axes = fig.subplots(1, len(panels), sharey=True, squeeze=False)[0]
+    positions = np.arange(len(labels))
+    bar = 0.8 / max(1, len(scales))
+    for ax, panel in zip(axes, panels, strict=True):
+        for k, scale in enumerate(scales):
+            values = [mean(panel, scale, key) for key, _ in labels]
+            values = [np.nan if v is None else v for v in values]
+            ax.barh(positions + k * bar - 0.4 + bar / 2, values, height=bar, label=f"scale {scale:g}")
+        ax.set_title(panel if panel == "CLIP-T" else f"{panel} similarity")
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks(positions, [label for _, label in labels], fontsize=7)
+    axes[0].invert_yaxis()
+    axes[-1].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return save_figure(fig, path)
 
 
 def _short(text: str, width: int) -> str:

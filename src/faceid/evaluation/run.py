@@ -1,7 +1,8 @@
 """Running an evaluation: generate, keep and score images, write the results.
 
 * :func:`run_eval` generates the grid identities x prompts x seeds x adapter scales with a
-  :class:`~faceid.pipeline.FaceIDPipeline`, keeps every image (a PNG that remembers its settings), skips
+  :class:`~faceid.pipeline.FaceIDPipeline` (groups of identities pictured together are cases of the grid
+  too, each person scored on the face the best assignment gives them), keeps every image (a PNG that remembers its settings), skips
   images that are already there with the same settings (so an interrupted run resumes), scores them and
   writes ``results.jsonl``, ``summary.json``, ``summary.md`` and plots.
 * :func:`score_folder` scores images that already exist (``faceid score``).
@@ -34,11 +35,11 @@ from ..images import ImageSource, load_image
 from ..outputs import read_settings, save_png
 from ..scoring import ClipTextScorer, IdentityScoring, diversity
 from ..settings import GenerationSettings
-from .inputs import list_identities, list_images, load_prompts, parse_scales, parse_seeds
+from .inputs import EvalGroup, list_identities, list_images, load_prompts, parse_scales, parse_seeds, resolve_groups
 from .plots import write_plots
 from .summary import summarize, summary_markdown
 
-__all__ = ["EvalResult", "run_eval", "score_folder", "write_jsonl"]
+__all__ = ["EvalResult", "named_references", "run_eval", "score_folder", "write_jsonl"]
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +80,7 @@ def run_eval(
     extra_metadata: Mapping[str, Any] | None = None,
     plots: bool = True,
     log: Callable[[str], None] | None = None,
+    groups: Sequence[EvalGroup | str | Sequence[str]] = (),
 ) -> EvalResult:
     """Generate, keep and score the grid identities x prompts x seeds x scales; write results and summary.
 
@@ -94,6 +96,12 @@ def run_eval(
     and scale itself); each PNG stores its own, so any image of the grid reproduces alone.
     ``extra_metadata``: more values stored in every PNG and compared when resuming (the CLI passes the
     VAE it loaded). ``log``: progress messages.
+
+    ``groups``: pictures of several people, each a case of the grid beside the single identities:
+    :class:`~faceid.evaluation.EvalGroup` (or ``"obama,biden"``), naming identities of ``faces_dir``.
+    They are generated with the group's ``regions`` and every person is scored on the face the best
+    assignment gives them (:meth:`~faceid.scoring.IdentityScorer.score_people`); the row's ``similarity``
+    is the mean over the people, ``similarity_min`` the least-like person, ``people`` each one's scores.
     """
     say = log or logger.info
     if isinstance(prompts, (str, os.PathLike)) or prompts is None:
@@ -104,6 +112,10 @@ def run_eval(
     seeds = parse_seeds(seeds)
     scales = parse_scales(scales)
     identities = list_identities(faces_dir)
+    photos = dict(identities)
+    # The cases of the grid: each identity alone (no regions), then each group with its regions.
+    cases: list[tuple[str, tuple[str, ...], Any]] = [(name, (name,), None) for name, _ in identities]
+    cases += [(g.name, g.people, g.regions) for g in resolve_groups(groups, list(photos))]
     out_dir = Path(out_dir).expanduser()
     scorers = list(identity_scorers)
     names = [s.name for s in scorers]
@@ -112,9 +124,11 @@ def run_eval(
 
     # Everything that can fail on the inputs fails here, before the first image is generated.
     shared = GenerationSettings.parse(settings)
-    axes = sorted(shared.model_fields_set & {"prompt", "seed", "scale", "num_images_per_prompt"})
+    axes = sorted(shared.model_fields_set & {"prompt", "seed", "scale", "num_images_per_prompt", "regions"})
     if axes:
-        raise FaceIDError(f"the evaluation grid sets {', '.join(axes)} itself: use its prompts, seeds and scales")
+        raise FaceIDError(
+            f"the evaluation grid sets {', '.join(axes)} itself: use its prompts, seeds and scales (and groups)"
+        )
     shared = pipe.resolve_settings(shared)
     faces = {name: pipe.face_analyzer.get(photo, index=shared.face_index) for name, photo in identities}
     for scorer in scorers:  # a reference photo in which a recognizer finds no face fails here
@@ -127,25 +141,37 @@ def run_eval(
 
     # ---- plan: which images are already there (a folder of another run fails here, not halfway) ----
     jobs: list[dict[str, Any]] = []
-    todo: list[tuple[str, int, float, list[dict[str, Any]]]] = []
+    todo: list[tuple[tuple[str, tuple[str, ...], Any], int, float, list[dict[str, Any]]]] = []
     reused = 0
     for scale in scales:
-        for name, photo in identities:
+        for case in cases:
+            name, people, regions = case
+            # Who is pictured: one identity as always; a group lists its people, their photos and hashes.
+            who: dict[str, Any] = (
+                {"identity": name, "face": photos[name].name, "face_sha256": hashes[name]}
+                if regions is None
+                else {
+                    "identity": name,
+                    "people": list(people),
+                    "face": [photos[p].name for p in people],
+                    "face_sha256": [hashes[p] for p in people],
+                }
+            )
+            placement = {} if regions is None else {"regions": regions}
             for p_index, prompt in enumerate(prompts):
                 missing = []
                 for seed in seeds:
                     path = out_dir / "images" / f"scale_{_fmt_scale(scale)}" / name / f"p{p_index:02d}_s{seed}.png"
                     # What reproduces this image alone, and where it belongs in the grid.
                     metadata = {
-                        **shared.replace(prompt=prompt, seed=seed, scale=scale).to_json(),
-                        "identity": name,
-                        "face": photo.name,
-                        "face_sha256": hashes[name],
+                        **shared.replace(prompt=prompt, seed=seed, scale=scale, **placement).to_json(),
+                        **who,
                         "prompt_index": p_index,
                         **extra,
                         "faceid_version": __version__,
                     }
-                    job = {"identity": name, "photo": photo, "prompt": prompt, "prompt_index": p_index}
+                    job = {"identity": name, "people": people, "group": regions is not None}
+                    job.update({"photos": [photos[p] for p in people], "prompt": prompt, "prompt_index": p_index})
                     job.update({"seed": seed, "scale": scale, "path": path, "metadata": metadata})
                     jobs.append(job)
                     if resume and path.exists() and _same_settings(path, metadata, overwrite):
@@ -153,12 +179,13 @@ def run_eval(
                     else:
                         missing.append(job)
                 if missing:
-                    todo.append((name, p_index, scale, missing))
+                    todo.append((case, p_index, scale, missing))
 
     # ---- generate what is missing ---------------------------------------------------------------
     generated = 0
     step = max(1, int(batch_size))
-    for name, p_index, scale, missing in todo:
+    for (name, people, regions), p_index, scale, missing in todo:
+        placement = {} if regions is None else {"regions": regions}
         for start in range(0, len(missing), step):
             chunk = missing[start : start + step]
             request = shared.replace(
@@ -166,8 +193,11 @@ def run_eval(
                 num_images_per_prompt=len(chunk),
                 seed=[j["seed"] for j in chunk],
                 scale=scale,
+                **placement,
             )
-            result = pipe(face=faces[name], settings=request)
+            # A group: all its people in every image, person k in region k.
+            face = faces[name] if regions is None else [faces[p] for p in people]
+            result = pipe(face=face, settings=request)
             for job, image in zip(chunk, result.images, strict=True):
                 job["path"].parent.mkdir(parents=True, exist_ok=True)
                 save_png(image, job["path"], job["metadata"])
@@ -184,6 +214,7 @@ def run_eval(
             **shared.to_json(),
             **extra,
             "identities": [name for name, _ in identities],
+            **({"groups": [name for name, _, regions in cases if regions is not None]} if groups else {}),
             "prompts": prompts,
             "seeds": seeds,
             "scales": scales,
@@ -243,20 +274,36 @@ def _score_jobs(jobs, scorers, clip_scorer, out_dir: Path, say) -> list[dict[str
     )
     rows = []
     for job in jobs:
-        similarity, no_face = {}, {}
-        for scorer in scorers:
-            result = scorer.score(job["path"], job["photo"])
-            similarity[scorer.name], no_face[scorer.name] = result.similarity, result.no_face
+        if not job["group"]:
+            scores = _scores(scorers, job["path"], job["photos"][0])
+            faces, people = job["photos"][0].name, {}
+        else:
+            person_scores, extra_faces = _people_scores(scorers, job["path"], job["photos"])
+            faces = [photo.name for photo in job["photos"]]
+            people = {
+                "people": [
+                    {"identity": person, "face": photo.name, **person_score}
+                    for person, photo, person_score in zip(job["people"], job["photos"], person_scores, strict=True)
+                ]
+            }
+            # The picture as a whole: the mean over its people (one not found counts 0, as a faceless image
+            # does alone), the least-like person, and "no face" when anyone is missing.
+            scores = {
+                "similarity": {n: float(np.mean([p["similarity"][n] for p in person_scores])) for n in extra_faces},
+                "similarity_min": {n: min(p["similarity"][n] for p in person_scores) for n in extra_faces},
+                "no_face": {n: any(p["no_face"][n] for p in person_scores) for n in extra_faces},
+                "extra_faces": extra_faces,
+            }
         rows.append(
             {
                 "identity": job["identity"],
-                "face": job["photo"].name,
+                "face": faces,
+                **people,
                 "prompt": job["prompt"],
                 "prompt_index": job["prompt_index"],
                 "seed": job["seed"],
                 "scale": job["scale"],
-                "similarity": similarity,
-                "no_face": no_face,
+                **scores,
                 "clip_t": None,
                 "path": _relative(job["path"], out_dir),
             }
@@ -276,6 +323,32 @@ def _score_jobs(jobs, scorers, clip_scorer, out_dir: Path, say) -> list[dict[str
             for i in members:
                 rows[i]["diversity"] = value  # of the group (identity, prompt, scale) the image belongs to
     return rows
+
+
+def _scores(scorers: Sequence[IdentityScoring], image: ImageSource, reference: Any) -> dict[str, dict[str, Any]]:
+    """One person: ``similarity`` and ``no_face`` per recognizer, for the largest face of ``image``."""
+    results = {scorer.name: scorer.score(image, reference) for scorer in scorers}
+    return {
+        "similarity": {name: r.similarity for name, r in results.items()},
+        "no_face": {name: r.no_face for name, r in results.items()},
+    }
+
+
+def _people_scores(
+    scorers: Sequence[IdentityScoring], image: ImageSource, references: Sequence[Any]
+) -> tuple[list[dict[str, dict[str, Any]]], dict[str, int]]:
+    """Several people: for each, ``similarity``, ``no_face`` and the matched face's ``box`` per recognizer
+    (each recognizer makes its own assignment); and per recognizer the faces matched to nobody."""
+    people: list[dict[str, dict[str, Any]]] = [{"similarity": {}, "no_face": {}, "box": {}} for _ in references]
+    extra_faces = {}
+    for scorer in scorers:
+        result = scorer.score_people(image, references)
+        extra_faces[scorer.name] = result.extra_faces
+        for person, score in zip(people, result.people, strict=True):
+            person["similarity"][scorer.name] = score.similarity
+            person["no_face"][scorer.name] = score.no_face
+            person["box"][scorer.name] = None if score.box is None else [round(v, 1) for v in score.box]
+    return people, extra_faces
 
 
 def _relative(path: Path, root: Path) -> str:
@@ -312,26 +385,59 @@ def _image_prompt(path: Path) -> str | None:
     return str(prompt) if prompt else None
 
 
+def named_references(reference_face: Any) -> list[tuple[str | None, Any]]:
+    """``(name, reference)`` per person: one reference (name None), a list (named by file stems) or a
+    mapping ``{name: reference}``; a list of one is one person."""
+    if isinstance(reference_face, Mapping):
+        people = [(str(name), ref) for name, ref in reference_face.items()]
+    elif isinstance(reference_face, (list, tuple)):
+        people = [
+            (Path(ref).stem if isinstance(ref, (str, os.PathLike)) else f"person {k}", ref)
+            for k, ref in enumerate(reference_face)
+        ]
+    else:
+        return [(None, reference_face)]
+    if not people:
+        raise FaceIDError("no reference face: give a photo of each person the images should show")
+    names = [name for name, _ in people]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated and len(people) > 1:
+        raise FaceIDError(
+            f"two reference photos are both named {repeated[0]!r}: give the people photos with different file "
+            "names (the name labels each person's scores)"
+        )
+    return people
+
+
 def score_folder(
     images_dir: str | os.PathLike,
-    reference_face: ImageSource,
+    reference_face: ImageSource | Sequence[ImageSource] | Mapping[str, ImageSource],
     scorers: Sequence[IdentityScoring],
     clip_scorer: ClipTextScorer | None = None,
     prompt: str | None = None,
     recursive: bool = True,
 ) -> list[dict[str, Any]]:
-    """Score every image in ``images_dir`` against ``reference_face``: one row per image.
+    """Score every image in ``images_dir`` against ``reference_face``: one row per image (and person).
 
     Row: ``path`` (relative to ``images_dir``), ``prompt``, ``similarity`` and ``no_face`` per recognizer,
     ``clip_t`` (None without a CLIP scorer or a prompt). The prompt for CLIP-T is ``prompt`` when given,
     else the one stored in the image (PNGs written by faceid remember theirs).
+
+    Several people (a list of photos, named by their file stems, or a mapping ``{name: photo}``): every
+    image is a picture of all of them, its faces matched to the people by the best assignment
+    (:meth:`~faceid.scoring.IdentityScorer.score_people`); one row per image and person, with ``person``,
+    the matched face's ``box`` per recognizer (None: not found, ``no_face``) and the image's
+    ``extra_faces`` (faces matched to nobody) per recognizer.
     """
     folder = Path(images_dir).expanduser()
     images = list_images(folder, recursive)
     scorers = list(scorers)
+    people = named_references(reference_face)
+    references = [ref for _, ref in people]
     for scorer in scorers:  # a reference without a face fails before any image is scored
         if hasattr(scorer, "reference_embedding"):
-            scorer.reference_embedding(reference_face)
+            for reference in references:
+                scorer.reference_embedding(reference)
     rows = []
     for path in images:
         try:
@@ -339,16 +445,19 @@ def score_folder(
         except ImageError as exc:
             logger.warning("skipping %s: %s", path, exc)
             continue
-        row: dict[str, Any] = {"path": _relative(path, folder), "prompt": prompt or _image_prompt(path)}
-        scores = {s.name: s.score(path, reference_face) for s in scorers}
-        row["similarity"] = {k: v.similarity for k, v in scores.items()}
-        row["no_face"] = {k: v.no_face for k, v in scores.items()}
-        row["clip_t"] = None
-        rows.append(row)
+        image = {"path": _relative(path, folder), "prompt": prompt or _image_prompt(path)}
+        if len(people) == 1:
+            rows.append({**image, **_scores(scorers, path, references[0]), "clip_t": None})
+            continue
+        person_scores, extra_faces = _people_scores(scorers, path, references)
+        for (name, _), person_score in zip(people, person_scores, strict=True):
+            rows.append({**image, "person": name, **person_score, "extra_faces": extra_faces, "clip_t": None})
     if clip_scorer is not None:
-        with_prompt = [r for r in rows if r["prompt"]]
+        # One CLIP-T per image (its rows for several people share it).
+        with_prompt = list({r["path"]: r for r in rows if r["prompt"]}.values())
         if with_prompt:
             values = clip_scorer.score([folder / r["path"] for r in with_prompt], [r["prompt"] for r in with_prompt])
-            for row, value in zip(with_prompt, values, strict=True):
-                row["clip_t"] = float(value)
+            clip_t = {r["path"]: float(value) for r, value in zip(with_prompt, values, strict=True)}
+            for row in rows:
+                row["clip_t"] = clip_t.get(row["path"])
     return rows

@@ -1,5 +1,5 @@
-"""The summary of an evaluation: statistics of its ``results.jsonl`` rows per scale, prompt and identity
-(``summary.json``), and the same as Markdown tables (``summary.md``)."""
+"""The summary of an evaluation: statistics of its ``results.jsonl`` rows per scale, prompt and identity,
+and per person of the group pictures (``summary.json``), and the same as Markdown tables (``summary.md``)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,10 @@ def _mean_std(values: Iterable[float | None]) -> dict[str, float | int | None]:
     return {"mean": float(np.mean(values)), "std": float(np.std(values)), "n": len(values)}
 
 
-def group_stats(rows: Sequence[Mapping[str, Any]], recognizers: Sequence[str]) -> dict[str, Any]:
+def group_stats(rows: Sequence[Mapping[str, Any]], recognizers: Sequence[str], weakest: bool = False) -> dict[str, Any]:
+    """``n``, identity similarity per recognizer, CLIP-T and diversity of ``rows``. ``weakest``: also the
+    mean over the images of their least-like person (``similarity_min`` of a group picture; a one-person
+    image's own similarity)."""
     identity = {}
     for rec in recognizers:
         sims = [r["similarity"][rec] for r in rows]
@@ -30,6 +33,8 @@ def group_stats(rows: Sequence[Mapping[str, Any]], recognizers: Sequence[str]) -
             "mean_detected": _mean_std(detected)["mean"],
             "detection_rate": (len(detected) / len(rows)) if rows else None,
         }
+        if weakest:
+            identity[rec]["weakest"] = _mean_std(r.get("similarity_min", r["similarity"])[rec] for r in rows)["mean"]
     # Diversity is a property of a group of seeds: count each (identity, prompt, scale) group once.
     groups = {}
     for r in rows:
@@ -52,13 +57,22 @@ def summarize(
     as 0, as the scorer reports it), ``mean_detected`` over images with a face, and ``detection_rate``.
     CLIP-T: mean/std over images. Diversity: mean/std over (identity, prompt, scale) groups of seeds.
     Standard deviations are population (ddof=0) standard deviations.
+
+    With group pictures (rows with ``people``), an image's similarity is the mean over its people; every
+    group also has ``identity.<recognizer>.weakest`` (the mean of the least-like person of each image),
+    and ``by_person`` has the statistics of each person of each group, per scale.
     """
     if recognizers is None:
         recognizers = list(rows[0]["similarity"]) if rows else []
+    weakest = any("people" in r for r in rows)
+
+    def stats(members: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        return group_stats(members, recognizers, weakest)
+
     scales = sorted({r["scale"] for r in rows})
-    out: dict[str, Any] = {"settings": dict(settings or {}), "overall": group_stats(rows, recognizers)}
-    out["by_scale"] = [{"scale": s, **group_stats([r for r in rows if r["scale"] == s], recognizers)} for s in scales]
-    by_prompt, by_identity = [], []
+    out: dict[str, Any] = {"settings": dict(settings or {}), "overall": stats(rows)}
+    out["by_scale"] = [{"scale": s, **stats([r for r in rows if r["scale"] == s])} for s in scales]
+    by_prompt, by_identity, by_person = [], [], []
     for s in scales:
         at = [r for r in rows if r["scale"] == s]
         for p_index in sorted({r["prompt_index"] for r in at}):
@@ -68,15 +82,24 @@ def summarize(
                     "scale": s,
                     "prompt_index": p_index,
                     "prompt": members[0]["prompt"],
-                    **group_stats(members, recognizers),
+                    **stats(members),
                 }
             )
         for name in sorted({r["identity"] for r in at}):
-            by_identity.append(
-                {"scale": s, "identity": name, **group_stats([r for r in at if r["identity"] == name], recognizers)}
-            )
+            members = [r for r in at if r["identity"] == name]
+            # The identity's name as "name": "identity" is the recognizers' statistics, as in every group.
+            by_identity.append({"scale": s, "name": name, **stats(members)})
+            if "people" in members[0]:
+                for k, person in enumerate(members[0]["people"]):
+                    # The person's own scores (their "no_face": not found), without CLIP-T and diversity,
+                    # which belong to the picture.
+                    person_stats = group_stats([r["people"][k] for r in members], recognizers)
+                    entry = {"scale": s, "name": name, "person": person["identity"], "position": k}
+                    by_person.append({**entry, "n": person_stats["n"], "identity": person_stats["identity"]})
     out["by_prompt"] = by_prompt
     out["by_identity"] = by_identity
+    if weakest:
+        out["by_person"] = by_person
     return out
 
 
@@ -122,24 +145,30 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
         "(an image without a face counts as 0; *detected* = over images with a face). CLIP-T: raw cosine of "
         "CLIP image and prompt embeddings (x100 for CLIPScore-style tables). Diversity: mean pairwise "
         "1 - cos of CLIP image embeddings across the seeds of one identity and prompt. Values: mean ± std.",
-        "",
-        "## Per adapter scale",
-        "",
     ]
+    weakest = "by_person" in summary
+    if weakest:
+        lines += [
+            "",
+            "Group pictures: each person is scored on the face the best assignment of faces to people gives "
+            "them (a person without a face counts as 0); the picture's similarity is the mean over its people, "
+            "*weakest* the mean of its least-like person, and its faces are *found* when every person's is.",
+        ]
+    lines += ["", "## Per adapter scale", ""]
     head = ["scale", "images"]
     for rec in recs:
-        head += [f"{rec} similarity", f"{rec} (detected)", f"{rec} faces found"]
+        head += [f"{rec} similarity", f"{rec} (detected)"]
+        head += [f"{rec} weakest person"] if weakest else []
+        head += [f"{rec} faces found"]
     head += ["CLIP-T", "diversity"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for group in summary["by_scale"]:
         cells = [f"{group['scale']:g}", str(group["n"])]
         for rec in recs:
             ident = group["identity"][rec]
-            cells += [
-                format_stats(ident),
-                format_stats({"mean": ident["mean_detected"]}),
-                format_rate(ident["detection_rate"]),
-            ]
+            cells += [format_stats(ident), format_stats({"mean": ident["mean_detected"]})]
+            cells += [format_stats({"mean": ident["weakest"]})] if weakest else []
+            cells += [format_rate(ident["detection_rate"])]
         cells += [format_stats(group["clip_t"], 4), format_stats(group["diversity"])]
         lines.append("| " + " | ".join(cells) + " |")
 
@@ -151,11 +180,24 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
             head += ["CLIP-T", "diversity"]
             lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
             for group in (g for g in summary[key] if g["scale"] == scale):
-                name = group["prompt"] if key == "by_prompt" else group["identity"]
+                name = group["prompt"] if key == "by_prompt" else group["name"]
                 cells = [str(name).replace("|", "\\|")]
                 cells += [format_stats(group["identity"][rec]) for rec in recs]
                 cells += [format_rate(group["identity"][rec]["detection_rate"]) for rec in recs]
                 cells += [format_stats(group["clip_t"], 4), format_stats(group["diversity"])]
+                lines.append("| " + " | ".join(cells) + " |")
+            lines.append("")
+
+    if weakest:
+        lines += ["", "## Per person in group pictures", ""]
+        for scale in sorted({g["scale"] for g in summary["by_person"]}):
+            lines += [f"### scale {scale:g}", ""]
+            head = ["group", "person"] + [f"{rec} similarity" for rec in recs] + [f"{rec} found" for rec in recs]
+            lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+            for entry in (g for g in summary["by_person"] if g["scale"] == scale):
+                cells = [str(entry["name"]).replace("|", "\\|"), str(entry["person"]).replace("|", "\\|")]
+                cells += [format_stats(entry["identity"][rec]) for rec in recs]
+                cells += [format_rate(entry["identity"][rec]["detection_rate"]) for rec in recs]
                 lines.append("| " + " | ".join(cells) + " |")
             lines.append("")
     return "\n".join(lines).rstrip() + "\n"
