@@ -86,6 +86,16 @@ def test_jobs_run_on_two_cpu_replicas(ray_local, tmp_path, tiny_models, face_mod
         refused = http.post("/v1/generations", json={**TINY, "identity_id": identity, "init_image": upload})
         assert refused.status_code == 422, refused.text
         assert "--ray" in refused.json()["error"]["message"] and "img2img" in refused.json()["error"]["message"]
+        # nor several people in one picture, nor style references
+        assert (models["max_people"], models["style_adapters"]) == (1, {})
+        style = [{"image": upload, "adapter": "any"}]
+        for field, fields in (
+            ("people", {"people": [identity] * 2}),
+            ("style", {"identity_id": identity, "style": style}),
+        ):
+            refused = http.post("/v1/generations", json={**TINY, **fields})
+            message = refused.json()["error"]["message"]
+            assert refused.status_code == 422 and "--ray" in message and f"Leave out {field}" in message, message
 
         def submit(i: int) -> str:
             body = {"prompt": f"a photo of a person, picture {i}", **TINY, "identity_id": identity, "seed": 10 + i}

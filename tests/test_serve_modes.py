@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from test_modes import make_controlnet
-from test_serve import Recording, enroll, error, generate, make_client, png, wait_finished  # noqa: F401 (a fixture)
+from test_serve import TINY, Recording, enroll, error, generate, make_client, png, wait_finished  # noqa: F401 (a fixture)
 
 from faceid.service.jobs import QueuedJob
 from faceid.settings import GenerationSettings
@@ -276,3 +276,198 @@ def test_a_database_from_before_inputs_gets_the_column(tmp_path):
     job = store.job("a" * 32)
     assert isinstance(job, Job) and job.inputs is None  # read as text-to-image
     store.close()
+
+
+# ---------------------------------------------------------------------- several people and style references
+@pytest.fixture
+def fresh_pipe(tiny_models, analyzer):
+    """A pipeline of its own (a quarter second): a server loads its style adapters onto its pipeline."""
+    from faceid.pipeline import FaceIDPipeline
+
+    return FaceIDPipeline.from_pretrained(
+        tiny_models.sd15, tiny_models.adapter("faceid", "safetensors"), device="cpu", progress=False,
+        face_analyzer=analyzer,
+    )  # fmt: skip
+
+
+def generate_group(client, people, headers=None, **settings):
+    """POST a generation of several ``people`` in every picture."""
+    body = {"prompt": "two people in a garden", **TINY, "people": people, **settings}
+    return client.post("/v1/generations", json=body, headers=headers)
+
+
+def side_by_side(faces_dir, *names) -> Image.Image:
+    """A group photo: the photos next to each other, left to right."""
+    photos = [Image.open(faces_dir / name).convert("RGB") for name in names]
+    group = Image.new("RGB", (sum(p.width for p in photos), max(p.height for p in photos)), "white")
+    x = 0
+    for photo in photos:
+        group.paste(photo, (x, 0))
+        x += photo.width
+    return group
+
+
+def test_two_people_in_one_picture(make_client, faces_dir):  # noqa: F811
+    client = make_client()
+    obama, biden = (enroll(client, faces_dir, name).json()["id"] for name in ("obama.jpg", "biden.jpg"))
+
+    # regions left out: "auto", two columns; the job's identities are the people, recorded in the PNG
+    view = done(client, generate_group(client, [obama, biden], seed=3, **STEPS))
+    assert (view["identity_ids"], view["inputs"]["people"], view["inputs"]["regions"]) == (
+        [obama, biden], [obama, biden], "auto"
+    )  # fmt: skip
+    assert view["settings"]["regions"] == "auto" and view["mode"] == "text-to-image"
+    stored = metadata(client, view["images"][0])
+    assert (stored["people"], stored["regions"], stored["regions_input"]) == ([obama, biden], "auto", "auto")
+    assert (
+        "identity_id" not in stored
+        and GenerationSettings.parse({k: v for k, v in stored.items() if k in GenerationSettings.model_fields}).regions
+        == "auto"
+    )
+
+    # a group photo: its faces, left to right, give the columns, recorded as boxes once the job ran
+    group = upload_id(client, encoded(side_by_side(faces_dir, "obama.jpg", "biden.jpg")), "pair.png")
+    view = done(client, generate_group(client, [obama, biden], regions={"photo": group},
+                                 seed=3, **STEPS))  # fmt: skip
+    (left, right) = view["settings"]["regions"]
+    width = Image.open(faces_dir / "obama.jpg").width
+    assert left[0] == 0.0 and right[2] == 1.0 and left[2] == right[0]
+    assert abs(left[2] - width / (width + Image.open(faces_dir / "biden.jpg").width)) < 0.2
+    stored = metadata(client, view["images"][0])
+    assert stored["regions_input"] == {"photo": group} and stored["regions"] == view["settings"]["regions"]
+
+    # masks, one upload per person: recorded as "masks"
+    halves = []
+    for columns in (slice(0, 12), slice(12, 24)):
+        mask = np.zeros((16, 24), np.uint8)
+        mask[:, columns] = 255
+        halves.append(upload_id(client, encoded(Image.fromarray(mask))))
+    view = done(client, generate_group(client, [biden, obama], regions=halves, **STEPS))
+    assert view["settings"]["regions"] == "masks" and view["inputs"]["regions"] == halves
+
+    # a group photo with one face for two people: the job fails with the library's line, naming the upload
+    single = upload_id(client, (faces_dir / "obama.jpg").read_bytes(), "obama.jpg")
+    response = generate_group(client, [obama, biden], regions={"photo": single}, **STEPS)
+    view = wait_finished(client, response.json()["id"])
+    assert view["status"] == "failed" and view["error"].startswith(
+        f"2 people to place but 1 face(s) found in upload {single} (regions.photo)"
+    ), view["error"]
+
+
+def test_a_style_reference_changes_the_picture(make_client, faces_dir, fresh_pipe, tiny_models):  # noqa: F811
+    plain = str(tiny_models.reference("plain"))
+    client = make_client(
+        pipeline=fresh_pipe, style_adapters={"tiny": plain}, reference_encoder=str(tiny_models.image_encoder)
+    )
+    assert client.get("/v1/models").json()["style_adapters"] == {"tiny": plain}
+    identity = enroll(client, faces_dir, "obama.jpg").json()["id"]
+    image = upload_id(client, (faces_dir / "obama2.jpg").read_bytes(), "obama2.jpg")
+    before = client.get("/v1/models").json()["workers"][0]["memory"]["used_bytes"]
+
+    without = done(client, generate(client, identity, seed=4, **STEPS))
+    style = [{"image": image, "adapter": "tiny", "scale": 0.8}]
+    styled = done(client, generate(client, identity, seed=4, style=style, **STEPS))
+    assert styled["inputs"]["style"] == style
+    assert styled["settings"]["style"] == [{"adapter": "tiny", "scale": 0.8}]
+    pixels = [np.asarray(png(client.get(v["images"][0])), dtype=int) for v in (without, styled)]
+    assert np.abs(pixels[0] - pixels[1]).max() > 0  # the same seed, the reference acts
+    stored = metadata(client, styled["images"][0])
+    assert stored["style_input"][0]["image"] == image and stored["style"][0]["adapter"] == "tiny"
+    # loaded once, counted in the worker's model memory (its projection, branches and the image encoder)
+    after = client.get("/v1/models").json()["workers"][0]["memory"]["used_bytes"]
+    assert after > before and set(fresh_pipe.references) == {"tiny"}
+
+    # with two people, a window and a mask region: recorded as the library records them
+    mask = upload_id(client, encoded(Image.new("L", (24, 16), 255)))
+    style = [{"image": image, "adapter": "tiny", "window": [0.0, 0.5], "region": mask}]
+    biden = enroll(client, faces_dir, "biden.jpg").json()["id"]
+    view = done(client, generate_group(client, [identity, biden], style=style, **STEPS))
+    assert view["settings"]["style"] == [{"adapter": "tiny", "scale": 0.5, "window": [0.0, 0.5], "region": "mask"}]
+    assert view["settings"]["regions"] == "auto"
+
+
+def test_people_and_style_requests_that_do_not_fit_are_422(make_client, faces_dir, tiny_models):  # noqa: F811
+    client = make_client(
+        api_keys=("key-a", "key-b"), style_adapters={"tiny": str(tiny_models.reference("plain"))}, start_workers=False
+    )
+    a, b = {"Authorization": "Bearer key-a"}, {"Authorization": "Bearer key-b"}
+    obama, biden = (enroll(client, faces_dir, name, headers=a).json()["id"] for name in ("obama.jpg", "biden.jpg"))
+    theirs = enroll(client, faces_dir, "obama.jpg", headers=b).json()["id"]
+    image = upload_id(client, encode_gray(), headers=a)
+
+    def refused(*words, status=422, code="invalid_request", **fields):
+        response = generate_group(client, fields.pop("people", [obama, biden]), headers=a, **STEPS, **fields)
+        return error(response, status, code, *words)
+
+    refused(
+        "3 regions for 2 people", "one region per person", regions=[[0, 0, 0.3, 1], [0.3, 0, 0.6, 1], [0.6, 0, 1, 1]]
+    )
+    refused("1 regions for 2 people", regions=[image])
+    refused("region 1", "is not a box", regions=[[0, 0, 0.5, 1], [0.7, 0, 0.6, 1]])
+    refused("not a mix", regions=[[0, 0, 0.5, 1], image])
+    refused("regions[1]", "no upload", regions=[image, "0" * 32])
+    refused("regions.photo", "no upload", regions={"photo": "0" * 32})
+    refused("regions places the people", "give people", people=None, identity_id=obama, regions="auto")
+    refused("give one of identity_id", identity_id=obama)
+    refused("people", "at most 6", people=[obama] * 7)
+    refused("swap puts one person", swap={"target": image}, width=None, height=None)
+    refused(f"no identity {theirs}", status=404, code="not_found", people=[obama, theirs])
+    unknown = refused("style[0].adapter", "'oil'", "it has: tiny", "--style-adapter",
+                      style=[{"image": image, "adapter": "oil"}])  # fmt: skip
+    assert "GET /v1/models" in unknown
+    refused("style[0].image", "no upload", style=[{"image": "0" * 32, "adapter": "tiny"}])
+    refused("style[0].region", "is not a box", style=[{"image": image, "adapter": "tiny", "region": [0.5, 0, 0.2, 1]}])
+    refused("'../ip-adapter.bin'", "it has: tiny", style=[{"image": image, "adapter": "../ip-adapter.bin"}])
+    refused("style.0.file", "unknown field", style=[{"image": image, "adapter": "tiny", "file": "x"}])
+    assert client.app.state.service.queue.depth == 0  # nothing was queued
+
+
+def encode_gray() -> bytes:
+    return encoded(Image.new("RGB", (24, 16), (128, 128, 128)))
+
+
+def test_batches_hold_jobs_with_the_same_people_and_style_only(make_client, faces_dir, pipe):  # noqa: F811
+    recording = Recording(pipe)
+    client = make_client(pipeline=recording, start_workers=False, max_batch=4)
+    obama, biden = (enroll(client, faces_dir, name).json()["id"] for name in ("obama.jpg", "biden.jpg"))
+    pair = [obama, biden]
+    jobs = [
+        generate_group(client, pair, seed=1, **STEPS).json()["id"],
+        generate_group(client, [biden, obama], seed=2, **STEPS).json()["id"],  # the other way round
+        generate_group(client, pair, seed=3, **STEPS).json()["id"],
+        generate(client, obama, seed=4, **STEPS).json()["id"],  # one person
+    ]
+    client.app.state.service.queue.set_paused(False)
+    views = [wait_finished(client, job) for job in jobs]
+    assert all(v["status"] == "done" for v in views), views
+    assert sorted(call.seed for call in recording.calls) == [[1, 3], [2], [4]]
+    alone = wait_finished(client, generate_group(client, pair, seed=3, **STEPS).json()["id"])
+    batched = np.asarray(png(client.get(views[2]["images"][0])), dtype=int)
+    assert np.abs(batched - np.asarray(png(client.get(alone["images"][0])), dtype=int)).max() <= 1
+
+    # style references: the same ones share a batch, a different image, adapter, scale, window or region does not
+    def key(**reference) -> str:
+        style = [{"image": "a" * 32, "adapter": "tiny", "scale": 0.5, **reference}]
+        settings = GenerationSettings(prompt="a", seed=[1])
+        return QueuedJob(id="j", owner="", settings=settings, identity_ids=["x"], created_ns=0,
+                         inputs={"style": style}).batch_key  # fmt: skip
+
+    others = [key(image="b" * 32), key(adapter="oil"), key(scale=0.6), key(window=[0, 0.5]), key(region=[0, 0, 0.5, 1])]
+    assert key() == key() and len({key(), *others}) == 6
+
+
+def test_serve_style_adapter_flags(tmp_path, capsys):
+    from faceid.cli import build_parser, main
+
+    args = build_parser().parse_args(["serve", "--style-adapter", "oil=plus", "--style-adapter", "mine=./a.bin",
+                                      "--reference-encoder", "./encoder"])  # fmt: skip
+    assert (args.style_adapter, args.reference_encoder) == ([("oil", "plus"), ("mine", "./a.bin")], "./encoder")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--style-adapter", "a.b=plus"])
+    assert "NAME=SOURCE" in capsys.readouterr().err
+    data = str(tmp_path / "d")
+    assert main(["serve", "--data-dir", data, "--style-adapter", "oil=plus", "--style-adapter", "oil=plain"]) == 2
+    assert "given twice" in capsys.readouterr().err
+    assert main(["serve", "--data-dir", data, "--ray", "--style-adapter", "oil=plus"]) == 2
+    assert "--style-adapter" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()

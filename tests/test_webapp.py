@@ -3,7 +3,8 @@ headless through Selenium. Enroll a real photo and see its aligned crop, generat
 a reload), and see the error a photo without a face gives; with API keys, the key the page asks for (a wrong one
 refused) loads everything, images included; cancel a queued generation; delete images and generations; live
 previews replaced by the final images, the fast mode and identity guidance, the model menu from the catalog; the
-mode menu showing each mode's fields, and an img2img generation from an uploaded photo.
+mode menu showing each mode's fields, and an img2img generation from an uploaded photo; two people placed by a group
+photo with a style reference.
 Screenshots go to the test's tmp folder (and to ``FACEID_TEST_ARTIFACTS`` when set). CI installs chromium and chromium-driver (.ci/run); without them this test fails, saying how."""
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import uvicorn  # noqa: E402
 from test_fast import _lora_file  # noqa: E402
 from test_serve import Recording  # noqa: E402
 from test_serve_live import live_pipe  # noqa: E402, F401 (a fixture)
-from test_serve_modes import controlnet_dir  # noqa: E402, F401 (a fixture)
+from test_serve_modes import controlnet_dir, fresh_pipe, side_by_side  # noqa: E402, F401 (fixtures)
 
 from faceid.service import ServeConfig, create_app  # noqa: E402
 
@@ -437,3 +438,62 @@ def test_web_app_modes_show_their_fields_and_run_img2img(make_server, browser, f
     assert (view["mode"], view["settings"]["width"], view["settings"]["height"]) == ("img2img", 24, 40)
     assert view["inputs"]["init_image"] == httpx.get(f"{url}/v1/uploads").json()[0]["id"]
     screenshot(browser, tmp_path, "9-img2img")
+
+
+def test_web_app_two_people_from_a_group_photo_with_a_style_reference(
+    make_server,
+    browser,
+    faces_dir,
+    tmp_path,
+    fresh_pipe,  # noqa: F811 (a fixture)
+    tiny_models,
+):
+    import httpx
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    style = {"tiny": str(tiny_models.reference("plain"))}
+    url = make_server(pipeline=fresh_pipe, style_adapters=style, reference_encoder=str(tiny_models.image_encoder))
+    people = []
+    for name in ("obama.jpg", "biden.jpg"):  # enrolled through the API: the page's enrolment is tested above
+        files = [("photos", (name, (faces_dir / name).read_bytes(), "image/jpeg"))]
+        people.append(httpx.post(f"{url}/v1/identities", files=files, data={"name": name[:-4]}).json()["id"])
+    wait = WebDriverWait(browser, WAIT)
+    browser.get(url + "/")
+    wait.until(lambda d: loaded_images(d, "#library img") == 2)
+    assert not browser.find_element(By.ID, "people").is_displayed()
+
+    # several people: each click in the library adds the next one, left to right (the library is newest first)
+    browser.find_element(By.ID, "group").click()
+    persons = {p.get_attribute("data-id"): p for p in browser.find_elements(By.CSS_SELECTOR, "#library .person")}
+    for identity in people:
+        persons[identity].click()
+    assert [li.text.split()[0] for li in browser.find_elements(By.CSS_SELECTOR, "#people li")] == ["obama", "biden"]
+    Select(browser.find_element(By.ID, "regions")).select_by_value("photo")
+    group = tmp_path / "pair.png"
+    side_by_side(faces_dir, "obama.jpg", "biden.jpg").save(group)
+    browser.find_element(By.ID, "regions-file").send_keys(str(group))
+    wait.until(lambda d: loaded_images(d, '[data-slot="regions"] img.thumb') == 1)
+
+    # a style reference: its image, the server's adapter, a strength
+    browser.find_element(By.ID, "add-style").click()
+    assert [o.text for o in Select(browser.find_element(By.CSS_SELECTOR, ".style-adapter")).options] == ["tiny"]
+    browser.find_element(By.CSS_SELECTOR, ".style-file").send_keys(str(faces_dir / "obama2.jpg"))
+    wait.until(lambda d: loaded_images(d, ".style-row img.thumb") == 1)
+    browser.execute_script(
+        "const s = document.querySelector('.style-scale'); s.value = '0.8'; s.dispatchEvent(new Event('input'))"
+    )
+    for field, value in {"steps": 2, "width": 24, "height": 16, "seed": 5, "count": 1}.items():
+        set_value(browser, field, value)
+    browser.find_element(By.ID, "generate").click()
+    status = browser.find_element(By.ID, "generate-status")
+    wait.until(lambda d: loaded_images(d, "#gallery img.generated") == 1 or "error" in status.get_attribute("class"))
+    assert loaded_images(browser, "#gallery img.generated") == 1, status.text
+    caption = browser.find_element(By.CSS_SELECTOR, "#gallery figcaption").text
+    assert "2 people" in caption and "style tiny 0.8" in caption, caption
+    job = browser.find_element(By.CSS_SELECTOR, "#gallery .generation").get_attribute("data-id")
+    view = httpx.get(f"{url}/v1/generations/{job}").json()
+    assert view["inputs"]["people"] == people and set(view["inputs"]["regions"]) == {"photo"}
+    assert len(view["settings"]["regions"]) == 2 and view["settings"]["style"] == [{"adapter": "tiny", "scale": 0.8}]
+    browser.execute_script("document.getElementById('group-box').scrollIntoView()")
+    screenshot(browser, tmp_path, "10-two-people-style")

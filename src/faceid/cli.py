@@ -558,6 +558,23 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "model; kinds without one are refused. Loaded by a worker on first use",
     )
     parser.add_argument(
+        "--style-adapter",
+        action="append",
+        type=_style_adapter,
+        default=[],
+        metavar="NAME=SOURCE",
+        help="a style adapter requests may name in style=[{adapter: NAME, ...}]: SOURCE is plain, plus or plus-face "
+        "(h94/IP-Adapter's, for the model set's family) or an IP-Adapter checkpoint file; repeatable. A request names "
+        "an adapter, never a file. Loaded by a worker on first use",
+    )
+    parser.add_argument(
+        "--reference-encoder",
+        default=None,
+        metavar="PATH",
+        help="the CLIP image encoder (folder or Hub id) that reads style images where the model set has none "
+        "(default: h94/IP-Adapter's ViT-H; a FaceID-Plus adapter's own encoder is used when it has one)",
+    )
+    parser.add_argument(
         "--preview-every",
         type=_int_at_least(0),
         default=None,
@@ -637,6 +654,19 @@ def _controlnet_of_kind(text: str) -> tuple[str, str]:
     return kind, source.strip()
 
 
+def _style_adapter(text: str) -> tuple[str, str]:
+    """``--style-adapter NAME=SOURCE`` of ``faceid serve`` -> (name, source)."""
+    from .service.config import STYLE_ADAPTER_NAME
+
+    name, sep, source = text.partition("=")
+    if not sep or not STYLE_ADAPTER_NAME.fullmatch(name) or not source.strip():
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give NAME=SOURCE with NAME of letters, digits, '-' and '_' and SOURCE plain, plus, plus-face "
+            "or a checkpoint file"
+        )
+    return name, source.strip()
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from .service.config import ServeConfig, check_bind, read_api_keys
 
@@ -651,13 +681,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = settings_from_args(args)
     controlnets = _controlnets(args.controlnet)  # before anything loads
+    style_adapters = _named_once(args.style_adapter, "--style-adapter", "name")
     if args.ray is not None:
         if args.also_model or args.model_memory_gb is not None:
             raise FaceIDError("--ray serves one model set: leave out --also-model and --model-memory-gb")
         if args.preview_every:
             raise FaceIDError("--ray streams no previews (nor per-step progress): leave out --preview-every")
-        if args.controlnet:
-            raise FaceIDError("--ray runs text-to-image only for now: leave out --controlnet, or serve without --ray")
+        if args.controlnet or args.style_adapter or args.reference_encoder:
+            raise FaceIDError(
+                "--ray runs text-to-image only for now: leave out --controlnet, --style-adapter and "
+                "--reference-encoder, or serve without --ray"
+            )
         return _serve_on_ray(args, keys, settings)
     analyzer = _face_analyzer(args.face_models)  # one, shared by every model set
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
@@ -702,6 +736,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         model_memory_gb=args.model_memory_gb,
         preview_every=preview_every,
         controlnets=controlnets,
+        style_adapters=style_adapters,
+        reference_encoder=args.reference_encoder,
         models={
             **settings.to_json(),
             "face_models": args.face_models,
@@ -709,6 +745,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "dtype": args.dtype,
             "preview_every": preview_every,
             "controlnets": controlnets,
+            "style_adapters": style_adapters,
+            "reference_encoder": args.reference_encoder,
         },  # fmt: skip
     )
     uvicorn.run(create_app(config), host=args.host, port=args.port, log_level="info")
@@ -717,11 +755,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _controlnets(given: list[tuple[str, str]]) -> dict[str, str]:
     """``--controlnet KIND=SOURCE`` flags -> {kind: source}; a kind given twice is an error."""
+    return _named_once(given, "--controlnet", "kind")
+
+
+def _named_once(given: list[tuple[str, str]], flag: str, key_is: str) -> dict[str, str]:
+    """``flag KEY=SOURCE`` flags -> {key: source}; a key given twice with different sources is an error."""
     found: dict[str, str] = {}
-    for kind, source in given:
-        if kind in found and found[kind] != source:
-            raise FaceIDError(f"--controlnet {kind}= is given twice ({found[kind]}, {source}): give one per kind")
-        found[kind] = source
+    for key, source in given:
+        if key in found and found[key] != source:
+            raise FaceIDError(f"{flag} {key}= is given twice ({found[key]}, {source}): give one per {key_is}")
+        found[key] = source
     return found
 
 

@@ -51,9 +51,11 @@ def error_response(status: int, code: str, message: str, headers: dict[str, str]
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
 
 
-class GenerationRequest(GenerationSettings, JobInputs):
-    """A generation: the ``GenerationSettings`` fields, whose face, and its input images (``JobInputs``: none for
-    text-to-image; uploads by id for img2img, inpainting, ControlNet and swap)."""
+class GenerationRequest(JobInputs, GenerationSettings):
+    """A generation: the ``GenerationSettings`` fields, whose face, and its inputs (``JobInputs``: none for
+    text-to-image; uploads by id for img2img, inpainting, ControlNet, swap and style references; several people by
+    identity id). ``JobInputs`` comes first: its ``regions`` and ``style`` (what a request asks, with upload ids) are
+    the request's, the settings' ones record what the library made of them."""
 
     identity_id: str | None = Field(None, description="the person, for every prompt (from POST /v1/identities)")
     identity_ids: list[str] | None = Field(None, description="one person per prompt (prompt must then be a list)")
@@ -90,9 +92,14 @@ class JobView(BaseModel):
         description="each image's place among those the generation made: its seed is settings.seed[i], its prompt "
         "i // num_images_per_prompt (it stays when other images are deleted)"
     )
-    identity_ids: list[str] = Field(description="the identity of each prompt")
+    identity_ids: list[str] = Field(
+        description="the identity of each prompt; with inputs.people, those people (in every picture)"
+    )
     mode: str = Field(description="text-to-image, img2img, inpaint, controlnet (+img2img, +inpaint) or swap")
-    inputs: dict[str, Any] = Field(description="its input images by upload id, as requested (JobInputs)")
+    inputs: dict[str, Any] = Field(
+        description="its input images by upload id, people, regions and style references, as requested (JobInputs); "
+        "settings.regions and settings.style record what the library made of them"
+    )
     control_images: list[str] = Field(
         description="URLs of the control images its ControlNets saw (at the output's size), once done"
     )
@@ -249,7 +256,7 @@ def create_app(config: ServeConfig) -> FastAPI:
         image: Annotated[UploadFile, File(description="an image: init image, mask, control photo or swap target")],
     ) -> UploadView:
         """Upload an image a generation names by its id (``init_image``, ``mask_image``, ``controls[].image``,
-        ``swap.target``). It is decoded and checked first (size, pixels, format), and stored upright (its EXIF
+        ``swap.target``, ``regions``' masks or photo, ``style[].image`` and ``style[].region``). It is decoded and checked first (size, pixels, format), and stored upright (its EXIF
         orientation applied) without its metadata."""
         return upload_view(service.add_upload(who, image.filename, image.file.read(config.max_upload_bytes + 1)))
 

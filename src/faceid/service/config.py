@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,8 @@ from ..images import DEFAULT_MAX_PIXELS
 from ..settings import GenerationSettings
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+# A style adapter's name: what requests give, and the branch name of the attention processors (no dots there).
+STYLE_ADAPTER_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 @dataclass
@@ -51,6 +54,13 @@ class ServeConfig:
     # The ControlNet of each control kind (canny, kps, pose, depth, image): a Hub id or folder, loaded by a worker
     # when a job first uses it (onto the job's pipeline). The allowlist: a request names a kind, never a model.
     controlnets: Mapping[str, str] = field(default_factory=dict)
+    # The style adapters a request may name, name -> source: "plain", "plus" or "plus-face" (h94/IP-Adapter's, for
+    # the model set's family) or a checkpoint file; each worker loads one onto a pipeline when a job first uses it
+    # (``FaceIDPipeline.load_reference``). The allowlist: a request names an adapter, never a file.
+    style_adapters: Mapping[str, str] = field(default_factory=dict)
+    # The CLIP image encoder that reads style images where the model set has none (a FaceID-Plus adapter brings
+    # its own); None: h94/IP-Adapter's ViT-H, fetched on first use.
+    reference_encoder: str | None = None
     analyzer: Any = None
     models: dict[str, Any] = field(default_factory=dict)  # what was configured, for GET /v1/models
     start_workers: bool = True  # False: jobs wait in the queue (tests of restarts)
@@ -80,6 +90,17 @@ class ServeConfig:
                 raise FaceIDError(f"controlnets: unknown control kind {kind!r}; the kinds are {', '.join(KINDS)}")
             if not isinstance(source, str) or not source.strip():
                 raise FaceIDError(f"controlnets: give the ControlNet of {kind!r} as a Hub id or a folder")
+        self.style_adapters = dict(self.style_adapters)
+        for name, source in self.style_adapters.items():
+            if not STYLE_ADAPTER_NAME.fullmatch(str(name)):
+                raise FaceIDError(
+                    f"style_adapters: {name!r} is not a name a request can give: use letters, digits, '-' and '_' "
+                    "(up to 64)"
+                )
+            if not isinstance(source, str) or not source.strip():
+                raise FaceIDError(
+                    f"style_adapters: give the source of {name!r}: plain, plus, plus-face or a checkpoint file"
+                )
         self.api_keys = tuple(self.api_keys)
         if any(not key or any(c.isspace() for c in key) for key in self.api_keys):
             raise FaceIDError("API keys must be non-empty and without spaces")

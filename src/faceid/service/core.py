@@ -22,7 +22,7 @@ from ..settings import FAMILY_DEFAULTS, MODEL_FIELDS, GenerationSettings
 from .config import ServeConfig
 from .enroll import Enroller, decode_upload
 from .files import DataDir, is_id, new_id
-from .inputs import TEXT_TO_IMAGE, JobInputs
+from .inputs import MAX_PEOPLE, TEXT_TO_IMAGE, JobInputs, RegionsPhoto
 from .jobs import JobQueue, QueuedJob
 from .metrics import Metrics
 from .models import Catalog, ModelEntry
@@ -258,13 +258,15 @@ class Service:
 
     def _check_inputs(self, owner: str, inputs: JobInputs, strength: float | None) -> dict[str, Upload]:
         """The request's input images checked (see ``JobInputs.check``) and found: the owner's uploads by id."""
-        if inputs.mode != TEXT_TO_IMAGE and not self.runs_modes:
+        given = inputs.fields_given()
+        if given and not self.runs_modes:
+            what = inputs.mode if inputs.mode != TEXT_TO_IMAGE else ", ".join(given)
             raise FaceIDError(
-                f"{inputs.mode}: this server (faceid serve --ray) runs text-to-image only for now; img2img, "
-                "inpainting, ControlNet and swap need a server without --ray. Leave out init_image, mask_image, "
-                "controls and swap"
+                f"{what}: this server (faceid serve --ray) runs text-to-image of one person per prompt only for now; "
+                "img2img, inpainting, ControlNet, swap, several people in one picture and style references need a "
+                f"server without --ray. Leave out {', '.join(given)}"
             )
-        inputs.check(strength, self.config.controlnets)
+        inputs.check(strength, self.config.controlnets, self.config.style_adapters)
         found = {}
         for field, upload_id in inputs.uploads():
             row = self.store.upload(upload_id, owner) if is_id(upload_id) else None
@@ -278,22 +280,29 @@ class Service:
 
     # ------------------------------------------------------------------ generations
     def submit(self, owner: str, request: dict[str, Any]) -> tuple[QueuedJob, int]:
-        """Check and resolve a request (``GenerationSettings`` fields + ``identity_id`` or ``identity_ids`` + the
-        ``JobInputs`` fields, its input images by upload id), then queue it. Raises before anything is stored when it
+        """Check and resolve a request (``GenerationSettings`` fields + ``identity_id``, ``identity_ids`` or ``people``
+        + the other ``JobInputs`` fields, its input images by upload id), then queue it. Raises before anything is stored when it
         is bad, too large or the queue is full."""
         request = dict(request)
         identity_id, identity_ids = request.pop("identity_id", None), request.pop("identity_ids", None)
         inputs = JobInputs.parse({key: request.pop(key) for key in JobInputs.model_fields if key in request})
         settings = GenerationSettings.parse(request)
-        if (identity_id is None) == (identity_ids is None):
+        if [identity_id, identity_ids, inputs.people].count(None) != 2:
             raise FaceIDError(
-                "give identity_id (one person for every prompt) or identity_ids (one per prompt), not both; "
-                "POST /v1/identities makes one"
+                "give one of identity_id (one person for every prompt), identity_ids (one per prompt) or people "
+                "(several in every picture); POST /v1/identities makes an identity"
             )
         if settings.face_index:
             raise FaceIDError("face_index: an identity already holds one face per photo (the largest); leave it out")
         entry = self.catalog.find(settings)  # refuses a request naming models this server does not serve
         uploads = self._check_inputs(owner, inputs, settings.strength)
+        for k, reference in enumerate(inputs.style or ()):
+            if not isinstance(reference.region, (str, type(None))):
+                from ..groups import check_box  # here: a Ray ingress refused style above, torch-free
+
+                check_box(reference.region, f"style[{k}].region")
+        if inputs.people is not None:
+            settings, inputs = self._place_people(settings, inputs)
         if inputs.swap is not None:
             settings, inputs = self._for_swap(settings, inputs, identity_ids, entry.family)
         elif inputs.init_image is not None:  # as the library: the size is what is given, the rest from the image
@@ -311,7 +320,9 @@ class Service:
         models = entry.models.model_dump(include=set(MODEL_FIELDS))  # the entry's names, not the request's
         resolved = settings.replace(**models).resolve(entry.family, **known.model_dump(exclude_none=True))
         prompts = [resolved.prompt] if isinstance(resolved.prompt, str) else list(resolved.prompt)
-        if identity_ids is not None:
+        if inputs.people is not None:  # the job's identities: every picture's people
+            ids = list(inputs.people)
+        elif identity_ids is not None:
             if not isinstance(resolved.prompt, list) or len(identity_ids) != len(prompts):
                 raise FaceIDError(
                     f"identity_ids: {len(identity_ids)} identities for {len(prompts)} prompt(s): give prompt as a "
@@ -358,6 +369,19 @@ class Service:
         job.events.add("queued", {"queue_position": position})
         self.metrics.submitted.inc()
         return job, position
+
+    def _place_people(self, settings: GenerationSettings, inputs: JobInputs) -> tuple[GenerationSettings, JobInputs]:
+        """Several people in every picture: the regions default to ``"auto"``; those known before the job runs
+        (auto, boxes, masks) are checked by the library now, the count and each box, and recorded in the settings as
+        it records them. A photo's columns are known once its faces are found (the worker records them then)."""
+        from ..groups import resolve_regions  # here: a Ray ingress refused people above, torch-free
+
+        inputs = inputs if inputs.regions is not None else inputs.model_copy(update={"regions": "auto"})
+        if not isinstance(inputs.regions, RegionsPhoto):
+            # Mask uploads stand for their images here: the count is checked, the images are read by the worker.
+            recorded, _ = resolve_regions(inputs.regions, len(inputs.people), analyze=None)
+            settings = settings.replace(regions=recorded)
+        return settings, inputs
 
     def _for_swap(
         self, settings: GenerationSettings, inputs: JobInputs, identity_ids: list | None, family: str
@@ -549,12 +573,13 @@ class Service:
                 num_images_per_prompt=1,
             )
             image_id = new_id()
+            who = {"people": job.identity_ids} if inputs.people else {"identity_id": job.identity_ids[index // n]}
             metadata = {
                 **settings.to_json(),
-                "identity_id": job.identity_ids[index // n],
+                **who,
                 "generation_id": job.id,
                 "mode": inputs.mode,
-                **inputs.to_json(),  # the upload ids it was made from
+                **inputs.metadata(),  # the upload ids it was made from
                 "faceid_version": __version__,
                 **(extra or {}),
             }
@@ -597,6 +622,8 @@ class Service:
             "catalog": catalog,
             "modes": MODES if self.runs_modes else [MODES[0]],
             "controlnets": dict(self.config.controlnets) if self.runs_modes else {},
+            "style_adapters": dict(self.config.style_adapters) if self.runs_modes else {},
+            "max_people": MAX_PEOPLE if self.runs_modes else 1,
         }
 
     def health(self) -> dict[str, Any]:

@@ -1,10 +1,15 @@
-"""A generation's input images, by upload id: img2img, inpainting, ControlNet and swap (``faceid.modes``,
-``faceid.control``, ``faceid.swap`` over the HTTP API).
+"""A generation's inputs beyond its settings, by upload and identity id: img2img, inpainting, ControlNet and swap
+(``faceid.modes``, ``faceid.control``, ``faceid.swap``), several people in one picture and style references
+(``faceid.groups``) over the HTTP API.
 
 ``JobInputs`` declares the request fields once: the API's request model inherits them, the service checks them
 (``check``) and stores them as JSON with the job (``Job.inputs``), and the worker reads them back. Images are
-named by the id ``POST /v1/uploads`` gives, never by a path; a ControlNet by its control kind, which the server
-maps to a model it was configured with (``faceid serve --controlnet KIND=SOURCE``).
+named by the id ``POST /v1/uploads`` gives, never by a path; a ControlNet by its control kind and a style adapter by
+its name, which the server maps to a model it was configured with (``faceid serve --controlnet KIND=SOURCE``,
+``--style-adapter NAME=SOURCE``).
+
+``regions`` and ``style`` are also ``GenerationSettings`` fields: there they record what the library used (the
+columns a group photo gave, each reference's adapter and scale), here they are what was asked (with upload ids).
 """
 
 from __future__ import annotations
@@ -15,11 +20,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ..control import KINDS
 from ..errors import FaceIDError
-from ..settings import describe_errors
+from ..settings import Box, Window, describe_errors
 
 ControlKind = Literal[KINDS]  # type: ignore[valid-type]
 TEXT_TO_IMAGE = "text-to-image"
 MAX_CONTROLS = 4  # ControlNets in one request: each is a model run at every step
+# People in one picture and style references in one request: each is a token group every cross-attention layer
+# attends to (with a mask per person), so each costs attention time at every step.
+MAX_PEOPLE = 6
+MAX_STYLES = 4
 
 
 class ControlSpec(BaseModel):
@@ -63,8 +72,38 @@ class SwapSpec(BaseModel):
     )
 
 
+class RegionsPhoto(BaseModel):
+    """A photo with one face per person: its faces, left to right, split the picture into one column each."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    photo: str = Field(description="upload id of a photo with as many faces as people")
+
+
+class StyleSpec(BaseModel):
+    """A style or composition reference of a request: an uploaded image, read by one of the server's style adapters."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    image: str = Field(description="upload id of the reference image")
+    adapter: str = Field(
+        description="the name of one of the server's style adapters (GET /v1/models 'style_adapters'; faceid serve "
+        "--style-adapter NAME=SOURCE)"
+    )
+    scale: float = Field(0.5, ge=0, le=2, description="how strongly it acts (0 adds nothing)")
+    window: Window | None = Field(
+        None, description="the part of the denoising steps it acts in: (start, end) fractions"
+    )
+    region: Box | str | None = Field(
+        None,
+        description="where it acts: a box [x0, y0, x1, y1] in fractions of the picture, or the upload id of a mask "
+        "(white: there); default the whole picture",
+    )
+
+
 class JobInputs(BaseModel):
-    """The input images of a generation (none: text-to-image)."""
+    """The input images of a generation (none: text-to-image), its people when several share a picture, and its
+    style references."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -80,6 +119,23 @@ class JobInputs(BaseModel):
         None, max_length=MAX_CONTROLS, description="ControlNets: a control image each, made from an upload"
     )
     swap: SwapSpec | None = Field(None, description="put the person into an uploaded photo, in place of a face there")
+    people: list[str] | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_PEOPLE,
+        description="several people in every picture: their identity ids (instead of identity_id), person k in "
+        "region k of regions",
+    )
+    regions: Literal["auto"] | list[Box | str] | RegionsPhoto | None = Field(
+        None,
+        description="where each of people goes: 'auto' (equal columns, left to right; the default), one box [x0, y0, "
+        "x1, y1] in fractions per person, one mask upload id per person (white: the person), or {'photo': upload "
+        "id} of a photo whose faces, left to right, give the columns",
+    )
+    style: list[StyleSpec] | None = Field(
+        None, max_length=MAX_STYLES, description="style and composition references: uploaded images, each read by a "
+        "style adapter of the server"
+    )  # fmt: skip
 
     @classmethod
     def parse(cls, value: dict[str, Any] | None) -> JobInputs:
@@ -115,14 +171,39 @@ class JobInputs(BaseModel):
         found += [(f"controls[{k}].image", c.image) for k, c in enumerate(self.controls or ())]
         if self.swap is not None:
             found.append(("swap.target", self.swap.target))
+        if isinstance(self.regions, RegionsPhoto):
+            found.append(("regions.photo", self.regions.photo))
+        elif isinstance(self.regions, list):
+            found += [(f"regions[{k}]", mask) for k, mask in enumerate(self.regions) if isinstance(mask, str)]
+        for k, reference in enumerate(self.style or ()):
+            found.append((f"style[{k}].image", reference.image))
+            if isinstance(reference.region, str):
+                found.append((f"style[{k}].region", reference.region))
         return found
 
-    def check(self, strength: float | None, served_kinds: dict[str, str]) -> None:
+    def fields_given(self) -> list[str]:
+        """The fields it sets: what a job asks for beyond text-to-image of one person per prompt."""
+        return [name for name in type(self).model_fields if getattr(self, name) is not None]
+
+    def metadata(self) -> dict[str, Any]:
+        """What a generated PNG records of the inputs: the request's fields, except that ``regions`` and ``style`` go
+        under ``regions_input`` and ``style_input``: the PNG's ``regions`` and ``style`` are the settings', what the
+        library used (``GenerationSettings.from_png`` reads those)."""
+        return {f"{key}_input" if key in ("regions", "style") else key: value for key, value in self.to_json().items()}
+
+    def check(self, strength: float | None, served_kinds: dict[str, str], style_adapters: dict[str, str]) -> None:
         """Refuse what does not go together, saying what to send instead. ``served_kinds``: the server's
-        ControlNet of each kind."""
+        ControlNet of each kind; ``style_adapters``: its style adapters by name."""
         if self.swap is not None and (self.init_image or self.mask_image or self.controls):
             raise FaceIDError(
                 "swap repaints a face of its target: leave out init_image, mask_image and controls (or leave out swap)"
+            )
+        if self.swap is not None and (self.people or self.style):
+            raise FaceIDError("swap puts one person into its target: leave out people and style (or leave out swap)")
+        if self.regions is not None and self.people is None:
+            raise FaceIDError(
+                "regions places the people of a picture: give people (their identity ids) instead of identity_id, or "
+                "leave regions out"
             )
         if self.mask_image is not None and self.init_image is None:
             raise FaceIDError("mask_image needs init_image, the image to inpaint (an upload id)")
@@ -138,4 +219,12 @@ class JobInputs(BaseModel):
                     f"controls[{k}].kind: this server has no ControlNet for {control.kind!r} (it has: {have}); use one "
                     "of those kinds, or start the server with --controlnet "
                     f"{control.kind}=SOURCE"
+                )
+        for k, reference in enumerate(self.style or ()):
+            if reference.adapter not in style_adapters:
+                have = ", ".join(sorted(style_adapters)) or "none"
+                raise FaceIDError(
+                    f"style[{k}].adapter: this server has no style adapter named {reference.adapter!r} (it has: "
+                    f"{have}); use one of those names (GET /v1/models lists them), or start the server with "
+                    "--style-adapter NAME=SOURCE"
                 )

@@ -71,7 +71,7 @@ class QueuedJob:
     id: str
     owner: str
     settings: GenerationSettings  # resolved, one seed per image
-    identity_ids: list[str]  # one per prompt
+    identity_ids: list[str]  # one per prompt; with ``inputs["people"]``, those people (of every picture)
     created_ns: int
     entry: Any = None  # the catalog entry (``faceid.service.models.ModelEntry``) it runs on
     inputs: dict[str, Any] = field(default_factory=dict)  # its input images by upload id (JobInputs JSON; {}: none)
@@ -99,8 +99,9 @@ class QueuedJob:
 
     @property
     def batch_key(self) -> str:
-        """Jobs with the same key can share one UNet batch: everything but prompts and seeds is the same, the input
-        images too (the same uploads, control kinds, scales and windows give every job the images it gets alone). A
+        """Jobs with the same key can share one UNet batch: everything but prompts and seeds is the same, the inputs
+        too (the same uploads, control kinds, scales and windows give every job the images it gets alone; the same
+        people and regions, since a call places the same people in every picture; the same style references). A
         swap runs alone: each of its images is a pipeline call of its own, on a crop of its own target."""
         settings = self.settings.model_dump_json(exclude={"prompt", "negative_prompt", "seed"})
         alone = {"swap job": self.id} if "swap" in self.inputs else {}

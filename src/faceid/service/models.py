@@ -134,7 +134,8 @@ class Loaded:
     pipeline: Any
     defaults: GenerationSettings  # ``pipeline.resolve_settings()`` taken while no call ran on it
     nbytes: int  # the pipeline's and its attached models'
-    attached: dict[str, Any] = field(default_factory=dict)  # models run with the pipeline (ControlNets), by source
+    # models run with the pipeline, by key: ControlNets by source, style adapters by name
+    attached: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(eq=False)
@@ -192,15 +193,16 @@ class LoadedModels:
                 torch.cuda.empty_cache()
 
     def attach(self, loaded: Loaded, key: str, load: Callable[[], Any]) -> Any:
-        """A model that runs with ``loaded``'s pipeline (a ControlNet, ``key`` its source): ``load()`` the first
-        time, then kept with the pipeline and evicted with it, its memory counted in the budget."""
+        """A model that runs with ``loaded``'s pipeline (a ControlNet, ``key`` its source; a style adapter):
+        ``load()`` the first time, then kept with the pipeline and evicted with it, its memory counted in the budget.
+        ``load()`` returns the model, or a list of the modules it added to the pipeline."""
         with self._lock:
             found = loaded.attached.get(key)
         if found is None:
             found = load()
             with self._lock:
                 loaded.attached[key] = found
-                loaded.nbytes += modules_bytes([found])
+                loaded.nbytes += modules_bytes(found if isinstance(found, list) else [found])
             self._make_room(0)
         return found
 

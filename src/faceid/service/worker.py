@@ -12,7 +12,10 @@ in it is cancelled.
 Input images (img2img, inpainting, ControlNet: ``faceid.service.inputs``) are read from the uploads when the batch
 runs (its jobs share them: they are in the batch key); each ControlNet is the server's one of its control kind,
 loaded onto the batch's pipeline on first use and kept with it (``LoadedModels.attach``), and its control image is
-made from the upload at the output's size. A swap job runs alone: one inpainting call per image.
+made from the upload at the output's size. A swap job runs alone: one inpainting call per image. Several people in
+one picture go to the call as ``face`` with ``regions`` (their mask uploads, or the columns a photo's faces give);
+style references as ``style``, each read by the server's style adapter of its name, loaded onto the batch's
+pipeline on first use and kept with it as the ControlNets are.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from typing import Any, Protocol
 from ..errors import FaceIDError
 from ..settings import GenerationSettings
 from .config import ServeConfig
-from .inputs import ControlSpec, JobInputs, SwapSpec
+from .inputs import ControlSpec, JobInputs, RegionsPhoto, StyleSpec, SwapSpec
 from .jobs import JobQueue, QueuedJob
 from .models import GB, Loaded, LoadedModels, ModelEntry, default_budget
 
@@ -188,7 +191,11 @@ class Worker(threading.Thread):
         first = live[0][0]
         prompts = [p for job, _ in live for p in job.prompts]
         negatives = [p for job, _ in live for p in job.negative_prompts]
-        faces = [identity for _, identities in live for identity in identities]
+        inputs = JobInputs.parse(first.inputs)
+        if inputs.people is not None:  # the same people in every picture of the batch (its batch key)
+            faces = live[0][1]
+        else:  # one person per prompt, in the batch's prompt order
+            faces = [identity for _, identities in live for identity in identities]
         seeds = [s for job, _ in live for s in job.settings.seed]
         total = first.settings.num_inference_steps
         for job, _ in live:
@@ -226,13 +233,16 @@ class Worker(threading.Thread):
         settings = first.settings.replace(prompt=prompts, negative_prompt=negatives, seed=seeds)
         extra, control_images = None, []
         try:
-            inputs = JobInputs.parse(first.inputs)
             if inputs.swap is not None:  # alone in its batch (its batch key)
                 images, extra = self._swap(first, live[0][1][0], inputs.swap, pipeline, on_step_end)
             else:
                 modes = self._mode_arguments(first, inputs, loaded)
                 result = pipeline(face=faces, settings=settings, callback_on_step_end=on_step_end, **previews, **modes)
                 images, control_images = result.images, result.control_images
+                if inputs.regions is not None or inputs.style:  # what the library made of them, for every job
+                    recorded = result.settings.model_dump(include={"regions", "style"})
+                    for job, _ in live:
+                        service.update_settings(job, job.settings.replace(**recorded))
         except _Stop:
             if service.queue.stopped:  # the server stops: the jobs wait for the next start
                 for job in active:
@@ -271,7 +281,62 @@ class Worker(threading.Thread):
         controls = [self._control(job, k, spec, loaded) for k, spec in enumerate(inputs.controls or ())]
         if controls:
             arguments["control"] = [ControlInput(image, net, spec.scale, spec.window) for spec, image, net in controls]
+        if inputs.regions is not None:
+            arguments["regions"] = self._regions(job, inputs)
+        if inputs.style:
+            arguments["style"] = [self._reference(job, k, spec, loaded) for k, spec in enumerate(inputs.style)]
         return arguments
+
+    def _regions(self, job: QueuedJob, inputs: JobInputs) -> Any:
+        """The pipeline's ``regions`` for ``job``'s people: ``"auto"``, boxes, mask images, or the columns its photo's
+        faces give (found by the service's analyzer, one analysis at a time, as the kps control images are)."""
+        from ..groups import columns_from_faces
+
+        service, regions = self.service, inputs.regions
+        if isinstance(regions, RegionsPhoto):
+            photo = service.upload_image(regions.photo, job.owner, "regions.photo")
+            faces = service.analyzer.analyze(photo)
+            return columns_from_faces([f.box for f in faces], photo.width, len(inputs.people), photo.filename)
+        if isinstance(regions, list):
+            return [
+                service.upload_image(r, job.owner, f"regions[{k}]") if isinstance(r, str) else r
+                for k, r in enumerate(regions)
+            ]
+        return regions
+
+    def _reference(self, job: QueuedJob, k: int, spec: StyleSpec, loaded: Loaded) -> Any:
+        """Style reference ``k`` of ``job``: its upload read by the server's style adapter of that name, loaded onto
+        the batch's pipeline on first use and kept with it."""
+        from ..groups import Reference
+
+        service, pipeline = self.service, loaded.pipeline
+        source = service.config.style_adapters.get(spec.adapter)
+        if source is None:  # the server was restarted without it while the job waited
+            raise FaceIDError(
+                f"style[{k}]: this server no longer has a style adapter named {spec.adapter!r}; submit the generation "
+                "again with a name GET /v1/models lists"
+            )
+        self.models.attach(loaded, f"style adapter {spec.adapter}", lambda: self._load_style(pipeline, spec.adapter))
+        region = spec.region
+        if isinstance(region, str):
+            region = service.upload_image(region, job.owner, f"style[{k}].region")
+        image = service.upload_image(spec.image, job.owner, f"style[{k}].image")
+        return Reference(image, spec.scale, adapter=spec.adapter, window=spec.window, region=region)
+
+    def _load_style(self, pipeline: Any, name: str) -> list:
+        """Load the style adapter ``name`` onto ``pipeline``; the modules that added (for the memory budget): its
+        projection and attention branches, and the CLIP image encoder when this first one brought it."""
+        config = self.service.config
+        encoder = pipeline.reference_encoder
+        # The model set's own CLIP image encoder (FaceID-Plus) reads references too; else the configured one, once.
+        pipeline.load_reference(
+            config.style_adapters[name], name=name, image_encoder=config.reference_encoder if encoder is None else None
+        )
+        adapter = pipeline.references[name]
+        added = [adapter.projection, *adapter.branches.values()]
+        if encoder is None and pipeline.reference_encoder is not None:
+            added.append(pipeline.reference_encoder.model)
+        return added
 
     def _control(self, job: QueuedJob, k: int, spec: ControlSpec, loaded: Loaded) -> tuple[ControlSpec, Any, Any]:
         """(spec, control image, ControlNet) of ControlNet ``k`` of ``job``."""

@@ -10,7 +10,10 @@
 const $ = (id) => document.getElementById(id);
 const FINISHED = ["done", "failed", "cancelled"];
 const PAGE = 12;  // generations per gallery page
-const state = { identity: null, models: [], authenticated: false, cursor: null, modes: [], controlnets: {} };
+const state = {
+  identity: null, models: [], authenticated: false, cursor: null, modes: [], controlnets: {},
+  people: [], maxPeople: 1, styleAdapters: {},  // several people in one picture (in order), style adapters by name
+};
 
 // ------------------------------------------------------------------ API key and requests
 const keyInput = $("api-key");
@@ -109,6 +112,8 @@ async function start() {
 async function loadAll() {
   for (const path of [...blobs.keys()]) forgetImage(path);
   state.identity = null;
+  state.people = [];
+  showPeople();
   $("selected").textContent = "none chosen: upload photos or pick one from the library";
   $("crops").replaceChildren();
   if (state.authenticated) setStatus("key-status", "checking the key…");
@@ -146,6 +151,7 @@ async function loadModels() {
     }));
     if (!entries.length) select.append(el("option", { value: "", text: "no model loaded (yet)" }));
     showModes(info.modes || ["text-to-image"], info.controlnets || {});
+    showGroupOptions(info.max_people || 1, info.style_adapters || {});
     modelChanged();
     return true;
   } catch (e) {
@@ -216,27 +222,34 @@ function slotField(slot) {
   return document.querySelector('.upload[data-slot="' + slot + '"]');
 }
 
-for (const slot of ["init", "mask", "control", "target"]) {
+// Uploads the file chosen in `input` at once; its figure shows the server's copy (or why it was refused). The
+// Promise of the upload's view, or null when the choice was cleared.
+function uploadChosen(input, figure) {
+  const thumb = figure.querySelector("img"), caption = figure.querySelector("figcaption");
+  thumb.removeAttribute("src");
+  figure.hidden = !input.files.length;
+  if (!input.files.length) return null;
+  const form = new FormData();
+  form.append("image", input.files[0]);
+  caption.textContent = "uploading…";
+  caption.className = "";
+  const upload = api("/v1/uploads", { method: "POST", body: form });
+  upload.then((view) => {
+    showImage(thumb, view.url);
+    caption.textContent = view.width + "×" + view.height;
+  }).catch((e) => {
+    caption.textContent = e.message;
+    caption.className = "status error";
+  });
+  return upload;
+}
+
+for (const slot of ["init", "mask", "control", "target", "regions"]) {
   const input = $(slot + "-file");
   input.addEventListener("change", () => {
-    const field = slotField(slot);
-    const figure = field.querySelector("figure"), thumb = figure.querySelector("img"), caption = figure.querySelector("figcaption");
     delete uploads[slot];
-    thumb.removeAttribute("src");
-    figure.hidden = !input.files.length;
-    if (!input.files.length) return;
-    const form = new FormData();
-    form.append("image", input.files[0]);
-    caption.textContent = "uploading…";
-    caption.className = "";
-    uploads[slot] = api("/v1/uploads", { method: "POST", body: form });
-    uploads[slot].then((upload) => {
-      showImage(thumb, upload.url);
-      caption.textContent = upload.width + "×" + upload.height;
-    }).catch((e) => {
-      caption.textContent = e.message;
-      caption.className = "status error";
-    });
+    const upload = uploadChosen(input, slotField(slot).querySelector("figure"));
+    if (upload) uploads[slot] = upload;
   });
 }
 
@@ -262,14 +275,114 @@ async function modeFields() {
 }
 $("fast").addEventListener("change", fastChanged);
 
+// ------------------------------------------------------------------ several people, style references
+// Several people in one picture (GET /v1/models "max_people": 1 on Ray) and the server's style adapters by name
+// ("style_adapters": none configured, none offered).
+function showGroupOptions(maxPeople, styleAdapters) {
+  state.maxPeople = maxPeople;
+  state.styleAdapters = styleAdapters;
+  const group = $("group");
+  group.disabled = maxPeople < 2;
+  group.parentElement.title = group.disabled ? "this server places one person per picture" : "";
+  if (group.disabled) group.checked = false;
+  groupChanged();
+  const names = Object.keys(styleAdapters);
+  $("add-style").disabled = !names.length;
+  $("add-style").title = names.length ? "" : "this server has no style adapters (faceid serve --style-adapter NAME=SOURCE)";
+  for (const select of document.querySelectorAll("#styles select.style-adapter")) fillAdapters(select);
+}
+
+function groupChanged() {
+  document.querySelector(".group-field").hidden = !$("group").checked;
+  $("regions").dispatchEvent(new Event("change"));
+  markLibrary();
+}
+
+$("group").addEventListener("change", groupChanged);
+$("regions").addEventListener("change", () => {
+  slotField("regions").hidden = $("regions").value !== "photo";
+});
+
+// The people of the picture, in order (person k goes to column k), each with a button that takes them out.
+function showPeople() {
+  $("people").replaceChildren(...state.people.map((person) => el("li", {},
+    person.name || "unnamed", " ",
+    el("button", { className: "small remove-person", type: "button", text: "×", title: "take this person out",
+      onclick: () => togglePerson(person) }))));
+  markLibrary();
+}
+
+function togglePerson(identity) {
+  const at = state.people.findIndex((person) => person.id === identity.id);
+  if (at >= 0) state.people.splice(at, 1);
+  else if (state.people.length >= state.maxPeople) {
+    return setStatus("generate-status", "this server places at most " + state.maxPeople + " people in a picture", "error");
+  } else state.people.push(identity);
+  showPeople();
+}
+
+// The library shows who is chosen: the person, or in a group each one's place.
+function markLibrary() {
+  const group = $("group").checked;
+  for (const node of document.querySelectorAll(".library .person")) {
+    const place = state.people.findIndex((person) => person.id === node.dataset.id);
+    node.classList.toggle("selected", group ? place >= 0 : !!state.identity && state.identity.id === node.dataset.id);
+    node.querySelector(".order").textContent = group && place >= 0 ? String(place + 1) : "";
+  }
+}
+
+function fillAdapters(select) {
+  const names = Object.keys(state.styleAdapters);
+  select.replaceChildren(...names.map((name) => el("option", { value: name, title: state.styleAdapters[name], text: name })));
+}
+
+// A style reference: an image (uploaded at once), the style adapter that reads it, and how strongly it acts.
+function addStyle() {
+  const input = el("input", { type: "file", accept: "image/*", className: "style-file" });
+  const figure = el("figure", { hidden: "" }, el("img", { className: "thumb", alt: "style image" }), el("figcaption"));
+  const adapter = el("select", { className: "style-adapter" });
+  fillAdapters(adapter);
+  const scale = el("input", { type: "range", min: "0", max: "2", step: "0.05", value: "0.5", className: "style-scale" });
+  const shown = el("output", { text: "0.5" });
+  scale.addEventListener("input", () => { shown.textContent = scale.value; });
+  const row = el("div", { className: "style-row upload" },
+    el("label", {}, "Style image", input), figure,
+    el("div", { className: "row" },
+      el("label", { title: "the style adapter that reads the image (this server's, GET /v1/models)" }, "Adapter", adapter),
+      el("label", { title: "how strongly the reference acts (0 adds nothing)" }, "Style strength ", shown, scale)),
+    el("button", { className: "small danger remove-style", type: "button", text: "Remove", onclick: () => row.remove() }));
+  input.addEventListener("change", () => { row.upload = uploadChosen(input, figure); });
+  $("styles").append(row);
+}
+
+$("add-style").addEventListener("click", addStyle);
+
+// The request fields of several people (people, regions) and of the style references (style).
+async function groupFields() {
+  const fields = {};
+  if ($("group").checked) {
+    fields.people = state.people.map((person) => person.id);
+    fields.regions = $("regions").value === "photo" ? { photo: await uploadId("regions", "the group photo") } : "auto";
+  }
+  const rows = [...document.querySelectorAll("#styles .style-row")];
+  if (rows.length) {
+    fields.style = [];
+    for (const [k, row] of rows.entries()) {
+      if (!row.upload) throw new Error("choose the image of style reference " + (k + 1) + " first");
+      fields.style.push({ image: (await row.upload).id, adapter: row.querySelector(".style-adapter").value,
+        scale: parseFloat(row.querySelector(".style-scale").value) });
+    }
+  }
+  return fields;
+}
+
 // ------------------------------------------------------------------ identities
 function selectIdentity(identity) {
+  if ($("group").checked) return togglePerson(identity);
   state.identity = identity;
   $("selected").textContent = (identity.name || "unnamed") + " (" + identity.faces.length + " photo" +
     (identity.faces.length === 1 ? "" : "s") + ")";
-  for (const node of document.querySelectorAll(".library .person")) {
-    node.classList.toggle("selected", node.dataset.id === identity.id);
-  }
+  markLibrary();
 }
 
 function showCrops(identity) {
@@ -292,11 +405,11 @@ async function loadLibrary() {
       const img = el("img", { alt: person.name || "unnamed" });
       if (person.faces.length) showImage(img, person.faces[0].crop_url);
       const node = el("div", { className: "person", title: "use this person", onclick: () => selectIdentity(person) },
-        img, el("div", { text: person.name || "unnamed" }));
+        img, el("div", {}, el("span", { className: "order" }), " ", person.name || "unnamed"));
       node.dataset.id = person.id;
-      node.classList.toggle("selected", !!state.identity && state.identity.id === person.id);
       return node;
     }));
+    markLibrary();
   } catch (e) {
     library.replaceChildren(el("p", { className: "muted", text: "library unavailable: " + e.message }));
   }
@@ -336,7 +449,7 @@ function intOrNull(id) {
 
 async function requestBody() {
   const body = {
-    identity_id: state.identity.id,
+    identity_id: state.identity ? state.identity.id : null,  // none with several people (body.people)
     prompt: $("prompt").value,
     num_images_per_prompt: intOrNull("count") || 1,
     num_inference_steps: intOrNull("steps"),
@@ -355,7 +468,8 @@ async function requestBody() {
   if ($("fast").value) body.fast = $("fast").value;
   const guidance = parseFloat($("identity-guidance").value);
   if (guidance) body.identity_guidance = guidance;  // 0 or empty: off (the default); a bad value: the server says
-  Object.assign(body, await modeFields());
+  Object.assign(body, await modeFields(), await groupFields());
+  if (body.people) delete body.identity_id;
   if (body.swap) {
     delete body.width;
     delete body.height;
@@ -496,7 +610,10 @@ async function runGeneration(body) {
 
 $("generate-form").addEventListener("submit", async (event) => {
   event.preventDefault();
-  if (!state.identity) return setStatus("generate-status", "choose a person first: upload photos or pick one from the library", "error");
+  if ($("group").checked && !state.people.length) {
+    return setStatus("generate-status", "choose the people first: click them in the library, left to right", "error");
+  }
+  if (!$("group").checked && !state.identity) return setStatus("generate-status", "choose a person first: upload photos or pick one from the library", "error");
   let body;
   try {
     body = await requestBody();
@@ -595,9 +712,11 @@ function controlFigure(url, k) {
   return el("figure", { className: "control" }, img, el("figcaption", { text: "control image " + k }));
 }
 
-function describe(settings, prompt, negative, seed, mode) {
+function describe(settings, prompt, negative, seed, mode, people) {
   const parts = [];
   if (mode && mode !== "text-to-image") parts.push(mode + (settings.strength ? " " + settings.strength : ""));
+  if (people > 1) parts.push(people + " people" + (settings.regions === "auto" ? " side by side" : ""));
+  for (const style of settings.style || []) parts.push("style " + style.adapter + " " + style.scale);
   if (prompt) parts.push("prompt: " + prompt);
   if (negative) parts.push("negative: " + negative);
   parts.push("seed " + seed, "steps " + settings.num_inference_steps, "strength " + settings.scale,
@@ -629,6 +748,7 @@ function imageFigure(view, url, i) {
         if (settings[k] !== undefined && settings[k] !== null) body[k] = settings[k];
       }
       Object.assign(body, view.inputs || {});  // the same uploads (a swap's size is its target's: no width, height)
+      if (body.people) delete body.identity_id;  // the same people in the picture
       if (body.swap) {
         delete body.width;
         delete body.height;
@@ -636,7 +756,8 @@ function imageFigure(view, url, i) {
       runGeneration(body);
     },
   });
-  const caption = describe(settings, prompt, negative, seed, view.mode);
+  const people = (view.inputs && view.inputs.people || []).length;
+  const caption = describe(settings, prompt, negative, seed, view.mode, people);
   const figure = el("figure", {}, img, el("figcaption", { text: caption }), download, again);
   const remove = el("button", { className: "small danger delete-image", type: "button", text: "Delete",
     title: "delete this image", onclick: () => deleteImage(url, figure, remove) });
