@@ -124,9 +124,12 @@ def region_mask(region: Any, width: int, height: int, what: str = "region") -> t
     return torch.from_numpy(gray)[None]
 
 
-def resolve_regions(regions: Any, count: int, analyze: Callable[[Any], list]) -> tuple[str | list[Box], list]:
+def resolve_regions(
+    regions: Any, count: int, analyze: Callable[[Any], list] | None = None
+) -> tuple[str | list[Box], list]:
     """``regions`` as the settings record it (``"auto"``, boxes, or ``"masks"``) and as the call uses it
-    (one box or mask image per person)."""
+    (one box or mask image per person). ``analyze`` (photo -> faces) reads a photo with several people; without
+    it, only ``"auto"``, boxes and masks are checked (e.g. a service validating a request before it runs)."""
     if isinstance(regions, str) and regions == "auto":
         return "auto", auto_layout(count)
     if isinstance(regions, (list, tuple)) and not is_box(regions):
@@ -141,6 +144,8 @@ def resolve_regions(regions: Any, count: int, analyze: Callable[[Any], list]) ->
     # A photo with several people: their faces, left to right.
     from .images import load_image
 
+    if analyze is None:
+        raise FaceIDError("regions from a photo with several people need face analysis (analyze=)")
     image = load_image(regions)
     faces = analyze(image)
     boxes = columns_from_faces([f.box for f in faces], image.width, count, "the regions photo")

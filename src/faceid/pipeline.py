@@ -269,6 +269,7 @@ class FaceIDPipeline:
         # CLIP image encoder that reads their images where the adapter itself needs none (FaceID, not Plus).
         self.references: dict[str, Any] = {}
         self._reference_encoder: identity.CLIPFaceEncoder | None = None
+        self._reference_encoder_source: str | None = None  # the path it was loaded from, if given
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -529,11 +530,14 @@ class FaceIDPipeline:
         try:
             if isinstance(image_encoder, identity.CLIPFaceEncoder):
                 self._reference_encoder = image_encoder
+            elif image_encoder is not None and str(image_encoder) == self._reference_encoder_source:
+                pass  # that encoder is loaded already
             elif image_encoder is not None or (self.image_encoder is None and self._reference_encoder is None):
                 param = next(self.pipe.unet.parameters())
                 self._reference_encoder = identity.CLIPFaceEncoder.from_pretrained(
                     image_encoder, dtype=param.dtype, device=param.device
                 )
+                self._reference_encoder_source = None if image_encoder is None else str(image_encoder)
             for loaded in (*self.references.values(), adapter):  # a new encoder must suit those loaded too
                 loaded.check_encoder(self.reference_encoder)
         except Exception:
