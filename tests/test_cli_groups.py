@@ -123,9 +123,7 @@ def test_style_reference_is_recorded_and_reproduced(tmp_path, capsys, tiny_model
                      "--style-window", "0", "0.5") == 0  # fmt: skip
     path, styled = _png(tmp_path / "a")
     stored = read_settings(path)
-    assert stored["style"] == [
-        {"adapter": "ip-adapter-plain_sd15", "scale": 0.7, "window": [0.0, 0.5], "face_crop": False}
-    ]
+    assert stored["style"] == [{"adapter": "ip-adapter-plain_sd15", "scale": 0.7, "window": [0.0, 0.5]}]
     assert stored["style_images"] == [str(faces_dir / "obama2.jpg")] and stored["style_adapter"] == str(plain)
     assert np.abs(styled - _png(tmp_path / "off")[1]).max() > 0  # the reference acts
     # --settings IMAGE.png: the reference image and the adapter file again; scale and window from the PNG.

@@ -473,7 +473,9 @@ def _style_records(args: argparse.Namespace, recorded: list[dict]) -> list[dict]
     --style IMAGE`` makes the image again."""
     from .settings import StyleSetting
 
-    items = [_path_and_number(item) for item in getattr(args, "style", None) or []]
+    if not hasattr(args, "style"):  # a command without --style (serve's --style-adapter is its allowlist)
+        return []
+    items = [_path_and_number(item) for item in args.style or []]
     combo = _combo(args)
     if not items and combo is None:
         for flag in ("--style-adapter", "--style-window"):

@@ -719,7 +719,7 @@ class FaceIDPipeline:
             "scale": reference.scale,
             "window": reference.window,
             "region": region,
-            "face_crop": reference.face_crop,
+            "face_crop": reference.face_crop or None,
         }
 
     def resolve_settings(self, settings: GenerationSettings | Mapping[str, Any] | None = None) -> GenerationSettings:

@@ -64,7 +64,7 @@ class StyleSetting(BaseModel):
     scale: float = Field(0.5, description="its strength")
     window: Window | None = Field(None, description="the part of the steps it acts in (default all)")
     region: Box | Literal["mask"] | None = Field(None, description="where it acts: a box in fractions, or a mask")
-    face_crop: bool = Field(False, description="whether it read the aligned crop of the image's face")
+    face_crop: bool | None = Field(None, description="true: it read the aligned crop of the image's face")
 
 
 SchedulerName = Literal[tuple(SCHEDULERS)]  # type: ignore[valid-type]
