@@ -28,7 +28,6 @@ from .variants import FAMILIES, Architecture, closest_architecture, match_archit
 GROUPS = ("image_proj", "ip_adapter")
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out")  # checkpoint names; ``to_out`` is diffusers' ``to_out.0``
 _IP_KEY = re.compile(r"^(\d+)\.(to_[qkv]_lora|to_out_lora)\.(down|up)\.weight$|^(\d+)\.(to_k_ip|to_v_ip)\.weight$")
-_PERCEIVER_LAYER = re.compile(r"^perceiver_resampler\.layers\.(\d+)\.")
 
 
 def family_name(cross_attention_dim: int) -> str:
@@ -81,6 +80,21 @@ def load_state_dict(path: str | Path) -> dict[str, dict[str, torch.Tensor]]:
             f"'ip_adapter', found {found}"
         )
     return groups
+
+
+def perceiver_config(proj: dict[str, torch.Tensor], prefix: str, width: int) -> PerceiverConfig:
+    """The shape of a perceiver resampler whose tensors are ``proj[prefix + ...]`` and whose width is ``width``:
+    FaceID-Plus's (``perceiver_resampler.``) and IP-Adapter-Plus's ``Resampler`` (no prefix) alike.
+    A missing tensor raises ``KeyError`` with its key."""
+    layer = re.compile(rf"^{re.escape(prefix)}layers\.(\d+)\.")
+    inner = proj[f"{prefix}layers.0.0.to_q.weight"].shape[0]
+    ff = proj[f"{prefix}layers.0.1.1.weight"].shape[0]
+    return PerceiverConfig(
+        clip_dim=proj[f"{prefix}proj_in.weight"].shape[1],
+        depth=1 + max(int(m.group(1)) for k in proj if (m := layer.match(k))),
+        dim_head=64 if inner % 64 == 0 else inner,
+        ff_mult=ff // width,
+    )
 
 
 @dataclass(frozen=True)
@@ -146,15 +160,7 @@ class AdapterSpec:
             raise CheckpointError(f"{name}: projection output {last.shape[0]} is not a multiple of its width {cad}")
         perceiver = None
         if any(k.startswith("perceiver_resampler.") for k in proj):
-            depth = 1 + max(int(m.group(1)) for k in proj if (m := _PERCEIVER_LAYER.match(k)))
-            inner = proj["perceiver_resampler.layers.0.0.to_q.weight"].shape[0]
-            ff = proj["perceiver_resampler.layers.0.1.1.weight"].shape[0]
-            perceiver = PerceiverConfig(
-                clip_dim=proj["perceiver_resampler.proj_in.weight"].shape[1],
-                depth=depth,
-                dim_head=64 if inner % 64 == 0 else inner,
-                ff_mult=ff // cad,
-            )
+            perceiver = perceiver_config(proj, "perceiver_resampler.", cad)
 
         ip_layers: dict[int, tuple[int, int]] = {}
         lora_layers: dict[int, dict[str, tuple[int, int]]] = {}

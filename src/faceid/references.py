@@ -26,13 +26,12 @@ from torch import nn
 
 from .adapter import load_strict
 from .attention import DecoupledBranch
-from .checkpoints import describe_unet, family_name, load_state_dict
+from .checkpoints import describe_unet, family_name, load_state_dict, perceiver_config
 from .errors import CheckpointError, FaceIDError
 from .projection import ImageProjection, ImageResampler, PerceiverConfig
 from .variants import HubFile
 
 _LAYER_KEY = re.compile(r"^(\d+)\.(to_k_ip|to_v_ip)\.weight$")
-_RESAMPLER_LAYER = re.compile(r"^layers\.(\d+)\.")
 
 
 def _reference_file(filename: str, subfolder: str) -> HubFile:
@@ -93,17 +92,12 @@ class ReferenceSpec:
         proj, ip = state["image_proj"], state["ip_adapter"]
         if "latents" in proj:
             try:
-                latents, proj_in, proj_out = proj["latents"], proj["proj_in.weight"], proj["proj_out.weight"]
-                inner = proj["layers.0.0.to_q.weight"].shape[0]
-                ff = proj["layers.0.1.1.weight"].shape[0]
+                latents, proj_out = proj["latents"], proj["proj_out.weight"]
+                resampler = perceiver_config(proj, "", latents.shape[-1])
             except KeyError as exc:
                 raise CheckpointError(f"{label}: its Resampler lacks {exc.args[0]!r}") from None
-            dim = latents.shape[-1]
-            depth = 1 + max(int(m.group(1)) for k in proj if (m := _RESAMPLER_LAYER.match(k)))
-            resampler = PerceiverConfig(
-                clip_dim=proj_in.shape[1], depth=depth, dim_head=64 if inner % 64 == 0 else inner, ff_mult=ff // dim
-            )
-            cad, tokens, clip_dim, resampler_dim = proj_out.shape[0], latents.shape[1], proj_in.shape[1], dim
+            cad, tokens, resampler_dim = proj_out.shape[0], latents.shape[1], latents.shape[-1]
+            clip_dim = resampler.clip_dim
         elif "proj.weight" in proj and "norm.weight" in proj:
             cad = proj["norm.weight"].shape[0]
             tokens, clip_dim = proj["proj.weight"].shape[0] // cad, proj["proj.weight"].shape[1]
