@@ -644,15 +644,16 @@ class FaceIDPipeline:
         references = self._encode_references(style or [])
         if references:
             encoded = encoded.replace(style=[self._style_setting(r) for r in references])
-        if not placed and len(prompts) == 1 and len(found) > 1:
-            prompts = prompts * len(found)
-        if not placed and len(found) == 1 and len(prompts) > 1:
-            found = found.repeat(len(prompts))
-        if not placed and len(found) != len(prompts):
-            raise FaceIDError(
-                f"{len(prompts)} prompts but {len(found)} faces: give one face for all prompts, "
-                "one prompt for all faces, or one face per prompt"
-            )
+        if not placed:  # pair faces with prompts (placed people are in every picture instead)
+            if len(prompts) == 1 and len(found) > 1:
+                prompts = prompts * len(found)
+            if len(found) == 1 and len(prompts) > 1:
+                found = found.repeat(len(prompts))
+            if len(found) != len(prompts):
+                raise FaceIDError(
+                    f"{len(prompts)} prompts but {len(found)} faces: give one face for all prompts, "
+                    "one prompt for all faces, or one face per prompt"
+                )
         negatives = _as_list(encoded.negative_prompt)
         if len(negatives) == 1:
             negatives = negatives * len(prompts)
