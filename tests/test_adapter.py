@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import pickle
+import weakref
 
 import pytest
 import torch
@@ -10,6 +12,7 @@ from conftest import make_tiny_unet
 from tiny_models import unet_inputs
 
 from faceid.adapter import FaceIDAdapter, initial_state_dict
+from faceid.attention import CallTokens, TokenGroup
 from faceid.checkpoints import AdapterSpec, load_state_dict, save_state_dict
 from faceid.errors import CheckpointError, FaceIDError
 
@@ -92,11 +95,15 @@ def test_scale_and_lora_scale_change_without_reloading(tiny_unet):
         fresh.remove()
 
 
-def test_scaled_context_restores_the_scale(tiny_unet):
-    adapter = FaceIDAdapter.install(tiny_unet, _random_adapter_state(tiny_unet), scale=0.7)
-    with adapter.scaled(0.2):
-        assert all(b.scale == 0.2 for b in adapter.branches.values())
-    assert adapter.scale == 0.7 and all(b.scale == 0.7 for b in adapter.branches.values())
+def test_a_calls_scale_lives_in_its_token_group_not_on_the_adapter(tiny_unet):
+    state = _random_adapter_state(tiny_unet)
+    inputs, identity = unet_inputs(tiny_unet)
+    adapter = FaceIDAdapter.install(tiny_unet, state, scale=0.7, lora_scale=0.0)
+    as_group = _run(tiny_unet, inputs, [TokenGroup(identity, adapter.name, 0.2)])
+    assert adapter.scale == 0.7 and all(b.scale == 0.7 for b in adapter.branches.values())  # untouched
+    adapter.remove()
+    FaceIDAdapter.install(tiny_unet, state, scale=0.2, lora_scale=0.0)
+    assert torch.equal(as_group, _run(tiny_unet, inputs, identity))  # what the adapter at 0.2 computes
 
 
 def test_fused_lora_matches_unfused_and_unfuse_restores_weights(tiny_unet):
@@ -124,19 +131,22 @@ def test_remove_while_fused_restores_the_unet(tiny_unet):
     _assert_same_as(tiny_unet, snapshot)
 
 
-def test_caching_computes_context_projections_once_and_changes_nothing(tiny_unet):
+def test_a_calls_cache_computes_context_projections_once_and_changes_nothing(tiny_unet):
     inputs, identity = unet_inputs(tiny_unet)
     adapter = FaceIDAdapter.install(tiny_unet, _random_adapter_state(tiny_unet))
     uncached = [_run(tiny_unet, inputs, identity) for _ in range(3)]
     calls = []
     handles = [b.to_k_ip.register_forward_hook(lambda *a: calls.append(1)) for b in adapter.branches.values()]
-    with adapter.caching():
-        cached = [_run(tiny_unet, inputs, identity) for _ in range(3)]
+    call = CallTokens([TokenGroup(identity, adapter.name, adapter.scale)])  # the same object at every step
+    cached = [_run(tiny_unet, inputs, call) for _ in range(3)]
     assert len(calls) == len(adapter.processors)  # once per layer, not once per step
     for handle in handles:
         handle.remove()
     assert all(torch.equal(a, b) for a, b in zip(cached, uncached, strict=True))
-    assert all(not p.cache._entries for p in adapter.processors.values())  # nothing kept after the call
+    cache = weakref.ref(call.cache)
+    del call
+    gc.collect()
+    assert cache() is None  # the call's keys/values go with it: nothing on the UNet holds them
 
 
 def test_identity_tokens_batch_must_match(tiny_unet):

@@ -20,6 +20,7 @@ from tiny_models import unet_inputs
 from torch._dynamo.testing import CompileCounterWithBackend, EagerAndRecordGraphs
 
 from faceid.adapter import FaceIDAdapter, initial_state_dict
+from faceid.attention import TokenGroup
 from faceid.peft_adapters import tensor_scalings
 from faceid.pipeline import FaceIDPipeline
 
@@ -172,21 +173,22 @@ def test_per_sample_scale_and_zero_are_exact_when_compiled():
     plain = unet(**plain_inputs).sample
     adapter = FaceIDAdapter.install(unet, state, scale=0.8, lora_scale=0.0)  # per sample: the identity branch
     at_08 = unet(**inputs).sample
-    with adapter.scaled(scale=[0.8, 0.0]):
-        eager_mixed = unet(**inputs).sample
+    tokens = inputs["cross_attention_kwargs"]["ip_hidden_states"]
+
+    def with_scale(scale):  # a call's identity group, its scale one number or one per sample
+        return {**plain_inputs, "cross_attention_kwargs": {"ip_hidden_states": [TokenGroup(tokens, "faceid", scale)]}}
+
+    eager_mixed = unet(**with_scale([0.8, 0.0])).sample
     assert torch.equal(eager_mixed[0], at_08[0])
     assert torch.equal(eager_mixed[1], plain[1])
 
     counter = CompileCounterWithBackend("eager")
     unet.compile(backend=counter)
-    with adapter.scaled(scale=[0.8, 0.0]):
-        torch.testing.assert_close(unet(**inputs).sample, eager_mixed, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(unet(**with_scale([0.8, 0.0])).sample, eager_mixed, rtol=1e-5, atol=1e-5)
     for branch in adapter.branches.values():  # a branch that overflows: inf keys and values
         branch.to_v_ip.weight.fill_(float("inf"))
-    with adapter.scaled(scale=0.0, lora_scale=0.0):  # a new batch-1 scale shape: one recompilation
-        assert torch.equal(unet(**inputs).sample, plain)
-    with adapter.scaled(scale=[0.0, 0.0], lora_scale=0.0):
-        assert torch.equal(unet(**inputs).sample, plain)
+    assert torch.equal(unet(**with_scale(0.0)).sample, plain)  # a new batch-1 scale shape: one recompilation
+    assert torch.equal(unet(**with_scale([0.0, 0.0])).sample, plain)
     assert counter.frame_count == 2
 
 
@@ -207,16 +209,18 @@ def test_inductor_compiles_an_attention_layer_with_the_identity_branch():
         "ip_hidden_states": torch.randn(2, 4, cad, generator=generator),
     }
     knobs = [(1.0, 1.0), (0.3, 0.6), (0.0, 0.0)]
-    eager = []
-    for scale, lora_scale in knobs:
-        with adapter.scaled(scale, lora_scale):
-            eager.append(attn(hidden, **kwargs))
+
+    def call(layer, scale, lora_scale):  # the call's identity scale in its group; the LoRA weight set between calls
+        adapter.set_lora_scale(lora_scale)
+        group = TokenGroup(kwargs["ip_hidden_states"], adapter.name, scale)
+        return layer(hidden, encoder_hidden_states=kwargs["encoder_hidden_states"], ip_hidden_states=[group])
+
+    eager = [call(attn, scale, lora_scale) for scale, lora_scale in knobs]
     tensor_scalings(unet)
     counter = CompileCounterWithBackend("inductor")
     compiled = torch.compile(attn, backend=counter)
     for (scale, lora_scale), expected in zip(knobs, eager, strict=True):
-        with adapter.scaled(scale, lora_scale):
-            torch.testing.assert_close(compiled(hidden, **kwargs), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(call(compiled, scale, lora_scale), expected, rtol=1e-5, atol=1e-5)
     assert counter.frame_count == 1, path
 
 
@@ -257,7 +261,6 @@ def test_token_groups_compile_once_and_their_windows_recompile_nothing():
     new groups of the same shapes (the next call), reuse the one graph."""
     from tiny_models import adapter_state
 
-    from faceid.attention import TokenGroup
     from faceid.groups import region_mask
 
     unet = make_tiny_unet()

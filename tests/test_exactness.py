@@ -2,7 +2,7 @@
 adapter state as it found it, and a call refuses to run when the adapter was silently taken out.
 
 The reference for every windowed call is the same call computed step by step without the per-call
-key/value cache (``FaceIDAdapter.caching`` replaced by a no-op), which is what the cache must reproduce.
+key/value cache (``KeyValueCache.get`` computing every time), which is what the cache must reproduce.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from conftest import make_tiny_unet
 from safetensors.torch import save_file
 
 from faceid.adapter import FaceIDAdapter, initial_state_dict
+from faceid.attention import CallTokens, KeyValueCache, TokenGroup
 from faceid.errors import FaceIDError
 from faceid.pipeline import FaceIDPipeline
 
@@ -28,7 +29,7 @@ STEPS = 6
 def _no_cache(monkeypatch):
     """Every key/value computed at every step: the plain step-by-step computation."""
     with monkeypatch.context() as patch:
-        patch.setattr(FaceIDAdapter, "caching", contextlib.nullcontext)
+        patch.setattr(KeyValueCache, "get", lambda self, slot, source, modules, compute: compute(source))
         yield
 
 
@@ -195,11 +196,19 @@ def test_cached_keys_values_never_outlive_what_they_depend_on(mutate):
         "encoder_hidden_states": torch.randn(2, 8, 64, generator=generator),
         "cross_attention_kwargs": {"ip_hidden_states": torch.randn(2, 4, 64, generator=generator)},
     }
-    with adapter.caching():
-        before = unet(**inputs).sample
-        mutate(adapter, inputs)
-        cached = unet(**inputs).sample
-    uncached = unet(**inputs).sample  # the same state, computed afresh
+
+    def run(call):  # the identity as a call's group, with the call's key/value cache
+        attention = {"ip_hidden_states": call}
+        return unet(**{**inputs, "cross_attention_kwargs": attention}).sample
+
+    def group():
+        return TokenGroup(inputs["cross_attention_kwargs"]["ip_hidden_states"], adapter.name, adapter.scale)
+
+    call = CallTokens([group()])  # one call: the same object at every step
+    before = run(call)
+    mutate(adapter, inputs)
+    cached = run(call)
+    uncached = run(CallTokens([group()]))  # the same state, computed afresh by a new call
     assert torch.equal(cached, uncached)
     assert not torch.equal(before, uncached)  # the mutation changed what the UNet computes
 

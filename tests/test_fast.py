@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
-from tiny_models import FEW_STEP_LAYOUTS, few_step_lora_state
+from tiny_models import FEW_STEP_LAYOUTS, acting_loras, few_step_lora_state
 
 from faceid.errors import FaceIDError
 from faceid.fast import PRESETS
-from faceid.identity_guidance import identity_guidance
+from faceid.identity_guidance import IdentityGuidedUNet
 from faceid.peft_adapters import layers_with
 from faceid.pipeline import FaceIDPipeline
 from faceid.settings import GenerationSettings
@@ -66,7 +66,7 @@ class _Watch:
     def callback(self, pipeline, step, timestep, kwargs):
         self.schedulers.append(type(pipeline.scheduler).__name__)
         self.timesteps.append(int(timestep))
-        self.lora_weights.append(self.pipe.loras)
+        self.lora_weights.append(acting_loras(self.pipe.pipe.unet))  # the weights on the UNet at this step
         return kwargs
 
 
@@ -149,7 +149,7 @@ def test_lightning_is_sdxl_only_and_runs_on_sdxl(fast_pipe, sdxl_fast_pipe, tmp_
 
 def test_presets_fetch_their_pinned_files(fast_pipe, tmp_path, monkeypatch):
     """Without a local copy, a call asks the Hub cache for the table's file (commit and sha256 checked there)."""
-    import faceid.pipeline as pipeline_module
+    import faceid.model_set as model_set_module
 
     asked = []
     path = _lora_file(fast_pipe, "tcd", tmp_path)
@@ -158,7 +158,7 @@ def test_presets_fetch_their_pinned_files(fast_pipe, tmp_path, monkeypatch):
         asked.append(file)
         return path
 
-    monkeypatch.setattr(pipeline_module, "fetch", fake_fetch)
+    monkeypatch.setattr(model_set_module, "fetch", fake_fetch)
     fast_pipe("p", _face(), seed=1, fast="tcd", output_type="np", **SIZE)
     assert asked == [PRESETS["tcd"].loras["SD1.5"]]
     fast_pipe("p", _face(), seed=1, fast="tcd", output_type="np", **SIZE)
@@ -219,7 +219,7 @@ def test_identity_guidance_zero_adds_nothing(fast_pipe, guidance):
 
 @pytest.mark.parametrize("cfg", [False, True])
 def test_identity_guidance_formula(fast_pipe, cfg):
-    """Inside the hook, one batched UNet call gives what three separate calls combine to."""
+    """Through the call's guided view of the UNet, one batched UNet call gives what three separate calls combine to."""
     pipe, weight, g = fast_pipe, 1.5, 4.0
     unet = pipe.pipe.unet
     conditioning = pipe.encode(["a", "b"], _face(2))
@@ -231,9 +231,9 @@ def test_identity_guidance_formula(fast_pipe, cfg):
     cond_ids = conditioning.identity_states(False)
     null_ids = conditioning.identity_states(False, unconditional=True)
 
-    def unet_out(x, embeds, ids):
-        return unet(x, t, encoder_hidden_states=embeds, cross_attention_kwargs={"ip_hidden_states": ids},
-                    return_dict=False)[0]  # fmt: skip
+    def unet_out(x, embeds, ids, model=unet):
+        return model(x, t, encoder_hidden_states=embeds, cross_attention_kwargs={"ip_hidden_states": ids},
+                     return_dict=False)[0]  # fmt: skip
 
     with torch.no_grad():
         c = unet_out(latents, text["prompt_embeds"], cond_ids)
@@ -245,8 +245,7 @@ def test_identity_guidance_formula(fast_pipe, cfg):
             ids = conditioning.identity_states(True)
         else:
             x, embeds, ids = latents, text["prompt_embeds"], cond_ids
-        with identity_guidance(unet, weight, g, cfg, null_ids):
-            out = unet_out(x, embeds, ids)
+        out = unet_out(x, embeds, ids, IdentityGuidedUNet(unet, weight, g, cfg, null_ids))
     if cfg:
         assert out.shape[0] == 2 * b
         torch.testing.assert_close(out[:b], u, atol=1e-5, rtol=1e-5)
@@ -255,7 +254,7 @@ def test_identity_guidance_formula(fast_pipe, cfg):
         torch.testing.assert_close(combined, u + g * (c - u) + weight * (c - c_noid), atol=1e-4, rtol=1e-4)
     else:
         torch.testing.assert_close(out, c + weight * (c - c_noid), atol=1e-5, rtol=1e-5)
-    # the hooks are gone after the block
+    # the shared UNet itself is untouched
     with torch.no_grad():
         torch.testing.assert_close(unet_out(latents, text["prompt_embeds"], cond_ids), c)
 

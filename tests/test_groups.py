@@ -85,19 +85,19 @@ def test_no_groups_or_zero_scales_are_the_plain_unet_bit_for_bit():
     plain = unet(**inputs).sample
     adapter = FaceIDAdapter.install(unet, adapter_state(unet, "faceid"))
     mask = region_mask((0.25, 0, 1, 1), 24, 16)
-    with adapter.scaled(lora_scale=0.0):
-        for groups in ([], [TokenGroup(tokens, "faceid", 0.0), TokenGroup(tokens * 2, "faceid", [0.0, 0.0], mask)]):
-            out = unet(**inputs, cross_attention_kwargs={"ip_hidden_states": groups}).sample
-            assert torch.equal(out, plain)
-        shut = TokenGroup(tokens, "faceid", 0.7)
-        shut.set_open(False)
-        assert torch.equal(unet(**inputs, cross_attention_kwargs={"ip_hidden_states": [shut]}).sample, plain)
-        shut.set_open(True)
-        assert not torch.equal(unet(**inputs, cross_attention_kwargs={"ip_hidden_states": [shut]}).sample, plain)
-        # One group without a mask is the plain tensor path.
-        as_tensor = unet(**inputs, cross_attention_kwargs={"ip_hidden_states": tokens}).sample
-        as_group = unet(**inputs, cross_attention_kwargs={"ip_hidden_states": [TokenGroup(tokens, "faceid")]}).sample
-        assert torch.equal(as_tensor, as_group)
+    adapter.set_lora_scale(0.0)  # the identity LoRA off: the groups alone
+    for groups in ([], [TokenGroup(tokens, "faceid", 0.0), TokenGroup(tokens * 2, "faceid", [0.0, 0.0], mask)]):
+        out = unet(**inputs, cross_attention_kwargs={"ip_hidden_states": groups}).sample
+        assert torch.equal(out, plain)
+    shut = TokenGroup(tokens, "faceid", 0.7)
+    shut.set_open(False)
+    assert torch.equal(unet(**inputs, cross_attention_kwargs={"ip_hidden_states": [shut]}).sample, plain)
+    shut.set_open(True)
+    assert not torch.equal(unet(**inputs, cross_attention_kwargs={"ip_hidden_states": [shut]}).sample, plain)
+    # One group without a mask is the plain tensor path.
+    as_tensor = unet(**inputs, cross_attention_kwargs={"ip_hidden_states": tokens}).sample
+    as_group = unet(**inputs, cross_attention_kwargs={"ip_hidden_states": [TokenGroup(tokens, "faceid")]}).sample
+    assert torch.equal(as_tensor, as_group)
     with pytest.raises(FaceIDError, match="not loaded on this UNet"):
         unet(**inputs, cross_attention_kwargs={"ip_hidden_states": [TokenGroup(tokens, "style")]})
 

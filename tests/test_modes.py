@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny_models import FEW_STEP_LAYOUTS, few_step_lora_state, make_tiny_autoencoder
+from tiny_models import FEW_STEP_LAYOUTS, acting_loras, few_step_lora_state, make_tiny_autoencoder
 
 from faceid.cli import main
 from faceid.errors import FaceIDError
@@ -266,7 +266,7 @@ def test_fast_preset_with_img2img(sd15_pipe, tmp_path):
         batches.append((args[0] if args else kwargs["sample"]).shape[0])
 
     def callback(pipeline, step, timestep, kwargs):
-        weights.append(pipe.loras[name])
+        weights.append(acting_loras(pipe.pipe.unet).get(name))  # the weight it acts at on the UNet now
         return kwargs
 
     handle = pipe.pipe.unet.register_forward_pre_hook(count, with_kwargs=True)

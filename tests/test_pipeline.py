@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from faceid.errors import FaceIDError, MissingWeightsError
+from faceid.peft_adapters import adapter_weights
 from faceid.pipeline import FaceIDPipeline
 
 SIZE = {"width": 24, "height": 16, "num_inference_steps": 3}
@@ -152,13 +153,15 @@ def test_identity_window_is_validated_and_user_callbacks_still_run(pipe):
     seen = []
 
     def callback(pipeline, step, timestep, kwargs):
-        seen.append((step, pipe.adapter.acting, pipe.adapter.active))
+        in_force = adapter_weights(pipe.pipe.unet)[pipe.adapter.name]  # the identity LoRA's weight on the UNet
+        seen.append((step, in_force, pipe.adapter.active))
         return kwargs
 
     pipe("p", _embeddings(1), seed=0, identity_window=(0.0, 0.5), callback_on_step_end=callback, **SIZE)
     # steps 0,1 of 3 are inside [0, 0.5) for i/3 < 0.5 -> 0 and 1; the callback sees the next step's state
-    # (the user's own setting, ``active``, stays on throughout)
-    assert seen == [(0, True, True), (1, False, True), (2, False, True)]
+    # (the user's own setting, ``active``, stays on throughout), and the user's weight is back after the call
+    assert seen == [(0, 1.0, True), (1, 0.0, True), (2, 0.0, True)]
+    assert adapter_weights(pipe.pipe.unet)[pipe.adapter.name] == 1.0
 
 
 # ---------------------------------------------------------------------- several photos of one person

@@ -13,7 +13,7 @@ from PIL import Image
 from test_variants import _fake_download, _own_hash_cache  # noqa: F401 (an autouse fixture: own hash cache)
 from tiny_models import make_tiny_autoencoder
 
-from faceid import previews
+from faceid import previews, tiny_vae
 from faceid.errors import CheckpointError, FaceIDError, MissingWeightsError
 from faceid.pipeline import FaceIDPipeline
 
@@ -87,20 +87,22 @@ def test_previews_show_the_predicted_image_rather_than_the_noisy_latents(pipe):
     np.testing.assert_array_equal(_arrays(seen[-1][2])[0], final)
 
 
-def test_the_x0_watch_leaves_the_scheduler_and_its_results_as_they_were(pipe):
+def test_the_recording_scheduler_steps_as_its_original_and_keeps_x0(pipe):
     from diffusers import DDIMScheduler
 
     scheduler = DDIMScheduler.from_config(pipe.pipe.scheduler.config)
-    scheduler.set_timesteps(4)
+    recording = previews.recording_x0(scheduler)
+    assert isinstance(recording, DDIMScheduler) and type(recording).__name__ == "DDIMScheduler"
+    assert recording is not scheduler and dict(recording.config) == dict(scheduler.config)
+    for s in (scheduler, recording):
+        s.set_timesteps(4)
     noise, sample = torch.randn(1, 4, 8, 12), torch.randn(1, 4, 8, 12)
     t = scheduler.timesteps[0]
     plain = scheduler.step(noise, t, sample, return_dict=True)
-    seen = {}
-    with previews._watching_x0(scheduler, seen):
-        as_tuple = scheduler.step(noise, t, sample, return_dict=False)
-    assert "step" not in scheduler.__dict__  # the class's method again
+    as_tuple = recording.step(noise, t, sample, return_dict=False)
+    assert not hasattr(scheduler, "last_x0") or scheduler.last_x0 is None  # the original is left as it was
     torch.testing.assert_close(as_tuple[0], plain.prev_sample, rtol=0, atol=0)
-    torch.testing.assert_close(seen["x0"], plain.pred_original_sample, rtol=0, atol=0)
+    torch.testing.assert_close(recording.last_x0, plain.pred_original_sample, rtol=0, atol=0)
 
 
 def test_previews_change_nothing_and_compose_with_the_window_and_a_user_callback(tiny_pipe):
@@ -185,40 +187,40 @@ def test_the_other_familys_tiny_vae_is_refused(tiny_models, pipe, tmp_path, monk
         )  # fmt: skip
     # A local copy of a released file is known by its sha256 (here: the table says so for this file).
     folder = make_tiny_autoencoder(tmp_path / "copy")
-    weights = folder / previews.WEIGHTS
+    weights = folder / tiny_vae.WEIGHTS
     _pin(monkeypatch, "taesdxl", hashlib.sha256(weights.read_bytes()).hexdigest())
     base_vae = pipe.pipe.vae
     for source in (folder, weights):
         with pytest.raises(CheckpointError, match="made for SDXL latents but this is an SD1.5 model.*taesd"):
-            previews.load_tiny_vae(source, "SD1.5", base_vae, torch.float32, "cpu")
+            tiny_vae.load_tiny_vae(source, "SD1.5", base_vae, torch.float32, "cpu")
     with pytest.raises(CheckpointError, match="decodes 8-channel latents; this model's have 4"):
-        previews.load_tiny_vae(make_tiny_autoencoder(tmp_path / "c8", latent_channels=8), "SD1.5", base_vae,
+        tiny_vae.load_tiny_vae(make_tiny_autoencoder(tmp_path / "c8", latent_channels=8), "SD1.5", base_vae,
                                torch.float32, "cpu")  # fmt: skip
     with pytest.raises(CheckpointError, match="upsamples latents 4x; this model's VAE does 2x"):
-        previews.load_tiny_vae(make_tiny_autoencoder(tmp_path / "x4", blocks=3), "SD1.5", base_vae,
+        tiny_vae.load_tiny_vae(make_tiny_autoencoder(tmp_path / "x4", blocks=3), "SD1.5", base_vae,
                                torch.float32, "cpu")  # fmt: skip
     with pytest.raises(CheckpointError, match="does not hold TAESD weights in the diffusers layout"):
-        previews.load_tiny_vae(weights, "SDXL", base_vae, torch.float32, "cpu")  # not the released shapes
+        tiny_vae.load_tiny_vae(weights, "SDXL", base_vae, torch.float32, "cpu")  # not the released shapes
     with pytest.raises(MissingWeightsError, match="tiny VAE 'nowhere' not found.*taesd"):
-        previews.load_tiny_vae("nowhere", "SD1.5", base_vae, torch.float32, "cpu")
+        tiny_vae.load_tiny_vae("nowhere", "SD1.5", base_vae, torch.float32, "cpu")
 
 
 def _pin(monkeypatch, name, sha256):
     from dataclasses import replace
 
-    release = previews.TINY_VAES[name]
+    release = tiny_vae.TINY_VAES[name]
     pinned = replace(release, file=replace(release.file, sha256=sha256))
-    monkeypatch.setitem(previews.TINY_VAES, name, pinned)
+    monkeypatch.setitem(tiny_vae.TINY_VAES, name, pinned)
     return pinned
 
 
 def test_released_tiny_vaes_are_pinned():
-    assert set(previews.FAMILY_TINY_VAE.items()) == {("SD1.5", "taesd"), ("SDXL", "taesdxl")}
-    for name, release in previews.TINY_VAES.items():
-        assert release.file.repo == f"madebyollin/{name}" and release.file.filename == previews.WEIGHTS
+    assert set(tiny_vae.FAMILY_TINY_VAE.items()) == {("SD1.5", "taesd"), ("SDXL", "taesdxl")}
+    for name, release in tiny_vae.TINY_VAES.items():
+        assert release.file.repo == f"madebyollin/{name}" and release.file.filename == tiny_vae.WEIGHTS
         assert len(release.file.revision) == 40 and len(release.file.sha256) == 64 and release.file.size == 9793292
-    assert previews.tiny_vae_name("auto", "SDXL") == "taesdxl"
-    assert previews.tiny_vae_name("madebyollin/taesd", "SDXL") == "taesd"
+    assert tiny_vae.tiny_vae_name("auto", "SDXL") == "taesdxl"
+    assert tiny_vae.tiny_vae_name("madebyollin/taesd", "SDXL") == "taesd"
 
 
 def test_the_pinned_download_offline_on_a_fake_hub_cache(tmp_path, monkeypatch, pipe):
@@ -237,23 +239,23 @@ def test_the_pinned_download_offline_on_a_fake_hub_cache(tmp_path, monkeypatch, 
     blob = tmp_path / "hub" / "models--madebyollin--taesd" / "blobs" / release.file.sha256
     blob.parent.mkdir()
     blob.write_bytes(b"a truncated download")
-    (snapshot / previews.WEIGHTS).symlink_to(blob)
+    (snapshot / tiny_vae.WEIGHTS).symlink_to(blob)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     base_vae = _vae_with_8x_upsampling()
     with pytest.raises(CheckpointError, match=release.file.sha256):
-        previews.load_tiny_vae("auto", "SD1.5", base_vae, torch.float32, "cpu")
+        tiny_vae.load_tiny_vae("auto", "SD1.5", base_vae, torch.float32, "cpu")
     blob.write_bytes(data.read_bytes())
-    vae, name = previews.load_tiny_vae("auto", "SD1.5", base_vae, torch.float32, "cpu")
+    vae, name = tiny_vae.load_tiny_vae("auto", "SD1.5", base_vae, torch.float32, "cpu")
     assert name == "taesd" and isinstance(vae, AutoencoderTiny)
     for key, value in released.state_dict().items():
         torch.testing.assert_close(vae.state_dict()[key], value, rtol=0, atol=0)
-    with pytest.raises(MissingWeightsError, match=f"at commit {previews.TINY_VAES['taesdxl'].file.revision}"):
-        previews.load_tiny_vae("taesdxl", "SDXL", base_vae, torch.float32, "cpu")  # not in the cache
+    with pytest.raises(MissingWeightsError, match=f"at commit {tiny_vae.TINY_VAES['taesdxl'].file.revision}"):
+        tiny_vae.load_tiny_vae("taesdxl", "SDXL", base_vae, torch.float32, "cpu")  # not in the cache
     calls = []
     _fake_download(monkeypatch, data, calls)
-    previews.load_tiny_vae("taesd", "SD1.5", base_vae, torch.float32, "cpu")
-    assert calls[0][:2] == ("madebyollin/taesd", previews.WEIGHTS)
+    tiny_vae.load_tiny_vae("taesd", "SD1.5", base_vae, torch.float32, "cpu")
+    assert calls[0][:2] == ("madebyollin/taesd", tiny_vae.WEIGHTS)
     assert calls[0][2]["revision"] == release.file.revision
 
 

@@ -556,3 +556,14 @@ def few_step_lora_state(unet, layout: str, rank: int = 4, seed: int = 0) -> dict
         else:
             raise KeyError(f"layout {layout!r}: one of kohya, diffusers-old")
     return {key: tensor.to(torch.float16) for key, tensor in state.items()}
+
+
+def acting_loras(unet) -> dict[str, float]:
+    """The LoRAs that take part in the UNet's forward passes now, with the weights they act at."""
+    from faceid.peft_adapters import adapter_weights, layers_with
+
+    return {
+        name: weight
+        for name, weight in adapter_weights(unet).items()
+        if all(name in layer.active_adapters for layer in layers_with(unet, name).values())
+    }

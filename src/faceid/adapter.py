@@ -14,9 +14,7 @@ base weights, and ``remove()`` puts back the exact processor objects, modules an
 
 from __future__ import annotations
 
-import contextlib
 import warnings
-from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -27,6 +25,7 @@ from .checkpoints import FAMILIES, LORA_TARGETS, AdapterSpec, describe_unet, fam
 from .errors import CheckpointError, FaceIDError
 from .peft_adapters import PeftInjection, adapter_name_taken, adapter_weights, get_base_layer, set_layer_weight
 from .projection import IdentityProjection
+from .weights import weights_guard
 
 StateDict = dict[str, dict[str, torch.Tensor]]
 
@@ -57,14 +56,11 @@ class FaceIDAdapter:
         self._lora_layers: list[str] = []  # module paths of the PEFT layers that hold our LoRA
         self._peft: PeftInjection | None = None  # how to take the LoRA out again
         self._fused_weights: dict[str, torch.Tensor] | None = None
-        # The user's settings; a call's own values and its identity window are kept apart (``scaled``), so
-        # that reading these during a call, or after one, always gives what the user set.
+        # The user's settings: the defaults of every call. A call's own values live in the call (its token
+        # groups, and its LoRA weight under the UNet's weights guard), never here.
         self._scale = 1.0
         self._lora_scale = 1.0
         self._active = True
-        self._call_scale: float | torch.Tensor | None = None
-        self._call_lora_scale: float | None = None
-        self._gate_open = True  # closed outside a call's identity window
 
     # ------------------------------------------------------------------ install / remove
     @classmethod
@@ -222,7 +218,7 @@ class FaceIDAdapter:
     # ------------------------------------------------------------------ knobs
     @property
     def scale(self) -> float:
-        """The identity strength the user set (a call's ``scale=`` does not change it)."""
+        """The identity strength the user set: the default of every call (a call's ``scale=`` does not change it)."""
         return self._scale
 
     def set_scale(self, scale: float) -> None:
@@ -245,11 +241,6 @@ class FaceIDAdapter:
         """Whether the user has the adapter switched on (a call's identity window does not change it)."""
         return self._active
 
-    @property
-    def acting(self) -> bool:
-        """Whether the adapter acts right now: switched on, and inside the running call's identity window."""
-        return self._active and self._gate_open
-
     def set_active(self, active: bool) -> None:
         """Switch the adapter's whole effect (identity branch and LoRA) off or back on; knobs are kept.
 
@@ -261,51 +252,41 @@ class FaceIDAdapter:
         self._active = bool(active)
         self._apply()
 
-    @contextlib.contextmanager
-    def scaled(
-        self, scale: float | Sequence[float] | torch.Tensor | None = None, lora_scale: float | None = None
-    ) -> Iterator[Callable[[bool], None]]:
-        """Inside the block, use ``scale`` and ``lora_scale`` (None: the user's) for one call.
+    @property
+    def has_lora(self) -> bool:
+        return bool(self._lora_layers)
 
-        ``scale`` may also be one number per sample of the UNet batch (in its order: under classifier-free
-        guidance the unconditional half first), e.g. 0 for a batch chunk that must see no identity.
+    def lora_weight(self, lora_scale: float | None = None, acting: bool = True) -> float:
+        """The identity LoRA's weight in force for a call at ``lora_scale`` (None: the user's) when the adapter
+        acts (switched on, inside the call's window), else 0."""
+        return (self._lora_scale if lora_scale is None else float(lora_scale)) if acting and self._active else 0.0
 
-        Yields ``gate(open)``, which switches the adapter's effect off and on again within the block (the
-        identity window). The user's settings (``scale``, ``lora_scale``, ``active``) are never changed, so
-        they read the same during the call and are exactly what is in force after it.
+    def put_lora_weight(self, weight: float) -> None:
+        """Put ``weight`` on the identity LoRA's layers, leaving the user's settings as they are.
+
+        For a call that holds the UNet's ``weights_guard`` (``faceid.weights``): it changes what every caller
+        of the UNet computes, and the guard puts the user's settings back when the call is done.
         """
-        if lora_scale is not None and self._lora_layers:
-            self._refuse_if_fused(lora_scale)
-
-        def gate(open_: bool) -> None:
-            if not open_:
-                self._refuse_off_if_fused()
-            self._gate_open = bool(open_)
-            self._apply()
-
-        if scale is None or isinstance(scale, (int, float)):
-            self._call_scale = None if scale is None else float(scale)
-        else:  # per sample: on the UNet's device once, so that every gate switch copies nothing from the host
-            self._call_scale = torch.as_tensor(scale, dtype=torch.float32).to(next(self.unet.parameters()).device)
-        self._call_lora_scale = None if lora_scale is None else float(lora_scale)
-        self._apply()
-        try:
-            yield gate
-        finally:
-            self._call_scale = self._call_lora_scale = None
-            self._gate_open = True
-            self._apply()
+        if self._fused_weights is not None:
+            if weight != self.lora_weight():
+                raise FaceIDError(
+                    "the identity LoRA is fused into the UNet: its weight is fixed at "
+                    f"{self.lora_weight()} until unfuse_lora(), so a call cannot use {weight}"
+                )
+            return
+        for path in self._lora_layers:
+            set_layer_weight(self.unet.get_submodule(path), self.name, weight)
 
     def _apply(self) -> None:
-        """Put the weights in force (the call's, else the user's; 0 when off) on the processors and the LoRA."""
-        on = self._active and self._gate_open
-        scale = self._scale if self._call_scale is None else self._call_scale
-        lora_scale = self._lora_scale if self._call_lora_scale is None else self._call_lora_scale
-        for branch in self.branches.values():
-            branch.set_scale(scale)
-            branch.set_gate(on)
-        for path in self._lora_layers:
-            set_layer_weight(self.unet.get_submodule(path), self.name, lora_scale if on else 0.0)
+        """Put the user's settings in force (0 when off) on the branches (for callers that pass a plain tensor)
+        and on the LoRA, once no call runs on the UNet's weights."""
+        with weights_guard(self.unet).exclusive():
+            for branch in self.branches.values():
+                branch.set_scale(self._scale)
+                branch.set_gate(self._active)
+            if self._fused_weights is None:
+                for path in self._lora_layers:
+                    set_layer_weight(self.unet.get_submodule(path), self.name, self.lora_weight())
 
     def _refuse_if_fused(self, lora_scale: float) -> None:
         if self._fused_weights is not None and float(lora_scale) != self._lora_scale:
@@ -322,6 +303,10 @@ class FaceIDAdapter:
         """Merge the identity LoRA into the base weights: no LoRA matmuls per step while ``lora_scale`` is fixed."""
         if not self._lora_layers or self._fused_weights is not None:
             return
+        with weights_guard(self.unet).exclusive():
+            self._fuse()
+
+    def _fuse(self) -> None:
         saved = {}
         for path in self._lora_layers:
             layer = self.unet.get_submodule(path)
@@ -340,7 +325,7 @@ class FaceIDAdapter:
     def unfuse_lora(self) -> None:
         if self._fused_weights is None:
             return
-        with torch.no_grad():
+        with weights_guard(self.unet).exclusive(), torch.no_grad():
             for path, weight in self._fused_weights.items():
                 layer = self.unet.get_submodule(path)
                 base = layer.get_base_layer().weight
@@ -377,17 +362,6 @@ class FaceIDAdapter:
         cond = self.projection(id_embeds, clip_embeds, shortcut=shortcut, s_scale=s_scale)
         uncond = self.projection(torch.zeros_like(id_embeds), uncond_clip_embeds, shortcut=shortcut, s_scale=s_scale)
         return cond, uncond
-
-    @contextlib.contextmanager
-    def caching(self) -> Iterator[None]:
-        """Compute context keys/values once for the whole block (one pipeline call), not once per step."""
-        for processor in self.processors.values():
-            processor.cache.enabled = True
-        try:
-            yield
-        finally:
-            for processor in self.processors.values():
-                processor.cache.clear()
 
     # ------------------------------------------------------------------ export
     def state_dict(self) -> StateDict:

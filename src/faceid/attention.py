@@ -11,9 +11,11 @@ sliced off again: the processor never has to guess how many of the context token
 is not in here: it lives on ``to_q``/``to_k``/``to_v``/``to_out.0`` through PEFT, so this processor stays
 the plain SDPA attention plus its branches.
 
-A branch's strength and window gate are tensors (buffers updated in place), not Python numbers, so that a
-compiled UNet (``torch.compile``) reads their values instead of specialising on them: changing either
-between calls, or the gate between steps, recompiles nothing.
+Every weight is a tensor (a group's, set in place when its window opens or shuts; a branch's strength and
+gate buffers), not a Python number, so that a compiled UNet (``torch.compile``) reads its value instead of
+specialising on it: changing one between calls, or a window between steps, recompiles nothing. Everything
+of a call (its groups, their weights, its key/value cache) comes with the call: calls from several threads
+on one UNet share only the weights.
 """
 
 from __future__ import annotations
@@ -63,30 +65,28 @@ def module_state(*modules: nn.Module) -> tuple:
     return tuple(parts)
 
 
-class _KeyValueCache:
-    """Keys/values of context tensors that stay the same across denoising steps.
+class KeyValueCache:
+    """Keys/values of context tensors that stay the same across the denoising steps of one call.
 
-    Inside one pipeline call the text embeddings and the identity tokens are the same tensor objects at
-    every step, so their key/value projections need computing once per call, not once per step. But the
+    Inside one pipeline call the text embeddings and the image tokens are the same tensor objects at every
+    step, so their key/value projections need computing once per call, not once per step. But the
     projections themselves can change within a call: the identity window switches the identity LoRA on
     ``to_k``/``to_v`` on and off between steps, and a step callback may change a LoRA weight or fuse it.
     So an entry is reused only while both the source tensor (by identity and in-place version) and the
     fingerprint of the projecting modules (``module_state``) are unchanged; otherwise it is recomputed.
-    The cache is only active between ``enable()`` and ``clear()``, which the pipeline brackets each call
-    with; outside that (training, direct UNet calls) nothing is cached. Nor inside a compiled UNet: the
-    lookups are Python bookkeeping (tensor identities, fingerprints) that would break the graph at every
-    layer, while the compiled projections are cheap; there the keys/values are computed at every step.
+
+    A cache belongs to one call: the call makes it and passes it with its token groups (``CallTokens``), so
+    calls from several threads never see each other's entries, and it is gone with the call. Nothing is
+    cached inside a compiled UNet: the lookups are Python bookkeeping (tensor identities, fingerprints) that
+    would break the graph at every layer, while the compiled projections are cheap.
     """
 
     def __init__(self) -> None:
-        self.enabled = False
-        self._entries: dict[str, tuple[torch.Tensor, tuple, torch.Tensor, torch.Tensor]] = {}
+        self._entries: dict[tuple, tuple[torch.Tensor, tuple, torch.Tensor, torch.Tensor]] = {}
 
     def get(
-        self, slot: str, source: torch.Tensor, modules: tuple[nn.Module, ...], compute
+        self, slot: tuple, source: torch.Tensor, modules: tuple[nn.Module, ...], compute
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if torch.compiler.is_compiling() or not self.enabled:
-            return compute(source)
         state = (source._version, module_state(*modules))
         entry = self._entries.get(slot)
         if entry is not None and entry[0] is source and entry[1] == state:
@@ -96,9 +96,11 @@ class _KeyValueCache:
         self._entries[slot] = (source, state, key, value)
         return key, value
 
-    def clear(self) -> None:
-        self._entries.clear()
-        self.enabled = False
+
+def _cached(cache: KeyValueCache | None, slot: tuple, source: torch.Tensor, modules: tuple, compute):
+    if cache is None or torch.compiler.is_compiling():
+        return compute(source)
+    return cache.get(slot, source, modules, compute)
 
 
 class TokenGroup:
@@ -106,14 +108,15 @@ class TokenGroup:
 
     A call can pass several: each identity's FaceID tokens, each reference image's IP-Adapter tokens. Each
     group is read through the projections of one ``branch`` (the adapter it belongs to), weighed by its
-    ``scale`` (a number, or one per sample of the UNet batch) times that branch's own strength and gate, and
-    optionally limited to a region: ``mask`` is ``(1 or batch, height, width)`` in [0, 1] in the output image's
-    proportions, brought to each layer's resolution the way diffusers' ``IPAdapterMaskProcessor.downsample``
-    does. ``set_open`` shuts or reopens the group between steps (its step window) in place, without a
-    device sync. ``null`` (optional) holds the group's tokens for "no identity", used by identity guidance.
+    ``scale`` (a number, or one per sample of the UNet batch: the whole weight of the group; the branch's own
+    ``scale``/``gate`` buffers are for callers that pass a plain tensor), and optionally limited to a region:
+    ``mask`` is ``(1 or batch, height, width)`` in [0, 1] in the output image's proportions, brought to each
+    layer's resolution the way diffusers' ``IPAdapterMaskProcessor.downsample`` does. ``set_open`` shuts or
+    reopens the group between steps (its step window) in place, without a device sync. ``null`` (optional)
+    holds the group's tokens for "no identity", used by identity guidance.
 
-    Groups are made per call and passed as ``cross_attention_kwargs["ip_hidden_states"]`` (a list): nothing of
-    them stays on the UNet. The same list object must be passed at every step for the key/value cache to hit.
+    Groups are made per call and passed as ``cross_attention_kwargs["ip_hidden_states"]`` (a list, or a
+    ``CallTokens`` with the call's key/value cache): nothing of them stays on the UNet.
     """
 
     def __init__(
@@ -132,9 +135,14 @@ class TokenGroup:
         self.branch = branch
         self.mask = mask
         self.null = null
-        self._scale = torch.as_tensor(scale, dtype=torch.float32).reshape(-1, 1, 1).to(tokens.device)
+        given = torch.as_tensor(scale, dtype=torch.float32)
+        if given.ndim > 1:
+            raise FaceIDError(f"a group's scale is a number or one per sample (1-d), got shape {tuple(given.shape)}")
+        # Whether every weight is 0, read once here (for values given on the host: no device sync), so that
+        # opening and shutting the group between steps never asks the device.
+        self._zero = not bool(given.any())
+        self._scale = given.reshape(-1, 1, 1).to(tokens.device)
         self.weight = self._scale.clone()
-        self._zero = not bool(torch.as_tensor(scale).any())  # host-side, before any move: no sync
         self._open = [True]  # shared with ``with_tokens`` copies, like ``weight``
 
     def set_open(self, open_: bool) -> None:
@@ -145,6 +153,7 @@ class TokenGroup:
 
     @property
     def idle(self) -> bool:
+        """Whether the group adds nothing now (every weight 0, or shut); read on the host."""
         return self._zero or not self._open[0]
 
     def with_tokens(self, tokens: torch.Tensor) -> TokenGroup:
@@ -155,6 +164,22 @@ class TokenGroup:
         group = TokenGroup(tokens, self.branch, 1.0, self.mask, None)
         group._scale, group.weight, group._zero, group._open = self._scale, self.weight, self._zero, self._open
         return group
+
+
+class CallTokens:
+    """What one call gives every decoupled cross-attention layer: its token groups and its key/value cache.
+
+    Passed as ``cross_attention_kwargs["ip_hidden_states"]``, the same object at every step of the call, so
+    that each layer computes the keys/values of the text and of every group once per call (``KeyValueCache``).
+    """
+
+    def __init__(self, groups: Sequence[TokenGroup], cache: KeyValueCache | None = None) -> None:
+        self.groups = list(groups)
+        self.cache = KeyValueCache() if cache is None else cache
+
+    def with_groups(self, groups: Sequence[TokenGroup]) -> CallTokens:
+        """Other groups (identity guidance's extended batch) with the same cache."""
+        return CallTokens(groups, self.cache)
 
 
 class DecoupledBranch(nn.Module):
@@ -235,18 +260,23 @@ class FaceIDAttnProcessor(nn.Module):
 
     It owns one ``DecoupledBranch`` per adapter installed (``branches``, by adapter name: the FaceID
     adapter's first, then any reference IP-Adapter added next to it), sized from the ``Attention`` module it
-    serves. The image tokens come with each call as ``ip_hidden_states``: a tensor (read by the first branch,
-    the FaceID adapter, as one group) or a list of ``TokenGroup`` (several identities, reference images,
-    each with its own branch, scale, region and window). Each group adds ``weight * attention(q, K, V)`` to
-    the text attention, in list order. Where a group's weight is 0 it adds nothing, bit for bit; without
-    ``ip_hidden_states`` the processor is exactly diffusers' ``AttnProcessor2_0``.
+    serves. The image tokens come with each call as ``ip_hidden_states``:
+
+    * a ``CallTokens`` (what the pipeline passes): the call's token groups and its key/value cache;
+    * a list of ``TokenGroup`` (several identities, reference images, each with its own branch, weight, region
+      and window), computed afresh at every step;
+    * a tensor: the first branch's tokens (the FaceID adapter), weighed by that branch's ``scale`` and ``gate``
+      (training and direct UNet calls).
+
+    Each group adds ``weight * attention(q, K, V)`` to the text attention, in list order. Where a group's
+    weight is 0 it adds nothing, bit for bit; without ``ip_hidden_states`` the processor is exactly diffusers'
+    ``AttnProcessor2_0``. The processor keeps no state of any call.
     """
 
     def __init__(self, name: str, branch: DecoupledBranch):
         super().__init__()
         self.branches = nn.ModuleDict({name: branch})
         self.primary = name
-        self.cache = _KeyValueCache()
 
     @classmethod
     def for_layer(cls, attn: Attention, scale: float = 1.0, name: str = "faceid") -> FaceIDAttnProcessor:
@@ -272,8 +302,9 @@ class FaceIDAttnProcessor(nn.Module):
         encoder_hidden_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         temb: torch.Tensor | None = None,
-        ip_hidden_states: torch.Tensor | Sequence[TokenGroup] | None = None,
+        ip_hidden_states: torch.Tensor | Sequence[TokenGroup] | CallTokens | None = None,
     ) -> torch.Tensor:
+        cache = ip_hidden_states.cache if isinstance(ip_hidden_states, CallTokens) else None
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -297,8 +328,12 @@ class FaceIDAttnProcessor(nn.Module):
             key, value = attn.to_k(hidden_states), attn.to_v(hidden_states)
         else:
             # Keyed on the tensor the UNet passes in (the same object at every step), before any norm.
-            key, value = self.cache.get(
-                "text", encoder_hidden_states, self._text_modules(attn), lambda ctx: self._text_key_value(attn, ctx)
+            key, value = _cached(
+                cache,
+                (self, "text"),
+                encoder_hidden_states,
+                self._text_modules(attn),
+                lambda ctx: self._text_key_value(attn, ctx),
             )
 
         head_dim = key.shape[-1] // attn.heads
@@ -318,12 +353,16 @@ class FaceIDAttnProcessor(nn.Module):
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
         hidden_states = hidden_states.to(query.dtype)
 
-        if isinstance(ip_hidden_states, torch.Tensor):  # one group: the FaceID adapter's tokens
-            hidden_states = self._add_group(
-                hidden_states, query, heads, "identity", self.branches[self.primary], ip_hidden_states
-            )
+        if isinstance(ip_hidden_states, torch.Tensor):  # one group: the FaceID adapter's tokens, its own knobs
+            branch = self.branches[self.primary]
+            # Compiled, the branch is always computed: skipping it would be Python control flow on a tensor value.
+            if torch.compiler.is_compiling() or not branch.idle:
+                hidden_states = self._add_group(
+                    hidden_states, query, heads, None, "identity", branch, ip_hidden_states, branch.scale * branch.gate
+                )
         elif ip_hidden_states is not None:
-            for index, group in enumerate(ip_hidden_states):
+            groups = ip_hidden_states.groups if isinstance(ip_hidden_states, CallTokens) else ip_hidden_states
+            for index, group in enumerate(groups):
                 if group.branch not in self.branches:
                     raise FaceIDError(
                         f"token group {index} is for adapter {group.branch!r}, which is not loaded on this UNet "
@@ -335,6 +374,7 @@ class FaceIDAttnProcessor(nn.Module):
                     hidden_states,
                     query,
                     heads,
+                    cache,
                     f"group{index}",
                     self.branches[group.branch],
                     group.tokens,
@@ -355,29 +395,29 @@ class FaceIDAttnProcessor(nn.Module):
         hidden_states: torch.Tensor,
         query: torch.Tensor,
         heads,
+        cache: KeyValueCache | None,
         slot: str,
         branch: DecoupledBranch,
         tokens: torch.Tensor,
-        group_weight: torch.Tensor | None = None,
+        weight: torch.Tensor,
         mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``hidden_states`` plus one group's weighted attention over its tokens (through ``branch``)."""
-        # Compiled, the branch is always computed: skipping it would be Python control flow on a tensor value.
-        if not torch.compiler.is_compiling() and branch.idle:
-            return hidden_states
+        """``hidden_states`` plus one group's attention over its tokens (through ``branch``) times ``weight``,
+        a float32 ``(1 or batch, 1, 1)`` tensor."""
         batch_size = hidden_states.shape[0]
         if tokens.shape[0] != batch_size:
             raise ValueError(f"identity tokens have batch {tokens.shape[0]} but the UNet batch is {batch_size}")
-        weight = branch.scale * branch.gate  # (1 or batch, 1, 1), float32
-        if group_weight is not None:
-            weight = weight * group_weight
         if weight.shape[0] not in (1, batch_size):
             raise FaceIDError(
                 f"the identity scale has {weight.shape[0]} values but the UNet batch is {batch_size}: "
                 "give one number, or one per sample"
             )
-        ip_key, ip_value = self.cache.get(
-            slot, tokens, (branch.to_k_ip, branch.to_v_ip), lambda ctx: (branch.to_k_ip(ctx), branch.to_v_ip(ctx))
+        ip_key, ip_value = _cached(
+            cache,
+            (self, slot),
+            tokens,
+            (branch.to_k_ip, branch.to_v_ip),
+            lambda ctx: (branch.to_k_ip(ctx), branch.to_v_ip(ctx)),
         )
         ip_states = F.scaled_dot_product_attention(
             query, heads(ip_key), heads(ip_value), attn_mask=None, dropout_p=0.0, is_causal=False
@@ -385,8 +425,12 @@ class FaceIDAttnProcessor(nn.Module):
         ip_states = ip_states.transpose(1, 2).reshape(batch_size, ip_states.shape[2], -1).to(query.dtype)
         if mask is not None:
             queries = ip_states.shape[1]
-            region, _ = self.cache.get(
-                f"{slot}.mask{queries}", mask, (), lambda m: (_downsample_mask(m, batch_size, queries),) * 2
+            region, _ = _cached(
+                cache,
+                (self, f"{slot}.mask{queries}"),
+                mask,
+                (),
+                lambda m: (_downsample_mask(m, batch_size, queries),) * 2,
             )
             ip_states = ip_states * region.to(ip_states.dtype)
         # float32 weight times the branch, rounded once to the layer's dtype (as a Python number would be).

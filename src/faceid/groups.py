@@ -11,8 +11,7 @@ This module turns what a user gives into those groups:
 * ``Reference``: an image read by a standard IP-Adapter (``faceid.references``), with its scale, window
   and optional region.
 
-With one person and no reference, the call passes the identity tokens as one plain tensor, exactly the
-FaceID path; nothing here is involved.
+With one person and no reference, the call's one group is the identity, as a FaceID call has always been.
 """
 
 from __future__ import annotations
@@ -162,31 +161,32 @@ def token_groups(
     width: int,
     height: int,
     identity_branch: str,
-) -> tuple[list[TokenGroup], list[tuple[tuple[float, float], TokenGroup]]]:
-    """The groups of a call in the UNet's batch order, and the step windows of those that have one.
+    identity_scale: float = 1.0,
+) -> tuple[list[TokenGroup], list[TokenGroup]]:
+    """The groups of a call in the UNet's batch order (each person's identity, then each reference), and those
+    of the references alone.
 
     ``identity``: the identity tokens in batch order, ``(batch, tokens, dim)`` for one person or ``(batch,
     people, tokens, dim)``; ``null_identity``: those for "no identity" of the conditional entries (identity
     guidance). ``regions``: one box or mask per person (several people only). ``images``: the conditional
-    entries of the batch.
+    entries of the batch. ``identity_scale``: the weight of every person's tokens.
     """
     groups: list[TokenGroup] = []
-    windows: list[tuple[tuple[float, float], TokenGroup]] = []
     if identity.ndim == 3:
-        groups.append(TokenGroup(identity, identity_branch, null=null_identity))
+        groups.append(TokenGroup(identity, identity_branch, identity_scale, null=null_identity))
     else:
         device = identity.device
         for k in range(identity.shape[1]):
             mask = region_mask(regions[k], width, height, f"region {k}").to(device)
-            groups.append(TokenGroup(identity[:, k], identity_branch, mask=mask, null=null_identity[:, k]))
+            groups.append(
+                TokenGroup(identity[:, k], identity_branch, identity_scale, mask=mask, null=null_identity[:, k])
+            )
+    referenced = []
     for k, ref in enumerate(references):
         cond = ref.tokens.expand(images, -1, -1)
         tokens = torch.cat([ref.uncond_tokens.expand(images, -1, -1), cond]) if classifier_free_guidance else cond
         mask = None
         if ref.region is not None:
             mask = region_mask(ref.region, width, height, f"reference {k}'s region").to(tokens.device)
-        group = TokenGroup(tokens.contiguous(), ref.adapter, ref.scale, mask=mask)
-        groups.append(group)
-        if ref.window is not None:
-            windows.append((ref.window, group))
-    return groups, windows
+        referenced.append(TokenGroup(tokens.contiguous(), ref.adapter, ref.scale, mask=mask))
+    return groups + referenced, referenced

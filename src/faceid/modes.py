@@ -4,8 +4,9 @@ A call's inputs say which diffusers pipeline runs it: an ``init_image`` (img2img
 (inpainting), and ``control`` (one or several ControlNets, each with its control image, conditioning scale and
 step window), alone or together, SD1.5 or SDXL: ``StableDiffusion[XL][ControlNet][Img2Img|Inpaint]Pipeline``.
 ``FaceIDPipeline`` builds that pipeline from its own with diffusers' ``from_pipe`` (every module shared: no
-memory, no copy of any pipeline code) and hands it the same prompt embeddings and identity tokens as the
-text-to-image pipeline; the identity goes through ``cross_attention_kwargs`` to the UNet in every mode.
+memory, no copy of any pipeline code; each call runs on its own copy, ``ModelSet.call_pipeline``) and hands it
+the same prompt embeddings and identity tokens as the text-to-image pipeline; the identity goes through
+``cross_attention_kwargs`` to the UNet in every mode.
 
 What is made here: ``ControlInput`` (one ControlNet of a call), ``ModeInputs`` (a call's images, loaded, sized
 and turned into the diffusers arguments of the pipeline that runs it) and the checks that refuse a ControlNet
@@ -15,9 +16,11 @@ of the other family or on another device.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from . import families
 from .errors import FaceIDError
 from .images import load_image
 
@@ -52,9 +55,7 @@ def pipeline_class_name(family: str, img2img: bool, inpaint: bool, controlnet: b
     """The diffusers pipeline class for a call's inputs; None for plain text-to-image (the loaded pipeline)."""
     if not (img2img or inpaint or controlnet):
         return None
-    prefix = "StableDiffusionXL" if family == "SDXL" else "StableDiffusion"
-    task = "Inpaint" if inpaint else "Img2Img" if img2img else ""
-    return f"{prefix}{'ControlNet' if controlnet else ''}{task}Pipeline"
+    return families.family(family).pipeline_class(img2img, inpaint, controlnet)
 
 
 def check_controlnet(controlnet: Any, unet: Any, family: str, name: str | None = None) -> None:
@@ -158,8 +159,15 @@ class ModeInputs:
 
         return MultiControlNetModel([c.controlnet for c in self.controls])
 
-    def pipeline_kwargs(self, strength: float | None, batch: int) -> dict[str, Any]:
+    def pipeline_kwargs(
+        self, strength: float | None, batch: int, windows: Sequence[tuple[float, float] | None] | None = None
+    ) -> dict[str, Any]:
         """The diffusers arguments for these inputs (the pipeline chosen by ``class_name``), for ``batch`` images.
+
+        ``windows``: each ControlNet's ``control_guidance_start/end`` over the steps that run
+        (``faceid.plan.StepSchedule.controlnet_window``: its own window placed on the full schedule, which
+        img2img and inpainting cut); None for one that acts in no step that runs (it then weighs 0, as diffusers
+        weighs a ControlNet outside its window). Without ``windows``, each ControlNet's own window.
 
         The init image goes once per image: diffusers' inpainting pipelines sample its latents with the first
         image's generator only when given it once, which shifts the noise of every other image (image i would
@@ -172,12 +180,14 @@ class ModeInputs:
         if self.mask_image is not None:
             kwargs["mask_image"] = self.mask_image
         if self.controls:
+            if windows is None:
+                windows = [c.window for c in self.controls]
             one = len(self.controls) == 1
             images = [c.image for c in self.controls]
             kwargs["control_image" if self.init_image is not None else "image"] = images[0] if one else images
-            scales = [float(c.scale) for c in self.controls]
-            starts = [c.window[0] for c in self.controls]
-            ends = [c.window[1] for c in self.controls]
+            scales = [float(c.scale) if w is not None else 0.0 for c, w in zip(self.controls, windows, strict=True)]
+            starts = [w[0] if w is not None else 0.0 for w in windows]
+            ends = [w[1] if w is not None else 1.0 for w in windows]
             kwargs["controlnet_conditioning_scale"] = scales[0] if one else scales
             kwargs["control_guidance_start"] = starts[0] if one else starts
             kwargs["control_guidance_end"] = ends[0] if one else ends

@@ -19,14 +19,13 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import FaceIDError
+from .families import FAMILIES
 from .fast import PRESETS, SCHEDULERS
 
 DEFAULT_PROMPT = "best quality, high quality"
 DEFAULT_NEGATIVE_PROMPT = "monochrome, lowres, bad anatomy, worst quality, low quality"
-FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
-    "SD1.5": {"width": 512, "height": 768, "guidance_scale": 7.5, "num_inference_steps": 30},
-    "SDXL": {"width": 1024, "height": 1024, "guidance_scale": 5.0, "num_inference_steps": 30},
-}
+# Each base model family's defaults (``faceid.families``): size, steps, guidance.
+FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {name: family.defaults for name, family in FAMILIES.items()}
 # Fields used to encode the prompts and faces (``FaceIDPipeline.encode``); the rest steer the sampling.
 ENCODE_FIELDS = (
     "prompt", "negative_prompt", "num_images_per_prompt", "face_index", "combine", "shortcut", "s_scale", "regions",

@@ -12,10 +12,9 @@ bare UNet, make one: ``LoraStack(unet).load("style.safetensors", weight=0.7)``.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from ..peft_adapters import (
     set_adapter_active,
     set_adapter_weight,
 )
+from ..weights import weights_guard
 from .files import PEFT_KEY, read_lora
 
 __all__ = ["LoadedLora", "LoraStack"]
@@ -60,6 +60,7 @@ class _Record:
     injection: PeftInjection
     info: LoadedLora
     text_encoders: dict[str, tuple[nn.Module, PeftInjection]] = field(default_factory=dict)
+    active: bool = True
 
 
 class LoraStack:
@@ -92,6 +93,12 @@ class LoraStack:
         unreadable file, a file that is not a LoRA, a LoRA made for another base model (naming the layer
         and the sizes), or a name already in use; nothing is left loaded then.
         """
+        with weights_guard(self.unet).exclusive():
+            return self._load(lora, name, weight, label)
+
+    def _load(
+        self, lora: str | Path | dict[str, torch.Tensor], name: str | None, weight: float, label: str | None
+    ) -> LoadedLora:
         is_path = isinstance(lora, (str, Path))
         if name is None:
             if not is_path:
@@ -176,35 +183,35 @@ class LoraStack:
             raise KeyError(f"no LoRA named {name!r} on this UNet (loaded: {loaded})")
         if any(name in layer.merged_adapters for layer in layers.values()):
             raise RuntimeError(f"LoRA {name!r} is fused into the UNet's weights; unfuse it before changing its weight")
-        set_adapter_weight(self.unet, name, weight)
-        record = self._records.get(name)
-        if record is not None:  # its text-encoder part takes the same weight
-            for encoder, _ in record.text_encoders.values():
-                set_adapter_weight(encoder, name, weight)
-            record.weight = float(weight)
+        with weights_guard(self.unet).exclusive():
+            set_adapter_weight(self.unet, name, weight)
+            record = self._records.get(name)
+            if record is not None:  # its text-encoder part takes the same weight
+                for encoder, _ in record.text_encoders.values():
+                    set_adapter_weight(encoder, name, weight)
+                record.weight = float(weight)
 
     def set_active(self, name: str, active: bool) -> None:
         """Switch LoRA ``name`` (one this stack loaded) out of the forward passes and back in, its weight kept:
         an inactive LoRA costs nothing, where one at weight 0 is still computed."""
         record = self._records[name]
-        set_adapter_active(self.unet, name, active)
-        for encoder, _ in record.text_encoders.values():
-            set_adapter_active(encoder, name, active)
+        with weights_guard(self.unet).exclusive():
+            set_adapter_active(self.unet, name, active)
+            for encoder, _ in record.text_encoders.values():
+                set_adapter_active(encoder, name, active)
+            record.active = bool(active)
 
-    @contextlib.contextmanager
-    def acting(self, name: str, weight: float) -> Iterator[None]:
-        """LoRA ``name`` (loaded by this stack, possibly inactive) active at ``weight`` inside the block; back to
-        its weight and its active state after it."""
+    def put_in_force(self, name: str, weight: float, active: bool = True) -> None:
+        """Put LoRA ``name`` (loaded by this stack) on the UNet at ``weight``, active or not, leaving the recorded
+        setting (``list``, ``sources``) as it is: for a call that holds the UNet's ``weights_guard``, which puts
+        the setting back after it (``put_in_force(name, record weight, record active)``)."""
+        set_adapter_active(self.unet, name, active)
+        set_adapter_weight(self.unet, name, weight)
+
+    def setting(self, name: str) -> tuple[float, bool]:
+        """The weight and active state recorded for LoRA ``name`` (loaded by this stack)."""
         record = self._records[name]
-        before = record.weight
-        was_active = all(name in layer.active_adapters for layer in layers_with(self.unet, name).values())
-        self.set_active(name, True)
-        self.set_weight(name, weight)
-        try:
-            yield
-        finally:
-            self.set_weight(name, before)
-            self.set_active(name, was_active)
+        return record.weight, record.active
 
     def remove(self, name: str) -> None:
         """Take out LoRA ``name`` (loaded by this stack), leaving the models exactly as ``load`` found them.
@@ -222,10 +229,11 @@ class LoraStack:
         record = self._records[name]
         if any(name in layer.merged_adapters for layer in layers_with(self.unet, name).values()):
             raise RuntimeError(f"LoRA {name!r} is fused into the UNet's weights; unfuse it before removing it")
-        del self._records[name]
-        record.injection.undo(self.unet)
-        for encoder, text_injection in record.text_encoders.values():
-            text_injection.undo(encoder)
+        with weights_guard(self.unet).exclusive():
+            del self._records[name]
+            record.injection.undo(self.unet)
+            for encoder, text_injection in record.text_encoders.values():
+                text_injection.undo(encoder)
 
     def list(self) -> dict[str, float]:
         """Every LoRA adapter on the UNet (the identity LoRA included) and its weight, in loading order."""

@@ -64,7 +64,7 @@ class ModelEntry:
 
     def matches(self, requested: GenerationSettings) -> bool:
         """Whether every model field ``requested`` names is this entry's, as configured or as its resolved path
-        (``pipeline._source_key``, applied to the configured side only: the request's text is never a path)."""
+        (``model_set._source_key``, applied to the configured side only: the request's text is never a path)."""
         for key in ("base_model", "adapter", "vae"):
             wanted = getattr(requested, key)
             if wanted is not None and wanted not in _names(getattr(self.models, key)):
@@ -94,7 +94,7 @@ class ModelEntry:
 def _names(source: str | None) -> set[str]:
     if source is None:
         return set()
-    from ..pipeline import _source_key
+    from ..model_set import _source_key
 
     return {source, _source_key(source)}
 

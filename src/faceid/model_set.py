@@ -1,0 +1,639 @@
+"""Loading a model set: a base model with everything a call can use on it, loaded once and shared by calls.
+
+``ModelSet.from_pretrained`` loads a Stable Diffusion 1.5 or SDXL base pipeline (a diffusers folder, a Hub repo
+id or a single file) and installs an identity adapter in its UNet; a model set then takes more on: LoRAs
+stacked with the identity (``load_lora``), the few-step presets' LoRAs (``load_fast_lora``), standard
+IP-Adapters for style references (``load_reference``), ControlNets (``load_controlnet``), a tiny VAE. Calls
+read all of it and change none of it (``faceid.sampling``); what must stay shared and changes between calls,
+the UNet's LoRA weights, is guarded (``faceid.weights``). ``FaceIDPipeline`` is a model set that can be called.
+
+It also answers what a request may ask of it: the settings' defaults that come from what is loaded
+(``resolve_settings``), and the refusal of settings that name other models (``check_models``).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import identity
+from . import tiny_vae as tiny_vaes
+from .adapter import FaceIDAdapter, refuse_other_family
+from .checkpoints import AdapterSpec, load_state_dict
+from .errors import FaceIDError, MissingWeightsError
+from .families import FAMILIES, family_of_pipeline
+from .fast import preset
+from .hub import fetch, model_not_found, offline, resolve_adapter
+from .lora import LoraStack
+from .modes import check_controlnet
+from .peft_adapters import tensor_scalings
+from .settings import GenerationSettings
+from .variants import DEFAULT_ADAPTER, released
+from .weights import weights_guard
+
+logger = logging.getLogger(__name__)
+
+# The DDIM settings of the authors' demos; other fields come from the base model's scheduler config.
+DDIM_OVERRIDES = {"clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1}
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    # Half precision on accelerators (the released weights are fp16); float32 on the CPU, where fp16
+    # matmuls are slow or unsupported.
+    return torch.float16 if device.type in ("cuda", "mps") else torch.float32
+
+
+def load_base_pipeline(
+    base_model: str | os.PathLike,
+    torch_dtype: torch.dtype,
+    vae: str | None = None,
+    single_file_config: str | os.PathLike | None = None,
+):
+    """A Stable Diffusion 1.5 or SDXL pipeline from a diffusers folder, a Hub repo id or a single file.
+
+    A single file holds weights only; diffusers fetches the matching model configuration from the Hub
+    unless ``single_file_config`` names a diffusers folder (or repo id) of the same architecture.
+    """
+    from diffusers import AutoencoderKL, DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    # HF_HUB_OFFLINE is read by huggingface_hub at import; passing it on makes a later setting count too.
+    kwargs: dict[str, Any] = {"dtype": torch_dtype, "local_files_only": offline()}
+    if vae is not None:
+        try:
+            kwargs["vae"] = AutoencoderKL.from_pretrained(str(vae), dtype=torch_dtype, local_files_only=offline())
+        except Exception as exc:
+            raise model_not_found(str(vae), exc) from exc
+    path = Path(base_model).expanduser()
+    try:
+        if path.is_file():
+            # Single-file checkpoints (.safetensors/.ckpt, original layout): SDXL ones have a "conditioner".
+            cls = StableDiffusionXLPipeline if _is_sdxl_single_file(path) else StableDiffusionPipeline
+            if single_file_config is not None:
+                kwargs["config"] = str(single_file_config)
+            pipe = cls.from_single_file(str(path), **kwargs)
+        else:
+            pipe = DiffusionPipeline.from_pretrained(str(base_model), **kwargs)
+    except FaceIDError:
+        raise
+    except Exception as exc:
+        raise model_not_found(str(base_model), exc) from exc
+    if not isinstance(pipe, (StableDiffusionPipeline, StableDiffusionXLPipeline)):
+        raise FaceIDError(
+            f"{base_model} is a {type(pipe).__name__}; faceid works with Stable Diffusion 1.5 and SDXL "
+            "text-to-image pipelines"
+        )
+    return pipe
+
+
+def default_models(
+    base_model: str | os.PathLike | None, adapter: str | os.PathLike, vae: str | os.PathLike | None = None
+) -> tuple[str, str | None]:
+    """The base model and VAE that ``FaceIDPipeline.from_pretrained`` loads for these arguments: by default a
+    released adapter's base model, with the VAE the authors pair with it (whether that base model is named or
+    defaulted)."""
+    release = released(adapter)
+    if base_model is None:
+        if release is None:
+            raise FaceIDError("give base_model: the Stable Diffusion model to generate with")
+        base_model = release.base_model
+    if vae is None and release is not None and str(base_model) == release.base_model:
+        vae = release.vae
+    return str(base_model), None if vae is None else str(vae)
+
+
+def model_family(base_model: str | os.PathLike, adapter: str | os.PathLike = DEFAULT_ADAPTER) -> str:
+    """``"SD1.5"`` or ``"SDXL"``: the family of a base model, read from its configuration (a released adapter's
+    table, a single file's keys, the pipeline's ``model_index.json``) without loading its weights."""
+    from diffusers import DiffusionPipeline
+
+    release = released(adapter)
+    if release is not None and str(base_model) == release.base_model:
+        return release.family
+    path = Path(base_model).expanduser()
+    if path.is_file():
+        return "SDXL" if _is_sdxl_single_file(path) else "SD1.5"
+    try:
+        config = DiffusionPipeline.load_config(str(base_model), local_files_only=offline())
+    except Exception as exc:
+        raise model_not_found(str(base_model), exc) from exc
+    name = config.get("_class_name", "")
+    found = family_of_pipeline(name)
+    if found is not None:
+        return found.name
+    raise FaceIDError(f"{base_model} is a {name or 'pipeline of unknown kind'}; faceid works with Stable "
+                      "Diffusion 1.5 and SDXL text-to-image pipelines")  # fmt: skip
+
+
+def _unet_cross_attention_dim(base_model: str | os.PathLike) -> int | None:
+    """The UNet's cross-attention width from a local diffusers folder's config; None when not at hand."""
+    config = Path(base_model).expanduser() / "unet" / "config.json"
+    if not config.is_file():
+        return None
+    try:
+        return int(json.loads(config.read_text())["cross_attention_dim"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def _is_sdxl_single_file(path: Path) -> bool:
+    if path.suffix != ".safetensors":
+        return False
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return any(key.startswith("conditioner.") for key in handle.keys())
+
+
+class ModelSet:
+    """A base pipeline with an identity adapter installed, and what is loaded next to it (see the module).
+
+    >>> models = ModelSet.from_pretrained("SG161222/Realistic_Vision_V4.0_noVAE", adapter="faceid-sd15")
+    """
+
+    def __init__(
+        self,
+        pipe,
+        adapter: FaceIDAdapter,
+        face_analyzer=None,
+        face_models: str | os.PathLike | None = None,
+        base_model: str | None = None,
+        image_encoder: identity.CLIPFaceEncoder | None = None,
+        shortcut: bool = False,
+        adapter_source: str | None = None,
+        vae_source: str | None = None,
+        tiny_vae=None,
+        tiny_vae_source: str | None = None,
+    ):
+        self.pipe = pipe
+        self.adapter = adapter
+        self.adapter_source = adapter_source  # the adapter as the user named it (a released name or a file)
+        self.vae_source = vae_source  # the VAE loaded instead of the base model's own (None: its own)
+        # The tiny VAE (TAESD/TAESDXL ``AutoencoderTiny``): previews, and the final decode where a call asks.
+        self.tiny_vae = tiny_vae
+        self.tiny_vae_source = tiny_vae_source
+        self.image_encoder = image_encoder
+        self.shortcut = shortcut  # Plus: the default of the per-call ``shortcut`` (True for PlusV2)
+        self.base_model = base_model or getattr(pipe, "name_or_path", None)
+        self._face_analyzer = face_analyzer
+        self._face_models = face_models
+        # The user LoRAs (load_lora); their text-encoder parts go onto the pipeline's text encoder(s).
+        encoders = {key: getattr(pipe, key, None) for key in ("text_encoder", "text_encoder_2")}
+        self.lora_stack = LoraStack(pipe.unet, encoders)
+        self._fast_loras: dict[str, str] = {}  # few-step LoRAs loaded (adapter name -> file), see load_fast_lora
+        # The img2img / inpainting / ControlNet pipelines built from ``pipe`` (class name -> pipeline), see
+        # ``pipeline_for``: they share every module of ``pipe``; calls run on copies of them (``call_pipeline``).
+        self._siblings: dict[str, Any] = {}
+        self._building = threading.Lock()  # a sibling is built once, whichever call asks first
+        # The UNet's LoRA weights, shared by every call on it: see faceid.weights.
+        self.weights = weights_guard(pipe.unet)
+        # Standard IP-Adapters loaded next to FaceID for style/composition references (load_reference), and the
+        # CLIP image encoder that reads their images where the adapter itself needs none (FaceID, not Plus).
+        self.references: dict[str, Any] = {}
+        self._reference_encoder: identity.CLIPFaceEncoder | None = None
+        self._reference_encoder_source: str | None = None  # the path it was loaded from, if given
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_pretrained(
+        cls,
+        base_model: str | os.PathLike | None = None,
+        adapter: str | os.PathLike = DEFAULT_ADAPTER,
+        *,
+        vae: str | os.PathLike | None = None,
+        tiny_vae: str | os.PathLike | None = None,
+        single_file_config: str | os.PathLike | None = None,
+        torch_dtype: torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        scheduler: str | None = "ddim",
+        scale: float = 1.0,
+        lora_scale: float = 1.0,
+        fuse_lora: bool = False,
+        face_analyzer=None,
+        face_models: str | os.PathLike | None = None,
+        image_encoder: str | os.PathLike | None = None,
+        shortcut: bool | None = None,
+        loras: Sequence[str | os.PathLike | tuple[str | os.PathLike, float]] = (),
+        progress: bool = True,
+        compile: bool = False,
+    ) -> ModelSet:
+        """Load a base model and install an adapter in it.
+
+        ``base_model``: a diffusers folder, a Hub repo id or a single ``.safetensors`` file; by default
+        the base model the adapter's authors show (with its VAE). ``single_file_config``: for a single
+        file offline, a diffusers folder of the same architecture to take the configuration from. ``adapter``: a released adapter's name
+        (``faceid-sd15`` ...) or a ``.bin``/``.safetensors`` file. ``scheduler="ddim"`` uses the authors'
+        DDIM settings; ``None`` keeps the base model's scheduler. ``fuse_lora`` merges the identity LoRA
+        into the UNet weights (faster; ``lora_scale`` is then fixed until ``adapter.unfuse_lora()``).
+        ``face_analyzer`` / ``face_models``: a ready ``FaceAnalyzer``, or the folder of the buffalo_l
+        models (fetched into the cache on first use when neither is given). ``image_encoder`` (Plus
+        only): the CLIP ViT-H image encoder, by default ``h94/IP-Adapter`` ``models/image_encoder`` at the
+        table's pinned commit.
+        ``shortcut`` (Plus only): the default of PlusV2's shortcut; None takes the variant table's (on for
+        PlusV2, as the authors use it), the variant told by the released name or, for other files, by
+        whether the file name says ``plusv2`` (Plus and PlusV2 files have the same tensors). ``loras``:
+        LoRA files (or ``(file, weight)``) to stack with the identity LoRA, as ``load_lora`` does.
+        ``tiny_vae``: a tiny VAE for previews and for calls with ``decoder="tiny"``: ``"taesd"`` (SD1.5),
+        ``"taesdxl"`` (SDXL) or ``"auto"`` (the family's; pinned downloads), a diffusers ``AutoencoderTiny``
+        folder or its ``.safetensors`` file.
+        ``compile``: ``compile()`` the UNet once everything is loaded (see there; the first call is slow).
+        """
+        release = released(adapter)
+        base_model, vae = default_models(base_model, adapter, vae)
+        adapter_path = resolve_adapter(adapter)
+        state = load_state_dict(adapter_path)
+        spec = AdapterSpec.from_state_dict(state, adapter_path.name)
+        # Refuse an adapter made for another family before loading gigabytes of base model, when the
+        # base model's UNet config can be read cheaply.
+        base_cad = _unet_cross_attention_dim(base_model)
+        if base_cad is not None and base_cad != spec.cross_attention_dim:
+            refuse_other_family(spec, base_cad, adapter_path.name)
+        device = torch.device(device) if device is not None else default_device()
+        torch_dtype = torch_dtype or default_dtype(device)
+
+        pipe = load_base_pipeline(base_model, torch_dtype, vae, single_file_config)
+        if scheduler == "ddim":
+            from diffusers import DDIMScheduler
+
+            pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, **DDIM_OVERRIDES)
+        elif scheduler is not None:
+            raise FaceIDError(f"unknown scheduler {scheduler!r}: use 'ddim' or None (keep the base model's)")
+        pipe.set_progress_bar_config(disable=not progress)
+        pipe.to(device)
+        tiny = tiny_source = None
+        if tiny_vae is not None:
+            tiny, tiny_source = tiny_vaes.load_tiny_vae(tiny_vae, _family(pipe), pipe.vae, torch_dtype, device)
+        installed = FaceIDAdapter.install(pipe.unet, state, scale=scale, lora_scale=lora_scale, label=adapter_path.name)
+        if fuse_lora:
+            installed.fuse_lora()
+        encoder = None
+        if spec.perceiver is not None:
+            source = image_encoder or (release.image_encoder if release else None)
+            encoder = identity.CLIPFaceEncoder.from_pretrained(source, dtype=torch_dtype, device=device)
+            if encoder.hidden_size != spec.perceiver.clip_dim:
+                raise FaceIDError(
+                    f"the image encoder gives {encoder.hidden_size}-d features but {adapter_path.name} takes "
+                    f"{spec.perceiver.clip_dim}-d ones (the Plus adapters use CLIP ViT-H/14, 1280-d)"
+                )
+        if shortcut is None:
+            # Plus and PlusV2 checkpoints have the same tensors; the released name says which one it is.
+            shortcut = release.shortcut if release else spec.architecture(Path(str(adapter)).name).shortcut
+        loaded = cls(
+            pipe,
+            installed,
+            face_analyzer=face_analyzer,
+            face_models=face_models,
+            base_model=str(base_model),
+            image_encoder=encoder,
+            shortcut=shortcut,
+            adapter_source=str(adapter),
+            vae_source=None if vae is None else str(vae),
+            tiny_vae=tiny,
+            tiny_vae_source=tiny_source,
+        )
+        for item in loras:
+            path, weight = item if isinstance(item, tuple) else (item, 1.0)
+            loaded.load_lora(path, weight)
+        if compile:
+            loaded.compile()
+        return loaded
+
+    def compile(self, mode: str | None = None, backend: str | Callable | None = None) -> ModelSet:
+        """``torch.compile`` the UNet in place (its Python object stays the same); returns the pipeline.
+
+        On CUDA the UNet goes to the channels_last memory format and compiles with ``mode="max-autotune"``
+        (inductor: Triton kernels tuned per shape, CUDA graphs); elsewhere with inductor's default mode.
+        ``mode`` / ``backend`` override that (``backend="eager"`` or ``"aot_eager"`` trace without
+        generating code). The compilation happens at the first call and takes long (tens of seconds on a
+        CPU for a small model, minutes on CUDA with max-autotune for SDXL); so does the first call at a
+        new image size, batch size or dtype, which compile a graph of their own. The identity scale, the
+        LoRA weights (of the identity LoRA and of stacked ones), the identity window, the face, the
+        prompt, the seed and the number of steps are tensors or live outside the UNet: changing them
+        recompiles nothing. Loading or removing a LoRA, fusing or unfusing one, or replacing attention
+        processors recompiles once. Keep the pipeline on its device after compiling.
+        """
+        unet = self.pipe.unet
+        cuda = unet.device.type == "cuda"
+        if cuda:
+            unet.to(memory_format=torch.channels_last)
+        tensor_scalings(unet)  # LoRA weights in tensors, on the UNet's device: a new weight is no new graph
+        if mode is None and cuda and backend in (None, "inductor"):
+            mode = "max-autotune"
+        unet.compile(mode=mode, backend=backend or "inductor")
+        return self
+
+    @property
+    def compiled(self) -> bool:
+        """Whether ``compile()`` (or ``unet.compile()``) compiled the UNet."""
+        return getattr(self.pipe.unet, "_compiled_call_impl", None) is not None
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def family(self) -> str:
+        return _family(self.pipe)
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipe._execution_device
+
+    @property
+    def face_analyzer(self):
+        if self._face_analyzer is None:
+            from .faces import FaceAnalyzer
+
+            self._face_analyzer = FaceAnalyzer.from_pretrained(self._face_models)
+        return self._face_analyzer
+
+    # ------------------------------------------------------------------ user LoRAs
+    def load_lora(self, path: str | os.PathLike, weight: float = 1.0, name: str | None = None) -> str:
+        """Stack an ecosystem LoRA (kohya or diffusers layout; a style, a character...) with its own weight,
+        on the UNet and (its text-encoder part) on the text encoders.
+
+        The identity LoRA and any other loaded LoRA stay active. Returns the name to use with
+        ``set_lora_weight`` / ``remove_lora`` (default: the file name without suffix).
+        """
+        return self._stack_lora(path, name or Path(path).stem, weight)
+
+    def _stack_lora(self, path: str | os.PathLike, name: str, weight: float, label: str | None = None) -> str:
+        name = self.lora_stack.load(path, name=name, weight=weight, label=label).name
+        if self.compiled:  # its weight in a tensor too: changing it later recompiles nothing
+            tensor_scalings(self.pipe.unet)
+        return name
+
+    def set_lora_weight(self, name: str, weight: float) -> None:
+        self.lora_stack.set_weight(name, weight)
+
+    def remove_lora(self, name: str) -> None:
+        self.lora_stack.remove(name)
+
+    def lora_sources(self) -> dict[str, float]:
+        """The stacked LoRAs (not the identity LoRA, nor a few-step preset's) by the file they came from, with
+        their weights."""
+        fast = set(self._fast_loras.values())
+        return {source: weight for source, weight in self.lora_stack.sources().items() if source not in fast}
+
+    @property
+    def loras(self) -> dict[str, float]:
+        """Every LoRA on the UNet and its weight, the identity LoRA included."""
+        return self.lora_stack.list()
+
+    # ------------------------------------------------------------------ img2img, inpainting, ControlNet
+    def load_controlnet(self, source: str | os.PathLike):
+        """A diffusers ``ControlNetModel`` (Hub id or diffusers folder) in this pipeline's dtype, on its device,
+        for ``ControlInput(image, controlnet, scale, window)``; one made for the other family is refused."""
+        from diffusers import ControlNetModel
+
+        try:
+            controlnet = ControlNetModel.from_pretrained(
+                str(source), dtype=self.pipe.unet.dtype, local_files_only=offline()
+            )
+        except Exception as exc:
+            raise model_not_found(str(source), exc) from exc
+        check_controlnet(controlnet, self.pipe.unet, self.family, str(source))
+        return controlnet.to(self.device).eval().requires_grad_(False)
+
+    def pipeline_for(self, class_name: str | None):
+        """The diffusers pipeline named ``class_name`` (``StableDiffusionXLControlNetInpaintPipeline``...) made
+        from the loaded one with ``from_pipe``: every module shared, nothing copied; None is the loaded one.
+
+        Built once and kept while it shares the loaded pipeline's components (replacing one of them, e.g.
+        ``pipe.pipe.scheduler = ...``, builds it again). It is the template of ``call_pipeline``: no call runs
+        on it, and a ControlNet pipeline is kept without a ControlNet, so none stays alive through it.
+        """
+        if class_name is None:
+            return self.pipe
+        import diffusers
+
+        with self._building:
+            base = self.pipe.components
+            cached = self._siblings.get(class_name)
+            if cached is not None:
+                mine = cached.components
+                if all(mine.get(key) is value or mine.get(key) == value for key, value in base.items() if key in mine):
+                    return cached
+            extra = {"controlnet": None} if "ControlNet" in class_name else {}
+            from diffusers.utils import logging as diffusers_logging
+
+            # from_pipe casts every module to ``dtype`` (float32 unless told): the loaded one's, a no-op (and no
+            # occasion for diffusers' warning about casting with ``to()``).
+            verbosity = diffusers_logging.get_verbosity()
+            diffusers_logging.set_verbosity_error()
+            try:
+                sibling = getattr(diffusers, class_name).from_pipe(self.pipe, dtype=self.pipe.unet.dtype, **extra)
+            finally:
+                diffusers_logging.set_verbosity(verbosity)
+            sibling.set_progress_bar_config(**getattr(self.pipe, "_progress_bar_config", {}))
+            self._siblings[class_name] = sibling
+            return sibling
+
+    def call_pipeline(self, class_name: str | None, **parts: Any):
+        """A diffusers pipeline object of its own for one call: a shallow copy of ``pipeline_for(class_name)``
+        (every model shared, nothing copied) with ``parts`` in place of its components (the call's scheduler,
+        ControlNet, VAE, a view of the UNet).
+
+        diffusers' pipelines keep the state of the call they run on themselves (``_guidance_scale``,
+        ``_num_timesteps``, the scheduler's timesteps...): each call running on its own object is what lets
+        calls from several threads run at once without seeing each other's.
+        """
+        call = copy.copy(self.pipeline_for(class_name))
+        # Straight into the instance: diffusers' __setattr__ would also rewrite the copy's configuration.
+        call.__dict__.update(parts)
+        return call
+
+    # ------------------------------------------------------------------ style and composition references
+    def load_reference(
+        self,
+        source: str | os.PathLike = "plus-face",
+        name: str | None = None,
+        image_encoder: str | os.PathLike | identity.CLIPFaceEncoder | None = None,
+    ) -> str:
+        """Load a standard IP-Adapter next to FaceID for ``style=[Reference(image, scale)]``; returns its name.
+
+        ``source``: ``"plain"``, ``"plus"`` or ``"plus-face"`` (``h94/IP-Adapter``'s ViT-H adapters for this
+        family, fetched on first use) or a checkpoint file in either official layout. ``name`` (default: the
+        kind or the file name) is what a ``Reference`` names. Its images are read by the pipeline's CLIP
+        image encoder (Plus), else by ``image_encoder`` (default: ``h94/IP-Adapter``'s ViT-H, loaded once).
+        """
+        with self.weights.exclusive():  # it adds a branch to every processor: no call runs meanwhile
+            return self._load_reference(source, name, image_encoder)
+
+    def _load_reference(
+        self,
+        source: str | os.PathLike,
+        name: str | None,
+        image_encoder: str | os.PathLike | identity.CLIPFaceEncoder | None,
+    ) -> str:
+        from .references import REFERENCE_ADAPTERS, ReferenceAdapter, reference_name
+
+        if str(source) in REFERENCE_ADAPTERS:
+            path, label = fetch(REFERENCE_ADAPTERS[str(source)][self.family]), str(source)
+        else:
+            path, label = Path(source), Path(source).name
+        name = name or reference_name(source)
+        if name in self.references:
+            raise FaceIDError(f"a reference adapter named {name!r} is loaded already; remove_reference it first")
+        adapter = ReferenceAdapter.install(self.adapter, path, name=name, label=label)
+        try:
+            if isinstance(image_encoder, identity.CLIPFaceEncoder):
+                self._reference_encoder = image_encoder
+            elif image_encoder is not None and str(image_encoder) == self._reference_encoder_source:
+                pass  # that encoder is loaded already
+            elif image_encoder is not None or (self.image_encoder is None and self._reference_encoder is None):
+                param = next(self.pipe.unet.parameters())
+                self._reference_encoder = identity.CLIPFaceEncoder.from_pretrained(
+                    image_encoder, dtype=param.dtype, device=param.device
+                )
+                self._reference_encoder_source = None if image_encoder is None else str(image_encoder)
+            for loaded in (*self.references.values(), adapter):  # a new encoder must suit those loaded too
+                loaded.check_encoder(self.reference_encoder)
+        except Exception:
+            adapter.remove()
+            raise
+        self.references[name] = adapter
+        return name
+
+    def remove_reference(self, name: str) -> None:
+        with self.weights.exclusive():
+            self.reference_adapter(name).remove()
+        del self.references[name]
+
+    @property
+    def reference_encoder(self) -> identity.CLIPFaceEncoder | None:
+        """The CLIP image encoder that reads reference images."""
+        return self._reference_encoder or self.image_encoder
+
+    def reference_adapter(self, name: str | None):
+        """The reference adapter named ``name`` (None: the only one loaded)."""
+        if name is None and len(self.references) == 1:
+            return next(iter(self.references.values()))
+        if name in self.references:
+            return self.references[name]
+        loaded = ", ".join(self.references) or "none"
+        if name is None:
+            raise FaceIDError(
+                f"style references need a reference adapter: load one with pipe.load_reference('plus-face') "
+                f"(CLI --style-adapter), and name it in Reference(adapter=...) when several are loaded (loaded: {loaded})"
+            )
+        raise FaceIDError(f"no reference adapter named {name!r} is loaded (loaded: {loaded}); see load_reference")
+
+    # ------------------------------------------------------------------ conditioning
+    @property
+    def default_combine(self) -> str:
+        """The variant table's: Portrait was trained on concatenated per-photo tokens, the others on one
+        embedding."""
+        return self.adapter.spec.architecture().combine
+
+    def resolve_settings(self, settings: GenerationSettings | Mapping[str, Any] | None = None) -> GenerationSettings:
+        """``settings`` with every default this pipeline would use filled in (family, adapter, variant)."""
+        requested = GenerationSettings.parse(settings)
+        self.check_models(requested)
+        # The tiny VAE as loaded ("auto" named): checked above, recorded as what this pipeline has.
+        return requested.replace(tiny_vae=None).resolve(self.family, **self._known_defaults())
+
+    def _known_defaults(self) -> dict[str, Any]:
+        """Defaults that come from what is loaded rather than from the family."""
+        known: dict[str, Any] = {
+            "combine": self.default_combine,
+            "scale": self.adapter.scale,
+            "base_model": self.base_model,
+            "adapter": self.adapter_source,
+            "vae": self.vae_source,
+            "tiny_vae": self.tiny_vae_source,
+            "decoder": "full",
+            "loras": self.lora_sources(),
+        }
+        if self.adapter.spec.lora_rank:
+            known["lora_scale"] = self.adapter.lora_scale
+        if self.image_encoder is not None:  # the shortcut means something for Plus only
+            known["shortcut"] = self.shortcut
+        return known
+
+    def load_fast_lora(self, name: str, source: str | os.PathLike | None = None) -> str:
+        """Load the distillation LoRA of few-step preset ``name`` (``faceid.fast.PRESETS``) for this base
+        model's family: ``source`` (a local file), else the pinned Hub file (downloaded once, checked against
+        its sha256). Calls with ``fast=name`` load it themselves; this does it ahead (a server at start, or a
+        machine without internet from a copied file). It stays loaded, inactive (no cost) and at weight 0
+        outside those calls."""
+        adapter_name = f"fast-{name}"
+        with self.weights.exclusive():  # one load, whichever call asks first; none runs meanwhile
+            if adapter_name not in self._fast_loras:
+                self._load_fast_lora(name, adapter_name, source)
+        return adapter_name
+
+    def _load_fast_lora(self, name: str, adapter_name: str, source: str | os.PathLike | None) -> None:
+        file = preset(name).lora(self.family)
+        if source is not None:
+            path = Path(source)
+        else:
+            try:
+                path = fetch(file)
+            except MissingWeightsError as exc:
+                raise MissingWeightsError(
+                    f"{exc}. Or load a copy of the file: pipe.load_fast_lora({name!r}, PATH) in Python, "
+                    f"--fast-lora PATH on the command line"
+                ) from exc
+        self._stack_lora(path, adapter_name, 0.0, label=f"the {name} few-step LoRA ({path.name})")
+        self.lora_stack.set_active(adapter_name, False)  # it acts in the calls that name the preset only
+        self._fast_loras[adapter_name] = str(path)
+
+    def check_models(self, requested: GenerationSettings) -> None:
+        """Settings that name models must name the ones loaded here (a request is never run on another)."""
+        loaded = {"base_model": self.base_model, "vae": self.vae_source, "adapter": self.adapter_source}
+        for key, value in loaded.items():
+            wanted = getattr(requested, key)
+            if wanted is not None and value is not None and not _same_source(wanted, value):
+                raise FaceIDError(f"these settings ask for {key} {wanted!r} but this pipeline has {value!r} loaded")
+        if requested.tiny_vae is not None and self.tiny_vae_source is not None:
+            wanted = tiny_vaes.tiny_vae_name(requested.tiny_vae, self.family)
+            if not _same_source(wanted, self.tiny_vae_source):
+                raise FaceIDError(
+                    f"these settings ask for tiny_vae {wanted!r} but this pipeline has {self.tiny_vae_source!r} loaded"
+                )
+        if requested.decoder == "tiny" and self.tiny_vae is None:
+            raise FaceIDError(
+                "decoder 'tiny' needs a tiny VAE, and this pipeline has none loaded: "
+                "FaceIDPipeline.from_pretrained(..., tiny_vae='auto') (faceid: --tiny-vae), or decoder 'full'"
+            )
+        if requested.loras is not None:
+            have = self.lora_sources()
+            if _by_source(requested.loras) != _by_source(have):
+                raise FaceIDError(
+                    f"these settings ask for the LoRAs {requested.loras} but this pipeline has {have or 'none'} "
+                    "loaded: load_lora / set_lora_weight / remove_lora first"
+                )
+
+
+def _source_key(source: str) -> str:
+    """A model named as given, or its resolved path when it is a local file or folder."""
+    path = Path(source).expanduser()
+    return str(path.resolve()) if path.exists() else str(source)
+
+
+def _same_source(a: str, b: str) -> bool:
+    return _source_key(a) == _source_key(b)
+
+
+def _by_source(loras: Mapping[str, float]) -> dict[str, float]:
+    return {_source_key(source): float(weight) for source, weight in loras.items()}
+
+
+def _family(pipe) -> str:
+    found = family_of_pipeline(type(pipe).__name__)
+    if found is None:
+        raise FaceIDError(f"faceid does not run {type(pipe).__name__}: its families are {', '.join(FAMILIES)}")
+    return found.name

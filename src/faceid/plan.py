@@ -1,0 +1,283 @@
+"""The plan of one call: every decision a generation makes before it runs, as data.
+
+``request`` reads a call's arguments into the settings asked for (checked before anything is encoded);
+``plan_call`` resolves them against the loaded models and the call's conditioning into a ``CallPlan``: the
+settings with every default filled in, which diffusers pipeline runs, where each step that runs sits in the
+full schedule, in which of those steps the identity, each reference and each ControlNet act, which LoRA
+weights the UNet must hold, and how the batch may be split. Both only read: nothing is loaded, switched or
+created on a shared object. ``faceid.sampling`` runs a plan on objects that belong to the call alone.
+
+Step positions: a call of N steps at img2img or inpainting strength s runs the last ``min(int(N*s), N)`` of
+the N steps of the full schedule (diffusers' ``get_timesteps``), so step i of the run is at position
+``(N - run + i) / N``. Windows (``identity_window``, a reference's, a ControlNet's) are fractions of the full
+schedule and are matched against these positions: at strength 0.5 of 10 steps the run covers 0.5-0.9, so a
+window (0.5, 1) acts in every step that runs and (0, 0.5) in none. In text to image the run is the whole
+schedule and position i/N.
+"""
+
+from __future__ import annotations
+
+import inspect
+import random
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .conditioning import Conditioning
+from .errors import FaceIDError
+from .fast import ETA_SCHEDULERS, SCHEDULERS
+from .modes import DEFAULT_STRENGTH, ModeInputs, check_controlnet, check_placement, size_from_image
+from .settings import ENCODE_FIELDS, GenerationSettings
+
+if TYPE_CHECKING:
+    from .model_set import ModelSet
+
+Window = tuple[float, float]
+
+# Arguments faceid gives the diffusers pipeline itself, from the settings, the conditioning or the mode's inputs.
+OWN_ARGUMENTS = frozenset(
+    {"prompt", "prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds",
+     "num_images_per_prompt", "generator", "latents", "output_type", "image", "mask_image", "control_image",
+     "controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end"}
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class StepSchedule:
+    """Which steps of the full schedule of ``steps`` a call runs: all but the first ``skipped``."""
+
+    steps: int
+    skipped: int = 0
+
+    @classmethod
+    def cut(cls, steps: int, strength: float | None) -> StepSchedule:
+        """The schedule that strength ``strength`` of ``steps`` runs, as diffusers' img2img and inpainting
+        pipelines cut it (None: text to image, every step)."""
+        if strength is None:
+            return cls(steps)
+        running = min(int(steps * strength), steps)
+        return cls(steps, max(steps - running, 0))
+
+    @property
+    def running(self) -> int:
+        return self.steps - self.skipped
+
+    @property
+    def positions(self) -> tuple[float, ...]:
+        """Each step that runs, as its place in the full schedule (a fraction in [0, 1))."""
+        return tuple((self.skipped + i) / self.steps for i in range(self.running))
+
+    def inside(self, window: Window | None) -> tuple[bool, ...]:
+        """For each step that runs: whether its position is in ``window`` (start <= position < end)."""
+        if window is None:
+            return (True,) * self.running
+        start, end = window
+        return tuple(start <= position < end for position in self.positions)
+
+    def controlnet_window(self, window: Window) -> Window | None:
+        """diffusers' ``control_guidance_start/end`` over the steps that run that make a ControlNet act in the
+        steps it acts in on the full schedule, by diffusers' own rule (step j of N acts when j/N >= start and
+        (j+1)/N <= end); None when that is no step. In text to image this is the window's own set of steps."""
+        start, end = window
+        acting = [
+            i
+            for i in range(self.running)
+            if (self.skipped + i) / self.steps >= start and (self.skipped + i + 1) / self.steps <= end
+        ]
+        if not acting:
+            return None
+        return acting[0] / self.running, (acting[-1] + 1) / self.running
+
+
+@dataclass(frozen=True)
+class CallPlan:
+    """Everything a call decided before it runs (see the module); ``faceid.sampling.run_plan`` runs it."""
+
+    settings: GenerationSettings  # every default resolved: what the images record
+    pipeline: str | None  # the diffusers pipeline class that runs it (None: the loaded text-to-image one)
+    images: int
+    guidance: bool  # classifier-free guidance: an unconditional half in the UNet batch
+    schedule: StepSchedule
+    identity_scale: float  # the weight of the identity tokens (0: the adapter is switched off)
+    identity_open: tuple[bool, ...]  # for each step that runs: whether the identity acts
+    identity_lora: tuple[float, ...]  # the identity LoRA's weight at each step that runs (empty: it has none)
+    fast_lora: str | None  # the few-step preset's LoRA that acts in this call (its adapter name)
+    reference_open: tuple[tuple[bool, ...], ...]  # each style reference: whether it acts, step by step
+    control_windows: tuple[Window | None, ...]  # each ControlNet: diffusers' window over the run (None: no step)
+    separable: bool  # one seed per image: the batch may run in parts, each image as in the whole batch
+    batch_limit: int | None  # the most images per UNet batch (None: the whole batch at once)
+    weights: Hashable | None  # the LoRA weights the UNet must hold (None: the user's settings)
+
+    @property
+    def weights_change(self) -> bool:
+        """Whether the UNet's LoRA weights change between the steps of the call (then it runs alone)."""
+        return len(set(self.identity_lora)) > 1
+
+    def part(self, indices: Sequence[int], conditioning: Conditioning) -> CallPlan:
+        """The plan of images ``indices`` alone (a batch run in parts): their prompts and seeds, one image each."""
+        from dataclasses import replace
+
+        settings = self.settings.replace(
+            prompt=conditioning.prompts,
+            negative_prompt=conditioning.negative_prompts,
+            num_images_per_prompt=1,
+            seed=[self.settings.seed[i] for i in indices],
+        )
+        return replace(self, settings=settings, images=len(indices), separable=False, batch_limit=None)
+
+
+def request(
+    models: ModelSet,
+    prompt: str | Sequence[str] | None,
+    settings: GenerationSettings | Mapping[str, Any] | None,
+    arguments: Mapping[str, Any],
+    inputs: ModeInputs,
+    latents_given: bool,
+) -> tuple[GenerationSettings, dict[str, Any]]:
+    """A call's settings as asked for (keyword arguments win over ``settings``) and its other keyword arguments,
+    for the diffusers pipeline; everything that can be refused before encoding is refused here."""
+    fields = GenerationSettings.model_fields
+    diffusers_kwargs = {k: v for k, v in arguments.items() if k not in fields}
+    for k, item in enumerate(inputs.controls):
+        check_controlnet(item.controlnet, models.pipe.unet, models.family, f"control[{k}]")
+        check_placement(item.controlnet, models.pipe.unet, f"control[{k}]")
+    target = pipeline_class(models, inputs.class_name(models.family))
+    check_diffusers_kwargs(diffusers_kwargs, target)
+    overrides = {k: v for k, v in arguments.items() if k in fields}
+    if prompt is not None:
+        overrides["prompt"] = list(prompt) if isinstance(prompt, tuple) else prompt
+    requested = GenerationSettings.parse(settings, **overrides)
+    models.check_models(requested)  # before encoding: a request for other models fails at once
+    if inputs.mode is None and requested.strength is not None:
+        raise FaceIDError("strength applies to img2img and inpainting: give init_image (--init-image) or leave it out")
+    if inputs.mode is not None and requested.strength is None:
+        requested = requested.replace(strength=DEFAULT_STRENGTH[inputs.mode])
+    if inputs.size() is not None:  # the output size: what is given, the rest from the image
+        width, height = size_from_image(requested.width, requested.height, inputs.size())
+        requested = requested.replace(width=width, height=height)
+    if latents_given and "latents" not in inspect.signature(target.__call__).parameters:
+        raise FaceIDError(f"latents= does not apply to {target.__name__}: the init image gives them; leave it out")
+    return requested, diffusers_kwargs
+
+
+def plan_call(
+    models: ModelSet,
+    requested: GenerationSettings,
+    conditioning: Conditioning,
+    inputs: ModeInputs,
+    *,
+    noise_given: bool = False,
+    max_batch: int | None = None,
+) -> CallPlan:
+    """The plan of a call of ``requested`` on ``conditioning`` (see the module). ``noise_given``: the call brings
+    its own generator or latents (then the batch draws its noise as one and runs whole)."""
+    run = models.resolve_settings(requested.replace(**conditioning.settings.model_dump(include=set(ENCODE_FIELDS))))
+    images = len(conditioning.prompts) * conditioning.num_images_per_prompt
+    if run.seed is None and not noise_given:
+        run = run.replace(seed=[random.randrange(2**31) for _ in range(images)])  # every image reproducible
+    if isinstance(run.seed, list) and len(run.seed) != images:
+        raise FaceIDError(f"{len(run.seed)} seeds for {images} images: give one seed per image, or one int")
+    if max_batch is not None and max_batch < 1:
+        raise FaceIDError(f"max_batch must be at least 1, got {max_batch}")
+    if run.strength is not None and int(run.num_inference_steps * run.strength) < 1:
+        raise FaceIDError(
+            f"strength {run.strength} of {run.num_inference_steps} steps runs no step: raise strength or steps"
+        )
+    check_eta(models, run)
+    # As diffusers decides it: guidance above 1 on a UNet without a distilled guidance embedding.
+    guidance = run.guidance_scale > 1 and models.pipe.unet.config.time_cond_proj_dim is None
+    schedule = StepSchedule.cut(run.num_inference_steps, run.strength)
+    adapter = models.adapter
+    identity_open = schedule.inside(run.identity_window)
+    identity_lora: tuple[float, ...] = ()
+    if adapter.has_lora:
+        identity_lora = tuple(adapter.lora_weight(run.lora_scale, acting) for acting in identity_open)
+        if adapter.lora_fused and set(identity_lora) != {adapter.lora_weight()}:
+            raise FaceIDError(
+                "the identity LoRA is fused into the UNet, so its weight is fixed at "
+                f"{adapter.lora_weight()}: this call asks for {sorted(set(identity_lora))} "
+                "(an identity window, lora_scale or the adapter switched off); unfuse_lora() first, or leave them out"
+            )
+    fast_lora = f"fast-{run.fast}" if run.fast else None
+    weights = None
+    if set(identity_lora) - {adapter.lora_weight()} or fast_lora is not None:
+        weights = (identity_lora, fast_lora)
+    controls = tuple(schedule.controlnet_window(c.window) for c in inputs.controls)
+    separable = isinstance(run.seed, list) and not noise_given
+    limit = max_batch if max_batch is not None else max_batch_size(models, run, guidance)
+    return CallPlan(
+        settings=run,
+        pipeline=inputs.class_name(models.family),
+        images=images,
+        guidance=guidance,
+        schedule=schedule,
+        identity_scale=float(run.scale) if adapter.active else 0.0,
+        identity_open=identity_open,
+        identity_lora=identity_lora,
+        fast_lora=fast_lora,
+        reference_open=tuple(schedule.inside(r.window) for r in conditioning.references),
+        control_windows=controls,
+        separable=separable,
+        batch_limit=limit if separable and limit is not None and images > limit else None,
+        weights=weights,
+    )
+
+
+def check_same_encoding(requested: GenerationSettings, encoded: GenerationSettings) -> None:
+    """With ``conditioning=``, an encode-time setting given again must be the one it was encoded with."""
+    for key in requested.model_fields_set & set(ENCODE_FIELDS):
+        if getattr(requested, key) != getattr(encoded, key):
+            raise FaceIDError(
+                f"{key}={getattr(requested, key)!r} differs from the conditioning's {getattr(encoded, key)!r}: "
+                "encode() again with the new value"
+            )
+
+
+def pipeline_class(models: ModelSet, class_name: str | None) -> type:
+    """The class of the diffusers pipeline that runs a call (the loaded pipeline's for text to image)."""
+    if class_name is None:
+        return type(models.pipe)
+    import diffusers
+
+    return getattr(diffusers, class_name)
+
+
+def check_diffusers_kwargs(kwargs: Mapping[str, Any], target: type) -> None:
+    """Refuse an argument that is neither a generation setting nor one the diffusers pipeline ``target`` takes
+    (diffusers would swallow it into ``**kwargs`` and ignore it)."""
+    accepted = set(inspect.signature(target.__call__).parameters)
+    unknown = sorted(k for k in kwargs if k not in accepted or k in OWN_ARGUMENTS)
+    if unknown:
+        raise FaceIDError(
+            f"unknown argument(s) {', '.join(unknown)}: not a generation setting "
+            f"({', '.join(GenerationSettings.model_fields)}) nor an argument of {target.__name__} "
+            "(images: init_image=, mask_image=, control=ControlInput(...))"
+        )
+
+
+def check_eta(models: ModelSet, run: GenerationSettings) -> None:
+    """Refuse ``eta`` for a sampler that would silently ignore it."""
+    used = SCHEDULERS[run.scheduler][0] if run.scheduler is not None else type(models.pipe.scheduler).__name__
+    if run.eta is not None and used not in ETA_SCHEDULERS:
+        raise FaceIDError(f"eta applies to the DDIM and TCD samplers only, not {used}: leave it out")
+
+
+def max_batch_size(models: ModelSet, run: GenerationSettings, classifier_free_guidance: bool) -> int | None:
+    """How many images of ``run``'s size fit in one UNet batch in the device's free memory; None when no limit
+    is known (CPU, MPS: the batch runs whole).
+
+    A rough estimate (what a UNet pass keeps alive per image, about 60 activations of its first block's width
+    at the latent size, twice under guidance; the VAE decodes one image at a time then), capped at 64. A batch
+    that still runs out of memory is retried in halves (``faceid.batching``).
+    """
+    if models.device.type != "cuda":
+        return None
+    import torch
+
+    free, _ = torch.cuda.mem_get_info(models.device)
+    unet = models.pipe.unet
+    scale = models.pipe.vae_scale_factor
+    latent_pixels = (run.width // scale) * (run.height // scale)
+    per_image = 60 * unet.config.block_out_channels[0] * latent_pixels * unet.dtype.itemsize
+    per_image *= 2 if classifier_free_guidance else 1
+    return max(1, min(64, int(0.7 * free // per_image)))
