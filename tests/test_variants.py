@@ -14,6 +14,7 @@ from faceid.adapter import initial_state_dict
 from faceid.checkpoints import AdapterSpec
 from faceid.cli import main
 from faceid.errors import CheckpointError, FaceIDError, MissingWeightsError
+from faceid.hub import HubFile
 from faceid.projection import PerceiverConfig
 from faceid.train import TrainConfig
 from faceid.variants import (
@@ -21,9 +22,9 @@ from faceid.variants import (
     ARCHITECTURES,
     CLIP_VIT_H,
     VARIANTS,
-    HubFile,
     closest_architecture,
     released,
+    resolve_adapter,
 )
 
 RELEASED = (
@@ -96,7 +97,7 @@ def test_download_of_a_release_is_pinned_and_its_hash_refused_when_it_differs(tm
     calls = []
     _fake_download(monkeypatch, fake, calls)
     with pytest.raises(CheckpointError) as info:
-        hub.resolve_adapter("faceid-sd15")
+        resolve_adapter("faceid-sd15")
     assert calls == [
         ("h94/IP-Adapter-FaceID", "ip-adapter-faceid_sd15.bin", {"subfolder": None, "revision": ADAPTER_REVISION,
                                                                  "local_files_only": hub.offline()}),
@@ -163,10 +164,10 @@ def test_offline_fake_hub_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(CheckpointError, match=release.sha256) as info:
-        hub.resolve_adapter("faceid-portrait-sd15")
+        resolve_adapter("faceid-portrait-sd15")
     assert f"delete {blob.resolve()} (and the link" in str(info.value)
     with pytest.raises(MissingWeightsError, match=f"ip-adapter-faceid_sd15.bin at commit {ADAPTER_REVISION}"):
-        hub.resolve_adapter("faceid-sd15")  # not in the cache: what to download, at which commit
+        resolve_adapter("faceid-sd15")  # not in the cache: what to download, at which commit
 
 
 def test_image_encoder_is_pinned(monkeypatch):

@@ -36,8 +36,8 @@ import numpy as np
 from PIL import Image
 
 from .errors import FaceIDError, NoPersonError
+from .hub import HubFile
 from .images import ImageSource, load_image, source_name
-from .variants import HubFile
 
 __all__ = [
     "DEPTH_MODEL",

@@ -31,13 +31,13 @@ from .checkpoints import AdapterSpec, load_state_dict
 from .errors import FaceIDError, MissingWeightsError
 from .fast import ETA_SCHEDULERS, make_scheduler, preset
 from .groups import EncodedReference, Reference, resolve_regions, token_groups
-from .hub import fetch, model_not_found, offline, resolve_adapter
+from .hub import fetch, model_not_found, offline
 from .identity_guidance import identity_guidance
 from .lora import LoraStack
 from .modes import DEFAULT_STRENGTH, ControlInput, ModeInputs, check_controlnet, check_placement, size_from_image
 from .peft_adapters import tensor_scalings
 from .settings import ENCODE_FIELDS, GenerationSettings
-from .variants import DEFAULT_ADAPTER, released
+from .variants import DEFAULT_ADAPTER, released, resolve_adapter
 
 logger = logging.getLogger(__name__)
 

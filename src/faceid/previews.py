@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from .errors import CheckpointError, FaceIDError, MissingWeightsError
-from .variants import HubFile
+from .hub import HubFile
 
 logger = logging.getLogger(__name__)
 

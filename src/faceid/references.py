@@ -28,8 +28,8 @@ from .adapter import load_strict
 from .attention import DecoupledBranch
 from .checkpoints import describe_unet, family_name, load_state_dict, perceiver_config
 from .errors import CheckpointError, FaceIDError
+from .hub import HubFile
 from .projection import ImageProjection, ImageResampler, PerceiverConfig
-from .variants import HubFile
 
 _LAYER_KEY = re.compile(r"^(\d+)\.(to_k_ip|to_v_ip)\.weight$")
 
