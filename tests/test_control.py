@@ -1,4 +1,5 @@
-"""Control images (faceid.control): each kind from real photos, in the frame of the generated image.
+"""Control images (faceid.control; OpenPose in faceid.openpose, depth in faceid.depth): each kind from real
+photos, in the frame of the generated image.
 
 Everything runs offline: faces through the tests' face analyzer, OpenPose through a random-weight body network
 or a stand-in of the same interface, depth through a tiny random Depth Anything model built here.
@@ -11,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from faceid.control import KINDS, OpenPoseBody, make_control_image
+from faceid.control import KINDS, make_control_image
 from faceid.errors import (
     CheckpointError,
     FaceIDError,
@@ -20,6 +21,7 @@ from faceid.errors import (
     NoFaceError,
     NoPersonError,
 )
+from faceid.openpose import LIMBS, PAF_CHANNELS, OpenPoseBody
 
 KPS_COLORS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (255, 0, 255)]
 
@@ -133,9 +135,7 @@ class StandInOpenPose(torch.nn.Module):
 
     def __init__(self, points, photo_height):
         super().__init__()
-        from faceid.control import _POSE_LIMBS, _POSE_PAF
-
-        self.limbs, self.paf_channels = _POSE_LIMBS, _POSE_PAF
+        self.limbs, self.paf_channels = LIMBS, PAF_CHANNELS
         self.points = (np.asarray(points, np.float64) * (0.5 * 368 / photo_height) - 3.5) / 8  # photo px -> grid
 
     def forward(self, x):
