@@ -17,8 +17,10 @@ This module holds what every kind shares: the frame a photo is fitted into and t
 photo's own size when ``None``. The photo is fitted to that frame keeping its aspect ratio, the way the
 ControlNet web UI's resize modes do: ``fit="crop"`` (its default, "Crop and Resize": scaled to cover the
 frame, centred, the overflow cut off) or ``fit="pad"`` ("Resize and Fill": scaled to fit inside, centred,
-black bars). Detections (face landmarks, body keypoints) are made on the full photo and mapped into that
-frame, and their drawings are made at the output size, so sticks and discs keep their width and colours.
+black bars). Face landmarks are found on the full photo, body keypoints on a copy at most 512 px on its longest
+side (:func:`faceid.openpose.detect_people`: decoding OpenPose's maps at a large photo's own size would take
+gigabytes); both are mapped into that frame, and their drawings are made at the output size, so sticks and
+discs keep their width and colours.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from .errors import FaceIDError, NoPersonError
 from .images import ImageSource, load_image, source_name
 from .openpose import COLORS as POSE_COLORS
 from .openpose import LIMBS as POSE_LIMBS
-from .openpose import OpenPoseBody, openpose_people
+from .openpose import OpenPoseBody, detect_people
 
 __all__ = ["FITS", "KINDS", "annotator_options", "draw_skeleton", "make_control_image"]
 
@@ -112,7 +114,7 @@ def make_control_image(
         body = options.get("pose_model")
         if not isinstance(body, OpenPoseBody):
             body = OpenPoseBody.from_pretrained(body, device=options.get("device"))
-        people = openpose_people(body, np.asarray(photo))
+        people = detect_people(body, photo)
         if not people:
             raise NoPersonError(
                 f"no person found in {name} for a pose control image; give a photo with a person, "

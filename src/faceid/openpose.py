@@ -15,11 +15,21 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from .errors import CheckpointError, MissingWeightsError
 from .hub import HubFile, fetch
 
-__all__ = ["COLORS", "LIMBS", "OPENPOSE_BODY", "PAF_CHANNELS", "OpenPoseBody", "openpose_people"]
+__all__ = [
+    "COLORS",
+    "DETECT_RESOLUTION",
+    "LIMBS",
+    "OPENPOSE_BODY",
+    "PAF_CHANNELS",
+    "OpenPoseBody",
+    "detect_people",
+    "openpose_people",
+]
 
 #: The OpenPose body weights ControlNet's annotators use (CMU's COCO body model, converted to torch).
 #: The sha256 is the Git LFS oid of the file, the same in every copy on the Hub; the commit is not pinned.
@@ -48,6 +58,15 @@ COLORS = [
     (0, 255, 85), (0, 255, 170), (0, 255, 255), (0, 170, 255), (0, 85, 255), (0, 0, 255), (85, 0, 255),
     (170, 0, 255), (255, 0, 255), (255, 0, 170), (255, 0, 85),
 ]  # fmt: skip
+
+# The network reads the photo at one scale, 184 px tall (0.5 x OpenPose's 368 px box), as ControlNet's annotator
+# runs it, whatever the photo's size.
+NETWORK_HEIGHT = 0.5 * 368
+
+#: The longest side of the copy of a photo that :func:`detect_people` decodes OpenPose's maps at (ControlNet's
+#: annotators detect at a ``detect_resolution`` of 512 too). The decoding holds 57 float32 maps at that size and
+#: peaks near 380 bytes a pixel: at a 50-megapixel photo's own size that would be some 19 GB.
+DETECT_RESOLUTION = 512
 
 
 def _openpose_layers() -> list[tuple[str, int, int, int]]:
@@ -159,18 +178,43 @@ class OpenPoseBody:
         return cls(network, device)
 
 
+def detect_people(
+    body: OpenPoseBody | Callable, photo: Image.Image, detect_resolution: int = DETECT_RESOLUTION
+) -> list[np.ndarray]:
+    """The people OpenPose finds in ``photo`` (an RGB PIL image), in the photo's pixel coordinates (as
+    :func:`openpose_people`), found on a copy at most ``detect_resolution`` on its longest side.
+
+    The copy is never larger than the photo, and never less tall than what the network reads (a very wide
+    photo keeps its height up to that), so the network sees what it would see in the full photo; only the
+    decoding runs at the copy's size, which bounds its memory whatever the photo's size. Keypoints come back
+    pixel centre to pixel centre, so they land within a pixel of the copy's of where the full photo puts them.
+    """
+    width, height = photo.size
+    scale = min(1.0, detect_resolution / max(width, height))
+    scale = max(scale, min(1.0, NETWORK_HEIGHT / height))
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    # Area averaging, like the annotators' cv2.INTER_AREA, and no copy at all when the photo is small enough.
+    copy = photo if size == photo.size else photo.resize(size, Image.Resampling.BOX)
+    people = openpose_people(body, np.asarray(copy))
+    to_photo = np.array([width / size[0], height / size[1]])
+    return [(points + 0.5) * to_photo - 0.5 for points in people]  # NaN stays NaN
+
+
 def openpose_people(
     body: OpenPoseBody | Callable, rgb: np.ndarray, *, peak_threshold: float = 0.1, paf_threshold: float = 0.05
 ) -> list[np.ndarray]:
     """The people OpenPose finds in ``rgb`` (HxWx3 uint8): one (18, 2) array of pixel (x, y) each, NaN for a
     keypoint not found. As ControlNet's annotator runs it: one scale (the photo 184 px tall), BGR input in
     [-0.5, 0.5), heatmap peaks above ``peak_threshold`` after a Gaussian blur (sigma 3), limbs scored along
-    their part affinity field; people with fewer than 4 parts or a mean score under 0.4 are dropped."""
+    their part affinity field; people with fewer than 4 parts or a mean score under 0.4 are dropped.
+
+    The maps are decoded at ``rgb``'s own size (near 380 bytes a pixel at the peak): give a photo as
+    :func:`detect_people` does, at detection resolution."""
     import cv2  # here, not at import: the CLI builds its parser without it
     import torch
 
     height, width = rgb.shape[:2]
-    scale = 0.5 * 368 / height
+    scale = NETWORK_HEIGHT / height
     small = cv2.resize(rgb[:, :, ::-1], None, fx=scale, fy=scale, interpolation=cv2.INTER_CUBIC)
     sh, sw = small.shape[:2]
     padded = cv2.copyMakeBorder(small, 0, -sh % 8, 0, -sw % 8, cv2.BORDER_CONSTANT, value=(128, 128, 128))
