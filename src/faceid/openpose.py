@@ -63,9 +63,10 @@ COLORS = [
 # runs it, whatever the photo's size.
 NETWORK_HEIGHT = 0.5 * 368
 
-#: The longest side of the copy of a photo that :func:`detect_people` decodes OpenPose's maps at (ControlNet's
-#: annotators detect at a ``detect_resolution`` of 512 too). The decoding holds 57 float32 maps at that size and
-#: peaks near 380 bytes a pixel: at a 50-megapixel photo's own size that would be some 19 GB.
+#: The longest side of the copy of a photo that :func:`detect_people` decodes OpenPose's maps at. ControlNet's
+#: annotators (controlnet_aux's ``detect_resolution``) bring the shorter side to 512; the longer side here bounds
+#: the memory whatever the photo's shape. The decoding holds 57 float32 maps at that size and peaks near 380
+#: bytes a pixel: at a 50-megapixel photo's own size that would be some 19 GB.
 DETECT_RESOLUTION = 512
 
 
