@@ -31,12 +31,13 @@ __all__ = [
     "openpose_people",
 ]
 
-#: The OpenPose body weights ControlNet's annotators use (CMU's COCO body model, converted to torch).
-#: The sha256 is the Git LFS oid of the file, the same in every copy on the Hub; the commit is not pinned.
+#: The OpenPose body weights ControlNet's annotators use (CMU's COCO body model, converted to torch), pinned to
+#: commit 83cbccd ("Upload RealESRGAN_x4plus.pth") of lllyasviel/Annotators; the file itself came with 733558a
+#: ("Upload 7 files") and never changed. The sha256 and size are its Git LFS pointer, the same in every copy.
 OPENPOSE_BODY = HubFile(
     "lllyasviel/Annotators",
     "body_pose_model.pth",
-    revision=None,
+    revision="83cbccd4a3be9fa9f2fd9fe96f30288c9762e65b",
     sha256="25a948c16078b0f08e236bda51a385d855ef4c153598947c28c0d47ed94bb746",
     size=209267595,
 )
