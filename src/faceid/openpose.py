@@ -186,10 +186,11 @@ def detect_people(
     """The people OpenPose finds in ``photo`` (an RGB PIL image), in the photo's pixel coordinates (as
     :func:`openpose_people`), found on a copy at most ``detect_resolution`` on its longest side.
 
-    The copy is never larger than the photo, and never less tall than what the network reads (a very wide
-    photo keeps its height up to that), so the network sees what it would see in the full photo; only the
-    decoding runs at the copy's size, which bounds its memory whatever the photo's size. Keypoints come back
-    pixel centre to pixel centre, so they land within a pixel of the copy's of where the full photo puts them.
+    The copy is never larger than the photo, and never less tall than the 184 px the network reads (a very
+    wide photo keeps that much of its height), so the network reads the person at the size it would from the
+    full photo; only the decoding runs at the copy's size, which bounds its memory whatever the photo's size.
+    Keypoints are mapped back pixel centre to pixel centre: each lands within about one pixel of the copy of
+    where decoding the full photo puts it.
     """
     width, height = photo.size
     scale = min(1.0, detect_resolution / max(width, height))
