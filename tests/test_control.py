@@ -1,4 +1,5 @@
-"""Control images (faceid.control): each kind from real photos, in the frame of the generated image.
+"""Control images (faceid.control; OpenPose in faceid.openpose, depth in faceid.depth): each kind from real
+photos, in the frame of the generated image.
 
 Everything runs offline: faces through the tests' face analyzer, OpenPose through a random-weight body network
 or a stand-in of the same interface, depth through a tiny random Depth Anything model built here.
@@ -10,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from pose_helpers import UPRIGHT_PERSON, StandInOpenPose
 
-from faceid.control import KINDS, OpenPoseBody, make_control_image
+from faceid.control import KINDS, make_control_image
 from faceid.errors import (
     CheckpointError,
     FaceIDError,
@@ -20,6 +22,7 @@ from faceid.errors import (
     NoFaceError,
     NoPersonError,
 )
+from faceid.openpose import DETECT_RESOLUTION, OpenPoseBody, detect_people, openpose_people
 
 KPS_COLORS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (255, 0, 255)]
 
@@ -126,38 +129,8 @@ def test_pose_on_a_photo_without_a_person_is_a_clear_error(gradient):
     )
 
 
-class StandInOpenPose(torch.nn.Module):
-    """OpenPose's interface (BGR image -> 38 PAF and 19 heatmap channels at 1/8) answering one made-up person:
-    Gaussian peaks at ``points`` and unit vectors along every limb between them. Output cell i stands for input
-    pixel 8 i + 3.5 (the centre of its 8 pixels, as the released network was trained)."""
-
-    def __init__(self, points, photo_height):
-        super().__init__()
-        from faceid.control import _POSE_LIMBS, _POSE_PAF
-
-        self.limbs, self.paf_channels = _POSE_LIMBS, _POSE_PAF
-        self.points = (np.asarray(points, np.float64) * (0.5 * 368 / photo_height) - 3.5) / 8  # photo px -> grid
-
-    def forward(self, x):
-        h, w = x.shape[2] // 8, x.shape[3] // 8
-        yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
-        heat, paf = np.zeros((19, h, w)), np.zeros((38, h, w))
-        for k, (px, py) in enumerate(self.points):
-            heat[k] = np.exp(-((xx - px) ** 2 + (yy - py) ** 2) / 2.0)
-        for (a, b), (cx, cy) in zip(self.limbs, self.paf_channels, strict=True):
-            pa, pb = self.points[a], self.points[b]
-            v = (pb - pa) / np.linalg.norm(pb - pa)
-            t = np.clip(((xx - pa[0]) * v[0] + (yy - pa[1]) * v[1]) / np.linalg.norm(pb - pa), 0, 1)
-            near = np.hypot(xx - pa[0] - t * (pb - pa)[0], yy - pa[1] - t * (pb - pa)[1]) < 1.5
-            paf[cx][near], paf[cy][near] = v[0], v[1]
-        return torch.from_numpy(paf[None]).float(), torch.from_numpy(heat[None]).float()
-
-
 def test_pose_draws_the_person_openpose_finds_in_the_output_frame(gradient):
-    # an upright person in the 320x240 photo: nose, neck, shoulders, elbows, wrists, hips, knees, ankles, eyes, ears
-    points = [(160, 40), (160, 70), (130, 70), (120, 110), (115, 150), (190, 70), (200, 110), (205, 150),
-              (140, 140), (140, 180), (140, 220), (180, 140), (180, 180), (180, 220), (152, 34), (168, 34),
-              (142, 40), (178, 40)]  # fmt: skip
+    points = UPRIGHT_PERSON  # in the 320x240 photo
     body = OpenPoseBody(StandInOpenPose(points, photo_height=240))
     out = make_control_image("pose", gradient, size=(480, 360), pose_model=body)
     pixels = np.asarray(out)
@@ -169,6 +142,103 @@ def test_pose_draws_the_person_openpose_finds_in_the_output_frame(gradient):
         near = pixels[int(y) - 1 : int(y) + 2, int(x) - 1 : int(x) + 2].reshape(-1, 3)
         assert (near == colors[k]).all(-1).any(), f"keypoint {k} not drawn at ({x}, {y})"
     assert not pixels[:, :100].any()  # nothing left of the person
+
+
+def test_pose_keypoints_found_on_the_detection_copy_map_back_to_the_photo():
+    """The maps are decoded on a copy of the photo 512 px on its longest side; the keypoints come back where the
+    person is in the photo, where decoding at the photo's own size puts them, and twice as far out in a photo
+    twice the size, each within one pixel of the copy."""
+    found = {}
+    for factor in (1, 2):
+        width, height = 1200 * factor, 900 * factor
+        points = np.asarray(UPRIGHT_PERSON, np.float64) * (height / 240)
+        body = OpenPoseBody(StandInOpenPose(points, photo_height=height))
+        photo = Image.new("RGB", (width, height), (90, 120, 150))
+        people = detect_people(body, photo)
+        copy_pixel = width / DETECT_RESOLUTION  # one pixel of the detection copy, in photo pixels
+        assert len(people) == 1 and np.abs(people[0] - points).max() <= copy_pixel
+        found[factor] = people[0]
+        if factor == 1:
+            full = openpose_people(body, np.asarray(photo))  # the decoding at the photo's own size
+            assert len(full) == 1 and np.abs(people[0] - full[0]).max() <= copy_pixel
+    assert np.abs(found[2] - 2 * found[1]).max() <= 1
+
+    class Recording(torch.nn.Module):  # what the network is given
+        def forward(self, x):
+            seen.append(tuple(x.shape[2:]))
+            return torch.zeros(1, 38, x.shape[2] // 8, x.shape[3] // 8), torch.zeros(
+                1, 19, x.shape[2] // 8, x.shape[3] // 8
+            )
+
+    seen = []
+    wide = Image.new("RGB", (3000, 300))  # 512 px wide would leave the copy 51 px tall: it stays 184, like the input
+    assert detect_people(Recording(), wide) == [] and openpose_people(Recording(), np.asarray(wide)) == []
+    assert seen[0] == seen[1] == (184, 1840)
+
+
+def test_pose_control_image_of_a_50_megapixel_photo_takes_under_1_gb(tmp_path):
+    """A 50-megapixel photo (8660x5773, the most pixels the server accepts) makes its pose control image, at the
+    photo's own size, with less than 1 GB of memory on top of what the process held before.
+
+    Measured in a fresh Python process, as the growth of its resident memory (Linux ``/proc/self/status``): the
+    peak resident size during the call (``VmHWM``, reset to the current size just before it through
+    ``/proc/self/clear_refs``) minus the resident size just before it, after freed heap memory was given back
+    to the system (``malloc_trim``). Resident memory counts every allocation that is touched, whoever makes it:
+    numpy's arrays, OpenCV's and PIL's buffers, torch's CPU tensors. Where the peak cannot be reset, the
+    process's whole peak stands in for it: an even larger number. The network is the stand-in of the other
+    tests (the decoding is the same), answering one person whose keypoints are checked in the 50 MP image."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if not Path("/proc/self/status").exists():
+        pytest.skip("measures resident memory through Linux's /proc/self/status")
+    script = f"""
+import ctypes, gc, json, sys
+import numpy as np
+from PIL import Image
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from pose_helpers import UPRIGHT_PERSON, StandInOpenPose
+from faceid.control import make_control_image
+from faceid.openpose import COLORS, OpenPoseBody
+
+def status(field):
+    with open("/proc/self/status") as lines:
+        return next(int(line.split()[1]) * 1024 for line in lines if line.startswith(field + ":"))
+
+# Once on a small photo first: imports, torch's threads and the libraries' first allocations are not the call's.
+warm = np.asarray(UPRIGHT_PERSON, np.float64) * (427 / 240)
+make_control_image("pose", Image.new("RGB", (640, 427)), pose_model=OpenPoseBody(StandInOpenPose(warm, 427)))
+width, height = 8660, 5773
+points = np.asarray(UPRIGHT_PERSON, np.float64) * (height / 240)
+body = OpenPoseBody(StandInOpenPose(points, photo_height=height))
+photo = Image.new("RGB", (width, height), (90, 120, 150))
+gc.collect()
+ctypes.CDLL(None).malloc_trim(0)
+before = status("VmRSS")
+try:
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")  # the peak resident size starts again from the current one
+except OSError:
+    pass
+out = make_control_image("pose", photo, pose_model=body)
+extra = status("VmHWM") - before
+pixels = np.asarray(out)
+nearest = []  # how far from each keypoint the nearest pixel of its colour is
+for (x, y), color in zip(points, COLORS):
+    x0, y0 = int(x) - 100, int(y) - 100
+    ys, xs = np.nonzero((pixels[y0 : y0 + 201, x0 : x0 + 201] == color).all(-1))
+    nearest.append(float(np.hypot(xs + x0 - x, ys + y0 - y).min()) if len(xs) else None)
+print(json.dumps({{"extra": extra, "size": out.size, "nearest": nearest}}))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.splitlines()[-1])
+    assert result["size"] == [8660, 5773]
+    assert result["extra"] < 1024**3, f"{result['extra'] / 2**20:.0f} MiB on top for a 50 MP pose control image"
+    copy_pixel = 8660 / DETECT_RESOLUTION
+    assert all(d is not None and d <= copy_pixel for d in result["nearest"]), result["nearest"]
 
 
 def test_openpose_weights_load_by_their_released_names(tmp_path):

@@ -6,6 +6,8 @@ face_helpers (deterministic, ArcFace interface, no identity meaning), so nothing
 
 from __future__ import annotations
 
+import hashlib
+import re
 import shutil
 import socket
 import warnings
@@ -26,7 +28,7 @@ from face_helpers import (
 from PIL import Image
 
 import faceid.faces.model_files as model_files
-from faceid.errors import FaceIDError, FaceSelectionError, MissingWeightsError, NoFaceError
+from faceid.errors import CheckpointError, FaceIDError, FaceSelectionError, MissingWeightsError, NoFaceError
 from faceid.faces import (
     ARCFACE_TEMPLATE,
     Detection,
@@ -477,6 +479,7 @@ def test_from_pretrained_downloads_and_extracts_only_needed(isolated_home, monke
         shutil.copy(archive, dest)
 
     monkeypatch.setattr(model_files, "_download", fake_download)
+    monkeypatch.setattr(model_files, "BUFFALO_L_SHA256", hashlib.sha256(archive.read_bytes()).hexdigest())
     fa = FaceAnalyzer.from_pretrained()
     target = isolated_home / "faceid_home" / "models" / "buffalo_l"
     assert fetched == [model_files.BUFFALO_L_URL]
@@ -485,6 +488,24 @@ def test_from_pretrained_downloads_and_extracts_only_needed(isolated_home, monke
     # second call: found in the cache, no download
     FaceAnalyzer.from_pretrained()
     assert len(fetched) == 1
+
+
+def test_buffalo_l_is_pinned_and_a_download_that_differs_is_refused(isolated_home, monkeypatch):
+    assert re.fullmatch(r"[0-9a-f]{64}", model_files.BUFFALO_L_SHA256) and model_files.BUFFALO_L_SIZE > 0
+    archive = isolated_home / "buffalo_l.zip"  # a valid pack with both models, but not insightface's file
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("det_10g.onnx", b"detector")
+        zf.writestr("w600k_r50.onnx", b"recognizer")
+    monkeypatch.setattr(model_files, "_download", lambda url, dest, timeout=60.0: shutil.copy(archive, dest))
+    with pytest.raises(CheckpointError) as info:
+        FaceAnalyzer.from_pretrained()
+    message = str(info.value)
+    target = isolated_home / "faceid_home" / "models" / "buffalo_l"
+    assert f"buffalo_l.zip downloaded from {model_files.BUFFALO_L_URL} is not insightface's release" in message
+    assert hashlib.sha256(archive.read_bytes()).hexdigest() in message and model_files.BUFFALO_L_SHA256 in message
+    assert f"({archive.stat().st_size} bytes; the release has {model_files.BUFFALO_L_SIZE})" in message
+    assert str(target) in message and "\n" not in message
+    assert not any(target.iterdir())  # nothing extracted, and the download is gone
 
 
 def test_from_pretrained_finds_insightface_folder_and_models_dir(isolated_home, monkeypatch, fake_scrfd):

@@ -304,6 +304,32 @@ def test_style_lora_stacks_with_the_identity_lora_and_comes_out_cleanly():
     _assert_same_as(unet, plain_snapshot)
 
 
+def test_switching_a_lora_out_and_back_in_changes_only_which_adapters_act():
+    unet = make_tiny_unet()
+    inputs, identity = _inputs(unet)
+    FaceIDAdapter.install(unet, _adapter_state(unet))
+    with_identity = _run(unet, inputs, identity)
+    stack = LoraStack(unet)
+    stack.load(_style_lora(unet, rank=4, alpha=2.0), "style", weight=0.5)
+    stacked = _run(unet, inputs, identity)
+    shared = unet.get_submodule(STYLE_TARGETS[0])
+    shared.lora_A["style"].weight.requires_grad_(True)  # mixed flags on a layer that is switched
+    unet.conv_in.requires_grad_(False)
+    flags = {p: p.requires_grad for p in unet.parameters()}
+
+    stack.set_active("style", False)
+    assert shared.active_adapters == ["faceid"]
+    assert all("style" not in unet.get_submodule(path).active_adapters for path in STYLE_TARGETS)
+    assert all(p.requires_grad == flag for p, flag in flags.items())  # switching trains or freezes nothing
+    assert torch.equal(_run(unet, inputs, identity), with_identity)  # out: as if it were not loaded
+    assert stack.list() == {"faceid": 1.0, "style": 0.5}  # its weight kept
+
+    stack.set_active("style", True)
+    assert shared.active_adapters == ["faceid", "style"]
+    assert all(p.requires_grad == flag for p, flag in flags.items())
+    assert torch.equal(_run(unet, inputs, identity), stacked)
+
+
 def test_style_loaded_before_the_adapter_keeps_working():
     unet = make_tiny_unet()
     state = _adapter_state(unet)

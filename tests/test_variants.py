@@ -14,16 +14,19 @@ from faceid.adapter import initial_state_dict
 from faceid.checkpoints import AdapterSpec
 from faceid.cli import main
 from faceid.errors import CheckpointError, FaceIDError, MissingWeightsError
+from faceid.hub import HubFile, fetch
+from faceid.openpose import OPENPOSE_BODY, OpenPoseBody
 from faceid.projection import PerceiverConfig
+from faceid.references import REFERENCE_ADAPTERS, REFERENCE_REVISION
 from faceid.train import TrainConfig
 from faceid.variants import (
     ADAPTER_REVISION,
     ARCHITECTURES,
     CLIP_VIT_H,
     VARIANTS,
-    HubFile,
     closest_architecture,
     released,
+    resolve_adapter,
 )
 
 RELEASED = (
@@ -96,7 +99,7 @@ def test_download_of_a_release_is_pinned_and_its_hash_refused_when_it_differs(tm
     calls = []
     _fake_download(monkeypatch, fake, calls)
     with pytest.raises(CheckpointError) as info:
-        hub.resolve_adapter("faceid-sd15")
+        resolve_adapter("faceid-sd15")
     assert calls == [
         ("h94/IP-Adapter-FaceID", "ip-adapter-faceid_sd15.bin", {"subfolder": None, "revision": ADAPTER_REVISION,
                                                                  "local_files_only": hub.offline()}),
@@ -163,10 +166,54 @@ def test_offline_fake_hub_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(CheckpointError, match=release.sha256) as info:
-        hub.resolve_adapter("faceid-portrait-sd15")
+        resolve_adapter("faceid-portrait-sd15")
     assert f"delete {blob.resolve()} (and the link" in str(info.value)
     with pytest.raises(MissingWeightsError, match=f"ip-adapter-faceid_sd15.bin at commit {ADAPTER_REVISION}"):
-        hub.resolve_adapter("faceid-sd15")  # not in the cache: what to download, at which commit
+        resolve_adapter("faceid-sd15")  # not in the cache: what to download, at which commit
+
+
+def _fake_hub_cache(tmp_path, monkeypatch, file, data: bytes):
+    """The Hub cache (offline) holding ``file`` at its pinned commit, as ``data``: what hf_hub_download finds."""
+    import huggingface_hub.constants
+
+    repo = tmp_path / "hub" / f"models--{file.repo.replace('/', '--')}"
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    blob = repo / "blobs" / file.sha256  # as the Hub cache names LFS blobs, whatever they hold
+    blob.write_bytes(data)
+    link = repo / "snapshots" / file.revision / file.path_in_repo
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(blob)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return blob
+
+
+def test_reference_adapters_and_openpose_weights_are_pinned():
+    references = [file for by_family in REFERENCE_ADAPTERS.values() for file in by_family.values()]
+    assert len(references) == 6 and {f.revision for f in references} == {REFERENCE_REVISION}
+    assert len({f.sha256 for f in references}) == 6  # six different files
+    for file in [*references, OPENPOSE_BODY]:
+        assert re.fullmatch(r"[0-9a-f]{40}", file.revision), file.filename
+        assert re.fullmatch(r"[0-9a-f]{64}", file.sha256) and file.size > 0, file.filename
+
+
+def test_a_reference_adapter_that_is_not_the_released_file_is_refused(tmp_path, monkeypatch, caplog):
+    release = REFERENCE_ADAPTERS["plus-face"]["SD1.5"]
+    blob = _fake_hub_cache(tmp_path, monkeypatch, release, b"not the released weights")
+    with caplog.at_level(logging.WARNING, logger="faceid.hub"), pytest.raises(CheckpointError) as info:
+        fetch(release)  # what FaceIDPipeline.load_reference("plus-face") fetches
+    message = str(info.value)
+    assert "ip-adapter-plus-face_sd15.bin from h94/IP-Adapter" in message and REFERENCE_REVISION in message
+    assert release.sha256 in message and hashlib.sha256(b"not the released weights").hexdigest() in message
+    assert f"(24 bytes; the release has {release.size})" in message and f"delete {blob.resolve()}" in message
+    assert not caplog.records  # pinned: no "not pinned" warning
+
+
+def test_openpose_weights_that_are_not_the_released_file_are_refused(tmp_path, monkeypatch):
+    blob = _fake_hub_cache(tmp_path, monkeypatch, OPENPOSE_BODY, b"x" * 100)
+    with pytest.raises(CheckpointError, match=OPENPOSE_BODY.sha256) as info:
+        OpenPoseBody.from_pretrained()  # found at the pinned commit, refused for its hash before it is read
+    assert OPENPOSE_BODY.revision in str(info.value) and f"delete {blob.resolve()}" in str(info.value)
 
 
 def test_image_encoder_is_pinned(monkeypatch):

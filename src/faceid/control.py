@@ -1,4 +1,4 @@
-"""Control images for ControlNet, made from a reference photo: one stage, photo -> control image.
+"""Control images for ControlNet, made from a reference photo, in the frame of the generated image.
 
 :func:`make_control_image` turns a photo into the image a ControlNet of that kind is conditioned on:
 
@@ -6,93 +6,47 @@
 * ``"kps"``: the 5 face landmarks drawn the way InstantID draws them (coloured sticks from each eye and mouth
   corner to the nose tip, a disc at each point, on black), from faceid's own face analysis;
 * ``"pose"``: the OpenPose body skeleton (18 COCO keypoints, OpenPose's colours), from the OpenPose body
-  network (``body_pose_model.pth`` of ``lllyasviel/Annotators``, the ControlNet annotators' weights);
-* ``"depth"``: relative depth (near = bright) from transformers' depth-estimation pipeline, 3 channels;
+  network (:mod:`faceid.openpose`);
+* ``"depth"``: relative depth (near = bright) from transformers' depth-estimation pipeline, 3 channels
+  (:mod:`faceid.depth`);
 * ``"image"``: the photo as it is (it already is a control image).
+
+This module holds what every kind shares: the frame a photo is fitted into and the drawing of keypoints.
 
 **Size.** The control image is made in the frame of the generated image: ``size=(width, height)``, or the
 photo's own size when ``None``. The photo is fitted to that frame keeping its aspect ratio, the way the
 ControlNet web UI's resize modes do: ``fit="crop"`` (its default, "Crop and Resize": scaled to cover the
 frame, centred, the overflow cut off) or ``fit="pad"`` ("Resize and Fill": scaled to fit inside, centred,
-black bars). Detections (face landmarks, body keypoints) are made on the full photo and mapped into that
-frame, and their drawings are made at the output size, so sticks and discs keep their width and colours.
-
-OpenPose is written here on torch (the network is a plain VGG/CPM stack) rather than taken from
-``controlnet_aux``: that package imports torchvision, timm and einops at import time, and installing
-torchvision switches transformers' CLIP image processor to another backend, which would change faceid's
-identity inputs. The keypoint association is a simplification of OpenPose's: part-affinity-scored limbs,
-matched greedily, joined into people.
+black bars). Face landmarks are found on the full photo, body keypoints on a copy at most 512 px on its longest
+side (:func:`faceid.openpose.detect_people`: decoding OpenPose's maps at a large photo's own size would take
+gigabytes); both are mapped into that frame, and their drawings are made at the output size, so sticks and
+discs keep their width and colours.
 """
 
 from __future__ import annotations
 
 import math
-import os
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from .depth import depth_pipeline
 from .errors import FaceIDError, NoPersonError
 from .images import ImageSource, load_image, source_name
-from .variants import HubFile
+from .openpose import COLORS as POSE_COLORS
+from .openpose import LIMBS as POSE_LIMBS
+from .openpose import OpenPoseBody, detect_people
 
-__all__ = [
-    "DEPTH_MODEL",
-    "FITS",
-    "KINDS",
-    "OPENPOSE_BODY",
-    "OpenPoseBody",
-    "annotator_options",
-    "draw_skeleton",
-    "make_control_image",
-    "openpose_people",
-]
+__all__ = ["FITS", "KINDS", "annotator_options", "draw_skeleton", "make_control_image"]
 
 KINDS = ("canny", "kps", "pose", "depth", "image")
 FITS = ("crop", "pad")
 
-#: The OpenPose body weights ControlNet's annotators use (CMU's COCO body model, converted to torch).
-#: The sha256 is the Git LFS oid of the file, the same in every copy on the Hub; the commit is not pinned.
-OPENPOSE_BODY = HubFile(
-    "lllyasviel/Annotators",
-    "body_pose_model.pth",
-    revision=None,
-    sha256="25a948c16078b0f08e236bda51a385d855ef4c153598947c28c0d47ed94bb746",
-    size=209267595,
-)
-
-#: Default depth model: Depth Anything (small, Apache-2.0), transformers' format, pinned by commit and hash.
-DEPTH_MODEL = HubFile(
-    "LiheYoung/depth-anything-small-hf",
-    "model.safetensors",
-    revision="16030b54c8f28bf6a81db58d5d738ac990a3f0a8",
-    sha256="7997c812d8964a741eec21e6816ec2db1e442b5109ea2e7db26dcb03c9060ef0",
-)
-
 # InstantID's draw_kps: sticks from each eye and mouth corner to the nose tip, coloured as their outer point.
 _KPS_COLORS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (255, 0, 255)]
 _KPS_LIMBS = [(0, 2), (1, 2), (3, 2), (4, 2)]
-
-# OpenPose (COCO 18: nose, neck, r-shoulder, r-elbow, r-wrist, l-shoulder, l-elbow, l-wrist, r-hip, r-knee,
-# r-ankle, l-hip, l-knee, l-ankle, r-eye, l-eye, r-ear, l-ear). The first 17 limbs are drawn (the ear-shoulder
-# ones only help association); limb i and keypoint i share colour i.
-_POSE_LIMBS = [
-    (1, 2), (1, 5), (2, 3), (3, 4), (5, 6), (6, 7), (1, 8), (8, 9), (9, 10), (1, 11), (11, 12), (12, 13),
-    (1, 0), (0, 14), (14, 16), (0, 15), (15, 17), (2, 16), (5, 17),
-]  # fmt: skip
-# The two PAF channels (x, y) of each limb, in the order above.
-_POSE_PAF = [
-    (12, 13), (20, 21), (14, 15), (16, 17), (22, 23), (24, 25), (0, 1), (2, 3), (4, 5), (6, 7), (8, 9),
-    (10, 11), (28, 29), (30, 31), (34, 35), (32, 33), (36, 37), (18, 19), (26, 27),
-]  # fmt: skip
-_POSE_COLORS = [
-    (255, 0, 0), (255, 85, 0), (255, 170, 0), (255, 255, 0), (170, 255, 0), (85, 255, 0), (0, 255, 0),
-    (0, 255, 85), (0, 255, 170), (0, 255, 255), (0, 170, 255), (0, 85, 255), (0, 0, 255), (85, 0, 255),
-    (170, 0, 255), (255, 0, 255), (255, 0, 170), (255, 0, 85),
-]  # fmt: skip
 
 _OPTIONS = {
     "canny": {"low_threshold", "high_threshold"},
@@ -119,9 +73,9 @@ def make_control_image(
     ``analyzer`` (``"kps"``): the :class:`~faceid.faces.FaceAnalyzer` (default: buffalo_l); ``face_index``
     chooses among several faces, largest first, or ``"all"`` draws every face (several people). Options by kind: ``"canny"``: ``low_threshold`` (100),
     ``high_threshold`` (200); ``"pose"``: ``pose_model`` (a ``body_pose_model.pth`` path, or an
-    :class:`OpenPoseBody`; default the pinned Hub file), ``device``; ``"depth"``: ``depth_model`` (a
-    transformers depth-estimation model name or folder, or a ready ``pipeline``; default
-    :data:`DEPTH_MODEL`), ``device``.
+    :class:`~faceid.openpose.OpenPoseBody`; default the pinned Hub file), ``device``; ``"depth"``:
+    ``depth_model`` (a transformers depth-estimation model name or folder, or a ready ``pipeline``; default
+    :data:`faceid.depth.DEPTH_MODEL`), ``device``.
 
     Raises :class:`~faceid.errors.ImageError` for an unreadable photo, ``NoFaceError`` /
     ``FaceSelectionError`` for ``"kps"`` without that face, :class:`~faceid.errors.NoPersonError` for
@@ -160,15 +114,15 @@ def make_control_image(
         body = options.get("pose_model")
         if not isinstance(body, OpenPoseBody):
             body = OpenPoseBody.from_pretrained(body, device=options.get("device"))
-        people = openpose_people(body, np.asarray(photo))
+        people = detect_people(body, photo)
         if not people:
             raise NoPersonError(
                 f"no person found in {name} for a pose control image; give a photo with a person, "
                 "or another control kind"
             )
         canvas = np.zeros((out_size[1], out_size[0], 3), np.uint8)
-        for person in people:
-            draw_skeleton(out_size, frame.points(person), _POSE_LIMBS[:17], _POSE_COLORS, _POSE_COLORS, 4, canvas)
+        for person in people:  # the first 17 limbs: the ear-shoulder ones only help association
+            draw_skeleton(out_size, frame.points(person), POSE_LIMBS[:17], POSE_COLORS, POSE_COLORS, 4, canvas)
         return Image.fromarray(canvas)
 
     fitted = frame.image(photo)
@@ -177,7 +131,7 @@ def make_control_image(
         edges = cv2.Canny(np.asarray(fitted), low, high)
         return Image.fromarray(edges).convert("RGB")
     if kind == "depth":
-        return _depth_pipeline(options.get("depth_model"), options.get("device"))(fitted)["depth"].convert("RGB")
+        return depth_pipeline(options.get("depth_model"), options.get("device"))(fitted)["depth"].convert("RGB")
     return fitted  # "image"
 
 
@@ -190,7 +144,7 @@ def annotator_options(kind: str, device=None) -> dict[str, Any]:
     if kind == "pose":
         return {"pose_model": OpenPoseBody.from_pretrained(device=device)}
     if kind == "depth":
-        return {"depth_model": _depth_pipeline(None, device)}
+        return {"depth_model": depth_pipeline(None, device)}
     return {}
 
 
@@ -276,226 +230,3 @@ def draw_skeleton(
         if not np.isnan([x, y]).any():
             cv2.circle(canvas, (int(x), int(y)), radius, color, -1)
     return Image.fromarray(canvas)
-
-
-# ----------------------------------------------------------------------------------------------- OpenPose
-
-
-def _openpose_layers() -> list[tuple[str, int, int, int]]:
-    """(name, in, out, kernel) of every conv of OpenPose's body network, named as in body_pose_model.pth;
-    a name "pool" is a 2x2 max-pool."""
-    vgg = [("conv1_1", 3, 64), ("conv1_2", 64, 64), "pool", ("conv2_1", 64, 128), ("conv2_2", 128, 128), "pool"]
-    vgg += [("conv3_1", 128, 256), ("conv3_2", 256, 256), ("conv3_3", 256, 256), ("conv3_4", 256, 256), "pool"]
-    vgg += [("conv4_1", 256, 512), ("conv4_2", 512, 512), ("conv4_3_CPM", 512, 256), ("conv4_4_CPM", 256, 128)]
-    return [("pool", 0, 0, 0) if v == "pool" else (*v, 3) for v in vgg]
-
-
-def _openpose_stage(stage: int, branch: int, out: int) -> list[tuple[str, int, int, int]]:
-    if stage == 1:
-        sizes = [(128, 128, 3), (128, 128, 3), (128, 128, 3), (128, 512, 1), (512, out, 1)]
-        return [(f"conv5_{i + 1}_CPM_L{branch}", *s) for i, s in enumerate(sizes)]
-    sizes = [(185, 128, 7)] + [(128, 128, 7)] * 4 + [(128, 128, 1), (128, out, 1)]
-    return [(f"Mconv{i + 1}_stage{stage}_L{branch}", *s) for i, s in enumerate(sizes)]
-
-
-def _openpose_network():
-    import torch
-    from torch import nn
-
-    def block(layers, relu_last: bool) -> nn.Sequential:
-        modules = []
-        for i, (name, cin, cout, k) in enumerate(layers):
-            if name == "pool":
-                modules.append(nn.MaxPool2d(2, 2))
-                continue
-            modules.append(nn.Conv2d(cin, cout, k, 1, k // 2))
-            if i < len(layers) - 1 or relu_last:
-                modules.append(nn.ReLU())
-        return nn.Sequential(*modules)
-
-    class Network(nn.Module):
-        """OpenPose's body network (6 stages; PAFs in branch L1, heatmaps in L2). State-dict keys are the
-        layer names of body_pose_model.pth (see :meth:`load_released`)."""
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.features = block(_openpose_layers(), relu_last=True)
-            # The released network ends its last heatmap stage with a ReLU (pytorch-openpose, ControlNet).
-            self.pafs = nn.ModuleList(block(_openpose_stage(s, 1, 38), False) for s in range(1, 7))
-            self.heatmaps = nn.ModuleList(block(_openpose_stage(s, 2, 19), s == 6) for s in range(1, 7))
-
-        def forward(self, x):
-            features = self.features(x)
-            y = features
-            for paf, heat in zip(self.pafs, self.heatmaps, strict=True):
-                p, h = paf(y), heat(y)
-                y = torch.cat([p, h, features], 1)
-            return p, h
-
-        def released_names(self) -> dict[str, str]:
-            """Own state-dict key -> key in body_pose_model.pth."""
-            names = {}
-            stacks = [("features", _openpose_layers())]
-            stacks += [(f"pafs.{s - 1}", _openpose_stage(s, 1, 38)) for s in range(1, 7)]
-            stacks += [(f"heatmaps.{s - 1}", _openpose_stage(s, 2, 19)) for s in range(1, 7)]
-            for prefix, layers in stacks:
-                index = 0
-                for name, *_ in layers:
-                    if name != "pool":
-                        for p in ("weight", "bias"):
-                            names[f"{prefix}.{index}.{p}"] = f"{name}.{p}"
-                    index += 1 if name == "pool" else 2
-            return names
-
-    return Network()
-
-
-class OpenPoseBody:
-    """OpenPose's body network and its decoding into people (18 keypoints each)."""
-
-    def __init__(self, network, device=None) -> None:
-        self.network = network.eval()
-        self.device = device or "cpu"
-        self.network.to(self.device)
-
-    @staticmethod
-    def network():
-        """A randomly initialised body network (for tests; :meth:`from_pretrained` loads the weights)."""
-        return _openpose_network()
-
-    @classmethod
-    def from_pretrained(cls, weights: str | os.PathLike | None = None, device=None) -> OpenPoseBody:
-        """The released body network: ``weights`` (a ``body_pose_model.pth``) or :data:`OPENPOSE_BODY`
-        from the Hub (downloaded once, checked against its sha256)."""
-        import torch
-
-        from .errors import CheckpointError, MissingWeightsError
-        from .hub import fetch
-
-        if weights is None:
-            path = fetch(OPENPOSE_BODY)
-        else:
-            path = Path(weights).expanduser()
-            if not path.is_file():
-                raise MissingWeightsError(
-                    f"OpenPose weights not found: {path}. Give the path of body_pose_model.pth "
-                    f"(https://huggingface.co/{OPENPOSE_BODY.repo}) or leave it out to download it"
-                )
-        network = _openpose_network()
-        try:
-            released = torch.load(path, map_location="cpu", weights_only=True)
-            network.load_state_dict({own: released[theirs] for own, theirs in network.released_names().items()})
-        except Exception as exc:  # not a torch file, another network's weights, wrong shapes
-            raise CheckpointError(
-                f"{path} is not OpenPose's body_pose_model.pth ({type(exc).__name__}: {str(exc)[:120]}); "
-                f"use the file of https://huggingface.co/{OPENPOSE_BODY.repo}"
-            ) from exc
-        return cls(network, device)
-
-
-def openpose_people(
-    body: OpenPoseBody | Callable, rgb: np.ndarray, *, peak_threshold: float = 0.1, paf_threshold: float = 0.05
-) -> list[np.ndarray]:
-    """The people OpenPose finds in ``rgb`` (HxWx3 uint8): one (18, 2) array of pixel (x, y) each, NaN for a
-    keypoint not found. As ControlNet's annotator runs it: one scale (the photo 184 px tall), BGR input in
-    [-0.5, 0.5), heatmap peaks above ``peak_threshold`` after a Gaussian blur (sigma 3), limbs scored along
-    their part affinity field; people with fewer than 4 parts or a mean score under 0.4 are dropped."""
-    import cv2  # here, not at import: the CLI builds its parser without it
-    import torch
-
-    height, width = rgb.shape[:2]
-    scale = 0.5 * 368 / height
-    small = cv2.resize(rgb[:, :, ::-1], None, fx=scale, fy=scale, interpolation=cv2.INTER_CUBIC)
-    sh, sw = small.shape[:2]
-    padded = cv2.copyMakeBorder(small, 0, -sh % 8, 0, -sw % 8, cv2.BORDER_CONSTANT, value=(128, 128, 128))
-    network = body.network if isinstance(body, OpenPoseBody) else body
-    device = body.device if isinstance(body, OpenPoseBody) else "cpu"
-    x = torch.from_numpy(np.ascontiguousarray(padded.transpose(2, 0, 1)[None], np.float32) / 256 - 0.5)
-    with torch.no_grad():
-        pafs, heatmaps = network(x.to(device))
-
-    def to_photo(maps) -> np.ndarray:
-        import cv2  # here, not at import: the CLI builds its parser without it
-
-        maps = maps[0].float().cpu().numpy().transpose(1, 2, 0)
-        maps = cv2.resize(maps, None, fx=8, fy=8, interpolation=cv2.INTER_CUBIC)[:sh, :sw]
-        return np.stack([cv2.resize(maps[..., c], (width, height), interpolation=cv2.INTER_CUBIC) for c in range(maps.shape[-1])], -1)  # fmt: skip
-
-    heat, paf = to_photo(heatmaps), to_photo(pafs)
-    peaks = []  # per part: (n, 3) x, y, score
-    for part in range(18):
-        blurred = cv2.GaussianBlur(heat[..., part], (0, 0), 3, borderType=cv2.BORDER_CONSTANT)
-        cross = cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3))
-        found = (blurred >= cv2.dilate(blurred, cross)) & (blurred > peak_threshold)
-        ys, xs = np.nonzero(found)
-        peaks.append(np.stack([xs, ys, heat[ys, xs, part]], 1) if len(xs) else np.zeros((0, 3)))
-
-    # Limbs: every pair of candidate ends scored by the PAF along the segment; greedy one-to-one matching.
-    people: list[dict] = []  # {"parts": {part: peak index}, "score": float}
-    for (a, b), (cx, cy) in zip(_POSE_LIMBS, _POSE_PAF, strict=True):
-        scored = []
-        for i, pa in enumerate(peaks[a]):
-            for j, pb in enumerate(peaks[b]):
-                vec = pb[:2] - pa[:2]
-                norm = max(float(np.hypot(*vec)), 1e-3)
-                t = np.linspace(0, 1, 10)[:, None]
-                xs, ys = np.rint(pa[:2] + t * vec).astype(int).T
-                along = (paf[ys, xs, cx] * vec[0] + paf[ys, xs, cy] * vec[1]) / norm
-                score = along.mean() + min(0.5 * height / norm - 1, 0)
-                if (along > paf_threshold).sum() > 8 and score > 0:
-                    scored.append((score, i, j))
-        used_a, used_b = set(), set()
-        for score, i, j in sorted(scored, reverse=True):
-            if i in used_a or j in used_b:
-                continue
-            used_a.add(i), used_b.add(j)
-            owners = [p for p in people if p["parts"].get(a) == i or p["parts"].get(b) == j]
-            if not owners:
-                people.append({"parts": {a: i, b: j}, "score": score + peaks[a][i, 2] + peaks[b][j, 2]})
-                continue
-            person = owners[0]
-            for other in owners[1:]:  # the limb joins two partial people: merge them when they do not clash
-                if not set(other["parts"]) & set(person["parts"]):
-                    person["parts"].update(other["parts"])
-                    person["score"] += other["score"]
-                    people.remove(other)
-            if b not in person["parts"]:
-                person["parts"][b] = j
-                person["score"] += peaks[b][j, 2]
-            person["score"] += score
-
-    found = []
-    for person in people:
-        parts = person["parts"]
-        if len(parts) < 4 or person["score"] / len(parts) < 0.4:
-            continue
-        points = np.full((18, 2), np.nan)
-        for part, index in parts.items():
-            points[part] = peaks[part][index, :2]
-        found.append(points)
-    return found
-
-
-# ----------------------------------------------------------------------------------------------- depth
-
-
-def _depth_pipeline(model, device):
-    """transformers' depth-estimation pipeline: ``model`` itself when it is one (load it once with
-    ``transformers.pipeline("depth-estimation", ...)`` to make many images), else loaded from a name or
-    folder; the default :data:`DEPTH_MODEL` is fetched and checked first."""
-    if callable(model):
-        return model
-    from transformers import pipeline
-
-    revision = None
-    if model is None:
-        from .hub import fetch
-
-        fetch(DEPTH_MODEL)  # the weights, checked against their sha256; the pipeline reads the same commit
-        model, revision = DEPTH_MODEL.repo, DEPTH_MODEL.revision
-    try:
-        return pipeline("depth-estimation", model=str(model), revision=revision, device=device or "cpu")
-    except (OSError, ValueError) as exc:
-        from .hub import model_not_found
-
-        raise model_not_found(str(model), exc) from exc

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import FaceIDError
-from .variants import HubFile
+from .hub import HubFile
 
 # name -> (diffusers scheduler class, config overrides): what ``GenerationSettings.scheduler`` can name.
 SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {

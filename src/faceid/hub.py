@@ -1,8 +1,9 @@
 """Fetching the released weights: pinned to a Hub commit, checked against their sha256, with clear errors.
 
-Adapter names resolve to the files of ``faceid.variants.VARIANTS`` (repository ``h94/IP-Adapter-FaceID``,
-SPEC.md section 3), downloaded at the table's pinned commit. A downloaded file whose sha256 is not the
-table's is refused. The hash of a file is remembered (``$FACEID_HOME/sha256.json``, keyed by the file's
+A released file is a :class:`HubFile` (a model folder, a :class:`HubFolder`): its repository, the commit it
+is pinned to and the sha256 it must have; the tables of faceid's modules list them (``faceid.variants``,
+``faceid.references``, ``faceid.fast`` ...). :func:`fetch` downloads one at its pinned commit. A downloaded
+file whose sha256 is not the table's is refused. The hash of a file is remembered (``$FACEID_HOME/sha256.json``, keyed by the file's
 real path, size and modification time) so that a 1 GB file is hashed once, not on every start.
 Anything that is a local file or folder is used as it is; nothing is downloaded or checked then.
 """
@@ -13,36 +14,46 @@ import hashlib
 import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from .atomic import atomic_path
 from .errors import CheckpointError, MissingWeightsError
-from .variants import VARIANTS, HubFile
 
 logger = logging.getLogger(__name__)
 _warned: set[tuple[str, str]] = set()  # (repo, file) already warned about as not pinned: once per process
 
 
+@dataclass(frozen=True)
+class HubFile:
+    """One released file: where it is, at which commit, and what it must hash to (None: not known)."""
+
+    repo: str
+    filename: str
+    revision: str | None  # a commit id; None: the repository's current main (not pinned)
+    sha256: str | None  # the Git LFS oid; None: not hash-pinned
+    size: int | None = None  # bytes, from the same LFS pointer
+    subfolder: str | None = None
+
+    @property
+    def path_in_repo(self) -> str:
+        return f"{self.subfolder}/{self.filename}" if self.subfolder else self.filename
+
+
+@dataclass(frozen=True)
+class HubFolder:
+    """A model folder in a Hub repository (transformers layout), pinned to a commit."""
+
+    repo: str
+    subfolder: str | None
+    revision: str | None
+
+    def __str__(self) -> str:
+        return f"{self.repo}/{self.subfolder}" if self.subfolder else self.repo
+
+
 def offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-
-
-def resolve_adapter(adapter: str | os.PathLike) -> Path:
-    """A local adapter file, or a released adapter's name (downloaded once into the Hub cache, verified)."""
-    path = Path(adapter).expanduser()
-    if path.is_file():
-        return path
-    name = str(adapter)
-    if name in VARIANTS:
-        return fetch(VARIANTS[name].adapter)
-    if path.suffix in (".bin", ".safetensors") or os.sep in name:
-        raise MissingWeightsError(
-            f"adapter file not found: {path}. Give the path of an IP-Adapter-FaceID .bin/.safetensors file "
-            f"or one of the released names: {', '.join(VARIANTS)}"
-        )
-    raise MissingWeightsError(
-        f"unknown adapter {name!r}: give a file path or one of {', '.join(VARIANTS)} (see `faceid models`)"
-    )
 
 
 def fetch(file: HubFile) -> Path:

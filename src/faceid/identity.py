@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from .errors import FaceIDError
-from .variants import CLIP_VIT_H, HubFolder
+from .hub import HubFolder
+from .variants import CLIP_VIT_H
 
 COMBINE_MODES = ("mean", "concat")
 

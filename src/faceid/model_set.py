@@ -31,12 +31,12 @@ from .checkpoints import AdapterSpec, load_state_dict
 from .errors import FaceIDError, MissingWeightsError
 from .families import FAMILIES, family_of_pipeline
 from .fast import preset
-from .hub import fetch, model_not_found, offline, resolve_adapter
+from .hub import fetch, model_not_found, offline
 from .lora import LoraStack
 from .modes import check_controlnet
 from .peft_adapters import tensor_scalings
 from .settings import GenerationSettings
-from .variants import DEFAULT_ADAPTER, released
+from .variants import DEFAULT_ADAPTER, released, resolve_adapter
 from .weights import weights_guard
 
 logger = logging.getLogger(__name__)

@@ -82,15 +82,21 @@ def set_adapter_active(model: nn.Module, name: str, active: bool) -> None:
     """Whether adapter ``name`` takes part in ``model``'s forward passes, on every layer that carries it.
 
     An inactive adapter costs nothing (PEFT skips it; at weight 0 it would still be computed). The other
-    adapters stay as they are, and so does every ``requires_grad`` flag: PEFT's own ``set_adapter`` would set
-    those of every adapter on the layer, so the layer's active list is written here as that method does.
+    adapters stay as they are, and so does every ``requires_grad`` flag: PEFT's ``set_adapter`` (the layer's
+    public way to choose its active adapters) also makes the adapters it activates trainable and freezes the
+    others, so the layer's flags are put back after it.
     """
     for layer in layers_with(model, name).values():
         current = list(layer.active_adapters)
         if active and name not in current:
-            layer._active_adapter = [*current, name]
+            wanted = [*current, name]
         elif not active and name in current:
-            layer._active_adapter = [n for n in current if n != name]
+            wanted = [n for n in current if n != name]
+        else:
+            continue
+        flags = _grad_flags(layer)
+        layer.set_adapter(wanted)
+        _restore_grad_flags(layer, flags)
 
 
 def adapter_weights(model: nn.Module) -> dict[str, float]:

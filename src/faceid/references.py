@@ -28,31 +28,67 @@ from .adapter import load_strict
 from .attention import DecoupledBranch
 from .checkpoints import describe_unet, family_name, load_state_dict, perceiver_config
 from .errors import CheckpointError, FaceIDError
+from .hub import HubFile
 from .projection import ImageProjection, ImageResampler, PerceiverConfig
-from .variants import HubFile
 
 _LAYER_KEY = re.compile(r"^(\d+)\.(to_k_ip|to_v_ip)\.weight$")
 
 
-def _reference_file(filename: str, subfolder: str) -> HubFile:
-    # Not pinned: the commit and sha256 of these files could not be read here (offline); faceid warns once
-    # when it uses a file without a hash (``faceid.hub``).
-    return HubFile("h94/IP-Adapter", filename, None, None, subfolder=subfolder)
+# h94/IP-Adapter at commit 92a2d51 ("Add an updated version of IP-Adapter-Face"), whose history holds the upload
+# of every file below. Not 0859e80, the image encoder's commit (``variants.CLIP_VIT_H``): the SDXL ViT-H files
+# came after it (ip-adapter_sdxl_vit-h.bin moved into sdxl_models/ in 5c2eae7; the Plus and Plus-Face ones were
+# added in 9fa34f0 and 336d6b3). Their sha256 and size are the Git LFS pointers of the commits that uploaded
+# them (https://huggingface.co/h94/IP-Adapter/commit/<commit>, the commit named at each file); none changed after.
+REFERENCE_REVISION = "92a2d51861c754afacf8b3aaf90845254b49f219"
+
+
+def _reference_file(filename: str, subfolder: str, sha256: str, size: int) -> HubFile:
+    return HubFile("h94/IP-Adapter", filename, REFERENCE_REVISION, sha256, size, subfolder=subfolder)
 
 
 # The standard IP-Adapters for the ViT-H image encoder that FaceID-Plus loads too (``variants.CLIP_VIT_H``).
 REFERENCE_ADAPTERS: dict[str, dict[str, HubFile]] = {
     "plain": {
-        "SD1.5": _reference_file("ip-adapter_sd15.bin", "models"),
-        "SDXL": _reference_file("ip-adapter_sdxl_vit-h.bin", "sdxl_models"),
+        "SD1.5": _reference_file(  # 8bc5c62 ("add models")
+            "ip-adapter_sd15.bin",
+            "models",
+            "68e1df30d760f280e578c302f1e73b37ea08654eff16a31153588047affe0058",
+            44642825,
+        ),
+        "SDXL": _reference_file(  # 55964dc ("add ip-adapter_sdxl_vit-h", then in models/)
+            "ip-adapter_sdxl_vit-h.bin",
+            "sdxl_models",
+            "6b382e2501d0ab3fe2e09312e561a59cd3f21262aff25373700e0cd62c635929",
+            698390793,
+        ),
     },
     "plus": {
-        "SD1.5": _reference_file("ip-adapter-plus_sd15.bin", "models"),
-        "SDXL": _reference_file("ip-adapter-plus_sdxl_vit-h.bin", "sdxl_models"),
+        "SD1.5": _reference_file(  # e5ae368 ("add ip-adapter-plus")
+            "ip-adapter-plus_sd15.bin",
+            "models",
+            "1cb77fc0613369b66be1531cc452b823a4af7d87ee56956000a69fc39e3817ba",
+            158033179,
+        ),
+        "SDXL": _reference_file(  # 9fa34f0 ("add new")
+            "ip-adapter-plus_sdxl_vit-h.bin",
+            "sdxl_models",
+            "ec70edb7cc8e769c9388d94eeaea3e4526352c9fae793a608782d1d8951fde90",
+            1013454427,
+        ),
     },
     "plus-face": {
-        "SD1.5": _reference_file("ip-adapter-plus-face_sd15.bin", "models"),
-        "SDXL": _reference_file("ip-adapter-plus-face_sdxl_vit-h.bin", "sdxl_models"),
+        "SD1.5": _reference_file(  # b812dc3 ("add ip-adapter for face")
+            "ip-adapter-plus-face_sd15.bin",
+            "models",
+            "aa09c22b49ef63474dcde12f26a35b8b8e9b755b716a553aa29e8dbe8d21e0c9",
+            98183381,
+        ),
+        "SDXL": _reference_file(  # 336d6b3 ("add experimental version of ip-adapter-face for sdxl")
+            "ip-adapter-plus-face_sdxl_vit-h.bin",
+            "sdxl_models",
+            "50e886d82940b3c5873d80c2b06d8a4b0d0fccec70bc44fd53f16ac3cfd7fc36",
+            1013454761,
+        ),
     },
 }
 

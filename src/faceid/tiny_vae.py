@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from .errors import CheckpointError, MissingWeightsError
-from .variants import HubFile
+from .hub import HubFile
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 

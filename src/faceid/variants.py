@@ -10,7 +10,8 @@ Two kinds of rows, both here and nowhere else:
   model family, with its files in ``h94/IP-Adapter-FaceID`` pinned to one Hub commit and their
   sha256, its image encoder (pinned too), and the base model (and VAE) the authors show it with.
 
-``faceid.hub`` downloads and verifies the files; ``faceid.checkpoints.AdapterSpec`` matches a file's
+``faceid.hub`` downloads and verifies the files (:func:`resolve_adapter` turns a released name into its
+verified file); ``faceid.checkpoints.AdapterSpec`` matches a file's
 tensors to the architecture rows; the pipeline, training and ``faceid models`` read their defaults here.
 
 Sources of the pinned values (Hugging Face pages): the repository's commit list
@@ -23,9 +24,13 @@ https://huggingface.co/h94/IP-Adapter-FaceID/commit/1cc4ea2507036f0125999c9fbf14
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+
+from .errors import MissingWeightsError
+from .hub import HubFile, HubFolder, fetch
 
 ADAPTER_REPO = "h94/IP-Adapter-FaceID"
 # The head of h94/IP-Adapter-FaceID ("Upload ip-adapter-faceid-portrait_sdxl_unnorm.bin"); every file
@@ -34,34 +39,6 @@ ADAPTER_REVISION = "43907e6f44d079bf1a9102d9a6e56aef7a219bae"
 
 # Cross-attention width -> base model family (SPEC.md: cad 768 for SD1.5, 2048 for SDXL).
 FAMILIES = {768: "SD1.5", 2048: "SDXL"}
-
-
-@dataclass(frozen=True)
-class HubFile:
-    """One released file: where it is, at which commit, and what it must hash to (None: not known)."""
-
-    repo: str
-    filename: str
-    revision: str | None  # a commit id; None: the repository's current main (not pinned)
-    sha256: str | None  # the Git LFS oid; None: not hash-pinned
-    size: int | None = None  # bytes, from the same LFS pointer
-    subfolder: str | None = None
-
-    @property
-    def path_in_repo(self) -> str:
-        return f"{self.subfolder}/{self.filename}" if self.subfolder else self.filename
-
-
-@dataclass(frozen=True)
-class HubFolder:
-    """A model folder in a Hub repository (transformers layout), pinned to a commit."""
-
-    repo: str
-    subfolder: str | None
-    revision: str | None
-
-    def __str__(self) -> str:
-        return f"{self.repo}/{self.subfolder}" if self.subfolder else self.repo
 
 
 # CLIP ViT-H/14 (laion2B-s32B-b79K) as the Plus reference loads it. Pinned to h94/IP-Adapter commit
@@ -352,3 +329,21 @@ def releases_like(architectures: Iterable[Architecture], family: str | None) -> 
     """The releases of these architectures for ``family`` (all families when None)."""
     names = {a.name for a in architectures}
     return [v for v in VARIANTS.values() if v.architecture.name in names and family in (None, v.family)]
+
+
+def resolve_adapter(adapter: str | os.PathLike) -> Path:
+    """A local adapter file, or a released adapter's name (downloaded once into the Hub cache, verified)."""
+    path = Path(adapter).expanduser()
+    if path.is_file():
+        return path
+    name = str(adapter)
+    if name in VARIANTS:
+        return fetch(VARIANTS[name].adapter)
+    if path.suffix in (".bin", ".safetensors") or os.sep in name:
+        raise MissingWeightsError(
+            f"adapter file not found: {path}. Give the path of an IP-Adapter-FaceID .bin/.safetensors file "
+            f"or one of the released names: {', '.join(VARIANTS)}"
+        )
+    raise MissingWeightsError(
+        f"unknown adapter {name!r}: give a file path or one of {', '.join(VARIANTS)} (see `faceid models`)"
+    )

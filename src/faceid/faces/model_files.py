@@ -9,6 +9,7 @@ downloaded into faceid's cache the first time.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import shutil
@@ -20,9 +21,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..atomic import atomic_path
-from ..errors import MissingWeightsError
+from ..errors import CheckpointError, MissingWeightsError
 
 __all__ = [
+    "BUFFALO_L_SHA256",
+    "BUFFALO_L_SIZE",
     "BUFFALO_L_URL",
     "default_yunet_path",
     "faceid_models_home",
@@ -33,6 +36,11 @@ __all__ = [
 
 #: Where insightface publishes the buffalo_l pack (module-level so tests and mirrors can override it).
 BUFFALO_L_URL = "https://github.com/deepinsight/insightface/releases/download/v0.7/buffalo_l.zip"
+#: The sha256 and size of that release asset; a download that differs is refused before it is unzipped (a
+#: mirror serves the same file). insightface publishes no checksum: these are the values other projects pin
+#: for the v0.7 asset (e.g. Visionatrix's model map and many download scripts), the same in all of them.
+BUFFALO_L_SHA256 = "80ffe37d8a5940d59a7384c201a2a38d4741f2f3c51eef46ebb28218a7b0ca2f"
+BUFFALO_L_SIZE = 288621354
 
 # Model packs pretrained_models knows: name -> (detector file, recognizer file). Only buffalo_l is
 # listed because the FaceID weights were trained on its embeddings; another pack would give vectors
@@ -55,8 +63,9 @@ def pretrained_models(
     :class:`MissingWeightsError` that names what is missing and where to get it. Else
     ``$FACEID_HOME/models/<name>`` (default ``~/.cache/faceid/models/<name>``), then insightface's
     ``~/.insightface/models/<name>``; when neither has the files and ``download`` is true, ``<name>.zip``
-    is fetched from insightface's releases into the first and only the detector and the recognizer are
-    extracted. insightface's models are for non-commercial research use.
+    is fetched from insightface's releases into the first, refused (:class:`CheckpointError`) unless it has
+    the release's sha256, and only the detector and the recognizer are extracted. insightface's models are for
+    non-commercial research use.
     """
     if name not in _PACKS:
         raise MissingWeightsError(
@@ -207,15 +216,17 @@ def _download(url: str, dest: Path, timeout: float = 60.0) -> None:
 
 
 def _download_pack(url: str, target: Path, needed: Sequence[str]) -> None:
-    """Download the zip to a temp file, then extract only ``needed`` files atomically into ``target``.
+    """Download the zip to a temp file, check it against the release's sha256, then extract only ``needed``
+    files atomically into ``target``.
 
-    An interrupted download never leaves a half-written .onnx that later looks valid.
+    An interrupted or altered download never leaves a half-written or foreign .onnx that later looks valid.
     """
     target.mkdir(parents=True, exist_ok=True)
     fd, tmp_zip = tempfile.mkstemp(prefix=".download-", suffix=".zip", dir=target)
     os.close(fd)
     try:
         _download(url, Path(tmp_zip))
+        _check_pack(Path(tmp_zip), url, target)
         with zipfile.ZipFile(tmp_zip) as archive:
             # Packs put files at the root or under a folder named after the pack: match by basename.
             members = {Path(info.filename).name: info for info in archive.infolist() if not info.is_dir()}
@@ -231,3 +242,21 @@ def _download_pack(url: str, target: Path, needed: Sequence[str]) -> None:
                     shutil.copyfileobj(src, out)
     finally:
         Path(tmp_zip).unlink(missing_ok=True)
+
+
+def _check_pack(path: Path, url: str, target: Path) -> None:
+    """Refuse a downloaded buffalo_l.zip whose sha256 is not the release's (read at call time, like the URL)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 23):
+            digest.update(chunk)
+    found, size = digest.hexdigest(), path.stat().st_size
+    if found == BUFFALO_L_SHA256:
+        return
+    sizes = f" ({size} bytes; the release has {BUFFALO_L_SIZE})" if size != BUFFALO_L_SIZE else ""
+    raise CheckpointError(
+        f"{Path(url).name} downloaded from {url} is not insightface's release: its sha256 is {found}{sizes}, the "
+        f"release's is {BUFFALO_L_SHA256}. The download is incomplete or was changed on the way; nothing was "
+        f"extracted. Run again to download it afresh, or download it by hand, check its sha256 and unzip it "
+        f"into {target}"
+    )
