@@ -264,7 +264,8 @@ def test_identity_guidance_on_sdxl(sdxl_fast_pipe):
     with watch:
         result = sdxl_fast_pipe("p", _face(), seed=1, num_inference_steps=2, guidance_scale=3.0,
                                 identity_guidance=1.0, width=32, height=32, output_type="np")  # fmt: skip
-    assert watch.batches == [2, 2] and np.isfinite(result.images).all()
+    # One UNet batch of 3 per step: the unconditional entry, the image, and the image without its identity.
+    assert watch.batches == [3, 3] and np.isfinite(result.images).all()
     assert result.settings.identity_guidance == 1.0
 
 

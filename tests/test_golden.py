@@ -196,6 +196,7 @@ def _run_generate(pipe: FaceIDPipeline, case: dict) -> dict:
         num_inference_steps=steps,
         guidance_scale=guidance,
         output_type=kwargs.pop("output_type", "np"),
+        callback_on_step_end=recorded.on_step_end,
         **kwargs,
     )
     recorded.detach()
@@ -205,7 +206,7 @@ def _run_generate(pipe: FaceIDPipeline, case: dict) -> dict:
         "image_prompt_embeds": conditioning.identity,
         "uncond_image_prompt_embeds": conditioning.uncond_identity,
         "prompt_embeds_cfg": _context(conditioning, cfg),
-        "timesteps": pipe.pipe.scheduler.timesteps,
+        "timesteps": recorded.timesteps,
         # The UNet input is [latents] (or [latents; latents] under CFG); DDIM does not rescale it.
         "latents_per_step": torch.stack([x[:num_images] for x in recorded.unet_inputs]),
         "noise_pred_per_step": torch.stack(recorded.noise_preds),
@@ -240,6 +241,12 @@ class _Recorder:
             return self._decode(z, *args, **kw)
 
         vae.decode = decode
+
+    def on_step_end(self, pipeline, step, timestep, callback_kwargs):
+        """A step callback: the timesteps of the call's own scheduler (each call has one; the pipeline's stays
+        as loaded)."""
+        self.timesteps = pipeline.scheduler.timesteps.clone()
+        return callback_kwargs
 
     def _on_unet(self, module, args, kwargs, output):
         self.unet_inputs.append((args[0] if args else kwargs["sample"]).detach().clone())

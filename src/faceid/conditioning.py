@@ -167,13 +167,7 @@ def encode(
         uncond = uncond[None].expand(len(prompts), *uncond.shape).contiguous()
         faces = [faces] * len(prompts)
 
-    text = models.pipe.encode_prompt(
-        prompts,
-        device=models.device,
-        num_images_per_prompt=num_images_per_prompt,
-        do_classifier_free_guidance=True,
-        negative_prompt=negatives,
-    )
+    text = models.encode_prompt(prompts, negatives, num_images_per_prompt)
     names = ["prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds"]
     return Conditioning(
         pipe_kwargs=dict(zip(names, text, strict=False)),

@@ -202,6 +202,9 @@ class ModelSet:
         self._building = threading.Lock()  # a sibling is built once, whichever call asks first
         # The UNet's LoRA weights, shared by every call on it: see faceid.weights.
         self.weights = weights_guard(pipe.unet)
+        # Hugging Face's fast tokenizers keep the padding and truncation of their last call on themselves: two
+        # prompts encoded at once could pad each other's. Prompts are encoded one call at a time (milliseconds).
+        self._encoding_prompts = threading.Lock()
         # Standard IP-Adapters loaded next to FaceID for style/composition references (load_reference), and the
         # CLIP image encoder that reads their images where the adapter itself needs none (FaceID, not Plus).
         self.references: dict[str, Any] = {}
@@ -532,6 +535,18 @@ class ModelSet:
         raise FaceIDError(f"no reference adapter named {name!r} is loaded (loaded: {loaded}); see load_reference")
 
     # ------------------------------------------------------------------ conditioning
+    def encode_prompt(self, prompts: list[str], negatives: list[str], num_images_per_prompt: int) -> tuple:
+        """The base pipeline's own ``encode_prompt`` (with classifier-free guidance's negatives), one call at a
+        time: the tokenizers it uses are shared, and keep per-call settings on themselves."""
+        with self._encoding_prompts:
+            return self.pipe.encode_prompt(
+                prompts,
+                device=self.device,
+                num_images_per_prompt=num_images_per_prompt,
+                do_classifier_free_guidance=True,
+                negative_prompt=negatives,
+            )
+
     @property
     def default_combine(self) -> str:
         """The variant table's: Portrait was trained on concatenated per-photo tokens, the others on one
