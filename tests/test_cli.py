@@ -70,7 +70,8 @@ def test_scale_zero_and_one_differ_and_seed_reproduces(tmp_path, faces_dir, sd15
 
 
 def test_every_generation_setting_has_a_flag_that_sets_it(tmp_path):
-    from faceid.cli import REFERENCE_FIELDS, build_parser, settings_from_args
+    from faceid.cli import build_parser
+    from faceid.cli.flags import REFERENCE_FIELDS, settings_from_args
     from faceid.settings import GenerationSettings
 
     values = {

@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 from test_cli import TINY, _generate
 
-from faceid.cli import build_parser, main, settings_from_args
+from faceid.cli import build_parser, main
+from faceid.cli.flags import settings_from_args
 from faceid.combos import COMBOS
 from faceid.outputs import read_settings
 from faceid.settings import StyleSetting

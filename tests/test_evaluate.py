@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from faceid.cli import add_eval_arguments, add_score_arguments, cmd_eval, cmd_score
+from faceid.cli.evaluate import add_eval_arguments, cmd_eval
+from faceid.cli.score import add_score_arguments, cmd_score
 from faceid.errors import FaceIDError
 from faceid.evaluation import (
     best_of,

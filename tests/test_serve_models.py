@@ -208,7 +208,8 @@ def test_jobs_for_loaded_models_go_first_but_the_oldest_is_passed_over_a_bounded
 
 
 def test_serve_flags_for_several_model_sets(tmp_path, capsys):
-    from faceid.cli import _model_set, main
+    from faceid.cli import main
+    from faceid.cli.serve import _model_set
 
     assert _model_set("base,faceid-sdxl") == {"base_model": "base", "adapter": "faceid-sdxl"}
     assert _model_set(",faceid-sdxl") == {"adapter": "faceid-sdxl"}  # the adapter's released base model
