@@ -233,37 +233,25 @@ def _style_records(args: argparse.Namespace, recorded: list[dict]) -> list[dict]
     """The ``style`` records of ``--style`` and ``--combo``. A scale, window or adapter the flags leave open
     comes from the settings file's record at the same place (``recorded``), so that ``--settings IMAGE.png
     --style IMAGE`` makes the image again."""
-    from ..settings import StyleSetting
-
     if not hasattr(args, "style"):  # a command without --style (serve's --style-adapter is its allowlist)
         return []
-    items = [path_and_number(item) for item in args.style or []]
+    scales = [path_and_number(item)[1] for item in args.style or []]
     combo = combo_of(args)
-    if not items and combo is None:
+    if not scales and combo is None:
         for flag in ("--style-adapter", "--style-window"):
             if getattr(args, flag[2:].replace("-", "_"), None) is not None:
                 raise FaceIDError(f"{flag} goes with --style IMAGE[:SCALE] (or --combo), the images it applies to")
         return []
-    from ..references import reference_name
+    from ..references import reference_name, style_records
 
     source = _style_adapter_source(args, recorded, combo)
-    name = reference_name(source)
-    records = []
-    for k, (_, scale) in enumerate(items):
-        before = recorded[k] if k < len(recorded) else {}
-        if before.get("region") is not None:
-            raise FaceIDError(
-                f"the settings' style reference {k} acts in a region, which the command line cannot give: use "
-                "the Python API (Reference(image, region=...))"
-            )
-        records.append({
-            "adapter": name,
-            "scale": before.get("scale", StyleSetting.model_fields["scale"].default) if scale is None else scale,
-            "window": args.style_window or before.get("window"),
-        })  # fmt: skip
-    if combo is not None:
-        records.append({"adapter": name, "scale": combo.reference_scale})
-    return records
+    return style_records(
+        scales,
+        reference_name(source),
+        window=args.style_window,
+        recorded=recorded,
+        combo_scale=None if combo is None else combo.reference_scale,
+    )
 
 
 def _style_adapter_source(args: argparse.Namespace, recorded: list[dict], combo) -> str:

@@ -8,7 +8,6 @@ import logging
 import random
 from pathlib import Path
 
-from .. import __version__
 from ..control import KINDS as CONTROL_KINDS
 from ..errors import FaceIDError
 from .flags import (
@@ -99,12 +98,13 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-
-    from ..outputs import contact_sheet, save_png
+    from ..outputs import contact_sheet
     from ..pipeline import ControlInput
+    from ..results import free_path, save_images
 
     settings = settings_from_args(args)  # bad settings fail here, before anything loads
     controls, nets = _mode_arguments(args)
+    _check_recorded_files(args, controls)
     _, region_files = regions_flags(args)
     regions, style_images, people = _people_and_references(args, settings, region_files)
     if settings.prompt is None:
@@ -128,29 +128,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         resolved = pipe.resolve_settings(settings.replace(seed=None))
         size = (resolved.width, resolved.height)
     control = [
-        ControlInput(_control_image(kind, image, analyzer, size), loaded[net], scale)
-        for (kind, image, scale), net in zip(controls, nets, strict=True)
+        ControlInput(given.make(analyzer, size), loaded[net], given.scale)
+        for given, net in zip(controls, nets, strict=True)
     ]
     modes = {"init_image": args.init_image, "mask_image": args.mask_image, "control": control or None}
-    recorded = {
-        **{key: value for key in ("init_image", "mask_image") if (value := getattr(args, key)) is not None},
-        **{
-            f"{key}_sha256": _file_sha256(value)
-            for key in ("init_image", "mask_image")
-            if (value := getattr(args, key))
-        },
-        "controls": [
-            {"kind": kind, "image": image, "scale": scale, "controlnet": net}
-            for (kind, image, scale), net in zip(controls, nets, strict=True)
-        ]
-        or None,
-        # What the regions and references were read from (the settings hold what they became).
-        "regions_photo": region_files if isinstance(region_files, str) else None,
-        "region_masks": args.region_mask,
-        "style_images": reference_images(args) or None,
-        "style_adapter": args.style_adapter,  # a file's path (the settings name it by its stem)
-        "combo": args.combo,
-    }
+    recorded = _recorded_inputs(args, controls, nets, region_files)
     first_seed = settings.seed if settings.seed is not None else random.randrange(2**31)
     n = settings.num_images_per_prompt
     stem = Path(args.face[0]).stem
@@ -179,22 +161,24 @@ def cmd_generate(args: argparse.Namespace) -> int:
         run = result.settings
     scores = [{} for _ in images]
     if args.best_of > 1:
-        images, seeds, scores = _keep_best(images, seeds, faces, analyzer, args, run.prompt, n)
+        from ..evaluation import best_of_person
+        from ..scoring import ClipTextScorer, IdentityScorer
+
+        clip = ClipTextScorer(args.best_of_clip) if args.best_of_clip else None  # after the pipeline: already quiet
+        kept = best_of_person(images, faces, IdentityScorer(analyzer), clip, run.prompt, keep=n)
+        images, seeds = [images[s.index] for s in kept], [seeds[s.index] for s in kept]
+        scores = [score.metadata(rank) for rank, score in enumerate(kept)]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    written = []
-    for image, image_seed, image_scores in zip(images, seeds, scores, strict=True):
-        # What reproduces this image alone (`faceid generate --settings IMAGE.png --face ...`), and what it shows.
-        metadata = {
-            **run.replace(seed=image_seed, num_images_per_prompt=1).to_json(),
-            "face": ", ".join(str(f) for f in args.face),
-            **recorded,
-            "best_of": args.best_of if args.best_of > 1 else None,
-            "faceid_version": __version__,
-            **image_scores,
-        }
-        path = save_png(image, free_path(out / f"{stem}_s{image_seed}.png"), metadata)
-        written.append(path)
+    # Image i with what reproduces it alone (`faceid generate --settings IMAGE.png --face ...`), and its scores.
+    written = save_images(
+        images,
+        run.replace(seed=seeds),
+        [free_path(out / f"{stem}_s{seed}.png") for seed in seeds],
+        inputs={**recorded, "best_of": args.best_of if args.best_of > 1 else None},
+        per_image=scores,
+    )
+    for path in written:
         for k, used in enumerate(result.control_images):  # what the ControlNet saw, at the output's size
             used.save(path.with_name(f"{path.stem}-control{k}.png"))
     labels = [
@@ -210,32 +194,41 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _control_argument(text: str) -> tuple[str, str, float]:
-    """``KIND:IMAGE[:SCALE]`` -> (kind, image, scale); the image path may hold colons."""
+def _recorded_inputs(args: argparse.Namespace, controls: list, nets: list[str], region_files) -> dict:
+    """What the images record of the files they were made from, by name and sha256 (never a path): the face
+    photos, the init and mask images, the control images and ControlNets, and what the regions and references
+    were read from (the settings hold what they became)."""
+    from ..results import file_record, source_record
+
+    def files(paths) -> list | None:
+        return [file_record(path) for path in paths] if paths else None
+
+    return {
+        "face": files(args.face),
+        **{key: file_record(value) for key in ("init_image", "mask_image") if (value := getattr(args, key))},
+        "controls": [given.record(net) for given, net in zip(controls, nets, strict=True)] or None,
+        "regions_photo": file_record(region_files) if isinstance(region_files, str) else None,
+        "region_masks": files(args.region_mask),
+        "style_images": files(reference_images(args)),
+        # A kind (plain, plus, plus-face) as given, a file by its record (the settings name it by its stem).
+        "style_adapter": None if args.style_adapter is None else source_record(args.style_adapter),
+        "combo": args.combo,
+    }
+
+
+def _control_argument(text: str):
+    """``KIND:IMAGE[:SCALE]`` -> its ``ControlFile``; the image path may hold colons."""
+    from ..control_files import ControlFile
+
     kind, sep, rest = text.partition(":")
     if not sep or kind not in CONTROL_KINDS or not rest:
         raise FaceIDError(f"--control {text!r}: give KIND:IMAGE[:SCALE] with KIND one of {', '.join(CONTROL_KINDS)}")
     image, scale = path_and_number(rest)
-    return kind, image, 1.0 if scale is None else scale
+    return ControlFile(kind, image, 1.0 if scale is None else scale)
 
 
-def _control_image(kind: str, image: str, analyzer, size: tuple[int, int] | None = None):
-    """The control image of ``--control KIND:IMAGE``: the image itself for ``image``, else made from the photo."""
-    from ..control import make_control_image
-    from ..images import load_image
-
-    return make_control_image(kind, load_image(image), size=size, analyzer=analyzer)
-
-
-def _file_sha256(path: str) -> str:
-    import hashlib
-
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def _mode_arguments(args: argparse.Namespace) -> tuple[list[tuple[str, str, float]], list[str]]:
-    """The ``--control`` items and the ControlNet of each, checked before anything loads; and the inputs a
-    ``--settings IMAGE.png`` was made from must be given again (like ``--face``)."""
+def _mode_arguments(args: argparse.Namespace) -> tuple[list, list[str]]:
+    """The ``--control`` items (``ControlFile``\\ s) and the ControlNet of each, checked before anything loads."""
     controls = [_control_argument(item) for item in args.control or []]
     nets = list(args.controlnet or [])
     if controls and not nets:
@@ -246,23 +239,77 @@ def _mode_arguments(args: argparse.Namespace) -> tuple[list[tuple[str, str, floa
         raise FaceIDError(f"{len(nets)} --controlnet for {len(controls)} --control: give one for each, or one for all")
     if args.mask_image is not None and args.init_image is None:
         raise FaceIDError("--mask-image needs --init-image, the photo to inpaint")
-    if getattr(args, "settings", None) and Path(args.settings).suffix.lower() == ".png":
-        from ..outputs import read_settings
-
-        stored = read_settings(args.settings)
-        for key, flag in (("init_image", "--init-image"), ("mask_image", "--mask-image")):
-            if stored.get(key) and getattr(args, key) is None:
-                raise FaceIDError(f"{args.settings} was made from {flag} {stored[key]}: give {flag} (the same file)")
-            given = getattr(args, key)
-            if stored.get(key) and given is not None and stored.get(f"{key}_sha256") != _file_sha256(given):
-                logger.warning(
-                    "%s is not the %s file %s was made from: the image will differ", given, flag, args.settings
-                )
-        if stored.get("controls") and not controls:
-            raise FaceIDError(
-                f"{args.settings} was made with ControlNets ({stored['controls']}): give --controlnet and --control"
-            )
     return controls, nets * len(controls) if len(nets) == 1 else nets
+
+
+def _check_recorded_files(args: argparse.Namespace, controls: list) -> None:
+    """``--settings IMAGE.png``: the files the image was made from that its metadata names without their path
+    must be given again, like ``--face``: the models that were local files or folders, the init and mask
+    images, the control images. A file other than the one recorded (by its sha256) is a warning: the image
+    will differ (the face photos may be anyone's: the settings are reused for another person too)."""
+    if not (getattr(args, "settings", None) and Path(args.settings).suffix.lower() == ".png"):
+        return
+    from ..outputs import read_settings
+    from ..results import MODEL_FILES, file_record, is_local, matches
+    from ..settings import GenerationSettings
+
+    stored = read_settings(args.settings)
+
+    def flag(key: str) -> str:
+        return GenerationSettings.model_fields[key].json_schema_extra["cli"]["flags"][-1]
+
+    def differs(given, what: str) -> None:
+        logger.warning("%s is not the %s %s was made with: the image will differ", given, what, args.settings)
+
+    for key, record in (stored.get(MODEL_FILES) or {}).items():
+        if key == "loras":
+            wanted = ", ".join(f"{r['name']}:{r['weight']:g}" for r in record)
+            if not args.loras:
+                raise FaceIDError(
+                    f"{args.settings} was made with the local LoRA file(s) {wanted}, which images name without "
+                    f"their path: give {flag(key)} FILE:WEIGHT again for each"
+                )
+            given = sorted((file_record(p, remember=True).get("sha256"), w) for p, w in args.loras if is_local(p))
+            if given != sorted((r["sha256"], r["weight"]) for r in record):
+                differ = ", ".join(f"{p}:{w:g}" for p, w in args.loras)
+                differs(differ, f"{flag(key)} files and weights ({wanted})")
+            continue
+        kind = "file" if "sha256" in record else "folder"
+        if getattr(args, key) is None:
+            raise FaceIDError(
+                f"{args.settings} was made with the local {key} {kind} {record['name']}, which images name without "
+                f"its path: give {flag(key)} again (the same {kind})"
+            )
+        if not matches(record, getattr(args, key), remember=True):
+            differs(getattr(args, key), f"{flag(key)} {kind} ({record['name']})")
+    style_adapter = stored.get("style_adapter")  # a file's record (the settings ask for it again: _style_records)
+    if isinstance(style_adapter, dict) and args.style_adapter and not matches(style_adapter, args.style_adapter):
+        differs(args.style_adapter, f"--style-adapter file ({style_adapter['name']})")
+    for key, flag_name in (("init_image", "--init-image"), ("mask_image", "--mask-image")):
+        record = _recorded_file(stored, key)
+        given = getattr(args, key)
+        if record is not None and given is None:
+            raise FaceIDError(
+                f"{args.settings} was made from {flag_name} {record['name']}: give {flag_name} (the same file)"
+            )
+        if record is not None and not matches(record, given):
+            differs(given, f"{flag_name} file ({record['name']})")
+    recorded_controls = stored.get("controls") or []
+    if recorded_controls and not controls:
+        kinds = ", ".join(c["kind"] for c in recorded_controls)
+        raise FaceIDError(f"{args.settings} was made with ControlNets ({kinds}): give --controlnet and --control")
+    for before, given in zip(recorded_controls, controls, strict=False):
+        if isinstance(before.get("image"), dict) and not matches(before["image"], given.image):
+            differs(given.image, f"--control image ({before['image']['name']})")
+
+
+def _recorded_file(stored: dict, key: str) -> dict | None:
+    """The record of the input file ``key`` in a PNG's metadata; an image written before records named files
+    without their path held the path, and its sha256 under ``KEY_sha256``."""
+    value = stored.get(key)
+    if isinstance(value, str):
+        return {"name": Path(value).name, "sha256": stored.get(f"{key}_sha256")}
+    return value
 
 
 def _people_and_references(args: argparse.Namespace, settings, regions) -> tuple[object, list, bool]:
@@ -327,35 +374,3 @@ def _preview_saver(folder: Path, stem: str, seeds: list[int]):
                 image.save(tmp, format="PNG")
 
     return save
-
-
-def _keep_best(images, seeds, faces, analyzer, args, prompt, keep):
-    """The ``keep`` candidates most like the person (ties by CLIP-T), with their scores for the PNGs."""
-    import numpy as np
-
-    from ..evaluation import best_of
-    from ..scoring import ClipTextScorer, IdentityScorer
-
-    reference = np.mean([f.embedding for f in faces], axis=0)
-    reference = reference / np.linalg.norm(reference)
-    clip = ClipTextScorer(args.best_of_clip) if args.best_of_clip else None  # after the pipeline: already quiet
-    picked = best_of(images, reference, IdentityScorer(analyzer), clip, prompt, keep=keep)
-    kept_scores = []
-    for rank, (_, score) in enumerate(picked):
-        kept_scores.append({
-            "identity_similarity": round(score.similarity, 6),
-            "identity_recognizer": score.recognizer,
-            "no_face": score.no_face,
-            "clip_t": None if score.clip_t is None else round(score.clip_t, 6),
-            "best_of_rank": rank,
-        })  # fmt: skip
-    return [images[s.index] for _, s in picked], [seeds[s.index] for _, s in picked], kept_scores
-
-
-def free_path(path: Path) -> Path:
-    """``path``, or ``name-1.png``, ``name-2.png``... if taken: never overwrite earlier results."""
-    candidate, k = path, 1
-    while candidate.exists():
-        candidate = path.with_name(f"{path.stem}-{k}{path.suffix}")
-        k += 1
-    return candidate

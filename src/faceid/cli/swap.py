@@ -6,11 +6,9 @@ import argparse
 import random
 from pathlib import Path
 
-from .. import __version__
 from ..errors import FaceIDError
 from .embed import print_faces
 from .flags import add_settings_arguments, settings_from_args, tiny_vae_defaults
-from .generate import free_path
 from .loading import add_model_loading_arguments, load_face_analyzer, load_pipeline
 
 
@@ -63,6 +61,7 @@ def add_swap_arguments(parser: argparse.ArgumentParser) -> None:
 
 def cmd_swap(args: argparse.Namespace) -> int:
     from ..outputs import save_png
+    from ..results import file_record, free_path, image_metadata
     from ..settings import FAMILY_DEFAULTS
     from ..swap import DEFAULT_SWAP_PROMPT, load_target, pipeline_inpaint, plan_swap, swap_face
 
@@ -83,24 +82,22 @@ def cmd_swap(args: argparse.Namespace) -> int:
     pipe = load_pipeline(args, settings, analyzer)
     resolution = args.resolution or min(FAMILY_DEFAULTS[pipe.family][key] for key in ("width", "height"))
     first_seed = settings.seed if settings.seed is not None else random.randrange(2**31)
+    batch = settings.replace(seed=[first_seed + i for i in range(settings.num_images_per_prompt)])
     out = Path(args.out)
     stem = Path(args.target).stem
+    # What every image records of its inputs, by name and sha256 (never a path), and of the swap's geometry.
+    inputs = {
+        "face": [file_record(photo) for photo in args.face],
+        "target": file_record(args.target),
+        "target_face_index": args.target_face_index,
+        "mask": None if args.mask is None else file_record(args.mask),
+        "resolution": resolution,
+        **geometry,
+    }
     written = []
-    for i in range(settings.num_images_per_prompt):
-        seed = first_seed + i
-        one = settings.replace(seed=seed, num_images_per_prompt=1)
-        result = swap_face(target, pipeline_inpaint(pipe, one, faces), resolution=resolution, **geometry)
-        metadata = {
-            **one.to_json(),
-            "face": ", ".join(str(f) for f in args.face),
-            "target": str(args.target),
-            "target_face_index": args.target_face_index,
-            "mask": None if args.mask is None else str(args.mask),
-            "resolution": resolution,
-            **geometry,
-            "crop_box": list(result.plan.box),
-            "faceid_version": __version__,
-        }
+    for i, seed in enumerate(batch.seed):
+        result = swap_face(target, pipeline_inpaint(pipe, batch.for_image(i), faces), resolution=resolution, **geometry)
+        metadata = image_metadata(batch, i, {**inputs, "crop_box": list(result.plan.box)})
         out.mkdir(parents=True, exist_ok=True)
         written.append(save_png(result.image, free_path(out / f"{stem}_swap_s{seed}.png"), metadata))
     mask_path = free_path(out / f"{stem}_swap_mask.png")
