@@ -1,7 +1,7 @@
-"""The command line's generation settings: one flag per ``GenerationSettings`` field, built from the field's
+"""The generation settings on the command line: one flag per ``GenerationSettings`` field, built from the field's
 declaration (its type, help and ``json_schema_extra`` flag), the flags that set ``regions`` and ``style`` together
-with their images, the argparse value types the commands share, and the settings a command line asks for
-(``settings_from_args``)."""
+with their images, the flag value types (``FILE:WEIGHT``, whole numbers), and ``settings_from_args``, the settings
+a command line asks for."""
 
 from __future__ import annotations
 
