@@ -238,7 +238,9 @@ class GenerationSettings(BaseModel):
 
     @classmethod
     def from_png(cls, path: str | Path) -> GenerationSettings:
-        """The settings an image was made with, from the metadata ``faceid.outputs.save_png`` wrote."""
+        """The settings an image was made with, from the metadata ``faceid.outputs.save_png`` wrote. The models
+        that were local files or folders are not among them (``faceid.results`` records those by name and sha256
+        under ``model_files``, never by path): the pipeline that runs these settings uses its own."""
         from .outputs import read_settings
 
         stored = read_settings(path)
