@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -29,6 +30,11 @@ def _args(**options) -> list[str]:
     return [item for key, value in options.items() for item in (key, value)]
 
 
+def _record(path) -> dict:
+    """How a PNG names an input file: its name and sha256."""
+    return {"name": Path(path).name, "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest()}
+
+
 def _generate(face, out, model, face_models, *extra):
     argv = ["generate", "--face", str(face), "--prompt", "a photo of a person in a garden", "--out", str(out)]
     return main(argv + _args(**model, **TINY, **{"--face-models": str(face_models)}) + list(extra))
@@ -45,8 +51,10 @@ def test_generate_end_to_end(tmp_path, capsys, faces_dir, sd15, face_models_dir)
             assert image.text["prompt"] == "a photo of a person in a garden"  # plain text chunks for viewers
         settings = read_settings(path)
         assert settings["seed"] == seed and settings["scale"] == 1.0 and settings["num_inference_steps"] == 3
-        assert settings["guidance_scale"] == 7.5 and settings["face"].endswith("obama.jpg")
-        assert settings["adapter"].endswith("faceid.safetensors")
+        assert settings["guidance_scale"] == 7.5 and settings["face"] == [_record(faces_dir / "obama.jpg")]
+        # The local model files by name (and sha256), not by path; a Hub id or released name would stay a setting.
+        assert settings["model_files"] == {"base_model": {"name": "sd15-tiny"}, "adapter": _record(sd15["--adapter"])}
+        assert "base_model" not in settings and "adapter" not in settings
     sheet = out / "contact_sheet_s7.png"
     with Image.open(sheet) as image:
         assert image.size == (512, 512)  # reference face + 3 images in a 2x2 grid of 256-px tiles
@@ -70,7 +78,8 @@ def test_scale_zero_and_one_differ_and_seed_reproduces(tmp_path, faces_dir, sd15
 
 
 def test_every_generation_setting_has_a_flag_that_sets_it(tmp_path):
-    from faceid.cli import REFERENCE_FIELDS, build_parser, settings_from_args
+    from faceid.cli import build_parser
+    from faceid.cli.flags import REFERENCE_FIELDS, settings_from_args
     from faceid.settings import GenerationSettings
 
     values = {
@@ -125,15 +134,104 @@ def test_png_metadata_reproduces_the_image(tmp_path, faces_dir, sd15, face_model
     assert (settings.seed, settings.num_images_per_prompt, settings.scale) == (6, 1, 0.8)
     assert settings.identity_window == (0.0, 0.5) and settings.negative_prompt == "blurry"
     assert settings == GenerationSettings.model_validate_json(settings.model_dump_json())  # JSON round trip
-    # The models, the prompt and every setting come from the PNG: only the photo and the face models are given.
+    # The prompt and every setting come from the PNG: the photo, the face models and the local model files (which
+    # the PNG names without their paths) are given again.
     again = tmp_path / "again"
-    argv = ["generate", "--settings", str(image), "--face", str(faces_dir / "obama.jpg"), "--out", str(again)]
+    argv = ["generate", "--settings", str(image), "--face", str(faces_dir / "obama.jpg"), "--out", str(again),
+            *_args(**sd15)]  # fmt: skip
     assert main(argv + ["--face-models", str(face_models_dir)]) == 0
     np.testing.assert_array_equal(np.asarray(Image.open(again / "obama_s6.png")), np.asarray(Image.open(image)))
     assert GenerationSettings.from_png(again / "obama_s6.png") == settings
     # A flag given with the file wins over it.
     assert main(argv + ["--face-models", str(face_models_dir), "--scale", "0"]) == 0
     assert read_settings(again / "obama_s6-1.png")["scale"] == 0.0
+
+
+def _text_chunks(path) -> dict[str, str]:
+    """Every text chunk of a PNG: what anyone the image is shared with can read."""
+    with Image.open(path) as image:
+        image.load()
+        return dict(image.text)
+
+
+def test_png_names_its_input_files_without_their_paths(
+    tmp_path, tmp_path_factory, capsys, faces_dir, tiny_models, face_models_dir
+):
+    """Every file an image is made from (the photo, init and mask images, control image and ControlNet, style
+    image and adapter, LoRA, tiny VAE, base model and adapter) is recorded by its name and sha256 (a folder by
+    its name), no text chunk holds a path, and the PNG reproduces the image with those files given again."""
+    from test_modes import make_controlnet
+    from tiny_models import make_tiny_autoencoder
+
+    mine = tmp_path / "my files"
+    mine.mkdir()
+    face, init, mask, pose, style = (mine / n for n in ("me.jpg", "init.png", "mask.png", "pose.png", "style.jpg"))
+    shutil.copyfile(faces_dir / "obama.jpg", face)
+    shutil.copyfile(faces_dir / "obama2.jpg", style)
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 16, 24, 3), dtype=np.uint8)
+    Image.fromarray(pixels[0]).save(init)
+    Image.fromarray(pixels[1]).save(pose)
+    Image.fromarray(np.repeat(np.array([[0] * 12 + [255] * 12], np.uint8), 16, axis=0)).save(mask)
+    make_controlnet(tiny_models.sd15, 1).save_pretrained(mine / "controlnet")
+    style_adapter = mine / "plain.bin"
+    shutil.copyfile(tiny_models.reference("plain"), style_adapter)
+    lora = _style_lora_file(mine / "style.safetensors", tiny_models.sd15)
+    tiny_vae = make_tiny_autoencoder(mine / "taesd-mine")
+    adapter = tiny_models.adapter("faceid", "safetensors")
+    models = {"--base-model": str(tiny_models.sd15), "--adapter": str(adapter), "--tiny-vae": str(tiny_vae),
+              "--lora": f"{lora}:0.5"}  # fmt: skip
+    inputs = {"--init-image": str(init), "--mask-image": str(mask), "--controlnet": str(mine / "controlnet"),
+              "--control": f"image:{pose}:0.7", "--style": f"{style}:0.6", "--style-adapter": str(style_adapter)}  # fmt: skip
+    common = ["--face", str(face), "--face-models", str(face_models_dir), "--image-encoder",
+              str(tiny_models.image_encoder), "--seed", "3", "-n", "1", "--steps", "3"]  # fmt: skip
+    made = tmp_path / "made"
+    assert main(["generate", "--prompt", "a photo", "--out", str(made), *common, *_args(**models, **inputs)]) == 0
+    image = made / "me_s3.png"
+    chunks = _text_chunks(image)
+    for folder in (tmp_path_factory.getbasetemp(), faces_dir):
+        assert not [key for key, text in chunks.items() if str(folder) in text], (folder, chunks)
+    stored = read_settings(image)
+    assert stored["face"] == [_record(face)]
+    assert (stored["init_image"], stored["mask_image"]) == (_record(init), _record(mask))
+    assert stored["controls"] == [
+        {"kind": "image", "image": _record(pose), "scale": 0.7, "controlnet": {"name": "controlnet"}}
+    ]
+    assert stored["style_images"] == [_record(style)] and stored["style_adapter"] == _record(style_adapter)
+    assert stored["model_files"] == {
+        "base_model": {"name": "sd15-tiny"},
+        "adapter": _record(adapter),
+        "tiny_vae": {"name": "taesd-mine"},
+        "loras": [{**_record(lora), "weight": 0.5}],
+    }
+    assert not {"base_model", "adapter", "tiny_vae", "loras"} & set(stored)
+    # --settings IMAGE.png with the same files makes the same image.
+    again = ["generate", "--settings", str(image), *common]
+    assert main([*again, "--out", str(tmp_path / "again"), *_args(**models, **inputs)]) == 0
+    np.testing.assert_array_equal(
+        np.asarray(Image.open(tmp_path / "again" / "me_s3.png")), np.asarray(Image.open(image))
+    )
+    # Another file than the recorded one is a warning (by its sha256, whatever its name and folder).
+    other = tmp_path / "other" / "mask.png"
+    other.parent.mkdir()
+    Image.fromarray(np.full((16, 24), 255, np.uint8)).save(other)
+    capsys.readouterr()
+    given = {**inputs, "--mask-image": str(other)}
+    assert main([*again, "--out", str(tmp_path / "other-mask"), *_args(**models, **given)]) == 0
+    assert f"faceid: warning: {other} is not the --mask-image file (mask.png) {image} was made with" in (
+        capsys.readouterr().err
+    )
+    # A local model left out is one clear line, before anything loads.
+    for flag, message in (
+        ("--base-model", "made with the local base_model folder sd15-tiny, which images name without its path: give "
+         "--base-model again"),
+        ("--lora", f"made with the local LoRA file(s) {lora.name}:0.5, which images name without their path: give "
+         "--lora FILE:WEIGHT again"),
+    ):  # fmt: skip
+        given = {key: value for key, value in models.items() if key != flag}
+        assert main([*again, "--out", str(tmp_path / "left-out"), *_args(**given, **inputs)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("faceid: error: ") and message in err, err
+    assert not (tmp_path / "left-out").exists()
 
 
 def test_bad_settings_are_one_clear_error(tmp_path, faces_dir, sd15, face_models_dir, capsys):
@@ -350,7 +448,7 @@ def test_generate_portrait_from_several_photos(tmp_path, tiny_models, faces_dir,
     photos = ["--face", str(faces_dir / "obama2.jpg")]
     assert _generate(faces_dir / "obama.jpg", tmp_path, model, face_models_dir, *photos, "--seed", "2") == 0
     settings = read_settings(tmp_path / "obama_s2.png")
-    assert settings["combine"] == "concat" and "obama2.jpg" in settings["face"]
+    assert settings["combine"] == "concat" and [f["name"] for f in settings["face"]] == ["obama.jpg", "obama2.jpg"]
 
 
 def _style_lora_file(path, base_model, seed=0, text_encoder_only=False):
@@ -392,7 +490,8 @@ def test_generate_with_a_style_lora(tmp_path, tiny_models, faces_dir, sd15, face
     plain, zero, styled = run("plain"), run("zero", "--lora", f"{style}:0"), run("styled", "--lora", f"{style}:0.8")
     np.testing.assert_array_equal(plain, zero)  # weight 0: the LoRA changes nothing
     assert np.abs(styled - plain).max() > 0
-    assert read_settings(tmp_path / "styled" / "obama_s1.png")["loras"] == {str(style): 0.8}
+    styled = read_settings(tmp_path / "styled" / "obama_s1.png")
+    assert styled["model_files"]["loras"] == [{**_record(style), "weight": 0.8}] and "loras" not in styled
     # a LoRA that acts through the text encoder only: applied there, with the same weight
     prompt_style = _style_lora_file(tmp_path / "prompt_style.safetensors", tiny_models.sd15, text_encoder_only=True)
     np.testing.assert_array_equal(run("prompt_zero", "--lora", f"{prompt_style}:0"), plain)

@@ -6,9 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from PIL import Image
-from test_cli import TINY, _generate
+from test_cli import TINY, _args, _generate, _record, _text_chunks
 
-from faceid.cli import build_parser, main, settings_from_args
+from faceid.cli import build_parser, main
+from faceid.cli.flags import settings_from_args
 from faceid.combos import COMBOS
 from faceid.outputs import read_settings
 from faceid.settings import StyleSetting
@@ -63,7 +64,9 @@ def test_two_people_with_auto_regions_and_from_a_group_photo(tmp_path, faces_dir
     )
     path, auto = _png(tmp_path / "auto")
     stored = read_settings(path)
-    assert stored["regions"] == "auto" and stored["face"].endswith("biden.jpg")
+    assert stored["regions"] == "auto" and stored["face"] == [
+        _record(faces_dir / n) for n in ("obama.jpg", "biden.jpg")
+    ]
     # The same two people from a photo of them side by side: its faces give the columns, recorded as boxes.
     obama, biden = (Image.open(faces_dir / name).convert("RGB") for name in ("obama.jpg", "biden.jpg"))
     pair = Image.new("RGB", (obama.width + biden.width, max(obama.height, biden.height)), "white")
@@ -76,10 +79,12 @@ def test_two_people_with_auto_regions_and_from_a_group_photo(tmp_path, faces_dir
     stored = read_settings(path)
     (x0, y0, cut, y1), second = stored["regions"]
     assert (x0, y0, y1, second[2]) == (0, 0, 1, 1) and abs(cut - obama.width / pair.width) < 0.2
-    assert stored["regions_photo"].endswith("pair.jpg")
-    # The PNG reproduces the image from the same two photos: the boxes are its settings.
+    assert stored["regions_photo"] == _record(tmp_path / "pair.jpg")
+    assert not [key for key, text in _text_chunks(path).items() if str(tmp_path) in text]  # names, never paths
+    # The PNG reproduces the image from the same two photos (and model files): the boxes are its settings.
     again = ["generate", "--settings", str(path), "--face", str(faces_dir / "obama.jpg"), "--face",
-             str(faces_dir / "biden.jpg"), "--out", str(tmp_path / "again"), "--face-models", str(face_models_dir)]  # fmt: skip
+             str(faces_dir / "biden.jpg"), "--out", str(tmp_path / "again"), "--face-models", str(face_models_dir),
+             *_args(**sd15)]  # fmt: skip
     assert main(again) == 0
     np.testing.assert_array_equal(_png(tmp_path / "again")[1], from_photo)
     # One identity from both photos (no regions) is another picture.
@@ -99,13 +104,14 @@ def test_two_people_by_mask_images(tmp_path, capsys, faces_dir, sd15, face_model
     assert _generate(faces_dir / "obama.jpg", tmp_path / "a", sd15, face_models_dir, *people, *masks) == 0
     path, by_masks = _png(tmp_path / "a")
     stored = read_settings(path)
-    assert stored["regions"] == "masks" and stored["region_masks"] == masks[1::2]
+    assert stored["regions"] == "masks" and stored["region_masks"] == [_record(m) for m in masks[1::2]]
     # The same halves as boxes make the same picture.
     boxes = ["--regions", "0,0,0.5,1;0.5,0,1,1"]
     assert _generate(faces_dir / "obama.jpg", tmp_path / "b", sd15, face_models_dir, *people, *boxes) == 0
     np.testing.assert_array_equal(_png(tmp_path / "b")[1], by_masks)
     again = ["generate", "--settings", str(path), "--face", str(faces_dir / "obama.jpg"), "--face",
-             str(faces_dir / "biden.jpg"), "--out", str(tmp_path / "c"), "--face-models", str(face_models_dir)]  # fmt: skip
+             str(faces_dir / "biden.jpg"), "--out", str(tmp_path / "c"), "--face-models", str(face_models_dir),
+             *_args(**sd15)]  # fmt: skip
     capsys.readouterr()
     assert main(again) == 2
     assert "give one --region-mask per --face again" in capsys.readouterr().err
@@ -124,11 +130,11 @@ def test_style_reference_is_recorded_and_reproduced(tmp_path, capsys, tiny_model
     path, styled = _png(tmp_path / "a")
     stored = read_settings(path)
     assert stored["style"] == [{"adapter": "ip-adapter-plain_sd15", "scale": 0.7, "window": [0.0, 0.5]}]
-    assert stored["style_images"] == [str(faces_dir / "obama2.jpg")] and stored["style_adapter"] == str(plain)
+    assert stored["style_images"] == [_record(faces_dir / "obama2.jpg")] and stored["style_adapter"] == _record(plain)
     assert np.abs(styled - _png(tmp_path / "off")[1]).max() > 0  # the reference acts
     # --settings IMAGE.png: the reference image and the adapter file again; scale and window from the PNG.
     again = ["generate", "--settings", str(path), "--face", str(faces_dir / "obama.jpg"), "--face-models",
-             str(face_models_dir), "--out", str(tmp_path / "b")]  # fmt: skip
+             str(face_models_dir), "--out", str(tmp_path / "b"), *_args(**sd15)]  # fmt: skip
     assert main([*again, "--style", str(faces_dir / "obama2.jpg"), *reference[:4]]) == 0
     np.testing.assert_array_equal(_png(tmp_path / "b")[1], styled)
     capsys.readouterr()
@@ -149,7 +155,7 @@ def test_combo_on_the_tiny_models(tmp_path, tiny_models, faces_dir, face_models_
     stored = read_settings(_png(tmp_path)[0])
     assert stored["scale"] == 0.8 and stored["shortcut"] is True and stored["combo"] == COMBO
     assert stored["style"] == [{"adapter": "ip-adapter-plus_sd15", "scale": 0.4, "face_crop": True}]
-    assert stored["style_images"] == [str(faces_dir / "obama2.jpg")]
+    assert stored["style_images"] == [_record(faces_dir / "obama2.jpg")]
 
 
 @pytest.mark.parametrize(

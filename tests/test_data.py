@@ -24,7 +24,7 @@ from bad_files import corrupt_png
 from PIL import Image
 from safetensors.numpy import load_file
 
-from faceid.cli import add_prepare_arguments, cmd_prepare
+from faceid.cli.prepare import add_prepare_arguments, cmd_prepare
 from faceid.data import (
     FORMAT_VERSION,
     SKIP_REASONS,

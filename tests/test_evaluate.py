@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shutil
 
@@ -10,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from faceid.cli import add_eval_arguments, add_score_arguments, cmd_eval, cmd_score
+from faceid.cli.evaluate import add_eval_arguments, cmd_eval
+from faceid.cli.score import add_score_arguments, cmd_score
 from faceid.errors import FaceIDError
 from faceid.evaluation import (
     best_of,
@@ -92,7 +94,9 @@ def test_run_eval_end_to_end_then_resumes(tmp_path, pipe, analyzer, two_people, 
             row["seed"],
             row["scale"],
         )
-        assert settings["num_inference_steps"] == 2 and settings["face"] == f"{row['identity']}.jpg"
+        photo = two_people / row["face"]  # the PNG names it by name and sha256, never by its path
+        sha256 = hashlib.sha256(photo.read_bytes()).hexdigest()
+        assert settings["num_inference_steps"] == 2 and settings["face"] == [{"name": photo.name, "sha256": sha256}]
         with Image.open(image) as im:
             assert im.size == (24, 16)
     # Any image of the grid reproduces alone from its own metadata.
@@ -295,7 +299,8 @@ def test_eval_and_score_commands(tmp_path, capsys, tiny_models, face_models_dir,
     assert "1 identities x 1 prompts x 1 seeds x 2 scales = 2 images" in printed and "scale 0.5:" in printed
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert [(r["scale"], r["seed"]) for r in rows] == [(0.5, 0), (1.0, 0)]
-    assert read_settings(out / rows[0]["path"])["adapter"].endswith("faceid.safetensors")
+    stored = read_settings(out / rows[0]["path"])  # the local adapter file by its name and sha256, not its path
+    assert stored["model_files"]["adapter"]["name"] == "faceid.safetensors" and "adapter" not in stored
 
     parser = argparse.ArgumentParser()
     add_score_arguments(parser)
@@ -343,6 +348,7 @@ def test_run_eval_with_a_group_scores_each_person(tmp_path, pipe, analyzer, two_
     assert (
         stored["regions"] == "auto" and stored["people"] == ["obama", "biden"] and stored["identity"] == "obama+biden"
     )
+    assert [face["name"] for face in stored["face"]] == ["obama.jpg", "biden.jpg"]
     again = pipe(
         face=[two_people / "obama.jpg", two_people / "biden.jpg"],
         regions="auto",

@@ -5,6 +5,7 @@ they act)."""
 from __future__ import annotations
 
 import gc
+import hashlib
 import weakref
 
 import numpy as np
@@ -323,6 +324,10 @@ def test_mode_arguments_are_checked(sd15_pipe):
 
 
 # ---------------------------------------------------------------------- command line
+def _sha256(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def _cli(tmp_path, tiny_models, face_models_dir, faces_dir, out, *extra):
     argv = ["generate", "--face", str(faces_dir / "obama.jpg"), "--prompt", "a photo of a person", "--out", str(out),
             "--base-model", str(tiny_models.sd15), "--adapter", str(tiny_models.adapter("faceid", "safetensors")),
@@ -342,7 +347,7 @@ def test_cli_img2img_writes_images_and_reproduces_from_the_png(tmp_path, tiny_mo
     with Image.open(image) as written:
         assert written.size == (32, 24)  # the init image's size
     stored = read_settings(image)
-    assert stored["strength"] == 0.5 and stored["init_image"] == str(init) and len(stored["init_image_sha256"]) == 64
+    assert stored["strength"] == 0.5 and stored["init_image"] == {"name": "photo.png", "sha256": _sha256(init)}
     # --settings IMAGE.png needs the init image again (as it needs the face), and then makes the same image.
     again = tmp_path / "again"
     reproduce = ["--settings", str(image)]
@@ -363,7 +368,8 @@ def test_cli_controlnet_writes_the_control_image(tmp_path, tiny_models, face_mod
     with Image.open(out / "obama_s3-control0.png") as used:
         assert used.size == (24, 16)  # as the ControlNet saw it: at the output's size
     stored = read_settings(out / "obama_s3.png")
-    assert stored["controls"] == [{"kind": "image", "image": str(control), "scale": 0.7, "controlnet": str(folder)}]
+    image = {"name": "pose.png", "sha256": _sha256(control)}  # files by name and sha256, a folder by name: no paths
+    assert stored["controls"] == [{"kind": "image", "image": image, "scale": 0.7, "controlnet": {"name": "controlnet"}}]
     capsys.readouterr()
     assert _cli(tmp_path, tiny_models, face_models_dir, faces_dir, out, "--control", f"image:{control}") == 2
     assert "--control needs --controlnet" in capsys.readouterr().err

@@ -285,11 +285,13 @@ def test_generate_saves_previews_and_decodes_with_the_tiny_vae(
     assert names == [f"obama_s{s}-step{k:03d}.png" for s in (7, 8) for k in (2, 3)]
     image = out / "obama_s7.png"
     settings = read_settings(image)
-    assert settings["decoder"] == "tiny" and settings["tiny_vae"] == str(tiny_vae_dir)
+    assert settings["decoder"] == "tiny" and settings["model_files"]["tiny_vae"] == {"name": tiny_vae_dir.name}
     final = np.asarray(Image.open(image))
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "pv" / "obama_s7-step003.png")), final)
-    # The PNG alone reproduces it, the tiny VAE and the tiny decode included.
+    # The PNG reproduces it, the tiny decode included, with the local model folders and files given again.
     again = tmp_path / "again"
-    argv = ["generate", "--settings", str(image), "--face", str(faces_dir / "obama.jpg"), "--out", str(again)]
+    argv = ["generate", "--settings", str(image), "--face", str(faces_dir / "obama.jpg"), "--out", str(again),
+            "--base-model", str(tiny_models.sd15), "--adapter", str(tiny_models.adapter("faceid", "safetensors")),
+            "--tiny-vae", str(tiny_vae_dir)]  # fmt: skip
     assert main(argv + ["--face-models", str(face_models_dir)]) == 0
     np.testing.assert_array_equal(np.asarray(Image.open(again / "obama_s7.png")), final)

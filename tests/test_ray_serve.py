@@ -20,7 +20,9 @@ ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 httpx = pytest.importorskip("httpx")
 
-from faceid.cli import build_parser, ray_application_parts, settings_from_args  # noqa: E402
+from faceid.cli import build_parser  # noqa: E402
+from faceid.cli.flags import settings_from_args  # noqa: E402
+from faceid.cli.serve import ray_application_parts  # noqa: E402
 from faceid.outputs import SETTINGS_KEY  # noqa: E402
 from faceid.service.ray_serve import APP_NAME, build_application  # noqa: E402
 

@@ -209,6 +209,30 @@ def test_enroll_generate_events_and_image(make_client, faces_dir, pipe, analyzer
     assert client.get("/docs").status_code == 200
 
 
+def test_png_names_the_models_without_their_paths(make_client, faces_dir, pipe, analyzer, tmp_path_factory):
+    """A served image names the server's local model files by name and sha256 (a folder by name) and holds no
+    path in any text chunk; its settings still reproduce it on the same models."""
+    import hashlib
+
+    client = make_client()
+    identity = enroll(client, faces_dir, "obama.jpg").json()["id"]
+    view = wait_finished(client, generate(client, identity, seed=4).json()["id"])
+    path = client.app.state.service.data.image(view["images"][0].split("/")[-1].removesuffix(".png"))
+    with Image.open(path) as image:
+        image.load()
+        chunks = dict(image.text)
+    assert not [key for key, text in chunks.items() if str(tmp_path_factory.getbasetemp()) in text], chunks
+    stored = read_settings(path)
+    adapter = Path(pipe.adapter_source)
+    assert stored["model_files"] == {
+        "base_model": {"name": Path(pipe.base_model).name},
+        "adapter": {"name": adapter.name, "sha256": hashlib.sha256(adapter.read_bytes()).hexdigest()},
+    }
+    assert (stored["identity_id"], stored["generation_id"], stored["seed"]) == (identity, view["id"], 4)
+    again = pipe(face=analyzer.get(faces_dir / "obama.jpg"), settings=GenerationSettings.from_png(path)).images[0]
+    assert np.abs(np.asarray(again, dtype=int) - np.asarray(Image.open(path), dtype=int)).max() <= 1
+
+
 def test_several_photos_and_several_people(make_client, faces_dir):
     client = make_client()
     obama = enroll(client, faces_dir, "obama.jpg", "obama2.jpg").json()

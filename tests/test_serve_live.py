@@ -30,7 +30,8 @@ from tiny_models import make_tiny_autoencoder
 
 pytest.importorskip("fastapi")
 
-from faceid.cli import SERVE_PREVIEW_EVERY, build_parser, main, serve_preview_every  # noqa: E402
+from faceid.cli import build_parser, main  # noqa: E402
+from faceid.cli.serve import SERVE_PREVIEW_EVERY, serve_preview_every  # noqa: E402
 from faceid.errors import FaceIDError  # noqa: E402
 from faceid.pipeline import FaceIDPipeline  # noqa: E402
 from faceid.service import ServeConfig  # noqa: E402

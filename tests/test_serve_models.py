@@ -3,9 +3,11 @@ SDXL one), picked per request by its model fields, loaded by each worker within 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -83,7 +85,12 @@ def test_each_request_runs_on_the_model_set_it_names(make_client, faces_dir, set
 
     for job, models, family in ((sd15_job, sets.sd15, "SD1.5"), (sdxl_job, sets.sdxl, "SDXL")):
         stored = image_settings(client, views[job]["images"][0])
-        assert (stored["base_model"], stored["adapter"]) == (models["base_model"], models["adapter"])
+        # The set's local model folder and file, by name (and sha256): a served image holds no server path.
+        adapter = Path(models["adapter"])
+        assert stored["model_files"] == {
+            "base_model": {"name": Path(models["base_model"]).name},
+            "adapter": {"name": adapter.name, "sha256": hashlib.sha256(adapter.read_bytes()).hexdigest()},
+        }
         assert stored["guidance_scale"] == {"SD1.5": 7.5, "SDXL": 5.0}[family]
         # The job's settings are complete (the SDXL set's adapter defaults filled in by the worker that loaded
         # it): the pipeline that made the image would resolve nothing more, and the PNG holds the same.
@@ -91,8 +98,9 @@ def test_each_request_runs_on_the_model_set_it_names(make_client, faces_dir, set
         assert {"scale", "lora_scale", "combine"} <= set(views[job]["settings"])
         made = pipe if family == "SD1.5" else sets.made[0]
         assert made.resolve_settings(settings) == settings
-        assert stored == {**settings.for_image(0).to_json(), "identity_id": identity, "generation_id": job,
-                          "mode": "text-to-image", "faceid_version": stored["faceid_version"]}  # fmt: skip
+        alone = {k: v for k, v in settings.for_image(0).to_json().items() if k not in ("base_model", "adapter")}
+        assert stored == {**alone, "model_files": stored["model_files"], "identity_id": identity,
+                          "generation_id": job, "mode": "text-to-image", "faceid_version": stored["faceid_version"]}  # fmt: skip
     # The SDXL image is the one its pipeline makes from the PNG's settings, as `faceid generate --settings` does.
     path = client.app.state.service.data.image(views[sdxl_job]["images"][0].split("/")[-1].removesuffix(".png"))
     again = sets.made[0].wrapped(face=analyzer.get(faces_dir / "obama.jpg"), settings=GenerationSettings.from_png(path))
@@ -189,7 +197,8 @@ def test_batches_never_mix_model_sets(make_client, faces_dir, sets, pipe):  # no
     assert [c.prompt for c in default.calls] == [["photo 0", "photo 2"]]  # one call per set, each its own jobs
     assert [c.prompt for c in sdxl.calls] == [["photo 1", "photo 3"]]
     for i, view in enumerate(views):
-        assert image_settings(client, view["images"][0])["adapter"] == (sets.sdxl if i % 2 else sets.sd15)["adapter"]
+        adapter = Path((sets.sdxl if i % 2 else sets.sd15)["adapter"]).name
+        assert image_settings(client, view["images"][0])["model_files"]["adapter"]["name"] == adapter
 
 
 def test_jobs_for_loaded_models_go_first_but_the_oldest_is_passed_over_a_bounded_number_of_times():
@@ -208,7 +217,8 @@ def test_jobs_for_loaded_models_go_first_but_the_oldest_is_passed_over_a_bounded
 
 
 def test_serve_flags_for_several_model_sets(tmp_path, capsys):
-    from faceid.cli import _model_set, main
+    from faceid.cli import main
+    from faceid.cli.serve import _model_set
 
     assert _model_set("base,faceid-sdxl") == {"base_model": "base", "adapter": "faceid-sdxl"}
     assert _model_set(",faceid-sdxl") == {"adapter": "faceid-sdxl"}  # the adapter's released base model

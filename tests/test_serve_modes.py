@@ -242,7 +242,8 @@ def test_swap_job_keeps_the_target_size(make_client, faces_dir):  # noqa: F811
 
 
 def test_serve_controlnet_flags(tmp_path, capsys):
-    from faceid.cli import _controlnets, build_parser, main
+    from faceid.cli import build_parser, main
+    from faceid.cli.serve import _controlnets
 
     args = build_parser().parse_args(["serve", "--controlnet", "canny=some/repo", "--controlnet", "kps=./folder"])
     assert _controlnets(args.controlnet) == {"canny": "some/repo", "kps": "./folder"}

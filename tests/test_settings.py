@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from pydantic import ValidationError
@@ -95,3 +96,28 @@ def test_conditioning_keeps_what_it_was_encoded_with(pipe):
     assert result.settings.num_images_per_prompt == 2 and result.settings.prompt == "p"
     with pytest.raises(FaceIDError, match="num_images_per_prompt=3 differs from the conditioning's 2"):
         pipe(conditioning=conditioning, num_images_per_prompt=3, **SIZE)
+
+
+def test_for_image_reproduces_each_image_of_several_prompts_alone(pipe):
+    """2 prompts x 2 images, one seed each: ``for_image(i)`` is image i alone (prompt i // 2 with face i // 2, its
+    negative prompt and seed), bit for bit in the 8-bit image a user gets."""
+    faces = torch.nn.functional.normalize(torch.randn(2, 512, generator=torch.Generator().manual_seed(1)), dim=-1)
+    result = pipe(
+        ["p one", "p two"],
+        faces,
+        negative_prompt=["n one", "n two"],
+        num_images_per_prompt=2,
+        seed=[11, 12, 13, 14],
+        width=24,
+        height=16,
+        num_inference_steps=2,
+        max_batch=1,  # each image's UNet batch as a reproduction runs it (CPU matmuls round by batch size)
+    )
+    assert len(result.images) == 4
+    for i in range(4):
+        alone = result.settings.for_image(i)
+        assert (alone.prompt, alone.negative_prompt) == (["p one", "p two"][i // 2], ["n one", "n two"][i // 2])
+        assert (alone.seed, alone.num_images_per_prompt) == (11 + i, 1)
+        (again,) = pipe(face=faces[i // 2 : i // 2 + 1], settings=alone).images
+        np.testing.assert_array_equal(np.asarray(again), np.asarray(result.images[i]))
+    assert not np.array_equal(np.asarray(result.images[0]), np.asarray(result.images[2]))

@@ -11,6 +11,7 @@ from PIL import Image, ImageOps
 from faceid.cli import main
 from faceid.errors import FaceIDError, FaceSelectionError, MaskError, NoFaceError
 from faceid.images import load_image
+from faceid.outputs import read_settings
 from faceid.swap import load_target, plan_swap, swap_face
 
 
@@ -283,7 +284,7 @@ def test_cli_wrong_mask_size_and_bad_index_fail_before_models_load(
     assert "adapter file not found" in capsys.readouterr().err.lower()
 
 
-def test_cli_swap_end_to_end_on_the_tiny_model(tmp_path, faces_dir, face_models_dir, tiny_models):
+def test_cli_swap_end_to_end_on_the_tiny_model(tmp_path, tmp_path_factory, faces_dir, face_models_dir, tiny_models):
     """`faceid swap` through the pipeline's inpainting: the target's size, and nothing outside the mask changes."""
     out = tmp_path / "out"
     target = faces_dir / "biden.jpg"
@@ -301,3 +302,15 @@ def test_cli_swap_end_to_end_on_the_tiny_model(tmp_path, faces_dir, face_models_
     outside = mask == 0
     assert outside.mean() > 0.5 and np.array_equal(after[outside], before[outside])
     assert np.abs(after[mask == 255].astype(int) - before[mask == 255]).mean() > 1  # the face was repainted
+    # The PNG names the photos and the local models by name and sha256 (folders by name), never by their paths.
+    with Image.open(result) as swapped:
+        swapped.load()
+        chunks = swapped.text
+    assert not [
+        key for key, text in chunks.items() if str(tmp_path_factory.getbasetemp()) in text or str(faces_dir) in text
+    ]
+    stored = read_settings(result)
+    assert [stored["face"][0]["name"], stored["target"]["name"], stored["seed"]] == ["obama.jpg", "biden.jpg", 5]
+    assert (
+        stored["model_files"]["base_model"] == {"name": tiny_models.sd15.name} and len(stored["target"]["sha256"]) == 64
+    )

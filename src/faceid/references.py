@@ -17,6 +17,7 @@ Which a file is, its token count and widths are read off its tensors (``Referenc
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from .checkpoints import describe_unet, family_name, load_state_dict, perceiver_
 from .errors import CheckpointError, FaceIDError
 from .hub import HubFile
 from .projection import ImageProjection, ImageResampler, PerceiverConfig
+from .settings import StyleSetting
 
 _LAYER_KEY = re.compile(r"^(\d+)\.(to_k_ip|to_v_ip)\.weight$")
 
@@ -97,6 +99,41 @@ def reference_name(source: str | Path) -> str:
     """The name ``FaceIDPipeline.load_reference`` gives an adapter by default: the kind (``plus-face``...), or
     the file's name without its suffix (dots made dashes: a branch name has none)."""
     return str(source) if str(source) in REFERENCE_ADAPTERS else Path(source).stem.replace(".", "-")
+
+
+def style_records(
+    scales: Sequence[float | None],
+    adapter: str,
+    *,
+    window: tuple[float, float] | None = None,
+    recorded: Sequence[Mapping[str, Any]] = (),
+    combo_scale: float | None = None,
+) -> list[dict[str, Any]]:
+    """The ``style`` settings of reference images read by the reference adapter named ``adapter``: one per
+    entry of ``scales``, acting in ``window``; then, with ``combo_scale``, the reference of an adapter
+    combination (``faceid.combos``: it reads the face photo) at that scale.
+
+    ``recorded``: the ``style`` settings an image was made with (``GenerationSettings.style``, as dicts): a
+    scale or window left open (None) is the recorded one at the same place, so that the same images make
+    that image again; else the default. A recorded reference that acts in a region cannot be given as an
+    image and a scale: ``FaceIDError``.
+    """
+    records = []
+    for k, scale in enumerate(scales):
+        before = recorded[k] if k < len(recorded) else {}
+        if before.get("region") is not None:
+            raise FaceIDError(
+                f"the settings' style reference {k} acts in a region, which an image and a scale cannot give: use "
+                "the Python API (Reference(image, region=...))"
+            )
+        records.append({
+            "adapter": adapter,
+            "scale": before.get("scale", StyleSetting.model_fields["scale"].default) if scale is None else scale,
+            "window": window or before.get("window"),
+        })  # fmt: skip
+    if combo_scale is not None:
+        records.append({"adapter": adapter, "scale": combo_scale})
+    return records
 
 
 @dataclass(frozen=True)

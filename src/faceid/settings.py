@@ -237,7 +237,9 @@ class GenerationSettings(BaseModel):
 
     @classmethod
     def from_png(cls, path: str | Path) -> GenerationSettings:
-        """The settings an image was made with, from the metadata ``faceid.outputs.save_png`` wrote."""
+        """The settings an image was made with, from the metadata ``faceid.outputs.save_png`` wrote. The models
+        that were local files or folders are not among them (``faceid.results`` records those by name and sha256
+        under ``model_files``, never by path): the pipeline that runs these settings uses its own."""
         from .outputs import read_settings
 
         stored = read_settings(path)
@@ -265,11 +267,25 @@ class GenerationSettings(BaseModel):
         return self.replace(**missing) if missing else self
 
     def for_image(self, index: int) -> GenerationSettings:
-        """The settings that reproduce image ``index`` of this (single-prompt) request alone."""
+        """The settings that reproduce image ``index`` of this request alone: one image, its own seed, and its
+        prompt (and negative prompt, when those are a list) alone.
+
+        Images are ordered prompt-major: image ``index`` belongs to prompt ``index // num_images_per_prompt``,
+        which was paired with face ``index // num_images_per_prompt`` of the call; give that face again.
+        With ``regions`` (several people in one picture) prompts are not paired with faces: every picture
+        holds all the people, so give all their faces again.
+        """
         if not isinstance(self.seed, list):
             raise FaceIDError("only settings with one seed per image describe a single image")
-        # One image: an int seed gives the same noise as a one-element list.
-        return self.replace(seed=self.seed[index], num_images_per_prompt=1)
+        if not 0 <= index < len(self.seed):
+            raise FaceIDError(f"no image {index}: these settings describe {len(self.seed)} image(s)")
+        prompt = index // self.num_images_per_prompt
+        one = {"seed": self.seed[index], "num_images_per_prompt": 1}  # an int seed: the same noise as [seed]
+        for key in ("prompt", "negative_prompt"):
+            value = getattr(self, key)
+            if isinstance(value, list):
+                one[key] = value[prompt] if len(value) > 1 else value[0]
+        return self.replace(**one)
 
     def to_json(self) -> dict[str, Any]:
         """Plain JSON values (tuples as lists), without the fields left at ``None``."""

@@ -9,7 +9,7 @@ like the person. The scores themselves (identity similarity, CLIP-T, diversity) 
 
 from __future__ import annotations
 
-from .best_of import BestOfScore, best_of
+from .best_of import BestOfScore, best_of, best_of_person
 from .inputs import (
     DEFAULT_NUM_SEEDS,
     DEFAULT_SCALES,
@@ -34,6 +34,7 @@ __all__ = [
     "EvalGroup",
     "EvalResult",
     "best_of",
+    "best_of_person",
     "default_prompts_path",
     "list_identities",
     "list_images",

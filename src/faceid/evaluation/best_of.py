@@ -1,4 +1,5 @@
-"""Best-of-K: of several candidates, keep those most like the person (``faceid generate --best-of K``)."""
+"""Best-of-K: of several candidates, keep those most like the person (``faceid generate --best-of K``), and
+what a kept image records of its scores."""
 
 from __future__ import annotations
 
@@ -6,10 +7,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from ..images import ImageSource
 from ..scoring import ClipTextScorer, IdentityScore, IdentityScoring
 
-__all__ = ["BestOfScore", "best_of"]
+__all__ = ["BestOfScore", "best_of", "best_of_person"]
 
 
 @dataclass(frozen=True)
@@ -21,6 +24,16 @@ class BestOfScore:
     no_face: bool
     recognizer: str
     clip_t: float | None = None
+
+    def metadata(self, rank: int) -> dict[str, Any]:
+        """What the kept image records of its scores, ``rank`` its place among the kept (0: the best)."""
+        return {
+            "identity_similarity": round(self.similarity, 6),
+            "identity_recognizer": self.recognizer,
+            "no_face": self.no_face,
+            "clip_t": None if self.clip_t is None else round(self.clip_t, 6),
+            "best_of_rank": rank,
+        }
 
 
 def best_of(
@@ -56,3 +69,18 @@ def best_of(
 
     ranked = sorted(scored, key=key)
     return [(candidates[s.index], s) for s in ranked[:keep]]
+
+
+def best_of_person(
+    candidates: Sequence[ImageSource],
+    faces: Sequence[Any],
+    identity_scorer: IdentityScoring,
+    clip_scorer: ClipTextScorer | None = None,
+    prompt: str | None = None,
+    keep: int = 1,
+) -> list[BestOfScore]:
+    """``best_of`` for the person of ``faces`` (the ``Face`` of each photo of them: the mean of their
+    embeddings is the reference): the scores of the ``keep`` candidates kept, best first (``index``: which)."""
+    reference = np.mean([face.embedding for face in faces], axis=0)
+    reference = reference / np.linalg.norm(reference)
+    return [score for _, score in best_of(candidates, reference, identity_scorer, clip_scorer, prompt, keep=keep)]

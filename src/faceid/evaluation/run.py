@@ -17,7 +17,6 @@ Layout of an evaluation folder (``--out DIR``)::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -33,6 +32,7 @@ from ..atomic import atomic_write
 from ..errors import FaceIDError, ImageError
 from ..images import ImageSource, load_image
 from ..outputs import read_settings, save_png
+from ..results import file_record, shareable_settings
 from ..scoring import ClipTextScorer, IdentityScoring, diversity
 from ..settings import GenerationSettings
 from .inputs import EvalGroup, list_identities, list_images, load_prompts, parse_scales, parse_seeds, resolve_groups
@@ -137,7 +137,7 @@ def run_eval(
                 scorer.reference_embedding(photo)
 
     extra = dict(extra_metadata or {})
-    hashes = {name: _file_digest(photo) for name, photo in identities}
+    records = {name: file_record(photo) for name, photo in identities}  # by name and sha256, never a path
 
     # ---- plan: which images are already there (a folder of another run fails here, not halfway) ----
     jobs: list[dict[str, Any]] = []
@@ -146,17 +146,9 @@ def run_eval(
     for scale in scales:
         for case in cases:
             name, people, regions = case
-            # Who is pictured: one identity as always; a group lists its people, their photos and hashes.
-            who: dict[str, Any] = (
-                {"identity": name, "face": photos[name].name, "face_sha256": hashes[name]}
-                if regions is None
-                else {
-                    "identity": name,
-                    "people": list(people),
-                    "face": [photos[p].name for p in people],
-                    "face_sha256": [hashes[p] for p in people],
-                }
-            )
+            # Who is pictured: one identity as always, a group's people in their order; and their photos.
+            who: dict[str, Any] = {"identity": name, **({} if regions is None else {"people": list(people)})}
+            who["face"] = [records[p] for p in people]
             placement = {} if regions is None else {"regions": regions}
             for p_index, prompt in enumerate(prompts):
                 missing = []
@@ -164,7 +156,7 @@ def run_eval(
                     path = out_dir / "images" / f"scale_{_fmt_scale(scale)}" / name / f"p{p_index:02d}_s{seed}.png"
                     # What reproduces this image alone, and where it belongs in the grid.
                     metadata = {
-                        **shared.replace(prompt=prompt, seed=seed, scale=scale, **placement).to_json(),
+                        **shareable_settings(shared.replace(prompt=prompt, seed=seed, scale=scale, **placement)),
                         **who,
                         "prompt_index": p_index,
                         **extra,
@@ -234,10 +226,6 @@ def run_eval(
 
 def _fmt_scale(scale: float) -> str:
     return f"{scale:g}"
-
-
-def _file_digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
 def _jsonable(value: Any) -> Any:

@@ -17,7 +17,7 @@ from typing import Any
 from .. import __version__
 from ..errors import FaceIDError
 from ..modes import DEFAULT_STRENGTH, size_from_image
-from ..outputs import save_png
+from ..results import save_images
 from ..settings import FAMILY_DEFAULTS, MODEL_FIELDS, GenerationSettings
 from .config import ServeConfig
 from .enroll import Enroller, decode_upload
@@ -561,30 +561,30 @@ class Service:
         for k, image in enumerate(control_images):
             image.save(self.data.control_image(job.id, k), format="PNG")
         inputs = JobInputs.parse(job.inputs)
-        rows = []
         n = job.settings.num_images_per_prompt
-        prompts, negatives = job.prompts, job.negative_prompts
-        for index, image in enumerate(images):
-            # What reproduces this image alone, as the CLI writes it (`faceid generate --settings IMAGE.png`).
-            settings = job.settings.replace(
-                prompt=prompts[index // n],
-                negative_prompt=negatives[index // n],
-                seed=job.settings.seed[index],
-                num_images_per_prompt=1,
+        image_ids = [new_id() for _ in images]
+        # Each image with what reproduces it alone, as the CLI records it (`faceid generate --settings IMAGE.png`),
+        # and who is in it, the generation and the upload ids it was made from.
+        save_images(
+            images,
+            job.settings,
+            [self.data.image(image_id) for image_id in image_ids],
+            inputs={"generation_id": job.id, "mode": inputs.mode, **inputs.metadata(), **(extra or {})},
+            per_image=[
+                {"people": job.identity_ids} if inputs.people else {"identity_id": job.identity_ids[index // n]}
+                for index in range(len(images))
+            ],
+        )
+        rows = [
+            ImageRow(
+                id=image_id,
+                owner=job.owner,
+                job_id=job.id,
+                index=index,
+                settings=job.settings.for_image(index).to_json(),
             )
-            image_id = new_id()
-            who = {"people": job.identity_ids} if inputs.people else {"identity_id": job.identity_ids[index // n]}
-            metadata = {
-                **settings.to_json(),
-                **who,
-                "generation_id": job.id,
-                "mode": inputs.mode,
-                **inputs.metadata(),  # the upload ids it was made from
-                "faceid_version": __version__,
-                **(extra or {}),
-            }
-            save_png(image, self.data.image(image_id), metadata)
-            rows.append(ImageRow(id=image_id, owner=job.owner, job_id=job.id, index=index, settings=settings.to_json()))
+            for index, image_id in enumerate(image_ids)
+        ]
         self.finish(job, DONE, images=rows)
 
     # ------------------------------------------------------------------ images, models, health

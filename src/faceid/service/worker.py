@@ -374,8 +374,8 @@ class Worker(threading.Thread):
             face_index=spec.face_index,
         )
         results = []
-        for seed in job.settings.seed:
-            one = job.settings.replace(seed=seed, num_images_per_prompt=1)
+        for index in range(len(job.settings.seed)):
+            one = job.settings.for_image(index)  # its own seed, one image
             inpaint = pipeline_inpaint(pipeline, one, person, callback_on_step_end=on_step_end)
             results.append(swap_face(target, inpaint, resolution=spec.resolution))
         plan = results[0].plan  # the same for every seed: it depends on the target and the resolution only

@@ -1,0 +1,120 @@
+"""The flags that say how the models load, for every command that loads a pipeline, and the ``FaceIDPipeline``
+and face analyzer they load."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..errors import FaceIDError
+from ..variants import DEFAULT_ADAPTER
+from .logs import quiet_model_loading
+
+#: ``--dtype`` choices -> torch dtype names (looked up on torch when a command runs: --help needs no torch).
+DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+
+
+FACE_MODELS_HELP = (
+    "folder with the face detector and recognizer (buffalo_l: det_10g.onnx, w600k_r50.onnx); "
+    "default: faceid's cache, downloaded once"
+)
+
+
+def add_model_loading_arguments(
+    parser: argparse.ArgumentParser,
+    *,
+    several_devices: bool = False,
+    single_file: bool = True,
+    face_models: bool = True,
+    fast_lora: bool = True,
+) -> None:
+    """The flags that say how the models load, for every command that loads a pipeline (what to draw comes
+    from ``GenerationSettings``). ``several_devices``: ``--device`` repeats, one worker per device."""
+    if single_file:
+        parser.add_argument(
+            "--base-config",
+            default=None,
+            help="single-file base model offline: a diffusers folder of the same architecture for its configuration",
+        )
+    if face_models:
+        parser.add_argument("--face-models", default=None, help=FACE_MODELS_HELP)
+    parser.add_argument("--image-encoder", default=None, help="Plus only: CLIP ViT-H image encoder folder or repo")
+    if several_devices:
+        parser.add_argument(
+            "--device",
+            action="append",
+            default=None,
+            help="cuda, cuda:1, cpu, mps (default: the best available); repeat for one generation worker per device",
+        )
+    else:
+        parser.add_argument("--device", default=None, help="cuda, cpu, mps (default: the best available)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: fp16 on GPU, fp32 on CPU")
+    if fast_lora:
+        parser.add_argument(
+            "--fast-lora",
+            default=None,
+            metavar="FILE",
+            help="with --fast: a local copy of the preset's LoRA file (default: the pinned Hub file, downloaded once)",
+        )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the UNet (max-autotune + channels_last on CUDA): faster steps after a slow first call "
+        "(minutes for SDXL); a new image size or batch size compiles again, other settings do not",
+    )
+
+
+def load_face_analyzer(face_models: str | None):
+    """The face analyzer of every command: the ``--face-models`` folder, else buffalo_l from the cache."""
+    from ..faces import FaceAnalyzer
+
+    return FaceAnalyzer.from_pretrained(face_models or None)
+
+
+def load_pipeline(
+    args: argparse.Namespace,
+    settings,
+    analyzer,
+    fuse_lora: bool = False,
+    *,
+    fuse_when_compiled: bool = True,
+    progress: bool = True,
+):
+    """The ``FaceIDPipeline`` the model flags and settings describe (with the command's face analyzer), and the
+    few-step LoRA of ``--fast-lora``. ``fuse_when_compiled``: with ``--compile``, fuse the identity LoRA when its
+    weight is fixed."""
+    import torch
+
+    from ..pipeline import FaceIDPipeline
+
+    quiet_model_loading()
+    pipe = FaceIDPipeline.from_pretrained(
+        settings.base_model,
+        settings.adapter or DEFAULT_ADAPTER,
+        vae=settings.vae,
+        tiny_vae=settings.tiny_vae,
+        single_file_config=getattr(args, "base_config", None),  # eval has no single-file flag
+        device=args.device,
+        torch_dtype=getattr(torch, DTYPES[args.dtype]) if args.dtype else None,
+        lora_scale=1.0 if settings.lora_scale is None else settings.lora_scale,
+        # Compiled, the identity LoRA is fused when its weight is fixed (no window switching it, and no
+        # stacked LoRA on the same layers): no LoRA matmuls in the graph.
+        fuse_lora=fuse_lora
+        or (fuse_when_compiled and args.compile and settings.identity_window is None and not settings.loras),
+        compile=args.compile,
+        face_analyzer=analyzer,
+        image_encoder=args.image_encoder,
+        shortcut=settings.shortcut,
+        loras=list((settings.loras or {}).items()),
+        progress=progress,
+    )
+    _load_fast_lora(pipe, settings, args)
+    return pipe
+
+
+def _load_fast_lora(pipe, settings, args: argparse.Namespace) -> None:
+    """``--fast-lora FILE``: the preset's LoRA from a local copy instead of the Hub."""
+    if getattr(args, "fast_lora", None) is None:
+        return
+    if settings.fast is None:
+        raise FaceIDError("--fast-lora goes with --fast PRESET (the preset whose LoRA the file is)")
+    pipe.load_fast_lora(settings.fast, args.fast_lora)

@@ -1,0 +1,319 @@
+"""``faceid serve``: the HTTP API (enroll people from photos, queue generations of them), on uvicorn or on Ray
+Serve."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..control import KINDS as CONTROL_KINDS
+from ..errors import FaceIDError
+from ..variants import DEFAULT_ADAPTER
+from .flags import add_settings_arguments, int_at_least, settings_from_args
+from .loading import DTYPES, add_model_loading_arguments, load_face_analyzer
+from .logs import quiet_model_loading
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """``faceid serve``: where, who, limits; the model flags of ``generate`` (from ``GenerationSettings``)."""
+    from ..settings import MODEL_FIELDS, GenerationSettings
+
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=7860, help="default 7860")
+    parser.add_argument("--data-dir", default="faceid-data", help="photos, crops, embeddings, images, database")
+    parser.add_argument(
+        "--database-url", default=None, help="any SQLAlchemy URL (default: sqlite:///DATA_DIR/faceid.db)"
+    )
+    add_settings_arguments(parser, exclude=tuple(f for f in GenerationSettings.model_fields if f not in MODEL_FIELDS))
+    add_model_loading_arguments(parser, several_devices=True, fast_lora=False)
+    parser.add_argument(
+        "--also-model",
+        action="append",
+        type=_model_set,
+        default=[],
+        metavar="BASE_MODEL[,ADAPTER[,VAE]]",
+        help="another model set a request may pick by naming its models (repeatable; an empty BASE_MODEL: the "
+        "adapter's released base model); the model flags above are the default set",
+    )
+    parser.add_argument(
+        "--controlnet",
+        action="append",
+        type=_controlnet_of_kind,
+        default=[],
+        metavar="KIND=SOURCE",
+        help=f"the ControlNet (Hub id or diffusers folder, for the base model's family) that requests' control images "
+        f"of KIND ({'|'.join(CONTROL_KINDS)}) go to; repeatable, one per kind. A request names a kind, never a "
+        "model; kinds without one are refused. Loaded by a worker on first use",
+    )
+    parser.add_argument(
+        "--style-adapter",
+        action="append",
+        type=_style_adapter,
+        default=[],
+        metavar="NAME=SOURCE",
+        help="a style adapter requests may name in style=[{adapter: NAME, ...}]: SOURCE is plain, plus or plus-face "
+        "(h94/IP-Adapter's, for the model set's family) or an IP-Adapter checkpoint file; repeatable. A request names "
+        "an adapter, never a file. Loaded by a worker on first use",
+    )
+    parser.add_argument(
+        "--reference-encoder",
+        default=None,
+        metavar="PATH",
+        help="the CLIP image encoder (folder or Hub id) that reads style images where the model set has none "
+        "(default: h94/IP-Adapter's ViT-H; a FaceID-Plus adapter's own encoder is used when it has one)",
+    )
+    parser.add_argument(
+        "--preview-every",
+        type=int_at_least(0),
+        default=None,
+        metavar="K",
+        help="stream a preview of each image every K steps and at the last one (the events' 'preview'; 0: none). "
+        f"Default: every {SERVE_PREVIEW_EVERY} steps with --tiny-vae (a tiny decode costs milliseconds), none "
+        "without (each preview would be a full VAE decode)",
+    )
+    parser.add_argument(
+        "--model-memory-gb",
+        type=float,
+        default=None,
+        help="per worker: loaded model sets beyond this evict the least recently used (default: 3/4 of a CUDA "
+        "device's memory, half the RAM on CPU)",
+    )
+    parser.add_argument("--api-key", action="append", default=None, metavar="KEY", help="require this key (repeatable)")
+    parser.add_argument("--api-keys-file", default=None, metavar="FILE", help="API keys, one per line")
+    parser.add_argument(
+        "--insecure-no-auth",
+        action="store_true",
+        help="serve on a non-loopback --host without API keys (anyone who reaches it can use it)",
+    )
+    parser.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="ADDRESS",
+        help="serve on Ray Serve: the API as ingress, one model replica per GPU (CPU replicas without GPUs); "
+        "ADDRESS of a running cluster (ray://... or auto), else a local Ray instance",
+    )
+    parser.add_argument(
+        "--replicas", type=int_at_least(1), default=None, help="--ray: a fixed number of model replicas"
+    )
+    parser.add_argument(
+        "--max-replicas",
+        type=int_at_least(1),
+        default=None,
+        help="--ray without --replicas: autoscale from 1 replica up to this many on queued requests "
+        "(default: the cluster's GPUs, or 1)",
+    )
+    for flag, default, text in (
+        ("--max-queue", 16, "queued generations before new ones get 429"),
+        ("--max-batch", 4, "images per pipeline call when compatible jobs run together"),
+        ("--max-images", 8, "images per generation request"),
+        ("--max-steps", 100, "denoising steps per request"),
+        ("--max-side", 2048, "image width and height"),
+        ("--max-upload-mb", 20, "size of one uploaded photo"),
+    ):
+        parser.add_argument(flag, type=int_at_least(1), default=default, help=f"{text} (default {default})")
+
+
+# ``faceid serve --tiny-vae``'s previews: a few per generation at the usual 20-50 steps, for a few milliseconds each
+SERVE_PREVIEW_EVERY = 5
+
+
+def serve_preview_every(given: int | None, tiny_vae: str | None) -> int | None:
+    """``--preview-every``'s value for ``ServeConfig.preview_every``: as given (0: None), else the default."""
+    if given is None:
+        return SERVE_PREVIEW_EVERY if tiny_vae is not None else None
+    return given or None
+
+
+def _model_set(text: str) -> dict:
+    """``--also-model BASE_MODEL[,ADAPTER[,VAE]]`` -> the model fields of one catalog entry."""
+    parts = [part.strip() for part in text.split(",")]
+    if len(parts) > 3 or not any(parts):
+        raise argparse.ArgumentTypeError(f"{text!r}: give BASE_MODEL[,ADAPTER[,VAE]]")
+    return {key: value for key, value in zip(("base_model", "adapter", "vae"), parts, strict=False) if value}
+
+
+def _controlnet_of_kind(text: str) -> tuple[str, str]:
+    """``--controlnet KIND=SOURCE`` of ``faceid serve`` -> (kind, source)."""
+    kind, sep, source = text.partition("=")
+    if not sep or kind not in CONTROL_KINDS or not source.strip():
+        raise argparse.ArgumentTypeError(f"{text!r}: give KIND=SOURCE with KIND one of {', '.join(CONTROL_KINDS)}")
+    return kind, source.strip()
+
+
+def _style_adapter(text: str) -> tuple[str, str]:
+    """``--style-adapter NAME=SOURCE`` of ``faceid serve`` -> (name, source)."""
+    from ..service.config import STYLE_ADAPTER_NAME
+
+    name, sep, source = text.partition("=")
+    if not sep or not STYLE_ADAPTER_NAME.fullmatch(name) or not source.strip():
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give NAME=SOURCE with NAME of letters, digits, '-' and '_' and SOURCE plain, plus, plus-face "
+            "or a checkpoint file"
+        )
+    return name, source.strip()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from ..service.config import ServeConfig, check_bind, read_api_keys
+
+    keys = read_api_keys(args.api_key or (), args.api_keys_file)
+    check_bind(args.host, keys, args.insecure_no_auth)  # before anything loads or is written
+    import torch
+    import uvicorn
+
+    from ..pipeline import FaceIDPipeline
+    from ..service import create_app
+    from ..settings import MODEL_FIELDS, GenerationSettings
+
+    settings = settings_from_args(args)
+    controlnets = _controlnets(args.controlnet)  # before anything loads
+    style_adapters = _named_once(args.style_adapter, "--style-adapter", "name")
+    if args.ray is not None:
+        if args.also_model or args.model_memory_gb is not None:
+            raise FaceIDError("--ray serves one model set: leave out --also-model and --model-memory-gb")
+        if args.preview_every:
+            raise FaceIDError("--ray streams no previews (nor per-step progress): leave out --preview-every")
+        if args.controlnet or args.style_adapter or args.reference_encoder:
+            raise FaceIDError(
+                "--ray runs text-to-image only for now: leave out --controlnet, --style-adapter and "
+                "--reference-encoder, or serve without --ray"
+            )
+        return _serve_on_ray(args, keys, settings)
+    analyzer = load_face_analyzer(args.face_models)  # one, shared by every model set
+    dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
+
+    def load(device: str, models):
+        quiet_model_loading()
+        return FaceIDPipeline.from_pretrained(
+            models.base_model,
+            models.adapter or DEFAULT_ADAPTER,
+            vae=models.vae,
+            tiny_vae=settings.tiny_vae,
+            single_file_config=args.base_config,
+            device=None if device == "default" else device,
+            torch_dtype=dtype,
+            face_analyzer=analyzer,
+            image_encoder=args.image_encoder,
+            loras=list((models.loras or {}).items()),
+            progress=False,
+            compile=args.compile,
+        )
+
+    devices = tuple(args.device or ["default"])
+    preview_every = serve_preview_every(args.preview_every, settings.tiny_vae)
+    default = settings.model_dump(include=set(MODEL_FIELDS), exclude_none=True)
+    # One device: load here, so that a model that cannot load is one error line before the server starts.
+    pipeline = load(devices[0], GenerationSettings(**default)) if len(devices) == 1 else None
+    config = ServeConfig(
+        data_dir=args.data_dir,
+        database_url=args.database_url,
+        api_keys=keys,
+        max_queue=args.max_queue,
+        max_batch=args.max_batch,
+        max_images=args.max_images,
+        max_steps=args.max_steps,
+        max_side=args.max_side,
+        max_upload_bytes=args.max_upload_mb * 1024 * 1024,
+        devices=devices,
+        pipeline=pipeline,
+        loader=load,
+        analyzer=analyzer,
+        catalog=(default, *args.also_model),
+        model_memory_gb=args.model_memory_gb,
+        preview_every=preview_every,
+        controlnets=controlnets,
+        style_adapters=style_adapters,
+        reference_encoder=args.reference_encoder,
+        models={
+            **settings.to_json(),
+            "face_models": args.face_models,
+            "devices": list(devices),
+            "dtype": args.dtype,
+            "preview_every": preview_every,
+            "controlnets": controlnets,
+            "style_adapters": style_adapters,
+            "reference_encoder": args.reference_encoder,
+        },  # fmt: skip
+    )
+    uvicorn.run(create_app(config), host=args.host, port=args.port, log_level="info")
+    return 0
+
+
+def _controlnets(given: list[tuple[str, str]]) -> dict[str, str]:
+    """``--controlnet KIND=SOURCE`` flags -> {kind: source}; a kind given twice is an error."""
+    return _named_once(given, "--controlnet", "kind")
+
+
+def _named_once(given: list[tuple[str, str]], flag: str, key_is: str) -> dict[str, str]:
+    """``flag KEY=SOURCE`` flags -> {key: source}; a key given twice with different sources is an error."""
+    found: dict[str, str] = {}
+    for key, source in given:
+        if key in found and found[key] != source:
+            raise FaceIDError(f"{flag} {key}= is given twice ({found[key]}, {source}): give one per {key_is}")
+        found[key] = source
+    return found
+
+
+def _serve_on_ray(args: argparse.Namespace, keys: tuple[str, ...], settings) -> int:
+    """``faceid serve --ray``: the same app on Ray Serve (``faceid.service.ray_serve``)."""
+    try:
+        import ray
+        from ray import serve
+    except ImportError as exc:
+        raise FaceIDError("--ray needs Ray Serve: pip install 'faceid[cluster]'") from exc
+    from ..service.ray_serve import APP_NAME, build_application
+
+    _check_ray_arguments(args, settings)
+    ray.init(address=args.ray or None)
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    loader, options = ray_application_parts(args, keys, settings, gpus)
+    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.run(build_application(loader, options), name=APP_NAME, route_prefix="/", blocking=True)
+    return 0
+
+
+def _check_ray_arguments(args: argparse.Namespace, settings) -> None:
+    if args.device:
+        raise FaceIDError("--ray places the models itself (one replica per GPU): leave out --device")
+    if settings.tiny_vae is not None:
+        raise FaceIDError("--tiny-vae is not available with --ray yet: serve without --ray, or leave it out")
+    if args.compile:
+        raise FaceIDError("--compile is not available with --ray yet: leave it out, or serve without --ray")
+
+
+def ray_application_parts(args: argparse.Namespace, keys: tuple[str, ...], settings, gpus: int):
+    """What ``faceid serve --ray`` builds its Ray Serve application from: the replicas' model loader and the
+    deployment options, from the command line (``gpus``: the cluster's)."""
+    from ..service.ray_serve import PipelineLoader, RayOptions
+
+    _check_ray_arguments(args, settings)
+    loader = PipelineLoader(
+        base_model=settings.base_model,
+        adapter=settings.adapter or DEFAULT_ADAPTER,
+        vae=settings.vae,
+        base_config=args.base_config,
+        image_encoder=args.image_encoder,
+        loras=tuple((settings.loras or {}).items()),
+        dtype=DTYPES[args.dtype] if args.dtype else None,
+        face_models=args.face_models,
+    )
+    options = RayOptions(
+        replicas=args.replicas,
+        max_replicas=args.max_replicas or max(1, gpus),
+        gpus=gpus > 0,
+        max_batch=args.max_batch,
+        config={
+            "data_dir": args.data_dir,
+            "database_url": args.database_url,
+            "api_keys": keys,
+            "max_queue": args.max_queue,
+            "max_images": args.max_images,
+            "max_steps": args.max_steps,
+            "max_side": args.max_side,
+            "max_upload_bytes": args.max_upload_mb * 1024 * 1024,
+            "face_models": args.face_models,
+            "models": {**settings.to_json(), "face_models": args.face_models, "ray": args.ray or "local"},
+        },
+    )
+    return loader, options
