@@ -5,8 +5,8 @@
 2. ``diffusers``      diffusers' own FaceID path: ``StableDiffusionPipeline.load_ip_adapter`` (which calls
                       ``unet._load_ip_adapter_weights`` and loads the LoRA as the PEFT adapter ``faceid_0``),
                       identity passed as ``added_cond_kwargs={"image_embeds": [face embeddings]}``;
-3. ``faceid``         this project, ``FaceIDAdapter.install`` (LoRA unfused), inside ``adapter.caching()``
-                      with the same tensors at every step, as ``FaceIDPipeline`` runs it;
+3. ``faceid``         this project, ``FaceIDAdapter.install`` (LoRA unfused), the identity as one call's tokens with
+                      its key/value cache (``CallTokens``), the same at every step, as ``FaceIDPipeline`` runs it;
 4. ``faceid-fused``   the same after ``adapter.fuse_lora()``.
 
 Everything is random-weight and built locally (nothing is downloaded): the full-size SD1.5 UNet
@@ -67,8 +67,8 @@ SEQUENTIAL_ORDER = ("plain", "faceid", "faceid-fused", "diffusers")
 LABELS = {
     "plain": "plain SD UNet (no adapter)",
     "diffusers": "diffusers FaceID (load_ip_adapter, PEFT LoRA faceid_0)",
-    "faceid": "faceid: install, LoRA unfused, caching()",
-    "faceid-fused": "faceid: install + fuse_lora(), caching()",
+    "faceid": "faceid: install, LoRA unfused, a call's cache",
+    "faceid-fused": "faceid: install + fuse_lora(), a call's cache",
 }
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 # Relative tolerance (max |a - b| / max |reference|) of the equality check, per compute dtype.
@@ -350,7 +350,7 @@ def plain_variant(unet, inputs: Inputs, notes: dict):
 def faceid_variant(unet, inputs: Inputs, notes: dict, ckpt_path: Path, fused: bool):
     """This project's adapter, as ``FaceIDPipeline`` runs it; ``remove()`` afterwards, checked."""
     from faceid.adapter import FaceIDAdapter
-    from faceid.attention import FaceIDAttnProcessor
+    from faceid.attention import CallTokens, FaceIDAttnProcessor, TokenGroup
 
     before, attributes_before = unet_fingerprint(unet), dict(vars(unet))
     adapter = FaceIDAdapter.install(unet, ckpt_path, scale=1.0, lora_scale=1.0)
@@ -358,21 +358,23 @@ def faceid_variant(unet, inputs: Inputs, notes: dict, ckpt_path: Path, fused: bo
         n_attn = len(unet.attn_processors)
         assert sum(isinstance(p, FaceIDAttnProcessor) for p in unet.attn_processors.values()) == n_attn // 2
         cond, uncond = adapter.identity_tokens(inputs.face)
-        kwargs = {"ip_hidden_states": torch.cat([uncond, cond])}  # UNet batch: unconditional half first
+        # UNet batch: unconditional half first. One call's tokens with its key/value cache, the same object at
+        # every step, as a pipeline call passes them.
+        tokens = CallTokens([TokenGroup(torch.cat([uncond, cond]), adapter.name, 1.0)])
+        kwargs = {"ip_hidden_states": tokens}
         if fused:
             adapter.fuse_lora()
-        with adapter.caching():  # the same text/identity tensors at every step, as in one pipeline call
-            yield Variant(
-                lambda: (
-                    unet(
-                        inputs.latents,
-                        inputs.timestep,
-                        encoder_hidden_states=inputs.text,
-                        cross_attention_kwargs=kwargs,
-                    ).sample
-                ),
-                module_bytes(unet, adapter.projection),
-            )
+        yield Variant(
+            lambda: (
+                unet(
+                    inputs.latents,
+                    inputs.timestep,
+                    encoder_hidden_states=inputs.text,
+                    cross_attention_kwargs=kwargs,
+                ).sample
+            ),
+            module_bytes(unet, adapter.projection),
+        )
     finally:
         adapter.remove()
         problems = fingerprint_diff(before, unet_fingerprint(unet))
