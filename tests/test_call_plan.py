@@ -255,3 +255,37 @@ def test_a_per_sample_scale_through_a_window_reads_nothing_from_the_device(tiny_
             group.set_open(step % 2 == 0)
             unet(**inputs, cross_attention_kwargs={"ip_hidden_states": [group]})
     assert windowed.count == plain.count
+
+
+# ---------------------------------------------------------------------- a half-precision VAE that decodes in float32
+@pytest.mark.parametrize("mode", ["text", "img2img"])
+def test_a_half_precision_vae_is_never_cast_by_a_call(tiny_models, mode, monkeypatch):
+    """SDXL's VAE decodes (and encodes) in float32 (``force_upcast``). diffusers casts the VAE object to float32
+    and back around each use; a call casts its own view instead, the shared VAE stays in float16, and the
+    images are diffusers' own, bit for bit."""
+    from faceid import sampling
+
+    pipe = FaceIDPipeline.from_pretrained(
+        tiny_models.sdxl, tiny_models.adapter("faceid-sdxl"), device="cpu", torch_dtype=torch.float16, progress=False
+    )
+    vae = pipe.pipe.vae
+    assert vae.dtype == torch.float16 and vae.config.force_upcast
+    casts = []
+    cast = vae.to
+
+    def watched(*args, **kwargs):  # a cast that changes the weights every call shares
+        dtype = kwargs.get("dtype", next((a for a in args if isinstance(a, torch.dtype)), None))
+        if dtype not in (None, torch.float16):
+            casts.append(dtype)
+        return cast(*args, **kwargs)
+
+    monkeypatch.setattr(vae, "to", watched)
+    call = {"seed": 2, "num_inference_steps": 2, "width": 32, "height": 32, "output_type": "np"}
+    if mode == "img2img":
+        call |= {"init_image": _picture(1, (32, 32)), "strength": 1.0}
+    images = pipe("a portrait", _face(), **call).images
+    assert casts == [] and vae.dtype == torch.float16
+    monkeypatch.setattr(sampling, "call_vae", lambda models: models.pipe.vae)  # diffusers' own cast, on the VAE
+    expected = pipe("a portrait", _face(), **call).images
+    assert casts and vae.dtype == torch.float16  # diffusers did cast it, and back
+    np.testing.assert_array_equal(images, expected)

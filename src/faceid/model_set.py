@@ -27,6 +27,7 @@ import torch
 from . import identity
 from . import tiny_vae as tiny_vaes
 from .adapter import FaceIDAdapter, refuse_other_family
+from .attention import module_state
 from .checkpoints import AdapterSpec, load_state_dict
 from .errors import FaceIDError, MissingWeightsError
 from .families import FAMILIES, family_of_pipeline
@@ -205,6 +206,7 @@ class ModelSet:
         # Hugging Face's fast tokenizers keep the padding and truncation of their last call on themselves: two
         # prompts encoded at once could pad each other's. Prompts are encoded one call at a time (milliseconds).
         self._encoding_prompts = threading.Lock()
+        self._vae_float32: tuple | None = None  # (what it was made from, the copy): see vae_float32
         # Standard IP-Adapters loaded next to FaceID for style/composition references (load_reference), and the
         # CLIP image encoder that reads their images where the adapter itself needs none (FaceID, not Plus).
         self.references: dict[str, Any] = {}
@@ -533,6 +535,20 @@ class ModelSet:
                 f"(CLI --style-adapter), and name it in Reference(adapter=...) when several are loaded (loaded: {loaded})"
             )
         raise FaceIDError(f"no reference adapter named {name!r} is loaded (loaded: {loaded}); see load_reference")
+
+    def vae_float32(self):
+        """A float32 copy of a half-precision VAE, for the calls that decode in float32 (``force_upcast``), made
+        on first use and kept while the VAE is the same (same object, same weights): each call then decodes with
+        it instead of casting the VAE that calls share (``faceid.sampling.Float32Upcast``). Memory: the VAE's
+        weights in float32 (~335 MB for SDXL's)."""
+        vae = self.pipe.vae
+        made_from = (vae, module_state(vae))
+        with self._building:
+            if self._vae_float32 is None or self._vae_float32[0] != made_from:
+                copy_ = type(vae).from_config(vae.config)
+                copy_.load_state_dict(vae.state_dict())  # the half-precision values, widened
+                self._vae_float32 = (made_from, copy_.to(vae.device).eval().requires_grad_(False))
+            return self._vae_float32[1]
 
     # ------------------------------------------------------------------ conditioning
     def encode_prompt(self, prompts: list[str], negatives: list[str], num_images_per_prompt: int) -> tuple:

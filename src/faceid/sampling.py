@@ -36,7 +36,8 @@ if TYPE_CHECKING:
 @dataclass
 class FaceIDOutput:
     """What a call returns: the images, the face analysed for each prompt (None for raw embeddings), and the
-    settings with every default resolved (``settings.for_image(i)`` reproduces image i alone)."""
+    settings with every default resolved: ``settings.for_image(i)`` reproduces image i alone, with face
+    ``i // num_images_per_prompt`` (with regions: with all the people)."""
 
     images: list | Any
     faces: list = field(default_factory=list)
@@ -91,7 +92,7 @@ def run_plan(
         denoiser = IdentityGuidedUNet(
             denoiser, run.identity_guidance, run.guidance_scale, plan.guidance, null, family.attention_kwargs
         )
-    vae = models.tiny_vae if run.decoder == "tiny" else models.pipe.vae
+    vae = models.tiny_vae if run.decoder == "tiny" else call_vae(models)
     if sliced_decode and run.decoder != "tiny" and getattr(vae, "use_slicing", None) is False:
         vae = OneImageAtATime(vae)  # the decode of a part, one image at a time (VAEs work per image)
     parts: dict[str, Any] = {"scheduler": scheduler, family.denoiser: denoiser, "vae": vae}
@@ -241,3 +242,37 @@ class OneImageAtATime:
 
         images = torch.cat([self.vae.decode(one, *args, return_dict=True, **kwargs).sample for one in z.split(1)])
         return DecoderOutput(sample=images) if return_dict else (images,)
+
+
+def call_vae(models: ModelSet):
+    """The VAE as one call uses it: the model set's own, or, for a half-precision VAE that must run in float32
+    (its ``force_upcast``: SDXL's overflows in float16), a ``Float32Upcast`` view of it for this call."""
+    vae = models.pipe.vae
+    if vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
+        return Float32Upcast(vae, models.vae_float32())
+    return vae
+
+
+class Float32Upcast:
+    """One call's view of a half-precision VAE that runs in float32.
+
+    diffusers' SDXL pipelines cast the VAE to float32 before they encode or decode with it and back to float16
+    after, on the VAE object itself; on a VAE that calls share, one call's cast back would pull the weights out
+    from under another call's decode. The view takes those casts on itself: it stands for the half-precision
+    VAE until the pipeline casts it to float32, then for ``float32``, a float32 copy of the same weights that
+    the model set makes once (``ModelSet.vae_float32``). The numbers are those of diffusers' own cast: the same
+    float32 weights, the same latents. Everything but ``to`` is the VAE it stands for now.
+    """
+
+    def __init__(self, half, float32) -> None:
+        self._half, self._float32 = half, float32
+        self._current = half
+
+    def to(self, *args: Any, **kwargs: Any) -> Float32Upcast:
+        dtype = kwargs.get("dtype", next((a for a in args if isinstance(a, torch.dtype)), None))
+        if dtype is not None:
+            self._current = self._float32 if dtype == torch.float32 else self._half
+        return self
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._current, name)
