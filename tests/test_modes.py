@@ -233,7 +233,7 @@ def test_identity_reaches_the_unet_and_faces_pair_in_every_mode(sd15_pipe, mode)
 
 
 @pytest.mark.parametrize("mode", [None, *MODES])
-def test_scheduler_vae_and_controlnet_are_put_back_after_every_mode(sd15_pipe, mode):
+def test_scheduler_vae_and_controlnet_are_the_calls_own_in_every_mode(sd15_pipe, mode):
     pipe = sd15_pipe
     inputs = _inputs(pipe, mode or "")
     scheduler, vae = pipe.pipe.scheduler, pipe.pipe.vae
@@ -250,8 +250,9 @@ def test_scheduler_vae_and_controlnet_are_put_back_after_every_mode(sd15_pipe, m
     for pipeline in [pipe.pipe, *pipe._siblings.values()]:
         assert pipeline.scheduler is scheduler and pipeline.vae is vae
         assert getattr(pipeline, "controlnet", None) is None
-    if mode:
-        assert seen["pipeline"] is not pipe.pipe and seen["pipeline"].unet is pipe.pipe.unet  # shared, not copied
+    # The call ran on a pipeline object of its own, over the same models (shared, not copied).
+    assert all(seen["pipeline"] is not pipeline for pipeline in [pipe.pipe, *pipe._siblings.values()])
+    assert seen["pipeline"].unet is pipe.pipe.unet and seen["pipeline"].text_encoder is pipe.pipe.text_encoder
 
 
 def test_fast_preset_with_img2img(sd15_pipe, tmp_path):

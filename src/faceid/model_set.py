@@ -334,12 +334,13 @@ class ModelSet:
         """
         unet = self.pipe.unet
         cuda = unet.device.type == "cuda"
-        if cuda:
-            unet.to(memory_format=torch.channels_last)
-        tensor_scalings(unet)  # LoRA weights in tensors, on the UNet's device: a new weight is no new graph
-        if mode is None and cuda and backend in (None, "inductor"):
-            mode = "max-autotune"
-        unet.compile(mode=mode, backend=backend or "inductor")
+        with self.weights.exclusive():  # it changes the UNet every call runs on: none runs meanwhile
+            if cuda:
+                unet.to(memory_format=torch.channels_last)
+            tensor_scalings(unet)  # LoRA weights in tensors, on the UNet's device: a new weight is no new graph
+            if mode is None and cuda and backend in (None, "inductor"):
+                mode = "max-autotune"
+            unet.compile(mode=mode, backend=backend or "inductor")
         return self
 
     @property
@@ -375,9 +376,10 @@ class ModelSet:
         return self._stack_lora(path, name or Path(path).stem, weight)
 
     def _stack_lora(self, path: str | os.PathLike, name: str, weight: float, label: str | None = None) -> str:
-        name = self.lora_stack.load(path, name=name, weight=weight, label=label).name
-        if self.compiled:  # its weight in a tensor too: changing it later recompiles nothing
-            tensor_scalings(self.pipe.unet)
+        with self.weights.exclusive():  # no call runs while the UNet's LoRA layers change
+            name = self.lora_stack.load(path, name=name, weight=weight, label=label).name
+            if self.compiled:  # its weight in a tensor too: changing it later recompiles nothing
+                tensor_scalings(self.pipe.unet)
         return name
 
     def set_lora_weight(self, name: str, weight: float) -> None:

@@ -118,7 +118,8 @@ class FaceIDPipeline(ModelSet):
         apply to this call only; None uses the adapter's. Plus variants: ``shortcut`` (PlusV2's
         ``tokens + s_scale * perceiver``; default on for PlusV2 adapters) and ``s_scale``.
         ``identity_window=(start, end)``: the adapter acts only in that part of the denoising steps
-        (fractions; ``(0, 1)`` is every step, an empty window switches it off, bit for bit).
+        (fractions of the full schedule, also where img2img and inpainting run only its end: ``faceid.plan``;
+        ``(0, 1)`` is every step, a window without a step that runs switches it off, bit for bit).
         ``seed``: an int seeds one generator for the whole batch, as the reference does; a list gives
         every image its own seed (image i is then reproduced alone by ``seed=[seeds[i]]``); none (and no
         ``generator`` or ``latents``) draws a seed per image, recorded in the result's settings.
