@@ -284,7 +284,9 @@ def _build_world(root: Path, tiny_models, face_models_dir: Path, faces_dir: Path
                variants.CLIP_VIT_H.subfolder)  # fmt: skip
     for kind, files in references.REFERENCE_ADAPTERS.items():
         for family, hub_file in files.items():
-            hub.file(hub_file, tiny_models.reference("plain" if kind == "plain" else "plus", family.lower().replace(".", "")))
+            hub.file(
+                hub_file, tiny_models.reference("plain" if kind == "plain" else "plus", family.lower().replace(".", ""))
+            )
     # Few-step LoRAs (random, in each preset's key layout), the tiny VAEs, ControlNets, OpenPose, depth, CLIP.
     made = root / "made"
     made.mkdir()
@@ -427,9 +429,9 @@ def world(tmp_path_factory, tiny_models, face_models_dir, faces_dir):
         patch.setattr(
             faceid_analyzer,
             "pretrained_models",
-            lambda models_dir=None, name="buffalo_l", download=True: models_in_folder(built.face_models)
-            if models_dir is None
-            else pretrained(models_dir, name, download),
+            lambda models_dir=None, name="buffalo_l", download=True: (
+                models_in_folder(built.face_models) if models_dir is None else pretrained(models_dir, name, download)
+            ),
         )
         from_weights = tiny_vae._from_weights
 
@@ -575,7 +577,9 @@ class PageRun:
             elif words[0] == "curl":
                 self.curl(words[1:], command)
             else:
-                pytest.fail(f"{self.where(command.line)}: no rule runs {words[0]!r}; mark the block <!-- not run: why -->")
+                pytest.fail(
+                    f"{self.where(command.line)}: no rule runs {words[0]!r}; mark the block <!-- not run: why -->"
+                )
 
     def substitute(self, text: str, line: int) -> str:
         for placeholder, value in self.bound.items():
@@ -583,7 +587,7 @@ class PageRun:
         if "<image-id>" in text:
             text = text.replace("<image-id>", self.first_image(line))
         left = re.findall(r"\b[0-9a-f]{4}\.\.\.", text)
-        assert not left, f"{self.where(line)}: {left} not bound by an earlier '# -> ... \"id\": \"...\"' comment"
+        assert not left, f'{self.where(line)}: {left} not bound by an earlier \'# -> ... "id": "..."\' comment'
         return text
 
     def first_image(self, line: int) -> str:
@@ -663,12 +667,16 @@ class PageRun:
             wanted = [int(c) for c in re.findall(r"\d{3}", codes.group(1))]
             assert response.status_code in wanted, f"{self.where(command.line)}: {response.status_code} {response.text}"
         else:
-            assert 200 <= response.status_code < 300, f"{self.where(command.line)}: {response.status_code} {response.text}"
+            assert 200 <= response.status_code < 300, (
+                f"{self.where(command.line)}: {response.status_code} {response.text}"
+            )
         if out:
             (self.cwd / out).write_bytes(response.content)
         if url.endswith("/events"):
             assert "event: done" in response.text, f"{self.where(command.line)}: the stream did not end done"
-        if 200 <= response.status_code < 300 and response.headers.get("content-type", "").startswith("application/json"):
+        if 200 <= response.status_code < 300 and response.headers.get("content-type", "").startswith(
+            "application/json"
+        ):
             data = response.json()
             for placeholder in re.findall(r'"id": "([0-9a-f]{4}\.\.\.)"', command.comment):
                 self.bound[placeholder] = data["id"]
@@ -690,14 +698,19 @@ def _png(path) -> np.ndarray:
 
 
 def _same_pixels(a, b) -> bool:
-    return np.array_equal(_png(a) if isinstance(a, (str, Path)) else np.asarray(a), _png(b) if isinstance(b, (str, Path)) else np.asarray(b))
+    return np.array_equal(
+        _png(a) if isinstance(a, (str, Path)) else np.asarray(a),
+        _png(b) if isinstance(b, (str, Path)) else np.asarray(b),
+    )
 
 
 def _check_readme(run: PageRun) -> None:
     from faceid.outputs import read_settings
 
     cwd, ns = run.cwd, run.namespace
-    assert len(list((cwd / "outputs").glob("photo_s*.png"))) == 4 and list((cwd / "outputs").glob("contact_sheet_s*.png"))
+    assert len(list((cwd / "outputs").glob("photo_s*.png"))) == 4 and list(
+        (cwd / "outputs").glob("contact_sheet_s*.png")
+    )
     assert sorted(p.name for p in (cwd / "garden").glob("photo_s*.png")) == ["photo_s7.png", "photo_s8.png"]
     assert read_settings(cwd / "garden" / "photo_s8.png")["seed"] == 8
     assert read_settings(next((cwd / "painted").glob("photo_s*.png")))["strength"] == 0.6
@@ -720,7 +733,9 @@ def _check_generation(run: PageRun) -> None:
     assert "style" not in ns["pipe"].loras and (run.cwd / "identity_lora.safetensors").is_file()
     assert "identity_lora" in ns["stack"].list()
     steps = [step for step, _, _ in ns["shown"]]
-    assert steps == sorted(steps) and steps[-1] == ns["shown"][-1][1] and ns["shown"][-1][2].startswith("data:image/jpeg")
+    assert (
+        steps == sorted(steps) and steps[-1] == ns["shown"][-1][1] and ns["shown"][-1][2].startswith("data:image/jpeg")
+    )
     assert ns["quick"].settings.decoder == "tiny"
     assert ns["lcm"].settings.fast == "lcm" and ns["lcm"].settings.num_inference_steps == 4
     assert ns["guided"].settings.identity_guidance == 2.0
@@ -740,7 +755,10 @@ def _check_editing(run: PageRun) -> None:
     assert Image.open(cwd / "swapped.png").size == Image.open(cwd / "party.jpg").size and len(ns["twice"]) == 2
     assert (cwd / "canny" / "me_s4-control0.png").is_file()
     assert _same_pixels(cwd / "knight-again" / "me_s3.png", cwd / "knight" / "me_s3.png")
-    assert len(list((cwd / "swapped").glob("party_swap_s*.png"))) == 4 + 2 + 4 and (cwd / "swapped" / "party_swap_mask.png").is_file()
+    assert (
+        len(list((cwd / "swapped").glob("party_swap_s*.png"))) == 4 + 2 + 4
+        and (cwd / "swapped" / "party_swap_mask.png").is_file()
+    )
 
 
 def _check_people(run: PageRun) -> None:
@@ -758,7 +776,7 @@ def _check_cli(run: PageRun) -> None:
     assert list((cwd / "previews").glob("me_s3-step*.png")) and list((cwd / "fast").glob("me_s*.png"))
     assert list((cwd / "embeddings").glob("*.npy")) and list((cwd / "offline").glob("me_s*.png"))
     assert run.namespace["record"]["seed"] == 43 and run.namespace["settings"].seed == 43
-    assert ("faceid generate --face landscape.jpg --prompt \"a photo of a person\" --out nothing", 2) in run.statuses
+    assert ('faceid generate --face landscape.jpg --prompt "a photo of a person" --out nothing', 2) in run.statuses
 
 
 def _check_serving(run: PageRun) -> None:
