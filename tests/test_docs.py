@@ -35,17 +35,19 @@ The convention (the pages follow it; ``docs/TESTING.md`` says it in short):
   crop; ``landscape.jpg`` has no face; masks, LoRA files, adapter files and model folders (``rv4``,
   ``buffalo_l`` ...) are the tiny ones (``_workspace``).
 * **Cost.** Examples are written as a user would write them (30 default steps, 512x768, ``--width 512``...); the
-  harness caps what runs, openly: the family defaults become 3 steps at 32x48 (SD1.5) or 32x32 (SDXL), and a call's
-  requested steps and size are capped at 4 steps and 64 pixels a side (the aspect kept); a face swap
-  generates its crop at 64, its smallest resolution (``faceid.swap.plan_swap``, and the default the service
-  resolves a swap request's resolution to), in ``faceid.plan.request``,
-  so every call, from Python, the CLI or the server, records the settings that actually ran (and an image made
-  again from its PNG is the same image).
+  harness caps what runs, openly: the family defaults become 3 steps at 32x48 (SD1.5) or 32x32 (SDXL), and in
+  ``faceid.plan.request`` a call's requested steps and size are capped at 4 steps and 64 pixels a side (the aspect
+  kept), so every call, from Python, the CLI or the server, records the settings that actually ran (and an image
+  made again from its PNG is the same image). A face swap generates its crop at 64, its smallest resolution
+  (``faceid.swap.plan_swap``, and the default the service resolves a swap request's resolution to).
 * **Checks.** Besides "it ran": the ``faceid`` and ``curl`` statuses, the ``assert`` lines of the examples, and per
   page (``CHECKS``) the files and values the examples imply (images written, a PNG's settings reproducing it, an
   image made again being the same). ``test_links`` checks every relative link and anchor of the pages,
   ``test_architecture_lists_every_module`` the layout in docs/ARCHITECTURE.md against ``src/faceid``, and
   ``test_testing_lists_every_test_file`` the test list in docs/TESTING.md against ``tests/``.
+
+At the end of the run one line counts the examples that ran and lists the skipped ones with their reasons;
+``FACEID_DOCS_VERBOSE=1`` also shows the examples' own output and the 20 slowest blocks and commands.
 """
 
 from __future__ import annotations
