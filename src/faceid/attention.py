@@ -185,9 +185,11 @@ class CallTokens:
 class DecoupledBranch(nn.Module):
     """One adapter's branch in a cross-attention layer: its ``to_k_ip``/``to_v_ip`` and its strength knobs.
 
-    ``scale`` (the adapter's strength) and ``gate`` (its window, and whether it is switched on) are float32
-    buffers of shape ``(1, 1, 1)``, or ``(batch, 1, 1)`` for a strength per sample of the UNet batch, written
-    in place by ``set_scale`` / ``set_gate``. Where ``scale * gate`` is 0 the branch adds nothing, bit for bit.
+    ``scale`` (the adapter's strength) and ``gate`` (whether the user has it switched on) are float32 buffers of
+    shape ``(1, 1, 1)``, or ``(batch, 1, 1)`` for a strength per sample of the UNet batch, written in place by
+    ``set_scale`` / ``set_gate``; they weigh the tokens of callers that pass a plain tensor (training, a bare
+    UNet). A pipeline call brings its own weights in its token groups (its scale, its windows) and leaves these
+    as the user set them. Where the weight is 0 the branch adds nothing, bit for bit.
     """
 
     def __init__(self, hidden_size: int, cross_attention_dim: int, scale: float = 1.0):

@@ -136,8 +136,8 @@ class FaceIDPipeline(ModelSet):
         Other pipelines, with everything above: ``init_image`` (a photo) redraws it (img2img; ``strength`` of
         the steps, default 0.8), with ``mask_image`` (white: redraw, black: keep) only under the mask
         (inpainting; default strength 1); ``control``: ``ControlInput(image, controlnet, scale, window)`` or a
-        list of them (several ControlNets at once). The call runs the matching diffusers pipeline
-        (``pipeline_for``). Width and height default to the init image's (else the first control image's),
+        list of them (several ControlNets at once). The call runs the matching diffusers pipeline,
+        on a copy of its own (``call_pipeline``). Width and height default to the init image's (else the first control image's),
         and every image is resized to the output size; ``result.control_images`` are the control images used.
 
         Several people in one picture: ``face=[alice, bob]`` with ``regions`` (``"auto"``: left-to-right

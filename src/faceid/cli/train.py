@@ -16,7 +16,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         ("--base-model", str, "SD1.5/SDXL base model (Hub repo id or diffusers folder)"),
         ("--dataset", str, "folder written by `faceid prepare`"),
         ("--output-dir", str, "where checkpoints, logs and the exported adapter go"),
-        ("--variant", str, "faceid | plus | portrait"),
+        ("--variant", str, "faceid | plus | plusv2 | portrait"),
         ("--init-adapter", str, "start from this adapter checkpoint (fine-tuning)"),
         ("--image-encoder", str, "Plus: CLIP ViT-H image encoder folder or repo"),
         ("--max-train-steps", int, "optimizer steps"),
