@@ -19,8 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import torch
-from test_modes import _face, _mask, _picture, make_controlnet
-from tiny_models import unet_inputs
+from test_modes import _face, _mask, _picture
+from tiny_models import make_controlnet, unet_inputs
 
 from faceid.adapter import FaceIDAdapter
 from faceid.attention import TokenGroup

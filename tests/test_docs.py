@@ -206,16 +206,10 @@ class FakeHub:
 
 
 def _make_controlnet(base: Path, folder: Path, seed: int) -> Path:
-    """A ControlNet of a tiny model (as tests/test_modes.py makes them), saved as a diffusers folder."""
-    from diffusers import ControlNetModel, UNet2DConditionModel
+    """A ControlNet of a tiny model (``tiny_models.make_controlnet``), saved as a diffusers folder."""
+    from tiny_models import make_controlnet
 
-    unet = UNet2DConditionModel.from_pretrained(base / "unet")
-    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for conv in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]:
-            conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator) * 0.1)
-    controlnet.save_pretrained(folder)
+    make_controlnet(base, seed).save_pretrained(folder)
     return folder
 
 

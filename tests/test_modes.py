@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny_models import FEW_STEP_LAYOUTS, acting_loras, few_step_lora_state, make_tiny_autoencoder
+from tiny_models import FEW_STEP_LAYOUTS, acting_loras, few_step_lora_state, make_controlnet, make_tiny_autoencoder
 
 from faceid.cli import main
 from faceid.errors import FaceIDError
@@ -39,20 +39,6 @@ def _mask(size=(24, 16)):
     mask = np.zeros((size[1], size[0]), np.uint8)
     mask[:, size[0] // 2 :] = 255
     return Image.fromarray(mask)
-
-
-def make_controlnet(folder, seed):
-    """A ControlNet of the tiny model in ``folder``: ``ControlNetModel.from_unet`` on a fresh copy of its UNet, with
-    random (not zero) output convolutions, so that its residuals change the image."""
-    from diffusers import ControlNetModel, UNet2DConditionModel
-
-    unet = UNet2DConditionModel.from_pretrained(folder / "unet")
-    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for conv in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]:
-            conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator) * 0.1)
-    return controlnet.eval().requires_grad_(False)
 
 
 def _load(tiny_models, analyzer, family, **kwargs):

@@ -567,3 +567,17 @@ def acting_loras(unet) -> dict[str, float]:
         for name, weight in adapter_weights(unet).items()
         if all(name in layer.active_adapters for layer in layers_with(unet, name).values())
     }
+
+
+def make_controlnet(folder, seed):
+    """A ControlNet of the tiny model in ``folder``: ``ControlNetModel.from_unet`` on a fresh copy of its UNet, with
+    random (not zero) output convolutions, so that its residuals change the image."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet")
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for conv in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]:
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator) * 0.1)
+    return controlnet.eval().requires_grad_(False)
