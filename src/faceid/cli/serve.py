@@ -58,6 +58,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--fast",
+        dest="fast_presets",  # not ``fast``: that is a GenerationSettings field (settings_from_args reads it)
         action="append",
         type=_fast_preset,
         default=[],
@@ -177,6 +178,7 @@ def _style_adapter(text: str) -> tuple[str, str]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from ..service.capabilities import check_fast_presets
     from ..service.config import ServeConfig, check_bind, read_api_keys
 
     keys = read_api_keys(args.api_key or (), args.api_keys_file)
@@ -191,7 +193,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     controlnets = _controlnets(args.controlnet)  # before anything loads
     style_adapters = _named_once(args.style_adapter, "--style-adapter", "name")
-    fast = _fast_once(args.fast)
+    fast = check_fast_presets(_fast_once(args.fast_presets))  # a missing FILE: said before anything loads
     if args.ray is not None:
         if args.also_model or args.model_memory_gb is not None:
             raise FaceIDError("--ray serves one model set: leave out --also-model and --model-memory-gb")
@@ -316,7 +318,7 @@ def _check_ray_arguments(args: argparse.Namespace, settings) -> None:
         raise FaceIDError("--tiny-vae is not available with --ray yet: serve without --ray, or leave it out")
     if args.compile:
         raise FaceIDError("--compile is not available with --ray yet: leave it out, or serve without --ray")
-    if getattr(args, "fast", None):
+    if getattr(args, "fast_presets", None):
         raise FaceIDError(
             "--fast is not available with --ray yet (the replicas load no few-step LoRA): leave it out, or serve "
             "without --ray"

@@ -102,7 +102,8 @@ class Capabilities:
                 )
 
     def describe_fast(self) -> dict[str, dict[str, Any]]:
-        """``GET /v1/models``'s ``fast``: each loaded preset with what it sets when a request leaves it open."""
+        """``GET /v1/models``'s ``fast``: each loaded preset, the model families it exists for, and what it sets when
+        a request leaves it open."""
         from ..fast import PRESETS
 
         found = {}
@@ -110,6 +111,7 @@ class Capabilities:
             preset = PRESETS[name]
             found[name] = {
                 "title": preset.title,
+                "families": list(preset.loras),
                 "num_inference_steps": preset.steps,
                 "scheduler": preset.scheduler,
                 "guidance_scale": preset.guidance_scale,

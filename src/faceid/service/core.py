@@ -99,12 +99,25 @@ class Service:
         tiny_vae = getattr(self.pipeline, "tiny_vae", None) is not None  # every model set is loaded alike
         self.capabilities = Capabilities.of(self.config, runs_modes=self.runs_modes, tiny_vae=tiny_vae)
         self.catalog = Catalog([default, *self.extra_models])
+        self._check_fast_families()
         if self.config.worker_factory is None:
             for worker in self.workers:
                 if worker.pipeline is not None:
                     worker.adopt(default, self.defaults)
         self.recover()
         self.queue.set_paused(not self.config.start_workers)
+
+    def _check_fast_families(self) -> None:
+        """Every ``--fast`` preset exists for a family this server serves (SDXL-Lightning: SDXL only)."""
+        from ..fast import PRESETS
+
+        families = {entry.family for entry in self.catalog.entries}
+        for name in self.config.fast:
+            if not families & set(PRESETS[name].loras):
+                raise FaceIDError(
+                    f"--fast {name} ({PRESETS[name].title}) exists for {', '.join(PRESETS[name].loras)} only, and this "
+                    f"server serves {', '.join(sorted(families))}: leave it out"
+                )
 
     def stop(self, timeout: float = 60.0) -> None:
         """Stop the workers; a running batch stops at its next step and its jobs stay queued for the next start."""

@@ -109,9 +109,12 @@ class Worker(threading.Thread):
         """Load onto ``pipeline`` (a model set just loaded) what the server runs with it: its few-step LoRAs
         (``ServeConfig.fast``) and, on workers that run modes, its ControlNets and style adapters. Returns the models
         attached (``Loaded.attached``: ControlNets by source, style adapters by ``style adapter NAME``)."""
+        from ..fast import PRESETS
+
         config = self.service.config
         for name, source in config.fast.items():
-            self._load_fast(pipeline, name, source)
+            if pipeline.family in PRESETS[name].loras:  # (requests for it on other families are refused at submit)
+                self._load_fast(pipeline, name, source)
         attached: dict[str, Any] = {}
         if not self.runs_modes:
             return attached
@@ -385,17 +388,17 @@ class Worker(threading.Thread):
         return Reference(image, spec.scale, adapter=spec.adapter, window=spec.window, region=region)
 
     def _load_style(self, pipeline: Any, name: str) -> list:
-        """Load the style adapter ``name`` onto ``pipeline``; the modules that added (for the memory budget): its
-        projection and attention branches, and the CLIP image encoder when this first one brought it."""
+        """Load the style adapter ``name`` onto ``pipeline`` (once: a pipeline given to the server may have it from
+        an earlier start); the modules it adds (for the memory budget): its projection and attention branches, and
+        the CLIP image encoder that reads its images."""
         config = self.service.config
-        encoder = pipeline.reference_encoder
-        # The model set's own CLIP image encoder (FaceID-Plus) reads references too; else the configured one, once.
-        pipeline.load_reference(
-            config.style_adapters[name], name=name, image_encoder=config.reference_encoder if encoder is None else None
-        )
+        if name not in pipeline.references:
+            # The model set's own CLIP image encoder (FaceID-Plus) reads references too; else the configured one.
+            encoder = config.reference_encoder if pipeline.reference_encoder is None else None
+            pipeline.load_reference(config.style_adapters[name], name=name, image_encoder=encoder)
         adapter = pipeline.references[name]
         added = [adapter.projection, *adapter.branches.values()]
-        if encoder is None and pipeline.reference_encoder is not None:
+        if pipeline.reference_encoder is not None:
             added.append(pipeline.reference_encoder.model)
         return added
 
