@@ -99,7 +99,11 @@ class Service:
         tiny_vae = getattr(self.pipeline, "tiny_vae", None) is not None  # every model set is loaded alike
         self.capabilities = Capabilities.of(self.config, runs_modes=self.runs_modes, tiny_vae=tiny_vae)
         self.catalog = Catalog([default, *self.extra_models])
-        self._check_fast_families()
+        try:
+            self._check_fast_families()
+        except FaceIDError:
+            self.queue.stop()  # the workers end: this server does not start
+            raise
         if self.config.worker_factory is None:
             for worker in self.workers:
                 if worker.pipeline is not None:
