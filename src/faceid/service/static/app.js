@@ -181,7 +181,7 @@ function showFast(presets) {
 // The decoders this server has (GET /v1/models "decoders": "full", and "tiny" with a tiny VAE); a choice only when
 // there is one to make.
 function showDecoders(decoders) {
-  const names = { full: "VAE (full quality)", tiny: "tiny VAE (faster, a little softer)" };
+  const names = { full: "VAE", tiny: "tiny VAE" };  // the field's title says the difference
   $("decoder").replaceChildren(...decoders.map((d) => el("option", { value: d, text: names[d] || d })));
   $("decoder-field").hidden = decoders.length < 2;
 }
