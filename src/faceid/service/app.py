@@ -392,8 +392,12 @@ def _install_error_handlers(app: FastAPI) -> None:
         )
 
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        codes = {404: "not_found", 405: "method_not_allowed"}
-        message = {404: f"no such endpoint: {request.url.path} (GET /docs lists them)"}.get(exc.status_code, exc.detail)
+        codes = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}
+        message = {
+            400: f"{exc.detail}: send a JSON object in UTF-8 with the header Content-Type: application/json, or "
+            "for uploads a multipart/form-data body (GET /openapi.json describes each request)",
+            404: f"no such endpoint: {request.url.path} (GET /docs lists them)",
+        }.get(exc.status_code, exc.detail)
         return error_response(exc.status_code, codes.get(exc.status_code, "http_error"), str(message), exc.headers)
 
     async def internal(request: Request, exc: Exception) -> JSONResponse:

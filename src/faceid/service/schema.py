@@ -3,8 +3,8 @@ uploads and PNGs, and readable operation ids.
 
 * ``ErrorBody``: every error is ``{"error": {"code", "message"}}``; ``DocumentedRoute`` declares it for each status a
   route can give, worked out from the route itself (401 when it takes the API key, 404 when its path names
-  something, 422 when it reads parameters or a body, 413 for a body, 403 and 500 everywhere) plus the ones only its
-  body knows (``errors(400, 409, 429)``). FastAPI's ``HTTPValidationError`` is never declared: it is not what a
+  something, 422 when it reads parameters or a body, 400 and 413 for a body, 403 and 500 everywhere) plus the
+  ones only its body knows (``errors(400, 409, 429)``). FastAPI's ``HTTPValidationError`` is never declared: it is not what a
   422 sends.
 * ``BinaryFile``: an upload, typed ``type: string, format: binary`` (what client generators read as a file part).
 * ``PNG``, ``EVENT_STREAM``, ``TEXT``: the non-JSON responses.
@@ -43,7 +43,8 @@ class ErrorBody(BaseModel):
 
 
 ERROR_STATUSES: dict[int, str] = {
-    400: "the uploaded file is not an image this server reads (code bad_image)",
+    400: "the body cannot be read: not UTF-8 JSON, or broken multipart (code bad_request); or an uploaded file "
+    "is not an image this server reads (code bad_image)",
     401: "this server needs an API key: send 'Authorization: Bearer KEY' (code unauthorized)",
     403: "refused: a Host the server does not answer to, or a cross-origin write (code forbidden)",
     404: "no such thing for this key: an unknown id, or another key's (code not_found)",
@@ -85,6 +86,8 @@ class DocumentedRoute(APIRoute):
             statuses.add(422)
         if {"POST", "PUT", "PATCH"} & set(kwargs.get("methods") or ()):
             statuses.add(413)  # the body limit (BodyLimit) applies to every write
+        if dependant.body_params:
+            statuses.add(400)  # a body that cannot be parsed
         super().__init__(path, endpoint, responses={**errors(*sorted(statuses)), **(responses or {})}, **kwargs)
 
 
