@@ -106,10 +106,30 @@ _BINARY = {"type": "string", "format": "binary"}
 PNG: dict[int | str, dict[str, Any]] = {
     200: {"description": "a PNG image", "content": {"image/png": {"schema": _BINARY}}}
 }
+EVENT_KINDS = ["queued", "progress", "preview", "done", "failed", "cancelled"]
+# Server-sent events, each an "event: KIND" line and a "data: JSON" line; the schema is one event's.
 EVENT_STREAM: dict[int | str, dict[str, Any]] = {
     200: {
-        "description": "server-sent events (text/event-stream): 'event: KIND' and 'data: JSON' lines",
-        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        "description": "server-sent events: queued, progress (each step), preview (with --preview-every), then one "
+        "of done, failed, cancelled",
+        "content": {
+            "text/event-stream": {
+                "schema": {
+                    "type": "object",
+                    "required": ["event", "data"],
+                    "properties": {
+                        "event": {"type": "string", "enum": EVENT_KINDS},
+                        "data": {
+                            "type": "string",
+                            "contentMediaType": "application/json",
+                            "description": "a JSON object: queued {queue_position}, progress {step, total}, preview "
+                            "{step, total, images, image_index}, done {status, images}, failed {status, error}, "
+                            "cancelled {status}",
+                        },
+                    },
+                }
+            }
+        },
     }
 }
 TEXT: dict[int | str, dict[str, Any]] = {
