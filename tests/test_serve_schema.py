@@ -217,18 +217,24 @@ def test_what_the_server_sends_fits_the_schema(keyed_server, faces_dir):
     ids = populate(keyed_server, auth, faces_dir, wait=True)
     identity, job, image_id = ids["identity_id"], ids["job_id"], ids["image_id"]
     checks = [status_code_conformance, content_type_conformance, response_schema_conformance]
-    for path, parameters in (
-        ("/v1/generations/{job_id}", {"job_id": job}),
-        ("/v1/generations", {}),
-        ("/v1/identities/{identity_id}", {"identity_id": identity}),
-        ("/v1/images/{image_id}.png", {"image_id": image_id}),
-        ("/v1/models", {}),
-        ("/health", {}),
-        ("/metrics", {}),
+    for path, parameters, query, status in (
+        ("/v1/generations/{job_id}", {"job_id": job}, None, 200),
+        ("/v1/generations", {}, None, 200),
+        ("/v1/identities/{identity_id}", {"identity_id": identity}, None, 200),
+        ("/v1/images/{image_id}.png", {"image_id": image_id}, None, 200),
+        ("/v1/models", {}, None, 200),
+        ("/health", {}, None, 200),
+        ("/metrics", {}, None, 200),
+        # Errors: the body sent is the one declared.
+        ("/v1/generations/{job_id}", {"job_id": "missing"}, None, 404),
+        ("/v1/generations", {}, {"limit": 0}, 422),
+        ("/v1/generations", {}, {"cursor": "nonsense"}, 422),
     ):
-        case = loaded[path]["GET"].Case(path_parameters=parameters)
+        case = loaded[path]["GET"].Case(path_parameters=parameters, query=query)
         response = case.call_and_validate(base_url=keyed_server, headers=auth, checks=checks)
-        assert response.status_code == 200, (path, response.text)
+        assert response.status_code == status, (path, response.text)
+    unauthorized = loaded["/v1/models"]["GET"].Case()
+    assert unauthorized.call_and_validate(base_url=keyed_server, checks=checks).status_code == 401
     models = requests.get(f"{keyed_server}/v1/models", headers=auth).json()
     assert models["defaults"]["num_inference_steps"] == 30 and models["workers"][0]["loaded"]
     assert models["catalog"][0]["defaults"]["width"] == 512
