@@ -163,9 +163,10 @@ def test_responses_are_typed(schema):
     assert "num_inference_steps" in components["JobSettings"]["properties"]
 
 
-def test_job_settings_read_what_the_server_stores():
+def test_job_settings_read_what_the_server_stores(schema):
     """A job's settings are ``GenerationSettings.to_json()`` (resolved, the unset fields left out): the model reads
-    them and shows them unchanged."""
+    them and shows them unchanged, and they validate against /openapi.json's ``JobSettings``."""
+    jsonschema_rs = pytest.importorskip("jsonschema_rs")  # schemathesis's JSON Schema validator
     from faceid.service.schema import JobSettings
 
     resolved = GenerationSettings(prompt=["a", "b"], seed=[1, 2], regions=[(0, 0, 0.5, 1), (0.5, 0, 1, 1)]).resolve(
@@ -173,6 +174,11 @@ def test_job_settings_read_what_the_server_stores():
     )
     stored = resolved.to_json()
     assert JobSettings.model_validate(stored).model_dump(mode="json") == stored
+    validator = jsonschema_rs.Draft202012Validator(
+        {"$ref": "#/components/schemas/JobSettings", "components": schema["components"]}
+    )
+    validator.validate(stored)
+    assert not validator.is_valid({**stored, "seed": "seven"})
 
 
 def populate(url: str, headers: dict | None, faces_dir, wait: bool) -> dict[str, str]:
