@@ -167,11 +167,13 @@ def test_job_settings_read_what_the_server_stores(schema):
     """A job's settings are ``GenerationSettings.to_json()`` (resolved, the unset fields left out): the model reads
     them and shows them unchanged, and they validate against /openapi.json's ``JobSettings``."""
     jsonschema_rs = pytest.importorskip("jsonschema_rs")  # schemathesis's JSON Schema validator
-    from faceid.service.schema import JobSettings
+    from faceid.service.inputs import JobInputs
+    from faceid.service.schema import JobInputsView, JobSettings
 
-    resolved = GenerationSettings(prompt=["a", "b"], seed=[1, 2], regions=[(0, 0, 0.5, 1), (0.5, 0, 1, 1)]).resolve(
-        "SD1.5", scale=1.0
-    )
+    style = [{"adapter": "plus", "scale": 0.8}, {"adapter": "plus", "region": "mask", "window": (0, 0.5)}]
+    resolved = GenerationSettings(
+        prompt=["a", "b"], seed=[1, 2], regions=[(0, 0, 0.5, 1), (0.5, 0, 1, 1)], style=style, loras={"x": 0.5}
+    ).resolve("SD1.5", scale=1.0)
     stored = resolved.to_json()
     assert JobSettings.model_validate(stored).model_dump(mode="json") == stored
     validator = jsonschema_rs.Draft202012Validator(
@@ -179,6 +181,10 @@ def test_job_settings_read_what_the_server_stores(schema):
     )
     validator.validate(stored)
     assert not validator.is_valid({**stored, "seed": "seven"})
+    # A job's inputs likewise (JobInputs.to_json(), nested models without their unset fields).
+    upload = "2e4858a789fa477c92eb0aa331c41738"
+    inputs = JobInputs.parse({"init_image": upload, "style": [{"image": upload, "adapter": "tiny", "scale": 0.8}]})
+    assert JobInputsView.model_validate(inputs.to_json()).model_dump(mode="json") == inputs.to_json()
 
 
 def populate(url: str, headers: dict | None, faces_dir, wait: bool) -> dict[str, str]:

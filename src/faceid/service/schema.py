@@ -145,7 +145,17 @@ class View(BaseModel):
 
 
 def _without_none(value: BaseModel, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-    return {key: item for key, item in handler(value).items() if item is not None}
+    """What ``to_json()`` stores (``exclude_none``): the fields left ``None`` omitted, in the nested models too (every
+    mapping in these settings and inputs is a model's, none holds a ``None`` that means something)."""
+
+    def prune(item: Any) -> Any:
+        if isinstance(item, dict):
+            return {key: prune(v) for key, v in item.items() if v is not None}
+        if isinstance(item, list | tuple):
+            return [prune(v) for v in item]
+        return item
+
+    return prune(handler(value))
 
 
 class JobSettings(GenerationSettings):
