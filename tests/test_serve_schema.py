@@ -65,9 +65,9 @@ def serving(config: ServeConfig):
 
 @pytest.fixture(scope="module")
 def open_server(tmp_path_factory, pipe, analyzer):
-    """No keys, workers paused: what the fuzzer queues stays queued (it costs nothing)."""
+    """No keys, workers paused: what the fuzzer queues stays queued (it costs nothing, and starts nothing)."""
     config = ServeConfig(
-        data_dir=tmp_path_factory.mktemp("open"), pipeline=pipe, analyzer=analyzer, start_workers=False, max_queue=4
+        data_dir=tmp_path_factory.mktemp("open"), pipeline=pipe, analyzer=analyzer, start_workers=False, max_queue=40
     )
     with serving(config) as url:
         yield url
@@ -257,7 +257,8 @@ def test_what_the_server_sends_fits_the_schema(keyed_server, faces_dir):
 def test_the_fuzzer_finds_nothing(request, keyed, faces_dir):
     """Every operation, positive and negative cases, a fixed seed: no 5xx, and every status, content type and body
     is one ``/openapi.json`` declares. With keys the fuzzer sends a valid key. Then the reads again, on things that
-    exist (an identity, an upload, a generation: done with keys, queued without)."""
+    exist (an identity, an upload, a generation: done with keys, queued without), and without keys (workers paused:
+    nothing runs) generations of a real identity, which the server accepts, queues and lists."""
     schemathesis = pytest.importorskip("schemathesis")
     from hypothesis import HealthCheck, Phase, given, settings
     from hypothesis.errors import Unsatisfiable
@@ -289,6 +290,8 @@ def test_the_fuzzer_finds_nothing(request, keyed, faces_dir):
             suppress_health_check=list(HealthCheck),
         )
         def run(case):
+            if known and operation.method.upper() == "POST" and isinstance(case.body, dict):
+                case.body["identity_id"] = known["identity_id"]
             response = case.call_and_validate(base_url=url, session=session, headers=headers, checks=checks)
             seen.append(response.status_code)
 
@@ -309,6 +312,11 @@ def test_the_fuzzer_finds_nothing(request, keyed, faces_dir):
             if operation.path.endswith("/events") and not keyed:
                 continue  # the events of a job that stays queued (workers paused) go on until it ends
             fuzz(operation, "positive", FUZZ_EXAMPLES["positive"], known)
+        elif operation.label == "POST /v1/generations" and not keyed:
+            fuzz(operation, "positive", FUZZ_EXAMPLES["positive"] * 2, known)
+    fuzz(loaded["/v1/generations"]["GET"], "positive", FUZZ_EXAMPLES["positive"])  # the listing, with all those
+    listed = requests.get(f"{url}/v1/generations", params={"limit": 100}, headers=headers).json()["generations"]
+    assert keyed or len(listed) > 5, listed  # fuzzed generations were accepted
     assert not failures, "\n\n".join(failures[:10]) + f"\n\n({len(failures)} failures)"
     print(sorted(collections.Counter(seen).items()))
     assert len(seen) > 100 and any(status < 300 for status in seen) and any(status >= 400 for status in seen)
