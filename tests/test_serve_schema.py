@@ -43,6 +43,14 @@ OPERATIONS = {
 FUZZ_EXAMPLES = {"positive": 25, "negative": 10}
 
 
+def needs(module: str):
+    """A test dependency of the ``test`` extra: its absence fails the test, saying how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        pytest.fail(f"this test needs {module}: pip install -e '.[test]' (it pins schemathesis, openapi-python-client)")
+
+
 @contextlib.contextmanager
 def serving(config: ServeConfig):
     """A real uvicorn server (in a thread) on 127.0.0.1; its base URL."""
@@ -166,7 +174,7 @@ def test_responses_are_typed(schema):
 def test_job_settings_read_what_the_server_stores(schema):
     """A job's settings are ``GenerationSettings.to_json()`` (resolved, the unset fields left out): the model reads
     them and shows them unchanged, and they validate against /openapi.json's ``JobSettings``."""
-    jsonschema_rs = pytest.importorskip("jsonschema_rs")  # schemathesis's JSON Schema validator
+    jsonschema_rs = needs("jsonschema_rs")  # schemathesis's JSON Schema validator
     from faceid.service.inputs import JobInputs
     from faceid.service.schema import JobInputsView, JobSettings
 
@@ -215,9 +223,9 @@ def populate(url: str, headers: dict | None, faces_dir, wait: bool) -> dict[str,
 
 def test_what_the_server_sends_fits_the_schema(keyed_server, faces_dir):
     """A real enrollment and generation, checked against ``/openapi.json`` by schemathesis: the views of a done job,
-    its listing, its PNG and /v1/models (the models are typed without dropping a key: the typed answer is the
-    service's own)."""
-    schemathesis = pytest.importorskip("schemathesis")
+    its listing, its PNG, /v1/models (its models forbid undeclared keys: a key the service adds without declaring
+    it is a 500 here, never dropped), /health, /metrics; and errors (404, 422, 401) with the declared body."""
+    schemathesis = needs("schemathesis")
     from schemathesis.specs.openapi.checks import (
         content_type_conformance,
         response_schema_conformance,
@@ -248,8 +256,7 @@ def test_what_the_server_sends_fits_the_schema(keyed_server, faces_dir):
     unauthorized = loaded["/v1/models"]["GET"].Case()
     assert unauthorized.call_and_validate(base_url=keyed_server, checks=checks).status_code == 401
     models = requests.get(f"{keyed_server}/v1/models", headers=auth).json()
-    assert models["defaults"]["num_inference_steps"] == 30 and models["workers"][0]["loaded"]
-    assert models["catalog"][0]["defaults"]["width"] == 512
+    assert models["workers"][0]["loaded"] and models["catalog"][0]["loaded_on"] == [models["workers"][0]["device"]]
 
 
 # ---------------------------------------------------------------------------------------------- the fuzzer
@@ -259,7 +266,7 @@ def test_the_fuzzer_finds_nothing(request, keyed, faces_dir):
     is one ``/openapi.json`` declares. With keys the fuzzer sends a valid key. Then the reads again, on things that
     exist (an identity, an upload, a generation: done with keys, queued without), and without keys (workers paused:
     nothing runs) generations of a real identity, which the server accepts, queues and lists."""
-    schemathesis = pytest.importorskip("schemathesis")
+    schemathesis = needs("schemathesis")
     from hypothesis import HealthCheck, Phase, given, settings
     from hypothesis.errors import Unsatisfiable
     from schemathesis.checks import not_a_server_error
@@ -318,8 +325,9 @@ def test_the_fuzzer_finds_nothing(request, keyed, faces_dir):
     listed = requests.get(f"{url}/v1/generations", params={"limit": 100}, headers=headers).json()["generations"]
     assert keyed or len(listed) > 5, listed  # fuzzed generations were accepted
     assert not failures, "\n\n".join(failures[:10]) + f"\n\n({len(failures)} failures)"
-    print(sorted(collections.Counter(seen).items()))
-    assert len(seen) > 100 and any(status < 300 for status in seen) and any(status >= 400 for status in seen)
+    statuses = collections.Counter(seen)
+    assert sum(statuses.values()) > 300 and {200, 201, 404, 422} <= set(statuses), statuses
+    assert keyed or 202 in statuses, statuses
 
 
 # ---------------------------------------------------------------------------------------------- a generated client
