@@ -2,7 +2,8 @@
 
 Errors are JSON, ``{"error": {"code": ..., "message": ...}}``, with a message that says what to do. With
 API keys every request (but ``/health`` and the API docs) needs ``Authorization: Bearer KEY``, and what a
-key creates (identities, generations, images) is visible to that key only: another key gets 404.
+key creates (identities, generations, images) is visible to that key only: another key gets 404. What each route
+answers, errors included, is declared in ``schema.py`` (``/openapi.json``).
 """
 
 from __future__ import annotations
