@@ -30,7 +30,7 @@ from .inputs import JobInputs
 # ---------------------------------------------------------------------------------------------- errors
 class ErrorDetail(BaseModel):
     code: str = Field(
-        description="what went wrong, for programs: bad_image, unauthorized, forbidden, not_found, conflict, "
+        description="what went wrong, for programs: bad_request, bad_image, unauthorized, not_found, conflict, "
         "limit_exceeded, invalid_request, no_face, queue_full, internal_error..."
     )
     message: str = Field(description="what went wrong and what to do about it, for people")
@@ -46,7 +46,7 @@ ERROR_STATUSES: dict[int, str] = {
     400: "the body cannot be read: not UTF-8 JSON, or broken multipart (code bad_request); or an uploaded file "
     "is not an image this server reads (code bad_image)",
     401: "this server needs an API key: send 'Authorization: Bearer KEY' (code unauthorized)",
-    403: "refused: a Host the server does not answer to, or a cross-origin write (code forbidden)",
+    403: "refused: a Host the server does not answer to, or a write from another origin",
     404: "no such thing for this key: an unknown id, or another key's (code not_found)",
     409: "not in a state that allows it, e.g. cancelling a finished generation (code conflict)",
     413: "too large: the request body or an upload (code limit_exceeded)",
