@@ -195,6 +195,18 @@ def test_job_settings_read_what_the_server_stores(schema):
     assert JobInputsView.model_validate(inputs.to_json()).model_dump(mode="json") == inputs.to_json()
 
 
+def test_an_unreadable_body_is_a_400_that_says_what_to_send(open_server, schema):
+    """Bytes that are not UTF-8 JSON (what the fuzzer sent first): 400 ``bad_request``, declared, saying what to
+    send (FastAPI's own answer was ``http_error``, "There was an error parsing the body", and undeclared)."""
+    response = requests.post(
+        f"{open_server}/v1/generations", data=b"\xff", headers={"Content-Type": "application/json"}, timeout=DEADLINE
+    )
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == "bad_request" and "Content-Type: application/json" in error["message"], error
+    assert "400" in schema["paths"]["/v1/generations"]["post"]["responses"]
+
+
 def populate(url: str, headers: dict | None, faces_dir, wait: bool) -> dict[str, str]:
     """An identity, an upload and a generation on the server (``wait``: until it is done); their ids, by the
     path parameters that name them."""
