@@ -8,6 +8,8 @@
 * :mod:`~faceid.service.jobs`: the bounded job queue (batch picking, cancellation) and each job's events;
 * :mod:`~faceid.service.worker`: one generation thread per device, batching compatible jobs (the same inputs);
 * :mod:`~faceid.service.metrics`: Prometheus metrics;
+* :mod:`~faceid.service.schema`: what ``/openapi.json`` promises: the response models, one error body for every
+  status a route gives, binary uploads and PNGs, operation ids;
 * :mod:`~faceid.service.app`: the FastAPI app (``create_app``), used by ``faceid serve`` and the tests.
 
 A web page or a Ray Serve deployment sits on the same layer: ``Service`` (in ``app.py``) holds the store,

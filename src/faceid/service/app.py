@@ -2,7 +2,8 @@
 
 Errors are JSON, ``{"error": {"code": ..., "message": ...}}``, with a message that says what to do. With
 API keys every request (but ``/health`` and the API docs) needs ``Authorization: Bearer KEY``, and what a
-key creates (identities, generations, images) is visible to that key only: another key gets 404.
+key creates (identities, generations, images) is visible to that key only: another key gets 404. What each route
+answers, errors included, is declared in ``schema.py`` (``/openapi.json``).
 """
 
 from __future__ import annotations
@@ -13,14 +14,14 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile
+from fastapi import Depends, FastAPI, File, Form, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, Field
+from pydantic import Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -28,10 +29,28 @@ from .. import __version__
 from ..errors import FaceIDError, FaceSelectionError, ImageError, NoFaceError
 from ..settings import GenerationSettings
 from .config import ServeConfig
-from .core import Conflict, LimitExceeded, NotFound, Service, crop_url, upload_url
+from .core import Conflict, LimitExceeded, NotFound, Service
 from .inputs import JobInputs
 from .jobs import QueueFull
 from .metrics import CONTENT_TYPE
+from .schema import (
+    EVENT_STREAM,
+    PNG,
+    TEXT,
+    BinaryFile,
+    DocumentedRoute,
+    GenerationPage,
+    HealthView,
+    IdentityView,
+    JobAccepted,
+    JobView,
+    ModelsView,
+    UploadView,
+    errors,
+    identity_view,
+    operation_id,
+    upload_view,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -59,101 +78,6 @@ class GenerationRequest(JobInputs, GenerationSettings):
 
     identity_id: str | None = Field(None, description="the person, for every prompt (from POST /v1/identities)")
     identity_ids: list[str] | None = Field(None, description="one person per prompt (prompt must then be a list)")
-
-
-class FaceView(BaseModel):
-    k: int
-    box: list[float]
-    score: float
-    faces_found: int
-    crop_url: str
-
-
-class IdentityView(BaseModel):
-    id: str
-    name: str | None
-    created: float
-    faces: list[FaceView]
-    warnings: list[str] = []
-
-
-class Progress(BaseModel):
-    step: int = Field(description="denoising steps done")
-    total: int | None = Field(description="denoising steps in all")
-
-
-class JobView(BaseModel):
-    id: str
-    status: Literal["queued", "running", "done", "failed", "cancelled"]
-    queue_position: int | None = Field(description="jobs ahead of this one (0: next); None unless queued")
-    progress: Progress
-    images: list[str] = Field(description="URLs of the PNGs, once done")
-    image_index: list[int] = Field(
-        description="each image's place among those the generation made: its seed is settings.seed[i], its prompt "
-        "i // num_images_per_prompt (it stays when other images are deleted)"
-    )
-    identity_ids: list[str] = Field(
-        description="the identity of each prompt; with inputs.people, those people (in every picture)"
-    )
-    mode: str = Field(description="text-to-image, img2img, inpaint, controlnet (+img2img, +inpaint) or swap")
-    inputs: dict[str, Any] = Field(
-        description="its input images by upload id, people, regions and style references, as requested (JobInputs); "
-        "settings.regions and settings.style record what the library made of them"
-    )
-    control_images: list[str] = Field(
-        description="URLs of the control images its ControlNets saw (at the output's size), once done"
-    )
-    settings: dict[str, Any] = Field(description="the GenerationSettings it runs with, every default resolved")
-    error: str | None = Field(description="why it failed")
-    created: float = Field(description="when it was submitted (Unix time)")
-    started: float | None
-    finished: float | None
-
-
-class UploadView(BaseModel):
-    id: str
-    name: str | None = Field(description="the uploaded file's name")
-    width: int = Field(description="upright (its EXIF orientation applied), as generation reads it")
-    height: int
-    created: float
-    url: str = Field(description="the image (PNG)")
-
-
-def upload_view(upload) -> UploadView:
-    return UploadView(
-        id=upload.id,
-        name=upload.name,
-        width=upload.width,
-        height=upload.height,
-        created=upload.created,
-        url=upload_url(upload.id),
-    )
-
-
-class GenerationPage(BaseModel):
-    generations: list[JobView] = Field(description="newest first")
-    next_cursor: str | None = Field(description="the next page's ?cursor=; None on the last page")
-
-
-class JobAccepted(BaseModel):
-    id: str
-    status: str
-    queue_position: int | None
-    url: str
-    events_url: str
-
-
-def identity_view(identity, warnings: list[str] = ()) -> IdentityView:
-    return IdentityView(
-        id=identity.id,
-        name=identity.name,
-        created=identity.created,
-        faces=[
-            FaceView(k=f.k, box=f.box, score=f.score, faces_found=f.faces_found, crop_url=crop_url(identity.id, f.k))
-            for f in identity.faces
-        ],
-        warnings=list(warnings),
-    )
 
 
 bearer = HTTPBearer(auto_error=False, description="one of the server's API keys (--api-key)")
@@ -196,8 +120,10 @@ def create_app(config: ServeConfig) -> FastAPI:
         version=__version__,
         lifespan=lifespan,
         description="Identity-preserving image generation (IP-Adapter-FaceID): enroll a person from photos, "
-        'then generate images of them. Errors are `{"error": {"code", "message"}}`.',
+        'then generate images of them. Errors are `{"error": {"code", "message"}}` (`ErrorBody`).',
+        generate_unique_id_function=operation_id,
     )
+    app.router.route_class = DocumentedRoute  # every route declares the errors it can give (schema.py)
     app.state.service = service
     form_overhead = 65536
     app.add_middleware(
@@ -210,10 +136,12 @@ def create_app(config: ServeConfig) -> FastAPI:
     _install_error_handlers(app)
 
     # ------------------------------------------------------------------ identities
-    @app.post("/v1/identities", status_code=201, response_model=IdentityView, tags=["identities"])
+    @app.post(
+        "/v1/identities", status_code=201, response_model=IdentityView, responses=errors(400, 429), tags=["identities"]
+    )
     def create_identity(
         who: Owner,
-        photos: Annotated[list[UploadFile], File(description="one or more photos of one person")],
+        photos: Annotated[list[BinaryFile], File(description="one or more photos of one person")],
         name: Annotated[str | None, Form(description="a name to show")] = None,
     ) -> IdentityView:
         """Enroll a person: every photo is analysed (the largest face is used), and its photo, aligned crop and
@@ -236,7 +164,7 @@ def create_app(config: ServeConfig) -> FastAPI:
     @app.get(
         "/v1/identities/{identity_id}/crops/{k}.png",
         response_class=FileResponse,
-        responses={200: {"content": {"image/png": {}}}},
+        responses=PNG,
         tags=["identities"],
     )
     def get_crop(identity_id: str, k: int, who: Owner):
@@ -250,10 +178,10 @@ def create_app(config: ServeConfig) -> FastAPI:
         return Response(status_code=204)
 
     # ------------------------------------------------------------------ uploads
-    @app.post("/v1/uploads", status_code=201, response_model=UploadView, tags=["uploads"])
+    @app.post("/v1/uploads", status_code=201, response_model=UploadView, responses=errors(400, 429), tags=["uploads"])
     def create_upload(
         who: Owner,
-        image: Annotated[UploadFile, File(description="an image: init image, mask, control photo or swap target")],
+        image: Annotated[BinaryFile, File(description="an image: init image, mask, control photo or swap target")],
     ) -> UploadView:
         """Upload an image a generation names by its id (``init_image``, ``mask_image``, ``controls[].image``,
         ``swap.target``, ``regions``' masks or photo, ``style[].image`` and ``style[].region``). It is decoded and checked first (size, pixels, format), and stored upright (its EXIF
@@ -268,7 +196,7 @@ def create_app(config: ServeConfig) -> FastAPI:
     @app.get(
         "/v1/uploads/{upload_id}.png",
         response_class=FileResponse,
-        responses={200: {"content": {"image/png": {}}}},
+        responses=PNG,
         tags=["uploads"],
     )
     def get_upload_image(upload_id: str, who: Owner):
@@ -286,7 +214,9 @@ def create_app(config: ServeConfig) -> FastAPI:
         return Response(status_code=204)
 
     # ------------------------------------------------------------------ generations
-    @app.post("/v1/generations", status_code=202, response_model=JobAccepted, tags=["generations"])
+    @app.post(
+        "/v1/generations", status_code=202, response_model=JobAccepted, responses=errors(429), tags=["generations"]
+    )
     def create_generation(request: GenerationRequest, who: Owner) -> JobAccepted:
         """Queue a generation. Seeds: none draws one per image; an int gives image i seed + i; a list, one each."""
         job, position = service.submit(who, request.model_dump(exclude_unset=True))
@@ -315,7 +245,7 @@ def create_app(config: ServeConfig) -> FastAPI:
     @app.delete(
         "/v1/generations/{job_id}",
         response_model=JobView,
-        responses={204: {"description": "purged: the generation and its images are deleted"}},
+        responses={204: {"description": "purged: the generation and its images are deleted"}, **errors(409)},
         tags=["generations"],
     )
     def cancel_generation(
@@ -334,7 +264,7 @@ def create_app(config: ServeConfig) -> FastAPI:
     @app.get(
         "/v1/generations/{job_id}/events",
         response_class=StreamingResponse,
-        responses={200: {"content": {"text/event-stream": {}}}},
+        responses=EVENT_STREAM,
         tags=["generations"],
     )
     async def generation_events(job_id: str, who: Owner):
@@ -351,7 +281,7 @@ def create_app(config: ServeConfig) -> FastAPI:
     @app.get(
         "/v1/generations/{job_id}/controls/{k}.png",
         response_class=FileResponse,
-        responses={200: {"content": {"image/png": {}}}},
+        responses=PNG,
         tags=["generations"],
     )
     def get_control_image(job_id: str, k: int, who: Owner):
@@ -362,7 +292,7 @@ def create_app(config: ServeConfig) -> FastAPI:
     @app.get(
         "/v1/images/{image_id}.png",
         response_class=FileResponse,
-        responses={200: {"content": {"image/png": {}}}},
+        responses=PNG,
         tags=["generations"],
     )
     def get_image(image_id: str, who: Owner):
@@ -376,7 +306,7 @@ def create_app(config: ServeConfig) -> FastAPI:
         return Response(status_code=204)
 
     # ------------------------------------------------------------------ server
-    @app.get("/v1/models", tags=["server"])
+    @app.get("/v1/models", response_model=ModelsView, tags=["server"])
     def models(who: Owner) -> dict[str, Any]:
         """What is configured and loaded, and the defaults a generation gets."""
         return service.models()
@@ -389,11 +319,11 @@ def create_app(config: ServeConfig) -> FastAPI:
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
-    @app.get("/health", tags=["server"])
+    @app.get("/health", response_model=HealthView, tags=["server"])
     def health() -> dict[str, Any]:
         return service.health()
 
-    @app.get("/metrics", tags=["server"], response_class=Response)
+    @app.get("/metrics", tags=["server"], response_class=Response, responses=TEXT)
     def metrics(who: Owner) -> Response:
         """Prometheus text format."""
         return Response(service.metrics.render(), media_type=CONTENT_TYPE)
@@ -463,8 +393,12 @@ def _install_error_handlers(app: FastAPI) -> None:
         )
 
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        codes = {404: "not_found", 405: "method_not_allowed"}
-        message = {404: f"no such endpoint: {request.url.path} (GET /docs lists them)"}.get(exc.status_code, exc.detail)
+        codes = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}
+        message = {
+            400: f"{exc.detail}: send a JSON object in UTF-8 with the header Content-Type: application/json, or "
+            "for uploads a multipart/form-data body (GET /openapi.json describes each request)",
+            404: f"no such endpoint: {request.url.path} (GET /docs lists them)",
+        }.get(exc.status_code, exc.detail)
         return error_response(exc.status_code, codes.get(exc.status_code, "http_error"), str(message), exc.headers)
 
     async def internal(request: Request, exc: Exception) -> JSONResponse:
