@@ -287,6 +287,28 @@ class CatalogEntry(JobSettings):
     loaded_on: list[str] = Field(description="the workers that hold it now")
 
 
+class FastPresetView(View):
+    title: str
+    families: list[str] = Field(description="the model families it exists for (sd15, sdxl)")
+    num_inference_steps: int = Field(description="what it sets when the request leaves it open")
+    scheduler: str
+    guidance_scale: float
+    eta: float | None = Field(
+        None, exclude_if=lambda v: v is None, description="its scheduler's eta (presets that set one)"
+    )
+
+
+class LimitsView(View):
+    """The server's limits (faceid serve --max-*): a request beyond one is refused, with what to change."""
+
+    max_steps: int
+    max_side: int = Field(description="pixels, width and height")
+    max_images: int = Field(description="images per request")
+    max_batch: int = Field(description="images per pipeline call when compatible jobs run together")
+    max_upload_bytes: int = Field(description="per uploaded image")
+    max_photos: int = Field(description="per identity")
+
+
 class ModelsView(View):
     """``GET /v1/models``: what the server runs. A new capability is a field here."""
 
@@ -298,6 +320,10 @@ class ModelsView(View):
     controlnets: dict[str, str] = Field(description="ControlNet by control kind (controls[].kind)")
     style_adapters: dict[str, str] = Field(description="style adapters by name (style[].adapter)")
     max_people: int = Field(description="people in one picture (inputs.people)")
+    fast: dict[str, FastPresetView] = Field(description="the few-step presets loaded (the request's fast)")
+    decoders: list[Literal["full", "tiny"]] = Field(description="what may decode the image (the request's decoder)")
+    annotators: list[str] = Field(description="annotator models loaded for the control kinds (openpose, depth)")
+    limits: LimitsView
 
 
 class HealthView(View):
