@@ -77,6 +77,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="per worker: loaded model sets beyond this evict the least recently used (default: 3/4 of a CUDA "
         "device's memory, half the RAM on CPU)",
     )
+    parser.add_argument(
+        "--sync-timeout",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="how long a request that answers with its images (the OpenAI Images API at /openai/v1) waits for them; "
+        "then its job is cancelled and the answer is 504 (default 600)",
+    )
     parser.add_argument("--api-key", action="append", default=None, metavar="KEY", help="require this key (repeatable)")
     parser.add_argument("--api-keys-file", default=None, metavar="FILE", help="API keys, one per line")
     parser.add_argument(
@@ -215,6 +223,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_steps=args.max_steps,
         max_side=args.max_side,
         max_upload_bytes=args.max_upload_mb * 1024 * 1024,
+        sync_timeout=args.sync_timeout,
         devices=devices,
         pipeline=pipeline,
         loader=load,
@@ -312,6 +321,7 @@ def ray_application_parts(args: argparse.Namespace, keys: tuple[str, ...], setti
             "max_steps": args.max_steps,
             "max_side": args.max_side,
             "max_upload_bytes": args.max_upload_mb * 1024 * 1024,
+            "sync_timeout": args.sync_timeout,
             "face_models": args.face_models,
             "models": {**settings.to_json(), "face_models": args.face_models, "ray": args.ray or "local"},
         },

@@ -27,6 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import __version__
 from ..errors import FaceIDError, FaceSelectionError, ImageError, NoFaceError
 from ..settings import GenerationSettings
+from . import openai_images
 from .config import ServeConfig
 from .core import Conflict, LimitExceeded, NotFound, Service, crop_url, upload_url
 from .inputs import JobInputs
@@ -380,6 +381,9 @@ def create_app(config: ServeConfig) -> FastAPI:
     def models(who: Owner) -> dict[str, Any]:
         """What is configured and loaded, and the defaults a generation gets."""
         return service.models()
+
+    # ------------------------------------------------------------------ the protocols other clients speak
+    openai_images.install(app, service)
 
     # ------------------------------------------------------------------ the web app
     @app.get("/", include_in_schema=False)

@@ -42,6 +42,9 @@ class ServeConfig:
     max_images: int = 8  # per generation request (prompts x images per prompt)
     max_steps: int = 100
     max_side: int = 2048  # width and height
+    # Seconds a request that answers with its images (the OpenAI and A1111 protocols) waits for its job; then the
+    # job is cancelled and the answer is 504.
+    sync_timeout: float = 600.0
     small_face: int = 64  # px; a narrower face is enrolled with a warning
     # A ``preview`` event every this many steps and at the last one (None: none); decoded by the tiny VAE when the
     # pipeline has one (``faceid serve --tiny-vae``: milliseconds), else by the VAE (about a step's time each).
@@ -73,6 +76,8 @@ class ServeConfig:
                      "max_steps", "max_side"):  # fmt: skip
             if int(getattr(self, name)) < 1:
                 raise FaceIDError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not self.sync_timeout > 0:
+            raise FaceIDError(f"sync_timeout must be more than 0 seconds, got {self.sync_timeout}")
         if self.preview_every is not None and int(self.preview_every) < 1:
             raise FaceIDError(f"preview_every must be at least 1 step (None: no previews), got {self.preview_every}")
         if self.pipeline is None and self.loader is None:

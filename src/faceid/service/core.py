@@ -444,6 +444,18 @@ class Service:
     def job_view(self, job_id: str, owner: str) -> dict[str, Any]:
         return self._view(self.job(job_id, owner))
 
+    def wait(self, job_id: str, owner: str, timeout: float) -> dict[str, Any]:
+        """A generation's view once it has finished, or as it is after ``timeout`` seconds (for the protocols
+        whose requests answer with the images)."""
+        live = self.queue.get(job_id)
+        if live is not None:
+            live.events.finished.wait(timeout)
+        return self.job_view(job_id, owner)
+
+    def image_ids(self, job_id: str, owner: str) -> list[str]:
+        """A generation's images (those not deleted), in order."""
+        return [image.id for image in self.job(job_id, owner).images]
+
     def _view(self, row: Job) -> dict[str, Any]:
         job_id = row.id
         live = self.queue.get(job_id)
