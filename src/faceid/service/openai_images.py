@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import FaceIDError, FaceSelectionError, ImageError, NoFaceError
+from . import oneshot
 from .core import Conflict, LimitExceeded, NotFound, Service
 from .files import is_id
 from .jobs import QueueFull
@@ -214,20 +215,13 @@ def router(service: Service) -> APIRouter:
         limit = service.config.max_upload_bytes
         read = [(f"image[{i}]" + (f" ({p.filename[:80]!r})" if p.filename else ""), p.file.read(limit + 1))
                 for i, p in enumerate(photos)]  # fmt: skip
-        with _openai_errors():
-            identity, _ = service.enroll(who, None, read)
-            made: list[str] = []
-            try:
-                job = _settings(service, prompt, n, size, quality) | {"identity_id": identity.id}
-                if mask is not None:
-                    init, mask_id = _inpainting_inputs(service, who, read[0], mask.file.read(limit + 1))
-                    made += [init, mask_id]
-                    job |= {"init_image": init, "mask_image": mask_id}
-                return _run(service, signer, request, who, job, response_format, output_format, output_compression)
-            finally:  # the photos were for this request only: the answer holds its images
-                service.delete_identity(identity.id, who)
-                for upload_id in made:
-                    service.delete_upload(upload_id, who)
+        with _openai_errors(), oneshot.person(service, who, read) as identity, oneshot.uploads(service, who) as upload:
+            job = _settings(service, prompt, n, size, quality) | {"identity_id": identity.id}
+            if mask is not None:
+                init = upload("openai edit image", read[0][1])
+                redraw = _redraw_mask(service, mask.file.read(limit + 1), (init.width, init.height))
+                job |= {"init_image": init.id, "mask_image": upload("openai edit mask", redraw).id}
+            return _run(service, signer, request, who, job, response_format, output_format, output_compression)
 
     @api.get(
         "/images/{image_id}.png",
@@ -300,32 +294,20 @@ def _settings(service: Service, prompt: str, n: int, size: str | None, quality: 
     return settings
 
 
-def _inpainting_inputs(service: Service, owner: str, photo: tuple[str, bytes], mask: bytes) -> tuple[str, str]:
-    """The first photo and OpenAI's mask (edit where alpha is 0) as uploads: faceid's mask is white where redrawn."""
-    label, data = photo
-    init = service.add_upload(owner, "openai edit image", data)
-    try:
-        service._check_upload_size("mask", mask)
-        image = _decode_rgba(mask, service)
-        if image.size != (init.width, init.height):
-            raise OpenAIError(
-                400,
-                f"mask is {image.width}x{image.height} but the first image is {init.width}x{init.height}: give a mask "
-                "of the image's size",
-                param="mask",
-            )
-        alpha = image.getchannel("A")
-        redraw = alpha.point(lambda a: 255 if a == 0 else 0)
-        if redraw.getbbox() is None:
-            raise OpenAIError(400, "mask has no transparent pixel: make the area to redraw transparent (alpha 0)",
-                              param="mask")  # fmt: skip
-        buffer = io.BytesIO()
-        redraw.convert("RGB").save(buffer, format="PNG")
-        mask_row = service.add_upload(owner, "openai edit mask", buffer.getvalue())
-    except BaseException:
-        service.delete_upload(init.id, owner)
-        raise
-    return init.id, mask_row.id
+def _redraw_mask(service: Service, mask: bytes, size: tuple[int, int]) -> bytes:
+    """OpenAI's mask (edit where alpha is 0) as faceid's (white where redrawn), a PNG; ``size``: the image's."""
+    service._check_upload_size("mask", mask)
+    image = _decode_rgba(mask, service)
+    if image.size != size:
+        raise OpenAIError(400, f"mask is {image.width}x{image.height} but the first image is {size[0]}x{size[1]}: "
+                          "give a mask of the image's size", param="mask")  # fmt: skip
+    redraw = image.getchannel("A").point(lambda a: 255 if a == 0 else 0)
+    if redraw.getbbox() is None:
+        raise OpenAIError(400, "mask has no transparent pixel: make the area to redraw transparent (alpha 0)",
+                          param="mask")  # fmt: skip
+    buffer = io.BytesIO()
+    redraw.convert("RGB").save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def _decode_rgba(data: bytes, service: Service) -> Image.Image:
@@ -342,19 +324,11 @@ def _decode_rgba(data: bytes, service: Service) -> Image.Image:
 
 def _run(service: Service, signer: UrlSigner, request: Request, owner: str, job: dict[str, Any],
          response_format: str | None, output_format: str | None, compression: int | None) -> ImagesResponse:  # fmt: skip
-    """Submit a generation, wait for it, and answer with its images."""
-    queued, _ = service.submit(owner, job)
-    view = service.wait(queued.id, owner, service.config.sync_timeout)
-    if view["status"] != "done":
-        if view["status"] in ("queued", "running"):  # the wait ran out: the job is not left behind
-            service.cancel(queued.id, owner)
-            raise OpenAIError(504, f"the images took longer than {service.config.sync_timeout:.0f} s; ask for fewer "
-                              "or smaller images", type="server_error", code="timeout")  # fmt: skip
-        raise OpenAIError(500, f"the generation {view['status']}: {view['error'] or 'no reason given'}",
-                          type="server_error", code="generation_failed")  # fmt: skip
+    """Run a generation, and answer with its images."""
+    view, image_ids = oneshot.run(service, owner, job)
     prompts = view["settings"]["prompt"]
     data = []
-    for image_id in service.image_ids(queued.id, owner):
+    for image_id in image_ids:
         item = ImageData(revised_prompt=prompts if isinstance(prompts, str) else None)
         path = service.image_path(image_id, owner)
         if response_format == "b64_json" or output_format not in (None, "png"):
@@ -422,6 +396,10 @@ def _openai_errors() -> Iterator[None]:
         yield
     except OpenAIError:
         raise
+    except oneshot.GenerationTimeout as exc:
+        raise OpenAIError(504, str(exc), type="server_error", code="timeout") from None
+    except oneshot.GenerationFailed as exc:
+        raise OpenAIError(500, str(exc), type="server_error", code="generation_failed") from None
     except NotFound as exc:
         raise OpenAIError(404, str(exc), code="not_found") from None
     except QueueFull as exc:
