@@ -31,14 +31,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import FaceIDError, FaceSelectionError, ImageError, NoFaceError
 from . import oneshot
-from .core import Conflict, LimitExceeded, NotFound, Service
+from .core import NotFound, Service
 from .files import is_id
-from .jobs import QueueFull
 
 PREFIX = "/openai/v1"
 URL_LIFETIME = 3600  # seconds a response_format=url link stays valid (OpenAI's: 60 minutes)
@@ -396,23 +394,12 @@ def _openai_errors() -> Iterator[None]:
         yield
     except OpenAIError:
         raise
-    except oneshot.GenerationTimeout as exc:
-        raise OpenAIError(504, str(exc), type="server_error", code="timeout") from None
-    except oneshot.GenerationFailed as exc:
-        raise OpenAIError(500, str(exc), type="server_error", code="generation_failed") from None
-    except NotFound as exc:
-        raise OpenAIError(404, str(exc), code="not_found") from None
-    except QueueFull as exc:
-        raise OpenAIError(429, f"the generation queue is full; try again in {exc.retry_after} s",
-                          type="rate_limit_error", code="rate_limit_exceeded",
-                          headers={"Retry-After": str(exc.retry_after)}) from None  # fmt: skip
-    except LimitExceeded as exc:
-        raise OpenAIError(exc.status if exc.status == 413 else 400, str(exc), code="limit_exceeded") from None
-    except (NoFaceError, FaceSelectionError) as exc:
-        raise OpenAIError(400, str(exc), code="no_face", param="image") from None
-    except ImageError as exc:
-        raise OpenAIError(400, str(exc), code="bad_image", param="image") from None
-    except Conflict as exc:
-        raise OpenAIError(409, str(exc), code="conflict") from None
-    except (FaceIDError, ValidationError) as exc:
-        raise OpenAIError(400, " ".join(str(exc).split()), code="invalid_request") from None
+    except Exception as exc:
+        error = oneshot.classify(exc)
+        if error is None:
+            raise
+        status = 400 if error.status == 422 else error.status
+        kind = {429: "rate_limit_error", 500: "server_error", 504: "server_error"}.get(status, "invalid_request_error")
+        code = {"queue_full": "rate_limit_exceeded"}.get(error.code, error.code)
+        param = "image" if error.code in ("no_face", "bad_image") else None
+        raise OpenAIError(status, error.message, type=kind, code=code, param=param, headers=error.headers) from None
