@@ -54,8 +54,13 @@ SAMPLERS: dict[str, dict[str, str]] = {
     "DDIM": {"automatic": "ddim", "uniform": "ddim", "normal": "ddim", "sgm_uniform": "ddim-trailing"},
     "Euler": {"automatic": "euler", "uniform": "euler", "normal": "euler", "sgm_uniform": "euler-trailing"},
     "Euler a": {"automatic": "euler-a", "uniform": "euler-a", "normal": "euler-a"},
-    "DPM++ 2M": {"automatic": "dpm++-karras", "karras": "dpm++-karras", "uniform": "dpm++", "normal": "dpm++",
-                 "sgm_uniform": "dpm++-trailing"},  # fmt: skip
+    "DPM++ 2M": {
+        "automatic": "dpm++-karras",
+        "karras": "dpm++-karras",
+        "uniform": "dpm++",
+        "normal": "dpm++",
+        "sgm_uniform": "dpm++-trailing",
+    },  # fmt: skip
     "LCM": {"automatic": "lcm"},
     "TCD": {"automatic": "tcd"},
 }
@@ -306,9 +311,16 @@ def router(service: Service) -> APIRouter:
         return {
             "progress": fraction,
             "eta_relative": elapsed / fraction - elapsed if fraction else 0.0,
-            "state": {"skipped": False, "interrupted": False, "job": jobs[0] if jobs else "",
-                      "job_count": len(jobs), "job_timestamp": "0", "job_no": 0,
-                      "sampling_step": step, "sampling_steps": total},  # fmt: skip
+            "state": {
+                "skipped": False,
+                "interrupted": False,
+                "job": jobs[0] if jobs else "",
+                "job_count": len(jobs),
+                "job_timestamp": "0",
+                "job_no": 0,
+                "sampling_step": step,
+                "sampling_steps": total,
+            },  # fmt: skip
             "current_image": None,
             "textinfo": None,
         }
@@ -426,7 +438,9 @@ def _face_units(body: GenerationRequest, service: Service) -> list[tuple[str, by
         if plus is not None and FACE_MODULES[module] != plus:
             runs = "a FaceID-Plus adapter: use ip-adapter_face_id_plus" if plus else "a FaceID adapter without CLIP " \
                 "features: use ip-adapter_face_id"  # fmt: skip
-            raise A1111Error(422, f"ControlNet unit {k}: module {module} needs another adapter; this server runs {runs}")
+            raise A1111Error(
+                422, f"ControlNet unit {k}: module {module} needs another adapter; this server runs {runs}"
+            )
         image = unit.get("image") or unit.get("input_image")
         if isinstance(image, dict):
             image = image.get("image")

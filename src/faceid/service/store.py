@@ -289,7 +289,6 @@ class Store:
         """Delete the upload's row, only when it is the owner's; whether it was."""
         return self._delete_owned(Upload, upload_id, owner)
 
-
     # ------------------------------------------------------------------ owners' options
     def option(self, owner: str, name: str) -> Any:
         with self.session() as s:
