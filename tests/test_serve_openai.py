@@ -157,3 +157,59 @@ def test_errors_in_openais_shape(server, faces_dir):
     made = client.images.generate(model="obama", prompt="a portrait", size=SIZE, response_format="b64_json",
                                   style="vivid", user="someone", extra_body={"moderation": "low"})  # fmt: skip
     assert len(made.data) == 1
+
+
+@pytest.fixture(scope="module")
+def transcriber(tmp_path_factory):
+    from tiny_models import make_tiny_whisper
+
+    from faceid.speech import Transcriber
+
+    return Transcriber.from_pretrained(make_tiny_whisper(tmp_path_factory.mktemp("whisper")))
+
+
+def recording(container: str, codec: str, seconds: float = 1.0, rate: int = 48_000) -> bytes:
+    """A tone with noise, encoded as a browser or phone would send it (PyAV: WAV, WebM/Opus, Ogg/Opus...)."""
+    import av
+
+    t = np.arange(int(seconds * rate)) / rate
+    wave = 0.3 * np.sin(2 * np.pi * 440 * t) + 0.05 * np.random.default_rng(0).standard_normal(t.size)
+    out = io.BytesIO()
+    with av.open(out, mode="w", format=container) as file:
+        stream = file.add_stream(codec, rate=rate, layout="mono")
+        frame = av.AudioFrame.from_ndarray(wave.astype(np.float32)[None, :], format="flt", layout="mono")
+        frame.sample_rate = rate
+        for packet in stream.encode(frame):
+            file.mux(packet)
+        for packet in stream.encode(None):
+            file.mux(packet)
+    return out.getvalue()
+
+
+def test_transcriptions(make_client, transcriber):  # noqa: F811
+    from faceid.speech import SAMPLING_RATE, decode_audio
+
+    server = make_client(api_keys=(KEY,), transcriber=transcriber)
+    client = client_for(server)
+    for container, codec in (("wav", "pcm_s16le"), ("webm", "libopus"), ("ogg", "libopus")):
+        audio = recording(container, codec)
+        text = client.audio.transcriptions.create(model="whisper-1", file=(f"prompt.{container}", audio))
+        # what the speech pipeline gives for the same decoded samples: the route decodes and transcribes, no more
+        samples = decode_audio(audio)
+        assert abs(samples.size - SAMPLING_RATE) < SAMPLING_RATE * 0.1  # 1 s, resampled to 16 kHz mono
+        expected = transcriber.pipeline({"raw": samples, "sampling_rate": SAMPLING_RATE})["text"].strip()
+        assert text.text == expected and text.text, container
+    plain = client.audio.transcriptions.create(model="whisper-1", file=("a.wav", audio), response_format="text")
+    assert plain == expected
+    prompted = client.audio.transcriptions.create(model="whisper-1", file=("a.wav", audio), prompt="Barack Obama")
+    assert prompted.text == transcriber(audio, prompt="Barack Obama") != expected  # the prompt reaches the decoder
+    with pytest.raises(openai.BadRequestError) as language:
+        client.audio.transcriptions.create(model="whisper-1", file=("a.wav", audio), language="fr")
+    assert "English-only" in language.value.message
+    with pytest.raises(openai.BadRequestError) as not_audio:
+        client.audio.transcriptions.create(model="whisper-1", file=("a.wav", b"RIFF not really"))
+    assert not_audio.value.code == "bad_audio" and not_audio.value.param == "file"
+    without = make_client(data_dir=server.app.state.service.config.data_dir.parent / "other")
+    with pytest.raises(openai.BadRequestError) as missing:
+        client_for(without).audio.transcriptions.create(model="whisper-1", file=("a.wav", audio))
+    assert missing.value.code == "unsupported" and "--speech-model" in missing.value.message

@@ -78,6 +78,16 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "device's memory, half the RAM on CPU)",
     )
     parser.add_argument(
+        "--speech-model",
+        nargs="?",
+        const="default",
+        default=None,
+        metavar="SOURCE",
+        help="transcribe spoken prompts (the web app's microphone, POST /openai/v1/audio/transcriptions) with this "
+        "speech model: a Hub id or folder of a Whisper model; without SOURCE, openai/whisper-small at a pinned commit. "
+        "Loaded at start",
+    )
+    parser.add_argument(
         "--sync-timeout",
         type=float,
         default=600.0,
@@ -224,6 +234,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_side=args.max_side,
         max_upload_bytes=args.max_upload_mb * 1024 * 1024,
         sync_timeout=args.sync_timeout,
+        speech_model=args.speech_model,
         devices=devices,
         pipeline=pipeline,
         loader=load,
@@ -322,6 +333,7 @@ def ray_application_parts(args: argparse.Namespace, keys: tuple[str, ...], setti
             "max_side": args.max_side,
             "max_upload_bytes": args.max_upload_mb * 1024 * 1024,
             "sync_timeout": args.sync_timeout,
+            "speech_model": args.speech_model,
             "face_models": args.face_models,
             "models": {**settings.to_json(), "face_models": args.face_models, "ray": args.ray or "local"},
         },

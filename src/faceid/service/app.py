@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import __version__
 from ..errors import FaceIDError, FaceSelectionError, ImageError, NoFaceError
 from ..settings import GenerationSettings
-from . import a1111, openai_images
+from . import a1111, openai_api
 from .config import ServeConfig
 from .core import Conflict, LimitExceeded, NotFound, Service, crop_url, upload_url
 from .inputs import JobInputs
@@ -207,6 +207,7 @@ def create_app(config: ServeConfig) -> FastAPI:
             "/v1/identities": config.max_photos * config.max_upload_bytes + form_overhead,
             "/v1/uploads": config.max_upload_bytes + form_overhead,
             "/openai/v1/images/edits": (config.max_photos + 1) * config.max_upload_bytes + form_overhead,
+            "/openai/v1/audio/transcriptions": config.max_upload_bytes + form_overhead,
             **a1111.body_limits(config),
         },
     )
@@ -385,7 +386,7 @@ def create_app(config: ServeConfig) -> FastAPI:
         return service.models()
 
     # ------------------------------------------------------------------ the protocols other clients speak
-    openai_images.install(app, service)
+    openai_api.install(app, service)
     a1111.install(app, service)
 
     # ------------------------------------------------------------------ the web app

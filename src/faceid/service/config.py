@@ -65,6 +65,11 @@ class ServeConfig:
     # its own); None: h94/IP-Adapter's ViT-H, fetched on first use.
     reference_encoder: str | None = None
     analyzer: Any = None
+    # Speech to text for spoken prompts (POST /openai/v1/audio/transcriptions, the web app's microphone): a Hub id or
+    # folder of a Whisper model, "default" for faceid.speech's pinned one, loaded at start; or ``transcriber``, a
+    # ready ``faceid.speech.Transcriber``. Neither: the server has no speech capability (requests for it get 400).
+    speech_model: str | None = None
+    transcriber: Any = None
     models: dict[str, Any] = field(default_factory=dict)  # what was configured, for GET /v1/models
     start_workers: bool = True  # False: jobs wait in the queue (tests of restarts)
     # service -> its workers, instead of one ``Worker`` per device (Ray Serve: workers that hand jobs to replicas)

@@ -46,6 +46,10 @@ class LimitExceeded(FaceIDError):
         self.status = status
 
 
+class Unsupported(FaceIDError):
+    """A capability this server was not started with."""
+
+
 class Conflict(FaceIDError):
     """The request does not fit the thing's state (cancelling a finished job)."""
 
@@ -74,6 +78,7 @@ class Service:
             raise FaceIDError("these workers serve one model set: give the others to a server of their own")
         # The other model sets, described from their configuration (the default one is told by its pipeline).
         self.extra_models = [ModelEntry.configured(i, spec) for i, spec in enumerate(config.catalog[1:], 1)]
+        self.transcriber = config.transcriber  # speech to text, or None (loaded by start() from speech_model)
         self.catalog: Catalog | None = None  # set by start()
         self.defaults: GenerationSettings | None = None  # set by start()
         self._lock = threading.Lock()
@@ -83,6 +88,11 @@ class Service:
         """Load the default models (each worker in its thread), re-queue what a previous run left, start
         generating."""
         self.queue.set_paused(True)
+        if self.transcriber is None and self.config.speech_model is not None:
+            from ..speech import Transcriber
+
+            source = None if self.config.speech_model == "default" else self.config.speech_model
+            self.transcriber = Transcriber.from_pretrained(source)
         for worker in self.workers:
             worker.start()
         for worker in self.workers:
@@ -598,6 +608,21 @@ class Service:
             for index, image_id in enumerate(image_ids)
         ]
         self.finish(job, DONE, images=rows)
+
+    # ------------------------------------------------------------------ speech
+    def transcribe(self, audio: bytes, language: str | None = None, prompt: str | None = None) -> str:
+        """The text spoken in ``audio`` (a recording's bytes, any common format), by the server's speech model."""
+        if self.transcriber is None:
+            raise Unsupported(
+                "this server has no speech model: start it with --speech-model (the pinned Whisper) to transcribe "
+                "spoken prompts"
+            )
+        if len(audio) > self.config.max_upload_bytes:
+            raise LimitExceeded(
+                f"the recording is larger than {self.config.max_upload_bytes / 1e6:.1f} MB: send a shorter one",
+                status=413,
+            )
+        return self.transcriber(audio, language=language, prompt=prompt)
 
     # ------------------------------------------------------------------ images, models, health
     def control_image_path(self, job_id: str, k: int, owner: str):

@@ -15,7 +15,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from ..errors import FaceIDError, FaceSelectionError, ImageError, NoFaceError
-from .core import Conflict, LimitExceeded, NotFound, Service
+from ..speech import AudioError
+from .core import Conflict, LimitExceeded, NotFound, Service, Unsupported
 from .jobs import QueueFull
 
 
@@ -99,7 +100,9 @@ def classify(exc: BaseException) -> ServiceError | None:
         (LimitExceeded, getattr(exc, "status", 422), "limit_exceeded"),
         ((NoFaceError, FaceSelectionError), 422, "no_face"),
         (ImageError, 400, "bad_image"),
+        (AudioError, 400, "bad_audio"),
         (Conflict, 409, "conflict"),
+        (Unsupported, 422, "unsupported"),
         ((FaceIDError, ValidationError), 422, "invalid_request"),
     ):
         if isinstance(exc, kinds):

@@ -28,7 +28,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
@@ -78,6 +78,10 @@ class ImageData(BaseModel):
 class ImagesResponse(BaseModel):
     created: int = Field(description="Unix time")
     data: list[ImageData]
+
+
+class Transcription(BaseModel):
+    text: str
 
 
 class ModelObject(BaseModel):
@@ -220,6 +224,27 @@ def router(service: Service) -> APIRouter:
                 redraw = _redraw_mask(service, mask.file.read(limit + 1), (init.width, init.height))
                 job |= {"init_image": init.id, "mask_image": upload("openai edit mask", redraw).id}
             return _run(service, signer, request, who, job, response_format, output_format, output_compression)
+
+    @api.post("/audio/transcriptions", response_model=Transcription, operation_id="openai_create_transcription",
+              responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})  # fmt: skip
+    def create_transcription(
+        who: Owner,
+        file: Annotated[UploadFile, File(description="a recording: wav, webm, ogg, mp3, m4a, flac...")],
+        model: Annotated[str, Form(description="any name (whisper-1...): the server has one speech model")] = "",
+        language: Annotated[str | None, Form(max_length=16, description="ISO-639-1 code; default: detected")] = None,
+        prompt: Annotated[
+            str | None, Form(max_length=2000, description="text that came before (names, spelling)")
+        ] = None,
+        response_format: Annotated[Literal["json", "text"], Form()] = "json",
+        temperature: Annotated[float | None, Form(ge=0, le=0, description="0 only: decoding is greedy")] = None,
+    ):
+        """The text spoken in ``file``, by the server's speech model (``faceid serve --speech-model``): the web app's
+        microphone button, or any OpenAI client's ``audio.transcriptions.create``."""
+        with _openai_errors():
+            text = service.transcribe(file.file.read(service.config.max_upload_bytes + 1), language, prompt)
+        if response_format == "text":
+            return PlainTextResponse(text)
+        return Transcription(text=text)
 
     @api.get(
         "/images/{image_id}.png",
@@ -401,5 +426,5 @@ def _openai_errors() -> Iterator[None]:
         status = 400 if error.status == 422 else error.status
         kind = {429: "rate_limit_error", 500: "server_error", 504: "server_error"}.get(status, "invalid_request_error")
         code = {"queue_full": "rate_limit_exceeded"}.get(error.code, error.code)
-        param = "image" if error.code in ("no_face", "bad_image") else None
+        param = {"no_face": "image", "bad_image": "image", "bad_audio": "file"}.get(error.code)
         raise OpenAIError(status, error.message, type=kind, code=code, param=param, headers=error.headers) from None
