@@ -83,12 +83,28 @@ class Progress(BaseModel):
     total: int | None = Field(description="denoising steps in all")
 
 
+class PersonScore(BaseModel):
+    identity_id: str
+    similarity: float = Field(description="cosine similarity of the face and the person's embedding, in [-1, 1]")
+    no_face: bool = Field(description="no face of the image is this person's (similarity 0)")
+
+
+class ImageScore(BaseModel):
+    recognizer: str = Field(description="the recognizer that measured it (arcface: buffalo_l's, as faceid score)")
+    similarity: float = Field(description="the person's similarity; with several people, the weakest one's")
+    people: list[PersonScore]
+
+
 class JobView(BaseModel):
     id: str
     status: Literal["queued", "running", "done", "failed", "cancelled"]
     queue_position: int | None = Field(description="jobs ahead of this one (0: next); None unless queued")
     progress: Progress
     images: list[str] = Field(description="URLs of the PNGs, once done")
+    scores: list[ImageScore | None] = Field(
+        default_factory=list,
+        description="how much each image looks like its person, by the server's recognizer (None: not scored)",
+    )
     image_index: list[int] = Field(
         description="each image's place among those the generation made: its seed is settings.seed[i], its prompt "
         "i // num_images_per_prompt (it stays when other images are deleted)"

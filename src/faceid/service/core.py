@@ -14,6 +14,8 @@ import threading
 import time
 from typing import Any
 
+import numpy as np
+
 from .. import __version__
 from ..errors import FaceIDError
 from ..modes import DEFAULT_STRENGTH, size_from_image
@@ -484,6 +486,7 @@ class Service:
                 "total": row.settings.get("num_inference_steps"),
             },
             "images": [image_url(image.id) for image in row.images],
+            "scores": [image.score for image in row.images],
             "image_index": [image.index for image in row.images],
             "identity_ids": row.identity_ids,
             "mode": inputs.mode,
@@ -597,6 +600,7 @@ class Service:
                 for index in range(len(images))
             ],
         )
+        scores = self.likeness(job, images)
         rows = [
             ImageRow(
                 id=image_id,
@@ -604,6 +608,7 @@ class Service:
                 job_id=job.id,
                 index=index,
                 settings=job.settings.for_image(index).to_json(),
+                score=scores[index],
             )
             for index, image_id in enumerate(image_ids)
         ]
@@ -623,6 +628,42 @@ class Service:
                 status=413,
             )
         return self.transcriber(audio, language=language, prompt=prompt)
+
+    def likeness(self, job: QueuedJob, images: list) -> list[dict[str, Any] | None]:
+        """How much each image looks like its person, by the server's recognizer (the one that enrolled them):
+        the cosine similarity of the image's largest face and the person's embedding (the mean of their photos',
+        normalised; one photo: exactly ``faceid score IMAGE --face PHOTO``). Several people in a picture: each
+        person's, for the face the best assignment gives them (``faceid score --face A --face B``), and the weakest
+        as the image's. None for an image that could not be scored (the log says why)."""
+        from ..scoring import IdentityScorer
+
+        scorer = IdentityScorer(self.analyzer)
+        references: dict[str, Any] = {}
+        for identity_id in dict.fromkeys(job.identity_ids):
+            identity = self.store.identity(identity_id, job.owner)
+            faces = self.enroller.faces(identity) if identity is not None else []
+            references[identity_id] = np.mean([f.embedding for f in faces], axis=0) if faces else None
+        people = bool(job.inputs.get("people"))
+        n = job.settings.num_images_per_prompt
+        scores: list[dict[str, Any] | None] = []
+        for index, image in enumerate(images):
+            ids = list(job.identity_ids) if people else [job.identity_ids[index // n]]
+            if any(references[i] is None for i in ids):
+                scores.append(None)
+                continue
+            try:
+                result = scorer.score_people(image, [references[i] for i in ids], largest_face_only=not people)
+            except Exception:  # a score is a view of the image: never the reason a job fails
+                logger.exception("job %s: image %d could not be scored", job.id, index)
+                scores.append(None)
+                continue
+            each = [
+                {"identity_id": i, "similarity": round(p.similarity, 4), "no_face": p.no_face}
+                for i, p in zip(ids, result.people, strict=True)
+            ]
+            weakest = min(each, key=lambda p: p["similarity"])
+            scores.append({"recognizer": scorer.name, "similarity": weakest["similarity"], "people": each})
+        return scores
 
     # ------------------------------------------------------------------ images, models, health
     def control_image_path(self, job_id: str, k: int, owner: str):

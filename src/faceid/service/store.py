@@ -90,6 +90,8 @@ class ImageRow(Base):
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), index=True)
     index: Mapped[int] = mapped_column(Integer)
     settings: Mapped[dict] = mapped_column(JSON)
+    # how much it looks like its person (each person's, for several): ``faceid.service.core.likeness``
+    score: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     job: Mapped[Job] = relationship(back_populates="images")
 
 
@@ -119,7 +121,7 @@ class OwnerOption(Base):
 
 # Columns added since a database could have been made: (table, column, SQL type), added at start when missing
 # (``create_all`` makes new tables, not new columns of existing ones).
-ADDED_COLUMNS = (("jobs", "inputs", "JSON"),)
+ADDED_COLUMNS = (("jobs", "inputs", "JSON"), ("images", "score", "JSON"))
 
 
 class Store:
