@@ -363,6 +363,8 @@ def test_a_style_reference_changes_the_picture(make_client, faces_dir, fresh_pip
     assert client.get("/v1/models").json()["style_adapters"] == {"tiny": plain}
     identity = enroll(client, faces_dir, "obama.jpg").json()["id"]
     image = upload_id(client, (faces_dir / "obama2.jpg").read_bytes(), "obama2.jpg")
+    # loaded with the model set at start (never inside a job), counted in the worker's model memory
+    assert set(fresh_pipe.references) == {"tiny"}
     before = client.get("/v1/models").json()["workers"][0]["memory"]["used_bytes"]
 
     without = done(client, generate(client, identity, seed=4, **STEPS))
@@ -374,9 +376,9 @@ def test_a_style_reference_changes_the_picture(make_client, faces_dir, fresh_pip
     assert np.abs(pixels[0] - pixels[1]).max() > 0  # the same seed, the reference acts
     stored = metadata(client, styled["images"][0])
     assert stored["style_input"][0]["image"] == image and stored["style"][0]["adapter"] == "tiny"
-    # loaded once, counted in the worker's model memory (its projection, branches and the image encoder)
+    # nothing more was loaded by the jobs
     after = client.get("/v1/models").json()["workers"][0]["memory"]["used_bytes"]
-    assert after > before and set(fresh_pipe.references) == {"tiny"}
+    assert after == before and set(fresh_pipe.references) == {"tiny"}
 
     # with two people, a window and a mask region: recorded as the library records them
     mask = upload_id(client, encoded(Image.new("L", (24, 16), 255)))
@@ -387,9 +389,13 @@ def test_a_style_reference_changes_the_picture(make_client, faces_dir, fresh_pip
     assert view["settings"]["regions"] == "auto"
 
 
-def test_people_and_style_requests_that_do_not_fit_are_422(make_client, faces_dir, tiny_models):  # noqa: F811
+def test_people_and_style_requests_that_do_not_fit_are_422(make_client, faces_dir, tiny_models, fresh_pipe):  # noqa: F811
     client = make_client(
-        api_keys=("key-a", "key-b"), style_adapters={"tiny": str(tiny_models.reference("plain"))}, start_workers=False
+        pipeline=fresh_pipe,
+        api_keys=("key-a", "key-b"),
+        style_adapters={"tiny": str(tiny_models.reference("plain"))},
+        reference_encoder=str(tiny_models.image_encoder),  # loaded with the style adapter, at start
+        start_workers=False,
     )
     a, b = {"Authorization": "Bearer key-a"}, {"Authorization": "Bearer key-b"}
     obama, biden = (enroll(client, faces_dir, name, headers=a).json()["id"] for name in ("obama.jpg", "biden.jpg"))

@@ -327,9 +327,12 @@ def test_web_app_live_previews_fast_mode_and_the_catalog(make_server, browser, f
 
     go = threading.Event()  # the first generation waits after its first preview until the page has shown it
     recording = Recording(live_pipe, after_preview=lambda step: go.wait(WAIT))
-    live_pipe.load_fast_lora("lcm", _lora_file(live_pipe, "lcm", tmp_path))  # no download: a local LoRA
+    # the fast presets: LCM from a local LoRA (no download), SDXL-Lightning for the SDXL set only (loaded with it)
+    fast = {"lcm": str(_lora_file(live_pipe, "lcm", tmp_path)), "lightning": None}
     # the catalog: the loaded SD1.5 set, and an SDXL set a worker would load on first use
-    url = make_server(pipeline=recording, preview_every=1, loader=no_loads, catalog=({}, {"adapter": "faceid-sdxl"}))
+    url = make_server(
+        pipeline=recording, preview_every=1, loader=no_loads, catalog=({}, {"adapter": "faceid-sdxl"}), fast=fast
+    )
     wait = WebDriverWait(browser, WAIT)
     browser.get(url + "/")
 
@@ -497,3 +500,71 @@ def test_web_app_two_people_from_a_group_photo_with_a_style_reference(
     assert len(view["settings"]["regions"]) == 2 and view["settings"]["style"] == [{"adapter": "tiny", "scale": 0.8}]
     browser.execute_script("document.getElementById('group-box').scrollIntoView()")
     screenshot(browser, tmp_path, "10-two-people-style")
+
+
+def test_web_app_offers_only_what_the_server_runs_and_errors_fit_their_card(
+    make_server,
+    browser,
+    faces_dir,
+    tmp_path,
+    live_pipe,  # noqa: F811
+):
+    import httpx
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    wait = WebDriverWait(browser, WAIT)
+
+    def values(select_id: str, enabled_only: bool = True) -> list[str]:
+        options = Select(browser.find_element(By.ID, select_id)).options
+        return [o.get_attribute("value") for o in options if o.is_enabled() or not enabled_only]
+
+    # a server without a few-step preset, a tiny VAE, a ControlNet or a style adapter: none of them is offered
+    bare = make_server()
+    browser.get(bare + "/")
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#model option[value='0']"))
+    assert values("fast", enabled_only=False) == [""] and not browser.find_element(By.ID, "fast").is_displayed()
+    assert not browser.find_element(By.ID, "decoder").is_displayed()
+    assert values("mode") == ["text-to-image", "img2img", "inpaint", "swap"]  # no ControlNet on this server
+    assert not browser.find_element(By.ID, "add-style").is_displayed()
+    screenshot(browser, tmp_path, "11-bare-server")
+
+    # a long error (a photo without a face, its long file name quoted) wraps inside its card
+    gray = tmp_path / ("a_photo_without_any_face_" * 6 + ".png")  # no break opportunity in 80 characters
+    Image.new("RGB", (256, 256), (128, 128, 128)).save(gray)
+    browser.find_element(By.ID, "photos").send_keys(str(gray))
+    browser.find_element(By.ID, "enroll").click()
+    status = browser.find_element(By.ID, "enroll-status")
+    wait.until(lambda d: "error" in status.get_attribute("class") and status.text)
+    assert "no face found" in status.text and "a_photo_without_any_face_a_photo" in status.text, status.text
+    sizes = browser.execute_script(
+        "const s = document.getElementById('enroll-status'), card = document.getElementById('person');"
+        "const r = s.getBoundingClientRect(), c = card.getBoundingClientRect();"
+        "return {scroll: s.scrollWidth, client: s.clientWidth, right: r.right, cardRight: c.right,"
+        " cardScroll: card.scrollWidth, cardClient: card.clientWidth, lines: r.height / parseFloat(getComputedStyle(s).lineHeight)}"
+    )
+    screenshot(browser, tmp_path, "12-long-error")
+    assert sizes["scroll"] <= sizes["client"] and sizes["right"] <= sizes["cardRight"], sizes
+    assert sizes["cardScroll"] <= sizes["cardClient"] and sizes["lines"] > 1.5, sizes  # wrapped onto lines
+
+    # a server with a tiny VAE and the LCM preset: both offered, and a generation with them runs
+    lora = str(_lora_file(live_pipe, "lcm", tmp_path))
+    equipped = make_server(pipeline=live_pipe, fast={"lcm": lora})
+    browser.get(equipped + "/")
+    wait.until(lambda d: len(values("fast", enabled_only=False)) == 2)
+    assert values("fast") == ["", "lcm"] and values("decoder") == ["full", "tiny"]
+    assert browser.find_element(By.ID, "decoder").is_displayed()
+    browser.find_element(By.ID, "photos").send_keys(str(faces_dir / "obama.jpg"))
+    browser.find_element(By.ID, "enroll").click()
+    wait.until(lambda d: loaded_images(d, "#crops img.crop") == 1)
+    for field, value in {"width": 24, "height": 16, "seed": 7, "count": 1}.items():
+        set_value(browser, field, value)
+    Select(browser.find_element(By.ID, "fast")).select_by_value("lcm")
+    Select(browser.find_element(By.ID, "decoder")).select_by_value("tiny")
+    browser.find_element(By.ID, "steps").clear()
+    browser.find_element(By.ID, "generate").click()
+    wait.until(lambda d: loaded_images(d, "#gallery img.generated") == 1)
+    job = browser.find_element(By.CSS_SELECTOR, "#gallery .generation").get_attribute("data-id")
+    settings = httpx.get(f"{equipped}/v1/generations/{job}").json()["settings"]
+    assert (settings["fast"], settings["decoder"], settings["num_inference_steps"]) == ("lcm", "tiny", 4)
+    screenshot(browser, tmp_path, "13-fast-and-tiny-decoder")

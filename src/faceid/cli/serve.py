@@ -7,6 +7,7 @@ import argparse
 
 from ..control import KINDS as CONTROL_KINDS
 from ..errors import FaceIDError
+from ..fast import PRESETS as FAST_PRESETS
 from ..variants import DEFAULT_ADAPTER
 from .flags import add_settings_arguments, int_at_least, settings_from_args
 from .loading import DTYPES, add_model_loading_arguments, load_face_analyzer
@@ -42,7 +43,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="KIND=SOURCE",
         help=f"the ControlNet (Hub id or diffusers folder, for the base model's family) that requests' control images "
         f"of KIND ({'|'.join(CONTROL_KINDS)}) go to; repeatable, one per kind. A request names a kind, never a "
-        "model; kinds without one are refused. Loaded by a worker on first use",
+        "model; kinds without one are refused. Loaded by every worker with each model set (with OpenPose for pose, "
+        "the depth model for depth): a missing one is an error at start",
     )
     parser.add_argument(
         "--style-adapter",
@@ -52,7 +54,18 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="NAME=SOURCE",
         help="a style adapter requests may name in style=[{adapter: NAME, ...}]: SOURCE is plain, plus or plus-face "
         "(h94/IP-Adapter's, for the model set's family) or an IP-Adapter checkpoint file; repeatable. A request names "
-        "an adapter, never a file. Loaded by a worker on first use",
+        "an adapter, never a file. Loaded by every worker with each model set: a missing one is an error at start",
+    )
+    parser.add_argument(
+        "--fast",
+        dest="fast_presets",  # not ``fast``: that is a GenerationSettings field (settings_from_args reads it)
+        action="append",
+        type=_fast_preset,
+        default=[],
+        metavar="PRESET[=FILE]",
+        help=f"a few-step preset requests may ask for with fast=PRESET ({'|'.join(FAST_PRESETS)}); FILE: a local copy "
+        "of its LoRA (as generate's --fast-lora), else the pinned Hub file, fetched at start. Repeatable. Loaded by "
+        "every worker with each model set; presets not given here are refused (422)",
     )
     parser.add_argument(
         "--reference-encoder",
@@ -159,6 +172,16 @@ def _controlnet_of_kind(text: str) -> tuple[str, str]:
     return kind, source.strip()
 
 
+def _fast_preset(text: str) -> tuple[str, str | None]:
+    """``--fast PRESET[=FILE]`` of ``faceid serve`` -> (preset, file or None)."""
+    name, sep, source = text.partition("=")
+    if name not in FAST_PRESETS or (sep and not source.strip()):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give PRESET or PRESET=FILE with PRESET one of {', '.join(FAST_PRESETS)}"
+        )
+    return name, source.strip() or None
+
+
 def _style_adapter(text: str) -> tuple[str, str]:
     """``--style-adapter NAME=SOURCE`` of ``faceid serve`` -> (name, source)."""
     from ..service.config import STYLE_ADAPTER_NAME
@@ -173,6 +196,7 @@ def _style_adapter(text: str) -> tuple[str, str]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from ..service.capabilities import check_fast_presets
     from ..service.config import ServeConfig, check_bind, read_api_keys
 
     keys = read_api_keys(args.api_key or (), args.api_keys_file)
@@ -187,6 +211,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     controlnets = _controlnets(args.controlnet)  # before anything loads
     style_adapters = _named_once(args.style_adapter, "--style-adapter", "name")
+    fast = check_fast_presets(_fast_once(args.fast_presets))  # a missing FILE: said before anything loads
     if args.ray is not None:
         if args.also_model or args.model_memory_gb is not None:
             raise FaceIDError("--ray serves one model set: leave out --also-model and --model-memory-gb")
@@ -244,6 +269,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         preview_every=preview_every,
         controlnets=controlnets,
         style_adapters=style_adapters,
+        fast=fast,
         reference_encoder=args.reference_encoder,
         models={
             **settings.to_json(),
@@ -253,6 +279,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "preview_every": preview_every,
             "controlnets": controlnets,
             "style_adapters": style_adapters,
+            "fast": fast,
             "reference_encoder": args.reference_encoder,
         },  # fmt: skip
     )
@@ -263,6 +290,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def _controlnets(given: list[tuple[str, str]]) -> dict[str, str]:
     """``--controlnet KIND=SOURCE`` flags -> {kind: source}; a kind given twice is an error."""
     return _named_once(given, "--controlnet", "kind")
+
+
+def _fast_once(given: list[tuple[str, str | None]]) -> dict[str, str | None]:
+    """``--fast PRESET[=FILE]`` flags -> {preset: file or None}; a preset given twice with different files is an
+    error."""
+    found: dict[str, str | None] = {}
+    for name, source in given:
+        if name in found and found[name] != source:
+            raise FaceIDError(f"--fast {name} is given twice ({found[name]}, {source}): give one file per preset")
+        found[name] = source
+    return found
 
 
 def _named_once(given: list[tuple[str, str]], flag: str, key_is: str) -> dict[str, str]:
@@ -300,6 +338,11 @@ def _check_ray_arguments(args: argparse.Namespace, settings) -> None:
         raise FaceIDError("--tiny-vae is not available with --ray yet: serve without --ray, or leave it out")
     if args.compile:
         raise FaceIDError("--compile is not available with --ray yet: leave it out, or serve without --ray")
+    if getattr(args, "fast_presets", None):
+        raise FaceIDError(
+            "--fast is not available with --ray yet (the replicas load no few-step LoRA): leave it out, or serve "
+            "without --ray"
+        )
 
 
 def ray_application_parts(args: argparse.Namespace, keys: tuple[str, ...], settings, gpus: int):

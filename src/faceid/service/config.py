@@ -54,13 +54,18 @@ class ServeConfig:
     loader: Callable[[str, GenerationSettings], Any] | None = None
     catalog: tuple[GenerationSettings | Mapping[str, Any], ...] = ()
     model_memory_gb: float | None = None  # per worker
-    # The ControlNet of each control kind (canny, kps, pose, depth, image): a Hub id or folder, loaded by a worker
-    # when a job first uses it (onto the job's pipeline). The allowlist: a request names a kind, never a model.
+    # The ControlNet of each control kind (canny, kps, pose, depth, image): a Hub id or folder, loaded by each worker
+    # with every model set it loads (with the kind's annotator: OpenPose for pose, the depth model for depth). The
+    # allowlist: a request names a kind, never a model.
     controlnets: Mapping[str, str] = field(default_factory=dict)
     # The style adapters a request may name, name -> source: "plain", "plus" or "plus-face" (h94/IP-Adapter's, for
-    # the model set's family) or a checkpoint file; each worker loads one onto a pipeline when a job first uses it
+    # the model set's family) or a checkpoint file; each worker loads them onto every model set it loads
     # (``FaceIDPipeline.load_reference``). The allowlist: a request names an adapter, never a file.
     style_adapters: Mapping[str, str] = field(default_factory=dict)
+    # The few-step presets requests may name (``fast``), preset -> a local copy of its LoRA (None: the pinned Hub
+    # file): each worker loads them onto every model set it loads (``ModelSet.load_fast_lora``), at start for the
+    # default one; a preset not given here is refused at submit (``capabilities.Capabilities.check``).
+    fast: Mapping[str, str | None] = field(default_factory=dict)
     # The CLIP image encoder that reads style images where the model set has none (a FaceID-Plus adapter brings
     # its own); None: h94/IP-Adapter's ViT-H, fetched on first use.
     reference_encoder: str | None = None
@@ -111,6 +116,9 @@ class ServeConfig:
                 raise FaceIDError(
                     f"style_adapters: give the source of {name!r}: plain, plus, plus-face or a checkpoint file"
                 )
+        from .capabilities import check_fast_presets
+
+        self.fast = check_fast_presets(self.fast)
         self.api_keys = tuple(self.api_keys)
         if any(not key or any(c.isspace() for c in key) for key in self.api_keys):
             raise FaceIDError("API keys must be non-empty and without spaces")

@@ -21,10 +21,11 @@ from ..errors import FaceIDError
 from ..modes import DEFAULT_STRENGTH, size_from_image
 from ..results import save_images
 from ..settings import FAMILY_DEFAULTS, MODEL_FIELDS, GenerationSettings
+from .capabilities import Capabilities
 from .config import ServeConfig
 from .enroll import Enroller, decode_upload
 from .files import DataDir, is_id, new_id
-from .inputs import MAX_PEOPLE, TEXT_TO_IMAGE, JobInputs, RegionsPhoto
+from .inputs import JobInputs, RegionsPhoto
 from .jobs import JobQueue, QueuedJob
 from .metrics import Metrics
 from .models import Catalog, ModelEntry
@@ -83,6 +84,7 @@ class Service:
         self.transcriber = config.transcriber  # speech to text, or None (loaded by start() from speech_model)
         self.catalog: Catalog | None = None  # set by start()
         self.defaults: GenerationSettings | None = None  # set by start()
+        self.capabilities: Capabilities | None = None  # set by start(): what requests may ask for
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ life
@@ -106,13 +108,32 @@ class Service:
         # call's, so the pipeline's own defaults are read once, here, not while a worker generates.
         self.defaults = self.pipeline.resolve_settings(GenerationSettings())
         default = ModelEntry.of(0, self.pipeline.family, self.defaults)
+        tiny_vae = getattr(self.pipeline, "tiny_vae", None) is not None  # every model set is loaded alike
+        self.capabilities = Capabilities.of(self.config, runs_modes=self.runs_modes, tiny_vae=tiny_vae)
         self.catalog = Catalog([default, *self.extra_models])
+        try:
+            self._check_fast_families()
+        except FaceIDError:
+            self.queue.stop()  # the workers end: this server does not start
+            raise
         if self.config.worker_factory is None:
             for worker in self.workers:
                 if worker.pipeline is not None:
                     worker.adopt(default, self.defaults)
         self.recover()
         self.queue.set_paused(not self.config.start_workers)
+
+    def _check_fast_families(self) -> None:
+        """Every ``--fast`` preset exists for a family this server serves (SDXL-Lightning: SDXL only)."""
+        from ..fast import PRESETS
+
+        families = {entry.family for entry in self.catalog.entries}
+        for name in self.config.fast:
+            if not families & set(PRESETS[name].loras):
+                raise FaceIDError(
+                    f"--fast {name} ({PRESETS[name].title}) exists for {', '.join(PRESETS[name].loras)} only, and this "
+                    f"server serves {', '.join(sorted(families))}: leave it out"
+                )
 
     def stop(self, timeout: float = 60.0) -> None:
         """Stop the workers; a running batch stops at its next step and its jobs stay queued for the next start."""
@@ -270,15 +291,7 @@ class Service:
 
     def _check_inputs(self, owner: str, inputs: JobInputs, strength: float | None) -> dict[str, Upload]:
         """The request's input images checked (see ``JobInputs.check``) and found: the owner's uploads by id."""
-        given = inputs.fields_given()
-        if given and not self.runs_modes:
-            what = inputs.mode if inputs.mode != TEXT_TO_IMAGE else ", ".join(given)
-            raise FaceIDError(
-                f"{what}: this server (faceid serve --ray) runs text-to-image of one person per prompt only for now; "
-                "img2img, inpainting, ControlNet, swap, several people in one picture and style references need a "
-                f"server without --ray. Leave out {', '.join(given)}"
-            )
-        inputs.check(strength, self.config.controlnets, self.config.style_adapters)
+        inputs.check(strength)
         found = {}
         for field, upload_id in inputs.uploads():
             row = self.store.upload(upload_id, owner) if is_id(upload_id) else None
@@ -306,6 +319,7 @@ class Service:
             )
         if settings.face_index:
             raise FaceIDError("face_index: an identity already holds one face per photo (the largest); leave it out")
+        self.capabilities.check(settings, inputs)  # refuses what this server was not started with (422)
         entry = self.catalog.find(settings)  # refuses a request naming models this server does not serve
         uploads = self._check_inputs(owner, inputs, settings.strength)
         for k, reference in enumerate(inputs.style or ()):
@@ -698,10 +712,28 @@ class Service:
             "workers": workers,
             "defaults": defaults,
             "catalog": catalog,
-            "modes": MODES if self.runs_modes else [MODES[0]],
-            "controlnets": dict(self.config.controlnets) if self.runs_modes else {},
-            "style_adapters": dict(self.config.style_adapters) if self.runs_modes else {},
-            "max_people": MAX_PEOPLE if self.runs_modes else 1,
+            **self._capabilities(),
+        }
+
+    def _capabilities(self) -> dict[str, Any]:
+        """What requests may ask for (``capabilities.Capabilities``) and the server's limits."""
+        caps, c = self.capabilities or Capabilities(), self.config
+        return {
+            "modes": list(caps.modes),
+            "controlnets": {kind: c.controlnets[kind] for kind in caps.controlnets},
+            "style_adapters": {name: c.style_adapters[name] for name in caps.style_adapters},
+            "max_people": caps.max_people,
+            "fast": caps.describe_fast(),
+            "decoders": list(caps.decoders),
+            "annotators": list(caps.annotators),
+            "limits": {
+                "max_steps": c.max_steps,
+                "max_side": c.max_side,
+                "max_images": c.max_images,
+                "max_batch": c.max_batch,
+                "max_upload_bytes": c.max_upload_bytes,
+                "max_photos": c.max_photos,
+            },
         }
 
     def health(self) -> dict[str, Any]:
@@ -719,10 +751,6 @@ class Service:
             "running": self.queue.running,
             "authenticated": bool(self.config.api_keys),
         }
-
-
-# What a generation can do, the web app's mode menu: the JobInputs modes a request asks for by its fields.
-MODES = [TEXT_TO_IMAGE, "img2img", "inpaint", "controlnet", "swap"]
 
 
 def image_url(image_id: str) -> str:

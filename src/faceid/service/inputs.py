@@ -191,9 +191,9 @@ class JobInputs(BaseModel):
         library used (``GenerationSettings.from_png`` reads those)."""
         return {f"{key}_input" if key in ("regions", "style") else key: value for key, value in self.to_json().items()}
 
-    def check(self, strength: float | None, served_kinds: dict[str, str], style_adapters: dict[str, str]) -> None:
-        """Refuse what does not go together, saying what to send instead. ``served_kinds``: the server's
-        ControlNet of each kind; ``style_adapters``: its style adapters by name."""
+    def check(self, strength: float | None) -> None:
+        """Refuse what does not go together, saying what to send instead. What the server has (its ControlNet
+        kinds, its style adapters) is checked by ``capabilities.Capabilities.check``."""
         if self.swap is not None and (self.init_image or self.mask_image or self.controls):
             raise FaceIDError(
                 "swap repaints a face of its target: leave out init_image, mask_image and controls (or leave out swap)"
@@ -212,19 +212,3 @@ class JobInputs(BaseModel):
                 "strength applies to img2img, inpainting and swap: give init_image (an upload id) or swap, or leave "
                 "strength out"
             )
-        for k, control in enumerate(self.controls or ()):
-            if control.kind not in served_kinds:
-                have = ", ".join(sorted(served_kinds)) or "none"
-                raise FaceIDError(
-                    f"controls[{k}].kind: this server has no ControlNet for {control.kind!r} (it has: {have}); use one "
-                    "of those kinds, or start the server with --controlnet "
-                    f"{control.kind}=SOURCE"
-                )
-        for k, reference in enumerate(self.style or ()):
-            if reference.adapter not in style_adapters:
-                have = ", ".join(sorted(style_adapters)) or "none"
-                raise FaceIDError(
-                    f"style[{k}].adapter: this server has no style adapter named {reference.adapter!r} (it has: "
-                    f"{have}); use one of those names (GET /v1/models lists them), or start the server with "
-                    "--style-adapter NAME=SOURCE"
-                )

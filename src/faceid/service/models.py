@@ -134,7 +134,8 @@ class Loaded:
     pipeline: Any
     defaults: GenerationSettings  # ``pipeline.resolve_settings()`` taken while no call ran on it
     nbytes: int  # the pipeline's and its attached models'
-    # models run with the pipeline, by key: ControlNets by source, style adapters by name
+    # models run with the pipeline, loaded with it (``Worker.equip``), by key: ControlNets by source, style adapters
+    # by "style adapter NAME"; each a model, or the list of the modules it added to the pipeline
     attached: dict[str, Any] = field(default_factory=dict)
 
 
@@ -144,17 +145,24 @@ class LoadedModels:
 
     Loading an entry that does not fit evicts the least recently used ones; an entry larger than the whole
     budget still loads (alone), with a warning, rather than never running. Only the worker thread loads and
-    evicts; request threads read what is loaded (under the lock)."""
+    evicts; request threads read what is loaded (under the lock). ``reserved``: the bytes of the models the worker
+    keeps whatever model set runs (the control kinds' annotators), counted as used."""
 
     budget: int
+    reserved: int = 0
     _loaded: OrderedDict[ModelEntry, Loaded] = field(default_factory=OrderedDict)
     # What each entry measured when this worker last loaded it: the room to make *before* loading it again.
     # A first load makes room after it, from its measured size.
     _sizes: dict[ModelEntry, int] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def add(self, entry: ModelEntry, pipeline: Any, defaults: GenerationSettings) -> Loaded:
-        loaded = Loaded(pipeline, defaults, pipeline_bytes(pipeline))
+    def add(
+        self, entry: ModelEntry, pipeline: Any, defaults: GenerationSettings, attached: dict[str, Any] | None = None
+    ) -> Loaded:
+        """File ``pipeline`` (and the models ``attached`` to it, loaded with it) under ``entry``, its memory counted."""
+        attached = dict(attached or {})
+        modules = [m for found in attached.values() for m in (found if isinstance(found, list) else [found])]
+        loaded = Loaded(pipeline, defaults, modules_bytes([*pipeline_modules(pipeline), *modules]), attached)
         self._sizes[entry] = loaded.nbytes
         if loaded.nbytes > self.budget:
             logger.warning(
@@ -166,8 +174,9 @@ class LoadedModels:
         self._make_room(0)
         return loaded
 
-    def get(self, entry: ModelEntry, load: Callable[[], tuple[Any, GenerationSettings]]) -> Loaded:
-        """``entry``'s pipeline, now the most recently used; ``load()`` -> (pipeline, defaults) when not loaded."""
+    def get(self, entry: ModelEntry, load: Callable[[], tuple]) -> Loaded:
+        """``entry``'s pipeline, now the most recently used; ``load()`` -> (pipeline, defaults[, attached]) when not
+        loaded."""
         with self._lock:
             found = self._loaded.get(entry)
             if found is not None:
@@ -192,23 +201,9 @@ class LoadedModels:
 
                 torch.cuda.empty_cache()
 
-    def attach(self, loaded: Loaded, key: str, load: Callable[[], Any]) -> Any:
-        """A model that runs with ``loaded``'s pipeline (a ControlNet, ``key`` its source; a style adapter):
-        ``load()`` the first time, then kept with the pipeline and evicted with it, its memory counted in the budget.
-        ``load()`` returns the model, or a list of the modules it added to the pipeline."""
-        with self._lock:
-            found = loaded.attached.get(key)
-        if found is None:
-            found = load()
-            with self._lock:
-                loaded.attached[key] = found
-                loaded.nbytes += modules_bytes(found if isinstance(found, list) else [found])
-            self._make_room(0)
-        return found
-
     @property
     def used(self) -> int:
-        return sum(loaded.nbytes for loaded in self._loaded.values())
+        return self.reserved + sum(loaded.nbytes for loaded in self._loaded.values())
 
     def holds(self, entry: ModelEntry | None) -> bool:
         with self._lock:
@@ -232,15 +227,21 @@ class LoadedModels:
 
 
 def pipeline_bytes(pipeline: Any) -> int:
-    """The memory a ``FaceIDPipeline``'s weights take: the parameters and buffers of its diffusers components,
-    its identity projection and its CLIP image encoder (each tensor once)."""
+    """The memory a ``FaceIDPipeline``'s weights take: the parameters and buffers of its diffusers components
+    (with the LoRAs and attention branches loaded into them), its identity projection and its CLIP image encoder
+    (each tensor once)."""
+    return modules_bytes(pipeline_modules(pipeline))
+
+
+def pipeline_modules(pipeline: Any) -> list:
+    """The torch modules of a ``FaceIDPipeline`` whose weights ``pipeline_bytes`` counts."""
     import torch
 
     modules = [m for m in pipeline.pipe.components.values() if isinstance(m, torch.nn.Module)]
     modules.append(pipeline.adapter.projection)
     if pipeline.image_encoder is not None:
         modules.append(pipeline.image_encoder.model)
-    return modules_bytes(modules)
+    return modules
 
 
 def modules_bytes(modules: Iterable[Any]) -> int:

@@ -9,13 +9,17 @@ gets the images it would get alone. Progress is reported at every step (``callba
 ``on_preview``, split by job); a cancelled job is dropped at its next step, and the call stops when every job
 in it is cancelled.
 
+Every model a job may need beyond the model set is loaded with it, never inside a job (``Worker.equip``): the
+server's few-step LoRAs (``--fast``), ControlNets and style adapters onto each model set as it loads (kept with it,
+counted in the memory budget: ``Loaded.attached``), and the control kinds' annotators (OpenPose, depth) once per
+worker at start (counted as ``LoadedModels.reserved``). A request can only name what was loaded
+(``capabilities.Capabilities.check``), so no request value starts a download.
+
 Input images (img2img, inpainting, ControlNet: ``faceid.service.inputs``) are read from the uploads when the batch
-runs (its jobs share them: they are in the batch key); each ControlNet is the server's one of its control kind,
-loaded onto the batch's pipeline on first use and kept with it (``LoadedModels.attach``), and its control image is
-made from the upload at the output's size. A swap job runs alone: one inpainting call per image. Several people in
-one picture go to the call as ``face`` with ``regions`` (their mask uploads, or the columns a photo's faces give);
-style references as ``style``, each read by the server's style adapter of its name, loaded onto the batch's
-pipeline on first use and kept with it as the ControlNets are.
+runs (its jobs share them: they are in the batch key); each ControlNet is the server's one of its control kind, and
+its control image is made from the upload at the output's size. A swap job runs alone: one inpainting call per
+image. Several people in one picture go to the call as ``face`` with ``regions`` (their mask uploads, or the columns
+a photo's faces give); style references as ``style``, each read by the server's style adapter of its name.
 """
 
 from __future__ import annotations
@@ -26,12 +30,12 @@ import time
 import traceback
 from typing import Any, Protocol
 
-from ..errors import FaceIDError
+from ..errors import FaceIDError, MissingWeightsError
 from ..settings import GenerationSettings
 from .config import ServeConfig
 from .inputs import ControlSpec, JobInputs, RegionsPhoto, StyleSpec, SwapSpec
 from .jobs import JobQueue, QueuedJob
-from .models import GB, Loaded, LoadedModels, ModelEntry, default_budget
+from .models import GB, Loaded, LoadedModels, ModelEntry, default_budget, modules_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +76,8 @@ class Worker(threading.Thread):
         self.models: LoadedModels | None = None  # set by ``adopt``
         self.loaded = threading.Event()
         self.load_error: str | None = None
-        self._annotators: dict[str, dict[str, Any]] = {}  # control kind -> its models (OpenPose, depth), once
+        self._annotators: dict[str, dict[str, Any]] = {}  # control kind -> its models (OpenPose, depth), at start
+        self._attached: dict[str, Any] = {}  # what ``equip`` loaded onto the default pipeline, until ``adopt``
 
     @property
     def pipeline(self) -> Any:
@@ -85,34 +90,95 @@ class Worker(threading.Thread):
         self._pipeline = value
 
     def load(self) -> None:
-        """The default model set's pipeline, once (in this thread when started by ``run``)."""
-        if self._pipeline is None:
-            try:
+        """The default model set's pipeline, once, with what the server runs with it (``equip``) and the control
+        kinds' annotators (in this thread when started by ``run``). What cannot load is an error at start."""
+        try:
+            if self._pipeline is None:
                 config = self.service.config
                 default = config.catalog[0] if config.catalog else GenerationSettings()
                 self._pipeline = config.loader(self.device, default)
-            except Exception as exc:  # reported by /health and the start-up
-                self.load_error = f"{type(exc).__name__}: {exc}"
-                logger.error("could not load the models on %s: %s", self.device, self.load_error)
+            self._attached = self.equip(self._pipeline)
+            self._load_annotators(self._pipeline)
+        except Exception as exc:  # reported by /health and the start-up
+            self._pipeline = None
+            self.load_error = f"{type(exc).__name__}: {exc}"
+            logger.error("could not load the models on %s: %s", self.device, self.load_error)
         self.loaded.set()
+
+    def equip(self, pipeline: Any) -> dict[str, Any]:
+        """Load onto ``pipeline`` (a model set just loaded) what the server runs with it: its few-step LoRAs
+        (``ServeConfig.fast``) and, on workers that run modes, its ControlNets and style adapters. Returns the models
+        attached (``Loaded.attached``: ControlNets by source, style adapters by ``style adapter NAME``)."""
+        from ..fast import PRESETS
+
+        config = self.service.config
+        for name, source in config.fast.items():
+            if pipeline.family in PRESETS[name].loras:  # (requests for it on other families are refused at submit)
+                self._load_fast(pipeline, name, source)
+        attached: dict[str, Any] = {}
+        if not self.runs_modes:
+            return attached
+        for source in dict.fromkeys(config.controlnets.values()):
+            attached[source] = pipeline.load_controlnet(source)
+        for name in config.style_adapters:
+            attached[f"style adapter {name}"] = self._load_style(pipeline, name)
+        return attached
+
+    @staticmethod
+    def _load_fast(pipeline: Any, name: str, source: str | None) -> None:
+        try:
+            pipeline.load_fast_lora(name, source)
+        except MissingWeightsError as exc:
+            from ..fast import PRESETS
+
+            file = PRESETS[name].lora(pipeline.family)
+            raise MissingWeightsError(
+                f"--fast {name}: its LoRA ({file.repo}, {file.path_in_repo}) is not in the Hub cache and could not be "
+                f"fetched ({str(exc).split('. Or load')[0]}); fetch it once online, or start the server with --fast "
+                f"{name}=FILE, FILE a local copy"
+            ) from exc
+
+    def _load_annotators(self, pipeline: Any) -> None:
+        """The annotators of the server's control kinds (OpenPose for pose, the depth model for depth), once."""
+        from ..control import annotator_options
+
+        if not self.runs_modes:
+            return
+        for kind in self.service.config.controlnets:  # {} for the kinds that need none
+            if kind not in self._annotators:
+                self._annotators[kind] = annotator_options(kind, device=str(pipeline.device))
+
+    def _annotator_bytes(self) -> int:
+        import torch
+
+        modules = []
+        for options in self._annotators.values():
+            for model in options.values():
+                model = model if isinstance(model, torch.nn.Module) else getattr(model, "model", None)
+                if isinstance(model, torch.nn.Module):
+                    modules.append(model)
+        return modules_bytes(modules)
 
     def adopt(self, entry: ModelEntry, defaults: GenerationSettings) -> None:
         """File the pipeline loaded at start under the catalog's default ``entry`` (called by the service once it
         knows the entry, before any job runs); from now on model sets come and go within the memory budget."""
         gb = self.service.config.model_memory_gb
-        self.models = LoadedModels(round(gb * GB) if gb else default_budget(self._pipeline.device))
-        self.models.add(entry, self._pipeline, defaults)
-        self._pipeline = None
+        budget = round(gb * GB) if gb else default_budget(self._pipeline.device)
+        self.models = LoadedModels(budget, reserved=self._annotator_bytes())
+        self.models.add(entry, self._pipeline, defaults, self._attached)
+        self._pipeline, self._attached = None, {}
 
-    def _load(self, entry: ModelEntry) -> tuple[Any, GenerationSettings]:
-        """Load ``entry`` here, in the worker thread, and take its defaults before any call runs on it."""
+    def _load(self, entry: ModelEntry) -> tuple[Any, GenerationSettings, dict[str, Any]]:
+        """Load ``entry`` here, in the worker thread, with what the server runs with it (``equip``), and take its
+        defaults before any call runs on it."""
         if self.service.config.loader is None:
             raise FaceIDError(f"this server has no loader for model set {entry.label()}")
         logger.info("loading model set %s on %s", entry.label(), self.device)
         pipeline = self.service.config.loader(self.device, entry.models)
         if pipeline.family != entry.family:
             raise FaceIDError(f"model set {entry.label()} loaded as a {pipeline.family} pipeline")
-        return pipeline, pipeline.resolve_settings(GenerationSettings())
+        attached = self.equip(pipeline)
+        return pipeline, pipeline.resolve_settings(GenerationSettings()), attached
 
     def describe(self) -> dict[str, Any]:
         """What ``GET /v1/models`` says of this worker: the pipeline it used last, and what it holds."""
@@ -305,18 +371,16 @@ class Worker(threading.Thread):
         return regions
 
     def _reference(self, job: QueuedJob, k: int, spec: StyleSpec, loaded: Loaded) -> Any:
-        """Style reference ``k`` of ``job``: its upload read by the server's style adapter of that name, loaded onto
-        the batch's pipeline on first use and kept with it."""
+        """Style reference ``k`` of ``job``: its upload read by the server's style adapter of that name (loaded with
+        the batch's pipeline)."""
         from ..groups import Reference
 
-        service, pipeline = self.service, loaded.pipeline
-        source = service.config.style_adapters.get(spec.adapter)
-        if source is None:  # the server was restarted without it while the job waited
+        service = self.service
+        if f"style adapter {spec.adapter}" not in loaded.attached:  # the server restarted without it while it waited
             raise FaceIDError(
                 f"style[{k}]: this server no longer has a style adapter named {spec.adapter!r}; submit the generation "
                 "again with a name GET /v1/models lists"
             )
-        self.models.attach(loaded, f"style adapter {spec.adapter}", lambda: self._load_style(pipeline, spec.adapter))
         region = spec.region
         if isinstance(region, str):
             region = service.upload_image(region, job.owner, f"style[{k}].region")
@@ -324,34 +388,32 @@ class Worker(threading.Thread):
         return Reference(image, spec.scale, adapter=spec.adapter, window=spec.window, region=region)
 
     def _load_style(self, pipeline: Any, name: str) -> list:
-        """Load the style adapter ``name`` onto ``pipeline``; the modules that added (for the memory budget): its
-        projection and attention branches, and the CLIP image encoder when this first one brought it."""
+        """Load the style adapter ``name`` onto ``pipeline`` (once: a pipeline given to the server may have it from
+        an earlier start); the modules it adds (for the memory budget): its projection and attention branches, and
+        the CLIP image encoder that reads its images."""
         config = self.service.config
-        encoder = pipeline.reference_encoder
-        # The model set's own CLIP image encoder (FaceID-Plus) reads references too; else the configured one, once.
-        pipeline.load_reference(
-            config.style_adapters[name], name=name, image_encoder=config.reference_encoder if encoder is None else None
-        )
+        if name not in pipeline.references:
+            # The model set's own CLIP image encoder (FaceID-Plus) reads references too; else the configured one.
+            encoder = config.reference_encoder if pipeline.reference_encoder is None else None
+            pipeline.load_reference(config.style_adapters[name], name=name, image_encoder=encoder)
         adapter = pipeline.references[name]
         added = [adapter.projection, *adapter.branches.values()]
-        if encoder is None and pipeline.reference_encoder is not None:
+        if pipeline.reference_encoder is not None:
             added.append(pipeline.reference_encoder.model)
         return added
 
     def _control(self, job: QueuedJob, k: int, spec: ControlSpec, loaded: Loaded) -> tuple[ControlSpec, Any, Any]:
         """(spec, control image, ControlNet) of ControlNet ``k`` of ``job``."""
-        from ..control import annotator_options, make_control_image
+        from ..control import make_control_image
 
-        service, pipeline = self.service, loaded.pipeline
+        service = self.service
         source = service.config.controlnets.get(spec.kind)
-        if source is None:  # the server was restarted without it while the job waited
+        if source is None or source not in loaded.attached:  # the server restarted without it while the job waited
             raise FaceIDError(
                 f"controls[{k}]: this server no longer has a ControlNet for {spec.kind!r}; submit the generation "
                 "again with a kind GET /v1/models lists"
             )
-        controlnet = self.models.attach(loaded, source, lambda: pipeline.load_controlnet(source))
-        if spec.kind not in self._annotators:
-            self._annotators[spec.kind] = annotator_options(spec.kind, device=str(pipeline.device))
+        controlnet = loaded.attached[source]
         field = f"controls[{k}].image"
         image = make_control_image(
             spec.kind,

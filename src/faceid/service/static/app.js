@@ -13,6 +13,7 @@ const PAGE = 12;  // generations per gallery page
 const state = {
   identity: null, models: [], authenticated: false, cursor: null, modes: [], controlnets: {},
   people: [], maxPeople: 1, styleAdapters: {},  // several people in one picture (in order), style adapters by name
+  fast: {},  // the server's few-step presets by name
 };
 
 // ------------------------------------------------------------------ API key and requests
@@ -152,6 +153,8 @@ async function loadModels() {
     if (!entries.length) select.append(el("option", { value: "", text: "no model loaded (yet)" }));
     showModes(info.modes || ["text-to-image"], info.controlnets || {});
     showGroupOptions(info.max_people || 1, info.style_adapters || {});
+    showFast(info.fast || {});
+    showDecoders(info.decoders || ["full"]);
     modelChanged();
     return true;
   } catch (e) {
@@ -164,21 +167,44 @@ function selectedModel() {
   return state.models.find((entry) => String(entry.index) === $("model").value) || state.models[0] || null;
 }
 
+// The few-step presets this server loaded (GET /v1/models "fast", by name: title, families, steps...): only those
+// are offered, and no menu at all when it has none (faceid serve --fast PRESET).
+function showFast(presets) {
+  state.fast = presets;
+  const chosen = $("fast").value;
+  $("fast").replaceChildren(el("option", { value: "", text: "off" }), ...Object.entries(presets).map(([name, p]) =>
+    el("option", { value: name, text: (p.title || name) + " (" + p.num_inference_steps + " steps)" })));
+  $("fast").value = presets[chosen] ? chosen : "";
+  $("fast-field").hidden = !Object.keys(presets).length;
+}
+
+// The decoders this server has (GET /v1/models "decoders": "full", and "tiny" with a tiny VAE); a choice only when
+// there is one to make.
+function showDecoders(decoders) {
+  const names = { full: "VAE", tiny: "tiny VAE" };  // the field's title says the difference
+  $("decoder").replaceChildren(...decoders.map((d) => el("option", { value: d, text: names[d] || d })));
+  $("decoder-field").hidden = decoders.length < 2;
+}
+
 // The chosen model set's defaults as placeholders, and the fast presets its family has (SDXL-Lightning: SDXL only).
 function modelChanged() {
   const entry = selectedModel();
   modeChanged();  // the size placeholders: the model's defaults, or the input image's
-  const lightning = $("fast").querySelector("option[value=lightning]");
-  lightning.disabled = !!entry && entry.family !== "SDXL";
-  if (lightning.disabled && $("fast").value === "lightning") $("fast").value = "";
+  for (const option of $("fast").options) {
+    const families = option.value && (state.fast[option.value] || {}).families;
+    option.disabled = !!entry && !!families && !families.includes(entry.family);
+    option.title = option.disabled ? "not for " + entry.family + " models" : "";
+  }
+  if ($("fast").selectedOptions[0]?.disabled) $("fast").value = "";
   fastChanged();
 }
 
-// An empty Steps field leaves the steps to the server: the model's default, or a fast preset's 4.
+// An empty Steps field leaves the steps to the server: the model's default, or a fast preset's.
 function fastChanged() {
   const entry = selectedModel();
   const steps = entry && entry.defaults && entry.defaults.num_inference_steps;
-  $("steps").placeholder = $("fast").value ? "4 (the preset's)" : steps ? "default " + steps : "default";
+  const preset = state.fast[$("fast").value];
+  $("steps").placeholder = preset ? preset.num_inference_steps + " (the preset's)" : steps ? "default " + steps : "default";
 }
 
 $("model").addEventListener("change", modelChanged);
@@ -189,16 +215,14 @@ $("model").addEventListener("change", modelChanged);
 // generation reads it. A generation names the uploads by id.
 const uploads = {};  // slot -> Promise of the upload's view
 
-// The modes this server runs (GET /v1/models "modes": text-to-image only on Ray) and its ControlNets by kind.
+// The modes this server runs (GET /v1/models "modes": text-to-image only on Ray) and its ControlNets by kind: only
+// those are offered (ControlNet only with a ControlNet).
 function showModes(modes, controlnets) {
   state.modes = modes;
   state.controlnets = controlnets;
   const kinds = Object.keys(controlnets);
   for (const option of $("mode").options) {
-    const why = !modes.includes(option.value) ? "this server runs text-to-image only"
-      : option.value === "controlnet" && !kinds.length ? "this server has no ControlNet (faceid serve --controlnet KIND=SOURCE)" : "";
-    option.disabled = !!why;
-    option.title = why;
+    option.disabled = option.hidden = !modes.includes(option.value) || (option.value === "controlnet" && !kinds.length);
   }
   if ($("mode").selectedOptions[0]?.disabled) $("mode").value = "text-to-image";
   $("control-kind").replaceChildren(...kinds.map((kind) => el("option", { value: kind, title: controlnets[kind], text: kind })));
@@ -283,12 +307,13 @@ function showGroupOptions(maxPeople, styleAdapters) {
   state.styleAdapters = styleAdapters;
   const group = $("group");
   group.disabled = maxPeople < 2;
-  group.parentElement.title = group.disabled ? "this server places one person per picture" : "";
+  $("group-box").hidden = group.disabled;  // offered only where the server places several people
   if (group.disabled) group.checked = false;
   groupChanged();
   const names = Object.keys(styleAdapters);
   $("add-style").disabled = !names.length;
-  $("add-style").title = names.length ? "" : "this server has no style adapters (faceid serve --style-adapter NAME=SOURCE)";
+  $("styles-box").hidden = !names.length;  // offered only with the server's style adapters
+  if (!names.length) $("styles").replaceChildren();
   for (const select of document.querySelectorAll("#styles select.style-adapter")) fillAdapters(select);
 }
 
@@ -466,6 +491,7 @@ async function requestBody() {
     if (entry.adapter) body.adapter = entry.adapter;
   }
   if ($("fast").value) body.fast = $("fast").value;
+  if ($("decoder").value === "tiny") body.decoder = "tiny";
   const guidance = parseFloat($("identity-guidance").value);
   if (guidance) body.identity_guidance = guidance;  // 0 or empty: off (the default); a bad value: the server says
   Object.assign(body, await modeFields(), await groupFields());
@@ -744,7 +770,7 @@ function imageFigure(view, url, i) {
       const body = { identity_id: view.identity_ids[Math.floor(index / per)], seed, num_images_per_prompt: 1, prompt };
       if (negative) body.negative_prompt = negative;
       for (const k of ["num_inference_steps", "guidance_scale", "width", "height", "scale", "fast", "identity_guidance",
-        "scheduler", "eta", "strength", "base_model", "adapter"]) {
+        "scheduler", "eta", "strength", "base_model", "adapter", "decoder"]) {
         if (settings[k] !== undefined && settings[k] !== null) body[k] = settings[k];
       }
       Object.assign(body, view.inputs || {});  // the same uploads (a swap's size is its target's: no width, height)

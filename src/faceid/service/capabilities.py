@@ -1,0 +1,143 @@
+"""What this server can run, stated at start, and the one check that refuses the rest at submit.
+
+A server runs only what it was started with (``faceid serve``'s flags, ``ServeConfig``): the few-step presets whose
+LoRA it loaded (``--fast PRESET[=FILE]``), the tiny VAE decoder (``--tiny-vae``), the ControlNet kinds
+(``--controlnet KIND=SOURCE``) with the annotators they need (OpenPose for ``pose``, the depth model for ``depth``),
+the style adapters (``--style-adapter NAME=SOURCE``) and, on workers that run them, the modes beyond
+text-to-image. Every model these need is loaded by each worker when it loads a model set, counted in its memory
+budget; a request that asks for anything else is refused at submit (``Capabilities.check``, 422), saying what the
+server has: no request value ever starts a download. ``GET /v1/models`` lists them (``Capabilities.describe``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import FaceIDError
+from ..settings import GenerationSettings
+from .inputs import MAX_PEOPLE, TEXT_TO_IMAGE, JobInputs
+
+# What a generation can do, the web app's mode menu: the JobInputs modes a request asks for by its fields.
+MODES = (TEXT_TO_IMAGE, "img2img", "inpaint", "controlnet", "swap")
+# The models ``faceid.control.make_control_image`` needs beyond the ControlNet, by control kind: loaded with the
+# server's ControlNet of that kind (``faceid.control.annotator_options``).
+ANNOTATORS = {"pose": "openpose", "depth": "depth"}
+
+
+class NotServed(FaceIDError):
+    """A request asks for something this server was not started with (422 ``invalid_request``)."""
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What this server runs: built once at start (``Capabilities.of``) from its configuration and its workers."""
+
+    fast: tuple[str, ...] = ()  # few-step presets (faceid.fast.PRESETS) whose LoRA every worker loaded
+    decoders: tuple[str, ...] = ("full",)  # GenerationSettings.decoder values: "tiny" with a tiny VAE
+    controlnets: tuple[str, ...] = ()  # control kinds
+    style_adapters: tuple[str, ...] = ()  # names
+    annotators: tuple[str, ...] = ()  # the control kinds' annotator models (ANNOTATORS)
+    modes: tuple[str, ...] = (TEXT_TO_IMAGE,)
+    max_people: int = 1
+    runs_modes: bool = False  # img2img, inpainting, ControlNet, swap, several people and style (not on --ray)
+
+    @classmethod
+    def of(cls, config: Any, runs_modes: bool, tiny_vae: bool) -> Capabilities:
+        """From ``config`` (a ``ServeConfig``); ``runs_modes``: whether the workers run more than text-to-image
+        (``Worker.runs_modes``); ``tiny_vae``: whether the models were loaded with a tiny VAE."""
+        kinds = tuple(config.controlnets) if runs_modes else ()
+        return cls(
+            fast=tuple(config.fast),
+            decoders=("full", "tiny") if tiny_vae else ("full",),
+            controlnets=kinds,
+            style_adapters=tuple(config.style_adapters) if runs_modes else (),
+            annotators=tuple(dict.fromkeys(ANNOTATORS[kind] for kind in kinds if kind in ANNOTATORS)),
+            modes=MODES if runs_modes else (TEXT_TO_IMAGE,),
+            max_people=MAX_PEOPLE if runs_modes else 1,
+            runs_modes=runs_modes,
+        )
+
+    def check(self, settings: GenerationSettings, inputs: JobInputs) -> None:
+        """Refuse (``NotServed``) what a request asks for that this server was not started with, saying what it has
+        and how to get the rest."""
+        if settings.fast is not None and settings.fast not in self.fast:
+            raise NotServed(
+                f"fast: this server has no {settings.fast!r} preset; it has {_listed(self.fast)} (restart it with "
+                f"--fast {settings.fast} to add one)"
+            )
+        if settings.decoder is not None and settings.decoder not in self.decoders:
+            raise NotServed(
+                f"decoder: this server has no {settings.decoder!r} decoder (no tiny VAE); it has "
+                f"{_listed(self.decoders)} (restart it with --tiny-vae to add the tiny one)"
+            )
+        if settings.tiny_vae is not None and "tiny" not in self.decoders:
+            raise NotServed(
+                "tiny_vae: this server has no tiny VAE; leave tiny_vae out (restart it with --tiny-vae to add one)"
+            )
+        given = inputs.fields_given()
+        if given and not self.runs_modes:
+            what = inputs.mode if inputs.mode != TEXT_TO_IMAGE else ", ".join(given)
+            raise NotServed(
+                f"{what}: this server (faceid serve --ray) runs text-to-image of one person per prompt only for now; "
+                "img2img, inpainting, ControlNet, swap, several people in one picture and style references need a "
+                f"server without --ray. Leave out {', '.join(given)}"
+            )
+        for k, control in enumerate(inputs.controls or ()):
+            if control.kind not in self.controlnets:
+                raise NotServed(
+                    f"controls[{k}].kind: this server has no ControlNet for {control.kind!r} (it has: "
+                    f"{_listed(sorted(self.controlnets))}); use one of those kinds, or start the server with "
+                    f"--controlnet {control.kind}=SOURCE"
+                )
+        for k, reference in enumerate(inputs.style or ()):
+            if reference.adapter not in self.style_adapters:
+                raise NotServed(
+                    f"style[{k}].adapter: this server has no style adapter named {reference.adapter!r} (it has: "
+                    f"{_listed(sorted(self.style_adapters))}); use one of those names (GET /v1/models lists them), "
+                    "or start the server with --style-adapter NAME=SOURCE"
+                )
+
+    def describe_fast(self) -> dict[str, dict[str, Any]]:
+        """``GET /v1/models``'s ``fast``: each loaded preset, the model families it exists for, and what it sets when
+        a request leaves it open."""
+        from ..fast import PRESETS
+
+        found = {}
+        for name in self.fast:
+            preset = PRESETS[name]
+            found[name] = {
+                "title": preset.title,
+                "families": list(preset.loras),
+                "num_inference_steps": preset.steps,
+                "scheduler": preset.scheduler,
+                "guidance_scale": preset.guidance_scale,
+                **({"eta": preset.eta} if preset.eta is not None else {}),
+            }
+        return found
+
+
+def _listed(names) -> str:
+    return ", ".join(names) or "none"
+
+
+def check_fast_presets(fast: Mapping[str, Any]) -> dict[str, str | None]:
+    """``ServeConfig.fast``: preset name -> a local copy of its LoRA (None: the pinned Hub file, fetched at start)."""
+    from ..fast import PRESETS
+
+    found: dict[str, str | None] = {}
+    for name, source in dict(fast).items():
+        if name not in PRESETS:
+            raise FaceIDError(f"fast: unknown few-step preset {name!r}; the presets are {', '.join(PRESETS)}")
+        if source is not None and (not isinstance(source, (str, os.PathLike)) or not str(source).strip()):
+            raise FaceIDError(f"fast: give the LoRA file of {name!r} as a path, or None for the pinned Hub file")
+        if source is not None and not Path(source).is_file():
+            raise FaceIDError(
+                f"--fast {name}={source}: no such file; give a local copy of the {name} preset's LoRA, or leave "
+                "=FILE out to fetch the pinned Hub file at start"
+            )
+        found[name] = None if source is None else str(source)
+    return found
