@@ -212,4 +212,6 @@ def test_transcriptions(make_client, transcriber):  # noqa: F811
     without = make_client(data_dir=server.app.state.service.config.data_dir.parent / "other")
     with pytest.raises(openai.BadRequestError) as missing:
         client_for(without).audio.transcriptions.create(model="whisper-1", file=("a.wav", audio))
-    assert missing.value.code == "unsupported" and "--speech-model" in missing.value.message
+    assert missing.value.code == "invalid_request" and "--speech-model" in missing.value.message
+    assert server.get("/v1/models", headers={"Authorization": f"Bearer {KEY}"}).json()["speech"] == transcriber.name
+    assert without.get("/v1/models").json()["speech"] is None

@@ -21,7 +21,7 @@ from ..errors import FaceIDError
 from ..modes import DEFAULT_STRENGTH, size_from_image
 from ..results import save_images
 from ..settings import FAMILY_DEFAULTS, MODEL_FIELDS, GenerationSettings
-from .capabilities import Capabilities
+from .capabilities import Capabilities, NotServed
 from .config import ServeConfig
 from .enroll import Enroller, decode_upload
 from .files import DataDir, is_id, new_id
@@ -47,10 +47,6 @@ class LimitExceeded(FaceIDError):
     def __init__(self, message: str, status: int = 422) -> None:
         super().__init__(message)
         self.status = status
-
-
-class Unsupported(FaceIDError):
-    """A capability this server was not started with."""
 
 
 class Conflict(FaceIDError):
@@ -632,7 +628,7 @@ class Service:
     def transcribe(self, audio: bytes, language: str | None = None, prompt: str | None = None) -> str:
         """The text spoken in ``audio`` (a recording's bytes, any common format), by the server's speech model."""
         if self.transcriber is None:
-            raise Unsupported(
+            raise NotServed(
                 "this server has no speech model: start it with --speech-model (the pinned Whisper) to transcribe "
                 "spoken prompts"
             )
@@ -726,6 +722,7 @@ class Service:
             "fast": caps.describe_fast(),
             "decoders": list(caps.decoders),
             "annotators": list(caps.annotators),
+            "speech": self.transcriber.name if self.transcriber is not None else None,
             "limits": {
                 "max_steps": c.max_steps,
                 "max_side": c.max_side,

@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from ..errors import FaceIDError, FaceSelectionError, ImageError, NoFaceError
 from ..speech import AudioError
-from .core import Conflict, LimitExceeded, NotFound, Service, Unsupported
+from .core import Conflict, LimitExceeded, NotFound, Service
 from .jobs import QueueFull
 
 
@@ -102,7 +102,6 @@ def classify(exc: BaseException) -> ServiceError | None:
         (ImageError, 400, "bad_image"),
         (AudioError, 400, "bad_audio"),
         (Conflict, 409, "conflict"),
-        (Unsupported, 422, "unsupported"),
         ((FaceIDError, ValidationError), 422, "invalid_request"),
     ):
         if isinstance(exc, kinds):
