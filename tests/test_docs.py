@@ -15,7 +15,7 @@ The convention (the pages follow it; ``docs/TESTING.md`` says it in short):
 * **Servers.** ``faceid serve ...`` runs the real command with ``uvicorn.run`` replaced by a FastAPI TestClient
   around the app it builds (so its flags, model loading and configuration are the CLI's own); the previous server
   of the page waits for its jobs (each must end ``done``) and stops. ``curl`` options: ``-F`` (``@FILE`` uploads),
-  ``-H``, ``-d``, ``-X``, ``-o``, ``-N``. A ``# -> ...`` comment (after the command, or on the next line) states the
+  ``-H``, ``-d``, ``-X``, ``-u``, ``-o``, ``-N``. A ``# -> ...`` comment (after the command, or on the next line) states the
   response: a leading status (``# -> 202 ...``, ``# -> 204 or 409 ...``) is checked, else any 2xx is expected; an
   id shown as ``"id": "3f2a..."`` is bound to the response's ``id``, and later commands of the page use it where
   they say ``3f2a...``. ``<image-id>`` is the first image of the page's latest generation, once it is done. An
@@ -52,6 +52,7 @@ At the end of the run one line counts the examples that ran and lists the skippe
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -646,6 +647,8 @@ class PageRun:
                     files.append((name, (path.name, path.read_bytes(), "application/octet-stream")))
                 else:
                     form[name] = value
+            elif word == "-u":  # basic auth, as curl sends it
+                headers["Authorization"] = "Basic " + base64.b64encode(next(words).encode()).decode()
             elif word == "-o":
                 out = next(words)
             elif word in ("-N", "-s", "-L"):

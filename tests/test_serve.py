@@ -654,3 +654,54 @@ def test_killed_server_loses_no_job(tmp_path, tiny_models, face_models_dir, face
     client = make_client(data_dir=data)
     view = wait_finished(client, job)
     assert view["status"] == "done" and view["settings"]["seed"] == [9], view
+
+
+class ShowingFaces:
+    """The pipeline, with each image it makes replaced by a real face photo of the same size (in turn): the
+    service's scoring then has faces to find. Everything else is the pipeline's own."""
+
+    def __init__(self, pipe, photos) -> None:
+        self.wrapped = pipe
+        self.photos = photos
+
+    def __getattr__(self, name):
+        return getattr(self.wrapped, name)
+
+    def __call__(self, *args, **kwargs):
+        result = self.wrapped(*args, **kwargs)
+        result.images = [
+            Image.open(self.photos[i % len(self.photos)]).convert("RGB").resize(image.size)
+            for i, image in enumerate(result.images)
+        ]
+        return result
+
+
+def test_every_image_is_scored_as_faceid_score_scores_it(
+    make_client, pipe, analyzer, faces_dir, face_models_dir, tmp_path
+):
+    from faceid.cli import main
+    from faceid.scoring import IdentityScorer
+
+    shown = [faces_dir / "obama2.jpg", faces_dir / "biden.jpg"]
+    client = make_client(pipeline=ShowingFaces(pipe, shown))
+    identity = enroll(client, faces_dir, "obama.jpg").json()["id"]
+    job = generate(client, identity, num_images_per_prompt=2, width=128, height=128, num_inference_steps=1).json()
+    view = wait_finished(client, job["id"])
+    assert view["status"] == "done" and len(view["scores"]) == 2
+    folder = tmp_path / "made"
+    folder.mkdir()
+    for k, url in enumerate(view["images"]):
+        (folder / f"{k}.png").write_bytes(client.get(url).content)
+    rows = tmp_path / "rows.jsonl"
+    code = main(["score", str(folder), "--face", str(faces_dir / "obama.jpg"), "--recognizers", "arcface",
+                 "--no-clip", "--face-models", str(face_models_dir), "--out", str(rows)])  # fmt: skip
+    assert code == 0
+    scored = {Path(r["path"]).name: r for r in map(json.loads, rows.read_text().splitlines())}
+    for k, score in enumerate(view["scores"]):
+        assert score["recognizer"] == IdentityScorer(analyzer).name  # the server's (arcface with buffalo_l)
+        assert score["people"][0]["identity_id"] == identity
+        assert not score["people"][0]["no_face"]
+        row = scored[f"{k}.png"]
+        assert score["similarity"] == pytest.approx(row["similarity"][score["recognizer"]], abs=1e-4)
+    # the same person scores higher than another one (the recognizer is the stand-in's, but it tells them apart)
+    assert view["scores"][0]["similarity"] > view["scores"][1]["similarity"]

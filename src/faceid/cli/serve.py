@@ -90,6 +90,24 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="per worker: loaded model sets beyond this evict the least recently used (default: 3/4 of a CUDA "
         "device's memory, half the RAM on CPU)",
     )
+    parser.add_argument(
+        "--speech-model",
+        nargs="?",
+        const="default",
+        default=None,
+        metavar="SOURCE",
+        help="transcribe spoken prompts (the web app's microphone, POST /openai/v1/audio/transcriptions) with this "
+        "speech model: a Hub id or folder of a Whisper model; without SOURCE, openai/whisper-small at a pinned commit. "
+        "Loaded at start",
+    )
+    parser.add_argument(
+        "--sync-timeout",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="how long a request that answers with its images (the OpenAI Images API at /openai/v1) waits for them; "
+        "then its job is cancelled and the answer is 504 (default 600)",
+    )
     parser.add_argument("--api-key", action="append", default=None, metavar="KEY", help="require this key (repeatable)")
     parser.add_argument("--api-keys-file", default=None, metavar="FILE", help="API keys, one per line")
     parser.add_argument(
@@ -240,6 +258,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_steps=args.max_steps,
         max_side=args.max_side,
         max_upload_bytes=args.max_upload_mb * 1024 * 1024,
+        sync_timeout=args.sync_timeout,
+        speech_model=args.speech_model,
         devices=devices,
         pipeline=pipeline,
         loader=load,
@@ -355,6 +375,8 @@ def ray_application_parts(args: argparse.Namespace, keys: tuple[str, ...], setti
             "max_steps": args.max_steps,
             "max_side": args.max_side,
             "max_upload_bytes": args.max_upload_mb * 1024 * 1024,
+            "sync_timeout": args.sync_timeout,
+            "speech_model": args.speech_model,
             "face_models": args.face_models,
             "models": {**settings.to_json(), "face_models": args.face_models, "ray": args.ray or "local"},
         },

@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import __version__
 from ..errors import FaceIDError, FaceSelectionError, ImageError, NoFaceError
 from ..settings import GenerationSettings
+from . import a1111, openai_api
 from .config import ServeConfig
 from .core import Conflict, LimitExceeded, NotFound, Service
 from .inputs import JobInputs
@@ -131,6 +132,9 @@ def create_app(config: ServeConfig) -> FastAPI:
         limits={
             "/v1/identities": config.max_photos * config.max_upload_bytes + form_overhead,
             "/v1/uploads": config.max_upload_bytes + form_overhead,
+            "/openai/v1/images/edits": (config.max_photos + 1) * config.max_upload_bytes + form_overhead,
+            "/openai/v1/audio/transcriptions": config.max_upload_bytes + form_overhead,
+            **a1111.body_limits(config),
         },
     )
     _install_error_handlers(app)
@@ -310,6 +314,10 @@ def create_app(config: ServeConfig) -> FastAPI:
     def models(who: Owner) -> dict[str, Any]:
         """What is configured and loaded, and the defaults a generation gets."""
         return service.models()
+
+    # ------------------------------------------------------------------ the protocols other clients speak
+    openai_api.install(app, service)
+    a1111.install(app, service)
 
     # ------------------------------------------------------------------ the web app
     @app.get("/", include_in_schema=False)

@@ -42,6 +42,9 @@ class ServeConfig:
     max_images: int = 8  # per generation request (prompts x images per prompt)
     max_steps: int = 100
     max_side: int = 2048  # width and height
+    # Seconds a request that answers with its images (the OpenAI and A1111 protocols) waits for its job; then the
+    # job is cancelled and the answer is 504.
+    sync_timeout: float = 600.0
     small_face: int = 64  # px; a narrower face is enrolled with a warning
     # A ``preview`` event every this many steps and at the last one (None: none); decoded by the tiny VAE when the
     # pipeline has one (``faceid serve --tiny-vae``: milliseconds), else by the VAE (about a step's time each).
@@ -67,6 +70,11 @@ class ServeConfig:
     # its own); None: h94/IP-Adapter's ViT-H, fetched on first use.
     reference_encoder: str | None = None
     analyzer: Any = None
+    # Speech to text for spoken prompts (POST /openai/v1/audio/transcriptions, the web app's microphone): a Hub id or
+    # folder of a Whisper model, "default" for faceid.speech's pinned one, loaded at start; or ``transcriber``, a
+    # ready ``faceid.speech.Transcriber``. Neither: the server has no speech capability (requests for it get 400).
+    speech_model: str | None = None
+    transcriber: Any = None
     models: dict[str, Any] = field(default_factory=dict)  # what was configured, for GET /v1/models
     start_workers: bool = True  # False: jobs wait in the queue (tests of restarts)
     # service -> its workers, instead of one ``Worker`` per device (Ray Serve: workers that hand jobs to replicas)
@@ -78,6 +86,8 @@ class ServeConfig:
                      "max_steps", "max_side"):  # fmt: skip
             if int(getattr(self, name)) < 1:
                 raise FaceIDError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not self.sync_timeout > 0:
+            raise FaceIDError(f"sync_timeout must be more than 0 seconds, got {self.sync_timeout}")
         if self.preview_every is not None and int(self.preview_every) < 1:
             raise FaceIDError(f"preview_every must be at least 1 step (None: no previews), got {self.preview_every}")
         if self.pipeline is None and self.loader is None:

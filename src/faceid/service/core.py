@@ -14,12 +14,14 @@ import threading
 import time
 from typing import Any
 
+import numpy as np
+
 from .. import __version__
 from ..errors import FaceIDError
 from ..modes import DEFAULT_STRENGTH, size_from_image
 from ..results import save_images
 from ..settings import FAMILY_DEFAULTS, MODEL_FIELDS, GenerationSettings
-from .capabilities import Capabilities
+from .capabilities import Capabilities, NotServed
 from .config import ServeConfig
 from .enroll import Enroller, decode_upload
 from .files import DataDir, is_id, new_id
@@ -75,6 +77,7 @@ class Service:
             raise FaceIDError("these workers serve one model set: give the others to a server of their own")
         # The other model sets, described from their configuration (the default one is told by its pipeline).
         self.extra_models = [ModelEntry.configured(i, spec) for i, spec in enumerate(config.catalog[1:], 1)]
+        self.transcriber = config.transcriber  # speech to text, or None (loaded by start() from speech_model)
         self.catalog: Catalog | None = None  # set by start()
         self.defaults: GenerationSettings | None = None  # set by start()
         self.capabilities: Capabilities | None = None  # set by start(): what requests may ask for
@@ -85,6 +88,11 @@ class Service:
         """Load the default models (each worker in its thread), re-queue what a previous run left, start
         generating."""
         self.queue.set_paused(True)
+        if self.transcriber is None and self.config.speech_model is not None:
+            from ..speech import Transcriber
+
+            source = None if self.config.speech_model == "default" else self.config.speech_model
+            self.transcriber = Transcriber.from_pretrained(source)
         for worker in self.workers:
             worker.start()
         for worker in self.workers:
@@ -458,6 +466,18 @@ class Service:
     def job_view(self, job_id: str, owner: str) -> dict[str, Any]:
         return self._view(self.job(job_id, owner))
 
+    def wait(self, job_id: str, owner: str, timeout: float) -> dict[str, Any]:
+        """A generation's view once it has finished, or as it is after ``timeout`` seconds (for the protocols
+        whose requests answer with the images)."""
+        live = self.queue.get(job_id)
+        if live is not None:
+            live.events.finished.wait(timeout)
+        return self.job_view(job_id, owner)
+
+    def image_ids(self, job_id: str, owner: str) -> list[str]:
+        """A generation's images (those not deleted), in order."""
+        return [image.id for image in self.job(job_id, owner).images]
+
     def _view(self, row: Job) -> dict[str, Any]:
         job_id = row.id
         live = self.queue.get(job_id)
@@ -476,6 +496,7 @@ class Service:
                 "total": row.settings.get("num_inference_steps"),
             },
             "images": [image_url(image.id) for image in row.images],
+            "scores": [image.score for image in row.images],
             "image_index": [image.index for image in row.images],
             "identity_ids": row.identity_ids,
             "mode": inputs.mode,
@@ -589,6 +610,7 @@ class Service:
                 for index in range(len(images))
             ],
         )
+        scores = self.likeness(job, images)
         rows = [
             ImageRow(
                 id=image_id,
@@ -596,10 +618,62 @@ class Service:
                 job_id=job.id,
                 index=index,
                 settings=job.settings.for_image(index).to_json(),
+                score=scores[index],
             )
             for index, image_id in enumerate(image_ids)
         ]
         self.finish(job, DONE, images=rows)
+
+    # ------------------------------------------------------------------ speech
+    def transcribe(self, audio: bytes, language: str | None = None, prompt: str | None = None) -> str:
+        """The text spoken in ``audio`` (a recording's bytes, any common format), by the server's speech model."""
+        if self.transcriber is None:
+            raise NotServed(
+                "this server has no speech model: start it with --speech-model (the pinned Whisper) to transcribe "
+                "spoken prompts"
+            )
+        if len(audio) > self.config.max_upload_bytes:
+            raise LimitExceeded(
+                f"the recording is larger than {self.config.max_upload_bytes / 1e6:.1f} MB: send a shorter one",
+                status=413,
+            )
+        return self.transcriber(audio, language=language, prompt=prompt)
+
+    def likeness(self, job: QueuedJob, images: list) -> list[dict[str, Any] | None]:
+        """How much each image looks like its person, by the server's recognizer (the one that enrolled them):
+        the cosine similarity of the image's largest face and the person's embedding (the mean of their photos',
+        normalised; one photo: exactly ``faceid score IMAGE --face PHOTO``). Several people in a picture: each
+        person's, for the face the best assignment gives them (``faceid score --face A --face B``), and the weakest
+        as the image's. None for an image that could not be scored (the log says why)."""
+        from ..scoring import IdentityScorer
+
+        scorer = IdentityScorer(self.analyzer)
+        references: dict[str, Any] = {}
+        for identity_id in dict.fromkeys(job.identity_ids):
+            identity = self.store.identity(identity_id, job.owner)
+            faces = self.enroller.faces(identity) if identity is not None else []
+            references[identity_id] = np.mean([f.embedding for f in faces], axis=0) if faces else None
+        people = bool(job.inputs.get("people"))
+        n = job.settings.num_images_per_prompt
+        scores: list[dict[str, Any] | None] = []
+        for index, image in enumerate(images):
+            ids = list(job.identity_ids) if people else [job.identity_ids[index // n]]
+            if any(references[i] is None for i in ids):
+                scores.append(None)
+                continue
+            try:
+                result = scorer.score_people(image, [references[i] for i in ids], largest_face_only=not people)
+            except Exception:  # a score is a view of the image: never the reason a job fails
+                logger.exception("job %s: image %d could not be scored", job.id, index)
+                scores.append(None)
+                continue
+            each = [
+                {"identity_id": i, "similarity": round(p.similarity, 4), "no_face": p.no_face}
+                for i, p in zip(ids, result.people, strict=True)
+            ]
+            weakest = min(each, key=lambda p: p["similarity"])
+            scores.append({"recognizer": scorer.name, "similarity": weakest["similarity"], "people": each})
+        return scores
 
     # ------------------------------------------------------------------ images, models, health
     def control_image_path(self, job_id: str, k: int, owner: str):
@@ -648,6 +722,7 @@ class Service:
             "fast": caps.describe_fast(),
             "decoders": list(caps.decoders),
             "annotators": list(caps.annotators),
+            "speech": self.transcriber.name if self.transcriber is not None else None,
             "limits": {
                 "max_steps": c.max_steps,
                 "max_side": c.max_side,

@@ -49,6 +49,9 @@ class SerialAnalyzer:
     def __init__(self, analyzer) -> None:
         self.analyzer = analyzer
         self._lock = threading.Lock()
+        # what scorers name the recognizer by (``faceid.scoring``: "arcface" for buffalo_l's)
+        self.name = getattr(analyzer, "name", None)
+        self.recognizer = getattr(analyzer, "recognizer", None)
 
     def analyze(self, image, *args, **kwargs):
         with self._lock:

@@ -47,6 +47,7 @@ class EventLog:
         self._latest_only = latest_only
         self._lock = threading.Lock()
         self.closed = False
+        self.finished = threading.Event()  # set with the last event: for callers that wait for the end
 
     def add(self, kind: str, data: dict[str, Any], last: bool = False) -> None:
         with self._lock:
@@ -58,6 +59,8 @@ class EventLog:
             self._count += 1
             self._items.append((self._count, kind, data))
             self.closed = last
+        if last:
+            self.finished.set()
 
     def since(self, number: int) -> tuple[list[tuple[str, dict]], int, bool]:
         """The events after the ``number``-th (0: all kept), the number of the last one, and ``closed``."""

@@ -196,12 +196,28 @@ class Progress(View):
     total: int | None = Field(description="denoising steps in all")
 
 
+class PersonScore(View):
+    identity_id: str
+    similarity: float = Field(description="cosine similarity of the face and the person's embedding, in [-1, 1]")
+    no_face: bool = Field(description="no face of the image is this person's (similarity 0)")
+
+
+class ImageScore(View):
+    recognizer: str = Field(description="the recognizer that measured it (arcface: buffalo_l's, as faceid score)")
+    similarity: float = Field(description="the person's similarity; with several people, the weakest one's")
+    people: list[PersonScore]
+
+
 class JobView(View):
     id: str
     status: Literal["queued", "running", "done", "failed", "cancelled"]
     queue_position: int | None = Field(description="jobs ahead of this one (0: next); None unless queued")
     progress: Progress
     images: list[str] = Field(description="URLs of the PNGs, once done")
+    scores: list[ImageScore | None] = Field(
+        description="how much each image looks like its person, by the server's recognizer (faceid score's "
+        "similarity; None: not scored)"
+    )
     image_index: list[int] = Field(
         description="each image's place among those the generation made: its seed is settings.seed[i], its prompt "
         "i // num_images_per_prompt (it stays when other images are deleted)"
@@ -323,6 +339,7 @@ class ModelsView(View):
     fast: dict[str, FastPresetView] = Field(description="the few-step presets loaded (the request's fast)")
     decoders: list[Literal["full", "tiny"]] = Field(description="what may decode the image (the request's decoder)")
     annotators: list[str] = Field(description="annotator models loaded for the control kinds (openpose, depth)")
+    speech: str | None = Field(description="the speech model that transcribes spoken prompts (None: none)")
     limits: LimitsView
 
 

@@ -90,6 +90,8 @@ class ImageRow(Base):
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), index=True)
     index: Mapped[int] = mapped_column(Integer)
     settings: Mapped[dict] = mapped_column(JSON)
+    # how much it looks like its person (each person's, for several): ``faceid.service.core.likeness``
+    score: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     job: Mapped[Job] = relationship(back_populates="images")
 
 
@@ -106,9 +108,20 @@ class Upload(Base):
     created: Mapped[float] = mapped_column(Float)
 
 
+class OwnerOption(Base):
+    """A setting an owner (an API key) keeps between requests: what a protocol's client sets once and expects
+    remembered (the AUTOMATIC1111 API's ``sd_model_checkpoint``: the person its requests draw)."""
+
+    __tablename__ = "owner_options"
+
+    owner: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[Any] = mapped_column(JSON)
+
+
 # Columns added since a database could have been made: (table, column, SQL type), added at start when missing
 # (``create_all`` makes new tables, not new columns of existing ones).
-ADDED_COLUMNS = (("jobs", "inputs", "JSON"),)
+ADDED_COLUMNS = (("jobs", "inputs", "JSON"), ("images", "score", "JSON"))
 
 
 class Store:
@@ -277,6 +290,16 @@ class Store:
     def delete_upload(self, upload_id: str, owner: str) -> bool:
         """Delete the upload's row, only when it is the owner's; whether it was."""
         return self._delete_owned(Upload, upload_id, owner)
+
+    # ------------------------------------------------------------------ owners' options
+    def option(self, owner: str, name: str) -> Any:
+        with self.session() as s:
+            found = s.get(OwnerOption, (owner, name))
+            return None if found is None else found.value
+
+    def set_option(self, owner: str, name: str, value: Any) -> None:
+        with self.session() as s:
+            s.merge(OwnerOption(owner=owner, name=name, value=value))
 
 
 def _sqlite_pragmas(connection, _record) -> None:
