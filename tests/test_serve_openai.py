@@ -153,6 +153,12 @@ def test_errors_in_openais_shape(server, faces_dir):
     # another key's identity is not a model of this key
     with pytest.raises(openai.NotFoundError):
         client_for(server, "other-key").images.generate(model="obama", prompt="a portrait", size=SIZE)
+    # errors made outside the routes (an unknown path, the body limit) come in OpenAI's shape too
+    unknown = server.get("/openai/v1/nothing", headers={"Authorization": f"Bearer {KEY}"})
+    assert unknown.status_code == 404 and unknown.json()["error"]["type"] == "invalid_request_error"
+    huge = server.post("/openai/v1/images/generations", content=b"x" * (2 * 1024 * 1024),
+                       headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})  # fmt: skip
+    assert huge.status_code == 413 and set(huge.json()["error"]) == {"message", "type", "code", "param"}
     # unknown fields are ignored, as OpenAI's server ignores them for models that do not use them
     made = client.images.generate(model="obama", prompt="a portrait", size=SIZE, response_format="b64_json",
                                   style="vivid", user="someone", extra_body={"moderation": "low"})  # fmt: skip

@@ -29,19 +29,19 @@ from collections.abc import Iterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBasic, HTTPBasicCredentials, HTTPBearer
 from PIL import ImageOps
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..errors import FaceIDError
 from ..images import load_image
 from . import oneshot
 from .core import Conflict, NotFound, Service
+from .error_shapes import Shape
 from .files import is_id
+from .schema import DocumentedRoute, errors
 
 PREFIX = "/sdapi/v1"
 CHECKPOINT = "sd_model_checkpoint"  # the option that names the person
@@ -99,7 +99,13 @@ class A1111ErrorBody(BaseModel):
     errors: str
 
 
-class GenerationRequest(BaseModel):
+class A1111Route(DocumentedRoute):
+    """Its errors declared in A1111's shape."""
+
+    error_model = A1111ErrorBody
+
+
+class A1111Request(BaseModel):
     """The fields of ``txt2img`` and ``img2img`` that faceid reads; A1111's others are accepted and ignored unless
     they ask for work faceid does not do (``NOT_HONOURED``)."""
 
@@ -193,24 +199,15 @@ def install(app, service: Service) -> None:
         return exc.response()
 
     app.add_exception_handler(A1111Error, a1111_error)
-    for kind in (RequestValidationError, StarletteHTTPException):
-        app.add_exception_handler(kind, _a1111_shaped(app.exception_handlers[kind]))
 
 
-def _a1111_shaped(other_handler):
-    async def handle(request: Request, exc: Exception) -> JSONResponse:
-        if not request.url.path.startswith(PREFIX + "/"):
-            return await other_handler(request, exc)
-        if isinstance(exc, RequestValidationError):
-            message = "; ".join(
-                f"{'.'.join(str(p) for p in e['loc'] if p != 'body')}: {str(e['msg']).removeprefix('Value error, ')}"
-                for e in exc.errors()
-            )
-            return A1111Error(422, f"invalid request: {message}", error="RequestValidationError").response()
-        message = f"no such endpoint: {request.method} {request.url.path}" if exc.status_code == 404 else exc.detail
-        return A1111Error(exc.status_code, str(message)).response()
+def _error_body(status: int, code: str, message: str) -> tuple[int, dict[str, Any]]:
+    """A faceid error (made outside these routes: validation, body limits, Host and Origin checks, unknown paths...)
+    in A1111's shape, with its status."""
+    return status, {"error": code, "detail": message, "body": "", "errors": message}
 
-    return handle
+
+SHAPES = (Shape(PREFIX + "/", _error_body), Shape("/internal/", _error_body))
 
 
 class InFlight:
@@ -235,9 +232,7 @@ class InFlight:
 
 
 def router(service: Service) -> APIRouter:
-    api = APIRouter(tags=["a1111"], responses={
-        status: {"model": A1111ErrorBody} for status in (400, 401, 404, 413, 422, 429, 500, 504)
-    })  # fmt: skip
+    api = APIRouter(tags=["a1111"], route_class=A1111Route)
     inflight = InFlight()
 
     @api.get(f"{PREFIX}/sd-models", response_model=list[Checkpoint], operation_id="a1111_list_checkpoints")
@@ -256,7 +251,7 @@ def router(service: Service) -> APIRouter:
             "CLIP_stop_at_last_layers": 1,
         }
 
-    @api.post(f"{PREFIX}/options", operation_id="a1111_set_options")
+    @api.post(f"{PREFIX}/options", operation_id="a1111_set_options", responses=errors(404, model=A1111ErrorBody))
     def set_options(options: dict[str, Any], who: Owner) -> None:
         """Set ``sd_model_checkpoint`` (an identity's title, name or id) for this key's later requests; A1111's
         other options are accepted and ignored, as A1111 ignores options it does not know."""
@@ -265,19 +260,19 @@ def router(service: Service) -> APIRouter:
             service.store.set_option(who, CHECKPOINT, identity.id)
 
     @api.get(f"{PREFIX}/samplers", operation_id="a1111_list_samplers")
-    def samplers() -> list[dict[str, Any]]:
+    def samplers(who: Owner) -> list[dict[str, Any]]:
         """The samplers this server has (A1111's names)."""
         aliases = {name: [a for a, to in SAMPLER_ALIASES.items() if to == name] for name in SAMPLERS}
         return [{"name": name, "aliases": aliases[name], "options": {}} for name in SAMPLERS]
 
     @api.get(f"{PREFIX}/schedulers", operation_id="a1111_list_schedulers")
-    def schedulers() -> list[dict[str, Any]]:
+    def schedulers(who: Owner) -> list[dict[str, Any]]:
         """The schedule types this server has (with at least one of its samplers)."""
         return [{"name": name, "label": label, "aliases": None, "default_rho": -1, "need_inner_model": False}
                 for name, label in SCHEDULE_LABELS.items()]  # fmt: skip
 
     @api.get(f"{PREFIX}/scripts", operation_id="a1111_list_scripts")
-    def scripts() -> dict[str, list[str]]:
+    def scripts(who: Owner) -> dict[str, list[str]]:
         """The always-on scripts: ControlNet (its IP-Adapter FaceID units carry a face photo)."""
         return {"txt2img": ["controlnet"], "img2img": ["controlnet"]}
 
@@ -293,7 +288,7 @@ def router(service: Service) -> APIRouter:
         )
 
     @api.get("/internal/ping", operation_id="a1111_ping")
-    def ping() -> dict[str, Any]:
+    def ping(who: Owner) -> dict[str, Any]:
         """A1111's liveness check (SillyTavern calls it)."""
         return {}
 
@@ -335,13 +330,15 @@ def router(service: Service) -> APIRouter:
                 pass  # it just finished
         return {}
 
-    @api.post(f"{PREFIX}/txt2img", response_model=ImagesAnswer, operation_id="a1111_txt2img")
-    def txt2img(body: GenerationRequest, who: Owner) -> ImagesAnswer:
+    generating = errors(400, 404, 429, 504, model=A1111ErrorBody)
+
+    @api.post(f"{PREFIX}/txt2img", response_model=ImagesAnswer, operation_id="a1111_txt2img", responses=generating)
+    def txt2img(body: A1111Request, who: Owner) -> ImagesAnswer:
         """Images of the person (``sd_model_checkpoint``, or a ControlNet IP-Adapter FaceID unit's photo)."""
         return _generate(service, inflight, who, body, image_to_image=False)
 
-    @api.post(f"{PREFIX}/img2img", response_model=ImagesAnswer, operation_id="a1111_img2img")
-    def img2img(body: GenerationRequest, who: Owner) -> ImagesAnswer:
+    @api.post(f"{PREFIX}/img2img", response_model=ImagesAnswer, operation_id="a1111_img2img", responses=generating)
+    def img2img(body: A1111Request, who: Owner) -> ImagesAnswer:
         """``init_images[0]`` redrawn with the person (``denoising_strength``); with ``mask``: only where the mask
         is white (``inpainting_mask_invert``: 1 for black), inpainting."""
         return _generate(service, inflight, who, body, image_to_image=True)
@@ -350,7 +347,7 @@ def router(service: Service) -> APIRouter:
 
 
 def _nothing(empty):
-    def handler() -> Any:
+    def handler(who: Owner) -> Any:
         return empty
 
     return handler
@@ -388,7 +385,7 @@ def _picked(service: Service, owner: str):
     return service.store.identity(identity_id, owner)
 
 
-def _scheduler(body: GenerationRequest) -> tuple[str | None, str | None]:
+def _scheduler(body: A1111Request) -> tuple[str | None, str | None]:
     """(faceid's scheduler, A1111's sampler name) for the request; (None, None): the model's default."""
     name = body.sampler_name or body.sampler_index
     if not name:
@@ -417,7 +414,7 @@ def _image_bytes(value: Any, what: str) -> bytes:
         raise A1111Error(422, f"{what}: not base64; give the image as a base64 string (raw, or a data: URL)") from None
 
 
-def _face_units(body: GenerationRequest, service: Service) -> list[tuple[str, bytes, dict]]:
+def _face_units(body: A1111Request, service: Service) -> list[tuple[str, bytes, dict]]:
     """The ControlNet units that carry a face (label, photo bytes, unit); any other enabled unit is refused."""
     scripts = {key.lower(): value for key, value in (body.alwayson_scripts or {}).items()}
     units = (scripts.get("controlnet") or {}).get("args") or []
@@ -457,7 +454,7 @@ def _server_is_plus(service: Service) -> bool | None:
         return None
 
 
-def _generate(service: Service, inflight: InFlight, owner: str, body: GenerationRequest,
+def _generate(service: Service, inflight: InFlight, owner: str, body: A1111Request,
               image_to_image: bool) -> ImagesAnswer:  # fmt: skip
     with _a1111_errors():
         for field, what in NOT_HONOURED.items():
@@ -521,7 +518,7 @@ def _run(service: Service, inflight: InFlight, owner: str, request: dict[str, An
         inflight.remove(owner, job.id)
 
 
-def _mask(body: GenerationRequest) -> bytes:
+def _mask(body: A1111Request) -> bytes:
     """A1111's mask (white: redrawn, unless ``inpainting_mask_invert``) as faceid's (white: redrawn), a PNG."""
     data = _image_bytes(body.mask, "mask")
     if not body.inpainting_mask_invert:
@@ -537,7 +534,7 @@ def _window(unit: dict) -> tuple[float, float] | None:
     return None if (start, end) == (0.0, 1.0) else (start, end)
 
 
-def _parameters(body: GenerationRequest) -> dict[str, Any]:
+def _parameters(body: A1111Request) -> dict[str, Any]:
     """The request as A1111 echoes it, its images left out (they can be megabytes)."""
     data = body.model_dump()
     data["init_images"] = None

@@ -31,6 +31,7 @@ from ..settings import GenerationSettings
 from . import a1111, openai_api
 from .config import ServeConfig
 from .core import Conflict, LimitExceeded, NotFound, Service
+from .error_shapes import ErrorShapes
 from .inputs import JobInputs
 from .jobs import QueueFull
 from .metrics import CONTENT_TYPE
@@ -47,6 +48,7 @@ from .schema import (
     JobView,
     ModelsView,
     UploadView,
+    drop_undeclared_422,
     errors,
     identity_view,
     operation_id,
@@ -125,6 +127,7 @@ def create_app(config: ServeConfig) -> FastAPI:
         generate_unique_id_function=operation_id,
     )
     app.router.route_class = DocumentedRoute  # every route declares the errors it can give (schema.py)
+    drop_undeclared_422(app)
     app.state.service = service
     form_overhead = 65536
     app.add_middleware(
@@ -138,6 +141,8 @@ def create_app(config: ServeConfig) -> FastAPI:
         },
     )
     _install_error_handlers(app)
+    # outermost: every error under a protocol's prefix in that protocol's shape, whoever answered it
+    app.add_middleware(ErrorShapes, shapes=[openai_api.SHAPE, *a1111.SHAPES])
 
     # ------------------------------------------------------------------ identities
     @app.post(

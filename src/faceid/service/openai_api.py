@@ -26,17 +26,19 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.concurrency import run_in_threadpool
 
 from . import oneshot
 from .core import NotFound, Service
+from .error_shapes import Shape
 from .files import is_id
+from .schema import PNG, BinaryFile, DocumentedRoute, errors
 
 PREFIX = "/openai/v1"
 URL_LIFETIME = 3600  # seconds a response_format=url link stays valid (OpenAI's: 60 minutes)
@@ -60,6 +62,8 @@ class OpenAIError(Exception):
 
 
 class OpenAIErrorBody(BaseModel):
+    """Every error of the OpenAI API, in OpenAI's shape."""
+
     class Detail(BaseModel):
         message: str
         type: str = Field(description="invalid_request_error, authentication_error, rate_limit_error, server_error")
@@ -67,6 +71,13 @@ class OpenAIErrorBody(BaseModel):
         param: str | None
 
     error: Detail
+
+
+class OpenAIRoute(DocumentedRoute):
+    """Its errors declared in OpenAI's shape; an invalid request is a 400, as OpenAI answers one."""
+
+    error_model = OpenAIErrorBody
+    invalid_status = 400
 
 
 class ImageData(BaseModel):
@@ -143,33 +154,39 @@ def install(app, service: Service) -> None:
         return exc.response()
 
     app.add_exception_handler(OpenAIError, openai_error)
-    for kind in (RequestValidationError, StarletteHTTPException):
-        app.add_exception_handler(kind, _openai_shaped(app.exception_handlers[kind]))
+    # an invalid request: OpenAI's 400 naming the parameter (ErrorShapes would give the 400 without it)
+    app.add_exception_handler(RequestValidationError, _openai_shaped(app.exception_handlers[RequestValidationError]))
+
+
+def _error_body(status: int, code: str, message: str) -> tuple[int, dict[str, Any]]:
+    """A faceid error (made outside these routes: body limits, Host and Origin checks, unknown paths...) in OpenAI's
+    shape: 400 for faceid's 422, OpenAI's type and code names."""
+    status = 400 if status == 422 else status
+    kind = {429: "rate_limit_error"}.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    code = {"unauthorized": "invalid_api_key", "queue_full": "rate_limit_exceeded"}.get(code, code)
+    return status, {"error": {"message": message, "type": kind, "code": code, "param": None}}
+
+
+SHAPE = Shape(PREFIX + "/", _error_body)
 
 
 def _openai_shaped(faceid_handler):
     async def handle(request: Request, exc: Exception) -> JSONResponse:
         if not request.url.path.startswith(PREFIX + "/"):
             return await faceid_handler(request, exc)
-        if isinstance(exc, RequestValidationError):
-            first = exc.errors()[0]
-            param = ".".join(str(p) for p in first["loc"] if p not in ("body", "query", "form")) or None
-            message = "; ".join(
-                f"{'.'.join(str(p) for p in e['loc'] if p != 'body')}: {str(e['msg']).removeprefix('Value error, ')}"
-                for e in exc.errors()
-            )
-            return OpenAIError(400, f"invalid request: {message}", param=param).response()
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        message = f"no such endpoint: {request.method} {request.url.path}" if exc.status_code == 404 else exc.detail
-        return OpenAIError(exc.status_code, str(message), code=code).response()
+        first = exc.errors()[0]
+        param = ".".join(str(p) for p in first["loc"] if p not in ("body", "query", "form")) or None
+        message = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'] if p != 'body')}: {str(e['msg']).removeprefix('Value error, ')}"
+            for e in exc.errors()
+        )
+        return OpenAIError(400, f"invalid request: {message}", param=param).response()
 
     return handle
 
 
 def router(service: Service) -> APIRouter:
-    api = APIRouter(prefix=PREFIX, tags=["openai"], responses={
-        status: {"model": OpenAIErrorBody} for status in (400, 401, 404, 413, 429, 500, 504)
-    })  # fmt: skip
+    api = APIRouter(prefix=PREFIX, tags=["openai"], route_class=OpenAIRoute)
     signer = UrlSigner(service.config.data_dir / "url-secret")
 
     @api.get("/models", response_model=ModelList, operation_id="openai_list_models")
@@ -182,7 +199,8 @@ def router(service: Service) -> APIRouter:
             data=[ModelObject(id=_model_id(identity, names), created=int(identity.created)) for identity in identities]
         )
 
-    @api.post("/images/generations", response_model=ImagesResponse, operation_id="openai_create_image")
+    @api.post("/images/generations", response_model=ImagesResponse, operation_id="openai_create_image",
+              responses=errors(404, 429, 504, model=OpenAIErrorBody))  # fmt: skip
     def create_image(body: ImageGenerationRequest, request: Request, who: Owner) -> ImagesResponse:
         """Images of the person ``model`` names, in the scene ``prompt`` asks for; waits for them."""
         with _openai_errors():
@@ -191,15 +209,18 @@ def router(service: Service) -> APIRouter:
             return _run(service, signer, request, who, job, body.response_format, body.output_format,
                         body.output_compression)  # fmt: skip
 
-    @api.post("/images/edits", response_model=ImagesResponse, operation_id="openai_edit_image")
-    def edit_image(
+    @api.post("/images/edits", response_model=ImagesResponse, operation_id="openai_edit_image",
+              responses=errors(429, 504, model=OpenAIErrorBody))  # fmt: skip
+    async def edit_image(
         request: Request,
         who: Owner,
         prompt: Annotated[str, Form(min_length=1, max_length=4000)],
-        image: Annotated[list[UploadFile] | None, File(description="photos of the person (repeatable)")] = None,
-        images: Annotated[list[UploadFile] | None, File(alias="image[]", description="the same, as image[]")] = None,
+        image: Annotated[
+            list[BinaryFile] | None,
+            File(description="photos of the person (repeatable; also taken as image[], as some clients send several)"),
+        ] = None,
         mask: Annotated[
-            UploadFile | None,
+            BinaryFile | None,
             File(description="redraw where it is transparent (alpha 0), in the first image, with the person"),
         ] = None,  # fmt: skip
         n: Annotated[int, Form(ge=1, le=10)] = 1,
@@ -211,25 +232,32 @@ def router(service: Service) -> APIRouter:
     ) -> ImagesResponse:
         """Images of the person in ``image`` (one or more photos; nothing is kept after the answer). With ``mask``:
         the first image with its transparent area redrawn with that person (inpainting)."""
-        photos = [*(image or ()), *(images or ())]
+        # ``image[]``: the same field as some clients name it when they send several; read from the parsed form (a
+        # parameter would put a second name for one field in the schema)
+        photos = [*(image or ()), *(f for f in (await request.form()).getlist("image[]") if hasattr(f, "file"))]
         if not photos:
             raise OpenAIError(400, "give one or more photos of the person as 'image' (or 'image[]')", param="image")
         limit = service.config.max_upload_bytes
-        read = [(f"image[{i}]" + (f" ({p.filename[:80]!r})" if p.filename else ""), p.file.read(limit + 1))
+        read = [(f"image[{i}]" + (f" ({p.filename[:80]!r})" if p.filename else ""), await p.read(limit + 1))
                 for i, p in enumerate(photos)]  # fmt: skip
-        with _openai_errors(), oneshot.person(service, who, read) as identity, oneshot.uploads(service, who) as upload:
-            job = _settings(service, prompt, n, size, quality) | {"identity_id": identity.id}
-            if mask is not None:
-                init = upload("openai edit image", read[0][1])
-                redraw = _redraw_mask(service, mask.file.read(limit + 1), (init.width, init.height))
-                job |= {"init_image": init.id, "mask_image": upload("openai edit mask", redraw).id}
-            return _run(service, signer, request, who, job, response_format, output_format, output_compression)
+        mask_bytes = await mask.read(limit + 1) if mask is not None else None
+
+        def edit() -> ImagesResponse:
+            with _openai_errors(), oneshot.person(service, who, read) as identity, oneshot.uploads(service, who) as add:
+                job = _settings(service, prompt, n, size, quality) | {"identity_id": identity.id}
+                if mask_bytes is not None:
+                    init = add("openai edit image", read[0][1])
+                    redraw = _redraw_mask(service, mask_bytes, (init.width, init.height))
+                    job |= {"init_image": init.id, "mask_image": add("openai edit mask", redraw).id}
+                return _run(service, signer, request, who, job, response_format, output_format, output_compression)
+
+        return await run_in_threadpool(edit)
 
     @api.post("/audio/transcriptions", response_model=Transcription, operation_id="openai_create_transcription",
               responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})  # fmt: skip
     def create_transcription(
         who: Owner,
-        file: Annotated[UploadFile, File(description="a recording: wav, webm, ogg, mp3, m4a, flac...")],
+        file: Annotated[BinaryFile, File(description="a recording: wav, webm, ogg, mp3, m4a, flac...")],
         model: Annotated[str, Form(description="any name (whisper-1...): the server has one speech model")] = "",
         language: Annotated[str | None, Form(max_length=16, description="ISO-639-1 code; default: detected")] = None,
         prompt: Annotated[
@@ -249,9 +277,8 @@ def router(service: Service) -> APIRouter:
     @api.get(
         "/images/{image_id}.png",
         response_class=FileResponse,
-        responses={200: {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}}},
+        responses=PNG,
         operation_id="openai_get_image",
-        include_in_schema=True,
     )
     def get_image(image_id: str, expires: int, signature: str) -> FileResponse:
         """A ``response_format=url`` link: the image, without a key, until ``expires`` (Unix time)."""
@@ -408,7 +435,7 @@ class UrlSigner:
     def valid(self, image_id: str, expires: int, signature: str) -> bool:
         if expires < time.time():
             return False
-        return hmac.compare_digest(self._sign(image_id, expires), signature)
+        return hmac.compare_digest(self._sign(image_id, expires).encode(), signature.encode())
 
 
 @contextmanager

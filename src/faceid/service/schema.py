@@ -53,12 +53,13 @@ ERROR_STATUSES: dict[int, str] = {
     422: "invalid request: the message names each field at fault and what it takes",
     429: "too many: the queue is full (header Retry-After) or a quota is used up",
     500: "internal error; the server log has the details (code internal_error)",
+    504: "the images took longer than this server waits for them (--sync-timeout): the job was cancelled",
 }
 
 
-def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """``responses=`` entries declaring ``ErrorBody`` for ``statuses``."""
-    return {status: {"model": ErrorBody, "description": ERROR_STATUSES[status]} for status in statuses}
+def errors(*statuses: int, model: type[BaseModel] = ErrorBody) -> dict[int | str, dict[str, Any]]:
+    """``responses=`` entries declaring ``model`` (``ErrorBody``, or a protocol's own) for ``statuses``."""
+    return {status: {"model": model, "description": ERROR_STATUSES[status]} for status in statuses}
 
 
 def _takes_key(dependant: Dependant) -> bool:
@@ -73,7 +74,12 @@ def _reads_input(dependant: Dependant) -> bool:
 
 class DocumentedRoute(APIRoute):
     """A route whose OpenAPI ``responses`` declare ``ErrorBody`` for every status it can give: the ones its shape
-    implies (see the module's docstring) and those given by ``responses=errors(...)``."""
+    implies (see the module's docstring) and those given by ``responses=errors(...)``. A protocol that answers in
+    its own error shape (the OpenAI and A1111 APIs) subclasses it with its ``error_model`` and the status it gives an
+    invalid request (``invalid_status``: OpenAI's is 400)."""
+
+    error_model: type[BaseModel] = ErrorBody
+    invalid_status = 422
 
     def __init__(self, path: str, endpoint: Any, *, responses: dict | None = None, **kwargs: Any) -> None:
         dependant = get_dependant(path=path, call=endpoint)
@@ -83,12 +89,13 @@ class DocumentedRoute(APIRoute):
         if dependant.path_params:
             statuses.add(404)
         if _reads_input(dependant):
-            statuses.add(422)
+            statuses.add(self.invalid_status)
         if {"POST", "PUT", "PATCH"} & set(kwargs.get("methods") or ()):
             statuses.add(413)  # the body limit (BodyLimit) applies to every write
         if dependant.body_params:
             statuses.add(400)  # a body that cannot be parsed
-        super().__init__(path, endpoint, responses={**errors(*sorted(statuses)), **(responses or {})}, **kwargs)
+        declared = errors(*sorted(statuses), model=self.error_model)
+        super().__init__(path, endpoint, responses={**declared, **(responses or {})}, **kwargs)
 
 
 def operation_id(route: APIRoute) -> str:
@@ -377,3 +384,28 @@ def identity_view(identity, warnings: list[str] = ()) -> IdentityView:
         ],
         warnings=list(warnings),
     )
+
+
+def drop_undeclared_422(app) -> None:
+    """FastAPI declares its ``HTTPValidationError`` 422 on every route that reads input and declares no 422 itself.
+    Every route of this app that can send a 422 declares it (``DocumentedRoute``); one that does not answers an
+    invalid request with another status (the OpenAI API's 400) and never sends FastAPI's: those are removed from
+    ``app``'s schema, and the components with them."""
+    import json
+
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = build()
+        for methods in schema["paths"].values():
+            for operation in methods.values():
+                if "HTTPValidationError" in json.dumps(operation["responses"].get("422", {})):
+                    del operation["responses"]["422"]
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(name, None)
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi
