@@ -78,8 +78,8 @@ def server(make_server):
     return make_server()
 
 
-@pytest.fixture
-def browser():
+def launch_browser(*extra: str):
+    """Headless chromium through chromedriver, with the ``extra`` command line switches."""
     chromium, driver_path = browser_binaries()
     try:
         from selenium import webdriver
@@ -94,10 +94,17 @@ def browser():
         "--disable-dev-shm-usage",
         "--disable-gpu",
         "--window-size=1280,1100",
+        *extra,
     ):
         options.add_argument(arg)
     driver = webdriver.Chrome(service=Service(driver_path), options=options)
     driver.set_page_load_timeout(WAIT)
+    return driver
+
+
+@pytest.fixture
+def browser():
+    driver = launch_browser()
     yield driver
     driver.quit()
 
@@ -243,8 +250,9 @@ def test_web_app_with_api_key_and_deleting(make_server, browser, faces_dir, tmp_
     assert browser.execute_script("return sessionStorage.getItem('faceid-api-key')") == "key-a"
     assert browser.execute_script("return localStorage.getItem('faceid-api-key')") is None
     enroll_and_generate(browser, wait, faces_dir, images=2)
+    wait.until(lambda d: loaded_images(d, "#gallery img.reference") == 2)  # each image beside the person's crop
     sources = [i.get_attribute("src") for i in browser.find_elements(By.CSS_SELECTOR, "#gallery img, #crops img")]
-    assert len(sources) == 3 and all(src.startswith("blob:") for src in sources), sources
+    assert len(sources) == 5 and all(src.startswith("blob:") for src in sources), sources
     assert len(image_files(data)) == 2
 
     # a reload: the key is kept for the tab, the gallery comes back
@@ -289,7 +297,11 @@ def test_web_app_cancels_a_queued_generation(make_server, browser, faces_dir, tm
     entry = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#gallery .generation[data-status=queued]"))[0]
     job = entry.get_attribute("data-id")
     assert httpx.get(f"{url}/v1/generations/{job}").json()["status"] == "queued"
-    assert "queued" in browser.find_element(By.ID, "progress-text").text
+    # the queue position before the job starts (the only one queued: next in line)
+    progress = browser.find_element(By.ID, "progress-text")
+    wait.until(lambda d: "position 1 in the queue" in progress.text)
+    assert httpx.get(f"{url}/v1/generations/{job}").json()["queue_position"] == 0
+    assert "position 1 in the queue" in entry.find_element(By.CSS_SELECTOR, ".gen-status").text
     screenshot(browser, tmp_path, "6-queued")
 
     entry.find_element(By.CSS_SELECTOR, "button.cancel").click()
@@ -527,6 +539,7 @@ def test_web_app_offers_only_what_the_server_runs_and_errors_fit_their_card(
     assert not browser.find_element(By.ID, "decoder").is_displayed()
     assert values("mode") == ["text-to-image", "img2img", "inpaint", "swap"]  # no ControlNet on this server
     assert not browser.find_element(By.ID, "add-style").is_displayed()
+    assert not browser.find_element(By.ID, "mic").is_displayed()  # no speech model, no microphone
     screenshot(browser, tmp_path, "11-bare-server")
 
     # a long error (a photo without a face, its long file name quoted) wraps inside its card
@@ -568,3 +581,207 @@ def test_web_app_offers_only_what_the_server_runs_and_errors_fit_their_card(
     settings = httpx.get(f"{equipped}/v1/generations/{job}").json()["settings"]
     assert (settings["fast"], settings["decoder"], settings["num_inference_steps"]) == ("lcm", "tiny", 4)
     screenshot(browser, tmp_path, "13-fast-and-tiny-decoder")
+
+
+class CountingTranscriber:
+    """A transcriber that records what it was asked and what it answered."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.name, self.calls = inner, inner.name, []
+
+    def __call__(self, audio: bytes, language=None, prompt=None) -> str:
+        text = self.inner(audio, language=language, prompt=prompt)
+        self.calls.append((audio, text))
+        return text
+
+
+def write_tone(path: Path, seconds: float = 1.0, rate: int = 16_000) -> Path:
+    """A short mono 16-bit WAV: a tone, what the fake microphone plays (in a loop)."""
+    import math
+    import struct
+    import wave
+
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(rate)
+        samples = (int(12000 * math.sin(2 * math.pi * 440 * t / rate)) for t in range(int(seconds * rate)))
+        out.writeframes(b"".join(struct.pack("<h", v) for v in samples))
+    return path
+
+
+def js_fixed(value: float, digits: int = 2) -> str:
+    """``value.toFixed(digits)`` as JavaScript writes it (rounding the exact binary value half up)."""
+    from decimal import ROUND_HALF_UP, Decimal
+
+    return str(Decimal(value).quantize(Decimal(1).scaleb(-digits), rounding=ROUND_HALF_UP))
+
+
+def test_web_app_likeness_drawn_mask_microphone_and_phone_layout(make_server, pipe, faces_dir, tmp_path, tiny_models):
+    """Each result beside its person's reference face with its identity similarity (the job view's scores), the
+    gallery sorted and filtered by it, the large view; a mask painted with the mouse used for inpainting; the
+    microphone (a fake audio device playing a WAV) filling the prompt with the server's transcription (the tiny
+    random Whisper); sliders bounded by the server's limits; a phone-sized window without horizontal overflow."""
+    import httpx
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+    from test_serve import ShowingFaces
+    from tiny_models import make_tiny_whisper
+
+    from faceid.speech import Transcriber
+
+    transcriber = CountingTranscriber(Transcriber.from_pretrained(make_tiny_whisper(tmp_path / "whisper")))
+    shown = [faces_dir / "biden.jpg", faces_dir / "obama2.jpg"]  # image 0 less like obama than image 1
+    url = make_server(pipeline=ShowingFaces(pipe, shown), transcriber=transcriber, max_side=512)
+    tone = write_tone(tmp_path / "tone.wav")
+    browser = launch_browser(
+        "--use-fake-ui-for-media-stream",
+        "--use-fake-device-for-media-stream",
+        f"--use-file-for-fake-audio-capture={tone}",
+    )
+    try:
+        wait = WebDriverWait(browser, WAIT)
+        browser.get(url + "/")
+        wait.until(lambda d: d.find_element(By.ID, "mic").is_displayed())
+
+        # sliders beside the number fields, bounded by the server's limits; a slider sets its field
+        assert browser.find_element(By.ID, "width-range").get_attribute("max") == "512"
+        steps_max = httpx.get(f"{url}/v1/models").json()["limits"]["max_steps"]
+        assert browser.find_element(By.ID, "steps-range").get_attribute("max") == str(steps_max)
+        browser.execute_script(
+            "const r = document.getElementById('guidance-range'); r.value = '3.5'; r.dispatchEvent(new Event('input'))"
+        )
+        assert browser.find_element(By.ID, "guidance").get_property("value") == "3.5"
+
+        # the microphone: record from the fake device, stop, and the prompt is what the server transcribed
+        browser.find_element(By.ID, "mic").click()
+        mic = browser.find_element(By.ID, "mic")
+        wait.until(lambda d: int(mic.get_attribute("data-recorded") or 0) >= 1)  # some audio came in
+        mic.click()
+        mic_status = browser.find_element(By.ID, "mic-status")
+        wait.until(lambda d: mic_status.text.startswith("transcribed") or "error" in mic_status.get_attribute("class"))
+        assert mic_status.text.startswith("transcribed"), mic_status.text
+        assert len(transcriber.calls) == 1
+        audio, answer = transcriber.calls[0]
+        assert audio[:4] == b"\x1aE\xdf\xa3"  # what MediaRecorder made: WebM
+        prompt = browser.find_element(By.ID, "prompt").get_property("value")
+        assert prompt == answer.replace("\r\n", "\n").replace("\r", "\n"), (prompt, answer)  # a textarea's newlines
+
+        # an example prompt, then two images scored against the person, each beside the reference face
+        browser.find_elements(By.CSS_SELECTOR, "#examples button.example")[1].click()
+        assert "astronaut" in browser.find_element(By.ID, "prompt").get_property("value")
+        browser.find_element(By.ID, "photos").send_keys(str(faces_dir / "obama.jpg"))
+        browser.find_element(By.ID, "enroll").click()
+        wait.until(lambda d: loaded_images(d, "#crops img.crop") == 1)
+        for field, value in {"steps": 1, "width": 128, "height": 128, "seed": 7, "count": 2}.items():
+            set_value(browser, field, value)
+        browser.find_element(By.ID, "generate").click()
+        wait.until(lambda d: loaded_images(d, "#gallery img.generated") == 2)
+        wait.until(lambda d: loaded_images(d, "#gallery img.reference") == 2)
+        job = browser.find_element(By.CSS_SELECTOR, "#gallery .generation").get_attribute("data-id")
+        view = httpx.get(f"{url}/v1/generations/{job}").json()
+        scores = [score["similarity"] for score in view["scores"]]
+        assert scores[0] < scores[1], scores
+        figures = browser.find_elements(By.CSS_SELECTOR, "#gallery figure.result")
+        shown_values = [f.find_element(By.CSS_SELECTOR, ".similarity").text for f in figures]
+        assert shown_values == [js_fixed(s) for s in scores]
+        assert [float(f.get_attribute("data-similarity")) for f in figures] == scores
+        identity = view["identity_ids"][0]
+        crop = httpx.get(f"{url}/v1/identities/{identity}").json()["faces"][0]["crop_url"]
+        references = browser.find_elements(By.CSS_SELECTOR, "#gallery img.reference")
+        crop_bytes = httpx.get(url + crop).content
+        blob = browser.execute_async_script(
+            "const done = arguments[1]; fetch(arguments[0]).then(r => r.arrayBuffer())"
+            ".then(b => done(Array.from(new Uint8Array(b))))",
+            references[0].get_attribute("src"),
+        )
+        assert bytes(blob) == crop_bytes  # the reference is the person's crop
+        screenshot(browser, tmp_path, "14-likeness")
+
+        def on_screen() -> list[float]:
+            """The similarities of the images on show, in reading order."""
+            shown = [f for f in browser.find_elements(By.CSS_SELECTOR, "#gallery figure.result") if f.is_displayed()]
+            shown.sort(key=lambda f: (round(f.rect["y"]), f.rect["x"]))
+            return [float(f.get_attribute("data-similarity")) for f in shown]
+
+        assert on_screen() == scores  # newest first: in the generation's order
+        Select(browser.find_element(By.ID, "gallery-order")).select_by_value("alike")
+        assert on_screen() == sorted(scores, reverse=True)
+        threshold = round((scores[0] + scores[1]) / 2, 2)
+        browser.execute_script(
+            "const r = document.getElementById('min-similarity'); r.step = 'any'; r.value = arguments[0];"
+            "r.dispatchEvent(new Event('input'))",
+            threshold,
+        )
+        assert on_screen() == [scores[1]]
+        browser.execute_script(
+            "const r = document.getElementById('min-similarity'); r.value = 0; r.dispatchEvent(new Event('input'))"
+        )
+        Select(browser.find_element(By.ID, "gallery-order")).select_by_value("newest")
+        assert on_screen() == scores
+
+        # the large view: the image with its settings and similarity
+        browser.find_elements(By.CSS_SELECTOR, "#gallery img.generated")[1].click()
+        lightbox = browser.find_element(By.ID, "lightbox")
+        wait.until(lambda d: lightbox.is_displayed())
+        assert js_fixed(scores[1]) in browser.find_element(By.ID, "lightbox-similarity").text
+        assert "steps 1" in browser.find_element(By.ID, "lightbox-caption").text
+        large = browser.find_element(By.ID, "lightbox-image")
+        assert large.size["width"] > 2 * figures[1].find_element(By.CSS_SELECTOR, "img.generated").size["width"]
+        screenshot(browser, tmp_path, "15-large-view")
+        browser.find_element(By.ID, "lightbox-close").click()
+        wait.until(lambda d: not lightbox.is_displayed())
+
+        # inpainting with a mask painted on the image: the stroke is white in the uploaded mask, the rest black
+        Select(browser.find_element(By.ID, "mode")).select_by_value("inpaint")
+        photo = tmp_path / "flat.png"
+        Image.new("RGB", (64, 48), (90, 140, 200)).save(photo)
+        browser.find_element(By.ID, "init-file").send_keys(str(photo))
+        canvas = browser.find_element(By.ID, "mask-canvas")
+        wait.until(lambda d: canvas.is_displayed() and canvas.get_property("width") == 64)
+        browser.execute_script(
+            "const r = document.getElementById('brush-size'); r.value = '40'; r.dispatchEvent(new Event('input'))"
+        )
+        w, h = canvas.size["width"], canvas.size["height"]
+        (
+            ActionChains(browser)
+            .move_to_element_with_offset(canvas, -w // 4, -h // 4)  # from the centre: a quarter in
+            .click_and_hold()
+            .move_by_offset(w // 8, 0)
+            .move_by_offset(0, h // 8)
+            .release()
+            .perform()
+        )
+        set_value(browser, "count", 1)
+        for field in ("width", "height"):
+            browser.find_element(By.ID, field).clear()
+        browser.find_element(By.ID, "generate").click()
+        wait.until(lambda d: loaded_images(d, "#gallery img.generated") == 3)
+        job = browser.find_element(By.CSS_SELECTOR, "#gallery .generation").get_attribute("data-id")
+        view = httpx.get(f"{url}/v1/generations/{job}").json()
+        assert view["mode"] == "inpaint" and view["inputs"]["mask_image"] != view["inputs"]["init_image"]
+        uploads = {u["id"]: u for u in httpx.get(f"{url}/v1/uploads").json()}
+        drawn = uploads[view["inputs"]["mask_image"]]
+        from io import BytesIO
+
+        mask = Image.open(BytesIO(httpx.get(url + drawn["url"]).content)).convert("L")
+        assert mask.size == (64, 48)
+        for x, y in ((16, 12), (24, 12), (24, 18)):  # along the stroke (image pixels)
+            assert mask.getpixel((x, y)) > 200, (x, y)
+        for x, y in ((48, 36), (60, 4), (4, 44)):  # far from it
+            assert mask.getpixel((x, y)) < 30, (x, y)
+        screenshot(browser, tmp_path, "16-drawn-mask")
+
+        # a phone: one column, nothing wider than the screen
+        browser.set_window_size(390, 844)
+        wait.until(lambda d: d.execute_script("return window.innerWidth") <= 390)
+        overflow = browser.execute_script(
+            "const e = document.documentElement; return [e.scrollWidth, e.clientWidth, document.body.scrollWidth]"
+        )
+        screenshot(browser, tmp_path, "17-phone")
+        assert overflow[0] <= overflow[1] and overflow[2] <= overflow[1], overflow
+        cards = browser.find_elements(By.CSS_SELECTOR, "main > .card")
+        assert len({round(card.rect["x"]) for card in cards}) == 1  # stacked
+    finally:
+        browser.quit()

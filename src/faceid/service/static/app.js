@@ -14,6 +14,8 @@ const state = {
   identity: null, models: [], authenticated: false, cursor: null, modes: [], controlnets: {},
   people: [], maxPeople: 1, styleAdapters: {},  // several people in one picture (in order), style adapters by name
   fast: {},  // the server's few-step presets by name
+  identities: new Map(),  // the library's people by id (their reference crops, names)
+  speech: null,  // the server's speech model (GET /v1/models "speech"), or null: no microphone
 };
 
 // ------------------------------------------------------------------ API key and requests
@@ -120,7 +122,8 @@ async function loadAll() {
   if (state.authenticated) setStatus("key-status", "checking the key…");
   if (!(await loadModels())) return;  // a refused key says so at the top
   if (state.authenticated) setStatus("key-status", "key accepted");
-  await Promise.all([loadLibrary(), loadGallery()]);
+  await loadLibrary();  // first: the gallery shows each result beside its person's reference crop
+  await loadGallery();
 }
 
 // ------------------------------------------------------------------ models
@@ -155,6 +158,10 @@ async function loadModels() {
     showGroupOptions(info.max_people || 1, info.style_adapters || {});
     showFast(info.fast || {});
     showDecoders(info.decoders || ["full"]);
+    showLimits(info.limits || {});
+    state.speech = info.speech || null;
+    $("mic").hidden = !state.speech;  // a microphone only where the server transcribes
+    if (state.speech) $("mic").title = "speak the prompt (transcribed by " + shortNames([state.speech])[0] + "): click to record, click again to stop";
     modelChanged();
     return true;
   } catch (e) {
@@ -202,9 +209,34 @@ function modelChanged() {
 // An empty Steps field leaves the steps to the server: the model's default, or a fast preset's.
 function fastChanged() {
   const entry = selectedModel();
-  const steps = entry && entry.defaults && entry.defaults.num_inference_steps;
+  const d = (entry && entry.defaults) || {};
+  const steps = d.num_inference_steps;
   const preset = state.fast[$("fast").value];
   $("steps").placeholder = preset ? preset.num_inference_steps + " (the preset's)" : steps ? "default " + steps : "default";
+  $("guidance").placeholder = d.guidance_scale !== undefined ? "default " + d.guidance_scale : "default";
+  // an empty field's slider rests at the default it stands for
+  const rest = { steps: preset ? preset.num_inference_steps : steps, guidance: d.guidance_scale, width: d.width, height: d.height };
+  for (const [id, value] of Object.entries(rest)) if ($(id).value === "" && value !== undefined) $(id + "-range").value = value;
+}
+
+// ------------------------------------------------------------------ sliders: a range beside each number field
+// Each slider (data-for: its number field) and its field show the same value; the field may stay empty (the
+// server's default). Their ranges are the server's limits (GET /v1/models "limits").
+for (const range of document.querySelectorAll("input[type=range][data-for]")) {
+  const field = $(range.dataset.for);
+  range.addEventListener("input", () => { field.value = range.value; });
+  field.addEventListener("input", () => { if (field.value !== "") range.value = field.value; });
+}
+
+function showLimits(limits) {
+  if (limits.max_steps) for (const id of ["steps", "steps-range"]) $(id).max = limits.max_steps;
+  if (limits.max_side) for (const id of ["width", "height", "width-range", "height-range"]) $(id).max = limits.max_side;
+  if (limits.max_images) $("count").max = limits.max_images;
+}
+
+// ------------------------------------------------------------------ example prompts
+for (const button of document.querySelectorAll("#examples button.example")) {
+  button.addEventListener("click", () => { $("prompt").value = button.textContent; });
 }
 
 $("model").addEventListener("change", modelChanged);
@@ -274,7 +306,103 @@ for (const slot of ["init", "mask", "control", "target", "regions"]) {
     delete uploads[slot];
     const upload = uploadChosen(input, slotField(slot).querySelector("figure"));
     if (upload) uploads[slot] = upload;
+    if (slot === "init") maskImageChanged(upload);
   });
+}
+
+// ------------------------------------------------------------------ the mask, drawn on the image to redraw
+// A canvas over the server's copy of the image, at the image's size: what is painted is redrawn (inpainting). At
+// generation the painting is uploaded as the mask (white where painted, black elsewhere); a mask file is used when
+// nothing is painted.
+const mask = { canvas: $("mask-canvas"), drawing: false, last: null, upload: null, dirty: false };
+
+function maskImageChanged(upload) {
+  const canvas = mask.canvas;
+  canvas.getContext("2d").clearRect(0, 0, canvas.width, canvas.height);
+  mask.upload = null;
+  $("mask-editor").classList.remove("ready");
+  $("mask-base").removeAttribute("src");
+  if (!upload) return;
+  upload.then(async (view) => {
+    canvas.width = view.width;
+    canvas.height = view.height;
+    $("mask-base").src = await imageURL(view.url);
+    $("mask-editor").classList.add("ready");
+  }).catch(() => {});
+}
+
+function canvasPoint(event) {
+  const rect = mask.canvas.getBoundingClientRect();
+  return [(event.clientX - rect.left) * mask.canvas.width / rect.width,
+    (event.clientY - rect.top) * mask.canvas.height / rect.height];
+}
+
+function paint(from, to) {
+  const canvas = mask.canvas, g = canvas.getContext("2d");
+  const scale = canvas.width / canvas.getBoundingClientRect().width;  // the brush size is in screen pixels
+  g.globalCompositeOperation = $("mask-erase").checked ? "destination-out" : "source-over";
+  g.strokeStyle = "#ef4444";
+  g.lineCap = g.lineJoin = "round";
+  g.lineWidth = parseFloat($("brush-size").value) * scale;
+  g.beginPath();
+  g.moveTo(...from);
+  g.lineTo(...to);
+  g.stroke();
+  mask.upload = null;  // changed: uploaded again at the next generation
+}
+
+mask.canvas.addEventListener("pointerdown", (event) => {
+  event.preventDefault();
+  mask.canvas.setPointerCapture?.(event.pointerId);
+  mask.drawing = true;
+  mask.last = canvasPoint(event);
+  paint(mask.last, mask.last);
+});
+mask.canvas.addEventListener("pointermove", (event) => {
+  if (!mask.drawing) return;
+  const point = canvasPoint(event);
+  paint(mask.last, point);
+  mask.last = point;
+});
+for (const kind of ["pointerup", "pointercancel", "pointerleave"]) {
+  mask.canvas.addEventListener(kind, () => { mask.drawing = false; });
+}
+$("brush-size").addEventListener("input", () => { $("brush-size-value").textContent = $("brush-size").value; });
+$("mask-clear").addEventListener("click", () => {
+  mask.canvas.getContext("2d").clearRect(0, 0, mask.canvas.width, mask.canvas.height);
+  mask.upload = null;
+});
+
+// Whether anything is painted on the mask canvas.
+function maskPainted() {
+  const { width, height } = mask.canvas;
+  if (!$("mask-editor").classList.contains("ready") || !width || !height) return false;
+  const pixels = mask.canvas.getContext("2d").getImageData(0, 0, width, height).data;
+  for (let i = 3; i < pixels.length; i += 4) if (pixels[i]) return true;
+  return false;
+}
+
+// The painted mask as an upload (white where painted, black elsewhere): the Promise of its view.
+function uploadDrawnMask() {
+  if (!mask.upload) {
+    const { width, height } = mask.canvas;
+    const out = el("canvas", { width: String(width), height: String(height) });
+    const g = out.getContext("2d");
+    g.drawImage(mask.canvas, 0, 0);
+    g.globalCompositeOperation = "source-in";  // the painted pixels, white
+    g.fillStyle = "#fff";
+    g.fillRect(0, 0, width, height);
+    g.globalCompositeOperation = "destination-over";  // on black
+    g.fillStyle = "#000";
+    g.fillRect(0, 0, width, height);
+    mask.upload = new Promise((resolve) => out.toBlob(resolve, "image/png")).then((blob) => {
+      const form = new FormData();
+      form.append("image", blob, "mask.png");
+      return api("/v1/uploads", { method: "POST", body: form });
+    });
+    mask.upload.catch(() => { mask.upload = null; });
+  }
+  return mask.upload;
 }
 
 // The id of a slot's upload; an Error that says what to choose when there is none.
@@ -287,7 +415,10 @@ async function uploadId(slot, what) {
 async function modeFields() {
   const mode = $("mode").value, fields = {};
   if (mode === "img2img" || mode === "inpaint") fields.init_image = await uploadId("init", "the image to redraw");
-  if (mode === "inpaint") fields.mask_image = await uploadId("mask", "the mask");
+  if (mode === "inpaint") {
+    fields.mask_image = maskPainted() ? (await uploadDrawnMask()).id
+      : await uploadId("mask", "the mask: paint it on the image, or choose a mask file,");
+  }
   if (mode === "controlnet") {
     fields.controls = [{ kind: $("control-kind").value, image: await uploadId("control", "the reference photo"),
       scale: parseFloat($("control-scale").value) }];
@@ -422,6 +553,7 @@ async function loadLibrary() {
   const library = $("library");
   try {
     const people = await api("/v1/identities");
+    state.identities = new Map(people.map((person) => [person.id, person]));
     if (!people.length) {
       library.replaceChildren(el("p", { className: "muted", text: "no one enrolled yet" }));
       return;
@@ -492,6 +624,8 @@ async function requestBody() {
   }
   if ($("fast").value) body.fast = $("fast").value;
   if ($("decoder").value === "tiny") body.decoder = "tiny";
+  const cfg = parseFloat($("guidance").value);
+  if (!Number.isNaN(cfg)) body.guidance_scale = cfg;
   const guidance = parseFloat($("identity-guidance").value);
   if (guidance) body.identity_guidance = guidance;  // 0 or empty: off (the default); a bad value: the server says
   Object.assign(body, await modeFields(), await groupFields());
@@ -566,7 +700,11 @@ async function followEvents(url, onEvent) {
 }
 
 function progressText(kind, data) {
-  if (kind === "queued") return "queued" + (data.queue_position ? ", " + data.queue_position + " ahead" : "");
+  if (kind === "queued") {
+    const ahead = data.queue_position;
+    return "queued" + (typeof ahead === "number" ? ": position " + (ahead + 1) + " in the queue" +
+      (ahead ? " (" + ahead + " ahead)" : ", next") : "");
+  }
   if (kind === "progress" || kind === "preview") return "running, step " + data.step + " of " + (data.total || "?");
   return kind;
 }
@@ -699,6 +837,7 @@ function showGeneration(view, where = "prepend") {
   if (old) old.replaceWith(node);
   else $("gallery")[where](node);
   showEmptyGallery();
+  arrangeGallery();
 }
 
 function statusText(view) {
@@ -749,7 +888,7 @@ function describe(settings, prompt, negative, seed, mode, people) {
     "guidance " + settings.guidance_scale, settings.width + "×" + settings.height);
   if (settings.fast) parts.push("fast " + settings.fast);
   if (settings.identity_guidance) parts.push("identity guidance " + settings.identity_guidance);
-  if (settings.base_model) parts.push("model " + settings.base_model);
+  if (settings.base_model) parts.push("model " + shortNames([settings.base_model])[0]);  // a name, not a path
   return parts.join(" · ");
 }
 
@@ -784,12 +923,143 @@ function imageFigure(view, url, i) {
   });
   const people = (view.inputs && view.inputs.people || []).length;
   const caption = describe(settings, prompt, negative, seed, view.mode, people);
-  const figure = el("figure", {}, img, el("figcaption", { text: caption }), download, again);
+  const score = (view.scores || [])[i];
+  const likeness = likenessBox(score, view.identity_ids[Math.floor(index / per)]);
+  const figure = el("figure", { className: "result" }, el("div", { className: "pair" }, img, likeness),
+    el("figcaption", { text: caption }), download, again);
+  if (score) figure.dataset.similarity = String(score.similarity);
+  img.title = "click for a large view";
+  img.addEventListener("click", () => openLightbox(img, caption, score));
   const remove = el("button", { className: "small danger delete-image", type: "button", text: "Delete",
     title: "delete this image", onclick: () => deleteImage(url, figure, remove) });
   figure.append(remove);
   return figure;
 }
+
+// The likeness of a result: each person's reference face (their first aligned crop) with the image's identity
+// similarity to them (GET /v1/generations "scores": the server's recognizer, cosine similarity); with several people
+// the weakest is the image's.
+function formatSimilarity(value) {
+  return value.toFixed(2);
+}
+
+function likenessBox(score, identityId) {
+  const box = el("div", { className: "likeness" });
+  if (score === undefined) return box;  // a server that does not score
+  const people = score ? score.people : [{ identity_id: identityId, similarity: null }];
+  for (const person of people) {
+    const identity = state.identities.get(person.identity_id);
+    const crop = identity && identity.faces.length ? identity.faces[0].crop_url : "/v1/identities/" + person.identity_id + "/crops/0.png";
+    const name = (identity && identity.name) || "reference";
+    const ref = el("img", { className: "reference", alt: "reference face of " + name, title: name });
+    showImage(ref, crop);
+    const value = person.no_face ? "no face" : person.similarity === null ? "not scored" : formatSimilarity(person.similarity);
+    box.append(el("div", { className: "reference" }, ref, el("span", { className: "person-similarity", text: value })));
+  }
+  const overall = el("div", { className: "similarity", title: score ? "identity similarity by " + score.recognizer +
+    " (cosine; the weakest person's with several)" : "this image could not be scored" },
+  score ? formatSimilarity(score.similarity) : "not scored");
+  if (score) overall.dataset.similarity = String(score.similarity);
+  box.append(el("span", { className: "muted" }, "similarity"), overall);
+  return box;
+}
+
+// The gallery's order (newest first, or most alike first) and its filter (a minimum similarity), by CSS order and
+// hidden: entries keep their place in the page, so they can be redrawn as they change.
+function arrangeGallery() {
+  const alike = $("gallery-order").value === "alike";
+  const min = parseFloat($("min-similarity").value) || 0;
+  $("min-similarity-value").textContent = min ? "≥ " + min.toFixed(2) : "off";
+  const rank = (s) => String(Number.isNaN(s) ? 30000 : Math.round((1 - s) * 10000));  // similarity in [-1, 1]
+  for (const entry of document.querySelectorAll("#gallery .generation")) {
+    const figures = [...entry.querySelectorAll("figure.result")];
+    let best = NaN;
+    for (const figure of figures) {
+      const s = figure.dataset.similarity === undefined ? NaN : parseFloat(figure.dataset.similarity);
+      figure.hidden = min > 0 && !(s >= min);
+      figure.style.order = alike ? rank(s) : "";
+      if (!figure.hidden && !(s <= best)) best = s;
+    }
+    entry.style.order = alike ? rank(best) : "";
+    entry.hidden = min > 0 && figures.length > 0 && figures.every((figure) => figure.hidden);
+  }
+}
+
+$("gallery-order").addEventListener("change", arrangeGallery);
+$("min-similarity").addEventListener("input", arrangeGallery);
+
+// ------------------------------------------------------------------ the large view of an image
+function openLightbox(img, caption, score) {
+  $("lightbox-image").src = img.src;
+  $("lightbox-image").alt = img.alt + ", large";
+  $("lightbox-caption").textContent = caption;
+  $("lightbox-similarity").textContent = score ? "identity similarity " + formatSimilarity(score.similarity) +
+    (score.people.length > 1 ? " (the weakest of " + score.people.length + " people)" : "") : score === null ? "not scored" : "";
+  $("lightbox").showModal();
+}
+
+$("lightbox").addEventListener("click", (event) => {
+  if (event.target === $("lightbox")) $("lightbox").close();  // a click beside the image
+});
+
+// ------------------------------------------------------------------ the microphone: speak the prompt
+// Shown when the server has a speech model (GET /v1/models "speech"). Records in the browser (getUserMedia,
+// MediaRecorder: webm/opus in Chromium and Firefox), sends the recording to POST /openai/v1/audio/transcriptions
+// and puts its text into the prompt field.
+const mic = { recorder: null, chunks: [] };
+
+async function toggleMicrophone() {
+  const button = $("mic");
+  if (mic.recorder && mic.recorder.state === "recording") {
+    mic.recorder.stop();
+    return;
+  }
+  if (!navigator.mediaDevices || !window.MediaRecorder) {
+    return setStatus("mic-status", "this page cannot record here: browsers allow the microphone on https or localhost", "error");
+  }
+  let stream;
+  try {
+    stream = await navigator.mediaDevices.getUserMedia({ audio: true });
+  } catch (e) {
+    return setStatus("mic-status", "no microphone: " + e.message, "error");
+  }
+  mic.chunks = [];
+  const recorder = new MediaRecorder(stream);
+  mic.recorder = recorder;
+  recorder.addEventListener("dataavailable", (event) => {
+    if (event.data.size) mic.chunks.push(event.data);
+    button.dataset.recorded = String(mic.chunks.length);
+  });
+  recorder.addEventListener("stop", async () => {
+    for (const track of stream.getTracks()) track.stop();
+    button.classList.remove("recording");
+    button.textContent = "🎤 Speak";
+    const recording = new Blob(mic.chunks, { type: recorder.mimeType || "audio/webm" });
+    if (!recording.size) return setStatus("mic-status", "nothing was recorded", "error");
+    button.disabled = true;
+    setStatus("mic-status", "transcribing…");
+    try {
+      const form = new FormData();
+      const ext = (recording.type.split("/")[1] || "webm").split(";")[0];
+      form.append("file", recording, "speech." + ext);
+      form.append("model", state.speech);
+      const answer = await api("/openai/v1/audio/transcriptions", { method: "POST", body: form });
+      $("prompt").value = answer.text;
+      setStatus("mic-status", "transcribed: edit the prompt if need be");
+    } catch (e) {
+      setStatus("mic-status", e.message, "error");
+    } finally {
+      button.disabled = false;
+    }
+  });
+  button.dataset.recorded = "0";
+  recorder.start(250);  // a chunk every 250 ms
+  button.classList.add("recording");
+  button.textContent = "■ Stop";
+  setStatus("mic-status", "recording: speak, then click Stop");
+}
+
+$("mic").addEventListener("click", toggleMicrophone);
 
 async function deleteImage(url, figure, button) {
   button.disabled = true;
