@@ -4,7 +4,9 @@ a reload), and see the error a photo without a face gives; with API keys, the ke
 refused) loads everything, images included; cancel a queued generation; delete images and generations; live
 previews replaced by the final images, the fast mode and identity guidance, the model menu from the catalog; the
 mode menu showing each mode's fields, and an img2img generation from an uploaded photo; two people placed by a group
-photo with a style reference.
+photo with a style reference; each result beside the reference face with its similarity (sorted and filtered by
+it), the large view, a mask painted with the mouse for inpainting, the microphone filling the prompt (a fake audio
+device, a tiny Whisper), the queue position, sliders, and a phone-sized window without horizontal overflow.
 Screenshots go to the test's tmp folder (and to ``FACEID_TEST_ARTIFACTS`` when set). CI installs chromium and chromium-driver (.ci/run); without them this test fails, saying how."""
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import shutil
 import socket
 import threading
 import time
+from io import BytesIO
 from pathlib import Path
 
 import pytest
@@ -697,6 +700,7 @@ def test_web_app_likeness_drawn_mask_microphone_and_phone_layout(make_server, pi
             references[0].get_attribute("src"),
         )
         assert bytes(blob) == crop_bytes  # the reference is the person's crop
+        browser.execute_script("document.getElementById('gallery').scrollIntoView()")
         screenshot(browser, tmp_path, "14-likeness")
 
         def on_screen() -> list[float]:
@@ -763,24 +767,26 @@ def test_web_app_likeness_drawn_mask_microphone_and_phone_layout(make_server, pi
         assert view["mode"] == "inpaint" and view["inputs"]["mask_image"] != view["inputs"]["init_image"]
         uploads = {u["id"]: u for u in httpx.get(f"{url}/v1/uploads").json()}
         drawn = uploads[view["inputs"]["mask_image"]]
-        from io import BytesIO
-
         mask = Image.open(BytesIO(httpx.get(url + drawn["url"]).content)).convert("L")
         assert mask.size == (64, 48)
         for x, y in ((16, 12), (24, 12), (24, 18)):  # along the stroke (image pixels)
             assert mask.getpixel((x, y)) > 200, (x, y)
         for x, y in ((48, 36), (60, 4), (4, 44)):  # far from it
             assert mask.getpixel((x, y)) < 30, (x, y)
+        browser.execute_script("document.getElementById('mask-editor').scrollIntoView()")
         screenshot(browser, tmp_path, "16-drawn-mask")
 
-        # a phone: one column, nothing wider than the screen
-        browser.set_window_size(390, 844)
-        wait.until(lambda d: d.execute_script("return window.innerWidth") <= 390)
+        # a phone (360 pixels wide, as many Android phones): one column, nothing wider than the screen
+        browser.set_window_size(360, 780)
+        wait.until(lambda d: d.execute_script("return window.innerWidth") <= 360)
         overflow = browser.execute_script(
-            "const e = document.documentElement; return [e.scrollWidth, e.clientWidth, document.body.scrollWidth]"
+            "const e = document.documentElement, w = e.clientWidth;"
+            "const out = [...document.querySelectorAll('body *')].filter(n => n.getBoundingClientRect().right > w + 0.5);"
+            "return [e.scrollWidth, w, document.body.scrollWidth, out.map(n => n.tagName + '#' + n.id + '.' + n.className)]"
         )
+        browser.execute_script("document.getElementById('gallery').scrollIntoView()")
         screenshot(browser, tmp_path, "17-phone")
-        assert overflow[0] <= overflow[1] and overflow[2] <= overflow[1], overflow
+        assert overflow[0] <= overflow[1] and overflow[2] <= overflow[1] and not overflow[3], overflow
         cards = browser.find_elements(By.CSS_SELECTOR, "main > .card")
         assert len({round(card.rect["x"]) for card in cards}) == 1  # stacked
     finally:

@@ -953,8 +953,11 @@ function likenessBox(score, identityId) {
     const name = (identity && identity.name) || "reference";
     const ref = el("img", { className: "reference", alt: "reference face of " + name, title: name });
     showImage(ref, crop);
-    const value = person.no_face ? "no face" : person.similarity === null ? "not scored" : formatSimilarity(person.similarity);
-    box.append(el("div", { className: "reference" }, ref, el("span", { className: "person-similarity", text: value })));
+    const reference = el("div", { className: "reference" }, ref);
+    // each person's own similarity with several people (the image's is the weakest); a face not found, said
+    if (person.no_face) reference.append(el("span", { className: "person-similarity", text: "no face found" }));
+    else if (people.length > 1) reference.append(el("span", { className: "person-similarity", text: formatSimilarity(person.similarity) }));
+    box.append(reference);
   }
   const overall = el("div", { className: "similarity", title: score ? "identity similarity by " + score.recognizer +
     " (cosine; the weakest person's with several)" : "this image could not be scored" },
@@ -1033,7 +1036,7 @@ async function toggleMicrophone() {
   recorder.addEventListener("stop", async () => {
     for (const track of stream.getTracks()) track.stop();
     button.classList.remove("recording");
-    button.textContent = "🎤 Speak";
+    button.textContent = "● Speak";
     const recording = new Blob(mic.chunks, { type: recorder.mimeType || "audio/webm" });
     if (!recording.size) return setStatus("mic-status", "nothing was recorded", "error");
     button.disabled = true;
