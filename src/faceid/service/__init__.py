@@ -8,6 +8,8 @@
 * :mod:`~faceid.service.jobs`: the bounded job queue (batch picking, cancellation) and each job's events;
 * :mod:`~faceid.service.worker`: one generation thread per device, batching compatible jobs (the same inputs);
 * :mod:`~faceid.service.metrics`: Prometheus metrics;
+* :mod:`~faceid.service.policy`: what a request may ask for (valid text, defaults within limits, quotas per key,
+  Host and Origin checks), between the routes and ``Service``;
 * :mod:`~faceid.service.app`: the FastAPI app (``create_app``), used by ``faceid serve`` and the tests.
 
 A web page or a Ray Serve deployment sits on the same layer: ``Service`` (in ``app.py``) holds the store,
