@@ -316,6 +316,9 @@ def test_defaults_are_the_models_within_the_servers_limits(make_client, faces_di
     settings = client.get(f"/v1/generations/{response.json()['id']}").json()["settings"]
     # SD1.5's 30 steps and 512x768, within 4 steps and 256 px: its aspect kept, in multiples of 8
     assert (settings["num_inference_steps"], settings["width"], settings["height"]) == (4, 168, 256)
+    # and /v1/models states those defaults (what the web app shows as "default")
+    defaults = client.get("/v1/models").json()["defaults"]
+    assert (defaults["num_inference_steps"], defaults["width"], defaults["height"]) == (4, 168, 256)
     response = client.post("/v1/generations", json={**body, "width": 128})
     settings = client.get(f"/v1/generations/{response.json()['id']}").json()["settings"]
     assert (settings["width"], settings["height"]) == (128, 256)

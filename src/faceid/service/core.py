@@ -718,7 +718,12 @@ class Service:
         """What is configured, what each worker holds (``loaded_models``: catalog indexes, least recently used
         first; ``memory``), the default model set's defaults and the catalog (each entry's ``loaded_on``)."""
         workers = [worker.describe() for worker in self.workers]
-        defaults = self.defaults.to_json() if self.defaults is not None else None
+        # the defaults a request that leaves them open gets: the model's, within this server's limits
+        defaults = (
+            within_limits(GenerationSettings(), self.defaults, self.config).to_json()
+            if self.defaults is not None
+            else None
+        )
         entries = self.catalog.entries if self.catalog is not None else []
         catalog = [
             {**e.describe(), "loaded_on": [w["device"] for w in workers if e.index in w.get("loaded_models", ())]}
