@@ -30,8 +30,9 @@ from ..errors import FaceIDError, FaceSelectionError, ImageError, NoFaceError
 from ..settings import GenerationSettings
 from . import a1111, openai_api
 from .config import ServeConfig
-from .core import Conflict, LimitExceeded, NotFound, Service
+from .core import Service
 from .error_shapes import ErrorShapes
+from .errors import Conflict, LimitExceeded, NotFound
 from .inputs import JobInputs
 from .jobs import QueueFull
 from .metrics import CONTENT_TYPE

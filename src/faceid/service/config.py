@@ -15,7 +15,8 @@ from ..errors import FaceIDError
 from ..images import DEFAULT_MAX_PIXELS
 from ..settings import GenerationSettings
 
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")  # a server bound there answers only this machine
+
 # A style adapter's name: what requests give, and the branch name of the attention processors (no dots there).
 STYLE_ADAPTER_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
@@ -102,10 +103,7 @@ class ServeConfig:
             if getattr(self, name) is not None and int(getattr(self, name)) < 1:
                 raise FaceIDError(f"{name} must be at least 1 (None: no quota), got {getattr(self, name)}")
         if self.allowed_hosts is not None:
-            from .policy import HostRules
-
             self.allowed_hosts = tuple(self.allowed_hosts)
-            HostRules(self.allowed_hosts)  # each one a host name[:port], *.domain or *
         if self.preview_every is not None and int(self.preview_every) < 1:
             raise FaceIDError(f"preview_every must be at least 1 step (None: no previews), got {self.preview_every}")
         if self.pipeline is None and self.loader is None:

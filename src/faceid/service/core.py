@@ -24,6 +24,7 @@ from ..settings import FAMILY_DEFAULTS, MODEL_FIELDS, GenerationSettings
 from .capabilities import Capabilities, NotServed
 from .config import ServeConfig
 from .enroll import Enroller, decode_upload
+from .errors import Conflict, LimitExceeded, NotFound
 from .files import DataDir, is_id, new_id
 from .inputs import MAX_CONTROLS, JobInputs, RegionsPhoto
 from .jobs import JobQueue, QueuedJob, QueueFull
@@ -36,22 +37,6 @@ from .worker import Worker
 logger = logging.getLogger(__name__)
 
 CURSOR = re.compile(r"^(\d{1,20})-([0-9a-f]{32})$")  # a page's next_cursor: created_ns-id of its last generation
-
-
-class NotFound(FaceIDError):
-    """No such thing, or not the caller's (the same answer: another key's data is not acknowledged)."""
-
-
-class LimitExceeded(FaceIDError):
-    """A request larger than this server takes: 413 for uploads, 422 for what a generation asks."""
-
-    def __init__(self, message: str, status: int = 422) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-class Conflict(FaceIDError):
-    """The request does not fit the thing's state (cancelling a finished job)."""
 
 
 class Service:

@@ -16,7 +16,8 @@ from pydantic import ValidationError
 
 from ..errors import FaceIDError, FaceSelectionError, ImageError, NoFaceError
 from ..speech import AudioError
-from .core import Conflict, LimitExceeded, NotFound, Service
+from .core import Service
+from .errors import Conflict, LimitExceeded, NotFound
 from .jobs import QueueFull
 from .policy import QuotaExceeded
 

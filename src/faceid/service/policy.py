@@ -39,6 +39,7 @@ from typing_extensions import TypedDict  # pydantic reads a TypedDict of typing_
 from ..errors import FaceIDError
 from ..settings import GenerationSettings
 from .config import LOOPBACK_HOSTS
+from .errors import LimitExceeded
 
 if TYPE_CHECKING:
     from .config import ServeConfig
@@ -161,8 +162,6 @@ def megabytes(size: int) -> str:
 
 def upload_too_large(label: str, size: int | None, limit: int) -> FaceIDError:
     """The 413 of an upload over ``limit``: its true size when known (None: only that it is larger)."""
-    from .core import LimitExceeded  # here: core imports this module
-
     how = f" ({megabytes(size)})" if size is not None else ""
     return LimitExceeded(
         f"{label}{how} is larger than this server takes ({megabytes(limit)} an image, --max-upload-mb): downscale or "
