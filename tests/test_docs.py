@@ -498,7 +498,7 @@ class Server:
     def __init__(self, app, keys: list[str]) -> None:
         from fastapi.testclient import TestClient
 
-        self.client = TestClient(app)
+        self.client = TestClient(app, base_url=SERVER)  # the Host of the pages' URLs, which the server answers
         self.client.__enter__()
         self.keys = keys
 

@@ -68,7 +68,8 @@ def test_jobs_run_on_two_cpu_replicas(ray_local, tmp_path, tiny_models, face_mod
     # The application `faceid serve --ray` builds from its command line (the CLI then starts Ray and runs it).
     argv = ["serve", "--ray", "--base-model", str(tiny_models.sd15), "--adapter",
             str(tiny_models.adapter("faceid", "safetensors")), "--replicas", "2", "--max-batch", "2",
-            "--data-dir", str(tmp_path / "data"), "--face-models", str(face_models_dir), "--max-steps", "10"]  # fmt: skip
+            "--data-dir", str(tmp_path / "data"), "--face-models", str(face_models_dir), "--max-steps", "10",
+            "--port", str(port)]  # fmt: skip
     args = build_parser().parse_args(argv)
     loader, options = ray_application_parts(args, (), settings_from_args(args), gpus=0)
     assert (options.replicas, options.max_batch, options.gpus) == (2, 2, False)

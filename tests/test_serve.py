@@ -80,7 +80,7 @@ def make_client(tmp_path, pipe, analyzer):
         config = ServeConfig(
             data_dir=data_dir or tmp_path / "data", pipeline=pipeline or pipe, analyzer=analyzer, **options
         )
-        client = TestClient(create_app(config))
+        client = TestClient(create_app(config), base_url="http://localhost")  # a Host the server answers
         client.__enter__()
         opened.append(client)
         return client

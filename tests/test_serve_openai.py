@@ -18,7 +18,7 @@ SIZE = "24x16"  # TINY's size, as OpenAI writes it
 
 
 def client_for(http, key: str = KEY):
-    return openai.OpenAI(base_url="http://testserver/openai/v1", api_key=key, http_client=http, max_retries=0)
+    return openai.OpenAI(base_url="http://localhost/openai/v1", api_key=key, http_client=http, max_retries=0)
 
 
 def decoded(item) -> Image.Image:
@@ -63,7 +63,7 @@ def test_url_links_need_no_key_and_cannot_be_forged(server, faces_dir):
     enroll(server, faces_dir, headers={"Authorization": f"Bearer {KEY}"}, name="obama")
     made = client_for(server).images.generate(model="obama", prompt="a portrait", size=SIZE)  # default: url
     url = made.data[0].url
-    assert url.startswith("http://testserver/openai/v1/images/") and made.data[0].b64_json is None
+    assert url.startswith("http://localhost/openai/v1/images/") and made.data[0].b64_json is None
     image = server.get(url)  # no Authorization header: as a browser or chat client fetches it
     assert image.status_code == 200 and image.headers["content-type"] == "image/png"
     assert Image.open(io.BytesIO(image.content)).size == (24, 16)

@@ -4,6 +4,7 @@ Serve."""
 from __future__ import annotations
 
 import argparse
+import logging
 
 from ..control import KINDS as CONTROL_KINDS
 from ..errors import FaceIDError
@@ -12,6 +13,8 @@ from ..variants import DEFAULT_ADAPTER
 from .flags import add_settings_arguments, int_at_least, settings_from_args
 from .loading import DTYPES, add_model_loading_arguments, load_face_analyzer
 from .logs import quiet_model_loading
+
+logger = logging.getLogger(__name__)
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -116,6 +119,18 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="serve on a non-loopback --host without API keys (anyone who reaches it can use it)",
     )
     parser.add_argument(
+        "--allowed-host",
+        action="append",
+        type=_allowed_host,
+        default=[],
+        metavar="NAME[:PORT]",
+        help="another name this server is reached by (a LAN name, a reverse proxy's; repeatable; *.DOMAIN: its "
+        "subdomains): requests whose Host header is not one of its names get 403 forbidden_host (DNS rebinding), "
+        "and without keys a POST/PUT/PATCH/DELETE from a page of another origin gets 403 forbidden_origin. Its names "
+        "by default: 127.0.0.1, localhost and [::1] with --port on a loopback --host, any on 0.0.0.0 or :: (then "
+        "--allowed-host limits them to the loopback names and these)",
+    )
+    parser.add_argument(
         "--ray",
         nargs="?",
         const="",
@@ -138,11 +153,22 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         ("--max-queue", 16, "queued generations before new ones get 429"),
         ("--max-batch", 4, "images per pipeline call when compatible jobs run together"),
         ("--max-images", 8, "images per generation request"),
-        ("--max-steps", 100, "denoising steps per request"),
-        ("--max-side", 2048, "image width and height"),
+        ("--max-steps", 100, "denoising steps per request (left out: the model's, at most this)"),
+        ("--max-side", 2048, "image width and height (left out: the model's, within this)"),
         ("--max-upload-mb", 20, "size of one uploaded photo"),
     ):
         parser.add_argument(flag, type=int_at_least(1), default=default, help=f"{text} (default {default})")
+    for flag, default, text in (  # quotas per API key (without keys: of the one local owner); 0: none
+        ("--max-identities", 1000, "identities one key keeps (more: 429 quota_exceeded)"),
+        ("--max-uploads", 1000, "uploads one key keeps (more: 429 quota_exceeded)"),
+        ("--max-stored-mb", 10240, "MB one key stores: identities' photos, crops and embeddings, uploads, generated "
+                                   "images (more: 413 quota_exceeded)"),
+        ("--max-queued-per-key", 0, "generations of one key waiting in the queue (more: 429 quota_exceeded; 0: up to "
+                                    "--max-queue)"),
+    ):  # fmt: skip
+        parser.add_argument(
+            flag, type=int_at_least(0), default=default, help=f"{text}; 0: no quota (default {default})"
+        )
 
 
 # ``faceid serve --tiny-vae``'s previews: a few per generation at the usual 20-50 steps, for a few milliseconds each
@@ -154,6 +180,41 @@ def serve_preview_every(given: int | None, tiny_vae: str | None) -> int | None:
     if given is None:
         return SERVE_PREVIEW_EVERY if tiny_vae is not None else None
     return given or None
+
+
+def _allowed_host(text: str) -> str:
+    """``--allowed-host NAME[:PORT]`` (also ``[IPV6]:PORT``, ``*.DOMAIN``), checked as ``ServeConfig`` reads it."""
+    from ..service.policy import parse_host
+
+    try:
+        parse_host(text)
+    except FaceIDError as exc:
+        raise argparse.ArgumentTypeError(f"{exc}: give NAME, NAME:PORT or *.DOMAIN") from None
+    return text.strip()
+
+
+def policy_options(args: argparse.Namespace) -> dict:
+    """``ServeConfig``'s quota and host fields from ``faceid serve``'s flags (0: no quota)."""
+    from ..service.policy import bound_hosts
+
+    return {
+        "max_identities": args.max_identities or None,
+        "max_uploads": args.max_uploads or None,
+        "max_stored_bytes": args.max_stored_mb * 1024 * 1024 or None,
+        "max_queued_per_key": args.max_queued_per_key or None,
+        "allowed_hosts": bound_hosts(args.host, args.port, args.allowed_host),
+    }
+
+
+def _warn_any_host(args: argparse.Namespace) -> None:
+    from ..service.policy import WILDCARD_BINDS
+
+    if args.host in WILDCARD_BINDS and not args.allowed_host:
+        logger.warning(
+            "serving on %s answers requests for any host name: give --allowed-host NAME (repeatable) with the names "
+            "clients use to refuse the others (a page that rebinds its own name to this address)",
+            args.host or "*",
+        )
 
 
 def _model_set(text: str) -> dict:
@@ -201,6 +262,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     keys = read_api_keys(args.api_key or (), args.api_keys_file)
     check_bind(args.host, keys, args.insecure_no_auth)  # before anything loads or is written
+    _warn_any_host(args)
     import torch
     import uvicorn
 
@@ -271,6 +333,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         style_adapters=style_adapters,
         fast=fast,
         reference_encoder=args.reference_encoder,
+        **policy_options(args),
         models={
             **settings.to_json(),
             "face_models": args.face_models,
@@ -377,6 +440,7 @@ def ray_application_parts(args: argparse.Namespace, keys: tuple[str, ...], setti
             "max_upload_bytes": args.max_upload_mb * 1024 * 1024,
             "sync_timeout": args.sync_timeout,
             "speech_model": args.speech_model,
+            **policy_options(args),
             "face_models": args.face_models,
             "models": {**settings.to_json(), "face_models": args.face_models, "ray": args.ray or "local"},
         },

@@ -10,6 +10,8 @@
 * :mod:`~faceid.service.metrics`: Prometheus metrics;
 * :mod:`~faceid.service.schema`: what ``/openapi.json`` promises: the response models, one error body for every
   status a route gives, binary uploads and PNGs, operation ids;
+* :mod:`~faceid.service.policy`: what a request may ask for (valid text, defaults within limits, quotas per key,
+  Host and Origin checks), between the routes and ``Service``;
 * :mod:`~faceid.service.app`: the FastAPI app (``create_app``), used by ``faceid serve`` and the tests.
 
 A web page or a Ray Serve deployment sits on the same layer: ``Service`` (in ``app.py``) holds the store,

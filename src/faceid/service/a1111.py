@@ -38,8 +38,9 @@ from .. import __version__
 from ..errors import FaceIDError
 from ..images import load_image
 from . import oneshot
-from .core import Conflict, NotFound, Service
+from .core import Service
 from .error_shapes import Shape
+from .errors import Conflict, NotFound
 from .files import is_id
 from .schema import DocumentedRoute, errors
 

@@ -30,11 +30,13 @@ from ..errors import FaceIDError, FaceSelectionError, ImageError, NoFaceError
 from ..settings import GenerationSettings
 from . import a1111, openai_api
 from .config import ServeConfig
-from .core import Conflict, LimitExceeded, NotFound, Service
+from .core import Service
 from .error_shapes import ErrorShapes
+from .errors import Conflict, LimitExceeded, NotFound
 from .inputs import JobInputs
 from .jobs import QueueFull
 from .metrics import CONTENT_TYPE
+from .policy import INVALID_TEXT, TextFields, body_too_large, install_policy, printable, read_upload
 from .schema import (
     EVENT_STREAM,
     PNG,
@@ -70,14 +72,16 @@ class ApiError(Exception):
 
 
 def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    message = printable(message)  # a message quoting a request's bad text stays encodable
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
 
 
-class GenerationRequest(JobInputs, GenerationSettings):
+class GenerationRequest(TextFields, JobInputs, GenerationSettings):
     """A generation: the ``GenerationSettings`` fields, whose face, and its inputs (``JobInputs``: none for
     text-to-image; uploads by id for img2img, inpainting, ControlNet, swap and style references; several people by
     identity id). ``JobInputs`` comes first: its ``regions`` and ``style`` (what a request asks, with upload ids) are
-    the request's, the settings' ones record what the library made of them."""
+    the request's, the settings' ones record what the library made of them. ``TextFields``: every text in it is
+    valid text (``policy``)."""
 
     identity_id: str | None = Field(None, description="the person, for every prompt (from POST /v1/identities)")
     identity_ids: list[str] | None = Field(None, description="one person per prompt (prompt must then be a list)")
@@ -141,6 +145,7 @@ def create_app(config: ServeConfig) -> FastAPI:
         },
     )
     _install_error_handlers(app)
+    install_policy(app, service)  # Host and Origin checks, quota errors
     # outermost: every error under a protocol's prefix in that protocol's shape, whoever answered it
     app.add_middleware(ErrorShapes, shapes=[openai_api.SHAPE, *a1111.SHAPES])
 
@@ -158,7 +163,7 @@ def create_app(config: ServeConfig) -> FastAPI:
         uploads = []
         for i, photo in enumerate(photos):
             label = f"photos[{i}]" + (f" ({photo.filename[:80]!r})" if photo.filename else "")
-            uploads.append((label, photo.file.read(config.max_upload_bytes + 1)))
+            uploads.append((label, read_upload(photo, label, config.max_upload_bytes, service.metrics)))
         identity, warnings = service.enroll(who, name, uploads)
         return identity_view(identity, warnings)
 
@@ -195,7 +200,8 @@ def create_app(config: ServeConfig) -> FastAPI:
         """Upload an image a generation names by its id (``init_image``, ``mask_image``, ``controls[].image``,
         ``swap.target``, ``regions``' masks or photo, ``style[].image`` and ``style[].region``). It is decoded and checked first (size, pixels, format), and stored upright (its EXIF
         orientation applied) without its metadata."""
-        return upload_view(service.add_upload(who, image.filename, image.file.read(config.max_upload_bytes + 1)))
+        data = read_upload(image, "image", config.max_upload_bytes, service.metrics)
+        return upload_view(service.add_upload(who, image.filename, data))
 
     @app.get("/v1/uploads", response_model=list[UploadView], tags=["uploads"])
     def list_uploads(who: Owner) -> list[UploadView]:
@@ -383,7 +389,7 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def limit(request: Request, exc: LimitExceeded) -> JSONResponse:
         return error_response(exc.status, "limit_exceeded", str(exc))
 
-    async def queue_full(request: Request, exc: QueueFull) -> JSONResponse:
+    async def queue_full(request: Request, exc: QueueFull) -> JSONResponse:  # counted by Service.submit
         return error_response(
             429,
             "queue_full",
@@ -392,6 +398,8 @@ def _install_error_handlers(app: FastAPI) -> None:
         )
 
     async def validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        if any(error["type"] == INVALID_TEXT for error in exc.errors()):
+            request.app.state.service.metrics.refused("invalid_text")
         parts = []
         for error in exc.errors():
             where = ".".join(str(p) for p in error["loc"] if p != "body") or "body"
@@ -445,13 +453,12 @@ class BodyLimit:
             await self.app(scope, receive, send)
             return
         limit = self.limits.get(scope["path"].rstrip("/"), JSON_BODY_LIMIT)
-        message = (
-            f"the request body is larger than this server takes ({limit / 1e6:.1f} MB for {scope['path']}): "
-            "send smaller or fewer photos"
-        )
+        message = body_too_large(scope["path"], limit)
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > limit:
-            await error_response(413, "limit_exceeded", message)(scope, receive, send)
+            await error_response(413, "limit_exceeded", body_too_large(scope["path"], limit, int(length)))(
+                scope, receive, send
+            )
             return
         state = {"seen": 0, "exceeded": False, "started": False}
 

@@ -15,7 +15,8 @@ from ..errors import FaceIDError
 from ..images import DEFAULT_MAX_PIXELS
 from ..settings import GenerationSettings
 
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")  # a server bound there answers only this machine
+
 # A style adapter's name: what requests give, and the branch name of the attention processors (no dots there).
 STYLE_ADAPTER_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
@@ -46,6 +47,16 @@ class ServeConfig:
     # job is cancelled and the answer is 504.
     sync_timeout: float = 600.0
     small_face: int = 64  # px; a narrower face is enrolled with a warning
+    # Quotas per owner (an API key; without keys the one local owner), None: no quota. Counts beyond them -> 429,
+    # stored bytes (identities' photos, crops and embeddings, uploads, generated images) -> 413 (``policy.Policy``).
+    max_identities: int | None = 1000
+    max_uploads: int | None = 1000
+    max_stored_bytes: int | None = 10 * 1024**3
+    max_queued_per_key: int | None = None  # generations waiting per key (None: up to max_queue)
+    # The Host header values the server answers (``policy.HostRules``): NAME (any port), NAME:PORT, *.DOMAIN, * (any).
+    # None: the loopback names (127.0.0.1, localhost, ::1) on the port it listens on; ``faceid serve`` gives the
+    # names of its --host and --port plus --allowed-host (``policy.bound_hosts``).
+    allowed_hosts: tuple[str, ...] | None = None
     # A ``preview`` event every this many steps and at the last one (None: none); decoded by the tiny VAE when the
     # pipeline has one (``faceid serve --tiny-vae``: milliseconds), else by the VAE (about a step's time each).
     preview_every: int | None = None
@@ -88,6 +99,11 @@ class ServeConfig:
                 raise FaceIDError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not self.sync_timeout > 0:
             raise FaceIDError(f"sync_timeout must be more than 0 seconds, got {self.sync_timeout}")
+        for name in ("max_identities", "max_uploads", "max_stored_bytes", "max_queued_per_key"):
+            if getattr(self, name) is not None and int(getattr(self, name)) < 1:
+                raise FaceIDError(f"{name} must be at least 1 (None: no quota), got {getattr(self, name)}")
+        if self.allowed_hosts is not None:
+            self.allowed_hosts = tuple(self.allowed_hosts)
         if self.preview_every is not None and int(self.preview_every) < 1:
             raise FaceIDError(f"preview_every must be at least 1 step (None: no previews), got {self.preview_every}")
         if self.pipeline is None and self.loader is None:

@@ -24,33 +24,19 @@ from ..settings import FAMILY_DEFAULTS, MODEL_FIELDS, GenerationSettings
 from .capabilities import Capabilities, NotServed
 from .config import ServeConfig
 from .enroll import Enroller, decode_upload
+from .errors import Conflict, LimitExceeded, NotFound
 from .files import DataDir, is_id, new_id
-from .inputs import JobInputs, RegionsPhoto
-from .jobs import JobQueue, QueuedJob
+from .inputs import MAX_CONTROLS, JobInputs, RegionsPhoto
+from .jobs import JobQueue, QueuedJob, QueueFull
 from .metrics import Metrics
 from .models import Catalog, ModelEntry
+from .policy import Policy, readable_view, swap_resolution, upload_too_large, within_limits
 from .store import CANCELLED, DONE, FAILED, FINISHED, QUEUED, RUNNING, ImageRow, Job, Store, Upload
 from .worker import Worker
 
 logger = logging.getLogger(__name__)
 
 CURSOR = re.compile(r"^(\d{1,20})-([0-9a-f]{32})$")  # a page's next_cursor: created_ns-id of its last generation
-
-
-class NotFound(FaceIDError):
-    """No such thing, or not the caller's (the same answer: another key's data is not acknowledged)."""
-
-
-class LimitExceeded(FaceIDError):
-    """A request larger than this server takes: 413 for uploads, 422 for what a generation asks."""
-
-    def __init__(self, message: str, status: int = 422) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-class Conflict(FaceIDError):
-    """The request does not fit the thing's state (cancelling a finished job)."""
 
 
 class Service:
@@ -73,6 +59,7 @@ class Service:
         else:
             self.workers = [Worker(self, device, config.pipeline) for device in devices]
         self.metrics = Metrics(self.queue)
+        self.policy = Policy(config, self.store, self.data, self.queue, self.metrics)  # quotas, text checks
         if len(config.catalog) > 1 and config.worker_factory is not None:
             raise FaceIDError("these workers serve one model set: give the others to a server of their own")
         # The other model sets, described from their configuration (the default one is told by its pipeline).
@@ -143,7 +130,12 @@ class Service:
         """Every job that was queued or running when the server last stopped (or was killed) is queued again,
         in its order; a job whose identity was deleted meanwhile fails with that reason. None is lost."""
         for row in self.store.unfinished_jobs():
-            missing = [i for i in row.identity_ids if not self.store.identity_exists(i, row.owner)]
+            try:
+                missing = [i for i in row.identity_ids if not self.store.identity_exists(i, row.owner)]
+            except Exception as exc:  # a record that no longer reads (``policy.readable_view`` shows it failed)
+                self.store.finish_job(row.id, FAILED, error=f"its stored record cannot be read ({type(exc).__name__})")
+                logger.warning("job %s failed on restart: its record cannot be read: %s", row.id, exc)
+                continue
             if missing:
                 error = (
                     f"identity {missing[0]} was deleted before this job could run (the server restarted "
@@ -154,8 +146,9 @@ class Service:
                 continue
             try:
                 job = self._queued_job(row)
-            except FaceIDError as exc:  # its models are no longer served
-                self.store.finish_job(row.id, FAILED, error=f"{exc} (the server restarted meanwhile)")
+            except Exception as exc:  # its models are no longer served, or its record no longer reads
+                error = str(exc) if isinstance(exc, FaceIDError) else f"its stored record cannot be read ({exc})"
+                self.store.finish_job(row.id, FAILED, error=f"{error} (the server restarted meanwhile)")
                 logger.warning("job %s failed on restart: %s", row.id, exc)
                 continue
             was = row.status
@@ -183,19 +176,18 @@ class Service:
             )
         if name is not None and len(name) > 200:
             raise FaceIDError("name: at most 200 characters")
+        self.policy.check_texts(name, "name")
         for label, data in photos:
             self._check_upload_size(label, data)
+        self.policy.check_identity(owner, sum(len(data) for _, data in photos))
         analysed = [self.enroller.analyse(data, label) for label, data in photos]
         identity = self.enroller.create(owner, name, analysed)
         return identity, [w for photo in analysed for w in photo.warnings]
 
     def _check_upload_size(self, label: str, data: bytes) -> None:
-        if len(data) > self.config.max_upload_bytes:
-            raise LimitExceeded(
-                f"{label} is {len(data) / 1e6:.1f} MB; this server takes images up to "
-                f"{self.config.max_upload_bytes / 1e6:.1f} MB: downscale or recompress it",
-                status=413,
-            )
+        if len(data) > self.config.max_upload_bytes:  # the routes read one byte over the limit: its size is unknown
+            size = len(data) if len(data) != self.config.max_upload_bytes + 1 else None
+            raise upload_too_large(label, size, self.config.max_upload_bytes)
 
     def identity(self, identity_id: str, owner: str):
         found = self.store.identity(identity_id, owner) if is_id(identity_id) else None
@@ -230,8 +222,10 @@ class Service:
     def add_upload(self, owner: str, name: str | None, data: bytes) -> Upload:
         """Store an uploaded image: decoded and checked (size, pixels) before anything is written, then kept as the
         generation will read it: upright (its EXIF orientation applied), RGB, as PNG without metadata."""
+        self.policy.check_texts(name, "image file name")
         label = "image" + (f" ({name[:80]!r})" if name else "")
         self._check_upload_size(label, data)
+        self.policy.check_upload(owner, len(data))
         image = decode_upload(data, label, self.config.max_pixels, what="the image")
         row = Upload(
             id=new_id(), owner=owner, name=name[:200] if name else None, width=image.width, height=image.height,
@@ -304,6 +298,7 @@ class Service:
         """Check and resolve a request (``GenerationSettings`` fields + ``identity_id``, ``identity_ids`` or ``people``
         + the other ``JobInputs`` fields, its input images by upload id), then queue it. Raises before anything is stored when it
         is bad, too large or the queue is full."""
+        self.policy.check_texts(request)  # the request models check it too (``policy.TextFields``)
         request = dict(request)
         identity_id, identity_ids = request.pop("identity_id", None), request.pop("identity_ids", None)
         inputs = JobInputs.parse({key: request.pop(key) for key in JobInputs.model_fields if key in request})
@@ -341,6 +336,7 @@ class Service:
         known = self.defaults if entry is self.catalog.default else entry.models
         models = entry.models.model_dump(include=set(MODEL_FIELDS))  # the entry's names, not the request's
         resolved = settings.replace(**models).resolve(entry.family, **known.model_dump(exclude_none=True))
+        resolved = within_limits(settings, resolved, self.config)  # the defaults left to the model, within limits
         prompts = [resolved.prompt] if isinstance(resolved.prompt, str) else list(resolved.prompt)
         if inputs.people is not None:  # the job's identities: every picture's people
             ids = list(inputs.people)
@@ -359,6 +355,7 @@ class Service:
         self._check_limits(resolved, len(prompts), inputs)
         for i in dict.fromkeys(ids):
             self.identity(i, owner)  # 404 for a missing identity or another key's
+        self.policy.check_generation(owner)
         total = len(prompts) * resolved.num_images_per_prompt
         seed = resolved.seed
         if seed is None:
@@ -382,11 +379,14 @@ class Service:
         )
         job = self._queued_job(row)
         with self._lock:  # the row exists before a worker can take the job, and no row is left when it is refused
+            self.policy.check_queued(owner)
             self.store.add_job(row)
             try:
                 position = self.queue.put(job)
-            except Exception:
+            except Exception as exc:
                 self.store.delete_job(job_id)
+                if isinstance(exc, QueueFull):
+                    self.metrics.refused("queue_full")
                 raise
         job.events.add("queued", {"queue_position": position})
         self.metrics.submitted.inc()
@@ -421,7 +421,8 @@ class Service:
                 "swap makes an image of its target's size (the crop around the face is generated at "
                 "swap.resolution): leave out width and height"
             )
-        resolution = inputs.swap.resolution or min(FAMILY_DEFAULTS[family][key] for key in ("width", "height"))
+        default = min(FAMILY_DEFAULTS[family][key] for key in ("width", "height"))
+        resolution = inputs.swap.resolution or swap_resolution(default, self.config)
         swap = inputs.swap.model_copy(update={"resolution": resolution})
         settings = settings.replace(prompt=settings.prompt or DEFAULT_SWAP_PROMPT, width=resolution, height=resolution)
         return settings, inputs.model_copy(update={"swap": swap})
@@ -464,7 +465,8 @@ class Service:
         return row
 
     def job_view(self, job_id: str, owner: str) -> dict[str, Any]:
-        return self._view(self.job(job_id, owner))
+        """The job's view; one whose stored record cannot be shown, as a failed job that says so."""
+        return readable_view(self.job(job_id, owner), self._view, image_url)
 
     def wait(self, job_id: str, owner: str, timeout: float) -> dict[str, Any]:
         """A generation's view once it has finished, or as it is after ``timeout`` seconds (for the protocols
@@ -524,7 +526,7 @@ class Service:
         page = rows[:limit]
         more = len(rows) > limit
         return {
-            "generations": [self._view(row) for row in page],
+            "generations": [readable_view(row, self._view, image_url) for row in page],
             "next_cursor": f"{page[-1].created_ns}-{page[-1].id}" if more else None,
         }
 
@@ -538,7 +540,11 @@ class Service:
             )
         for image_id in self.store.delete_job(job_id, owner) or ():
             self.data.image(image_id).unlink(missing_ok=True)
-        for k in range(len(JobInputs.parse(row.inputs).controls or ())):
+        try:
+            controls = len(JobInputs.parse(row.inputs).controls or ())
+        except Exception:  # a record that no longer reads: whichever control images it may have had
+            controls = MAX_CONTROLS
+        for k in range(controls):
             self.data.control_image(job_id, k).unlink(missing_ok=True)
 
     def delete_image(self, image_id: str, owner: str) -> None:
@@ -697,7 +703,12 @@ class Service:
         """What is configured, what each worker holds (``loaded_models``: catalog indexes, least recently used
         first; ``memory``), the default model set's defaults and the catalog (each entry's ``loaded_on``)."""
         workers = [worker.describe() for worker in self.workers]
-        defaults = self.defaults.to_json() if self.defaults is not None else None
+        # the defaults a request that leaves them open gets: the model's, within this server's limits
+        defaults = (
+            within_limits(GenerationSettings(), self.defaults, self.config).to_json()
+            if self.defaults is not None
+            else None
+        )
         entries = self.catalog.entries if self.catalog is not None else []
         catalog = [
             {**e.describe(), "loaded_on": [w["device"] for w in workers if e.index in w.get("loaded_models", ())]}

@@ -223,6 +223,11 @@ class JobQueue:
             self.paused = paused
             self._cond.notify_all()
 
+    def queued_of(self, owner: str) -> int:
+        """How many of ``owner``'s jobs wait in the queue (running ones not counted, as ``max_queue`` counts)."""
+        with self._cond:
+            return sum(job.owner == owner for job in self._queued)
+
     @property
     def depth(self) -> int:
         return len(self._queued)

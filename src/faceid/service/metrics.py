@@ -8,6 +8,10 @@ from .jobs import JobQueue
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800)
+# Why requests were refused (``faceid.service.policy``): a foreign Host or Origin, text that is not text, a full
+# queue, a key over one of its quotas.
+REFUSALS = ("forbidden_host", "forbidden_origin", "invalid_text", "queue_full", "quota_identities", "quota_uploads",
+            "quota_stored_bytes", "quota_queued")  # fmt: skip
 
 
 class Metrics:
@@ -28,6 +32,11 @@ class Metrics:
             registry=registry,
         )
         self.images = Counter("faceid_images_generated", "images generated and stored", registry=registry)
+        self.refusals = Counter(
+            "faceid_refusals", "requests refused by the server's policy, by reason", ["reason"], registry=registry
+        )
+        for reason in REFUSALS:
+            self.refusals.labels(reason)
         self.memory = Gauge(
             "faceid_device_memory_bytes", "CUDA memory, by device and kind", ["device", "kind"], registry=registry
         )
@@ -37,6 +46,9 @@ class Metrics:
         if status == "done":
             self.latency.observe(nanoseconds / 1e9)
             self.images.inc(images)
+
+    def refused(self, reason: str) -> None:
+        self.refusals.labels(reason).inc()
 
     def render(self) -> bytes:
         import torch

@@ -16,8 +16,10 @@ from pydantic import ValidationError
 
 from ..errors import FaceIDError, FaceSelectionError, ImageError, NoFaceError
 from ..speech import AudioError
-from .core import Conflict, LimitExceeded, NotFound, Service
+from .core import Service
+from .errors import Conflict, LimitExceeded, NotFound
 from .jobs import QueueFull
+from .policy import QuotaExceeded
 
 
 class GenerationTimeout(FaceIDError):
@@ -90,6 +92,9 @@ class ServiceError:
 def classify(exc: BaseException) -> ServiceError | None:
     """A service error's status, code and message (None: not an error a client caused or can act on)."""
     message = " ".join(str(exc).split())
+    if isinstance(exc, QuotaExceeded):
+        headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else {}
+        return ServiceError(exc.status, "quota_exceeded", message, headers)
     if isinstance(exc, QueueFull):
         return ServiceError(429, "queue_full", f"the generation queue is full; try again in {exc.retry_after} s",
                             {"Retry-After": str(exc.retry_after)})  # fmt: skip

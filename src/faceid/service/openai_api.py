@@ -35,8 +35,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from . import oneshot
-from .core import NotFound, Service
+from .core import Service
 from .error_shapes import Shape
+from .errors import NotFound
 from .files import is_id
 from .schema import PNG, BinaryFile, DocumentedRoute, errors
 

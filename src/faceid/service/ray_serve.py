@@ -9,7 +9,8 @@ Two deployments make the application:
   autoscaling on ongoing requests): loads the pipeline from model paths (``PipelineLoader``: the pipeline
   object itself is never pickled) and batches the requests that reach it with ``@serve.batch``: compatible
   jobs (same size, steps, guidance, scales, window, models) run as one pipeline call of up to ``max_batch``
-  images, each with its own prompts, faces and seeds, as the single-machine worker does.
+  images, each with its own prompts, faces and seeds, as the single-machine worker does (and, as it does, runs
+  each job of a call that failed again alone: only the job at fault fails).
 
 Every image's PNG records the replica that made it (``replica`` in its metadata).
 """
@@ -157,14 +158,17 @@ class FaceIDModel:
         try:
             with self._lock:
                 images = iter(self.pipeline(face=faces, settings=settings).images)
-        except FaceIDError as exc:
-            for i in chunk:
-                answers[i] = {"error": str(exc)}
-            return
         except Exception as exc:
-            logger.error("generation failed: %s", traceback.format_exc())
+            if len(chunk) > 1:  # whatever failed, only the job at fault fails: each runs again alone
+                logger.warning("a batch of %d jobs failed (%s: %s); running each alone", len(chunk),
+                               type(exc).__name__, exc)  # fmt: skip
+                for i in chunk:
+                    self._call(jobs, requests, [i], answers)
+                return
+            if not isinstance(exc, FaceIDError):
+                logger.error("generation failed: %s", traceback.format_exc())
             for i in chunk:
-                answers[i] = {"error": _internal(exc)}
+                answers[i] = {"error": str(exc) if isinstance(exc, FaceIDError) else _internal(exc)}
             return
         for i in chunk:
             answers[i] = {

@@ -167,11 +167,12 @@ def _without_none(value: BaseModel, handler: SerializerFunctionWrapHandler) -> d
 
 class JobSettings(GenerationSettings):
     """A generation's ``GenerationSettings`` as the server stores and shows them: ``to_json()``, the fields left
-    unset (``None``) omitted, every default the server resolved filled in."""
+    unset (``None``) omitted, every default the server resolved filled in; only the fields the stored record holds
+    (a record that cannot be read shows ``{}``, not defaults it never had)."""
 
     @model_serializer(mode="wrap")
     def _serialize(self, handler: SerializerFunctionWrapHandler):
-        return _without_none(self, handler)
+        return {key: v for key, v in _without_none(self, handler).items() if key in self.model_fields_set}
 
 
 class JobInputsView(JobInputs):

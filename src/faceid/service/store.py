@@ -9,6 +9,7 @@ Jobs are rows too, so a restart finds every job that was queued or running (``un
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -132,6 +133,7 @@ class Store:
         self.sqlite = url.startswith("sqlite")
         if self.sqlite:
             kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+            kwargs["json_deserializer"] = read_json  # SQLite keeps JSON as text, which may no longer parse
         self.engine = create_engine(url, **kwargs)
         if self.sqlite:
             event.listen(self.engine, "connect", _sqlite_pragmas)
@@ -300,6 +302,25 @@ class Store:
     def set_option(self, owner: str, name: str, value: Any) -> None:
         with self.session() as s:
             s.merge(OwnerOption(owner=owner, name=name, value=value))
+
+
+class Unreadable:
+    """A JSON column whose stored text does not parse: neither a dict nor a list, so that whatever reads it fails
+    on its row only (``policy.readable_view`` shows such a job as failed; a restart fails it)."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:
+        return f"Unreadable({self.text[:40]!r}...)"
+
+
+def read_json(text: str) -> Any:
+    """A JSON column's value; ``Unreadable`` when its text does not parse, rather than failing the whole query."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return Unreadable(text)
 
 
 def _sqlite_pragmas(connection, _record) -> None:

@@ -4,10 +4,11 @@ loaded (and evicting the least recently used ones beyond the memory budget: ``mo
 
 Jobs in a batch share the UNet batch (same model, size, steps, guidance, window...) but keep their own
 prompts, faces and seeds: the pipeline pairs prompt i with face i and gives image i its own seed, so a job
-gets the images it would get alone. Progress is reported at every step (``callback_on_step_end``); with
-``ServeConfig.preview_every``, each job also gets a ``preview`` event of its own images (the pipeline's
-``on_preview``, split by job); a cancelled job is dropped at its next step, and the call stops when every job
-in it is cancelled.
+gets the images it would get alone. When a batch's call fails, each of its jobs runs again alone: only the job
+at fault fails (one prompt the text encoder cannot take, a batch too large for the device's memory...).
+Progress is reported at every step (``callback_on_step_end``); with ``ServeConfig.preview_every``, each job also
+gets a ``preview`` event of its own images (the pipeline's ``on_preview``, split by job); a cancelled job is
+dropped at its next step, and the call stops when every job in it is cancelled.
 
 Every model a job may need beyond the model set is loaded with it, never inside a job (``Worker.equip``): the
 server's few-step LoRAs (``--fast``), ControlNets and style adapters onto each model set as it loads (kept with it,
@@ -314,14 +315,25 @@ class Worker(threading.Thread):
                 for job in active:
                     service.requeue_later(job)
             return
-        except FaceIDError as exc:
-            for job in active:
-                service.finish(job, "failed", error=str(exc))
-            return
         except Exception as exc:
-            logger.error("generation failed: %s", traceback.format_exc())
+            if len(active) > 1:  # whatever failed, only the job at fault fails: each runs again alone
+                logger.warning("a batch of %d jobs failed (%s: %s); running each alone", len(active),
+                               type(exc).__name__, exc)  # fmt: skip
+                for job in list(active):
+                    if job.cancel.is_set():
+                        service.finish(job, "cancelled")
+                    elif not service.queue.stopped:
+                        self.run_batch([job])
+                    else:
+                        service.requeue_later(job)
+                return
+            if isinstance(exc, FaceIDError):
+                error = str(exc)
+            else:
+                logger.error("generation failed: %s", traceback.format_exc())
+                error = _internal(exc)
             for job in active:
-                service.finish(job, "failed", error=_internal(exc))
+                service.finish(job, "failed", error=error)
             return
         images = iter(images)
         for job, _ in live:
