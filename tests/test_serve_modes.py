@@ -478,3 +478,33 @@ def test_serve_style_adapter_flags(tmp_path, capsys):
     assert main(["serve", "--data-dir", data, "--ray", "--style-adapter", "oil=plus"]) == 2
     assert "--style-adapter" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
+
+
+def test_swap_with_a_drawn_mask_repaints_only_there(make_client, faces_dir):  # noqa: F811
+    """swap.mask (what the web app paints on the target): the repainted area follows the mask, not the face."""
+    client = make_client()
+    biden = enroll(client, faces_dir, "biden.jpg").json()["id"]
+    target = upload_id(client, (faces_dir / "obama2.jpg").read_bytes(), "obama2.jpg")
+    original = np.asarray(Image.open(faces_dir / "obama2.jpg").convert("RGB"), dtype=int)
+    face_only = done(client, generate(client, biden, swap={"target": target, "resolution": 64}, seed=5, prompt=None,
+                                      width=None, height=None, **STEPS))  # fmt: skip
+    x1, y1, x2, y2 = metadata(client, face_only["images"][0])["crop_box"]
+    drawn = Image.new("L", (626, 1200), 0)
+    drawn.paste(255, (x1 + 10, y1 + 10, x1 + 30, y1 + 30))  # a small patch in the crop's corner
+    mask = upload_id(client, encoded(drawn.convert("RGB")))
+    masked = done(client, generate(client, biden, swap={"target": target, "resolution": 64, "mask": mask}, seed=5,
+                                   prompt=None, width=None, height=None, **STEPS))  # fmt: skip
+    assert masked["inputs"]["swap"]["mask"] == mask
+    changed = {}
+    for name, view in (("face", face_only), ("mask", masked)):
+        image = np.asarray(png(client.get(view["images"][0])), dtype=int)
+        changed[name] = np.abs(image - original).max(axis=2) > 3
+    ys, xs = np.nonzero(changed["mask"])
+    assert len(ys) and changed["mask"].sum() < changed["face"].sum() / 4  # a patch, not the face
+    assert ys.mean() < (y1 + y2) / 2 and xs.mean() < (x1 + x2) / 2  # around the painted corner
+    # a mask of another size than the target: the job fails saying so
+    wrong = upload_id(client, encoded(Image.new("RGB", (64, 64), "white")))
+    response = generate(client, biden, swap={"target": target, "resolution": 64, "mask": wrong}, prompt=None,
+                        width=None, height=None, **STEPS)  # fmt: skip
+    view = wait_finished(client, response.json()["id"])
+    assert view["status"] == "failed" and "mask" in view["error"], view["error"]

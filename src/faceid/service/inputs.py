@@ -63,6 +63,11 @@ class SwapSpec(BaseModel):
 
     target: str = Field(description="upload id of the photo to put the person into (the result has its size)")
     face_index: int = Field(0, ge=0, description="which face of the target to replace (0 = largest)")
+    mask: str | None = Field(
+        None,
+        description="upload id of a mask of the target's size (white = repaint) instead of the face's own outline "
+        "(faceid swap --mask: hair, a hat...)",
+    )
     resolution: int | None = Field(
         None,
         ge=64,
@@ -171,6 +176,8 @@ class JobInputs(BaseModel):
         found += [(f"controls[{k}].image", c.image) for k, c in enumerate(self.controls or ())]
         if self.swap is not None:
             found.append(("swap.target", self.swap.target))
+            if self.swap.mask is not None:
+                found.append(("swap.mask", self.swap.mask))
         if isinstance(self.regions, RegionsPhoto):
             found.append(("regions.photo", self.regions.photo))
         elif isinstance(self.regions, list):

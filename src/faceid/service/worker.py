@@ -442,10 +442,12 @@ class Worker(threading.Thread):
         the target; and what to record with them. The job's width and height become the crop's generation size."""
         from ..swap import load_target, pipeline_inpaint, swap_face
 
+        mask = self.service.upload_image(spec.mask, job.owner, "swap.mask") if spec.mask is not None else None
         target = load_target(
             self.service.upload_image(spec.target, job.owner, "swap.target"),
             analyzer=self.service.analyzer,
             face_index=spec.face_index,
+            mask=mask.convert("L") if mask is not None else None,
         )
         results = []
         for index in range(len(job.settings.seed)):
