@@ -18,11 +18,16 @@ sys.path.insert(0, str(TESTS))  # face_helpers, tiny_models and friends
 from face_helpers import FACES_DIR  # noqa: E402
 from tiny_models import TinyModels, make_tiny_unet, token_ids, vocab_size, write_clip_tokenizer  # noqa: E402
 
-__all__ = ["FACES_DIR", "GOLDEN_DIR", "make_tiny_clip", "make_tiny_unet"]
+__all__ = ["FACES_DIR", "GOLDEN_DIR", "METHODS_GOLDEN_DIR", "make_tiny_clip", "make_tiny_unet"]
 
 # The golden conformance set (reference outputs + the models they were made with): test_golden.py only.
 GOLDEN_DIR = Path(os.environ.get("FACEID_GOLDEN_DIR", TESTS.parents[1] / "shared" / "golden")).absolute()
 GOLDEN_MODULE = "test_golden.py"
+# The identity methods' conformance set (InstantID, InfiniteYou, PuLID: their authors' code on tiny models, one
+# folder per method with its manifest.json): the tests/test_method_*.py modules.
+METHODS_GOLDEN_DIR = Path(
+    os.environ.get("FACEID_METHODS_GOLDEN_DIR", TESTS.parents[1] / "shared" / "golden-methods")
+).absolute()
 
 # Keep runs comparable on the 2-core CI machine (the goldens were made with 2 threads).
 torch.set_num_threads(2)

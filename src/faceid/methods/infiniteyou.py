@@ -1,0 +1,2 @@
+"""InfiniteYou (FLUX.1): the recognizer embedding projected into identity tokens, and InfuseNet, a FLUX
+ControlNet that reads them in place of text."""
