@@ -420,7 +420,7 @@ def test_web_app_modes_show_their_fields_and_run_img2img(make_server, browser, f
         "img2img": {"init-file", "strength", "width"},
         "inpaint": {"init-file", "mask-file", "strength", "width"},
         "controlnet": {"control-file", "width"},
-        "swap": {"target-file", "strength"},
+        "swap": {"target-file", "mask-file", "strength"},
     }
     for value, fields in expected.items():
         mode.select_by_value(value)
@@ -636,7 +636,7 @@ def test_web_app_likeness_drawn_mask_microphone_and_phone_layout(make_server, pi
 
     transcriber = CountingTranscriber(Transcriber.from_pretrained(make_tiny_whisper(tmp_path / "whisper")))
     shown = [faces_dir / "biden.jpg", faces_dir / "obama2.jpg"]  # image 0 less like obama than image 1
-    url = make_server(pipeline=ShowingFaces(pipe, shown), transcriber=transcriber, max_side=512)
+    url = make_server(pipeline=ShowingFaces(pipe, shown), transcriber=transcriber, max_side=128)
     tone = write_tone(tmp_path / "tone.wav")
     browser = launch_browser(
         "--use-fake-ui-for-media-stream",
@@ -649,7 +649,7 @@ def test_web_app_likeness_drawn_mask_microphone_and_phone_layout(make_server, pi
         wait.until(lambda d: d.find_element(By.ID, "mic").is_displayed())
 
         # sliders beside the number fields, bounded by the server's limits; a slider sets its field
-        assert browser.find_element(By.ID, "width-range").get_attribute("max") == "512"
+        assert browser.find_element(By.ID, "width-range").get_attribute("max") == "128"
         steps_max = httpx.get(f"{url}/v1/models").json()["limits"]["max_steps"]
         assert browser.find_element(By.ID, "steps-range").get_attribute("max") == str(steps_max)
         browser.execute_script(
@@ -775,6 +775,30 @@ def test_web_app_likeness_drawn_mask_microphone_and_phone_layout(make_server, pi
             assert mask.getpixel((x, y)) < 30, (x, y)
         browser.execute_script("document.getElementById('mask-editor').scrollIntoView()")
         screenshot(browser, tmp_path, "16-drawn-mask")
+
+        # swap with a mask painted on the target photo: the editor shows the target, the request carries the mask
+        Select(browser.find_element(By.ID, "mode")).select_by_value("swap")
+        wait.until(lambda d: "only what you paint" in d.find_element(By.ID, "mask-hint").text)
+        assert canvas.get_property("width") != 64 or not canvas.is_displayed()  # the inpainting image is gone
+        target = tmp_path / "target.jpg"
+        Image.open(faces_dir / "obama.jpg").convert("RGB").resize((96, 120)).save(target)
+        browser.find_element(By.ID, "target-file").send_keys(str(target))
+        wait.until(lambda d: canvas.is_displayed() and canvas.get_property("width") == 96)
+        browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", canvas)  # all of the stroke on screen
+        w, h = canvas.size["width"], canvas.size["height"]
+        ActionChains(browser).move_to_element_with_offset(canvas, 0, 0).click_and_hold().move_by_offset(
+            w // 8, 0
+        ).release().perform()  # across the centre
+        browser.find_element(By.ID, "generate").click()
+        wait.until(lambda d: loaded_images(d, "#gallery img.generated") == 4)  # the crop at max_side, 128
+        job = browser.find_element(By.CSS_SELECTOR, "#gallery .generation").get_attribute("data-id")
+        view = httpx.get(f"{url}/v1/generations/{job}").json()
+        assert view["mode"] == "swap" and view["status"] == "done", view
+        uploads = {u["id"]: u for u in httpx.get(f"{url}/v1/uploads").json()}
+        drawn = uploads[view["inputs"]["swap"]["mask"]]
+        swap_mask = Image.open(BytesIO(httpx.get(url + drawn["url"]).content)).convert("L")
+        assert swap_mask.size == (96, 120)
+        assert swap_mask.getpixel((48 + 6, 60)) > 200 and swap_mask.getpixel((4, 4)) < 30
 
         # a phone (360 pixels wide, as many Android phones): one column, nothing wider than the screen
         browser.set_window_size(360, 780)

@@ -265,6 +265,11 @@ function showModes(modes, controlnets) {
 function modeChanged() {
   const mode = $("mode").value;
   for (const node of document.querySelectorAll(".mode-field")) node.hidden = !node.dataset.modes.split(" ").includes(mode);
+  const slot = maskBaseSlot();
+  if (slot && slot !== mask.base) maskImageChanged(slot, uploads[slot] || null);
+  $("mask-hint").textContent = mode === "swap"
+    ? "Draw where the person goes on the photo with the mouse (or a finger): only what you paint is replaced."
+    : "Draw the mask on the image with the mouse (or a finger): what you paint is redrawn.";
   const d = (selectedModel() && selectedModel().defaults) || {};
   $("strength").placeholder = mode === "img2img" ? "default 0.8" : "default 1";
   for (const key of ["width", "height"]) {
@@ -306,20 +311,27 @@ for (const slot of ["init", "mask", "control", "target", "regions"]) {
     delete uploads[slot];
     const upload = uploadChosen(input, slotField(slot).querySelector("figure"));
     if (upload) uploads[slot] = upload;
-    if (slot === "init") maskImageChanged(upload);
+    if (slot === maskBaseSlot()) maskImageChanged(slot, upload);
   });
 }
 
-// ------------------------------------------------------------------ the mask, drawn on the image to redraw
-// A canvas over the server's copy of the image, at the image's size: what is painted is redrawn (inpainting). At
-// generation the painting is uploaded as the mask (white where painted, black elsewhere); a mask file is used when
-// nothing is painted.
-const mask = { canvas: $("mask-canvas"), drawing: false, last: null, upload: null, dirty: false };
+// ------------------------------------------------------------------ the mask, drawn on the image it applies to
+// A canvas over the server's copy of the image, at the image's size: what is painted is redrawn (inpainting: the
+// image to redraw; swap: the target photo, where only the painted area takes the person). At generation the
+// painting is uploaded as the mask (white where painted, black elsewhere); a mask file is used when nothing is
+// painted.
+const mask = { canvas: $("mask-canvas"), drawing: false, last: null, upload: null, base: null };
 
-function maskImageChanged(upload) {
+// The upload slot whose image the mask is drawn on in the chosen mode (null: the mode takes no mask).
+function maskBaseSlot() {
+  return { inpaint: "init", swap: "target" }[$("mode").value] || null;
+}
+
+function maskImageChanged(slot, upload) {
   const canvas = mask.canvas;
   canvas.getContext("2d").clearRect(0, 0, canvas.width, canvas.height);
   mask.upload = null;
+  mask.base = slot;
   $("mask-editor").classList.remove("ready");
   $("mask-base").removeAttribute("src");
   if (!upload) return;
@@ -423,7 +435,11 @@ async function modeFields() {
     fields.controls = [{ kind: $("control-kind").value, image: await uploadId("control", "the reference photo"),
       scale: parseFloat($("control-scale").value) }];
   }
-  if (mode === "swap") fields.swap = { target: await uploadId("target", "the photo to put the person into"), face_index: intOrNull("target-face") || 0 };
+  if (mode === "swap") {
+    fields.swap = { target: await uploadId("target", "the photo to put the person into"), face_index: intOrNull("target-face") || 0 };
+    if (maskPainted()) fields.swap.mask = (await uploadDrawnMask()).id;  // optional: without one, the whole face
+    else if (uploads.mask) fields.swap.mask = await uploadId("mask", "the mask");
+  }
   const strength = parseFloat($("strength").value);
   if (["img2img", "inpaint", "swap"].includes(mode) && !Number.isNaN(strength)) fields.strength = strength;
   return fields;
