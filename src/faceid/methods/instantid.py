@@ -204,7 +204,8 @@ class InstantID:
         resampler = resampler.to(param.device, param.dtype).eval().requires_grad_(False)
         identitynet = _load_identitynet(identitynet, param.dtype)
         check_controlnet(identitynet, unet, "SDXL", "IdentityNet")
-        adapter = cls(unet, spec, resampler, identitynet.to(param.device).eval().requires_grad_(False), name)
+        identitynet = identitynet.to(param.device, param.dtype).eval().requires_grad_(False)
+        adapter = cls(unet, spec, resampler, identitynet, name)
         adapter._install(state["ip_adapter"], label)
         return adapter
 
