@@ -451,3 +451,21 @@ def test_strict_loading_refuses_missing_and_renamed_keys(tmp_path, which, sdxl):
     broken.write_bytes(broken.read_bytes()[:100])
     with pytest.raises(CheckpointError, match="cannot read"):
         load(broken)
+
+
+def test_files_for_another_model_are_refused(sdxl):
+    """A v1.1 file whose layers are not this UNet's cross-attention layers, and a FLUX file on a transformer of
+    another width, are refused saying so."""
+    state = read_checkpoint(FOLDER / V11["checkpoint"])
+    last = max(int(k.split(".")[1]) for k in state if k.startswith("id_adapter_attn_layers."))
+    fewer = {k: v for k, v in state.items() if not k.startswith(f"id_adapter_attn_layers.{last}.")}
+    with pytest.raises(CheckpointError, match="cross-attention layers are at positions"):
+        PuLIDSDXL.from_state_dict(fewer, sdxl[0])
+    adapter = PuLIDFlux.from_file(FOLDER / FLUX["checkpoint"])
+    other = torch.nn.Module()
+    other.inner_dim = 2 * adapter.pulid_ca[0].to_q.in_features
+    other.transformer_blocks = torch.nn.ModuleList([torch.nn.Identity()])
+    other.single_transformer_blocks = torch.nn.ModuleList([torch.nn.Identity()])
+    with pytest.raises(CheckpointError, match="width"):
+        adapter.attach(other)
+    assert isinstance(other.transformer_blocks[0], torch.nn.Identity)

@@ -462,6 +462,14 @@ class PuLIDSDXL(nn.Module):
         for index, name in cross_attention_names(unet):
             attn = unet.get_submodule(name[: -len(".processor")])
             layers[index] = (name, attn.to_k.out_features, attn.to_k.in_features)
+        attention = _part(state, "id_adapter_attn_layers", label)
+        numbered = sorted({int(key.split(".")[0]) for key in attention if key.split(".")[0].isdigit()})
+        if numbered != sorted(layers):
+            raise CheckpointError(
+                f"{label} was made for a UNet whose cross-attention layers are at positions {numbered} of "
+                f"unet.attn_processors, while this UNet's are at {sorted(layers)}: use a PuLID file made for this "
+                "base model (v1.1 is for SDXL)"
+            )
         adapter = cls(IDFormerConfig.from_state_dict(encoder, f"{label} (id_adapter)"), layers)
         _load_exactly(adapter, state, label)
         return adapter
@@ -624,6 +632,12 @@ class PuLIDFlux(nn.Module):
             double_interval,
             single_interval,
         )
+        width = getattr(transformer, "inner_dim", None)
+        if self.pulid_ca and width is not None and width != self.pulid_ca[0].to_q.in_features:
+            raise CheckpointError(
+                f"this PuLID-FLUX file is for a transformer of width {self.pulid_ca[0].to_q.in_features}, this one "
+                f"has width {width}"
+            )
         needed = 1 + max((k for k in double + single if k is not None), default=-1)
         if needed > len(self.pulid_ca):
             raise CheckpointError(
