@@ -37,17 +37,26 @@ def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 class PerceiverAttention(nn.Module):
-    """Latents attend to [image features ; latents] (the reference's ``PerceiverAttention``)."""
+    """Latents attend to [image features ; latents] (the reference's ``PerceiverAttention``).
 
-    def __init__(self, dim: int, dim_head: int, heads: int):
+    ``kv_dim`` (the features' width, if not ``dim``) and ``attend_to_latents=False`` (keys and values from the
+    features alone) make it PuLID-FLUX's ``PerceiverAttentionCA``, where the DiT's image tokens (the latents)
+    read the identity tokens (the features): the same maths otherwise, so one class serves both.
+    """
+
+    def __init__(self, dim: int, dim_head: int, heads: int, kv_dim: int | None = None, attend_to_latents: bool = True):
         super().__init__()
+        kv_dim = dim if kv_dim is None else kv_dim
+        if attend_to_latents and kv_dim != dim:
+            raise ValueError("the latents can join the keys only when the features have their width (kv_dim = dim)")
         self.dim_head = dim_head
         self.heads = heads
+        self.attend_to_latents = attend_to_latents
         inner = dim_head * heads
-        self.norm1 = nn.LayerNorm(dim)  # on the image features
+        self.norm1 = nn.LayerNorm(kv_dim)  # on the image features
         self.norm2 = nn.LayerNorm(dim)  # on the latents (queries)
         self.to_q = nn.Linear(dim, inner, bias=False)
-        self.to_kv = nn.Linear(dim, inner * 2, bias=False)
+        self.to_kv = nn.Linear(kv_dim, inner * 2, bias=False)
         self.to_out = nn.Linear(inner, dim, bias=False)
 
     def forward(self, features: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
@@ -55,7 +64,8 @@ class PerceiverAttention(nn.Module):
         latents = self.norm2(latents)
         batch, length, _ = latents.shape
         q = _split_heads(self.to_q(latents), self.heads)
-        k, v = self.to_kv(torch.cat((features, latents), dim=-2)).chunk(2, dim=-1)
+        context = torch.cat((features, latents), dim=-2) if self.attend_to_latents else features
+        k, v = self.to_kv(context).chunk(2, dim=-1)
         k, v = _split_heads(k, self.heads), _split_heads(v, self.heads)
         # Scaling q and k by dim_head ** -0.25 each (rather than the product afterwards) and taking the
         # softmax in float32 is what the released weights were trained with; it is also fp16-safe.
@@ -66,7 +76,8 @@ class PerceiverAttention(nn.Module):
         return self.to_out(out)
 
 
-def _feed_forward(dim: int, mult: int) -> nn.Sequential:
+def feed_forward(dim: int, mult: int) -> nn.Sequential:
+    """The perceivers' feed-forward block (LayerNorm, Linear, GELU, Linear; keys ``0``, ``1``, ``3``)."""
     return nn.Sequential(
         nn.LayerNorm(dim),
         nn.Linear(dim, dim * mult, bias=False),
@@ -86,7 +97,7 @@ class PerceiverResampler(nn.Module):
         self.norm_out = nn.LayerNorm(output_dim)
         heads = dim // config.dim_head
         self.layers = nn.ModuleList(
-            nn.ModuleList([PerceiverAttention(dim, config.dim_head, heads), _feed_forward(dim, config.ff_mult)])
+            nn.ModuleList([PerceiverAttention(dim, config.dim_head, heads), feed_forward(dim, config.ff_mult)])
             for _ in range(config.depth)
         )
 
