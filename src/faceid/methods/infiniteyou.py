@@ -103,9 +103,8 @@ def load_infusenet(folder: str | Path, torch_dtype: torch.dtype | None = None) -
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"InfuseNet not found: {folder} has no config.json (the released InfuseNetModel/)")
     try:
-        infusenet, info = FluxControlNetModel.from_pretrained(
-            str(folder), torch_dtype=torch_dtype, output_loading_info=True
-        )
+        dtype = {} if torch_dtype is None else {"dtype": torch_dtype}
+        infusenet, info = FluxControlNetModel.from_pretrained(str(folder), output_loading_info=True, **dtype)
     except Exception as exc:  # unreadable weights, a tensor of another shape
         reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
         raise CheckpointError(f"cannot load InfuseNet from {folder} ({type(exc).__name__}: {reason[:300]})") from exc
