@@ -163,8 +163,10 @@ class InfiniteYou:
 
         ``embeddings``: (512,) for one face, (faces, 512) for several photos of one person (one identity: the
         Resampler reads them as its inputs, the authors' ``reshape([1, -1, 512])``), or (people, faces, 512). Each
-        embedding is L2-normalised (facexlib's ArcFace output, which the authors use, already is; a raw one is
-        made so), so faceid's ``Face.embedding`` and a raw insightface embedding give the same tokens.
+        embedding is L2-normalised (facexlib's output already is; a raw one is made so). The released weights
+        were trained on facexlib's ArcFace (``init_recognition_model("arcface")``, an IR-SE50 network, on the
+        112x112 BGR crop aligned by antelopev2's keypoints), not on the buffalo_l ArcFace of faceid's
+        ``Face.embedding``: another network's embedding is not interchangeable with it.
         """
         param = next(self.image_proj.parameters())
         tensor = _as_embeddings(embeddings).to(device=param.device, dtype=torch.float32)
