@@ -76,6 +76,23 @@ def call_tokens(model, golden):
     return model.identity_tokens(inputs[name.replace("id_tokens_", "face_emb_")])
 
 
+def test_loaded_sizes_are_the_manifests(model):
+    """The released layout: both files where the manifest says, the sizes read off the tensors are its sizes."""
+    assert GOLDEN / MANIFEST["checkpoints"]["infusenet"] == MODEL_SET / infiniteyou.INFUSENET_FOLDER
+    assert (GOLDEN / MANIFEST["checkpoints"]["image_proj"]).name == infiniteyou.IMAGE_PROJ_FILE
+    sizes = MANIFEST["resampler_kwargs"]
+    resampler = model.image_proj
+    assert resampler.latents.shape[1:] == (sizes["num_queries"], sizes["dim"])
+    assert len(resampler.layers) == sizes["depth"] and resampler.layers[0][0].heads == sizes["heads"]
+    assert (
+        resampler.proj_in.in_features == sizes["embedding_dim"]
+        and resampler.proj_out.out_features == sizes["output_dim"]
+    )
+    infusenet = MANIFEST["infusenet_from_transformer_kwargs"]
+    assert len(model.infusenet.transformer_blocks) == infusenet["num_layers"]
+    assert len(model.infusenet.single_transformer_blocks) == infusenet["num_single_layers"]
+
+
 def test_identity_tokens(model, golden):
     inputs, expected = golden
     names = [k for k in expected.files if k.startswith("id_tokens_")]
