@@ -41,28 +41,34 @@ def describe_unet(cross_attention_dim: int, cross_layers: int) -> str:
     return f"{family} ({numbers})" if family else f"a UNet with {numbers}"
 
 
-def load_state_dict(path: str | Path) -> dict[str, dict[str, torch.Tensor]]:
-    """Read an adapter file in either official layout into ``{"image_proj": ..., "ip_adapter": ...}``."""
+def load_state_dict(
+    path: str | Path, groups: tuple[str, ...] = GROUPS, kind: str = "IP-Adapter-FaceID"
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Read an adapter file in either official layout into ``{group: state dict}``: by default an
+    IP-Adapter-FaceID file's ``{"image_proj": ..., "ip_adapter": ...}``; other methods name their own ``groups``
+    (InfiniteYou's ``image_proj_model.bin`` holds ``image_proj`` alone) and the ``kind`` of file errors name."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"adapter checkpoint not found: {path}")
+    named = " and ".join(repr(g) for g in groups)
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
             flat = load_file(str(path), device="cpu")
-            groups: dict[str, dict[str, torch.Tensor]] = {g: {} for g in GROUPS}
+            found: dict[str, dict[str, torch.Tensor]] = {g: {} for g in groups}
             for key, tensor in flat.items():
                 group, _, rest = key.partition(".")
-                if group not in groups or not rest:
+                if group not in found or not rest:
                     raise CheckpointError(
-                        f"{path.name}: unexpected key {key!r}; an IP-Adapter-FaceID .safetensors file holds only "
-                        "'image_proj.*' and 'ip_adapter.*' tensors"
+                        f"{path.name}: unexpected key {key!r}; an {kind} .safetensors file holds only "
+                        + " and ".join(f"'{g}.*'" for g in groups)
+                        + " tensors"
                     )
-                groups[group][rest] = tensor
+                found[group][rest] = tensor
         else:
             # weights_only=True: a pickle can run code on load; a state dict of tensors needs none of that.
-            groups = torch.load(str(path), map_location="cpu", weights_only=True)
+            found = torch.load(str(path), map_location="cpu", weights_only=True)
     except CheckpointError:
         raise
     except Exception as exc:  # unreadable, truncated, not a checkpoint at all
@@ -71,15 +77,12 @@ def load_state_dict(path: str | Path) -> dict[str, dict[str, torch.Tensor]]:
             reason = "not a pickle of tensors only (faceid never loads pickles that could run code)"
         raise CheckpointError(
             f"cannot read adapter checkpoint {path} ({type(exc).__name__}: {reason[:300]}); is it an "
-            "IP-Adapter-FaceID .bin/.safetensors file, complete and not corrupted?"
+            f"{kind} .bin/.safetensors file, complete and not corrupted?"
         ) from exc
-    if not isinstance(groups, dict) or set(groups) != set(GROUPS):
-        found = sorted(groups) if isinstance(groups, dict) else type(groups).__name__
-        raise CheckpointError(
-            f"{path.name} is not an IP-Adapter-FaceID checkpoint: expected the groups 'image_proj' and "
-            f"'ip_adapter', found {found}"
-        )
-    return groups
+    if not isinstance(found, dict) or set(found) != set(groups):
+        what = sorted(found) if isinstance(found, dict) else type(found).__name__
+        raise CheckpointError(f"{path.name} is not an {kind} checkpoint: expected the groups {named}, found {what}")
+    return found
 
 
 def perceiver_config(proj: dict[str, torch.Tensor], prefix: str, width: int) -> PerceiverConfig:

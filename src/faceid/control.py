@@ -39,7 +39,7 @@ from .openpose import COLORS as POSE_COLORS
 from .openpose import LIMBS as POSE_LIMBS
 from .openpose import OpenPoseBody, detect_people
 
-__all__ = ["FITS", "KINDS", "annotator_options", "draw_skeleton", "make_control_image"]
+__all__ = ["FITS", "KINDS", "annotator_options", "draw_kps", "draw_skeleton", "make_control_image"]
 
 KINDS = ("canny", "kps", "pose", "depth", "image")
 FITS = ("crop", "pad")
@@ -106,9 +106,8 @@ def make_control_image(
         else:
             faces = [select_face(found, face_index, name)]
         canvas = np.zeros((out_size[1], out_size[0], 3), np.uint8)
-        colors = [_KPS_COLORS[a] for a, _ in _KPS_LIMBS]
         for face in faces:
-            draw_skeleton(out_size, frame.points(face.landmarks), _KPS_LIMBS, colors, _KPS_COLORS, 10, canvas)
+            draw_kps(out_size, frame.points(face.landmarks), canvas)
         return Image.fromarray(canvas)
     if kind == "pose":
         body = options.get("pose_model")
@@ -230,3 +229,10 @@ def draw_skeleton(
         if not np.isnan([x, y]).any():
             cv2.circle(canvas, (int(x), int(y)), radius, color, -1)
     return Image.fromarray(canvas)
+
+
+def draw_kps(size: tuple[int, int], landmarks: np.ndarray, canvas: np.ndarray | None = None) -> Image.Image:
+    """A face's 5 landmarks (eyes, nose tip, mouth corners; output pixels) drawn as InstantID's ``draw_kps``
+    draws them (InfiniteYou's is the same drawing): on black of ``size`` = (width, height), or onto ``canvas``."""
+    colors = [_KPS_COLORS[a] for a, _ in _KPS_LIMBS]
+    return draw_skeleton(size, landmarks, _KPS_LIMBS, colors, _KPS_COLORS, 10, canvas)

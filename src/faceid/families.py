@@ -6,6 +6,11 @@ pipeline attribute that holds it and the keyword under which the image tokens tr
 layers. Everything that differs between Stable Diffusion 1.5 and SDXL is in these rows, so another base
 model (a DiT such as FLUX.1, with ``transformer`` and ``joint_attention_kwargs``) is another row and the
 pieces it needs, not a branch in the code that reads them.
+
+FLUX.1 is such a row (FLUX.1-dev's defaults: 1024x1024, 28 steps, guidance 3.5, the defaults of diffusers'
+``FluxPipeline``), for the identity methods that run on it (``faceid.methods.infiniteyou``). The FaceID adapters
+are made for SD1.5 and SDXL only, so ``faceid_adapters`` is False there and everything that loads a FaceID model
+set (``FaceIDPipeline``, the CLI, the service) refuses a FLUX.1 base model with :func:`refuse_without_faceid`.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from typing import Any
 
 from .errors import FaceIDError
 
-__all__ = ["FAMILIES", "BaseFamily", "family", "family_of_pipeline"]
+__all__ = ["FAMILIES", "BaseFamily", "family", "family_of_pipeline", "refuse_without_faceid"]
 
 
 @dataclass(frozen=True)
@@ -25,6 +30,7 @@ class BaseFamily:
     defaults: dict[str, Any] = field(default_factory=dict)  # GenerationSettings defaults: size, steps, guidance
     denoiser: str = "unet"  # the pipeline attribute that holds the denoiser
     attention_kwargs: str = "cross_attention_kwargs"  # how a call's image tokens reach the attention layers
+    faceid_adapters: bool = True  # whether IP-Adapter-FaceID (so FaceIDPipeline) runs on it; False: other methods
 
     def pipeline_class(self, img2img: bool = False, inpaint: bool = False, controlnet: bool = False) -> str:
         """The diffusers pipeline class that runs a call with these inputs."""
@@ -45,6 +51,15 @@ FAMILIES: dict[str, BaseFamily] = {
             "StableDiffusionXL",
             {"width": 1024, "height": 1024, "guidance_scale": 5.0, "num_inference_steps": 30},
         ),
+        BaseFamily(
+            "FLUX.1",
+            "Flux",  # FluxPipeline, FluxControlNetImg2ImgPipeline, ...
+            # guidance_scale: FLUX.1-dev's embedded (distilled) guidance, not classifier-free guidance
+            {"width": 1024, "height": 1024, "guidance_scale": 3.5, "num_inference_steps": 28},
+            denoiser="transformer",
+            attention_kwargs="joint_attention_kwargs",
+            faceid_adapters=False,
+        ),
     )
 }
 
@@ -61,3 +76,14 @@ def family_of_pipeline(class_name: str) -> BaseFamily | None:
     not run. The longest matching prefix wins: ``StableDiffusionXL...`` is SDXL, not SD1.5."""
     matching = [f for f in FAMILIES.values() if class_name.startswith(f.pipeline_prefix)]
     return max(matching, key=lambda f: len(f.pipeline_prefix)) if matching else None
+
+
+def refuse_without_faceid(found: BaseFamily, what: str) -> None:
+    """Raise the error for a base model of a family the FaceID adapters are not made for (``what`` names it)."""
+    if not found.faceid_adapters:
+        runs = [f.name for f in FAMILIES.values() if f.faceid_adapters]
+        raise FaceIDError(
+            f"{what} is a {found.name} model: faceid's FaceID adapters (and so FaceIDPipeline, the CLI and the "
+            f"service) are made for {' and '.join(runs)} only, give one of those base models. On {found.name} "
+            "faceid runs identity methods of their own (faceid.methods, e.g. faceid.methods.infiniteyou)"
+        )

@@ -30,7 +30,7 @@ from .adapter import FaceIDAdapter, refuse_other_family
 from .attention import module_state
 from .checkpoints import AdapterSpec, load_state_dict
 from .errors import FaceIDError, MissingWeightsError
-from .families import FAMILIES, family_of_pipeline
+from .families import FAMILIES, family_of_pipeline, refuse_without_faceid
 from .fast import preset
 from .hub import fetch, model_not_found, offline
 from .lora import LoraStack
@@ -136,6 +136,7 @@ def model_family(base_model: str | os.PathLike, adapter: str | os.PathLike = DEF
     name = config.get("_class_name", "")
     found = family_of_pipeline(name)
     if found is not None:
+        refuse_without_faceid(found, f"{base_model} ({name})")
         return found.name
     raise FaceIDError(f"{base_model} is a {name or 'pipeline of unknown kind'}; faceid works with Stable "
                       "Diffusion 1.5 and SDXL text-to-image pipelines")  # fmt: skip
@@ -669,4 +670,5 @@ def _family(pipe) -> str:
     found = family_of_pipeline(type(pipe).__name__)
     if found is None:
         raise FaceIDError(f"faceid does not run {type(pipe).__name__}: its families are {', '.join(FAMILIES)}")
+    refuse_without_faceid(found, type(pipe).__name__)
     return found.name

@@ -1,2 +1,359 @@
 """InfiniteYou (FLUX.1): the recognizer embedding projected into identity tokens, and InfuseNet, a FLUX
-ControlNet that reads them in place of text."""
+ControlNet that reads them in place of text.
+
+InfiniteYou (ByteDance, ``github:bytedance/InfiniteYou``) leaves FLUX.1's transformer and its text untouched.
+The face's ArcFace embedding (L2-normalised, 512-d) goes through a ``Resampler`` (IP-Adapter-Plus's perceiver:
+faceid's :class:`~faceid.projection.ImageResampler`) into 8 identity tokens of the text width (4096). InfuseNet,
+a diffusers :class:`~diffusers.FluxControlNetModel` (4 double and 10 single blocks), attends to those tokens
+where a ControlNet would attend to the prompt, and to a control image (the face's 5 keypoints drawn on black,
+or all black), and adds its residuals to the transformer's blocks. Per step:
+
+* InfuseNet gets the latents, the VAE-encoded and packed control image, ``conditioning_scale``, the timestep,
+  **its own guidance 1.0** (the transformer gets the user's, 3.5 by default), the text's pooled projection,
+  ``encoder_hidden_states`` = the identity tokens and ``txt_ids`` = zeros of their count;
+* the transformer gets the prompt as usual and the residuals (``controlnet_blocks_repeat=False``: diffusers'
+  ``ceil`` interval maps 4 samples onto 19 double blocks and 10 onto 38 single ones).
+
+Released layout (``ByteDance/InfiniteYou``), one folder per model set, both the same layout:
+``infu_flux_v1.0/aes_stage2/`` (aesthetics) and ``infu_flux_v1.0/sim_stage1/`` (identity similarity), each with
+``image_proj_model.bin`` (``{"image_proj": Resampler state dict}``) and ``InfuseNetModel/`` (a diffusers
+folder). Both load strictly: a missing or extra key is a :class:`~faceid.errors.CheckpointError` naming it.
+
+What a call uses, all made per call and never stored on the loaded modules:
+
+* :meth:`InfiniteYou.identity_tokens`: embeddings -> tokens (several embeddings of one person are one identity:
+  the Resampler reads them all, as the authors' ``reshape([1, -1, 512])``);
+* :meth:`InfiniteYou.controlnet`: an :class:`InfuseNetCall` holding one call's tokens, to give a stock diffusers
+  ``FluxControlNetPipeline`` as its ``controlnet`` (with ``control_image=[image]`` and
+  ``controlnet_conditioning_scale=[scale]``; see the class);
+* :func:`denoise_step`: one step without a pipeline (InfuseNet, then the transformer);
+* :func:`control_image`: the authors' control image from a photo's keypoints, or black; :func:`fit_photo`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import FluxControlNetModel
+from diffusers.models.controlnets.controlnet_flux import FluxMultiControlNetModel
+from PIL import Image
+
+from ..adapter import load_strict
+from ..checkpoints import load_state_dict, perceiver_config
+from ..control import draw_kps
+from ..errors import CheckpointError, FaceIDError
+from ..projection import ImageResampler
+
+__all__ = [
+    "EMBEDDING_DIM",
+    "IMAGE_PROJ_FILE",
+    "INFUSENET_FOLDER",
+    "INFUSENET_GUIDANCE",
+    "MODEL_SETS",
+    "InfiniteYou",
+    "InfuseNetCall",
+    "StepOutput",
+    "control_image",
+    "denoise_step",
+    "fit_photo",
+    "infusenet_residuals",
+    "load_image_proj",
+    "load_infusenet",
+]
+
+MODEL_SETS = ("aes_stage2", "sim_stage1")  # the released model sets under infu_flux_v1.0/
+IMAGE_PROJ_FILE = "image_proj_model.bin"
+INFUSENET_FOLDER = "InfuseNetModel"
+EMBEDDING_DIM = 512  # the ArcFace embedding the Resampler reads
+INFUSENET_GUIDANCE = 1.0  # InfUFluxPipeline's controlnet_guidance_scale: InfuseNet's own, not the transformer's
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+
+def load_image_proj(path: str | Path) -> ImageResampler:
+    """``image_proj_model.bin`` -> the Resampler, its sizes read off its tensors (width, queries, depth, heads,
+    output width), loaded strictly."""
+    path = Path(path)
+    proj = load_state_dict(path, groups=("image_proj",), kind="InfiniteYou image projection")["image_proj"]
+    try:
+        latents, proj_out = proj["latents"], proj["proj_out.weight"]
+        config = perceiver_config(proj, "", latents.shape[-1])
+    except KeyError as exc:
+        raise CheckpointError(f"{path.name}: its Resampler lacks {exc.args[0]!r}") from None
+    if config.clip_dim != EMBEDDING_DIM:
+        raise CheckpointError(
+            f"{path.name}: its Resampler reads {config.clip_dim}-d inputs, not the {EMBEDDING_DIM}-d ArcFace "
+            "embedding InfiniteYou's is made for; is it an InfiniteYou image_proj_model.bin?"
+        )
+    resampler = ImageResampler(latents.shape[-1], config, latents.shape[1], proj_out.shape[0])
+    load_strict(resampler, proj, path.name)
+    return resampler.eval()
+
+
+def load_infusenet(folder: str | Path, torch_dtype: torch.dtype | None = None) -> FluxControlNetModel:
+    """``InfuseNetModel/`` -> the FluxControlNetModel, every key of its weights and no other (diffusers alone
+    would only warn and initialise missing weights at random)."""
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"InfuseNet not found: {folder} has no config.json (the released InfuseNetModel/)")
+    try:
+        dtype = {} if torch_dtype is None else {"dtype": torch_dtype}
+        infusenet, info = FluxControlNetModel.from_pretrained(str(folder), output_loading_info=True, **dtype)
+    except Exception as exc:  # unreadable weights, a tensor of another shape
+        reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+        raise CheckpointError(f"cannot load InfuseNet from {folder} ({type(exc).__name__}: {reason[:300]})") from exc
+    problems = [
+        f"{what} {', '.join(repr(k) for k in sorted(info.get(field) or ())[:5])}"
+        for field, what in (("missing_keys", "missing"), ("unexpected_keys", "unexpected"))
+        if info.get(field)
+    ]
+    if problems:
+        raise CheckpointError(f"{folder} does not match the InfuseNet layout: {'; '.join(problems)}")
+    if infusenet.input_hint_block is not None or infusenet.union:
+        raise CheckpointError(
+            f"{folder} is a FLUX ControlNet of another kind (an input hint block or union modes): InfuseNet reads the "
+            "VAE-encoded control image and no mode"
+        )
+    return infusenet.eval()
+
+
+def _as_embeddings(embeddings: Any) -> torch.Tensor:
+    tensor = torch.as_tensor(np.asarray(embeddings) if not torch.is_tensor(embeddings) else embeddings)
+    if tensor.shape[-1] != EMBEDDING_DIM or tensor.ndim not in (1, 2, 3):
+        raise FaceIDError(
+            f"InfiniteYou reads {EMBEDDING_DIM}-d ArcFace embeddings: (512,), (faces, 512) or (people, faces, 512), "
+            f"got {tuple(tensor.shape)}"
+        )
+    return tensor.reshape(1, -1, EMBEDDING_DIM) if tensor.ndim < 3 else tensor
+
+
+@dataclass(frozen=True)
+class InfiniteYou:
+    """A loaded InfiniteYou model set: the Resampler and InfuseNet, read by every call, changed by none."""
+
+    image_proj: ImageResampler
+    infusenet: FluxControlNetModel
+
+    @classmethod
+    def from_pretrained(
+        cls, folder: str | Path, torch_dtype: torch.dtype | None = None, device: str | torch.device | None = None
+    ) -> InfiniteYou:
+        """Load a released model set folder (``infu_flux_v1.0/aes_stage2`` or ``.../sim_stage1``)."""
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise CheckpointError(
+                f"InfiniteYou model set not found: {folder}; give a folder of the release's infu_flux_v1.0/ "
+                f"({' or '.join(MODEL_SETS)})"
+            )
+        image_proj = load_image_proj(folder / IMAGE_PROJ_FILE)
+        infusenet = load_infusenet(folder / INFUSENET_FOLDER, torch_dtype)
+        image_proj.to(device=device, dtype=torch_dtype)
+        infusenet.to(device=device)
+        return cls(image_proj, infusenet)
+
+    @torch.no_grad()
+    def identity_tokens(self, embeddings: Any) -> torch.Tensor:
+        """ArcFace embeddings -> identity tokens (people, num_queries, text width).
+
+        ``embeddings``: (512,) for one face, (faces, 512) for several photos of one person (one identity: the
+        Resampler reads them as its inputs, the authors' ``reshape([1, -1, 512])``), or (people, faces, 512). Each
+        embedding is L2-normalised (facexlib's output already is; a raw one is made so). The released weights
+        were trained on facexlib's ArcFace (``init_recognition_model("arcface")``, an IR-SE50 network, on the
+        112x112 BGR crop aligned by antelopev2's keypoints), not on the buffalo_l ArcFace of faceid's
+        ``Face.embedding``: another network's embedding is not interchangeable with it.
+        """
+        param = next(self.image_proj.parameters())
+        tensor = _as_embeddings(embeddings).to(device=param.device, dtype=torch.float32)
+        tensor = torch.nn.functional.normalize(tensor, dim=-1)
+        return self.image_proj(tensor.to(param.dtype))
+
+    def controlnet(self, id_tokens: torch.Tensor, guidance: float = INFUSENET_GUIDANCE) -> InfuseNetCall:
+        """One call's InfuseNet for a stock ``FluxControlNetPipeline`` (see :class:`InfuseNetCall`)."""
+        return InfuseNetCall(self.infusenet, id_tokens, guidance)
+
+
+# ----------------------------------------------------------------------------------------------- one step
+
+
+def infusenet_residuals(
+    infusenet: FluxControlNetModel,
+    *,
+    hidden_states: torch.Tensor,
+    controlnet_cond: torch.Tensor,
+    conditioning_scale: float,
+    timestep: torch.Tensor,
+    pooled_projections: torch.Tensor,
+    img_ids: torch.Tensor,
+    id_tokens: torch.Tensor,
+    guidance: float = INFUSENET_GUIDANCE,
+    joint_attention_kwargs: dict[str, Any] | None = None,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """InfuseNet's scaled residuals for the transformer's double and single blocks.
+
+    ``timestep`` as the transformer gets it (diffusers' ``t / 1000``); ``controlnet_cond`` the packed latents of
+    the control image; ``id_tokens`` (1 or batch, tokens, width) stand where a ControlNet reads the prompt, with
+    zeros as their positions (``txt_ids``); ``guidance`` is InfuseNet's own (1.0 as released)."""
+    batch = hidden_states.shape[0]
+    if id_tokens.shape[0] not in (1, batch):
+        raise FaceIDError(f"InfiniteYou: identity tokens for {id_tokens.shape[0]} images but a batch of {batch}")
+    id_tokens = id_tokens.to(device=hidden_states.device, dtype=hidden_states.dtype).expand(batch, -1, -1)
+    txt_ids = torch.zeros(id_tokens.shape[1], 3, device=id_tokens.device, dtype=id_tokens.dtype)
+    embedded_guidance = None
+    if infusenet.config.guidance_embeds:
+        embedded_guidance = torch.full((batch,), float(guidance), device=hidden_states.device)
+    block_samples, single_block_samples = infusenet(
+        hidden_states=hidden_states,
+        controlnet_cond=controlnet_cond,
+        conditioning_scale=conditioning_scale,
+        timestep=timestep,
+        guidance=embedded_guidance,
+        pooled_projections=pooled_projections,
+        encoder_hidden_states=id_tokens,
+        txt_ids=txt_ids,
+        img_ids=img_ids,
+        joint_attention_kwargs=joint_attention_kwargs,
+        return_dict=False,
+    )
+    return block_samples, single_block_samples
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    noise_pred: torch.Tensor  # the transformer's output (flow velocity), packed
+    block_samples: list[torch.Tensor]  # InfuseNet's double-block residuals (scaled)
+    single_block_samples: list[torch.Tensor]  # its single-block residuals (scaled, image tokens only)
+
+
+def denoise_step(
+    transformer,
+    infusenet: FluxControlNetModel,
+    *,
+    hidden_states: torch.Tensor,
+    timestep: torch.Tensor,
+    guidance: torch.Tensor | None,
+    pooled_projections: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    txt_ids: torch.Tensor,
+    img_ids: torch.Tensor,
+    id_tokens: torch.Tensor,
+    controlnet_cond: torch.Tensor,
+    conditioning_scale: float,
+    infusenet_guidance: float = INFUSENET_GUIDANCE,
+    joint_attention_kwargs: dict[str, Any] | None = None,
+) -> StepOutput:
+    """One InfiniteYou step, as the authors' ``FluxInfuseNetPipeline`` takes it: InfuseNet on the identity tokens
+    and the control image, then the FLUX transformer on the prompt with InfuseNet's residuals. ``guidance`` is the
+    transformer's (a (batch,) tensor, or None for a model without guidance embedding)."""
+    block_samples, single_block_samples = infusenet_residuals(
+        infusenet,
+        hidden_states=hidden_states,
+        controlnet_cond=controlnet_cond,
+        conditioning_scale=conditioning_scale,
+        timestep=timestep,
+        pooled_projections=pooled_projections,
+        img_ids=img_ids,
+        id_tokens=id_tokens,
+        guidance=infusenet_guidance,
+        joint_attention_kwargs=joint_attention_kwargs,
+    )
+    noise_pred = transformer(
+        hidden_states=hidden_states,
+        timestep=timestep,
+        guidance=guidance,
+        pooled_projections=pooled_projections,
+        encoder_hidden_states=prompt_embeds,
+        controlnet_block_samples=block_samples,
+        controlnet_single_block_samples=single_block_samples,
+        txt_ids=txt_ids,
+        img_ids=img_ids,
+        joint_attention_kwargs=joint_attention_kwargs,
+        return_dict=False,
+        controlnet_blocks_repeat=False,
+    )[0]
+    return StepOutput(noise_pred, block_samples, single_block_samples)
+
+
+class InfuseNetCall(FluxMultiControlNetModel):
+    """One call's InfuseNet, for a stock diffusers ``FluxControlNetPipeline``: made per call, it holds that call's
+    identity tokens and InfuseNet guidance; the loaded InfuseNet is shared, read-only.
+
+    diffusers' pipeline gives its ControlNet the prompt (``encoder_hidden_states``, ``txt_ids``) and the
+    transformer's ``guidance_scale``; this replaces those by the identity tokens, zeros of their count and its own
+    guidance (1.0), and passes the rest (latents, the encoded control image, the scale with the
+    ``control_guidance_start/end`` window applied, timestep, pooled text) as the pipeline computed them. It is a
+    ``FluxMultiControlNetModel`` of one net, the pipeline's class for a ControlNet it did not load, so the call
+    takes lists: ``control_image=[image]``, ``controlnet_conditioning_scale=[scale]``. Put it on the call's own
+    pipeline object (``FluxControlNetPipeline.from_pipe(base, controlnet=call, scheduler=fresh)``); the
+    transformer gets the residuals with ``controlnet_blocks_repeat=False`` (InfuseNet has no input hint block).
+    """
+
+    def __init__(self, infusenet: FluxControlNetModel, id_tokens: torch.Tensor, guidance: float = INFUSENET_GUIDANCE):
+        super().__init__([infusenet])
+        self.id_tokens = id_tokens
+        self.guidance = float(guidance)
+
+    def forward(  # type: ignore[override]
+        self,
+        hidden_states: torch.Tensor,
+        controlnet_cond: Sequence[torch.Tensor],
+        controlnet_mode: Any = None,
+        conditioning_scale: Sequence[float] = (1.0,),
+        encoder_hidden_states: torch.Tensor | None = None,
+        pooled_projections: torch.Tensor | None = None,
+        timestep: torch.Tensor | None = None,
+        img_ids: torch.Tensor | None = None,
+        txt_ids: torch.Tensor | None = None,
+        guidance: torch.Tensor | None = None,
+        joint_attention_kwargs: dict[str, Any] | None = None,
+        return_dict: bool = False,
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        # encoder_hidden_states, txt_ids, guidance and controlnet_mode are the prompt's and the transformer's: unused.
+        if len(controlnet_cond) != 1 or len(conditioning_scale) != 1:
+            raise FaceIDError(
+                f"InfiniteYou takes one control image and one scale, got {len(controlnet_cond)} and "
+                f"{len(conditioning_scale)}: pass control_image=[image], controlnet_conditioning_scale=[scale]"
+            )
+        return infusenet_residuals(
+            self.nets[0],
+            hidden_states=hidden_states,
+            controlnet_cond=controlnet_cond[0],
+            conditioning_scale=conditioning_scale[0],
+            timestep=timestep,
+            pooled_projections=pooled_projections,
+            img_ids=img_ids,
+            id_tokens=self.id_tokens,
+            guidance=self.guidance,
+            joint_attention_kwargs=joint_attention_kwargs,
+        )
+
+
+# ----------------------------------------------------------------------------------------------- control image
+
+
+def fit_photo(photo: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """The authors' ``resize_and_pad_image``: the photo scaled to the frame's shorter side (its width when the
+    frame is portrait or square, else its height), aspect kept, centred on white; the overflow of the other side
+    is cut off. (Neither of ``faceid.control``'s fits: "pad" fits inside, "crop" covers.)"""
+    width, height = size
+    if width <= height:
+        new_size = (width, int(width * photo.height / photo.width))
+    else:
+        new_size = (int(height * photo.width / photo.height), height)
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    canvas.paste(photo.resize(new_size, Image.LANCZOS), ((width - new_size[0]) // 2, (height - new_size[1]) // 2))
+    return canvas
+
+
+def control_image(size: tuple[int, int], landmarks: np.ndarray | None = None) -> Image.Image:
+    """InfuseNet's control image of ``size`` = (width, height): the face's 5 landmarks (in that frame: found on
+    :func:`fit_photo` of the pose photo) drawn as InstantID draws them, or all black without a pose photo."""
+    width, height = size
+    if landmarks is None:
+        return Image.fromarray(np.zeros((height, width, 3), np.uint8))
+    return draw_kps((width, height), np.asarray(landmarks, np.float64))
