@@ -40,6 +40,7 @@ __all__ = [
     "check_method",
     "fetch_method_file",
     "identity_method",
+    "refuse_unwired",
     "unpinned_files",
 ]
 
@@ -53,7 +54,8 @@ class Licence:
     commercial: bool  # whether commercial use is allowed
 
     def __str__(self) -> str:
-        return self.name if self.commercial else f"{self.name} (non-commercial)"
+        said = self.commercial or "non-commercial" in self.name.lower()
+        return self.name if said else f"{self.name} (non-commercial)"
 
 
 LICENCES: dict[str, Licence] = {
@@ -281,9 +283,12 @@ def fetch_method_file(file: HubFile) -> Path:
     return fetch(file)
 
 
-def check_method(name: str, family: str, face_models: str | Path | None = None, *, check_pack: bool = True) -> None:
+def check_method(
+    name: str, family: str, face_models: str | Path | None = None, packs_at_hand: frozenset[str] = frozenset()
+) -> IdentityMethod:
     """Refuse ``name`` on a base model of ``family``, or without its face pack, before any work: each message
-    names what to load or download. ``face_models``: the folder face analysis reads (None: faceid's cache)."""
+    names what to load or download. ``face_models``: the folder face analysis reads (None: faceid's cache);
+    ``packs_at_hand``: the packs a loaded face analyzer already has (no check needed)."""
     method = identity_method(name)
     if family not in method.families:
         raise FaceIDError(
@@ -293,7 +298,22 @@ def check_method(name: str, family: str, face_models: str | Path | None = None, 
             + ", ".join(m.name for m in METHODS.values() if family in m.families)
             + ")"
         )
-    if check_pack and method.face_pack != "buffalo_l":  # buffalo_l: face analysis downloads it on first use
+    # buffalo_l: face analysis downloads it on first use, as it always has.
+    if method.face_pack != "buffalo_l" and method.face_pack not in packs_at_hand:
         from ..faces.model_files import face_pack_ready
 
         face_pack_ready(method.face_pack, face_models, what=f"method {name}")
+    return method
+
+
+def refuse_unwired(method: IdentityMethod) -> None:
+    """A method generation does not run yet is refused, never silently run as FaceID."""
+    if method.wired:
+        return
+    files = method.files_for()
+    needs = f"; it will need {', '.join(f.path_in_repo for f in files)} from {files[0].repo}" if files else ""
+    raise FaceIDError(
+        f"method {method.name} ({method.title}) is not wired into generation yet: this faceid generates with "
+        f"{', '.join(m.name for m in METHODS.values() if m.wired)} only{needs} (`faceid models`). Leave method "
+        "out (or method='faceid', --method faceid)"
+    )
