@@ -23,8 +23,7 @@ import pytest
 from face_helpers import face_photo, make_test_face_models_dir
 
 from faceid.errors import CheckpointError, FaceIDError, MissingWeightsError
-from faceid.faces import FaceAnalyzer
-from faceid.faces import model_files
+from faceid.faces import FaceAnalyzer, model_files
 from faceid.hub import HubFile
 from faceid.methods import METHODS, check_method, fetch_method_file, identity_method, unpinned_files
 from faceid.settings import GenerationSettings

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
-from ..errors import CheckpointError, FaceIDError, MissingWeightsError
+from ..errors import CheckpointError, FaceIDError
 from ..hub import HubFile
 
 __all__ = [
