@@ -5,7 +5,7 @@ antelopev2 face pack beside buffalo_l, and ``faceid models``.
   or visibly unpinned, which the download path refuses before downloading anything;
 * ``method`` is a setting with a flag, kept by the PNG metadata; an unknown one is refused listing the methods;
 * a method on a base model of another family, or without its face models, or not wired into generation yet, is
-  refused at the request stage, with no UNet call;
+  refused at the request stage, with no UNet call (and by the service at submit);
 * a face models folder holding either pack is recognised, one with the other pack's recognizer refused, and one
   analysis keeps an embedding per pack;
 * the antelopev2 download is checked against the release's sha256 like buffalo_l's.
@@ -176,6 +176,15 @@ def test_methods_are_refused_before_any_work(sdxl_pipe, tiny_models, packs, isol
     assert str(isolated_home / "faceid_home" / "models" / "antelopev2") in str(info.value)
     assert check_method("instantid", "SDXL", packs["antelopev2"]).name == "instantid"
     assert check_method("instantid", "SDXL", None, frozenset({"antelopev2"})).face_pack == "antelopev2"
+
+
+def test_the_service_refuses_a_method_not_wired_at_submit():
+    from faceid.service.capabilities import Capabilities, NotServed
+    from faceid.service.inputs import JobInputs
+
+    with pytest.raises(NotServed, match="method: 'infiniteyou' is not wired into generation yet; this server runs"):
+        Capabilities().check(GenerationSettings(method="infiniteyou"), JobInputs.parse({}))
+    Capabilities().check(GenerationSettings(method="faceid"), JobInputs.parse({}))
 
 
 # ---------------------------------------------------------------------- the face packs
