@@ -12,7 +12,9 @@ so tests use:
   and the colour order and coordinate mapping can be checked without the real weights.
 
 ``make_test_face_models_dir(dir)`` builds a folder that ``FaceAnalyzer.from_dir`` (and the CLI's
-``--face-models DIR``) accepts offline.
+``--face-models DIR``) accepts offline; ``make_test_face_models_dir(dir, pack="antelopev2")`` the same with the
+files named as in insightface's antelopev2 pack (``glintr100.onnx`` a stand-in recognizer of another seed, beside
+YuNet), and ``pack="buffalo_l"`` as in buffalo_l (``w600k_r50.onnx``).
 """
 
 from __future__ import annotations
@@ -155,8 +157,16 @@ def make_fake_scrfd_onnx(path: str | os.PathLike) -> Path:
     return _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", _OPSET)]), path)
 
 
-def make_test_face_models_dir(directory: str | os.PathLike, dim: int = 512, seed: int = 0) -> Path:
-    """A folder FaceAnalyzer.from_dir accepts offline: the real YuNet detector + the stand-in recognizer.
+#: The stand-in recognizer's file name and seed for a pack-named folder (None: a recognizer of no pack).
+STANDIN_RECOGNIZERS = {None: ("standin_recognizer.onnx", 0), "buffalo_l": ("w600k_r50.onnx", 0),
+                       "antelopev2": ("glintr100.onnx", 7)}  # fmt: skip
+
+
+def make_test_face_models_dir(
+    directory: str | os.PathLike, dim: int = 512, seed: int | None = None, pack: str | None = None
+) -> Path:
+    """A folder FaceAnalyzer.from_dir accepts offline: the real YuNet detector + the stand-in recognizer, named
+    as insightface's ``pack`` names its recognizer (None: a name of no pack, accepted for any pack).
 
     Use it as the CLI's ``--face-models DIR`` in tests.
     """
@@ -168,5 +178,6 @@ def make_test_face_models_dir(directory: str | os.PathLike, dim: int = 512, seed
             target.symlink_to(yunet_model_path())
         except OSError:  # file systems without symlinks
             shutil.copyfile(yunet_model_path(), target)
-    make_standin_recognizer_onnx(directory / "standin_recognizer.onnx", dim=dim, seed=seed)
+    filename, pack_seed = STANDIN_RECOGNIZERS[pack]
+    make_standin_recognizer_onnx(directory / filename, dim=dim, seed=pack_seed if seed is None else seed)
     return directory

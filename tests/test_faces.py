@@ -455,7 +455,7 @@ def test_from_pretrained_no_download(isolated_home, monkeypatch):
         FaceAnalyzer.from_pretrained(elsewhere, download=False)
     assert f"unzip it into {elsewhere}" in str(info.value)
     with pytest.raises(MissingWeightsError, match="Unknown face model pack"):
-        FaceAnalyzer.from_pretrained(name="antelopev2")
+        FaceAnalyzer.from_pretrained(name="buffalo_s")
 
 
 def _fake_pack(folder: Path, fake_scrfd: Path) -> None:

@@ -359,6 +359,19 @@ class ModelSet:
         return self.pipe._execution_device
 
     @property
+    def face_models(self) -> str | os.PathLike | None:
+        """The face models folder the analyzer reads (None: insightface's pack from faceid's cache)."""
+        return self._face_models
+
+    def face_packs_at_hand(self) -> frozenset[str]:
+        """The insightface packs whose recognizers the loaded face analyzer has (none before it is loaded)."""
+        analyzer = self._face_analyzer
+        if analyzer is None:
+            return frozenset()
+        packs = {getattr(analyzer, "pack", None), *getattr(analyzer, "extra_recognizers", {})}
+        return frozenset(p for p in packs if p)
+
+    @property
     def face_analyzer(self):
         if self._face_analyzer is None:
             from .faces import FaceAnalyzer

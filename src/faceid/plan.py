@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from .conditioning import Conditioning
 from .errors import FaceIDError
 from .fast import ETA_SCHEDULERS, SCHEDULERS
+from .methods import check_method, refuse_unwired
 from .modes import DEFAULT_STRENGTH, ModeInputs, check_controlnet, check_placement, size_from_image
 from .settings import ENCODE_FIELDS, GenerationSettings
 
@@ -147,6 +148,9 @@ def request(
     if prompt is not None:
         overrides["prompt"] = list(prompt) if isinstance(prompt, tuple) else prompt
     requested = GenerationSettings.parse(settings, **overrides)
+    # The identity method: one for this base model, its face models at hand, and one generation runs.
+    method = check_method(requested.method, models.family, models.face_models, models.face_packs_at_hand())
+    refuse_unwired(method)
     models.check_models(requested)  # before encoding: a request for other models fails at once
     if inputs.mode is None and requested.strength is not None:
         raise FaceIDError("strength applies to img2img and inpainting: give init_image (--init-image) or leave it out")

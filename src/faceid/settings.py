@@ -21,6 +21,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from .errors import FaceIDError
 from .families import FAMILIES
 from .fast import PRESETS, SCHEDULERS
+from .methods import DEFAULT_METHOD, METHODS
 
 DEFAULT_PROMPT = "best quality, high quality"
 DEFAULT_NEGATIVE_PROMPT = "monochrome, lowres, bad anatomy, worst quality, low quality"
@@ -67,6 +68,7 @@ class StyleSetting(BaseModel):
 
 
 SchedulerName = Literal[tuple(SCHEDULERS)]  # type: ignore[valid-type]
+MethodName = Literal[tuple(METHODS)]  # type: ignore[valid-type]
 
 
 class GenerationSettings(BaseModel):
@@ -74,6 +76,12 @@ class GenerationSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    method: MethodName = Field(
+        DEFAULT_METHOD,
+        description="the identity method (faceid.methods, `faceid models`): faceid (IP-Adapter-FaceID, its variant "
+        "from --adapter), instantid, pulid (SDXL), pulid-flux, infiniteyou (FLUX.1); only faceid generates yet",
+        json_schema_extra=_flag("--method"),
+    )
     prompt: str | list[str] | None = Field(
         None, description="what to generate; a list pairs prompt i with face i", json_schema_extra=_flag("--prompt")
     )
@@ -198,6 +206,13 @@ class GenerationSettings(BaseModel):
     )
 
     # ------------------------------------------------------------------ validation
+    @field_validator("method", mode="before")
+    @classmethod
+    def _known_method(cls, value: Any) -> Any:
+        if isinstance(value, str) and value not in METHODS:
+            raise ValueError(f"unknown identity method {value!r}: choose one of {', '.join(METHODS)} (`faceid models`)")
+        return value
+
     @field_validator("width", "height")
     @classmethod
     def _multiple_of_8(cls, value: int | None) -> int | None:

@@ -47,10 +47,12 @@ def add_settings_arguments(parser: argparse.ArgumentParser, exclude: tuple[str, 
             continue
         kwargs: dict = {"dest": name, "default": None, "help": _help(field.description, cli.get("default"))}
         kwargs.update({key: cli[key] for key in ("metavar", "nargs", "const") if key in cli})
-        # (An Annotated type counts as the type it annotates: a validated window is still a tuple.)
+        # (An Annotated type counts as the type it annotates: a validated window is still a tuple. A Literal alone,
+        # not in a union, is one kind: its arguments are its values.)
+        members = () if typing.get_origin(field.annotation) is typing.Literal else typing.get_args(field.annotation)
         kinds = {
             typing.get_args(a)[0] if typing.get_origin(a) is typing.Annotated else a
-            for a in typing.get_args(field.annotation)
+            for a in members
             if a is not type(None)
         } or {field.annotation}
         literal = next((a for a in kinds if typing.get_origin(a) is typing.Literal), None)

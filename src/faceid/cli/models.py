@@ -1,4 +1,5 @@
-"""``faceid models``: the released models by name, or what adapter checkpoint files are."""
+"""``faceid models``: the identity methods (families, face models, licences) and the released FaceID models by name,
+or what adapter checkpoint files are."""
 
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ def cmd_models(args: argparse.Namespace) -> int:
             )
             print(f"{pad}pinned: {', '.join(pinned)}{encoder or ''}")
         print("\nUse a name with --adapter; files from anywhere work too (`faceid models FILE` says what one is).")
+        print_methods()
         return 0
     from ..checkpoints import AdapterSpec, load_state_dict
     from ..variants import released, releases_like
@@ -54,3 +56,33 @@ def cmd_models(args: argparse.Namespace) -> int:
             named += "; Plus and PlusV2 have the same tensors: the file cannot tell them apart (--shortcut chooses)"
         print(f"{path}: {spec.describe()}{named}")
     return 0
+
+
+def print_methods() -> None:
+    """The identity methods of ``faceid.methods``: base families, face models, files and licences."""
+    from ..faces.model_files import FACE_PACKS
+    from ..methods import METHODS
+
+    print("\nIdentity methods (--method; only the ones marked 'generates' are wired into generation yet):")
+    pad = " " * 14
+    for m in METHODS.values():
+        state = "generates" if m.wired else "not wired yet"
+        pack = FACE_PACKS[m.face_pack]
+        print(f"{m.name:<13} {m.title} on {' / '.join(m.families)} [{state}]")
+        print(
+            f"{pad}face models: insightface {m.face_pack} ({pack.detector} + {pack.recognizer}); embedding: "
+            f"{m.recognizer}, {'L2-normalised' if m.normalised else 'raw'}"
+        )
+        for extra in m.face_inputs:
+            print(f"{pad}also reads: {extra}")
+        if m.files or m.model_sets:
+            files = [f.path_in_repo for f in m.files]
+            if m.model_sets:
+                files.append(f"model sets {', '.join(m.model_sets)} (default {m.default_model_set})")
+            repos = sorted({f.repo for f in m.all_files})
+            unpinned = [f for f in m.all_files if f.sha256 is None or f.revision is None]
+            pin = f" ({len(unpinned)} not pinned: download them yourself)" if unpinned else " (pinned, sha256-checked)"
+            print(f"{pad}files ({', '.join(repos)}): {'; '.join(files)}{pin}")
+        else:
+            print(f"{pad}files: the released FaceID models above")
+        print(f"{pad}licences: {m.licence_text()}{'' if m.commercial else ' -- NOT for commercial use'}")

@@ -6,13 +6,13 @@ one face among several.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
 
-from ..errors import FaceSelectionError, NoFaceError
+from ..errors import FaceIDError, FaceSelectionError, NoFaceError
 from ..images import ImageSource, load_image, source_name
 from .align import align_face
 from .detect import Detection, Detector, SCRFDDetector, YuNetDetector, box_area
@@ -31,8 +31,11 @@ class Face:
     """A detected, aligned and embedded face.
 
     ``box`` and ``landmarks`` are in the pixels of the original (EXIF-rotated) image. ``embedding`` is
-    L2-normalised (insightface's ``normed_embedding``). ``aligned`` is the 112x112 RGB crop the recognizer
-    saw; ``crop_224`` is the same alignment at 224x224, the CLIP input of the Plus variants.
+    L2-normalised (insightface's ``normed_embedding``), the analyzer's main recognizer's (buffalo_l's, what FaceID
+    reads). ``aligned`` is the 112x112 RGB crop the recognizers saw; ``crop_224`` is the same alignment at
+    224x224, the CLIP input of the Plus variants. ``embeddings`` / ``raw_embeddings``: the vector of every
+    recognizer the analyzer ran, by insightface pack (``"buffalo_l"``, ``"antelopev2"``), normalised and as the
+    recognizer gave it (InstantID and PuLID read antelopev2's raw vector); see :meth:`embedding_for`.
     """
 
     box: np.ndarray
@@ -41,6 +44,20 @@ class Face:
     embedding: np.ndarray
     aligned: np.ndarray
     crop_224: np.ndarray
+    embeddings: dict[str, np.ndarray] = field(default_factory=dict)
+    raw_embeddings: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def embedding_for(self, pack: str, normalised: bool = True) -> np.ndarray:
+        """The vector of ``pack``'s recognizer (L2-normalised, or raw), or the error that says how to get it."""
+        table = self.embeddings if normalised else self.raw_embeddings
+        if pack not in table:
+            have = ", ".join(self.embeddings) or "none named"
+            raise FaceIDError(
+                f"this face was embedded without insightface's {pack} recognizer (it has: {have}): analyse the "
+                f"photo with a FaceAnalyzer that has {pack}'s models (FaceAnalyzer.from_pretrained(name={pack!r}), "
+                f"or extra_packs={{{pack!r}: FOLDER}})"
+            )
+        return table[pack]
 
     @property
     def area(self) -> float:
@@ -77,6 +94,10 @@ class FaceAnalyzer:
     was trained with; later ones are only used when nothing is found, to catch small faces.
     ``max_detect_side``: photos with a longer side are downscaled (area filter) for detection only;
     landmarks are mapped back and alignment always samples the full-resolution image.
+    ``pack``: the insightface pack ``recognizer`` belongs to (None: a recognizer of no pack);
+    ``extra_recognizers``: more recognizers by pack, run on the same aligned crops, so that one analysis gives a
+    face the embedding of every method (``Face.embeddings``). One detector serves all: buffalo_l's and
+    antelopev2's are the same SCRFD model.
     """
 
     def __init__(
@@ -85,11 +106,19 @@ class FaceAnalyzer:
         recognizer: Recognizer,
         det_sizes: Sequence[tuple[int, int]] = DEFAULT_DET_SIZES,
         max_detect_side: int = 4096,
+        *,
+        pack: str | None = "buffalo_l",
+        extra_recognizers: Mapping[str, Recognizer] | None = None,
     ) -> None:
         if not det_sizes:
             raise ValueError("det_sizes must name at least one detection size")
+        extra = dict(extra_recognizers or {})
+        if pack is not None and pack in extra:
+            raise ValueError(f"{pack!r} is the main recognizer's pack: give it once")
         self.detector = detector
         self.recognizer = recognizer
+        self.pack = pack
+        self.extra_recognizers = extra
         self.det_sizes = tuple((int(w), int(h)) for w, h in det_sizes)
         self.max_detect_side = int(max_detect_side)
 
@@ -102,18 +131,19 @@ class FaceAnalyzer:
         if not detections:
             return []
         aligned = np.stack([align_face(rgb, d.landmarks, 112) for d in detections])
-        raw = np.asarray(self.recognizer.embed(aligned), dtype=np.float32)
-        norms = np.linalg.norm(raw, axis=1, keepdims=True)
-        # insightface's normed_embedding; a zero vector (broken model) stays zero instead of NaN.
-        embeddings = raw / np.maximum(norms, 1e-12)
+        raw, embeddings = _embed(self.recognizer, aligned)
+        by_pack = {self.pack: (raw, embeddings)} if self.pack is not None else {}
+        by_pack.update({pack: _embed(rec, aligned) for pack, rec in self.extra_recognizers.items()})
         faces = [
             Face(
                 box=d.box,
                 score=d.score,
                 landmarks=d.landmarks,
-                embedding=embeddings[i].astype(np.float32),
+                embedding=embeddings[i].copy(),
                 aligned=aligned[i],
                 crop_224=align_face(rgb, d.landmarks, 224),
+                embeddings={pack: normed[i].copy() for pack, (_, normed) in by_pack.items()},
+                raw_embeddings={pack: vectors[i].copy() for pack, (vectors, _) in by_pack.items()},
             )
             for i, d in enumerate(detections)
         ]
@@ -167,29 +197,47 @@ class FaceAnalyzer:
         models_dir: str | os.PathLike | None = None,
         name: str = "buffalo_l",
         download: bool = True,
+        *,
+        extra_packs: Mapping[str, str | os.PathLike | None] | None = None,
         **kwargs,
     ) -> FaceAnalyzer:
-        """The face analyzer of every faceid command and of training: buffalo_l, or a folder's models.
+        """The face analyzer of every faceid command and of training: insightface's ``name`` pack (buffalo_l, what
+        FaceID was trained on; antelopev2 for InstantID and PuLID), or a folder's models.
 
-        ``models_dir`` (the CLI's ``--face-models DIR``): a folder of ONNX models. Detector:
-        ``det_10g.onnx`` (else another ``det_*.onnx`` / ``scrfd*.onnx``) -> SCRFD, else a ``*yunet*.onnx``
-        -> YuNet. Recognizer: ``w600k_r50.onnx``, else the single other ``.onnx`` file whose input is
-        112x112. A folder without them is a :class:`MissingWeightsError` that names what is missing and
-        where to get it; nothing is downloaded into it. Without ``models_dir``: the ``name`` pack from
+        ``models_dir`` (the CLI's ``--face-models DIR``): a folder of ONNX models. Detector: the pack's
+        (``det_10g.onnx``, ``scrfd_10g_bnkps.onnx``; else another ``det_*.onnx`` / ``scrfd*.onnx``) -> SCRFD, else
+        a ``*yunet*.onnx`` -> YuNet. Recognizer: the pack's (``w600k_r50.onnx``, ``glintr100.onnx``), else the
+        single other ``.onnx`` file whose input is 112x112; a folder with the other pack's recognizer is refused.
+        A folder without them is a :class:`MissingWeightsError` that names what is missing and where to get it;
+        nothing is downloaded into it. Without ``models_dir``: the ``name`` pack from
         ``$FACEID_HOME/models/<name>`` (default ``~/.cache/faceid/models/<name>``) or insightface's
         ``~/.insightface/models/<name>``, downloaded once into the first when missing and ``download``.
-        insightface's models are for non-commercial research use. Extra keyword arguments go to the
-        FaceAnalyzer constructor.
+        ``extra_packs``: more packs whose recognizers run on every face too (pack -> its folder, or None for the
+        cache), e.g. ``{"antelopev2": None}`` beside buffalo_l. insightface's models are for non-commercial
+        research use. Extra keyword arguments go to the FaceAnalyzer constructor.
         """
         detector_path, recognizer_path = pretrained_models(models_dir, name, download)
         is_yunet = "yunet" in detector_path.name.lower()
         detector: Detector = YuNetDetector(detector_path) if is_yunet else SCRFDDetector(detector_path)
-        return cls(detector, ONNXRecognizer(recognizer_path), **kwargs)
+        extra = {
+            pack: ONNXRecognizer(pretrained_models(folder, pack, download)[1])
+            for pack, folder in (extra_packs or {}).items()
+            if pack != name
+        }
+        return cls(detector, ONNXRecognizer(recognizer_path), pack=name, extra_recognizers=extra, **kwargs)
 
     @classmethod
     def from_dir(cls, path: str | os.PathLike, **kwargs) -> FaceAnalyzer:
         """The models of the folder ``path``: ``from_pretrained(path)``, by a name that says so."""
         return cls.from_pretrained(path, **kwargs)
+
+
+def _embed(recognizer: Recognizer, aligned: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(raw, L2-normalised) float32 embeddings of aligned crops; a zero vector (broken model) stays zero instead of
+    NaN (insightface's ``embedding`` and ``normed_embedding``)."""
+    raw = np.asarray(recognizer.embed(aligned), dtype=np.float32)
+    norms = np.linalg.norm(raw, axis=1, keepdims=True)
+    return raw, (raw / np.maximum(norms, 1e-12)).astype(np.float32)
 
 
 def _downscale(image: np.ndarray, max_side: int) -> tuple[np.ndarray, tuple[float, float]]:

