@@ -625,3 +625,33 @@ def make_tiny_whisper(folder: Path) -> Path:
         folder
     )
     return Path(folder)
+
+
+@_own_random_numbers
+def build_instantid(base: str | Path, folder: str | Path, seed: int = 0) -> Path:
+    """A tiny InstantID for the tiny SDXL model in ``base``, in the released layout of ``InstantX/InstantID``:
+    ``folder/ip-adapter.bin`` (a Resampler over 512-d face embeddings into 16 tokens of the UNet's width, and a
+    ``to_k_ip``/``to_v_ip`` per cross-attention processor) and ``folder/ControlNetModel/`` (IdentityNet: a
+    ControlNet of the UNet, its output convolutions random so that it acts). Random weights that act."""
+    from diffusers import UNet2DConditionModel
+
+    from faceid.checkpoints import save_state_dict
+    from faceid.projection import ImageResampler, PerceiverConfig
+
+    base, folder = Path(base), Path(folder)
+    unet = UNet2DConditionModel.from_pretrained(base / "unet")
+    torch.manual_seed(seed)
+    resampler = ImageResampler(64, PerceiverConfig(clip_dim=512, depth=2), 16, unet.config.cross_attention_dim)
+    generator = torch.Generator().manual_seed(seed)
+    ip = {}
+    for index, (name, _) in enumerate(unet.attn_processors.items()):
+        attn = unet.get_submodule(name.removesuffix(".processor"))
+        if attn.is_cross_attention:
+            for target in ("to_k", "to_v"):
+                shape = (attn.to_k.out_features, attn.to_k.in_features)
+                ip[f"{index}.{target}_ip.weight"] = torch.randn(shape, generator=generator) / shape[1] ** 0.5
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {"image_proj": {k: v.detach().clone() for k, v in resampler.state_dict().items()}, "ip_adapter": ip}
+    save_state_dict(state, folder / "ip-adapter.bin", dtype=torch.float32)
+    make_controlnet(base, seed + 1).save_pretrained(folder / "ControlNetModel")
+    return folder

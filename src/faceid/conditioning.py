@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from . import identity
@@ -44,6 +45,9 @@ class Conditioning:
     # Several people in one picture: ``identity`` is (prompts, people, tokens, dim), one region per person.
     regions: list = field(default_factory=list)
     references: list[EncodedReference] = field(default_factory=list)  # style/composition references
+    # The identity method whose tokens ``identity`` holds (faceid.methods): "faceid" (the FaceID adapter's
+    # projection), or "instantid" (InstantID's Resampler over the raw antelopev2 embedding(s) of each identity).
+    method: str = "faceid"
 
     def images(self, indices: Sequence[int]) -> Conditioning:
         """The conditioning of images ``indices`` alone, one image per prompt: a batch run in parts."""
@@ -63,6 +67,7 @@ class Conditioning:
             clip=self.clip,
             regions=self.regions,
             references=self.references,
+            method=self.method,
             settings=None
             if self.settings is None
             else self.settings.replace(prompt=prompts, negative_prompt=negatives, num_images_per_prompt=1),
@@ -105,7 +110,6 @@ def encode(
     if prompt is not None:
         overrides["prompt"] = list(prompt) if isinstance(prompt, tuple) else prompt
     encoded = models.resolve_settings(GenerationSettings.parse(settings, **overrides))
-    combine = encoded.combine
     found = identity.collect(face, lambda photo: models.face_analyzer.get(photo, index=encoded.face_index), face_image)
     prompts = as_list(encoded.prompt)
     if regions is None:
@@ -113,6 +117,11 @@ def encode(
     if regions == "masks":
         raise FaceIDError("these settings place the people by mask images: give the masks with regions=[...]")
     placed: list = []
+    if regions is not None and encoded.method != "faceid":
+        raise FaceIDError(
+            f"several people in one picture (regions) run with method faceid only, not {encoded.method}: leave "
+            "regions out, or use method faceid"
+        )
     if regions is not None:  # several people in each picture, not one person per prompt
         recorded, placed = resolve_regions(regions, len(found), lambda image: models.face_analyzer.analyze(image))
         encoded = encoded.replace(regions=recorded)
@@ -140,6 +149,43 @@ def encode(
     if len(negatives) != len(prompts):
         raise FaceIDError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
     num_images_per_prompt = encoded.num_images_per_prompt
+    if encoded.method != "faceid":
+        cond, uncond = method_tokens(models, encoded.method, found)
+        clip = {}
+    else:
+        cond, uncond, clip = faceid_tokens(models, found, encoded)
+    faces = [row[0] if len(row) == 1 else row for row in found.faces]
+    if placed:  # every prompt gets all the people: (prompts, people, tokens, dim)
+        cond = cond[None].expand(len(prompts), *cond.shape).contiguous()
+        uncond = uncond[None].expand(len(prompts), *uncond.shape).contiguous()
+        faces = [faces] * len(prompts)
+
+    text = models.encode_prompt(prompts, negatives, num_images_per_prompt)
+    names = ["prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds"]
+    return Conditioning(
+        pipe_kwargs=dict(zip(names, text, strict=False)),
+        identity=cond,
+        uncond_identity=uncond,
+        num_images_per_prompt=num_images_per_prompt,
+        faces=faces,
+        prompts=prompts,
+        negative_prompts=negatives,
+        clip=clip,
+        regions=placed,
+        references=references,
+        method=encoded.method,
+        settings=encoded.replace(
+            prompt=prompts[0] if isinstance(encoded.prompt, str) else prompts,
+            negative_prompt=negatives[0] if isinstance(encoded.negative_prompt, str) else negatives,
+        ),
+    )
+
+
+def faceid_tokens(
+    models: ModelSet, found: identity.Identities, encoded: GenerationSettings
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """The FaceID adapter's identity tokens (cond, uncond) of each identity, and the CLIP inputs of Plus."""
+    combine = encoded.combine
     embeds = identity.stack(found, combine)
     check_embedding_dim(models, embeds)
 
@@ -161,30 +207,28 @@ def encode(
         shortcut=bool(encoded.shortcut),
         s_scale=encoded.s_scale,
     )
-    faces = [row[0] if len(row) == 1 else row for row in found.faces]
-    if placed:  # every prompt gets all the people: (prompts, people, tokens, dim)
-        cond = cond[None].expand(len(prompts), *cond.shape).contiguous()
-        uncond = uncond[None].expand(len(prompts), *uncond.shape).contiguous()
-        faces = [faces] * len(prompts)
+    return cond, uncond, clip
 
-    text = models.encode_prompt(prompts, negatives, num_images_per_prompt)
-    names = ["prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds"]
-    return Conditioning(
-        pipe_kwargs=dict(zip(names, text, strict=False)),
-        identity=cond,
-        uncond_identity=uncond,
-        num_images_per_prompt=num_images_per_prompt,
-        faces=faces,
-        prompts=prompts,
-        negative_prompts=negatives,
-        clip=clip,
-        regions=placed,
-        references=references,
-        settings=encoded.replace(
-            prompt=prompts[0] if isinstance(encoded.prompt, str) else prompts,
-            negative_prompt=negatives[0] if isinstance(encoded.negative_prompt, str) else negatives,
-        ),
-    )
+
+def method_tokens(models: ModelSet, name: str, found: identity.Identities) -> tuple[torch.Tensor, torch.Tensor]:
+    """The identity tokens (cond, uncond), ``(identities, tokens, dim)``, of a method loaded beside FaceID
+    (``ModelSet.load_method``). InstantID reads the *raw* antelopev2 embedding of every photo of an identity
+    together (several photos of one person are one identity); an embedding given instead of a photo is taken as
+    that raw vector."""
+    from .methods import identity_method
+
+    method = identity_method(name)
+    loaded = models.loaded_method(name)
+    rows = []
+    for embeddings, faces in zip(found.embeddings, found.faces, strict=True):
+        vectors = [
+            face.embedding_for(method.face_pack, normalised=method.normalised)
+            if face is not None
+            else given.numpy()
+            for given, face in zip(embeddings, faces, strict=True)
+        ]
+        rows.append(loaded.identity_tokens(np.stack(vectors)))
+    return torch.cat([r.cond for r in rows]), torch.cat([r.uncond for r in rows])
 
 
 def encode_references(models: ModelSet, style: Sequence[Any]) -> list[EncodedReference]:

@@ -39,7 +39,15 @@ from .openpose import COLORS as POSE_COLORS
 from .openpose import LIMBS as POSE_LIMBS
 from .openpose import OpenPoseBody, detect_people
 
-__all__ = ["FITS", "KINDS", "annotator_options", "draw_kps", "draw_skeleton", "make_control_image"]
+__all__ = [
+    "FITS",
+    "KINDS",
+    "annotator_options",
+    "draw_kps",
+    "draw_skeleton",
+    "face_kps_image",
+    "make_control_image",
+]
 
 KINDS = ("canny", "kps", "pose", "depth", "image")
 FITS = ("crop", "pad")
@@ -132,6 +140,22 @@ def make_control_image(
     if kind == "depth":
         return depth_pipeline(options.get("depth_model"), options.get("device"))(fitted)["depth"].convert("RGB")
     return fitted  # "image"
+
+
+def face_kps_image(face, size: tuple[int, int], fit: str = "crop") -> Image.Image:
+    """The keypoint image of an analysed ``Face`` (``faceid.faces.Face``) in the frame of an image of ``size`` =
+    (width, height): its photo fitted to that frame by ``fit``, as ``make_control_image("kps", photo, size=size)``
+    draws it, without analysing the photo again (InstantID's IdentityNet reads it)."""
+    if fit not in FITS:
+        raise FaceIDError(f"unknown fit {fit!r}: use one of {', '.join(FITS)}")
+    photo_size = getattr(face, "image_size", None)
+    if photo_size is None:
+        raise FaceIDError(
+            "this face has no photo size, so its keypoints cannot be placed in the image: analyse the photo with "
+            "faceid's FaceAnalyzer, or give the keypoint photo (kps=PHOTO, --kps PHOTO)"
+        )
+    out_size = _check_size(size)
+    return draw_kps(out_size, _Frame(tuple(photo_size), out_size, fit).points(face.landmarks))
 
 
 def annotator_options(kind: str, device=None) -> dict[str, Any]:

@@ -213,6 +213,11 @@ class ModelSet:
         self.references: dict[str, Any] = {}
         self._reference_encoder: identity.CLIPFaceEncoder | None = None
         self._reference_encoder_source: str | None = None  # the path it was loaded from, if given
+        # Identity methods loaded next to FaceID (load_method): name -> its loaded pieces (e.g. InstantID), and
+        # the folder each needed face pack is read from (None: faceid's or insightface's cache).
+        self.methods: dict[str, Any] = {}
+        self.method_sources: dict[str, str | None] = {}
+        self._method_packs: dict[str, str | os.PathLike | None] = {}
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -237,6 +242,7 @@ class ModelSet:
         loras: Sequence[str | os.PathLike | tuple[str | os.PathLike, float]] = (),
         progress: bool = True,
         compile: bool = False,
+        methods: Mapping[str, str | os.PathLike | None] | None = None,
     ) -> ModelSet:
         """Load a base model and install an adapter in it.
 
@@ -258,6 +264,8 @@ class ModelSet:
         ``"taesdxl"`` (SDXL) or ``"auto"`` (the family's; pinned downloads), a diffusers ``AutoencoderTiny``
         folder or its ``.safetensors`` file.
         ``compile``: ``compile()`` the UNet once everything is loaded (see there; the first call is slow).
+        ``methods``: identity methods to load next to the FaceID adapter, name -> source, as ``load_method``
+        loads them (e.g. ``{"instantid": "checkpoints"}``, a folder laid out as ``InstantX/InstantID``).
         """
         release = released(adapter)
         base_model, vae = default_models(base_model, adapter, vae)
@@ -315,6 +323,8 @@ class ModelSet:
         for item in loras:
             path, weight = item if isinstance(item, tuple) else (item, 1.0)
             loaded.load_lora(path, weight)
+        for name, source in (methods or {}).items():
+            loaded.load_method(name, source)
         if compile:
             loaded.compile()
         return loaded
@@ -364,10 +374,11 @@ class ModelSet:
         return self._face_models
 
     def face_packs_at_hand(self) -> frozenset[str]:
-        """The insightface packs whose recognizers the loaded face analyzer has (none before it is loaded)."""
+        """The insightface packs whose recognizers the loaded face analyzer has (before it is loaded: those the
+        loaded methods checked, which it will be loaded with)."""
         analyzer = self._face_analyzer
-        if analyzer is None:
-            return frozenset()
+        if analyzer is None:  # the packs a loaded method checked are the ones it will be loaded with
+            return frozenset(self._method_packs)
         packs = {getattr(analyzer, "pack", None), *getattr(analyzer, "extra_recognizers", {})}
         return frozenset(p for p in packs if p)
 
@@ -376,7 +387,10 @@ class ModelSet:
         if self._face_analyzer is None:
             from .faces import FaceAnalyzer
 
-            self._face_analyzer = FaceAnalyzer.from_pretrained(self._face_models)
+            analyzer = FaceAnalyzer.from_pretrained(self._face_models)
+            for pack, folder in self._method_packs.items():
+                analyzer = analyzer.with_pack(pack, folder)
+            self._face_analyzer = analyzer
         return self._face_analyzer
 
     # ------------------------------------------------------------------ user LoRAs
@@ -552,6 +566,92 @@ class ModelSet:
             )
         raise FaceIDError(f"no reference adapter named {name!r} is loaded (loaded: {loaded}); see load_reference")
 
+    # ------------------------------------------------------------------ identity methods beside FaceID
+    def load_method(
+        self,
+        name: str,
+        source: str | os.PathLike | None = None,
+        *,
+        face_models: str | os.PathLike | None = None,
+    ) -> str:
+        """Load identity method ``name`` (``faceid.methods.METHODS``) next to the FaceID adapter, for calls with
+        ``method=name``; returns the name.
+
+        ``instantid``: ``source`` is a folder laid out as the Hub repository ``InstantX/InstantID`` (its
+        ``ip-adapter.bin`` and ``ControlNetModel/``); None fetches the table's files, which are unpinned (that is
+        refused, saying so: download them and give the folder). Its IdentityNet and its IP-Adapter branch go on
+        this model set (no call runs meanwhile). The method's base families are checked first, then its face
+        pack: the face analysis gets that pack's recognizer (from ``face_models``, else the model set's face
+        models folder, else faceid's or insightface's cache; a missing pack is refused with what to download).
+        """
+        from .methods import check_method, identity_method
+
+        method = identity_method(name)
+        if name == "faceid":
+            raise FaceIDError(
+                "faceid is the model set's own adapter: it is loaded by from_pretrained(adapter=...) (--adapter)"
+            )
+        if name != "instantid":
+            raise FaceIDError(
+                f"method {name} ({method.title}) cannot be loaded for generation yet: this faceid loads instantid "
+                "beside faceid (`faceid models`)"
+            )
+        folder = face_models if face_models is not None else self._face_models
+        check_method(name, self.family, folder, self.face_packs_at_hand())
+        if name in self.methods:
+            raise FaceIDError(f"method {name} is loaded already; remove_method({name!r}) first to load another copy")
+        ip_adapter, identitynet = _instantid_files(method, source)
+        with self.weights.exclusive():  # it adds a branch to every cross-attention processor: no call runs
+            from .methods.instantid import InstantID
+
+            loaded = InstantID.load(self.pipe.unet, ip_adapter, identitynet)
+            try:
+                self._add_face_pack(method.face_pack, folder)
+            except Exception:
+                loaded.remove()
+                raise
+            self.methods[name] = loaded
+            self.method_sources[name] = None if source is None else str(source)
+        return name
+
+    def remove_method(self, name: str) -> None:
+        """Take a method ``load_method`` loaded off the model set again (no call runs meanwhile)."""
+        loaded = self.loaded_method(name)
+        with self.weights.exclusive():
+            loaded.remove()
+            del self.methods[name]
+            self.method_sources.pop(name, None)
+
+    def loaded_method(self, name: str):
+        """The loaded pieces of identity method ``name`` (``load_method``), or the error that says how to load
+        them."""
+        if name in self.methods:
+            return self.methods[name]
+        from .methods import identity_method
+
+        method = identity_method(name)
+        files = ", ".join(f.path_in_repo.split("/")[0] for f in method.files_for())
+        repo = method.files_for()[0].repo if method.files_for() else "its authors"
+        raise FaceIDError(
+            f"method {name} ({method.title}) is not loaded on this pipeline: load its weights once with "
+            f"pipe.load_method({name!r}, FOLDER) or FaceIDPipeline.from_pretrained(..., methods={{{name!r}: FOLDER}}) "
+            f"(faceid generate: --method-weights {name}=FOLDER), FOLDER holding {repo}'s {files} "
+            f"(loaded: {', '.join(self.methods) or 'none'})"
+        )
+
+    def _add_face_pack(self, pack: str, folder: str | os.PathLike | None) -> None:
+        """Face analysis with pack ``pack``'s recognizer too: the loaded analyzer gets a copy that has it (the
+        analyzer given may be shared), and one loaded later is made with it."""
+        if pack == "buffalo_l" or pack in self.face_packs_at_hand():
+            return
+        if self._face_analyzer is not None:
+            self._face_analyzer = self._face_analyzer.with_pack(pack, folder)
+        else:
+            from .faces.model_files import pretrained_models
+
+            pretrained_models(folder, pack, download=False)  # refused now, not at the first call
+        self._method_packs[pack] = folder
+
     def vae_float32(self):
         """A float32 copy of a half-precision VAE, for the calls that decode in float32 (``force_upcast``), made
         on first use and kept while the VAE is the same (same object, same weights): each call then decodes with
@@ -590,10 +690,23 @@ class ModelSet:
         requested = GenerationSettings.parse(settings)
         self.check_models(requested)
         # The tiny VAE as loaded ("auto" named): checked above, recorded as what this pipeline has.
-        return requested.replace(tiny_vae=None).resolve(self.family, **self._known_defaults())
+        return requested.replace(tiny_vae=None).resolve(self.family, **self._known_defaults(requested.method))
 
-    def _known_defaults(self) -> dict[str, Any]:
-        """Defaults that come from what is loaded rather than from the family."""
+    def _known_defaults(self, method: str = "faceid") -> dict[str, Any]:
+        """Defaults that come from what is loaded rather than from the family; for another identity method than
+        FaceID, the method's own (its table row's) instead of the FaceID adapter's knobs."""
+        if method != "faceid":
+            from .methods import identity_method
+
+            return {
+                "base_model": self.base_model,
+                "adapter": self.adapter_source,
+                "vae": self.vae_source,
+                "tiny_vae": self.tiny_vae_source,
+                "decoder": "full",
+                "loras": self.lora_sources(),
+                **identity_method(method).defaults,
+            }
         known: dict[str, Any] = {
             "combine": self.default_combine,
             "scale": self.adapter.scale,
@@ -663,6 +776,32 @@ class ModelSet:
                     f"these settings ask for the LoRAs {requested.loras} but this pipeline has {have or 'none'} "
                     "loaded: load_lora / set_lora_weight / remove_lora first"
                 )
+
+
+def _instantid_files(method, source: str | os.PathLike | None) -> tuple[Path, Path]:
+    """InstantID's ``ip-adapter.bin`` and ``ControlNetModel/`` folder: in the folder ``source`` (the released
+    layout), else the table's files through ``fetch_method_file`` (which refuses unpinned files)."""
+    from .errors import CheckpointError
+    from .methods import fetch_method_file
+    from .methods.instantid import IDENTITYNET_FOLDER, IP_ADAPTER_FILE
+
+    if source is None:
+        fetched = {file.path_in_repo: fetch_method_file(file) for file in method.files_for()}
+        return fetched[IP_ADAPTER_FILE], fetched[f"{IDENTITYNET_FOLDER}/config.json"].parent
+    folder = Path(source).expanduser()
+    missing = [
+        name
+        for name, there in ((IP_ADAPTER_FILE, (folder / IP_ADAPTER_FILE).is_file()),
+                            (f"{IDENTITYNET_FOLDER}/", (folder / IDENTITYNET_FOLDER).is_dir()))
+        if not there
+    ]  # fmt: skip
+    if missing:
+        raise CheckpointError(
+            f"{folder} is not an InstantID folder: it has no {' and no '.join(missing)}. Download "
+            f"{IP_ADAPTER_FILE} and {IDENTITYNET_FOLDER}/ (config.json, diffusion_pytorch_model.safetensors) from "
+            "https://huggingface.co/InstantX/InstantID into one folder and give that folder"
+        )
+    return folder / IP_ADAPTER_FILE, folder / IDENTITYNET_FOLDER
 
 
 def _source_key(source: str) -> str:

@@ -96,9 +96,13 @@ class ModeInputs:
     init_image: Any = None
     mask_image: Any = None
     controls: list[ControlInput] = field(default_factory=list)
+    # InstantID: the photo (or analysed ``Face``) whose face keypoints IdentityNet follows, when not the face's own.
+    kps: Any = None
 
     @classmethod
-    def load(cls, init_image: Any = None, mask_image: Any = None, control: Any = None) -> ModeInputs:
+    def load(
+        cls, init_image: Any = None, mask_image: Any = None, control: Any = None, kps: Any = None
+    ) -> ModeInputs:
         if mask_image is not None and init_image is None:
             raise FaceIDError("mask_image needs init_image, the photo to inpaint (--init-image with --mask-image)")
         controls = [] if control is None else [control] if isinstance(control, ControlInput) else list(control)
@@ -112,6 +116,7 @@ class ModeInputs:
             init_image=None if init_image is None else load_image(init_image),
             mask_image=None if mask_image is None else load_image(mask_image).convert("L"),
             controls=[replace(item, image=load_image(item.image)) for item in controls],
+            kps=kps if kps is None or hasattr(kps, "landmarks") else load_image(kps),
         )
 
     @property
@@ -123,9 +128,11 @@ class ModeInputs:
         """``"inpaint"``, ``"img2img"`` or None (text-to-image, with or without ControlNets)."""
         return "inpaint" if self.mask_image is not None else "img2img" if self.init_image is not None else None
 
-    def class_name(self, family: str) -> str | None:
+    def class_name(self, family: str, identitynet: bool = False) -> str | None:
+        """The diffusers pipeline class for these inputs; ``identitynet``: the call's method brings a ControlNet
+        of its own (InstantID's IdentityNet), so a ControlNet pipeline runs it."""
         return pipeline_class_name(
-            family, self.init_image is not None, self.mask_image is not None, bool(self.controls)
+            family, self.init_image is not None, self.mask_image is not None, bool(self.controls) or identitynet
         )
 
     def size(self) -> tuple[int, int] | None:
@@ -147,6 +154,7 @@ class ModeInputs:
             init_image=fit(self.init_image),
             mask_image=fit(self.mask_image),
             controls=[replace(c, image=fit(c.image)) for c in self.controls],
+            kps=self.kps,  # drawn in the output frame when the call runs
         )
 
     def controlnet(self):
@@ -160,14 +168,19 @@ class ModeInputs:
         return MultiControlNetModel([c.controlnet for c in self.controls])
 
     def pipeline_kwargs(
-        self, strength: float | None, batch: int, windows: Sequence[tuple[float, float] | None] | None = None
+        self,
+        strength: float | None,
+        batch: int,
+        windows: Sequence[tuple[float, float] | None] | None = None,
+        as_lists: bool = False,
     ) -> dict[str, Any]:
         """The diffusers arguments for these inputs (the pipeline chosen by ``class_name``), for ``batch`` images.
 
         ``windows``: each ControlNet's ``control_guidance_start/end`` over the steps that run
         (``faceid.plan.StepSchedule.controlnet_window``: its own window placed on the full schedule, which
         img2img and inpainting cut); None for one that acts in no step that runs (it then weighs 0, as diffusers
-        weighs a ControlNet outside its window). Without ``windows``, each ControlNet's own window.
+        weighs a ControlNet outside its window). Without ``windows``, each ControlNet's own window. ``as_lists``:
+        one entry per ControlNet even for one (the pipeline's ControlNet is a ``MultiControlNetModel``).
 
         The init image goes once per image: diffusers' inpainting pipelines sample its latents with the first
         image's generator only when given it once, which shifts the noise of every other image (image i would
@@ -182,7 +195,7 @@ class ModeInputs:
         if self.controls:
             if windows is None:
                 windows = [c.window for c in self.controls]
-            one = len(self.controls) == 1
+            one = len(self.controls) == 1 and not as_lists
             images = [c.image for c in self.controls]
             kwargs["control_image" if self.init_image is not None else "image"] = images[0] if one else images
             scales = [float(c.scale) if w is not None else 0.0 for c, w in zip(self.controls, windows, strict=True)]

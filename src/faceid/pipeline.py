@@ -101,6 +101,7 @@ class FaceIDPipeline(ModelSet):
         control: ControlInput | Sequence[ControlInput] | None = None,
         regions: Any = None,
         style: Sequence[Any] | None = None,
+        kps: Any = None,
         **kwargs: Any,
     ) -> FaceIDOutput:
         """Generate ``num_images_per_prompt`` images for every prompt, each of the paired face.
@@ -146,8 +147,21 @@ class FaceIDPipeline(ModelSet):
         region k, the identity LoRA applied once. Style and composition references: ``style=[Reference(image,
         scale, adapter, window, region)]`` (or bare images, scale 0.5) read by the standard IP-Adapters loaded
         with ``load_reference``. Each person and each reference is a token group of the attention processor.
+
+        Another identity method: ``method="instantid"`` (loaded once with ``load_method``) encodes the face's raw
+        antelopev2 embedding(s) into InstantID's tokens (several photos of one person: one identity), draws the
+        keypoints of the (first) face in the output frame, or those of ``kps`` (a photo or ``Face``: its largest
+        face), for IdentityNet, and runs the SDXL ControlNet pipeline of the call's mode with IdentityNet first
+        (any ``control`` after it) and InstantID's token group instead of FaceID's; ``scale`` is its IP-Adapter
+        scale, ``identitynet_scale`` IdentityNet's (both 0.8 by default, as the authors' app);
+        ``result.kps_image`` is the keypoint image used.
         """
-        inputs = ModeInputs.load(init_image, mask_image, control)
+        inputs = ModeInputs.load(init_image, mask_image, control, kps)
+        if conditioning is not None and conditioning.settings is not None:
+            # A conditioning's method is the call's unless the call names one (then they must agree, below).
+            given = settings.model_fields_set if isinstance(settings, GenerationSettings) else set(settings or {})
+            if "method" not in kwargs and "method" not in given:
+                kwargs["method"] = conditioning.method
         previews.check_preview_arguments(preview_every, on_preview)
         requested, diffusers_kwargs = plan.request(self, prompt, settings, kwargs, inputs, latents is not None)
         if conditioning is None:

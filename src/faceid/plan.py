@@ -108,6 +108,11 @@ class CallPlan:
     separable: bool  # one seed per image: the batch may run in parts, each image as in the whole batch
     batch_limit: int | None  # the most images per UNet batch (None: the whole batch at once)
     weights: Hashable | None  # the LoRA weights the UNet must hold (None: the user's settings)
+    method: str = "faceid"  # the identity method (faceid.methods) whose tokens the call's identity groups hold
+    # InstantID: IdentityNet's conditioning scale and its window over the run (diffusers' control_guidance_start/
+    # end; the identity window placed on the full schedule; None: it acts in no step that runs).
+    identitynet_scale: float | None = None
+    identitynet_window: Window | None = None
 
     @property
     def weights_change(self) -> bool:
@@ -142,15 +147,16 @@ def request(
     for k, item in enumerate(inputs.controls):
         check_controlnet(item.controlnet, models.pipe.unet, models.family, f"control[{k}]")
         check_placement(item.controlnet, models.pipe.unet, f"control[{k}]")
-    target = pipeline_class(models, inputs.class_name(models.family))
-    check_diffusers_kwargs(diffusers_kwargs, target)
     overrides = {k: v for k, v in arguments.items() if k in fields}
     if prompt is not None:
         overrides["prompt"] = list(prompt) if isinstance(prompt, tuple) else prompt
     requested = GenerationSettings.parse(settings, **overrides)
-    # The identity method: one for this base model, its face models at hand, and one generation runs.
+    # The identity method: one for this base model, its face models at hand, one generation runs, loaded here.
     method = check_method(requested.method, models.family, models.face_models, models.face_packs_at_hand())
     refuse_unwired(method)
+    check_method_settings(models, requested, inputs)
+    target = pipeline_class(models, inputs.class_name(models.family, identitynet=requested.method == "instantid"))
+    check_diffusers_kwargs(diffusers_kwargs, target)
     models.check_models(requested)  # before encoding: a request for other models fails at once
     if inputs.mode is None and requested.strength is not None:
         raise FaceIDError("strength applies to img2img and inpainting: give init_image (--init-image) or leave it out")
@@ -162,6 +168,32 @@ def request(
     if latents_given and "latents" not in inspect.signature(target.__call__).parameters:
         raise FaceIDError(f"latents= does not apply to {target.__name__}: the init image gives them; leave it out")
     return requested, diffusers_kwargs
+
+
+def check_method_settings(models: ModelSet, requested: GenerationSettings, inputs: ModeInputs) -> None:
+    """Settings and inputs that belong to one identity method are refused with another; a method beside FaceID
+    must be loaded (``ModelSet.load_method``)."""
+    method = requested.method
+    if method == "faceid":
+        if requested.identitynet_scale is not None:
+            raise FaceIDError("identitynet_scale is InstantID's IdentityNet scale: give method='instantid' with it")
+        if inputs.kps is not None:
+            raise FaceIDError("kps= (--kps) is the photo whose face keypoints InstantID follows: give method='instantid'")
+        return
+    models.loaded_method(method)  # loaded, or the error that says how
+    faceid_only = {
+        "combine": requested.combine is not None,
+        "shortcut": requested.shortcut is not None,
+        "regions": requested.regions is not None,
+        "identity_guidance": requested.identity_guidance > 0,
+        "lora_scale": requested.lora_scale is not None,
+    }
+    given = [name for name, set_ in faceid_only.items() if set_]
+    if given:
+        raise FaceIDError(
+            f"{', '.join(given)} belong(s) to FaceID's adapter and do(es) nothing with method {method}: leave "
+            f"{'it' if len(given) == 1 else 'them'} out, or use method faceid"
+        )
 
 
 def plan_call(
@@ -194,7 +226,15 @@ def plan_call(
     adapter = models.adapter
     identity_open = schedule.inside(run.identity_window)
     identity_lora: tuple[float, ...] = ()
-    if adapter.has_lora:
+    faceid = run.method == "faceid"
+    if adapter.has_lora and not faceid:  # FaceID's LoRA belongs to its tokens: off in another method's call
+        identity_lora = (0.0,) * schedule.running
+        if adapter.lora_fused and adapter.lora_weight() != 0.0:
+            raise FaceIDError(
+                f"the FaceID adapter's identity LoRA is fused into the UNet, and a {run.method} call runs without it: "
+                "unfuse_lora() first (CLI: leave out --fuse-lora and --compile)"
+            )
+    elif adapter.has_lora:
         identity_lora = tuple(adapter.lora_weight(run.lora_scale, acting) for acting in identity_open)
         if adapter.lora_fused and set(identity_lora) != {adapter.lora_weight()}:
             raise FaceIDError(
@@ -209,13 +249,15 @@ def plan_call(
     controls = tuple(schedule.controlnet_window(c.window) for c in inputs.controls)
     separable = isinstance(run.seed, list) and not noise_given
     limit = max_batch if max_batch is not None else max_batch_size(models, run, guidance)
+    identitynet = run.method == "instantid"
     return CallPlan(
         settings=run,
-        pipeline=inputs.class_name(models.family),
+        pipeline=inputs.class_name(models.family, identitynet=identitynet),
         images=images,
         guidance=guidance,
         schedule=schedule,
-        identity_scale=float(run.scale) if adapter.active else 0.0,
+        # FaceID's switch (set_active) is the FaceID adapter's; another method's scale is the call's alone.
+        identity_scale=float(run.scale) if adapter.active or not faceid else 0.0,
         identity_open=identity_open,
         identity_lora=identity_lora,
         fast_lora=fast_lora,
@@ -224,6 +266,9 @@ def plan_call(
         separable=separable,
         batch_limit=limit if separable and limit is not None and images > limit else None,
         weights=weights,
+        method=run.method,
+        identitynet_scale=float(run.identitynet_scale) if identitynet else None,
+        identitynet_window=schedule.controlnet_window(run.identity_window or (0.0, 1.0)) if identitynet else None,
     )
 
 

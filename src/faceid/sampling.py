@@ -13,7 +13,7 @@ give exactly what each gives alone.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -25,7 +25,7 @@ from .errors import FaceIDError
 from .fast import make_scheduler
 from .groups import token_groups
 from .identity_guidance import IdentityGuidedUNet
-from .modes import ModeInputs
+from .modes import ControlInput, ModeInputs
 from .plan import CallPlan
 from .settings import GenerationSettings
 
@@ -44,6 +44,7 @@ class FaceIDOutput:
     nsfw_content_detected: list[bool] | None = None
     settings: GenerationSettings | None = None
     control_images: list = field(default_factory=list)  # the control images as the ControlNets saw them
+    kps_image: Any = None  # InstantID: the face keypoint image IdentityNet saw
 
 
 def seeded_generators(seed: int | Sequence[int]) -> torch.Generator | list[torch.Generator]:
@@ -77,6 +78,11 @@ def run_plan(
         generator = seeded_generators(run.seed)
 
     family = families.family(models.family)
+    if conditioning.method != plan.method:
+        raise FaceIDError(
+            f"this conditioning holds {conditioning.method} tokens but the call runs method {plan.method}: "
+            "encode() with the call's method"
+        )
     identity, gated = _token_groups(models, plan, conditioning)
     attention = dict(kwargs.pop(family.attention_kwargs, None) or {})
     attention["ip_hidden_states"] = CallTokens(identity)
@@ -96,9 +102,22 @@ def run_plan(
     if sliced_decode and run.decoder != "tiny" and getattr(vae, "use_slicing", None) is False:
         vae = OneImageAtATime(vae)  # the decode of a part, one image at a time (VAEs work per image)
     parts: dict[str, Any] = {"scheduler": scheduler, family.denoiser: denoiser, "vae": vae}
-    if inputs.controls:
+    controls, kps_image = inputs, None
+    if plan.method == "instantid":
+        # IdentityNet first, reading the call's identity tokens; the user's ControlNets after it, reading the text.
+        instantid = models.loaded_method("instantid")
+        kps_image = call_kps_image(models, conditioning, inputs, run.width, run.height)
+        parts["controlnet"] = instantid.control(
+            conditioning.identity_states(plan.guidance), others=[c.controlnet for c in inputs.controls]
+        )
+        controls = replace(
+            inputs,
+            controls=[ControlInput(kps_image, instantid.identitynet, plan.identitynet_scale), *inputs.controls],
+        )
+    elif inputs.controls:
         parts["controlnet"] = inputs.controlnet()
     pipeline = models.call_pipeline(plan.pipeline, **parts)
+    windows = plan.control_windows if kps_image is None else (plan.identitynet_window, *plan.control_windows)
 
     on_step = _step_gates(models, plan, gated)
     kwargs.update(_step_callback(on_step, plan, kwargs))
@@ -116,7 +135,7 @@ def run_plan(
         on_step(0)
         result = pipeline(
             **conditioning.pipe_kwargs,
-            **inputs.pipeline_kwargs(run.strength, plan.images, plan.control_windows),
+            **controls.pipeline_kwargs(run.strength, plan.images, windows, as_lists=kps_image is not None),
             **sizes,
             **({"latents": latents} if latents is not None else {}),
             num_inference_steps=run.num_inference_steps,
@@ -132,7 +151,28 @@ def run_plan(
         nsfw_content_detected=getattr(result, "nsfw_content_detected", None),
         settings=run,
         control_images=[c.image for c in inputs.controls],
+        kps_image=kps_image,
     )
+
+
+def call_kps_image(models: ModelSet, conditioning: Conditioning, inputs: ModeInputs, width: int, height: int):
+    """InstantID's keypoint image at the output size: the face of ``inputs.kps`` (a photo: its largest face),
+    else the call's first face, its photo fitted to the output frame as ``make_control_image`` fits it."""
+    from .control import face_kps_image
+    from .identity import is_face
+
+    face = inputs.kps
+    if face is not None and not is_face(face):
+        face = models.face_analyzer.get(face)
+    if face is None:
+        first = conditioning.faces[0] if conditioning.faces else None
+        face = first[0] if isinstance(first, list) else first
+    if face is None:
+        raise FaceIDError(
+            "InstantID draws IdentityNet's keypoints from the face photo, and this call's face is an embedding: "
+            "give the photo (or a Face), or the keypoint photo with kps=PHOTO (--kps PHOTO)"
+        )
+    return face_kps_image(face, (width, height))
 
 
 def _token_groups(
@@ -150,7 +190,7 @@ def _token_groups(
         plan.guidance,
         run.width,
         run.height,
-        models.adapter.name,
+        models.adapter.name if plan.method == "faceid" else models.loaded_method(plan.method).name,
         plan.identity_scale,
     )
     people = len(groups) - len(references)

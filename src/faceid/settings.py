@@ -29,7 +29,7 @@ DEFAULT_NEGATIVE_PROMPT = "monochrome, lowres, bad anatomy, worst quality, low q
 FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {name: family.defaults for name, family in FAMILIES.items()}
 # Fields used to encode the prompts and faces (``FaceIDPipeline.encode``); the rest steer the sampling.
 ENCODE_FIELDS = (
-    "prompt", "negative_prompt", "num_images_per_prompt", "face_index", "combine", "shortcut", "s_scale", "regions",
+    "method", "prompt", "negative_prompt", "num_images_per_prompt", "face_index", "combine", "shortcut", "s_scale", "regions",
     "style",
 )  # fmt: skip
 # Fields naming the models, recorded so that an image says what made it; a pipeline checks them.
@@ -79,7 +79,8 @@ class GenerationSettings(BaseModel):
     method: MethodName = Field(
         DEFAULT_METHOD,
         description="the identity method (faceid.methods, `faceid models`): faceid (IP-Adapter-FaceID, its variant "
-        "from --adapter), instantid, pulid (SDXL), pulid-flux, infiniteyou (FLUX.1); only faceid generates yet",
+        "from --adapter), instantid (SDXL; its weights loaded with --method-weights), pulid (SDXL), pulid-flux, "
+        "infiniteyou (FLUX.1); faceid and instantid generate yet",
         json_schema_extra=_flag("--method"),
     )
     prompt: str | list[str] | None = Field(
@@ -108,7 +109,17 @@ class GenerationSettings(BaseModel):
     height: int | None = Field(
         None, ge=8, description="image height (SD1.5: 768, SDXL: 1024)", json_schema_extra=_flag("--height")
     )
-    scale: float | None = Field(None, description="identity strength (1.0)", json_schema_extra=_flag("--scale"))
+    scale: float | None = Field(
+        None,
+        description="identity strength (1.0; instantid: the IP-Adapter's scale, 0.8)",
+        json_schema_extra=_flag("--scale"),
+    )
+    identitynet_scale: float | None = Field(
+        None,
+        ge=0,
+        description="instantid: IdentityNet's conditioning scale, how closely the face keypoints are followed (0.8)",
+        json_schema_extra=_flag("--identitynet-scale"),
+    )
     lora_scale: float | None = Field(
         None, description="weight of the identity LoRA (1.0)", json_schema_extra=_flag("--lora-scale")
     )
@@ -230,7 +241,7 @@ class GenerationSettings(BaseModel):
             raise ValueError("give at least one seed, or none for random seeds")
         return value
 
-    @field_validator("scale", "lora_scale", "s_scale", "guidance_scale", "eta", "identity_guidance", "strength")
+    @field_validator("scale", "identitynet_scale", "lora_scale", "s_scale", "guidance_scale", "eta", "identity_guidance", "strength")
     @classmethod
     def _finite(cls, value: float | None) -> float | None:
         if value is not None and not math.isfinite(value):

@@ -36,6 +36,8 @@ class Face:
     224x224, the CLIP input of the Plus variants. ``embeddings`` / ``raw_embeddings``: the vector of every
     recognizer the analyzer ran, by insightface pack (``"buffalo_l"``, ``"antelopev2"``), normalised and as the
     recognizer gave it (InstantID and PuLID read antelopev2's raw vector); see :meth:`embedding_for`.
+    ``image_size``: (width, height) of the photo the box and landmarks are in (None: not known), the frame a
+    keypoint image is drawn from (InstantID's IdentityNet).
     """
 
     box: np.ndarray
@@ -46,6 +48,7 @@ class Face:
     crop_224: np.ndarray
     embeddings: dict[str, np.ndarray] = field(default_factory=dict)
     raw_embeddings: dict[str, np.ndarray] = field(default_factory=dict)
+    image_size: tuple[int, int] | None = None
 
     def embedding_for(self, pack: str, normalised: bool = True) -> np.ndarray:
         """The vector of ``pack``'s recognizer (L2-normalised, or raw), or the error that says how to get it."""
@@ -144,6 +147,7 @@ class FaceAnalyzer:
                 crop_224=align_face(rgb, d.landmarks, 224),
                 embeddings={pack: normed[i].copy() for pack, (_, normed) in by_pack.items()},
                 raw_embeddings={pack: vectors[i].copy() for pack, (vectors, _) in by_pack.items()},
+                image_size=(rgb.shape[1], rgb.shape[0]),
             )
             for i, d in enumerate(detections)
         ]
@@ -225,6 +229,22 @@ class FaceAnalyzer:
             if pack != name
         }
         return cls(detector, ONNXRecognizer(recognizer_path), pack=name, extra_recognizers=extra, **kwargs)
+
+    def with_pack(self, pack: str, models_dir: str | os.PathLike | None = None) -> FaceAnalyzer:
+        """A new analyzer with this one's detector and recognizers and pack ``pack``'s recognizer too (from
+        ``models_dir``, else faceid's or insightface's cache; nothing is downloaded): what a pipeline that loads
+        InstantID or PuLID analyses faces with. This analyzer is left as it is (callers may share it)."""
+        if pack == self.pack or pack in self.extra_recognizers:
+            return self
+        _, recognizer = pretrained_models(models_dir, pack, download=False)
+        return FaceAnalyzer(
+            self.detector,
+            self.recognizer,
+            self.det_sizes,
+            self.max_detect_side,
+            pack=self.pack,
+            extra_recognizers={**self.extra_recognizers, pack: ONNXRecognizer(recognizer)},
+        )
 
     @classmethod
     def from_dir(cls, path: str | os.PathLike, **kwargs) -> FaceAnalyzer:

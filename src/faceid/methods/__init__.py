@@ -27,6 +27,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
+from typing import Any
 
 from ..errors import CheckpointError, FaceIDError
 from ..hub import HubFile
@@ -96,9 +97,13 @@ class IdentityMethod:
     model_sets: Mapping[str, tuple[HubFile, ...]] = field(default_factory=dict)  # more files, one set chosen
     wired: bool = False  # whether generation runs it yet
     description: str = ""
+    # The method's own defaults of generation settings (its authors' app), which win over the loaded FaceID
+    # adapter's: InstantID's IP scale and IdentityNet scale.
+    defaults: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_sets", MappingProxyType(dict(self.model_sets)))
+        object.__setattr__(self, "defaults", MappingProxyType(dict(self.defaults)))
 
     @property
     def default_model_set(self) -> str | None:
@@ -194,8 +199,11 @@ METHODS: dict[str, IdentityMethod] = {
                 _unpinned(INSTANTID_REPO, "ControlNetModel/diffusion_pytorch_model.safetensors"),
             ),
             licences=(("InstantID weights (InstantX/InstantID)", _L["apache-2.0"]), _ANTELOPE),
+            wired=True,
             description="IdentityNet (a ControlNet on the face keypoints, its context the identity tokens) + its "
             "IP-Adapter (a Resampler over the antelopev2 embedding)",
+            # The authors' app (gradio_demo/app.py): IP-Adapter scale 0.8, IdentityNet strength 0.8.
+            defaults={"scale": 0.8, "identitynet_scale": 0.8},
         ),
         IdentityMethod(
             "pulid",
