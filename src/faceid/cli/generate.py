@@ -20,7 +20,7 @@ from .flags import (
     settings_from_args,
     tiny_vae_defaults,
 )
-from .loading import add_model_loading_arguments, load_face_analyzer, load_pipeline
+from .loading import add_model_loading_arguments, load_face_analyzer, load_pipeline, method_weights
 
 logger = logging.getLogger("faceid")
 
@@ -95,6 +95,22 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
         "control image used is saved as NAME_sSEED-controlK.png",
     )
     add_reference_arguments(parser.add_argument_group("several people and style references"))
+    methods = parser.add_argument_group("identity methods beside FaceID (--method)")
+    methods.add_argument(
+        "--method-weights",
+        action="append",
+        default=None,
+        metavar="NAME=FOLDER",
+        help="load identity method NAME's released files from FOLDER, in their Hub layout (instantid: a folder "
+        "with InstantX/InstantID's ip-adapter.bin and ControlNetModel/); repeatable",
+    )
+    methods.add_argument(
+        "--kps",
+        default=None,
+        metavar="PHOTO",
+        help="--method instantid: the photo whose face keypoints (pose) IdentityNet follows (default: the first "
+        "--face photo's); the keypoint image used is saved as NAME_sSEED-kps.png",
+    )
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -116,8 +132,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.preview_every is not None and args.preview_every < 1:
         raise FaceIDError("--preview-every must be at least 1")
     settings = tiny_vae_defaults(settings)
+    method_weights(args, settings.method)  # --method-weights as the method needs, before anything loads
+    if args.kps is not None and settings.method != "instantid":
+        raise FaceIDError("--kps is the keypoint photo of --method instantid: leave it out, or give --method instantid")
     # The faces first: a photo without a usable face fails in seconds, before the big models load.
-    analyzer = load_face_analyzer(args.face_models)
+    analyzer = load_face_analyzer(args.face_models, settings.method)
     faces = [analyzer.get(photo, index=settings.face_index) for photo in args.face]
     pipe = load_pipeline(args, settings, analyzer, fuse_lora=args.fuse_lora)
     references = _load_references(pipe, args, settings, style_images)
@@ -132,6 +151,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         for given, net in zip(controls, nets, strict=True)
     ]
     modes = {"init_image": args.init_image, "mask_image": args.mask_image, "control": control or None}
+    if args.kps is not None:
+        modes["kps"] = analyzer.get(args.kps)
     recorded = _recorded_inputs(args, controls, nets, region_files)
     first_seed = settings.seed if settings.seed is not None else random.randrange(2**31)
     n = settings.num_images_per_prompt
@@ -181,6 +202,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     for path in written:
         for k, used in enumerate(result.control_images):  # what the ControlNet saw, at the output's size
             used.save(path.with_name(f"{path.stem}-control{k}.png"))
+        if result.kps_image is not None:  # what IdentityNet saw
+            result.kps_image.save(path.with_name(f"{path.stem}-kps.png"))
     labels = [
         f"seed {s}" + (f"  id {sc['identity_similarity']:.2f}" if sc else "")
         for s, sc in zip(seeds, scores, strict=True)
@@ -205,7 +228,7 @@ def _recorded_inputs(args: argparse.Namespace, controls: list, nets: list[str], 
 
     return {
         "face": files(args.face),
-        **{key: file_record(value) for key in ("init_image", "mask_image") if (value := getattr(args, key))},
+        **{key: file_record(value) for key in ("init_image", "mask_image", "kps") if (value := getattr(args, key))},
         "controls": [given.record(net) for given, net in zip(controls, nets, strict=True)] or None,
         "regions_photo": file_record(region_files) if isinstance(region_files, str) else None,
         "region_masks": files(args.region_mask),

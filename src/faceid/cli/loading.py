@@ -63,11 +63,40 @@ def add_model_loading_arguments(
     )
 
 
-def load_face_analyzer(face_models: str | None):
-    """The face analyzer of every command: the ``--face-models`` folder, else buffalo_l from the cache."""
+def load_face_analyzer(face_models: str | None, method: str = "faceid"):
+    """The face analyzer of every command: the ``--face-models`` folder, else buffalo_l from the cache; with the
+    recognizer of identity method ``method``'s pack too (antelopev2 for InstantID), from the same folder or the
+    cache, refused with what to download when it is not there (nothing is downloaded for it)."""
     from ..faces import FaceAnalyzer
+    from ..faces.model_files import face_pack_ready
+    from ..methods import identity_method
 
-    return FaceAnalyzer.from_pretrained(face_models or None)
+    pack = identity_method(method).face_pack
+    if pack != "buffalo_l":
+        face_pack_ready(pack, face_models or None, what=f"method {method}")
+    analyzer = FaceAnalyzer.from_pretrained(face_models or None)
+    return analyzer if pack == "buffalo_l" else analyzer.with_pack(pack, face_models or None)
+
+
+def method_weights(args: argparse.Namespace, method: str) -> dict[str, str]:
+    """``--method-weights NAME=FOLDER`` as {name: folder}, checked before anything loads: the call's method
+    (other than faceid) must be among them."""
+    from ..methods import identity_method
+
+    weights: dict[str, str] = {}
+    for item in getattr(args, "method_weights", None) or []:
+        name, sep, folder = item.partition("=")
+        if not sep or not name or not folder:
+            raise FaceIDError(f"--method-weights {item!r}: give --method-weights NAME=FOLDER, e.g. instantid=checkpoints")
+        identity_method(name)  # a known method, or the list
+        weights[name] = folder
+    if method != "faceid" and method not in weights:
+        raise FaceIDError(
+            f"--method {method} needs --method-weights {method}=FOLDER: the folder of its released files "
+            f"({', '.join(f.path_in_repo for f in identity_method(method).files_for())} from "
+            f"{identity_method(method).files_for()[0].repo}, in their layout)"
+        )
+    return weights
 
 
 def load_pipeline(
@@ -106,6 +135,7 @@ def load_pipeline(
         shortcut=settings.shortcut,
         loras=list((settings.loras or {}).items()),
         progress=progress,
+        methods=method_weights(args, settings.method),
     )
     _load_fast_lora(pipe, settings, args)
     return pipe
