@@ -56,7 +56,7 @@ def test_every_row_names_known_families_packs_and_pinned_or_visibly_unpinned_fil
 
     known = set(FAMILIES) | {"FLUX.1"}  # FLUX.1's row is being added to faceid.families beside this table
     assert set(METHODS) == {"faceid", "instantid", "pulid", "pulid-flux", "infiniteyou"}
-    assert [m.name for m in METHODS.values() if m.wired] == ["faceid"]
+    assert [m.name for m in METHODS.values() if m.wired] == ["faceid", "instantid"]
     for method in METHODS.values():
         assert method.families and set(method.families) <= known, method.name
         assert method.face_pack in model_files.FACE_PACKS, method.name
@@ -150,10 +150,10 @@ def test_methods_are_refused_before_any_work(sdxl_pipe, tiny_models, packs, isol
             sdxl_pipe("a portrait", face, method="pulid-flux", num_inference_steps=2, **SIZE)
         with pytest.raises(
             FaceIDError,
-            match=r"method instantid \(InstantID\) is not wired into generation yet.*"
-            r"ip-adapter.bin.*InstantX/InstantID",
+            match=r"method pulid \(PuLID v1.1\) is not wired into generation yet.*"
+            r"pulid_v1.1.safetensors.*guozinan/PuLID",
         ):
-            sdxl_pipe("a portrait", face, method="instantid", num_inference_steps=2, **SIZE)
+            sdxl_pipe("a portrait", face, method="pulid", num_inference_steps=2, **SIZE)
         assert calls == []
         sdxl_pipe("a portrait", face, num_inference_steps=1, seed=1, **SIZE)  # faceid, as before
         assert len(calls) == 1

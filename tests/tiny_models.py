@@ -653,5 +653,9 @@ def build_instantid(base: str | Path, folder: str | Path, seed: int = 0) -> Path
     folder.mkdir(parents=True, exist_ok=True)
     state = {"image_proj": {k: v.detach().clone() for k, v in resampler.state_dict().items()}, "ip_adapter": ip}
     save_state_dict(state, folder / "ip-adapter.bin", dtype=torch.float32)
-    make_controlnet(base, seed + 1).save_pretrained(folder / "ControlNetModel")
+    identitynet = make_controlnet(base, seed + 1)
+    with torch.no_grad():  # zero as from_unet makes it: the keypoint image would change nothing
+        conv = identitynet.controlnet_cond_embedding.conv_out
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator) * 0.1)
+    identitynet.save_pretrained(folder / "ControlNetModel")
     return folder

@@ -44,6 +44,7 @@ class Capabilities:
     modes: tuple[str, ...] = (TEXT_TO_IMAGE,)
     max_people: int = 1
     runs_modes: bool = False  # img2img, inpainting, ControlNet, swap, several people and style (not on --ray)
+    methods: tuple[str, ...] = ("faceid",)  # identity methods whose weights every worker loads
 
     @classmethod
     def of(cls, config: Any, runs_modes: bool, tiny_vae: bool) -> Capabilities:
@@ -70,6 +71,11 @@ class Capabilities:
             runs = [m.name for m in METHODS.values() if m.wired]
             raise NotServed(
                 f"method: {settings.method!r} is not wired into generation yet; this server runs {_listed(runs)}"
+            )
+        if settings.method not in self.methods:  # wired, but its weights are not loaded here
+            raise NotServed(
+                f"method: this server has no {settings.method!r} weights loaded; it runs {_listed(self.methods)} "
+                "(faceid serve loading other methods is not there yet: faceid generate --method-weights)"
             )
         if settings.fast is not None and settings.fast not in self.fast:
             raise NotServed(
