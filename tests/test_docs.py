@@ -255,7 +255,7 @@ class World:
 def _build_world(root: Path, tiny_models, face_models_dir: Path, faces_dir: Path) -> World:
     from conftest import make_tiny_clip
     from diffusers import AutoencoderTiny
-    from tiny_models import make_tiny_autoencoder
+    from tiny_models import build_instantid, make_tiny_autoencoder
 
     from faceid import fast, openpose, references, tiny_vae, variants
     from faceid.depth import DEPTH_MODEL
@@ -344,6 +344,8 @@ def _build_world(root: Path, tiny_models, face_models_dir: Path, faces_dir: Path
     world.folders.update({
         "rv4": sd15, "my-sd15-model": sd15, "sd-vae-ft-mse": sd15 / "vae", "controlnet-kps-sd15": controlnet,
         "buffalo_l": face_models_dir, "clip-vit-large-patch14": clip, "configs": ROOT / "configs",
+        # InstantID in its released layout (ip-adapter.bin, ControlNetModel/), and a folder of both face packs.
+        "InstantID": build_instantid(sdxl, made / "InstantID", seed=5), "face-models": face_models_dir,
     })  # fmt: skip
     return world
 
