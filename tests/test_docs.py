@@ -33,7 +33,7 @@ The convention (the pages follow it; ``docs/TESTING.md`` says it in short):
   ``photo.jpg``, ``alice.jpg``, ``friend.jpg`` ... are copies of the real photos in ``tests/data/faces``; ``party.jpg``
   (and ``group.jpg``, ``friends.jpg``, ``us-two.jpg``) puts two of them side by side; ``dancer.jpg`` is a 320x240
   crop; ``landscape.jpg`` has no face; masks, LoRA files, adapter files and model folders (``rv4``,
-  ``buffalo_l`` ...) are the tiny ones (``_workspace``).
+  ``buffalo_l``, ``face-models``, ``InstantID`` ...) are the tiny ones (``_workspace``).
 * **Cost.** Examples are written as a user would write them (30 default steps, 512x768, ``--width 512``...); the
   harness caps what runs, openly: the family defaults become 3 steps at 32x48 (SD1.5) or 32x32 (SDXL), and in
   ``faceid.plan.request`` a call's requested steps and size are capped at 4 steps and 64 pixels a side (the aspect

@@ -107,7 +107,10 @@ def _by_hand(pipe, photo, ip_scale=0.8, identitynet_scale=0.8, seed=1, others=()
     context = tokens.batch(1, classifier_free_guidance=True)
     text = pipe.encode_prompt(["a photo"], [DEFAULT_NEGATIVE_PROMPT], 1)
     names = ["prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds"]
-    components = {**pipe.pipe.components, "scheduler": type(pipe.pipe.scheduler).from_config(pipe.pipe.scheduler.config)}
+    components = {
+        **pipe.pipe.components,
+        "scheduler": type(pipe.pipe.scheduler).from_config(pipe.pipe.scheduler.config),
+    }
     call = StableDiffusionXLControlNetPipeline(**components, controlnet=instantid.control(context, others))
     call.set_progress_bar_config(disable=True)
     kps = make_control_image("kps", photo, size=(SIZE["width"], SIZE["height"]), analyzer=pipe.face_analyzer)
@@ -242,9 +245,7 @@ def test_refusals_name_what_to_do(pipe, plain, tiny_models, instantid_dir, photo
     (tmp_path / "half").mkdir()
     with pytest.raises(CheckpointError, match="has no ip-adapter.bin and no ControlNetModel/.*InstantX/InstantID"):
         plain.load_method("instantid", tmp_path / "half")
-    sd15 = FaceIDPipeline.from_pretrained(
-        tiny_models.sd15, tiny_models.adapter("faceid"), device="cpu", progress=False
-    )
+    sd15 = FaceIDPipeline.from_pretrained(tiny_models.sd15, tiny_models.adapter("faceid"), device="cpu", progress=False)
     with pytest.raises(FaceIDError, match=r"method instantid \(InstantID\) runs on SDXL base models.*is SD1.5"):
         sd15.load_method("instantid", instantid_dir)
     buffalo_only = make_test_face_models_dir(tmp_path / "buffalo", pack="buffalo_l")

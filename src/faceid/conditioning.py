@@ -222,9 +222,7 @@ def method_tokens(models: ModelSet, name: str, found: identity.Identities) -> tu
     rows = []
     for embeddings, faces in zip(found.embeddings, found.faces, strict=True):
         vectors = [
-            face.embedding_for(method.face_pack, normalised=method.normalised)
-            if face is not None
-            else given.numpy()
+            face.embedding_for(method.face_pack, normalised=method.normalised) if face is not None else given.numpy()
             for given, face in zip(embeddings, faces, strict=True)
         ]
         rows.append(loaded.identity_tokens(np.stack(vectors)))

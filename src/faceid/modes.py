@@ -100,9 +100,7 @@ class ModeInputs:
     kps: Any = None
 
     @classmethod
-    def load(
-        cls, init_image: Any = None, mask_image: Any = None, control: Any = None, kps: Any = None
-    ) -> ModeInputs:
+    def load(cls, init_image: Any = None, mask_image: Any = None, control: Any = None, kps: Any = None) -> ModeInputs:
         if mask_image is not None and init_image is None:
             raise FaceIDError("mask_image needs init_image, the photo to inpaint (--init-image with --mask-image)")
         controls = [] if control is None else [control] if isinstance(control, ControlInput) else list(control)

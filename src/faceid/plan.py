@@ -178,7 +178,9 @@ def check_method_settings(models: ModelSet, requested: GenerationSettings, input
         if requested.identitynet_scale is not None:
             raise FaceIDError("identitynet_scale is InstantID's IdentityNet scale: give method='instantid' with it")
         if inputs.kps is not None:
-            raise FaceIDError("kps= (--kps) is the photo whose face keypoints InstantID follows: give method='instantid'")
+            raise FaceIDError(
+                "kps= (--kps) is the photo whose face keypoints InstantID follows: give method='instantid'"
+            )
         return
     models.loaded_method(method)  # loaded, or the error that says how
     faceid_only = {

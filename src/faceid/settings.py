@@ -241,7 +241,9 @@ class GenerationSettings(BaseModel):
             raise ValueError("give at least one seed, or none for random seeds")
         return value
 
-    @field_validator("scale", "identitynet_scale", "lora_scale", "s_scale", "guidance_scale", "eta", "identity_guidance", "strength")
+    @field_validator(
+        "scale", "identitynet_scale", "lora_scale", "s_scale", "guidance_scale", "eta", "identity_guidance", "strength"
+    )
     @classmethod
     def _finite(cls, value: float | None) -> float | None:
         if value is not None and not math.isfinite(value):

@@ -87,7 +87,9 @@ def method_weights(args: argparse.Namespace, method: str) -> dict[str, str]:
     for item in getattr(args, "method_weights", None) or []:
         name, sep, folder = item.partition("=")
         if not sep or not name or not folder:
-            raise FaceIDError(f"--method-weights {item!r}: give --method-weights NAME=FOLDER, e.g. instantid=checkpoints")
+            raise FaceIDError(
+                f"--method-weights {item!r}: give --method-weights NAME=FOLDER, e.g. instantid=checkpoints"
+            )
         identity_method(name)  # a known method, or the list
         weights[name] = folder
     if method != "faceid" and method not in weights:
