@@ -84,7 +84,8 @@ def test_every_generation_setting_has_a_flag_that_sets_it(tmp_path):
 
     values = {
         "prompt": "a", "negative_prompt": "b", "num_images_per_prompt": 3, "seed": 9, "num_inference_steps": 7,
-        "guidance_scale": 4.5, "width": 64, "height": 32, "scale": 0.7, "lora_scale": 0.6, "face_index": 1,
+        "guidance_scale": 4.5, "width": 64, "height": 32, "scale": 0.7, "identitynet_scale": 0.6, "lora_scale": 0.6,
+        "face_index": 1,
         "combine": "concat", "shortcut": False, "s_scale": 0.5, "identity_window": (0.1, 0.9),
         "base_model": "base", "vae": "vae", "adapter": "adapter.bin", "loras": {"style.safetensors": 0.7},
         "tiny_vae": "taesd", "decoder": "tiny", "fast": "tcd", "scheduler": "euler-trailing", "eta": 0.2, "method": "pulid",
