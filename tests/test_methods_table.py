@@ -184,6 +184,8 @@ def test_the_service_refuses_a_method_not_wired_at_submit():
 
     with pytest.raises(NotServed, match="method: 'infiniteyou' is not wired into generation yet; this server runs"):
         Capabilities().check(GenerationSettings(method="infiniteyou"), JobInputs.parse({}))
+    with pytest.raises(NotServed, match="method: this server has no 'instantid' weights loaded; it runs faceid"):
+        Capabilities().check(GenerationSettings(method="instantid"), JobInputs.parse({}))  # wired, not loaded
     Capabilities().check(GenerationSettings(method="faceid"), JobInputs.parse({}))
 
 
