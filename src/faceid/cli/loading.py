@@ -130,7 +130,13 @@ def load_pipeline(
         # Compiled, the identity LoRA is fused when its weight is fixed (no window switching it, and no
         # stacked LoRA on the same layers): no LoRA matmuls in the graph.
         fuse_lora=fuse_lora
-        or (fuse_when_compiled and args.compile and settings.identity_window is None and not settings.loras),
+        or (
+            fuse_when_compiled
+            and args.compile
+            and settings.identity_window is None
+            and not settings.loras
+            and settings.method == "faceid"  # another method's calls put the identity LoRA at 0
+        ),
         compile=args.compile,
         face_analyzer=analyzer,
         image_encoder=args.image_encoder,
