@@ -71,15 +71,16 @@ class Recording:
 
 
 @pytest.fixture
-def make_client(tmp_path, pipe, analyzer):
-    """``make_client(**config)`` -> a TestClient (started) on an app in ``tmp_path/data``; closed after the test
-    (``make_client.close(client)`` closes one before)."""
+def make_client(tmp_path, pipe, analyzer, database):
+    """``make_client(**config)`` -> a TestClient (started) on an app in ``tmp_path/data``, on the test's
+    ``database`` (SQLite unless ``@both_databases``); closed after the test (``make_client.close(client)`` closes
+    one before)."""
     opened = []
 
     def make(pipeline=None, data_dir=None, **options):
-        config = ServeConfig(
-            data_dir=data_dir or tmp_path / "data", pipeline=pipeline or pipe, analyzer=analyzer, **options
-        )
+        data_dir = data_dir or tmp_path / "data"
+        options.setdefault("database_url", database.url(data_dir))
+        config = ServeConfig(data_dir=data_dir, pipeline=pipeline or pipe, analyzer=analyzer, **options)
         client = TestClient(create_app(config), base_url="http://localhost")  # a Host the server answers
         client.__enter__()
         opened.append(client)
