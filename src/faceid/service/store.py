@@ -40,6 +40,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, selectinload, sessionmaker
 from sqlalchemy.schema import CreateColumn
 
@@ -136,6 +137,41 @@ class OwnerOption(Base):
     value: Mapped[Any] = mapped_column(JSON)
 
 
+# The driver faceid installs for each database that needs one (pyproject's dependencies): ``postgresql://`` means
+# psycopg 3 here, not SQLAlchemy's default (psycopg2, which faceid does not install).
+DRIVERS = {"postgresql": "psycopg"}
+
+
+def check_database_url(url: str | None) -> str | None:
+    """``--database-url`` checked before anything loads: a URL that SQLAlchemy reads, for a database whose driver is
+    installed; ``postgresql://...`` gets faceid's driver (``postgresql+psycopg://...``). None stays None (SQLite in
+    the data dir)."""
+    if url is None:
+        return None
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise FaceIDError(
+            f"--database-url {url!r} is not a database URL: give postgresql://USER[:PASSWORD]@HOST[:PORT]/DATABASE "
+            "or sqlite:////PATH/faceid.db"
+        ) from None
+    if parsed.drivername in DRIVERS:
+        parsed = parsed.set(drivername=f"{parsed.drivername}+{DRIVERS[parsed.drivername]}")
+    shown = parsed.render_as_string(hide_password=True)
+    try:
+        parsed.get_dialect().import_dbapi()
+    except NoSuchModuleError:
+        raise FaceIDError(
+            f"--database-url {shown}: SQLAlchemy knows no database {parsed.drivername!r}: use postgresql:// or sqlite://"
+        ) from None
+    except ImportError as exc:
+        raise FaceIDError(
+            f"--database-url {shown}: its driver is not installed ({exc}): pip install 'psycopg[binary]' for "
+            "PostgreSQL (faceid's dependencies pin it)"
+        ) from None
+    return parsed.render_as_string(hide_password=False)
+
+
 class SchemaError(FaceIDError):
     """The database's schema cannot be brought up to this version's (a change that is not additive)."""
 
@@ -200,8 +236,15 @@ class Store:
         self.engine = create_engine(url, **kwargs)
         if self.sqlite:
             event.listen(self.engine, "connect", _sqlite_pragmas)
-        with self.engine.begin() as connection:
-            added = upgrade_schema(connection)
+        try:
+            with self.engine.begin() as connection:
+                added = upgrade_schema(connection)
+        except OperationalError as exc:  # no server there, no such database, refused login
+            reason = str(exc.orig).strip().splitlines()[0] if exc.orig is not None else str(exc)
+            raise FaceIDError(
+                f"cannot open the database {self.engine.url.render_as_string(hide_password=True)}: {reason} (is the "
+                "server running, and was the database created: createdb -O USER DATABASE?)"
+            ) from exc
         if added and not set(added) >= set(Base.metadata.tables):  # an existing database that was upgraded
             logger.warning("database upgraded: added %s", ", ".join(added))
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
