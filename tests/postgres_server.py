@@ -63,7 +63,13 @@ class PostgresServer:
         self.user = "postgres" if os.geteuid() == 0 else None
         self.sockets.mkdir()
         if self.user is not None:
-            owner = pwd.getpwnam(self.user)
+            try:
+                owner = pwd.getpwnam(self.user)
+            except KeyError:
+                raise RuntimeError(
+                    "PostgreSQL does not run as root and there is no postgres user to run it as: run the tests as "
+                    "another user, or install Debian's postgresql package (it creates that user)"
+                ) from None
             for path in (self.folder, self.sockets):
                 os.chown(path, owner.pw_uid, owner.pw_gid)
 
