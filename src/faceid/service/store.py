@@ -9,7 +9,9 @@ not left in free pages. Jobs are rows too, so a restart finds every job that was
 
 The schema is created and upgraded at start (``upgrade_schema``): missing tables are created, and columns added
 to a table since a database was made are added to it, from the models below. Changes are additive: a new column
-is nullable (old rows read None) or has a server default.
+is nullable (old rows read None) or has a server default. That needs no migration scripts, so no Alembic: it
+becomes worth it for the first change that is not additive (a renamed or retyped column, a NOT NULL one filled from
+old rows), which ``upgrade_schema`` refuses to guess.
 """
 
 from __future__ import annotations
