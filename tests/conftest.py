@@ -16,9 +16,10 @@ TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))  # face_helpers, tiny_models and friends
 
 from face_helpers import FACES_DIR  # noqa: E402
+from postgres_server import REQUIRE, PostgresServer, find_bindir  # noqa: E402
 from tiny_models import TinyModels, make_tiny_unet, token_ids, vocab_size, write_clip_tokenizer  # noqa: E402
 
-__all__ = ["FACES_DIR", "GOLDEN_DIR", "METHODS_GOLDEN_DIR", "make_tiny_clip", "make_tiny_unet"]
+__all__ = ["FACES_DIR", "GOLDEN_DIR", "METHODS_GOLDEN_DIR", "both_databases", "make_tiny_clip", "make_tiny_unet"]
 
 # The golden conformance set (reference outputs + the models they were made with): test_golden.py only.
 GOLDEN_DIR = Path(os.environ.get("FACEID_GOLDEN_DIR", TESTS.parents[1] / "shared" / "golden")).absolute()
@@ -31,6 +32,62 @@ METHODS_GOLDEN_DIR = Path(
 
 # Keep runs comparable on the 2-core CI machine (the goldens were made with 2 threads).
 torch.set_num_threads(2)
+
+
+# A test of the service that touches SQL runs on both databases: ``@both_databases`` parametrizes the ``database``
+# fixture, which the service fixtures (``make_client``, ``make_server``) read. Unparametrized, it is SQLite.
+both_databases = pytest.mark.parametrize("database", ["sqlite", "postgres"], indirect=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A PostgreSQL server for the whole run (``tests/postgres_server.py``), started on first use. Without the
+    server binaries (or psycopg) the tests that need it skip, saying why, unless FACEID_REQUIRE_POSTGRES is set
+    (CI): then they fail."""
+    bindir = find_bindir()
+    problem = None
+    if bindir is None:
+        problem = (
+            "PostgreSQL's server binaries (initdb, pg_ctl, postgres) are not installed (neither `pg_config "
+            "--bindir` nor /usr/lib/postgresql/*/bin has them): apt-get install postgresql"
+        )
+    else:
+        try:
+            import psycopg  # noqa: F401
+        except ImportError:
+            problem = "the PostgreSQL driver is not installed: pip install -e '.[test]' (it pins psycopg)"
+    if problem is not None:
+        if os.environ.get(REQUIRE):
+            pytest.fail(f"{problem} ({REQUIRE} is set: the PostgreSQL tests must run)")
+        pytest.skip(problem)
+    server = PostgresServer(bindir).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def database(request):
+    """The database a test's servers use: ``database.url(data_dir)`` -> a ``--database-url`` for the server on
+    ``data_dir`` (None: SQLite in the data dir, the default). On PostgreSQL each data dir gets a fresh database
+    of its own, so a server started again on the same data dir (a restart) finds its rows."""
+    return Databases(
+        request.getfixturevalue("postgres_server") if getattr(request, "param", "sqlite") == "postgres" else None
+    )
+
+
+class Databases:
+    def __init__(self, server: PostgresServer | None) -> None:
+        self.server = server
+        self.name = "sqlite" if server is None else "postgres"
+        self._urls: dict[Path, str] = {}
+
+    def url(self, data_dir: Path) -> str | None:
+        if self.server is None:
+            return None
+        key = Path(data_dir).absolute()
+        if key not in self._urls:
+            self._urls[key] = self.server.new_database()
+        return self._urls[key]
 
 
 @pytest.fixture

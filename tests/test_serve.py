@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from bad_files import huge_blank_png, jpeg_bytes, truncated_jpeg
+from conftest import both_databases
 from PIL import Image
 
 pytest.importorskip("fastapi")
@@ -71,15 +72,16 @@ class Recording:
 
 
 @pytest.fixture
-def make_client(tmp_path, pipe, analyzer):
-    """``make_client(**config)`` -> a TestClient (started) on an app in ``tmp_path/data``; closed after the test
-    (``make_client.close(client)`` closes one before)."""
+def make_client(tmp_path, pipe, analyzer, database):
+    """``make_client(**config)`` -> a TestClient (started) on an app in ``tmp_path/data``, on the test's
+    ``database`` (SQLite unless ``@both_databases``); closed after the test (``make_client.close(client)`` closes
+    one before)."""
     opened = []
 
     def make(pipeline=None, data_dir=None, **options):
-        config = ServeConfig(
-            data_dir=data_dir or tmp_path / "data", pipeline=pipeline or pipe, analyzer=analyzer, **options
-        )
+        data_dir = data_dir or tmp_path / "data"
+        options.setdefault("database_url", database.url(data_dir))
+        config = ServeConfig(data_dir=data_dir, pipeline=pipeline or pipe, analyzer=analyzer, **options)
         client = TestClient(create_app(config), base_url="http://localhost")  # a Host the server answers
         client.__enter__()
         opened.append(client)
@@ -155,6 +157,7 @@ def error(response, status: int, code: str, *words: str) -> str:
 
 
 # ---------------------------------------------------------------------- the whole path
+@both_databases
 def test_enroll_generate_events_and_image(make_client, faces_dir, pipe, analyzer):
     client = make_client()
     response = enroll(client, faces_dir, "obama.jpg", name="Barack")
@@ -344,6 +347,7 @@ def test_full_queue_is_429_with_retry_after(make_client, faces_dir):
 
 
 # ---------------------------------------------------------------------- cancellation
+@both_databases
 def test_cancel_queued_and_running(make_client, faces_dir, pipe):
     recording = Recording(pipe, hold=True)
     client = make_client(pipeline=recording)
@@ -371,6 +375,7 @@ def test_cancel_queued_and_running(make_client, faces_dir, pipe):
 
 
 # ---------------------------------------------------------------------- listing and deleting generations
+@both_databases
 def test_list_generations_newest_first_in_pages(make_client, faces_dir):
     client = make_client(api_keys=("key-a", "key-b"), start_workers=False)
     a, b = {"Authorization": "Bearer key-a"}, {"Authorization": "Bearer key-b"}
@@ -397,6 +402,7 @@ def test_list_generations_newest_first_in_pages(make_client, faces_dir):
     error(client.get("/v1/generations", params={"cursor": "../x"}, headers=a), 422, "invalid_request", "next_cursor")
 
 
+@both_databases
 def test_delete_images_and_generations(make_client, faces_dir, tmp_path):
     client = make_client(api_keys=("key-a", "key-b"))
     a, b = {"Authorization": "Bearer key-a"}, {"Authorization": "Bearer key-b"}
@@ -469,6 +475,7 @@ def test_compatible_jobs_share_one_pipeline_call(make_client, faces_dir, pipe):
 
 
 # ---------------------------------------------------------------------- who may see what
+@both_databases
 def test_api_keys_separate_owners(make_client, faces_dir):
     client = make_client(api_keys=("key-a", "key-b"))
     a, b = {"Authorization": "Bearer key-a"}, {"Authorization": "Bearer key-b"}
@@ -532,6 +539,7 @@ def test_serve_refuses_bad_setups_before_writing(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------- deleting biometric data
+@both_databases
 def test_delete_identity_leaves_no_trace(make_client, faces_dir, tmp_path):
     client = make_client()
     data = tmp_path / "data"
@@ -550,6 +558,7 @@ def test_delete_identity_leaves_no_trace(make_client, faces_dir, tmp_path):
 
 
 # ---------------------------------------------------------------------- nothing lost
+@both_databases
 def test_restart_requeues_queued_and_running_jobs(make_client, faces_dir, tmp_path):
     first = make_client(start_workers=False)
     kept = enroll(first, faces_dir, "obama.jpg").json()["id"]
@@ -614,8 +623,10 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def test_killed_server_loses_no_job(tmp_path, tiny_models, face_models_dir, faces_dir, make_client):
-    """A real `faceid serve` process, SIGKILLed while a job runs; a new server on its data dir finishes the job."""
+@both_databases
+def test_killed_server_loses_no_job(tmp_path, tiny_models, face_models_dir, faces_dir, make_client, database):
+    """A real `faceid serve` process, SIGKILLed while a job runs; a new server on its data dir (and database)
+    finishes the job."""
     import httpx
 
     port = _free_port()
@@ -623,6 +634,8 @@ def test_killed_server_loses_no_job(tmp_path, tiny_models, face_models_dir, face
     command = [sys.executable, "-m", "faceid.cli", "serve", "--port", str(port), "--data-dir", str(data),
                "--base-model", str(tiny_models.sd15), "--adapter", str(tiny_models.adapter("faceid", "safetensors")),
                "--face-models", str(face_models_dir), "--device", "cpu", "--max-steps", "1000"]  # fmt: skip
+    if database.url(data) is not None:
+        command += ["--database-url", database.url(data)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
     server = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:

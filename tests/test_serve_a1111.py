@@ -11,6 +11,7 @@ import time
 import numpy as np
 import pytest
 import requests
+from conftest import both_databases
 from PIL import Image
 from test_webapp import make_server  # noqa: F401 (a fixture)
 
@@ -38,6 +39,7 @@ def enroll(base: str, name: str, photo, key: str = KEY) -> dict:
     return answer.json()
 
 
+@both_databases
 def test_checkpoints_are_identities_picked_per_key(base, faces_dir):
     obama = enroll(base, "Obama", faces_dir / "obama.jpg")
     enroll(base, "Biden", faces_dir / "biden.jpg")

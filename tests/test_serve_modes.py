@@ -258,27 +258,6 @@ def test_serve_controlnet_flags(tmp_path, capsys):
     assert not (tmp_path / "d").exists()
 
 
-def test_a_database_from_before_inputs_gets_the_column(tmp_path):
-    from sqlalchemy import inspect
-
-    from faceid.service.store import Job, Store
-
-    url = f"sqlite:///{tmp_path / 'faceid.db'}"
-    old = Store(url)
-    with old.engine.begin() as connection:  # the jobs table as an earlier version made it, with a job
-        connection.exec_driver_sql("ALTER TABLE jobs DROP COLUMN inputs")
-        connection.exec_driver_sql(
-            "INSERT INTO jobs (id, owner, status, created_ns, identity_ids, settings) "
-            "VALUES ('" + "a" * 32 + "', '', 'done', 1, '[]', '{}')"
-        )
-    old.close()
-    store = Store(url)
-    assert "inputs" in {column["name"] for column in inspect(store.engine).get_columns("jobs")}
-    job = store.job("a" * 32)
-    assert isinstance(job, Job) and job.inputs is None  # read as text-to-image
-    store.close()
-
-
 # ---------------------------------------------------------------------- several people and style references
 @pytest.fixture
 def fresh_pipe(tiny_models, analyzer):

@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from bad_files import jpeg_bytes
+from conftest import both_databases
 from PIL import Image
 
 pytest.importorskip("fastapi")
@@ -361,6 +362,7 @@ def test_413_says_the_true_size(make_client, faces_dir):
 
 
 # ---------------------------------------------------------------------- quotas
+@both_databases
 def test_quotas_per_key(make_client, faces_dir):
     client = make_client(api_keys=("key-a", "key-b"), max_identities=1, max_uploads=1, max_queued_per_key=1,
                          start_workers=False)  # fmt: skip
@@ -390,6 +392,7 @@ def test_quotas_per_key(make_client, faces_dir):
     assert counted["quota_identities"] == 1.0 and counted["quota_uploads"] == 1.0 and counted["quota_queued"] == 1.0
 
 
+@both_databases
 def test_stored_bytes_quota_counts_photos_uploads_and_images(make_client, faces_dir):
     client = make_client()
     service = client.app.state.service

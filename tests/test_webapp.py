@@ -50,12 +50,13 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def make_server(tmp_path, pipe, analyzer):
+def make_server(tmp_path, pipe, analyzer, database):
     """``make_server(**config)``: a real uvicorn server (in a thread) on the tiny models (or ``pipeline``), its data
-    in ``tmp_path/data``; its base URL. Stopped after the test."""
+    in ``tmp_path/data`` and the test's ``database``; its base URL. Stopped after the test."""
     running = []
 
     def make(pipeline=None, **options) -> str:
+        options.setdefault("database_url", database.url(tmp_path / "data"))
         config = ServeConfig(data_dir=tmp_path / "data", pipeline=pipeline or pipe, analyzer=analyzer, **options)
         app = create_app(config)
         port = free_port()

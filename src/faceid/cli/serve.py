@@ -25,7 +25,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=7860, help="default 7860")
     parser.add_argument("--data-dir", default="faceid-data", help="photos, crops, embeddings, images, database")
     parser.add_argument(
-        "--database-url", default=None, help="any SQLAlchemy URL (default: sqlite:///DATA_DIR/faceid.db)"
+        "--database-url",
+        default=None,
+        help="postgresql://USER@HOST/DATABASE (several processes or machines) or any SQLAlchemy URL (default: "
+        "sqlite:///DATA_DIR/faceid.db); the schema is created and upgraded at start",
     )
     add_settings_arguments(parser, exclude=tuple(f for f in GenerationSettings.model_fields if f not in MODEL_FIELDS))
     add_model_loading_arguments(parser, several_devices=True, fast_lora=False)
@@ -259,9 +262,11 @@ def _style_adapter(text: str) -> tuple[str, str]:
 def cmd_serve(args: argparse.Namespace) -> int:
     from ..service.capabilities import check_fast_presets
     from ..service.config import ServeConfig, check_bind, read_api_keys
+    from ..service.store import check_database_url
 
     keys = read_api_keys(args.api_key or (), args.api_keys_file)
     check_bind(args.host, keys, args.insecure_no_auth)  # before anything loads or is written
+    args.database_url = check_database_url(args.database_url)  # a bad URL or a missing driver: said at once
     _warn_any_host(args)
     import torch
     import uvicorn

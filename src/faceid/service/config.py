@@ -104,6 +104,9 @@ class ServeConfig:
                 raise FaceIDError(f"{name} must be at least 1 (None: no quota), got {getattr(self, name)}")
         if self.allowed_hosts is not None:
             self.allowed_hosts = tuple(self.allowed_hosts)
+        from .store import check_database_url
+
+        self.database_url = check_database_url(self.database_url)
         if self.preview_every is not None and int(self.preview_every) < 1:
             raise FaceIDError(f"preview_every must be at least 1 step (None: no previews), got {self.preview_every}")
         if self.pipeline is None and self.loader is None:

@@ -1,15 +1,24 @@
 """The database: identities and their faces, uploaded images, generation jobs and their images, each row with its
 owner.
 
-SQLAlchemy 2 (any URL it takes; SQLite in the data dir by default). With SQLite, deleted rows are
-overwritten on disk (``secure_delete``): an identity's data that is deleted is gone, not left in free pages.
-Jobs are rows too, so a restart finds every job that was queued or running (``unfinished_jobs``).
+SQLAlchemy 2, on SQLite (in the data dir, the one-machine default) or PostgreSQL (``postgresql+psycopg://...``,
+what several processes or machines share); the same code runs on both, and the tests run the service on both.
+With SQLite, deleted rows are overwritten on disk (``secure_delete``): an identity's data that is deleted is gone,
+not left in free pages. Jobs are rows too, so a restart finds every job that was queued or running
+(``unfinished_jobs``).
+
+The schema is created and upgraded at start (``upgrade_schema``): missing tables are created, and columns added
+to a table since a database was made are added to it, from the models below. Changes are additive: a new column
+is nullable (old rows read None) or has a server default. That needs no migration scripts, so no Alembic: it
+becomes worth it for the first change that is not additive (a renamed or retyped column, a NOT NULL one filled from
+old rows), which ``upgrade_schema`` refuses to guess.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -28,8 +37,18 @@ from sqlalchemy import (
     inspect,
     or_,
     select,
+    update,
 )
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, selectinload, sessionmaker
+from sqlalchemy.schema import CreateColumn
+
+from ..errors import FaceIDError
+
+logger = logging.getLogger(__name__)
 
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
 FINISHED = (DONE, FAILED, CANCELLED)
@@ -120,9 +139,86 @@ class OwnerOption(Base):
     value: Mapped[Any] = mapped_column(JSON)
 
 
-# Columns added since a database could have been made: (table, column, SQL type), added at start when missing
-# (``create_all`` makes new tables, not new columns of existing ones).
-ADDED_COLUMNS = (("jobs", "inputs", "JSON"), ("images", "score", "JSON"))
+# The driver faceid installs for each database that needs one (pyproject's dependencies): ``postgresql://`` means
+# psycopg 3 here, not SQLAlchemy's default (psycopg2, which faceid does not install).
+DRIVERS = {"postgresql": "psycopg"}
+
+
+def check_database_url(url: str | None) -> str | None:
+    """``--database-url`` checked before anything loads: a URL that SQLAlchemy reads, for a database whose driver is
+    installed; ``postgresql://...`` gets faceid's driver (``postgresql+psycopg://...``). None stays None (SQLite in
+    the data dir)."""
+    if url is None:
+        return None
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise FaceIDError(
+            f"--database-url {url!r} is not a database URL: give postgresql://USER[:PASSWORD]@HOST[:PORT]/DATABASE "
+            "or sqlite:////PATH/faceid.db"
+        ) from None
+    if parsed.drivername in DRIVERS:
+        parsed = parsed.set(drivername=f"{parsed.drivername}+{DRIVERS[parsed.drivername]}")
+    shown = parsed.render_as_string(hide_password=True)
+    try:
+        parsed.get_dialect().import_dbapi()
+    except NoSuchModuleError:
+        raise FaceIDError(
+            f"--database-url {shown}: SQLAlchemy knows no database {parsed.drivername!r}: use postgresql:// or sqlite://"
+        ) from None
+    except ImportError as exc:
+        raise FaceIDError(
+            f"--database-url {shown}: its driver is not installed ({exc}): pip install 'psycopg[binary]' for "
+            "PostgreSQL (faceid's dependencies pin it)"
+        ) from None
+    return parsed.render_as_string(hide_password=False)
+
+
+class SchemaError(FaceIDError):
+    """The database's schema cannot be brought up to this version's (a change that is not additive)."""
+
+
+# A key of PostgreSQL's advisory locks: processes starting at once (several ingress replicas) upgrade the schema
+# one after the other, each in one transaction (PostgreSQL's DDL is transactional), and never twice.
+SCHEMA_LOCK = 0x66616365  # "face"
+
+
+def upgrade_schema(connection: Connection, metadata=None) -> list[str]:
+    """Bring the database to the schema of ``metadata`` (default: this module's): create the tables it lacks (with
+    their indexes), add the columns its tables lack (compiled for the database's dialect, and the indexes that
+    name them). What was added, as ``table`` or ``table.column``; an empty list when nothing was missing.
+
+    ``create_all`` makes missing tables only, never columns of existing ones: a database made by an earlier
+    version gets those here. A missing column must be nullable or have a server default (its existing rows need a
+    value): anything else, or a column that changed type, is a ``SchemaError`` that stops the start."""
+    metadata = metadata if metadata is not None else Base.metadata
+    if connection.dialect.name == "postgresql":
+        connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({SCHEMA_LOCK})")
+    found = inspect(connection)
+    existing = set(found.get_table_names())
+    added = [table.name for table in metadata.sorted_tables if table.name not in existing]
+    metadata.create_all(connection)
+    preparer = connection.dialect.identifier_preparer
+    for table in metadata.sorted_tables:
+        if table.name not in existing:
+            continue
+        have = {column["name"] for column in found.get_columns(table.name)}
+        missing = [column for column in table.columns if column.name not in have]
+        for column in missing:
+            if column.primary_key or not (column.nullable or column.server_default is not None):
+                raise SchemaError(
+                    f"the database's table {table.name} lacks column {column.name}, which cannot be added to "
+                    "existing rows (it is not nullable and has no server default): migrate the database by hand or "
+                    "start on a new one"
+                )
+            spec = CreateColumn(column).compile(dialect=connection.dialect)
+            connection.exec_driver_sql(f"ALTER TABLE {preparer.format_table(table)} ADD COLUMN {spec}")
+            added.append(f"{table.name}.{column.name}")
+        names = {column.name for column in missing}
+        for index in table.indexes:
+            if names & {column.name for column in index.columns}:
+                index.create(connection)
+    return added
 
 
 class Store:
@@ -130,15 +226,29 @@ class Store:
 
     def __init__(self, url: str) -> None:
         kwargs: dict[str, Any] = {}
-        self.sqlite = url.startswith("sqlite")
+        self.dialect = make_url(url).get_backend_name()
+        self.sqlite = self.dialect == "sqlite"
         if self.sqlite:
             kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
             kwargs["json_deserializer"] = read_json  # SQLite keeps JSON as text, which may no longer parse
+        else:
+            # a server restarted (or a connection dropped) since a pooled connection was opened: test each one as
+            # it is taken, so no request fails on a dead connection
+            kwargs["pool_pre_ping"] = True
         self.engine = create_engine(url, **kwargs)
         if self.sqlite:
             event.listen(self.engine, "connect", _sqlite_pragmas)
-        Base.metadata.create_all(self.engine)
-        self._add_missing_columns()
+        try:
+            with self.engine.begin() as connection:
+                added = upgrade_schema(connection)
+        except OperationalError as exc:  # no server there, no such database, refused login
+            reason = str(exc.orig).strip().splitlines()[0] if exc.orig is not None else str(exc)
+            raise FaceIDError(
+                f"cannot open the database {self.engine.url.render_as_string(hide_password=True)}: {reason} (is the "
+                "server running, and was the database created: createdb -O USER DATABASE?)"
+            ) from exc
+        if added and not set(added) >= set(Base.metadata.tables):  # an existing database that was upgraded
+            logger.warning("database upgraded: added %s", ", ".join(added))
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     @contextlib.contextmanager
@@ -148,14 +258,6 @@ class Store:
 
     def close(self) -> None:
         self.engine.dispose()
-
-    def _add_missing_columns(self) -> None:
-        """A database made by an earlier version gets the columns added since (all nullable: old rows keep None)."""
-        found = inspect(self.engine)
-        with self.engine.begin() as connection:
-            for table, column, sql_type in ADDED_COLUMNS:
-                if column not in {c["name"] for c in found.get_columns(table)}:
-                    connection.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {column} {sql_type}")
 
     # ------------------------------------------------------------------ identities
     def add_identity(self, identity: Identity) -> None:
@@ -255,13 +357,17 @@ class Store:
         self, job_id: str, status: str, error: str | None = None, images: list[ImageRow] = (), unfinished_only=False
     ) -> bool:
         """Set the job's end; with ``unfinished_only``, only if it has not ended yet. Whether it was set."""
+        # one conditional UPDATE, not a read then a write: a cancel and a worker finishing the same job at once
+        # (two transactions, on any database) cannot both set its end
+        query = update(Job).where(Job.id == job_id)
+        if unfinished_only:
+            query = query.where(Job.status.not_in(FINISHED))
+        if error is not None:
+            error = error.replace("\x00", "\\x00")  # PostgreSQL's text holds no NUL character
         with self.session() as s:
-            found = s.get(Job, job_id)
-            if found is None or (unfinished_only and found.status in FINISHED):
+            if s.execute(query.values(status=status, error=error, finished=time.time())).rowcount == 0:
                 return False
-            found.status, found.error, found.finished = status, error, time.time()
-            for image in images:
-                s.add(image)
+            s.add_all(images)
         return True
 
     # ------------------------------------------------------------------ images
@@ -300,8 +406,15 @@ class Store:
             return None if found is None else found.value
 
     def set_option(self, owner: str, name: str, value: Any) -> None:
+        """Insert or replace, as one statement (``INSERT ... ON CONFLICT DO UPDATE``, which SQLite and PostgreSQL
+        both have): two requests setting the same option at once both succeed, the last one's value kept."""
+        insert = {"sqlite": sqlite_insert, "postgresql": postgresql_insert}.get(self.dialect)
         with self.session() as s:
-            s.merge(OwnerOption(owner=owner, name=name, value=value))
+            if insert is None:  # another database: read then write
+                s.merge(OwnerOption(owner=owner, name=name, value=value))
+                return
+            statement = insert(OwnerOption).values(owner=owner, name=name, value=value)
+            s.execute(statement.on_conflict_do_update(index_elements=["owner", "name"], set_={"value": value}))
 
 
 class Unreadable:
