@@ -532,8 +532,13 @@ def test_web_app_offers_only_what_the_server_runs_and_errors_fit_their_card(
     wait = WebDriverWait(browser, WAIT)
 
     def values(select_id: str, enabled_only: bool = True) -> list[str]:
-        options = Select(browser.find_element(By.ID, select_id)).options
-        return [o.get_attribute("value") for o in options if o.is_enabled() or not enabled_only]
+        """The menu's option values, read in one script (the page may replace the options between two reads)."""
+        return browser.execute_script(
+            "return [...document.getElementById(arguments[0]).options]"
+            ".filter(o => !o.disabled || !arguments[1]).map(o => o.value)",
+            select_id,
+            enabled_only,
+        )
 
     # a server without a few-step preset, a tiny VAE, a ControlNet or a style adapter: none of them is offered
     bare = make_server()
