@@ -214,7 +214,7 @@ SCALES = {
             cross_attention_dim=384,
             pooled_dim=256,
             time_ids_dim=64,
-            resolution=512,
+            resolution=256,
             text_tokens=77,
             faceid_lora_rank=32,
             resampler_dim=256,
@@ -228,23 +228,23 @@ SCALES = {
         FluxSizes(
             double_blocks=19,
             single_blocks=38,
-            heads=3,  # 1/8
-            text_dim=512,
-            pooled_dim=96,
+            heads=1,  # width 128 (1/24), one head of the released width 128
+            text_dim=192,
+            pooled_dim=32,
             resolution=256,
-            text_tokens=64,
+            text_tokens=32,  # image : text tokens 8 : 1, as 4096 : 512
             infusenet_double=4,
             infusenet_single=10,
-            resampler_dim=128,
+            resampler_dim=64,
             identity_tokens=8,
-            ca_heads=2,
-            idformer_dim=128,
-            idformer_output=256,
+            ca_heads=1,
+            idformer_dim=64,
+            idformer_output=96,
             idformer_depth=10,
-            eva_width=128,
+            eva_width=64,
             eva_tokens=577,
         ),
-        "every block, layer and token count of full; SDXL widths 1/5 at 512 px, FLUX widths 1/8 at 256 px",
+        "every block and layer of full; SDXL widths 1/5 at 256 px, FLUX width 128 (1/24) at 256 px",
     ),
     "tiny": Scale(
         "tiny",
@@ -335,7 +335,7 @@ def load_note() -> str:
         return ""
 
 
-def median_ms(fn: Callable[[], object], device: str, runs: int = 3) -> float:
+def median_ms(fn: Callable[[], object], device: str, runs: int = 2) -> float:
     """Median wall ms of ``fn`` after one untimed run (the per-call identity tokens)."""
     fn()
     sync(device)
@@ -361,6 +361,7 @@ class Row:
     enter: Callable[[], None] = lambda: None
     leave: Callable[[], None] = lambda: None
     times_ms: list[float] = field(default_factory=list)
+    cpu_ms: list[float] = field(default_factory=list)  # process CPU time (all threads) of each timed step
     output: torch.Tensor | None = None
 
 
@@ -450,9 +451,11 @@ def sdxl_rows(sizes: SDXLSizes, device: str, dtype: torch.dtype, seed: int, note
         Row(
             "sdxl+instantid",
             "+ InstantID (IdentityNet + IP branch)",
-            lambda: instantid.step(
-                sample, timestep, text, tokens, kps, added, ip_scale=0.8, conditioning_scale=0.8
-            ).noise_pred,
+            lambda: (
+                instantid.step(
+                    sample, timestep, text, tokens, kps, added, ip_scale=0.8, conditioning_scale=0.8
+                ).noise_pred
+            ),
             extra_parameters=parameters(identitynet) + sum(t.numel() for t in ip.values()),
             tokens_ms=median_ms(lambda: instantid.identity_tokens(embedding), device),
             enter=lambda: unet.set_attn_processor(dict(instantid_processors)),
@@ -616,20 +619,21 @@ def flux_rows(sizes: FluxSizes, device: str, dtype: torch.dtype, seed: int, note
     embedding = torch.randn(512, generator=gen)
     id_tokens = model.identity_tokens(embedding)
     control = randn(1, image_tokens, 64)  # the VAE-encoded, packed control image
-    prompt_inputs = {k: v for k, v in inputs.items()}
     rows.append(
         Row(
             "flux+infiniteyou",
             f"+ InfiniteYou (InfuseNet {sizes.infusenet_double} double / {sizes.infusenet_single} single)",
-            lambda: denoise_step(
-                transformer,
-                model.infusenet,
-                **prompt_inputs,
-                prompt_embeds=prompt,
-                id_tokens=id_tokens,
-                controlnet_cond=control,
-                conditioning_scale=1.0,
-            ).noise_pred,
+            lambda: (
+                denoise_step(
+                    transformer,
+                    model.infusenet,
+                    **inputs,
+                    prompt_embeds=prompt,
+                    id_tokens=id_tokens,
+                    controlnet_cond=control,
+                    conditioning_scale=1.0,
+                ).noise_pred
+            ),
             extra_parameters=parameters(infusenet),
             tokens_ms=median_ms(lambda: model.identity_tokens(embedding), device),
         )
@@ -659,10 +663,11 @@ def measure(rows: list[Row], args, device: str) -> None:
                 row.enter()
                 try:
                     for _ in range(args.steps):
-                        start = time.perf_counter()
+                        start, cpu_start = time.perf_counter(), time.process_time()
                         out = row.step()
                         sync(device)
                         row.times_ms.append((time.perf_counter() - start) * 1e3)
+                        row.cpu_ms.append((time.process_time() - cpu_start) * 1e3)
                 finally:
                     row.leave()
                 row.output = out.float().cpu()
@@ -677,9 +682,11 @@ def measure(rows: list[Row], args, device: str) -> None:
 def summarize(rows: list[Row]) -> list[dict]:
     base = rows[0]
     base_median = statistics.median(base.times_ms)
+    base_cpu = statistics.median(base.cpu_ms)
     out = []
     for row in rows:
         median = statistics.median(row.times_ms)
+        cpu = statistics.median(row.cpu_ms)
         diff = (row.output - base.output).abs().max().item()
         out.append(
             {
@@ -689,27 +696,36 @@ def summarize(rows: list[Row]) -> list[dict]:
                 "min_ms": min(row.times_ms),
                 "max_ms": max(row.times_ms),
                 "ratio_to_base": median / base_median,
+                "cpu_median_ms": cpu,
+                "cpu_ratio_to_base": cpu / base_cpu,
                 "extra_parameters": row.extra_parameters,
                 "tokens_ms": row.tokens_ms,
                 "effect_vs_base": diff / max(base.output.abs().max().item(), 1e-12),
                 "finite": bool(torch.isfinite(row.output).all()),
                 "times_ms": row.times_ms,
+                "cpu_times_ms": row.cpu_ms,
             }
         )
     return out
 
 
-def print_table(family: str, results: list[dict]) -> None:
+def print_table(family: str, results: list[dict], on_cpu: bool) -> None:
+    """The table; on CPU also the process CPU time per step, steadier than wall time on a shared machine."""
     print()
-    print(f"| {family} | median ms/step | x base | min-max ms | extra params (M) | tokens ms/call | effect vs base |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    cpu_head = " CPU ms/step | x base (CPU) |" if on_cpu else ""
+    print(
+        f"| {family} | median ms/step | x base | min-max ms |{cpu_head} extra params (M) | tokens ms/call | "
+        "effect vs base |"
+    )
+    print("|---|---:|---:|---:|" + ("---:|---:|" if on_cpu else "") + "---:|---:|---:|")
     for r in results:
         tokens = "" if r["tokens_ms"] is None else f"{r['tokens_ms']:.1f}"
         effect = "" if r is results[0] else f"{r['effect_vs_base']:.2f}"
         finite = "" if r["finite"] else " (non-finite output)"
+        cpu = f" {r['cpu_median_ms']:.1f} | {r['cpu_ratio_to_base']:.3f} |" if on_cpu else ""
         print(
             f"| {r['row']}: {r['label']} | {r['median_ms']:.1f} | {r['ratio_to_base']:.3f} | "
-            f"{r['min_ms']:.0f}-{r['max_ms']:.0f} | {r['extra_parameters'] / 1e6:.1f} | {tokens} | {effect}{finite} |"
+            f"{r['min_ms']:.0f}-{r['max_ms']:.0f} |{cpu} {r['extra_parameters'] / 1e6:.1f} | {tokens} | {effect}{finite} |"
         )
 
 
@@ -803,7 +819,7 @@ def main(argv: list[str] | None = None) -> int:
         measure(rows, args, device)
         results = summarize(rows)
         finite = finite and all(r["finite"] for r in results)
-        print_table(family, results)
+        print_table(family, results, on_cpu=device == "cpu")
         report["families"][family] = {"sizes": asdict(sizes), "notes": notes, "rows": results}
         del rows
         gc.collect()
