@@ -2,7 +2,7 @@
 # The identity methods' per-step cost at full size on one GPU (benchmarks/methods_step.py --scale full):
 # SDXL in fp16 (UNet, + FaceID, + InstantID, + PuLID v1.1, CFG batch 2, 1024 px), then FLUX.1-dev in bf16
 # (transformer, + PuLID-FLUX, + InfiniteYou, batch 1, 1024 px). Random weights, nothing downloaded.
-# Needs about 40 GB of GPU memory (FLUX.1 12B + InfuseNet 2.8B in bf16); each run has 5 minutes and is
+# Needs about 35 GB of GPU memory (FLUX.1 11.9B + InfuseNet 3.0B + PuLID-FLUX 0.6B in bf16); each run has 5 minutes and is
 # expected to take 1-2 (building the models on the GPU, 3 warm-up steps, 3 rounds of 5 timed steps per row).
 #
 #   benchmarks/methods_step_gpu.sh [OUTDIR]      # OUTDIR: default $OUT if set, else benchmarks/results
