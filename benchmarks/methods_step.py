@@ -214,7 +214,7 @@ SCALES = {
             cross_attention_dim=384,
             pooled_dim=256,
             time_ids_dim=64,
-            resolution=256,
+            resolution=512,
             text_tokens=77,
             faceid_lora_rank=32,
             resampler_dim=256,
@@ -231,8 +231,8 @@ SCALES = {
             heads=1,  # width 128 (1/24), one head of the released width 128
             text_dim=192,
             pooled_dim=32,
-            resolution=256,
-            text_tokens=32,  # image : text tokens 8 : 1, as 4096 : 512
+            resolution=512,
+            text_tokens=128,  # image : text tokens 8 : 1, as 4096 : 512
             infusenet_double=4,
             infusenet_single=10,
             resampler_dim=64,
@@ -244,7 +244,7 @@ SCALES = {
             eva_width=64,
             eva_tokens=577,
         ),
-        "every block and layer of full; SDXL widths 1/5 at 256 px, FLUX width 128 (1/24) at 256 px",
+        "every block and layer of full; SDXL widths 1/5, FLUX width 128 (1/24); 512 px",
     ),
     "tiny": Scale(
         "tiny",
@@ -741,7 +741,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="timed steps per row per round (default 5 cuda, 1 cpu)")
     p.add_argument("--repeats", type=int, default=None, help="rounds (default 3 cuda, 3 cpu)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps per row first (default 3 cuda, 1 cpu)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default 1 on cpu: steady figures on a shared machine, where two threads on busy "
+        "cores spin at barriers; 0 = torch's choice)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
     args = p.parse_args(argv)
@@ -753,6 +759,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.steps = args.steps if args.steps is not None else (5 if cuda else 1)
     args.repeats = args.repeats if args.repeats is not None else 3
     args.warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
+    args.threads = args.threads if args.threads is not None else (0 if cuda else 1)
     args.families = [f.strip() for f in args.families.split(",") if f.strip()]
     if not args.families or set(args.families) - set(FAMILIES):
         p.error(f"--families: a comma-separated subset of {', '.join(FAMILIES)}")
