@@ -24,8 +24,9 @@ Every weight is random and everything is built in memory (nothing is downloaded)
 architectures (SDXL UNet config, FLUX.1-dev's 19 double / 38 single blocks, the methods' released module sizes) at
 1024x1024: a GPU size. ``small`` (the CPU default) keeps every block and layer of ``full`` and the methods'
 identity token counts (so the methods act on as many layers, with as many tokens, as released) and makes the
-widths narrower (head widths kept) and the image smaller (512 px); ``tiny`` is a smoke-test size; the script prints every size it builds. The identity tokens
-are computed once per call (the methods' encoders, timed apart: "tokens ms"); the table is the per-step cost.
+widths narrower (head widths kept) and the image smaller (512 px); ``tiny`` is a smoke-test size; the script
+prints every size it builds. The identity tokens are computed once per call (the methods' encoders, timed apart:
+"tokens ms"); the table is the per-step cost.
 
 For each row: ``--warmup`` untimed steps, then ``--repeats`` rounds of ``--steps`` timed steps, the rows of a
 family taking turns in each round (rotating order), so load from other processes hits every row alike. The
