@@ -65,3 +65,29 @@ def test_bench_e2e_tiny_smoke(tmp_path):
     for row in rows.values():
         assert row["s_per_image_with_face"] > row["s_per_image"] > 0
     assert "4-step LCM without guidance, tiny VAE:" in proc.stdout
+
+
+def test_methods_step_tiny_smoke(tmp_path):
+    """benchmarks/methods_step.py at its tiny scale: every row runs, each method changes its base's output."""
+    out_json = tmp_path / "methods.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "methods_step.py"), "--scale", "tiny", "--device", "cpu",
+         "--steps", "1", "--repeats", "1", "--warmup", "0", "--json", str(out_json)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
+    data = json.loads(out_json.read_text())
+    expected = {
+        "sdxl": ["sdxl", "sdxl+faceid", "sdxl+instantid", "sdxl+pulid"],
+        "flux": ["flux", "flux+pulid", "flux+infiniteyou"],
+    }
+    assert data["scale"] == "tiny" and list(data["families"]) == list(expected)
+    for family, names in expected.items():
+        rows = data["families"][family]["rows"]
+        assert [row["row"] for row in rows] == names
+        assert rows[0]["ratio_to_base"] == 1.0 and rows[0]["effect_vs_base"] == 0.0
+        for row in rows:
+            assert row["finite"] and len(row["times_ms"]) == 1 and row["median_ms"] > 0
+            assert f"| {row['row']}: " in proc.stdout
+        for row in rows[1:]:  # the method really acts: its output is not the base model's
+            assert row["effect_vs_base"] > 1e-3 and row["extra_parameters"] > 0 and row["tokens_ms"] > 0
