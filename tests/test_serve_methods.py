@@ -20,6 +20,7 @@ import pytest
 from face_helpers import face_photo, make_test_face_models_dir
 from PIL import Image
 from test_serve import enroll, error, generate, make_client, wait_finished  # noqa: F401 (a fixture)
+from test_webapp import WAIT, browser, loaded_images, make_server, screenshot, set_value  # noqa: F401 (fixtures)
 from tiny_models import build_instantid
 
 from faceid.cli import main
@@ -211,3 +212,64 @@ def test_face_files_and_rows_of_an_earlier_version_still_read(tmp_path):
     again = data.load_face(identity, 1)
     np.testing.assert_array_equal(again.raw_embeddings["antelopev2"], face.raw_embeddings["antelopev2"])
     assert set(again.embeddings) == {"buffalo_l"} and again.image_size == (640, 480)
+
+
+# ---------------------------------------------------------------------- the web app (chromium, as test_webapp)
+def test_web_app_method_menu_instantid_and_compare(make_server, browser,  # noqa: F811
+                                                    sdxl, instantid_dir, both_packs, faces_dir,  # noqa: F811
+                                                   tmp_path):  # fmt: skip
+    import httpx
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    url = make_server(pipeline=sdxl, methods={"instantid": str(instantid_dir)}, face_models=str(both_packs))
+    wait = WebDriverWait(browser, WAIT)
+    browser.get(url + "/")
+    wait.until(lambda d: d.find_element(By.ID, "method-box").is_displayed())
+    options = [o.text for o in browser.find_elements(By.CSS_SELECTOR, "#method option")]
+    assert options == ["IP-Adapter-FaceID", "InstantID"], options
+    assert not browser.find_element(By.ID, "identitynet-field").is_displayed()  # FaceID has no IdentityNet
+    assert "non-commercial research only" in browser.find_element(By.ID, "method-licence").text
+    Select(browser.find_element(By.ID, "method")).select_by_value("instantid")
+    assert browser.find_element(By.ID, "identitynet-field").is_displayed()
+    assert browser.find_element(By.ID, "identitynet-scale").get_attribute("placeholder") == "default 0.8"
+    assert browser.find_element(By.ID, "scale").get_attribute("value") == "0.8"  # InstantID's own default
+    licence = browser.find_element(By.ID, "method-licence").text
+    assert "Apache-2.0" in licence and "antelopev2" in licence and "not for commercial use" in licence, licence
+
+    # InstantID: the image, its method in the caption
+    browser.find_element(By.ID, "photos").send_keys(str(faces_dir / "obama.jpg"))
+    browser.find_element(By.ID, "enroll").click()
+    wait.until(lambda d: loaded_images(d, "#crops img.crop") == 1)
+    for field, value in {
+        "steps": 2,
+        "width": 48,
+        "height": 32,
+        "seed": 7,
+        "count": 1,
+        "identitynet-scale": 0.6,
+    }.items():
+        set_value(browser, field, value)
+    browser.find_element(By.ID, "generate").click()
+    wait.until(lambda d: loaded_images(d, "#gallery img.generated") == 1)
+    caption = browser.find_element(By.CSS_SELECTOR, "#gallery figcaption").text
+    assert "method instantid (IdentityNet 0.6)" in caption and "strength 0.8" in caption, caption
+    screenshot(browser, tmp_path, "methods-1-instantid")
+
+    # compare InstantID with FaceID: two generations of one seed, their images side by side with their methods
+    browser.find_element(By.ID, "seed").clear()  # the page draws one seed for both
+    browser.find_element(By.ID, "compare").click()
+    assert Select(browser.find_element(By.ID, "compare-method")).first_selected_option.text == "IP-Adapter-FaceID"
+    browser.find_element(By.ID, "generate").click()
+    wait.until(lambda d: loaded_images(d, "#comparison img.generated") == 2)
+    figures = browser.find_elements(By.CSS_SELECTOR, "#comparison figure.compared")
+    assert [f.get_attribute("data-method") for f in figures] == ["instantid", "faceid"]
+    texts = [f.find_element(By.TAG_NAME, "figcaption").text for f in figures]
+    assert texts[0].startswith("InstantID (instantid) · similarity") and texts[1].startswith("IP-Adapter-FaceID"), texts
+    boxes = [f.rect for f in figures]
+    assert boxes[0]["y"] == boxes[1]["y"] and boxes[0]["x"] + boxes[0]["width"] <= boxes[1]["x"]  # side by side
+    screenshot(browser, tmp_path, "methods-2-compare")
+    newest = httpx.get(f"{url}/v1/generations").json()["generations"][:2]
+    runs = {g["settings"]["method"]: g["settings"] for g in newest}
+    assert set(runs) == {"instantid", "faceid"} and runs["instantid"]["seed"] == runs["faceid"]["seed"]
+    assert "combine" in runs["faceid"] and "identitynet_scale" not in runs["faceid"]  # FaceID at its own defaults
