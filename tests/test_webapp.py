@@ -179,6 +179,7 @@ def test_web_app_enroll_generate_and_no_face_error(server, browser, faces_dir, t
     assert not browser.find_element(By.ID, "key-form").is_displayed()  # no key to ask for
     option = browser.find_element(By.CSS_SELECTOR, "#model option")  # a short label, the whole source as its title
     assert (option.text, option.get_attribute("title")) == (Path(pipe.base_model).name, str(pipe.base_model))
+    assert not browser.find_element(By.ID, "method-box").is_displayed()  # faceid alone: no method menu
 
     # enroll a real photo: its aligned crop appears, and the person is chosen and in the library
     set_value(browser, "name", "Barack <b>Obama</b>")  # shown as text, never as markup

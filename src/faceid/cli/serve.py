@@ -11,7 +11,7 @@ from ..errors import FaceIDError
 from ..fast import PRESETS as FAST_PRESETS
 from ..variants import DEFAULT_ADAPTER
 from .flags import add_settings_arguments, int_at_least, settings_from_args
-from .loading import DTYPES, add_model_loading_arguments, load_face_analyzer
+from .loading import DTYPES, add_model_loading_arguments, load_face_analyzer, method_weights
 from .logs import quiet_model_loading
 
 logger = logging.getLogger(__name__)
@@ -72,6 +72,16 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"a few-step preset requests may ask for with fast=PRESET ({'|'.join(FAST_PRESETS)}); FILE: a local copy "
         "of its LoRA (as generate's --fast-lora), else the pinned Hub file, fetched at start. Repeatable. Loaded by "
         "every worker with each model set; presets not given here are refused (422)",
+    )
+    parser.add_argument(
+        "--method-weights",
+        action="append",
+        default=None,
+        metavar="NAME=FOLDER",
+        help="an identity method requests may ask for with method=NAME, its released files in FOLDER in their Hub "
+        "layout (instantid: InstantX/InstantID's ip-adapter.bin and ControlNetModel/), as generate's; repeatable. "
+        "Loaded by every worker onto each model set of a family the method runs on; the face analysis also embeds "
+        "with the method's insightface pack (antelopev2), so identities enrolled from then on can use it",
     )
     parser.add_argument(
         "--reference-encoder",
@@ -260,8 +270,9 @@ def _style_adapter(text: str) -> tuple[str, str]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from ..service.capabilities import check_fast_presets
+    from ..service.capabilities import check_fast_presets, check_methods
     from ..service.config import ServeConfig, check_bind, read_api_keys
+    from ..service.core import analyzer_for_methods
     from ..service.store import check_database_url
 
     keys = read_api_keys(args.api_key or (), args.api_keys_file)
@@ -279,18 +290,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     controlnets = _controlnets(args.controlnet)  # before anything loads
     style_adapters = _named_once(args.style_adapter, "--style-adapter", "name")
     fast = check_fast_presets(_fast_once(args.fast_presets))  # a missing FILE: said before anything loads
+    methods = check_methods(method_weights(args, "faceid"))  # a missing folder: said before anything loads
     if args.ray is not None:
         if args.also_model or args.model_memory_gb is not None:
             raise FaceIDError("--ray serves one model set: leave out --also-model and --model-memory-gb")
         if args.preview_every:
             raise FaceIDError("--ray streams no previews (nor per-step progress): leave out --preview-every")
-        if args.controlnet or args.style_adapter or args.reference_encoder:
+        if args.controlnet or args.style_adapter or args.reference_encoder or methods:
             raise FaceIDError(
-                "--ray runs text-to-image only for now: leave out --controlnet, --style-adapter and "
-                "--reference-encoder, or serve without --ray"
+                "--ray runs FaceID text-to-image only for now: leave out --controlnet, --style-adapter, "
+                "--reference-encoder and --method-weights, or serve without --ray"
             )
         return _serve_on_ray(args, keys, settings)
-    analyzer = load_face_analyzer(args.face_models)  # one, shared by every model set
+    # one, shared by every model set, with the packs of the methods (a missing pack: said before models load)
+    analyzer = analyzer_for_methods(load_face_analyzer(args.face_models), methods, args.face_models)
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
 
     def load(device: str, models):
@@ -308,7 +321,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             loras=list((models.loras or {}).items()),
             progress=False,
             compile=args.compile,
-        )
+        )  # the --method-weights methods are loaded by the worker onto the model sets they run on (Worker.equip)
 
     devices = tuple(args.device or ["default"])
     preview_every = serve_preview_every(args.preview_every, settings.tiny_vae)
@@ -337,6 +350,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         controlnets=controlnets,
         style_adapters=style_adapters,
         fast=fast,
+        methods=methods,
+        face_models=args.face_models,
         reference_encoder=args.reference_encoder,
         **policy_options(args),
         models={
@@ -348,6 +363,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "controlnets": controlnets,
             "style_adapters": style_adapters,
             "fast": fast,
+            "methods": methods,
             "reference_encoder": args.reference_encoder,
         },  # fmt: skip
     )

@@ -3,8 +3,8 @@
 A server runs only what it was started with (``faceid serve``'s flags, ``ServeConfig``): the few-step presets whose
 LoRA it loaded (``--fast PRESET[=FILE]``), the tiny VAE decoder (``--tiny-vae``), the ControlNet kinds
 (``--controlnet KIND=SOURCE``) with the annotators they need (OpenPose for ``pose``, the depth model for ``depth``),
-the style adapters (``--style-adapter NAME=SOURCE``) and, on workers that run them, the modes beyond
-text-to-image. Every model these need is loaded by each worker when it loads a model set, counted in its memory
+the style adapters (``--style-adapter NAME=SOURCE``), the identity methods beside FaceID (``--method-weights
+NAME=FOLDER``, on the model sets of their families) and, on workers that run them, the modes beyond text-to-image. Every model these need is loaded by each worker when it loads a model set, counted in its memory
 budget; a request that asks for anything else is refused at submit (``Capabilities.check``, 422), saying what the
 server has: no request value ever starts a download. ``GET /v1/models`` lists them (``Capabilities.describe``).
 """
@@ -60,6 +60,7 @@ class Capabilities:
             modes=MODES if runs_modes else (TEXT_TO_IMAGE,),
             max_people=MAX_PEOPLE if runs_modes else 1,
             runs_modes=runs_modes,
+            methods=("faceid", *getattr(config, "methods", {})),
         )
 
     def check(self, settings: GenerationSettings, inputs: JobInputs) -> None:
@@ -75,7 +76,7 @@ class Capabilities:
         if settings.method not in self.methods:  # wired, but its weights are not loaded here
             raise NotServed(
                 f"method: this server has no {settings.method!r} weights loaded; it runs {_listed(self.methods)} "
-                "(faceid serve loading other methods is not there yet: faceid generate --method-weights)"
+                f"(restart it with --method-weights {settings.method}=FOLDER to add it)"
             )
         if settings.fast is not None and settings.fast not in self.fast:
             raise NotServed(
@@ -114,6 +115,21 @@ class Capabilities:
                     "or start the server with --style-adapter NAME=SOURCE"
                 )
 
+    def check_model_set(self, settings: GenerationSettings, entry: Any, entries: list) -> None:
+        """Refuse a method on a model set of a family it does not run on (``entry``: the request's catalog entry),
+        naming the model sets that run it."""
+        from ..methods import METHODS
+
+        method = METHODS[settings.method]
+        if settings.method == "faceid" or entry.family in method.families:
+            return
+        runs = [e.label() for e in entries if e.family in method.families]
+        raise NotServed(
+            f"method: {settings.method} ({method.title}) runs on {' or '.join(method.families)} model sets, and the "
+            f"one this request names is {entry.family} ({entry.label()}); name one that runs it: "
+            f"{'; '.join(runs) or 'none'} (GET /v1/models lists each model set's methods)"
+        )
+
     def describe_fast(self) -> dict[str, dict[str, Any]]:
         """``GET /v1/models``'s ``fast``: each loaded preset, the model families it exists for, and what it sets when
         a request leaves it open."""
@@ -135,6 +151,55 @@ class Capabilities:
 
 def _listed(names) -> str:
     return ", ".join(names) or "none"
+
+
+def check_methods(methods: Mapping[str, Any]) -> dict[str, str]:
+    """``ServeConfig.methods``: identity method -> the folder of its released files, each one a method generation
+    runs (``faceid.methods.METHODS``, wired) other than faceid, its folder there."""
+    from ..methods import METHODS, identity_method
+
+    found: dict[str, str] = {}
+    for name, source in dict(methods).items():
+        method = identity_method(name)  # an unknown name: the error lists the methods
+        if name == "faceid":
+            raise FaceIDError("--method-weights faceid=...: faceid is the model set's own adapter (--adapter)")
+        if not method.wired:
+            wired = [m.name for m in METHODS.values() if m.wired and m.name != "faceid"]
+            raise FaceIDError(
+                f"--method-weights {name}: {method.title} is not wired into generation yet; a server loads "
+                f"{_listed(wired)}"
+            )
+        if not isinstance(source, (str, os.PathLike)) or not str(source).strip() or not Path(source).is_dir():
+            raise FaceIDError(
+                f"--method-weights {name}={source}: no such folder; give the folder of {method.title}'s released "
+                f"files ({', '.join(f.path_in_repo.split('/')[0] for f in method.files_for())} of "
+                f"{method.files_for()[0].repo if method.files_for() else 'its authors'})"
+            )
+        found[name] = str(source)
+    return found
+
+
+def describe_methods(family: str, loaded: tuple[str, ...]) -> list[dict[str, Any]]:
+    """``GET /v1/models``' ``methods`` of a model set of ``family``: each loaded identity method that runs on it
+    (faceid first), with its title, licences and the defaults it brings (InstantID's identitynet_scale...)."""
+    from ..methods import METHODS
+
+    found = []
+    for name in loaded:
+        method = METHODS[name]
+        if family not in method.families:
+            continue
+        found.append(
+            {
+                "name": name,
+                "title": method.title,
+                "licence": method.licence_text(),
+                "commercial": method.commercial,
+                "face_pack": method.face_pack,
+                "defaults": dict(method.defaults),
+            }
+        )
+    return found
 
 
 def check_fast_presets(fast: Mapping[str, Any]) -> dict[str, str | None]:

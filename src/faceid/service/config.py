@@ -77,6 +77,13 @@ class ServeConfig:
     # file): each worker loads them onto every model set it loads (``ModelSet.load_fast_lora``), at start for the
     # default one; a preset not given here is refused at submit (``capabilities.Capabilities.check``).
     fast: Mapping[str, str | None] = field(default_factory=dict)
+    # Identity methods beside FaceID a request may ask for (``method``), name -> the folder of its released files
+    # (``faceid serve --method-weights NAME=FOLDER``, as generate's): each worker loads the method onto every model
+    # set of a family it runs on (``ModelSet.load_method``), counted in its memory budget; the face analysis gets
+    # the method's insightface pack (antelopev2 for InstantID) from ``face_models`` or the cache, so that enrolled
+    # identities keep that pack's embedding too. A method not given here is refused at submit.
+    methods: Mapping[str, str] = field(default_factory=dict)
+    face_models: str | None = None  # the folder of the face models (--face-models); None: faceid's cache
     # The CLIP image encoder that reads style images where the model set has none (a FaceID-Plus adapter brings
     # its own); None: h94/IP-Adapter's ViT-H, fetched on first use.
     reference_encoder: str | None = None
@@ -135,9 +142,10 @@ class ServeConfig:
                 raise FaceIDError(
                     f"style_adapters: give the source of {name!r}: plain, plus, plus-face or a checkpoint file"
                 )
-        from .capabilities import check_fast_presets
+        from .capabilities import check_fast_presets, check_methods
 
         self.fast = check_fast_presets(self.fast)
+        self.methods = check_methods(self.methods)
         self.api_keys = tuple(self.api_keys)
         if any(not key or any(c.isspace() for c in key) for key in self.api_keys):
             raise FaceIDError("API keys must be non-empty and without spaces")

@@ -21,7 +21,7 @@ from ..errors import FaceIDError
 from ..modes import DEFAULT_STRENGTH, size_from_image
 from ..results import save_images
 from ..settings import FAMILY_DEFAULTS, MODEL_FIELDS, GenerationSettings
-from .capabilities import Capabilities, NotServed
+from .capabilities import Capabilities, NotServed, describe_methods
 from .config import ServeConfig
 from .enroll import Enroller, decode_upload
 from .errors import Conflict, LimitExceeded, NotFound
@@ -31,7 +31,7 @@ from .jobs import JobQueue, QueuedJob, QueueFull
 from .metrics import Metrics
 from .models import Catalog, ModelEntry
 from .policy import Policy, readable_view, swap_resolution, upload_too_large, within_limits
-from .store import CANCELLED, DONE, FAILED, FINISHED, QUEUED, RUNNING, ImageRow, Job, Store, Upload
+from .store import CANCELLED, DONE, FAILED, FINISHED, QUEUED, RUNNING, ImageRow, Job, Store, Upload, face_recognizers
 from .worker import Worker
 
 logger = logging.getLogger(__name__)
@@ -49,6 +49,7 @@ class Service:
             analyzer = config.pipeline.face_analyzer
         if analyzer is None:
             raise FaceIDError("give the server a face analyzer (ServeConfig.analyzer)")
+        analyzer = analyzer_for_methods(analyzer, config.methods, config.face_models)
         self.enroller = Enroller(analyzer, self.data, self.store, config.max_pixels, config.small_face)
         self.analyzer = self.enroller.analyzer  # one analysis at a time: kps control images and swap targets too
         devices = ("default",) if config.pipeline is not None else config.devices
@@ -68,6 +69,9 @@ class Service:
         self.catalog: Catalog | None = None  # set by start()
         self.defaults: GenerationSettings | None = None  # set by start()
         self.capabilities: Capabilities | None = None  # set by start(): what requests may ask for
+        # The default model set's defaults for each other identity method it runs (the method's own: InstantID's
+        # scales), taken with ``defaults`` at start
+        self.method_defaults: dict[str, GenerationSettings] = {}
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ life
@@ -94,8 +98,14 @@ class Service:
         tiny_vae = getattr(self.pipeline, "tiny_vae", None) is not None  # every model set is loaded alike
         self.capabilities = Capabilities.of(self.config, runs_modes=self.runs_modes, tiny_vae=tiny_vae)
         self.catalog = Catalog([default, *self.extra_models])
+        self.method_defaults = {
+            name: self.pipeline.resolve_settings(GenerationSettings(method=name))
+            for name in self.config.methods
+            if name in getattr(self.pipeline, "methods", {})
+        }
         try:
             self._check_fast_families()
+            self._check_method_families()
         except FaceIDError:
             self.queue.stop()  # the workers end: this server does not start
             raise
@@ -156,6 +166,20 @@ class Service:
             position = self.queue.put(job, force=True)
             job.events.add("queued", {"queue_position": position})
             logger.warning("job %s (%s when the server stopped) is queued again", row.id, was)
+
+    def _check_method_families(self) -> None:
+        """Every ``--method-weights`` method runs on a model set this server serves (InstantID: an SDXL one)."""
+        from ..methods import METHODS
+
+        families = {entry.family for entry in self.catalog.entries}
+        for name in self.config.methods:
+            method = METHODS[name]
+            if not families & set(method.families):
+                raise FaceIDError(
+                    f"--method-weights {name}: {method.title} runs on {' or '.join(method.families)} base models, and "
+                    f"this server serves {', '.join(sorted(families))}: serve a {' or '.join(method.families)} model "
+                    "set (--base-model, --also-model) or leave it out"
+                )
 
     @property
     def pipeline(self):
@@ -312,6 +336,7 @@ class Service:
             raise FaceIDError("face_index: an identity already holds one face per photo (the largest); leave it out")
         self.capabilities.check(settings, inputs)  # refuses what this server was not started with (422)
         entry = self.catalog.find(settings)  # refuses a request naming models this server does not serve
+        self.capabilities.check_model_set(settings, entry, self.catalog.entries)  # the method on its family
         uploads = self._check_inputs(owner, inputs, settings.strength)
         for k, reference in enumerate(inputs.style or ()):
             if not isinstance(reference.region, (str, type(None))):
@@ -334,6 +359,8 @@ class Service:
         # loaded pipeline before it runs (``Worker.run_batch``), storing them: the job's settings always show
         # what made its images.
         known = self.defaults if entry is self.catalog.default else entry.models
+        if settings.method != "faceid" and entry is self.catalog.default:  # its own defaults, not the adapter's
+            known = self.method_defaults.get(settings.method, entry.models)
         models = entry.models.model_dump(include=set(MODEL_FIELDS))  # the entry's names, not the request's
         resolved = settings.replace(**models).resolve(entry.family, **known.model_dump(exclude_none=True))
         resolved = within_limits(settings, resolved, self.config)  # the defaults left to the model, within limits
@@ -354,7 +381,7 @@ class Service:
             raise FaceIDError(f"negative_prompt: {len(negatives)} negative prompts for {len(prompts)} prompts")
         self._check_limits(resolved, len(prompts), inputs)
         for i in dict.fromkeys(ids):
-            self.identity(i, owner)  # 404 for a missing identity or another key's
+            self._check_embedded_for(self.identity(i, owner), resolved.method)  # 404 for a missing one
         self.policy.check_generation(owner)
         total = len(prompts) * resolved.num_images_per_prompt
         seed = resolved.seed
@@ -391,6 +418,24 @@ class Service:
         job.events.add("queued", {"queue_position": position})
         self.metrics.submitted.inc()
         return job, position
+
+    @staticmethod
+    def _check_embedded_for(identity, method_name: str) -> None:
+        """Refuse an identity whose photos were not embedded by the recognizer ``method_name`` reads (enrolled
+        before the server loaded the method): its photos are not kept analysed for it, so they are enrolled again."""
+        from ..methods import METHODS
+
+        method = METHODS[method_name]
+        if method.face_pack == "buffalo_l":
+            return
+        lacking = [face.k for face in identity.faces if method.face_pack not in face_recognizers(face)]
+        if lacking:
+            raise FaceIDError(
+                f"identity {identity.id}: method {method_name} ({method.title}) reads the face embedding of "
+                f"insightface's {method.face_pack} recognizer, and this identity was enrolled before the server "
+                f"loaded it (photo(s) {', '.join(map(str, lacking))} have {', '.join(face_recognizers(identity.faces[lacking[0]]))} "
+                "only): enroll its photos again (POST /v1/identities) and use the new identity"
+            )
 
     def _place_people(self, settings: GenerationSettings, inputs: JobInputs) -> tuple[GenerationSettings, JobInputs]:
         """Several people in every picture: the regions default to ``"auto"``; those known before the job runs
@@ -710,8 +755,13 @@ class Service:
             else None
         )
         entries = self.catalog.entries if self.catalog is not None else []
+        methods = (self.capabilities or Capabilities()).methods
         catalog = [
-            {**e.describe(), "loaded_on": [w["device"] for w in workers if e.index in w.get("loaded_models", ())]}
+            {
+                **e.describe(),
+                "loaded_on": [w["device"] for w in workers if e.index in w.get("loaded_models", ())],
+                "methods": describe_methods(e.family, methods),
+            }
             for e in entries
         ]
         return {
@@ -775,3 +825,26 @@ def upload_url(upload_id: str) -> str:
 
 def crop_url(identity_id: str, k: int) -> str:
     return f"/v1/identities/{identity_id}/crops/{k}.png"
+
+
+def analyzer_for_methods(analyzer, methods: dict[str, str], face_models: str | None):
+    """The face analyzer of enrollment with the recognizer of every loaded method's insightface pack too (antelopev2
+    for InstantID), so that an enrolled identity keeps each embedding a method reads; a missing pack stops the start,
+    saying what to download. The analyzer given is left as it is (a copy gets the pack)."""
+    from ..faces.model_files import face_pack_ready
+    from ..methods import METHODS
+
+    inner = given = getattr(analyzer, "analyzer", analyzer)  # a SerialAnalyzer's
+    for name in methods:
+        pack = METHODS[name].face_pack
+        have = {getattr(inner, "pack", None), *getattr(inner, "extra_recognizers", {})}
+        if pack == "buffalo_l" or pack in have:
+            continue
+        face_pack_ready(pack, face_models, what=f"method {name}")
+        if not hasattr(inner, "with_pack"):
+            raise FaceIDError(
+                f"method {name} needs the face analysis to embed with insightface's {pack} too, and this server's "
+                "analyzer cannot add a recognizer: give a faceid.faces.FaceAnalyzer"
+            )
+        inner = inner.with_pack(pack, face_models)
+    return analyzer if inner is given else inner

@@ -103,6 +103,7 @@ class Enroller:
                         box=[round(float(v), 2) for v in photo.face.box],
                         score=float(photo.face.score),
                         faces_found=photo.faces_found,
+                        recognizers=sorted(photo.face.embeddings) or ["buffalo_l"],
                     )
                 )
             self.store.add_identity(identity)

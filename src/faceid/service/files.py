@@ -9,7 +9,8 @@ DATA/
   identities/<identity>/           one folder per identity: deleting it deletes its biometric data
     photo_<k>.png                  the photo as analysed (decoded, upright, no metadata)
     crop_<k>.png                   the aligned 112x112 face
-    face_<k>.npz                   embedding, landmarks, box, aligned crops (what generation needs)
+    face_<k>.npz                   embedding, landmarks, box, aligned crops, photo size, and the embedding of
+                                   each recognizer (insightface pack) it was analysed with (what generation needs)
   images/<image>.png               generated images, with their settings in the PNG text chunks
 ```
 """
@@ -72,8 +73,15 @@ class DataDir:
             shutil.rmtree(folder)
 
     def save_face(self, identity_id: str, k: int, face) -> None:
+        """The face's arrays; with the embedding of every recognizer the analysis ran (``Face.embeddings`` and
+        ``raw_embeddings`` by pack, as ``embedding.<pack>`` / ``raw_embedding.<pack>``) and the photo's size, so
+        that a method which reads another pack's embedding (InstantID: antelopev2's raw vector) or the keypoints
+        in their frame runs without analysing the photo again."""
         from ..atomic import atomic_path
 
+        packs = {f"embedding.{pack}": np.asarray(v, np.float32) for pack, v in face.embeddings.items()}
+        packs.update({f"raw_embedding.{pack}": np.asarray(v, np.float32) for pack, v in face.raw_embeddings.items()})
+        size = {} if face.image_size is None else {"image_size": np.asarray(face.image_size, np.int64)}
         with atomic_path(self.face(identity_id, k)) as tmp, open(tmp, "wb") as handle:
             np.savez(
                 handle,
@@ -83,12 +91,21 @@ class DataDir:
                 embedding=np.asarray(face.embedding, np.float32),
                 aligned=np.asarray(face.aligned, np.uint8),
                 crop_224=np.asarray(face.crop_224, np.uint8),
+                **size,
+                **packs,
             )
 
     def load_face(self, identity_id: str, k: int):
+        """The ``Face`` ``save_face`` stored; a file of an earlier version (no packs, no photo size) reads as
+        before: its ``embedding`` only, which is buffalo_l's."""
         from ..faces import Face
 
         with np.load(self.face(identity_id, k)) as data:
+
+            def by_pack(prefix: str) -> dict[str, np.ndarray]:
+                return {name.removeprefix(prefix): data[name] for name in data.files if name.startswith(prefix)}
+
+            size = tuple(int(v) for v in data["image_size"]) if "image_size" in data.files else None
             return Face(
                 box=data["box"],
                 score=float(data["score"]),
@@ -96,6 +113,9 @@ class DataDir:
                 embedding=data["embedding"],
                 aligned=data["aligned"],
                 crop_224=data["crop_224"],
+                embeddings=by_pack("embedding."),
+                raw_embeddings=by_pack("raw_embedding."),
+                image_size=size,
             )
 
     # ------------------------------------------------------------------ images

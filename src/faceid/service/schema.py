@@ -301,6 +301,19 @@ class FamilyDefaults(View):
     guidance_scale: float
 
 
+class MethodView(View):
+    """An identity method a model set runs (``GenerationSettings.method``; ``faceid.methods.METHODS``)."""
+
+    name: str = Field(description="what a request's method names")
+    title: str
+    licence: str = Field(description="the licences of its weights and of the face models it needs")
+    commercial: bool = Field(description="whether everything it loads allows commercial use")
+    face_pack: str = Field(description="the insightface pack that embeds the face for it (buffalo_l, antelopev2)")
+    defaults: dict[str, float] = Field(
+        description="the settings it brings when the request leaves them open (InstantID: scale, identitynet_scale)"
+    )
+
+
 class CatalogEntry(JobSettings):
     """A model set this server serves: its model fields (a request names it by them) as ``GenerationSettings``
     (with the settings' own defaults), its family and its family's defaults."""
@@ -309,6 +322,9 @@ class CatalogEntry(JobSettings):
     family: str = Field(description="its base model family (SD1.5, SDXL...)")
     defaults: FamilyDefaults = Field(description="its family's size, steps and guidance")
     loaded_on: list[str] = Field(description="the workers that hold it now")
+    methods: list[MethodView] = Field(
+        description="the identity methods a request may name (method) on this model set, faceid first"
+    )
 
 
 class FastPresetView(View):

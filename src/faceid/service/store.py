@@ -82,7 +82,15 @@ class IdentityFace(Base):
     box: Mapped[list] = mapped_column(JSON)
     score: Mapped[float] = mapped_column(Float)
     faces_found: Mapped[int] = mapped_column(Integer)
+    # The insightface packs whose recognizers embedded it (their vectors are in its face file): what methods it can
+    # run with (InstantID reads antelopev2's). None: a row of an earlier version, embedded by buffalo_l only.
+    recognizers: Mapped[list | None] = mapped_column(JSON, nullable=True)
     identity: Mapped[Identity] = relationship(back_populates="faces")
+
+
+def face_recognizers(face: IdentityFace) -> list[str]:
+    """The packs whose embeddings ``face`` has (a row of an earlier version: buffalo_l's only)."""
+    return list(face.recognizers) if face.recognizers else ["buffalo_l"]
 
 
 class Job(Base):

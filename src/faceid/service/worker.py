@@ -11,7 +11,8 @@ gets a ``preview`` event of its own images (the pipeline's ``on_preview``, split
 dropped at its next step, and the call stops when every job in it is cancelled.
 
 Every model a job may need beyond the model set is loaded with it, never inside a job (``Worker.equip``): the
-server's few-step LoRAs (``--fast``), ControlNets and style adapters onto each model set as it loads (kept with it,
+server's few-step LoRAs (``--fast``), identity methods (``--method-weights``, on the model sets of their families),
+ControlNets and style adapters onto each model set as it loads (kept with it,
 counted in the memory budget: ``Loaded.attached``), and the control kinds' annotators (OpenPose, depth) once per
 worker at start (counted as ``LoadedModels.reserved``). A request can only name what was loaded
 (``capabilities.Capabilities.check``), so no request value starts a download.
@@ -117,6 +118,10 @@ class Worker(threading.Thread):
             if pipeline.family in PRESETS[name].loras:  # (requests for it on other families are refused at submit)
                 self._load_fast(pipeline, name, source)
         attached: dict[str, Any] = {}
+        for name, source in config.methods.items():  # identity methods, on the model sets of their families
+            modules = self._load_method(pipeline, name, source)
+            if modules:
+                attached[f"method {name}"] = modules
         if not self.runs_modes:
             return attached
         for source in dict.fromkeys(config.controlnets.values()):
@@ -124,6 +129,25 @@ class Worker(threading.Thread):
         for name in config.style_adapters:
             attached[f"style adapter {name}"] = self._load_style(pipeline, name)
         return attached
+
+    def _load_method(self, pipeline: Any, name: str, source: str) -> list:
+        """Identity method ``name`` (``ServeConfig.methods``) onto ``pipeline`` when it runs on its family (a model
+        set of another family does not get it: requests for it there are refused at submit); its modules, for the
+        memory budget."""
+        import torch
+
+        from ..methods import METHODS
+
+        if pipeline.family not in METHODS[name].families:
+            return []
+        if name not in pipeline.methods:  # (a ready pipeline given to the server may have it already)
+            pipeline.load_method(name, source, face_models=self.service.config.face_models)
+        loaded = pipeline.loaded_method(name)
+        found = []
+        for value in vars(loaded).values():  # its own modules (the UNet it sits on is the model set's)
+            values = value.values() if isinstance(value, dict) else [value]
+            found += [v for v in values if isinstance(v, torch.nn.Module) and v is not getattr(loaded, "unet", None)]
+        return found
 
     @staticmethod
     def _load_fast(pipeline: Any, name: str, source: str | None) -> None:
@@ -236,7 +260,10 @@ class Worker(threading.Thread):
             return
         pipeline = loaded.pipeline
         for job in batch:  # what the request left to the loaded models' defaults (the adapter's scale...)
-            resolved = job.settings.resolve(pipeline.family, **loaded.defaults.model_dump(exclude_none=True))
+            defaults = loaded.defaults
+            if job.settings.method != "faceid":  # another method's are its own (they read no call's state)
+                defaults = pipeline.resolve_settings(GenerationSettings(method=job.settings.method))
+            resolved = job.settings.resolve(pipeline.family, **defaults.model_dump(exclude_none=True))
             if resolved != job.settings:
                 service.update_settings(job, resolved)
         started = time.time()

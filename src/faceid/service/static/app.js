@@ -16,6 +16,7 @@ const state = {
   fast: {},  // the server's few-step presets by name
   identities: new Map(),  // the library's people by id (their reference crops, names)
   speech: null,  // the server's speech model (GET /v1/models "speech"), or null: no microphone
+  methods: [],  // the identity methods the chosen model set runs (GET /v1/models catalog[].methods)
 };
 
 // ------------------------------------------------------------------ API key and requests
@@ -196,6 +197,7 @@ function showDecoders(decoders) {
 // The chosen model set's defaults as placeholders, and the fast presets its family has (SDXL-Lightning: SDXL only).
 function modelChanged() {
   const entry = selectedModel();
+  showMethods();
   modeChanged();  // the size placeholders: the model's defaults, or the input image's
   for (const option of $("fast").options) {
     const families = option.value && (state.fast[option.value] || {}).families;
@@ -205,6 +207,48 @@ function modelChanged() {
   if ($("fast").selectedOptions[0]?.disabled) $("fast").value = "";
   fastChanged();
 }
+
+// The identity methods the chosen model set runs (GET /v1/models catalog[].methods: name, title, licence, defaults):
+// a menu only where there is a choice (none when faceid is the only one), the licence where the method is chosen,
+// and the second method of a comparison.
+function showMethods() {
+  const entry = selectedModel();
+  const methods = (entry && entry.methods) || [];
+  state.methods = methods;
+  const chosen = $("method").value;
+  $("method").replaceChildren(...methods.map((m) => el("option", { value: m.name, text: m.title })));
+  if (methods.some((m) => m.name === chosen)) $("method").value = chosen;
+  $("method-box").hidden = methods.length < 2;
+  if (methods.length < 2) $("compare").checked = false;
+  methodChanged();
+}
+
+function methodOf(name) {
+  return state.methods.find((m) => m.name === name) || { name: name || "faceid", title: name || "faceid", defaults: {} };
+}
+
+// The chosen method's own fields (InstantID: the IdentityNet scale), its defaults, its licence; the other methods to
+// compare it with.
+function methodChanged() {
+  const method = methodOf($("method").value);
+  const d = method.defaults || {};
+  $("identitynet-field").hidden = method.name !== "instantid";
+  $("identitynet-scale").placeholder = d.identitynet_scale !== undefined ? "default " + d.identitynet_scale : "default";
+  if (d.identitynet_scale !== undefined && $("identitynet-scale").value === "") $("identitynet-scale-range").value = d.identitynet_scale;
+  // the identity strength starts at the method's own default (InstantID's IP-Adapter scale 0.8; FaceID's 1)
+  const strength = d.scale !== undefined ? d.scale : 1;
+  $("scale").value = strength;
+  $("scale-range").value = strength;
+  $("method-licence").textContent = state.methods.length > 1 && method.licence
+    ? "licence: " + method.licence + (method.commercial ? "" : " — not for commercial use") : "";
+  const other = $("compare-method").value;
+  const others = state.methods.filter((m) => m.name !== method.name);
+  $("compare-method").replaceChildren(...others.map((m) => el("option", { value: m.name, text: m.title })));
+  if (others.some((m) => m.name === other)) $("compare-method").value = other;
+  $("compare-field").hidden = !others.length;
+}
+
+$("method").addEventListener("change", methodChanged);
 
 // An empty Steps field leaves the steps to the server: the model's default, or a fast preset's.
 function fastChanged() {
@@ -638,6 +682,10 @@ async function requestBody() {
     body.base_model = entry.base_model;
     if (entry.adapter) body.adapter = entry.adapter;
   }
+  const method = $("method-box").hidden ? "faceid" : $("method").value || "faceid";
+  if (method !== "faceid") body.method = method;
+  const identitynet = parseFloat($("identitynet-scale").value);
+  if (method === "instantid" && !Number.isNaN(identitynet)) body.identitynet_scale = identitynet;
   if ($("fast").value) body.fast = $("fast").value;
   if ($("decoder").value === "tiny") body.decoder = "tiny";
   const cfg = parseFloat($("guidance").value);
@@ -800,8 +848,74 @@ $("generate-form").addEventListener("submit", async (event) => {
   } catch (e) {
     return setStatus("generate-status", e.message, "error");
   }
+  if ($("compare").checked && !$("method-box").hidden && $("compare-method").value) {
+    return runComparison(body, $("compare-method").value);
+  }
   runGeneration(body);
 });
+
+// ------------------------------------------------------------------ compare: one request through two methods
+// The same request (same seed: one is drawn here when the field is empty) through the chosen method and another, as
+// two generations; the second runs at its own default strength. Their first images are shown side by side, each
+// with its method and its identity similarity.
+function comparisonBodies(body, other) {
+  const first = { ...body };
+  if (first.seed === undefined) first.seed = Math.floor(Math.random() * 2 ** 31);
+  first.num_images_per_prompt = 1;
+  const second = { ...first, method: other };
+  delete second.scale;
+  delete second.identitynet_scale;
+  if (other === "faceid") delete second.method;
+  return [first, second];
+}
+
+function comparedFigure(body, view) {
+  const method = methodOf(body.method || "faceid");
+  const figure = el("figure", { className: "compared" });
+  figure.dataset.method = method.name;
+  if (!view) {
+    figure.append(el("p", { className: "muted", text: method.title + ": queued…" }));
+    return figure;
+  }
+  if (view.status !== "done" || !view.images.length) {
+    figure.append(el("p", { className: "status error", text: method.title + ": " + view.status + (view.error ? ": " + view.error : "") }));
+    return figure;
+  }
+  const img = el("img", { className: "generated", alt: method.title + " image" });
+  showImage(img, view.images[0]);
+  const score = (view.scores || [])[0];
+  if (score) figure.dataset.similarity = String(score.similarity);
+  const text = method.title + " (" + method.name + ") · similarity " + (score ? formatSimilarity(score.similarity) : "not scored") +
+    " · seed " + (Array.isArray(view.settings.seed) ? view.settings.seed[0] : view.settings.seed);
+  figure.append(img, el("figcaption", { text }));
+  return figure;
+}
+
+async function runComparison(body, other) {
+  const bodies = comparisonBodies(body, other);
+  const box = $("comparison");
+  box.hidden = false;
+  box.replaceChildren(...bodies.map((b) => comparedFigure(b, null)));
+  $("generate").disabled = true;
+  setStatus("generate-status", "comparing " + bodies.map((b) => methodOf(b.method || "faceid").title).join(" and ") + "…");
+  try {
+    const jobs = [];
+    for (const b of bodies) {
+      jobs.push(await api("/v1/generations", {
+        method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(b),
+      }));
+    }
+    for (const job of jobs) showGeneration(await api(job.url));
+    const views = await Promise.all(jobs.map((job) => follow(job.id)));
+    box.replaceChildren(...views.map((view, i) => comparedFigure(bodies[i], view)));
+    const done = views.every((v) => v.status === "done");
+    setStatus("generate-status", done ? "done: compared side by side" : "comparison incomplete", done ? "" : "error");
+  } catch (e) {
+    setStatus("generate-status", e.message, "error");
+  } finally {
+    $("generate").disabled = false;
+  }
+}
 
 // ------------------------------------------------------------------ gallery: one entry per generation, newest first
 async function loadGallery(more = false) {
@@ -902,6 +1016,9 @@ function describe(settings, prompt, negative, seed, mode, people) {
   if (negative) parts.push("negative: " + negative);
   parts.push("seed " + seed, "steps " + settings.num_inference_steps, "strength " + settings.scale,
     "guidance " + settings.guidance_scale, settings.width + "×" + settings.height);
+  if (settings.method && settings.method !== "faceid") {
+    parts.push("method " + settings.method + (settings.identitynet_scale !== undefined ? " (IdentityNet " + settings.identitynet_scale + ")" : ""));
+  }
   if (settings.fast) parts.push("fast " + settings.fast);
   if (settings.identity_guidance) parts.push("identity guidance " + settings.identity_guidance);
   if (settings.base_model) parts.push("model " + shortNames([settings.base_model])[0]);  // a name, not a path
@@ -925,7 +1042,7 @@ function imageFigure(view, url, i) {
       const body = { identity_id: view.identity_ids[Math.floor(index / per)], seed, num_images_per_prompt: 1, prompt };
       if (negative) body.negative_prompt = negative;
       for (const k of ["num_inference_steps", "guidance_scale", "width", "height", "scale", "fast", "identity_guidance",
-        "scheduler", "eta", "strength", "base_model", "adapter", "decoder"]) {
+        "scheduler", "eta", "strength", "base_model", "adapter", "decoder", "method", "identitynet_scale"]) {
         if (settings[k] !== undefined && settings[k] !== null) body[k] = settings[k];
       }
       Object.assign(body, view.inputs || {});  // the same uploads (a swap's size is its target's: no width, height)

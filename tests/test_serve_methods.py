@@ -1,0 +1,275 @@
+"""Identity methods through ``faceid serve`` (``--method-weights NAME=FOLDER``, ``ServeConfig.methods``): InstantID
+on the tests' tiny SDXL with a tiny InstantID in the released layout (``tiny_models.build_instantid``) and stand-in
+face models of both insightface packs.
+
+Checked: the worker loads the method onto the model set at start (counted in its memory) and ``GET /v1/models``
+lists each model set's methods with their licence and defaults; enrollment keeps the embedding of every recognizer
+(buffalo_l and antelopev2) and the photo size; an InstantID generation over the API for an enrolled identity
+equals the same call through ``FaceIDPipeline`` on the photo (same seed), without analysing the photo again, so
+the stored embedding and keypoints are the right ones; the refusals (a method not loaded, an identity enrolled
+before the method was, a method on a model set of the wrong family, a missing folder or antelopev2 pack at start,
+on the command line too); face files of an earlier version still read.
+"""
+
+from __future__ import annotations
+
+from io import BytesIO
+
+import numpy as np
+import pytest
+from face_helpers import face_photo, make_test_face_models_dir
+from PIL import Image
+from test_serve import enroll, error, generate, make_client, wait_finished  # noqa: F401 (a fixture)
+from test_webapp import WAIT, browser, loaded_images, make_server, screenshot, set_value  # noqa: F401 (fixtures)
+from tiny_models import build_instantid
+
+from faceid.cli import main
+from faceid.errors import FaceIDError, MissingWeightsError
+from faceid.faces import FaceAnalyzer
+from faceid.pipeline import FaceIDPipeline
+from faceid.service import ServeConfig
+from faceid.service.capabilities import Capabilities, NotServed
+from faceid.service.models import ModelEntry, modules_bytes, pipeline_modules
+from faceid.service.store import IdentityFace, face_recognizers
+from faceid.settings import GenerationSettings
+
+SIZE = {"width": 48, "height": 32, "num_inference_steps": 2}
+PROMPT = "a photo of a person in a garden"
+
+
+@pytest.fixture(scope="module")
+def instantid_dir(tiny_models, tmp_path_factory):
+    return build_instantid(tiny_models.sdxl, tmp_path_factory.mktemp("instantid") / "InstantID", seed=5)
+
+
+@pytest.fixture(scope="module")
+def both_packs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("face-packs")
+    make_test_face_models_dir(folder, pack="buffalo_l")
+    return make_test_face_models_dir(folder, pack="antelopev2")
+
+
+@pytest.fixture(scope="module")
+def analyzer(both_packs):
+    """The server's face analysis as ``faceid serve`` loads it: buffalo_l's (the service adds a method's pack)."""
+    return FaceAnalyzer.from_dir(both_packs)
+
+
+@pytest.fixture(scope="module")
+def sdxl(tiny_models, both_packs):
+    """A tiny SDXL model set without InstantID: the server's worker loads it (``Worker.equip``)."""
+    return FaceIDPipeline.from_pretrained(
+        tiny_models.sdxl, tiny_models.adapter("faceid-sdxl"), device="cpu", progress=False, face_models=both_packs
+    )
+
+
+@pytest.fixture
+def serving(make_client, sdxl, instantid_dir, both_packs):  # noqa: F811
+    """``serving(**config)``: a client of a server on the tiny SDXL that loads InstantID."""
+
+    def make(**options):
+        return make_client(pipeline=sdxl, methods={"instantid": str(instantid_dir)}, face_models=str(both_packs),
+                           **options)  # fmt: skip
+
+    return make
+
+
+def _png(client, url) -> np.ndarray:
+    response = client.get(url)
+    assert response.status_code == 200, response.text
+    return np.asarray(Image.open(BytesIO(response.content)).convert("RGB"))
+
+
+def test_an_instantid_generation_for_an_enrolled_identity_equals_the_pipeline_call(serving, sdxl, faces_dir):
+    client = serving()
+    assert "instantid" in sdxl.methods  # loaded by the worker at start
+    models = client.get("/v1/models").json()
+    (entry,) = models["catalog"]
+    assert [m["name"] for m in entry["methods"]] == ["faceid", "instantid"]
+    instantid = entry["methods"][1]
+    assert instantid["defaults"] == {"scale": 0.8, "identitynet_scale": 0.8}
+    assert instantid["face_pack"] == "antelopev2" and "Apache-2.0" in instantid["licence"]
+    assert instantid["commercial"] is False  # antelopev2 is non-commercial
+    loaded = sdxl.loaded_method("instantid")
+    expected = modules_bytes([*pipeline_modules(sdxl), loaded.resampler, loaded.identitynet])
+    assert models["workers"][0]["memory"]["used_bytes"] == expected > modules_bytes(pipeline_modules(sdxl))
+    assert models["configured"] == {}  # (what faceid serve states; a ServeConfig of its own states nothing)
+
+    response = enroll(client, faces_dir, "obama.jpg")
+    assert response.status_code == 201, response.text
+    identity = response.json()["id"]
+    service = client.app.state.service
+    (row,) = service.identity(identity, "").faces
+    assert row.recognizers == ["antelopev2", "buffalo_l"]
+    stored = service.enroller.faces(service.identity(identity, ""))[0]
+    assert set(stored.raw_embeddings) == {"antelopev2", "buffalo_l"} and stored.image_size is not None
+
+    analysed = []
+    real = sdxl.face_analyzer.analyze
+    sdxl.face_analyzer.analyze = lambda *a, **k: (analysed.append(1), real(*a, **k))[1]
+    try:
+        job = generate(client, identity, prompt=PROMPT, method="instantid", identitynet_scale=0.6, seed=3, **SIZE)
+        assert job.status_code == 202, job.text
+        view = wait_finished(client, job.json()["id"])
+    finally:
+        del sdxl.face_analyzer.analyze
+    assert view["status"] == "done", view
+    assert analysed == []  # the stored face, not the photo analysed again
+    settings = view["settings"]
+    assert (settings["method"], settings["scale"], settings["identitynet_scale"]) == ("instantid", 0.8, 0.6)
+    assert "combine" not in settings and "lora_scale" not in settings  # FaceID's knobs are not this call's
+    served = _png(client, view["images"][0])
+
+    direct = sdxl(PROMPT, face_photo("obama.jpg"), method="instantid", identitynet_scale=0.6, seed=3,
+                  output_type="np", **SIZE)  # fmt: skip
+    mine = np.round(direct.images[0] * 255)
+    assert np.abs(served.astype(float) - mine).max() <= 1  # the PNG's rounding
+    other = sdxl(PROMPT, face_photo("obama.jpg"), method="instantid", identitynet_scale=0.6, seed=3,
+                 kps=face_photo("biden.jpg"), output_type="np", **SIZE)  # fmt: skip
+    assert np.abs(served.astype(float) - np.round(other.images[0] * 255)).max() > 1  # the keypoints matter
+
+    # A FaceID generation on the same server still runs, with FaceID's defaults.
+    view = wait_finished(client, generate(client, identity, seed=3, **SIZE).json()["id"])
+    assert view["status"] == "done" and view["settings"]["method"] == "faceid" and "combine" in view["settings"]
+
+
+def test_refusals(make_client, serving, sdxl, faces_dir, tmp_path):  # noqa: F811
+    data = tmp_path / "data"
+    plain = make_client(pipeline=sdxl, data_dir=data)  # InstantID's weights are on the pipeline, not served
+    old = enroll(plain, faces_dir, "obama.jpg").json()["id"]
+    assert [m["name"] for m in plain.get("/v1/models").json()["catalog"][0]["methods"]] == ["faceid"]
+    error(generate(plain, old, method="instantid", **SIZE), 422, "invalid_request",
+          "no 'instantid' weights loaded", "it runs faceid", "--method-weights instantid=FOLDER")  # fmt: skip
+    error(generate(plain, old, method="nosuch", **SIZE), 422, "invalid_request", "nosuch", "instantid")
+    make_client.close(plain)
+
+    client = serving(data_dir=data)  # the same data, now with InstantID: the identity predates it
+    message = error(generate(client, old, method="instantid", **SIZE), 422, "invalid_request",
+                    f"identity {old}", "antelopev2", "enroll its photos again")  # fmt: skip
+    assert "buffalo_l only" in message, message
+    assert client.app.state.service.queue.depth == 0
+    view = wait_finished(client, generate(client, old, seed=1, **SIZE).json()["id"])  # FaceID still runs it
+    assert view["status"] == "done", view
+    error(generate(client, old, method="instantid", identitynet_scale=-1, **SIZE), 422, "invalid_request")
+
+
+def test_a_method_on_a_model_set_of_another_family_is_refused(make_client, pipe, instantid_dir, both_packs,  # noqa: F811
+                                                              tmp_path):  # fmt: skip
+    # at start: no model set of the server runs it (the tiny SD1.5 here)
+    with pytest.raises(FaceIDError, match=r"--method-weights instantid: InstantID runs on SDXL base models, and this "
+                                          r"server serves SD1.5"):  # fmt: skip
+        make_client(pipeline=pipe, methods={"instantid": str(instantid_dir)}, face_models=str(both_packs))
+    assert "instantid" not in pipe.methods  # the worker left the SD1.5 model set alone
+    # at submit: a request naming a model set of another family, among several
+    sd15 = ModelEntry(1, GenerationSettings(base_model="sd15"), "SD1.5")
+    sdxl = ModelEntry(0, GenerationSettings(base_model="sdxl"), "SDXL")
+    caps = Capabilities(methods=("faceid", "instantid"))
+    with pytest.raises(NotServed, match=r"instantid \(InstantID\) runs on SDXL model sets.*is SD1.5.*\[0\] SDXL"):
+        caps.check_model_set(GenerationSettings(method="instantid"), sd15, [sdxl, sd15])
+    caps.check_model_set(GenerationSettings(method="instantid"), sdxl, [sdxl, sd15])
+    caps.check_model_set(GenerationSettings(), sd15, [sdxl, sd15])
+
+
+def test_what_stops_the_start(make_client, pipe, instantid_dir, tmp_path, capsys):  # noqa: F811
+    with pytest.raises(FaceIDError, match=r"--method-weights instantid=.*nope: no such folder.*ip-adapter.bin"):
+        ServeConfig(data_dir=tmp_path, pipeline=pipe, methods={"instantid": str(tmp_path / "nope")})
+    with pytest.raises(FaceIDError, match="faceid is the model set's own adapter"):
+        ServeConfig(data_dir=tmp_path, pipeline=pipe, methods={"faceid": str(tmp_path)})
+    buffalo_only = make_test_face_models_dir(tmp_path / "buffalo", pack="buffalo_l")
+    with pytest.raises(MissingWeightsError, match="method instantid needs insightface's antelopev2 face models"):
+        make_client(pipeline=pipe, methods={"instantid": str(instantid_dir)}, face_models=str(buffalo_only))
+    # faceid serve says each in one line, before any model loads
+    base = ["serve", "--data-dir", str(tmp_path / "d"), "--face-models", str(buffalo_only)]
+    assert main([*base, "--method-weights", f"instantid={tmp_path / 'nope'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no such folder" in err and len(err.splitlines()) == 1, err
+    assert main([*base, "--method-weights", f"instantid={instantid_dir}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "antelopev2" in err and "glintr100.onnx" in err, err
+    assert main([*base, "--method-weights", "instantid"]) == 2
+    assert "--method-weights NAME=FOLDER" in capsys.readouterr().err
+
+
+def test_face_files_and_rows_of_an_earlier_version_still_read(tmp_path):
+    from faceid.service.files import DataDir
+
+    data = DataDir(tmp_path)
+    identity = "0" * 32
+    data.identity_dir(identity).mkdir(parents=True)
+    arrays = {"box": np.zeros(4, np.float32), "score": np.float32(0.9), "landmarks": np.zeros((5, 2), np.float32),
+              "embedding": np.ones(512, np.float32), "aligned": np.zeros((112, 112, 3), np.uint8),
+              "crop_224": np.zeros((224, 224, 3), np.uint8)}  # fmt: skip
+    np.savez(data.face(identity, 0), **arrays)  # the layout before recognizers were kept
+    face = data.load_face(identity, 0)
+    assert face.embeddings == {} and face.raw_embeddings == {} and face.image_size is None
+    np.testing.assert_array_equal(face.embedding, arrays["embedding"])
+    assert face_recognizers(IdentityFace(recognizers=None)) == ["buffalo_l"]
+    # and a face of this version keeps every pack's vectors and the photo size
+    face.embeddings = {"buffalo_l": np.full(512, 0.5, np.float32)}
+    face.raw_embeddings = {"antelopev2": np.arange(512, dtype=np.float32)}
+    face.image_size = (640, 480)
+    data.save_face(identity, 1, face)
+    again = data.load_face(identity, 1)
+    np.testing.assert_array_equal(again.raw_embeddings["antelopev2"], face.raw_embeddings["antelopev2"])
+    assert set(again.embeddings) == {"buffalo_l"} and again.image_size == (640, 480)
+
+
+# ---------------------------------------------------------------------- the web app (chromium, as test_webapp)
+def test_web_app_method_menu_instantid_and_compare(make_server, browser,  # noqa: F811
+                                                    sdxl, instantid_dir, both_packs, faces_dir,  # noqa: F811
+                                                   tmp_path):  # fmt: skip
+    import httpx
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    url = make_server(pipeline=sdxl, methods={"instantid": str(instantid_dir)}, face_models=str(both_packs))
+    wait = WebDriverWait(browser, WAIT)
+    browser.get(url + "/")
+    wait.until(lambda d: d.find_element(By.ID, "method-box").is_displayed())
+    options = [o.text for o in browser.find_elements(By.CSS_SELECTOR, "#method option")]
+    assert options == ["IP-Adapter-FaceID", "InstantID"], options
+    assert not browser.find_element(By.ID, "identitynet-field").is_displayed()  # FaceID has no IdentityNet
+    assert "non-commercial research only" in browser.find_element(By.ID, "method-licence").text
+    Select(browser.find_element(By.ID, "method")).select_by_value("instantid")
+    assert browser.find_element(By.ID, "identitynet-field").is_displayed()
+    assert browser.find_element(By.ID, "identitynet-scale").get_attribute("placeholder") == "default 0.8"
+    assert browser.find_element(By.ID, "scale").get_attribute("value") == "0.8"  # InstantID's own default
+    licence = browser.find_element(By.ID, "method-licence").text
+    assert "Apache-2.0" in licence and "antelopev2" in licence and "not for commercial use" in licence, licence
+
+    # InstantID: the image, its method in the caption
+    browser.find_element(By.ID, "photos").send_keys(str(faces_dir / "obama.jpg"))
+    browser.find_element(By.ID, "enroll").click()
+    wait.until(lambda d: loaded_images(d, "#crops img.crop") == 1)
+    for field, value in {
+        "steps": 2,
+        "width": 48,
+        "height": 32,
+        "seed": 7,
+        "count": 1,
+        "identitynet-scale": 0.6,
+    }.items():
+        set_value(browser, field, value)
+    browser.find_element(By.ID, "generate").click()
+    wait.until(lambda d: loaded_images(d, "#gallery img.generated") == 1)
+    caption = browser.find_element(By.CSS_SELECTOR, "#gallery figcaption").text
+    assert "method instantid (IdentityNet 0.6)" in caption and "strength 0.8" in caption, caption
+    screenshot(browser, tmp_path, "methods-1-instantid")
+
+    # compare InstantID with FaceID: two generations of one seed, their images side by side with their methods
+    browser.find_element(By.ID, "seed").clear()  # the page draws one seed for both
+    browser.find_element(By.ID, "compare").click()
+    assert Select(browser.find_element(By.ID, "compare-method")).first_selected_option.text == "IP-Adapter-FaceID"
+    browser.find_element(By.ID, "generate").click()
+    wait.until(lambda d: loaded_images(d, "#comparison img.generated") == 2)
+    figures = browser.find_elements(By.CSS_SELECTOR, "#comparison figure.compared")
+    assert [f.get_attribute("data-method") for f in figures] == ["instantid", "faceid"]
+    texts = [f.find_element(By.TAG_NAME, "figcaption").text for f in figures]
+    assert texts[0].startswith("InstantID (instantid) · similarity") and texts[1].startswith("IP-Adapter-FaceID"), texts
+    boxes = [f.rect for f in figures]
+    assert boxes[0]["y"] == boxes[1]["y"] and boxes[0]["x"] + boxes[0]["width"] <= boxes[1]["x"]  # side by side
+    screenshot(browser, tmp_path, "methods-2-compare")
+    newest = httpx.get(f"{url}/v1/generations").json()["generations"][:2]
+    runs = {g["settings"]["method"]: g["settings"] for g in newest}
+    assert set(runs) == {"instantid", "faceid"} and runs["instantid"]["seed"] == runs["faceid"]["seed"]
+    assert "combine" in runs["faceid"] and "identitynet_scale" not in runs["faceid"]  # FaceID at its own defaults
