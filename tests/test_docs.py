@@ -803,6 +803,10 @@ def _check_evaluation(run: PageRun) -> None:
         assert (cwd / out / "results.jsonl").is_file() and (cwd / out / "summary.json").is_file(), out
     assert any("people" in json.loads(row) for row in (cwd / "runs/groups/results.jsonl").read_text().splitlines())
     assert (cwd / "scores.jsonl").is_file() and (cwd / "people.jsonl").is_file()
+    methods = json.loads((cwd / "runs/methods/summary.json").read_text())["methods"]  # Comparing methods
+    assert [m["method"] for m in methods] == ["faceid", "instantid"] and all(m["n"] == 2 for m in methods)
+    plots = sorted(p.name for p in (cwd / "runs/methods/plots").iterdir())
+    assert plots == ["faceid.png", "instantid.png", "methods.png"]
     (best,) = (cwd / "best").glob("me_s*.png")
     assert "best_of" in json.dumps(read_settings(best))
     assert len(run.namespace["best"]) == 2

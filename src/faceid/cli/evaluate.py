@@ -7,10 +7,12 @@ from pathlib import Path
 
 from ..errors import FaceIDError
 from .flags import add_settings_arguments, settings_from_args, tiny_vae_defaults
-from .loading import add_model_loading_arguments, load_face_analyzer, load_pipeline
+from .loading import add_model_loading_arguments, load_face_analyzer, load_pipeline, method_weights
 from .score import add_scorer_arguments, build_scorers
 
 EVAL_GRID_FIELDS = ("prompt", "seed", "scale", "num_images_per_prompt")
+# --method is the evaluation's own: a list of methods to compare (one grid each), not one call's method.
+EVAL_OWN_FIELDS = ("method",)
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,7 +38,25 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         help="adapter scales for the identity-vs-prompt curve, comma-separated (0.4,0.7,1)",
     )
     # Every generation setting but the grid's own axes (prompt, seed, scale, images per prompt).
-    add_settings_arguments(parser, exclude=EVAL_GRID_FIELDS)
+    add_settings_arguments(parser, exclude=EVAL_GRID_FIELDS + EVAL_OWN_FIELDS)
+    methods = parser.add_argument_group("comparing identity methods (--method A,B)")
+    methods.add_argument(
+        "--method",
+        dest="methods",
+        default=None,
+        metavar="A,B,...",
+        help="compare these identity methods on the same grid, comma-separated: faceid (the --adapter loaded), a "
+        "FaceID variant by name (faceid-plusv2, or a released name such as faceid-plusv2-sdxl: one per run), "
+        "instantid (with --method-weights instantid=FOLDER); each into OUT/METHOD/, the comparison in OUT",
+    )
+    methods.add_argument(
+        "--method-weights",
+        action="append",
+        default=None,
+        metavar="NAME=FOLDER",
+        help="load identity method NAME's released files from FOLDER, in their Hub layout (instantid: a folder "
+        "with InstantX/InstantID's ip-adapter.bin and ControlNetModel/); repeatable",
+    )
     # --face-models comes with the scorer flags, which `faceid score` shares.
     add_model_loading_arguments(parser, single_file=False, face_models=False)
     parser.add_argument("--batch-size", type=int, default=4, help="images per pipeline call (4)")
@@ -51,8 +71,16 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """``faceid eval``: everything is checked (photos, faces, prompts, models) before the first image."""
-    from ..evaluation import list_identities, load_prompts, parse_scales, parse_seeds, resolve_groups, run_eval
+    from ..evaluation import (
+        list_identities,
+        load_prompts,
+        parse_scales,
+        parse_seeds,
+        resolve_groups,
+        run_eval,
+    )
     from ..evaluation.summary import format_rate, format_stats
+    from ..methods import identity_method
 
     prompts = load_prompts(args.prompts)
     seeds = parse_seeds(args.seeds)
@@ -62,17 +90,30 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise FaceIDError("--batch-size must be at least 1")
     settings = tiny_vae_defaults(settings_from_args(args))
+    entries = _check_methods(args, settings)  # before anything loads
+    if entries:
+        from ..variants import VARIANTS
+
+        # A released FaceID variant named in the list is the adapter to load when --adapter is left out.
+        variant = next((e.name for e in entries if e.method == "faceid" and e.name in VARIANTS), None)
+        if variant is not None and settings.adapter is None:
+            settings = settings.replace(adapter=variant)
     analyzer = load_face_analyzer(args.face_models)
+    for pack in dict.fromkeys(identity_method(e.method).face_pack for e in entries):
+        if pack != "buffalo_l":  # the recognizer another method embeds faces with (antelopev2 for InstantID)
+            analyzer = analyzer.with_pack(pack, args.face_models or None)
     for _, photo in identities:
         analyzer.get(photo)  # NoFaceError names the photo
     scorers, clip, analyzer = build_scorers(args, analyzer)
     pipe = load_pipeline(args, settings, analyzer, fuse_when_compiled=False, progress=False)
     cases = len(identities) + len(groups)
-    n = cases * len(prompts) * len(seeds) * len(scales)
+    n = cases * len(prompts) * len(seeds) * len(scales) * max(1, len(entries))
     print(
         f"evaluating {len(identities)} identities"
         + (f" + {len(groups)} group(s)" if groups else "")
-        + f" x {len(prompts)} prompts x {len(seeds)} seeds x {len(scales)} scales = {n} images into {args.out}"
+        + f" x {len(prompts)} prompts x {len(seeds)} seeds x {len(scales)} scales"
+        + (f" x {len(entries)} methods ({', '.join(e.name for e in entries)})" if entries else "")
+        + f" = {n} images into {args.out}"
     )
     result = run_eval(
         pipe,
@@ -90,8 +131,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         plots=not args.no_plots,
         log=print,
         groups=groups,
+        methods=[e.name for e in entries] or None,
     )
     print()
+    if entries:
+        print(_methods_table(result.summary))
+        print("* the recognizer the method is conditioned on (it can flatter the method): compare on the others")
+        print(f"\nwrote {Path(args.out) / 'summary.md'}, summary.json, results.jsonl, plots/ and a folder per method")
+        return 0
     for group in result.summary["by_scale"]:
         parts = [f"scale {group['scale']:g}:"]
         for rec, stats in group["identity"].items():
@@ -102,3 +149,41 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print("  ".join(parts))
     print(f"\nwrote {Path(args.out) / 'summary.md'}, summary.json, results.jsonl and plots/")
     return 0
+
+
+def _check_methods(args: argparse.Namespace, settings) -> list:
+    """``--method A,B``'s entries, checked before anything loads: known and wired methods, one FaceID variant at
+    most, each other method with its ``--method-weights`` and its face pack at hand. [] without --method."""
+    from ..evaluation.methods import check_method_names
+    from ..faces.model_files import face_pack_ready
+    from ..methods import identity_method
+    from ..variants import VARIANTS, released
+
+    if args.methods is None:
+        if getattr(args, "method_weights", None):
+            raise FaceIDError("--method-weights goes with --method (the methods to compare): give --method A,B")
+        return []
+    entries = check_method_names(args.methods)
+    for entry in entries:
+        method_weights(args, entry.method)  # --method instantid needs --method-weights instantid=FOLDER
+        pack = identity_method(entry.method).face_pack
+        if pack != "buffalo_l":
+            face_pack_ready(pack, args.face_models or None, what=f"method {entry.method}")
+    variants = [e.name for e in entries if e.method == "faceid" and e.name in VARIANTS]
+    if variants and settings.adapter is not None and settings.adapter != variants[0]:
+        release = released(settings.adapter)
+        if release is not None and release.name != variants[0]:
+            raise FaceIDError(
+                f"--method names {variants[0]} but --adapter is {settings.adapter}: leave --adapter out, or name "
+                "the adapter's variant (or faceid) in --method"
+            )
+    return entries
+
+
+def _methods_table(comparison) -> str:
+    """The comparison's table as ``summary.md`` has it (one row per method)."""
+    from ..evaluation import methods_markdown
+
+    text = methods_markdown(comparison)
+    table = text[text.index("| method") : text.index("\n## Per scale")]
+    return table.rstrip()

@@ -12,7 +12,7 @@ import numpy as np
 
 from ..outputs import save_figure
 
-__all__ = ["write_plots"]
+__all__ = ["write_method_plots", "write_plots"]
 
 logger = logging.getLogger(__name__)
 
@@ -40,27 +40,7 @@ def write_plots(
     paths = []
 
     # 1. The trade-off curve: identity similarity against prompt fidelity, one point per adapter scale.
-    fig = Figure(figsize=(6.4, 4.8), dpi=100)
-    ax = fig.add_subplot()
-    for rec in recs:
-        ys = [g["identity"][rec]["mean"] for g in by_scale]
-        xs = [g["clip_t"]["mean"] for g in by_scale] if has_clip else [g["scale"] for g in by_scale]
-        ax.plot(xs, ys, marker="o", label=rec)
-        for x, y, g in zip(xs, ys, by_scale, strict=True):
-            ax.annotate(f"{g['scale']:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.set_xlabel("CLIP-T (prompt fidelity)" if has_clip else "adapter scale")
-    ax.set_ylabel("identity similarity (cosine)")
-    ax.set_title(
-        "identity vs prompt fidelity over the adapter scale" if has_clip else "identity over the adapter scale"
-    )
-    if not recs and has_clip:  # no recognizer: CLIP-T over the scale
-        ax.plot([g["scale"] for g in by_scale], [g["clip_t"]["mean"] for g in by_scale], marker="o", label="CLIP-T")
-        ax.set_xlabel("adapter scale")
-        ax.set_ylabel("CLIP-T")
-    ax.grid(alpha=0.3)
-    ax.legend(title="recognizer" if recs else None)
-    fig.tight_layout()
-    paths.append(save_figure(fig, folder / "curve.png"))
+    paths.append(_curve(folder / "curve.png", by_scale, recs, "over the adapter scale"))
 
     # 2. Per prompt: identity similarity (each recognizer) and CLIP-T, bars per scale.
     prompts = sorted({(g["prompt_index"], g["prompt"]) for g in summary["by_prompt"]})
@@ -115,6 +95,77 @@ def write_plots(
 
         labels = [((name, k), f"{_short(name, 32)}: {person}") for name, k, person in people]
         paths.append(_bars(folder / "people.png", labels, recs, scales, person_mean))
+    return paths
+
+
+def _curve(path: Path, by_scale: Sequence[Mapping[str, Any]], recs: Sequence[str], what: str) -> Path:
+    """Identity similarity (one line per recognizer) against CLIP-T, one point per scale labelled with it; without
+    CLIP-T, against the scale; without a recognizer, CLIP-T over the scale."""
+    from matplotlib.figure import Figure
+
+    has_clip = any(g["clip_t"]["mean"] is not None for g in by_scale)
+    fig = Figure(figsize=(6.4, 4.8), dpi=100)
+    ax = fig.add_subplot()
+    for rec in recs:
+        ys = [g["identity"][rec]["mean"] for g in by_scale]
+        xs = [g["clip_t"]["mean"] for g in by_scale] if has_clip else [g["scale"] for g in by_scale]
+        ax.plot(xs, ys, marker="o", label=rec)
+        for x, y, g in zip(xs, ys, by_scale, strict=True):
+            ax.annotate(f"{g['scale']:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel("CLIP-T (prompt fidelity)" if has_clip else "adapter scale")
+    ax.set_ylabel("identity similarity (cosine)")
+    ax.set_title(f"identity vs prompt fidelity {what}" if has_clip else f"identity {what}")
+    if not recs and has_clip:  # no recognizer: CLIP-T over the scale
+        ax.plot([g["scale"] for g in by_scale], [g["clip_t"]["mean"] for g in by_scale], marker="o", label="CLIP-T")
+        ax.set_xlabel("adapter scale")
+        ax.set_ylabel("CLIP-T")
+    ax.grid(alpha=0.3)
+    ax.legend(title="recognizer" if recs else None)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def write_method_plots(
+    comparison: Mapping[str, Any], folder: Path, log: Callable[[str], None] | None = None
+) -> list[Path]:
+    """A comparison of methods (``run_eval(..., methods=...)``): ``<method>.png`` per method (its identity vs
+    CLIP-T over the scales, one line per recognizer) and ``methods.png`` (identity vs CLIP-T, a point per method
+    and recognizer, over all scales; without CLIP-T, identity per method). Needs matplotlib."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        (log or logger.warning)("plots skipped: matplotlib is not installed (pip install matplotlib)")
+        return []
+    methods = comparison["methods"]
+    recs = list(comparison["settings"].get("recognizers") or [])
+    if not methods or not (recs or any(m["clip_t"]["mean"] is not None for m in methods)):
+        return []
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [_curve(folder / f"{m['method']}.png", m["by_scale"], recs, f"of {m['method']}") for m in methods]
+
+    has_clip = any(m["clip_t"]["mean"] is not None for m in methods)
+    fig = Figure(figsize=(6.4, 4.8), dpi=100)
+    ax = fig.add_subplot()
+    markers = "osD^v<>"
+    for k, rec in enumerate(recs or ["CLIP-T"]):
+        for position, m in enumerate(methods):
+            x = m["clip_t"]["mean"] if has_clip else position
+            y = m["clip_t"]["mean"] if not recs else m["identity"][rec]["mean"]
+            if x is None or y is None:
+                continue
+            own = " (trained on)" if rec in m.get("trained_on", ()) else ""
+            ax.scatter([x], [y], marker=markers[k % len(markers)], color=f"C{position}", s=60,
+                       label=f"{m['method']}: {rec}{own}")  # fmt: skip
+            ax.annotate(m["method"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.set_xlabel("CLIP-T (prompt fidelity)" if has_clip else "method")
+    if not has_clip:
+        ax.set_xticks(range(len(methods)), [m["method"] for m in methods])
+    ax.set_ylabel("identity similarity (cosine)" if recs else "CLIP-T")
+    ax.set_title("methods: identity vs prompt fidelity (means over all scales)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(save_figure(fig, folder / "methods.png"))
     return paths
 
 

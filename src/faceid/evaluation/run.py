@@ -13,6 +13,10 @@ Layout of an evaluation folder (``--out DIR``)::
     DIR/results.jsonl                                   one row per image (see docs/EVALUATION.md)
     DIR/summary.json, DIR/summary.md                    per scale, per prompt and per identity statistics
     DIR/plots/curve.png, prompts.png, histograms.png    identity vs CLIP-T over the scale; per prompt; histograms
+
+Comparing methods (``run_eval(..., methods=["faceid", "instantid"])``): each method's grid in ``DIR/<method>/``
+(the layout above, without plots), and in ``DIR`` the comparison: ``summary.json``/``summary.md`` (one row per
+method), ``results.jsonl`` (every row with its ``method``), ``plots/<method>.png`` and ``plots/methods.png``.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +41,15 @@ from ..results import file_record, shareable_settings
 from ..scoring import ClipTextScorer, IdentityScoring, diversity
 from ..settings import GenerationSettings
 from .inputs import EvalGroup, list_identities, list_images, load_prompts, parse_scales, parse_seeds, resolve_groups
-from .plots import write_plots
+from .methods import (
+    compare_methods,
+    methods_markdown,
+    parse_methods,
+    resolve_methods,
+    scorer_recognizer,
+    settings_for_method,
+)
+from .plots import write_method_plots, write_plots
 from .summary import summarize, summary_markdown
 
 __all__ = ["EvalResult", "named_references", "run_eval", "score_folder", "write_jsonl"]
@@ -61,6 +74,8 @@ class EvalResult:
     generated: int = 0
     reused: int = 0
     plots: list[Path] = field(default_factory=list)
+    # A comparison of methods (run_eval(..., methods=...)): each method's own result, by its name in the list.
+    methods: dict[str, EvalResult] = field(default_factory=dict)
 
 
 def run_eval(
@@ -81,6 +96,7 @@ def run_eval(
     plots: bool = True,
     log: Callable[[str], None] | None = None,
     groups: Sequence[EvalGroup | str | Sequence[str]] = (),
+    methods: Sequence[str] | str | None = None,
 ) -> EvalResult:
     """Generate, keep and score the grid identities x prompts x seeds x scales; write results and summary.
 
@@ -102,6 +118,15 @@ def run_eval(
     They are generated with the group's ``regions`` and every person is scored on the face the best
     assignment gives them (:meth:`~faceid.scoring.IdentityScorer.score_people`); the row's ``similarity``
     is the mean over the people, ``similarity_min`` the least-like person, ``people`` each one's scores.
+
+    ``methods``: compare identity methods on the same grid (``["faceid", "instantid"]`` or ``"faceid,instantid"``;
+    how FaceID variants are named: :mod:`faceid.evaluation.methods`), all loaded on ``pipe``. Each method's grid
+    goes to ``out_dir/<method>/`` (its images, ``results.jsonl``, ``summary.json``/``.md``, resumable on its own);
+    ``out_dir`` gets the comparison: ``summary.json``/``summary.md`` (one row per method: identity similarity per
+    recognizer, which recognizer the method was trained with, CLIP-T, seconds per image, count),
+    ``results.jsonl`` (every row, with its ``method``), and ``plots/<method>.png`` (each method's identity vs
+    CLIP-T over the scales) and ``plots/methods.png`` (a point per method). ``result.methods`` holds each
+    method's own :class:`EvalResult`. Every method is checked (known, wired, loaded) before the first image.
     """
     say = log or logger.info
     if isinstance(prompts, (str, os.PathLike)) or prompts is None:
@@ -124,12 +149,21 @@ def run_eval(
 
     # Everything that can fail on the inputs fails here, before the first image is generated.
     shared = GenerationSettings.parse(settings)
-    axes = sorted(shared.model_fields_set & {"prompt", "seed", "scale", "num_images_per_prompt", "regions"})
+    grid_axes = {"prompt", "seed", "scale", "num_images_per_prompt", "regions"} | ({"method"} if methods else set())
+    axes = sorted(shared.model_fields_set & grid_axes)
     if axes:
         raise FaceIDError(
-            f"the evaluation grid sets {', '.join(axes)} itself: use its prompts, seeds and scales (and groups)"
+            f"the evaluation grid sets {', '.join(axes)} itself: use its prompts, seeds and scales (and groups"
+            + (", and its methods)" if methods else ")")
         )
-    shared = pipe.resolve_settings(shared)
+    entries = resolve_methods(pipe, parse_methods(methods)) if methods is not None else None
+    if entries and groups and any(e.method != "faceid" for e in entries):
+        others = ", ".join(e.name for e in entries if e.method != "faceid")
+        raise FaceIDError(f"groups (several people in one picture) are FaceID's: {others} picture one person")
+    # The settings of each grid: one, or one per method (its own defaults and the shared values it takes).
+    runs = [(None, out_dir, pipe.resolve_settings(shared))]
+    if entries is not None:
+        runs = [(e, out_dir / e.name, pipe.resolve_settings(settings_for_method(shared, e))) for e in entries]
     faces = {name: pipe.face_analyzer.get(photo, index=shared.face_index) for name, photo in identities}
     for scorer in scorers:  # a reference photo in which a recognizer finds no face fails here
         if hasattr(scorer, "reference_embedding"):
@@ -138,72 +172,18 @@ def run_eval(
 
     extra = dict(extra_metadata or {})
     records = {name: file_record(photo) for name, photo in identities}  # by name and sha256, never a path
+    grid = _Grid(prompts, seeds, scales, cases, photos, records, faces, extra)
+    # Every grid's plan before any image: a folder of another run fails here, not halfway.
+    plans = [_plan(grid, folder, run_settings, resume, overwrite) for _, folder, run_settings in runs]
 
-    # ---- plan: which images are already there (a folder of another run fails here, not halfway) ----
-    jobs: list[dict[str, Any]] = []
-    todo: list[tuple[tuple[str, tuple[str, ...], Any], int, float, list[dict[str, Any]]]] = []
-    reused = 0
-    for scale in scales:
-        for case in cases:
-            name, people, regions = case
-            # Who is pictured: one identity as always, a group's people in their order; and their photos.
-            who: dict[str, Any] = {"identity": name, **({} if regions is None else {"people": list(people)})}
-            who["face"] = [records[p] for p in people]
-            placement = {} if regions is None else {"regions": regions}
-            for p_index, prompt in enumerate(prompts):
-                missing = []
-                for seed in seeds:
-                    path = out_dir / "images" / f"scale_{_fmt_scale(scale)}" / name / f"p{p_index:02d}_s{seed}.png"
-                    # What reproduces this image alone, and where it belongs in the grid.
-                    metadata = {
-                        **shareable_settings(shared.replace(prompt=prompt, seed=seed, scale=scale, **placement)),
-                        **who,
-                        "prompt_index": p_index,
-                        **extra,
-                        "faceid_version": __version__,
-                    }
-                    job = {"identity": name, "people": people, "group": regions is not None}
-                    job.update({"photos": [photos[p] for p in people], "prompt": prompt, "prompt_index": p_index})
-                    job.update({"seed": seed, "scale": scale, "path": path, "metadata": metadata})
-                    jobs.append(job)
-                    if resume and path.exists() and _same_settings(path, metadata, overwrite):
-                        reused += 1
-                    else:
-                        missing.append(job)
-                if missing:
-                    todo.append((case, p_index, scale, missing))
-
-    # ---- generate what is missing ---------------------------------------------------------------
-    generated = 0
-    step = max(1, int(batch_size))
-    for (name, people, regions), p_index, scale, missing in todo:
-        placement = {} if regions is None else {"regions": regions}
-        for start in range(0, len(missing), step):
-            chunk = missing[start : start + step]
-            request = shared.replace(
-                prompt=chunk[0]["prompt"],
-                num_images_per_prompt=len(chunk),
-                seed=[j["seed"] for j in chunk],
-                scale=scale,
-                **placement,
-            )
-            # A group: all its people in every image, person k in region k.
-            face = faces[name] if regions is None else [faces[p] for p in people]
-            result = pipe(face=face, settings=request)
-            for job, image in zip(chunk, result.images, strict=True):
-                job["path"].parent.mkdir(parents=True, exist_ok=True)
-                save_png(image, job["path"], job["metadata"])
-                generated += 1
-            say(f"[{generated}/{len(jobs) - reused}] {name} p{p_index:02d} scale {scale:g}: {len(chunk)} image(s)")
-    say(f"{generated} image(s) generated, {reused} reused from {out_dir}")
-
-    # ---- score --------------------------------------------------------------------------------
-    rows = _score_jobs(jobs, scorers, clip_scorer, out_dir, say)
-    summary = summarize(
-        rows,
-        recognizers=names,
-        settings={
-            **shared.to_json(),
+    results = []
+    for (entry, folder, run_settings), plan in zip(runs, plans, strict=True):
+        if entry is not None:
+            say(f"method {entry.name} ({entry.title}) into {folder}")
+        generated, seconds = _generate(pipe, grid, plan, batch_size, say, folder)
+        rows = _score_jobs(plan.jobs, scorers, clip_scorer, folder, say)
+        run_info = {
+            **run_settings.to_json(),
             **extra,
             "identities": [name for name, _ in identities],
             **({"groups": [name for name, _, regions in cases if regions is not None]} if groups else {}),
@@ -213,15 +193,160 @@ def run_eval(
             "recognizers": names,
             "clip_model": clip_scorer.name if clip_scorer is not None else None,
             "faceid_version": __version__,
+        }
+        summary = summarize(rows, recognizers=names, settings=run_info)
+        summary["timing"] = _timing(folder, generated, seconds)
+        folder.mkdir(parents=True, exist_ok=True)
+        write_jsonl(folder / "results.jsonl", rows)
+        atomic_write(folder / "summary.json", json.dumps(summary, indent=2) + "\n")
+        atomic_write(folder / "summary.md", summary_markdown(summary))
+        # A comparison draws its own plots (one per method and one of all); a single run, its curve and the rest.
+        plot_paths = write_plots(summary, rows, folder / "plots", say) if plots and entry is None else []
+        results.append(EvalResult(rows, summary, folder, generated, plan.reused, plot_paths))
+        say(f"results: {folder / 'results.jsonl'}; summary: {folder / 'summary.md'}")
+    if entries is None:
+        return results[0]
+
+    # ---- the comparison of the methods ---------------------------------------------------------
+    by_method = {entry.name: result for entry, result in zip(entries, results, strict=True)}
+    comparison = compare_methods(
+        entries,
+        {name: result.summary for name, result in by_method.items()},
+        {scorer.name: scorer_recognizer(scorer) for scorer in scorers},
+        {
+            **{k: v for k, v in results[0].summary["settings"].items() if k not in _PER_METHOD},
+            "methods": [entry.name for entry in entries],
         },
     )
-    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = [
+        {"method": name, **row, "path": _relative(result.out_dir / row["path"], out_dir)}
+        for name, result in by_method.items()
+        for row in result.rows
+    ]
     write_jsonl(out_dir / "results.jsonl", rows)
-    atomic_write(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-    atomic_write(out_dir / "summary.md", summary_markdown(summary))
-    plot_paths = write_plots(summary, rows, out_dir / "plots", say) if plots else []
-    say(f"results: {out_dir / 'results.jsonl'}; summary: {out_dir / 'summary.md'}")
-    return EvalResult(rows, summary, out_dir, generated, reused, plot_paths)
+    atomic_write(out_dir / "summary.json", json.dumps(comparison, indent=2) + "\n")
+    atomic_write(out_dir / "summary.md", methods_markdown(comparison))
+    plot_paths = write_method_plots(comparison, out_dir / "plots", say) if plots else []
+    say(f"methods compared: {out_dir / 'summary.md'}")
+    return EvalResult(
+        rows,
+        comparison,
+        out_dir,
+        sum(r.generated for r in results),
+        sum(r.reused for r in results),
+        plot_paths,
+        methods=by_method,
+    )
+
+
+# Settings a comparison's methods do not share (each method's folder has its own).
+_PER_METHOD = {"method", "scale", "identitynet_scale", "combine", "shortcut", "s_scale", "lora_scale", "adapter"}
+
+
+@dataclass
+class _Grid:
+    """What every grid of a run shares: prompts, seeds, scales, the cases, their photos and faces."""
+
+    prompts: list[str]
+    seeds: list[int]
+    scales: list[float]
+    cases: list[tuple[str, tuple[str, ...], Any]]
+    photos: dict[str, Path]
+    records: dict[str, Any]
+    faces: dict[str, Any]
+    extra: dict[str, Any]
+
+
+@dataclass
+class _Plan:
+    """One grid in one folder: every image (``jobs``), those to generate (``todo``), how many are there."""
+
+    settings: GenerationSettings
+    jobs: list[dict[str, Any]]
+    todo: list[tuple[tuple[str, tuple[str, ...], Any], int, float, list[dict[str, Any]]]]
+    reused: int
+
+
+def _plan(grid: _Grid, out_dir: Path, shared: GenerationSettings, resume: bool, overwrite: bool) -> _Plan:
+    """Which images of the grid are already in ``out_dir`` (an image there made with other settings is an error
+    unless ``overwrite``), and which to generate."""
+    jobs: list[dict[str, Any]] = []
+    todo: list[tuple[tuple[str, tuple[str, ...], Any], int, float, list[dict[str, Any]]]] = []
+    reused = 0
+    for scale in grid.scales:
+        for case in grid.cases:
+            name, people, regions = case
+            # Who is pictured: one identity as always, a group's people in their order; and their photos.
+            who: dict[str, Any] = {"identity": name, **({} if regions is None else {"people": list(people)})}
+            who["face"] = [grid.records[p] for p in people]
+            placement = {} if regions is None else {"regions": regions}
+            for p_index, prompt in enumerate(grid.prompts):
+                missing = []
+                for seed in grid.seeds:
+                    path = out_dir / "images" / f"scale_{_fmt_scale(scale)}" / name / f"p{p_index:02d}_s{seed}.png"
+                    # What reproduces this image alone, and where it belongs in the grid.
+                    metadata = {
+                        **shareable_settings(shared.replace(prompt=prompt, seed=seed, scale=scale, **placement)),
+                        **who,
+                        "prompt_index": p_index,
+                        **grid.extra,
+                        "faceid_version": __version__,
+                    }
+                    job = {"identity": name, "people": people, "group": regions is not None}
+                    job.update({"photos": [grid.photos[p] for p in people], "prompt": prompt, "prompt_index": p_index})
+                    job.update({"seed": seed, "scale": scale, "path": path, "metadata": metadata})
+                    jobs.append(job)
+                    if resume and path.exists() and _same_settings(path, metadata, overwrite):
+                        reused += 1
+                    else:
+                        missing.append(job)
+                if missing:
+                    todo.append((case, p_index, scale, missing))
+    return _Plan(shared, jobs, todo, reused)
+
+
+def _generate(pipe, grid: _Grid, plan: _Plan, batch_size: int, say, out_dir: Path) -> tuple[int, float]:
+    """Generate what the plan is missing; (images generated, seconds the pipeline calls took)."""
+    generated, seconds = 0, 0.0
+    step = max(1, int(batch_size))
+    for (name, people, regions), p_index, scale, missing in plan.todo:
+        placement = {} if regions is None else {"regions": regions}
+        for start in range(0, len(missing), step):
+            chunk = missing[start : start + step]
+            request = plan.settings.replace(
+                prompt=chunk[0]["prompt"],
+                num_images_per_prompt=len(chunk),
+                seed=[j["seed"] for j in chunk],
+                scale=scale,
+                **placement,
+            )
+            # A group: all its people in every image, person k in region k.
+            face = grid.faces[name] if regions is None else [grid.faces[p] for p in people]
+            began = time.perf_counter()
+            result = pipe(face=face, settings=request)
+            seconds += time.perf_counter() - began
+            for job, image in zip(chunk, result.images, strict=True):
+                job["path"].parent.mkdir(parents=True, exist_ok=True)
+                save_png(image, job["path"], job["metadata"])
+                generated += 1
+            say(
+                f"[{generated}/{len(plan.jobs) - plan.reused}] {name} p{p_index:02d} scale {scale:g}: "
+                f"{len(chunk)} image(s)"
+            )
+    say(f"{generated} image(s) generated, {plan.reused} reused from {out_dir}")
+    return generated, seconds
+
+
+def _timing(folder: Path, generated: int, seconds: float) -> dict[str, Any]:
+    """Seconds per image of the images this run generated; when it generated none (all resumed), the last
+    run's figure from the folder's summary.json."""
+    if generated:
+        return {"images": generated, "seconds": seconds, "seconds_per_image": seconds / generated}
+    try:
+        previous = json.loads((folder / "summary.json").read_text())["timing"]
+        return {**previous, "from_earlier_run": True}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {"images": 0, "seconds": 0.0, "seconds_per_image": None}
 
 
 def _fmt_scale(scale: float) -> str:

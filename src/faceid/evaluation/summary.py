@@ -137,6 +137,7 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
         ("recognizers", ", ".join(recs) or None),
         ("CLIP (CLIP-T, diversity)", settings.get("clip_model")),
         ("images", summary["overall"]["n"]),
+        ("seconds per image", _seconds_per_image(summary.get("timing"))),
     ]
     lines += [f"- {key}: {value}" for key, value in described if value is not None]
     lines += [
@@ -201,3 +202,11 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
                 lines.append("| " + " | ".join(cells) + " |")
             lines.append("")
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _seconds_per_image(timing: Mapping[str, Any] | None) -> str | None:
+    """``timing`` (what run_eval measured) in words: seconds per generated image, over how many."""
+    if not timing or timing.get("seconds_per_image") is None:
+        return None
+    earlier = ", an earlier run's" if timing.get("from_earlier_run") else ""
+    return f"{timing['seconds_per_image']:.3g} (over {timing['images']} generated image(s){earlier})"

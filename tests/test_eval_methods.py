@@ -1,0 +1,262 @@
+"""Comparing identity methods in one evaluation (``faceid eval --method faceid,instantid``, ``run_eval(...,
+methods=...)``) on the tests' tiny SDXL with its tiny FaceID adapter and a tiny InstantID in the released layout
+(``tiny_models.build_instantid``), stand-in face models of both insightface packs, SFace and a tiny CLIP.
+
+Checked: the same grid (2 identities x 2 prompts x 1 seed) runs through each method into its own folder; the
+comparison table (summary.json, summary.md, the printed table) has both methods with every column filled and the
+right counts, and says which recognizer each method is conditioned on; the plots (one per method and the
+comparison) are PNGs that decode; an image equals what ``FaceIDPipeline`` gives for its stored settings; a second
+run resumes (nothing generated, the earlier timing kept); unknown, unwired or unloaded methods, a method without
+weights and two FaceID variants are refused before any image.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from face_helpers import make_test_face_models_dir
+from PIL import Image
+from tiny_models import build_instantid
+
+from faceid.cli import main
+from faceid.errors import FaceIDError
+from faceid.evaluation import run_eval
+from faceid.evaluation.methods import settings_for_method, training_recognizer
+from faceid.outputs import read_settings
+from faceid.pipeline import FaceIDPipeline
+from faceid.scoring import ClipTextScorer, IdentityScorer, sface_scorer
+from faceid.settings import GenerationSettings
+
+PROMPTS = ["a photo of a person in a garden", "an oil painting of a person"]
+TINY = {"num_inference_steps": 1, "width": 48, "height": 32}
+
+
+@pytest.fixture(scope="module")
+def instantid_dir(tiny_models, tmp_path_factory):
+    return build_instantid(tiny_models.sdxl, tmp_path_factory.mktemp("instantid") / "InstantID", seed=5)
+
+
+@pytest.fixture(scope="module")
+def both_packs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("face-packs")
+    make_test_face_models_dir(folder, pack="buffalo_l")
+    return make_test_face_models_dir(folder, pack="antelopev2")
+
+
+@pytest.fixture(scope="module")
+def one_person(tmp_path_factory, faces_dir):
+    folder = tmp_path_factory.mktemp("identity")
+    shutil.copyfile(faces_dir / "obama.jpg", folder / "obama.jpg")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def two_people(tmp_path_factory, faces_dir):
+    folder = tmp_path_factory.mktemp("identities")
+    for name in ("obama", "biden"):
+        shutil.copyfile(faces_dir / f"{name}.jpg", folder / f"{name}.jpg")
+    return folder
+
+
+def _load(tiny_models, face_models, **kwargs):
+    return FaceIDPipeline.from_pretrained(
+        tiny_models.sdxl,
+        tiny_models.adapter("faceid-sdxl"),
+        device="cpu",
+        progress=False,
+        face_models=face_models,
+        **kwargs,
+    )
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_models, both_packs, instantid_dir):
+    return _load(tiny_models, both_packs, methods={"instantid": instantid_dir})
+
+
+class CountingPipe:
+    """The real pipeline, counting the images it is asked to generate."""
+
+    def __init__(self, pipe):
+        self._pipe = pipe
+        self.images = 0
+
+    def __call__(self, *args, **kwargs):
+        self.images += kwargs["settings"].num_images_per_prompt
+        return self._pipe(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._pipe, name)
+
+
+def _decodes(path):
+    with Image.open(path) as image:
+        assert image.format == "PNG" and min(image.size) > 100
+        image.load()
+
+
+# ---------------------------------------------------------------------- the command
+def test_eval_command_compares_faceid_and_instantid(
+    tmp_path, capsys, tiny_models, both_packs, instantid_dir, two_people, tiny_clip_dir, pipe
+):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    out = tmp_path / "compare"
+    argv = ["eval", "--faces", str(two_people), "--prompts", str(prompts), "--seeds", "1", "--scales", "0.6",
+            "--method", "faceid,instantid", "--method-weights", f"instantid={instantid_dir}",
+            "--identitynet-scale", "0.7", "--out", str(out),
+            "--base-model", str(tiny_models.sdxl), "--adapter", str(tiny_models.adapter("faceid-sdxl")),
+            "--face-models", str(both_packs), "--clip", str(tiny_clip_dir), "--device", "cpu",
+            "--steps", "1", "--width", "48", "--height", "32"]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "2 identities x 2 prompts x 1 seeds x 1 scales x 2 methods (faceid, instantid) = 8 images" in printed
+
+    # The table: both methods, every column filled, the counts right; which recognizer each was trained with.
+    summary = json.loads((out / "summary.json").read_text())
+    methods = {m["method"]: m for m in summary["methods"]}
+    assert list(methods) == ["faceid", "instantid"] and summary["settings"]["methods"] == ["faceid", "instantid"]
+    for m in methods.values():
+        assert m["n"] == 4 and m["clip_t"]["n"] == 4 and m["seconds_per_image"] > 0
+        assert m["timing"]["images"] == 4
+        for rec in ("arcface", "sface"):
+            stats = m["identity"][rec]
+            assert stats["mean"] is not None and stats["std"] is not None and stats["detection_rate"] is not None
+        assert m["clip_t"]["mean"] is not None and [g["scale"] for g in m["by_scale"]] == [0.6]
+    assert methods["faceid"]["trained_with"].startswith("w600k_r50.onnx")
+    assert methods["instantid"]["trained_with"].startswith("glintr100.onnx")
+    assert (methods["faceid"]["trained_on"], methods["faceid"]["independent"]) == (["arcface"], ["sface"])
+    assert (methods["instantid"]["trained_on"], methods["instantid"]["independent"]) == ([], ["arcface", "sface"])
+    markdown = (out / "summary.md").read_text()
+    for text in (markdown, printed):
+        table = [
+            line for line in text.splitlines() if line.startswith("| faceid |") or line.startswith("| instantid |")
+        ]
+        assert len(table) >= 2
+        faceid_row = next(line for line in table if line.startswith("| faceid |"))
+        instantid_row = next(line for line in table if line.startswith("| instantid |"))
+        cells = [c.strip() for c in faceid_row.strip("|").split("|")]
+        assert len(cells) == 7 and "-" not in cells and cells[2] == "4" and cells[3].endswith(" *")
+        cells = [c.strip() for c in instantid_row.strip("|").split("|")]
+        assert len(cells) == 7 and "-" not in cells and cells[2] == "4" and "*" not in cells[3]
+        assert "arcface similarity | sface similarity | CLIP-T | s / image" in text
+
+    # The plots: one per method and the comparison, all PNGs that decode.
+    assert sorted(p.name for p in (out / "plots").iterdir()) == ["faceid.png", "instantid.png", "methods.png"]
+    for plot in (out / "plots").iterdir():
+        _decodes(plot)
+
+    # Per method folders, each an evaluation folder of its own; the run folder's results name the method.
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["method"] for r in rows] == ["faceid"] * 4 + ["instantid"] * 4
+    for name in ("faceid", "instantid"):
+        images = sorted((out / name / "images").rglob("*.png"))
+        assert [p.relative_to(out / name).as_posix() for p in images] == [
+            f"images/scale_0.6/{who}/p{k:02d}_s0.png" for who in ("biden", "obama") for k in (0, 1)
+        ]
+        assert len((out / name / "results.jsonl").read_text().splitlines()) == 4
+        assert json.loads((out / name / "summary.json").read_text())["overall"]["n"] == 4
+        stored = read_settings(images[0])
+        assert stored["method"] == name and stored["scale"] == 0.6
+        assert stored.get("identitynet_scale") == (0.7 if name == "instantid" else None)  # InstantID's alone
+
+    # Spot check: an InstantID image is what FaceIDPipeline gives for its stored settings.
+    image = out / "instantid" / "images" / "scale_0.6" / "obama" / "p01_s0.png"
+    again = pipe(face=two_people / "obama.jpg", settings=GenerationSettings.from_png(image)).images[0]
+    np.testing.assert_array_equal(np.asarray(again), np.asarray(Image.open(image)))
+
+
+def test_the_command_refuses_before_loading(tmp_path, capsys, tiny_models, both_packs, instantid_dir, two_people):
+    out = tmp_path / "out"
+    base = ["eval", "--faces", str(two_people), "--seeds", "1", "--scales", "1", "--out", str(out),
+            "--base-model", str(tiny_models.sdxl), "--face-models", str(both_packs), "--no-clip", "--device", "cpu"]  # fmt: skip
+    weights = ["--method-weights", f"instantid={instantid_dir}"]
+    refusals = {
+        ("--method", "faceid,bogus"): "unknown identity method 'bogus'",
+        ("--method", "faceid,instantid"): "--method instantid needs --method-weights instantid=FOLDER",
+        ("--method", "faceid,pulid", *weights): r"method pulid \(PuLID v1.1\) is not wired into generation",
+        ("--method", "faceid,faceid-plusv2", *weights): "names 2 FaceID variants.*one FaceID adapter",
+        ("--method", "faceid-nonsense"): "unknown FaceID variant 'faceid-nonsense'",
+        ("--method", "instantid,instantid", *weights): "names instantid twice",
+        tuple(weights): "--method-weights goes with --method",
+    }
+    import re
+
+    for flags, message in refusals.items():
+        assert main(base + list(flags)) == 2, flags
+        assert re.search(message, capsys.readouterr().err), (flags, message)
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------------- the Python API
+def test_run_eval_refuses_methods_before_generating(tmp_path, tiny_models, both_packs, pipe, two_people):
+    plain = CountingPipe(_load(tiny_models, both_packs))
+    scorers = [sface_scorer()]
+    out = tmp_path / "out"
+
+    def run(target, methods, **extra):
+        options = {"settings": TINY, "methods": methods, **extra}
+        return run_eval(target, two_people, PROMPTS, 1, [1.0], out, scorers, **options)
+
+    with pytest.raises(FaceIDError, match=r"method instantid \(InstantID\) is not loaded on this pipeline"):
+        run(plain, ["faceid", "instantid"])
+    with pytest.raises(FaceIDError, match="faceid-plusv2 in the method list, but this pipeline's FaceID adapter"):
+        run(plain, "faceid-plusv2,instantid")
+    with pytest.raises(FaceIDError, match="the evaluation grid sets method itself"):
+        run(plain, ["faceid"], **{"settings": {**TINY, "method": "faceid"}})
+    with pytest.raises(FaceIDError, match="groups .* are FaceID's: instantid"):
+        run(CountingPipe(pipe), ["faceid", "instantid"], groups=["obama,biden"])
+    assert plain.images == 0 and not out.exists()
+
+
+def test_run_eval_with_methods_in_python(tmp_path, pipe, both_packs, one_person, tiny_clip_dir):
+    """The API gives what the command does: a result per method, the comparison, its plots; the loaded FaceID
+    adapter's variant is a name for it; the shared settings go to the method they belong to; a second run
+    resumes."""
+    from faceid.faces import FaceAnalyzer
+
+    counting = CountingPipe(pipe)
+    scorers = [IdentityScorer(FaceAnalyzer.from_dir(both_packs)), sface_scorer()]
+    clip = ClipTextScorer(tiny_clip_dir, device="cpu")
+    settings = {**TINY, "lora_scale": 0.5}  # FaceID's: the instantid grid leaves it out
+    out = tmp_path / "x"
+
+    def run(**extra):
+        return run_eval(counting, one_person, PROMPTS[:1], 1, [1.0], out, scorers, clip, settings=settings,
+                        methods=["instantid", "faceid"], **extra)  # fmt: skip
+
+    result = run()
+    assert counting.images == 2 and result.generated == 2 and list(result.methods) == ["instantid", "faceid"]
+    assert [m["method"] for m in result.summary["methods"]] == ["instantid", "faceid"]
+    assert [p.name for p in result.plots] == ["instantid.png", "faceid.png", "methods.png"]
+    assert result.methods["faceid"].summary["settings"]["lora_scale"] == 0.5
+    assert "lora_scale" not in result.methods["instantid"].summary["settings"]
+    assert result.methods["instantid"].summary["settings"]["identitynet_scale"] == 0.8  # the method's default
+    assert [r["method"] for r in result.rows] == ["instantid", "faceid"]
+    # The two methods made different pictures of the same grid.
+    a, b = (np.asarray(Image.open(out / m / "images/scale_1/obama/p00_s0.png"), np.int16)
+            for m in ("faceid", "instantid"))  # fmt: skip
+    assert np.abs(a - b).max() > 0
+
+    # Again: everything is there, nothing is generated, the timing is the first run's.
+    again = run(plots=False)
+    assert counting.images == 2 and (again.generated, again.reused) == (0, 2)
+    for first, second in zip(result.summary["methods"], again.summary["methods"], strict=True):
+        assert second["seconds_per_image"] == first["seconds_per_image"] > 0
+        assert second["timing"]["from_earlier_run"] is True
+    assert again.summary["methods"][1]["identity"] == result.summary["methods"][1]["identity"]
+
+
+def test_method_settings_and_training_recognizers():
+    from faceid.evaluation.methods import EvalMethod
+
+    shared = GenerationSettings.parse({"num_inference_steps": 3, "lora_scale": 0.4, "identitynet_scale": 0.6})
+    faceid = settings_for_method(shared, EvalMethod("faceid-plusv2", "faceid"))
+    instantid = settings_for_method(shared, EvalMethod("instantid", "instantid"))
+    assert (faceid.method, faceid.lora_scale, faceid.identitynet_scale) == ("faceid", 0.4, None)
+    assert (instantid.method, instantid.lora_scale, instantid.identitynet_scale) == ("instantid", None, 0.6)
+    assert instantid.num_inference_steps == faceid.num_inference_steps == 3
+    assert training_recognizer("faceid") == "w600k_r50" and training_recognizer("instantid") == "glintr100"
