@@ -254,7 +254,7 @@ def test_serve_controlnet_flags(tmp_path, capsys):
     assert main(["serve", "--data-dir", data, "--controlnet", "canny=a", "--controlnet", "canny=b"]) == 2
     assert "given twice" in capsys.readouterr().err
     assert main(["serve", "--data-dir", data, "--ray", "--controlnet", "canny=a"]) == 2
-    assert "--ray runs text-to-image only" in capsys.readouterr().err
+    assert "--ray runs FaceID text-to-image only" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
 
 
