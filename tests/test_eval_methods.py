@@ -4,7 +4,9 @@ methods=...)``) on the tests' tiny SDXL with its tiny FaceID adapter and a tiny 
 
 Checked: the same grid (2 identities x 2 prompts x 1 seed) runs through each method into its own folder; the
 comparison table (summary.json, summary.md, the printed table) has both methods with every column filled and the
-right counts, and says which recognizer each method is conditioned on; the plots (one per method and the
+right counts, and says which recognizer each method is conditioned on; InstantID's own recognizer (antelopev2's
+``glintr100``) is added as a scorer by itself and marked as InstantID's, or, when its pack is not at hand, the
+summary says it is missing; the plots (one per method and the
 comparison) are PNGs that decode; an image equals what ``FaceIDPipeline`` gives for its stored settings; a second
 run resumes (nothing generated, the earlier timing kept); unknown, unwired or unloaded methods, a method without
 weights and two FaceID variants are refused before any image.
@@ -122,14 +124,19 @@ def test_eval_command_compares_faceid_and_instantid(
     for m in methods.values():
         assert m["n"] == 4 and m["clip_t"]["n"] == 4 and m["seconds_per_image"] > 0
         assert m["timing"]["images"] == 4
-        for rec in ("arcface", "sface"):
+        for rec in ("arcface", "sface", "glintr100"):  # glintr100 added by the comparison: InstantID's recognizer
             stats = m["identity"][rec]
             assert stats["mean"] is not None and stats["std"] is not None and stats["detection_rate"] is not None
         assert m["clip_t"]["mean"] is not None and [g["scale"] for g in m["by_scale"]] == [0.6]
     assert methods["faceid"]["trained_with"].startswith("w600k_r50.onnx")
     assert methods["instantid"]["trained_with"].startswith("glintr100.onnx")
-    assert (methods["faceid"]["trained_on"], methods["faceid"]["independent"]) == (["arcface"], ["sface"])
-    assert (methods["instantid"]["trained_on"], methods["instantid"]["independent"]) == ([], ["arcface", "sface"])
+    assert summary["settings"]["recognizers"] == ["arcface", "sface", "glintr100"]
+    assert "missing_recognizers" not in summary
+    assert (methods["faceid"]["trained_on"], methods["faceid"]["independent"]) == (["arcface"], ["sface", "glintr100"])
+    assert (methods["instantid"]["trained_on"], methods["instantid"]["independent"]) == (
+        ["glintr100"],
+        ["arcface", "sface"],
+    )
     markdown = (out / "summary.md").read_text()
     for text in (markdown, printed):
         table = [
@@ -139,10 +146,13 @@ def test_eval_command_compares_faceid_and_instantid(
         faceid_row = next(line for line in table if line.startswith("| faceid |"))
         instantid_row = next(line for line in table if line.startswith("| instantid |"))
         cells = [c.strip() for c in faceid_row.strip("|").split("|")]
-        assert len(cells) == 7 and "-" not in cells and cells[2] == "4" and cells[3].endswith(" *")
+        assert len(cells) == 8 and "-" not in cells and cells[2] == "4" and cells[3].endswith(" *")
+        assert "*" not in cells[5]
         cells = [c.strip() for c in instantid_row.strip("|").split("|")]
-        assert len(cells) == 7 and "-" not in cells and cells[2] == "4" and "*" not in cells[3]
-        assert "arcface similarity | sface similarity | CLIP-T | s / image" in text
+        assert len(cells) == 8 and "-" not in cells and cells[2] == "4" and "*" not in cells[3]
+        assert cells[5].endswith(" *")
+        assert "arcface similarity | sface similarity | glintr100 similarity | CLIP-T | s / image" in text
+        assert "not scored by its training recognizer" not in text
 
     # The plots: one per method and the comparison, all PNGs that decode.
     assert sorted(p.name for p in (out / "plots").iterdir()) == ["faceid.png", "instantid.png", "methods.png"]
@@ -260,3 +270,32 @@ def test_method_settings_and_training_recognizers():
     assert (instantid.method, instantid.lora_scale, instantid.identitynet_scale) == ("instantid", None, 0.6)
     assert instantid.num_inference_steps == faceid.num_inference_steps == 3
     assert training_recognizer("faceid") == "w600k_r50" and training_recognizer("instantid") == "glintr100"
+
+
+def test_a_training_recognizer_not_at_hand_is_said_missing(tmp_path, monkeypatch, both_packs):
+    """Without antelopev2 (the analyzer lacks it, the caches are empty), InstantID is not scored by glintr100 and
+    the comparison says so; with the pack in the analyzer, the glintr100 scorer is added (once for two methods
+    trained on it would be the same: an arcface scorer already there is not added again)."""
+    from faceid.evaluation.methods import EvalMethod, compare_methods, methods_markdown, training_scorers
+    from faceid.faces import FaceAnalyzer
+
+    monkeypatch.setenv("FACEID_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("HOME", str(tmp_path))  # insightface's ~/.insightface cache: empty too
+    entries = [EvalMethod("faceid", "faceid"), EvalMethod("instantid", "instantid")]
+    buffalo = FaceAnalyzer.from_dir(make_test_face_models_dir(tmp_path / "buffalo", pack="buffalo_l"))
+    scorers = [IdentityScorer(buffalo)]
+    added, missing = training_scorers(entries, scorers, buffalo)
+    assert added == [] and list(missing) == ["glintr100"] and "antelopev2" in missing["glintr100"]
+
+    stats = {"mean": 0.5, "std": 0.1, "mean_detected": 0.5, "detection_rate": 1.0}
+    own = {"settings": {}, "overall": {"n": 1, "identity": {"arcface": stats}, "clip_t": stats}, "by_scale": []}
+    comparison = compare_methods(entries, {"faceid": own, "instantid": own}, {"arcface": "w600k_r50"},
+                                 {"recognizers": ["arcface"]}, missing)  # fmt: skip
+    assert comparison["missing_recognizers"] == missing
+    assert [m["training_recognizer"] for m in comparison["methods"]] == ["w600k_r50", "glintr100"]
+    lines = [line for line in methods_markdown(comparison).splitlines() if "not scored by" in line]
+    assert len(lines) == 1 and lines[0].startswith("- not scored by its training recognizer: instantid (glintr100: ")
+
+    # The pipeline's analyzer with antelopev2 (what loading InstantID gives): glintr100 is added, arcface is not.
+    added, missing = training_scorers(entries, scorers, buffalo.with_pack("antelopev2", both_packs))
+    assert [s.name for s in added] == ["glintr100"] and missing == {}

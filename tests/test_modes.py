@@ -147,6 +147,39 @@ def test_a_controlnet_of_the_other_family_is_refused(sd15_pipe, tiny_models, tmp
     np.testing.assert_array_equal(again, given.images)
 
 
+def test_a_controlnet_folder_loads_strictly(sd15_pipe, tmp_path):
+    """diffusers alone fills a missing tensor with random values and skips an extra one (a log line only): a
+    ControlNet folder whose weights miss a key, have one too many or one of another shape is refused, naming it."""
+    from safetensors.torch import load_file, save_file
+
+    from faceid.errors import CheckpointError
+
+    whole = tmp_path / "whole"
+    sd15_pipe.test_controlnets[0].save_pretrained(whole, safe_serialization=True)
+    tensors = load_file(str(whole / "diffusion_pytorch_model.safetensors"))
+    key = sorted(tensors)[len(tensors) // 2]
+
+    def folder_with(name, changed):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.json").write_text((whole / "config.json").read_text())
+        save_file(changed, str(folder / "diffusion_pytorch_model.safetensors"))
+        return folder
+
+    missing = folder_with("missing", {k: v for k, v in tensors.items() if k != key})
+    with pytest.raises(
+        CheckpointError, match=rf"ControlNet .*missing.* does not match its config: missing keys '{key}'"
+    ):
+        sd15_pipe.load_controlnet(missing)
+    extra = folder_with("extra", {**tensors, "controlnet_extra.weight": torch.zeros(2)})
+    with pytest.raises(CheckpointError, match="unexpected keys 'controlnet_extra.weight'"):
+        sd15_pipe.load_controlnet(extra)
+    other_shape = folder_with("shape", {**tensors, key: torch.zeros(*tensors[key].shape, 2)})
+    with pytest.raises(CheckpointError, match=rf"cannot load the ControlNet .*shape .*{key}"):
+        sd15_pipe.load_controlnet(other_shape)
+    assert sd15_pipe.load_controlnet(folder_with("same", tensors)) is not None  # the same tensors load
+
+
 def test_identity_window_and_identity_guidance_in_controlnet_mode(sd15_pipe):
     pipe, face = sd15_pipe, _face()
     control = ControlInput(_picture(2), pipe.test_controlnets[0], 1.0)

@@ -1,4 +1,5 @@
-"""Identity and prompt-fidelity scores on real photos: SFace (independent), the stand-in recognizer, tiny CLIP."""
+"""Identity and prompt-fidelity scores on real photos: SFace (independent), the stand-in recognizer, the glintr100
+scorer on stand-ins of insightface's two packs, tiny CLIP."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from faceid.errors import FaceIDError, NoFaceError
+from faceid.errors import FaceIDError, MissingWeightsError, NoFaceError
 from faceid.faces import FaceAnalyzer
 from faceid.scoring import (
     SFACE_COSINE_THRESHOLD,
@@ -18,6 +19,8 @@ from faceid.scoring import (
     SFaceAnalyzer,
     detection_rate,
     diversity,
+    glintr100_scorer,
+    pack_scorer,
     sface_scorer,
 )
 
@@ -190,6 +193,48 @@ def test_sface_uses_its_own_pipeline(sface, standin, faces_dir):
     assert face.aligned.shape == (112, 112, 3) and face.aligned.dtype == np.uint8
     assert face.embedding.shape == (128,) and np.linalg.norm(face.embedding) == pytest.approx(1.0, abs=1e-5)
     assert standin.name == "standin_recognizer" and sface.name == "sface"
+
+
+def test_the_glintr100_scorer_embeds_with_antelopev2s_recognizer(tmp_path, faces_dir):
+    """``glintr100``: InstantID's training recognizer, antelopev2's (here stand-ins of both packs, which give
+    different vectors): its scores are the cosines of antelopev2's embeddings, not buffalo_l's."""
+    from face_helpers import make_test_face_models_dir
+
+    from faceid.evaluation.methods import scorer_recognizer
+
+    both = make_test_face_models_dir(tmp_path / "both", pack="buffalo_l")
+    make_test_face_models_dir(both, pack="antelopev2")
+    obama, obama2 = faces_dir / "obama.jpg", faces_dir / "obama2.jpg"
+
+    def cosine(analyzer, pack):
+        a, b = (analyzer.get(photo).embedding_for(pack) for photo in (obama, obama2))
+        return float(np.dot(a, b))
+
+    glint = glintr100_scorer(both)
+    assert glint.name == "glintr100" and scorer_recognizer(glint) == "glintr100"
+    assert glint.analyzer.pack == "antelopev2" and not glint.analyzer.extra_recognizers  # runs that one alone
+    expected = cosine(FaceAnalyzer.from_pretrained(both, "antelopev2"), "antelopev2")
+    arcface = cosine(FaceAnalyzer.from_dir(both), "buffalo_l")
+    assert abs(expected - arcface) > 1e-3  # the two stand-ins disagree, so the check below tells them apart
+    assert glint.score(obama2, obama).similarity == pytest.approx(expected, abs=1e-5)
+
+    # Beside buffalo_l's analyzer: its detector is shared, and antelopev2's recognizer when it already runs it.
+    buffalo = FaceAnalyzer.from_dir(both)
+    beside = glintr100_scorer(both, analyzer=buffalo)
+    assert beside.analyzer.detector is buffalo.detector and beside.analyzer.recognizer is not buffalo.recognizer
+    assert beside.score(obama2, obama).similarity == pytest.approx(expected, abs=1e-5)
+    with_pack = buffalo.with_pack("antelopev2", both)
+    shared = pack_scorer("antelopev2", analyzer=with_pack, download=False)
+    assert shared.analyzer.recognizer is with_pack.extra_recognizers["antelopev2"]
+    assert shared.score(obama2, obama).similarity == pytest.approx(expected, abs=1e-5)
+    assert pack_scorer("buffalo_l", both).name == "arcface"
+
+    # A folder without antelopev2's recognizer is refused, naming the pack.
+    only_buffalo = make_test_face_models_dir(tmp_path / "buffalo", pack="buffalo_l")
+    with pytest.raises(MissingWeightsError, match="antelopev2"):
+        glintr100_scorer(only_buffalo)
+    with pytest.raises(FaceIDError, match="no scorer for face pack 'sface'"):
+        pack_scorer("sface")
 
 
 # ---------------------------------------------------------------------- CLIP-T

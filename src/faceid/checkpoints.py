@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import pickle
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -210,3 +212,32 @@ def save_state_dict(state: dict[str, dict[str, torch.Tensor]], path: str | Path,
         else:
             torch.save(cast, str(tmp))
     return path
+
+
+# ----------------------------------------------------------------------------------------------
+# diffusers models loaded strictly
+
+
+def check_loading_report(report: Mapping[str, Sequence[Any]], what: str, advice: str) -> None:
+    """Refuse a model whose weights did not match its config: ``report`` is the loading report of diffusers'
+    ``from_pretrained(..., output_loading_info=True)``, which fills a missing tensor with a fresh random one and
+    skips an unknown one with a log line only. A :class:`CheckpointError` naming the first missing, unexpected or
+    mismatched key (and how many more), ``what`` saying which model (``"IdentityNet in DIR"``), ``advice`` what
+    to check."""
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        keys = list(report.get(kind) or [])
+        if keys:
+            first = keys[0][0] if isinstance(keys[0], tuple) else keys[0]  # mismatched: (key, shape, shape)
+            more = f" and {len(keys) - 1} more" if len(keys) > 1 else ""
+            raise CheckpointError(
+                f"{what} does not match its config: {kind.replace('_', ' ')} {first!r}{more}; {advice}"
+            )
+
+
+def loading_error(exc: Exception, what: str, advice: str) -> CheckpointError:
+    """The :class:`CheckpointError` for a model folder that is there but does not load (unreadable weights, a
+    tensor of another shape: diffusers raises ``size mismatch for KEY``), with the error's first line."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    # A size mismatch's first line only says "Error(s) in loading state_dict": the line that names the key.
+    reason = next((line for line in lines if "size mismatch" in line), lines[0] if lines else "")
+    return CheckpointError(f"cannot load {what} ({type(exc).__name__}: {reason[:300]}); {advice}")

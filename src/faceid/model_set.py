@@ -430,15 +430,26 @@ class ModelSet:
     # ------------------------------------------------------------------ img2img, inpainting, ControlNet
     def load_controlnet(self, source: str | os.PathLike):
         """A diffusers ``ControlNetModel`` (Hub id or diffusers folder) in this pipeline's dtype, on its device,
-        for ``ControlInput(image, controlnet, scale, window)``; one made for the other family is refused."""
+        for ``ControlInput(image, controlnet, scale, window)``; one made for the other family is refused.
+
+        Loaded strictly, as InstantID's IdentityNet is: diffusers alone would fill a missing tensor with random
+        values and skip an extra one, so a weights file that does not match its config (a missing, unexpected or
+        mismatched key) is a :class:`~faceid.errors.CheckpointError` naming the key."""
         from diffusers import ControlNetModel
 
+        from .checkpoints import check_loading_report, loading_error
+
+        what = f"the ControlNet {source}"
+        advice = "is it a diffusers ControlNetModel folder (config.json and its weights), complete and not corrupted?"
         try:
-            controlnet = ControlNetModel.from_pretrained(
-                str(source), dtype=self.pipe.unet.dtype, local_files_only=offline()
+            controlnet, report = ControlNetModel.from_pretrained(
+                str(source), dtype=self.pipe.unet.dtype, local_files_only=offline(), output_loading_info=True
             )
         except Exception as exc:
+            if Path(str(source)).expanduser().exists():  # there, but its weights do not load
+                raise loading_error(exc, what, advice) from exc
             raise model_not_found(str(source), exc) from exc
+        check_loading_report(report, what, advice)
         check_controlnet(controlnet, self.pipe.unet, self.family, str(source))
         return controlnet.to(self.device).eval().requires_grad_(False)
 

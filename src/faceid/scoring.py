@@ -20,7 +20,9 @@ Plus two diagnostics: the **face detection rate** and the **diversity across see
 Recognizers are pluggable: :class:`IdentityScorer` takes any *face analyzer* (an object whose
 ``analyze(image)`` returns faces with ``box`` and L2-normalised ``embedding``), such as
 :class:`faceid.faces.FaceAnalyzer` (ArcFace buffalo_l, or the stand-in recognizer of the tests) or
-:class:`SFaceAnalyzer`.
+:class:`SFaceAnalyzer`. :func:`pack_scorer` scores with an insightface pack's recognizer: ``arcface`` (buffalo_l's
+``w600k_r50``, what FaceID is conditioned on) or ``glintr100`` (antelopev2's, what InstantID and PuLID are
+conditioned on), so each method can also be read on the recognizer it was trained with.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from .images import ImageSource, load_image, source_name
 __all__ = [
     "DEFAULT_CLIP_MODEL",
     "SFACE_COSINE_THRESHOLD",
+    "PACK_SCORERS",
     "ClipTextScorer",
     "FaceLike",
     "IdentityScore",
@@ -54,6 +57,8 @@ __all__ = [
     "default_sface_path",
     "detection_rate",
     "diversity",
+    "glintr100_scorer",
+    "pack_scorer",
     "sface_scorer",
 ]
 
@@ -65,6 +70,9 @@ DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
 SFACE_COSINE_THRESHOLD = 0.363
 
 _SFACE_FILE = "face_recognition_sface_2021dec_int8bq.onnx"
+
+#: The scorers of insightface packs' recognizers: scorer name -> pack (``faceid.faces.model_files.FACE_PACKS``).
+PACK_SCORERS = {"arcface": "buffalo_l", "glintr100": "antelopev2"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -256,6 +264,51 @@ def _analyzer_name(analyzer: Any) -> str:
         recognizer = getattr(analyzer, "recognizer", None)
         name = getattr(recognizer, "name", None) or type(analyzer).__name__
     return "arcface" if name == "w600k_r50" else str(name)
+
+
+def pack_scorer(
+    pack: str,
+    face_models: str | os.PathLike | None = None,
+    *,
+    analyzer: Any = None,
+    download: bool = True,
+) -> IdentityScorer:
+    """An :class:`IdentityScorer` on insightface pack ``pack``'s recognizer, named as :data:`PACK_SCORERS` names it
+    (``arcface`` for buffalo_l, ``glintr100`` for antelopev2).
+
+    ``analyzer``: a :class:`faceid.faces.FaceAnalyzer` to share: its detector (buffalo_l's and antelopev2's are the
+    same SCRFD file) and, when it already runs ``pack``'s recognizer (its main one, or an ``extra_recognizers``
+    one, as the analyzer of a pipeline with InstantID has antelopev2's), that recognizer too, so nothing is loaded
+    twice. Otherwise the recognizer is read as :func:`faceid.faces.pretrained_models` reads packs: from
+    ``face_models`` (a folder as ``--face-models`` takes, used as it is), else faceid's or insightface's cache,
+    downloaded into faceid's cache once when ``download``. The scorer's analyzer runs this one recognizer only.
+    """
+    from .faces import FaceAnalyzer
+    from .faces.model_files import pretrained_models
+    from .faces.recognize import ONNXRecognizer
+
+    names = {p: name for name, p in PACK_SCORERS.items()}
+    if pack not in names:
+        raise FaceIDError(
+            f"no scorer for face pack {pack!r}: {', '.join(f'{n} ({p})' for n, p in PACK_SCORERS.items())}"
+        )
+    if analyzer is None:
+        return IdentityScorer(FaceAnalyzer.from_pretrained(face_models, pack, download), name=names[pack])
+    if getattr(analyzer, "pack", None) == pack:
+        recognizer = analyzer.recognizer
+    elif pack in getattr(analyzer, "extra_recognizers", {}):
+        recognizer = analyzer.extra_recognizers[pack]
+    else:
+        recognizer = ONNXRecognizer(pretrained_models(face_models, pack, download)[1])
+    own = FaceAnalyzer(analyzer.detector, recognizer, analyzer.det_sizes, analyzer.max_detect_side, pack=pack)
+    return IdentityScorer(own, name=names[pack])
+
+
+def glintr100_scorer(
+    face_models: str | os.PathLike | None = None, *, analyzer: Any = None, download: bool = True
+) -> IdentityScorer:
+    """InstantID's and PuLID's recognizer: insightface antelopev2's ArcFace R100 ``glintr100`` (``pack_scorer``)."""
+    return pack_scorer("antelopev2", face_models, analyzer=analyzer, download=download)
 
 
 def _cache_key(reference: Any) -> str | None:

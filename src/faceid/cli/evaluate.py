@@ -137,6 +137,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if entries:
         print(_methods_table(result.summary))
         print("* the recognizer the method is conditioned on (it can flatter the method): compare on the others")
+        from ..evaluation.methods import missing_recognizer_lines
+
+        for line in missing_recognizer_lines(result.summary):
+            print(line[2:])
         print(f"\nwrote {Path(args.out) / 'summary.md'}, summary.json, results.jsonl, plots/ and a folder per method")
         return 0
     for group in result.summary["by_scale"]:

