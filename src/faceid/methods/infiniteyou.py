@@ -44,7 +44,7 @@ from diffusers.models.controlnets.controlnet_flux import FluxMultiControlNetMode
 from PIL import Image
 
 from ..adapter import load_strict
-from ..checkpoints import load_state_dict, perceiver_config
+from ..checkpoints import check_loading_report, load_state_dict, loading_error, perceiver_config
 from ..control import draw_kps
 from ..errors import CheckpointError, FaceIDError
 from ..projection import ImageResampler
@@ -102,19 +102,13 @@ def load_infusenet(folder: str | Path, torch_dtype: torch.dtype | None = None) -
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"InfuseNet not found: {folder} has no config.json (the released InfuseNetModel/)")
+    what, advice = f"InfuseNet in {folder}", "use the released InfuseNetModel/ folder of its model set"
     try:
         dtype = {} if torch_dtype is None else {"dtype": torch_dtype}
         infusenet, info = FluxControlNetModel.from_pretrained(str(folder), output_loading_info=True, **dtype)
     except Exception as exc:  # unreadable weights, a tensor of another shape
-        reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
-        raise CheckpointError(f"cannot load InfuseNet from {folder} ({type(exc).__name__}: {reason[:300]})") from exc
-    problems = [
-        f"{what} {', '.join(repr(k) for k in sorted(info.get(field) or ())[:5])}"
-        for field, what in (("missing_keys", "missing"), ("unexpected_keys", "unexpected"))
-        if info.get(field)
-    ]
-    if problems:
-        raise CheckpointError(f"{folder} does not match the InfuseNet layout: {'; '.join(problems)}")
+        raise loading_error(exc, what, advice) from exc
+    check_loading_report(info, what, advice)
     if infusenet.input_hint_block is not None or infusenet.union:
         raise CheckpointError(
             f"{folder} is a FLUX ControlNet of another kind (an input hint block or union modes): InfuseNet reads the "
