@@ -156,6 +156,39 @@ def tiny_clip_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def both_packs(tmp_path_factory) -> Path:
+    """A --face-models folder with both insightface packs' stand-ins: buffalo_l (w600k_r50.onnx) and antelopev2
+    (glintr100.onnx), for the identity methods' tests."""
+    from face_helpers import make_test_face_models_dir
+
+    folder = tmp_path_factory.mktemp("face-packs")
+    make_test_face_models_dir(folder, pack="buffalo_l")
+    return make_test_face_models_dir(folder, pack="antelopev2")
+
+
+@pytest.fixture(scope="session")
+def instantid_dir(tiny_models, tmp_path_factory) -> Path:
+    """A tiny InstantID in the released layout of InstantX/InstantID, for the tests' SDXL (read only)."""
+    from tiny_models import build_instantid
+
+    return build_instantid(tiny_models.sdxl, tmp_path_factory.mktemp("instantid") / "InstantID", seed=5)
+
+
+def load_tiny_sdxl(tiny_models: TinyModels, face_models, **kwargs):
+    """FaceIDPipeline on the tiny SDXL with the tiny FaceID-SDXL adapter and ``face_models``, on the CPU."""
+    from faceid.pipeline import FaceIDPipeline
+
+    return FaceIDPipeline.from_pretrained(
+        tiny_models.sdxl,
+        tiny_models.adapter("faceid-sdxl"),
+        device="cpu",
+        progress=False,
+        face_models=face_models,
+        **kwargs,
+    )
+
+
+@pytest.fixture(scope="session")
 def analyzer(face_models_dir):
     """Offline face analysis: YuNet + the stand-in recognizer."""
     from faceid.faces import FaceAnalyzer

@@ -19,33 +19,20 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import load_tiny_sdxl
 from face_helpers import make_test_face_models_dir
 from PIL import Image
-from tiny_models import build_instantid
 
 from faceid.cli import main
 from faceid.errors import FaceIDError
 from faceid.evaluation import run_eval
 from faceid.evaluation.methods import settings_for_method, training_recognizer
 from faceid.outputs import read_settings
-from faceid.pipeline import FaceIDPipeline
 from faceid.scoring import ClipTextScorer, IdentityScorer, sface_scorer
 from faceid.settings import GenerationSettings
 
 PROMPTS = ["a photo of a person in a garden", "an oil painting of a person"]
 TINY = {"num_inference_steps": 1, "width": 48, "height": 32}
-
-
-@pytest.fixture(scope="module")
-def instantid_dir(tiny_models, tmp_path_factory):
-    return build_instantid(tiny_models.sdxl, tmp_path_factory.mktemp("instantid") / "InstantID", seed=5)
-
-
-@pytest.fixture(scope="module")
-def both_packs(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("face-packs")
-    make_test_face_models_dir(folder, pack="buffalo_l")
-    return make_test_face_models_dir(folder, pack="antelopev2")
 
 
 @pytest.fixture(scope="module")
@@ -63,20 +50,9 @@ def two_people(tmp_path_factory, faces_dir):
     return folder
 
 
-def _load(tiny_models, face_models, **kwargs):
-    return FaceIDPipeline.from_pretrained(
-        tiny_models.sdxl,
-        tiny_models.adapter("faceid-sdxl"),
-        device="cpu",
-        progress=False,
-        face_models=face_models,
-        **kwargs,
-    )
-
-
 @pytest.fixture(scope="module")
 def pipe(tiny_models, both_packs, instantid_dir):
-    return _load(tiny_models, both_packs, methods={"instantid": instantid_dir})
+    return load_tiny_sdxl(tiny_models, both_packs, methods={"instantid": instantid_dir})
 
 
 class CountingPipe:
@@ -203,7 +179,7 @@ def test_the_command_refuses_before_loading(tmp_path, capsys, tiny_models, both_
 
 # ---------------------------------------------------------------------- the Python API
 def test_run_eval_refuses_methods_before_generating(tmp_path, tiny_models, both_packs, pipe, two_people):
-    plain = CountingPipe(_load(tiny_models, both_packs))
+    plain = CountingPipe(load_tiny_sdxl(tiny_models, both_packs))
     scorers = [sface_scorer()]
     out = tmp_path / "out"
 

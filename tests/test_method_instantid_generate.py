@@ -17,9 +17,10 @@ import threading
 import numpy as np
 import pytest
 import torch
+from conftest import load_tiny_sdxl
 from face_helpers import face_photo, make_test_face_models_dir
 from PIL import Image
-from tiny_models import build_instantid, make_controlnet
+from tiny_models import make_controlnet
 
 from faceid.cli import main
 from faceid.control import make_control_image
@@ -34,37 +35,13 @@ RUN = {**SIZE, "num_inference_steps": 2, "output_type": "np"}
 
 
 @pytest.fixture(scope="module")
-def instantid_dir(tiny_models, tmp_path_factory):
-    return build_instantid(tiny_models.sdxl, tmp_path_factory.mktemp("instantid") / "InstantID", seed=5)
-
-
-@pytest.fixture(scope="module")
-def both_packs(tmp_path_factory):
-    """A --face-models folder with both packs' stand-in recognizers (w600k_r50.onnx and glintr100.onnx)."""
-    folder = tmp_path_factory.mktemp("face-packs")
-    make_test_face_models_dir(folder, pack="buffalo_l")
-    return make_test_face_models_dir(folder, pack="antelopev2")
-
-
-def _load(tiny_models, face_models, **kwargs):
-    return FaceIDPipeline.from_pretrained(
-        tiny_models.sdxl,
-        tiny_models.adapter("faceid-sdxl"),
-        device="cpu",
-        progress=False,
-        face_models=face_models,
-        **kwargs,
-    )
-
-
-@pytest.fixture(scope="module")
 def pipe(tiny_models, both_packs, instantid_dir):
-    return _load(tiny_models, both_packs, methods={"instantid": instantid_dir})
+    return load_tiny_sdxl(tiny_models, both_packs, methods={"instantid": instantid_dir})
 
 
 @pytest.fixture(scope="module")
 def plain(tiny_models, both_packs):
-    return _load(tiny_models, both_packs)
+    return load_tiny_sdxl(tiny_models, both_packs)
 
 
 @pytest.fixture(scope="module")
@@ -259,7 +236,7 @@ def test_refusals_name_what_to_do(pipe, plain, tiny_models, instantid_dir, photo
 
 
 def test_remove_method_puts_faceid_back_as_it_was(tiny_models, both_packs, instantid_dir, plain, photo):
-    pipe = _load(tiny_models, both_packs)
+    pipe = load_tiny_sdxl(tiny_models, both_packs)
     pipe.load_method("instantid", instantid_dir)
     pipe.remove_method("instantid")
     np.testing.assert_array_equal(

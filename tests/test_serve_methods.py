@@ -17,16 +17,15 @@ from io import BytesIO
 
 import numpy as np
 import pytest
+from conftest import load_tiny_sdxl
 from face_helpers import face_photo, make_test_face_models_dir
 from PIL import Image
 from test_serve import enroll, error, generate, make_client, wait_finished  # noqa: F401 (a fixture)
 from test_webapp import WAIT, browser, loaded_images, make_server, screenshot, set_value  # noqa: F401 (fixtures)
-from tiny_models import build_instantid
 
 from faceid.cli import main
 from faceid.errors import FaceIDError, MissingWeightsError
 from faceid.faces import FaceAnalyzer
-from faceid.pipeline import FaceIDPipeline
 from faceid.service import ServeConfig
 from faceid.service.capabilities import Capabilities, NotServed
 from faceid.service.models import ModelEntry, modules_bytes, pipeline_modules
@@ -38,18 +37,6 @@ PROMPT = "a photo of a person in a garden"
 
 
 @pytest.fixture(scope="module")
-def instantid_dir(tiny_models, tmp_path_factory):
-    return build_instantid(tiny_models.sdxl, tmp_path_factory.mktemp("instantid") / "InstantID", seed=5)
-
-
-@pytest.fixture(scope="module")
-def both_packs(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("face-packs")
-    make_test_face_models_dir(folder, pack="buffalo_l")
-    return make_test_face_models_dir(folder, pack="antelopev2")
-
-
-@pytest.fixture(scope="module")
 def analyzer(both_packs):
     """The server's face analysis as ``faceid serve`` loads it: buffalo_l's (the service adds a method's pack)."""
     return FaceAnalyzer.from_dir(both_packs)
@@ -58,9 +45,7 @@ def analyzer(both_packs):
 @pytest.fixture(scope="module")
 def sdxl(tiny_models, both_packs):
     """A tiny SDXL model set without InstantID: the server's worker loads it (``Worker.equip``)."""
-    return FaceIDPipeline.from_pretrained(
-        tiny_models.sdxl, tiny_models.adapter("faceid-sdxl"), device="cpu", progress=False, face_models=both_packs
-    )
+    return load_tiny_sdxl(tiny_models, both_packs)
 
 
 @pytest.fixture

@@ -437,6 +437,20 @@ def build_adapter(unet, variant: str, folder: str | Path, seed: int = 0) -> dict
 REFERENCE_KINDS = {"plain": (4, False), "plus": (4, True)}
 
 
+def decoupled_key_values(unet, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Random ``{index}.to_k_ip.weight`` / ``to_v_ip.weight`` for every cross-attention processor of ``unet``, keyed
+    by its position in ``unet.attn_processors`` as the released IP-Adapter files are; weights that act, drawn from
+    ``generator``."""
+    ip = {}
+    for index, (name, _) in enumerate(unet.attn_processors.items()):
+        attn = unet.get_submodule(name.removesuffix(".processor"))
+        if attn.is_cross_attention:
+            for target in ("to_k", "to_v"):
+                shape = (attn.to_k.out_features, attn.to_k.in_features)
+                ip[f"{index}.{target}_ip.weight"] = torch.randn(shape, generator=generator) / shape[1] ** 0.5
+    return ip
+
+
 def reference_adapter_state(unet, kind: str, seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:
     """A standard IP-Adapter (``ImageProjModel`` or ``Resampler``) for ``unet`` and the tiny image encoder
     (hidden 48, projection 24), in the official layout; random weights that act."""
@@ -449,14 +463,7 @@ def reference_adapter_state(unet, kind: str, seed: int = 0) -> dict[str, dict[st
     projection = (
         ImageResampler(64, PerceiverConfig(clip_dim=48), tokens, cad) if plus else ImageProjection(cad, tokens, 24)
     )
-    generator = torch.Generator().manual_seed(seed)
-    ip = {}
-    for index, (name, _) in enumerate(unet.attn_processors.items()):
-        attn = unet.get_submodule(name.removesuffix(".processor"))
-        if attn.is_cross_attention:
-            for target in ("to_k", "to_v"):
-                shape = (attn.to_k.out_features, attn.to_k.in_features)
-                ip[f"{index}.{target}_ip.weight"] = torch.randn(shape, generator=generator) / shape[1] ** 0.5
+    ip = decoupled_key_values(unet, torch.Generator().manual_seed(seed))
     return {"image_proj": {k: v.detach().clone() for k, v in projection.state_dict().items()}, "ip_adapter": ip}
 
 
@@ -643,13 +650,7 @@ def build_instantid(base: str | Path, folder: str | Path, seed: int = 0) -> Path
     torch.manual_seed(seed)
     resampler = ImageResampler(64, PerceiverConfig(clip_dim=512, depth=2), 16, unet.config.cross_attention_dim)
     generator = torch.Generator().manual_seed(seed)
-    ip = {}
-    for index, (name, _) in enumerate(unet.attn_processors.items()):
-        attn = unet.get_submodule(name.removesuffix(".processor"))
-        if attn.is_cross_attention:
-            for target in ("to_k", "to_v"):
-                shape = (attn.to_k.out_features, attn.to_k.in_features)
-                ip[f"{index}.{target}_ip.weight"] = torch.randn(shape, generator=generator) / shape[1] ** 0.5
+    ip = decoupled_key_values(unet, generator)
     folder.mkdir(parents=True, exist_ok=True)
     state = {"image_proj": {k: v.detach().clone() for k, v in resampler.state_dict().items()}, "ip_adapter": ip}
     save_state_dict(state, folder / "ip-adapter.bin", dtype=torch.float32)

@@ -7,7 +7,13 @@ from pathlib import Path
 
 from ..errors import FaceIDError
 from .flags import add_settings_arguments, settings_from_args, tiny_vae_defaults
-from .loading import add_model_loading_arguments, load_face_analyzer, load_pipeline, method_weights
+from .loading import (
+    add_method_weights_argument,
+    add_model_loading_arguments,
+    load_face_analyzer,
+    load_pipeline,
+    method_weights,
+)
 from .score import add_scorer_arguments, build_scorers
 
 EVAL_GRID_FIELDS = ("prompt", "seed", "scale", "num_images_per_prompt")
@@ -49,14 +55,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         "FaceID variant by name (faceid-plusv2, or a released name such as faceid-plusv2-sdxl: one per run), "
         "instantid (with --method-weights instantid=FOLDER); each into OUT/METHOD/, the comparison in OUT",
     )
-    methods.add_argument(
-        "--method-weights",
-        action="append",
-        default=None,
-        metavar="NAME=FOLDER",
-        help="load identity method NAME's released files from FOLDER, in their Hub layout (instantid: a folder "
-        "with InstantX/InstantID's ip-adapter.bin and ControlNetModel/); repeatable",
-    )
+    add_method_weights_argument(methods)
     # --face-models comes with the scorer flags, which `faceid score` shares.
     add_model_loading_arguments(parser, single_file=False, face_models=False)
     parser.add_argument("--batch-size", type=int, default=4, help="images per pipeline call (4)")

@@ -20,7 +20,13 @@ from .flags import (
     settings_from_args,
     tiny_vae_defaults,
 )
-from .loading import add_model_loading_arguments, load_face_analyzer, load_pipeline, method_weights
+from .loading import (
+    add_method_weights_argument,
+    add_model_loading_arguments,
+    load_face_analyzer,
+    load_pipeline,
+    method_weights,
+)
 
 logger = logging.getLogger("faceid")
 
@@ -96,14 +102,7 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_reference_arguments(parser.add_argument_group("several people and style references"))
     methods = parser.add_argument_group("identity methods beside FaceID (--method)")
-    methods.add_argument(
-        "--method-weights",
-        action="append",
-        default=None,
-        metavar="NAME=FOLDER",
-        help="load identity method NAME's released files from FOLDER, in their Hub layout (instantid: a folder "
-        "with InstantX/InstantID's ip-adapter.bin and ControlNetModel/); repeatable",
-    )
+    add_method_weights_argument(methods)
     methods.add_argument(
         "--kps",
         default=None,

@@ -78,6 +78,18 @@ def load_face_analyzer(face_models: str | None, method: str = "faceid"):
     return analyzer if pack == "buffalo_l" else analyzer.with_pack(pack, face_models or None)
 
 
+def add_method_weights_argument(group) -> None:
+    """``--method-weights NAME=FOLDER``, as generate and eval take it (serve's says what a server does with it)."""
+    group.add_argument(
+        "--method-weights",
+        action="append",
+        default=None,
+        metavar="NAME=FOLDER",
+        help="load identity method NAME's released files from FOLDER, in their Hub layout (instantid: a folder "
+        "with InstantX/InstantID's ip-adapter.bin and ControlNetModel/); repeatable",
+    )
+
+
 def method_weights(args: argparse.Namespace, method: str) -> dict[str, str]:
     """``--method-weights NAME=FOLDER`` as {name: folder}, checked before anything loads: the call's method
     (other than faceid) must be among them."""
