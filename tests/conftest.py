@@ -156,6 +156,17 @@ def tiny_clip_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def two_people(tmp_path_factory, faces_dir) -> Path:
+    """An evaluation's faces folder: obama.jpg and biden.jpg, one identity each (read only)."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("identities")
+    for name in ("obama", "biden"):
+        shutil.copyfile(faces_dir / f"{name}.jpg", folder / f"{name}.jpg")
+    return folder
+
+
+@pytest.fixture(scope="session")
 def both_packs(tmp_path_factory) -> Path:
     """A --face-models folder with both insightface packs' stand-ins: buffalo_l (w600k_r50.onnx) and antelopev2
     (glintr100.onnx), for the identity methods' tests."""

@@ -22,6 +22,7 @@ import pytest
 from conftest import load_tiny_sdxl
 from face_helpers import make_test_face_models_dir
 from PIL import Image
+from test_evaluate import CountingPipe
 
 from faceid.cli import main
 from faceid.errors import FaceIDError
@@ -43,31 +44,8 @@ def one_person(tmp_path_factory, faces_dir):
 
 
 @pytest.fixture(scope="module")
-def two_people(tmp_path_factory, faces_dir):
-    folder = tmp_path_factory.mktemp("identities")
-    for name in ("obama", "biden"):
-        shutil.copyfile(faces_dir / f"{name}.jpg", folder / f"{name}.jpg")
-    return folder
-
-
-@pytest.fixture(scope="module")
 def pipe(tiny_models, both_packs, instantid_dir):
     return load_tiny_sdxl(tiny_models, both_packs, methods={"instantid": instantid_dir})
-
-
-class CountingPipe:
-    """The real pipeline, counting the images it is asked to generate."""
-
-    def __init__(self, pipe):
-        self._pipe = pipe
-        self.images = 0
-
-    def __call__(self, *args, **kwargs):
-        self.images += kwargs["settings"].num_images_per_prompt
-        return self._pipe(*args, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self._pipe, name)
 
 
 def _decodes(path):

@@ -30,14 +30,6 @@ TINY = {"settings": {"num_inference_steps": 2, "width": 24, "height": 16}}
 PROMPTS = ["a photo of a person in a garden", "an oil painting of a person"]
 
 
-@pytest.fixture(scope="module")
-def two_people(tmp_path_factory, faces_dir):
-    folder = tmp_path_factory.mktemp("identities")
-    for name in ("obama", "biden"):
-        shutil.copyfile(faces_dir / f"{name}.jpg", folder / f"{name}.jpg")
-    return folder
-
-
 class CountingPipe:
     """The real pipeline, counting the images it is asked to generate."""
 
