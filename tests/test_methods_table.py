@@ -268,3 +268,15 @@ def test_faceid_models_lists_the_methods_with_families_face_packs_and_licences(c
     assert "CC BY-NC 4.0" in listing and "FLUX.1 [dev] Non-Commercial License" in listing
     assert listing.count("NOT for commercial use") == len(METHODS)
     assert "3 not pinned" in listing  # InstantID's files, visibly unpinned
+
+
+def test_the_cli_says_a_method_is_not_wired_before_asking_for_its_weights(capsys, faces_dir, tmp_path):
+    """--method pulid: its weights would not help (generation does not run it yet), so that is what is said."""
+    from faceid.cli import main
+
+    face = str(faces_dir / "obama.jpg")
+    argv = ["generate", "--face", face, "--prompt", "a portrait", "--method", "pulid", "--out", str(tmp_path / "o")]
+    assert main(argv) == 2
+    error = capsys.readouterr().err
+    assert "method pulid (PuLID v1.1) is not wired into generation yet" in error and "--method-weights" not in error
+    assert not (tmp_path / "o").exists()

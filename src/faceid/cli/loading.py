@@ -93,8 +93,9 @@ def add_method_weights_argument(group) -> None:
 def method_weights(args: argparse.Namespace, method: str) -> dict[str, str]:
     """``--method-weights NAME=FOLDER`` as {name: folder}, checked before anything loads: the call's method
     (other than faceid) must be among them."""
-    from ..methods import identity_method
+    from ..methods import identity_method, refuse_unwired
 
+    refuse_unwired(identity_method(method))  # not wired: weights would not help, so say that first
     weights: dict[str, str] = {}
     for item in getattr(args, "method_weights", None) or []:
         name, sep, folder = item.partition("=")
