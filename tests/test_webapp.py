@@ -796,6 +796,7 @@ def test_web_app_likeness_drawn_mask_microphone_and_phone_layout(make_server, pi
         ActionChains(browser).move_to_element_with_offset(canvas, 0, 0).click_and_hold().move_by_offset(
             w // 8, 0
         ).release().perform()  # across the centre
+        screenshot(browser, tmp_path, "16b-swap-mask")
         browser.find_element(By.ID, "generate").click()
         wait.until(lambda d: loaded_images(d, "#gallery img.generated") == 4)  # the crop at max_side, 128
         job = browser.find_element(By.CSS_SELECTOR, "#gallery .generation").get_attribute("data-id")
