@@ -663,10 +663,12 @@ def build_instantid(base: str | Path, folder: str | Path, seed: int = 0) -> Path
 
 
 # ---------------------------------------------------------------------- FLUX.1
-# The tiny FLUX.1: the golden's flux-tiny transformer shape (3 double and 5 single blocks of 2 heads x 16, rope axes
-# (4, 6, 6), guidance embedding), its text width that of the tiny T5 (32) and its pooled width that of the tiny CLIP
-# text encoder (64); a VAE of 16 latent channels (vae_scale_factor 2: images of multiples of 4 pixels).
+# The tiny FLUX.1: the golden's flux-tiny transformer and VAE configuration (3 double and 5 single blocks of 2 heads x
+# 16, rope axes (4, 6, 6), guidance embedding, text width 32 = the tiny T5's, pooled width 16 = the tiny CLIP text
+# encoder's; a VAE of 16 latent channels, vae_scale_factor 2: images of multiples of 4 pixels), so the golden's
+# InfiniteYou fits it too.
 FLUX_T5_WIDTH = 32
+FLUX_CLIP_WIDTH = 16
 T5_PAD, T5_EOS, T5_UNK = "<pad>", "</s>", "<unk>"
 
 
@@ -704,7 +706,7 @@ def make_tiny_flux_transformer(seed: int = 0):
     torch.manual_seed(seed)
     return FluxTransformer2DModel(
         patch_size=1, in_channels=64, num_layers=3, num_single_layers=5, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=FLUX_T5_WIDTH, pooled_projection_dim=64, guidance_embeds=True,
+        num_attention_heads=2, joint_attention_dim=FLUX_T5_WIDTH, pooled_projection_dim=FLUX_CLIP_WIDTH, guidance_embeds=True,
         axes_dims_rope=(4, 6, 6),
     ).eval()  # fmt: skip
 
@@ -719,6 +721,19 @@ def make_tiny_flux_vae(seed: int = 0):
         norm_num_groups=8, sample_size=32, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
         use_post_quant_conv=False, force_upcast=True,
     ).eval()  # fmt: skip
+
+
+def make_tiny_flux_clip(seed: int = 0):
+    """FLUX's CLIP text encoder, tiny: its pooled output (width 16) is the transformer's pooled projection input."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(
+        vocab_size=vocab_size(), hidden_size=FLUX_CLIP_WIDTH, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=FLUX_CLIP_WIDTH,
+        **token_ids(),
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    return CLIPTextModel(config).eval()
 
 
 @_own_random_numbers
@@ -739,7 +754,7 @@ def build_flux(folder: str | Path, seed: int = 0) -> Path:
     pipe = FluxPipeline(
         scheduler=scheduler,
         vae=make_tiny_flux_vae(seed + 1),
-        text_encoder=make_tiny_text_encoder(seed + 2),
+        text_encoder=make_tiny_flux_clip(seed + 2),
         tokenizer=tokenizer,
         text_encoder_2=make_tiny_t5(len(tokenizer_2), seed + 4),
         tokenizer_2=tokenizer_2,
@@ -749,4 +764,45 @@ def build_flux(folder: str | Path, seed: int = 0) -> Path:
     _replace_tokenizer(folder / "tokenizer")
     for name in ("_tokenizer_src", "_tokenizer_2_src"):
         _remove(folder / name)
+    return folder
+
+
+@_own_random_numbers
+def build_infiniteyou(base: str | Path, folder: str | Path, seed: int = 0) -> Path:
+    """A tiny InfiniteYou for the tiny FLUX model in ``base``, in the released layout: ``folder/infu_flux_v1.0/
+    {aes_stage2,sim_stage1}/`` each with ``image_proj_model.bin`` (``{"image_proj": Resampler}``: 512-d embeddings
+    into 8 tokens of the text width) and ``InfuseNetModel/`` (a FluxControlNetModel of 2 double and 2 single blocks
+    from the transformer, its zero-initialised output layers made random so that it acts). The two sets differ."""
+    from diffusers import FluxControlNetModel, FluxTransformer2DModel
+
+    from faceid.projection import ImageResampler, PerceiverConfig
+
+    base, folder = Path(base), Path(folder)
+    transformer = FluxTransformer2DModel.from_pretrained(base / "transformer")
+    for k, model_set in enumerate(("aes_stage2", "sim_stage1")):
+        target = folder / "infu_flux_v1.0" / model_set
+        torch.manual_seed(seed + k)
+        resampler = ImageResampler(
+            64, PerceiverConfig(clip_dim=512, depth=2), 8, transformer.config.joint_attention_dim
+        )
+        target.mkdir(parents=True, exist_ok=True)
+        state = {"image_proj": {key: v.detach().clone() for key, v in resampler.state_dict().items()}}
+        torch.save(state, target / "image_proj_model.bin")
+        infusenet = FluxControlNetModel.from_transformer(
+            transformer, num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=2
+        )
+        generator = torch.Generator().manual_seed(seed + 10 + k)
+        with torch.no_grad():
+            for layer in [
+                *infusenet.controlnet_blocks,
+                *infusenet.controlnet_single_blocks,
+                infusenet.controlnet_x_embedder,
+            ]:
+                layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator) * 0.1)
+        infusenet.save_pretrained(target / "InfuseNetModel")
+        config = target / "InfuseNetModel" / "config.json"  # from_transformer copies these; not a ControlNet's
+        values = json.loads(config.read_text())
+        for key in ("out_channels", "_name_or_path"):
+            values.pop(key, None)
+        config.write_text(json.dumps(values, indent=2))
     return folder

@@ -64,6 +64,7 @@ __all__ = [
     "infusenet_residuals",
     "load_image_proj",
     "load_infusenet",
+    "model_set_folder",
 ]
 
 MODEL_SETS = ("aes_stage2", "sim_stage1")  # the released model sets under infu_flux_v1.0/
@@ -117,6 +118,30 @@ def load_infusenet(folder: str | Path, torch_dtype: torch.dtype | None = None) -
     return infusenet.eval()
 
 
+def model_set_folder(source: str | Path | None) -> Path:
+    """The model set folder a user names: the set itself (``.../aes_stage2``, holding ``image_proj_model.bin``), or
+    a folder holding the release's sets (``infu_flux_v1.0/``, or the folder above it): its first set present, in
+    the authors' order (aes_stage2, then sim_stage1). Name ``.../sim_stage1`` to load that one."""
+    if source is None:
+        raise CheckpointError(
+            "InfiniteYou's released files are unpinned in faceid's method table, so faceid does not download them: "
+            "download infu_flux_v1.0/ from https://huggingface.co/ByteDance/InfiniteYou and give its folder (or one "
+            f"model set in it: {', '.join(MODEL_SETS)})"
+        )
+    folder = Path(source).expanduser()
+    for candidate in (folder, folder / "infu_flux_v1.0"):
+        if (candidate / IMAGE_PROJ_FILE).is_file():
+            return candidate
+        for model_set in MODEL_SETS:
+            if (candidate / model_set / IMAGE_PROJ_FILE).is_file():
+                return candidate / model_set
+    raise CheckpointError(
+        f"{folder} is not an InfiniteYou model set: it has no {IMAGE_PROJ_FILE}, and no infu_flux_v1.0/"
+        f"{{{','.join(MODEL_SETS)}}}/{IMAGE_PROJ_FILE} under it. Give a folder of the release "
+        "(https://huggingface.co/ByteDance/InfiniteYou): infu_flux_v1.0/, or one of its model sets"
+    )
+
+
 def _as_embeddings(embeddings: Any) -> torch.Tensor:
     tensor = torch.as_tensor(np.asarray(embeddings) if not torch.is_tensor(embeddings) else embeddings)
     if tensor.shape[-1] != EMBEDDING_DIM or tensor.ndim not in (1, 2, 3):
@@ -133,6 +158,7 @@ class InfiniteYou:
 
     image_proj: ImageResampler
     infusenet: FluxControlNetModel
+    name = "infiniteyou"  # the method's name (faceid.methods.METHODS)
 
     @classmethod
     def from_pretrained(
@@ -166,6 +192,14 @@ class InfiniteYou:
         tensor = _as_embeddings(embeddings).to(device=param.device, dtype=torch.float32)
         tensor = torch.nn.functional.normalize(tensor, dim=-1)
         return self.image_proj(tensor.to(param.dtype))
+
+    def face_embedding(self, face) -> np.ndarray:
+        """The 512-d embedding InfiniteYou was trained on of an analysed face (its 112x112 aligned crop): facexlib's
+        ArcFace IR-SE50, which this faceid does not run yet; give the embedding itself instead."""
+        raise FaceIDError(
+            "InfiniteYou reads the embedding of facexlib's ArcFace IR-SE50 (recognition_arcface_ir_se50.pth), which "
+            "this faceid does not compute yet: give the 512-d embedding itself as the face"
+        )
 
     def controlnet(self, id_tokens: torch.Tensor, guidance: float = INFUSENET_GUIDANCE) -> InfuseNetCall:
         """One call's InfuseNet for a stock ``FluxControlNetPipeline`` (see :class:`InfuseNetCall`)."""
