@@ -24,13 +24,13 @@ from typing import Any
 
 import torch
 
+from . import families as families_table
 from . import identity
 from . import tiny_vae as tiny_vaes
 from .adapter import FaceIDAdapter, refuse_other_family
 from .attention import module_state
 from .checkpoints import AdapterSpec, load_state_dict
 from .errors import FaceIDError, MissingWeightsError
-from . import families as families_table
 from .families import FAMILIES, family_of_pipeline, refuse_without_faceid
 from .fast import preset
 from .hub import fetch, model_not_found, offline
@@ -855,7 +855,8 @@ class ModelSet:
         with self.weights.exclusive():
             # With CPU offload the models wait on the CPU, InfuseNet too: moved where it runs by its own hook.
             device = torch.device("cpu") if self.offload else self.device
-            loaded = InfiniteYou.from_pretrained(model_set, torch_dtype=dtype, device=device)
+            recognizer = find_recognizer(model_set, folder)
+            loaded = InfiniteYou.from_pretrained(model_set, torch_dtype=dtype, device=device, recognizer=recognizer)
             if self.offload == "model":
                 from accelerate import cpu_offload_with_hook
 
@@ -1024,12 +1025,14 @@ class ModelSet:
 
     def check_models(self, requested: GenerationSettings) -> None:
         """Settings that name models must name the ones loaded here (a request is never run on another)."""
-        if self.adapter is None and requested.adapter is not None:
+        if self.adapter is None and requested.adapter not in (None, "none"):
             raise FaceIDError(
                 f"these settings ask for adapter {requested.adapter!r} but this {self.family} model set has no FaceID "
                 "adapter: leave adapter out"
             )
         loaded = {"base_model": self.base_model, "vae": self.vae_source, "adapter": self.adapter_source}
+        if self.adapter is None:
+            del loaded["adapter"]
         for key, value in loaded.items():
             wanted = getattr(requested, key)
             if wanted is not None and value is not None and not _same_source(wanted, value):
@@ -1052,6 +1055,17 @@ class ModelSet:
                     f"these settings ask for the LoRAs {requested.loras} but this pipeline has {have or 'none'} "
                     "loaded: load_lora / set_lora_weight / remove_lora first"
                 )
+
+
+def find_recognizer(model_set: Path, face_models: str | os.PathLike | None) -> Path | None:
+    """facexlib's ``recognition_arcface_ir_se50.pth`` for InfiniteYou: in the model set folder, the release's
+    folders above it (``infu_flux_v1.0/``, the repository's root) or the face models folder; None where not."""
+    from .faces.irse50 import IRSE50_FILE
+
+    places = [model_set, model_set.parent, model_set.parent.parent]
+    if face_models is not None:
+        places.append(Path(face_models).expanduser())
+    return next((place / IRSE50_FILE for place in places if (place / IRSE50_FILE).is_file()), None)
 
 
 def _instantid_files(method, source: str | os.PathLike | None) -> tuple[Path, Path]:

@@ -47,6 +47,7 @@ from ..adapter import load_strict
 from ..checkpoints import check_loading_report, load_state_dict, loading_error, perceiver_config
 from ..control import draw_kps
 from ..errors import CheckpointError, FaceIDError
+from ..faces.irse50 import IRSE50, IRSE50_FILE, load_irse50
 from ..projection import ImageResampler
 
 __all__ = [
@@ -158,13 +159,20 @@ class InfiniteYou:
 
     image_proj: ImageResampler
     infusenet: FluxControlNetModel
+    recognizer: IRSE50 | None = None  # facexlib's ArcFace IR-SE50, which embeds photos (None: embeddings only)
     name = "infiniteyou"  # the method's name (faceid.methods.METHODS)
 
     @classmethod
     def from_pretrained(
-        cls, folder: str | Path, torch_dtype: torch.dtype | None = None, device: str | torch.device | None = None
+        cls,
+        folder: str | Path,
+        torch_dtype: torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        recognizer: str | Path | None = None,
     ) -> InfiniteYou:
-        """Load a released model set folder (``infu_flux_v1.0/aes_stage2`` or ``.../sim_stage1``)."""
+        """Load a released model set folder (``infu_flux_v1.0/aes_stage2`` or ``.../sim_stage1``); ``recognizer``:
+        facexlib's ``recognition_arcface_ir_se50.pth``, which embeds face photos (without it, calls give
+        embeddings)."""
         folder = Path(folder)
         if not folder.is_dir():
             raise CheckpointError(
@@ -175,7 +183,8 @@ class InfiniteYou:
         infusenet = load_infusenet(folder / INFUSENET_FOLDER, torch_dtype)
         image_proj.to(device=device, dtype=torch_dtype)
         infusenet.to(device=device)
-        return cls(image_proj, infusenet)
+        arcface = None if recognizer is None else load_irse50(recognizer)
+        return cls(image_proj, infusenet, arcface)
 
     @torch.no_grad()
     def identity_tokens(self, embeddings: Any) -> torch.Tensor:
@@ -194,12 +203,18 @@ class InfiniteYou:
         return self.image_proj(tensor.to(param.dtype))
 
     def face_embedding(self, face) -> np.ndarray:
-        """The 512-d embedding InfiniteYou was trained on of an analysed face (its 112x112 aligned crop): facexlib's
-        ArcFace IR-SE50, which this faceid does not run yet; give the embedding itself instead."""
-        raise FaceIDError(
-            "InfiniteYou reads the embedding of facexlib's ArcFace IR-SE50 (recognition_arcface_ir_se50.pth), which "
-            "this faceid does not compute yet: give the 512-d embedding itself as the face"
-        )
+        """The 512-d embedding InfiniteYou was trained on of an analysed face: facexlib's ArcFace IR-SE50 on its
+        112x112 crop aligned by the 5 keypoints (``Face.aligned``), BGR in [-1, 1], as the authors'
+        ``extract_arcface_bgr_embedding``."""
+        if self.recognizer is None:
+            raise FaceIDError(
+                f"InfiniteYou embeds face photos with facexlib's ArcFace IR-SE50 ({IRSE50_FILE}), and none is loaded: "
+                "put the file in the InfiniteYou folder (next to infu_flux_v1.0/ or in the model set folder) or in "
+                "the face models folder "
+                "(https://github.com/xinntao/facexlib/releases/download/v0.1.0/recognition_arcface_ir_se50.pth), "
+                "or give the 512-d embedding itself as the face"
+            )
+        return self.recognizer.embed(face.aligned)
 
     def controlnet(self, id_tokens: torch.Tensor, guidance: float = INFUSENET_GUIDANCE) -> InfuseNetCall:
         """One call's InfuseNet for a stock ``FluxControlNetPipeline`` (see :class:`InfuseNetCall`)."""
