@@ -169,15 +169,16 @@ def quantization_config(quantize: str | None, family: str):
             "weight quantization needs optimum-quanto: pip install optimum-quanto (the version pinned in "
             "faceid's pyproject.toml, extra 'quantize')"
         )
+    from diffusers import QuantoConfig
     from diffusers.quantizers import PipelineQuantizationConfig
+    from transformers import QuantoConfig as TransformersQuantoConfig
 
-    found = FAMILIES[family]
-    components = [found.denoiser, "text_encoder_2"] if not found.faceid_adapters else [found.denoiser]
-    return PipelineQuantizationConfig(
-        quant_backend="quanto",
-        quant_kwargs={"weights_dtype": QUANTIZATIONS[quantize]},
-        components_to_quantize=components,
-    )
+    # diffusers' and transformers' Quanto configs name the dtype differently: one config per component.
+    weights = QUANTIZATIONS[quantize]
+    mapping: dict[str, Any] = {FAMILIES[family].denoiser: QuantoConfig(weights_dtype=weights)}
+    if not FAMILIES[family].faceid_adapters:  # FLUX.1's T5 (4.7B parameters) is the other big one
+        mapping["text_encoder_2"] = TransformersQuantoConfig(weights=weights)
+    return PipelineQuantizationConfig(quant_mapping=mapping)
 
 
 def place_pipeline(pipe, device: torch.device, offload: str | None) -> None:
@@ -401,6 +402,11 @@ class ModelSet:
             )
         release = released(adapter)
         base_model, vae = default_models(base_model, adapter, vae)
+        index = Path(base_model).expanduser() / "model_index.json"
+        if index.is_file():  # a local diffusers folder of a family without FaceID adapters: refused before loading
+            found = family_of_pipeline(json.loads(index.read_text()).get("_class_name", ""))
+            if found is not None:
+                refuse_without_faceid(found, f"{base_model} ({found.pipeline_class()})")
         adapter_path = resolve_adapter(adapter)
         state = load_state_dict(adapter_path)
         spec = AdapterSpec.from_state_dict(state, adapter_path.name)
@@ -694,7 +700,10 @@ class ModelSet:
             verbosity = diffusers_logging.get_verbosity()
             diffusers_logging.set_verbosity_error()
             try:
-                sibling = getattr(diffusers, class_name).from_pipe(self.pipe, dtype=self.denoiser.dtype, **extra)
+                if self.quantize is not None or self.offload is not None:
+                    sibling = _sibling_as_is(getattr(diffusers, class_name), self.pipe, extra)
+                else:
+                    sibling = getattr(diffusers, class_name).from_pipe(self.pipe, dtype=self.denoiser.dtype, **extra)
             finally:
                 diffusers_logging.set_verbosity(verbosity)
             sibling.set_progress_bar_config(**getattr(self.pipe, "_progress_bar_config", {}))
@@ -1055,6 +1064,16 @@ class ModelSet:
                     f"these settings ask for the LoRAs {requested.loras} but this pipeline has {have or 'none'} "
                     "loaded: load_lora / set_lora_weight / remove_lora first"
                 )
+
+
+def _sibling_as_is(cls, pipe, extra: dict[str, Any]):
+    """A pipeline of class ``cls`` on ``pipe``'s modules, none cast or moved: ``from_pipe`` casts every module to a
+    dtype, which quantized weights refuse and offloaded ones need not."""
+    import inspect
+
+    accepted = inspect.signature(cls.__init__).parameters
+    components = {key: value for key, value in pipe.components.items() if key in accepted}
+    return cls(**components, **extra)
 
 
 def find_recognizer(model_set: Path, face_models: str | os.PathLike | None) -> Path | None:
