@@ -257,3 +257,15 @@ def test_quantized_weights_run_on_the_cpu(flux_dir, infiniteyou_dir, both_packs,
     assert np.isfinite(result.images).all()
     difference = float(np.abs(result.images - t2i.images).max())
     assert 0 < difference < 0.25, difference
+
+
+def test_faceid_models_lists_flux_with_its_licence(capsys):
+    from faceid.cli import main
+
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    families = out[out.index("Base model families") : out.index("Identity methods")]
+    flux = families[families.index("FLUX.1 ") :]
+    assert "FluxPipeline: 1024x1024, 28 steps, embedded guidance 3.5" in flux
+    assert "no FaceID adapter (--adapter none); methods that generate: infiniteyou" in flux
+    assert "FLUX.1 [dev] Non-Commercial License" in flux and "NOT for commercial use" in flux
