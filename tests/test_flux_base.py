@@ -269,3 +269,15 @@ def test_faceid_models_lists_flux_with_its_licence(capsys):
     assert "FluxPipeline: 1024x1024, 28 steps, embedded guidance 3.5" in flux
     assert "no FaceID adapter (--adapter none); methods that generate: infiniteyou" in flux
     assert "FLUX.1 [dev] Non-Commercial License" in flux and "NOT for commercial use" in flux
+
+
+def test_what_is_built_for_the_unet_is_refused_on_flux(pipe, tmp_path):
+    for call in (
+        lambda: pipe.load_lora(tmp_path / "style.safetensors"),
+        lambda: pipe.compile(),
+        lambda: pipe.load_reference("plus-face"),
+        lambda: pipe.load_fast_lora("lcm"),
+    ):
+        with pytest.raises(FaceIDError, match=r"on a FLUX\.1 model set \(no FaceID adapter\) is not supported yet"):
+            call()
+    assert not pipe.compiled

@@ -545,6 +545,7 @@ class ModelSet:
         recompiles nothing. Loading or removing a LoRA, fusing or unfusing one, or replacing attention
         processors recompiles once. Keep the pipeline on its device after compiling.
         """
+        self._refuse_without_adapter("compile")
         unet = self.pipe.unet
         cuda = unet.device.type == "cuda"
         with self.weights.exclusive():  # it changes the UNet every call runs on: none runs meanwhile
@@ -559,7 +560,13 @@ class ModelSet:
     @property
     def compiled(self) -> bool:
         """Whether ``compile()`` (or ``unet.compile()``) compiled the UNet."""
-        return getattr(self.pipe.unet, "_compiled_call_impl", None) is not None
+        return getattr(self.denoiser, "_compiled_call_impl", None) is not None
+
+    def _refuse_without_adapter(self, what: str) -> None:
+        """What is built for the Stable Diffusion UNet (LoRA stacking, compile, reference adapters, few-step LoRAs)
+        is refused on a model set without a FaceID adapter (FLUX.1), saying so."""
+        if self.adapter is None:
+            raise FaceIDError(f"{what} on a {self.family} model set (no FaceID adapter) is not supported yet")
 
     # ------------------------------------------------------------------ properties
     @property
@@ -619,6 +626,7 @@ class ModelSet:
         The identity LoRA and any other loaded LoRA stay active. Returns the name to use with
         ``set_lora_weight`` / ``remove_lora`` (default: the file name without suffix).
         """
+        self._refuse_without_adapter("load_lora")
         return self._stack_lora(path, name or Path(path).stem, weight)
 
     def _stack_lora(self, path: str | os.PathLike, name: str, weight: float, label: str | None = None) -> str:
@@ -738,6 +746,7 @@ class ModelSet:
         kind or the file name) is what a ``Reference`` names. Its images are read by the pipeline's CLIP
         image encoder (Plus), else by ``image_encoder`` (default: ``h94/IP-Adapter``'s ViT-H, loaded once).
         """
+        self._refuse_without_adapter("load_reference")
         with self.weights.exclusive():  # it adds a branch to every processor: no call runs meanwhile
             return self._load_reference(source, name, image_encoder)
 
@@ -1010,6 +1019,7 @@ class ModelSet:
         its sha256). Calls with ``fast=name`` load it themselves; this does it ahead (a server at start, or a
         machine without internet from a copied file). It stays loaded, inactive (no cost) and at weight 0
         outside those calls."""
+        self._refuse_without_adapter("load_fast_lora")
         adapter_name = f"fast-{name}"
         with self.weights.exclusive():  # one load, whichever call asks first; none runs meanwhile
             if adapter_name not in self._fast_loras:
