@@ -123,7 +123,10 @@ def test_a_call_is_the_stock_flux_controlnet_pipeline_with_the_calls_infusenet(p
     assert t2i.settings.method == "infiniteyou" and t2i.settings.scale == 1.0
     np.testing.assert_array_equal(np.asarray(t2i.kps_image), np.asarray(control_image((32, 32))))
     loaded = pipe.methods["infiniteyou"]
-    prompt_embeds, pooled, _ = pipe.pipe.encode_prompt(["a photo of a person"], prompt_2=None, device="cpu")
+    prompt_embeds, pooled, _ = pipe.pipe.encode_prompt(
+        ["a photo of a person"], prompt_2=None, device="cpu", max_sequence_length=pipe.pipe.tokenizer_2.model_max_length
+    )
+    assert prompt_embeds.shape[1] == 32  # the tiny T5 tokenizer's maximum
     scheduler = type(pipe.pipe.scheduler).from_config(pipe.pipe.scheduler.config)
     stock = FluxControlNetPipeline(
         **{

@@ -684,7 +684,7 @@ def write_t5_tokenizer(folder: str | Path) -> Path:
     vocab = [(T5_PAD, 0.0), (T5_EOS, 0.0), (T5_UNK, 0.0), ("\u2581", -2.0)]
     vocab += [(f"\u2581{w}", -1.0) for w in words] + [(c, -5.0) for c in letters if f"\u2581{c}" != c]
     fast = T5TokenizerFast(vocab=vocab, pad_token=T5_PAD, eos_token=T5_EOS, unk_token=T5_UNK, extra_ids=0)
-    fast.model_max_length = 512
+    fast.model_max_length = 32  # FLUX pads the prompt to this many T5 tokens (FLUX.1-dev: 512)
     fast.save_pretrained(folder)
     return folder
 

@@ -945,9 +945,14 @@ class ModelSet:
         time: the tokenizers it uses are shared, and keep per-call settings on themselves."""
         with self._encoding_prompts:
             if families_table.family(self.family).guidance_embedded:
-                # FLUX: CLIP's pooled output and T5's tokens of the prompt; its guidance is embedded, no negatives.
+                # FLUX: CLIP's pooled output and T5's tokens of the prompt, padded to 512 tokens (FLUX.1-dev's) or
+                # the T5 tokenizer's own maximum where smaller; its guidance is embedded, no negatives.
                 prompt_embeds, pooled, _ = self.pipe.encode_prompt(
-                    prompts, prompt_2=None, device=self.device, num_images_per_prompt=num_images_per_prompt
+                    prompts,
+                    prompt_2=None,
+                    device=self.device,
+                    num_images_per_prompt=num_images_per_prompt,
+                    max_sequence_length=min(512, self.pipe.tokenizer_2.model_max_length),
                 )
                 return prompt_embeds, None, pooled, None
             return self.pipe.encode_prompt(
