@@ -1151,6 +1151,34 @@ def _family(pipe, faceid_adapter: bool = True) -> str:
     return found.name
 
 
+def family_without_adapter(base_model: str | os.PathLike | None, adapter: str | os.PathLike | None) -> str | None:
+    """The family of a model set loaded without a FaceID adapter (``adapter`` ``"none"``, or a base model of a family
+    the FaceID adapters are not made for, FLUX.1, read from its ``model_index.json``: nothing loaded), else None.
+    ``"none"`` with a base model of another family is refused."""
+    said_none = adapter is not None and str(adapter).lower() == "none"
+    if adapter is not None and not said_none:
+        return None
+    if base_model is None:
+        if said_none:
+            raise FaceIDError("adapter 'none' needs a base model: a FLUX.1 diffusers folder or Hub repo id")
+        return None
+    try:
+        found = family_of_pipeline(pipeline_index(base_model).get("_class_name", ""))
+    except FaceIDError:
+        if said_none:
+            raise
+        return None  # a single file or a missing model: the FaceID load says what is wrong
+    if found is not None and not found.faceid_adapters:
+        return found.name
+    if said_none:
+        runs = [f.name for f in FAMILIES.values() if not f.faceid_adapters]
+        raise FaceIDError(
+            f"adapter 'none': {base_model} is a {found.name if found else 'model of unknown kind'}, and without a "
+            f"FaceID adapter faceid loads {', '.join(runs)} base models"
+        )
+    return None
+
+
 def pipeline_index(base_model) -> dict:
     """A diffusers folder's or repo's ``model_index.json`` (nothing loaded)."""
     from diffusers import DiffusionPipeline

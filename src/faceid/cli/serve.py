@@ -282,6 +282,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import torch
     import uvicorn
 
+    from ..model_set import family_without_adapter
     from ..pipeline import FaceIDPipeline
     from ..service import create_app
     from ..settings import MODEL_FIELDS, GenerationSettings
@@ -296,10 +297,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise FaceIDError("--ray serves one model set: leave out --also-model and --model-memory-gb")
         if args.preview_every:
             raise FaceIDError("--ray streams no previews (nor per-step progress): leave out --preview-every")
-        if args.controlnet or args.style_adapter or args.reference_encoder or methods:
+        if args.controlnet or args.style_adapter or args.reference_encoder or methods or args.offload or args.quantize:
             raise FaceIDError(
                 "--ray runs FaceID text-to-image only for now: leave out --controlnet, --style-adapter, "
-                "--reference-encoder and --method-weights, or serve without --ray"
+                "--reference-encoder, --method-weights, --offload and --quantize (FLUX.1), or serve without --ray"
             )
         return _serve_on_ray(args, keys, settings)
     # one, shared by every model set, with the packs of the methods (a missing pack: said before models load)
@@ -308,6 +309,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     def load(device: str, models):
         quiet_model_loading()
+        if family_without_adapter(models.base_model, models.adapter) is not None:
+            # FLUX.1: no FaceID adapter; the methods of its family load with it (the first is its default method)
+            # and the memory options apply to it
+            return FaceIDPipeline.from_pretrained(
+                models.base_model,
+                None,
+                vae=models.vae,
+                device=None if device == "default" else device,
+                torch_dtype=dtype,
+                face_analyzer=analyzer,
+                face_models=args.face_models,
+                progress=False,
+                methods=methods_for(family_without_adapter(models.base_model, models.adapter), methods),
+                offload=args.offload,
+                quantize=args.quantize,
+            )
         return FaceIDPipeline.from_pretrained(
             models.base_model,
             models.adapter or DEFAULT_ADAPTER,
@@ -326,6 +343,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     devices = tuple(args.device or ["default"])
     preview_every = serve_preview_every(args.preview_every, settings.tiny_vae)
     default = settings.model_dump(include=set(MODEL_FIELDS), exclude_none=True)
+    check_flux_options(args, [default, *args.also_model], methods)  # before anything loads
     # One device: load here, so that a model that cannot load is one error line before the server starts.
     pipeline = load(devices[0], GenerationSettings(**default)) if len(devices) == 1 else None
     config = ServeConfig(
@@ -365,10 +383,46 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "fast": fast,
             "methods": methods,
             "reference_encoder": args.reference_encoder,
+            "offload": args.offload,
+            "quantize": args.quantize,
         },  # fmt: skip
     )
     uvicorn.run(create_app(config), host=args.host, port=args.port, log_level="info")
     return 0
+
+
+def methods_for(family: str, methods: dict[str, str]) -> dict[str, str]:
+    """The ``--method-weights`` methods that run on ``family``, in their order (the first: the default method of a
+    model set without a FaceID adapter)."""
+    from ..methods import METHODS
+
+    return {name: folder for name, folder in methods.items() if family in METHODS[name].families}
+
+
+def check_flux_options(args: argparse.Namespace, model_sets: list[dict], methods: dict[str, str]) -> None:
+    """What a FLUX.1 model set of ``faceid serve`` needs, said before anything loads: a method of its family among
+    ``--method-weights`` (it has no FaceID adapter), no ``--tiny-vae`` (none for FLUX.1 yet); and ``--offload`` /
+    ``--quantize`` only where a model set is FLUX.1 (the Stable Diffusion ones run whole on their device)."""
+    from ..methods import METHODS
+    from ..model_set import family_without_adapter
+
+    families = [family_without_adapter(spec.get("base_model"), spec.get("adapter")) for spec in model_sets]
+    for spec, family in zip(model_sets, families, strict=True):
+        if family is None:
+            continue
+        if not methods_for(family, methods):
+            runs = [m.name for m in METHODS.values() if family in m.families and m.wired]
+            raise FaceIDError(
+                f"{spec['base_model']} is a {family} model set, without a FaceID adapter: it generates with an "
+                f"identity method of its family ({', '.join(runs)}); give --method-weights NAME=FOLDER for one"
+            )
+        if getattr(args, "tiny_vae", None) is not None:
+            raise FaceIDError(f"--tiny-vae: there is no tiny VAE for {family} model sets yet; leave it out")
+    if (args.offload or args.quantize) and all(family is None for family in families):
+        raise FaceIDError(
+            "--offload and --quantize are the memory options of FLUX.1 model sets, and this server serves none "
+            "(the Stable Diffusion model sets run whole on their device): leave them out"
+        )
 
 
 def _controlnets(given: list[tuple[str, str]]) -> dict[str, str]:

@@ -114,7 +114,10 @@ def check_method_names(names: Sequence[str]) -> list[EvalMethod]:
 
 
 def loaded_variant_names(pipe) -> set[str]:
-    """The names that say the pipeline's FaceID adapter: faceid, its architecture's label, its released name."""
+    """The names that say the pipeline's FaceID adapter: faceid, its architecture's label, its released name; none
+    for a model set without a FaceID adapter (FLUX.1)."""
+    if getattr(pipe, "adapter", True) is None:
+        return set()
     source = getattr(pipe, "adapter_source", None)
     release = released(source) if source is not None else None
     names = {"faceid"}
@@ -132,6 +135,11 @@ def resolve_methods(pipe, names: Sequence[str]) -> list[EvalMethod]:
     for entry in entries:
         if entry.method == "faceid":
             have = loaded_variant_names(pipe)
+            if not have:
+                raise FaceIDError(
+                    f"{entry.name} in the method list, but this {pipe.family} model set has no FaceID adapter: its "
+                    f"methods are {', '.join(pipe.methods) or 'none'}; leave {entry.name} out"
+                )
             if entry.name not in have:
                 raise FaceIDError(
                     f"{entry.name} in the method list, but this pipeline's FaceID adapter is "

@@ -246,6 +246,21 @@ class FaceAnalyzer:
             extra_recognizers={**self.extra_recognizers, pack: ONNXRecognizer(recognizer)},
         )
 
+    def with_recognizer(self, name: str, recognizer: Recognizer) -> FaceAnalyzer:
+        """A new analyzer with this one's detector and recognizers and ``recognizer`` too, its vectors kept under
+        ``name`` in ``Face.embeddings`` / ``raw_embeddings`` (a recognizer of no insightface pack: InfiniteYou's
+        IR-SE50, ``faceid.faces.irse50.IRSE50_KEY``), run on the same aligned crops. This one is left as it is."""
+        if name == self.pack or name in self.extra_recognizers:
+            return self
+        return FaceAnalyzer(
+            self.detector,
+            self.recognizer,
+            self.det_sizes,
+            self.max_detect_side,
+            pack=self.pack,
+            extra_recognizers={**self.extra_recognizers, name: recognizer},
+        )
+
     @classmethod
     def from_dir(cls, path: str | os.PathLike, **kwargs) -> FaceAnalyzer:
         """The models of the folder ``path``: ``from_pretrained(path)``, by a name that says so."""

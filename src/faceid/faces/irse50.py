@@ -24,9 +24,12 @@ from torch import nn
 
 from ..errors import CheckpointError, FaceIDError
 
-__all__ = ["IRSE50", "IRSE50_FILE", "IRSE50_UNITS", "load_irse50", "units_of"]
+__all__ = ["IRSE50", "IRSE50_FILE", "IRSE50_KEY", "IRSE50_UNITS", "load_irse50", "units_of"]
 
 IRSE50_FILE = "recognition_arcface_ir_se50.pth"  # facexlib's release asset (v0.1.0), its name kept
+# Its key among a face's embeddings (``Face.embeddings``, beside the insightface packs'): an analyzer given it as a
+# recognizer (``FaceAnalyzer.with_recognizer``) keeps each face's InfiniteYou embedding under this name.
+IRSE50_KEY = "irse50"
 IRSE50_UNITS = (3, 4, 14, 3)  # bottlenecks per stage of the 50-layer network
 WIDTHS = (64, 128, 256, 512)
 

@@ -100,6 +100,14 @@ class IdentityMethod:
     # The method's own defaults of generation settings (its authors' app), which win over the loaded FaceID
     # adapter's: InstantID's IP scale and IdentityNet scale.
     defaults: Mapping[str, Any] = field(default_factory=dict)
+    # The key of ``Face.embeddings`` it reads when that is not its face pack's recognizer (InfiniteYou: facexlib's
+    # IR-SE50, ``irse50``); what a server's enrolled faces must keep for it (``embedding_key``).
+    embedded_by: str | None = None
+
+    @property
+    def embedding_key(self) -> str:
+        """The ``Face.embeddings`` key of the vector the method reads: its own recognizer's, else its pack's."""
+        return self.embedded_by or self.face_pack
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_sets", MappingProxyType(dict(self.model_sets)))
@@ -237,6 +245,7 @@ METHODS: dict[str, IdentityMethod] = {
             families=("FLUX.1",),
             face_pack="antelopev2",  # detection and landmarks; the embedding is facexlib's ArcFace (below)
             recognizer="facexlib ArcFace IR-SE50 (recognition_arcface_ir_se50.pth)",
+            embedded_by="irse50",  # faceid.faces.irse50.IRSE50_KEY
             normalised=True,  # facexlib's backbone ends in an L2 norm
             face_inputs=("keypoint image of a control photo (InfuseNet's control image; black when none)",),
             files=(),

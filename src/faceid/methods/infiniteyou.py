@@ -47,7 +47,7 @@ from ..adapter import load_strict
 from ..checkpoints import check_loading_report, load_state_dict, loading_error, perceiver_config
 from ..control import draw_kps
 from ..errors import CheckpointError, FaceIDError
-from ..faces.irse50 import IRSE50, IRSE50_FILE, load_irse50
+from ..faces.irse50 import IRSE50, IRSE50_FILE, IRSE50_KEY, load_irse50
 from ..projection import ImageResampler
 
 __all__ = [
@@ -205,7 +205,11 @@ class InfiniteYou:
     def face_embedding(self, face) -> np.ndarray:
         """The 512-d embedding InfiniteYou was trained on of an analysed face: facexlib's ArcFace IR-SE50 on its
         112x112 crop aligned by the 5 keypoints (``Face.aligned``), BGR in [-1, 1], as the authors'
-        ``extract_arcface_bgr_embedding``."""
+        ``extract_arcface_bgr_embedding``. A face analysed with that recognizer already (``FaceAnalyzer.
+        with_recognizer``: a server's enrolled faces keep it under ``IRSE50_KEY``) gives its kept vector."""
+        kept = getattr(face, "raw_embeddings", {}).get(IRSE50_KEY)
+        if kept is not None:
+            return np.asarray(kept, np.float32)
         if self.recognizer is None:
             raise FaceIDError(
                 f"InfiniteYou embeds face photos with facexlib's ArcFace IR-SE50 ({IRSE50_FILE}), and none is loaded: "

@@ -26,6 +26,8 @@ MODES = (TEXT_TO_IMAGE, "img2img", "inpaint", "controlnet", "swap")
 # The models ``faceid.control.make_control_image`` needs beyond the ControlNet, by control kind: loaded with the
 # server's ControlNet of that kind (``faceid.control.annotator_options``).
 ANNOTATORS = {"pose": "openpose", "depth": "depth"}
+# The identity methods whose ControlNet follows the face of a keypoint photo (``kps``): IdentityNet, InfuseNet.
+KPS_METHODS = ("instantid", "infiniteyou")
 
 
 class NotServed(FaceIDError):
@@ -78,9 +80,9 @@ class Capabilities:
                 f"method: this server has no {settings.method!r} weights loaded; it runs {_listed(self.methods)} "
                 f"(restart it with --method-weights {settings.method}=FOLDER to add it)"
             )
-        if inputs.kps is not None and settings.method != "instantid":
-            raise FaceIDError("kps: the keypoint photo is InstantID's (IdentityNet follows its face): give method "
-                            "'instantid' with it, or leave kps out")  # fmt: skip
+        if inputs.kps is not None and settings.method not in KPS_METHODS:
+            raise FaceIDError("kps: the keypoint photo is InstantID's and InfiniteYou's (IdentityNet or InfuseNet "
+                            "follows its face): give method 'instantid' or 'infiniteyou' with it, or leave kps out")  # fmt: skip
         if settings.fast is not None and settings.fast not in self.fast:
             raise NotServed(
                 f"fast: this server has no {settings.fast!r} preset; it has {_listed(self.fast)} (restart it with "
@@ -132,6 +134,50 @@ class Capabilities:
             f"one this request names is {entry.family} ({entry.label()}); name one that runs it: "
             f"{'; '.join(runs) or 'none'} (GET /v1/models lists each model set's methods)"
         )
+
+    def check_family(self, settings: GenerationSettings, inputs: JobInputs, entry: Any) -> None:
+        """Refuse (``NotServed``) what the request's model set cannot do, by its family (``entry``: its catalog
+        entry): a FLUX.1 set has no FaceID adapter (so no FaceID call, nor what is FaceID's: several people in one
+        picture, swap, style adapters, the SD ControlNets and few-step LoRAs loaded with the SD sets, the tiny VAE)
+        and its guidance is embedded in its transformer (no negative prompt, no SD sampler). Said before the job is
+        queued, instead of the job failing when it runs."""
+        from ..families import family
+        from ..fast import PRESETS
+
+        row = family(entry.family)
+        what = f"the model set this request names ({entry.label()})"
+        if settings.fast is not None and entry.family not in PRESETS[settings.fast].loras:
+            raise NotServed(
+                f"fast: the {settings.fast} preset exists for {', '.join(PRESETS[settings.fast].loras)} model sets, "
+                f"and {what} is {entry.family}: leave fast out, or name a model set of its family"
+            )
+        if row.faceid_adapters:
+            return
+        refused = {
+            "method 'faceid'": settings.method == "faceid",
+            "people (several in one picture)": inputs.people is not None,
+            "swap": inputs.swap is not None,
+            "style": bool(inputs.style),
+            "controls (this server's ControlNets)": bool(inputs.controls),
+            "decoder 'tiny' (no tiny VAE)": settings.decoder == "tiny" or settings.tiny_vae is not None,
+        }
+        if row.guidance_embedded:
+            negatives = [settings.negative_prompt] if isinstance(settings.negative_prompt, str) else settings.negative_prompt
+            refused.update(
+                {
+                    "negative_prompt (its guidance is embedded: no unconditional pass)": any(negatives or ()),
+                    "scheduler (it samples with its own flow-matching scheduler)": settings.scheduler is not None,
+                    "eta": settings.eta is not None,
+                }
+            )
+        given = [name for name, asked in refused.items() if asked]
+        if given:
+            runs = [m["name"] for m in describe_methods(entry.family, self.methods)]
+            raise NotServed(
+                f"{'; '.join(given)}: {what} is {entry.family}, which has no FaceID adapter and runs the identity "
+                f"method(s) {_listed(runs)} with text-to-image, img2img and inpainting; leave "
+                f"{'it' if len(given) == 1 else 'them'} out, or name a Stable Diffusion model set (GET /v1/models)"
+            )
 
     def describe_fast(self) -> dict[str, dict[str, Any]]:
         """``GET /v1/models``'s ``fast``: each loaded preset, the model families it exists for, and what it sets when

@@ -334,9 +334,12 @@ class Service:
             )
         if settings.face_index:
             raise FaceIDError("face_index: an identity already holds one face per photo (the largest); leave it out")
-        self.capabilities.check(settings, inputs)  # refuses what this server was not started with (422)
         entry = self.catalog.find(settings)  # refuses a request naming models this server does not serve
+        if "method" not in settings.model_fields_set and self.default_method(entry) != settings.method:
+            settings = settings.replace(method=self.default_method(entry))  # a FLUX.1 set's: the method it loaded
+        self.capabilities.check(settings, inputs)  # refuses what this server was not started with (422)
         self.capabilities.check_model_set(settings, entry, self.catalog.entries)  # the method on its family
+        self.capabilities.check_family(settings, inputs, entry)  # what a model set of its family cannot do
         uploads = self._check_inputs(owner, inputs, settings.strength)
         for k, reference in enumerate(inputs.style or ()):
             if not isinstance(reference.region, (str, type(None))):
@@ -358,11 +361,9 @@ class Service:
         # its models', and the worker that runs the job fills in the rest (the adapter's scale...) from the
         # loaded pipeline before it runs (``Worker.run_batch``), storing them: the job's settings always show
         # what made its images.
-        known = self.defaults if entry is self.catalog.default else entry.models
-        if settings.method != "faceid" and entry is self.catalog.default:  # its own defaults, not the adapter's
-            known = self.method_defaults.get(settings.method, entry.models)
+        known = self._known_defaults(entry, settings.method)
         models = entry.models.model_dump(include=set(MODEL_FIELDS))  # the entry's names, not the request's
-        resolved = settings.replace(**models).resolve(entry.family, **known.model_dump(exclude_none=True))
+        resolved = settings.replace(**models).resolve(entry.family, **known)
         resolved = within_limits(settings, resolved, self.config)  # the defaults left to the model, within limits
         prompts = [resolved.prompt] if isinstance(resolved.prompt, str) else list(resolved.prompt)
         if inputs.people is not None:  # the job's identities: every picture's people
@@ -419,6 +420,35 @@ class Service:
         self.metrics.submitted.inc()
         return job, position
 
+    def default_method(self, entry: ModelEntry) -> str:
+        """The identity method of a request to ``entry`` that names none: FaceID on a model set with a FaceID adapter;
+        on one without (FLUX.1), the first of this server's methods that runs on its family (the one it loaded)."""
+        from ..families import family
+        from ..methods import METHODS
+
+        if family(entry.family).faceid_adapters:
+            return "faceid"
+        if entry is self.catalog.default:
+            return self.pipeline.default_method
+        return next((name for name in self.config.methods if entry.family in METHODS[name].families), "faceid")
+
+    def _known_defaults(self, entry: ModelEntry, method: str) -> dict[str, Any]:
+        """The defaults a request to ``entry`` with ``method`` gets beyond the family's: the loaded default model
+        set's own (taken at start); another model set's models, and for a method other than FaceID (or on a family
+        without FaceID adapters) the method's own defaults and the family's empty negative prompt where its guidance
+        is embedded. The worker fills in the rest from the loaded pipeline before the job runs."""
+        from ..families import family
+        from ..methods import METHODS
+
+        if entry is self.catalog.default:
+            known = self.defaults if method == "faceid" else self.method_defaults.get(method, entry.models)
+            return known.model_dump(exclude_none=True)
+        known = entry.models.model_dump(exclude_none=True)
+        if method != "faceid":
+            embedded = family(entry.family).guidance_embedded
+            known.update({**({"negative_prompt": ""} if embedded else {}), **METHODS[method].defaults})
+        return known
+
     @staticmethod
     def _check_embedded_for(identity, method_name: str) -> None:
         """Refuse an identity whose photos were not embedded by the recognizer ``method_name`` reads (enrolled
@@ -426,13 +456,15 @@ class Service:
         from ..methods import METHODS
 
         method = METHODS[method_name]
-        if method.face_pack == "buffalo_l":
+        key = method.embedding_key
+        if key == "buffalo_l":
             return
-        lacking = [face.k for face in identity.faces if method.face_pack not in face_recognizers(face)]
+        lacking = [face.k for face in identity.faces if key not in face_recognizers(face)]
         if lacking:
+            whose = f"insightface's {key}" if key == method.face_pack else f"its own ({method.recognizer}, {key})"
             raise FaceIDError(
                 f"identity {identity.id}: method {method_name} ({method.title}) reads the face embedding of "
-                f"insightface's {method.face_pack} recognizer, and this identity was enrolled before the server "
+                f"{whose} recognizer, and this identity was enrolled before the server "
                 f"loaded it (photo(s) {', '.join(map(str, lacking))} have {', '.join(face_recognizers(identity.faces[lacking[0]]))} "
                 "only): enroll its photos again (POST /v1/identities) and use the new identity"
             )
@@ -761,6 +793,7 @@ class Service:
                 **e.describe(),
                 "loaded_on": [w["device"] for w in workers if e.index in w.get("loaded_models", ())],
                 "methods": describe_methods(e.family, methods),
+                "default_method": self.default_method(e),
             }
             for e in entries
         ]
@@ -835,16 +868,48 @@ def analyzer_for_methods(analyzer, methods: dict[str, str], face_models: str | N
     from ..methods import METHODS
 
     inner = given = getattr(analyzer, "analyzer", analyzer)  # a SerialAnalyzer's
-    for name in methods:
-        pack = METHODS[name].face_pack
+    for name, folder in methods.items():
+        method = METHODS[name]
+        pack = method.face_pack
         have = {getattr(inner, "pack", None), *getattr(inner, "extra_recognizers", {})}
-        if pack == "buffalo_l" or pack in have:
-            continue
-        face_pack_ready(pack, face_models, what=f"method {name}")
-        if not hasattr(inner, "with_pack"):
-            raise FaceIDError(
-                f"method {name} needs the face analysis to embed with insightface's {pack} too, and this server's "
-                "analyzer cannot add a recognizer: give a faceid.faces.FaceAnalyzer"
-            )
-        inner = inner.with_pack(pack, face_models)
+        if pack != "buffalo_l" and pack not in have:
+            face_pack_ready(pack, face_models, what=f"method {name}")
+            if not hasattr(inner, "with_pack"):
+                raise FaceIDError(
+                    f"method {name} needs the face analysis to embed with insightface's {pack} too, and this "
+                    "server's analyzer cannot add a recognizer: give a faceid.faces.FaceAnalyzer"
+                )
+            inner = inner.with_pack(pack, face_models)
+        if method.embedding_key not in (pack, *getattr(inner, "extra_recognizers", {})):
+            inner = _with_method_recognizer(inner, name, folder, face_models)
     return analyzer if inner is given else inner
+
+
+def _with_method_recognizer(analyzer, name: str, folder: str, face_models: str | None):
+    """``analyzer`` with the recognizer of its own that method ``name`` reads (InfiniteYou: facexlib's IR-SE50, from
+    the method's folder or the face models folder, as ``ModelSet.load_method`` finds it), so that enrollment keeps
+    that embedding too; without the file the server does not start, saying where to put it."""
+    from pathlib import Path
+
+    from ..errors import MissingWeightsError
+    from ..faces.irse50 import IRSE50_FILE, IRSE50_KEY, load_irse50
+    from ..methods.infiniteyou import model_set_folder
+    from ..model_set import find_recognizer
+
+    if name != "infiniteyou":  # the one method whose embedding is not an insightface pack's
+        raise FaceIDError(f"method {name}: enrollment has no recognizer for it")
+    found = find_recognizer(model_set_folder(folder), face_models)
+    if found is None:
+        raise MissingWeightsError(
+            f"--method-weights infiniteyou={folder}: InfiniteYou reads the embedding of facexlib's ArcFace IR-SE50 "
+            f"({IRSE50_FILE}), which enrollment keeps for every photo, and it is in neither {Path(folder)} (nor its "
+            "model set folders) nor the face models folder: download it "
+            "(https://github.com/xinntao/facexlib/releases/download/v0.1.0/recognition_arcface_ir_se50.pth) into "
+            "one of them"
+        )
+    if not hasattr(analyzer, "with_recognizer"):
+        raise FaceIDError(
+            f"method {name} needs the face analysis to embed with {IRSE50_FILE} too, and this server's analyzer "
+            "cannot add a recognizer: give a faceid.faces.FaceAnalyzer"
+        )
+    return analyzer.with_recognizer(IRSE50_KEY, load_irse50(found))

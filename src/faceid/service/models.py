@@ -44,6 +44,7 @@ class ModelEntry:
     @classmethod
     def configured(cls, index: int, spec: GenerationSettings | Mapping[str, Any]) -> ModelEntry:
         """An entry from configuration, described without loading its weights."""
+        from ..model_set import family_without_adapter
         from ..pipeline import default_models, model_family
         from ..variants import DEFAULT_ADAPTER
 
@@ -51,6 +52,11 @@ class ModelEntry:
         others = sorted(k for k in spec.model_fields_set if k not in MODEL_FIELDS)
         if others:
             raise FaceIDError(f"a model set names models only ({', '.join(MODEL_FIELDS)}), not {', '.join(others)}")
+        family = family_without_adapter(spec.base_model, spec.adapter)
+        if family is not None:  # FLUX.1: no FaceID adapter, its identity methods from the server's --method-weights
+            if spec.loras:
+                raise FaceIDError(f"a {family} model set takes no LoRAs yet: leave them out of {spec.base_model}")
+            return cls(index, GenerationSettings(base_model=str(spec.base_model), vae=spec.vae), family)
         adapter = spec.adapter or DEFAULT_ADAPTER
         base_model, vae = default_models(spec.base_model, adapter, spec.vae)
         models = GenerationSettings(base_model=base_model, adapter=adapter, vae=vae, loras=spec.loras or None)
@@ -85,10 +91,21 @@ class ModelEntry:
 
     def describe(self) -> dict[str, Any]:
         """What ``GET /v1/models`` says of this entry: its models, family and family defaults."""
+        from ..families import family
+
         defaults = self.models.resolve(self.family).model_dump(
             include={"width", "height", "num_inference_steps", "guidance_scale"}
         )
-        return {"index": self.index, "family": self.family, **self.models.to_json(), "defaults": defaults}
+        row = family(self.family)
+        return {
+            "index": self.index,
+            "family": self.family,
+            **self.models.to_json(),
+            "defaults": defaults,
+            # FLUX.1: no FaceID adapter (its methods are the server's for its family) and no negative prompt
+            "faceid_adapter": row.faceid_adapters,
+            "negative_prompt": not row.guidance_embedded,
+        }
 
 
 def _names(source: str | None) -> set[str]:
@@ -238,7 +255,8 @@ def pipeline_modules(pipeline: Any) -> list:
     import torch
 
     modules = [m for m in pipeline.pipe.components.values() if isinstance(m, torch.nn.Module)]
-    modules.append(pipeline.adapter.projection)
+    if pipeline.adapter is not None:  # None: a model set without a FaceID adapter (FLUX.1)
+        modules.append(pipeline.adapter.projection)
     if pipeline.image_encoder is not None:
         modules.append(pipeline.image_encoder.model)
     return modules

@@ -290,8 +290,11 @@ class WorkerView(View):
     base_model: str | None = None
     adapter: str | None = None
     vae: str | None = None
-    variant: str | None = Field(None, description="the adapter's variant")
+    variant: str | None = Field(None, description="the adapter's variant (None: a model set without one, FLUX.1)")
     loras: Any = Field(None, description="the LoRA files on its pipeline")
+    default_method: str | None = Field(None, description="the identity method of a request that names none")
+    offload: str | None = Field(None, description="FLUX.1: its models offloaded to the CPU between uses (model, sequential)")
+    quantize: str | None = Field(None, description="FLUX.1: its 8-bit weights (int8, fp8)")
 
 
 class FamilyDefaults(View):
@@ -325,6 +328,9 @@ class CatalogEntry(JobSettings):
     methods: list[MethodView] = Field(
         description="the identity methods a request may name (method) on this model set, faceid first"
     )
+    default_method: str = Field(description="the method of a request that names none (FLUX.1: the one it loaded)")
+    faceid_adapter: bool = Field(description="whether it has a FaceID adapter (False: FLUX.1, its methods only)")
+    negative_prompt: bool = Field(description="whether it takes a negative prompt (False: FLUX.1's embedded guidance)")
 
 
 class FastPresetView(View):

@@ -122,8 +122,8 @@ class Worker(threading.Thread):
             modules = self._load_method(pipeline, name, source)
             if modules:
                 attached[f"method {name}"] = modules
-        if not self.runs_modes:
-            return attached
+        if not self.runs_modes or pipeline.adapter is None:  # FLUX.1: the server's SD ControlNets and style
+            return attached  # adapters are not for it (requests for them there are refused at submit)
         for source in dict.fromkeys(config.controlnets.values()):
             attached[source] = pipeline.load_controlnet(source)
         for name in config.style_adapters:
@@ -214,12 +214,15 @@ class Worker(threading.Thread):
         if pipe is not None:
             entry.update(
                 device=str(pipe.device),
-                dtype=str(pipe.pipe.unet.dtype).removeprefix("torch."),
+                dtype=str(pipe.denoiser.dtype).removeprefix("torch."),
                 family=pipe.family,
                 base_model=pipe.base_model,
                 adapter=pipe.adapter_source,
                 vae=pipe.vae_source,
-                variant=pipe.adapter.spec.architecture().name,
+                variant=pipe.adapter.spec.architecture().name if pipe.adapter is not None else None,
+                default_method=pipe.default_method,
+                offload=pipe.offload,
+                quantize=pipe.quantize,
                 loras=pipe.lora_sources(),
             )
         return entry
