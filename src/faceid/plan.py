@@ -202,7 +202,12 @@ def check_family_settings(models: ModelSet, requested: GenerationSettings) -> No
     if not family(models.family).guidance_embedded:
         return
     given = {
-        "negative_prompt": requested.negative_prompt not in (None, "", [""]),
+        # "" for every prompt is none (a server's batch of jobs gives one per prompt)
+        "negative_prompt": any(
+            [requested.negative_prompt]
+            if isinstance(requested.negative_prompt, str)
+            else requested.negative_prompt or ()
+        ),  # fmt: skip
         "scheduler": requested.scheduler is not None,
         "fast": requested.fast is not None,
         "eta": requested.eta is not None,

@@ -80,6 +80,20 @@ class Capabilities:
                 f"method: this server has no {settings.method!r} weights loaded; it runs {_listed(self.methods)} "
                 f"(restart it with --method-weights {settings.method}=FOLDER to add it)"
             )
+        others = {  # settings of one method given with another: the pipeline would refuse them when the job runs
+            "identitynet_scale (InstantID's)": settings.method != "instantid"
+            and settings.identitynet_scale is not None,
+            "combine (FaceID's)": settings.method != "faceid" and settings.combine is not None,
+            "shortcut (FaceID's)": settings.method != "faceid" and settings.shortcut is not None,
+            "lora_scale (FaceID's)": settings.method != "faceid" and settings.lora_scale is not None,
+            "identity_guidance (FaceID's)": settings.method != "faceid" and settings.identity_guidance > 0,
+        }
+        given = [name for name, asked in others.items() if asked]
+        if given:
+            raise FaceIDError(
+                f"{', '.join(given)}: not a setting of method {settings.method!r}; leave "
+                f"{'it' if len(given) == 1 else 'them'} out, or name the method it belongs to"
+            )
         if inputs.kps is not None and settings.method not in KPS_METHODS:
             raise FaceIDError("kps: the keypoint photo is InstantID's and InfiniteYou's (IdentityNet or InfuseNet "
                             "follows its face): give method 'instantid' or 'infiniteyou' with it, or leave kps out")  # fmt: skip
@@ -162,7 +176,9 @@ class Capabilities:
             "decoder 'tiny' (no tiny VAE)": settings.decoder == "tiny" or settings.tiny_vae is not None,
         }
         if row.guidance_embedded:
-            negatives = [settings.negative_prompt] if isinstance(settings.negative_prompt, str) else settings.negative_prompt
+            negatives = (
+                [settings.negative_prompt] if isinstance(settings.negative_prompt, str) else settings.negative_prompt
+            )
             refused.update(
                 {
                     "negative_prompt (its guidance is embedded: no unconditional pass)": any(negatives or ()),

@@ -337,9 +337,9 @@ class Service:
         entry = self.catalog.find(settings)  # refuses a request naming models this server does not serve
         if "method" not in settings.model_fields_set and self.default_method(entry) != settings.method:
             settings = settings.replace(method=self.default_method(entry))  # a FLUX.1 set's: the method it loaded
+        self.capabilities.check_family(settings, inputs, entry)  # what a model set of its family cannot do (422)
         self.capabilities.check(settings, inputs)  # refuses what this server was not started with (422)
         self.capabilities.check_model_set(settings, entry, self.catalog.entries)  # the method on its family
-        self.capabilities.check_family(settings, inputs, entry)  # what a model set of its family cannot do
         uploads = self._check_inputs(owner, inputs, settings.strength)
         for k, reference in enumerate(inputs.style or ()):
             if not isinstance(reference.region, (str, type(None))):

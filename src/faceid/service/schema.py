@@ -293,7 +293,9 @@ class WorkerView(View):
     variant: str | None = Field(None, description="the adapter's variant (None: a model set without one, FLUX.1)")
     loras: Any = Field(None, description="the LoRA files on its pipeline")
     default_method: str | None = Field(None, description="the identity method of a request that names none")
-    offload: str | None = Field(None, description="FLUX.1: its models offloaded to the CPU between uses (model, sequential)")
+    offload: str | None = Field(
+        None, description="FLUX.1: its models offloaded to the CPU between uses (model, sequential)"
+    )
     quantize: str | None = Field(None, description="FLUX.1: its 8-bit weights (int8, fp8)")
 
 
