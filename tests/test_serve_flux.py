@@ -25,6 +25,7 @@ from face_helpers import face_photo
 from PIL import Image
 from test_method_infiniteyou_generate import tiny_irse_state
 from test_serve import enroll, error, generate, make_client, wait_finished  # noqa: F401 (a fixture)
+from test_webapp import WAIT, browser, loaded_images, make_server, screenshot, set_value  # noqa: F401 (fixtures)
 from tiny_models import build_flux, build_infiniteyou
 
 from faceid.cli import main
@@ -250,3 +251,36 @@ def test_faceid_serve_loads_a_flux_model_set_and_refuses_what_cannot_start(flux_
     shutil.copytree(infiniteyou_dir, bare, ignore=shutil.ignore_patterns(IRSE50_FILE))
     refused("--base-model", str(flux_dir), "--method-weights", f"infiniteyou={bare}", said=IRSE50_FILE)
     assert len(started) == 1
+
+
+# ---------------------------------------------------------------------- the web app (chromium, as test_webapp)
+def test_web_app_shows_a_flux_model_set_with_its_method_and_licence(make_server, browser, flux, infiniteyou_dir,  # noqa: F811
+                                                                     both_packs, faces_dir, tmp_path):  # fmt: skip
+    import httpx
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url = make_server(pipeline=flux, methods={"infiniteyou": str(infiniteyou_dir)}, face_models=str(both_packs))
+    wait = WebDriverWait(browser, WAIT)
+    browser.get(url + "/")
+    wait.until(lambda d: d.find_element(By.ID, "method-box").is_displayed())  # one method, not FaceID: shown
+    options = [o.text for o in browser.find_elements(By.CSS_SELECTOR, "#method option")]
+    assert options == ["InfiniteYou-FLUX v1.0"], options
+    licence = browser.find_element(By.ID, "method-licence").text
+    assert "FLUX.1 [dev] Non-Commercial License" in licence and "not for commercial use" in licence, licence
+    assert not browser.find_element(By.ID, "negative-field").is_displayed()  # embedded guidance: no negative prompt
+    disabled = [o.get_attribute("value") for o in browser.find_elements(By.CSS_SELECTOR, "#mode option:disabled")]
+    assert "swap" in disabled and "img2img" not in disabled, disabled
+
+    browser.find_element(By.ID, "photos").send_keys(str(faces_dir / "obama.jpg"))
+    browser.find_element(By.ID, "enroll").click()
+    wait.until(lambda d: loaded_images(d, "#crops img.crop") == 1)
+    for field, value in {"steps": 2, "width": 32, "height": 32, "seed": 7, "count": 1}.items():
+        set_value(browser, field, value)
+    browser.find_element(By.ID, "generate").click()
+    wait.until(lambda d: loaded_images(d, "#gallery img.generated") == 1)
+    caption = browser.find_element(By.CSS_SELECTOR, "#gallery figcaption").text
+    assert "method infiniteyou" in caption, caption
+    screenshot(browser, tmp_path, "flux-infiniteyou")
+    (made,) = httpx.get(f"{url}/v1/generations").json()["generations"]
+    assert made["settings"]["method"] == "infiniteyou" and made["settings"]["negative_prompt"] == ""

@@ -198,6 +198,15 @@ function showDecoders(decoders) {
 function modelChanged() {
   const entry = selectedModel();
   showMethods();
+  // a FLUX.1 set: no negative prompt (its guidance is embedded), no ControlNet or swap (FaceID's); the server refuses
+  // them too (422)
+  $("negative-field").hidden = !!entry && entry.negative_prompt === false;
+  for (const option of $("mode").options) {
+    if (option.hidden) continue;  // not served at all (showModes)
+    option.disabled = !!entry && entry.faceid_adapter === false && ["controlnet", "swap"].includes(option.value);
+    option.title = option.disabled ? "not for " + entry.family + " models" : "";
+  }
+  if ($("mode").selectedOptions[0]?.disabled) $("mode").value = "text-to-image";
   modeChanged();  // the size placeholders: the model's defaults, or the input image's
   for (const option of $("fast").options) {
     const families = option.value && (state.fast[option.value] || {}).families;
@@ -218,7 +227,8 @@ function showMethods() {
   const chosen = $("method").value;
   $("method").replaceChildren(...methods.map((m) => el("option", { value: m.name, text: m.title })));
   if (methods.some((m) => m.name === chosen)) $("method").value = chosen;
-  $("method-box").hidden = methods.length < 2;
+  // shown where there is a choice, or where the one method is not FaceID (a FLUX.1 set: InfiniteYou, its licence)
+  $("method-box").hidden = methods.length < 2 && !methods.some((m) => m.name !== "faceid");
   if (methods.length < 2) $("compare").checked = false;
   methodChanged();
 }
@@ -239,7 +249,7 @@ function methodChanged() {
   const strength = d.scale !== undefined ? d.scale : 1;
   $("scale").value = strength;
   $("scale-range").value = strength;
-  $("method-licence").textContent = state.methods.length > 1 && method.licence
+  $("method-licence").textContent = !$("method-box").hidden && method.licence
     ? "licence: " + method.licence + (method.commercial ? "" : " — not for commercial use") : "";
   const other = $("compare-method").value;
   const others = state.methods.filter((m) => m.name !== method.name);
@@ -676,7 +686,7 @@ async function requestBody() {
     height: intOrNull("height"),
   };
   const negative = $("negative").value.trim();
-  if (negative) body.negative_prompt = negative;
+  if (negative && !$("negative-field").hidden) body.negative_prompt = negative;
   const entry = selectedModel();
   if (state.models.length > 1 && entry) {
     body.base_model = entry.base_model;
