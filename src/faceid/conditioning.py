@@ -160,7 +160,9 @@ def encode(
         uncond = uncond[None].expand(len(prompts), *uncond.shape).contiguous()
         faces = [faces] * len(prompts)
 
-    text = models.encode_prompt(prompts, negatives, num_images_per_prompt)
+    # PuLID-FLUX's true CFG runs a negative pass: its negatives are encoded too (FLUX encodes none otherwise)
+    true_cfg = {"negatives_too": True} if encoded.method == "pulid-flux" else {}
+    text = models.encode_prompt(prompts, negatives, num_images_per_prompt, **true_cfg)
     names = ["prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds"]
     return Conditioning(
         # A family without negative prompts (FLUX.1) gives None for their embeddings: not passed on.

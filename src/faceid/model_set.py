@@ -940,21 +940,30 @@ class ModelSet:
             return self._vae_float32[1]
 
     # ------------------------------------------------------------------ conditioning
-    def encode_prompt(self, prompts: list[str], negatives: list[str], num_images_per_prompt: int) -> tuple:
+    def encode_prompt(
+        self, prompts: list[str], negatives: list[str], num_images_per_prompt: int, *, negatives_too: bool = False
+    ) -> tuple:
         """The base pipeline's own ``encode_prompt`` (with classifier-free guidance's negatives), one call at a
-        time: the tokenizers it uses are shared, and keep per-call settings on themselves."""
+        time: the tokenizers it uses are shared, and keep per-call settings on themselves. ``negatives_too``: a
+        family whose guidance is embedded encodes the negatives too (PuLID-FLUX's true CFG)."""
         with self._encoding_prompts:
             if families_table.family(self.family).guidance_embedded:
                 # FLUX: CLIP's pooled output and T5's tokens of the prompt, padded to 512 tokens (FLUX.1-dev's) or
-                # the T5 tokenizer's own maximum where smaller; its guidance is embedded, no negatives.
-                prompt_embeds, pooled, _ = self.pipe.encode_prompt(
-                    prompts,
-                    prompt_2=None,
-                    device=self.device,
-                    num_images_per_prompt=num_images_per_prompt,
-                    max_sequence_length=min(512, self.pipe.tokenizer_2.model_max_length),
-                )
-                return prompt_embeds, None, pooled, None
+                # the T5 tokenizer's own maximum where smaller; its guidance is embedded, no negatives (but for a
+                # true CFG pass).
+                def flux(texts):
+                    embeds, pooled, _ = self.pipe.encode_prompt(
+                        texts,
+                        prompt_2=None,
+                        device=self.device,
+                        num_images_per_prompt=num_images_per_prompt,
+                        max_sequence_length=min(512, self.pipe.tokenizer_2.model_max_length),
+                    )
+                    return embeds, pooled
+
+                prompt_embeds, pooled = flux(prompts)
+                negative, negative_pooled = flux(negatives) if negatives_too else (None, None)
+                return prompt_embeds, negative, pooled, negative_pooled
             return self.pipe.encode_prompt(
                 prompts,
                 device=self.device,

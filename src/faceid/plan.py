@@ -122,6 +122,8 @@ class CallPlan:
     # InfiniteYou: InfuseNet's conditioning scale (the call's ``scale``) and its window over the run, as IdentityNet's.
     infusenet_scale: float | None = None
     infusenet_window: Window | None = None
+    # PuLID-FLUX: the authors' true CFG scale where above 1 (a negative pass each step), else None.
+    true_cfg: float | None = None
 
     @property
     def weights_change(self) -> bool:
@@ -201,9 +203,12 @@ def check_family_settings(models: ModelSet, requested: GenerationSettings) -> No
 
     if not family(models.family).guidance_embedded:
         return
+    # PuLID-FLUX's true CFG runs a negative pass: there a negative prompt applies
+    true_cfg = requested.method == "pulid-flux" and (requested.true_cfg or 1.0) > 1
     given = {
         # "" for every prompt is none (a server's batch of jobs gives one per prompt)
-        "negative_prompt": any(
+        "negative_prompt": not true_cfg
+        and any(
             [requested.negative_prompt]
             if isinstance(requested.negative_prompt, str)
             else requested.negative_prompt or ()
@@ -216,7 +221,8 @@ def check_family_settings(models: ModelSet, requested: GenerationSettings) -> No
     if refused:
         raise FaceIDError(
             f"{', '.join(refused)} do(es) not apply to {models.family}: its guidance is embedded in the transformer "
-            "(no negative prompt) and it samples with its own flow-matching scheduler; leave "
+            "(no negative prompt, but with PuLID-FLUX's true_cfg above 1) and it samples with its own flow-matching "
+            "scheduler; leave "
             f"{'it' if len(refused) == 1 else 'them'} out"
         )
 
@@ -225,6 +231,8 @@ def check_method_settings(models: ModelSet, requested: GenerationSettings, input
     """Settings and inputs that belong to one identity method are refused with another; a method beside FaceID
     must be loaded (``ModelSet.load_method``)."""
     method = requested.method
+    if method != "pulid-flux" and requested.true_cfg is not None:
+        raise FaceIDError(f"true_cfg is PuLID-FLUX's true CFG scale, not {method}'s: leave it out")
     if method == "faceid":
         if requested.identitynet_scale is not None:
             raise FaceIDError("identitynet_scale is InstantID's IdentityNet scale: give method='instantid' with it")
@@ -340,6 +348,7 @@ def plan_call(
         identitynet_window=schedule.controlnet_window(run.identity_window or (0.0, 1.0)) if identitynet else None,
         infusenet_scale=float(run.scale) if infusenet else None,
         infusenet_window=schedule.controlnet_window(run.identity_window or (0.0, 1.0)) if infusenet else None,
+        true_cfg=float(run.true_cfg) if run.method == "pulid-flux" and (run.true_cfg or 1.0) > 1 else None,
     )
 
 

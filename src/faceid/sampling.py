@@ -84,8 +84,10 @@ def run_plan(
             f"this conditioning holds {conditioning.method} tokens but the call runs method {plan.method}: "
             "encode() with the call's method"
         )
-    # InfiniteYou's identity reaches the transformer through InfuseNet's residuals, not as attention tokens.
-    identity, gated = ([], []) if plan.method == "infiniteyou" else _token_groups(models, plan, conditioning)
+    # InfiniteYou's identity reaches the transformer through InfuseNet's residuals, PuLID-FLUX's through the
+    # call's view of the transformer (below): not as attention tokens.
+    untokened = plan.method in ("infiniteyou", "pulid-flux")
+    identity, gated = ([], []) if untokened else _token_groups(models, plan, conditioning)
     attention = dict(kwargs.pop(family.attention_kwargs, None) or {})
     if identity:
         attention["ip_hidden_states"] = CallTokens(identity)
@@ -126,6 +128,20 @@ def run_plan(
         controls = replace(inputs, controls=[ControlInput(kps_image, infiniteyou.infusenet, plan.infusenet_scale)])
     elif inputs.controls:
         parts["controlnet"] = inputs.controlnet(models.family)
+    pipe_kwargs = dict(conditioning.pipe_kwargs)
+    if family.guidance_embedded and plan.true_cfg is None:  # negatives only for PuLID-FLUX's true CFG pass
+        pipe_kwargs = {k: v for k, v in pipe_kwargs.items() if not k.startswith("negative_")}
+    if plan.method == "pulid-flux":
+        # the call's identity (cond, and uncond for true CFG's negative pass), shut before its start step
+        call = models.loaded_method("pulid-flux").call(
+            conditioning.identity_states(False),
+            conditioning.identity_states(False, unconditional=True),
+            plan.identity_scale,
+        )
+        parts[family.denoiser] = call.transformer(denoiser, pipe_kwargs.get("negative_prompt_embeds"))
+        gated = [] if all(plan.identity_open) else [(plan.identity_open, call)]
+        if plan.true_cfg is not None:
+            kwargs["true_cfg_scale"] = plan.true_cfg
     pipeline = models.call_pipeline(plan.pipeline, **parts)
     if plan.method == "infiniteyou":
         windows = (plan.infusenet_window,)
@@ -148,7 +164,7 @@ def run_plan(
     ):
         on_step(0)
         result = pipeline(
-            **conditioning.pipe_kwargs,
+            **pipe_kwargs,
             **controls.pipeline_kwargs(
                 run.strength,
                 plan.images,

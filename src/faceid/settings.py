@@ -120,6 +120,14 @@ class GenerationSettings(BaseModel):
         description="instantid: IdentityNet's conditioning scale, how closely the face keypoints are followed (0.8)",
         json_schema_extra=_flag("--identitynet-scale"),
     )
+    true_cfg: float | None = Field(
+        None,
+        ge=1,
+        description="pulid-flux: the authors' true classifier-free guidance scale; above 1 every step runs a second "
+        "pass with the negative prompt and the unconditional identity (1, the default: off, FLUX's embedded "
+        "guidance only)",
+        json_schema_extra=_flag("--true-cfg"),
+    )
     lora_scale: float | None = Field(
         None, description="weight of the identity LoRA (1.0)", json_schema_extra=_flag("--lora-scale")
     )
@@ -242,7 +250,15 @@ class GenerationSettings(BaseModel):
         return value
 
     @field_validator(
-        "scale", "identitynet_scale", "lora_scale", "s_scale", "guidance_scale", "eta", "identity_guidance", "strength"
+        "scale",
+        "identitynet_scale",
+        "true_cfg",
+        "lora_scale",
+        "s_scale",
+        "guidance_scale",
+        "eta",
+        "identity_guidance",
+        "strength",
     )
     @classmethod
     def _finite(cls, value: float | None) -> float | None:

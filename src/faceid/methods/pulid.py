@@ -547,7 +547,7 @@ class PuLIDFluxBlock(nn.Module):
             image_rotary_emb=image_rotary_emb,
             joint_attention_kwargs=joint_attention_kwargs,
         )
-        if identity is not None and self.ca is not None:
+        if identity is not None and self.ca is not None and getattr(identity, "open", True):
             batch = hidden_states.shape[0]
             embedding = identity.embedding
             if embedding.shape[0] not in (1, batch):
@@ -662,3 +662,60 @@ class PuLIDFlux(nn.Module):
     def encode(self, face: PuLIDFace) -> tuple[torch.Tensor, torch.Tensor]:
         """``encode_identity`` with this file's encoder (one photo, as the authors' FLUX pipeline)."""
         return encode_identity(self.pulid_encoder, [face])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# PuLID-FLUX v0.9.1 for one call: its identity in the transformer's joint_attention_kwargs, true CFG's negative pass
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class PuLIDFluxCall:
+    """One call's PuLID-FLUX identity: the encoder's tokens of each image (``identity``, one row per image, or one
+    for all), the unconditional ones (``uncond``: what the authors' true CFG gives its negative pass) and the
+    id_weight. ``set_open`` shuts it for the steps before the call's start step (outside its identity window): the
+    blocks then run as the base model. Made per call and changed by that call only (its step callback)."""
+
+    def __init__(self, identity: torch.Tensor, uncond: torch.Tensor, weight: float | Sequence[float] = 1.0):
+        self.identity = PuLIDIdentity(identity, weight)
+        self.uncond = PuLIDIdentity(uncond, weight)
+        self._open = True
+
+    def set_open(self, open_: bool) -> None:
+        self._open = bool(open_)
+
+    def transformer(self, transformer: nn.Module, negative_embeds: torch.Tensor | None = None) -> PuLIDFluxTransformer:
+        """The call's view of ``transformer`` that gives its blocks this identity (``PuLIDFluxTransformer``)."""
+        return PuLIDFluxTransformer(transformer, self, negative_embeds)
+
+    def for_pass(self, negative: bool) -> PuLIDIdentity | None:
+        """What the transformer's blocks read in this pass: None while shut."""
+        if not self._open:
+            return None
+        return self.uncond if negative else self.identity
+
+
+class PuLIDFluxTransformer:
+    """One call's view of a FLUX transformer that PuLID-FLUX is attached to (``PuLIDFlux.attach``): each forward
+    gets the call's identity in ``joint_attention_kwargs["pulid"]`` (the blocks' wrappers read it there), the
+    conditional identity in the prompt's pass and the unconditional one in true CFG's negative pass (the forward
+    whose ``encoder_hidden_states`` is the call's ``negative_prompt_embeds``: diffusers' FLUX pipelines hand the
+    embeddings they are given to the transformer as they are, and give both passes the same
+    ``joint_attention_kwargs``). The call's pipeline object gets this in place of its transformer; everything else
+    (config, dtype, device...) is the transformer's, and nothing is set on it."""
+
+    def __init__(self, transformer: nn.Module, call: PuLIDFluxCall, negative_embeds: torch.Tensor | None = None):
+        self.transformer = transformer
+        self.call = call
+        self.negative_embeds = negative_embeds
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.transformer, name)
+
+    def __call__(self, *args: Any, joint_attention_kwargs: dict[str, Any] | None = None, **kwargs: Any):
+        negative = self.negative_embeds is not None and kwargs.get("encoder_hidden_states") is self.negative_embeds
+        identity = self.call.for_pass(negative=negative)
+        extra = dict(joint_attention_kwargs or {})
+        extra.pop(FLUX_KWARG, None)
+        if identity is not None:
+            extra[FLUX_KWARG] = identity
+        return self.transformer(*args, joint_attention_kwargs=extra or None, **kwargs)
