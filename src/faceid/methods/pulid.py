@@ -719,3 +719,102 @@ class PuLIDFluxTransformer:
         if identity is not None:
             extra[FLUX_KWARG] = identity
         return self.transformer(*args, joint_attention_kwargs=extra or None, **kwargs)
+
+
+CHECKPOINT_FLUX = "pulid_flux_v0.9.1.safetensors"
+
+
+def pulid_flux_files(folder: str | Path) -> tuple[Path, Path, Path]:
+    """The three files PuLID-FLUX v0.9.1 loads from one folder, by their released names: ``pulid_flux_v0.9.1.
+    safetensors`` (guozinan/PuLID), ``EVA02_CLIP_L_336_psz14_s6B.pt`` (QuanSun/EVA-CLIP) and ``parsing_bisenet.pth``
+    (facexlib's release v0.2.0); a folder without them is refused, naming what to download."""
+    from .pulid_face import EVA_CLIP_FILE, PARSING_FILE
+
+    folder = Path(folder).expanduser()
+    files = (folder / CHECKPOINT_FLUX, folder / EVA_CLIP_FILE, folder / PARSING_FILE)
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise CheckpointError(
+            f"{folder} is not a PuLID-FLUX folder: it has no {' and no '.join(missing)}. Put into one folder "
+            f"{CHECKPOINT_FLUX} (https://huggingface.co/guozinan/PuLID), {EVA_CLIP_FILE} "
+            f"(https://huggingface.co/QuanSun/EVA-CLIP) and {PARSING_FILE} "
+            "(https://github.com/xinntao/facexlib/releases/download/v0.2.0/parsing_bisenet.pth), and give that folder"
+        )
+    return files
+
+
+class PuLIDFluxMethod:
+    """PuLID-FLUX v0.9.1 loaded on a FLUX.1 model set (``ModelSet.load_method("pulid-flux", FOLDER)``): the released
+    file (the ID encoder and the cross-attention modules, attached once to the transformer's blocks at the released
+    intervals: ``PuLIDFlux.attach``), the EVA-CLIP tower and BiSeNet (``PuLIDFaceEncoder``). A call without PuLID
+    passes no identity, and the wrapped blocks are the base model's; a PuLID call runs on its own
+    ``PuLIDFluxCall`` (``call``). Create it with ``PuLIDFluxMethod.load``."""
+
+    name = "pulid-flux"
+
+    def __init__(self, adapter: PuLIDFlux, face_encoder: Any, transformer: nn.Module):
+        self.adapter = adapter
+        self.face_encoder = face_encoder
+        self.transformer = transformer
+
+    @classmethod
+    def load(
+        cls,
+        transformer: nn.Module,
+        checkpoint: str | Path,
+        eva_clip: str | Path,
+        parsing: str | Path,
+        *,
+        device: torch.device | str | None = None,
+    ) -> PuLIDFluxMethod:
+        """Read the three files strictly (a missing, extra or misshapen key is a ``CheckpointError`` naming it), check
+        they fit together and this transformer, and attach the cross-attention modules. The encoder, EVA and BiSeNet
+        run in float32 on ``device`` (default: the transformer's; as the authors'); the cross-attention modules take
+        the transformer's dtype and place (with CPU offload they move with it)."""
+        from .pulid_face import PuLIDFaceEncoder
+
+        adapter = PuLIDFlux.from_file(checkpoint)
+        face_encoder = PuLIDFaceEncoder.from_files(eva_clip, parsing)
+        tower, encoder = face_encoder.eva.config, adapter.pulid_encoder.config
+        if (tower.width, tower.embed_dim + 512) != (encoder.eva_width, encoder.id_cond_dim):
+            raise CheckpointError(
+                f"the EVA-CLIP tower ({eva_clip}: width {tower.width}, projection {tower.embed_dim}) does not fit "
+                f"{Path(checkpoint).name} (it reads EVA width {encoder.eva_width} and a {encoder.id_cond_dim}-wide id "
+                "condition, 512 + the projection): use EVA02_CLIP_L_336_psz14_s6B.pt"
+            )
+        param = next(transformer.parameters())
+        place = param.device
+        runs = torch.device(device) if device is not None else place
+        adapter.pulid_encoder.to(runs, torch.float32)
+        adapter.pulid_ca.to(place, transformer.dtype)
+        adapter.eval().requires_grad_(False)
+        face_encoder.to(runs, torch.float32)
+        adapter.attach(transformer)  # refuses a transformer of another width, or deeper than the file
+        return cls(adapter, face_encoder, transformer)
+
+    def remove(self) -> None:
+        """The transformer's own blocks back."""
+        PuLIDFlux.detach(self.transformer)
+
+    @torch.no_grad()
+    def identity_tokens(self, faces: Sequence[Any]):
+        """One person's tokens (``IdentityTokens``: cond and uncond, each (1, tokens, width)) from the analysed faces
+        of their photos (antelopev2's raw embedding and ``Face.crop_ffhq``); several photos are read by the encoder
+        together, as v1.1's (the authors' FLUX app takes one)."""
+        from .instantid import IdentityTokens
+
+        if any(face is None for face in faces):
+            raise FaceIDError(
+                "PuLID-FLUX reads the face photo itself (EVA-CLIP features of its aligned, parsed crop): give the "
+                "photo (a path, image or array) or its analysed Face, not an embedding"
+            )
+        cond, uncond = encode_identity(self.adapter.pulid_encoder, [self.face_encoder(face) for face in faces])
+        return IdentityTokens(cond=cond, uncond=uncond)
+
+    def call(
+        self, identity: torch.Tensor, uncond: torch.Tensor, weight: float | Sequence[float] | torch.Tensor
+    ) -> PuLIDFluxCall:
+        """A call's ``PuLIDFluxCall``: the tokens of each image of the transformer batch, their unconditional ones
+        (true CFG's negative pass) and the id_weight."""
+        dtype = self.transformer.dtype
+        return PuLIDFluxCall(identity.to(dtype), uncond.to(dtype), weight)
