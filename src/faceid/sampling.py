@@ -83,9 +83,17 @@ def run_plan(
             f"this conditioning holds {conditioning.method} tokens but the call runs method {plan.method}: "
             "encode() with the call's method"
         )
-    identity, gated = _token_groups(models, plan, conditioning)
     attention = dict(kwargs.pop(family.attention_kwargs, None) or {})
-    attention["ip_hidden_states"] = CallTokens(identity)
+    gated: list = []
+    if plan.method == "pulid":
+        # PuLID's identity is not an added branch: one call object in place of the token groups, which FaceID's
+        # processors hand each layer to (its window shuts it between steps like a group).
+        pulid = models.loaded_method("pulid").call(conditioning.identity_states(plan.guidance), plan.identity_scale)
+        attention["ip_hidden_states"] = pulid
+        gated = [] if all(plan.identity_open) else [(plan.identity_open, pulid)]
+    else:
+        identity, gated = _token_groups(models, plan, conditioning)
+        attention["ip_hidden_states"] = CallTokens(identity)
 
     scheduler = _scheduler(models, run.scheduler)
     if on_preview is not None:

@@ -86,7 +86,8 @@ def add_method_weights_argument(group) -> None:
         default=None,
         metavar="NAME=FOLDER",
         help="load identity method NAME's released files from FOLDER, in their Hub layout (instantid: a folder "
-        "with InstantX/InstantID's ip-adapter.bin and ControlNetModel/); repeatable",
+        "with InstantX/InstantID's ip-adapter.bin and ControlNetModel/; pulid: a folder with pulid_v1.1.safetensors, "
+        "EVA02_CLIP_L_336_psz14_s6B.pt and parsing_bisenet.pth); repeatable",
     )
 
 
