@@ -220,14 +220,14 @@ def method_tokens(models: ModelSet, name: str, found: identity.Identities) -> tu
     """The identity tokens (cond, uncond), ``(identities, tokens, dim)``, of a method loaded beside FaceID
     (``ModelSet.load_method``). InstantID reads the *raw* antelopev2 embedding of every photo of an identity
     together (several photos of one person are one identity); an embedding given instead of a photo is taken as
-    that raw vector. PuLID reads each photo itself too (EVA-CLIP features of its aligned face), so it needs the
-    photos."""
+    that raw vector. PuLID reads each face's FFHQ-aligned crop too (EVA-CLIP features), so it needs faces, not
+    embeddings."""
     from .methods import identity_method
 
     method = identity_method(name)
     loaded = models.loaded_method(name)
     if name == "pulid":
-        rows = [loaded.identity_tokens(photos, faces) for photos, faces in zip(found.photos, found.faces, strict=True)]
+        rows = [loaded.identity_tokens(faces) for faces in found.faces]
         return torch.cat([r.cond for r in rows]), torch.cat([r.uncond for r in rows])
     rows = []
     for embeddings, faces in zip(found.embeddings, found.faces, strict=True):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -34,15 +34,12 @@ class Identities:
     embeddings: list[list[torch.Tensor]]  # (dim,) each
     crops: list[list[Any]]  # aligned 224x224 RGB face crops (None where unknown)
     faces: list[list[Any]]  # Face from analysis (None for embeddings given directly)
-    # The photo each face was found in, as given (None for a Face or an embedding given directly): PuLID aligns
-    # its own crop of the photo (faceid.methods.pulid_face).
-    photos: list[list[Any]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.embeddings)
 
     def repeat(self, count: int) -> Identities:
-        return Identities(self.embeddings * count, self.crops * count, self.faces * count, self.photos * count)
+        return Identities(self.embeddings * count, self.crops * count, self.faces * count)
 
     @property
     def photos_per_identity(self) -> list[int]:
@@ -93,11 +90,10 @@ def collect(face: Any, analyze: Callable[[Any], Any], face_image: Any = None) ->
         identities = [_photos(entry) for entry in entries]
     crops_given = _nest_like(face_image, identities) if face_image is not None else None
 
-    embeddings, crops, faces, given = [], [], [], []
+    embeddings, crops, faces = [], [], []
     for i, photos in enumerate(identities):
-        row_e, row_c, row_f, row_p = [], [], [], []
+        row_e, row_c, row_f = [], [], []
         for j, photo in enumerate(photos):
-            row_p.append(None if is_embedding(photo) or is_face(photo) else photo)
             if is_embedding(photo):
                 found = None
                 embedding = _as_tensor(photo)
@@ -115,8 +111,7 @@ def collect(face: Any, analyze: Callable[[Any], Any], face_image: Any = None) ->
         embeddings.append(row_e)
         crops.append(row_c)
         faces.append(row_f)
-        given.append(row_p)
-    return Identities(embeddings, crops, faces, given)
+    return Identities(embeddings, crops, faces)
 
 
 def _photos(entry: Any) -> list:

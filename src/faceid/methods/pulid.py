@@ -585,22 +585,18 @@ class PuLID:
         self.layers = {}
 
     @torch.no_grad()
-    def identity_tokens(self, photos: Sequence[Any], faces: Sequence[Any]):
-        """One person's tokens (``IdentityTokens``: cond and uncond, each (1, tokens, width)) from photos of them
-        and the face analysed in each (its landmarks and antelopev2's raw embedding): several photos are one
+    def identity_tokens(self, faces: Sequence[Any]):
+        """One person's tokens (``IdentityTokens``: cond and uncond, each (1, tokens, width)) from the analysed
+        faces of their photos (antelopev2's raw embedding and ``Face.crop_ffhq``): several photos are one
         identity, read by the encoder together (v1.1)."""
-        from ..images import load_image
         from .instantid import IdentityTokens
 
-        read = []
-        for photo, face in zip(photos, faces, strict=True):
-            if face is None or photo is None:
-                raise FaceIDError(
-                    "PuLID reads the face photo itself (EVA-CLIP features of its aligned, parsed crop): give the "
-                    "photo (a path, image or array), not an embedding or an analysed Face"
-                )
-            read.append(self.face_encoder(np.asarray(load_image(photo)), face))
-        cond, uncond = self.adapter.encode(read)
+        if any(face is None for face in faces):
+            raise FaceIDError(
+                "PuLID reads the face photo itself (EVA-CLIP features of its aligned, parsed crop): give the "
+                "photo (a path, image or array) or its analysed Face, not an embedding"
+            )
+        cond, uncond = self.adapter.encode([self.face_encoder(face) for face in faces])
         return IdentityTokens(cond=cond, uncond=uncond)
 
     def call(self, context: torch.Tensor, scale: float | Sequence[float] | torch.Tensor) -> PuLIDCall:

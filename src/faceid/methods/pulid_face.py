@@ -2,7 +2,7 @@
 
 The authors' ``get_id_embedding`` (``pulid/pipeline_v1_1.py``; the FLUX pipeline's is the same): the raw
 antelopev2 embedding of the face; the face aligned to the FFHQ 5-point template at 512x512 (facexlib's
-``FaceRestoreHelper``); BiSeNet parses the crop and every background label turns white, the rest the crop's gray;
+``FaceRestoreHelper``; here ``faceid.faces.align.align_ffhq``, kept by face analysis as ``Face.crop_ffhq``); BiSeNet parses the crop and every background label turns white, the rest the crop's gray;
 bicubic resize to the EVA tower's size, EVA-CLIP's mean/std; then EVA02-CLIP-L-14-336's visual tower gives its
 projected CLS token and 5 hidden states. Both PuLID v1.1 (SDXL) and PuLID-FLUX read the same ``PuLIDFace``.
 
@@ -57,14 +57,6 @@ EVA_HIDDEN_EVERY = 4
 EVA_HIDDEN_LAST = 20
 """The hidden states PuLID reads: the inputs of blocks 4, 8, 12, 16 and 20 (``0 < i <= 20 and i % 4 == 0``)."""
 
-FFHQ_TEMPLATE_512 = np.array(
-    [[192.98138, 239.94708], [318.90277, 240.1936], [256.63416, 314.01935], [201.26117, 371.41043],
-     [313.08905, 371.15118]]
-)  # fmt: skip
-"""facexlib's 5 landmarks of an FFHQ face at 512x512 (eyes, nose, mouth corners), where PuLID aligns faces."""
-ALIGN_SIZE = 512
-ALIGN_BORDER_RGB = (132, 133, 135)
-"""facexlib's gray border, (135, 133, 132) in the BGR image it warps."""
 PARSING_CLASSES = 19
 BACKGROUND_LABELS = (0, 16, 18, 7, 8, 9, 14, 15)
 """The parsing labels PuLID whitens: background, cloth, hat, ears, earring, neck, necklace (the face stays)."""
@@ -412,24 +404,6 @@ def _torch_file(path: str | os.PathLike, what: str, *wrappers: str) -> dict[str,
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def align_ffhq(image_rgb: np.ndarray, landmarks: np.ndarray, size: int = ALIGN_SIZE) -> np.ndarray:
-    """The face warped onto the FFHQ 5-point template at ``size`` x ``size`` as facexlib's ``align_warp_face``:
-    a 4-degree-of-freedom similarity estimated robustly (``cv2.estimateAffinePartial2D``, LMEDS), bilinear,
-    the gray border outside the photo."""
-    import cv2
-
-    points = np.asarray(landmarks, dtype=np.float64)
-    if points.shape != (5, 2) or not np.isfinite(points).all():
-        raise FaceIDError(f"PuLID aligns a face by its 5 landmarks, got shape {points.shape}")
-    matrix = cv2.estimateAffinePartial2D(points, FFHQ_TEMPLATE_512 * (size / 512.0), method=cv2.LMEDS)[0]
-    if matrix is None:
-        raise FaceIDError("cannot align the face for PuLID: its 5 landmarks are degenerate")
-    return cv2.warpAffine(
-        np.ascontiguousarray(image_rgb), matrix, (size, size), borderMode=cv2.BORDER_CONSTANT,
-        borderValue=ALIGN_BORDER_RGB,
-    )  # fmt: skip
-
-
 def _normalise(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
     mean_t = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     std_t = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
@@ -454,8 +428,8 @@ def eva_pixels(image: torch.Tensor, size: int) -> torch.Tensor:
 
 
 class PuLIDFaceEncoder:
-    """A photo and its analysed face -> ``PuLIDFace``, with the EVA tower and BiSeNet loaded once (read-only:
-    calls from several threads share it). ``PuLIDFaceEncoder.from_files(EVA_PT, PARSING_PTH)``."""
+    """An analysed face -> ``PuLIDFace``, with the EVA tower and BiSeNet loaded once (read-only: calls from
+    several threads share it). ``PuLIDFaceEncoder.from_files(EVA_PT, PARSING_PTH)``."""
 
     def __init__(self, eva: EVAVisionTower, parser: BiSeNet):
         self.eva = eva.eval().requires_grad_(False)
@@ -472,15 +446,21 @@ class PuLIDFaceEncoder:
 
     @torch.no_grad()
     def eva_features(self, crop_rgb: np.ndarray) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        """EVA's projection (1, E) and hidden states of an aligned 512 crop (H x W x 3 uint8 RGB)."""
+        """EVA's projection (1, E) and hidden states of an FFHQ-aligned crop (H x W x 3 uint8 RGB)."""
         param = next(self.eva.parameters())
         crop = torch.from_numpy(np.ascontiguousarray(crop_rgb)).permute(2, 0, 1)[None].to(param.device, param.dtype)
         features = face_features_image(crop / 255.0, self.parser)
         projection, hidden = self.eva(eva_pixels(features, self.eva.image_size))
         return projection, tuple(hidden)
 
-    def __call__(self, image_rgb: np.ndarray, face: Any) -> PuLIDFace:
-        """``face``: the analysed face of ``image_rgb`` (its landmarks and antelopev2's raw embedding)."""
-        projection, hidden = self.eva_features(align_ffhq(image_rgb, face.landmarks))
+    def __call__(self, face: Any) -> PuLIDFace:
+        """``face``: a ``Face`` analysed with antelopev2 (its raw embedding and its ``crop_ffhq``)."""
+        if getattr(face, "crop_ffhq", None) is None:
+            raise FaceIDError(
+                "PuLID reads the face aligned at 512 (Face.crop_ffhq), which face analysis keeps when it runs "
+                "antelopev2's recognizer: analyse the photo with such an analyzer (the pipeline's, once PuLID is "
+                "loaded), or give the photo"
+            )
+        projection, hidden = self.eva_features(face.crop_ffhq)
         antelopev2 = torch.as_tensor(np.asarray(face.embedding_for("antelopev2", normalised=False)), dtype=torch.float32)
         return PuLIDFace(antelopev2=antelopev2.reshape(1, -1), eva_projection=projection, eva_hidden=hidden)
