@@ -72,13 +72,16 @@ def _tokens_by_hand(pipe, photos):
     return pulid.adapter.encode(faces)
 
 
-def _by_hand(pipe, photo, scale=0.8, seed=1, identity=True):
-    """The same call on a stock diffusers SDXL pipeline whose UNet (a copy) has PuLID's processors set directly."""
+@pytest.fixture(scope="module")
+def by_hand(pipe, photo):
+    """The same call as ``pipe("a photo", photo, method="pulid", seed=1, scale=...)`` on a stock diffusers SDXL
+    pipeline whose UNet (a copy, FaceID's identity LoRA off as in a PuLID call) has PuLID's processors set
+    directly, with ``PuLIDTokens`` at the authors' flags; ``identity=False``: without them. Memoised."""
     from diffusers import StableDiffusionXLPipeline
 
     pulid = pipe.loaded_method("pulid")
     cond, uncond = _tokens_by_hand(pipe, [photo])
-    with pipe.weights.exclusive():  # FaceID's identity LoRA is off in a PuLID call
+    with pipe.weights.exclusive():
         pipe.adapter.put_lora_weight(0.0)
         try:
             unet = copy.deepcopy(pipe.pipe.unet)
@@ -87,21 +90,28 @@ def _by_hand(pipe, photo, scale=0.8, seed=1, identity=True):
     pulid.adapter.install(unet)
     text = pipe.encode_prompt(["a photo"], [DEFAULT_NEGATIVE_PROMPT], 1)
     names = ["prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds"]
-    components = {
-        **pipe.pipe.components,
-        "unet": unet,
-        "scheduler": type(pipe.pipe.scheduler).from_config(pipe.pipe.scheduler.config),
-    }
-    call = StableDiffusionXLPipeline(**components)
-    call.set_progress_bar_config(disable=True)
-    tokens = PuLIDTokens(torch.cat([uncond, cond]), scale, V11_NUM_ZERO, V11_ORTHO)
-    return call(
-        **dict(zip(names, text, strict=True)),
-        cross_attention_kwargs={"ip_hidden_states": tokens} if identity else None,
-        generator=torch.Generator("cpu").manual_seed(seed),
-        guidance_scale=5.0,  # SDXL's default in faceid
-        **RUN,
-    ).images
+    made: dict = {}
+
+    def run(scale=0.8, identity=True):
+        if (scale, identity) not in made:
+            components = {
+                **pipe.pipe.components,
+                "unet": unet,
+                "scheduler": type(pipe.pipe.scheduler).from_config(pipe.pipe.scheduler.config),
+            }
+            call = StableDiffusionXLPipeline(**components)
+            call.set_progress_bar_config(disable=True)
+            tokens = PuLIDTokens(torch.cat([uncond, cond]), scale, V11_NUM_ZERO, V11_ORTHO)
+            made[scale, identity] = call(
+                **dict(zip(names, text, strict=True)),
+                cross_attention_kwargs={"ip_hidden_states": tokens} if identity else None,
+                generator=torch.Generator("cpu").manual_seed(1),
+                guidance_scale=5.0,  # SDXL's default in faceid
+                **RUN,
+            ).images
+        return made[scale, identity]
+
+    return run
 
 
 # ---------------------------------------------------------------------- one call
@@ -114,25 +124,25 @@ def test_a_pulid_call_gives_images_and_records_its_method_and_scale(pipe, pulid_
     assert pipe.resolve_settings({}).scale == pipe.adapter.scale  # FaceID's defaults stay FaceID's
 
 
-def test_the_tokens_and_the_call_equal_the_pieces_by_hand(pipe, photo, pulid_run):
+def test_the_tokens_and_the_call_equal_the_pieces_by_hand(pipe, photo, pulid_run, by_hand):
     cond = pipe.encode("a photo", photo, method="pulid")
-    by_hand, uncond = _tokens_by_hand(pipe, [photo])
-    torch.testing.assert_close(cond.identity, by_hand, rtol=0, atol=0)
+    tokens, uncond = _tokens_by_hand(pipe, [photo])
+    torch.testing.assert_close(cond.identity, tokens, rtol=0, atol=0)
     torch.testing.assert_close(cond.uncond_identity, uncond, rtol=0, atol=0)
     assert cond.method == "pulid" and cond.identity.shape == (1, 8, pipe.pipe.unet.config.cross_attention_dim)
     ours = pipe("a photo", photo, method="pulid", seed=1, scale=0.6, **RUN).images
-    np.testing.assert_allclose(ours, _by_hand(pipe, photo, 0.6), atol=1e-6, rtol=0)
+    np.testing.assert_allclose(ours, by_hand(0.6), atol=1e-6, rtol=0)
     # ... and not the pieces at another scale, nor without the identity: the wiring passes these.
-    assert np.abs(ours - _by_hand(pipe, photo, 0.8)).max() > 1e-4
-    np.testing.assert_allclose(pulid_run.images, _by_hand(pipe, photo, 0.8), atol=1e-6, rtol=0)
-    assert np.abs(pulid_run.images - _by_hand(pipe, photo, identity=False)).max() > 1e-4
+    assert np.abs(ours - by_hand(0.8)).max() > 1e-4
+    np.testing.assert_allclose(pulid_run.images, by_hand(0.8), atol=1e-6, rtol=0)
+    assert np.abs(pulid_run.images - by_hand(identity=False)).max() > 1e-4
 
 
-def test_the_identity_window_shuts_pulid_outside_it(pipe, photo, pulid_run):
+def test_the_identity_window_shuts_pulid_outside_it(pipe, photo, pulid_run, by_hand):
     late = pipe("a photo", photo, method="pulid", seed=1, identity_window=(0.5, 1.0), **RUN).images
     none = pipe("a photo", photo, method="pulid", seed=1, identity_window=(0.0, 0.0), **RUN).images
     assert np.abs(late - pulid_run.images).max() > 1e-4
-    np.testing.assert_allclose(none, _by_hand(pipe, photo, identity=False), atol=1e-6, rtol=0)
+    np.testing.assert_allclose(none, by_hand(identity=False), atol=1e-6, rtol=0)
 
 
 def test_faceid_calls_are_unchanged_by_pulid_being_loaded(pipe, plain, photo, pulid_run):
@@ -187,8 +197,8 @@ def test_a_user_controlnet_with_pulid(pipe, tiny_models, photo, pulid_run):
 def test_several_photos_of_one_person_are_one_identity(pipe, photo):
     second = face_photo("obama2.jpg")
     cond = pipe.encode("a photo", [[photo, second]], method="pulid")
-    by_hand, _ = _tokens_by_hand(pipe, [photo, second])
-    torch.testing.assert_close(cond.identity, by_hand, rtol=0, atol=0)
+    tokens, _ = _tokens_by_hand(pipe, [photo, second])
+    torch.testing.assert_close(cond.identity, tokens, rtol=0, atol=0)
     assert cond.identity.shape[0] == 1
     assert np.abs(cond.identity - _tokens_by_hand(pipe, [photo])[0]).max() > 1e-6
     assert pipe(conditioning=cond, seed=1, **RUN).images.shape == (1, 32, 48, 3)

@@ -262,11 +262,11 @@ class BasicBlock(nn.Module):
 
 
 class ResNet18(nn.Module):
-    def __init__(self):
+    def __init__(self, base: int = 64):
         super().__init__()
-        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
-        widths = [(64, 64, 1), (64, 128, 2), (128, 256, 2), (256, 512, 2)]
+        self.conv1 = nn.Conv2d(3, base, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(base)
+        widths = [(base, base, 1), (base, 2 * base, 2), (2 * base, 4 * base, 2), (4 * base, 8 * base, 2)]
         for i, (cin, cout, stride) in enumerate(widths, start=1):
             self.add_module(f"layer{i}", nn.Sequential(BasicBlock(cin, cout, stride), BasicBlock(cout, cout)))
 
@@ -290,14 +290,14 @@ class AttentionRefinement(nn.Module):
 
 
 class ContextPath(nn.Module):
-    def __init__(self):
+    def __init__(self, base: int = 64):
         super().__init__()
-        self.resnet = ResNet18()
-        self.arm16 = AttentionRefinement(256, 128)
-        self.arm32 = AttentionRefinement(512, 128)
-        self.conv_head32 = ConvBNReLU(128, 128)
-        self.conv_head16 = ConvBNReLU(128, 128)
-        self.conv_avg = ConvBNReLU(512, 128, kernel=1, padding=0)
+        self.resnet = ResNet18(base)
+        self.arm16 = AttentionRefinement(4 * base, 2 * base)
+        self.arm32 = AttentionRefinement(8 * base, 2 * base)
+        self.conv_head32 = ConvBNReLU(2 * base, 2 * base)
+        self.conv_head16 = ConvBNReLU(2 * base, 2 * base)
+        self.conv_avg = ConvBNReLU(8 * base, 2 * base, kernel=1, padding=0)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         feat8, feat16, feat32 = self.resnet(x)
@@ -334,25 +334,29 @@ class BiSeNetOutput(nn.Module):
 
 class BiSeNet(nn.Module):
     """facexlib's face-parsing BiSeNet (ResNet-18 context path, 19 classes) under its key names.
-    ``forward`` gives the main head's logits at the input's size (facexlib's ``out``; PuLID reads only that)."""
+    ``forward`` gives the main head's logits at the input's size (facexlib's ``out``; PuLID reads only that).
+    Every width is a multiple of ``base`` (facexlib's: 64), which ``from_file`` reads off the file, as the class
+    count; the tests' tiny one is narrower."""
 
-    def __init__(self, classes: int = PARSING_CLASSES):
+    def __init__(self, classes: int = PARSING_CLASSES, base: int = 64):
         super().__init__()
-        self.cp = ContextPath()
-        self.ffm = FeatureFusion(256, 256)
-        self.conv_out = BiSeNetOutput(256, 256, classes)
+        self.cp = ContextPath(base)
+        self.ffm = FeatureFusion(4 * base, 4 * base)
+        self.conv_out = BiSeNetOutput(4 * base, 4 * base, classes)
         # The auxiliary heads of training: in the released file, never read at inference.
-        self.conv_out16 = BiSeNetOutput(128, 64, classes)
-        self.conv_out32 = BiSeNetOutput(128, 64, classes)
+        self.conv_out16 = BiSeNetOutput(2 * base, base, classes)
+        self.conv_out32 = BiSeNetOutput(2 * base, base, classes)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> BiSeNet:
         state = _torch_file(path, "face parsing")
         # BatchNorm's step counters are bookkeeping of training, saved by some torch versions and not others.
         state = {key: value for key, value in state.items() if not key.endswith("num_batches_tracked")}
-        net = cls()
+        label = Path(path).name
+        base = _tensor(state, "cp.resnet.conv1.weight", label).shape[0]
+        net = cls(_tensor(state, "conv_out.conv_out.weight", label).shape[0], base)
         expected = {k: v for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}
-        _load_exactly(_Keys(expected), state, Path(path).name)
+        _load_exactly(_Keys(expected), state, label)
         net.load_state_dict(state, strict=False)
         return net
 
