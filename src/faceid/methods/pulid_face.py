@@ -431,22 +431,18 @@ def eva_pixels(image: torch.Tensor, size: int) -> torch.Tensor:
     return _normalise(image, EVA_MEAN, EVA_STD)
 
 
-class PuLIDFaceEncoder:
+class PuLIDFaceEncoder(nn.Module):
     """An analysed face -> ``PuLIDFace``, with the EVA tower and BiSeNet loaded once (read-only: calls from
     several threads share it). ``PuLIDFaceEncoder.from_files(EVA_PT, PARSING_PTH)``."""
 
     def __init__(self, eva: EVAVisionTower, parser: BiSeNet):
+        super().__init__()
         self.eva = eva.eval().requires_grad_(False)
         self.parser = parser.eval().requires_grad_(False)
 
     @classmethod
     def from_files(cls, eva_clip: str | os.PathLike, parsing: str | os.PathLike) -> PuLIDFaceEncoder:
         return cls(EVAVisionTower.from_file(eva_clip), BiSeNet.from_file(parsing))
-
-    def to(self, device: torch.device | str, dtype: torch.dtype) -> PuLIDFaceEncoder:
-        self.eva.to(device, dtype)
-        self.parser.to(device, dtype)
-        return self
 
     @torch.no_grad()
     def eva_features(self, crop_rgb: np.ndarray) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
@@ -457,7 +453,7 @@ class PuLIDFaceEncoder:
         projection, hidden = self.eva(eva_pixels(features, self.eva.image_size))
         return projection, tuple(hidden)
 
-    def __call__(self, face: Any) -> PuLIDFace:
+    def forward(self, face: Any) -> PuLIDFace:
         """``face``: a ``Face`` analysed with antelopev2 (its raw embedding and its ``crop_ffhq``)."""
         if getattr(face, "crop_ffhq", None) is None:
             raise FaceIDError(
