@@ -275,7 +275,8 @@ def test_the_cli_says_a_method_is_not_wired_before_asking_for_its_weights(capsys
     from faceid.cli import main
 
     face = str(faces_dir / "obama.jpg")
-    argv = ["generate", "--face", face, "--prompt", "a portrait", "--method", "pulid-flux", "--out", str(tmp_path / "o")]
+    out = str(tmp_path / "o")
+    argv = ["generate", "--face", face, "--prompt", "a portrait", "--method", "pulid-flux", "--out", out]
     assert main(argv) == 2
     error = capsys.readouterr().err
     assert "method pulid-flux (PuLID-FLUX v0.9.1) is not wired into generation yet" in error

@@ -662,7 +662,15 @@ def build_instantid(base: str | Path, folder: str | Path, seed: int = 0) -> Path
     return folder
 
 
-TINY_EVA = {"image_size": 28, "patch_size": 14, "width": 64, "depth": 21, "heads": 1, "mlp_hidden": 170, "embed_dim": 32}
+TINY_EVA = {
+    "image_size": 28,
+    "patch_size": 14,
+    "width": 64,
+    "depth": 21,
+    "heads": 1,
+    "mlp_hidden": 170,
+    "embed_dim": 32,
+}
 """A tiny EVA02-CLIP tower: 2x2 patches of 14, one head of the released 64, the fewest blocks (21) that give
 PuLID's 5 hidden states."""
 TINY_PARSER_BASE = 8  # BiSeNet's widths are multiples of 64 released: 8 keeps the tests' 512 crops fast
@@ -689,7 +697,7 @@ def build_pulid(base: str | Path, folder: str | Path, seed: int = 0) -> Path:
     eva = EVAVisionTower(EVAVisionConfig(**TINY_EVA))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # the zero inits (CLS, positions, q/v biases) get values, so they act
-        for name, param in eva.named_parameters():
+        for param in eva.parameters():
             if not bool(param.any()):
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
     state = {f"visual.{k}": v for k, v in eva.state_dict().items()}
@@ -706,5 +714,7 @@ def build_pulid(base: str | Path, folder: str | Path, seed: int = 0) -> Path:
         attn = unet.get_submodule(name.removesuffix(".processor"))
         layers[index] = (name, attn.to_k.out_features, attn.to_k.in_features)
     pulid = PuLIDSDXL(config, layers)
-    save_file({k: v.detach().contiguous() for k, v in pulid.state_dict().items()}, str(folder / "pulid_v1.1.safetensors"))
+    save_file(
+        {k: v.detach().contiguous() for k, v in pulid.state_dict().items()}, str(folder / "pulid_v1.1.safetensors")
+    )
     return folder

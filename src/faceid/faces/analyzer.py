@@ -29,6 +29,7 @@ DEFAULT_DET_SIZES: tuple[tuple[int, int], ...] = ((640, 640), (1280, 1280))
 FFHQ_CROP_PACK = "antelopev2"
 """With this pack's recognizer the analysis also keeps the FFHQ-aligned crop (``Face.crop_ffhq``, PuLID's)."""
 
+
 @dataclass(eq=False, repr=False)
 class Face:
     """A detected, aligned and embedded face.

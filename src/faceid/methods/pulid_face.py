@@ -462,5 +462,7 @@ class PuLIDFaceEncoder(nn.Module):
                 "loaded), or give the photo"
             )
         projection, hidden = self.eva_features(face.crop_ffhq)
-        antelopev2 = torch.as_tensor(np.asarray(face.embedding_for("antelopev2", normalised=False)), dtype=torch.float32)
+        antelopev2 = torch.as_tensor(
+            np.asarray(face.embedding_for("antelopev2", normalised=False)), dtype=torch.float32
+        )
         return PuLIDFace(antelopev2=antelopev2.reshape(1, -1), eva_projection=projection, eva_hidden=hidden)
