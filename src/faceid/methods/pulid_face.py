@@ -1,9 +1,9 @@
-"""PuLID's face side: a photo and its analysed face -> ``PuLIDFace`` (what the ID encoder reads).
+"""PuLID's face side: an analysed face -> ``PuLIDFace`` (what the ID encoder reads), EVA02-CLIP-L and BiSeNet.
 
 The authors' ``get_id_embedding`` (``pulid/pipeline_v1_1.py``; the FLUX pipeline's is the same): the raw
 antelopev2 embedding of the face; the face aligned to the FFHQ 5-point template at 512x512 (facexlib's
-``FaceRestoreHelper``; here ``faceid.faces.align.align_ffhq``, kept by face analysis as ``Face.crop_ffhq``); BiSeNet parses the crop and every background label turns white, the rest the crop's gray;
-bicubic resize to the EVA tower's size, EVA-CLIP's mean/std; then EVA02-CLIP-L-14-336's visual tower gives its
+``FaceRestoreHelper``; here ``faceid.faces.align.align_ffhq``, kept by face analysis as ``Face.crop_ffhq``);
+BiSeNet parses the crop and every background label turns white, the rest the crop's gray; bicubic resize to the EVA tower's size, EVA-CLIP's mean/std; then EVA02-CLIP-L-14-336's visual tower gives its
 projected CLS token and 5 hidden states. Both PuLID v1.1 (SDXL) and PuLID-FLUX read the same ``PuLIDFace``.
 
 Differences from the authors, on purpose:
