@@ -22,7 +22,7 @@ import torch
 from conftest import load_tiny_sdxl
 from face_helpers import face_photo, make_test_face_models_dir
 from PIL import Image
-from tiny_models import build_pulid, make_controlnet
+from tiny_models import make_controlnet
 
 from faceid.cli import main
 from faceid.errors import CheckpointError, FaceIDError, MissingWeightsError
@@ -34,11 +34,6 @@ from faceid.settings import DEFAULT_NEGATIVE_PROMPT
 
 SIZE = {"width": 48, "height": 32}
 RUN = {**SIZE, "num_inference_steps": 2, "output_type": "np"}
-
-
-@pytest.fixture(scope="module")
-def pulid_dir(tiny_models, tmp_path_factory):
-    return build_pulid(tiny_models.sdxl, tmp_path_factory.mktemp("pulid") / "PuLID", seed=3)
 
 
 @pytest.fixture(scope="module")

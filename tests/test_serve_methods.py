@@ -119,13 +119,6 @@ def test_an_instantid_generation_for_an_enrolled_identity_equals_the_pipeline_ca
     assert view["status"] == "done" and view["settings"]["method"] == "faceid" and "combine" in view["settings"]
 
 
-@pytest.fixture(scope="module")
-def pulid_dir(tiny_models, tmp_path_factory):
-    from tiny_models import build_pulid
-
-    return build_pulid(tiny_models.sdxl, tmp_path_factory.mktemp("pulid") / "PuLID", seed=3)
-
-
 def test_a_pulid_generation_for_an_enrolled_identity_equals_the_pipeline_call(make_client, sdxl, pulid_dir,  # noqa: F811
                                                                               both_packs, faces_dir):  # fmt: skip
     client = make_client(pipeline=sdxl, methods={"pulid": str(pulid_dir)}, face_models=str(both_packs))
