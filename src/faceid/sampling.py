@@ -84,10 +84,16 @@ def run_plan(
             f"this conditioning holds {conditioning.method} tokens but the call runs method {plan.method}: "
             "encode() with the call's method"
         )
-    # InfiniteYou's identity reaches the transformer through InfuseNet's residuals, not as attention tokens.
-    identity, gated = ([], []) if plan.method == "infiniteyou" else _token_groups(models, plan, conditioning)
     attention = dict(kwargs.pop(family.attention_kwargs, None) or {})
-    if identity:
+    gated: list = []
+    if plan.method == "pulid":
+        # PuLID's identity is not an added branch: one call object in place of the token groups, which FaceID's
+        # processors hand each layer to (its window shuts it between steps like a group).
+        pulid = models.loaded_method("pulid").call(conditioning.identity_states(plan.guidance), plan.identity_scale)
+        attention["ip_hidden_states"] = pulid
+        gated = [] if all(plan.identity_open) else [(plan.identity_open, pulid)]
+    elif plan.method != "infiniteyou":  # InfiniteYou's identity reaches the transformer through InfuseNet's residuals
+        identity, gated = _token_groups(models, plan, conditioning)
         attention["ip_hidden_states"] = CallTokens(identity)
 
     scheduler = _scheduler(models, run.scheduler)

@@ -216,8 +216,11 @@ METHODS: dict[str, IdentityMethod] = {
             # 984,405,232 bytes as one user measured it (a third party's note, not an LFS pointer: unverified).
             files=(_unpinned(PULID_REPO, "pulid_v1.1.safetensors", size=984405232), EVA02_CLIP_L),
             licences=(("PuLID weights (guozinan/PuLID)", _L["apache-2.0"]), _EVA, _ANTELOPE, _FACEXLIB),
-            description="the ID encoder (antelopev2 embedding + EVA02-CLIP-L features) and its attention pieces "
-            "in the SDXL UNet",
+            wired=True,
+            description="the ID encoder (antelopev2 embedding + EVA02-CLIP-L features of the parsed face) and its "
+            "attention in the SDXL UNet (num_zero 20, ortho v2); its folder also holds facexlib's parsing_bisenet.pth",
+            # The authors' app (app_v1_1.py): ID scale 0.8.
+            defaults={"scale": 0.8},
         ),
         IdentityMethod(
             "pulid-flux",
