@@ -268,3 +268,12 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if line:
         terminalreporter.write_line(line, bold=True, yellow="not run" in line)
     return result
+
+
+# ---------------------------------------------------------------------- PuLID-SDXL wiring (wt-pulid)
+@pytest.fixture(scope="session")
+def pulid_dir(tiny_models, tmp_path_factory) -> Path:
+    """A tiny PuLID v1.1 folder (its three released files) for the tests' SDXL (read only)."""
+    from tiny_models import build_pulid
+
+    return build_pulid(tiny_models.sdxl, tmp_path_factory.mktemp("pulid") / "PuLID", seed=3)

@@ -133,7 +133,11 @@ def test_eval_command_compares_faceid_and_instantid(
     np.testing.assert_array_equal(np.asarray(again), np.asarray(Image.open(image)))
 
 
-def test_the_command_refuses_before_loading(tmp_path, capsys, tiny_models, both_packs, instantid_dir, two_people):
+def test_the_command_refuses_before_loading(tmp_path, capsys, tiny_models, both_packs, instantid_dir, two_people,
+                                           monkeypatch):  # fmt: skip
+    from test_methods_table import unwire
+
+    unwire(monkeypatch)  # every method generates now: the refusal of one that does not, on a row made so
     out = tmp_path / "out"
     base = ["eval", "--faces", str(two_people), "--seeds", "1", "--scales", "1", "--out", str(out),
             "--base-model", str(tiny_models.sdxl), "--face-models", str(both_packs), "--no-clip", "--device", "cpu"]  # fmt: skip
@@ -141,7 +145,7 @@ def test_the_command_refuses_before_loading(tmp_path, capsys, tiny_models, both_
     refusals = {
         ("--method", "faceid,bogus"): "unknown identity method 'bogus'",
         ("--method", "faceid,instantid"): "--method instantid needs --method-weights instantid=FOLDER",
-        ("--method", "faceid,pulid", *weights): r"method pulid \(PuLID v1.1\) is not wired into generation",
+        ("--method", "faceid,pulid-flux", *weights): r"method pulid-flux \(PuLID-FLUX v0.9.1\) is not wired into",
         ("--method", "faceid,faceid-plusv2", *weights): "names 2 FaceID variants.*one FaceID adapter",
         ("--method", "faceid-nonsense"): "unknown FaceID variant 'faceid-nonsense'",
         ("--method", "instantid,instantid", *weights): "names instantid twice",

@@ -8,7 +8,8 @@ lists each model set's methods with their licence and defaults; enrollment keeps
 equals the same call through ``FaceIDPipeline`` on the photo (same seed), without analysing the photo again, so
 the stored embedding and keypoints are the right ones; the refusals (a method not loaded, an identity enrolled
 before the method was, a method on a model set of the wrong family, a missing folder or antelopev2 pack at start,
-on the command line too); face files of an earlier version still read.
+on the command line too); face files of an earlier version still read. PuLID: the menu lists it, enrollment
+keeps its FFHQ-aligned crop, and a generation for an enrolled identity equals the pipeline call on the photo.
 """
 
 from __future__ import annotations
@@ -170,6 +171,27 @@ def test_the_keypoint_photo_and_the_client_protocols_name_the_method(serving, sd
     refused = client.post("/sdapi/v1/txt2img", json=body | {"alwayson_scripts": {"controlnet": {"args": mixed}}},
                           headers=headers)  # fmt: skip
     assert refused.status_code == 422 and "several identity methods" in refused.json()["detail"], refused.text
+
+
+def test_a_pulid_generation_for_an_enrolled_identity_equals_the_pipeline_call(make_client, sdxl, pulid_dir,  # noqa: F811
+                                                                              both_packs, faces_dir):  # fmt: skip
+    client = make_client(pipeline=sdxl, methods={"pulid": str(pulid_dir)}, face_models=str(both_packs))
+    (entry,) = client.get("/v1/models").json()["catalog"]
+    (pulid,) = [m for m in entry["methods"] if m["name"] == "pulid"]  # the menu lists what is loaded
+    assert pulid["defaults"] == {"scale": 0.8} and pulid["face_pack"] == "antelopev2"
+    response = enroll(client, faces_dir, "obama.jpg")
+    assert response.status_code == 201, response.text
+    identity = response.json()["id"]
+    service = client.app.state.service
+    stored = service.enroller.faces(service.identity(identity, ""))[0]
+    assert stored.crop_ffhq is not None and stored.crop_ffhq.shape == (512, 512, 3)  # PuLID's crop, kept
+    job = generate(client, identity, prompt=PROMPT, method="pulid", seed=3, **SIZE)
+    assert job.status_code == 202, job.text
+    view = wait_finished(client, job.json()["id"])
+    assert view["status"] == "done", view
+    assert (view["settings"]["method"], view["settings"]["scale"]) == ("pulid", 0.8)
+    direct = sdxl(PROMPT, face_photo("obama.jpg"), method="pulid", seed=3, output_type="np", **SIZE)
+    assert np.abs(_png(client, view["images"][0]).astype(float) - np.round(direct.images[0] * 255)).max() <= 1
 
 
 def test_refusals(make_client, serving, sdxl, faces_dir, tmp_path):  # noqa: F811

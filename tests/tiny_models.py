@@ -806,3 +806,95 @@ def build_infiniteyou(base: str | Path, folder: str | Path, seed: int = 0) -> Pa
             values.pop(key, None)
         config.write_text(json.dumps(values, indent=2))
     return folder
+
+
+TINY_EVA = {
+    "image_size": 28,
+    "patch_size": 14,
+    "width": 64,
+    "depth": 21,
+    "heads": 1,
+    "mlp_hidden": 170,
+    "embed_dim": 32,
+}
+"""A tiny EVA02-CLIP tower: 2x2 patches of 14, one head of the released 64, the fewest blocks (21) that give
+PuLID's 5 hidden states."""
+TINY_PARSER_BASE = 8  # BiSeNet's widths are multiples of 64 released: 8 keeps the tests' 512 crops fast
+
+
+@_own_random_numbers
+def build_pulid(base: str | Path, folder: str | Path, seed: int = 0) -> Path:
+    """A tiny PuLID v1.1 for the tiny SDXL model in ``base``, in one folder of the released files:
+    ``pulid_v1.1.safetensors`` (``id_adapter.*``: an IDFormer reading the tiny EVA tower, 5 id tokens, 8 queries
+    of the UNet's width; ``id_adapter_attn_layers.{i}``: ``id_to_k``/``id_to_v`` per cross-attention processor),
+    ``EVA02_CLIP_L_336_psz14_s6B.pt`` (the tower as the EVA-CLIP file lays it out, ``visual.*``, with a stand-in
+    text entry) and ``parsing_bisenet.pth`` (BiSeNet at an eighth of its released widths). Random weights that
+    act."""
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
+
+    from faceid.methods.pulid import IDFormerConfig, PuLIDSDXL, cross_attention_names
+
+    base, folder = Path(base), Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    unet = UNet2DConditionModel.from_pretrained(base / "unet")
+    write_pulid_face_files(folder, seed)
+    width = unet.config.cross_attention_dim
+    config = IDFormerConfig(
+        dim=64, depth=5, heads=1, num_id_token=5, num_queries=8, output_dim=width, ff_mult=2,
+        eva_width=TINY_EVA["width"], mapping_width=TINY_EVA["width"], id_cond_dim=512 + TINY_EVA["embed_dim"],
+    )  # fmt: skip
+    layers = {}
+    for index, name in cross_attention_names(unet):
+        attn = unet.get_submodule(name.removesuffix(".processor"))
+        layers[index] = (name, attn.to_k.out_features, attn.to_k.in_features)
+    pulid = PuLIDSDXL(config, layers)
+    save_file(
+        {k: v.detach().contiguous() for k, v in pulid.state_dict().items()}, str(folder / "pulid_v1.1.safetensors")
+    )
+    return folder
+
+
+def write_pulid_face_files(folder: Path, seed: int) -> None:
+    """PuLID's face side in ``folder`` (both versions read it): the tiny EVA tower as ``EVA02_CLIP_L_336_psz14_s6B.pt``
+    lays it out (``visual.*``, with a stand-in text entry) and BiSeNet at an eighth of its widths."""
+    from faceid.methods.pulid_face import EVA_CLIP_FILE, PARSING_FILE, BiSeNet, EVAVisionConfig, EVAVisionTower
+
+    torch.manual_seed(seed)
+    eva = EVAVisionTower(EVAVisionConfig(**TINY_EVA))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # the zero inits (CLS, positions, q/v biases) get values, so they act
+        for param in eva.parameters():
+            if not bool(param.any()):
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+    state = {f"visual.{k}": v for k, v in eva.state_dict().items()}
+    state["logit_scale"] = torch.tensor(4.6)  # the text tower's side of the file, which PuLID does not read
+    torch.save(state, folder / EVA_CLIP_FILE)
+    torch.save(BiSeNet(base=TINY_PARSER_BASE).state_dict(), folder / PARSING_FILE)
+
+
+@_own_random_numbers
+def build_pulid_flux(base: str | Path, folder: str | Path, seed: int = 0) -> Path:
+    """A tiny PuLID-FLUX v0.9.1 for the tiny FLUX model in ``base``, in one folder of the released files:
+    ``pulid_flux_v0.9.1.safetensors`` (``pulid_encoder.*``: an IDFormer reading the tiny EVA tower, 5 id tokens, 8
+    queries of width 64; ``pulid_ca.{k}``: one cross-attention module per place the released intervals give this
+    transformer's blocks, of its width), and the face side as ``build_pulid`` writes it. Random weights that act."""
+    from safetensors.torch import save_file
+
+    from faceid.methods.pulid import CHECKPOINT_FLUX, IDFormerConfig, PuLIDFlux, flux_ca_positions
+
+    base, folder = Path(base), Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_pulid_face_files(folder, seed)
+    transformer = json.loads((base / "transformer" / "config.json").read_text())
+    width = transformer["num_attention_heads"] * transformer["attention_head_dim"]
+    double, single = flux_ca_positions(transformer["num_layers"], transformer["num_single_layers"])
+    count = 1 + max(k for k in double + single if k is not None)
+    config = IDFormerConfig(
+        dim=64, depth=5, heads=1, num_id_token=5, num_queries=8, output_dim=64, ff_mult=2,
+        eva_width=TINY_EVA["width"], mapping_width=TINY_EVA["width"], id_cond_dim=512 + TINY_EVA["embed_dim"],
+    )  # fmt: skip
+    torch.manual_seed(seed + 1)
+    adapter = PuLIDFlux(config, count, dim=width, kv_dim=config.output_dim, heads=1)
+    save_file({k: v.detach().contiguous() for k, v in adapter.state_dict().items()}, str(folder / CHECKPOINT_FLUX))
+    return folder

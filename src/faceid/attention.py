@@ -182,6 +182,24 @@ class CallTokens:
         return CallTokens(groups, self.cache)
 
 
+class CallAttention:
+    """A call's identity whose attention is not an added branch (PuLID's projection onto the text attention):
+    passed as ``cross_attention_kwargs["ip_hidden_states"]``, it computes each cross-attention layer itself with
+    its method's processor for that layer (``attend``, handed the layer's ``FaceIDAttnProcessor`` to find it).
+    Made per call like ``CallTokens``; the method's processors are loaded once and read-only."""
+
+    def attend(
+        self,
+        processor: FaceIDAttnProcessor,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+
 class DecoupledBranch(nn.Module):
     """One adapter's branch in a cross-attention layer: its ``to_k_ip``/``to_v_ip`` and its strength knobs.
 
@@ -268,7 +286,9 @@ class FaceIDAttnProcessor(nn.Module):
     * a list of ``TokenGroup`` (several identities, reference images, each with its own branch, weight, region
       and window), computed afresh at every step;
     * a tensor: the first branch's tokens (the FaceID adapter), weighed by that branch's ``scale`` and ``gate``
-      (training and direct UNet calls).
+      (training and direct UNet calls);
+    * a ``CallAttention``: a call of another identity method whose attention is not an added branch (PuLID),
+      which computes the layer's attention itself.
 
     Each group adds ``weight * attention(q, K, V)`` to the text attention, in list order. Where a group's
     weight is 0 it adds nothing, bit for bit; without ``ip_hidden_states`` the processor is exactly diffusers'
@@ -304,8 +324,10 @@ class FaceIDAttnProcessor(nn.Module):
         encoder_hidden_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         temb: torch.Tensor | None = None,
-        ip_hidden_states: torch.Tensor | Sequence[TokenGroup] | CallTokens | None = None,
+        ip_hidden_states: torch.Tensor | Sequence[TokenGroup] | CallTokens | CallAttention | None = None,
     ) -> torch.Tensor:
+        if isinstance(ip_hidden_states, CallAttention):  # another method's attention in place of this one
+            return ip_hidden_states.attend(self, attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         cache = ip_hidden_states.cache if isinstance(ip_hidden_states, CallTokens) else None
         residual = hidden_states
         if attn.spatial_norm is not None:

@@ -46,7 +46,8 @@ class Conditioning:
     regions: list = field(default_factory=list)
     references: list[EncodedReference] = field(default_factory=list)  # style/composition references
     # The identity method whose tokens ``identity`` holds (faceid.methods): "faceid" (the FaceID adapter's
-    # projection), or "instantid" (InstantID's Resampler over the raw antelopev2 embedding(s) of each identity).
+    # projection), "instantid" (InstantID's Resampler over the raw antelopev2 embedding(s) of each identity), or
+    # "pulid" (PuLID v1.1's ID encoder over the antelopev2 embedding and EVA-CLIP features of each identity's photos).
     method: str = "faceid"
 
     def images(self, indices: Sequence[int]) -> Conditioning:
@@ -129,6 +130,11 @@ def encode(
         raise FaceIDError(
             f"these settings name {len(encoded.style)} style reference(s): give their images with "
             "style=[Reference(image, ...)] (CLI --style)"
+        )
+    if style and encoded.method == "pulid":
+        raise FaceIDError(
+            "style references run beside FaceID and InstantID, not PuLID (its attention is not an added branch): "
+            "leave style out, or use method faceid or instantid"
         )
     references = encode_references(models, style or [])
     if references:
@@ -217,11 +223,15 @@ def method_tokens(models: ModelSet, name: str, found: identity.Identities) -> tu
     """The identity tokens (cond, uncond), ``(identities, tokens, dim)``, of a method loaded beside FaceID
     (``ModelSet.load_method``). InstantID reads the *raw* antelopev2 embedding of every photo of an identity
     together (several photos of one person are one identity); an embedding given instead of a photo is taken as
-    that raw vector."""
+    that raw vector. PuLID reads each face's FFHQ-aligned crop too (EVA-CLIP features), so it needs faces, not
+    embeddings."""
     from .methods import identity_method
 
     method = identity_method(name)
     loaded = models.loaded_method(name)
+    if name in ("pulid", "pulid-flux"):
+        rows = [loaded.identity_tokens(faces) for faces in found.faces]
+        return torch.cat([r.cond for r in rows]), torch.cat([r.uncond for r in rows])
     rows = []
     for embeddings, faces in zip(found.embeddings, found.faces, strict=True):
         vectors = [

@@ -823,7 +823,9 @@ class ModelSet:
         ``instantid``: ``source`` is a folder laid out as the Hub repository ``InstantX/InstantID`` (its
         ``ip-adapter.bin`` and ``ControlNetModel/``); None fetches the table's files, which are unpinned (that is
         refused, saying so: download them and give the folder). Its IdentityNet and its IP-Adapter branch go on
-        this model set (no call runs meanwhile). The method's base families are checked first, then its face
+        this model set (no call runs meanwhile). ``pulid``: ``source`` is a folder with ``pulid_v1.1.safetensors``,
+        ``EVA02_CLIP_L_336_psz14_s6B.pt`` and ``parsing_bisenet.pth`` (``faceid.methods.pulid.pulid_files``); its
+        pieces sit beside FaceID's processors, nothing is put on the UNet. The method's base families are checked first, then its face
         pack: the face analysis gets that pack's recognizer (from ``face_models``, else the model set's face
         models folder, else faceid's or insightface's cache; a missing pack is refused with what to download).
         """
@@ -834,10 +836,10 @@ class ModelSet:
             raise FaceIDError(
                 "faceid is the model set's own adapter: it is loaded by from_pretrained(adapter=...) (--adapter)"
             )
-        if name not in ("instantid", "infiniteyou"):
+        if name not in ("instantid", "pulid", "infiniteyou", "pulid-flux"):
             raise FaceIDError(
                 f"method {name} ({method.title}) cannot be loaded for generation yet: this faceid loads instantid "
-                "beside faceid and infiniteyou on FLUX.1 (`faceid models`)"
+                "and pulid beside faceid, and infiniteyou and pulid-flux on FLUX.1 (`faceid models`)"
             )
         folder = face_models if face_models is not None else self._face_models
         check_method(name, self.family, folder, self.face_packs_at_hand())
@@ -846,11 +848,34 @@ class ModelSet:
         if name == "infiniteyou":
             self._load_infiniteyou(method, source, folder)
             return name
-        ip_adapter, identitynet = _instantid_files(method, source)
-        with self.weights.exclusive():  # it adds a branch to every cross-attention processor: no call runs
-            from .methods.instantid import InstantID
+        if name in ("pulid", "pulid-flux"):
+            from .methods.pulid import PuLID, PuLIDFluxMethod, pulid_files, pulid_flux_files
 
-            loaded = InstantID.load(self.pipe.unet, ip_adapter, identitynet)
+            if source is None:  # the table's files are unpinned: refused, saying to download them
+                from .methods import fetch_method_file
+
+                for file in method.files_for():
+                    fetch_method_file(file)
+            if name == "pulid":
+                files = pulid_files(source if source is not None else "")
+                load = lambda: PuLID.load(self.pipe.unet, *files)  # noqa: E731
+            else:
+                # The CA modules are attached to the transformer's blocks (wrappers that pass a call without PuLID
+                # through as the base model); the encoders run where the calls run (on the GPU with offload).
+                files = pulid_flux_files(source if source is not None else "")
+                load = lambda: PuLIDFluxMethod.load(self.denoiser, *files, device=self.device)  # noqa: E731
+        else:
+            ip_adapter, identitynet = _instantid_files(method, source)
+
+            def load():
+                from .methods.instantid import InstantID
+
+                return InstantID.load(self.pipe.unet, ip_adapter, identitynet)
+
+        # InstantID adds a branch to every cross-attention processor, PuLID-FLUX wraps the transformer's blocks: no
+        # call runs meanwhile
+        with self.weights.exclusive():
+            loaded = load()
             try:
                 self._add_face_pack(method.face_pack, folder)
             except Exception:

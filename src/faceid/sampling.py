@@ -84,12 +84,18 @@ def run_plan(
             f"this conditioning holds {conditioning.method} tokens but the call runs method {plan.method}: "
             "encode() with the call's method"
         )
-    # InfiniteYou's identity reaches the transformer through InfuseNet's residuals, PuLID-FLUX's through the
-    # call's view of the transformer (below): not as attention tokens.
-    untokened = plan.method in ("infiniteyou", "pulid-flux")
-    identity, gated = ([], []) if untokened else _token_groups(models, plan, conditioning)
     attention = dict(kwargs.pop(family.attention_kwargs, None) or {})
-    if identity:
+    gated: list = []
+    if plan.method == "pulid":
+        # PuLID's identity is not an added branch: one call object in place of the token groups, which FaceID's
+        # processors hand each layer to (its window shuts it between steps like a group).
+        pulid = models.loaded_method("pulid").call(conditioning.identity_states(plan.guidance), plan.identity_scale)
+        attention["ip_hidden_states"] = pulid
+        gated = [] if all(plan.identity_open) else [(plan.identity_open, pulid)]
+    elif plan.method not in ("infiniteyou", "pulid-flux"):
+        # InfiniteYou's identity reaches the transformer through InfuseNet's residuals, PuLID-FLUX's through the
+        # call's view of the transformer (below): not as attention tokens.
+        identity, gated = _token_groups(models, plan, conditioning)
         attention["ip_hidden_states"] = CallTokens(identity)
 
     scheduler = _scheduler(models, run.scheduler)

@@ -79,8 +79,8 @@ class GenerationSettings(BaseModel):
     method: MethodName = Field(
         DEFAULT_METHOD,
         description="the identity method (faceid.methods, `faceid models`): faceid (IP-Adapter-FaceID, its variant "
-        "from --adapter), instantid (SDXL; its weights loaded with --method-weights), pulid (SDXL), pulid-flux, "
-        "infiniteyou (FLUX.1); faceid and instantid generate yet",
+        "from --adapter), instantid and pulid (SDXL; their weights loaded with --method-weights), pulid-flux, "
+        "infiniteyou (FLUX.1); faceid, instantid and pulid generate yet",
         json_schema_extra=_flag("--method"),
     )
     prompt: str | list[str] | None = Field(
@@ -111,7 +111,7 @@ class GenerationSettings(BaseModel):
     )
     scale: float | None = Field(
         None,
-        description="identity strength (1.0; instantid: the IP-Adapter's scale, 0.8)",
+        description="identity strength (1.0; instantid: the IP-Adapter's scale, 0.8; pulid: the ID scale, 0.8)",
         json_schema_extra=_flag("--scale"),
     )
     identitynet_scale: float | None = Field(

@@ -100,7 +100,8 @@ def add_method_weights_argument(group) -> None:
         default=None,
         metavar="NAME=FOLDER",
         help="load identity method NAME's released files from FOLDER, in their Hub layout (instantid: a folder "
-        "with InstantX/InstantID's ip-adapter.bin and ControlNetModel/; infiniteyou: ByteDance/InfiniteYou's "
+        "with InstantX/InstantID's ip-adapter.bin and ControlNetModel/; pulid: a folder with pulid_v1.1.safetensors, "
+        "EVA02_CLIP_L_336_psz14_s6B.pt and parsing_bisenet.pth; infiniteyou: ByteDance/InfiniteYou's "
         "infu_flux_v1.0/ or one model set in it, aes_stage2 or sim_stage1); repeatable",
     )
 

@@ -79,7 +79,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="NAME=FOLDER",
         help="an identity method requests may ask for with method=NAME, its released files in FOLDER in their Hub "
-        "layout (instantid: InstantX/InstantID's ip-adapter.bin and ControlNetModel/), as generate's; repeatable. "
+        "layout (instantid: InstantX/InstantID's ip-adapter.bin and ControlNetModel/; pulid: pulid_v1.1.safetensors, "
+        "EVA02_CLIP_L_336_psz14_s6B.pt and parsing_bisenet.pth), as generate's; repeatable. "
         "Loaded by every worker onto each model set of a family the method runs on; the face analysis also embeds "
         "with the method's insightface pack (antelopev2), so identities enrolled from then on can use it",
     )

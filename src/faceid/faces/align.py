@@ -1,4 +1,5 @@
-"""Alignment: a face warped by its 5 landmarks onto the ArcFace template, as the recognizer and CLIP see it."""
+"""Alignment: a face warped by its 5 landmarks onto the ArcFace template, as the recognizer and CLIP see it, or
+onto the FFHQ template at 512, as PuLID reads it."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import numpy as np
 
 from ..errors import FaceIDError
 
-__all__ = ["ARCFACE_TEMPLATE", "align_face"]
+__all__ = ["ARCFACE_TEMPLATE", "FFHQ_TEMPLATE_512", "align_face", "align_ffhq"]
 
 #: insightface's ``arcface_dst``: where the 5 landmarks land in the 112x112 aligned crop
 #: (image-left eye, image-right eye, nose tip, image-left mouth corner, image-right mouth corner).
@@ -44,3 +45,28 @@ def align_face(image_rgb: np.ndarray, landmarks: np.ndarray, size: int = 112) ->
         raise FaceIDError("Cannot align the face: its 5 landmarks are degenerate (all on one point or line).")
     matrix = tform.params[0:2, :]
     return cv2.warpAffine(image_rgb, matrix, (size, size), borderValue=0.0)
+
+
+#: facexlib's 5 landmarks of an FFHQ face at 512x512 (``FaceRestoreHelper.face_template``), where PuLID aligns faces.
+FFHQ_TEMPLATE_512 = np.array(
+    [[192.98138, 239.94708], [318.90277, 240.1936], [256.63416, 314.01935], [201.26117, 371.41043],
+     [313.08905, 371.15118]]
+)  # fmt: skip
+FFHQ_TEMPLATE_512.setflags(write=False)
+FFHQ_BORDER_RGB = (132, 133, 135)  # facexlib's gray border, (135, 133, 132) in the BGR image it warps
+
+
+def align_ffhq(image_rgb: np.ndarray, landmarks: np.ndarray, size: int = 512) -> np.ndarray:
+    """The face warped onto the FFHQ 5-point template at ``size`` x ``size`` as facexlib's ``align_warp_face``
+    (what PuLID reads): a 4-degree-of-freedom similarity estimated robustly (``cv2.estimateAffinePartial2D``,
+    LMEDS), bilinear, facexlib's gray outside the photo."""
+    points = np.asarray(landmarks, dtype=np.float64)
+    if points.shape != (5, 2) or not np.isfinite(points).all():
+        raise ValueError(f"landmarks must be 5 finite (x, y) points, got shape {points.shape}")
+    matrix = cv2.estimateAffinePartial2D(points, FFHQ_TEMPLATE_512 * (size / 512.0), method=cv2.LMEDS)[0]
+    if matrix is None:
+        raise FaceIDError("Cannot align the face: its 5 landmarks are degenerate (all on one point or line).")
+    return cv2.warpAffine(
+        np.ascontiguousarray(image_rgb), matrix, (size, size), borderMode=cv2.BORDER_CONSTANT,
+        borderValue=FFHQ_BORDER_RGB,
+    )  # fmt: skip

@@ -14,7 +14,7 @@ import numpy as np
 
 from ..errors import FaceIDError, FaceSelectionError, NoFaceError
 from ..images import ImageSource, load_image, source_name
-from .align import align_face
+from .align import align_face, align_ffhq
 from .detect import Detection, Detector, SCRFDDetector, YuNetDetector, box_area
 from .model_files import pretrained_models
 from .recognize import ONNXRecognizer, Recognizer
@@ -24,6 +24,10 @@ __all__ = ["DEFAULT_DET_SIZES", "Face", "FaceAnalyzer", "select_face"]
 # Detection sizes FaceAnalyzer tries: buffalo_l's 640x640 first (what the weights expect), then a
 # larger size as a retry for faces too small to be found at 640.
 DEFAULT_DET_SIZES: tuple[tuple[int, int], ...] = ((640, 640), (1280, 1280))
+
+
+FFHQ_CROP_PACK = "antelopev2"
+"""With this pack's recognizer the analysis also keeps the FFHQ-aligned crop (``Face.crop_ffhq``, PuLID's)."""
 
 
 @dataclass(eq=False, repr=False)
@@ -49,6 +53,9 @@ class Face:
     embeddings: dict[str, np.ndarray] = field(default_factory=dict)
     raw_embeddings: dict[str, np.ndarray] = field(default_factory=dict)
     image_size: tuple[int, int] | None = None
+    # The face aligned to the FFHQ template at 512x512 (``align_ffhq``), what PuLID reads: made when the analysis
+    # runs antelopev2's recognizer (the pack of the methods beside FaceID), None otherwise.
+    crop_ffhq: np.ndarray | None = None
 
     def embedding_for(self, pack: str, normalised: bool = True) -> np.ndarray:
         """The vector of ``pack``'s recognizer (L2-normalised, or raw), or the error that says how to get it."""
@@ -148,6 +155,7 @@ class FaceAnalyzer:
                 embeddings={pack: normed[i].copy() for pack, (_, normed) in by_pack.items()},
                 raw_embeddings={pack: vectors[i].copy() for pack, (vectors, _) in by_pack.items()},
                 image_size=(rgb.shape[1], rgb.shape[0]),
+                crop_ffhq=align_ffhq(rgb, d.landmarks) if FFHQ_CROP_PACK in by_pack else None,
             )
             for i, d in enumerate(detections)
         ]

@@ -224,8 +224,11 @@ METHODS: dict[str, IdentityMethod] = {
             # 984,405,232 bytes as one user measured it (a third party's note, not an LFS pointer: unverified).
             files=(_unpinned(PULID_REPO, "pulid_v1.1.safetensors", size=984405232), EVA02_CLIP_L),
             licences=(("PuLID weights (guozinan/PuLID)", _L["apache-2.0"]), _EVA, _ANTELOPE, _FACEXLIB),
-            description="the ID encoder (antelopev2 embedding + EVA02-CLIP-L features) and its attention pieces "
-            "in the SDXL UNet",
+            wired=True,
+            description="the ID encoder (antelopev2 embedding + EVA02-CLIP-L features of the parsed face) and its "
+            "attention in the SDXL UNet (num_zero 20, ortho v2); its folder also holds facexlib's parsing_bisenet.pth",
+            # The authors' app (app_v1_1.py): ID scale 0.8.
+            defaults={"scale": 0.8},
         ),
         IdentityMethod(
             "pulid-flux",
@@ -237,7 +240,12 @@ METHODS: dict[str, IdentityMethod] = {
             face_inputs=("EVA02-CLIP-L features of the parsed (background-removed) aligned face crop",),
             files=(_unpinned(PULID_REPO, "pulid_flux_v0.9.1.safetensors"), EVA02_CLIP_L),
             licences=(("PuLID weights (guozinan/PuLID)", _L["apache-2.0"]), _EVA, _ANTELOPE, _FACEXLIB, _FLUX_DEV),
-            description="the ID encoder and its cross-attention between the FLUX.1 transformer's blocks",
+            wired=True,
+            description="the ID encoder (antelopev2 embedding + EVA02-CLIP-L features of the parsed face) and its "
+            "cross-attention after the FLUX.1 transformer's blocks (every 2nd double, every 4th single); its folder "
+            "also holds EVA02_CLIP_L_336_psz14_s6B.pt and facexlib's parsing_bisenet.pth",
+            # The authors' app (app_flux.py): id_weight 1.0 (faceid's ``scale``), start step 0, true CFG 1 (off).
+            defaults={"scale": 1.0},
         ),
         IdentityMethod(
             "infiniteyou",

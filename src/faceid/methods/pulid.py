@@ -17,8 +17,10 @@ and ``pulid/pipeline_flux.py`` with ``flux/model.py`` (where the CA modules act)
   FLUX: diffusers' ``FluxTransformer2DModel`` is used as it is; ``PuLIDFlux.attach`` wraps its blocks
   (``PuLIDFluxBlock``), each wrapper running the block and then adding its cross-attention term.
 
-Face analysis and EVA-CLIP are not loaded here: the encoder's inputs are a ``PuLIDFace`` (the antelopev2
-embedding and the EVA tower's outputs), which a ``PuLIDFaceEncoder`` would produce from a photo.
+The encoder's inputs are a ``PuLIDFace`` (the antelopev2 embedding and the EVA tower's outputs), which
+``faceid.methods.pulid_face.PuLIDFaceEncoder`` makes from a photo. ``PuLID`` (below) is v1.1 loaded for
+generation beside FaceID (``ModelSet.load_method("pulid", FOLDER)``): a call's ``PuLIDCall`` reaches each
+cross-attention layer through FaceID's processor there, so nothing is put on the UNet.
 """
 
 from __future__ import annotations
@@ -26,13 +28,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..attention import CallAttention
 from ..errors import CheckpointError, FaceIDError
 from ..projection import PerceiverAttention, feed_forward
 
@@ -227,7 +229,7 @@ class IDFormer(nn.Module):
 
 @dataclass(frozen=True)
 class PuLIDFace:
-    """What PuLID's encoder reads from one photo of a face (see ``PuLIDFaceEncoder``).
+    """What PuLID's encoder reads from one photo of a face (``faceid.methods.pulid_face.PuLIDFaceEncoder``).
 
     ``antelopev2``: the raw (not normalised) 512-d embedding of antelopev2's ``glintr100`` (insightface
     ``face['embedding']``), shape (512,) or (1, 512). ``eva_projection``: EVA02-CLIP-L-14-336's projection output
@@ -238,19 +240,6 @@ class PuLIDFace:
     antelopev2: torch.Tensor
     eva_projection: torch.Tensor
     eva_hidden: tuple[torch.Tensor, ...]
-
-
-class PuLIDFaceEncoder(Protocol):
-    """A photo (RGB uint8, H x W x 3) -> ``PuLIDFace`` (not part of faceid yet).
-
-    The authors' ``get_id_embedding``: antelopev2 on the photo, the largest face's ``embedding`` (or, when it finds
-    none, ``glintr100`` on the aligned crop); facexlib's RetinaFace aligns the face to 512x512; BiSeNet parses it
-    and everything but the face (labels 0, 16, 18, 7, 8, 9, 14, 15) turns white, the face gray
-    (0.299 R + 0.587 G + 0.114 B); bicubic resize to 336, EVA's mean/std; then
-    ``eva(x, return_all_features=False, return_hidden=True, shuffle=False) -> (projection, hidden)``.
-    """
-
-    def __call__(self, image: np.ndarray) -> PuLIDFace: ...
 
 
 def id_condition(antelopev2: torch.Tensor, eva_projection: torch.Tensor) -> torch.Tensor:
@@ -484,6 +473,136 @@ class PuLIDSDXL(nn.Module):
     def encode(self, faces: Sequence[PuLIDFace]) -> tuple[torch.Tensor, torch.Tensor]:
         """``encode_identity`` with this file's encoder: (id_embedding, uncond_id_embedding)."""
         return encode_identity(self.id_adapter, faces)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# PuLID v1.1 loaded for generation beside FaceID (ModelSet.load_method("pulid", FOLDER))
+# ----------------------------------------------------------------------------------------------------------------
+
+CHECKPOINT_V11 = "pulid_v1.1.safetensors"
+V11_NUM_ZERO = 20
+V11_ORTHO = "v2"
+"""The authors' app (``app_v1_1.py``) runs v1.1 with ``num_zero`` 20 and ``ortho`` v2 (its id_scale, 0.8, is the
+method row's ``scale``); generation runs every call with them."""
+
+
+def pulid_files(folder: str | Path) -> tuple[Path, Path, Path]:
+    """The three files PuLID v1.1 loads from one folder, by their released names: ``pulid_v1.1.safetensors``
+    (guozinan/PuLID), ``EVA02_CLIP_L_336_psz14_s6B.pt`` (QuanSun/EVA-CLIP) and ``parsing_bisenet.pth``
+    (facexlib's release v0.2.0); a folder without them is refused, naming what to download."""
+    from .pulid_face import EVA_CLIP_FILE, PARSING_FILE
+
+    folder = Path(folder).expanduser()
+    files = (folder / CHECKPOINT_V11, folder / EVA_CLIP_FILE, folder / PARSING_FILE)
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise CheckpointError(
+            f"{folder} is not a PuLID folder: it has no {' and no '.join(missing)}. Put into one folder "
+            f"{CHECKPOINT_V11} (https://huggingface.co/guozinan/PuLID), {EVA_CLIP_FILE} "
+            f"(https://huggingface.co/QuanSun/EVA-CLIP) and {PARSING_FILE} "
+            "(https://github.com/xinntao/facexlib/releases/download/v0.2.0/parsing_bisenet.pth), and give that folder"
+        )
+    return files
+
+
+class PuLIDCall(CallAttention):
+    """One call's PuLID identity on a UNet whose cross-attention layers have FaceID's processors: given as
+    ``cross_attention_kwargs["ip_hidden_states"]``, each of those processors hands the layer to PuLID's processor
+    for it (``attend``) with the call's ``PuLIDTokens``. ``set_open`` shuts the identity for the steps outside the
+    call's identity window (the layer is then plain attention). Made per call; ``layers`` is read only."""
+
+    def __init__(self, tokens: PuLIDTokens, layers: dict[nn.Module, PuLIDAttnProcessor]):
+        self.tokens = tokens
+        self.layers = layers
+        self._open = True
+
+    def set_open(self, open_: bool) -> None:
+        self._open = bool(open_)
+
+    def attend(self, processor, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
+        pulid = self.layers.get(processor)
+        if pulid is None:
+            raise FaceIDError(
+                "PuLID has no processor for this cross-attention layer: the UNet's processors were replaced after "
+                "PuLID was loaded; remove_method('pulid') and load it again"
+            )
+        identity = self.tokens if self._open else None
+        return pulid(attn, hidden_states, encoder_hidden_states, attention_mask, temb, identity)
+
+
+class PuLID:
+    """PuLID v1.1 loaded next to an SDXL UNet that has FaceID's processors: the released file (the ID encoder
+    and a processor per cross-attention layer), the EVA-CLIP tower and BiSeNet (``PuLIDFaceEncoder``). Nothing is
+    put on the UNet: a call's ``PuLIDCall`` reaches each layer through FaceID's processor there. Create it with
+    ``PuLID.load``."""
+
+    name = "pulid"
+
+    def __init__(self, adapter: PuLIDSDXL, face_encoder: Any, layers: dict[nn.Module, PuLIDAttnProcessor]):
+        self.adapter = adapter
+        self.face_encoder = face_encoder
+        self.layers = layers
+        self.num_zero = V11_NUM_ZERO
+        self.ortho = V11_ORTHO
+
+    @classmethod
+    def load(cls, unet: nn.Module, checkpoint: str | Path, eva_clip: str | Path, parsing: str | Path) -> PuLID:
+        """Read the three files strictly (a missing, extra or misshapen key is a ``CheckpointError`` naming it)
+        and check they fit together and this UNet. The encoder, EVA and BiSeNet run in float32 on the UNet's
+        device (as the authors'); the processors take the UNet's dtype."""
+        from ..attention import FaceIDAttnProcessor
+        from .pulid_face import PuLIDFaceEncoder
+
+        adapter = PuLIDSDXL.from_file(checkpoint, unet)
+        face_encoder = PuLIDFaceEncoder.from_files(eva_clip, parsing)
+        tower, encoder = face_encoder.eva.config, adapter.id_adapter.config
+        if (tower.width, tower.embed_dim + 512) != (encoder.eva_width, encoder.id_cond_dim):
+            raise CheckpointError(
+                f"the EVA-CLIP tower ({eva_clip}: width {tower.width}, projection {tower.embed_dim}) does not fit "
+                f"{Path(checkpoint).name} (it reads EVA width {encoder.eva_width} and a {encoder.id_cond_dim}-wide id "
+                "condition, 512 + the projection): use EVA02_CLIP_L_336_psz14_s6B.pt"
+            )
+        processors = unet.attn_processors
+        layers: dict[nn.Module, PuLIDAttnProcessor] = {}
+        for index, name in adapter.processor_names.items():
+            current = processors[name]
+            if not isinstance(current, FaceIDAttnProcessor):
+                raise FaceIDError(
+                    f"PuLID runs beside FaceID's processors, and {name} has a {type(current).__name__}: load PuLID on "
+                    "a FaceIDPipeline whose FaceID adapter is attached (pipe.adapter.reattach())"
+                )
+            layers[current] = adapter.id_adapter_attn_layers[str(index)]
+        param = next(unet.parameters())
+        adapter.id_adapter.to(param.device, torch.float32)
+        adapter.id_adapter_attn_layers.to(param.device, param.dtype)
+        adapter.eval().requires_grad_(False)
+        face_encoder.to(param.device, torch.float32)
+        return cls(adapter, face_encoder, layers)
+
+    def remove(self) -> None:
+        """Nothing of PuLID is on the UNet: dropping this object unloads it."""
+        self.layers = {}
+
+    @torch.no_grad()
+    def identity_tokens(self, faces: Sequence[Any]):
+        """One person's tokens (``IdentityTokens``: cond and uncond, each (1, tokens, width)) from the analysed
+        faces of their photos (antelopev2's raw embedding and ``Face.crop_ffhq``): several photos are one
+        identity, read by the encoder together (v1.1)."""
+        from .instantid import IdentityTokens
+
+        if any(face is None for face in faces):
+            raise FaceIDError(
+                "PuLID reads the face photo itself (EVA-CLIP features of its aligned, parsed crop): give the "
+                "photo (a path, image or array) or its analysed Face, not an embedding"
+            )
+        cond, uncond = self.adapter.encode([self.face_encoder(face) for face in faces])
+        return IdentityTokens(cond=cond, uncond=uncond)
+
+    def call(self, context: torch.Tensor, scale: float | Sequence[float] | torch.Tensor) -> PuLIDCall:
+        """A call's ``PuLIDCall``: ``context`` the tokens of each sample of the UNet batch (uncond rows first
+        with classifier-free guidance), ``scale`` the id_scale, with the authors' num_zero and ortho."""
+        dtype = next(iter(self.adapter.id_adapter_attn_layers.parameters())).dtype
+        return PuLIDCall(PuLIDTokens(context.to(dtype), scale, self.num_zero, self.ortho), self.layers)
 
 
 # ----------------------------------------------------------------------------------------------------------------

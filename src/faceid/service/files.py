@@ -75,13 +75,14 @@ class DataDir:
     def save_face(self, identity_id: str, k: int, face) -> None:
         """The face's arrays; with the embedding of every recognizer the analysis ran (``Face.embeddings`` and
         ``raw_embeddings`` by pack, as ``embedding.<pack>`` / ``raw_embedding.<pack>``) and the photo's size, so
-        that a method which reads another pack's embedding (InstantID: antelopev2's raw vector) or the keypoints
-        in their frame runs without analysing the photo again."""
+        that a method which reads another pack's embedding (InstantID: antelopev2's raw vector), the keypoints
+        in their frame or the FFHQ-aligned crop (PuLID) runs without analysing the photo again."""
         from ..atomic import atomic_path
 
         packs = {f"embedding.{pack}": np.asarray(v, np.float32) for pack, v in face.embeddings.items()}
         packs.update({f"raw_embedding.{pack}": np.asarray(v, np.float32) for pack, v in face.raw_embeddings.items()})
         size = {} if face.image_size is None else {"image_size": np.asarray(face.image_size, np.int64)}
+        crop_ffhq = {} if face.crop_ffhq is None else {"crop_ffhq": np.asarray(face.crop_ffhq, np.uint8)}
         with atomic_path(self.face(identity_id, k)) as tmp, open(tmp, "wb") as handle:
             np.savez(
                 handle,
@@ -92,6 +93,7 @@ class DataDir:
                 aligned=np.asarray(face.aligned, np.uint8),
                 crop_224=np.asarray(face.crop_224, np.uint8),
                 **size,
+                **crop_ffhq,  # PuLID's crop (a face analysed with antelopev2)
                 **packs,
             )
 
@@ -116,6 +118,7 @@ class DataDir:
                 embeddings=by_pack("embedding."),
                 raw_embeddings=by_pack("raw_embedding."),
                 image_size=size,
+                crop_ffhq=data["crop_ffhq"] if "crop_ffhq" in data.files else None,
             )
 
     # ------------------------------------------------------------------ images
