@@ -253,6 +253,36 @@ def test_faceid_serve_loads_a_flux_model_set_and_refuses_what_cannot_start(flux_
     assert len(started) == 1
 
 
+def test_pulid_flux_served_with_true_cfg_equals_the_pipeline(make_client, flux_dir, both_packs, faces_dir,  # noqa: F811
+                                                              tmp_path_factory):  # fmt: skip
+    from tiny_models import build_pulid_flux
+
+    folder = build_pulid_flux(flux_dir, tmp_path_factory.mktemp("pulid-flux") / "PuLID", seed=3)
+    pulid = FaceIDPipeline.from_pretrained(
+        flux_dir, None, methods={"pulid-flux": folder}, device="cpu", progress=False, face_models=both_packs
+    )
+    client = make_client(pipeline=pulid, methods={"pulid-flux": str(folder)}, face_models=str(both_packs))
+    (entry,) = client.get("/v1/models").json()["catalog"]
+    assert entry["default_method"] == "pulid-flux" and [m["name"] for m in entry["methods"]] == ["pulid-flux"]
+    assert "FLUX.1 [dev] Non-Commercial License" in entry["methods"][0]["licence"]
+    identity = enroll(client, faces_dir, "obama.jpg").json()["id"]
+    service = client.app.state.service
+    (stored,) = service.enroller.faces(service.identity(identity, ""))
+    assert "antelopev2" in stored.raw_embeddings and stored.crop_ffhq is not None  # what PuLID reads, kept
+    error(generate(client, identity, negative_prompt="blurry", **SIZE), 422, "invalid_request", "negative_prompt",
+          "true_cfg")  # fmt: skip
+    error(generate(client, identity, method="pulid-flux", kps="x", **SIZE), 422, "invalid_request", "kps")
+    view = wait_finished(client, generate(client, identity, prompt=PROMPT, true_cfg=2.0, negative_prompt="blurry",
+                                          seed=3, **SIZE).json()["id"])  # fmt: skip
+    assert view["status"] == "done", view["error"]
+    settings = view["settings"]
+    assert (settings["method"], settings["true_cfg"], settings["negative_prompt"]) == ("pulid-flux", 2.0, "blurry")
+    direct = pulid(PROMPT, face_photo("obama.jpg"), true_cfg=2.0, negative_prompt="blurry", seed=3, output_type="np",
+                   **SIZE).images[0]  # fmt: skip
+    difference = np.abs(_png(client, view["images"][0]) - np.round(direct * 255)).max()
+    assert difference <= 1, difference
+
+
 # ---------------------------------------------------------------------- the web app (chromium, as test_webapp)
 def test_web_app_shows_a_flux_model_set_with_its_method_and_licence(make_server, browser, flux, infiniteyou_dir,  # noqa: F811
                                                                      both_packs, faces_dir, tmp_path):  # fmt: skip

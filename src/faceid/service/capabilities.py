@@ -83,6 +83,7 @@ class Capabilities:
         others = {  # settings of one method given with another: the pipeline would refuse them when the job runs
             "identitynet_scale (InstantID's)": settings.method != "instantid"
             and settings.identitynet_scale is not None,
+            "true_cfg (PuLID-FLUX's)": settings.method != "pulid-flux" and settings.true_cfg is not None,
             "combine (FaceID's)": settings.method != "faceid" and settings.combine is not None,
             "shortcut (FaceID's)": settings.method != "faceid" and settings.shortcut is not None,
             "lora_scale (FaceID's)": settings.method != "faceid" and settings.lora_scale is not None,
@@ -175,13 +176,16 @@ class Capabilities:
             "controls (this server's ControlNets)": bool(inputs.controls),
             "decoder 'tiny' (no tiny VAE)": settings.decoder == "tiny" or settings.tiny_vae is not None,
         }
+        # PuLID-FLUX's true CFG runs a negative pass: there a negative prompt applies
+        true_cfg = settings.method == "pulid-flux" and (settings.true_cfg or 1.0) > 1
         if row.guidance_embedded:
             negatives = (
                 [settings.negative_prompt] if isinstance(settings.negative_prompt, str) else settings.negative_prompt
             )
             refused.update(
                 {
-                    "negative_prompt (its guidance is embedded: no unconditional pass)": any(negatives or ()),
+                    "negative_prompt (its guidance is embedded: no unconditional pass; but with PuLID-FLUX's "
+                    "true_cfg above 1)": not true_cfg and any(negatives or ()),
                     "scheduler (it samples with its own flow-matching scheduler)": settings.scheduler is not None,
                     "eta": settings.eta is not None,
                 }
