@@ -102,7 +102,8 @@ def add_method_weights_argument(group) -> None:
         help="load identity method NAME's released files from FOLDER, in their Hub layout (instantid: a folder "
         "with InstantX/InstantID's ip-adapter.bin and ControlNetModel/; pulid: a folder with pulid_v1.1.safetensors, "
         "EVA02_CLIP_L_336_psz14_s6B.pt and parsing_bisenet.pth; infiniteyou: ByteDance/InfiniteYou's "
-        "infu_flux_v1.0/ or one model set in it, aes_stage2 or sim_stage1); repeatable",
+        "infu_flux_v1.0/ or one model set in it, aes_stage2 or sim_stage1; pulid-flux: a folder with "
+        "pulid_flux_v0.9.1.safetensors and pulid's other two files); repeatable",
     )
 
 
