@@ -1,0 +1,131 @@
+"""Batch work on Ray Data (``faceid prepare --ray``, ``faceid eval --ray``): a Ray instance joined or started, and
+a pool of actors, each loading its models once, mapping a function over work items.
+
+The work items stay on the driver's side as a list that every actor receives once; the Ray Data pipeline itself
+carries only their indices (``ray.data.from_items``: no read tasks to compete with the actors for CPUs) and, back,
+each item's result pickled into one binary column, so any picklable result (a dataclass with numpy arrays) comes
+back as it left the actor, without a schema to keep in step. Results come back as they finish, not in order: the
+caller puts them in place by index.
+
+Nothing here knows about faces or images; :mod:`faceid.data.prepare` and :mod:`faceid.evaluation.run` give it
+what to load (``setup``) and what to do with a batch (``work``), module-level functions (or ``functools.partial``
+of them) so that they pickle by reference to the code every worker imports.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import FaceIDError
+
+__all__ = ["RayWorkers", "map_on_actors"]
+
+
+@dataclass(frozen=True)
+class RayWorkers:
+    """Where and on how many actors batch work runs.
+
+    ``address``: ``None`` uses the Ray instance this process already joined (``ray.init`` before), else starts a
+    local one; ``"auto"`` joins the cluster this machine belongs to, ``"ray://HOST:PORT"`` a remote one (every
+    worker must see the same paths: inputs, outputs and models live on a shared filesystem). ``workers``: actors
+    (each holds its own copy of the models). ``gpus_per_worker``: ``None`` gives each actor one GPU when the
+    cluster has GPUs, none otherwise. ``batch_size``: items per call of an actor; ``None`` lets each command pick
+    one for the device (more on a GPU).
+    """
+
+    address: str | None = None
+    workers: int = 2
+    gpus_per_worker: float | None = None
+    batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.workers, int) or isinstance(self.workers, bool) or self.workers < 1:
+            raise ValueError(f"workers must be an integer >= 1, got {self.workers!r}")
+        if self.batch_size is not None and (not isinstance(self.batch_size, int) or self.batch_size < 1):
+            raise ValueError(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
+
+
+class _Actor:
+    """One worker of the pool: ``setup()`` once (models loaded), then ``work(state, items)`` per batch."""
+
+    def __init__(self, items: Sequence[Any], setup: Callable[[], Any], work: Callable[[Any, list], list]) -> None:
+        self.items = items
+        self.state = setup()
+        self.work = work
+
+    def __call__(self, batch: dict) -> dict:
+        import numpy as np
+
+        indices = [int(i) for i in batch["index"]]
+        results = self.work(self.state, [self.items[i] for i in indices])
+        if len(results) != len(indices):
+            raise RuntimeError(f"a batch of {len(indices)} item(s) gave {len(results)} result(s)")
+        pickled = np.empty(len(results), dtype=object)
+        pickled[:] = [pickle.dumps(r, protocol=pickle.HIGHEST_PROTOCOL) for r in results]
+        return {"index": np.asarray(indices, np.int64), "result": pickled}
+
+
+def _join(address: str | None) -> bool:
+    """Join (or start) Ray; True when this call started it (the caller shuts it down)."""
+    try:
+        import ray
+    except ImportError as exc:
+        raise FaceIDError("--ray needs Ray Data: pip install 'faceid[cluster]'") from exc
+    if ray.is_initialized():
+        return False
+    ray.init(address=address or None, log_to_driver=False)
+    return True
+
+
+def map_on_actors(
+    items: Sequence[Any],
+    setup: Callable[[], Any],
+    work: Callable[[Any, list], list],
+    workers: RayWorkers,
+    *,
+    batch_size: tuple[int, int] = (8, 32),
+) -> Iterator[tuple[int, Any]]:
+    """``work(state, batch)`` over ``items`` on ``workers.workers`` actors, each running ``setup()`` once for its
+    ``state``; yields ``(index, result)`` per item as batches finish (any order). ``batch_size``: items per call
+    on a CPU and on a GPU actor, when ``workers.batch_size`` leaves it open.
+
+    Ray is joined (or started) on first use and, when this call started it, shut down when the iteration ends.
+    An error in an actor stops the iteration with that error.
+    """
+    if not items:
+        return
+    started = _join(workers.address)
+    import ray
+    import ray.data
+
+    try:
+
+        gpus = workers.gpus_per_worker
+        if gpus is None:
+            gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+        size = workers.batch_size or batch_size[1 if gpus else 0]
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = False  # the commands show their own progress (tqdm, log lines)
+        # Blocks of whole batches, so that every actor gets some (no repartition: its tasks would wait for the
+        # CPUs the actors hold).
+        blocks = max(1, -(-len(items) // size))
+        indices = ray.data.from_items([{"index": i} for i in range(len(items))], override_num_blocks=blocks)
+        mapped = indices.map_batches(
+            _Actor,
+            fn_constructor_args=(list(items), setup, work),
+            batch_size=size,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=workers.workers),
+            num_cpus=1,
+            num_gpus=gpus,
+        )
+        for batch in mapped.iter_batches(batch_size=None, batch_format="numpy"):
+            for index, result in zip(batch["index"], batch["result"], strict=True):
+                yield int(index), pickle.loads(result)
+    finally:
+        if started:
+            ray.shutdown()
+
