@@ -102,7 +102,6 @@ def map_on_actors(
     import ray.data
 
     try:
-
         gpus = workers.gpus_per_worker
         if gpus is None:
             gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
@@ -128,4 +127,3 @@ def map_on_actors(
     finally:
         if started:
             ray.shutdown()
-

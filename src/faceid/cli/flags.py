@@ -319,3 +319,29 @@ def int_at_least(minimum: int):
         return value
 
     return parse
+
+
+# ---- --ray (faceid prepare and faceid eval: batch work on Ray Data)
+
+
+def add_ray_argument(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--ray [ADDRESS]``, shared by ``faceid prepare`` and ``faceid eval``."""
+    parser.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="ADDRESS",
+        help=f"run {what} as a Ray Data pipeline, on --workers actors (a GPU each when the cluster has GPUs): on "
+        "a local Ray instance, or on the cluster at ADDRESS (auto, or ray://HOST:PORT; every machine must see the "
+        "same paths)",
+    )
+
+
+def ray_workers(args: argparse.Namespace, workers: int):
+    """The :class:`~faceid.ray_data.RayWorkers` of ``--ray`` (None without it)."""
+    if getattr(args, "ray", None) is None:
+        return None
+    from ..ray_data import RayWorkers
+
+    return RayWorkers(address=args.ray or None, workers=workers)
