@@ -60,12 +60,30 @@ class _Actor:
         import numpy as np
 
         indices = [int(i) for i in batch["index"]]
-        results = self.work(self.state, [self.items[i] for i in indices])
-        if len(results) != len(indices):
-            raise RuntimeError(f"a batch of {len(indices)} item(s) gave {len(results)} result(s)")
-        pickled = np.empty(len(results), dtype=object)
-        pickled[:] = [pickle.dumps(r, protocol=pickle.HIGHEST_PROTOCOL) for r in results]
+        try:
+            results = self.work(self.state, [self.items[i] for i in indices])
+            if len(results) != len(indices):
+                raise RuntimeError(f"a batch of {len(indices)} item(s) gave {len(results)} result(s)")
+            blobs = [pickle.dumps(r, protocol=pickle.HIGHEST_PROTOCOL) for r in results]
+        except Exception as exc:  # noqa: BLE001 - sent back as it is: Ray Data would rewrite its message
+            blobs = [_failure(exc)] * len(indices)
+        pickled = np.empty(len(blobs), dtype=object)
+        pickled[:] = blobs
         return {"index": np.asarray(indices, np.int64), "result": pickled}
+
+
+class _Failed:
+    """An item's work raised ``error``: the caller raises it."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _failure(exc: Exception) -> bytes:
+    try:
+        return pickle.dumps(_Failed(exc))
+    except Exception:  # noqa: BLE001 - an error that does not pickle: its type and message
+        return pickle.dumps(_Failed(RuntimeError(f"{type(exc).__name__}: {exc}")))
 
 
 def _join(address: str | None) -> bool:
@@ -93,7 +111,7 @@ def map_on_actors(
     on a CPU and on a GPU actor, when ``workers.batch_size`` leaves it open.
 
     Ray is joined (or started) on first use and, when this call started it, shut down when the iteration ends.
-    An error in an actor stops the iteration with that error.
+    An error in an actor stops the iteration with that error (raised here as itself).
     """
     if not items:
         return
@@ -122,8 +140,11 @@ def map_on_actors(
             num_gpus=gpus,
         )
         for batch in mapped.iter_batches(batch_size=None, batch_format="numpy"):
-            for index, result in zip(batch["index"], batch["result"], strict=True):
-                yield int(index), pickle.loads(result)
+            for index, blob in zip(batch["index"], batch["result"], strict=True):
+                result = pickle.loads(blob)
+                if isinstance(result, _Failed):  # the actor's own error (a FaceIDError says what to do)
+                    raise result.error
+                yield int(index), result
     finally:
         if started:
             ray.shutdown()
