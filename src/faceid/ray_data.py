@@ -14,6 +14,7 @@ of them) so that they pickle by reference to the code every worker imports.
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from typing import Any
 
 from .errors import FaceIDError
 
-__all__ = ["RayWorkers", "map_on_actors"]
+__all__ = ["RayWorkers", "map_on_actors", "ray_session"]
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,20 @@ def _failure(exc: Exception) -> bytes:
         return pickle.dumps(_Failed(exc))
     except Exception:  # noqa: BLE001 - an error that does not pickle: its type and message
         return pickle.dumps(_Failed(RuntimeError(f"{type(exc).__name__}: {exc}")))
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None) -> Iterator[None]:
+    """Ray joined (or a local instance started) for the whole block, so that a command's several pipelines
+    share one instance; left (shut down) at the end when this started it."""
+    started = _join(address)
+    try:
+        yield
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
 
 
 def _join(address: str | None) -> bool:

@@ -11,6 +11,7 @@ from .flags import (
     add_ray_argument,
     add_settings_arguments,
     int_at_least,
+    ray_session,
     ray_workers,
     settings_from_args,
     tiny_vae_defaults,
@@ -134,25 +135,26 @@ def cmd_eval(args: argparse.Namespace) -> int:
         + (f" x {len(entries)} methods ({', '.join(e.name for e in entries)})" if entries else "")
         + f" = {n} images into {args.out}"
     )
-    result = run_eval(
-        pipe,
-        args.faces,
-        prompts,
-        seeds,
-        scales,
-        args.out,
-        scorers,
-        clip,
-        settings=settings,
-        resume=not args.no_resume,
-        overwrite=args.overwrite,
-        batch_size=args.batch_size,
-        plots=not args.no_plots,
-        log=print,
-        groups=groups,
-        methods=[e.name for e in entries] or None,
-        ray=ray,
-    )
+    with ray_session(ray.workers if ray is not None else None):  # one Ray instance for both pipelines
+        result = run_eval(
+            pipe,
+            args.faces,
+            prompts,
+            seeds,
+            scales,
+            args.out,
+            scorers,
+            clip,
+            settings=settings,
+            resume=not args.no_resume,
+            overwrite=args.overwrite,
+            batch_size=args.batch_size,
+            plots=not args.no_plots,
+            log=print,
+            groups=groups,
+            methods=[e.name for e in entries] or None,
+            ray=ray,
+        )
     print()
     if entries:
         print(_methods_table(result.summary))

@@ -345,3 +345,15 @@ def ray_workers(args: argparse.Namespace, workers: int):
     from ..ray_data import RayWorkers
 
     return RayWorkers(address=args.ray or None, workers=workers)
+
+
+def ray_session(workers):
+    """Ray joined (or started) for a command's whole run when ``workers`` (from :func:`ray_workers`) is given; a
+    context that does nothing otherwise."""
+    import contextlib
+
+    if workers is None:
+        return contextlib.nullcontext()
+    from ..ray_data import ray_session as session
+
+    return session(workers.address)

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .flags import add_ray_argument, int_at_least, ray_workers
+from .flags import add_ray_argument, int_at_least, ray_session, ray_workers
 from .loading import FACE_MODELS_HELP
 
 
@@ -56,19 +56,21 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from ..data.shards import SKIPPED_FILE
     from ..faces import FaceAnalyzer
 
-    report = prepare_dataset(
-        args.images_dir,
-        args.out,
-        functools.partial(FaceAnalyzer.from_pretrained, args.face_models or None),
-        multi_face=args.multi_face,
-        min_face_size=args.min_face_size,
-        with_crops=args.with_crops,
-        workers=args.workers,
-        shard_size=args.shard_size,
-        progress=not getattr(args, "quiet", False),
-        overwrite=args.overwrite,
-        ray=ray_workers(args, args.workers),
-    )
+    ray = ray_workers(args, args.workers)
+    with ray_session(ray):
+        report = prepare_dataset(
+            args.images_dir,
+            args.out,
+            functools.partial(FaceAnalyzer.from_pretrained, args.face_models or None),
+            multi_face=args.multi_face,
+            min_face_size=args.min_face_size,
+            with_crops=args.with_crops,
+            workers=args.workers,
+            shard_size=args.shard_size,
+            progress=not getattr(args, "quiet", False),
+            overwrite=args.overwrite,
+            ray=ray,
+        )
     print(report.summary())
     if report.kept == 0:
         print(
