@@ -354,6 +354,15 @@ def ray_session(workers):
 
     if workers is None:
         return contextlib.nullcontext()
+    import logging
+
     from ..ray_data import ray_session as session
 
+    try:
+        import ray.data  # noqa: F401 - it sets up its loggers on import: quiet them after that
+    except ImportError:
+        pass  # ray_session says what to install
+    else:
+        if logging.getLogger("faceid").getEffectiveLevel() > logging.DEBUG:  # --debug keeps them
+            logging.getLogger("ray.data").setLevel(logging.ERROR)
     return session(workers.address)
