@@ -188,8 +188,15 @@ def _eval_analyzer(args: argparse.Namespace, entries: list):
     return analyzer
 
 
+def _on_actor(args: argparse.Namespace) -> argparse.Namespace:
+    """The command line as an actor reads it: ``--device`` and ``--clip-device`` are this process's; an actor uses
+    the GPU Ray gave it, else its CPU (the best device it has)."""
+    return argparse.Namespace(**{**vars(args), "device": None, "clip_device": None})
+
+
 def load_eval_pipeline(args: argparse.Namespace, settings, entries: list):
     """What an ``eval --ray`` generation actor loads: the pipeline ``faceid eval`` loads, from the command line."""
+    args = _on_actor(args)
     analyzer = _eval_analyzer(args, entries)
     return load_pipeline(args, settings, analyzer, fuse_when_compiled=False, progress=False)
 
@@ -199,6 +206,7 @@ def load_eval_scorers(args: argparse.Namespace, entries: list):
     adds, as ``run_eval`` adds them) and the CLIP scorer of the command line."""
     from ..evaluation.methods import training_scorers
 
+    args = _on_actor(args)
     scorers, clip, analyzer = build_scorers(args, _eval_analyzer(args, entries))
     added, _ = training_scorers(entries, scorers, analyzer)
     return [*scorers, *added], clip
