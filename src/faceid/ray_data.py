@@ -1,11 +1,11 @@
 """Batch work on Ray Data (``faceid prepare --ray``, ``faceid eval --ray``): a Ray instance joined or started, and
 a pool of actors, each loading its models once, mapping a function over work items.
 
-The work items stay on the driver's side as a list that every actor receives once; the Ray Data pipeline itself
-carries only their indices (``ray.data.from_items``: no read tasks to compete with the actors for CPUs) and, back,
-each item's result pickled into one binary column, so any picklable result (a dataclass with numpy arrays) comes
-back as it left the actor, without a schema to keep in step. Results come back as they finish, not in order: the
-caller puts them in place by index.
+The Ray Data pipeline carries each work item pickled in a binary column with its index (``ray.data.from_items``:
+no read tasks to compete with the actors for CPUs; a block per batch, so that results stream back batch by batch)
+and, back, each item's result pickled the same way, so any picklable item or result (a dataclass with numpy
+arrays) arrives as it left, without a schema to keep in step. An actor sees only its own batches. Results come
+back as they finish, not in order: the caller puts them in place by index.
 
 Nothing here knows about faces or images; :mod:`faceid.data.prepare` and :mod:`faceid.evaluation.run` give it
 what to load (``setup``) and what to do with a batch (``work``), module-level functions (or ``functools.partial``
@@ -52,8 +52,7 @@ class RayWorkers:
 class _Actor:
     """One worker of the pool: ``setup()`` once (models loaded), then ``work(state, items)`` per batch."""
 
-    def __init__(self, items: Sequence[Any], setup: Callable[[], Any], work: Callable[[Any, list], list]) -> None:
-        self.items = items
+    def __init__(self, setup: Callable[[], Any], work: Callable[[Any, list], list]) -> None:
         self.state = setup()
         self.work = work
 
@@ -62,7 +61,7 @@ class _Actor:
 
         indices = [int(i) for i in batch["index"]]
         try:
-            results = self.work(self.state, [self.items[i] for i in indices])
+            results = self.work(self.state, [pickle.loads(blob) for blob in batch["item"]])
             if len(results) != len(indices):
                 raise RuntimeError(f"a batch of {len(indices)} item(s) gave {len(results)} result(s)")
             blobs = [pickle.dumps(r, protocol=pickle.HIGHEST_PROTOCOL) for r in results]
@@ -144,10 +143,14 @@ def map_on_actors(
         # Blocks of whole batches, so that every actor gets some (no repartition: its tasks would wait for the
         # CPUs the actors hold).
         blocks = max(1, -(-len(items) // size))
-        indices = ray.data.from_items([{"index": i} for i in range(len(items))], override_num_blocks=blocks)
-        mapped = indices.map_batches(
+        rows = [
+            {"index": i, "item": pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL)} for i, item in enumerate(items)
+        ]
+        dataset = ray.data.from_items(rows, override_num_blocks=blocks)
+        del rows
+        mapped = dataset.map_batches(
             _Actor,
-            fn_constructor_args=(list(items), setup, work),
+            fn_constructor_args=(setup, work),
             batch_size=size,
             batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=workers.workers),
