@@ -1,6 +1,6 @@
 """``prepare_dataset``: detect and embed the face of every photo of a folder once, and store the result as a
-dataset (:mod:`faceid.data.shards` describes its files); resumable, in parallel, every skipped file listed
-with the reason."""
+dataset (:mod:`faceid.data.shards` describes its files); resumable, in parallel (threads, or Ray Data actors with
+``ray=``: the same per-photo function and the same shard writer), every skipped file listed with the reason."""
 
 from __future__ import annotations
 

@@ -7,6 +7,9 @@
   writes ``results.jsonl``, ``summary.json``, ``summary.md`` and plots.
 * :func:`score_folder` scores images that already exist (``faceid score``).
 
+With ``run_eval(..., ray=RayEval(...))`` the pipeline calls and the scoring run on Ray Data actors that load the
+models themselves (:mod:`faceid.ray_data`); the calls, the rows and the files are the same.
+
 Layout of an evaluation folder (``--out DIR``)::
 
     DIR/images/scale_<s>/<identity>/p<NN>_s<seed>.png   every generated image, settings in its text chunks
