@@ -213,3 +213,56 @@ def test_eval_on_ray_gives_the_same_images_and_scores(
     printed = run(on_ray, "--ray", "--workers", "1")
     assert "0 image(s) generated, 12 reused" in printed
     _close([json.loads(line) for line in (on_ray / "results.jsonl").read_text().splitlines()], rows)
+
+
+def test_eval_on_ray_compares_methods_as_without_ray(
+    ray_local, deadline, tmp_path, capsys, tiny_models, both_packs, instantid_dir, faces_dir
+):
+    """--method faceid,instantid on Ray: both methods' calls on one pool of actors (the tiny SDXL with InstantID
+    loaded on each), the training recognizer InstantID adds (glintr100) loaded by the scoring actors too; the same
+    folders, images and rows as without Ray."""
+    from faceid.cli.main import main
+
+    faces = tmp_path / "faces"
+    faces.mkdir()
+    shutil.copyfile(faces_dir / "obama.jpg", faces / "obama.jpg")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of a person\n")
+
+    def run(out: Path, *extra: str) -> None:
+        argv = ["eval", "--faces", str(faces), "--prompts", str(prompts), "--seeds", "1", "--scales", "0.6",
+                "--method", "faceid,instantid", "--method-weights", f"instantid={instantid_dir}", "--out", str(out),
+                "--base-model", str(tiny_models.sdxl), "--adapter", str(tiny_models.adapter("faceid-sdxl")),
+                "--face-models", str(both_packs), "--recognizers", "arcface", "--no-clip", "--no-plots",
+                "--device", "cpu", "--steps", "1", "--width", "48", "--height", "32", *extra]  # fmt: skip
+        assert main(argv) == 0
+
+    alone, on_ray = tmp_path / "alone", tmp_path / "ray"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each 1-CPU actor computes
+    try:
+        run(alone)
+    finally:
+        torch.set_num_threads(threads)
+    capsys.readouterr()
+    run(on_ray, "--ray", "--workers", "1")
+    printed = capsys.readouterr().out
+    for method in ("faceid", "instantid"):
+        assert f"1 image(s) generated, 0 reused from {on_ray / method}" in printed
+    assert _files(on_ray) == _files(alone)
+    pngs = sorted(p for p in _files(alone) if p.endswith(".png"))
+    assert [p.split("/")[0] for p in pngs] == ["faceid", "instantid"]
+    for name in pngs:
+        with Image.open(alone / name) as a, Image.open(on_ray / name) as b:
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
+    for rows_file in ("results.jsonl", "faceid/results.jsonl", "instantid/results.jsonl"):
+        rows = [json.loads(line) for line in (alone / rows_file).read_text().splitlines()]
+        _close([json.loads(line) for line in (on_ray / rows_file).read_text().splitlines()], rows)
+    rows = [json.loads(line) for line in (alone / "results.jsonl").read_text().splitlines()]
+    assert [r["method"] for r in rows] == ["faceid", "instantid"]
+    assert all(list(r["similarity"]) == ["arcface", "glintr100"] for r in rows)  # glintr100: added for InstantID
+    summary, ray_summary = (json.loads((folder / "summary.json").read_text()) for folder in (alone, on_ray))
+    for table in (summary, ray_summary):
+        for method in table["methods"]:
+            method.pop("timing"), method.pop("seconds_per_image")
+    _close(ray_summary, summary)
