@@ -34,13 +34,15 @@ class RayWorkers:
     worker must see the same paths: inputs, outputs and models live on a shared filesystem). ``workers``: actors
     (each holds its own copy of the models). ``gpus_per_worker``: ``None`` gives each actor one GPU when the
     cluster has GPUs, none otherwise. ``batch_size``: items per call of an actor; ``None`` lets each command pick
-    one for the device (more on a GPU).
+    one for the device (more on a GPU). ``cpus_per_worker``: CPUs Ray reserves for each actor (and the threads torch
+    and onnxruntime use there: Ray sets ``OMP_NUM_THREADS`` to it).
     """
 
     address: str | None = None
     workers: int = 2
     gpus_per_worker: float | None = None
     batch_size: int | None = None
+    cpus_per_worker: float = 1.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.workers, int) or isinstance(self.workers, bool) or self.workers < 1:
@@ -154,7 +156,7 @@ def map_on_actors(
             batch_size=size,
             batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=workers.workers),
-            num_cpus=1,
+            num_cpus=workers.cpus_per_worker,
             num_gpus=gpus,
         )
         for batch in mapped.iter_batches(batch_size=None, batch_format="numpy"):
