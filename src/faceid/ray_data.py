@@ -155,7 +155,9 @@ def map_on_actors(
             fn_constructor_args=(setup, work),
             batch_size=size,
             batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=workers.workers),
+            # Up to `workers` actors, all asked for at once; the work starts with the first one ready, so more
+            # workers than the cluster holds (GPUs, CPUs) wait for room instead of stalling the pipeline.
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=workers.workers, initial_size=workers.workers),
             num_cpus=workers.cpus_per_worker,
             num_gpus=gpus,
         )
