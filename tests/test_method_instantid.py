@@ -310,7 +310,17 @@ def test_ip_adapter_loads_strictly_and_names_the_key(tmp_path, group, edit):
         InstantID.load(unet, path, IDENTITYNET)
     # the key that is missing, or the one that is not expected
     assert key in str(caught.value) or key.replace("weight", "weigth") in str(caught.value)
+    assert "standard IP-Adapter" not in str(caught.value)  # it says what was expected: InstantID's file
     assert unet.attn_processors == before  # nothing installed
+
+
+def test_a_file_that_is_not_instantids_says_so(tmp_path):
+    state = torch.load(IP_ADAPTER, map_location="cpu", weights_only=True)
+    state["image_proj"] = {"proj.0.weight": torch.zeros(4, 4)}  # an IP-Adapter-FaceID projection
+    torch.save(state, tmp_path / "other.bin")
+    unet = UNet2DConditionModel.from_pretrained(str(BASE), subfolder="unet")
+    with pytest.raises(CheckpointError, match=r"other.bin is not InstantID's ip-adapter.bin \(InstantX/InstantID\)"):
+        InstantID.load(unet, tmp_path / "other.bin", IDENTITYNET)
 
 
 def test_identitynet_loads_strictly_and_names_the_key(tmp_path):

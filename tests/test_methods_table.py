@@ -56,7 +56,7 @@ def test_every_row_names_known_families_packs_and_pinned_or_visibly_unpinned_fil
 
     known = set(FAMILIES) | {"FLUX.1"}  # FLUX.1's row is being added to faceid.families beside this table
     assert set(METHODS) == {"faceid", "instantid", "pulid", "pulid-flux", "infiniteyou"}
-    assert [m.name for m in METHODS.values() if m.wired] == ["faceid", "instantid"]
+    assert [m.name for m in METHODS.values() if m.wired] == ["faceid", "instantid", "infiniteyou"]
     for method in METHODS.values():
         assert method.families and set(method.families) <= known, method.name
         assert method.face_pack in model_files.FACE_PACKS, method.name
@@ -182,8 +182,8 @@ def test_the_service_refuses_a_method_not_wired_at_submit():
     from faceid.service.capabilities import Capabilities, NotServed
     from faceid.service.inputs import JobInputs
 
-    with pytest.raises(NotServed, match="method: 'infiniteyou' is not wired into generation yet; this server runs"):
-        Capabilities().check(GenerationSettings(method="infiniteyou"), JobInputs.parse({}))
+    with pytest.raises(NotServed, match="method: 'pulid' is not wired into generation yet; this server runs"):
+        Capabilities().check(GenerationSettings(method="pulid"), JobInputs.parse({}))
     with pytest.raises(NotServed, match="method: this server has no 'instantid' weights loaded; it runs faceid"):
         Capabilities().check(GenerationSettings(method="instantid"), JobInputs.parse({}))  # wired, not loaded
     Capabilities().check(GenerationSettings(method="faceid"), JobInputs.parse({}))

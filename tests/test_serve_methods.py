@@ -118,6 +118,60 @@ def test_an_instantid_generation_for_an_enrolled_identity_equals_the_pipeline_ca
     assert view["status"] == "done" and view["settings"]["method"] == "faceid" and "combine" in view["settings"]
 
 
+def test_the_keypoint_photo_and_the_client_protocols_name_the_method(serving, sdxl, faces_dir):
+    """``kps`` (an upload: the face IdentityNet follows), OpenAI's ``method`` (extra_body) and A1111's InstantID units
+    (``instant_id_face_embedding`` + ``instant_id_face_keypoints``) all reach the same InstantID call."""
+    import base64
+    import json
+
+    from test_serve_openai import client_for
+
+    client = serving(api_keys=("k",))
+    headers = {"Authorization": "Bearer k"}
+    identity = enroll(client, faces_dir, "obama.jpg", headers=headers, name="obama").json()["id"]
+    biden = (faces_dir / "biden.jpg").read_bytes()
+    kps = client.post("/v1/uploads", files={"image": ("biden.jpg", biden, "image/jpeg")}, headers=headers).json()["id"]
+    view = wait_finished(client, generate(client, identity, headers, prompt=PROMPT, method="instantid", kps=kps,
+                                          seed=3, **SIZE).json()["id"], headers)  # fmt: skip
+    assert view["status"] == "done", view
+    served = np.asarray(Image.open(BytesIO(client.get(view["images"][0], headers=headers).content)).convert("RGB"))
+    direct = sdxl(PROMPT, face_photo("obama.jpg"), method="instantid", kps=face_photo("biden.jpg"), seed=3,
+                  output_type="np", **SIZE).images[0]  # fmt: skip
+    assert np.abs(served.astype(float) - np.round(direct * 255)).max() <= 1
+    error(generate(client, identity, headers, prompt=PROMPT, kps=kps, **SIZE), 422, "invalid_request", "kps",
+          "instantid")  # fmt: skip
+
+    # OpenAI: the method in extra_body (a field of faceid's own); its jobs are /v1 jobs
+    made = client_for(client, "k").images.generate(model="obama", prompt=PROMPT, size="48x32", response_format=
+                                                  "b64_json", extra_body={"method": "instantid"})  # fmt: skip
+    assert len(made.data) == 1
+    listed = client.get("/v1/generations", headers=headers).json()["generations"]
+    assert listed[0]["settings"]["method"] == "instantid"
+
+    # A1111: the ControlNet extension's two InstantID units (the person's photo, the keypoint photo and its weight)
+    photo = base64.b64encode((faces_dir / "obama.jpg").read_bytes()).decode()
+    pose = base64.b64encode(biden).decode()
+    units = [
+        {"module": "instant_id_face_embedding", "model": "ip-adapter_instant_id_sdxl", "image": photo, "weight": 0.8},
+        {"module": "instant_id_face_keypoints", "model": "control_instant_id_sdxl", "image": pose, "weight": 0.6},
+    ]
+    body = {"prompt": PROMPT, "seed": 3, "steps": 2, "width": 48, "height": 32,
+            "alwayson_scripts": {"ControlNet": {"args": units}}}  # fmt: skip
+    answer = client.post("/sdapi/v1/txt2img", json=body, headers=headers)
+    assert answer.status_code == 200, answer.text
+    settings = client.get("/v1/generations", headers=headers).json()["generations"][0]["settings"]
+    assert (settings["method"], settings["scale"], settings["identitynet_scale"]) == ("instantid", 0.8, 0.6)
+    a1111 = np.asarray(Image.open(BytesIO(base64.b64decode(answer.json()["images"][0]))).convert("RGB"))
+    expected = sdxl(PROMPT, face_photo("obama.jpg"), method="instantid", kps=face_photo("biden.jpg"), seed=3,
+                    identitynet_scale=0.6, output_type="np", **SIZE).images[0]  # fmt: skip
+    assert np.abs(a1111.astype(float) - np.round(expected * 255)).max() <= 1
+    assert json.loads(answer.json()["info"])["all_seeds"] == [3]
+    mixed = [units[0] | {"module": "ip-adapter_face_id"}, units[1]]
+    refused = client.post("/sdapi/v1/txt2img", json=body | {"alwayson_scripts": {"controlnet": {"args": mixed}}},
+                          headers=headers)  # fmt: skip
+    assert refused.status_code == 422 and "several identity methods" in refused.json()["detail"], refused.text
+
+
 def test_refusals(make_client, serving, sdxl, faces_dir, tmp_path):  # noqa: F811
     data = tmp_path / "data"
     plain = make_client(pipeline=sdxl, data_dir=data)  # InstantID's weights are on the pipeline, not served

@@ -660,3 +660,149 @@ def build_instantid(base: str | Path, folder: str | Path, seed: int = 0) -> Path
         conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator) * 0.1)
     identitynet.save_pretrained(folder / "ControlNetModel")
     return folder
+
+
+# ---------------------------------------------------------------------- FLUX.1
+# The tiny FLUX.1: the golden's flux-tiny transformer and VAE configuration (3 double and 5 single blocks of 2 heads x
+# 16, rope axes (4, 6, 6), guidance embedding, text width 32 = the tiny T5's, pooled width 16 = the tiny CLIP text
+# encoder's; a VAE of 16 latent channels, vae_scale_factor 2: images of multiples of 4 pixels), so the golden's
+# InfiniteYou fits it too.
+FLUX_T5_WIDTH = 32
+FLUX_CLIP_WIDTH = 16
+T5_PAD, T5_EOS, T5_UNK = "<pad>", "</s>", "<unk>"
+
+
+def write_t5_tokenizer(folder: str | Path) -> Path:
+    """A T5 fast tokenizer folder built offline (a ``tokenizers`` Unigram model, as T5's): T5's special tokens (pad 0,
+    eos 1, unk 2), the corpus's words with SentencePiece's word-start mark and the letters, so any text of letters
+    tokenizes (a known word in one token, another letter by letter), ``</s>`` appended."""
+    from transformers import T5TokenizerFast
+
+    folder = Path(folder)
+    words = sorted(set(re.findall(r"[a-z]+|[^a-z\s]", CORPUS.lower())))
+    letters = sorted({c for w in words for c in w} | set("abcdefghijklmnopqrstuvwxyz0123456789"))
+    vocab = [(T5_PAD, 0.0), (T5_EOS, 0.0), (T5_UNK, 0.0), ("\u2581", -2.0)]
+    vocab += [(f"\u2581{w}", -1.0) for w in words] + [(c, -5.0) for c in letters if f"\u2581{c}" != c]
+    fast = T5TokenizerFast(vocab=vocab, pad_token=T5_PAD, eos_token=T5_EOS, unk_token=T5_UNK, extra_ids=0)
+    fast.model_max_length = 32  # FLUX pads the prompt to this many T5 tokens (FLUX.1-dev: 512)
+    fast.save_pretrained(folder)
+    return folder
+
+
+def make_tiny_t5(vocab: int, seed: int = 0):
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    config = T5Config(
+        vocab_size=vocab, d_model=FLUX_T5_WIDTH, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+    )  # fmt: skip
+    return T5EncoderModel(config).eval()
+
+
+def make_tiny_flux_transformer(seed: int = 0):
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    return FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=3, num_single_layers=5, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=FLUX_T5_WIDTH, pooled_projection_dim=FLUX_CLIP_WIDTH, guidance_embeds=True,
+        axes_dims_rope=(4, 6, 6),
+    ).eval()  # fmt: skip
+
+
+def make_tiny_flux_vae(seed: int = 0):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1, latent_channels=16,
+        norm_num_groups=8, sample_size=32, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
+        use_post_quant_conv=False, force_upcast=True,
+    ).eval()  # fmt: skip
+
+
+def make_tiny_flux_clip(seed: int = 0):
+    """FLUX's CLIP text encoder, tiny: its pooled output (width 16) is the transformer's pooled projection input."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(
+        vocab_size=vocab_size(), hidden_size=FLUX_CLIP_WIDTH, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=FLUX_CLIP_WIDTH,
+        **token_ids(),
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    return CLIPTextModel(config).eval()
+
+
+@_own_random_numbers
+def build_flux(folder: str | Path, seed: int = 0) -> Path:
+    """A tiny FluxPipeline saved in diffusers format: the tiny CLIP text encoder and tokenizer (pooled text), a tiny
+    T5 encoder with its fast tokenizer (the prompt's tokens), the transformer and VAE above, FLUX-dev's
+    FlowMatchEulerDiscreteScheduler (dynamic shifting)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+    from transformers import CLIPTokenizer, T5TokenizerFast
+
+    folder = Path(folder)
+    tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(folder / "_tokenizer_src"))
+    tokenizer_2 = T5TokenizerFast.from_pretrained(write_t5_tokenizer(folder / "_tokenizer_2_src"))
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+        base_image_seq_len=256, max_image_seq_len=4096,
+    )  # fmt: skip
+    pipe = FluxPipeline(
+        scheduler=scheduler,
+        vae=make_tiny_flux_vae(seed + 1),
+        text_encoder=make_tiny_flux_clip(seed + 2),
+        tokenizer=tokenizer,
+        text_encoder_2=make_tiny_t5(len(tokenizer_2), seed + 4),
+        tokenizer_2=tokenizer_2,
+        transformer=make_tiny_flux_transformer(seed + 3),
+    )
+    pipe.save_pretrained(folder)
+    _replace_tokenizer(folder / "tokenizer")
+    for name in ("_tokenizer_src", "_tokenizer_2_src"):
+        _remove(folder / name)
+    return folder
+
+
+@_own_random_numbers
+def build_infiniteyou(base: str | Path, folder: str | Path, seed: int = 0) -> Path:
+    """A tiny InfiniteYou for the tiny FLUX model in ``base``, in the released layout: ``folder/infu_flux_v1.0/
+    {aes_stage2,sim_stage1}/`` each with ``image_proj_model.bin`` (``{"image_proj": Resampler}``: 512-d embeddings
+    into 8 tokens of the text width) and ``InfuseNetModel/`` (a FluxControlNetModel of 2 double and 2 single blocks
+    from the transformer, its zero-initialised output layers made random so that it acts). The two sets differ."""
+    from diffusers import FluxControlNetModel, FluxTransformer2DModel
+
+    from faceid.projection import ImageResampler, PerceiverConfig
+
+    base, folder = Path(base), Path(folder)
+    transformer = FluxTransformer2DModel.from_pretrained(base / "transformer")
+    for k, model_set in enumerate(("aes_stage2", "sim_stage1")):
+        target = folder / "infu_flux_v1.0" / model_set
+        torch.manual_seed(seed + k)
+        resampler = ImageResampler(
+            64, PerceiverConfig(clip_dim=512, depth=2), 8, transformer.config.joint_attention_dim
+        )
+        target.mkdir(parents=True, exist_ok=True)
+        state = {"image_proj": {key: v.detach().clone() for key, v in resampler.state_dict().items()}}
+        torch.save(state, target / "image_proj_model.bin")
+        infusenet = FluxControlNetModel.from_transformer(
+            transformer, num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=2
+        )
+        generator = torch.Generator().manual_seed(seed + 10 + k)
+        with torch.no_grad():
+            for layer in [
+                *infusenet.controlnet_blocks,
+                *infusenet.controlnet_single_blocks,
+                infusenet.controlnet_x_embedder,
+            ]:
+                layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator) * 0.1)
+        infusenet.save_pretrained(target / "InfuseNetModel")
+        config = target / "InfuseNetModel" / "config.json"  # from_transformer copies these; not a ControlNet's
+        values = json.loads(config.read_text())
+        for key in ("out_channels", "_name_or_path"):
+            values.pop(key, None)
+        config.write_text(json.dumps(values, indent=2))
+    return folder

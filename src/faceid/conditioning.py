@@ -163,7 +163,8 @@ def encode(
     text = models.encode_prompt(prompts, negatives, num_images_per_prompt)
     names = ["prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds"]
     return Conditioning(
-        pipe_kwargs=dict(zip(names, text, strict=False)),
+        # A family without negative prompts (FLUX.1) gives None for their embeddings: not passed on.
+        pipe_kwargs={name: value for name, value in zip(names, text, strict=False) if value is not None},
         identity=cond,
         uncond_identity=uncond,
         num_images_per_prompt=num_images_per_prompt,
@@ -222,10 +223,18 @@ def method_tokens(models: ModelSet, name: str, found: identity.Identities) -> tu
     rows = []
     for embeddings, faces in zip(found.embeddings, found.faces, strict=True):
         vectors = [
-            face.embedding_for(method.face_pack, normalised=method.normalised) if face is not None else given.numpy()
+            given.numpy()
+            if face is None
+            # InfiniteYou embeds the aligned crop with a recognizer of its own (facexlib's IR-SE50).
+            else loaded.face_embedding(face)
+            if hasattr(loaded, "face_embedding")
+            else face.embedding_for(method.face_pack, normalised=method.normalised)
             for given, face in zip(embeddings, faces, strict=True)
         ]
         rows.append(loaded.identity_tokens(np.stack(vectors)))
+    if name == "infiniteyou":  # InfuseNet reads the tokens without guidance: no unconditional tokens
+        cond = torch.cat(rows)
+        return cond, torch.zeros_like(cond)
     return torch.cat([r.cond for r in rows]), torch.cat([r.uncond for r in rows])
 
 

@@ -7,10 +7,11 @@ layers. Everything that differs between Stable Diffusion 1.5 and SDXL is in thes
 model (a DiT such as FLUX.1, with ``transformer`` and ``joint_attention_kwargs``) is another row and the
 pieces it needs, not a branch in the code that reads them.
 
-FLUX.1 is such a row (FLUX.1-dev's defaults: 1024x1024, 28 steps, guidance 3.5, the defaults of diffusers'
-``FluxPipeline``), for the identity methods that run on it (``faceid.methods.infiniteyou``). The FaceID adapters
-are made for SD1.5 and SDXL only, so ``faceid_adapters`` is False there and everything that loads a FaceID model
-set (``FaceIDPipeline``, the CLI, the service) refuses a FLUX.1 base model with :func:`refuse_without_faceid`.
+FLUX.1 is such a row (FLUX.1-dev's defaults: 1024x1024, 28 steps, guidance 3.5 embedded in the transformer, the
+defaults of diffusers' ``FluxPipeline``), for the identity methods that run on it (``faceid.methods.infiniteyou``).
+The FaceID adapters are made for SD1.5 and SDXL only, so ``faceid_adapters`` is False there: a FLUX.1 model set
+is loaded without one (``FaceIDPipeline.from_pretrained(FLUX, adapter=None, methods={...})``), and asking for a
+FaceID adapter on it is refused with :func:`refuse_without_faceid`.
 """
 
 from __future__ import annotations
@@ -31,11 +32,30 @@ class BaseFamily:
     denoiser: str = "unet"  # the pipeline attribute that holds the denoiser
     attention_kwargs: str = "cross_attention_kwargs"  # how a call's image tokens reach the attention layers
     faceid_adapters: bool = True  # whether IP-Adapter-FaceID (so FaceIDPipeline) runs on it; False: other methods
+    # A DiT's guidance is an input of the denoiser (FLUX.1-dev's distilled guidance): no unconditional half in its
+    # batch, no negative prompt.
+    guidance_embedded: bool = False
+    # Its latents are packed into a sequence of 2x2 patches (FLUX): previews unpack them as its pipeline does.
+    packed_latents: bool = False
+    # img2img and inpainting at strength s of N steps run int(N*s) steps (Stable Diffusion's get_timesteps), or
+    # N - int(N - N*s) (FLUX's: the float is cut from the skipped steps, so 0.55 of 10 runs 6, not 5).
+    strength_rounds_run_down: bool = True
+    half_dtype: str = "float16"  # the precision on an accelerator (FLUX.1 is trained and released in bfloat16)
+    # The keyword of a ControlNet's image in text to image (Stable Diffusion's ``image``; with an init image
+    # every family's is ``control_image``).
+    control_image_keyword: str = "image"
 
     def pipeline_class(self, img2img: bool = False, inpaint: bool = False, controlnet: bool = False) -> str:
         """The diffusers pipeline class that runs a call with these inputs."""
         task = "Inpaint" if inpaint else "Img2Img" if img2img else ""
         return f"{self.pipeline_prefix}{'ControlNet' if controlnet else ''}{task}Pipeline"
+
+    def steps_run(self, steps: int, strength: float) -> int:
+        """How many of ``steps`` an img2img or inpainting call at ``strength`` runs, as this family's diffusers
+        pipelines count them (``get_timesteps``)."""
+        if self.strength_rounds_run_down:
+            return min(int(steps * strength), steps)
+        return steps - int(max(steps - min(steps * strength, steps), 0))
 
 
 FAMILIES: dict[str, BaseFamily] = {
@@ -59,6 +79,11 @@ FAMILIES: dict[str, BaseFamily] = {
             denoiser="transformer",
             attention_kwargs="joint_attention_kwargs",
             faceid_adapters=False,
+            guidance_embedded=True,
+            packed_latents=True,
+            strength_rounds_run_down=False,
+            half_dtype="bfloat16",
+            control_image_keyword="control_image",
         ),
     )
 }
@@ -83,7 +108,8 @@ def refuse_without_faceid(found: BaseFamily, what: str) -> None:
     if not found.faceid_adapters:
         runs = [f.name for f in FAMILIES.values() if f.faceid_adapters]
         raise FaceIDError(
-            f"{what} is a {found.name} model: faceid's FaceID adapters (and so FaceIDPipeline, the CLI and the "
-            f"service) are made for {' and '.join(runs)} only, give one of those base models. On {found.name} "
-            "faceid runs identity methods of their own (faceid.methods, e.g. faceid.methods.infiniteyou)"
+            f"{what} is a {found.name} model: faceid's FaceID adapters are made for {' and '.join(runs)} only, give "
+            f"one of those base models. On {found.name} faceid runs identity methods of their own: load it without "
+            "a FaceID adapter, FaceIDPipeline.from_pretrained(BASE, adapter=None, methods={'infiniteyou': FOLDER}) "
+            "(faceid generate: --adapter none --method infiniteyou --method-weights infiniteyou=FOLDER)"
         )

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from . import families as families_table
 from . import identity
 from . import tiny_vae as tiny_vaes
 from .adapter import FaceIDAdapter, refuse_other_family
@@ -65,12 +66,20 @@ def load_base_pipeline(
     torch_dtype: torch.dtype,
     vae: str | None = None,
     single_file_config: str | os.PathLike | None = None,
+    *,
+    faceid_adapter: bool = True,
+    quantization_config: Any = None,
 ):
-    """A Stable Diffusion 1.5 or SDXL pipeline from a diffusers folder, a Hub repo id or a single file.
+    """A Stable Diffusion 1.5 or SDXL pipeline from a diffusers folder, a Hub repo id or a single file; with
+    ``faceid_adapter=False``, a pipeline of a family the FaceID adapters are not made for (FLUX.1) from a diffusers
+    folder or repo id, its weights quantized as ``quantization_config`` says (diffusers'
+    ``PipelineQuantizationConfig``).
 
     A single file holds weights only; diffusers fetches the matching model configuration from the Hub
     unless ``single_file_config`` names a diffusers folder (or repo id) of the same architecture.
     """
+    if not faceid_adapter:
+        return _load_other_base_pipeline(base_model, torch_dtype, vae, quantization_config)
     from diffusers import AutoencoderKL, DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     # HF_HUB_OFFLINE is read by huggingface_hub at import; passing it on makes a later setting count too.
@@ -100,6 +109,96 @@ def load_base_pipeline(
             "text-to-image pipelines"
         )
     return pipe
+
+
+def _load_other_base_pipeline(base_model, torch_dtype: torch.dtype, vae: str | None, quantization_config: Any):
+    """A diffusers pipeline of a family without FaceID adapters (FLUX.1), from a diffusers folder or repo id."""
+    from diffusers import AutoencoderKL, DiffusionPipeline
+
+    path = Path(base_model).expanduser()
+    if path.is_file():
+        raise FaceIDError(
+            f"{base_model} is a single file: a base model without a FaceID adapter (FLUX.1) loads from a diffusers "
+            "folder or Hub repo id (model_index.json and its component folders)"
+        )
+    kwargs: dict[str, Any] = {"dtype": torch_dtype, "local_files_only": offline()}
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
+    try:
+        if vae is not None:
+            kwargs["vae"] = AutoencoderKL.from_pretrained(str(vae), dtype=torch_dtype, local_files_only=offline())
+        config = DiffusionPipeline.load_config(str(base_model), local_files_only=offline())
+    except Exception as exc:
+        raise model_not_found(str(base_model if vae is None or "vae" in kwargs else vae), exc) from exc
+    name = config.get("_class_name", "")
+    found = family_of_pipeline(name)
+    if found is None or found.faceid_adapters:
+        runs = [f.name for f in FAMILIES.values() if not f.faceid_adapters]
+        raise FaceIDError(
+            f"{base_model} is a {name or 'pipeline of unknown kind'}: without a FaceID adapter faceid loads "
+            f"{', '.join(runs)} base models; for Stable Diffusion 1.5 and SDXL give the adapter (adapter=..., "
+            "--adapter)"
+        )
+    try:
+        pipe = DiffusionPipeline.from_pretrained(str(base_model), **kwargs)
+    except FaceIDError:
+        raise
+    except Exception as exc:
+        raise model_not_found(str(base_model), exc) from exc
+    if type(pipe).__name__ != found.pipeline_class():
+        raise FaceIDError(f"{base_model} is a {type(pipe).__name__}; faceid loads {found.pipeline_class()} folders")
+    return pipe
+
+
+OFFLOADS = ("model", "sequential")  # diffusers' enable_model_cpu_offload / enable_sequential_cpu_offload
+QUANTIZATIONS = {"int8": "int8", "fp8": "float8"}  # --quantize -> optimum-quanto's weights_dtype
+
+
+def quantization_config(quantize: str | None, family: str):
+    """diffusers' ``PipelineQuantizationConfig`` for ``quantize`` (``"int8"`` or ``"fp8"``): optimum-quanto weight
+    quantization of the denoiser and of the large text encoder (T5 for FLUX.1), as InfiniteYou's authors quantize
+    FLUX; None for None. Quanto runs on the CPU too (weights stored in 8 bits, computed dequantized)."""
+    if quantize is None:
+        return None
+    if quantize not in QUANTIZATIONS:
+        raise FaceIDError(f"unknown quantization {quantize!r}: {', '.join(QUANTIZATIONS)} (or none)")
+    from diffusers.utils import is_optimum_quanto_available
+
+    if not is_optimum_quanto_available():
+        raise FaceIDError(
+            "weight quantization needs optimum-quanto: pip install optimum-quanto (the version pinned in "
+            "faceid's pyproject.toml, extra 'quantize')"
+        )
+    from diffusers import QuantoConfig
+    from diffusers.quantizers import PipelineQuantizationConfig
+    from transformers import QuantoConfig as TransformersQuantoConfig
+
+    # diffusers' and transformers' Quanto configs name the dtype differently: one config per component.
+    weights = QUANTIZATIONS[quantize]
+    mapping: dict[str, Any] = {FAMILIES[family].denoiser: QuantoConfig(weights_dtype=weights)}
+    if not FAMILIES[family].faceid_adapters:  # FLUX.1's T5 (4.7B parameters) is the other big one
+        mapping["text_encoder_2"] = TransformersQuantoConfig(weights=weights)
+    return PipelineQuantizationConfig(quant_mapping=mapping)
+
+
+def place_pipeline(pipe, device: torch.device, offload: str | None) -> None:
+    """``pipe`` on ``device``, or with its models offloaded to the CPU between uses (``offload``: ``"model"``,
+    each model moved to the GPU while it runs; ``"sequential"``, each layer, slower and smallest), as diffusers'
+    ``enable_model_cpu_offload`` / ``enable_sequential_cpu_offload`` do."""
+    if offload is None:
+        pipe.to(device)
+        return
+    if offload not in OFFLOADS:
+        raise FaceIDError(f"unknown offload {offload!r}: {', '.join(OFFLOADS)} (or none)")
+    if device.type == "cpu":
+        raise FaceIDError(
+            f"offload={offload!r} moves models between the CPU and a GPU while they run, and this model set runs on "
+            "the CPU: leave offload out (or run on a CUDA device)"
+        )
+    if offload == "model":
+        pipe.enable_model_cpu_offload(device=device)
+    else:
+        pipe.enable_sequential_cpu_offload(device=device)
 
 
 def default_models(
@@ -171,7 +270,7 @@ class ModelSet:
     def __init__(
         self,
         pipe,
-        adapter: FaceIDAdapter,
+        adapter: FaceIDAdapter | None,
         face_analyzer=None,
         face_models: str | os.PathLike | None = None,
         base_model: str | None = None,
@@ -183,6 +282,8 @@ class ModelSet:
         tiny_vae_source: str | None = None,
     ):
         self.pipe = pipe
+        # The FaceID adapter installed in the UNet; None for a model set of a family the FaceID adapters are not
+        # made for (FLUX.1), which runs the identity methods loaded with load_method.
         self.adapter = adapter
         self.adapter_source = adapter_source  # the adapter as the user named it (a released name or a file)
         self.vae_source = vae_source  # the VAE loaded instead of the base model's own (None: its own)
@@ -196,14 +297,14 @@ class ModelSet:
         self._face_models = face_models
         # The user LoRAs (load_lora); their text-encoder parts go onto the pipeline's text encoder(s).
         encoders = {key: getattr(pipe, key, None) for key in ("text_encoder", "text_encoder_2")}
-        self.lora_stack = LoraStack(pipe.unet, encoders)
+        self.lora_stack = LoraStack(self.denoiser, encoders)
         self._fast_loras: dict[str, str] = {}  # few-step LoRAs loaded (adapter name -> file), see load_fast_lora
         # The img2img / inpainting / ControlNet pipelines built from ``pipe`` (class name -> pipeline), see
         # ``pipeline_for``: they share every module of ``pipe``; calls run on copies of them (``call_pipeline``).
         self._siblings: dict[str, Any] = {}
         self._building = threading.Lock()  # a sibling is built once, whichever call asks first
         # The UNet's LoRA weights, shared by every call on it: see faceid.weights.
-        self.weights = weights_guard(pipe.unet)
+        self.weights = weights_guard(self.denoiser)
         # Hugging Face's fast tokenizers keep the padding and truncation of their last call on themselves: two
         # prompts encoded at once could pad each other's. Prompts are encoded one call at a time (milliseconds).
         self._encoding_prompts = threading.Lock()
@@ -218,13 +319,15 @@ class ModelSet:
         self.methods: dict[str, Any] = {}
         self.method_sources: dict[str, str | None] = {}
         self._method_packs: dict[str, str | os.PathLike | None] = {}
+        self.offload: str | None = None  # how the models are offloaded to the CPU (place_pipeline); None: not
+        self.quantize: str | None = None  # the weight quantization it was loaded with (quantization_config)
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_pretrained(
         cls,
         base_model: str | os.PathLike | None = None,
-        adapter: str | os.PathLike = DEFAULT_ADAPTER,
+        adapter: str | os.PathLike | None = DEFAULT_ADAPTER,
         *,
         vae: str | os.PathLike | None = None,
         tiny_vae: str | os.PathLike | None = None,
@@ -243,6 +346,8 @@ class ModelSet:
         progress: bool = True,
         compile: bool = False,
         methods: Mapping[str, str | os.PathLike | None] | None = None,
+        offload: str | None = None,
+        quantize: str | None = None,
     ) -> ModelSet:
         """Load a base model and install an adapter in it.
 
@@ -266,9 +371,42 @@ class ModelSet:
         ``compile``: ``compile()`` the UNet once everything is loaded (see there; the first call is slow).
         ``methods``: identity methods to load next to the FaceID adapter, name -> source, as ``load_method``
         loads them (e.g. ``{"instantid": "checkpoints"}``, a folder laid out as ``InstantX/InstantID``).
+
+        ``adapter=None``: a model set without a FaceID adapter, for a base model of a family the adapters are not
+        made for (FLUX.1, a diffusers folder or repo id): its identity methods come from ``methods`` (e.g.
+        ``{"infiniteyou": "infu_flux_v1.0/aes_stage2"}``), the first being its default method. It keeps its own
+        scheduler (``scheduler`` is for the Stable Diffusion families), runs in bfloat16 on an accelerator, and
+        takes the memory options: ``offload`` (``"model"`` or ``"sequential"``: diffusers' CPU offload, CUDA only)
+        and ``quantize`` (``"int8"`` or ``"fp8"``: optimum-quanto weights of the transformer and T5).
         """
+        if adapter is None:
+            return cls._without_adapter(
+                base_model,
+                vae=vae,
+                tiny_vae=tiny_vae,
+                torch_dtype=torch_dtype,
+                device=device,
+                face_analyzer=face_analyzer,
+                face_models=face_models,
+                progress=progress,
+                methods=methods,
+                offload=offload,
+                quantize=quantize,
+                loras=loras,
+                compile=compile,
+            )
+        if offload is not None or quantize is not None:
+            raise FaceIDError(
+                "offload and quantize are the memory options of a base model without a FaceID adapter (FLUX.1, "
+                "adapter=None); the Stable Diffusion model sets run whole on their device"
+            )
         release = released(adapter)
         base_model, vae = default_models(base_model, adapter, vae)
+        index = Path(base_model).expanduser() / "model_index.json"
+        if index.is_file():  # a local diffusers folder of a family without FaceID adapters: refused before loading
+            found = family_of_pipeline(json.loads(index.read_text()).get("_class_name", ""))
+            if found is not None:
+                refuse_without_faceid(found, f"{base_model} ({found.pipeline_class()})")
         adapter_path = resolve_adapter(adapter)
         state = load_state_dict(adapter_path)
         spec = AdapterSpec.from_state_dict(state, adapter_path.name)
@@ -288,7 +426,7 @@ class ModelSet:
         elif scheduler is not None:
             raise FaceIDError(f"unknown scheduler {scheduler!r}: use 'ddim' or None (keep the base model's)")
         pipe.set_progress_bar_config(disable=not progress)
-        pipe.to(device)
+        place_pipeline(pipe, device, None)
         tiny = tiny_source = None
         if tiny_vae is not None:
             tiny, tiny_source = tiny_vaes.load_tiny_vae(tiny_vae, _family(pipe), pipe.vae, torch_dtype, device)
@@ -329,6 +467,70 @@ class ModelSet:
             loaded.compile()
         return loaded
 
+    @classmethod
+    def _without_adapter(
+        cls,
+        base_model: str | os.PathLike | None,
+        *,
+        vae,
+        tiny_vae,
+        torch_dtype: torch.dtype | None,
+        device,
+        face_analyzer,
+        face_models,
+        progress: bool,
+        methods: Mapping[str, str | os.PathLike | None] | None,
+        offload: str | None,
+        quantize: str | None,
+        loras: Sequence,
+        compile: bool,
+    ) -> ModelSet:
+        """``from_pretrained(adapter=None)``: a base model of a family without FaceID adapters and its methods."""
+        if base_model is None:
+            raise FaceIDError("give base_model: without a FaceID adapter there is no default base model")
+        if not methods:
+            raise FaceIDError(
+                "a model set without a FaceID adapter generates with an identity method: give methods={'infiniteyou': "
+                "FOLDER} (faceid generate: --method infiniteyou --method-weights infiniteyou=FOLDER)"
+            )
+        if loras:
+            raise FaceIDError("LoRAs on a base model without a FaceID adapter (FLUX.1) are not supported yet")
+        if compile:
+            raise FaceIDError("compile on a base model without a FaceID adapter (FLUX.1) is not supported yet")
+        if offload is not None and offload not in OFFLOADS:
+            raise FaceIDError(f"unknown offload {offload!r}: {', '.join(OFFLOADS)} (or none)")
+        device = torch.device(device) if device is not None else default_device()
+        config = pipeline_index(base_model)
+        found = family_of_pipeline(config.get("_class_name", ""))
+        family_name = found.name if found is not None else None
+        if offload is not None and device.type == "cpu":
+            place_pipeline(None, device, offload)  # the refusal, before anything loads
+        if torch_dtype is None:
+            half = getattr(torch, found.half_dtype) if found is not None else torch.float16
+            torch_dtype = half if device.type in ("cuda", "mps") else torch.float32
+        quantization = quantization_config(quantize, family_name) if family_name is not None else None
+        pipe = load_base_pipeline(base_model, torch_dtype, vae, faceid_adapter=False, quantization_config=quantization)
+        pipe.set_progress_bar_config(disable=not progress)
+        place_pipeline(pipe, device, offload)
+        tiny = tiny_source = None
+        if tiny_vae is not None:
+            raise FaceIDError("a tiny VAE for FLUX.1 is not supported yet: leave tiny_vae out")
+        loaded = cls(
+            pipe,
+            None,
+            face_analyzer=face_analyzer,
+            face_models=face_models,
+            base_model=str(base_model),
+            vae_source=None if vae is None else str(vae),
+            tiny_vae=tiny,
+            tiny_vae_source=tiny_source,
+        )
+        loaded.offload = offload
+        loaded.quantize = quantize
+        for name, source in methods.items():
+            loaded.load_method(name, source)
+        return loaded
+
     def compile(self, mode: str | None = None, backend: str | Callable | None = None) -> ModelSet:
         """``torch.compile`` the UNet in place (its Python object stays the same); returns the pipeline.
 
@@ -343,6 +545,7 @@ class ModelSet:
         recompiles nothing. Loading or removing a LoRA, fusing or unfusing one, or replacing attention
         processors recompiles once. Keep the pipeline on its device after compiling.
         """
+        self._refuse_without_adapter("compile")
         unet = self.pipe.unet
         cuda = unet.device.type == "cuda"
         with self.weights.exclusive():  # it changes the UNet every call runs on: none runs meanwhile
@@ -357,12 +560,34 @@ class ModelSet:
     @property
     def compiled(self) -> bool:
         """Whether ``compile()`` (or ``unet.compile()``) compiled the UNet."""
-        return getattr(self.pipe.unet, "_compiled_call_impl", None) is not None
+        return getattr(self.denoiser, "_compiled_call_impl", None) is not None
+
+    def _refuse_without_adapter(self, what: str) -> None:
+        """What is built for the Stable Diffusion UNet (LoRA stacking, compile, reference adapters, few-step LoRAs)
+        is refused on a model set without a FaceID adapter (FLUX.1), saying so."""
+        if self.adapter is None:
+            raise FaceIDError(f"{what} on a {self.family} model set (no FaceID adapter) is not supported yet")
 
     # ------------------------------------------------------------------ properties
     @property
     def family(self) -> str:
-        return _family(self.pipe)
+        return _family(self.pipe, self.adapter is not None)
+
+    @property
+    def denoiser(self):
+        """The base model's denoiser: the UNet, or a DiT's transformer (the family row's ``denoiser``)."""
+        found = family_of_pipeline(type(self.pipe).__name__)
+        return getattr(self.pipe, found.denoiser if found is not None else "unet")
+
+    @property
+    def default_method(self) -> str:
+        """The identity method of a call that names none: FaceID with a FaceID adapter, else the first method
+        loaded."""
+        if self.adapter is not None:
+            from .methods import DEFAULT_METHOD
+
+            return DEFAULT_METHOD
+        return next(iter(self.methods), "faceid")
 
     @property
     def device(self) -> torch.device:
@@ -401,6 +626,7 @@ class ModelSet:
         The identity LoRA and any other loaded LoRA stay active. Returns the name to use with
         ``set_lora_weight`` / ``remove_lora`` (default: the file name without suffix).
         """
+        self._refuse_without_adapter("load_lora")
         return self._stack_lora(path, name or Path(path).stem, weight)
 
     def _stack_lora(self, path: str | os.PathLike, name: str, weight: float, label: str | None = None) -> str:
@@ -435,23 +661,25 @@ class ModelSet:
         Loaded strictly, as InstantID's IdentityNet is: diffusers alone would fill a missing tensor with random
         values and skip an extra one, so a weights file that does not match its config (a missing, unexpected or
         mismatched key) is a :class:`~faceid.errors.CheckpointError` naming the key."""
-        from diffusers import ControlNetModel
+        from diffusers import ControlNetModel, FluxControlNetModel
 
         from .checkpoints import check_loading_report, loading_error
 
+        flux = families_table.family(self.family).denoiser == "transformer"
+        kind = "FluxControlNetModel" if flux else "ControlNetModel"
         what = f"the ControlNet {source}"
-        advice = "is it a diffusers ControlNetModel folder (config.json and its weights), complete and not corrupted?"
+        advice = f"is it a diffusers {kind} folder (config.json and its weights), complete and not corrupted?"
         try:
-            controlnet, report = ControlNetModel.from_pretrained(
-                str(source), dtype=self.pipe.unet.dtype, local_files_only=offline(), output_loading_info=True
+            controlnet, report = (FluxControlNetModel if flux else ControlNetModel).from_pretrained(
+                str(source), dtype=self.denoiser.dtype, local_files_only=offline(), output_loading_info=True
             )
         except Exception as exc:
             if Path(str(source)).expanduser().exists():  # there, but its weights do not load
                 raise loading_error(exc, what, advice) from exc
             raise model_not_found(str(source), exc) from exc
         check_loading_report(report, what, advice)
-        check_controlnet(controlnet, self.pipe.unet, self.family, str(source))
-        return controlnet.to(self.device).eval().requires_grad_(False)
+        check_controlnet(controlnet, self.denoiser, self.family, str(source))
+        return controlnet.to("cpu" if self.offload else self.device).eval().requires_grad_(False)
 
     def pipeline_for(self, class_name: str | None):
         """The diffusers pipeline named ``class_name`` (``StableDiffusionXLControlNetInpaintPipeline``...) made
@@ -480,7 +708,10 @@ class ModelSet:
             verbosity = diffusers_logging.get_verbosity()
             diffusers_logging.set_verbosity_error()
             try:
-                sibling = getattr(diffusers, class_name).from_pipe(self.pipe, dtype=self.pipe.unet.dtype, **extra)
+                if self.quantize is not None or self.offload is not None:
+                    sibling = _sibling_as_is(getattr(diffusers, class_name), self.pipe, extra)
+                else:
+                    sibling = getattr(diffusers, class_name).from_pipe(self.pipe, dtype=self.denoiser.dtype, **extra)
             finally:
                 diffusers_logging.set_verbosity(verbosity)
             sibling.set_progress_bar_config(**getattr(self.pipe, "_progress_bar_config", {}))
@@ -515,6 +746,7 @@ class ModelSet:
         kind or the file name) is what a ``Reference`` names. Its images are read by the pipeline's CLIP
         image encoder (Plus), else by ``image_encoder`` (default: ``h94/IP-Adapter``'s ViT-H, loaded once).
         """
+        self._refuse_without_adapter("load_reference")
         with self.weights.exclusive():  # it adds a branch to every processor: no call runs meanwhile
             return self._load_reference(source, name, image_encoder)
 
@@ -602,15 +834,18 @@ class ModelSet:
             raise FaceIDError(
                 "faceid is the model set's own adapter: it is loaded by from_pretrained(adapter=...) (--adapter)"
             )
-        if name != "instantid":
+        if name not in ("instantid", "infiniteyou"):
             raise FaceIDError(
                 f"method {name} ({method.title}) cannot be loaded for generation yet: this faceid loads instantid "
-                "beside faceid (`faceid models`)"
+                "beside faceid and infiniteyou on FLUX.1 (`faceid models`)"
             )
         folder = face_models if face_models is not None else self._face_models
         check_method(name, self.family, folder, self.face_packs_at_hand())
         if name in self.methods:
             raise FaceIDError(f"method {name} is loaded already; remove_method({name!r}) first to load another copy")
+        if name == "infiniteyou":
+            self._load_infiniteyou(method, source, folder)
+            return name
         ip_adapter, identitynet = _instantid_files(method, source)
         with self.weights.exclusive():  # it adds a branch to every cross-attention processor: no call runs
             from .methods.instantid import InstantID
@@ -624,6 +859,33 @@ class ModelSet:
             self.methods[name] = loaded
             self.method_sources[name] = None if source is None else str(source)
         return name
+
+    def _load_infiniteyou(self, method, source: str | os.PathLike | None, folder) -> None:
+        """InfiniteYou's Resampler and InfuseNet from a released model set folder (``infu_flux_v1.0/aes_stage2``,
+        or ``infu_flux_v1.0`` for its default set), in the transformer's dtype, where the transformer runs. Nothing
+        is installed in the transformer: each call hands its own InfuseNet to its pipeline copy."""
+        from .methods.infiniteyou import InfiniteYou, model_set_folder
+
+        model_set = model_set_folder(source)
+        transformer = self.denoiser
+        # The pipeline's compute dtype (quantized weights keep it as their dtype too).
+        dtype = transformer.dtype
+        with self.weights.exclusive():
+            # With CPU offload the models wait on the CPU, InfuseNet too: moved where it runs by its own hook.
+            device = torch.device("cpu") if self.offload else self.device
+            recognizer = find_recognizer(model_set, folder)
+            loaded = InfiniteYou.from_pretrained(model_set, torch_dtype=dtype, device=device, recognizer=recognizer)
+            if self.offload == "model":
+                from accelerate import cpu_offload_with_hook
+
+                cpu_offload_with_hook(loaded.infusenet, self.device)
+            elif self.offload == "sequential":
+                from accelerate import cpu_offload
+
+                cpu_offload(loaded.infusenet, self.device)
+            self._add_face_pack(method.face_pack, folder)
+            self.methods["infiniteyou"] = loaded
+            self.method_sources["infiniteyou"] = str(model_set)
 
     def remove_method(self, name: str) -> None:
         """Take a method ``load_method`` loaded off the model set again (no call runs meanwhile)."""
@@ -682,6 +944,17 @@ class ModelSet:
         """The base pipeline's own ``encode_prompt`` (with classifier-free guidance's negatives), one call at a
         time: the tokenizers it uses are shared, and keep per-call settings on themselves."""
         with self._encoding_prompts:
+            if families_table.family(self.family).guidance_embedded:
+                # FLUX: CLIP's pooled output and T5's tokens of the prompt, padded to 512 tokens (FLUX.1-dev's) or
+                # the T5 tokenizer's own maximum where smaller; its guidance is embedded, no negatives.
+                prompt_embeds, pooled, _ = self.pipe.encode_prompt(
+                    prompts,
+                    prompt_2=None,
+                    device=self.device,
+                    num_images_per_prompt=num_images_per_prompt,
+                    max_sequence_length=min(512, self.pipe.tokenizer_2.model_max_length),
+                )
+                return prompt_embeds, None, pooled, None
             return self.pipe.encode_prompt(
                 prompts,
                 device=self.device,
@@ -694,22 +967,33 @@ class ModelSet:
     def default_combine(self) -> str:
         """The variant table's: Portrait was trained on concatenated per-photo tokens, the others on one
         embedding."""
+        if self.adapter is None:
+            raise FaceIDError("this model set has no FaceID adapter")
         return self.adapter.spec.architecture().combine
 
     def resolve_settings(self, settings: GenerationSettings | Mapping[str, Any] | None = None) -> GenerationSettings:
         """``settings`` with every default this pipeline would use filled in (family, adapter, variant)."""
-        requested = GenerationSettings.parse(settings)
+        requested = self.with_default_method(GenerationSettings.parse(settings))
         self.check_models(requested)
         # The tiny VAE as loaded ("auto" named): checked above, recorded as what this pipeline has.
         return requested.replace(tiny_vae=None).resolve(self.family, **self._known_defaults(requested.method))
 
+    def with_default_method(self, requested: GenerationSettings) -> GenerationSettings:
+        """``requested`` with this model set's default method where it names none (``default_method``)."""
+        if "method" in requested.model_fields_set or requested.method == self.default_method:
+            return requested
+        return requested.replace(method=self.default_method)
+
     def _known_defaults(self, method: str = "faceid") -> dict[str, Any]:
         """Defaults that come from what is loaded rather than from the family; for another identity method than
         FaceID, the method's own (its table row's) instead of the FaceID adapter's knobs."""
-        if method != "faceid":
+        if method != "faceid" or self.adapter is None:
             from .methods import identity_method
 
+            # A family whose guidance is embedded (FLUX.1-dev) has no negative prompt.
+            embedded = families_table.family(self.family).guidance_embedded
             return {
+                **({"negative_prompt": ""} if embedded else {}),
                 "base_model": self.base_model,
                 "adapter": self.adapter_source,
                 "vae": self.vae_source,
@@ -740,6 +1024,7 @@ class ModelSet:
         its sha256). Calls with ``fast=name`` load it themselves; this does it ahead (a server at start, or a
         machine without internet from a copied file). It stays loaded, inactive (no cost) and at weight 0
         outside those calls."""
+        self._refuse_without_adapter("load_fast_lora")
         adapter_name = f"fast-{name}"
         with self.weights.exclusive():  # one load, whichever call asks first; none runs meanwhile
             if adapter_name not in self._fast_loras:
@@ -764,7 +1049,14 @@ class ModelSet:
 
     def check_models(self, requested: GenerationSettings) -> None:
         """Settings that name models must name the ones loaded here (a request is never run on another)."""
+        if self.adapter is None and requested.adapter not in (None, "none"):
+            raise FaceIDError(
+                f"these settings ask for adapter {requested.adapter!r} but this {self.family} model set has no FaceID "
+                "adapter: leave adapter out"
+            )
         loaded = {"base_model": self.base_model, "vae": self.vae_source, "adapter": self.adapter_source}
+        if self.adapter is None:
+            del loaded["adapter"]
         for key, value in loaded.items():
             wanted = getattr(requested, key)
             if wanted is not None and value is not None and not _same_source(wanted, value):
@@ -787,6 +1079,27 @@ class ModelSet:
                     f"these settings ask for the LoRAs {requested.loras} but this pipeline has {have or 'none'} "
                     "loaded: load_lora / set_lora_weight / remove_lora first"
                 )
+
+
+def _sibling_as_is(cls, pipe, extra: dict[str, Any]):
+    """A pipeline of class ``cls`` on ``pipe``'s modules, none cast or moved: ``from_pipe`` casts every module to a
+    dtype, which quantized weights refuse and offloaded ones need not."""
+    import inspect
+
+    accepted = inspect.signature(cls.__init__).parameters
+    components = {key: value for key, value in pipe.components.items() if key in accepted}
+    return cls(**components, **extra)
+
+
+def find_recognizer(model_set: Path, face_models: str | os.PathLike | None) -> Path | None:
+    """facexlib's ``recognition_arcface_ir_se50.pth`` for InfiniteYou: in the model set folder, the release's
+    folders above it (``infu_flux_v1.0/``, the repository's root) or the face models folder; None where not."""
+    from .faces.irse50 import IRSE50_FILE
+
+    places = [model_set, model_set.parent, model_set.parent.parent]
+    if face_models is not None:
+        places.append(Path(face_models).expanduser())
+    return next((place / IRSE50_FILE for place in places if (place / IRSE50_FILE).is_file()), None)
 
 
 def _instantid_files(method, source: str | os.PathLike | None) -> tuple[Path, Path]:
@@ -829,9 +1142,25 @@ def _by_source(loras: Mapping[str, float]) -> dict[str, float]:
     return {_source_key(source): float(weight) for source, weight in loras.items()}
 
 
-def _family(pipe) -> str:
+def _family(pipe, faceid_adapter: bool = True) -> str:
     found = family_of_pipeline(type(pipe).__name__)
     if found is None:
         raise FaceIDError(f"faceid does not run {type(pipe).__name__}: its families are {', '.join(FAMILIES)}")
-    refuse_without_faceid(found, type(pipe).__name__)
+    if faceid_adapter:
+        refuse_without_faceid(found, type(pipe).__name__)
     return found.name
+
+
+def pipeline_index(base_model) -> dict:
+    """A diffusers folder's or repo's ``model_index.json`` (nothing loaded)."""
+    from diffusers import DiffusionPipeline
+
+    if Path(base_model).expanduser().is_file():
+        raise FaceIDError(
+            f"{base_model} is a single file: a base model without a FaceID adapter (FLUX.1) loads from a diffusers "
+            "folder or Hub repo id (model_index.json and its component folders)"
+        )
+    try:
+        return dict(DiffusionPipeline.load_config(str(base_model), local_files_only=offline()))
+    except Exception as exc:
+        raise model_not_found(str(base_model), exc) from exc

@@ -59,8 +59,12 @@ def pipeline_class_name(family: str, img2img: bool, inpaint: bool, controlnet: b
 
 
 def check_controlnet(controlnet: Any, unet: Any, family: str, name: str | None = None) -> None:
-    """Refuse what is no diffusers ControlNet, or one made for the other family (its cross-attention width)."""
+    """Refuse what is no diffusers ControlNet, or one made for the other family (its cross-attention width; a
+    FLUX.1 ControlNet: a ``FluxControlNetModel`` of the transformer's text width)."""
     config = getattr(controlnet, "config", None)
+    if families.family(family).denoiser == "transformer":
+        _check_flux_controlnet(controlnet, unet, family, name or type(controlnet).__name__)
+        return
     width = getattr(config, "cross_attention_dim", None)
     label = name or type(controlnet).__name__
     if width is None or not hasattr(controlnet, "controlnet_cond_embedding"):
@@ -74,6 +78,22 @@ def check_controlnet(controlnet: Any, unet: Any, family: str, name: str | None =
         raise FaceIDError(
             f"ControlNet {label} has cross-attention width {width} (made for {other}) but this {family} model's "
             f"UNet has {wanted}: use a ControlNet made for {family}"
+        )
+
+
+def _check_flux_controlnet(controlnet: Any, transformer: Any, family: str, label: str) -> None:
+    from diffusers import FluxControlNetModel
+
+    if not isinstance(controlnet, FluxControlNetModel):
+        raise FaceIDError(
+            f"{label} is not a diffusers FluxControlNetModel: a {family} model set runs FLUX ControlNets, load one "
+            "with pipe.load_controlnet(SOURCE) (a Hub id or a diffusers folder)"
+        )
+    width, wanted = controlnet.config.joint_attention_dim, transformer.config.joint_attention_dim
+    if width != wanted:
+        raise FaceIDError(
+            f"ControlNet {label} reads text of width {width} but this {family} transformer's is {wanted}: use a "
+            f"ControlNet made for this {family} model"
         )
 
 
@@ -155,12 +175,17 @@ class ModeInputs:
             kps=self.kps,  # drawn in the output frame when the call runs
         )
 
-    def controlnet(self):
-        """The ControlNet the diffusers pipeline runs: the only one, or a ``MultiControlNetModel`` of them all."""
+    def controlnet(self, family: str = "SD1.5"):
+        """The ControlNet the diffusers pipeline runs: the only one, or a ``MultiControlNetModel`` of them all
+        (FLUX.1's ``FluxMultiControlNetModel``)."""
         if not self.controls:
             return None
         if len(self.controls) == 1:
             return self.controls[0].controlnet
+        if families.family(family).denoiser == "transformer":
+            from diffusers.models.controlnets.controlnet_flux import FluxMultiControlNetModel
+
+            return FluxMultiControlNetModel([c.controlnet for c in self.controls])
         from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 
         return MultiControlNetModel([c.controlnet for c in self.controls])
@@ -171,6 +196,7 @@ class ModeInputs:
         batch: int,
         windows: Sequence[tuple[float, float] | None] | None = None,
         as_lists: bool = False,
+        control_image_keyword: str = "image",
     ) -> dict[str, Any]:
         """The diffusers arguments for these inputs (the pipeline chosen by ``class_name``), for ``batch`` images.
 
@@ -179,6 +205,8 @@ class ModeInputs:
         img2img and inpainting cut); None for one that acts in no step that runs (it then weighs 0, as diffusers
         weighs a ControlNet outside its window). Without ``windows``, each ControlNet's own window. ``as_lists``:
         one entry per ControlNet even for one (the pipeline's ControlNet is a ``MultiControlNetModel``).
+        ``control_image_keyword``: the control image's keyword in text to image, the family's (Stable Diffusion's
+        ``image``, FLUX.1's ``control_image``; with an init image both say ``control_image``).
 
         The init image goes once per image: diffusers' inpainting pipelines sample its latents with the first
         image's generator only when given it once, which shifts the noise of every other image (image i would
@@ -195,7 +223,8 @@ class ModeInputs:
                 windows = [c.window for c in self.controls]
             one = len(self.controls) == 1 and not as_lists
             images = [c.image for c in self.controls]
-            kwargs["control_image" if self.init_image is not None else "image"] = images[0] if one else images
+            keyword = "control_image" if self.init_image is not None else control_image_keyword
+            kwargs[keyword] = images[0] if one else images
             scales = [float(c.scale) if w is not None else 0.0 for c, w in zip(self.controls, windows, strict=True)]
             starts = [w[0] if w is not None else 0.0 for w in windows]
             ends = [w[1] if w is not None else 1.0 for w in windows]

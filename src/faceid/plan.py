@@ -51,12 +51,18 @@ class StepSchedule:
     skipped: int = 0
 
     @classmethod
-    def cut(cls, steps: int, strength: float | None) -> StepSchedule:
+    def cut(cls, steps: int, strength: float | None, family: str | None = None) -> StepSchedule:
         """The schedule that strength ``strength`` of ``steps`` runs, as diffusers' img2img and inpainting
-        pipelines cut it (None: text to image, every step)."""
+        pipelines cut it (None: text to image, every step); ``family``: that family's pipelines' rule
+        (``BaseFamily.steps_run``; FLUX.1 rounds differently), default Stable Diffusion's."""
         if strength is None:
             return cls(steps)
-        running = min(int(steps * strength), steps)
+        if family is not None:
+            from .families import family as family_row
+
+            running = family_row(family).steps_run(steps, strength)
+        else:
+            running = min(int(steps * strength), steps)
         return cls(steps, max(steps - running, 0))
 
     @property
@@ -113,6 +119,9 @@ class CallPlan:
     # end; the identity window placed on the full schedule; None: it acts in no step that runs).
     identitynet_scale: float | None = None
     identitynet_window: Window | None = None
+    # InfiniteYou: InfuseNet's conditioning scale (the call's ``scale``) and its window over the run, as IdentityNet's.
+    infusenet_scale: float | None = None
+    infusenet_window: Window | None = None
 
     @property
     def weights_change(self) -> bool:
@@ -145,17 +154,27 @@ def request(
     fields = GenerationSettings.model_fields
     diffusers_kwargs = {k: v for k, v in arguments.items() if k not in fields}
     for k, item in enumerate(inputs.controls):
-        check_controlnet(item.controlnet, models.pipe.unet, models.family, f"control[{k}]")
-        check_placement(item.controlnet, models.pipe.unet, f"control[{k}]")
+        check_controlnet(item.controlnet, models.denoiser, models.family, f"control[{k}]")
+        if models.offload is None:  # offloaded models wait on the CPU and run where the hooks move them
+            check_placement(item.controlnet, models.denoiser, f"control[{k}]")
     overrides = {k: v for k, v in arguments.items() if k in fields}
     if prompt is not None:
         overrides["prompt"] = list(prompt) if isinstance(prompt, tuple) else prompt
-    requested = GenerationSettings.parse(settings, **overrides)
+    requested = models.with_default_method(GenerationSettings.parse(settings, **overrides))
+    if requested.method == "faceid" and models.adapter is None:
+        raise FaceIDError(
+            f"this {models.family} model set has no FaceID adapter (the FaceID adapters are made for SD1.5 and SDXL): "
+            f"its identity method is {models.default_method}; leave method out or name a loaded one "
+            f"({', '.join(models.methods) or 'none'})"
+        )
     # The identity method: one for this base model, its face models at hand, one generation runs, loaded here.
     method = check_method(requested.method, models.family, models.face_models, models.face_packs_at_hand())
     refuse_unwired(method)
     check_method_settings(models, requested, inputs)
-    target = pipeline_class(models, inputs.class_name(models.family, identitynet=requested.method == "instantid"))
+    check_family_settings(models, requested)
+    target = pipeline_class(
+        models, inputs.class_name(models.family, identitynet=requested.method in METHOD_CONTROLNETS)
+    )
     check_diffusers_kwargs(diffusers_kwargs, target)
     models.check_models(requested)  # before encoding: a request for other models fails at once
     if inputs.mode is None and requested.strength is not None:
@@ -168,6 +187,33 @@ def request(
     if latents_given and "latents" not in inspect.signature(target.__call__).parameters:
         raise FaceIDError(f"latents= does not apply to {target.__name__}: the init image gives them; leave it out")
     return requested, diffusers_kwargs
+
+
+# The identity methods that bring a ControlNet of their own (InstantID's IdentityNet, InfiniteYou's InfuseNet):
+# their calls run the family's ControlNet pipeline.
+METHOD_CONTROLNETS = frozenset({"instantid", "infiniteyou"})
+
+
+def check_family_settings(models: ModelSet, requested: GenerationSettings) -> None:
+    """Settings a family does not run are refused: with FLUX.1's embedded guidance, a negative prompt (it has no
+    unconditional pass), and the Stable Diffusion samplers and few-step presets."""
+    from .families import family
+
+    if not family(models.family).guidance_embedded:
+        return
+    given = {
+        "negative_prompt": requested.negative_prompt not in (None, "", [""]),
+        "scheduler": requested.scheduler is not None,
+        "fast": requested.fast is not None,
+        "eta": requested.eta is not None,
+    }
+    refused = [name for name, set_ in given.items() if set_]
+    if refused:
+        raise FaceIDError(
+            f"{', '.join(refused)} do(es) not apply to {models.family}: its guidance is embedded in the transformer "
+            "(no negative prompt) and it samples with its own flow-matching scheduler; leave "
+            f"{'it' if len(refused) == 1 else 'them'} out"
+        )
 
 
 def check_method_settings(models: ModelSet, requested: GenerationSettings, inputs: ModeInputs) -> None:
@@ -183,6 +229,13 @@ def check_method_settings(models: ModelSet, requested: GenerationSettings, input
             )
         return
     models.loaded_method(method)  # loaded, or the error that says how
+    if method != "instantid" and requested.identitynet_scale is not None:
+        raise FaceIDError(f"identitynet_scale is InstantID's IdentityNet scale, not {method}'s: leave it out")
+    if method == "infiniteyou" and inputs.controls:
+        raise FaceIDError(
+            "ControlNets of one's own beside InfiniteYou's InfuseNet are not supported yet: leave control out (the "
+            "face's pose comes from kps=PHOTO, --kps)"
+        )
     faceid_only = {
         "combine": requested.combine is not None,
         "shortcut": requested.shortcut is not None,
@@ -222,14 +275,22 @@ def plan_call(
             f"strength {run.strength} of {run.num_inference_steps} steps runs no step: raise strength or steps"
         )
     check_eta(models, run)
-    # As diffusers decides it: guidance above 1 on a UNet without a distilled guidance embedding.
-    guidance = run.guidance_scale > 1 and models.pipe.unet.config.time_cond_proj_dim is None
-    schedule = StepSchedule.cut(run.num_inference_steps, run.strength)
+    # As diffusers decides it: guidance above 1 on a UNet without a distilled guidance embedding (none for a family
+    # whose guidance is the transformer's input: FLUX.1).
+    from .families import family as family_row
+
+    embedded = family_row(models.family).guidance_embedded
+    guidance = (
+        not embedded and run.guidance_scale > 1 and getattr(models.denoiser.config, "time_cond_proj_dim", None) is None
+    )
+    schedule = StepSchedule.cut(run.num_inference_steps, run.strength, models.family)
     adapter = models.adapter
     identity_open = schedule.inside(run.identity_window)
     identity_lora: tuple[float, ...] = ()
     faceid = run.method == "faceid"
-    if adapter.has_lora and not faceid:  # FaceID's LoRA belongs to its tokens: off in another method's call
+    if adapter is None:
+        pass  # no FaceID adapter, no identity LoRA (FLUX.1)
+    elif adapter.has_lora and not faceid:  # FaceID's LoRA belongs to its tokens: off in another method's call
         identity_lora = (0.0,) * schedule.running
         if adapter.lora_fused and adapter.lora_weight() != 0.0:
             raise FaceIDError(
@@ -246,20 +307,21 @@ def plan_call(
             )
     fast_lora = f"fast-{run.fast}" if run.fast else None
     weights = None
-    if set(identity_lora) - {adapter.lora_weight()} or fast_lora is not None:
+    if (adapter is not None and set(identity_lora) - {adapter.lora_weight()}) or fast_lora is not None:
         weights = (identity_lora, fast_lora)
     controls = tuple(schedule.controlnet_window(c.window) for c in inputs.controls)
     separable = isinstance(run.seed, list) and not noise_given
     limit = max_batch if max_batch is not None else max_batch_size(models, run, guidance)
     identitynet = run.method == "instantid"
+    infusenet = run.method == "infiniteyou"
     return CallPlan(
         settings=run,
-        pipeline=inputs.class_name(models.family, identitynet=identitynet),
+        pipeline=inputs.class_name(models.family, identitynet=run.method in METHOD_CONTROLNETS),
         images=images,
         guidance=guidance,
         schedule=schedule,
         # FaceID's switch (set_active) is the FaceID adapter's; another method's scale is the call's alone.
-        identity_scale=float(run.scale) if adapter.active or not faceid else 0.0,
+        identity_scale=float(run.scale) if not faceid or adapter.active else 0.0,
         identity_open=identity_open,
         identity_lora=identity_lora,
         fast_lora=fast_lora,
@@ -271,6 +333,8 @@ def plan_call(
         method=run.method,
         identitynet_scale=float(run.identitynet_scale) if identitynet else None,
         identitynet_window=schedule.controlnet_window(run.identity_window or (0.0, 1.0)) if identitynet else None,
+        infusenet_scale=float(run.scale) if infusenet else None,
+        infusenet_window=schedule.controlnet_window(run.identity_window or (0.0, 1.0)) if infusenet else None,
     )
 
 
@@ -321,7 +385,7 @@ def max_batch_size(models: ModelSet, run: GenerationSettings, classifier_free_gu
     at the latent size, twice under guidance; the VAE decodes one image at a time then), capped at 64. A batch
     that still runs out of memory is retried in halves (``faceid.batching``).
     """
-    if models.device.type != "cuda":
+    if models.device.type != "cuda" or models.adapter is None:  # no estimate for a DiT yet: the batch runs whole
         return None
     import torch
 

@@ -24,12 +24,19 @@ X0_FIELDS = ("pred_original_sample", "denoised")
 
 # ---------------------------------------------------------------------------------------------- decoding
 @torch.no_grad()
-def decode(pipe, vae, latents: torch.Tensor) -> list:
+def decode(pipe, vae, latents: torch.Tensor, packed: tuple[int, int] | None = None) -> list:
     """PIL images of ``latents`` (in the UNet's space) through ``vae``, as the diffusers pipeline decodes them.
 
     A half-precision VAE that needs float32 (``force_upcast``, SDXL's) decodes in float32, put back after.
+    ``packed``: the (width, height) of images whose latents are packed into a sequence of 2x2 patches (FLUX.1),
+    unpacked first by the pipeline's own ``_unpack_latents``; a VAE's ``shift_factor`` is added back as FLUX's
+    pipelines add it.
     """
     config = vae.config
+    if packed is not None:
+        width, height = packed
+        latents = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
+    shift = getattr(config, "shift_factor", None)
     upcast = vae.dtype == torch.float16 and getattr(config, "force_upcast", False)
     mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
     if mean is not None and std is not None:
@@ -38,7 +45,7 @@ def decode(pipe, vae, latents: torch.Tensor) -> list:
         std = torch.tensor(std).view(shape).to(latents)
         latents = latents * std / config.scaling_factor + mean
     else:
-        latents = latents / config.scaling_factor
+        latents = latents / config.scaling_factor + (shift or 0.0)
     with _float32(vae) if upcast else contextlib.nullcontext():
         image = vae.decode(latents.to(device=vae.device, dtype=vae.dtype), return_dict=False)[0]
     return pipe.image_processor.postprocess(image, output_type="pil")
@@ -83,7 +90,13 @@ def _recording_class(base: type) -> type:
     return type(base.__name__, (_KeepsX0, base), {"__module__": base.__module__})
 
 
-def live_previews(vae, every: int | None, on_preview: Callable, pipeline_kwargs: Mapping[str, Any]) -> dict:
+def live_previews(
+    vae,
+    every: int | None,
+    on_preview: Callable,
+    pipeline_kwargs: Mapping[str, Any],
+    packed: tuple[int, int] | None = None,
+) -> dict:
     """The diffusers arguments that call ``on_preview(step, total, images)`` after every ``every``-th step and
     after the last one, in step order: ``step`` counts the steps done (1..total), ``images`` is one PIL image per
     image of the batch, decoded by ``vae``.
@@ -92,7 +105,8 @@ def live_previews(vae, every: int | None, on_preview: Callable, pipeline_kwargs:
     ``recording_x0`` scheduler), which shows the picture long before the noisy latents do; the last preview is
     the final latents themselves, so it is exactly what ``decode`` makes of them. A user's
     ``callback_on_step_end`` (in ``pipeline_kwargs``) runs first, and the latents it returns are the ones shown.
-    Nothing the sampling computes changes: same seed, same image, with or without previews.
+    Nothing the sampling computes changes: same seed, same image, with or without previews. ``packed``: the
+    (width, height) of packed latents (FLUX.1, see ``decode``).
     """
     every = every or 1
     inner = pipeline_kwargs.get("callback_on_step_end")
@@ -104,7 +118,7 @@ def live_previews(vae, every: int | None, on_preview: Callable, pipeline_kwargs:
         if (step + 1) % every == 0 or last:
             latents = out.get("latents", callback_kwargs["latents"])
             x0 = getattr(pipeline.scheduler, "last_x0", None)
-            on_preview(step + 1, total, decode(pipeline, vae, latents if last or x0 is None else x0))
+            on_preview(step + 1, total, decode(pipeline, vae, latents if last or x0 is None else x0, packed))
         return out
 
     tensor_inputs = list(pipeline_kwargs.get("callback_on_step_end_tensor_inputs") or ["latents"])

@@ -161,7 +161,14 @@ class ReferenceSpec:
         return f"a {what} ({self.num_tokens} tokens) for {describe_unet(self.cross_attention_dim, len(self.ip_layers))}"
 
     @classmethod
-    def from_state_dict(cls, state: dict[str, dict[str, torch.Tensor]], label: str) -> ReferenceSpec:
+    def from_state_dict(
+        cls,
+        state: dict[str, dict[str, torch.Tensor]],
+        label: str,
+        kind: str = "a standard IP-Adapter (ip-adapter[-plus][-face]_sd15, ..._sdxl_vit-h)",
+    ) -> ReferenceSpec:
+        """What ``state`` is; ``kind`` names what the caller expected, for the errors (InstantID's ip-adapter.bin is
+        read here too)."""
         proj, ip = state["image_proj"], state["ip_adapter"]
         if "latents" in proj:
             try:
@@ -182,14 +189,14 @@ class ReferenceSpec:
                 else ""
             )
             raise CheckpointError(
-                f"{label} is not a standard IP-Adapter (ip-adapter[-plus][-face]_sd15, ..._sdxl_vit-h): its "
-                f"'image_proj' has neither a Resampler ('latents') nor an ImageProjModel ('proj', 'norm').{hint}"
+                f"{label} is not {kind}: its 'image_proj' has neither a Resampler ('latents') nor an ImageProjModel "
+                f"('proj', 'norm').{hint}"
             )
         ip_layers = {}
         for key, tensor in ip.items():
             match = _LAYER_KEY.match(key)
             if not match:
-                raise CheckpointError(f"{label}: unexpected key 'ip_adapter.{key}' for a standard IP-Adapter")
+                raise CheckpointError(f"{label}: unexpected key 'ip_adapter.{key}' for {kind}")
             ip_layers[int(match.group(1))] = tuple(tensor.shape)
         return cls(cad, tokens, clip_dim, resampler, resampler_dim, dict(sorted(ip_layers.items())))
 

@@ -73,7 +73,8 @@ def run_plan(
     run = plan.settings
     kwargs = dict(diffusers_kwargs or {})
     # Refuse before any work if other code took the adapter's processors: the identity would vanish.
-    models.adapter.check_attached()
+    if models.adapter is not None:
+        models.adapter.check_attached()
     if generator is None and run.seed is not None:
         generator = seeded_generators(run.seed)
 
@@ -83,9 +84,11 @@ def run_plan(
             f"this conditioning holds {conditioning.method} tokens but the call runs method {plan.method}: "
             "encode() with the call's method"
         )
-    identity, gated = _token_groups(models, plan, conditioning)
+    # InfiniteYou's identity reaches the transformer through InfuseNet's residuals, not as attention tokens.
+    identity, gated = ([], []) if plan.method == "infiniteyou" else _token_groups(models, plan, conditioning)
     attention = dict(kwargs.pop(family.attention_kwargs, None) or {})
-    attention["ip_hidden_states"] = CallTokens(identity)
+    if identity:
+        attention["ip_hidden_states"] = CallTokens(identity)
 
     scheduler = _scheduler(models, run.scheduler)
     if on_preview is not None:
@@ -114,16 +117,27 @@ def run_plan(
             inputs,
             controls=[ControlInput(kps_image, instantid.identitynet, plan.identitynet_scale), *inputs.controls],
         )
+    elif plan.method == "infiniteyou":
+        # InfuseNet reading the call's identity tokens (one row per image), on its control image: the keypoints of
+        # the kps photo's face, fitted to the frame as the authors fit it, or black.
+        infiniteyou = models.loaded_method("infiniteyou")
+        kps_image = call_infusenet_image(models, inputs, run.width, run.height)
+        parts["controlnet"] = infiniteyou.controlnet(conditioning.identity_states(False))
+        controls = replace(inputs, controls=[ControlInput(kps_image, infiniteyou.infusenet, plan.infusenet_scale)])
     elif inputs.controls:
-        parts["controlnet"] = inputs.controlnet()
+        parts["controlnet"] = inputs.controlnet(models.family)
     pipeline = models.call_pipeline(plan.pipeline, **parts)
-    windows = plan.control_windows if kps_image is None else (plan.identitynet_window, *plan.control_windows)
+    if plan.method == "infiniteyou":
+        windows = (plan.infusenet_window,)
+    else:
+        windows = plan.control_windows if kps_image is None else (plan.identitynet_window, *plan.control_windows)
 
     on_step = _step_gates(models, plan, gated)
     kwargs.update(_step_callback(on_step, plan, kwargs))
     if on_preview is not None:
         shown_by = models.tiny_vae or vae
-        kwargs.update(previews.live_previews(shown_by, preview_every, on_preview, kwargs))
+        packed = (run.width, run.height) if family.packed_latents else None
+        kwargs.update(previews.live_previews(shown_by, preview_every, on_preview, kwargs, packed=packed))
     accepted = _parameters(pipeline)
     sizes = {"width": run.width, "height": run.height} if "width" in accepted else {}  # img2img: the image's
     with models.weights.hold(
@@ -135,7 +149,13 @@ def run_plan(
         on_step(0)
         result = pipeline(
             **conditioning.pipe_kwargs,
-            **controls.pipeline_kwargs(run.strength, plan.images, windows, as_lists=kps_image is not None),
+            **controls.pipeline_kwargs(
+                run.strength,
+                plan.images,
+                windows,
+                as_lists=kps_image is not None,
+                control_image_keyword=family.control_image_keyword,
+            ),
             **sizes,
             **({"latents": latents} if latents is not None else {}),
             num_inference_steps=run.num_inference_steps,
@@ -173,6 +193,24 @@ def call_kps_image(models: ModelSet, conditioning: Conditioning, inputs: ModeInp
             "give the photo (or a Face), or the keypoint photo with kps=PHOTO (--kps PHOTO)"
         )
     return face_kps_image(face, (width, height))
+
+
+def call_infusenet_image(models: ModelSet, inputs: ModeInputs, width: int, height: int):
+    """InfiniteYou's control image at the output size, as the authors make it: the kps photo fitted to the frame
+    (``fit_photo``), its largest face's 5 keypoints drawn on black; all black without a kps photo."""
+    from .identity import is_face
+    from .methods.infiniteyou import control_image, fit_photo
+
+    face = inputs.kps
+    if face is None:
+        return control_image((width, height))
+    if is_face(face):
+        raise FaceIDError(
+            "InfiniteYou draws its keypoints on the kps photo fitted to the output frame: give kps as a photo, not "
+            "an analysed Face"
+        )
+    fitted = fit_photo(face, (width, height))
+    return control_image((width, height), models.face_analyzer.get(fitted).landmarks)
 
 
 def _token_groups(

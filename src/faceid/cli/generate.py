@@ -108,7 +108,8 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="PHOTO",
         help="--method instantid: the photo whose face keypoints (pose) IdentityNet follows (default: the first "
-        "--face photo's); the keypoint image used is saved as NAME_sSEED-kps.png",
+        "--face photo's); --method infiniteyou: the photo whose face keypoints InfuseNet's control image draws "
+        "(default: none, a black control image); the keypoint image used is saved as NAME_sSEED-kps.png",
     )
 
 
@@ -132,8 +133,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise FaceIDError("--preview-every must be at least 1")
     settings = tiny_vae_defaults(settings)
     method_weights(args, settings.method)  # --method-weights as the method needs, before anything loads
-    if args.kps is not None and settings.method != "instantid":
-        raise FaceIDError("--kps is the keypoint photo of --method instantid: leave it out, or give --method instantid")
+    if args.kps is not None and settings.method not in ("instantid", "infiniteyou"):
+        raise FaceIDError(
+            "--kps is the keypoint photo of --method instantid or infiniteyou: leave it out, or give one of those"
+        )
     # The faces first: a photo without a usable face fails in seconds, before the big models load.
     analyzer = load_face_analyzer(args.face_models, settings.method)
     faces = [analyzer.get(photo, index=settings.face_index) for photo in args.face]
@@ -151,7 +154,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     ]
     modes = {"init_image": args.init_image, "mask_image": args.mask_image, "control": control or None}
     if args.kps is not None:
-        modes["kps"] = analyzer.get(args.kps)
+        # InfiniteYou finds the face on the photo fitted to the output frame, as its authors do.
+        modes["kps"] = args.kps if settings.method == "infiniteyou" else analyzer.get(args.kps)
     recorded = _recorded_inputs(args, controls, nets, region_files)
     first_seed = settings.seed if settings.seed is not None else random.randrange(2**31)
     n = settings.num_images_per_prompt

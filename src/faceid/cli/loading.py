@@ -56,6 +56,20 @@ def add_model_loading_arguments(
             help="with --fast: a local copy of the preset's LoRA file (default: the pinned Hub file, downloaded once)",
         )
     parser.add_argument(
+        "--offload",
+        choices=("model", "sequential"),
+        default=None,
+        help="FLUX.1 (--adapter none): keep the models on the CPU and move each to the GPU while it runs (model), or "
+        "each layer (sequential: slowest, least GPU memory); CUDA only",
+    )
+    parser.add_argument(
+        "--quantize",
+        choices=("int8", "fp8"),
+        default=None,
+        help="FLUX.1 (--adapter none): 8-bit weights of the transformer and T5 (optimum-quanto), about half the "
+        "memory of bfloat16",
+    )
+    parser.add_argument(
         "--compile",
         action="store_true",
         help="torch.compile the UNet (max-autotune + channels_last on CUDA): faster steps after a slow first call "
@@ -86,7 +100,8 @@ def add_method_weights_argument(group) -> None:
         default=None,
         metavar="NAME=FOLDER",
         help="load identity method NAME's released files from FOLDER, in their Hub layout (instantid: a folder "
-        "with InstantX/InstantID's ip-adapter.bin and ControlNetModel/); repeatable",
+        "with InstantX/InstantID's ip-adapter.bin and ControlNetModel/; infiniteyou: ByteDance/InfiniteYou's "
+        "infu_flux_v1.0/ or one model set in it, aes_stage2 or sim_stage1); repeatable",
     )
 
 
@@ -131,6 +146,20 @@ def load_pipeline(
     from ..pipeline import FaceIDPipeline
 
     quiet_model_loading()
+    if without_faceid_adapter(settings):
+        return FaceIDPipeline.from_pretrained(
+            settings.base_model,
+            None,
+            vae=settings.vae,
+            device=args.device,
+            torch_dtype=getattr(torch, DTYPES[args.dtype]) if args.dtype else None,
+            face_analyzer=analyzer,
+            progress=progress,
+            methods=method_weights(args, settings.method),
+            offload=getattr(args, "offload", None),
+            quantize=getattr(args, "quantize", None),
+            compile=args.compile,
+        )
     pipe = FaceIDPipeline.from_pretrained(
         settings.base_model,
         settings.adapter or DEFAULT_ADAPTER,
@@ -160,6 +189,23 @@ def load_pipeline(
     )
     _load_fast_lora(pipe, settings, args)
     return pipe
+
+
+def without_faceid_adapter(settings) -> bool:
+    """Whether the command loads its base model without a FaceID adapter: ``--adapter none``, or a base model of a
+    family the FaceID adapters are not made for (FLUX.1), read from its ``model_index.json``."""
+    if settings.adapter is not None:
+        return settings.adapter.lower() == "none"
+    if settings.base_model is None:
+        return False
+    from ..families import family_of_pipeline
+    from ..model_set import pipeline_index
+
+    try:
+        found = family_of_pipeline(pipeline_index(settings.base_model).get("_class_name", ""))
+    except FaceIDError:
+        return False  # a single file or a missing model: the FaceID load says what is wrong
+    return found is not None and not found.faceid_adapters
 
 
 def _load_fast_lora(pipe, settings, args: argparse.Namespace) -> None:

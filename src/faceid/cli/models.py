@@ -35,6 +35,7 @@ def cmd_models(args: argparse.Namespace) -> int:
             )
             print(f"{pad}pinned: {', '.join(pinned)}{encoder or ''}")
         print("\nUse a name with --adapter; files from anywhere work too (`faceid models FILE` says what one is).")
+        print_families()
         print_methods()
         return 0
     from ..checkpoints import AdapterSpec, load_state_dict
@@ -56,6 +57,32 @@ def cmd_models(args: argparse.Namespace) -> int:
             named += "; Plus and PlusV2 have the same tensors: the file cannot tell them apart (--shortcut chooses)"
         print(f"{path}: {spec.describe()}{named}")
     return 0
+
+
+# The licence of a family's reference weights, where one family is one release (faceid.methods.LICENCES); the
+# Stable Diffusion families are many fine-tuned checkpoints, each under its own licence.
+FAMILY_LICENCES = {"FLUX.1": "flux-1-dev"}
+
+
+def print_families() -> None:
+    """The base model families (``faceid.families``): their defaults, what runs on them, their licence."""
+    from ..families import FAMILIES
+    from ..methods import LICENCES, METHODS
+
+    print("\nBase model families (--base-model):")
+    pad = " " * 8
+    for f in FAMILIES.values():
+        d = f.defaults
+        guidance = "embedded guidance" if f.guidance_embedded else "guidance"
+        print(f"{f.name:<7} {f.pipeline_class()}: {d['width']}x{d['height']}, {d['num_inference_steps']} steps, "
+              f"{guidance} {d['guidance_scale']}")  # fmt: skip
+        methods = ", ".join(m.name for m in METHODS.values() if f.name in m.families and m.wired)
+        adapters = "FaceID adapters (--adapter)" if f.faceid_adapters else "no FaceID adapter (--adapter none)"
+        print(f"{pad}{adapters}; methods that generate: {methods or 'none yet'}")
+        key = FAMILY_LICENCES.get(f.name)
+        licence = LICENCES[key] if key else None
+        said = f"{licence} ({licence.url})" if licence else "each checkpoint's own (most: CreativeML Open RAIL-M/++)"
+        print(f"{pad}licence: {said}{'' if licence is None or licence.commercial else ' -- NOT for commercial use'}")
 
 
 def print_methods() -> None:

@@ -249,6 +249,9 @@ METHODS: dict[str, IdentityMethod] = {
             ),
             description="the recognizer embedding projected into identity tokens, and InfuseNet (a FLUX "
             "ControlNet fed those tokens); model sets aes_stage2 (default, aesthetics) and sim_stage1 (likeness)",
+            wired=True,
+            # The authors' app (app.py): InfuseNet's conditioning scale 1.0 (faceid's ``scale``), over every step.
+            defaults={"scale": 1.0},
         ),
     )
 }

@@ -47,6 +47,7 @@ from ..adapter import load_strict
 from ..checkpoints import check_loading_report, load_state_dict, loading_error, perceiver_config
 from ..control import draw_kps
 from ..errors import CheckpointError, FaceIDError
+from ..faces.irse50 import IRSE50, IRSE50_FILE, load_irse50
 from ..projection import ImageResampler
 
 __all__ = [
@@ -64,6 +65,7 @@ __all__ = [
     "infusenet_residuals",
     "load_image_proj",
     "load_infusenet",
+    "model_set_folder",
 ]
 
 MODEL_SETS = ("aes_stage2", "sim_stage1")  # the released model sets under infu_flux_v1.0/
@@ -117,6 +119,30 @@ def load_infusenet(folder: str | Path, torch_dtype: torch.dtype | None = None) -
     return infusenet.eval()
 
 
+def model_set_folder(source: str | Path | None) -> Path:
+    """The model set folder a user names: the set itself (``.../aes_stage2``, holding ``image_proj_model.bin``), or
+    a folder holding the release's sets (``infu_flux_v1.0/``, or the folder above it): its first set present, in
+    the authors' order (aes_stage2, then sim_stage1). Name ``.../sim_stage1`` to load that one."""
+    if source is None:
+        raise CheckpointError(
+            "InfiniteYou's released files are unpinned in faceid's method table, so faceid does not download them: "
+            "download infu_flux_v1.0/ from https://huggingface.co/ByteDance/InfiniteYou and give its folder (or one "
+            f"model set in it: {', '.join(MODEL_SETS)})"
+        )
+    folder = Path(source).expanduser()
+    for candidate in (folder, folder / "infu_flux_v1.0"):
+        if (candidate / IMAGE_PROJ_FILE).is_file():
+            return candidate
+        for model_set in MODEL_SETS:
+            if (candidate / model_set / IMAGE_PROJ_FILE).is_file():
+                return candidate / model_set
+    raise CheckpointError(
+        f"{folder} is not an InfiniteYou model set: it has no {IMAGE_PROJ_FILE}, and no infu_flux_v1.0/"
+        f"{{{','.join(MODEL_SETS)}}}/{IMAGE_PROJ_FILE} under it. Give a folder of the release "
+        "(https://huggingface.co/ByteDance/InfiniteYou): infu_flux_v1.0/, or one of its model sets"
+    )
+
+
 def _as_embeddings(embeddings: Any) -> torch.Tensor:
     tensor = torch.as_tensor(np.asarray(embeddings) if not torch.is_tensor(embeddings) else embeddings)
     if tensor.shape[-1] != EMBEDDING_DIM or tensor.ndim not in (1, 2, 3):
@@ -133,12 +159,20 @@ class InfiniteYou:
 
     image_proj: ImageResampler
     infusenet: FluxControlNetModel
+    recognizer: IRSE50 | None = None  # facexlib's ArcFace IR-SE50, which embeds photos (None: embeddings only)
+    name = "infiniteyou"  # the method's name (faceid.methods.METHODS)
 
     @classmethod
     def from_pretrained(
-        cls, folder: str | Path, torch_dtype: torch.dtype | None = None, device: str | torch.device | None = None
+        cls,
+        folder: str | Path,
+        torch_dtype: torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        recognizer: str | Path | None = None,
     ) -> InfiniteYou:
-        """Load a released model set folder (``infu_flux_v1.0/aes_stage2`` or ``.../sim_stage1``)."""
+        """Load a released model set folder (``infu_flux_v1.0/aes_stage2`` or ``.../sim_stage1``); ``recognizer``:
+        facexlib's ``recognition_arcface_ir_se50.pth``, which embeds face photos (without it, calls give
+        embeddings)."""
         folder = Path(folder)
         if not folder.is_dir():
             raise CheckpointError(
@@ -149,7 +183,8 @@ class InfiniteYou:
         infusenet = load_infusenet(folder / INFUSENET_FOLDER, torch_dtype)
         image_proj.to(device=device, dtype=torch_dtype)
         infusenet.to(device=device)
-        return cls(image_proj, infusenet)
+        arcface = None if recognizer is None else load_irse50(recognizer)
+        return cls(image_proj, infusenet, arcface)
 
     @torch.no_grad()
     def identity_tokens(self, embeddings: Any) -> torch.Tensor:
@@ -166,6 +201,20 @@ class InfiniteYou:
         tensor = _as_embeddings(embeddings).to(device=param.device, dtype=torch.float32)
         tensor = torch.nn.functional.normalize(tensor, dim=-1)
         return self.image_proj(tensor.to(param.dtype))
+
+    def face_embedding(self, face) -> np.ndarray:
+        """The 512-d embedding InfiniteYou was trained on of an analysed face: facexlib's ArcFace IR-SE50 on its
+        112x112 crop aligned by the 5 keypoints (``Face.aligned``), BGR in [-1, 1], as the authors'
+        ``extract_arcface_bgr_embedding``."""
+        if self.recognizer is None:
+            raise FaceIDError(
+                f"InfiniteYou embeds face photos with facexlib's ArcFace IR-SE50 ({IRSE50_FILE}), and none is loaded: "
+                "put the file in the InfiniteYou folder (next to infu_flux_v1.0/ or in the model set folder) or in "
+                "the face models folder "
+                "(https://github.com/xinntao/facexlib/releases/download/v0.1.0/recognition_arcface_ir_se50.pth), "
+                "or give the 512-d embedding itself as the face"
+            )
+        return self.recognizer.embed(face.aligned)
 
     def controlnet(self, id_tokens: torch.Tensor, guidance: float = INFUSENET_GUIDANCE) -> InfuseNetCall:
         """One call's InfuseNet for a stock ``FluxControlNetPipeline`` (see :class:`InfuseNetCall`)."""

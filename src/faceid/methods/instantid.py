@@ -186,7 +186,7 @@ class InstantID:
         """
         label = label or (Path(ip_adapter).name if isinstance(ip_adapter, (str, os.PathLike)) else IP_ADAPTER_FILE)
         state = load_state_dict(ip_adapter) if isinstance(ip_adapter, (str, os.PathLike)) else ip_adapter
-        spec = ReferenceSpec.from_state_dict(state, label)
+        spec = ReferenceSpec.from_state_dict(state, label, "InstantID's ip-adapter.bin (InstantX/InstantID)")
         if spec.resampler is None:
             raise CheckpointError(
                 f"{label} is not InstantID's ip-adapter.bin: its 'image_proj' is a plain IP-Adapter projection, not "

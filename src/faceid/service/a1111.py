@@ -5,7 +5,9 @@ Here a *checkpoint* is a person: ``GET /sdapi/v1/sd-models`` lists the caller's 
 /sdapi/v1/options`` with ``sd_model_checkpoint`` picks the one that later requests draw (kept per API key, across
 restarts). A face photo sent the way A1111 users send one today, as a ControlNet-extension unit in
 ``alwayson_scripts`` with an IP-Adapter FaceID module (``ip-adapter_face_id``, ``ip-adapter_face_id_plus``), is the
-person for that request instead. ``txt2img`` and ``img2img`` (with ``mask``: inpainting) run as ``/v1`` generations
+person for that request instead; the extension's other identity modules name the identity method that draws them
+(``instant_id_face_embedding``: InstantID, with ``instant_id_face_keypoints`` for the photo whose face keypoints its
+IdentityNet follows; ``ip-adapter_pulid``: PuLID), run when the server has that method's weights. ``txt2img`` and ``img2img`` (with ``mask``: inpainting) run as ``/v1`` generations
 through ``Service`` (the same keys, limits, queue, batching and capabilities) and answer as A1111 does:
 ``{"images": [base64 PNG], "parameters", "info"}`` with ``info`` a JSON string.
 
@@ -46,9 +48,18 @@ from .schema import DocumentedRoute, errors
 
 PREFIX = "/sdapi/v1"
 CHECKPOINT = "sd_model_checkpoint"  # the option that names the person
-# The ControlNet extension's IP-Adapter FaceID modules: a unit with one carries the person's photo. The value: whether
-# the module is the Plus one (which reads CLIP features of the face as well: the server's adapter must be a Plus one).
-FACE_MODULES = {"ip-adapter_face_id": False, "ip-adapter_face_id_plus": True}
+# The ControlNet extension's identity modules: a unit with one carries the person's photo. The value: the identity
+# method (``GenerationSettings.method``) it stands for and, for FaceID, whether the module is the Plus one (which reads
+# CLIP features of the face as well: the server's adapter must be a Plus one).
+FACE_MODULES: dict[str, tuple[str, bool | None]] = {
+    "ip-adapter_face_id": ("faceid", False),
+    "ip-adapter_face_id_plus": ("faceid", True),
+    "instant_id_face_embedding": ("instantid", None),
+    "ip-adapter_pulid": ("pulid", None),
+}
+# InstantID's second unit in the extension: the face of its image gives the keypoints IdentityNet follows (the pose
+# and place of the face), its weight is IdentityNet's scale.
+KEYPOINTS_MODULE = "instant_id_face_keypoints"
 # A1111's samplers and schedule types -> faceid's schedulers (``faceid.fast.SCHEDULERS``). "Automatic" is the
 # sampler's own default schedule in A1111 (Karras for DPM++ 2M); "SGM Uniform" is diffusers' trailing spacing.
 SAMPLERS: dict[str, dict[str, str]] = {
@@ -415,36 +426,57 @@ def _image_bytes(value: Any, what: str) -> bytes:
         raise A1111Error(422, f"{what}: not base64; give the image as a base64 string (raw, or a data: URL)") from None
 
 
-def _face_units(body: A1111Request, service: Service) -> list[tuple[str, bytes, dict]]:
-    """The ControlNet units that carry a face (label, photo bytes, unit); any other enabled unit is refused."""
+def _face_units(body: A1111Request, service: Service) -> tuple[list[tuple[str, bytes, dict]], tuple | None]:
+    """The ControlNet units that carry a face (label, photo bytes, unit), and InstantID's keypoints unit (label,
+    photo bytes or None, unit) if one is given; any other enabled unit is refused."""
     scripts = {key.lower(): value for key, value in (body.alwayson_scripts or {}).items()}
     units = (scripts.get("controlnet") or {}).get("args") or []
-    faces = []
+    faces, keypoints = [], None
     for k, unit in enumerate(units):
         if not isinstance(unit, dict):
             raise A1111Error(422, f"ControlNet unit {k}: give each unit as an object (module, image, weight...)")
         if not unit.get("enabled", True):
             continue
         module = str(unit.get("module", "none"))
-        if module not in FACE_MODULES:
+        if module not in FACE_MODULES and module != KEYPOINTS_MODULE:
             raise A1111Error(
                 422,
                 f"ControlNet unit {k}: module {module[:60]!r} is not one this server runs over the A1111 API: it "
-                f"takes the face units {', '.join(FACE_MODULES)} (the person's photo as the unit's image)",
+                f"takes the face units {', '.join(FACE_MODULES)} (the person's photo as the unit's image) and "
+                f"InstantID's {KEYPOINTS_MODULE}",
             )
-        plus = _server_is_plus(service)
-        if plus is not None and FACE_MODULES[module] != plus:
+        image = unit.get("image") or unit.get("input_image")
+        if isinstance(image, dict):
+            image = image.get("image")
+        label = f"ControlNet unit {k} image"
+        if module == KEYPOINTS_MODULE:
+            if keypoints is not None:
+                raise A1111Error(422, f"ControlNet unit {k}: one {KEYPOINTS_MODULE} unit per request")
+            keypoints = (label, None if image is None else _image_bytes(image, label), unit)
+            continue
+        plus = _server_is_plus(service) if FACE_MODULES[module][0] == "faceid" else None
+        if plus is not None and FACE_MODULES[module][1] != plus:
             runs = "a FaceID-Plus adapter: use ip-adapter_face_id_plus" if plus else "a FaceID adapter without CLIP " \
                 "features: use ip-adapter_face_id"  # fmt: skip
             raise A1111Error(
                 422, f"ControlNet unit {k}: module {module} needs another adapter; this server runs {runs}"
             )
-        image = unit.get("image") or unit.get("input_image")
-        if isinstance(image, dict):
-            image = image.get("image")
-        data = _image_bytes(image, f"ControlNet unit {k} image")
-        faces.append((f"ControlNet unit {k} image", data, unit))
-    return faces
+        faces.append((label, _image_bytes(image, label), unit))
+    return faces, keypoints
+
+
+def _method(faces: list[tuple[str, bytes, dict]], keypoints: tuple | None) -> str | None:
+    """The identity method the units ask for (None: none named, the server's default); units of two methods are
+    refused."""
+    methods = {FACE_MODULES[str(unit.get("module"))][0] for _, _, unit in faces}
+    if keypoints is not None:
+        methods.add("instantid")
+    if len(methods) > 1:
+        raise A1111Error(
+            422,
+            f"the ControlNet units ask for several identity methods ({', '.join(sorted(methods))}): one per request",
+        )
+    return methods.pop() if methods else None
 
 
 def _server_is_plus(service: Service) -> bool | None:
@@ -476,7 +508,16 @@ def _generate(service: Service, inflight: InFlight, owner: str, body: A1111Reque
         for field in ("width", "height"):
             if settings.get(field, 8) % 8:
                 raise A1111Error(422, f"{field} {settings[field]}: give a multiple of 8")
-        faces = _face_units(body, service)
+        faces, keypoints = _face_units(body, service)
+        method = _method(faces, keypoints)
+        if method is not None:
+            settings["method"] = method
+        if keypoints is not None:
+            if "weight" in keypoints[2]:
+                settings["identitynet_scale"] = float(keypoints[2]["weight"])
+            if faces and _window(keypoints[2]) not in (None, _window(faces[0][2])):
+                raise A1111Error(422, f"{keypoints[0]}: IdentityNet acts in the identity's window: give the keypoints "
+                                 "unit the face unit's guidance_start and guidance_end (or leave them at 0 and 1)")  # fmt: skip
         override = (body.override_settings or {}).get(CHECKPOINT)
         with oneshot.uploads(service, owner) as upload:
             if image_to_image:
@@ -488,6 +529,10 @@ def _generate(service: Service, inflight: InFlight, owner: str, body: A1111Reque
                     settings["strength"] = body.denoising_strength
                 if body.mask:
                     settings["mask_image"] = upload("mask", _mask(body)).id
+            if keypoints is not None and keypoints[1] is not None:
+                settings["kps"] = upload(keypoints[0], keypoints[1]).id
+            if keypoints is not None and not faces and (window := _window(keypoints[2])) is not None:
+                settings["identity_window"] = window
             if faces:
                 window = _window(faces[0][2])
                 if window is not None:

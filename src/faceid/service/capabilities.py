@@ -78,6 +78,9 @@ class Capabilities:
                 f"method: this server has no {settings.method!r} weights loaded; it runs {_listed(self.methods)} "
                 f"(restart it with --method-weights {settings.method}=FOLDER to add it)"
             )
+        if inputs.kps is not None and settings.method != "instantid":
+            raise FaceIDError("kps: the keypoint photo is InstantID's (IdentityNet follows its face): give method "
+                            "'instantid' with it, or leave kps out")  # fmt: skip
         if settings.fast is not None and settings.fast not in self.fast:
             raise NotServed(
                 f"fast: this server has no {settings.fast!r} preset; it has {_listed(self.fast)} (restart it with "

@@ -141,6 +141,11 @@ class JobInputs(BaseModel):
         None, max_length=MAX_STYLES, description="style and composition references: uploaded images, each read by a "
         "style adapter of the server"
     )  # fmt: skip
+    kps: str | None = Field(
+        None,
+        description="method instantid: upload id of a photo whose face (its largest) gives the keypoints IdentityNet "
+        "follows, the pose and place of the face; default the person's own photo",
+    )
 
     @classmethod
     def parse(cls, value: dict[str, Any] | None) -> JobInputs:
@@ -178,6 +183,8 @@ class JobInputs(BaseModel):
             found.append(("swap.target", self.swap.target))
             if self.swap.mask is not None:
                 found.append(("swap.mask", self.swap.mask))
+        if self.kps is not None:
+            found.append(("kps", self.kps))
         if isinstance(self.regions, RegionsPhoto):
             found.append(("regions.photo", self.regions.photo))
         elif isinstance(self.regions, list):
@@ -214,6 +221,8 @@ class JobInputs(BaseModel):
             )
         if self.mask_image is not None and self.init_image is None:
             raise FaceIDError("mask_image needs init_image, the image to inpaint (an upload id)")
+        if self.kps is not None and (self.people or self.swap is not None):
+            raise FaceIDError("kps gives the face keypoints of one person's picture: leave it out with people or swap")
         if strength is not None and not self.edits:
             raise FaceIDError(
                 "strength applies to img2img, inpainting and swap: give init_image (an upload id) or swap, or leave "

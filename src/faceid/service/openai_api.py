@@ -123,6 +123,10 @@ class ImageGenerationRequest(BaseModel):
     output_format: Literal["png", "jpeg", "webp"] | None = Field(None, description="default png")
     output_compression: int | None = Field(None, ge=0, le=100, description="jpeg and webp quality")
     user: str | None = Field(None, description="ignored")
+    method: str | None = Field(
+        None, max_length=40, description="faceid's own field (an OpenAI client sends it in extra_body): the identity "
+        "method, one GET /v1/models lists for the model set (faceid, instantid...); default faceid"
+    )  # fmt: skip
 
 
 bearer = HTTPBearer(auto_error=False, description="one of the server's API keys (an OpenAI client's api_key)")
@@ -206,7 +210,8 @@ def router(service: Service) -> APIRouter:
         """Images of the person ``model`` names, in the scene ``prompt`` asks for; waits for them."""
         with _openai_errors():
             identity = _identity(service, who, body.model)
-            job = _settings(service, body.prompt, body.n, body.size, body.quality) | {"identity_id": identity.id}
+            job = _settings(service, body.prompt, body.n, body.size, body.quality, body.method)
+            job["identity_id"] = identity.id
             return _run(service, signer, request, who, job, body.response_format, body.output_format,
                         body.output_compression)  # fmt: skip
 
@@ -230,6 +235,9 @@ def router(service: Service) -> APIRouter:
         response_format: Annotated[Literal["b64_json", "url"] | None, Form()] = None,
         output_format: Annotated[Literal["png", "jpeg", "webp"] | None, Form()] = None,
         output_compression: Annotated[int | None, Form(ge=0, le=100)] = None,
+        method: Annotated[
+            str | None, Form(max_length=40, description="faceid's own field: the identity method (default faceid)")
+        ] = None,
     ) -> ImagesResponse:
         """Images of the person in ``image`` (one or more photos; nothing is kept after the answer). With ``mask``:
         the first image with its transparent area redrawn with that person (inpainting)."""
@@ -245,7 +253,7 @@ def router(service: Service) -> APIRouter:
 
         def edit() -> ImagesResponse:
             with _openai_errors(), oneshot.person(service, who, read) as identity, oneshot.uploads(service, who) as add:
-                job = _settings(service, prompt, n, size, quality) | {"identity_id": identity.id}
+                job = _settings(service, prompt, n, size, quality, method) | {"identity_id": identity.id}
                 if mask_bytes is not None:
                     init = add("openai edit image", read[0][1])
                     redraw = _redraw_mask(service, mask_bytes, (init.width, init.height))
@@ -322,9 +330,12 @@ def _identity(service: Service, owner: str, model: str):
     )
 
 
-def _settings(service: Service, prompt: str, n: int, size: str | None, quality: str | None) -> dict[str, Any]:
-    """OpenAI's prompt, n, size and quality as a /v1 generation's fields."""
+def _settings(service: Service, prompt: str, n: int, size: str | None, quality: str | None,
+              method: str | None = None) -> dict[str, Any]:  # fmt: skip
+    """OpenAI's prompt, n, size and quality (and faceid's method) as a /v1 generation's fields."""
     settings: dict[str, Any] = {"prompt": prompt, "num_images_per_prompt": n}
+    if method is not None:
+        settings["method"] = method
     if size not in (None, "", "auto"):
         found = SIZE.fullmatch(size)
         if found is None:

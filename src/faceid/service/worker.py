@@ -380,7 +380,7 @@ class Worker(threading.Thread):
         service = self.service
         arguments = {
             name: service.upload_image(upload_id, job.owner, name)
-            for name in ("init_image", "mask_image")
+            for name in ("init_image", "mask_image", "kps")
             if (upload_id := getattr(inputs, name)) is not None
         }
         controls = [self._control(job, k, spec, loaded) for k, spec in enumerate(inputs.controls or ())]
