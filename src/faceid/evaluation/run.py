@@ -207,7 +207,7 @@ def run_eval(
     # Every grid's images first (all methods' pipeline calls together: on Ray, one pool of actors loads the
     # pipeline once for all of them), then every image's scores.
     batches = [batch for run, plan in enumerate(plans) for batch in _batches(plan, batch_size, run)]
-    generated, seconds = _generate(pipe, grid, runs, plans, batches, say, ray)
+    timings = _generate(pipe, grid, runs, plans, batches, say, ray)
     all_jobs = [job for plan in plans for job in plan.jobs]
     say(
         f"scoring {len(all_jobs)} image(s) with {', '.join(names) or 'no recognizer'}"
@@ -236,14 +236,14 @@ def run_eval(
             "faceid_version": __version__,
         }
         summary = summarize(rows, recognizers=names, settings=run_info)
-        summary["timing"] = _timing(folder, generated[run], seconds[run])
+        summary["timing"] = timings[run].summary(folder)
         folder.mkdir(parents=True, exist_ok=True)
         write_jsonl(folder / "results.jsonl", rows)
         atomic_write(folder / "summary.json", json.dumps(summary, indent=2) + "\n")
         atomic_write(folder / "summary.md", summary_markdown(summary))
         # A comparison draws its own plots (one per method and one of all); a single run, its curve and the rest.
         plot_paths = write_plots(summary, rows, folder / "plots", say) if plots and entry is None else []
-        results.append(EvalResult(rows, summary, folder, generated[run], plan.reused, plot_paths))
+        results.append(EvalResult(rows, summary, folder, timings[run].generated, plan.reused, plot_paths))
         say(f"results: {folder / 'results.jsonl'}; summary: {folder / 'summary.md'}")
     if entries is None:
         return results[0]
@@ -393,26 +393,83 @@ def _make_images(pipe, faces: Mapping[str, Any], batch: _Batch) -> float:
     return seconds
 
 
+@dataclass
+class _Generator:
+    """A process's pipeline (here, or a Ray actor's) and the runs it has made a call of: a run's first call in a
+    process pays what is done once (kernels chosen, a method's pipeline built, caches filled), so it is timed apart."""
+
+    pipe: Any
+    warmed: set[int] = field(default_factory=set)
+
+    def make(self, faces: Mapping[str, Any], batch: _Batch) -> tuple[float, bool]:
+        """(seconds, whether it was the run's first call here)."""
+        first = batch.run not in self.warmed
+        self.warmed.add(batch.run)
+        return _make_images(self.pipe, faces, batch), first
+
+
+@dataclass
+class _Timing:
+    """A run's generation time: every call, and the calls after each process's first one of the run."""
+
+    generated: int = 0
+    seconds: float = 0.0
+    timed_images: int = 0
+    timed_seconds: float = 0.0
+    warm_up_calls: int = 0
+
+    def add(self, images: int, seconds: float, first: bool) -> None:
+        self.generated += images
+        self.seconds += seconds
+        if first:
+            self.warm_up_calls += 1
+        else:
+            self.timed_images += images
+            self.timed_seconds += seconds
+
+    def summary(self, folder: Path) -> dict[str, Any]:
+        """Seconds per image, over the calls after the warm-up ones (over all of them when there were no others);
+        when it generated none (all resumed), the last run's figure from the folder's summary.json."""
+        if self.generated:
+            warm = self.timed_images > 0
+            per_image = self.timed_seconds / self.timed_images if warm else self.seconds / self.generated
+            return {
+                "images": self.generated,
+                "seconds": self.seconds,
+                "seconds_per_image": per_image,
+                "timed_images": self.timed_images if warm else self.generated,
+                "warm_up_calls": self.warm_up_calls,
+                "warm_up_seconds": self.seconds - self.timed_seconds,
+                "warm_up_left_out": warm,
+            }
+        try:
+            previous = json.loads((folder / "summary.json").read_text())["timing"]
+            return {**previous, "from_earlier_run": True}
+        except (OSError, ValueError, KeyError, TypeError):
+            return {"images": 0, "seconds": 0.0, "seconds_per_image": None}
+
+
 def _generate(pipe, grid: _Grid, runs, plans: list[_Plan], batches: list[_Batch], say, ray: RayEval | None):
-    """Make every batch's images (here, or on Ray actors, in the order they finish); per run, (images
-    generated, seconds the pipeline calls took)."""
-    generated, seconds = [0] * len(plans), [0.0] * len(plans)
+    """Make every batch's images (here, or on Ray actors, in the order they finish); each run's ``_Timing``."""
+    timings = [_Timing() for _ in plans]
+    generated = [0] * len(plans)
     if ray is None:
-        done = ((index, _make_images(pipe, grid.faces, batch)) for index, batch in enumerate(batches))
+        here = _Generator(pipe)
+        done = ((index, here.make(grid.faces, batch)) for index, batch in enumerate(batches))
     else:
         from ..ray_data import map_on_actors
 
-        setup = functools.partial(_load, ray.pipeline)
+        setup = functools.partial(_load_generator, ray.pipeline)
         work = functools.partial(_make_images_of, grid.faces)
         done = map_on_actors(batches, setup, work, ray.workers, batch_size=(1, 1))
     for entry, folder, _ in runs:
         if entry is not None:
             say(f"method {entry.name} ({entry.title}) into {folder}")
-    for index, took in done:
+    for index, (took, first) in done:
         batch = batches[index]
         entry = runs[batch.run][0]
+        timings[batch.run].add(len(batch.jobs), took, first)
         generated[batch.run] += len(batch.jobs)
-        seconds[batch.run] += took
         plan = plans[batch.run]
         say(
             f"[{generated[batch.run]}/{len(plan.jobs) - plan.reused}] "
@@ -421,7 +478,7 @@ def _generate(pipe, grid: _Grid, runs, plans: list[_Plan], batches: list[_Batch]
         )
     for (_, folder, _), plan, count in zip(runs, plans, generated, strict=True):
         say(f"{count} image(s) generated, {plan.reused} reused from {folder}")
-    return generated, seconds
+    return timings
 
 
 @dataclass(frozen=True)
@@ -442,9 +499,14 @@ def _load(loader: Callable[[], Any]) -> Any:
     return loader()
 
 
-def _make_images_of(faces: Mapping[str, Any], pipe, batches: list[_Batch]) -> list[float]:
-    """A generation actor's work: its batches' pipeline calls."""
-    return [_make_images(pipe, faces, batch) for batch in batches]
+def _load_generator(loader: Callable[[], Any]) -> _Generator:
+    """A generation actor's state: its pipeline, loaded once, and the runs it has warmed up."""
+    return _Generator(loader())
+
+
+def _make_images_of(faces: Mapping[str, Any], generator: _Generator, batches: list[_Batch]) -> list[tuple]:
+    """A generation actor's work: its batches' pipeline calls, each (seconds, first call of its run here)."""
+    return [generator.make(faces, batch) for batch in batches]
 
 
 def _measure_on_ray(jobs: list[dict[str, Any]], ray: RayEval, names: list[str]) -> list[dict[str, Any]]:
@@ -461,18 +523,6 @@ def _measure_on_ray(jobs: list[dict[str, Any]], ray: RayEval, names: list[str]) 
             )
         measures[index] = measure
     return measures  # type: ignore[return-value]
-
-
-def _timing(folder: Path, generated: int, seconds: float) -> dict[str, Any]:
-    """Seconds per image of the images this run generated; when it generated none (all resumed), the last
-    run's figure from the folder's summary.json."""
-    if generated:
-        return {"images": generated, "seconds": seconds, "seconds_per_image": seconds / generated}
-    try:
-        previous = json.loads((folder / "summary.json").read_text())["timing"]
-        return {**previous, "from_earlier_run": True}
-    except (OSError, ValueError, KeyError, TypeError):
-        return {"images": 0, "seconds": 0.0, "seconds_per_image": None}
 
 
 def _fmt_scale(scale: float) -> str:
