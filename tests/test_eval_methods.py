@@ -78,6 +78,11 @@ def test_eval_command_compares_faceid_and_instantid(
     for m in methods.values():
         assert m["n"] == 4 and m["clip_t"]["n"] == 4 and m["seconds_per_image"] > 0
         assert m["timing"]["images"] == 4
+        # each method's first call (in this process) is its warm-up: timed apart, the other 3 images give the figure
+        timing = m["timing"]
+        assert (timing["warm_up_calls"], timing["timed_images"], timing["warm_up_left_out"]) == (1, 3, True)
+        per_image = (timing["seconds"] - timing["warm_up_seconds"]) / 3  # the 3 timed calls' seconds, not all 4's
+        assert timing["warm_up_seconds"] > 0 and timing["seconds_per_image"] == pytest.approx(per_image)
         for rec in ("arcface", "sface", "glintr100"):  # glintr100 added by the comparison: InstantID's recognizer
             stats = m["identity"][rec]
             assert stats["mean"] is not None and stats["std"] is not None and stats["detection_rate"] is not None

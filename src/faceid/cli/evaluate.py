@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import functools
 from pathlib import Path
 
 from ..errors import FaceIDError
-from .flags import add_settings_arguments, settings_from_args, tiny_vae_defaults
+from .flags import (
+    add_ray_argument,
+    add_settings_arguments,
+    int_at_least,
+    ray_session,
+    ray_workers,
+    settings_from_args,
+    tiny_vae_defaults,
+)
 from .loading import (
     add_method_weights_argument,
     add_model_loading_arguments,
@@ -65,6 +74,13 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         "--overwrite", action="store_true", help="replace images in --out that were made with other settings"
     )
     parser.add_argument("--no-plots", action="store_true", help="do not draw the plots")
+    add_ray_argument(parser, "the pipeline calls and the scoring")
+    parser.add_argument(
+        "--workers",
+        type=int_at_least(1),
+        default=2,
+        help="--ray: actors that each load the pipeline (then as many that each load the scorers) (2)",
+    )
     parser.add_argument("--out", required=True, help="folder for images, results.jsonl, summary and plots")
 
 
@@ -79,7 +95,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
         run_eval,
     )
     from ..evaluation.summary import format_rate, format_stats
-    from ..methods import identity_method
 
     prompts = load_prompts(args.prompts)
     seeds = parse_seeds(args.seeds)
@@ -97,14 +112,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
         variant = next((e.name for e in entries if e.method == "faceid" and e.name in VARIANTS), None)
         if variant is not None and settings.adapter is None:
             settings = settings.replace(adapter=variant)
-    analyzer = load_face_analyzer(args.face_models)
-    for pack in dict.fromkeys(identity_method(e.method).face_pack for e in entries):
-        if pack != "buffalo_l":  # the recognizer another method embeds faces with (antelopev2 for InstantID)
-            analyzer = analyzer.with_pack(pack, args.face_models or None)
+    analyzer = _eval_analyzer(args, entries)
     for _, photo in identities:
         analyzer.get(photo)  # NoFaceError names the photo
     scorers, clip, analyzer = build_scorers(args, analyzer)
     pipe = load_pipeline(args, settings, analyzer, fuse_when_compiled=False, progress=False)
+    ray = None
+    if args.ray is not None:  # the actors load what this process loaded, from the same command line
+        from ..evaluation import RayEval
+
+        ray = RayEval(
+            ray_workers(args, args.workers),
+            pipeline=functools.partial(load_eval_pipeline, args, settings, entries),
+            scorers=functools.partial(load_eval_scorers, args, entries),
+        )
     cases = len(identities) + len(groups)
     n = cases * len(prompts) * len(seeds) * len(scales) * max(1, len(entries))
     print(
@@ -114,24 +135,26 @@ def cmd_eval(args: argparse.Namespace) -> int:
         + (f" x {len(entries)} methods ({', '.join(e.name for e in entries)})" if entries else "")
         + f" = {n} images into {args.out}"
     )
-    result = run_eval(
-        pipe,
-        args.faces,
-        prompts,
-        seeds,
-        scales,
-        args.out,
-        scorers,
-        clip,
-        settings=settings,
-        resume=not args.no_resume,
-        overwrite=args.overwrite,
-        batch_size=args.batch_size,
-        plots=not args.no_plots,
-        log=print,
-        groups=groups,
-        methods=[e.name for e in entries] or None,
-    )
+    with ray_session(ray.workers if ray is not None else None):  # one Ray instance for both pipelines
+        result = run_eval(
+            pipe,
+            args.faces,
+            prompts,
+            seeds,
+            scales,
+            args.out,
+            scorers,
+            clip,
+            settings=settings,
+            resume=not args.no_resume,
+            overwrite=args.overwrite,
+            batch_size=args.batch_size,
+            plots=not args.no_plots,
+            log=print,
+            groups=groups,
+            methods=[e.name for e in entries] or None,
+            ray=ray,
+        )
     print()
     if entries:
         print(_methods_table(result.summary))
@@ -152,6 +175,41 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print("  ".join(parts))
     print(f"\nwrote {Path(args.out) / 'summary.md'}, summary.json, results.jsonl and plots/")
     return 0
+
+
+def _eval_analyzer(args: argparse.Namespace, entries: list):
+    """buffalo_l's analyzer, with the recognizer of every compared method's pack (antelopev2 for InstantID)."""
+    from ..methods import identity_method
+
+    analyzer = load_face_analyzer(args.face_models)
+    for pack in dict.fromkeys(identity_method(e.method).face_pack for e in entries):
+        if pack != "buffalo_l":  # the recognizer another method embeds faces with (antelopev2 for InstantID)
+            analyzer = analyzer.with_pack(pack, args.face_models or None)
+    return analyzer
+
+
+def _on_actor(args: argparse.Namespace) -> argparse.Namespace:
+    """The command line as an actor reads it: ``--device`` and ``--clip-device`` are this process's; an actor uses
+    the GPU Ray gave it, else its CPU (the best device it has)."""
+    return argparse.Namespace(**{**vars(args), "device": None, "clip_device": None})
+
+
+def load_eval_pipeline(args: argparse.Namespace, settings, entries: list):
+    """What an ``eval --ray`` generation actor loads: the pipeline ``faceid eval`` loads, from the command line."""
+    args = _on_actor(args)
+    analyzer = _eval_analyzer(args, entries)
+    return load_pipeline(args, settings, analyzer, fuse_when_compiled=False, progress=False)
+
+
+def load_eval_scorers(args: argparse.Namespace, entries: list):
+    """What an ``eval --ray`` scoring actor loads: the recognizers (with the training recognizers a comparison
+    adds, as ``run_eval`` adds them) and the CLIP scorer of the command line."""
+    from ..evaluation.methods import training_scorers
+
+    args = _on_actor(args)
+    scorers, clip, analyzer = build_scorers(args, _eval_analyzer(args, entries))
+    added, _ = training_scorers(entries, scorers, analyzer)
+    return [*scorers, *added], clip
 
 
 def _check_methods(args: argparse.Namespace, settings) -> list:

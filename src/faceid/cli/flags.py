@@ -319,3 +319,50 @@ def int_at_least(minimum: int):
         return value
 
     return parse
+
+
+# ---- --ray (faceid prepare and faceid eval: batch work on Ray Data)
+
+
+def add_ray_argument(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--ray [ADDRESS]``, shared by ``faceid prepare`` and ``faceid eval``."""
+    parser.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="ADDRESS",
+        help=f"run {what} as a Ray Data pipeline, on --workers actors (a GPU each when the cluster has GPUs): on "
+        "a local Ray instance, or on the cluster at ADDRESS (auto, or ray://HOST:PORT; every machine must see the "
+        "same paths)",
+    )
+
+
+def ray_workers(args: argparse.Namespace, workers: int):
+    """The :class:`~faceid.ray_data.RayWorkers` of ``--ray`` (None without it)."""
+    if getattr(args, "ray", None) is None:
+        return None
+    from ..ray_data import RayWorkers
+
+    return RayWorkers(address=args.ray or None, workers=workers)
+
+
+def ray_session(workers):
+    """Ray joined (or started) for a command's whole run when ``workers`` (from :func:`ray_workers`) is given; a
+    context that does nothing otherwise."""
+    import contextlib
+
+    if workers is None:
+        return contextlib.nullcontext()
+    import logging
+
+    from ..ray_data import ray_session as session
+
+    try:
+        import ray.data  # noqa: F401 - it sets up its loggers on import: quiet them after that
+    except ImportError:
+        pass  # ray_session says what to install
+    else:
+        if logging.getLogger("faceid").getEffectiveLevel() > logging.DEBUG:  # --debug keeps them
+            logging.getLogger("ray.data").setLevel(logging.ERROR)
+    return session(workers.address)

@@ -12,7 +12,16 @@ import warnings
 # logs "Failed to load CPU gemm_4bit_forward from kernels-community ..." when it is imported, by peft or
 # diffusers, on a machine without the optional `kernels` package). Other libraries' warnings are dropped too
 # (the root handler below only passes errors); these are named so that --debug is the one way to see them.
-_CHATTY_LIBRARIES = ("accelerate", "bitsandbytes", "diffusers", "huggingface_hub", "peft", "torch", "transformers")
+_CHATTY_LIBRARIES = (
+    "accelerate",
+    "bitsandbytes",
+    "diffusers",
+    "huggingface_hub",
+    "peft",
+    "ray.data",
+    "torch",
+    "transformers",
+)
 
 
 class _StderrHandler(logging.StreamHandler):

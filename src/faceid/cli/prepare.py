@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .flags import int_at_least
+from .flags import add_ray_argument, int_at_least, ray_session, ray_workers
 from .loading import FACE_MODELS_HELP
 
 
@@ -32,13 +32,19 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     parser.add_argument(
         "--with-crops", action="store_true", help="also store the 224x224 aligned face crops (needed for Plus)"
     )
-    parser.add_argument("--workers", type=int_at_least(1), default=2, help="parallel face analyzers (default 2)")
+    parser.add_argument(
+        "--workers",
+        type=int_at_least(1),
+        default=2,
+        help="parallel face analyzers (threads; --ray: actors) (default 2)",
+    )
     parser.add_argument(
         "--shard-size", type=int_at_least(1), default=256, help="source images per shard file (default 256)"
     )
     parser.add_argument(
         "--overwrite", action="store_true", help="rebuild the output folder even if it was prepared with other settings"
     )
+    add_ray_argument(parser, "the face analysis")
     return parser
 
 
@@ -50,18 +56,21 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from ..data.shards import SKIPPED_FILE
     from ..faces import FaceAnalyzer
 
-    report = prepare_dataset(
-        args.images_dir,
-        args.out,
-        functools.partial(FaceAnalyzer.from_pretrained, args.face_models or None),
-        multi_face=args.multi_face,
-        min_face_size=args.min_face_size,
-        with_crops=args.with_crops,
-        workers=args.workers,
-        shard_size=args.shard_size,
-        progress=not getattr(args, "quiet", False),
-        overwrite=args.overwrite,
-    )
+    ray = ray_workers(args, args.workers)
+    with ray_session(ray):
+        report = prepare_dataset(
+            args.images_dir,
+            args.out,
+            functools.partial(FaceAnalyzer.from_pretrained, args.face_models or None),
+            multi_face=args.multi_face,
+            min_face_size=args.min_face_size,
+            with_crops=args.with_crops,
+            workers=args.workers,
+            shard_size=args.shard_size,
+            progress=not getattr(args, "quiet", False),
+            overwrite=args.overwrite,
+            ray=ray,
+        )
     print(report.summary())
     if report.kept == 0:
         print(

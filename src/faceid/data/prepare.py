@@ -1,9 +1,10 @@
 """``prepare_dataset``: detect and embed the face of every photo of a folder once, and store the result as a
-dataset (:mod:`faceid.data.shards` describes its files); resumable, in parallel, every skipped file listed
-with the reason."""
+dataset (:mod:`faceid.data.shards` describes its files); resumable, in parallel (threads, or Ray Data actors with
+``ray=``: the same per-photo function and the same shard writer), every skipped file listed with the reason."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -11,7 +12,7 @@ import queue
 import shutil
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,6 +41,7 @@ from .shards import (
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..faces import FaceAnalyzer
+    from ..ray_data import RayWorkers
 
 __all__ = ["MULTI_FACE_POLICIES", "SKIP_REASONS", "PrepareReport", "prepare_dataset"]
 
@@ -267,6 +269,7 @@ def prepare_dataset(
     shard_size: int = 256,
     progress: bool = True,
     overwrite: bool = False,
+    ray: RayWorkers | None = None,
 ) -> PrepareReport:
     """Detect and embed the face of every image under ``images_dir`` and store a training dataset in ``out_dir``.
 
@@ -283,8 +286,14 @@ def prepare_dataset(
     Re-running the same call resumes an interrupted run: finished shards are kept, and the result is the
     same as one uninterrupted run. Changing a setting that affects the result (``multi_face``,
     ``min_face_size``, ``with_crops``, ``shard_size``, the face models or ``images_dir``) is refused with a
-    :class:`FaceIDError` unless ``overwrite=True``, which rebuilds the dataset. ``workers`` and ``progress``
-    may change freely.
+    :class:`FaceIDError` unless ``overwrite=True``, which rebuilds the dataset. ``workers``, ``progress`` and
+    ``ray`` may change freely.
+
+    ``ray`` (a :class:`~faceid.ray_data.RayWorkers`): the per-photo work runs as a Ray Data pipeline instead of
+    threads, on ``ray.workers`` actors that each call ``analyzer_factory()`` once (so it must pickle:
+    ``functools.partial`` of a loader and paths); ``workers`` is then unused. Shards are written here, as they
+    complete, and are the same as without Ray; the photos, the face models and ``out_dir`` must be at the same
+    paths on every machine of a cluster.
     """
     started = time.perf_counter()
     if multi_face not in MULTI_FACE_POLICIES:
@@ -361,20 +370,22 @@ def prepare_dataset(
     reused = len(shard_metas)
 
     if todo:
-        while len(analyzers) < min(workers, sum(len(chunks[k]) for k in todo)):
-            analyzers.append(analyzer_factory())
-        _run_chunks(
-            src,
+        jobs = [(k, rel) for k in todo for rel in chunks[k]]
+        rules = {"multi_face": multi_face, "min_face_size": min_face_size, "with_crops": with_crops}
+        if ray is None:
+            while len(analyzers) < min(workers, len(jobs)):
+                analyzers.append(analyzer_factory())
+            outcomes = _analyze_in_threads(src, jobs, analyzers, rules)
+        else:
+            outcomes = _analyze_on_ray(src, jobs, analyzer_factory, rules, ray)
+        _write_shards(
+            outcomes,
             out,
             chunks,
-            todo,
             keys,
             settings_id,
-            analyzers,
             shard_metas,
             dim=dim,
-            multi_face=multi_face,
-            min_face_size=min_face_size,
             with_crops=with_crops,
             progress=progress,
             done_images=sum(len(chunks[k]) for k in shard_metas),
@@ -429,31 +440,11 @@ def prepare_dataset(
     return report
 
 
-def _run_chunks(
-    src: Path,
-    out: Path,
-    chunks: list[list[str]],
-    todo: list[int],
-    keys: dict[int, str],
-    settings_id: str,
-    analyzers: list,
-    shard_metas: dict[int, dict],
-    *,
-    dim: int,
-    multi_face: str,
-    min_face_size: int,
-    with_crops: bool,
-    progress: bool,
-    done_images: int,
-    total_images: int,
-) -> None:
-    """Analyze the chunks in ``todo`` with a thread per analyzer; write each shard as soon as it is complete.
-
-    Results are consumed in file order with a bounded look-ahead, so shards are written in order and
-    memory stays bounded whatever the dataset size.
-    """
-    from tqdm.auto import tqdm
-
+def _analyze_in_threads(
+    src: Path, jobs: list[tuple[int, str]], analyzers: list, rules: dict[str, Any]
+) -> Iterator[tuple[int, FileOutcome]]:
+    """``(chunk, outcome)`` of every job, in order, from a thread per analyzer (the detectors and onnxruntime
+    release the GIL while they compute), with a bounded look-ahead so that memory stays bounded."""
     pool: queue.Queue = queue.Queue()
     for analyzer in analyzers:
         pool.put(analyzer)
@@ -461,22 +452,19 @@ def _run_chunks(
     def task(rel: str) -> FileOutcome:
         analyzer = pool.get()
         try:
-            return _analyze_file(analyzer, src / rel, rel, multi_face, min_face_size, with_crops)
+            return _analyze_file(analyzer, src / rel, rel, **rules)
         finally:
             pool.put(analyzer)
 
-    jobs = iter([(k, rel) for k in todo for rel in chunks[k]])
+    pending = iter(jobs)
     window = 4 * len(analyzers)
     inflight: deque = deque()
-    buffers: dict[int, list[FileOutcome]] = {}
-    processed = errors = kept = 0
-    bar = tqdm(total=total_images, initial=done_images, unit="img", desc="Analyzing faces", disable=not progress)
     executor = ThreadPoolExecutor(max_workers=len(analyzers), thread_name_prefix="faceid-prepare")
     try:
 
         def fill() -> None:
             while len(inflight) < window:
-                job = next(jobs, None)
+                job = next(pending, None)
                 if job is None:
                     return
                 inflight.append((job[0], executor.submit(task, job[1])))
@@ -486,6 +474,58 @@ def _run_chunks(
             k, future = inflight.popleft()
             outcome = future.result()
             fill()
+            yield k, outcome
+    finally:
+        # On an interruption: drop queued images, let running ones finish (one image each), keep written shards.
+        executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _load_analyzer(factory: Callable[[], FaceAnalyzer]) -> FaceAnalyzer:
+    """A Ray actor's state: its own analyzer, built once."""
+    return factory()
+
+
+def _analyze_files(src: Path, rules: dict[str, Any], analyzer, jobs: list[tuple[int, str]]) -> list[FileOutcome]:
+    """A Ray actor's batch: the same per-photo function as the threads run."""
+    return [_analyze_file(analyzer, src / rel, rel, **rules) for _, rel in jobs]
+
+
+def _analyze_on_ray(
+    src: Path, jobs: list[tuple[int, str]], factory: Callable[[], FaceAnalyzer], rules: dict[str, Any], ray: RayWorkers
+) -> Iterator[tuple[int, FileOutcome]]:
+    """``(chunk, outcome)`` of every job from a Ray Data pipeline of actors that each hold an analyzer; in the
+    order batches finish."""
+    from ..ray_data import map_on_actors
+
+    setup = functools.partial(_load_analyzer, factory)
+    work = functools.partial(_analyze_files, src, rules)
+    for index, outcome in map_on_actors(jobs, setup, work, ray, batch_size=(16, 64)):
+        yield jobs[index][0], outcome
+
+
+def _write_shards(
+    outcomes: Iterable[tuple[int, FileOutcome]],
+    out: Path,
+    chunks: list[list[str]],
+    keys: dict[int, str],
+    settings_id: str,
+    shard_metas: dict[int, dict],
+    *,
+    dim: int,
+    with_crops: bool,
+    progress: bool,
+    done_images: int,
+    total_images: int,
+) -> None:
+    """Write each shard as soon as all its images are analysed (its rows in file order, whatever order they
+    came in), with a progress bar over the finished images; stop when analysis fails on every image."""
+    from tqdm.auto import tqdm
+
+    buffers: dict[int, list[FileOutcome]] = {}
+    processed = errors = kept = 0
+    bar = tqdm(total=total_images, initial=done_images, unit="img", desc="Analyzing faces", disable=not progress)
+    try:
+        for k, outcome in outcomes:
             processed += 1
             kept += outcome.reason is None
             errors += outcome.reason == "error"
@@ -498,10 +538,13 @@ def _run_chunks(
             bar.update(1)
             bar.set_postfix(kept=kept, skipped=processed - kept, refresh=False)
             if len(buffers[k]) == len(chunks[k]):
+                order = {rel: i for i, rel in enumerate(chunks[k])}
+                rows = sorted(buffers.pop(k), key=lambda o: order[o.file_name])
                 meta = {"format": SHARD_FORMAT, "version": FORMAT_VERSION, "shard": k, "key": keys[k]}
                 meta["settings"] = settings_id
-                shard_metas[k] = write_shard(out / shard_name(k), buffers.pop(k), meta, dim, with_crops)
+                shard_metas[k] = write_shard(out / shard_name(k), rows, meta, dim, with_crops)
     finally:
-        # On an interruption: drop queued images, let running ones finish (one image each), keep written shards.
-        executor.shutdown(wait=True, cancel_futures=True)
+        close = getattr(outcomes, "close", None)
+        if close is not None:  # a generator: its threads or its Ray pipeline stop now
+            close()
         bar.close()

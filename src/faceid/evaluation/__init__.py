@@ -26,7 +26,7 @@ from .inputs import (
 )
 from .methods import EvalMethod, compare_methods, methods_markdown, parse_methods, resolve_methods
 from .plots import write_method_plots, write_plots
-from .run import EvalResult, named_references, run_eval, score_folder, write_jsonl
+from .run import EvalResult, RayEval, named_references, run_eval, score_folder, write_jsonl
 from .summary import summarize, summary_markdown
 
 __all__ = [
@@ -36,6 +36,7 @@ __all__ = [
     "EvalGroup",
     "EvalMethod",
     "EvalResult",
+    "RayEval",
     "best_of",
     "best_of_person",
     "compare_methods",

@@ -7,6 +7,9 @@
   writes ``results.jsonl``, ``summary.json``, ``summary.md`` and plots.
 * :func:`score_folder` scores images that already exist (``faceid score``).
 
+With ``run_eval(..., ray=RayEval(...))`` the pipeline calls and the scoring run on Ray Data actors that load the
+models themselves (:mod:`faceid.ray_data`); the calls, the rows and the files are the same.
+
 Layout of an evaluation folder (``--out DIR``)::
 
     DIR/images/scale_<s>/<identity>/p<NN>_s<seed>.png   every generated image, settings in its text chunks
@@ -21,6 +24,7 @@ method), ``results.jsonl`` (every row with its ``method``), ``plots/<method>.png
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -28,7 +32,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -53,7 +57,10 @@ from .methods import (
 from .plots import write_method_plots, write_plots
 from .summary import summarize, summary_markdown
 
-__all__ = ["EvalResult", "named_references", "run_eval", "score_folder", "write_jsonl"]
+if TYPE_CHECKING:  # pragma: no cover
+    from ..ray_data import RayWorkers
+
+__all__ = ["EvalResult", "RayEval", "named_references", "run_eval", "score_folder", "write_jsonl"]
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +105,7 @@ def run_eval(
     log: Callable[[str], None] | None = None,
     groups: Sequence[EvalGroup | str | Sequence[str]] = (),
     methods: Sequence[str] | str | None = None,
+    ray: RayEval | None = None,
 ) -> EvalResult:
     """Generate, keep and score the grid identities x prompts x seeds x scales; write results and summary.
 
@@ -131,6 +139,13 @@ def run_eval(
     method's training recognizer that no scorer embeds with is added as a scorer when its pack is at hand
     (``glintr100`` from the pipeline's analyzer for InstantID, :func:`~faceid.evaluation.methods.training_scorers`),
     else the comparison says it is missing (``missing_recognizers``).
+
+    ``ray`` (a :class:`RayEval`): the images are made and scored by Ray Data actors instead of in this process:
+    the grid's pipeline calls (the same calls, the same seeds, so the same images) on actors that each load the
+    pipeline with ``ray.pipeline()``, then every image's scores on actors that each load the scorers with
+    ``ray.scorers()``; ``pipe`` and the scorers given here still check the inputs and plan the grid, and the
+    files written are the same as without Ray (every worker must see ``faces_dir`` and ``out_dir`` at the same
+    paths).
     """
     say = log or logger.info
     if isinstance(prompts, (str, os.PathLike)) or prompts is None:
@@ -189,12 +204,25 @@ def run_eval(
     # Every grid's plan before any image: a folder of another run fails here, not halfway.
     plans = [_plan(grid, folder, run_settings, resume, overwrite) for _, folder, run_settings in runs]
 
+    # Every grid's images first (all methods' pipeline calls together: on Ray, one pool of actors loads the
+    # pipeline once for all of them), then every image's scores.
+    batches = [batch for run, plan in enumerate(plans) for batch in _batches(plan, batch_size, run)]
+    timings = _generate(pipe, grid, runs, plans, batches, say, ray)
+    all_jobs = [job for plan in plans for job in plan.jobs]
+    say(
+        f"scoring {len(all_jobs)} image(s) with {', '.join(names) or 'no recognizer'}"
+        + (f" and CLIP ({clip_scorer.name})" if clip_scorer is not None else "")
+    )
+    if ray is None:
+        measures = _measure((scorers, clip_scorer), all_jobs)
+    else:
+        measures = _measure_on_ray(all_jobs, ray, names)
+
     results = []
-    for (entry, folder, run_settings), plan in zip(runs, plans, strict=True):
-        if entry is not None:
-            say(f"method {entry.name} ({entry.title}) into {folder}")
-        generated, seconds = _generate(pipe, grid, plan, batch_size, say, folder)
-        rows = _score_jobs(plan.jobs, scorers, clip_scorer, folder, say)
+    start = 0
+    for run, ((entry, folder, run_settings), plan) in enumerate(zip(runs, plans, strict=True)):
+        rows = _rows(plan.jobs, measures[start : start + len(plan.jobs)], folder)
+        start += len(plan.jobs)
         run_info = {
             **run_settings.to_json(),
             **extra,
@@ -208,14 +236,14 @@ def run_eval(
             "faceid_version": __version__,
         }
         summary = summarize(rows, recognizers=names, settings=run_info)
-        summary["timing"] = _timing(folder, generated, seconds)
+        summary["timing"] = timings[run].summary(folder)
         folder.mkdir(parents=True, exist_ok=True)
         write_jsonl(folder / "results.jsonl", rows)
         atomic_write(folder / "summary.json", json.dumps(summary, indent=2) + "\n")
         atomic_write(folder / "summary.md", summary_markdown(summary))
         # A comparison draws its own plots (one per method and one of all); a single run, its curve and the rest.
         plot_paths = write_plots(summary, rows, folder / "plots", say) if plots and entry is None else []
-        results.append(EvalResult(rows, summary, folder, generated, plan.reused, plot_paths))
+        results.append(EvalResult(rows, summary, folder, timings[run].generated, plan.reused, plot_paths))
         say(f"results: {folder / 'results.jsonl'}; summary: {folder / 'summary.md'}")
     if entries is None:
         return results[0]
@@ -319,10 +347,23 @@ def _plan(grid: _Grid, out_dir: Path, shared: GenerationSettings, resume: bool, 
     return _Plan(shared, jobs, todo, reused)
 
 
-def _generate(pipe, grid: _Grid, plan: _Plan, batch_size: int, say, out_dir: Path) -> tuple[int, float]:
-    """Generate what the plan is missing; (images generated, seconds the pipeline calls took)."""
-    generated, seconds = 0, 0.0
+@dataclass
+class _Batch:
+    """One pipeline call of a grid: up to ``batch_size`` seeds of one case, prompt and scale (``run``: which
+    grid, one per method)."""
+
+    run: int
+    case: tuple[str, tuple[str, ...], Any]
+    prompt_index: int
+    scale: float
+    jobs: list[dict[str, Any]]
+    request: GenerationSettings
+
+
+def _batches(plan: _Plan, batch_size: int, run: int) -> list[_Batch]:
+    """The pipeline calls that make what the plan is missing."""
     step = max(1, int(batch_size))
+    batches = []
     for (name, people, regions), p_index, scale, missing in plan.todo:
         placement = {} if regions is None else {"regions": regions}
         for start in range(0, len(missing), step):
@@ -334,33 +375,154 @@ def _generate(pipe, grid: _Grid, plan: _Plan, batch_size: int, say, out_dir: Pat
                 scale=scale,
                 **placement,
             )
-            # A group: all its people in every image, person k in region k.
-            face = grid.faces[name] if regions is None else [grid.faces[p] for p in people]
-            began = time.perf_counter()
-            result = pipe(face=face, settings=request)
-            seconds += time.perf_counter() - began
-            for job, image in zip(chunk, result.images, strict=True):
-                job["path"].parent.mkdir(parents=True, exist_ok=True)
-                save_png(image, job["path"], job["metadata"])
-                generated += 1
-            say(
-                f"[{generated}/{len(plan.jobs) - plan.reused}] {name} p{p_index:02d} scale {scale:g}: "
-                f"{len(chunk)} image(s)"
+            batches.append(_Batch(run, (name, people, regions), p_index, scale, chunk, request))
+    return batches
+
+
+def _make_images(pipe, faces: Mapping[str, Any], batch: _Batch) -> float:
+    """One pipeline call and its PNGs; the seconds the call took. The same here and on a Ray actor."""
+    name, people, regions = batch.case
+    # A group: all its people in every image, person k in region k.
+    face = faces[name] if regions is None else [faces[p] for p in people]
+    began = time.perf_counter()
+    result = pipe(face=face, settings=batch.request)
+    seconds = time.perf_counter() - began
+    for job, image in zip(batch.jobs, result.images, strict=True):
+        job["path"].parent.mkdir(parents=True, exist_ok=True)
+        save_png(image, job["path"], job["metadata"])
+    return seconds
+
+
+@dataclass
+class _Generator:
+    """A process's pipeline (here, or a Ray actor's) and the runs it has made a call of: a run's first call in a
+    process pays what is done once (kernels chosen, a method's pipeline built, caches filled), so it is timed apart."""
+
+    pipe: Any
+    warmed: set[int] = field(default_factory=set)
+
+    def make(self, faces: Mapping[str, Any], batch: _Batch) -> tuple[float, bool]:
+        """(seconds, whether it was the run's first call here)."""
+        first = batch.run not in self.warmed
+        self.warmed.add(batch.run)
+        return _make_images(self.pipe, faces, batch), first
+
+
+@dataclass
+class _Timing:
+    """A run's generation time: every call, and the calls after each process's first one of the run."""
+
+    generated: int = 0
+    seconds: float = 0.0
+    timed_images: int = 0
+    timed_seconds: float = 0.0
+    warm_up_calls: int = 0
+
+    def add(self, images: int, seconds: float, first: bool) -> None:
+        self.generated += images
+        self.seconds += seconds
+        if first:
+            self.warm_up_calls += 1
+        else:
+            self.timed_images += images
+            self.timed_seconds += seconds
+
+    def summary(self, folder: Path) -> dict[str, Any]:
+        """Seconds per image, over the calls after the warm-up ones (over all of them when there were no others);
+        when it generated none (all resumed), the last run's figure from the folder's summary.json."""
+        if self.generated:
+            warm = self.timed_images > 0
+            per_image = self.timed_seconds / self.timed_images if warm else self.seconds / self.generated
+            return {
+                "images": self.generated,
+                "seconds": self.seconds,
+                "seconds_per_image": per_image,
+                "timed_images": self.timed_images if warm else self.generated,
+                "warm_up_calls": self.warm_up_calls,
+                "warm_up_seconds": self.seconds - self.timed_seconds,
+                "warm_up_left_out": warm,
+            }
+        try:
+            previous = json.loads((folder / "summary.json").read_text())["timing"]
+            return {**previous, "from_earlier_run": True}
+        except (OSError, ValueError, KeyError, TypeError):
+            return {"images": 0, "seconds": 0.0, "seconds_per_image": None}
+
+
+def _generate(pipe, grid: _Grid, runs, plans: list[_Plan], batches: list[_Batch], say, ray: RayEval | None):
+    """Make every batch's images (here, or on Ray actors, in the order they finish); each run's ``_Timing``."""
+    timings = [_Timing() for _ in plans]
+    generated = [0] * len(plans)
+    if ray is None:
+        here = _Generator(pipe)
+        done = ((index, here.make(grid.faces, batch)) for index, batch in enumerate(batches))
+    else:
+        from ..ray_data import map_on_actors
+
+        setup = functools.partial(_load_generator, ray.pipeline)
+        work = functools.partial(_make_images_of, grid.faces)
+        done = map_on_actors(batches, setup, work, ray.workers, batch_size=(1, 1))
+    for entry, folder, _ in runs:
+        if entry is not None:
+            say(f"method {entry.name} ({entry.title}) into {folder}")
+    for index, (took, first) in done:
+        batch = batches[index]
+        entry = runs[batch.run][0]
+        timings[batch.run].add(len(batch.jobs), took, first)
+        generated[batch.run] += len(batch.jobs)
+        plan = plans[batch.run]
+        say(
+            f"[{generated[batch.run]}/{len(plan.jobs) - plan.reused}] "
+            + (f"{entry.name}: " if entry is not None else "")
+            + f"{batch.case[0]} p{batch.prompt_index:02d} scale {batch.scale:g}: {len(batch.jobs)} image(s)"
+        )
+    for (_, folder, _), plan, count in zip(runs, plans, generated, strict=True):
+        say(f"{count} image(s) generated, {plan.reused} reused from {folder}")
+    return timings
+
+
+@dataclass(frozen=True)
+class RayEval:
+    """How ``run_eval`` runs on Ray Data: where and on how many actors (``workers``), and what each actor loads,
+    as picklable callables of paths (``functools.partial`` of a module-level loader): ``pipeline()`` -> the
+    pipeline (with every compared method loaded, as the ``pipe`` given to ``run_eval``), ``scorers()`` ->
+    ``(identity scorers, CLIP scorer or None)``, the same recognizers under the same names as the run's
+    (including the training recognizers a comparison adds). The pipeline object itself is never pickled."""
+
+    workers: RayWorkers
+    pipeline: Callable[[], Any]
+    scorers: Callable[[], tuple[Sequence[IdentityScoring], ClipTextScorer | None]]
+
+
+def _load(loader: Callable[[], Any]) -> Any:
+    """A Ray actor's state: what its loader loads, once."""
+    return loader()
+
+
+def _load_generator(loader: Callable[[], Any]) -> _Generator:
+    """A generation actor's state: its pipeline, loaded once, and the runs it has warmed up."""
+    return _Generator(loader())
+
+
+def _make_images_of(faces: Mapping[str, Any], generator: _Generator, batches: list[_Batch]) -> list[tuple]:
+    """A generation actor's work: its batches' pipeline calls, each (seconds, first call of its run here)."""
+    return [generator.make(faces, batch) for batch in batches]
+
+
+def _measure_on_ray(jobs: list[dict[str, Any]], ray: RayEval, names: list[str]) -> list[dict[str, Any]]:
+    """:func:`_measure` of every job on scoring actors, put back in job order; the actors' recognizers must be
+    the run's."""
+    from ..ray_data import map_on_actors
+
+    measures: list[dict[str, Any] | None] = [None] * len(jobs)
+    for index, measure in map_on_actors(jobs, functools.partial(_load, ray.scorers), _measure, ray.workers):
+        if list(measure["similarity"]) != names:
+            raise FaceIDError(
+                f"the Ray actors' scorers are {list(measure['similarity'])}, the run's {names}: RayEval.scorers "
+                "must load the same recognizers, in the same order"
             )
-    say(f"{generated} image(s) generated, {plan.reused} reused from {out_dir}")
-    return generated, seconds
-
-
-def _timing(folder: Path, generated: int, seconds: float) -> dict[str, Any]:
-    """Seconds per image of the images this run generated; when it generated none (all resumed), the last
-    run's figure from the folder's summary.json."""
-    if generated:
-        return {"images": generated, "seconds": seconds, "seconds_per_image": seconds / generated}
-    try:
-        previous = json.loads((folder / "summary.json").read_text())["timing"]
-        return {**previous, "from_earlier_run": True}
-    except (OSError, ValueError, KeyError, TypeError):
-        return {"images": 0, "seconds": 0.0, "seconds_per_image": None}
+        measures[index] = measure
+    return measures  # type: ignore[return-value]
 
 
 def _fmt_scale(scale: float) -> str:
@@ -394,32 +556,53 @@ def _same_settings(path: Path, expected: Mapping[str, Any], overwrite: bool) -> 
     )
 
 
-def _score_jobs(jobs, scorers, clip_scorer, out_dir: Path, say) -> list[dict[str, Any]]:
-    say(
-        f"scoring {len(jobs)} image(s) with {', '.join(s.name for s in scorers) or 'no recognizer'}"
-        + (f" and CLIP ({clip_scorer.name})" if clip_scorer is not None else "")
-    )
-    rows = []
+def _measure(state: tuple[Sequence[IdentityScoring], ClipTextScorer | None], jobs) -> list[dict[str, Any]]:
+    """Each job's image measured: identity scores (one person, or each of a group), and with a CLIP scorer its
+    image embedding and CLIP-T. The same here (every job at once) and on a Ray actor (a batch)."""
+    scorers, clip_scorer = state
+    measures = []
     for job in jobs:
         if not job["group"]:
-            scores = _scores(scorers, job["path"], job["photos"][0])
-            faces, people = job["photos"][0].name, {}
-        else:
-            person_scores, extra_faces = _people_scores(scorers, job["path"], job["photos"])
-            faces = [photo.name for photo in job["photos"]]
-            people = {
-                "people": [
-                    {"identity": person, "face": photo.name, **person_score}
-                    for person, photo, person_score in zip(job["people"], job["photos"], person_scores, strict=True)
-                ]
-            }
-            # The picture as a whole: the mean over its people (one not found counts 0, as a faceless image
-            # does alone), the least-like person, and "no face" when anyone is missing.
-            scores = {
+            measures.append({**_scores(scorers, job["path"], job["photos"][0]), "people": None})
+            continue
+        person_scores, extra_faces = _people_scores(scorers, job["path"], job["photos"])
+        # The picture as a whole: the mean over its people (one not found counts 0, as a faceless image
+        # does alone), the least-like person, and "no face" when anyone is missing.
+        measures.append(
+            {
                 "similarity": {n: float(np.mean([p["similarity"][n] for p in person_scores])) for n in extra_faces},
                 "similarity_min": {n: min(p["similarity"][n] for p in person_scores) for n in extra_faces},
                 "no_face": {n: any(p["no_face"][n] for p in person_scores) for n in extra_faces},
                 "extra_faces": extra_faces,
+                "people": person_scores,
+            }
+        )
+    if clip_scorer is not None and jobs:
+        image_emb = clip_scorer.image_embeddings([job["path"] for job in jobs])
+        prompts = sorted({job["prompt"] for job in jobs})
+        text_emb = clip_scorer.text_embeddings(prompts)
+        index = {p: i for i, p in enumerate(prompts)}
+        clip_t = np.einsum("nd,nd->n", image_emb, text_emb[[index[job["prompt"]] for job in jobs]])
+        for measure, embedding, value in zip(measures, image_emb, clip_t, strict=True):
+            measure["image_embedding"] = np.asarray(embedding)
+            measure["clip_t"] = float(value)
+    return measures
+
+
+def _rows(jobs, measures: list[dict[str, Any]], out_dir: Path) -> list[dict[str, Any]]:
+    """The rows of ``results.jsonl``: each job with its measures, and the diversity of its seeds."""
+    rows = []
+    for job, measure in zip(jobs, measures, strict=True):
+        scores = {k: v for k, v in measure.items() if k not in ("people", "image_embedding", "clip_t")}
+        if not job["group"]:
+            faces, people = job["photos"][0].name, {}
+        else:
+            faces = [photo.name for photo in job["photos"]]
+            people = {
+                "people": [
+                    {"identity": person, "face": photo.name, **person_score}
+                    for person, photo, person_score in zip(job["people"], job["photos"], measure["people"], strict=True)
+                ]
             }
         rows.append(
             {
@@ -431,19 +614,14 @@ def _score_jobs(jobs, scorers, clip_scorer, out_dir: Path, say) -> list[dict[str
                 "seed": job["seed"],
                 "scale": job["scale"],
                 **scores,
-                "clip_t": None,
+                "clip_t": measure.get("clip_t"),
                 "path": _relative(job["path"], out_dir),
             }
         )
-    if clip_scorer is not None and jobs:
-        image_emb = clip_scorer.image_embeddings([job["path"] for job in jobs])
-        prompts = sorted({job["prompt"] for job in jobs})
-        text_emb = clip_scorer.text_embeddings(prompts)
-        index = {p: i for i, p in enumerate(prompts)}
-        clip_t = np.einsum("nd,nd->n", image_emb, text_emb[[index[job["prompt"]] for job in jobs]])
+    if rows and all("image_embedding" in m for m in measures):
+        image_emb = np.stack([m["image_embedding"] for m in measures])
         groups: dict[tuple, list[int]] = {}
-        for i, (row, value) in enumerate(zip(rows, clip_t, strict=True)):
-            row["clip_t"] = float(value)
+        for i, row in enumerate(rows):
             groups.setdefault((row["scale"], row["identity"], row["prompt_index"]), []).append(i)
         for members in groups.values():
             value = diversity(image_emb[members])

@@ -209,4 +209,10 @@ def _seconds_per_image(timing: Mapping[str, Any] | None) -> str | None:
     if not timing or timing.get("seconds_per_image") is None:
         return None
     earlier = ", an earlier run's" if timing.get("from_earlier_run") else ""
-    return f"{timing['seconds_per_image']:.3g} (over {timing['images']} generated image(s){earlier})"
+    over = timing.get("timed_images", timing["images"])
+    if timing.get("warm_up_left_out"):
+        warm = timing["warm_up_calls"]
+        earlier = f", the first call{'s' if warm > 1 else ''} of the run left out as warm-up" + earlier
+    elif timing.get("warm_up_calls"):
+        earlier = ", its first call's warm-up included: one call only" + earlier
+    return f"{timing['seconds_per_image']:.3g} (over {over} generated image(s){earlier})"

@@ -37,6 +37,7 @@ from torch import nn
 from ..attention import CallAttention
 from ..errors import CheckpointError, FaceIDError
 from ..projection import PerceiverAttention, feed_forward
+from .pulid_face import EVA_CLIP_FILE, PARSING_FILE, PuLIDFace, PuLIDFaceEncoder, _count, _load_exactly, _tensor
 
 IDFORMER_DIM_HEAD = 64
 """The IDFormer's head width: released ``heads = inner width / 64`` (no tensor shape shows it)."""
@@ -85,43 +86,6 @@ def _part(state: dict[str, torch.Tensor], prefix: str, label: str) -> dict[str, 
     if not part:
         raise CheckpointError(f"{label} has no '{prefix}.*' tensors: it is not the PuLID file this needs")
     return part
-
-
-def _tensor(state: dict[str, torch.Tensor], key: str, label: str) -> torch.Tensor:
-    if key not in state:
-        raise CheckpointError(f"{label} lacks the key {key!r}: it is not a complete released PuLID file")
-    return state[key]
-
-
-def _count(state: dict[str, torch.Tensor], prefix: str, separator: str = ".") -> int:
-    """How many numbered entries ``{prefix}{separator}{i}.*`` there are, counting 0, 1, ... up to the first gap."""
-    count = 0
-    while any(key.startswith(f"{prefix}{separator}{count}.") for key in state):
-        count += 1
-    return count
-
-
-def _load_exactly(module: nn.Module, state: dict[str, torch.Tensor], label: str) -> None:
-    """Load ``state`` into ``module``, refusing any missing, extra or misshapen key by name."""
-    expected = module.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing key(s) {', '.join(map(repr, missing[:8]))}{' ...' if len(missing) > 8 else ''}")
-        if unexpected:
-            parts.append(
-                f"unexpected key(s) {', '.join(map(repr, unexpected[:8]))}{' ...' if len(unexpected) > 8 else ''}"
-            )
-        raise CheckpointError(f"{label} does not have the released PuLID layout: {'; '.join(parts)}")
-    for key, value in expected.items():
-        if tuple(state[key].shape) != tuple(value.shape):
-            raise CheckpointError(
-                f"{label}: {key!r} has shape {tuple(state[key].shape)}, expected {tuple(value.shape)} "
-                "(a file made for another model size?)"
-            )
-    module.load_state_dict(state, strict=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -225,21 +189,6 @@ class IDFormer(nn.Module):
                 latents = attention(context, latents) + latents
                 latents = ff(latents) + latents
         return latents[:, : config.num_queries] @ self.proj_out
-
-
-@dataclass(frozen=True)
-class PuLIDFace:
-    """What PuLID's encoder reads from one photo of a face (``faceid.methods.pulid_face.PuLIDFaceEncoder``).
-
-    ``antelopev2``: the raw (not normalised) 512-d embedding of antelopev2's ``glintr100`` (insightface
-    ``face['embedding']``), shape (512,) or (1, 512). ``eva_projection``: EVA02-CLIP-L-14-336's projection output
-    (1, 768), before any normalisation. ``eva_hidden``: its 5 hidden states (``return_hidden=True``), each
-    (1, tokens, 1024).
-    """
-
-    antelopev2: torch.Tensor
-    eva_projection: torch.Tensor
-    eva_hidden: tuple[torch.Tensor, ...]
 
 
 def id_condition(antelopev2: torch.Tensor, eva_projection: torch.Tensor) -> torch.Tensor:
@@ -490,8 +439,6 @@ def pulid_files(folder: str | Path) -> tuple[Path, Path, Path]:
     """The three files PuLID v1.1 loads from one folder, by their released names: ``pulid_v1.1.safetensors``
     (guozinan/PuLID), ``EVA02_CLIP_L_336_psz14_s6B.pt`` (QuanSun/EVA-CLIP) and ``parsing_bisenet.pth``
     (facexlib's release v0.2.0); a folder without them is refused, naming what to download."""
-    from .pulid_face import EVA_CLIP_FILE, PARSING_FILE
-
     folder = Path(folder).expanduser()
     files = (folder / CHECKPOINT_V11, folder / EVA_CLIP_FILE, folder / PARSING_FILE)
     missing = [f.name for f in files if not f.is_file()]
@@ -551,7 +498,6 @@ class PuLID:
         and check they fit together and this UNet. The encoder, EVA and BiSeNet run in float32 on the UNet's
         device (as the authors'); the processors take the UNet's dtype."""
         from ..attention import FaceIDAttnProcessor
-        from .pulid_face import PuLIDFaceEncoder
 
         adapter = PuLIDSDXL.from_file(checkpoint, unet)
         face_encoder = PuLIDFaceEncoder.from_files(eva_clip, parsing)

@@ -36,7 +36,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CheckpointError, FaceIDError
-from .pulid import PuLIDFace, _count, _load_exactly, _tensor
 
 EVA_CLIP_FILE = "EVA02_CLIP_L_336_psz14_s6B.pt"
 PARSING_FILE = "parsing_bisenet.pth"
@@ -47,6 +46,59 @@ EVA_STD = (0.26862954, 0.26130258, 0.27577711)
 PARSING_MEAN = (0.485, 0.456, 0.406)
 PARSING_STD = (0.229, 0.224, 0.225)
 """ImageNet's, what the authors normalise BiSeNet's input with."""
+
+
+@dataclass(frozen=True)
+class PuLIDFace:
+    """What PuLID's encoder reads from one photo of a face (``faceid.methods.pulid_face.PuLIDFaceEncoder``).
+
+    ``antelopev2``: the raw (not normalised) 512-d embedding of antelopev2's ``glintr100`` (insightface
+    ``face['embedding']``), shape (512,) or (1, 512). ``eva_projection``: EVA02-CLIP-L-14-336's projection output
+    (1, 768), before any normalisation. ``eva_hidden``: its 5 hidden states (``return_hidden=True``), each
+    (1, tokens, 1024).
+    """
+
+    antelopev2: torch.Tensor
+    eva_projection: torch.Tensor
+    eva_hidden: tuple[torch.Tensor, ...]
+
+
+def _tensor(state: dict[str, torch.Tensor], key: str, label: str) -> torch.Tensor:
+    if key not in state:
+        raise CheckpointError(f"{label} lacks the key {key!r}: it is not a complete released PuLID file")
+    return state[key]
+
+
+def _count(state: dict[str, torch.Tensor], prefix: str, separator: str = ".") -> int:
+    """How many numbered entries ``{prefix}{separator}{i}.*`` there are, counting 0, 1, ... up to the first gap."""
+    count = 0
+    while any(key.startswith(f"{prefix}{separator}{count}.") for key in state):
+        count += 1
+    return count
+
+
+def _load_exactly(module: nn.Module, state: dict[str, torch.Tensor], label: str) -> None:
+    """Load ``state`` into ``module``, refusing any missing, extra or misshapen key by name."""
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing key(s) {', '.join(map(repr, missing[:8]))}{' ...' if len(missing) > 8 else ''}")
+        if unexpected:
+            parts.append(
+                f"unexpected key(s) {', '.join(map(repr, unexpected[:8]))}{' ...' if len(unexpected) > 8 else ''}"
+            )
+        raise CheckpointError(f"{label} does not have the released PuLID layout: {'; '.join(parts)}")
+    for key, value in expected.items():
+        if tuple(state[key].shape) != tuple(value.shape):
+            raise CheckpointError(
+                f"{label}: {key!r} has shape {tuple(state[key].shape)}, expected {tuple(value.shape)} "
+                "(a file made for another model size?)"
+            )
+    module.load_state_dict(state, strict=True)
+
 
 EVA_HEAD_WIDTH = 64
 """EVA02-CLIP-L's head width (``head_width`` of its config): heads = width / 64; no tensor shape shows it."""
