@@ -793,8 +793,6 @@ def pulid_flux_files(folder: str | Path) -> tuple[Path, Path, Path]:
     """The three files PuLID-FLUX v0.9.1 loads from one folder, by their released names: ``pulid_flux_v0.9.1.
     safetensors`` (guozinan/PuLID), ``EVA02_CLIP_L_336_psz14_s6B.pt`` (QuanSun/EVA-CLIP) and ``parsing_bisenet.pth``
     (facexlib's release v0.2.0); a folder without them is refused, naming what to download."""
-    from .pulid_face import EVA_CLIP_FILE, PARSING_FILE
-
     folder = Path(folder).expanduser()
     files = (folder / CHECKPOINT_FLUX, folder / EVA_CLIP_FILE, folder / PARSING_FILE)
     missing = [f.name for f in files if not f.is_file()]
@@ -836,8 +834,6 @@ class PuLIDFluxMethod:
         they fit together and this transformer, and attach the cross-attention modules. The encoder, EVA and BiSeNet
         run in float32 on ``device`` (default: the transformer's; as the authors'); the cross-attention modules take
         the transformer's dtype and place (with CPU offload they move with it)."""
-        from .pulid_face import PuLIDFaceEncoder
-
         adapter = PuLIDFlux.from_file(checkpoint)
         face_encoder = PuLIDFaceEncoder.from_files(eva_clip, parsing)
         tower, encoder = face_encoder.eva.config, adapter.pulid_encoder.config
