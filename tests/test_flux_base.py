@@ -270,7 +270,7 @@ def test_faceid_models_lists_flux_with_its_licence(capsys):
     families = out[out.index("Base model families") : out.index("Identity methods")]
     flux = families[families.index("FLUX.1 ") :]
     assert "FluxPipeline: 1024x1024, 28 steps, embedded guidance 3.5" in flux
-    assert "no FaceID adapter (--adapter none); methods that generate: infiniteyou, pulid-flux" in flux
+    assert "no FaceID adapter (--adapter none); methods that generate: pulid-flux, infiniteyou" in flux
     assert "FLUX.1 [dev] Non-Commercial License" in flux and "NOT for commercial use" in flux
 
 
