@@ -162,10 +162,11 @@ class JobQueue:
             if found is not None:
                 passed = [row for row, _ in jobs[:found]]
                 first_row, first = jobs[found]
-        key = first_row.batch_key
+        # the stored key (what the job was submitted with) and the row's as read now: a row changed since runs alone
+        key = (first_row.batch_key, first.batch_key)
         batch, images = [first_row], first.images
         for row, job in jobs:
-            if row is first_row or key is None or row.batch_key != key:
+            if row is first_row or key[0] is None or (row.batch_key, job.batch_key) != key:
                 continue
             if images + job.images <= max_images:
                 batch.append(row)

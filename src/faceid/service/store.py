@@ -129,6 +129,9 @@ class JobEvent(Base):
     preview's images are in a file of the data dir (``data``: its path); only the newest preview's row is kept."""
 
     __tablename__ = "job_events"
+    # numbers never reused (SQLite's AUTOINCREMENT): a reader that saw a preview that was then deleted still gets
+    # the next event
+    __table_args__ = {"sqlite_autoincrement": True}
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     job_id: Mapped[str] = mapped_column(String(32), index=True)
