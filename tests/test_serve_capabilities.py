@@ -111,7 +111,7 @@ def test_a_fast_preset_that_cannot_load_is_an_error_at_start(make_client, own_pi
 def test_serve_fast_flag(tmp_path, capsys):
     from faceid.cli import build_parser, main
     from faceid.cli.flags import settings_from_args
-    from faceid.cli.serve import _check_ray_arguments, _fast_once
+    from faceid.cli.serve import _fast_once
 
     args = build_parser().parse_args(["serve", "--fast", "lcm", "--fast", "tcd=./tcd.safetensors"])
     assert _fast_once(args.fast_presets) == {"lcm": None, "tcd": "./tcd.safetensors"}
@@ -124,9 +124,6 @@ def test_serve_fast_flag(tmp_path, capsys):
     assert "no such file" in capsys.readouterr().err
     assert main(["serve", "--data-dir", str(data), "--fast", "lcm=a", "--fast", "lcm=b"]) == 2
     assert "given twice" in capsys.readouterr().err
-    args = build_parser().parse_args(["serve", "--ray", "--fast", "lcm"])
-    with pytest.raises(FaceIDError, match="--fast is not available with --ray"):
-        _check_ray_arguments(args, settings_from_args(args))
     assert not data.exists()
 
 

@@ -243,6 +243,4 @@ def test_serve_flags_for_several_model_sets(tmp_path, capsys):
         main(["serve", "--data-dir", data, "--also-model", "a,b,c,d"])
     assert exited.value.code == 2
     assert "BASE_MODEL[,ADAPTER[,VAE]]" in capsys.readouterr().err
-    assert main(["serve", "--data-dir", data, "--ray", "--also-model", ",faceid-sdxl"]) == 2
-    assert "--ray serves one model set" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()

@@ -67,8 +67,6 @@ class Service:
             self.workers = [Worker(self, device, config.pipeline) for device in devices]
         self.metrics = Metrics(self.queue)
         self.policy = Policy(config, self.store, self.data, self.queue, self.metrics)  # quotas, text checks
-        if len(config.catalog) > 1 and config.worker_factory is not None:
-            raise FaceIDError("these workers serve one model set: give the others to a server of their own")
         # The other model sets, described from their configuration (the default one is told by its pipeline).
         self.extra_models = [ModelEntry.configured(i, spec) for i, spec in enumerate(config.catalog[1:], 1)]
         self.transcriber = config.transcriber  # speech to text, or None (loaded by start() from speech_model)
@@ -120,7 +118,7 @@ class Service:
                 if worker.pipeline is not None:
                     worker.adopt(default, self.defaults)
         self.recover()
-        if self.workers:
+        if self._claims_jobs:
             self._heartbeat = threading.Thread(target=self._beat, name="faceid-heartbeat", daemon=True)
             self._heartbeat.start()
         self.queue.set_paused(not self.config.start_workers)
@@ -166,7 +164,7 @@ class Service:
         """At start: every job a process that is gone left running is queued again (in its order; the others' are
         theirs), and a queued job that can no longer run fails, saying why: its identity was deleted meanwhile, or
         its record no longer reads. None is lost; several processes may start at once."""
-        if self.workers:  # this process runs jobs: it is alive from now on
+        if self._claims_jobs:  # this process runs jobs: it is alive from now on
             self.store.beat(self.worker_id, socket.gethostname(), os.getpid())
         self.requeue_orphans()
         for row in self.store.unfinished_jobs():
@@ -212,6 +210,10 @@ class Service:
                     f"this server serves {', '.join(sorted(families))}: serve a {' or '.join(method.families)} model "
                     "set (--base-model, --also-model) or leave it out"
                 )
+
+    @property
+    def _claims_jobs(self) -> bool:
+        return any(getattr(worker, "claims_jobs", True) for worker in self.workers)
 
     @property
     def pipeline(self):
@@ -332,7 +334,7 @@ class Service:
 
     @property
     def runs_modes(self) -> bool:
-        """Whether these workers run img2img, inpainting, ControlNet and swap (the Ray Serve ones do not yet)."""
+        """Whether these workers run img2img, inpainting, ControlNet and swap."""
         return all(getattr(worker, "runs_modes", False) for worker in self.workers)
 
     def _check_inputs(self, owner: str, inputs: JobInputs, strength: float | None) -> dict[str, Upload]:
@@ -643,7 +645,9 @@ class Service:
     def finish(self, job: QueuedJob, status: str, error: str | None = None, images: list[ImageRow] = ()) -> None:
         """End ``job`` (its row, its images' rows and its last event, in one transaction), unless it ended already."""
         event = _end(status, error, [image_url(image.id) for image in images])
-        ended = self.store.finish_job(job.id, status, error=error, images=list(images), unfinished_only=True, event=event)
+        ended = self.store.finish_job(
+            job.id, status, error=error, images=list(images), unfinished_only=True, event=event
+        )
         job.status = status
         self.queue.done(job)
         for path in self.data.previews_of(job.id):
@@ -705,7 +709,13 @@ class Service:
             images,
             job.settings,
             [self.data.image(image_id) for image_id in image_ids],
-            inputs={"generation_id": job.id, "mode": inputs.mode, **inputs.metadata(), **(extra or {})},
+            inputs={
+                "generation_id": job.id,
+                "mode": inputs.mode,
+                **inputs.metadata(),
+                **self.config.image_extra,
+                **(extra or {}),
+            },
             per_image=[
                 {"people": job.identity_ids} if inputs.people else {"identity_id": job.identity_ids[index // n]}
                 for index in range(len(images))

@@ -76,6 +76,7 @@ class JobHost(Protocol):
 
 class Worker(threading.Thread):
     runs_modes = True  # img2img, inpainting, ControlNet and swap (``Service.runs_modes``)
+    claims_jobs = True  # takes jobs from the queue (a Ray ingress's worker only describes the model replicas)
 
     def __init__(self, service: JobHost | None, device: str, pipeline: Any = None) -> None:
         super().__init__(name=f"faceid-worker-{device}", daemon=True)
