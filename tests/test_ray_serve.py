@@ -119,7 +119,7 @@ def cluster(request, ray_local, tmp_path_factory, tiny_models, face_models_dir, 
     handle = serve.get_deployment_handle(MODEL_DEPLOYMENT, APP_NAME)
     # The same app outside Ray: another ingress process would be this (it claims no job)
     config = _service_config(options, loader, worker_factory=lambda s: [ReplicaDescription(s, handle, 2)])
-    other = TestClient(create_app(config), base_url="http://localhost", headers=KEY_A)
+    other = TestClient(create_app(config), base_url=f"http://127.0.0.1:{ray_local}", headers=KEY_A)
     other.__enter__()
     http = httpx.Client(base_url=f"http://127.0.0.1:{ray_local}", timeout=60, headers=KEY_A)
     try:
