@@ -200,8 +200,13 @@ def test_every_mode_people_and_style_run_on_the_replicas(cluster, faces_dir):
         "controlnet": {"identity_id": obama, "controls": [{"kind": "canny", "image": init}], "seed": 5},
         "people": {"people": [obama, biden], "seed": 6},
         "style": {"identity_id": obama, "style": [{"image": photo, "adapter": "tiny", "scale": 0.8}], "seed": 7},
-        "swap": {"identity_id": biden, "swap": {"target": photo, "resolution": 64}, "seed": 8, "width": None,
-                 "height": None},  # fmt: skip
+        "swap": {
+            "identity_id": biden,
+            "swap": {"target": photo, "resolution": 64},
+            "seed": 8,
+            "width": None,
+            "height": None,
+        },  # fmt: skip
     }
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         jobs = dict(zip(requests, pool.map(lambda body: submit(http, **body), requests.values()), strict=True))
@@ -222,6 +227,9 @@ def test_every_mode_people_and_style_run_on_the_replicas(cluster, faces_dir):
     assert finished(http, jobs["people"])["settings"]["regions"] == "auto"
     assert finished(http, jobs["style"])["settings"]["style"] == [{"adapter": "tiny", "scale": 0.8}]
     assert len(replicas) == 2, replicas  # both model replicas made images
+    # each job ran once (claimed by one replica): no image file beyond those listed
+    made = [p.name for p in (cluster.data_dir / "images").iterdir() if "-control" not in p.name]
+    assert len(made) == len(jobs), made
 
 
 def test_progress_previews_and_cancel_through_another_ingress(cluster, faces_dir):
@@ -251,9 +259,10 @@ def test_keys_isolation_deletion_and_a_restarted_ingress(cluster, faces_dir):
     identity = enroll(http, faces_dir, "obama.jpg")
     job = submit(http, identity_id=identity, seed=11, num_images_per_prompt=2)
     # every ingress replica is stopped and started again by Serve: the jobs are in the database
-    for actor in ray.util.list_named_actors(all_namespaces=True):
-        if INGRESS_DEPLOYMENT in actor["name"]:
-            ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=False)
+    ingresses = [a for a in ray.util.list_named_actors(all_namespaces=True) if INGRESS_DEPLOYMENT in a["name"]]
+    assert len(ingresses) == 2, ingresses
+    for actor in ingresses:
+        ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=False)
     deadline = time.monotonic() + DEADLINE
     while True:
         try:
