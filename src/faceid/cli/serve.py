@@ -11,6 +11,7 @@ from ..errors import FaceIDError
 from ..fast import PRESETS as FAST_PRESETS
 from .flags import add_settings_arguments, int_at_least, settings_from_args
 from .loading import DTYPES, add_model_loading_arguments, load_face_analyzer, method_weights
+from .logs import quiet_model_loading
 
 logger = logging.getLogger(__name__)
 
@@ -287,6 +288,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     analyzer = analyzer_for_methods(load_face_analyzer(args.face_models), methods, args.face_models)
 
     def load(device: str, models):
+        quiet_model_loading()
         return loader(device, models, analyzer)
 
     devices = tuple(args.device or ["default"])

@@ -281,11 +281,9 @@ class PipelineLoader:
     def __call__(self, device: str, models: GenerationSettings, analyzer: Any = None):
         import torch
 
-        from ..cli.logs import quiet_model_loading
         from ..pipeline import FaceIDPipeline
         from ..variants import DEFAULT_ADAPTER
 
-        quiet_model_loading()
         return FaceIDPipeline.from_pretrained(
             models.base_model,
             models.adapter or DEFAULT_ADAPTER,
