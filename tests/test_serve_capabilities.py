@@ -174,10 +174,10 @@ def test_the_tiny_decoder_with_a_tiny_vae(make_client, faces_dir, live_pipe):  #
     assert view["status"] == "done" and view["settings"]["decoder"] == "tiny", view
 
 
-def test_text_to_image_only_workers_state_it_in_their_capabilities(tmp_path, own_pipe):
+def test_capabilities_state_what_the_configuration_loads(tmp_path, own_pipe):
     config = ServeConfig(data_dir=tmp_path, pipeline=own_pipe, controlnets={"pose": "x"}, style_adapters={"s": "plain"})
-    ray = Capabilities.of(config, runs_modes=False, tiny_vae=False)  # what RemoteWorker (faceid serve --ray) runs
-    assert (ray.modes, ray.controlnets, ray.style_adapters, ray.annotators, ray.max_people) == (
-        ("text-to-image",), (), (), (), 1)  # fmt: skip
-    local = Capabilities.of(config, runs_modes=True, tiny_vae=True)
-    assert (local.controlnets, local.annotators, local.decoders) == (("pose",), ("openpose",), ("full", "tiny"))
+    caps = Capabilities.of(config, tiny_vae=False)  # on one machine and on every Ray replica alike
+    assert (caps.modes[0], caps.controlnets, caps.style_adapters, caps.annotators, caps.decoders) == (
+        "text-to-image", ("pose",), ("s",), ("openpose",), ("full",))  # fmt: skip
+    assert "swap" in caps.modes and caps.max_people > 1
+    assert Capabilities.of(config, tiny_vae=True).decoders == ("full", "tiny")

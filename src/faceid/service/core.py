@@ -100,7 +100,7 @@ class Service:
         self.defaults = self.pipeline.resolve_settings(GenerationSettings())
         default = ModelEntry.of(0, self.pipeline.family, self.defaults)
         tiny_vae = getattr(self.pipeline, "tiny_vae", None) is not None  # every model set is loaded alike
-        self.capabilities = Capabilities.of(self.config, runs_modes=self.runs_modes, tiny_vae=tiny_vae)
+        self.capabilities = Capabilities.of(self.config, tiny_vae=tiny_vae)
         self.catalog = Catalog([default, *self.extra_models])
         self.method_defaults = {
             name: self.pipeline.resolve_settings(GenerationSettings(method=name))
@@ -331,11 +331,6 @@ class Service:
         # in upload ..."), not "<PIL image>" nor a path on the server.
         image.filename = f"upload {upload_id} ({field})"
         return image
-
-    @property
-    def runs_modes(self) -> bool:
-        """Whether these workers run img2img, inpainting, ControlNet and swap."""
-        return all(getattr(worker, "runs_modes", False) for worker in self.workers)
 
     def _check_inputs(self, owner: str, inputs: JobInputs, strength: float | None) -> dict[str, Upload]:
         """The request's input images checked (see ``JobInputs.check``) and found: the owner's uploads by id."""

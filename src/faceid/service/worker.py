@@ -75,7 +75,6 @@ class JobHost(Protocol):
 
 
 class Worker(threading.Thread):
-    runs_modes = True  # img2img, inpainting, ControlNet and swap (``Service.runs_modes``)
     claims_jobs = True  # takes jobs from the queue (a Ray ingress's worker only describes the model replicas)
 
     def __init__(self, service: JobHost | None, device: str, pipeline: Any = None) -> None:
@@ -130,8 +129,6 @@ class Worker(threading.Thread):
             modules = self._load_method(pipeline, name, source)
             if modules:
                 attached[f"method {name}"] = modules
-        if not self.runs_modes:
-            return attached
         for source in dict.fromkeys(config.controlnets.values()):
             attached[source] = pipeline.load_controlnet(source)
         for name in config.style_adapters:
@@ -175,8 +172,6 @@ class Worker(threading.Thread):
         """The annotators of the server's control kinds (OpenPose for pose, the depth model for depth), once."""
         from ..control import annotator_options
 
-        if not self.runs_modes:
-            return
         for kind in self.service.config.controlnets:  # {} for the kinds that need none
             if kind not in self._annotators:
                 self._annotators[kind] = annotator_options(kind, device=str(pipeline.device))
