@@ -26,6 +26,7 @@ httpx = pytest.importorskip("httpx")
 
 from fastapi.testclient import TestClient  # noqa: E402
 from test_modes import make_controlnet  # noqa: E402
+from tiny_models import FEW_STEP_LAYOUTS, few_step_lora_state, make_tiny_autoencoder  # noqa: E402
 
 from faceid.cli import build_parser  # noqa: E402
 from faceid.cli.serve import ray_options, serve_parts  # noqa: E402
@@ -90,6 +91,18 @@ def controlnet_dir(tiny_models, tmp_path_factory):
     return folder
 
 
+@pytest.fixture(scope="module")
+def served_files(tiny_models, tmp_path_factory):
+    """What the server loads beside the model set: a local few-step LoRA (``--fast lcm=FILE``) and a tiny VAE."""
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
+
+    folder = tmp_path_factory.mktemp("served")
+    unet = UNet2DConditionModel.from_pretrained(tiny_models.sd15, subfolder="unet")
+    save_file(few_step_lora_state(unet, FEW_STEP_LAYOUTS["lcm"]), str(folder / "lcm.safetensors"))
+    return {"lcm": folder / "lcm.safetensors", "tiny_vae": make_tiny_autoencoder(folder / "tiny-vae")}
+
+
 class Cluster:
     """The application on Ray (``http``: a client of Serve's proxy, key A), what it was built from, and a second
     ingress outside Ray on the same database and data dir (``other``, a TestClient)."""
@@ -99,7 +112,7 @@ class Cluster:
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])
-def cluster(request, ray_local, tmp_path_factory, tiny_models, face_models_dir, controlnet_dir):
+def cluster(request, ray_local, tmp_path_factory, tiny_models, face_models_dir, controlnet_dir, served_files):
     """``faceid serve --ray`` as its command line builds it, deployed with 2 model and 2 ingress replicas."""
     start = time.monotonic()
     data = tmp_path_factory.mktemp(f"data-{request.param}")
@@ -110,6 +123,7 @@ def cluster(request, ray_local, tmp_path_factory, tiny_models, face_models_dir, 
             "--max-batch", "4", "--data-dir", str(data), "--face-models", str(face_models_dir), "--max-steps", "400",
             "--controlnet", f"canny={controlnet_dir}", "--style-adapter", f"tiny={tiny_models.reference('plain')}",
             "--reference-encoder", str(tiny_models.image_encoder), "--preview-every", "1",
+            "--fast", f"lcm={served_files['lcm']}", "--tiny-vae", str(served_files["tiny_vae"]),
             "--api-key", "key-a", "--api-key", "key-b", "--port", str(ray_local), *database]  # fmt: skip
     args = build_parser().parse_args(argv)
     loader, fields = serve_parts(args)
@@ -188,6 +202,7 @@ def test_every_mode_people_and_style_run_on_the_replicas(cluster, faces_dir):
     models = http.get("/v1/models").json()
     assert models["modes"][:3] == ["text-to-image", "img2img", "inpaint"] and "swap" in models["modes"]
     assert set(models["controlnets"]) == {"canny"} and set(models["style_adapters"]) == {"tiny"}
+    assert set(models["fast"]) == {"lcm"} and models["decoders"] == ["full", "tiny"]
     assert models["max_people"] > 1 and models["workers"][0]["device"] == "ray (2 cpu replicas)", models["workers"]
     obama, biden = enroll(http, faces_dir, "obama.jpg"), enroll(http, faces_dir, "biden.jpg")
     init, mask = upload(http, picture(24, 16)), upload(http, picture(24, 16, seed=1))
@@ -200,6 +215,8 @@ def test_every_mode_people_and_style_run_on_the_replicas(cluster, faces_dir):
         "controlnet": {"identity_id": obama, "controls": [{"kind": "canny", "image": init}], "seed": 5},
         "people": {"people": [obama, biden], "seed": 6},
         "style": {"identity_id": obama, "style": [{"image": photo, "adapter": "tiny", "scale": 0.8}], "seed": 7},
+        "few-step preset": {"identity_id": obama, "fast": "lcm", "num_inference_steps": None, "seed": 9},
+        "tiny decoder": {"identity_id": biden, "decoder": "tiny", "seed": 10},
         "swap": {
             "identity_id": biden,
             "swap": {"target": photo, "resolution": 64},
@@ -226,6 +243,9 @@ def test_every_mode_people_and_style_run_on_the_replicas(cluster, faces_dir):
     assert png(http, finished(http, jobs["controlnet"])["control_images"][0]).size == (24, 16)
     assert finished(http, jobs["people"])["settings"]["regions"] == "auto"
     assert finished(http, jobs["style"])["settings"]["style"] == [{"adapter": "tiny", "scale": 0.8}]
+    fast = finished(http, jobs["few-step preset"])["settings"]
+    assert (fast["fast"], fast["num_inference_steps"], fast["scheduler"]) == ("lcm", 4, "lcm")
+    assert finished(http, jobs["tiny decoder"])["settings"]["decoder"] == "tiny"
     assert len(replicas) == 2, replicas  # both model replicas made images
     # each job ran once (claimed by one replica): no image file beyond those listed
     made = [p.name for p in (cluster.data_dir / "images").iterdir() if "-control" not in p.name]
