@@ -194,8 +194,8 @@ class Service:
             if process is not None and now - process.heartbeat < self.config.lease_seconds:
                 if process.host != host or _process_alive(process.pid):
                     continue
-            self.store.requeue(row.id)
-            logger.warning("job %s (running on %s, which is gone) is queued again", row.id, row.worker)
+            if self.store.requeue(row.id, row.worker):
+                logger.warning("job %s (running on %s, which is gone) is queued again", row.id, row.worker)
 
     def _check_method_families(self) -> None:
         """Every ``--method-weights`` method runs on a model set this server serves (InstantID: an SDXL one)."""
@@ -653,7 +653,7 @@ class Service:
     def requeue_later(self, job: QueuedJob) -> None:
         """The server stops while ``job`` runs: it stays queued in the database for the next start (or another
         process's worker)."""
-        self.store.requeue(job.id)
+        self.store.requeue(job.id, self.worker_id)
         for path in self.data.previews_of(job.id):
             path.unlink(missing_ok=True)
         self.queue.done(job)

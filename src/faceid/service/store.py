@@ -519,15 +519,17 @@ class Store:
             ).all()
             return [tuple(row) for row in rows]
 
-    def requeue(self, job_id: str) -> None:
-        """Put a running job back in the queue (its worker stops or is gone), as it was when submitted."""
+    def requeue(self, job_id: str, worker: str | None) -> bool:
+        """Put a running job back in the queue (its worker stops or is gone), as it was when submitted; only while
+        ``worker`` still holds it (two processes noticing the same orphan, or one noticing it after another worker
+        claimed it again, never put it back twice). Whether it was."""
+        held = Job.worker.is_(None) if worker is None else Job.worker == worker
         with self.session() as s:
-            s.execute(
-                update(Job)
-                .where(Job.id == job_id, Job.status.not_in(FINISHED))
-                .values(status=QUEUED, started=None, worker=None, step=0, preview=None)
-            )
+            query = update(Job).where(Job.id == job_id, Job.status == RUNNING, held)
+            if not s.execute(query.values(status=QUEUED, started=None, worker=None, step=0, preview=None)).rowcount:
+                return False
             s.execute(delete(JobEvent).where(JobEvent.job_id == job_id, JobEvent.kind == "preview"))
+            return True
 
     # ------------------------------------------------------------------ worker processes
     def beat(self, worker: str, host: str, pid: int) -> None:
