@@ -146,7 +146,7 @@ def test_a_late_subscriber_gets_the_newest_preview_and_every_other_event(make_cl
         ("queued", None), ("progress", 1), ("progress", 2), ("preview", 2)]  # fmt: skip
     go.set()
     reader.join(DEADLINE)
-    assert reader.seen[-1][0] == "done", str([(k, d.get("step")) for k, d in reader.seen]) + str(reader.is_alive())
+    assert reader.seen[-1][0] == "done", [(k, d.get("step")) for k, d in reader.seen]
     steps = [data["step"] for kind, data in reader.seen if kind == "preview"]
     assert steps[0] == 2 and steps == sorted(set(steps)) and set(steps) <= {2, 4, 5}  # every 2nd, and the last
     assert [data["step"] for kind, data in reader.seen if kind == "progress"] == [1, 2, 3, 4, 5]
