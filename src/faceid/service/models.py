@@ -265,3 +265,36 @@ def _device_type(pipeline: Any) -> str:
         return pipeline.device.type
     except Exception:  # not a FaceIDPipeline (a test's stand-in)
         return "cpu"
+
+
+@dataclass(frozen=True)
+class PipelineLoader:
+    """What a worker loads, as paths and names (picklable): ``loader(device, models, analyzer)`` -> a
+    ``FaceIDPipeline`` of the model set ``models`` (its model fields). ``faceid serve`` loads with it too."""
+
+    vae_tiny: str | None = None  # --tiny-vae: every model set decodes previews (and, on request, images) with it
+    base_config: str | None = None
+    image_encoder: str | None = None
+    dtype: str | None = None  # a torch dtype name: "float16"; None: fp16 on GPU, fp32 on CPU
+    compile: bool = False
+
+    def __call__(self, device: str, models: GenerationSettings, analyzer: Any = None):
+        import torch
+
+        from ..pipeline import FaceIDPipeline
+        from ..variants import DEFAULT_ADAPTER
+
+        return FaceIDPipeline.from_pretrained(
+            models.base_model,
+            models.adapter or DEFAULT_ADAPTER,
+            vae=models.vae,
+            tiny_vae=self.vae_tiny,
+            single_file_config=self.base_config,
+            device=None if device == "default" else device,
+            torch_dtype=getattr(torch, self.dtype) if self.dtype else None,
+            face_analyzer=analyzer,
+            image_encoder=self.image_encoder,
+            loras=list((models.loras or {}).items()),
+            progress=False,
+            compile=self.compile,
+        )  # the --method-weights methods are loaded by the worker onto the model sets they run on (Worker.equip)
