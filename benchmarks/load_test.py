@@ -11,6 +11,10 @@ Three phases, each against a real ``faceid serve`` process on 127.0.0.1 (a free 
 
     python benchmarks/load_test.py                      # defaults: 48 requests, 4 clients, batch 8
     python benchmarks/load_test.py --requests 96 --clients 8 --max-batch 16 --steps 4
+    python benchmarks/load_test.py --ray                # faceid serve --ray: 1 model replica, then 2
+
+With ``--ray`` the phases are ``faceid serve --ray`` on a local Ray instance (started by the server process, stopped
+with it) with 1 and then 2 CPU model replicas, batched; no kill phase (the restart is tests/test_ray_serve.py's).
 
 The tiny models come from the test suite's builders (``tests/tiny_models.py``), so the figures measure the
 service (queueing, batching, the database, PNG writing) far more than the UNet: read them as ratios.
@@ -70,15 +74,19 @@ def free_port() -> int:
 class Server:
     """A ``faceid serve`` subprocess on loopback."""
 
-    def __init__(self, data: Path, models: dict[str, str], max_batch: int, max_queue: int) -> None:
+    def __init__(
+        self, data: Path, models: dict[str, str], max_batch: int, max_queue: int, replicas: int | None = None
+    ) -> None:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
+        self.ray = replicas is not None
         command = [
             sys.executable, "-m", "faceid.cli", "serve", "--port", str(self.port), "--data-dir", str(data),
             "--base-model", models["base"], "--adapter", models["adapter"], "--face-models", models["face_models"],
-            "--device", "cpu", "--max-batch", str(max_batch), "--max-queue", str(max_queue),
+            "--max-batch", str(max_batch), "--max-queue", str(max_queue),
         ]  # fmt: skip
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT / "src")}
+        command += ["--ray", "--replicas", str(replicas)] if self.ray else ["--device", "cpu"]
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT / "src"), "RAY_USAGE_STATS_ENABLED": "0"}
         self.process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         self._wait_healthy()
 
@@ -90,10 +98,12 @@ class Server:
             if self.process.poll() is not None:
                 raise RuntimeError("faceid serve exited: " + self.process.stderr.read().decode()[-2000:])
             try:
-                if httpx.get(f"{self.base}/health", timeout=1).status_code == 200:
+                health = httpx.get(f"{self.base}/health", timeout=1)
+                if health.status_code == 200 and health.json()["status"] == "ok":
                     return
             except httpx.TransportError:
-                time.sleep(0.2)
+                pass
+            time.sleep(0.2)
         raise RuntimeError(f"faceid serve did not answer /health within {limit} s")
 
     def kill(self) -> None:
@@ -102,8 +112,8 @@ class Server:
         self.process.stderr.close()
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
+        if self.process.poll() is None:  # Ray: SIGINT, so that the server stops the Ray instance it started
+            self.process.send_signal(signal.SIGINT if self.ray else signal.SIGTERM)
             try:
                 self.process.wait(30)
             except subprocess.TimeoutExpired:
@@ -185,10 +195,12 @@ def wait_all(base: str, submitted: dict[str, float], result: PhaseResult, deadli
     result.unfinished = len(pending)
 
 
-def run_phase(name: str, models: dict[str, str], photo: Path, args, max_batch: int) -> PhaseResult:
+def run_phase(
+    name: str, models: dict[str, str], photo: Path, args, max_batch: int, replicas: int | None = None
+) -> PhaseResult:
     result = PhaseResult(name)
     with tempfile.TemporaryDirectory(prefix="faceid-load-") as data:
-        server = Server(Path(data), models, max_batch, args.max_queue)
+        server = Server(Path(data), models, max_batch, args.max_queue, replicas)
         try:
             identity = enroll(server.base, photo)
             start = time.monotonic()
@@ -250,6 +262,7 @@ def main() -> int:
     parser.add_argument("--max-queue", type=int, default=16, help="the server's --max-queue (16): 429s above it")
     parser.add_argument("--steps", type=int, default=2, help="denoising steps per image (2)")
     parser.add_argument("--size", type=int, default=32, help="image width and height (32)")
+    parser.add_argument("--ray", action="store_true", help="faceid serve --ray with 1, then 2 model replicas")
     args = parser.parse_args()
     if not (1 <= args.requests <= 1000 and 1 <= args.clients <= 32):
         parser.error("keep the load bounded: 1-1000 requests, 1-32 clients")
@@ -258,14 +271,17 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="faceid-load-models-") as folder:
         models = build_models(Path(folder))
         results = []
-        for name, batch in (
-            ("one job at a time (--max-batch 1)", 1),
-            (f"batched (--max-batch {args.max_batch})", args.max_batch),
-        ):
+        if args.ray:
+            phases = [(f"--ray, {n} replica(s), --max-batch {args.max_batch}", args.max_batch, n) for n in (1, 2)]
+        else:
+            phases = [("one job at a time (--max-batch 1)", 1, None),
+                      (f"batched (--max-batch {args.max_batch})", args.max_batch, None)]  # fmt: skip
+        for name, batch, replicas in phases:
             print(f"phase: {name} ...", flush=True)
-            results.append(run_phase(name, models, photo, args, batch))
-        print("phase: SIGKILL mid-load, then restart ...", flush=True)
-        results.append(run_kill_phase(models, photo, args))
+            results.append(run_phase(name, models, photo, args, batch, replicas))
+        if not args.ray:
+            print("phase: SIGKILL mid-load, then restart ...", flush=True)
+            results.append(run_kill_phase(models, photo, args))
 
     print(
         f"\n{args.requests} requests x 1 image, {args.clients} clients, {args.steps} steps, {args.size}x{args.size}, "
@@ -279,8 +295,9 @@ def main() -> int:
         for reason in result.failed[:5]:
             print(f"  {result.name}: failed {reason}")
     if results[0].done and results[1].done:
+        label = "2 replicas vs 1" if args.ray else "batched vs one at a time"
         print(
-            f"\nbatched vs one at a time: {results[1].done / results[1].seconds / (results[0].done / results[0].seconds):.2f}x images/s"
+            f"\n{label}: {results[1].done / results[1].seconds / (results[0].done / results[0].seconds):.2f}x images/s"
         )
     lost = sum(r.unfinished for r in results) + sum(r.errors_5xx for r in results)
     print("every accepted job ended done or failed with a reason" if not lost else f"{lost} jobs lost or 5xx")

@@ -576,8 +576,36 @@ def test_restart_requeues_queued_and_running_jobs(make_client, faces_dir, tmp_pa
         assert view["status"] == "done" and len(view["images"]) == 1, view
     view = wait_finished(second, orphan)
     assert view["status"] == "failed" and "deleted" in view["error"] and "enroll" in view["error"]
-    # events of a job finished before this server started come from the database
-    assert [kind for kind, _ in events(second, orphan)] == ["failed"]
+    # a job's events are in the database: those of the first server too
+    assert [kind for kind, _ in events(second, orphan)] == ["queued", "failed"]
+
+
+@both_databases
+def test_only_jobs_of_worker_processes_that_are_gone_are_queued_again(make_client, faces_dir):
+    """Several processes share the queue: a job another process runs stays its own while its heartbeat is fresh
+    (even on this server's start); it is queued again once that heartbeat is older than the lease, or at once when
+    that process, on this machine, has exited."""
+    client = make_client(start_workers=False, lease_seconds=30.0)
+    service = client.app.state.service
+    store = service.store
+    identity = enroll(client, faces_dir, "obama.jpg").json()["id"]
+    jobs = [generate(client, identity, seed=s).json()["id"] for s in range(3)]
+    here = socket.gethostname()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    workers = {"elsewhere": ("another-host", 1), "stale": ("another-host", 2), "exited": (here, dead.pid)}
+    for (name, (host, pid)), job in zip(workers.items(), jobs, strict=True):
+        store.beat(name, host, pid)
+        store.update_job(job, status="running", worker=name)
+    with store.session() as s:  # the stale one's last heartbeat, a minute ago
+        from faceid.service.store import WorkerProcess
+
+        s.get(WorkerProcess, "stale").heartbeat -= 60
+    service.requeue_orphans()
+    assert [store.job(job).status for job in jobs] == ["running", "queued", "queued"]
+    assert store.job(jobs[0]).worker == "elsewhere" and store.job(jobs[1]).worker is None
+    service.requeue_orphans()  # noticed again (by another process): nothing changes
+    assert [store.job(job).status for job in jobs] == ["running", "queued", "queued"]
 
 
 def test_job_of_a_deleted_identity_fails_saying_so(make_client, faces_dir):

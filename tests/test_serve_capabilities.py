@@ -111,7 +111,7 @@ def test_a_fast_preset_that_cannot_load_is_an_error_at_start(make_client, own_pi
 def test_serve_fast_flag(tmp_path, capsys):
     from faceid.cli import build_parser, main
     from faceid.cli.flags import settings_from_args
-    from faceid.cli.serve import _check_ray_arguments, _fast_once
+    from faceid.cli.serve import _fast_once
 
     args = build_parser().parse_args(["serve", "--fast", "lcm", "--fast", "tcd=./tcd.safetensors"])
     assert _fast_once(args.fast_presets) == {"lcm": None, "tcd": "./tcd.safetensors"}
@@ -124,9 +124,6 @@ def test_serve_fast_flag(tmp_path, capsys):
     assert "no such file" in capsys.readouterr().err
     assert main(["serve", "--data-dir", str(data), "--fast", "lcm=a", "--fast", "lcm=b"]) == 2
     assert "given twice" in capsys.readouterr().err
-    args = build_parser().parse_args(["serve", "--ray", "--fast", "lcm"])
-    with pytest.raises(FaceIDError, match="--fast is not available with --ray"):
-        _check_ray_arguments(args, settings_from_args(args))
     assert not data.exists()
 
 
@@ -177,10 +174,10 @@ def test_the_tiny_decoder_with_a_tiny_vae(make_client, faces_dir, live_pipe):  #
     assert view["status"] == "done" and view["settings"]["decoder"] == "tiny", view
 
 
-def test_text_to_image_only_workers_state_it_in_their_capabilities(tmp_path, own_pipe):
+def test_capabilities_state_what_the_configuration_loads(tmp_path, own_pipe):
     config = ServeConfig(data_dir=tmp_path, pipeline=own_pipe, controlnets={"pose": "x"}, style_adapters={"s": "plain"})
-    ray = Capabilities.of(config, runs_modes=False, tiny_vae=False)  # what RemoteWorker (faceid serve --ray) runs
-    assert (ray.modes, ray.controlnets, ray.style_adapters, ray.annotators, ray.max_people) == (
-        ("text-to-image",), (), (), (), 1)  # fmt: skip
-    local = Capabilities.of(config, runs_modes=True, tiny_vae=True)
-    assert (local.controlnets, local.annotators, local.decoders) == (("pose",), ("openpose",), ("full", "tiny"))
+    caps = Capabilities.of(config, tiny_vae=False)  # on one machine and on every Ray replica alike
+    assert (caps.modes[0], caps.controlnets, caps.style_adapters, caps.annotators, caps.decoders) == (
+        "text-to-image", ("pose",), ("s",), ("openpose",), ("full",))  # fmt: skip
+    assert "swap" in caps.modes and caps.max_people > 1
+    assert Capabilities.of(config, tiny_vae=True).decoders == ("full", "tiny")

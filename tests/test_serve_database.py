@@ -190,3 +190,60 @@ def test_a_database_server_that_is_not_there_is_one_clear_error():
     with pytest.raises(FaceIDError, match="cannot open the database") as raised:
         Store(check_database_url(url))
     assert "secret" not in str(raised.value) and "createdb" in str(raised.value)
+
+
+@both_databases
+def test_the_shared_queue_hands_each_job_to_one_worker_and_counts_under_its_lock(database, tmp_path):
+    """Workers of several processes (here: threads with an engine each, as processes have) claim from one queue:
+    every job runs once; submissions counted under the queue's lock never pass the bound, whoever submits."""
+    from faceid.service.jobs import JobQueue, QueuedJob, QueueFull
+    from faceid.settings import GenerationSettings
+
+    url = new_url(database, tmp_path)
+    stores = [Store(url) for _ in range(4)]
+    settings = GenerationSettings(prompt="p", seed=[0]).to_json()
+
+    def row(i: int) -> Job:
+        return Job(id=f"{i:032x}", owner="o", status=QUEUED, created_ns=i, identity_ids=["x"], settings=settings,
+                   batch_key=f"key {i % 3}")  # fmt: skip
+
+    bound = 12
+    refused = []
+
+    def submit(store: Store, first: int) -> None:
+        queue = JobQueue(store, max_queue=bound)
+        for i in range(first, first + 5):
+            try:
+                queue.put(row(i))
+            except QueueFull:
+                refused.append(i)
+
+    threads = [threading.Thread(target=submit, args=(s, 100 * k)) for k, s in enumerate(stores)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert stores[0].queue_counts() == (bound, 0) and len(refused) == 4 * 5 - bound  # never over the bound
+
+    def make(r: Job) -> QueuedJob:
+        return QueuedJob(r.id, r.owner, GenerationSettings.parse(r.settings), list(r.identity_ids), r.created_ns)
+
+    claimed: dict[str, list[str]] = {}
+
+    def work(store: Store, name: str) -> None:
+        queue = JobQueue(store, max_queue=bound)
+        while batch := queue.take(name, 2, make, timeout=0):
+            claimed.setdefault(name, []).extend(job.id for job in batch)
+
+    threads = [threading.Thread(target=work, args=(s, f"worker {k}")) for k, s in enumerate(stores)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    every = [job for jobs in claimed.values() for job in jobs]
+    assert len(every) == len(set(every)) == bound  # each job once
+    assert stores[0].queue_counts() == (0, bound)
+    for job in every:  # its row names the worker that claimed it
+        assert stores[0].job(job).worker in claimed and job in claimed[stores[0].job(job).worker]
+    for store in stores:
+        store.close()

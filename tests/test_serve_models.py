@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from test_serve import Recording, enroll, error, generate, make_client, png, wai
 from faceid.pipeline import FaceIDPipeline
 from faceid.service.jobs import PASS_OVER_LIMIT, JobQueue, QueuedJob
 from faceid.service.models import GB, pipeline_bytes
+from faceid.service.store import Job, Store
 from faceid.settings import GenerationSettings
 
 
@@ -201,19 +203,33 @@ def test_batches_never_mix_model_sets(make_client, faces_dir, sets, pipe):  # no
         assert image_settings(client, view["images"][0])["model_files"]["adapter"]["name"] == adapter
 
 
-def test_jobs_for_loaded_models_go_first_but_the_oldest_is_passed_over_a_bounded_number_of_times():
-    queue = JobQueue(max_queue=16)
-    needs_load = QueuedJob("cold", "", GenerationSettings(prompt="p", seed=[0], base_model="b"), [""], 0, entry="b")
-    queue.put(needs_load)
+def test_jobs_for_loaded_models_go_first_but_the_oldest_is_passed_over_a_bounded_number_of_times(tmp_path):
+    store = Store(f"sqlite:///{tmp_path / 'queue.db'}")
+    queue = JobQueue(store, max_queue=16)
+    jobs = {}
+
+    def put(job_id: str, settings: GenerationSettings, entry: str, created: int) -> None:
+        job = QueuedJob(job_id, "", settings, [""], created, entry=entry)
+        jobs[job_id] = job
+        queue.put(Job(id=job_id, owner="", status="queued", created_ns=created, identity_ids=[""],
+                      settings=settings.to_json(), batch_key=job.batch_key))  # fmt: skip
+
+    put("cold", GenerationSettings(prompt="p", seed=[0], base_model="b"), "b", 0)
     for i in range(PASS_OVER_LIMIT + 2):  # each its own batch (another step count)
-        queue.put(
-            QueuedJob(
-                f"warm{i}", "", GenerationSettings(prompt="p", seed=[0], num_inference_steps=i + 1), [""], 0, entry="a"
-            )
-        )
-    order = [job.id for _ in range(PASS_OVER_LIMIT + 3) for job in queue.take(4, ready=lambda job: job.entry == "a")]
+        put(f"warm{i}", GenerationSettings(prompt="p", seed=[0], num_inference_steps=i + 1), "a", i + 1)
+
+    def make(row):  # the passes over a row are counted in the database
+        return replace(jobs[row.id], passed_over=row.passed_over or 0)
+
+    order = [
+        job.id
+        for _ in range(PASS_OVER_LIMIT + 3)
+        for job in queue.take("w", 4, make, timeout=0, ready=lambda job: job.entry == "a")
+    ]
     assert order == [f"warm{i}" for i in range(PASS_OVER_LIMIT)] + ["cold", f"warm{PASS_OVER_LIMIT}",
                                                                    f"warm{PASS_OVER_LIMIT + 1}"]  # fmt: skip
+    assert queue.take("w", 4, make, timeout=0) == [] and queue.running == len(order)
+    store.close()
 
 
 def test_serve_flags_for_several_model_sets(tmp_path, capsys):
@@ -227,6 +243,4 @@ def test_serve_flags_for_several_model_sets(tmp_path, capsys):
         main(["serve", "--data-dir", data, "--also-model", "a,b,c,d"])
     assert exited.value.code == 2
     assert "BASE_MODEL[,ADAPTER[,VAE]]" in capsys.readouterr().err
-    assert main(["serve", "--data-dir", data, "--ray", "--also-model", ",faceid-sdxl"]) == 2
-    assert "--ray serves one model set" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()

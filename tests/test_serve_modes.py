@@ -253,8 +253,6 @@ def test_serve_controlnet_flags(tmp_path, capsys):
     data = str(tmp_path / "d")
     assert main(["serve", "--data-dir", data, "--controlnet", "canny=a", "--controlnet", "canny=b"]) == 2
     assert "given twice" in capsys.readouterr().err
-    assert main(["serve", "--data-dir", data, "--ray", "--controlnet", "canny=a"]) == 2
-    assert "--ray runs FaceID text-to-image only" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
 
 
@@ -454,8 +452,6 @@ def test_serve_style_adapter_flags(tmp_path, capsys):
     data = str(tmp_path / "d")
     assert main(["serve", "--data-dir", data, "--style-adapter", "oil=plus", "--style-adapter", "oil=plain"]) == 2
     assert "given twice" in capsys.readouterr().err
-    assert main(["serve", "--data-dir", data, "--ray", "--style-adapter", "oil=plus"]) == 2
-    assert "--style-adapter" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
 
 

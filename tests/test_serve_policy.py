@@ -146,40 +146,6 @@ def test_only_the_job_at_fault_fails_its_batch(make_client, faces_dir, pipe, mon
     )
 
 
-def test_a_ray_replica_retries_a_failed_batch_job_by_job():
-    """``FaceIDModel`` (a Ray Serve replica) batches what reaches it the same way, and the same rule holds."""
-    pytest.importorskip("ray.serve")
-    from faceid.service.ray_serve import FaceIDModel
-
-    calls = []
-
-    def pipeline(face, settings):
-        calls.append(list(settings.prompt))
-        if any("unencodable" in p for p in settings.prompt):
-            raise RuntimeError("the tokenizer choked")
-        return SimpleNamespace(
-            images=[f"image of {p} seed {s}" for p, s in zip(settings.prompt, settings.seed, strict=True)]
-        )
-
-    model = object.__new__(FaceIDModel)  # its state, without loading a pipeline in a replica
-    model.pipeline, model.max_batch, model.replica = pipeline, 4, "test"
-    model._lock = __import__("threading").Lock()
-    prompts = ["a photo", "an unencodable prompt", "a painting"]
-    requests = [
-        {
-            "settings": GenerationSettings(prompt=p, negative_prompt="", seed=[i], **TINY).to_json(),
-            "faces": [f"face {i}"],
-        }
-        for i, p in enumerate(prompts)
-    ]
-    answers = model._run(requests)
-    assert calls == [prompts, ["a photo"], ["an unencodable prompt"], ["a painting"]]
-    assert answers[0]["images"] == ["image of a photo seed 0"] and answers[2]["images"] == [
-        "image of a painting seed 2"
-    ]
-    assert "tokenizer choked" in answers[1]["error"]
-
-
 # ---------------------------------------------------------------------- stored rows
 def test_a_stored_row_that_cannot_be_shown_never_breaks_a_listing(make_client, faces_dir):
     client = make_client(start_workers=False)

@@ -13,6 +13,6 @@ and what they load), ``logs`` (what reaches stderr), and a module per command.
 from __future__ import annotations
 
 from .main import build_parser, main
-from .serve import ray_application_parts
+from .serve import ray_options, serve_parts
 
-__all__ = ["build_parser", "main", "ray_application_parts"]
+__all__ = ["build_parser", "main", "ray_options", "serve_parts"]

@@ -9,7 +9,6 @@ import logging
 from ..control import KINDS as CONTROL_KINDS
 from ..errors import FaceIDError
 from ..fast import PRESETS as FAST_PRESETS
-from ..variants import DEFAULT_ADAPTER
 from .flags import add_settings_arguments, int_at_least, settings_from_args
 from .loading import DTYPES, add_model_loading_arguments, load_face_analyzer, method_weights
 from .logs import quiet_model_loading
@@ -80,11 +79,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="NAME=FOLDER",
         help="an identity method requests may ask for with method=NAME, its released files in FOLDER in their Hub "
         "layout (instantid: InstantX/InstantID's ip-adapter.bin and ControlNetModel/; pulid: pulid_v1.1.safetensors, "
-        "EVA02_CLIP_L_336_psz14_s6B.pt and parsing_bisenet.pth; infiniteyou: infu_flux_v1.0/ with facexlib's "
-        "recognition_arcface_ir_se50.pth; pulid-flux: pulid_flux_v0.9.1.safetensors and pulid's other two), as "
-        "generate's; repeatable. Loaded by every worker onto each model set of a family the method runs on (a FLUX.1 "
-        "model set's first one is its default method); the face analysis also embeds with the method's recognizer "
-        "(antelopev2; InfiniteYou's IR-SE50), so identities enrolled from then on can use it",
+        "EVA02_CLIP_L_336_psz14_s6B.pt and parsing_bisenet.pth), as generate's; repeatable. "
+        "Loaded by every worker onto each model set of a family the method runs on; the face analysis also embeds "
+        "with the method's insightface pack (antelopev2), so identities enrolled from then on can use it",
     )
     parser.add_argument(
         "--reference-encoder",
@@ -156,14 +153,17 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "ADDRESS of a running cluster (ray://... or auto), else a local Ray instance",
     )
     parser.add_argument(
-        "--replicas", type=int_at_least(1), default=None, help="--ray: a fixed number of model replicas"
-    )
-    parser.add_argument(
-        "--max-replicas",
+        "--replicas",
         type=int_at_least(1),
         default=None,
-        help="--ray without --replicas: autoscale from 1 replica up to this many on queued requests "
-        "(default: the cluster's GPUs, or 1)",
+        help="--ray: model replicas, each a worker claiming jobs from the shared queue (default: the cluster's GPUs, "
+        "or 1)",
+    )
+    parser.add_argument(
+        "--ingress-replicas",
+        type=int_at_least(1),
+        default=1,
+        help="--ray: replicas of the HTTP API; any of them answers for any job (the state is in the database)",
     )
     for flag, default, text in (
         ("--max-queue", 16, "queued generations before new ones get 429"),
@@ -273,83 +273,76 @@ def _style_adapter(text: str) -> tuple[str, str]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from ..service.capabilities import check_fast_presets, check_methods
-    from ..service.config import ServeConfig, check_bind, read_api_keys
+    from ..service.config import ServeConfig
     from ..service.core import analyzer_for_methods
+
+    loader, fields = serve_parts(args)
+    import uvicorn
+
+    from ..service import create_app
+    from ..settings import GenerationSettings
+
+    methods = fields["methods"]
+    if args.ray is not None:
+        return _serve_on_ray(args, loader, fields)
+    # one, shared by every model set, with the packs of the methods (a missing pack: said before models load)
+    analyzer = analyzer_for_methods(load_face_analyzer(args.face_models), methods, args.face_models)
+
+    def load(device: str, models):
+        quiet_model_loading()
+        return loader(device, models, analyzer)
+
+    devices = tuple(args.device or ["default"])
+    # One device: load here, so that a model that cannot load is one error line before the server starts.
+    pipeline = load(devices[0], GenerationSettings.parse(fields["catalog"][0])) if len(devices) == 1 else None
+    fields["models"]["devices"] = list(devices)
+    config = ServeConfig(**fields, devices=devices, pipeline=pipeline, loader=load, analyzer=analyzer)
+    uvicorn.run(create_app(config), host=args.host, port=args.port, log_level="info")
+    return 0
+
+
+def serve_parts(args: argparse.Namespace):
+    """What ``faceid serve`` (on uvicorn or on Ray) is made of, checked before anything loads or is written: the
+    model loader (``PipelineLoader``) and ``ServeConfig``'s picklable fields."""
+    from ..service.capabilities import check_fast_presets, check_methods
+    from ..service.config import check_bind, read_api_keys
+    from ..service.models import PipelineLoader
     from ..service.store import check_database_url
+    from ..settings import MODEL_FIELDS
 
     keys = read_api_keys(args.api_key or (), args.api_keys_file)
     check_bind(args.host, keys, args.insecure_no_auth)  # before anything loads or is written
     args.database_url = check_database_url(args.database_url)  # a bad URL or a missing driver: said at once
     _warn_any_host(args)
-    import torch
-    import uvicorn
-
-    from ..model_set import family_without_adapter
-    from ..pipeline import FaceIDPipeline
-    from ..service import create_app
-    from ..settings import MODEL_FIELDS, GenerationSettings
-
     settings = settings_from_args(args)
     controlnets = _controlnets(args.controlnet)  # before anything loads
     style_adapters = _named_once(args.style_adapter, "--style-adapter", "name")
     fast = check_fast_presets(_fast_once(args.fast_presets))  # a missing FILE: said before anything loads
     methods = check_methods(method_weights(args, "faceid"))  # a missing folder: said before anything loads
-    if args.ray is not None:
-        if args.also_model or args.model_memory_gb is not None:
-            raise FaceIDError("--ray serves one model set: leave out --also-model and --model-memory-gb")
-        if args.preview_every:
-            raise FaceIDError("--ray streams no previews (nor per-step progress): leave out --preview-every")
-        if args.controlnet or args.style_adapter or args.reference_encoder or methods or args.offload or args.quantize:
-            raise FaceIDError(
-                "--ray runs FaceID text-to-image only for now: leave out --controlnet, --style-adapter, "
-                "--reference-encoder, --method-weights, --offload and --quantize (FLUX.1), or serve without --ray"
-            )
-        return _serve_on_ray(args, keys, settings)
-    # one, shared by every model set, with the packs of the methods (a missing pack: said before models load)
-    analyzer = analyzer_for_methods(load_face_analyzer(args.face_models), methods, args.face_models)
-    dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
-
-    def load(device: str, models):
-        quiet_model_loading()
-        if family_without_adapter(models.base_model, models.adapter) is not None:
-            # FLUX.1: no FaceID adapter; the methods of its family load with it (the first is its default method)
-            # and the memory options apply to it
-            return FaceIDPipeline.from_pretrained(
-                models.base_model,
-                None,
-                vae=models.vae,
-                device=None if device == "default" else device,
-                torch_dtype=dtype,
-                face_analyzer=analyzer,
-                face_models=args.face_models,
-                progress=False,
-                methods=methods_for(family_without_adapter(models.base_model, models.adapter), methods),
-                offload=args.offload,
-                quantize=args.quantize,
-            )
-        return FaceIDPipeline.from_pretrained(
-            models.base_model,
-            models.adapter or DEFAULT_ADAPTER,
-            vae=models.vae,
-            tiny_vae=settings.tiny_vae,
-            single_file_config=args.base_config,
-            device=None if device == "default" else device,
-            torch_dtype=dtype,
-            face_analyzer=analyzer,
-            image_encoder=args.image_encoder,
-            loras=list((models.loras or {}).items()),
-            progress=False,
-            compile=args.compile,
-        )  # the --method-weights methods are loaded by the worker onto the model sets they run on (Worker.equip)
-
-    devices = tuple(args.device or ["default"])
-    preview_every = serve_preview_every(args.preview_every, settings.tiny_vae)
     default = settings.model_dump(include=set(MODEL_FIELDS), exclude_none=True)
     check_flux_options(args, [default, *args.also_model], methods)  # before anything loads
-    # One device: load here, so that a model that cannot load is one error line before the server starts.
-    pipeline = load(devices[0], GenerationSettings(**default)) if len(devices) == 1 else None
-    config = ServeConfig(
+    loader = PipelineLoader(
+        vae_tiny=settings.tiny_vae,
+        base_config=args.base_config,
+        image_encoder=args.image_encoder,
+        dtype=DTYPES[args.dtype] if args.dtype else None,
+        compile=args.compile,
+        face_models=args.face_models,
+        methods=tuple(methods.items()),
+        offload=args.offload,
+        quantize=args.quantize,
+    )
+    return loader, serve_config_fields(args, keys, settings, controlnets, style_adapters, fast, methods)
+
+
+def serve_config_fields(args, keys, settings, controlnets, style_adapters, fast, methods) -> dict:
+    """``ServeConfig``'s fields from ``faceid serve``'s flags, but the models, devices and face analyzer (each
+    process loads its own): picklable, the same for a single server and for every Ray replica."""
+    from ..settings import MODEL_FIELDS
+
+    preview_every = serve_preview_every(args.preview_every, settings.tiny_vae)
+    default = settings.model_dump(include=set(MODEL_FIELDS), exclude_none=True)
+    return dict(
         data_dir=args.data_dir,
         database_url=args.database_url,
         api_keys=keys,
@@ -361,10 +354,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_upload_bytes=args.max_upload_mb * 1024 * 1024,
         sync_timeout=args.sync_timeout,
         speech_model=args.speech_model,
-        devices=devices,
-        pipeline=pipeline,
-        loader=load,
-        analyzer=analyzer,
         catalog=(default, *args.also_model),
         model_memory_gb=args.model_memory_gb,
         preview_every=preview_every,
@@ -378,7 +367,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         models={
             **settings.to_json(),
             "face_models": args.face_models,
-            "devices": list(devices),
             "dtype": args.dtype,
             "preview_every": preview_every,
             "controlnets": controlnets,
@@ -390,16 +378,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "quantize": args.quantize,
         },  # fmt: skip
     )
-    uvicorn.run(create_app(config), host=args.host, port=args.port, log_level="info")
-    return 0
-
-
-def methods_for(family: str, methods: dict[str, str]) -> dict[str, str]:
-    """The ``--method-weights`` methods that run on ``family``, in their order (the first: the default method of a
-    model set without a FaceID adapter)."""
-    from ..methods import METHODS
-
-    return {name: folder for name, folder in methods.items() if family in METHODS[name].families}
 
 
 def check_flux_options(args: argparse.Namespace, model_sets: list[dict], methods: dict[str, str]) -> None:
@@ -408,6 +386,7 @@ def check_flux_options(args: argparse.Namespace, model_sets: list[dict], methods
     ``--quantize`` only where a model set is FLUX.1 (the Stable Diffusion ones run whole on their device)."""
     from ..methods import METHODS
     from ..model_set import family_without_adapter
+    from ..service.models import methods_for
 
     families = [family_without_adapter(spec.get("base_model"), spec.get("adapter")) for spec in model_sets]
     for spec, family in zip(model_sets, families, strict=True):
@@ -454,73 +433,33 @@ def _named_once(given: list[tuple[str, str]], flag: str, key_is: str) -> dict[st
     return found
 
 
-def _serve_on_ray(args: argparse.Namespace, keys: tuple[str, ...], settings) -> int:
-    """``faceid serve --ray``: the same app on Ray Serve (``faceid.service.ray_serve``)."""
+def _serve_on_ray(args: argparse.Namespace, loader, fields: dict) -> int:
+    """``faceid serve --ray``: the same service on Ray Serve (``faceid.service.ray_serve``)."""
     try:
         import ray
         from ray import serve
     except ImportError as exc:
         raise FaceIDError("--ray needs Ray Serve: pip install 'faceid[cluster]'") from exc
-    from ..service.ray_serve import APP_NAME, build_application
+    from ..service.ray_serve import APP_NAME, build_application, warn_cluster_database
 
-    _check_ray_arguments(args, settings)
+    if args.device:
+        raise FaceIDError("--ray places the models itself (one replica per GPU): leave out --device")
+    warn_cluster_database(fields["database_url"], args.ray)
     ray.init(address=args.ray or None)
     gpus = int(ray.cluster_resources().get("GPU", 0))
-    loader, options = ray_application_parts(args, keys, settings, gpus)
+    options = ray_options(args, fields, gpus)
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(build_application(loader, options), name=APP_NAME, route_prefix="/", blocking=True)
     return 0
 
 
-def _check_ray_arguments(args: argparse.Namespace, settings) -> None:
+def ray_options(args: argparse.Namespace, fields: dict, gpus: int):
+    """How ``faceid serve --ray`` lays out its application (``gpus``: the cluster's): ``--replicas`` model replicas
+    (default: one per GPU, or one), ``--ingress-replicas`` ingress ones, every replica with the server's fields."""
+    from ..service.ray_serve import RayOptions
+
     if args.device:
         raise FaceIDError("--ray places the models itself (one replica per GPU): leave out --device")
-    if settings.tiny_vae is not None:
-        raise FaceIDError("--tiny-vae is not available with --ray yet: serve without --ray, or leave it out")
-    if args.compile:
-        raise FaceIDError("--compile is not available with --ray yet: leave it out, or serve without --ray")
-    if getattr(args, "fast_presets", None):
-        raise FaceIDError(
-            "--fast is not available with --ray yet (the replicas load no few-step LoRA): leave it out, or serve "
-            "without --ray"
-        )
-
-
-def ray_application_parts(args: argparse.Namespace, keys: tuple[str, ...], settings, gpus: int):
-    """What ``faceid serve --ray`` builds its Ray Serve application from: the replicas' model loader and the
-    deployment options, from the command line (``gpus``: the cluster's)."""
-    from ..service.ray_serve import PipelineLoader, RayOptions
-
-    _check_ray_arguments(args, settings)
-    loader = PipelineLoader(
-        base_model=settings.base_model,
-        adapter=settings.adapter or DEFAULT_ADAPTER,
-        vae=settings.vae,
-        base_config=args.base_config,
-        image_encoder=args.image_encoder,
-        loras=tuple((settings.loras or {}).items()),
-        dtype=DTYPES[args.dtype] if args.dtype else None,
-        face_models=args.face_models,
-    )
-    options = RayOptions(
-        replicas=args.replicas,
-        max_replicas=args.max_replicas or max(1, gpus),
-        gpus=gpus > 0,
-        max_batch=args.max_batch,
-        config={
-            "data_dir": args.data_dir,
-            "database_url": args.database_url,
-            "api_keys": keys,
-            "max_queue": args.max_queue,
-            "max_images": args.max_images,
-            "max_steps": args.max_steps,
-            "max_side": args.max_side,
-            "max_upload_bytes": args.max_upload_mb * 1024 * 1024,
-            "sync_timeout": args.sync_timeout,
-            "speech_model": args.speech_model,
-            **policy_options(args),
-            "face_models": args.face_models,
-            "models": {**settings.to_json(), "face_models": args.face_models, "ray": args.ray or "local"},
-        },
-    )
-    return loader, options
+    replicas = args.replicas or max(1, gpus)
+    fields = {**fields, "models": {**fields["models"], "ray": args.ray or "local", "replicas": replicas}}
+    return RayOptions(replicas=replicas, ingress_replicas=args.ingress_replicas, gpus=gpus > 0, config=fields)

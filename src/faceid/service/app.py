@@ -56,6 +56,7 @@ from .schema import (
     operation_id,
     upload_view,
 )
+from .store import FINISHED
 
 logger = logging.getLogger(__name__)
 
@@ -351,17 +352,20 @@ def create_app(config: ServeConfig) -> FastAPI:
 
 
 async def _event_stream(service: Service, job_id: str, view: dict[str, Any]):
-    live = service.queue.get(job_id)
-    if live is None:  # finished before this server started: its last event, from the database
-        data = {"status": view["status"], "error": view["error"], "images": view["images"]}
-        yield _sse(view["status"], {k: v for k, v in data.items() if v})
-        return
+    """The job's events from the database, as they come (whichever process runs the job), until its last one."""
     seen, quiet_since = 0, time.monotonic()
     while True:
-        items, seen, closed = live.events.since(seen)
-        for kind, data in items:
+        items = await run_in_threadpool(service.events_since, job_id, seen)
+        if not items and seen == 0 and view["status"] in FINISHED:  # finished before its events were kept
+            data = {"status": view["status"], "error": view["error"], "images": view["images"]}
+            yield _sse(view["status"], {k: v for k, v in data.items() if v})
+            return
+        for number, kind, data in items:
+            seen = number
             yield _sse(kind, data)
-        if closed or service.queue.stopped:
+            if kind in FINISHED:
+                return
+        if service.queue.stopped:
             return
         if items:
             quiet_since = time.monotonic()

@@ -45,23 +45,21 @@ class Capabilities:
     annotators: tuple[str, ...] = ()  # the control kinds' annotator models (ANNOTATORS)
     modes: tuple[str, ...] = (TEXT_TO_IMAGE,)
     max_people: int = 1
-    runs_modes: bool = False  # img2img, inpainting, ControlNet, swap, several people and style (not on --ray)
     methods: tuple[str, ...] = ("faceid",)  # identity methods whose weights every worker loads
 
     @classmethod
-    def of(cls, config: Any, runs_modes: bool, tiny_vae: bool) -> Capabilities:
-        """From ``config`` (a ``ServeConfig``); ``runs_modes``: whether the workers run more than text-to-image
-        (``Worker.runs_modes``); ``tiny_vae``: whether the models were loaded with a tiny VAE."""
-        kinds = tuple(config.controlnets) if runs_modes else ()
+    def of(cls, config: Any, tiny_vae: bool) -> Capabilities:
+        """From ``config`` (a ``ServeConfig``; every worker, on one machine or a Ray replica, runs every mode with what
+        it configures); ``tiny_vae``: whether the models were loaded with a tiny VAE."""
+        kinds = tuple(config.controlnets)
         return cls(
             fast=tuple(config.fast),
             decoders=("full", "tiny") if tiny_vae else ("full",),
             controlnets=kinds,
-            style_adapters=tuple(config.style_adapters) if runs_modes else (),
+            style_adapters=tuple(config.style_adapters),
             annotators=tuple(dict.fromkeys(ANNOTATORS[kind] for kind in kinds if kind in ANNOTATORS)),
-            modes=MODES if runs_modes else (TEXT_TO_IMAGE,),
-            max_people=MAX_PEOPLE if runs_modes else 1,
-            runs_modes=runs_modes,
+            modes=MODES,
+            max_people=MAX_PEOPLE,
             methods=("faceid", *getattr(config, "methods", {})),
         )
 
@@ -111,14 +109,6 @@ class Capabilities:
         if settings.tiny_vae is not None and "tiny" not in self.decoders:
             raise NotServed(
                 "tiny_vae: this server has no tiny VAE; leave tiny_vae out (restart it with --tiny-vae to add one)"
-            )
-        given = inputs.fields_given()
-        if given and not self.runs_modes:
-            what = inputs.mode if inputs.mode != TEXT_TO_IMAGE else ", ".join(given)
-            raise NotServed(
-                f"{what}: this server (faceid serve --ray) runs text-to-image of one person per prompt only for now; "
-                "img2img, inpainting, ControlNet, swap, several people in one picture and style references need a "
-                f"server without --ray. Leave out {', '.join(given)}"
             )
         for k, control in enumerate(inputs.controls or ()):
             if control.kind not in self.controlnets:

@@ -97,6 +97,10 @@ class ServeConfig:
     start_workers: bool = True  # False: jobs wait in the queue (tests of restarts)
     # service -> its workers, instead of one ``Worker`` per device (Ray Serve: workers that hand jobs to replicas)
     worker_factory: Callable[[Any], list] | None = None
+    # A process whose workers run jobs writes a heartbeat to the database every lease/5 seconds; a running job whose
+    # process has none for ``lease_seconds`` (or whose process on this host has exited) is queued again by any other.
+    lease_seconds: float = 30.0
+    image_extra: dict[str, Any] = field(default_factory=dict)  # more metadata in every PNG (Ray: the replica)
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir).expanduser().absolute()

@@ -7,9 +7,12 @@ HTTP statuses (``NotFound`` 404, ``LimitExceeded`` 413/422, ``QueueFull`` 429, t
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import random
 import re
+import socket
 import threading
 import time
 from typing import Any
@@ -53,7 +56,10 @@ class Service:
         self.enroller = Enroller(analyzer, self.data, self.store, config.max_pixels, config.small_face)
         self.analyzer = self.enroller.analyzer  # one analysis at a time: kps control images and swap targets too
         devices = ("default",) if config.pipeline is not None else config.devices
-        self.queue = JobQueue(config.max_queue, workers=len(devices))
+        self.queue = JobQueue(self.store, config.max_queue, workers=len(devices))
+        # This process, as the database knows it: the jobs its workers claim carry it, its heartbeat says it lives
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{new_id()[:8]}"
+        self._heartbeat: threading.Thread | None = None
         if config.worker_factory is not None:
             self.workers = list(config.worker_factory(self))
             self.queue.workers = len(self.workers)
@@ -61,8 +67,6 @@ class Service:
             self.workers = [Worker(self, device, config.pipeline) for device in devices]
         self.metrics = Metrics(self.queue)
         self.policy = Policy(config, self.store, self.data, self.queue, self.metrics)  # quotas, text checks
-        if len(config.catalog) > 1 and config.worker_factory is not None:
-            raise FaceIDError("these workers serve one model set: give the others to a server of their own")
         # The other model sets, described from their configuration (the default one is told by its pipeline).
         self.extra_models = [ModelEntry.configured(i, spec) for i, spec in enumerate(config.catalog[1:], 1)]
         self.transcriber = config.transcriber  # speech to text, or None (loaded by start() from speech_model)
@@ -72,7 +76,7 @@ class Service:
         # The default model set's defaults for each other identity method it runs (the method's own: InstantID's
         # scales), taken with ``defaults`` at start
         self.method_defaults: dict[str, GenerationSettings] = {}
-        self._lock = threading.Lock()
+        self._stopping = threading.Event()
 
     # ------------------------------------------------------------------ life
     def start(self) -> None:
@@ -96,7 +100,7 @@ class Service:
         self.defaults = self.pipeline.resolve_settings(GenerationSettings())
         default = ModelEntry.of(0, self.pipeline.family, self.defaults)
         tiny_vae = getattr(self.pipeline, "tiny_vae", None) is not None  # every model set is loaded alike
-        self.capabilities = Capabilities.of(self.config, runs_modes=self.runs_modes, tiny_vae=tiny_vae)
+        self.capabilities = Capabilities.of(self.config, tiny_vae=tiny_vae)
         self.catalog = Catalog([default, *self.extra_models])
         self.method_defaults = {
             name: self.pipeline.resolve_settings(GenerationSettings(method=name))
@@ -114,7 +118,20 @@ class Service:
                 if worker.pipeline is not None:
                     worker.adopt(default, self.defaults)
         self.recover()
+        if self._claims_jobs:
+            self._heartbeat = threading.Thread(target=self._beat, name="faceid-heartbeat", daemon=True)
+            self._heartbeat.start()
         self.queue.set_paused(not self.config.start_workers)
+
+    def _beat(self) -> None:
+        """This process's heartbeat, every lease/5 seconds, and the jobs of processes that are gone queued again."""
+        every = self.config.lease_seconds / 5
+        while not self._stopping.wait(every):
+            try:
+                self.store.beat(self.worker_id, socket.gethostname(), os.getpid())
+                self.requeue_orphans()
+            except Exception:  # the database is away for a moment: the next beat tries again
+                logger.exception("heartbeat failed")
 
     def _check_fast_families(self) -> None:
         """Every ``--fast`` preset exists for a family this server serves (SDXL-Lightning: SDXL only)."""
@@ -131,41 +148,54 @@ class Service:
     def stop(self, timeout: float = 60.0) -> None:
         """Stop the workers; a running batch stops at its next step and its jobs stay queued for the next start."""
         self.queue.stop()
+        self._stopping.set()
         for worker in self.workers:
             if worker.is_alive():
                 worker.join(timeout)
+        if self._heartbeat is not None:
+            self._heartbeat.join(timeout)
+            try:
+                self.store.remove_worker(self.worker_id)  # its jobs were put back: none is left with it
+            except Exception:
+                logger.exception("could not remove this worker process from the database")
         self.store.close()
 
     def recover(self) -> None:
-        """Every job that was queued or running when the server last stopped (or was killed) is queued again,
-        in its order; a job whose identity was deleted meanwhile fails with that reason. None is lost."""
+        """At start: every job a process that is gone left running is queued again (in its order; the others' are
+        theirs), and a queued job that can no longer run fails, saying why: its identity was deleted meanwhile, or
+        its record no longer reads. None is lost; several processes may start at once."""
+        if self._claims_jobs:  # this process runs jobs: it is alive from now on
+            self.store.beat(self.worker_id, socket.gethostname(), os.getpid())
+        self.requeue_orphans()
         for row in self.store.unfinished_jobs():
+            if row.status != QUEUED:
+                continue
             try:
                 missing = [i for i in row.identity_ids if not self.store.identity_exists(i, row.owner)]
             except Exception as exc:  # a record that no longer reads (``policy.readable_view`` shows it failed)
-                self.store.finish_job(row.id, FAILED, error=f"its stored record cannot be read ({type(exc).__name__})")
-                logger.warning("job %s failed on restart: its record cannot be read: %s", row.id, exc)
+                self._fail_queued(row, f"its stored record cannot be read ({type(exc).__name__})")
                 continue
             if missing:
-                error = (
+                self._fail_queued(
+                    row,
                     f"identity {missing[0]} was deleted before this job could run (the server restarted "
-                    "meanwhile); enroll the person again and submit the job again"
+                    "meanwhile); enroll the person again and submit the job again",
                 )
-                self.store.finish_job(row.id, FAILED, error=error)
-                logger.warning("job %s failed on restart: %s", row.id, error)
-                continue
-            try:
-                job = self._queued_job(row)
-            except Exception as exc:  # its models are no longer served, or its record no longer reads
-                error = str(exc) if isinstance(exc, FaceIDError) else f"its stored record cannot be read ({exc})"
-                self.store.finish_job(row.id, FAILED, error=f"{error} (the server restarted meanwhile)")
-                logger.warning("job %s failed on restart: %s", row.id, exc)
-                continue
-            was = row.status
-            self.store.update_job(row.id, status=QUEUED, started=None)
-            position = self.queue.put(job, force=True)
-            job.events.add("queued", {"queue_position": position})
-            logger.warning("job %s (%s when the server stopped) is queued again", row.id, was)
+
+    def _fail_queued(self, row: Job, error: str) -> None:
+        if self.store.finish_job(row.id, FAILED, error=error, unfinished_only=True, event=_end(FAILED, error)):
+            logger.warning("job %s failed on restart: %s", row.id, error)
+
+    def requeue_orphans(self) -> None:
+        """Queue again every running job whose worker process is gone: no heartbeat for ``lease_seconds``, none
+        registered (it stopped), or on this host with its process ended."""
+        now, host = time.time(), socket.gethostname()
+        for row, process in self.store.running_jobs():
+            if process is not None and now - process.heartbeat < self.config.lease_seconds:
+                if process.host != host or _process_alive(process.pid):
+                    continue
+            if self.store.requeue(row.id, row.worker):
+                logger.warning("job %s (running on %s, which is gone) is queued again", row.id, row.worker)
 
     def _check_method_families(self) -> None:
         """Every ``--method-weights`` method runs on a model set this server serves (InstantID: an SDXL one)."""
@@ -180,6 +210,10 @@ class Service:
                     f"this server serves {', '.join(sorted(families))}: serve a {' or '.join(method.families)} model "
                     "set (--base-model, --also-model) or leave it out"
                 )
+
+    @property
+    def _claims_jobs(self) -> bool:
+        return any(getattr(worker, "claims_jobs", True) for worker in self.workers)
 
     @property
     def pipeline(self):
@@ -298,11 +332,6 @@ class Service:
         image.filename = f"upload {upload_id} ({field})"
         return image
 
-    @property
-    def runs_modes(self) -> bool:
-        """Whether these workers run img2img, inpainting, ControlNet and swap (the Ray Serve ones do not yet)."""
-        return all(getattr(worker, "runs_modes", False) for worker in self.workers)
-
     def _check_inputs(self, owner: str, inputs: JobInputs, strength: float | None) -> dict[str, Upload]:
         """The request's input images checked (see ``JobInputs.check``) and found: the owner's uploads by id."""
         inputs.check(strength)
@@ -405,18 +434,13 @@ class Service:
             settings=resolved.to_json(),
             inputs=inputs.to_json(),
         )
-        job = self._queued_job(row)
-        with self._lock:  # the row exists before a worker can take the job, and no row is left when it is refused
-            self.policy.check_queued(owner)
-            self.store.add_job(row)
-            try:
-                position = self.queue.put(job)
-            except Exception as exc:
-                self.store.delete_job(job_id)
-                if isinstance(exc, QueueFull):
-                    self.metrics.refused("queue_full")
-                raise
-        job.events.add("queued", {"queue_position": position})
+        job = self.queued_job(row)
+        row.batch_key = job.batch_key
+        try:  # counted and added under the queue's lock in the database: every process shares the bounds
+            position = self.queue.put(row, lambda queued, running, mine: self.policy.check_queued(owner, mine, running))
+        except QueueFull:
+            self.metrics.refused("queue_full")
+            raise
         self.metrics.submitted.inc()
         return job, position
 
@@ -523,7 +547,7 @@ class Service:
                     hint = " (the size comes from init_image unless given): give width or height to generate smaller"
                 raise LimitExceeded(f"{name}: at most {c.max_side} pixels on this server{hint}")
 
-    def _queued_job(self, row: Job) -> QueuedJob:
+    def queued_job(self, row: Job) -> QueuedJob:
         settings = GenerationSettings.parse(row.settings)
         return QueuedJob(
             id=row.id,
@@ -533,6 +557,8 @@ class Service:
             created_ns=row.created_ns,
             entry=self.catalog.find(settings),
             inputs=dict(row.inputs or {}),
+            status=row.status,
+            passed_over=row.passed_over or 0,
         )
 
     def job(self, job_id: str, owner: str) -> Job:
@@ -548,9 +574,9 @@ class Service:
     def wait(self, job_id: str, owner: str, timeout: float) -> dict[str, Any]:
         """A generation's view once it has finished, or as it is after ``timeout`` seconds (for the protocols
         whose requests answer with the images)."""
-        live = self.queue.get(job_id)
-        if live is not None:
-            live.events.finished.wait(timeout)
+        deadline = time.monotonic() + timeout
+        while self.job(job_id, owner).status not in FINISHED and time.monotonic() < deadline:
+            time.sleep(min(WAIT_POLL_SECONDS, max(0.0, deadline - time.monotonic())))
         return self.job_view(job_id, owner)
 
     def image_ids(self, job_id: str, owner: str) -> list[str]:
@@ -558,22 +584,14 @@ class Service:
         return [image.id for image in self.job(job_id, owner).images]
 
     def _view(self, row: Job) -> dict[str, Any]:
-        job_id = row.id
-        live = self.queue.get(job_id)
         status = row.status
-        if live is not None and status not in FINISHED and live.status == RUNNING:
-            status = RUNNING
         inputs = JobInputs.parse(row.inputs)
+        total = row.settings.get("num_inference_steps")
         view = {
             "id": row.id,
             "status": status,
-            "queue_position": self.queue.position(job_id) if status == QUEUED else None,
-            "progress": {
-                "step": live.step
-                if live is not None
-                else (row.settings.get("num_inference_steps") if status == DONE else 0),
-                "total": row.settings.get("num_inference_steps"),
-            },
+            "queue_position": self.queue.position(row) if status == QUEUED else None,
+            "progress": {"step": total if status == DONE else (row.step or 0), "total": total},
             "images": [image_url(image.id) for image in row.images],
             "scores": [image.score for image in row.images],
             "image_index": [image.index for image in row.images],
@@ -637,11 +655,8 @@ class Service:
                 f"generation {job_id} is already {row.status}; nothing to cancel "
                 f"(DELETE /v1/generations/{job_id}?purge=true deletes it and its images)"
             )
-        where = self.queue.cancel(job_id)
-        if where == "queued":
-            self.finish(self.queue.get(job_id), CANCELLED)
-        elif where is None:  # not in the queue (it just ended, or is being put back): only if it has not ended
-            self.store.finish_job(job_id, CANCELLED, unfinished_only=True)
+        if self.queue.cancel(job_id) == QUEUED:  # ended now; a running one ends at its worker's next step
+            self.metrics.finished(CANCELLED, time.time_ns() - row.created_ns, 0)
         return self.job_view(job_id, owner)
 
     # ------------------------------------------------------------------ called by the workers
@@ -655,21 +670,55 @@ class Service:
         job.status = RUNNING
 
     def finish(self, job: QueuedJob, status: str, error: str | None = None, images: list[ImageRow] = ()) -> None:
-        self.store.finish_job(job.id, status, error=error, images=list(images))
+        """End ``job`` (its row, its images' rows and its last event, in one transaction), unless it ended already."""
+        event = _end(status, error, [image_url(image.id) for image in images])
+        ended = self.store.finish_job(
+            job.id, status, error=error, images=list(images), unfinished_only=True, event=event
+        )
         job.status = status
         self.queue.done(job)
-        self.metrics.finished(status, time.time_ns() - job.created_ns, len(images))
-        data: dict[str, Any] = {"status": status}
-        if error:
-            data["error"] = error
-        if images:
-            data["images"] = [image_url(image.id) for image in images]
-        job.events.add(status, data, last=True)
+        for path in self.data.previews_of(job.id):
+            path.unlink(missing_ok=True)
+        if ended:
+            self.metrics.finished(status, time.time_ns() - job.created_ns, len(images))
 
     def requeue_later(self, job: QueuedJob) -> None:
-        """The server stops while ``job`` runs: it stays queued in the database for the next start."""
-        self.store.update_job(job.id, status=QUEUED, started=None)
+        """The server stops while ``job`` runs: it stays queued in the database for the next start (or another
+        process's worker)."""
+        self.store.requeue(job.id, self.worker_id)
+        for path in self.data.previews_of(job.id):
+            path.unlink(missing_ok=True)
         self.queue.done(job)
+
+    def cancelled(self, jobs: list[QueuedJob]) -> set[str]:
+        """The ids of those of ``jobs`` whose cancel was asked for, through any process (read at each step)."""
+        return self.store.cancel_requested([job.id for job in jobs])
+
+    def progress(self, jobs: list[QueuedJob], step: int, total: int) -> None:
+        self.store.progress([job.id for job in jobs], step, total)
+
+    def preview(self, job: QueuedJob, data: dict[str, Any]) -> None:
+        """A preview of ``job``'s images (``data``: step, total, images as data URLs, image_index): its file in the
+        data dir, its event (the newest only) in the database."""
+        path = self.data.preview(job.id, data["step"])
+        path.write_text(json.dumps(data))
+        name = path.relative_to(self.data.root).as_posix()
+        old = self.store.set_preview(job.id, name, {"step": data["step"], "total": data["total"]})
+        if old is not None and old != name:
+            (self.data.root / old).unlink(missing_ok=True)
+
+    def events_since(self, job_id: str, after: int) -> list[tuple[int, str, dict]]:
+        """The job's events after the ``after``-th (0: all kept): (number, kind, data); a preview's images read from
+        its file (one already replaced is left out: the newer one follows)."""
+        found = []
+        for number, kind, data in self.store.events_since(job_id, after):
+            if kind == "preview":
+                try:
+                    data = json.loads((self.data.root / data["file"]).read_text())
+                except (OSError, ValueError, KeyError):
+                    continue
+            found.append((number, kind, data))
+        return found
 
     def save_images(
         self, job: QueuedJob, images: list, extra: dict[str, Any] | None = None, control_images: list = ()
@@ -687,7 +736,13 @@ class Service:
             images,
             job.settings,
             [self.data.image(image_id) for image_id in image_ids],
-            inputs={"generation_id": job.id, "mode": inputs.mode, **inputs.metadata(), **(extra or {})},
+            inputs={
+                "generation_id": job.id,
+                "mode": inputs.mode,
+                **inputs.metadata(),
+                **self.config.image_extra,
+                **(extra or {}),
+            },
             per_image=[
                 {"people": job.identity_ids} if inputs.people else {"identity_id": job.identity_ids[index // n]}
                 for index in range(len(images))
@@ -842,6 +897,30 @@ class Service:
             "running": self.queue.running,
             "authenticated": bool(self.config.api_keys),
         }
+
+
+WAIT_POLL_SECONDS = 0.1  # how often ``Service.wait`` reads a job's status
+
+
+def _end(status: str, error: str | None = None, images: list[str] = ()) -> dict[str, Any]:
+    """The data of a job's last event."""
+    data: dict[str, Any] = {"status": status}
+    if error:
+        data["error"] = error
+    if images:
+        data["images"] = list(images)
+    return data
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host exists (one of another user's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def image_url(image_id: str) -> str:

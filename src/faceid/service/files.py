@@ -27,8 +27,10 @@ import numpy as np
 from ..errors import FaceIDError
 
 ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")
-FILE_PATTERN = re.compile(r"^((photo|crop|face)_\d{1,4}\.(png|npz)|[0-9a-f]{32}(-control\d{1,2})?\.png)$")
-FOLDERS = ("identities", "images", "uploads")
+FILE_PATTERN = re.compile(
+    r"^((photo|crop|face)_\d{1,4}\.(png|npz)|[0-9a-f]{32}(-control\d{1,2})?\.png|[0-9a-f]{32}-step\d{1,6}\.json)$"
+)
+FOLDERS = ("identities", "images", "uploads", "previews")
 
 
 def new_id() -> str:
@@ -127,6 +129,14 @@ class DataDir:
 
     def control_image(self, job_id: str, k: int) -> Path:
         return self._inside("images", f"{job_id}-control{int(k)}.png")
+
+    def preview(self, job_id: str, step: int) -> Path:
+        """A running job's newest preview event (its images as data URLs, JSON): any process serving its events reads
+        it; replaced by the next one, deleted when the job ends."""
+        return self._inside("previews", f"{job_id}-step{int(step)}.json")
+
+    def previews_of(self, job_id: str) -> list[Path]:
+        return sorted(self._inside("previews").glob(f"{job_id}-step*.json"))
 
     # ------------------------------------------------------------------ uploads
     def upload(self, upload_id: str) -> Path:

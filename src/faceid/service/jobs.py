@@ -1,22 +1,24 @@
-"""The job queue: bounded, in submission order, handing workers batches of compatible jobs; and each job's
-events (what ``GET /v1/generations/{id}/events`` streams).
+"""The job queue: bounded, in submission order, handing workers batches of compatible jobs.
 
-The database holds every job (a restart finds them again); this is the in-memory side: who is waiting,
-who runs, their progress and their events.
+It lives in the database (``store.Job`` rows, their events in ``store.JobEvent``), so every process that opens
+the database (ingress replicas, model replicas, a restarted server) sees the same queue, progress and events:
+a job is claimed atomically by one worker, cancelled by a flag its worker reads at each step.
 """
 
 from __future__ import annotations
 
 import json
 import threading
-from collections import OrderedDict
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import FaceIDError
 from ..settings import GenerationSettings
+from .store import Job, Store
 
-KEEP_FINISHED = 1000  # finished jobs whose events stay in memory (older ones are answered from the database)
+POLL_SECONDS = 0.2  # an idle worker looks for jobs submitted by other processes this often
 # A worker takes jobs for the models it has loaded before older jobs that need a load (a load costs seconds to
 # minutes, a batch seconds: serving what is loaded first keeps the throughput), but the oldest job is passed
 # over at most this many times; then it runs next, loading its models. Counted in batches, not seconds, so
@@ -30,45 +32,6 @@ class QueueFull(Exception):
         self.retry_after = retry_after
 
 
-class EventLog:
-    """The events of one job, numbered from 1; readers poll ``since(n)`` for those after the n-th. ``closed`` after
-    the last event.
-
-    Every event is kept (a late subscriber gets them all), except the ``latest_only`` kinds (previews): there a new
-    event replaces the one before it, and the last event drops it. A reader that was still behind never needs an
-    old preview (the newer one shows more), and a finished job's images replace its previews; so a job's previews
-    hold one preview's memory while it runs and none after, however many steps it has and however long the
-    finished job stays in memory (``KEEP_FINISHED``), while late subscribers still get every other event and the
-    newest preview."""
-
-    def __init__(self, latest_only: tuple[str, ...] = ("preview",)) -> None:
-        self._items: list[tuple[int, str, dict]] = []  # (number, kind, data), in order
-        self._count = 0
-        self._latest_only = latest_only
-        self._lock = threading.Lock()
-        self.closed = False
-        self.finished = threading.Event()  # set with the last event: for callers that wait for the end
-
-    def add(self, kind: str, data: dict[str, Any], last: bool = False) -> None:
-        with self._lock:
-            if self.closed:
-                return
-            drop = self._latest_only if last else (kind,) if kind in self._latest_only else ()
-            if drop:
-                self._items = [item for item in self._items if item[1] not in drop]
-            self._count += 1
-            self._items.append((self._count, kind, data))
-            self.closed = last
-        if last:
-            self.finished.set()
-
-    def since(self, number: int) -> tuple[list[tuple[str, dict]], int, bool]:
-        """The events after the ``number``-th (0: all kept), the number of the last one, and ``closed``."""
-        with self._lock:
-            items = [(kind, data) for n, kind, data in self._items if n > number]
-            return items, self._count, self.closed
-
-
 @dataclass(eq=False)
 class QueuedJob:
     id: str
@@ -80,10 +43,6 @@ class QueuedJob:
     inputs: dict[str, Any] = field(default_factory=dict)  # its input images by upload id (JobInputs JSON; {}: none)
     status: str = "queued"
     passed_over: int = 0  # times a worker took a later job first (see PASS_OVER_LIMIT)
-    step: int = 0
-    total: int = 0
-    cancel: threading.Event = field(default_factory=threading.Event)
-    events: EventLog = field(default_factory=EventLog)
 
     @property
     def prompts(self) -> list[str]:
@@ -112,98 +71,111 @@ class QueuedJob:
 
 
 class JobQueue:
-    def __init__(self, max_queue: int, workers: int = 1) -> None:
+    """The queue, in the database (``Store``): a job is queued by inserting its row (counted under the queue's
+    lock: ``max_queue`` and the key quotas hold across processes) and claimed by a worker of any process
+    (``Store.claim``), so several ingress processes and model replicas share one queue. Workers of this process
+    are woken at once by a submission here, and poll for the others' (``POLL_SECONDS``)."""
+
+    def __init__(self, store: Store, max_queue: int, workers: int = 1) -> None:
+        self.store = store
         self.max_queue = max_queue
         self.workers = workers
         self._cond = threading.Condition()
-        self._queued: list[QueuedJob] = []
-        self._running: dict[str, QueuedJob] = {}
-        self._jobs: OrderedDict[str, QueuedJob] = OrderedDict()  # every job this process knows
         self._stopped = False
-        self.paused = False
+        self.paused = False  # this process's workers take nothing (``ServeConfig.start_workers``)
         self.mean_job_seconds = 10.0  # updated by the workers; for Retry-After
 
     # ------------------------------------------------------------------ producers
-    def put(self, job: QueuedJob, force: bool = False) -> int:
-        """Queue ``job``; its position (0 = next). Refused with ``QueueFull`` when full, unless ``force``
-        (a restart re-queues every unfinished job whatever the bound)."""
+    def put(self, row: Job, check: Callable[[int, int, int], None] | None = None) -> int:
+        """Queue the job of ``row``; its position (0 = next). Refused with ``QueueFull`` when full, after
+        ``check(queued, running, queued_of_owner)`` (the key's quotas), all under the queue's lock."""
+
+        def within_bounds(queued: int, running: int, mine: int) -> None:
+            if queued >= self.max_queue:
+                raise QueueFull(self.retry_after(queued + running))
+            if check is not None:
+                check(queued, running, mine)
+
+        position = self.store.add_queued_job(row, within_bounds)
         with self._cond:
-            if not force and len(self._queued) >= self.max_queue:
-                waiting = len(self._queued) + len(self._running)
-                raise QueueFull(max(1, round(self.mean_job_seconds * waiting / max(1, self.workers))))
-            self._queued.append(job)
-            self._remember(job)
             self._cond.notify_all()
-            return len(self._queued) - 1
+        return position
 
-    def _remember(self, job: QueuedJob) -> None:
-        self._jobs[job.id] = job
-        finished = [k for k, j in self._jobs.items() if j.status not in ("queued", "running")]
-        for key in finished[: max(0, len(finished) - KEEP_FINISHED)]:
-            del self._jobs[key]
+    def retry_after(self, waiting: int) -> int:
+        return max(1, round(self.mean_job_seconds * waiting / max(1, self.workers)))
 
-    def get(self, job_id: str) -> QueuedJob | None:
-        with self._cond:
-            return self._jobs.get(job_id)
-
-    def position(self, job_id: str) -> int | None:
-        with self._cond:
-            for i, job in enumerate(self._queued):
-                if job.id == job_id:
-                    return i
-            return None
+    def position(self, row: Job) -> int:
+        return self.store.position(row)
 
     def cancel(self, job_id: str) -> str | None:
-        """``"queued"``: taken out of the queue at once; ``"running"``: it stops at its next step; None: neither."""
-        with self._cond:
-            for job in self._queued:
-                if job.id == job_id:
-                    self._queued.remove(job)
-                    job.cancel.set()
-                    return "queued"
-            job = self._running.get(job_id)
-            if job is not None:
-                job.cancel.set()
-                return "running"
-            return None
+        """``"queued"``: cancelled at once (taken out of the queue); ``"running"``: its worker, in whichever process,
+        stops it at its next step; None: neither."""
+        return self.store.request_cancel(job_id)
 
     # ------------------------------------------------------------------ workers
     def take(
-        self, max_images: int, timeout: float = 0.5, ready: Callable[[QueuedJob], bool] | None = None
+        self,
+        worker: str,
+        max_images: int,
+        make: Callable[[Job], QueuedJob],
+        timeout: float = 0.5,
+        ready: Callable[[QueuedJob], bool] | None = None,
     ) -> list[QueuedJob]:
-        """The next job and the queued jobs after it that share its batch key, up to ``max_images`` images in
-        all (a job is never split; the first one runs even if alone it has more). Empty after ``timeout``.
+        """Claim the next job and the queued jobs after it that share its batch key, up to ``max_images`` images in
+        all (a job is never split; the first one runs even if alone it has more), for ``worker``. Empty after
+        ``timeout``. ``make(row)``: the row as a ``QueuedJob`` (a row that cannot be read fails, saying why).
 
         ``ready(job)``: whether the caller can run ``job`` without loading models. The next job is then the
         oldest ready one, unless the oldest job was passed over ``PASS_OVER_LIMIT`` times already."""
-        with self._cond:
-            if not self._cond.wait_for(lambda: self._stopped or (self._queued and not self.paused), timeout):
-                return []
+        deadline = time.monotonic() + timeout
+        while True:
             if self._stopped:
                 return []
-            first = self._queued[0]
-            if ready is not None and first.passed_over < PASS_OVER_LIMIT and not ready(first):
-                found = next((job for job in self._queued if ready(job)), None)
-                if found is not None:
-                    for job in self._queued[: self._queued.index(found)]:
-                        job.passed_over += 1
-                    first = found
-            batch, images = [first], first.images
-            for job in self._queued:
-                if job is first:
-                    continue
-                if job.batch_key == first.batch_key and images + job.images <= max_images:
-                    batch.append(job)
-                    images += job.images
-            for job in batch:
-                self._queued.remove(job)
-                self._running[job.id] = job
-                job.status = "running"
-            return batch
+            batch = (
+                []
+                if self.paused
+                else self.store.claim(worker, lambda rows: self._choose(rows, max_images, make, ready))
+            )
+            if batch:
+                return [make(row) for row in batch]
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return []
+            with self._cond:
+                self._cond.wait(min(left, POLL_SECONDS))
+
+    @staticmethod
+    def _choose(rows: list[Job], max_images: int, make, ready) -> tuple[list[Job], list[Job], list[tuple[Job, str]]]:
+        jobs, failed = [], []
+        for row in rows:
+            try:
+                jobs.append((row, make(row)))
+            except Exception as exc:  # its models are no longer served, or its record no longer reads
+                error = str(exc) if isinstance(exc, FaceIDError) else f"its stored record cannot be read ({exc})"
+                failed.append((row, error))
+        if not jobs:
+            return [], [], failed
+        first_row, first = jobs[0]
+        passed: list[Job] = []
+        if ready is not None and (first_row.passed_over or 0) < PASS_OVER_LIMIT and not ready(first):
+            found = next((k for k, (_, job) in enumerate(jobs) if ready(job)), None)
+            if found is not None:
+                passed = [row for row, _ in jobs[:found]]
+                first_row, first = jobs[found]
+        # the stored key (what the job was submitted with) and the row's as read now: a row changed since runs alone
+        key = (first_row.batch_key, first.batch_key)
+        batch, images = [first_row], first.images
+        for row, job in jobs:
+            if row is first_row or key[0] is None or (row.batch_key, job.batch_key) != key:
+                continue
+            if images + job.images <= max_images:
+                batch.append(row)
+                images += job.images
+        return batch, passed, failed
 
     def done(self, job: QueuedJob) -> None:
+        """``job`` ended here (nothing to do: its row says so); wakes this process's workers."""
         with self._cond:
-            self._running.pop(job.id, None)
             self._cond.notify_all()
 
     def record_seconds(self, seconds: float) -> None:
@@ -225,13 +197,12 @@ class JobQueue:
 
     def queued_of(self, owner: str) -> int:
         """How many of ``owner``'s jobs wait in the queue (running ones not counted, as ``max_queue`` counts)."""
-        with self._cond:
-            return sum(job.owner == owner for job in self._queued)
+        return self.store.queue_counts(owner)[0]
 
     @property
     def depth(self) -> int:
-        return len(self._queued)
+        return self.store.queue_counts()[0]
 
     @property
     def running(self) -> int:
-        return len(self._running)
+        return self.store.queue_counts()[1]

@@ -283,3 +283,66 @@ def _device_type(pipeline: Any) -> str:
         return pipeline.device.type
     except Exception:  # not a FaceIDPipeline (a test's stand-in)
         return "cpu"
+
+
+@dataclass(frozen=True)
+class PipelineLoader:
+    """What a worker loads, as paths and names (picklable): ``loader(device, models, analyzer)`` -> a
+    ``FaceIDPipeline`` of the model set ``models`` (its model fields). ``faceid serve`` loads with it too."""
+
+    vae_tiny: str | None = None  # --tiny-vae: every model set decodes previews (and, on request, images) with it
+    base_config: str | None = None
+    image_encoder: str | None = None
+    dtype: str | None = None  # a torch dtype name: "float16"; None: fp16 on GPU, fp32 on CPU
+    compile: bool = False
+    # A FLUX.1 model set (no FaceID adapter) loads with the --method-weights methods of its family (the first is its
+    # default method), the face models they read and its memory options; the others' methods are the worker's.
+    face_models: str | None = None
+    methods: tuple[tuple[str, str], ...] = ()
+    offload: str | None = None  # --offload model|sequential
+    quantize: str | None = None  # --quantize int8|fp8
+
+    def __call__(self, device: str, models: GenerationSettings, analyzer: Any = None):
+        import torch
+
+        from ..model_set import family_without_adapter
+        from ..pipeline import FaceIDPipeline
+        from ..variants import DEFAULT_ADAPTER
+
+        family = family_without_adapter(models.base_model, models.adapter)
+        if family is not None:
+            return FaceIDPipeline.from_pretrained(
+                models.base_model,
+                None,
+                vae=models.vae,
+                device=None if device == "default" else device,
+                torch_dtype=getattr(torch, self.dtype) if self.dtype else None,
+                face_analyzer=analyzer,
+                face_models=self.face_models,
+                progress=False,
+                methods=methods_for(family, dict(self.methods)),
+                offload=self.offload,
+                quantize=self.quantize,
+            )
+        return FaceIDPipeline.from_pretrained(
+            models.base_model,
+            models.adapter or DEFAULT_ADAPTER,
+            vae=models.vae,
+            tiny_vae=self.vae_tiny,
+            single_file_config=self.base_config,
+            device=None if device == "default" else device,
+            torch_dtype=getattr(torch, self.dtype) if self.dtype else None,
+            face_analyzer=analyzer,
+            image_encoder=self.image_encoder,
+            loras=list((models.loras or {}).items()),
+            progress=False,
+            compile=self.compile,
+        )  # the --method-weights methods are loaded by the worker onto the model sets they run on (Worker.equip)
+
+
+def methods_for(family: str, methods: Mapping[str, str]) -> dict[str, str]:
+    """The ``--method-weights`` methods that run on ``family``, in their order (the first: the default method of a
+    model set without a FaceID adapter)."""
+    from ..methods import METHODS
+
+    return {name: folder for name, folder in methods.items() if family in METHODS[name].families}

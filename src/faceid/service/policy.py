@@ -253,16 +253,14 @@ class Policy:
         key under its byte quota may pass it by one generation's images)."""
         self._check_bytes(owner, 0, "submit again")
 
-    def check_queued(self, owner: str) -> None:
-        """Before a generation is queued (under the service's submit lock): the key's waiting jobs."""
+    def check_queued(self, owner: str, have: int, running: int) -> None:
+        """Before a generation is queued, under the queue's lock in the database (``JobQueue.put``): the key's
+        waiting jobs (``have``; ``running``: every running job, for Retry-After)."""
         limit = self.config.max_queued_per_key
         if limit is None:
             return
-        have = self.queue.queued_of(owner)
         if have >= limit:
-            retry = max(
-                1, round(self.queue.mean_job_seconds * (have + self.queue.running) / max(1, self.queue.workers))
-            )
+            retry = self.queue.retry_after(have + running)
             raise self._refuse(
                 "quota_queued",
                 429,

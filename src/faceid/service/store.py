@@ -26,6 +26,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     Float,
     ForeignKey,
     Integer,
@@ -33,7 +34,9 @@ from sqlalchemy import (
     Text,
     and_,
     create_engine,
+    delete,
     event,
+    func,
     inspect,
     or_,
     select,
@@ -107,7 +110,45 @@ class Job(Base):
     started: Mapped[float | None] = mapped_column(Float)
     finished: Mapped[float | None] = mapped_column(Float)
     error: Mapped[str | None] = mapped_column(Text)
+    # The shared queue (``faceid.service.jobs.JobQueue``): any process may claim a queued job. Jobs of the same
+    # batch key can share one pipeline call; ``worker`` is the process (``WorkerProcess``) running it, whose
+    # heartbeat says it is alive; ``step`` its progress; ``cancel_requested`` is read by that worker at its next
+    # step; ``preview`` the newest preview's file in the data dir (while it runs). All nullable: rows of an earlier
+    # version read None (no batch key: a batch of its own).
+    batch_key: Mapped[str | None] = mapped_column(Text, nullable=True)
+    worker: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    step: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    cancel_requested: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    passed_over: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    preview: Mapped[str | None] = mapped_column(Text, nullable=True)
     images: Mapped[list[ImageRow]] = relationship(back_populates="job", order_by="ImageRow.index")
+
+
+class JobEvent(Base):
+    """One event of a job (what ``GET /v1/generations/{id}/events`` streams), numbered in order by ``id``. A
+    preview's images are in a file of the data dir (``data``: its path); only the newest preview's row is kept."""
+
+    __tablename__ = "job_events"
+    # numbers never reused (SQLite's AUTOINCREMENT): a reader that saw a preview that was then deleted still gets
+    # the next event
+    __table_args__ = {"sqlite_autoincrement": True}
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(String(32), index=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    data: Mapped[dict] = mapped_column(JSON)
+
+
+class WorkerProcess(Base):
+    """A process whose workers run jobs, alive while its ``heartbeat`` (Unix time) is recent: a job whose worker is
+    gone is queued again by whichever process notices (``Service.recover``)."""
+
+    __tablename__ = "worker_processes"
+
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    heartbeat: Mapped[float] = mapped_column(Float)
 
 
 class ImageRow(Base):
@@ -189,6 +230,8 @@ class SchemaError(FaceIDError):
 # A key of PostgreSQL's advisory locks: processes starting at once (several ingress replicas) upgrade the schema
 # one after the other, each in one transaction (PostgreSQL's DDL is transactional), and never twice.
 SCHEMA_LOCK = 0x66616365  # "face"
+# The queue's advisory lock (PostgreSQL): a submission counts the queue and adds its job under it
+QUEUE_LOCK = 0x71756575  # "queu"
 
 
 def upgrade_schema(connection: Connection, metadata=None) -> list[str]:
@@ -352,9 +395,166 @@ class Store:
             images = [image.id for image in found.images]
             for image in found.images:
                 s.delete(image)
+            s.execute(delete(JobEvent).where(JobEvent.job_id == job_id))
             s.delete(found)
         self._forget()
         return images
+
+    # ------------------------------------------------------------------ the shared queue
+    @contextlib.contextmanager
+    def queue_transaction(self) -> Iterator[Session]:
+        """A transaction that holds the queue's lock from its start: what it counts stays true until it commits,
+        whichever process (an ingress replica, a worker) writes. PostgreSQL: an advisory transaction lock; SQLite:
+        the database's write lock, taken by a write that changes nothing (a read alone would not take it)."""
+        with self.session() as s:
+            if self.sqlite:
+                s.execute(update(WorkerProcess).where(WorkerProcess.pid < 0).values(pid=WorkerProcess.pid))
+            else:
+                s.execute(select(func.pg_advisory_xact_lock(QUEUE_LOCK)))
+            yield s
+
+    def add_queued_job(self, job: Job, check) -> int:
+        """Queue ``job`` (its row and its ``queued`` event): ``check(queued, running, queued_of_owner)`` first, under
+        the queue's lock (it raises to refuse: a full queue, a key over its quota). Its position (0: next)."""
+        with self.queue_transaction() as s:
+            queued, running = self._counts(s)
+            mine = s.scalar(select(func.count()).select_from(Job).where(Job.status == QUEUED, Job.owner == job.owner))
+            check(queued, running, int(mine or 0))
+            s.add(job)
+            s.add(JobEvent(job_id=job.id, kind=QUEUED, data={"queue_position": queued}))
+        return queued
+
+    @staticmethod
+    def _counts(s: Session) -> tuple[int, int]:
+        found = dict(
+            s.execute(
+                select(Job.status, func.count()).where(Job.status.in_((QUEUED, RUNNING))).group_by(Job.status)
+            ).all()
+        )
+        return int(found.get(QUEUED, 0)), int(found.get(RUNNING, 0))
+
+    def queue_counts(self, owner: str | None = None) -> tuple[int, int]:
+        """(queued, running) jobs; with ``owner``, theirs."""
+        with self.session() as s:
+            if owner is None:
+                return self._counts(s)
+            found = dict(
+                s.execute(
+                    select(Job.status, func.count())
+                    .where(Job.status.in_((QUEUED, RUNNING)), Job.owner == owner)
+                    .group_by(Job.status)
+                ).all()
+            )
+            return int(found.get(QUEUED, 0)), int(found.get(RUNNING, 0))
+
+    def position(self, job: Job) -> int:
+        """Queued jobs ahead of ``job`` (in queue order: creation, then id)."""
+        ahead = or_(Job.created_ns < job.created_ns, and_(Job.created_ns == job.created_ns, Job.id < job.id))
+        with self.session() as s:
+            return int(s.scalar(select(func.count()).select_from(Job).where(Job.status == QUEUED, ahead)) or 0)
+
+    def claim(self, worker: str, choose, window: int = 64) -> list[Job]:
+        """Claim queued jobs for ``worker`` atomically: ``choose(rows)`` (the oldest ``window`` queued rows, in
+        order) -> (the rows to run, the rows passed over, [(row, error)] to fail); the chosen become ``running``
+        with ``worker``. PostgreSQL locks the rows it reads (``FOR UPDATE SKIP LOCKED``: other workers claim others
+        meanwhile); SQLite takes its write lock first."""
+        query = select(Job).where(Job.status == QUEUED).order_by(Job.created_ns, Job.id).limit(window)
+        with self.queue_transaction() if self.sqlite else self.session() as s:
+            if not self.sqlite:
+                query = query.with_for_update(skip_locked=True)
+            rows = list(s.scalars(query))
+            if not rows:
+                return []
+            chosen, passed, failed = choose(rows)
+            for row in passed:
+                row.passed_over = (row.passed_over or 0) + 1
+            for row, error in failed:
+                row.status, row.error, row.finished = FAILED, error, time.time()
+                s.add(JobEvent(job_id=row.id, kind=FAILED, data={"status": FAILED, "error": error}))
+            for row in chosen:
+                row.status, row.worker, row.step = RUNNING, worker, 0
+            return chosen
+
+    def request_cancel(self, job_id: str) -> str | None:
+        """``"queued"``: it was queued and is cancelled now (its end and its event written); ``"running"``: its
+        worker stops it at its next step (``cancel_requested``); None: it had ended."""
+        with self.session() as s:
+            cancelled = update(Job).where(Job.id == job_id, Job.status == QUEUED)
+            if s.execute(cancelled.values(status=CANCELLED, finished=time.time())).rowcount:
+                s.add(JobEvent(job_id=job_id, kind=CANCELLED, data={"status": CANCELLED}))
+                return QUEUED
+            running = update(Job).where(Job.id == job_id, Job.status == RUNNING).values(cancel_requested=True)
+            return RUNNING if s.execute(running).rowcount else None
+
+    def cancel_requested(self, job_ids: list[str]) -> set[str]:
+        """Those of ``job_ids`` whose cancel was asked for (read by their worker at each step)."""
+        with self.session() as s:
+            return set(s.scalars(select(Job.id).where(Job.id.in_(job_ids), Job.cancel_requested.is_(True))))
+
+    def progress(self, job_ids: list[str], step: int, total: int) -> None:
+        """Step ``step`` of ``total`` done for each job: its row and a ``progress`` event, in one transaction."""
+        with self.session() as s:
+            s.execute(update(Job).where(Job.id.in_(job_ids)).values(step=step))
+            s.add_all(JobEvent(job_id=i, kind="progress", data={"step": step, "total": total}) for i in job_ids)
+
+    def set_preview(self, job_id: str, path: str, data: dict[str, Any]) -> str | None:
+        """The job's newest preview (its images in the file ``path`` of the data dir): its event replaces the one
+        before. The path of the one it replaces (None: none), whose file the caller deletes."""
+        with self.session() as s:
+            found = s.get(Job, job_id)
+            if found is None or found.status != RUNNING:
+                return path  # it ended meanwhile: no preview (its file goes)
+            old, found.preview = found.preview, path
+            s.execute(delete(JobEvent).where(JobEvent.job_id == job_id, JobEvent.kind == "preview"))
+            s.add(JobEvent(job_id=job_id, kind="preview", data={**data, "file": path}))
+            return old
+
+    def events_since(self, job_id: str, after: int) -> list[tuple[int, str, dict]]:
+        """The job's events after the one numbered ``after`` (0: all kept): (number, kind, data), in order."""
+        with self.session() as s:
+            rows = s.execute(
+                select(JobEvent.id, JobEvent.kind, JobEvent.data)
+                .where(JobEvent.job_id == job_id, JobEvent.id > after)
+                .order_by(JobEvent.id)
+            ).all()
+            return [tuple(row) for row in rows]
+
+    def requeue(self, job_id: str, worker: str | None) -> bool:
+        """Put a running job back in the queue (its worker stops or is gone), as it was when submitted; only while
+        ``worker`` still holds it (two processes noticing the same orphan, or one noticing it after another worker
+        claimed it again, never put it back twice). Whether it was."""
+        held = Job.worker.is_(None) if worker is None else Job.worker == worker
+        with self.session() as s:
+            query = update(Job).where(Job.id == job_id, Job.status == RUNNING, held)
+            if not s.execute(query.values(status=QUEUED, started=None, worker=None, step=0, preview=None)).rowcount:
+                return False
+            s.execute(delete(JobEvent).where(JobEvent.job_id == job_id, JobEvent.kind == "preview"))
+            return True
+
+    # ------------------------------------------------------------------ worker processes
+    def beat(self, worker: str, host: str, pid: int) -> None:
+        """``worker``'s heartbeat: it is alive now."""
+        with self.session() as s:
+            found = s.get(WorkerProcess, worker)
+            if found is None:
+                s.add(WorkerProcess(id=worker, host=host, pid=pid, heartbeat=time.time()))
+            else:
+                found.heartbeat = time.time()
+
+    def remove_worker(self, worker: str) -> None:
+        with self.session() as s:
+            s.execute(delete(WorkerProcess).where(WorkerProcess.id == worker))
+
+    def running_jobs(self) -> list[tuple[Job, WorkerProcess | None]]:
+        """Every running job with its worker process (None: none registered, or it was removed)."""
+        with self.session() as s:
+            rows = s.execute(
+                select(Job, WorkerProcess)
+                .outerjoin(WorkerProcess, WorkerProcess.id == Job.worker)
+                .where(Job.status == RUNNING)
+                .order_by(Job.created_ns)
+            ).all()
+            return [(job, process) for job, process in rows]
 
     def unfinished_jobs(self) -> list[Job]:
         """Jobs that were queued or running, oldest first (what a restart re-queues)."""
@@ -362,9 +562,16 @@ class Store:
             return list(s.scalars(select(Job).where(Job.status.in_((QUEUED, RUNNING))).order_by(Job.created_ns)))
 
     def finish_job(
-        self, job_id: str, status: str, error: str | None = None, images: list[ImageRow] = (), unfinished_only=False
+        self,
+        job_id: str,
+        status: str,
+        error: str | None = None,
+        images: list[ImageRow] = (),
+        unfinished_only=False,
+        event: dict[str, Any] | None = None,
     ) -> bool:
-        """Set the job's end; with ``unfinished_only``, only if it has not ended yet. Whether it was set."""
+        """Set the job's end; with ``unfinished_only``, only if it has not ended yet; ``event``: the data of its last
+        event (kind ``status``), added with it. Whether it was set."""
         # one conditional UPDATE, not a read then a write: a cancel and a worker finishing the same job at once
         # (two transactions, on any database) cannot both set its end
         query = update(Job).where(Job.id == job_id)
@@ -373,9 +580,12 @@ class Store:
         if error is not None:
             error = error.replace("\x00", "\\x00")  # PostgreSQL's text holds no NUL character
         with self.session() as s:
-            if s.execute(query.values(status=status, error=error, finished=time.time())).rowcount == 0:
+            if s.execute(query.values(status=status, error=error, finished=time.time(), preview=None)).rowcount == 0:
                 return False
             s.add_all(images)
+            if event is not None:  # the job's last event, with its end; its preview goes
+                s.execute(delete(JobEvent).where(JobEvent.job_id == job_id, JobEvent.kind == "preview"))
+                s.add(JobEvent(job_id=job_id, kind=status, data=event))
         return True
 
     # ------------------------------------------------------------------ images

@@ -65,10 +65,17 @@ class JobHost(Protocol):
     ) -> None: ...
     def upload_image(self, upload_id: str, owner: str, field: str) -> Any: ...
     def requeue_later(self, job: QueuedJob) -> None: ...
+    def queued_job(self, row: Any) -> QueuedJob: ...
+    def cancelled(self, jobs: list[QueuedJob]) -> set[str]: ...
+    def progress(self, jobs: list[QueuedJob], step: int, total: int) -> None: ...
+    def preview(self, job: QueuedJob, data: dict) -> None: ...
+
+    @property
+    def worker_id(self) -> str: ...
 
 
 class Worker(threading.Thread):
-    runs_modes = True  # img2img, inpainting, ControlNet and swap (``Service.runs_modes``)
+    claims_jobs = True  # takes jobs from the queue (a Ray ingress's worker only describes the model replicas)
 
     def __init__(self, service: JobHost | None, device: str, pipeline: Any = None) -> None:
         super().__init__(name=f"faceid-worker-{device}", daemon=True)
@@ -122,8 +129,8 @@ class Worker(threading.Thread):
             modules = self._load_method(pipeline, name, source)
             if modules:
                 attached[f"method {name}"] = modules
-        if not self.runs_modes or pipeline.adapter is None:  # FLUX.1: the server's SD ControlNets and style
-            return attached  # adapters are not for it (requests for them there are refused at submit)
+        if pipeline.adapter is None:  # FLUX.1: the server's SD ControlNets and style adapters are not for it
+            return attached  # (requests for them there are refused at submit)
         for source in dict.fromkeys(config.controlnets.values()):
             attached[source] = pipeline.load_controlnet(source)
         for name in config.style_adapters:
@@ -167,8 +174,6 @@ class Worker(threading.Thread):
         """The annotators of the server's control kinds (OpenPose for pose, the depth model for depth), once."""
         from ..control import annotator_options
 
-        if not self.runs_modes:
-            return
         for kind in self.service.config.controlnets:  # {} for the kinds that need none
             if kind not in self._annotators:
                 self._annotators[kind] = annotator_options(kind, device=str(pipeline.device))
@@ -214,15 +219,12 @@ class Worker(threading.Thread):
         if pipe is not None:
             entry.update(
                 device=str(pipe.device),
-                dtype=str(pipe.denoiser.dtype).removeprefix("torch."),
+                dtype=str(pipe.pipe.unet.dtype).removeprefix("torch."),
                 family=pipe.family,
                 base_model=pipe.base_model,
                 adapter=pipe.adapter_source,
                 vae=pipe.vae_source,
-                variant=pipe.adapter.spec.architecture().name if pipe.adapter is not None else None,
-                default_method=pipe.default_method,
-                offload=pipe.offload,
-                quantize=pipe.quantize,
+                variant=pipe.adapter.spec.architecture().name,
                 loras=pipe.lora_sources(),
             )
         return entry
@@ -245,8 +247,10 @@ class Worker(threading.Thread):
                         self.service.finish(job, "failed", error=_internal(exc))
 
     def take(self) -> list[QueuedJob]:
-        """The next batch: compatible jobs up to the batch size, those whose models are loaded first."""
-        return self.service.queue.take(self.service.config.max_batch, ready=self._holds)
+        """The next batch, claimed in the database for this process: compatible jobs up to the batch size, those whose
+        models are loaded first."""
+        service = self.service
+        return service.queue.take(service.worker_id, service.config.max_batch, service.queued_job, ready=self._holds)
 
     def _holds(self, job: QueuedJob) -> bool:
         return self.models is not None and self.models.holds(job.entry)
@@ -295,18 +299,17 @@ class Worker(threading.Thread):
             faces = [identity for _, identities in live for identity in identities]
         seeds = [s for job, _ in live for s in job.settings.seed]
         total = first.settings.num_inference_steps
-        for job, _ in live:
-            job.step, job.total = 0, total
         active = [job for job, _ in live]
 
         def on_step_end(pipeline, step, timestep, callback_kwargs):
+            # a cancel may come through any process: its flag is in the database, read here at each step
+            cancelled = service.cancelled(active)
             for job in list(active):
-                if job.cancel.is_set():
+                if job.id in cancelled:
                     active.remove(job)
                     service.finish(job, "cancelled")
-                else:
-                    job.step = step + 1
-                    job.events.add("progress", {"step": job.step, "total": total})
+            if active:
+                service.progress(active, step + 1, total)
             if not active or service.queue.stopped:
                 raise _Stop()
             return callback_kwargs
@@ -323,7 +326,7 @@ class Worker(threading.Thread):
                 shown = [i for i, image in enumerate(mine) if image is not None]
                 if job in active and shown:
                     urls = [data_url(mine[i], PREVIEW_SIDE) for i in shown]
-                    job.events.add("preview", {"step": step, "total": total, "images": urls, "image_index": shown})
+                    service.preview(job, {"step": step, "total": total, "images": urls, "image_index": shown})
 
         every = service.config.preview_every
         previews = {"preview_every": every, "on_preview": on_preview} if every else {}
@@ -349,8 +352,9 @@ class Worker(threading.Thread):
             if len(active) > 1:  # whatever failed, only the job at fault fails: each runs again alone
                 logger.warning("a batch of %d jobs failed (%s: %s); running each alone", len(active),
                                type(exc).__name__, exc)  # fmt: skip
+                cancelled = service.cancelled(active)
                 for job in list(active):
-                    if job.cancel.is_set():
+                    if job.id in cancelled:
                         service.finish(job, "cancelled")
                     elif not service.queue.stopped:
                         self.run_batch([job])
@@ -366,9 +370,10 @@ class Worker(threading.Thread):
                 service.finish(job, "failed", error=error)
             return
         images = iter(images)
+        cancelled = service.cancelled(active)
         for job, _ in live:
             mine = [next(images) for _ in range(job.images)]
-            if job in active and not job.cancel.is_set():
+            if job in active and job.id not in cancelled:
                 service.save_images(job, mine, extra=extra, control_images=control_images)
             elif job in active:
                 service.finish(job, "cancelled")
