@@ -79,9 +79,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="NAME=FOLDER",
         help="an identity method requests may ask for with method=NAME, its released files in FOLDER in their Hub "
         "layout (instantid: InstantX/InstantID's ip-adapter.bin and ControlNetModel/; pulid: pulid_v1.1.safetensors, "
-        "EVA02_CLIP_L_336_psz14_s6B.pt and parsing_bisenet.pth), as generate's; repeatable. "
-        "Loaded by every worker onto each model set of a family the method runs on; the face analysis also embeds "
-        "with the method's insightface pack (antelopev2), so identities enrolled from then on can use it",
+        "EVA02_CLIP_L_336_psz14_s6B.pt and parsing_bisenet.pth; infiniteyou: infu_flux_v1.0/ with facexlib's "
+        "recognition_arcface_ir_se50.pth; pulid-flux: pulid_flux_v0.9.1.safetensors and pulid's other two), as "
+        "generate's; repeatable. Loaded by every worker onto each model set of a family the method runs on (a FLUX.1 "
+        "model set's first one is its default method); the face analysis also embeds with the method's recognizer "
+        "(antelopev2; InfiniteYou's IR-SE50), so identities enrolled from then on can use it",
     )
     parser.add_argument(
         "--reference-encoder",

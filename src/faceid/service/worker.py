@@ -219,12 +219,15 @@ class Worker(threading.Thread):
         if pipe is not None:
             entry.update(
                 device=str(pipe.device),
-                dtype=str(pipe.pipe.unet.dtype).removeprefix("torch."),
+                dtype=str(pipe.denoiser.dtype).removeprefix("torch."),
                 family=pipe.family,
                 base_model=pipe.base_model,
                 adapter=pipe.adapter_source,
                 vae=pipe.vae_source,
-                variant=pipe.adapter.spec.architecture().name,
+                variant=pipe.adapter.spec.architecture().name if pipe.adapter is not None else None,
+                default_method=pipe.default_method,
+                offload=pipe.offload,
+                quantize=pipe.quantize,
                 loras=pipe.lora_sources(),
             )
         return entry
