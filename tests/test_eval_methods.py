@@ -131,6 +131,13 @@ def test_eval_command_compares_faceid_and_instantid(
         stored = read_settings(images[0])
         assert stored["method"] == name and stored["scale"] == 0.6
         assert stored.get("identitynet_scale") == (0.7 if name == "instantid" else None)  # InstantID's alone
+        # the terms of what made it: the method's weights and its face models (both non-commercial here)
+        licences = stored["licences"]
+        assert stored["commercial_use"] is False and any("antelopev2" in what for what in licences) == (
+            name == "instantid"
+        )
+        weights = "InstantX/InstantID" if name == "instantid" else "h94/IP-Adapter-FaceID"
+        assert any(weights in what for what in licences) and all("<https://" in terms for terms in licences.values())
 
     # Spot check: an InstantID image is what FaceIDPipeline gives for its stored settings.
     image = out / "instantid" / "images" / "scale_0.6" / "obama" / "p01_s0.png"

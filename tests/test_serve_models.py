@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from test_serve import Recording, enroll, error, generate, make_client, png, wait_finished  # noqa: F401 (a fixture)
 
+from faceid.methods import METHODS
 from faceid.pipeline import FaceIDPipeline
 from faceid.service.jobs import PASS_OVER_LIMIT, JobQueue, QueuedJob
 from faceid.service.models import GB, pipeline_bytes
@@ -102,7 +103,8 @@ def test_each_request_runs_on_the_model_set_it_names(make_client, faces_dir, set
         assert made.resolve_settings(settings) == settings
         alone = {k: v for k, v in settings.for_image(0).to_json().items() if k not in ("base_model", "adapter")}
         assert stored == {**alone, "model_files": stored["model_files"], "identity_id": identity,
-                          "generation_id": job, "mode": "text-to-image", "faceid_version": stored["faceid_version"]}  # fmt: skip
+                          "generation_id": job, "mode": "text-to-image", "faceid_version": stored["faceid_version"],
+                          "licences": METHODS["faceid"].licence_record()["licences"], "commercial_use": False}  # fmt: skip
     # The SDXL image is the one its pipeline makes from the PNG's settings, as `faceid generate --settings` does.
     path = client.app.state.service.data.image(views[sdxl_job]["images"][0].split("/")[-1].removesuffix(".png"))
     again = sets.made[0].wrapped(face=analyzer.get(faces_dir / "obama.jpg"), settings=GenerationSettings.from_png(path))

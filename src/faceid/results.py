@@ -91,8 +91,12 @@ def image_metadata(settings: GenerationSettings, index: int, inputs: Mapping[str
     """What image ``index`` of a result made with ``settings`` (one seed per image) records: the settings that
     reproduce it alone (``settings.for_image(index)``, local models under ``model_files``), what it was made
     from and anything else to keep with it (``inputs``: input files as ``file_record``\\ s, upload ids,
-    scores...), and the faceid version."""
-    return {**shareable_settings(settings.for_image(index)), **(inputs or {}), "faceid_version": __version__}
+    scores...), the terms of the weights and face models its method used (``licences``, ``commercial_use``: several
+    are non-commercial), and the faceid version."""
+    from .methods import identity_method
+
+    terms = identity_method(settings.method).licence_record()
+    return {**shareable_settings(settings.for_image(index)), **(inputs or {}), **terms, "faceid_version": __version__}
 
 
 def save_images(

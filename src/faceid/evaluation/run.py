@@ -65,7 +65,7 @@ __all__ = ["EvalResult", "RayEval", "named_references", "run_eval", "score_folde
 logger = logging.getLogger(__name__)
 
 # Settings that describe the file itself rather than how it was made: not compared when resuming.
-_NOT_COMPARED = {"faceid_version"}
+_NOT_COMPARED = {"faceid_version", "licences", "commercial_use"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -312,9 +312,12 @@ class _Plan:
 def _plan(grid: _Grid, out_dir: Path, shared: GenerationSettings, resume: bool, overwrite: bool) -> _Plan:
     """Which images of the grid are already in ``out_dir`` (an image there made with other settings is an error
     unless ``overwrite``), and which to generate."""
+    from ..methods import identity_method
+
     jobs: list[dict[str, Any]] = []
     todo: list[tuple[tuple[str, tuple[str, ...], Any], int, float, list[dict[str, Any]]]] = []
     reused = 0
+    terms = identity_method(shared.method).licence_record()  # what every image records of its method's terms
     for scale in grid.scales:
         for case in grid.cases:
             name, people, regions = case
@@ -332,6 +335,7 @@ def _plan(grid: _Grid, out_dir: Path, shared: GenerationSettings, resume: bool, 
                         **who,
                         "prompt_index": p_index,
                         **grid.extra,
+                        **terms,
                         "faceid_version": __version__,
                     }
                     job = {"identity": name, "people": people, "group": regions is not None}

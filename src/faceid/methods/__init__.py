@@ -140,6 +140,14 @@ class IdentityMethod:
     def licence_text(self) -> str:
         return "; ".join(f"{what}: {licence}" for what, licence in self.licences)
 
+    def licence_record(self) -> dict[str, Any]:
+        """What an image made with the method records of its terms (``faceid.results``): each part's licence and
+        its address, and whether all of it allows commercial use."""
+        return {
+            "licences": {what: f"{licence} <{licence.url}>" for what, licence in self.licences},
+            "commercial_use": self.commercial,
+        }
+
 
 def _unpinned(repo: str, path: str, size: int | None = None) -> HubFile:
     """A released Hub file whose commit and sha256 are not known (see the module): refused by fetch_method_file."""
