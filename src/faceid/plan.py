@@ -245,10 +245,9 @@ def check_method_settings(models: ModelSet, requested: GenerationSettings, input
     if method != "instantid" and requested.identitynet_scale is not None:
         raise FaceIDError(f"identitynet_scale is InstantID's IdentityNet scale, not {method}'s: leave it out")
     if method == "infiniteyou" and inputs.controls:
-        raise FaceIDError(
-            "ControlNets of one's own beside InfiniteYou's InfuseNet are not supported yet: leave control out (the "
-            "face's pose comes from kps=PHOTO, --kps)"
-        )
+        from .methods.infiniteyou import check_beside_infusenet
+
+        check_beside_infusenet([c.controlnet for c in inputs.controls])
     faceid_only = {
         "combine": requested.combine is not None,
         "shortcut": requested.shortcut is not None,
