@@ -26,6 +26,7 @@ from tiny_models import build_flux, build_infiniteyou, build_pulid_flux
 
 from faceid.cli import main
 from faceid.errors import FaceIDError
+from faceid.faces.irse50 import IRSE50, IRSE50_FILE
 from faceid.methods.infiniteyou import control_image, infusenet_residuals, per_block
 from faceid.methods.pulid import PuLIDIdentity
 from faceid.modes import ControlInput
@@ -35,6 +36,16 @@ SIZE = {"width": 32, "height": 32}
 RUN = {**SIZE, "num_inference_steps": 2, "output_type": "np"}
 PROMPT = "a photo of a person"
 EMBEDDING = np.random.default_rng(3).standard_normal(512).astype(np.float32)
+# The pipeline's VAE samples each control image from the call's generator before it draws the noise, so a call with
+# one more control image draws other noise: calls compared with and without a net start from the same latents (FLUX's
+# packed latents: one token of 4 x 16 channels per 2x2 latent pixels).
+
+
+@pytest.fixture(scope="module")
+def latents(pipe):
+    side = SIZE["width"] // (2 * pipe.pipe.vae_scale_factor)
+    channels = pipe.pipe.transformer.config.in_channels
+    return torch.randn(1, side * side, channels, generator=torch.Generator().manual_seed(9))
 
 
 @pytest.fixture(scope="module")
@@ -43,13 +54,22 @@ def flux_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def pipe(flux_dir, tmp_path_factory, both_packs):
-    infiniteyou = build_infiniteyou(flux_dir, tmp_path_factory.mktemp("infiniteyou") / "InfiniteYou", seed=2)
+def infiniteyou_dir(flux_dir, tmp_path_factory):
+    """The release's layout, with a random IR-SE of one bottleneck per stage as facexlib's recognizer (the CLI embeds
+    the face photo with it)."""
+    folder = build_infiniteyou(flux_dir, tmp_path_factory.mktemp("infiniteyou") / "InfiniteYou", seed=2)
+    torch.manual_seed(4)
+    torch.save(IRSE50((1, 1, 1, 1)).state_dict(), folder / IRSE50_FILE)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def pipe(flux_dir, infiniteyou_dir, tmp_path_factory, both_packs):
     pulid = build_pulid_flux(flux_dir, tmp_path_factory.mktemp("pulid-flux") / "PuLID", seed=3)
     return FaceIDPipeline.from_pretrained(
         flux_dir,
         None,
-        methods={"infiniteyou": infiniteyou, "pulid-flux": pulid},
+        methods={"infiniteyou": infiniteyou_dir, "pulid-flux": pulid},
         device="cpu",
         progress=False,
         face_models=both_packs,
@@ -189,10 +209,10 @@ class ExpandedSum(FluxMultiControlNetModel):
         return spread(infused[0], user[0], self.double), spread(infused[1], user[1], self.single)
 
 
-def test_beside_infusenet_a_net_of_another_depth_in_a_window_is_the_expanded_sum(pipe, net):
+def test_beside_infusenet_a_net_of_another_depth_in_a_window_is_the_expanded_sum(pipe, net, latents):
     image = _picture(1)
     control = ControlInput(image, net, 0.8, window=(0.5, 1.0))  # the second of 2 steps
-    mine = pipe(PROMPT, EMBEDDING, control=control, seed=5, **RUN).images
+    mine = pipe(PROMPT, EMBEDDING, control=control, seed=5, latents=latents, **RUN).images
     loaded = pipe.methods["infiniteyou"]
     transformer = pipe.pipe.transformer
     assert len(net.controlnet_blocks) != len(loaded.infusenet.controlnet_blocks)  # diffusers' zip would misalign
@@ -211,45 +231,54 @@ def test_beside_infusenet_a_net_of_another_depth_in_a_window_is_the_expanded_sum
         control_guidance_end=[1.0, 1.0],
         guidance_scale=3.5,
         generator=torch.Generator().manual_seed(5),
+        latents=latents,
         **RUN,
     ).images
     difference = float(np.abs(mine - expected).max())
     print(f"InfiniteYou + ControlNet vs the hand-made expanded sum: max |difference| {difference:.3g}")
     assert difference <= 1e-6, difference
-    alone = pipe(PROMPT, EMBEDDING, seed=5, **RUN).images
+    alone = pipe(PROMPT, EMBEDDING, seed=5, latents=latents, **RUN).images
     assert np.abs(mine - alone).max() > 1e-3  # the net acts in its window
-    everywhere = pipe(PROMPT, EMBEDDING, control=ControlInput(image, net, 0.8), seed=5, **RUN).images
+    everywhere = pipe(PROMPT, EMBEDDING, control=ControlInput(image, net, 0.8), seed=5, latents=latents, **RUN).images
     assert np.abs(mine - everywhere).max() > 1e-3  # and the window shuts it in the first step
 
 
-def test_at_scale_0_or_outside_its_window_the_net_leaves_infiniteyou_alone_bit_for_bit(pipe, net):
-    alone = pipe(PROMPT, EMBEDDING, seed=6, **RUN).images
+def test_at_scale_0_or_outside_its_window_the_net_leaves_infiniteyou_alone_bit_for_bit(pipe, net, latents):
+    alone = pipe(PROMPT, EMBEDDING, seed=5, latents=latents, **RUN).images
     second = make_flux_controlnet(pipe.pipe.transformer, 12, double=3, single=1)
     for controls in (
         [ControlInput(_picture(2), net, 0.0)],
         [ControlInput(_picture(2), net, 0.9, window=(0.0, 0.4)), ControlInput(_picture(3), second, 0.0)],
     ):
         # (0, 0.4) of 2 steps: step 0 ends at 0.5 > 0.4, step 1 starts at 0.5: no step
-        result = pipe(PROMPT, EMBEDDING, control=controls, seed=6, **RUN).images
+        result = pipe(PROMPT, EMBEDDING, control=controls, seed=5, latents=latents, **RUN).images
         np.testing.assert_array_equal(result, alone)
 
 
 def test_an_xlabs_net_beside_infusenet_is_refused(pipe):
-    xlabs = make_flux_controlnet(pipe.pipe.transformer, 13, conditioning_embedding_channels=16)
+    config = {**pipe.pipe.transformer.config, "num_layers": 1, "num_single_layers": 1}
+    config = {k: v for k, v in config.items() if not k.startswith("_") and k not in ("out_channels",)}
+    xlabs = FluxControlNetModel(**config, conditioning_embedding_channels=16)
     assert xlabs.input_hint_block is not None
     with pytest.raises(FaceIDError, match="XLabs-style FLUX ControlNet .*InstantX-style"):
         pipe(PROMPT, EMBEDDING, control=ControlInput(_picture(1), xlabs), **RUN)
 
 
-def test_the_cli(pipe, net, flux_dir, tmp_path, capsys):
-    folder = tmp_path / "canny-net"
+def test_the_cli(pipe, net, flux_dir, infiniteyou_dir, both_packs, tmp_path, capsys):
+    """``--control image:IMAGE --controlnet FOLDER`` with ``--method infiniteyou``: the image is the call's."""
+    folder = tmp_path / "flux-controlnet"
     net.save_pretrained(folder)
-    edges = tmp_path / "edges.png"
-    _picture(4, (32, 32)).save(edges)
-    infiniteyou = pipe.settings_sources["infiniteyou"] if hasattr(pipe, "settings_sources") else None
-    assert infiniteyou is None or infiniteyou
-    argv = ["generate", "--base-model", str(flux_dir), "--method", "infiniteyou", "--method-weights",
-            f"infiniteyou={pipe.methods['infiniteyou'].source}", "--face", "EMBEDDING", "--prompt", PROMPT,
-            "--control", f"canny:{edges}", "--controlnet", str(folder), "--width", "32", "--height", "32",
-            "--steps", "2", "--seed", "3", "--device", "cpu", "--out", str(tmp_path / "out")]  # fmt: skip
+    control = tmp_path / "control.png"
+    _picture(4).save(control)
+    photo = face_photo("obama.jpg")
+    out = tmp_path / "out"
+    argv = ["generate", "--face", str(photo), "--prompt", PROMPT, "--out", str(out), "--base-model", str(flux_dir),
+            "--face-models", str(both_packs), "--steps", "2", "-n", "1", "--seed", "3", "--width", "32", "--height",
+            "32", "--device", "cpu", "--method", "infiniteyou", "--method-weights", f"infiniteyou={infiniteyou_dir}",
+            "--control", f"image:{control}:0.8", "--controlnet", str(folder)]  # fmt: skip
     assert main(argv) == 0, capsys.readouterr().err
+    made = np.asarray(Image.open(out / "obama_s3.png").convert("RGB")).astype(float)
+    without = tmp_path / "without"
+    assert main([*argv[: argv.index("--control")], "--out", str(without)]) == 0  # the last --out counts
+    alone = np.asarray(Image.open(without / "obama_s3.png").convert("RGB")).astype(float)
+    assert np.abs(made - alone).max() > 2  # the net acted

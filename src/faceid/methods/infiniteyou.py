@@ -397,7 +397,9 @@ class InfuseNetCall(FluxMultiControlNetModel):
         if others:
             check_beside_infusenet(others)
             if blocks is None:
-                raise FaceIDError("InfuseNetCall with other ControlNets needs blocks=(double, single) of the transformer")
+                raise FaceIDError(
+                    "InfuseNetCall with other ControlNets needs blocks=(double, single) of the transformer"
+                )
         self.id_tokens = id_tokens
         self.guidance = float(guidance)
         self.blocks = blocks
@@ -443,7 +445,9 @@ class InfuseNetCall(FluxMultiControlNetModel):
             return infused
         outputs = [infused]
         modes = controlnet_mode if isinstance(controlnet_mode, (list, tuple)) else [controlnet_mode] * nets
-        for net, image, scale, mode in zip(self.nets[1:], controlnet_cond[1:], conditioning_scale[1:], modes[1:]):
+        for net, image, scale, mode in zip(
+            self.nets[1:], controlnet_cond[1:], conditioning_scale[1:], modes[1:], strict=True
+        ):
             net_guidance = None
             if net.config.guidance_embeds:
                 value = self.guidance_scale if self.guidance_scale is not None else guidance
