@@ -282,3 +282,12 @@ def test_the_cli(pipe, net, flux_dir, infiniteyou_dir, both_packs, tmp_path, cap
     assert main([*argv[: argv.index("--control")], "--out", str(without)]) == 0  # the last --out counts
     alone = np.asarray(Image.open(without / "obama_s3.png").convert("RGB")).astype(float)
     assert np.abs(made - alone).max() > 2  # the net acted
+
+
+def test_several_nets_of_different_depths_are_refused_without_infusenet(pipe, net):
+    """Without InfuseNet, diffusers' FluxMultiControlNetModel runs several nets: it zips their residual lists, so
+    nets of different depths are refused (beside InfuseNet they are summed per block, above)."""
+    deeper = make_flux_controlnet(pipe.pipe.transformer, 14, double=2, single=3)
+    controls = [ControlInput(_picture(1), net, 0.5), ControlInput(_picture(2), deeper, 0.5)]
+    with pytest.raises(FaceIDError, match="differ in depth"):
+        pipe(PROMPT, face_photo("obama.jpg"), method="pulid-flux", control=controls, **RUN)
