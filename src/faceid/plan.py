@@ -163,6 +163,7 @@ def request(
     if prompt is not None:
         overrides["prompt"] = list(prompt) if isinstance(prompt, tuple) else prompt
     requested = models.with_default_method(GenerationSettings.parse(settings, **overrides))
+    check_flux_controlnets(models, inputs, requested.method)
     if requested.method == "faceid" and models.adapter is None:
         raise FaceIDError(
             f"this {models.family} model set has no FaceID adapter (the FaceID adapters are made for SD1.5 and SDXL): "
@@ -189,6 +190,33 @@ def request(
     if latents_given and "latents" not in inspect.signature(target.__call__).parameters:
         raise FaceIDError(f"latents= does not apply to {target.__name__}: the init image gives them; leave it out")
     return requested, diffusers_kwargs
+
+
+def check_flux_controlnets(models: ModelSet, inputs: ModeInputs, method: str) -> None:
+    """Several FLUX ControlNets run through diffusers' ``FluxMultiControlNetModel``, which adds the nets' residual
+    lists entry by entry (``zip``: nets of different depths would be misaligned and cut short) and prepares every
+    control image as the first net wants it: refuse nets that differ there. Beside InfiniteYou's InfuseNet the
+    call's ``InfuseNetCall`` sums per block instead (nets of any depth; ``check_beside_infusenet``)."""
+    from .families import family
+
+    if len(inputs.controls) < 2 or family(models.family).denoiser != "transformer":
+        return
+    if method == "infiniteyou":
+        return
+    shapes = {
+        (
+            len(c.controlnet.controlnet_blocks),
+            len(c.controlnet.controlnet_single_blocks),
+            c.controlnet.input_hint_block is None,
+        )
+        for c in inputs.controls
+    }
+    if len(shapes) > 1:
+        raise FaceIDError(
+            "these FLUX ControlNets differ in depth (double and single blocks) or kind (XLabs-style input hint block "
+            "or not): diffusers' FluxMultiControlNetModel adds their residuals entry by entry, so they would not line "
+            "up; give one, or several of the same architecture"
+        )
 
 
 # The identity methods that bring a ControlNet of their own (InstantID's IdentityNet, InfiniteYou's InfuseNet):
@@ -245,10 +273,9 @@ def check_method_settings(models: ModelSet, requested: GenerationSettings, input
     if method != "instantid" and requested.identitynet_scale is not None:
         raise FaceIDError(f"identitynet_scale is InstantID's IdentityNet scale, not {method}'s: leave it out")
     if method == "infiniteyou" and inputs.controls:
-        raise FaceIDError(
-            "ControlNets of one's own beside InfiniteYou's InfuseNet are not supported yet: leave control out (the "
-            "face's pose comes from kps=PHOTO, --kps)"
-        )
+        from .methods.infiniteyou import check_beside_infusenet
+
+        check_beside_infusenet([c.controlnet for c in inputs.controls])
     faceid_only = {
         "combine": requested.combine is not None,
         "shortcut": requested.shortcut is not None,

@@ -130,8 +130,18 @@ def run_plan(
         # the kps photo's face, fitted to the frame as the authors fit it, or black.
         infiniteyou = models.loaded_method("infiniteyou")
         kps_image = call_infusenet_image(models, inputs, run.width, run.height)
-        parts["controlnet"] = infiniteyou.controlnet(conditioning.identity_states(False))
-        controls = replace(inputs, controls=[ControlInput(kps_image, infiniteyou.infusenet, plan.infusenet_scale)])
+        # The user's FLUX ControlNets after it, reading the prompt; summed block by block (nets of any depth).
+        transformer = models.denoiser
+        parts["controlnet"] = infiniteyou.controlnet(
+            conditioning.identity_states(False),
+            others=[c.controlnet for c in inputs.controls],
+            blocks=(len(transformer.transformer_blocks), len(transformer.single_transformer_blocks)),
+            guidance_scale=run.guidance_scale,
+        )
+        controls = replace(
+            inputs,
+            controls=[ControlInput(kps_image, infiniteyou.infusenet, plan.infusenet_scale), *inputs.controls],
+        )
     elif inputs.controls:
         parts["controlnet"] = inputs.controlnet(models.family)
     pipe_kwargs = dict(conditioning.pipe_kwargs)
@@ -150,7 +160,7 @@ def run_plan(
             kwargs["true_cfg_scale"] = plan.true_cfg
     pipeline = models.call_pipeline(plan.pipeline, **parts)
     if plan.method == "infiniteyou":
-        windows = (plan.infusenet_window,)
+        windows = (plan.infusenet_window, *plan.control_windows)
     else:
         windows = plan.control_windows if kps_image is None else (plan.identitynet_window, *plan.control_windows)
 

@@ -32,6 +32,7 @@ What a call uses, all made per call and never stored on the loaded modules:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -220,9 +221,17 @@ class InfiniteYou:
             )
         return self.recognizer.embed(face.aligned)
 
-    def controlnet(self, id_tokens: torch.Tensor, guidance: float = INFUSENET_GUIDANCE) -> InfuseNetCall:
-        """One call's InfuseNet for a stock ``FluxControlNetPipeline`` (see :class:`InfuseNetCall`)."""
-        return InfuseNetCall(self.infusenet, id_tokens, guidance)
+    def controlnet(
+        self,
+        id_tokens: torch.Tensor,
+        guidance: float = INFUSENET_GUIDANCE,
+        others: Sequence[FluxControlNetModel] = (),
+        blocks: tuple[int, int] | None = None,
+        guidance_scale: float | None = None,
+    ) -> InfuseNetCall:
+        """One call's InfuseNet, and the user's FLUX ControlNets ``others`` beside it, for a stock
+        ``FluxControlNetPipeline`` (see :class:`InfuseNetCall`)."""
+        return InfuseNetCall(self.infusenet, id_tokens, guidance, others, blocks, guidance_scale)
 
 
 # ----------------------------------------------------------------------------------------------- one step
@@ -326,24 +335,75 @@ def denoise_step(
     return StepOutput(noise_pred, block_samples, single_block_samples)
 
 
+def per_block(residuals: Sequence[torch.Tensor] | None, blocks: int, repeat: bool = False) -> list[torch.Tensor]:
+    """A ControlNet's residual list as one residual per transformer block, by the rule the FLUX transformer maps it
+    with (``FluxTransformer2DModel.forward``): block i gets ``residuals[i // ceil(blocks / n)]``, or with
+    ``repeat`` (an XLabs net, ``controlnet_blocks_repeat``) ``residuals[i % n]``. Given the expanded list the
+    transformer adds block i's own entry, so expanding changes nothing; expanded lists of nets of different
+    depths can be summed entry by entry (diffusers' ``FluxMultiControlNetModel`` zips them unexpanded)."""
+    if not residuals:
+        return []
+    count = len(residuals)
+    interval = math.ceil(blocks / count)
+    return [residuals[i % count] if repeat else residuals[i // interval] for i in range(blocks)]
+
+
+def summed_per_block(
+    lists: Sequence[Sequence[torch.Tensor] | None], blocks: int, repeat: bool = False
+) -> list[torch.Tensor] | None:
+    """Several ControlNets' residual lists, each expanded by :func:`per_block`, summed block by block in the
+    order given (None when no net gives any)."""
+    expanded = [per_block(residuals, blocks, repeat) for residuals in lists if residuals]
+    if not expanded:
+        return None
+    total = list(expanded[0])
+    for other in expanded[1:]:
+        total = [a + b for a, b in zip(total, other, strict=True)]
+    return total
+
+
 class InfuseNetCall(FluxMultiControlNetModel):
-    """One call's InfuseNet, for a stock diffusers ``FluxControlNetPipeline``: made per call, it holds that call's
-    identity tokens and InfuseNet guidance; the loaded InfuseNet is shared, read-only.
+    """One call's InfuseNet, and the user's FLUX ControlNets beside it, for a stock diffusers
+    ``FluxControlNetPipeline``: made per call, it holds that call's identity tokens, InfuseNet guidance and the
+    transformer's guidance scale; the loaded nets are shared, read-only.
 
     diffusers' pipeline gives its ControlNet the prompt (``encoder_hidden_states``, ``txt_ids``) and the
-    transformer's ``guidance_scale``; this replaces those by the identity tokens, zeros of their count and its own
-    guidance (1.0), and passes the rest (latents, the encoded control image, the scale with the
-    ``control_guidance_start/end`` window applied, timestep, pooled text) as the pipeline computed them. It is a
-    ``FluxMultiControlNetModel`` of one net, the pipeline's class for a ControlNet it did not load, so the call
-    takes lists: ``control_image=[image]``, ``controlnet_conditioning_scale=[scale]``. Put it on the call's own
-    pipeline object (``FluxControlNetPipeline.from_pipe(base, controlnet=call, scheduler=fresh)``); the
-    transformer gets the residuals with ``controlnet_blocks_repeat=False`` (InfuseNet has no input hint block).
+    transformer's ``guidance_scale``; InfuseNet reads instead the identity tokens, zeros of their count and its own
+    guidance (1.0), and the rest (latents, the encoded control image, the scale with the
+    ``control_guidance_start/end`` window applied, timestep, pooled text) as the pipeline computed them. The user's
+    nets (``others``) read the prompt as a stock pipeline gives it, each its own control image, scale and window.
+    It is a ``FluxMultiControlNetModel`` (the pipeline's class for ControlNets it did not load), so the call takes
+    lists, InfuseNet's entry first: ``control_image=[kps, *images]``, ``controlnet_conditioning_scale=[scale,
+    *scales]``. Put it on the call's own pipeline object (``FluxControlNetPipeline.from_pipe(base, controlnet=call,
+    scheduler=fresh)``); the transformer gets the residuals with ``controlnet_blocks_repeat=False`` (InfuseNet has
+    no input hint block, so the pipeline VAE-encodes every control image: the user's nets must be of that kind).
+
+    The nets may differ in depth: with ``others``, each net's residuals are expanded to one per transformer block
+    (``blocks``: the transformer's double and single block counts) by the transformer's own rule and summed
+    (:func:`summed_per_block`), which is exactly what each net's residuals alone would add. Without ``others`` the
+    residuals are InfuseNet's own lists.
     """
 
-    def __init__(self, infusenet: FluxControlNetModel, id_tokens: torch.Tensor, guidance: float = INFUSENET_GUIDANCE):
-        super().__init__([infusenet])
+    def __init__(
+        self,
+        infusenet: FluxControlNetModel,
+        id_tokens: torch.Tensor,
+        guidance: float = INFUSENET_GUIDANCE,
+        others: Sequence[FluxControlNetModel] = (),
+        blocks: tuple[int, int] | None = None,
+        guidance_scale: float | None = None,
+    ):
+        super().__init__([infusenet, *others])
+        if others:
+            check_beside_infusenet(others)
+            if blocks is None:
+                raise FaceIDError(
+                    "InfuseNetCall with other ControlNets needs blocks=(double, single) of the transformer"
+                )
         self.id_tokens = id_tokens
         self.guidance = float(guidance)
+        self.blocks = blocks
+        self.guidance_scale = guidance_scale  # the transformer's, for a user's net that embeds guidance
 
     def forward(  # type: ignore[override]
         self,
@@ -359,14 +419,17 @@ class InfuseNetCall(FluxMultiControlNetModel):
         guidance: torch.Tensor | None = None,
         joint_attention_kwargs: dict[str, Any] | None = None,
         return_dict: bool = False,
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        # encoder_hidden_states, txt_ids, guidance and controlnet_mode are the prompt's and the transformer's: unused.
-        if len(controlnet_cond) != 1 or len(conditioning_scale) != 1:
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+        # InfuseNet does not read encoder_hidden_states, txt_ids, guidance and controlnet_mode (the prompt's and the
+        # transformer's); the user's nets do.
+        nets = len(self.nets)
+        if len(controlnet_cond) != nets or len(conditioning_scale) != nets:
             raise FaceIDError(
-                f"InfiniteYou takes one control image and one scale, got {len(controlnet_cond)} and "
-                f"{len(conditioning_scale)}: pass control_image=[image], controlnet_conditioning_scale=[scale]"
+                f"InfiniteYou with {nets - 1} ControlNet(s) of one's own takes {nets} control images and scales "
+                f"(InfuseNet's first), got {len(controlnet_cond)} and {len(conditioning_scale)}: pass "
+                "control_image=[kps, *images], controlnet_conditioning_scale=[scale, *scales]"
             )
-        return infusenet_residuals(
+        infused = infusenet_residuals(
             self.nets[0],
             hidden_states=hidden_states,
             controlnet_cond=controlnet_cond[0],
@@ -378,6 +441,52 @@ class InfuseNetCall(FluxMultiControlNetModel):
             guidance=self.guidance,
             joint_attention_kwargs=joint_attention_kwargs,
         )
+        if nets == 1:
+            return infused
+        outputs = [infused]
+        modes = controlnet_mode if isinstance(controlnet_mode, (list, tuple)) else [controlnet_mode] * nets
+        for net, image, scale, mode in zip(
+            self.nets[1:], controlnet_cond[1:], conditioning_scale[1:], modes[1:], strict=True
+        ):
+            net_guidance = None
+            if net.config.guidance_embeds:
+                value = self.guidance_scale if self.guidance_scale is not None else guidance
+                net_guidance = torch.as_tensor(value, device=hidden_states.device, dtype=torch.float32).reshape(-1)
+                net_guidance = net_guidance.expand(hidden_states.shape[0])
+            outputs.append(
+                net(
+                    hidden_states=hidden_states,
+                    controlnet_cond=image,
+                    controlnet_mode=None if mode is None or not net.union else mode[:, None],
+                    conditioning_scale=scale,
+                    timestep=timestep,
+                    guidance=net_guidance,
+                    pooled_projections=pooled_projections,
+                    encoder_hidden_states=encoder_hidden_states,
+                    txt_ids=txt_ids,
+                    img_ids=img_ids,
+                    joint_attention_kwargs=joint_attention_kwargs,
+                    return_dict=False,
+                )
+            )
+        double, single = self.blocks
+        return (
+            summed_per_block([out[0] for out in outputs], double),
+            summed_per_block([out[1] for out in outputs], single),
+        )
+
+
+def check_beside_infusenet(nets: Sequence[Any]) -> None:
+    """A user's FLUX ControlNet runs beside InfuseNet only if, like InfuseNet, it reads the VAE-encoded control
+    image (no input hint block: an InstantX-style net, not an XLabs one): the pipeline encodes every control image
+    as its first net (InfuseNet) wants it."""
+    for k, net in enumerate(nets):
+        if getattr(net, "input_hint_block", None) is not None:
+            raise FaceIDError(
+                f"control[{k}] is an XLabs-style FLUX ControlNet (an input hint block, reading the raw image): beside "
+                "InfiniteYou's InfuseNet, which reads the VAE-encoded image, only ControlNets of that kind run "
+                "(InstantX-style, e.g. FLUX.1-dev-Controlnet-Canny); use one, or another method"
+            )
 
 
 # ----------------------------------------------------------------------------------------------- control image
