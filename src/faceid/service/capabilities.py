@@ -153,8 +153,9 @@ class Capabilities:
         what = f"the model set this request names ({entry.label()})"
         if settings.fast is not None and entry.family not in PRESETS[settings.fast].loras:
             raise NotServed(
-                f"fast: the {settings.fast} preset exists for {', '.join(PRESETS[settings.fast].loras)} model sets, "
-                f"and {what} is {entry.family}: leave fast out, or name a model set of its family"
+                f"fast: the {settings.fast!r} preset exists for {', '.join(PRESETS[settings.fast].loras)} model sets, "
+                f"and {what} is {entry.family}: leave fast out, or name a model set of its family (this server's "
+                f"presets: {_listed(self.fast)})"
             )
         if row.faceid_adapters:
             return
