@@ -25,7 +25,7 @@ import torch
 from conftest import METHODS_GOLDEN_DIR
 from face_helpers import face_photo
 from PIL import Image
-from tiny_models import build_flux, build_infiniteyou, make_tiny_flux_clip, make_tiny_t5, write_t5_tokenizer
+from tiny_models import build_flux, build_infiniteyou, flux_with_text_encoders
 
 from faceid.cli import main
 from faceid.errors import CheckpointError, FaceIDError
@@ -223,28 +223,7 @@ def test_the_whole_call_against_the_authors_final_latents(tmp_path, both_packs):
     manifest = json.loads((GOLDEN / "manifest.json").read_text())
     call, inputs, expected = manifest["call"], np.load(GOLDEN / "inputs.npz"), np.load(GOLDEN / "expected.npz")
     base = (GOLDEN / manifest["base_model"]).resolve()
-    folder = tmp_path / "flux"
-    for part in ("transformer", "vae", "scheduler"):
-        shutil.copytree(base / part, folder / part)
-    transformer = json.loads((base / "transformer" / "config.json").read_text())
-    from tiny_models import write_clip_tokenizer
-
-    make_tiny_flux_clip(0).save_pretrained(folder / "text_encoder")  # pooled width 16, as the golden's
-    write_clip_tokenizer(folder / "tokenizer")
-    tokenizer_2 = write_t5_tokenizer(folder / "tokenizer_2")
-    import transformers
-
-    t5 = make_tiny_t5(len(transformers.T5TokenizerFast.from_pretrained(tokenizer_2)))
-    assert t5.config.d_model == transformer["joint_attention_dim"]
-    t5.save_pretrained(folder / "text_encoder_2")
-    index = json.loads((base / "model_index.json").read_text())
-    index.update(
-        text_encoder=["transformers", "CLIPTextModel"],
-        tokenizer=["transformers", "CLIPTokenizer"],
-        text_encoder_2=["transformers", "T5EncoderModel"],
-        tokenizer_2=["transformers", "T5TokenizerFast"],
-    )
-    (folder / "model_index.json").write_text(json.dumps(index))
+    folder = flux_with_text_encoders(base, tmp_path / "flux")
     model_set = (GOLDEN / manifest["checkpoints"]["image_proj"]).parent
     pipe = load(folder, model_set, both_packs)
     name = call["controlnet_prompt_embeds"].replace("id_tokens_", "face_emb_")

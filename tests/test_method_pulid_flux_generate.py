@@ -25,7 +25,7 @@ import torch
 from conftest import METHODS_GOLDEN_DIR
 from face_helpers import face_photo
 from PIL import Image
-from tiny_models import build_flux, build_infiniteyou, build_pulid_flux, make_tiny_flux_clip, make_tiny_t5
+from tiny_models import build_flux, build_infiniteyou, build_pulid_flux, flux_with_text_encoders
 
 from faceid.cli import main
 from faceid.errors import FaceIDError
@@ -226,32 +226,13 @@ def test_the_whole_call_against_the_authors_final_latents(tmp_path, both_packs, 
     tokens are the recorded ones) loaded as a model set; every recorded setting run through FaceIDPipeline (plan,
     FluxPipeline, the call's transformer view) from the recorded noise for the steps the authors ran, compared with
     their final latents."""
-    from tiny_models import write_clip_tokenizer, write_pulid_face_files, write_t5_tokenizer
+    from tiny_models import write_pulid_face_files
 
     manifest = json.loads((GOLDEN / "manifest.json").read_text())
     flux, arrays = manifest["flux_v0_9_1"], manifest["arrays"]
     inputs, expected = np.load(GOLDEN / "inputs.npz"), np.load(GOLDEN / "expected.npz")
     base = (GOLDEN / flux["base_model"]).resolve()
-    folder = tmp_path / "flux"
-    for part in ("transformer", "vae", "scheduler"):
-        shutil.copytree(base / part, folder / part)
-    transformer = json.loads((base / "transformer" / "config.json").read_text())
-    make_tiny_flux_clip(0).save_pretrained(folder / "text_encoder")
-    write_clip_tokenizer(folder / "tokenizer")
-    tokenizer_2 = write_t5_tokenizer(folder / "tokenizer_2")
-    import transformers
-
-    t5 = make_tiny_t5(len(transformers.T5TokenizerFast.from_pretrained(tokenizer_2)))
-    assert t5.config.d_model == transformer["joint_attention_dim"]
-    t5.save_pretrained(folder / "text_encoder_2")
-    index = json.loads((base / "model_index.json").read_text())
-    index.update(
-        text_encoder=["transformers", "CLIPTextModel"],
-        tokenizer=["transformers", "CLIPTokenizer"],
-        text_encoder_2=["transformers", "T5EncoderModel"],
-        tokenizer_2=["transformers", "T5TokenizerFast"],
-    )
-    (folder / "model_index.json").write_text(json.dumps(index))
+    folder = flux_with_text_encoders(base, tmp_path / "flux")
     weights = tmp_path / "PuLID"
     weights.mkdir()
     shutil.copyfile(GOLDEN / flux["checkpoint"], weights / "pulid_flux_v0.9.1.safetensors")

@@ -34,6 +34,7 @@ import collections
 import functools
 import json
 import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -764,6 +765,32 @@ def build_flux(folder: str | Path, seed: int = 0) -> Path:
     _replace_tokenizer(folder / "tokenizer")
     for name in ("_tokenizer_src", "_tokenizer_2_src"):
         _remove(folder / name)
+    return folder
+
+
+def flux_with_text_encoders(base: str | Path, folder: str | Path) -> Path:
+    """A FLUX pipeline folder from a golden's text-encoder-less ``base`` (its transformer, VAE and scheduler): the
+    tiny CLIP (pooled width 16) and T5 (the transformer's joint attention width) with their tokenizers added."""
+    from transformers import T5TokenizerFast
+
+    base, folder = Path(base), Path(folder)
+    for part in ("transformer", "vae", "scheduler"):
+        shutil.copytree(base / part, folder / part)
+    transformer = json.loads((base / "transformer" / "config.json").read_text())
+    make_tiny_flux_clip(0).save_pretrained(folder / "text_encoder")
+    write_clip_tokenizer(folder / "tokenizer")
+    tokenizer_2 = write_t5_tokenizer(folder / "tokenizer_2")
+    t5 = make_tiny_t5(len(T5TokenizerFast.from_pretrained(tokenizer_2)))
+    assert t5.config.d_model == transformer["joint_attention_dim"]
+    t5.save_pretrained(folder / "text_encoder_2")
+    index = json.loads((base / "model_index.json").read_text())
+    index.update(
+        text_encoder=["transformers", "CLIPTextModel"],
+        tokenizer=["transformers", "CLIPTokenizer"],
+        text_encoder_2=["transformers", "T5EncoderModel"],
+        tokenizer_2=["transformers", "T5TokenizerFast"],
+    )
+    (folder / "model_index.json").write_text(json.dumps(index))
     return folder
 
 

@@ -435,21 +435,26 @@ V11_ORTHO = "v2"
 method row's ``scale``); generation runs every call with them."""
 
 
-def pulid_files(folder: str | Path) -> tuple[Path, Path, Path]:
-    """The three files PuLID v1.1 loads from one folder, by their released names: ``pulid_v1.1.safetensors``
-    (guozinan/PuLID), ``EVA02_CLIP_L_336_psz14_s6B.pt`` (QuanSun/EVA-CLIP) and ``parsing_bisenet.pth``
-    (facexlib's release v0.2.0); a folder without them is refused, naming what to download."""
+def _method_files(folder: str | Path, checkpoint: str, title: str) -> tuple[Path, Path, Path]:
+    """The three files a PuLID release loads from one folder, by their released names: ``checkpoint``
+    (guozinan/PuLID), ``EVA02_CLIP_L_336_psz14_s6B.pt`` (QuanSun/EVA-CLIP) and ``parsing_bisenet.pth`` (facexlib's
+    release v0.2.0); a folder without them is refused, naming what to download."""
     folder = Path(folder).expanduser()
-    files = (folder / CHECKPOINT_V11, folder / EVA_CLIP_FILE, folder / PARSING_FILE)
+    files = (folder / checkpoint, folder / EVA_CLIP_FILE, folder / PARSING_FILE)
     missing = [f.name for f in files if not f.is_file()]
     if missing:
         raise CheckpointError(
-            f"{folder} is not a PuLID folder: it has no {' and no '.join(missing)}. Put into one folder "
-            f"{CHECKPOINT_V11} (https://huggingface.co/guozinan/PuLID), {EVA_CLIP_FILE} "
+            f"{folder} is not a {title} folder: it has no {' and no '.join(missing)}. Put into one folder "
+            f"{checkpoint} (https://huggingface.co/guozinan/PuLID), {EVA_CLIP_FILE} "
             f"(https://huggingface.co/QuanSun/EVA-CLIP) and {PARSING_FILE} "
             "(https://github.com/xinntao/facexlib/releases/download/v0.2.0/parsing_bisenet.pth), and give that folder"
         )
     return files
+
+
+def pulid_files(folder: str | Path) -> tuple[Path, Path, Path]:
+    """PuLID v1.1's files in ``folder`` (``pulid_v1.1.safetensors``, EVA-CLIP, BiSeNet): see ``_method_files``."""
+    return _method_files(folder, CHECKPOINT_V11, "PuLID")
 
 
 class PuLIDCall(CallAttention):
@@ -790,20 +795,9 @@ CHECKPOINT_FLUX = "pulid_flux_v0.9.1.safetensors"
 
 
 def pulid_flux_files(folder: str | Path) -> tuple[Path, Path, Path]:
-    """The three files PuLID-FLUX v0.9.1 loads from one folder, by their released names: ``pulid_flux_v0.9.1.
-    safetensors`` (guozinan/PuLID), ``EVA02_CLIP_L_336_psz14_s6B.pt`` (QuanSun/EVA-CLIP) and ``parsing_bisenet.pth``
-    (facexlib's release v0.2.0); a folder without them is refused, naming what to download."""
-    folder = Path(folder).expanduser()
-    files = (folder / CHECKPOINT_FLUX, folder / EVA_CLIP_FILE, folder / PARSING_FILE)
-    missing = [f.name for f in files if not f.is_file()]
-    if missing:
-        raise CheckpointError(
-            f"{folder} is not a PuLID-FLUX folder: it has no {' and no '.join(missing)}. Put into one folder "
-            f"{CHECKPOINT_FLUX} (https://huggingface.co/guozinan/PuLID), {EVA_CLIP_FILE} "
-            f"(https://huggingface.co/QuanSun/EVA-CLIP) and {PARSING_FILE} "
-            "(https://github.com/xinntao/facexlib/releases/download/v0.2.0/parsing_bisenet.pth), and give that folder"
-        )
-    return files
+    """PuLID-FLUX v0.9.1's files in ``folder`` (``pulid_flux_v0.9.1.safetensors``, EVA-CLIP, BiSeNet): see
+    ``_method_files``."""
+    return _method_files(folder, CHECKPOINT_FLUX, "PuLID-FLUX")
 
 
 class PuLIDFluxMethod:
