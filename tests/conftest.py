@@ -4,6 +4,7 @@ cases of ``test_golden.py`` come from outside (``FACEID_GOLDEN_DIR``, default ``
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -277,3 +278,36 @@ def pulid_dir(tiny_models, tmp_path_factory) -> Path:
     from tiny_models import build_pulid
 
     return build_pulid(tiny_models.sdxl, tmp_path_factory.mktemp("pulid") / "PuLID", seed=3)
+
+
+@contextlib.contextmanager
+def local_ray():
+    """A local Ray instance for one test module (2 CPUs, a small object store, no dashboard, loopback, nothing sent
+    off the machine: no usage statistics, no auth token in the home folder), shut down and its folder removed at the
+    end even on failure, the environment put back."""
+    import shutil
+    import tempfile
+
+    import ray
+
+    saved = {name: os.environ.get(name) for name in ("RAY_USAGE_STATS_ENABLED", "RAY_AUTH_MODE")}
+    os.environ.update(RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled")
+    temp = tempfile.mkdtemp(prefix="ray")  # short: Ray's socket paths must fit in 107 bytes
+    try:
+        ray.init(
+            num_cpus=2,
+            object_store_memory=200 * 1024 * 1024,
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            _temp_dir=temp,
+            log_to_driver=False,
+        )
+        yield
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import signal
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,7 @@ from PIL import Image
 ray = pytest.importorskip("ray")
 pytest.importorskip("ray.data")  # Ray Data needs pandas and pyarrow (faceid[cluster])
 
+from conftest import local_ray  # noqa: E402
 from test_data import dataset_bytes, make_image_folder  # noqa: E402
 
 from faceid.cli.evaluate import add_eval_arguments, cmd_eval  # noqa: E402
@@ -38,28 +38,8 @@ DEADLINE_S = 240  # each test, Ray's start included (about 40 s on 2 idle cores)
 def ray_local():
     """This module's own local Ray instance (2 CPUs, a small object store, no dashboard, loopback), shut down at
     the end even on failure; a test that runs past DEADLINE_S fails instead of hanging."""
-    saved = {k: os.environ.get(k) for k in ("RAY_USAGE_STATS_ENABLED", "RAY_AUTH_MODE")}
-    # Nothing leaves the machine: no usage statistics, no auth token written into the home folder.
-    os.environ.update(RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled")
-    temp = tempfile.mkdtemp(prefix="ray")  # short: Ray's socket paths must fit in 107 bytes
-    ray.init(
-        num_cpus=2,
-        object_store_memory=200 * 1024 * 1024,
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        _temp_dir=temp,
-        log_to_driver=False,
-    )
-    try:
+    with local_ray():
         yield
-    finally:
-        ray.shutdown()
-        shutil.rmtree(temp, ignore_errors=True)
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 @pytest.fixture

@@ -9,10 +9,7 @@ from __future__ import annotations
 import concurrent.futures
 import io
 import json
-import os
-import shutil
 import socket
-import tempfile
 import time
 
 import numpy as np
@@ -24,6 +21,7 @@ ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 httpx = pytest.importorskip("httpx")
 
+from conftest import local_ray  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 from test_modes import make_controlnet  # noqa: E402
 from tiny_models import FEW_STEP_LAYOUTS, few_step_lora_state, make_tiny_autoencoder  # noqa: E402
@@ -56,32 +54,13 @@ def _free_port() -> int:
 def ray_local():
     """A local Ray instance for the module (2 CPUs: one per model replica; small object store, no dashboard,
     loopback), with Serve's HTTP proxy on a free port; shut down even on failure."""
-    saved = {name: os.environ.get(name) for name in ("RAY_USAGE_STATS_ENABLED", "RAY_AUTH_MODE")}
-    os.environ.update(RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled")  # nothing leaves the machine
-    temp = tempfile.mkdtemp(prefix="ray")  # short: Ray's socket paths must fit in 107 bytes
-    ray.init(
-        num_cpus=2,
-        object_store_memory=200 * 1024 * 1024,
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        _temp_dir=temp,
-        log_to_driver=False,
-    )
-    port = _free_port()
-    try:
+    with local_ray():
+        port = _free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        yield port
-    finally:
         try:
-            serve.shutdown()
+            yield port
         finally:
-            ray.shutdown()
-            shutil.rmtree(temp, ignore_errors=True)
-            for name, value in saved.items():
-                if value is None:
-                    os.environ.pop(name, None)
-                else:
-                    os.environ[name] = value
+            serve.shutdown()
 
 
 @pytest.fixture(scope="module")
