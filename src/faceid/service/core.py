@@ -694,8 +694,10 @@ class Service:
         """The ids of those of ``jobs`` whose cancel was asked for, through any process (read at each step)."""
         return self.store.cancel_requested([job.id for job in jobs])
 
-    def progress(self, jobs: list[QueuedJob], step: int, total: int) -> None:
-        self.store.progress([job.id for job in jobs], step, total)
+    def step_done(self, jobs: list[QueuedJob], step: int, total: int) -> set[str]:
+        """Step ``step`` of ``total`` done for ``jobs``: the ids of those whose cancel was asked for; the others'
+        progress recorded."""
+        return self.store.step_done([job.id for job in jobs], step, total)
 
     def preview(self, job: QueuedJob, data: dict[str, Any]) -> None:
         """A preview of ``job``'s images (``data``: step, total, images as data URLs, image_index): its file in the

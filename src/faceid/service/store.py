@@ -491,11 +491,17 @@ class Store:
         with self.session() as s:
             return set(s.scalars(select(Job.id).where(Job.id.in_(job_ids), Job.cancel_requested.is_(True))))
 
-    def progress(self, job_ids: list[str], step: int, total: int) -> None:
-        """Step ``step`` of ``total`` done for each job: its row and a ``progress`` event, in one transaction."""
+    def step_done(self, job_ids: list[str], step: int, total: int) -> set[str]:
+        """Step ``step`` of ``total`` done for each of ``job_ids``: those whose cancel was asked for (returned: their
+        worker stops them), and for the others their row and a ``progress`` event, in one transaction (a worker
+        calls this once per denoising step: one commit per step, not two)."""
         with self.session() as s:
-            s.execute(update(Job).where(Job.id.in_(job_ids)).values(step=step))
-            s.add_all(JobEvent(job_id=i, kind="progress", data={"step": step, "total": total}) for i in job_ids)
+            cancelled = set(s.scalars(select(Job.id).where(Job.id.in_(job_ids), Job.cancel_requested.is_(True))))
+            going = [i for i in job_ids if i not in cancelled]
+            if going:
+                s.execute(update(Job).where(Job.id.in_(going)).values(step=step))
+                s.add_all(JobEvent(job_id=i, kind="progress", data={"step": step, "total": total}) for i in going)
+            return cancelled
 
     def set_preview(self, job_id: str, path: str, data: dict[str, Any]) -> str | None:
         """The job's newest preview (its images in the file ``path`` of the data dir): its event replaces the one

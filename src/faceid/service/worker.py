@@ -67,7 +67,7 @@ class JobHost(Protocol):
     def requeue_later(self, job: QueuedJob) -> None: ...
     def queued_job(self, row: Any) -> QueuedJob: ...
     def cancelled(self, jobs: list[QueuedJob]) -> set[str]: ...
-    def progress(self, jobs: list[QueuedJob], step: int, total: int) -> None: ...
+    def step_done(self, jobs: list[QueuedJob], step: int, total: int) -> set[str]: ...
     def preview(self, job: QueuedJob, data: dict) -> None: ...
 
     @property
@@ -305,14 +305,12 @@ class Worker(threading.Thread):
         active = [job for job, _ in live]
 
         def on_step_end(pipeline, step, timestep, callback_kwargs):
-            # a cancel may come through any process: its flag is in the database, read here at each step
-            cancelled = service.cancelled(active)
+            # a cancel may come through any process: its flag is in the database, read with the step's progress
+            cancelled = service.step_done(active, step + 1, total)
             for job in list(active):
                 if job.id in cancelled:
                     active.remove(job)
                     service.finish(job, "cancelled")
-            if active:
-                service.progress(active, step + 1, total)
             if not active or service.queue.stopped:
                 raise _Stop()
             return callback_kwargs
