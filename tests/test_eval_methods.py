@@ -156,7 +156,7 @@ def test_the_command_refuses_before_loading(tmp_path, capsys, tiny_models, both_
     weights = ["--method-weights", f"instantid={instantid_dir}"]
     refusals = {
         ("--method", "faceid,bogus"): "unknown identity method 'bogus'",
-        ("--method", "faceid,instantid"): "--method instantid needs --method-weights instantid=FOLDER",
+        ("--method", "faceid,infiniteyou"): "--method infiniteyou needs --method-weights infiniteyou=FOLDER",
         ("--method", "faceid,pulid-flux", *weights): r"method pulid-flux \(PuLID-FLUX v0.9.1\) is not wired into",
         ("--method", "faceid,faceid-plusv2", *weights): "names 2 FaceID variants.*one FaceID adapter",
         ("--method", "faceid-nonsense"): "unknown FaceID variant 'faceid-nonsense'",

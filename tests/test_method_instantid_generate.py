@@ -203,7 +203,7 @@ def test_several_photos_of_one_person_are_one_identity(pipe, photo):
 
 
 # ---------------------------------------------------------------------- refusals
-def test_refusals_name_what_to_do(pipe, plain, tiny_models, instantid_dir, photo, tmp_path):
+def test_refusals_name_what_to_do(pipe, plain, tiny_models, instantid_dir, photo, tmp_path, monkeypatch):
     with pytest.raises(FaceIDError, match=r"method instantid \(InstantID\) is not loaded.*load_method\('instantid'"):
         plain("a photo", photo, method="instantid", **RUN)
     with pytest.raises(FaceIDError, match="identitynet_scale is InstantID's"):
@@ -216,8 +216,9 @@ def test_refusals_name_what_to_do(pipe, plain, tiny_models, instantid_dir, photo
         pipe("a photo", np.ones(512, np.float32), method="instantid", **RUN)
     with pytest.raises(FaceIDError, match="method instantid is loaded already"):
         pipe.load_method("instantid", instantid_dir)
-    # The released files are unpinned: faceid does not download them.
-    with pytest.raises(CheckpointError, match="unpinned in faceid's method table"):
+    # Without a folder: the released files at their pinned commit (offline and not cached: said so).
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(MissingWeightsError, match=r"could not get ip-adapter.bin at commit 57b32dfee076.*InstantID"):
         plain.load_method("instantid")
     (tmp_path / "half").mkdir()
     with pytest.raises(CheckpointError, match="has no ip-adapter.bin and no ControlNetModel/.*InstantX/InstantID"):
@@ -247,7 +248,8 @@ def test_remove_method_puts_faceid_back_as_it_was(tiny_models, both_packs, insta
 
 
 # ---------------------------------------------------------------------- the CLI
-def test_cli_img2img_and_a_canny_controlnet_with_instantid(tmp_path, tiny_models, both_packs, instantid_dir, capsys):
+def test_cli_img2img_and_a_canny_controlnet_with_instantid(tmp_path, tiny_models, both_packs, instantid_dir, capsys,
+                                                          monkeypatch):  # fmt: skip
     canny = tmp_path / "canny"
     make_controlnet(tiny_models.sdxl, 7).save_pretrained(canny)
     init = tmp_path / "init.png"
@@ -266,10 +268,11 @@ def test_cli_img2img_and_a_canny_controlnet_with_instantid(tmp_path, tiny_models
         assert kps.size == (48, 32) and np.asarray(kps).any()
     assert (out / "obama_s3-control0.png").is_file()
     capsys.readouterr()
-    # --method instantid without its weights: refused before anything loads, saying which flag.
+    # --method instantid without a folder: its released files at their pins (offline and not cached: said so).
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert main(argv[: argv.index("--method-weights")] + ["--steps", "1"]) == 2
-    assert "--method instantid needs --method-weights instantid=FOLDER" in capsys.readouterr().err
-    bad = [a if a != f"instantid={instantid_dir}" else "instantid" for a in argv]
+    assert "could not get ip-adapter.bin at commit 57b32dfee076" in capsys.readouterr().err
+    bad = [a if a != f"instantid={instantid_dir}" else "instantid=" for a in argv]
     assert main(bad) == 2
     assert "--method-weights NAME=FOLDER" in capsys.readouterr().err
 

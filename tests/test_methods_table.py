@@ -71,7 +71,17 @@ def test_every_row_names_known_families_packs_and_pinned_or_visibly_unpinned_fil
     with pytest.raises(FaceIDError, match="no model set 'stage3': aes_stage2, sim_stage1"):
         infiniteyou.files_for("stage3")
     unpinned = {(f.repo, f.path_in_repo) for f in unpinned_files()}
-    assert ("InstantX/InstantID", "ip-adapter.bin") in unpinned  # no source gave its commit and sha256
+    # no source gave InfiniteYou's commits; InstantID's, PuLID's and EVA-CLIP's files are pinned
+    assert ("ByteDance/InfiniteYou", "infu_flux_v1.0/aes_stage2/image_proj_model.bin") in unpinned
+    assert {repo for repo, _ in unpinned} == {"ByteDance/InfiniteYou"}
+    for name in ("instantid", "pulid", "pulid-flux"):
+        assert all(f.revision and f.sha256 for f in METHODS[name].all_files), name
+    for method in METHODS.values():  # facexlib's files: a release tag's address and a sha256
+        for asset in method.assets:
+            assert re.fullmatch(r"https://github\.com/xinntao/facexlib/releases/download/v[0-9.]+/\S+", asset.url)
+            assert re.fullmatch(r"[0-9a-f]{64}", asset.sha256), asset
+    assert {a.filename for a in METHODS["pulid"].assets} == {"parsing_bisenet.pth"}
+    assert {a.filename for a in METHODS["infiniteyou"].assets} == {"recognition_arcface_ir_se50.pth"}
     with pytest.raises(FaceIDError, match="unknown identity method 'photomaker': faceid, instantid, pulid"):
         identity_method("photomaker")
 
@@ -80,20 +90,67 @@ def test_an_unpinned_file_is_refused_before_any_download_and_a_pinned_one_is_che
     from faceid import hub
 
     asked = []
-    monkeypatch.setattr(hub, "download", lambda *args, **kwargs: asked.append(args) or local)
+    monkeypatch.setattr(hub, "download", lambda *args, **kwargs: asked.append((*args, kwargs["revision"])) or local)
     local = tmp_path / "ip-adapter.bin"
     local.write_bytes(b"weights")
-    file = METHODS["instantid"].files[0]
+    file = METHODS["infiniteyou"].files_for()[0]
     with pytest.raises(CheckpointError) as info:
         fetch_method_file(file)
     message = str(info.value)
-    assert "ip-adapter.bin from InstantX/InstantID is unpinned" in message and "commit and sha256" in message
+    assert "image_proj_model.bin from ByteDance/InfiniteYou is unpinned" in message and "commit and sha256" in message
     assert "pass the local file" in message and asked == []
+    # A pinned row is downloaded at its commit and refused when the bytes are not the release's.
+    pinned = METHODS["instantid"].files[0]
+    with pytest.raises(CheckpointError, match="ip-adapter.bin from InstantX/InstantID .*is not the released file"):
+        fetch_method_file(pinned)
+    assert asked[-1] == ("InstantX/InstantID", "ip-adapter.bin", None, pinned.revision) and len(pinned.revision) == 40
+    asked.clear()
     commit = "0" * 40
     good = HubFile("InstantX/InstantID", "ip-adapter.bin", commit, hashlib.sha256(b"weights").hexdigest(), 7)
     assert fetch_method_file(good) == local and len(asked) == 1
     with pytest.raises(CheckpointError, match="is not the released file"):
         fetch_method_file(HubFile("InstantX/InstantID", "ip-adapter.bin", commit, "f" * 64, 7))
+
+
+def test_a_release_asset_is_fetched_checked_and_kept_only_when_it_is_the_release(tmp_path, monkeypatch):
+    """facexlib's files come from GitHub release tags: downloaded (here from a file:// address), kept only when their
+    sha256 is the table's; a copy already there is used without a download; offline, a missing one names the URL."""
+    from faceid.hub import ReleaseAsset, fetch_asset
+
+    monkeypatch.setenv("FACEID_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    source = tmp_path / "release" / "parsing_bisenet.pth"
+    source.parent.mkdir()
+    source.write_bytes(b"bisenet weights")
+    good = ReleaseAsset(source.as_uri(), hashlib.sha256(b"bisenet weights").hexdigest(), 15)
+    kept = fetch_asset(good)
+    assert kept == tmp_path / "home" / "models" / "assets" / "parsing_bisenet.pth"
+    assert kept.read_bytes() == b"bisenet weights"
+    source.unlink()  # the copy kept is used: nothing is downloaded again
+    assert fetch_asset(good) == kept
+    source.write_bytes(b"something else")
+    wrong = ReleaseAsset(source.as_uri(), "0" * 64)
+    with pytest.raises(CheckpointError, match=r"parsing_bisenet.pth downloaded from .* is not the released file"):
+        fetch_asset(wrong, tmp_path / "other")
+    assert not any((tmp_path / "other").iterdir())  # nothing kept, no temporary file left
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(MissingWeightsError, match=r"download file://.*parsing_bisenet.pth \(sha256 0{64}\)"):
+        fetch_asset(wrong, tmp_path / "other")
+
+
+def test_pulid_without_a_folder_loads_the_pinned_files(monkeypatch, tmp_path):
+    """``pulid_files(None)``: the checkpoint and EVA-CLIP from the Hub at their pins, BiSeNet from facexlib's tag."""
+    from faceid import hub, methods
+    from faceid.methods.pulid import pulid_files, pulid_flux_files
+
+    fetched, assets = [], []
+    monkeypatch.setattr(methods, "fetch_method_file", lambda f: fetched.append(f) or tmp_path / f.filename)
+    monkeypatch.setattr(hub, "fetch_asset", lambda a: assets.append(a) or tmp_path / a.filename)
+    checkpoint, eva, parsing = pulid_files(None)
+    assert (checkpoint.name, eva.name, parsing.name) == (
+        "pulid_v1.1.safetensors", "EVA02_CLIP_L_336_psz14_s6B.pt", "parsing_bisenet.pth")  # fmt: skip
+    assert fetched == list(METHODS["pulid"].files) and assets == list(METHODS["pulid"].assets)
+    assert pulid_flux_files(None)[0].name == "pulid_flux_v0.9.1.safetensors"
 
 
 # ---------------------------------------------------------------------- the setting
@@ -276,7 +333,10 @@ def test_faceid_models_lists_the_methods_with_families_face_packs_and_licences(c
     assert listing.count("insightface antelopev2 (scrfd_10g_bnkps.onnx + glintr100.onnx)") == 4
     assert "CC BY-NC 4.0" in listing and "FLUX.1 [dev] Non-Commercial License" in listing
     assert listing.count("NOT for commercial use") == len(METHODS)
-    assert "3 not pinned" in listing  # InstantID's files, visibly unpinned
+    assert listing.count("(pinned, sha256-checked)") == 3  # InstantID, PuLID, PuLID-FLUX
+    infiniteyou = listing[listing.index("\ninfiniteyou ") :]
+    assert f"{len(METHODS['infiniteyou'].all_files)} not pinned" in infiniteyou  # visibly unpinned
+    assert "parsing_bisenet.pth from https://github.com/xinntao/facexlib/releases/download/v0.2.0/" in listing
 
 
 def test_the_cli_says_a_method_is_not_wired_before_asking_for_its_weights(capsys, faces_dir, tmp_path, monkeypatch):

@@ -28,7 +28,7 @@ from faceid.cli import main
 from faceid.errors import FaceIDError, MissingWeightsError
 from faceid.faces import FaceAnalyzer
 from faceid.service import ServeConfig
-from faceid.service.capabilities import Capabilities, NotServed
+from faceid.service.capabilities import Capabilities, NotServed, check_methods
 from faceid.service.models import ModelEntry, modules_bytes, pipeline_modules
 from faceid.service.store import IdentityFace, face_recognizers
 from faceid.settings import GenerationSettings
@@ -247,8 +247,16 @@ def test_what_stops_the_start(make_client, pipe, instantid_dir, tmp_path, capsys
     assert main([*base, "--method-weights", f"instantid={instantid_dir}"]) == 2
     err = capsys.readouterr().err.strip()
     assert "antelopev2" in err and "glintr100.onnx" in err, err
-    assert main([*base, "--method-weights", "instantid"]) == 2
+    assert main([*base, "--method-weights", "instantid="]) == 2
     assert "--method-weights NAME=FOLDER" in capsys.readouterr().err
+    # NAME alone: the released files at their pins, for a method the table pins; InfiniteYou's are not
+    assert main([*base, "--method-weights", "instantid"]) == 2  # accepted; then the face models are missing
+    assert "antelopev2" in capsys.readouterr().err
+    assert main([*base, "--method-weights", "infiniteyou"]) == 2
+    assert "--method infiniteyou needs --method-weights infiniteyou=FOLDER" in capsys.readouterr().err
+    assert check_methods({"pulid": None}) == {"pulid": None}
+    with pytest.raises(FaceIDError, match=r"--method-weights infiniteyou=None: no such folder"):
+        check_methods({"infiniteyou": None})
 
 
 def test_face_files_and_rows_of_an_earlier_version_still_read(tmp_path):

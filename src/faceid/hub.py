@@ -3,7 +3,9 @@
 A released file is a :class:`HubFile` (a model folder, a :class:`HubFolder`): its repository, the commit it
 is pinned to and the sha256 it must have; the tables of faceid's modules list them (``faceid.variants``,
 ``faceid.references``, ``faceid.fast`` ...). :func:`fetch` downloads one at its pinned commit. A downloaded
-file whose sha256 is not the table's is refused. The hash of a file is remembered (``$FACEID_HOME/sha256.json``, keyed by the file's
+file whose sha256 is not the table's is refused. A file released outside the Hub (a GitHub release asset, pinned
+by its tagged address and sha256) is a :class:`ReleaseAsset`, fetched by :func:`fetch_asset` into faceid's models
+folder, checked the same way. The hash of a file is remembered (``$FACEID_HOME/sha256.json``, keyed by the file's
 real path, size and modification time) so that a 1 GB file is hashed once, not on every start.
 Anything that is a local file or folder is used as it is; nothing is downloaded or checked then.
 """
@@ -52,6 +54,20 @@ class HubFolder:
         return f"{self.repo}/{self.subfolder}" if self.subfolder else self.repo
 
 
+@dataclass(frozen=True)
+class ReleaseAsset:
+    """One file released outside the Hub (a GitHub release asset): its address (a tag's, which does not move), the
+    sha256 it must have, its size where known."""
+
+    url: str
+    sha256: str
+    size: int | None = None
+
+    @property
+    def filename(self) -> str:
+        return self.url.rsplit("/", 1)[-1]
+
+
 def offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 
@@ -79,6 +95,45 @@ def download(repo_id: str, filename: str, subfolder: str | None = None, revision
             f"Download it on a machine with internet (https://huggingface.co/{repo_id}/blob/{revision or 'main'}/"
             f"{where}) and pass the local file path instead of the name"
         ) from exc
+
+
+def download_url(url: str, dest: Path, timeout: float = 60.0) -> None:
+    """Stream ``url`` to ``dest`` with a progress bar (tqdm)."""
+    import urllib.request
+
+    from tqdm.auto import tqdm
+
+    with urllib.request.urlopen(url, timeout=timeout) as response, open(dest, "wb") as out:
+        total = int(response.headers.get("Content-Length") or 0) or None
+        with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=Path(url).name) as bar:
+            while chunk := response.read(1 << 20):
+                out.write(chunk)
+                bar.update(len(chunk))
+
+
+def fetch_asset(asset: ReleaseAsset, folder: str | os.PathLike | None = None) -> Path:
+    """``asset`` in ``folder`` (default ``$FACEID_HOME/models/assets``): the copy there when its sha256 is the
+    release's, else downloaded (offline: refused, saying where to get it), checked, and only then put in place."""
+    target = (Path(folder).expanduser() if folder is not None else faceid_home() / "models" / "assets") / asset.filename
+    if target.is_file() and file_sha256(target) == asset.sha256:
+        return target
+    how = f"download {asset.url} (sha256 {asset.sha256}) into {target.parent}, or give its folder"
+    if offline():
+        raise MissingWeightsError(f"{asset.filename} is not in {target.parent} and HF_HUB_OFFLINE is set: {how}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with atomic_path(target) as tmp:
+            download_url(asset.url, tmp)
+            found = file_sha256(tmp)
+            if found != asset.sha256:
+                raise CheckpointError(
+                    f"{asset.filename} downloaded from {asset.url} is not the released file: its sha256 is {found} "
+                    f"({tmp.stat().st_size} bytes), the release's is {asset.sha256}; nothing was kept. Run again, "
+                    f"or {how}"
+                )
+    except OSError as exc:  # no network, moved address, full disk: the remedy is the same
+        raise MissingWeightsError(f"could not download {asset.url} ({type(exc).__name__}: {exc}): {how}") from exc
+    return target
 
 
 def verify(path: str | os.PathLike, file: HubFile) -> None:
@@ -114,9 +169,14 @@ def verify(path: str | os.PathLike, file: HubFile) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- hashes
-def _hash_cache() -> Path:
+def faceid_home() -> Path:
+    """``$FACEID_HOME`` (default ``~/.cache/faceid``): faceid's own cache (models, remembered hashes)."""
     home = os.environ.get("FACEID_HOME")
-    return (Path(home).expanduser() if home else Path("~/.cache/faceid").expanduser()) / "sha256.json"
+    return Path(home).expanduser() if home else Path("~/.cache/faceid").expanduser()
+
+
+def _hash_cache() -> Path:
+    return faceid_home() / "sha256.json"
 
 
 def _stamp(path: str) -> list[int] | None:

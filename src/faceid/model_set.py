@@ -821,10 +821,11 @@ class ModelSet:
         ``method=name``; returns the name.
 
         ``instantid``: ``source`` is a folder laid out as the Hub repository ``InstantX/InstantID`` (its
-        ``ip-adapter.bin`` and ``ControlNetModel/``); None fetches the table's files, which are unpinned (that is
-        refused, saying so: download them and give the folder). Its IdentityNet and its IP-Adapter branch go on
+        ``ip-adapter.bin`` and ``ControlNetModel/``); None fetches the table's files, pinned by commit and sha256
+        (the Hub cache first; offline, a file not there is refused saying where to get it). Its IdentityNet and its IP-Adapter branch go on
         this model set (no call runs meanwhile). ``pulid``: ``source`` is a folder with ``pulid_v1.1.safetensors``,
-        ``EVA02_CLIP_L_336_psz14_s6B.pt`` and ``parsing_bisenet.pth`` (``faceid.methods.pulid.pulid_files``); its
+        ``EVA02_CLIP_L_336_psz14_s6B.pt`` and ``parsing_bisenet.pth`` (``faceid.methods.pulid.pulid_files``; None:
+        the table's pinned files, fetched); its
         pieces sit beside FaceID's processors, nothing is put on the UNet. The method's base families are checked first, then its face
         pack: the face analysis gets that pack's recognizer (from ``face_models``, else the model set's face
         models folder, else faceid's or insightface's cache; a missing pack is refused with what to download).
@@ -851,18 +852,14 @@ class ModelSet:
         if name in ("pulid", "pulid-flux"):
             from .methods.pulid import PuLID, PuLIDFluxMethod, pulid_files, pulid_flux_files
 
-            if source is None:  # the table's files are unpinned: refused, saying to download them
-                from .methods import fetch_method_file
-
-                for file in method.files_for():
-                    fetch_method_file(file)
+            # source None: the table's pinned files, fetched and sha256-checked
             if name == "pulid":
-                files = pulid_files(source if source is not None else "")
+                files = pulid_files(source)
                 load = lambda: PuLID.load(self.pipe.unet, *files)  # noqa: E731
             else:
                 # The CA modules are attached to the transformer's blocks (wrappers that pass a call without PuLID
                 # through as the base model); the encoders run where the calls run (on the GPU with offload).
-                files = pulid_flux_files(source if source is not None else "")
+                files = pulid_flux_files(source)
                 load = lambda: PuLIDFluxMethod.load(self.denoiser, *files, device=self.device)  # noqa: E731
         else:
             ip_adapter, identitynet = _instantid_files(method, source)
@@ -1138,7 +1135,7 @@ def find_recognizer(model_set: Path, face_models: str | os.PathLike | None) -> P
 
 def _instantid_files(method, source: str | os.PathLike | None) -> tuple[Path, Path]:
     """InstantID's ``ip-adapter.bin`` and ``ControlNetModel/`` folder: in the folder ``source`` (the released
-    layout), else the table's files through ``fetch_method_file`` (which refuses unpinned files)."""
+    layout), else the table's pinned files through ``fetch_method_file``."""
     from .errors import CheckpointError
     from .methods import fetch_method_file
     from .methods.instantid import IDENTITYNET_FOLDER, IP_ADAPTER_FILE

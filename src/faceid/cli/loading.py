@@ -93,42 +93,58 @@ def load_face_analyzer(face_models: str | None, method: str = "faceid"):
 
 
 def add_method_weights_argument(group) -> None:
-    """``--method-weights NAME=FOLDER``, as generate and eval take it (serve's says what a server does with it)."""
+    """``--method-weights NAME[=FOLDER]``, as generate and eval take it (serve's says what a server does with it)."""
     group.add_argument(
         "--method-weights",
         action="append",
         default=None,
-        metavar="NAME=FOLDER",
+        metavar="NAME[=FOLDER]",
         help="load identity method NAME's released files from FOLDER, in their Hub layout (instantid: a folder "
         "with InstantX/InstantID's ip-adapter.bin and ControlNetModel/; pulid: a folder with pulid_v1.1.safetensors, "
         "EVA02_CLIP_L_336_psz14_s6B.pt and parsing_bisenet.pth; infiniteyou: ByteDance/InfiniteYou's "
         "infu_flux_v1.0/ or one model set in it, aes_stage2 or sim_stage1; pulid-flux: a folder with "
-        "pulid_flux_v0.9.1.safetensors and pulid's other two files); repeatable",
+        "pulid_flux_v0.9.1.safetensors and pulid's other two files); NAME alone: its released files downloaded at "
+        "their pinned commits and sha256-checked (instantid, pulid, pulid-flux; the default for --method's own); "
+        "repeatable",
     )
 
 
-def method_weights(args: argparse.Namespace, method: str) -> dict[str, str]:
-    """``--method-weights NAME=FOLDER`` as {name: folder}, checked before anything loads: the call's method
-    (other than faceid) must be among them."""
+def method_weights(args: argparse.Namespace, method: str) -> dict[str, str | None]:
+    """``--method-weights NAME[=FOLDER]`` as {name: folder, or None for the released files fetched at their pins},
+    checked before anything loads. The call's method (other than faceid) is among them: given, else its pinned
+    files; a method whose files are not all pinned (InfiniteYou) needs its folder."""
     from ..methods import identity_method, refuse_unwired
 
     refuse_unwired(identity_method(method))  # not wired: weights would not help, so say that first
-    weights: dict[str, str] = {}
+    weights: dict[str, str | None] = {}
     for item in getattr(args, "method_weights", None) or []:
         name, sep, folder = item.partition("=")
-        if not sep or not name or not folder:
+        if not name or (sep and not folder):
             raise FaceIDError(
-                f"--method-weights {item!r}: give --method-weights NAME=FOLDER, e.g. instantid=checkpoints"
+                f"--method-weights {item!r}: give --method-weights NAME=FOLDER, e.g. instantid=checkpoints, or NAME "
+                "alone for its released files"
             )
         identity_method(name)  # a known method, or the list
-        weights[name] = folder
+        weights[name] = folder or _pinned_method(name)
     if method != "faceid" and method not in weights:
-        raise FaceIDError(
-            f"--method {method} needs --method-weights {method}=FOLDER: the folder of its released files "
-            f"({', '.join(f.path_in_repo for f in identity_method(method).files_for())} from "
-            f"{identity_method(method).files_for()[0].repo}, in their layout)"
-        )
+        weights[method] = _pinned_method(method)
     return weights
+
+
+def _pinned_method(name: str) -> None:
+    """None (fetch the released files at their pins) for a method whose files the table pins; else the error that
+    asks for its folder."""
+    from ..methods import identity_method
+
+    method = identity_method(name)
+    unpinned = [f for f in method.all_files if f.revision is None or f.sha256 is None]
+    if unpinned:
+        raise FaceIDError(
+            f"--method {name} needs --method-weights {name}=FOLDER: the folder of its released files "
+            f"({', '.join(f.path_in_repo for f in method.files_for())} from {method.files_for()[0].repo}, in their "
+            "layout); faceid cannot download them itself, their commits and sha256 are not in its method table"
+        )
+    return None
 
 
 def load_pipeline(

@@ -110,6 +110,8 @@ def print_methods() -> None:
             unpinned = [f for f in m.all_files if f.sha256 is None or f.revision is None]
             pin = f" ({len(unpinned)} not pinned: download them yourself)" if unpinned else " (pinned, sha256-checked)"
             print(f"{pad}files ({', '.join(repos)}): {'; '.join(files)}{pin}")
+            for asset in m.assets:
+                print(f"{pad}and {asset.filename} from {asset.url} (sha256 {asset.sha256[:12]}...)")
         else:
             print(f"{pad}files: the released FaceID models above")
         print(f"{pad}licences: {m.licence_text()}{'' if m.commercial else ' -- NOT for commercial use'}")

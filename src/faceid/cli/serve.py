@@ -76,12 +76,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--method-weights",
         action="append",
         default=None,
-        metavar="NAME=FOLDER",
+        metavar="NAME[=FOLDER]",
         help="an identity method requests may ask for with method=NAME, its released files in FOLDER in their Hub "
         "layout (instantid: InstantX/InstantID's ip-adapter.bin and ControlNetModel/; pulid: pulid_v1.1.safetensors, "
         "EVA02_CLIP_L_336_psz14_s6B.pt and parsing_bisenet.pth; infiniteyou: infu_flux_v1.0/ with facexlib's "
         "recognition_arcface_ir_se50.pth; pulid-flux: pulid_flux_v0.9.1.safetensors and pulid's other two), as "
-        "generate's; repeatable. Loaded by every worker onto each model set of a family the method runs on (a FLUX.1 "
+        "generate's; NAME alone: its released files fetched at their pinned commits, sha256-checked (instantid, "
+        "pulid, pulid-flux); repeatable. Loaded by every worker onto each model set of a family the method runs on (a FLUX.1 "
         "model set's first one is its default method); the face analysis also embeds with the method's recognizer "
         "(antelopev2; InfiniteYou's IR-SE50), so identities enrolled from then on can use it",
     )

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from ..atomic import atomic_path
 from ..errors import CheckpointError, MissingWeightsError
+from ..hub import download_url, faceid_home
 
 __all__ = [
     "ANTELOPEV2_SHA256",
@@ -266,9 +267,7 @@ def _input_hw(path: Path) -> tuple[object, object] | None:
 
 def faceid_models_home() -> Path:
     """``$FACEID_HOME/models`` (default ``~/.cache/faceid/models``): where downloaded models live."""
-    home = os.environ.get("FACEID_HOME")
-    base = Path(home).expanduser() if home else Path("~/.cache/faceid").expanduser()
-    return base / "models"
+    return faceid_home() / "models"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -313,16 +312,7 @@ def _pack_release(name: str) -> tuple[str, int]:
     return {"buffalo_l": (BUFFALO_L_SHA256, BUFFALO_L_SIZE), "antelopev2": (ANTELOPEV2_SHA256, ANTELOPEV2_SIZE)}[name]
 
 
-def _download(url: str, dest: Path, timeout: float = 60.0) -> None:
-    """Stream ``url`` to ``dest`` with a progress bar. Separate so tests can replace it."""
-    from tqdm.auto import tqdm
-
-    with urllib.request.urlopen(url, timeout=timeout) as response, open(dest, "wb") as out:
-        total = int(response.headers.get("Content-Length") or 0) or None
-        with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=Path(url).name) as bar:
-            while chunk := response.read(1 << 20):
-                out.write(chunk)
-                bar.update(len(chunk))
+_download = download_url  # a module name of its own, so that tests can replace it
 
 
 def _download_pack(url: str, target: Path, needed: Sequence[str], name: str = "buffalo_l") -> None:

@@ -14,11 +14,18 @@ Where the pinned figures come from (each row's comment says which):
   in all (LibrePhotos' model catalogue, several installers that check the archive before unzipping), and the
   archive's members measured after unzipping in one of them (``glintr100.onnx``, ``scrfd_10g_bnkps.onnx``, byte
   for byte buffalo_l's ``det_10g.onnx``); see ``faceid.faces.model_files.FACE_PACKS``.
-* The Hugging Face files (InstantX/InstantID, guozinan/PuLID, ByteDance/InfiniteYou, QuanSun/EVA-CLIP): their
-  commits and Git LFS pointers were not found in any source this project could read, so they are left
+* The Hugging Face files of InstantX/InstantID, guozinan/PuLID and QuanSun/EVA-CLIP: their commits and sha256 as
+  other projects pin them (download scripts and installers that fetch ``resolve/<commit>/<file>`` and check the
+  sha256 after; model catalogues that list a file's hash and size; Hub LFS download addresses, whose last segment
+  is the file's LFS oid), two or more agreeing for each value unless a row's comment says otherwise. Every download
+  is checked against the sha256, so a wrong value can only refuse a file, never let another one in.
+* ByteDance/InfiniteYou's files: no commit was found in any source this project could read, so they are left
   **unknown** (``revision=None``, ``sha256=None``): :func:`fetch_method_file` refuses such a file (it would be an
   unchecked download of whatever the repository's main holds) and says to pass a local copy instead. Fill in a
   row from the file's Hub page (its commit list, and the ``oid sha256`` / ``size`` of the LFS pointer) to pin it.
+* facexlib's release assets (BiSeNet for PuLID, IR-SE50 for InfiniteYou) are GitHub release files: pinned by their
+  tag's address and sha256 (``ReleaseAsset``, fetched by ``faceid.hub.fetch_asset``); the sha256 as several
+  installers and packagers (an AUR PKGBUILD of facexlib among them) check it.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from types import MappingProxyType
 from typing import Any
 
 from ..errors import CheckpointError, FaceIDError
-from ..hub import HubFile
+from ..hub import HubFile, ReleaseAsset
 
 __all__ = [
     "DEFAULT_METHOD",
@@ -103,6 +110,8 @@ class IdentityMethod:
     # The key of ``Face.embeddings`` it reads when that is not its face pack's recognizer (InfiniteYou: facexlib's
     # IR-SE50, ``irse50``); what a server's enrolled faces must keep for it (``embedding_key``).
     embedded_by: str | None = None
+    # Files it needs that are released outside the Hub (facexlib's GitHub release assets).
+    assets: tuple[ReleaseAsset, ...] = ()
 
     @property
     def embedding_key(self) -> str:
@@ -149,6 +158,11 @@ class IdentityMethod:
         }
 
 
+def _pinned(repo: str, path: str, revision: str, sha256: str, size: int | None = None) -> HubFile:
+    folder, _, filename = path.rpartition("/")
+    return HubFile(repo, filename, revision=revision, sha256=sha256, size=size, subfolder=folder or None)
+
+
 def _unpinned(repo: str, path: str, size: int | None = None) -> HubFile:
     """A released Hub file whose commit and sha256 are not known (see the module): refused by fetch_method_file."""
     folder, _, filename = path.rpartition("/")
@@ -160,8 +174,33 @@ PULID_REPO = "guozinan/PuLID"
 INFINITEYOU_REPO = "ByteDance/InfiniteYou"
 EVA_CLIP_REPO = "QuanSun/EVA-CLIP"
 
+INSTANTID_COMMIT = "57b32dfee076092ad2930c71fd6d439c2c3b1820"
+# The commit that holds pulid_v1.1.safetensors (one source for the commit; the sha256 and size have several). PuLID-
+# FLUX v0.9.1 came out in the same repository before v1.1 and no source names a commit for it: it is fetched at this
+# one too, checked against its own sha256 (a commit without it is a failed download, never another file).
+PULID_COMMIT = "d58b3ba191be1280c37ace0656a2e65cd9b8c8d8"
+
 # EVA02-CLIP-L/14 at 336 px, the visual tower PuLID reads the parsed face crop with (MIT, BAAI's EVA).
-EVA02_CLIP_L = _unpinned(EVA_CLIP_REPO, "EVA02_CLIP_L_336_psz14_s6B.pt")
+EVA02_CLIP_L = _pinned(
+    EVA_CLIP_REPO,
+    "EVA02_CLIP_L_336_psz14_s6B.pt",
+    "11afd202f2ae80869d6cef18b1ec775e79bd8d12",
+    "84c3a17a228c567a155259b2245b0b59072bf7da510260a0a02ec54de6d50b05",
+    856461210,
+)
+
+# facexlib's BiSeNet face parser (PuLID's background removal), release v0.2.0 (v0.2.2 holds ParseNet, another file).
+PARSING_BISENET = ReleaseAsset(
+    "https://github.com/xinntao/facexlib/releases/download/v0.2.0/parsing_bisenet.pth",
+    "468e13ca13a9b43cc0881a9f99083a430e9c0a38abd935431d1c28ee94b26567",
+    53289463,
+)
+# facexlib's ArcFace IR-SE50 (InfiniteYou's recognizer), release v0.1.0. Its size is left out: two sources that
+# check it say 175,367,323 bytes, one says 175,004,821; the sha256 decides.
+IRSE50_WEIGHTS = ReleaseAsset(
+    "https://github.com/xinntao/facexlib/releases/download/v0.1.0/recognition_arcface_ir_se50.pth",
+    "a035c768259b98ab1ce0e646312f48b9e1e218197a0f80ac6765e88f8b6ddf28",
+)
 
 
 def _infuse_net(model_set: str) -> tuple[HubFile, ...]:
@@ -210,9 +249,27 @@ METHODS: dict[str, IdentityMethod] = {
             normalised=False,  # the raw face_info['embedding'] (FORMAT.md of the golden data)
             face_inputs=("keypoint image (the 5 landmarks drawn, IdentityNet's control image)",),
             files=(
-                _unpinned(INSTANTID_REPO, "ip-adapter.bin"),
-                _unpinned(INSTANTID_REPO, "ControlNetModel/config.json"),
-                _unpinned(INSTANTID_REPO, "ControlNetModel/diffusion_pytorch_model.safetensors"),
+                _pinned(
+                    INSTANTID_REPO,
+                    "ip-adapter.bin",
+                    INSTANTID_COMMIT,
+                    "02b3618e36d803784166660520098089a81388e61a93ef8002aa79a5b1c546e1",
+                    1691134141,
+                ),
+                # a small file kept in plain git (no LFS pointer): its sha256 as one download script checks it
+                _pinned(
+                    INSTANTID_REPO,
+                    "ControlNetModel/config.json",
+                    INSTANTID_COMMIT,
+                    "2480c42f363d712faae8d0e17cb850a5d1e4cafc232fbd022b1d43eee45234eb",
+                ),
+                _pinned(
+                    INSTANTID_REPO,
+                    "ControlNetModel/diffusion_pytorch_model.safetensors",
+                    INSTANTID_COMMIT,
+                    "c8127be9f174101ebdafee9964d856b49b634435cf6daa396d3f593cf0bbbb05",
+                    2502139136,
+                ),
             ),
             licences=(("InstantID weights (InstantX/InstantID)", _L["apache-2.0"]), _ANTELOPE),
             wired=True,
@@ -229,8 +286,17 @@ METHODS: dict[str, IdentityMethod] = {
             recognizer="glintr100.onnx (antelopev2 ArcFace)",
             normalised=False,
             face_inputs=("EVA02-CLIP-L features of the parsed (background-removed) aligned face crop",),
-            # 984,405,232 bytes as one user measured it (a third party's note, not an LFS pointer: unverified).
-            files=(_unpinned(PULID_REPO, "pulid_v1.1.safetensors", size=984405232), EVA02_CLIP_L),
+            files=(
+                _pinned(
+                    PULID_REPO,
+                    "pulid_v1.1.safetensors",
+                    PULID_COMMIT,
+                    "4cb8ceec1078e0165399b88332ab3c5971619111b8e1730e6bae64144aabae41",
+                    984405232,
+                ),
+                EVA02_CLIP_L,
+            ),
+            assets=(PARSING_BISENET,),
             licences=(("PuLID weights (guozinan/PuLID)", _L["apache-2.0"]), _EVA, _ANTELOPE, _FACEXLIB),
             wired=True,
             description="the ID encoder (antelopev2 embedding + EVA02-CLIP-L features of the parsed face) and its "
@@ -246,7 +312,17 @@ METHODS: dict[str, IdentityMethod] = {
             recognizer="glintr100.onnx (antelopev2 ArcFace)",
             normalised=False,
             face_inputs=("EVA02-CLIP-L features of the parsed (background-removed) aligned face crop",),
-            files=(_unpinned(PULID_REPO, "pulid_flux_v0.9.1.safetensors"), EVA02_CLIP_L),
+            # its size is not known to the byte (1.14 GB); the sha256 as several projects pin it
+            files=(
+                _pinned(
+                    PULID_REPO,
+                    "pulid_flux_v0.9.1.safetensors",
+                    PULID_COMMIT,
+                    "92c41c3af322b02e58e1b32842e4601e08c8f16ec1fe80089dbe957df510f51d",
+                ),
+                EVA02_CLIP_L,
+            ),
+            assets=(PARSING_BISENET,),
             licences=(("PuLID weights (guozinan/PuLID)", _L["apache-2.0"]), _EVA, _ANTELOPE, _FACEXLIB, _FLUX_DEV),
             wired=True,
             description="the ID encoder (antelopev2 embedding + EVA02-CLIP-L features of the parsed face) and its "
@@ -262,6 +338,7 @@ METHODS: dict[str, IdentityMethod] = {
             face_pack="antelopev2",  # detection and landmarks; the embedding is facexlib's ArcFace (below)
             recognizer="facexlib ArcFace IR-SE50 (recognition_arcface_ir_se50.pth)",
             embedded_by="irse50",  # faceid.faces.irse50.IRSE50_KEY
+            assets=(IRSE50_WEIGHTS,),
             normalised=True,  # facexlib's backbone ends in an L2 norm
             face_inputs=("keypoint image of a control photo (InfuseNet's control image; black when none)",),
             files=(),

@@ -435,10 +435,13 @@ V11_ORTHO = "v2"
 method row's ``scale``); generation runs every call with them."""
 
 
-def _method_files(folder: str | Path, checkpoint: str, title: str) -> tuple[Path, Path, Path]:
+def _method_files(folder: str | Path | None, checkpoint: str, title: str) -> tuple[Path, Path, Path]:
     """The three files a PuLID release loads from one folder, by their released names: ``checkpoint``
     (guozinan/PuLID), ``EVA02_CLIP_L_336_psz14_s6B.pt`` (QuanSun/EVA-CLIP) and ``parsing_bisenet.pth`` (facexlib's
-    release v0.2.0); a folder without them is refused, naming what to download."""
+    release v0.2.0); a folder without them is refused, naming what to download. ``folder`` None: the method
+    table's pinned files, downloaded (or found in the caches) and checked against their sha256."""
+    if folder is None:
+        return _fetched_files(checkpoint)
     folder = Path(folder).expanduser()
     files = (folder / checkpoint, folder / EVA_CLIP_FILE, folder / PARSING_FILE)
     missing = [f.name for f in files if not f.is_file()]
@@ -452,7 +455,19 @@ def _method_files(folder: str | Path, checkpoint: str, title: str) -> tuple[Path
     return files
 
 
-def pulid_files(folder: str | Path) -> tuple[Path, Path, Path]:
+def _fetched_files(checkpoint: str) -> tuple[Path, Path, Path]:
+    """The pinned release files of the method whose checkpoint is ``checkpoint``: the Hub files at their commits,
+    facexlib's BiSeNet from its release tag, each refused unless its sha256 is the table's."""
+    from ..hub import fetch_asset
+    from . import METHODS, fetch_method_file
+
+    method = next(m for m in METHODS.values() if any(f.filename == checkpoint for f in m.files))
+    fetched = {file.filename: fetch_method_file(file) for file in method.files_for()}
+    (parsing,) = (fetch_asset(asset) for asset in method.assets if asset.filename == PARSING_FILE)
+    return fetched[checkpoint], fetched[EVA_CLIP_FILE], parsing
+
+
+def pulid_files(folder: str | Path | None) -> tuple[Path, Path, Path]:
     """PuLID v1.1's files in ``folder`` (``pulid_v1.1.safetensors``, EVA-CLIP, BiSeNet): see ``_method_files``."""
     return _method_files(folder, CHECKPOINT_V11, "PuLID")
 
@@ -794,7 +809,7 @@ class PuLIDFluxTransformer:
 CHECKPOINT_FLUX = "pulid_flux_v0.9.1.safetensors"
 
 
-def pulid_flux_files(folder: str | Path) -> tuple[Path, Path, Path]:
+def pulid_flux_files(folder: str | Path | None) -> tuple[Path, Path, Path]:
     """PuLID-FLUX v0.9.1's files in ``folder`` (``pulid_flux_v0.9.1.safetensors``, EVA-CLIP, BiSeNet): see
     ``_method_files``."""
     return _method_files(folder, CHECKPOINT_FLUX, "PuLID-FLUX")

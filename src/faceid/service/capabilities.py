@@ -213,12 +213,13 @@ def _listed(names) -> str:
     return ", ".join(names) or "none"
 
 
-def check_methods(methods: Mapping[str, Any]) -> dict[str, str]:
+def check_methods(methods: Mapping[str, Any]) -> dict[str, str | None]:
     """``ServeConfig.methods``: identity method -> the folder of its released files, each one a method generation
-    runs (``faceid.methods.METHODS``, wired) other than faceid, its folder there."""
+    runs (``faceid.methods.METHODS``, wired) other than faceid, its folder there; None for a method whose files the
+    table pins (fetched when the server loads it)."""
     from ..methods import METHODS, identity_method
 
-    found: dict[str, str] = {}
+    found: dict[str, str | None] = {}
     for name, source in dict(methods).items():
         method = identity_method(name)  # an unknown name: the error lists the methods
         if name == "faceid":
@@ -229,6 +230,9 @@ def check_methods(methods: Mapping[str, Any]) -> dict[str, str]:
                 f"--method-weights {name}: {method.title} is not wired into generation yet; a server loads "
                 f"{_listed(wired)}"
             )
+        if source is None and not any(f.revision is None or f.sha256 is None for f in method.all_files):
+            found[name] = None  # its released files, fetched at their pinned commits and sha256-checked
+            continue
         if not isinstance(source, (str, os.PathLike)) or not str(source).strip() or not Path(source).is_dir():
             raise FaceIDError(
                 f"--method-weights {name}={source}: no such folder; give the folder of {method.title}'s released "

@@ -82,7 +82,7 @@ class ServeConfig:
     # set of a family it runs on (``ModelSet.load_method``), counted in its memory budget; the face analysis gets
     # the method's insightface pack (antelopev2 for InstantID) from ``face_models`` or the cache, so that enrolled
     # identities keep that pack's embedding too. A method not given here is refused at submit.
-    methods: Mapping[str, str] = field(default_factory=dict)
+    methods: Mapping[str, str | None] = field(default_factory=dict)  # None: the method's pinned files, fetched
     face_models: str | None = None  # the folder of the face models (--face-models); None: faceid's cache
     # The CLIP image encoder that reads style images where the model set has none (a FaceID-Plus adapter brings
     # its own); None: h94/IP-Adapter's ViT-H, fetched on first use.
