@@ -44,9 +44,10 @@ class BaseFamily:
     # The keyword of a ControlNet's image in text to image (Stable Diffusion's ``image``; with an init image
     # every family's is ``control_image``).
     control_image_keyword: str = "image"
-    # The text width of its UNet's cross-attention, which its ControlNets (diffusers' ``ControlNetModel``) share: how
-    # a ControlNet's config tells SD1.5 from SDXL. None: a DiT, whose ControlNets have a class of its own.
-    cross_attention_dim: int | None = None
+    # Its UNet's added conditioning (SDXL's size and crop ids: "text_time"), which its ControlNets (diffusers'
+    # ``ControlNetModel``, one class for SD1.5 and SDXL) share: how a ControlNet's config tells SDXL from SD1.5
+    # (whatever its width: a fine-tune's or a test's tiny model's). A DiT's ControlNets have a class of their own.
+    addition_embed_type: str | None = None
 
     def pipeline_class(self, img2img: bool = False, inpaint: bool = False, controlnet: bool = False) -> str:
         """The diffusers pipeline class that runs a call with these inputs."""
@@ -68,13 +69,12 @@ FAMILIES: dict[str, BaseFamily] = {
             "SD1.5",
             "StableDiffusion",
             {"width": 512, "height": 768, "guidance_scale": 7.5, "num_inference_steps": 30},
-            cross_attention_dim=768,
         ),
         BaseFamily(
             "SDXL",
             "StableDiffusionXL",
             {"width": 1024, "height": 1024, "guidance_scale": 5.0, "num_inference_steps": 30},
-            cross_attention_dim=2048,
+            addition_embed_type="text_time",
         ),
         BaseFamily(
             "FLUX.1",
@@ -111,18 +111,16 @@ def family_of_pipeline(class_name: str) -> BaseFamily | None:
 def family_of_controlnet(config: dict[str, Any]) -> BaseFamily | None:
     """The family a diffusers ControlNet is made for, from its ``config.json`` (so nothing is loaded), or None for
     one faceid does not run. A DiT's ControlNet class bears its pipelines' prefix (``FluxControlNetModel``);
-    Stable Diffusion's ``ControlNetModel`` is the same class for SD1.5 and SDXL, told apart by the text width of
-    its cross-attention (768, 2048), as their UNets are."""
+    Stable Diffusion's ``ControlNetModel`` is one class for SD1.5 and SDXL, told apart as their UNets are, by
+    SDXL's added size conditioning (``addition_embed_type``; its width, 768 or 2048, is checked when it loads)."""
     name = str(config.get("_class_name", ""))
     prefix = name.removesuffix("ControlNetModel")
     if prefix == name:  # not a ControlNet
         return None
     if prefix:
-        return next((f for f in FAMILIES.values() if f.pipeline_prefix == prefix), None)
-    width = config.get("cross_attention_dim")
-    return next(
-        (f for f in FAMILIES.values() if f.cross_attention_dim is not None and f.cross_attention_dim == width), None
-    )
+        return next((f for f in FAMILIES.values() if f.denoiser != "unet" and f.pipeline_prefix == prefix), None)
+    added = config.get("addition_embed_type")
+    return next((f for f in FAMILIES.values() if f.denoiser == "unet" and f.addition_embed_type == added), None)
 
 
 def refuse_without_faceid(found: BaseFamily, what: str) -> None:

@@ -118,14 +118,13 @@ def controlnet_family(source: str | Path) -> str:
     found = families.family_of_controlnet(config)
     if found is None:
         runs = [
-            f"ControlNetModel of cross_attention_dim {f.cross_attention_dim} ({f.name})"
-            if f.cross_attention_dim is not None
-            else f"{f.pipeline_prefix}ControlNetModel ({f.name})"
+            f"{'' if f.denoiser == 'unet' else f.pipeline_prefix}ControlNetModel of {f.name}"
+            + (f" (addition_embed_type {f.addition_embed_type})" if f.addition_embed_type else "")
             for f in families.FAMILIES.values()
         ]
         raise FaceIDError(
-            f"the ControlNet {source} is a {config.get('_class_name') or 'model of unknown kind'} (cross_attention_dim "
-            f"{config.get('cross_attention_dim')}): faceid runs diffusers' {', '.join(runs)}"
+            f"the ControlNet {source} is a {config.get('_class_name') or 'model of unknown kind'} (addition_embed_type "
+            f"{config.get('addition_embed_type')}): faceid runs diffusers' {', '.join(runs)}"
         )
     return found.name
 
