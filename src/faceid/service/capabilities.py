@@ -2,8 +2,8 @@
 
 A server runs only what it was started with (``faceid serve``'s flags, ``ServeConfig``): the few-step presets whose
 LoRA it loaded (``--fast PRESET[=FILE]``), the tiny VAE decoder (``--tiny-vae``), the ControlNet kinds
-(``--controlnet KIND=SOURCE``, one per kind and family: each model set runs its family's) with the annotators they need (OpenPose for ``pose``, the depth model for ``depth``),
-the style adapters (``--style-adapter NAME=SOURCE``), the identity methods beside FaceID (``--method-weights
+(``--controlnet KIND=SOURCE``, one per kind and family: each model set runs its family's) with the annotators they
+need (OpenPose for ``pose``, the depth model for ``depth``), the style adapters (``--style-adapter NAME=SOURCE``), the identity methods beside FaceID (``--method-weights
 NAME=FOLDER``, on the model sets of their families) and, on workers that run them, the modes beyond text-to-image. Every model these need is loaded by each worker when it loads a model set, counted in its memory
 budget; a request that asks for anything else is refused at submit (``Capabilities.check``, 422), saying what the
 server has: no request value ever starts a download. ``GET /v1/models`` lists them (``Capabilities.describe``).
