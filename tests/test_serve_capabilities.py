@@ -161,8 +161,11 @@ def test_controlnets_and_their_annotators_load_at_start(make_client, faces_dir, 
 
 
 def test_a_controlnet_that_cannot_load_is_an_error_at_start(make_client, tmp_path):  # noqa: F811
-    with pytest.raises(FaceIDError, match="no worker could load the models") as raised:
+    with pytest.raises(FaceIDError, match="could not load model") as raised:  # its config, read for its family
         make_client(controlnets={"canny": str(tmp_path / "no-such-controlnet")})
+    assert "no-such-controlnet" in str(raised.value)
+    with pytest.raises(FaceIDError, match="no worker could load the models") as raised:  # its weights, at load
+        make_client(controlnets={"canny": {"SD1.5": str(tmp_path / "no-such-controlnet")}})
     assert "no-such-controlnet" in str(raised.value)
 
 
@@ -175,7 +178,9 @@ def test_the_tiny_decoder_with_a_tiny_vae(make_client, faces_dir, live_pipe):  #
 
 
 def test_capabilities_state_what_the_configuration_loads(tmp_path, own_pipe):
-    config = ServeConfig(data_dir=tmp_path, pipeline=own_pipe, controlnets={"pose": "x"}, style_adapters={"s": "plain"})
+    config = ServeConfig(
+        data_dir=tmp_path, pipeline=own_pipe, controlnets={"pose": {"SD1.5": "x"}}, style_adapters={"s": "plain"}
+    )
     caps = Capabilities.of(config, tiny_vae=False)  # on one machine and on every Ray replica alike
     assert (caps.modes[0], caps.controlnets, caps.style_adapters, caps.annotators, caps.decoders) == (
         "text-to-image", ("pose",), ("s",), ("openpose",), ("full",))  # fmt: skip

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -241,18 +242,23 @@ def test_swap_job_keeps_the_target_size(make_client, faces_dir):  # noqa: F811
     assert view["status"] == "failed" and view["error"].startswith(f"No face found in upload {gray} (swap.target)")
 
 
-def test_serve_controlnet_flags(tmp_path, capsys):
+def test_serve_controlnet_flags(tmp_path, capsys, controlnet_dir):
     from faceid.cli import build_parser, main
     from faceid.cli.serve import _controlnets
 
-    args = build_parser().parse_args(["serve", "--controlnet", "canny=some/repo", "--controlnet", "kps=./folder"])
-    assert _controlnets(args.controlnet) == {"canny": "some/repo", "kps": "./folder"}
+    other = tmp_path / "other"
+    shutil.copytree(controlnet_dir, other)
+    args = build_parser().parse_args(["serve", "--controlnet", f"canny={controlnet_dir}", "--controlnet",
+                                      f"kps={other}"])  # fmt: skip
+    # each source's family read from its config (tests/test_serve_flux_controls.py: one per family)
+    assert _controlnets(args.controlnet) == {"canny": {"SD1.5": str(controlnet_dir)}, "kps": {"SD1.5": str(other)}}
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--controlnet", "sketch=x"])
     assert "KIND=SOURCE with KIND one of canny" in capsys.readouterr().err
     data = str(tmp_path / "d")
-    assert main(["serve", "--data-dir", data, "--controlnet", "canny=a", "--controlnet", "canny=b"]) == 2
-    assert "given twice" in capsys.readouterr().err
+    twice = ["--controlnet", f"canny={controlnet_dir}", "--controlnet", f"canny={other}"]
+    assert main(["serve", "--data-dir", data, *twice]) == 2
+    assert "given twice for SD1.5" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from .errors import FaceIDError
 
-__all__ = ["FAMILIES", "BaseFamily", "family", "family_of_pipeline", "refuse_without_faceid"]
+__all__ = ["FAMILIES", "BaseFamily", "family", "family_of_controlnet", "family_of_pipeline", "refuse_without_faceid"]
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,10 @@ class BaseFamily:
     # The keyword of a ControlNet's image in text to image (Stable Diffusion's ``image``; with an init image
     # every family's is ``control_image``).
     control_image_keyword: str = "image"
+    # Its UNet's added conditioning (SDXL's size and crop ids: "text_time"), which its ControlNets (diffusers'
+    # ``ControlNetModel``, one class for SD1.5 and SDXL) share: how a ControlNet's config tells SDXL from SD1.5
+    # (whatever its width: a fine-tune's or a test's tiny model's). A DiT's ControlNets have a class of their own.
+    addition_embed_type: str | None = None
 
     def pipeline_class(self, img2img: bool = False, inpaint: bool = False, controlnet: bool = False) -> str:
         """The diffusers pipeline class that runs a call with these inputs."""
@@ -70,6 +74,7 @@ FAMILIES: dict[str, BaseFamily] = {
             "SDXL",
             "StableDiffusionXL",
             {"width": 1024, "height": 1024, "guidance_scale": 5.0, "num_inference_steps": 30},
+            addition_embed_type="text_time",
         ),
         BaseFamily(
             "FLUX.1",
@@ -101,6 +106,21 @@ def family_of_pipeline(class_name: str) -> BaseFamily | None:
     not run. The longest matching prefix wins: ``StableDiffusionXL...`` is SDXL, not SD1.5."""
     matching = [f for f in FAMILIES.values() if class_name.startswith(f.pipeline_prefix)]
     return max(matching, key=lambda f: len(f.pipeline_prefix)) if matching else None
+
+
+def family_of_controlnet(config: dict[str, Any]) -> BaseFamily | None:
+    """The family a diffusers ControlNet is made for, from its ``config.json`` (so nothing is loaded), or None for
+    one faceid does not run. A DiT's ControlNet class bears its pipelines' prefix (``FluxControlNetModel``);
+    Stable Diffusion's ``ControlNetModel`` is one class for SD1.5 and SDXL, told apart as their UNets are, by
+    SDXL's added size conditioning (``addition_embed_type``; its width, 768 or 2048, is checked when it loads)."""
+    name = str(config.get("_class_name", ""))
+    prefix = name.removesuffix("ControlNetModel")
+    if prefix == name:  # not a ControlNet
+        return None
+    if prefix:
+        return next((f for f in FAMILIES.values() if f.denoiser != "unet" and f.pipeline_prefix == prefix), None)
+    added = config.get("addition_embed_type")
+    return next((f for f in FAMILIES.values() if f.denoiser == "unet" and f.addition_embed_type == added), None)
 
 
 def refuse_without_faceid(found: BaseFamily, what: str) -> None:

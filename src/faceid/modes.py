@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from . import families
@@ -95,6 +96,37 @@ def _check_flux_controlnet(controlnet: Any, transformer: Any, family: str, label
             f"ControlNet {label} reads text of width {width} but this {family} transformer's is {wanted}: use a "
             f"ControlNet made for this {family} model"
         )
+
+
+def controlnet_family(source: str | Path) -> str:
+    """The family of the ControlNet at ``source`` (a Hub id or diffusers folder), read from its ``config.json``
+    without loading its weights (``families.family_of_controlnet``): what ``faceid serve --controlnet`` files each
+    ControlNet under, so that each model set loads the ones of its family."""
+    from diffusers import ControlNetModel
+
+    from .hub import model_not_found, offline
+
+    try:  # (``load_config`` reads the JSON only: the same for every ControlNet class)
+        config = ControlNetModel.load_config(str(source), local_files_only=offline())
+    except Exception as exc:
+        if Path(str(source)).expanduser().exists():
+            raise FaceIDError(
+                f"the ControlNet {source}: its config.json does not read ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0][:200]}); give a diffusers ControlNet folder (config.json and its weights)"
+            ) from exc
+        raise model_not_found(str(source), exc) from exc
+    found = families.family_of_controlnet(config)
+    if found is None:
+        runs = [
+            f"{'' if f.denoiser == 'unet' else f.pipeline_prefix}ControlNetModel of {f.name}"
+            + (f" (addition_embed_type {f.addition_embed_type})" if f.addition_embed_type else "")
+            for f in families.FAMILIES.values()
+        ]
+        raise FaceIDError(
+            f"the ControlNet {source} is a {config.get('_class_name') or 'model of unknown kind'} (addition_embed_type "
+            f"{config.get('addition_embed_type')}): faceid runs diffusers' {', '.join(runs)}"
+        )
+    return found.name
 
 
 def check_placement(controlnet: Any, unet: Any, name: str) -> None:

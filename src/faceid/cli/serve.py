@@ -46,10 +46,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         type=_controlnet_of_kind,
         default=[],
         metavar="KIND=SOURCE",
-        help=f"the ControlNet (Hub id or diffusers folder, for the base model's family) that requests' control images "
-        f"of KIND ({'|'.join(CONTROL_KINDS)}) go to; repeatable, one per kind. A request names a kind, never a "
-        "model; kinds without one are refused. Loaded by every worker with each model set (with OpenPose for pose, "
-        "the depth model for depth): a missing one is an error at start",
+        help=f"the ControlNet (Hub id or diffusers folder) that requests' control images of KIND "
+        f"({'|'.join(CONTROL_KINDS)}) go to; repeatable, one per kind and base model family: its family (SD1.5, SDXL, "
+        "FLUX.1) is read from its config.json, and each model set loads the ones of its family (a FLUX.1 set its "
+        "FluxControlNetModels). A request names a kind, never a model; a kind the request's model set has none for "
+        "is refused. Loaded by every worker with each model set of its family (with OpenPose for pose, the depth "
+        "model for depth): a missing one is an error at start",
     )
     parser.add_argument(
         "--style-adapter",
@@ -410,9 +412,15 @@ def check_flux_options(args: argparse.Namespace, model_sets: list[dict], methods
         )
 
 
-def _controlnets(given: list[tuple[str, str]]) -> dict[str, str]:
-    """``--controlnet KIND=SOURCE`` flags -> {kind: source}; a kind given twice is an error."""
-    return _named_once(given, "--controlnet", "kind")
+def _controlnets(given: list[tuple[str, str]]) -> dict[str, dict[str, str]]:
+    """``--controlnet KIND=SOURCE`` flags -> {kind: {family: source}}, each source's family read from its config
+    (``ServeConfig.controlnets``); a kind given twice for one family is an error."""
+    from ..service.config import check_controlnets
+
+    sources: dict[str, list[str]] = {}
+    for kind, source in given:
+        sources.setdefault(kind, []).append(source)
+    return check_controlnets(sources)
 
 
 def _fast_once(given: list[tuple[str, str | None]]) -> dict[str, str | None]:

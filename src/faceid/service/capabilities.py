@@ -2,8 +2,8 @@
 
 A server runs only what it was started with (``faceid serve``'s flags, ``ServeConfig``): the few-step presets whose
 LoRA it loaded (``--fast PRESET[=FILE]``), the tiny VAE decoder (``--tiny-vae``), the ControlNet kinds
-(``--controlnet KIND=SOURCE``) with the annotators they need (OpenPose for ``pose``, the depth model for ``depth``),
-the style adapters (``--style-adapter NAME=SOURCE``), the identity methods beside FaceID (``--method-weights
+(``--controlnet KIND=SOURCE``, one per kind and family: each model set runs its family's) with the annotators they
+need (OpenPose for ``pose``, the depth model for ``depth``), the style adapters (``--style-adapter NAME=SOURCE``), the identity methods beside FaceID (``--method-weights
 NAME=FOLDER``, on the model sets of their families) and, on workers that run them, the modes beyond text-to-image. Every model these need is loaded by each worker when it loads a model set, counted in its memory
 budget; a request that asks for anything else is refused at submit (``Capabilities.check``, 422), saying what the
 server has: no request value ever starts a download. ``GET /v1/models`` lists them (``Capabilities.describe``).
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,8 @@ class Capabilities:
     fast: tuple[str, ...] = ()  # few-step presets (faceid.fast.PRESETS) whose LoRA every worker loaded
     decoders: tuple[str, ...] = ("full",)  # GenerationSettings.decoder values: "tiny" with a tiny VAE
     controlnets: tuple[str, ...] = ()  # control kinds
+    # the control kinds each family's model sets run (the ControlNets made for it): family -> kinds
+    family_controlnets: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     style_adapters: tuple[str, ...] = ()  # names
     annotators: tuple[str, ...] = ()  # the control kinds' annotator models (ANNOTATORS)
     modes: tuple[str, ...] = (TEXT_TO_IMAGE,)
@@ -52,10 +54,15 @@ class Capabilities:
         """From ``config`` (a ``ServeConfig``; every worker, on one machine or a Ray replica, runs every mode with what
         it configures); ``tiny_vae``: whether the models were loaded with a tiny VAE."""
         kinds = tuple(config.controlnets)
+        by_family: dict[str, tuple[str, ...]] = {}
+        for kind, nets in config.controlnets.items():  # {kind: {family: source}} (``config.check_controlnets``)
+            for family in nets:
+                by_family[family] = (*by_family.get(family, ()), kind)
         return cls(
             fast=tuple(config.fast),
             decoders=("full", "tiny") if tiny_vae else ("full",),
             controlnets=kinds,
+            family_controlnets=by_family,
             style_adapters=tuple(config.style_adapters),
             annotators=tuple(dict.fromkeys(ANNOTATORS[kind] for kind in kinds if kind in ANNOTATORS)),
             modes=MODES,
@@ -110,13 +117,6 @@ class Capabilities:
             raise NotServed(
                 "tiny_vae: this server has no tiny VAE; leave tiny_vae out (restart it with --tiny-vae to add one)"
             )
-        for k, control in enumerate(inputs.controls or ()):
-            if control.kind not in self.controlnets:
-                raise NotServed(
-                    f"controls[{k}].kind: this server has no ControlNet for {control.kind!r} (it has: "
-                    f"{_listed(sorted(self.controlnets))}); use one of those kinds, or start the server with "
-                    f"--controlnet {control.kind}=SOURCE"
-                )
         for k, reference in enumerate(inputs.style or ()):
             if reference.adapter not in self.style_adapters:
                 raise NotServed(
@@ -142,8 +142,9 @@ class Capabilities:
 
     def check_family(self, settings: GenerationSettings, inputs: JobInputs, entry: Any) -> None:
         """Refuse (``NotServed``) what the request's model set cannot do, by its family (``entry``: its catalog
-        entry): a FLUX.1 set has no FaceID adapter (so no FaceID call, nor what is FaceID's: several people in one
-        picture, swap, style adapters, the SD ControlNets and few-step LoRAs loaded with the SD sets, the tiny VAE)
+        entry): the ControlNets of its family only (``--controlnet``, one per kind and family); a FLUX.1 set has no
+        FaceID adapter (so no FaceID call, nor what is FaceID's: several people in one picture, swap, style adapters,
+        the few-step LoRAs loaded with the SD sets, the tiny VAE)
         and its guidance is embedded in its transformer (no negative prompt, no SD sampler). Said before the job is
         queued, instead of the job failing when it runs."""
         from ..families import family
@@ -151,6 +152,17 @@ class Capabilities:
 
         row = family(entry.family)
         what = f"the model set this request names ({entry.label()})"
+        kinds = self.family_controlnets.get(entry.family, ())
+        for k, control in enumerate(inputs.controls or ()):
+            if control.kind not in kinds:
+                elsewhere = [f for f, theirs in self.family_controlnets.items() if control.kind in theirs]
+                others = f"; this server's is for {' and '.join(elsewhere)} model sets" if elsewhere else ""
+                raise NotServed(
+                    f"controls[{k}].kind: {what} has no ControlNet for {control.kind!r} (it has: "
+                    f"{_listed(sorted(kinds))}){others}; use one of those kinds, name a model set that has one (GET "
+                    f"/v1/models lists each one's controlnets), or start the server with --controlnet "
+                    f"{control.kind}=SOURCE, SOURCE a {entry.family} ControlNet"
+                )
         if settings.fast is not None and entry.family not in PRESETS[settings.fast].loras:
             raise NotServed(
                 f"fast: the {settings.fast!r} preset exists for {', '.join(PRESETS[settings.fast].loras)} model sets, "
@@ -164,7 +176,6 @@ class Capabilities:
             "people (several in one picture)": inputs.people is not None,
             "swap": inputs.swap is not None,
             "style": bool(inputs.style),
-            "controls (this server's ControlNets)": bool(inputs.controls),
             "decoder 'tiny' (no tiny VAE)": settings.decoder == "tiny" or settings.tiny_vae is not None,
         }
         # PuLID-FLUX's true CFG runs a negative pass: there a negative prompt applies
@@ -186,7 +197,7 @@ class Capabilities:
             runs = [m["name"] for m in describe_methods(entry.family, self.methods)]
             raise NotServed(
                 f"{'; '.join(given)}: {what} is {entry.family}, which has no FaceID adapter and runs the identity "
-                f"method(s) {_listed(runs)} with text-to-image, img2img and inpainting; leave "
+                f"method(s) {_listed(runs)} with text-to-image, img2img and inpainting (and its family's ControlNets); leave "
                 f"{'it' if len(given) == 1 else 'them'} out, or name a Stable Diffusion model set (GET /v1/models)"
             )
 

@@ -65,10 +65,13 @@ class ServeConfig:
     loader: Callable[[str, GenerationSettings], Any] | None = None
     catalog: tuple[GenerationSettings | Mapping[str, Any], ...] = ()
     model_memory_gb: float | None = None  # per worker
-    # The ControlNet of each control kind (canny, kps, pose, depth, image): a Hub id or folder, loaded by each worker
-    # with every model set it loads (with the kind's annotator: OpenPose for pose, the depth model for depth). The
-    # allowlist: a request names a kind, never a model.
-    controlnets: Mapping[str, str] = field(default_factory=dict)
+    # The ControlNets of each control kind (canny, kps, pose, depth, image), one per base model family: kind -> a Hub
+    # id or folder (its family read from its config.json at start), several of them (of different families), or
+    # {family: source} (read already, as ``faceid serve`` gives it). Normalised to {kind: {family: source}}
+    # (``check_controlnets``). Each worker loads onto every model set it loads the ones of the set's family (with the
+    # kind's annotator: OpenPose for pose, the depth model for depth). The allowlist: a request names a kind, never
+    # a model.
+    controlnets: Mapping[str, Any] = field(default_factory=dict)
     # The style adapters a request may name, name -> source: "plain", "plus" or "plus-face" (h94/IP-Adapter's, for
     # the model set's family) or a checkpoint file; each worker loads them onto every model set it loads
     # (``FaceIDPipeline.load_reference``). The allowlist: a request names an adapter, never a file.
@@ -127,14 +130,7 @@ class ServeConfig:
             raise FaceIDError("several model sets need a loader: a ready pipeline is one model set")
         if self.model_memory_gb is not None and not self.model_memory_gb > 0:
             raise FaceIDError(f"model_memory_gb must be more than 0, got {self.model_memory_gb}")
-        from ..control import KINDS
-
-        self.controlnets = dict(self.controlnets)
-        for kind, source in self.controlnets.items():
-            if kind not in KINDS:
-                raise FaceIDError(f"controlnets: unknown control kind {kind!r}; the kinds are {', '.join(KINDS)}")
-            if not isinstance(source, str) or not source.strip():
-                raise FaceIDError(f"controlnets: give the ControlNet of {kind!r} as a Hub id or a folder")
+        self.controlnets = check_controlnets(self.controlnets)
         self.style_adapters = dict(self.style_adapters)
         for name, source in self.style_adapters.items():
             if not STYLE_ADAPTER_NAME.fullmatch(str(name)):
@@ -169,6 +165,46 @@ class ServeConfig:
             if hmac.compare_digest(known.encode(), key.encode()):
                 return owner_id(known)
         return None
+
+
+def check_controlnets(given: Mapping[str, Any]) -> dict[str, dict[str, str]]:
+    """``ServeConfig.controlnets`` -> {kind: {family: source}}. A kind's value: a source (a Hub id or folder), a list
+    of sources, or {family: source}; the family of a source given alone is read from its config.json
+    (``faceid.modes.controlnet_family``: a source that does not read stops the start, naming it). Two ControlNets of
+    one kind and family are an error: a request names a kind, and the model set's family picks the net."""
+    from ..control import KINDS
+    from ..families import FAMILIES
+    from ..modes import controlnet_family
+
+    found: dict[str, dict[str, str]] = {}
+    for kind, value in dict(given).items():
+        if kind not in KINDS:
+            raise FaceIDError(f"controlnets: unknown control kind {kind!r}; the kinds are {', '.join(KINDS)}")
+        if isinstance(value, Mapping):
+            pairs = list(value.items())
+            for family, _ in pairs:
+                if family not in FAMILIES:
+                    raise FaceIDError(
+                        f"controlnets: {kind!r} names family {family!r}; the families are {', '.join(FAMILIES)}"
+                    )
+        else:
+            sources = [value] if isinstance(value, (str, os.PathLike)) else list(value)
+            for source in sources:
+                if not isinstance(source, (str, os.PathLike)) or not str(source).strip():
+                    raise FaceIDError(f"controlnets: give the ControlNet of {kind!r} as a Hub id or a folder")
+            pairs = [(controlnet_family(source), source) for source in dict.fromkeys(str(s) for s in sources)]
+        mine: dict[str, str] = {}
+        for family, source in pairs:
+            if not isinstance(source, (str, os.PathLike)) or not str(source).strip():
+                raise FaceIDError(f"controlnets: give the ControlNet of {kind!r} as a Hub id or a folder")
+            if family in mine and mine[family] != str(source):
+                raise FaceIDError(
+                    f"--controlnet {kind}= is given twice for {family} ({mine[family]}, {source}): give one per kind "
+                    "and family (a second one of another family is fine: each model set runs its own family's)"
+                )
+            mine[family] = str(source)
+        found[kind] = mine
+    return found
 
 
 def owner_id(key: str) -> str:

@@ -109,6 +109,7 @@ class Service:
         }
         try:
             self._check_fast_families()
+            self._check_controlnet_families()
             self._check_method_families()
         except FaceIDError:
             self.queue.stop()  # the workers end: this server does not start
@@ -144,6 +145,19 @@ class Service:
                     f"--fast {name} ({PRESETS[name].title}) exists for {', '.join(PRESETS[name].loras)} only, and this "
                     f"server serves {', '.join(sorted(families))}: leave it out"
                 )
+
+    def _check_controlnet_families(self) -> None:
+        """Every ``--controlnet`` is made for a family this server serves (each model set loads its own family's:
+        one for no model set would never run)."""
+        families = {entry.family for entry in self.catalog.entries}
+        for kind, nets in self.config.controlnets.items():
+            for family, source in nets.items():
+                if family not in families:
+                    raise FaceIDError(
+                        f"--controlnet {kind}={source} is a {family} ControlNet, and this server serves "
+                        f"{', '.join(sorted(families))} model sets: leave it out, give one made for those, or add a "
+                        f"{family} model set (--also-model)"
+                    )
 
     def stop(self, timeout: float = 60.0) -> None:
         """Stop the workers; a running batch stops at its next step and its jobs stay queued for the next start."""
@@ -850,6 +864,10 @@ class Service:
                 **e.describe(),
                 "loaded_on": [w["device"] for w in workers if e.index in w.get("loaded_models", ())],
                 "methods": describe_methods(e.family, methods),
+                # the control kinds a request may give this model set: the server's ControlNets of its family
+                "controlnets": {
+                    kind: nets[e.family] for kind, nets in self.config.controlnets.items() if e.family in nets
+                },
                 "default_method": self.default_method(e),
             }
             for e in entries
@@ -867,7 +885,9 @@ class Service:
         caps, c = self.capabilities or Capabilities(), self.config
         return {
             "modes": list(caps.modes),
-            "controlnets": {kind: c.controlnets[kind] for kind in caps.controlnets},
+            # one source per kind; a kind with ControlNets of several families lists each (catalog[].controlnets:
+            # the one of each model set)
+            "controlnets": {kind: _sources(c.controlnets[kind]) for kind in caps.controlnets},
             "style_adapters": {name: c.style_adapters[name] for name in caps.style_adapters},
             "max_people": caps.max_people,
             "fast": caps.describe_fast(),
@@ -923,6 +943,14 @@ def _process_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _sources(nets: dict[str, str]) -> str:
+    """``GET /v1/models``' ``controlnets`` value of a kind: its source, or with several families each as FAMILY:
+    SOURCE."""
+    if len(nets) == 1:
+        return next(iter(nets.values()))
+    return "; ".join(f"{family}: {source}" for family, source in nets.items())
 
 
 def image_url(image_id: str) -> str:

@@ -39,7 +39,7 @@ class ControlSpec(BaseModel):
     kind: ControlKind = Field(
         description="the control image made from the upload: canny (edges), kps (face landmarks), pose (body "
         "skeleton), depth, or image (the upload already is a control image); the server's ControlNet for that kind "
-        "reads it (GET /v1/models lists them)"
+        "and the model set's family reads it (GET /v1/models lists each model set's: catalog[].controlnets)"
     )
     image: str = Field(description="upload id (POST /v1/uploads): the reference photo, or the control image itself")
     scale: float = Field(1.0, ge=0, le=2, description="conditioning scale (0 adds nothing)")

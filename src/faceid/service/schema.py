@@ -331,6 +331,10 @@ class CatalogEntry(JobSettings):
         description="the identity methods a request may name (method) on this model set, faceid first"
     )
     default_method: str = Field(description="the method of a request that names none (FLUX.1: the one it loaded)")
+    controlnets: dict[str, str] = Field(
+        description="the control kinds a request may give it (controls[].kind): the server's ControlNet of each kind "
+        "made for its family, by source"
+    )
     faceid_adapter: bool = Field(description="whether it has a FaceID adapter (False: FLUX.1, its methods only)")
     negative_prompt: bool = Field(description="whether it takes a negative prompt (False: FLUX.1's embedded guidance)")
 
@@ -365,7 +369,10 @@ class ModelsView(View):
     defaults: JobSettings | None = Field(description="the default model set's defaults (None until it is loaded)")
     catalog: list[CatalogEntry] = Field(description="the model sets a request may name (base_model, adapter...)")
     modes: list[str] = Field(description="what a generation can do: text-to-image, img2img, inpaint, ...")
-    controlnets: dict[str, str] = Field(description="ControlNet by control kind (controls[].kind)")
+    controlnets: dict[str, str] = Field(
+        description="ControlNet by control kind (controls[].kind): its source, or with one per family several as "
+        "'FAMILY: SOURCE; ...' (catalog[].controlnets: the kinds each model set runs)"
+    )
     style_adapters: dict[str, str] = Field(description="style adapters by name (style[].adapter)")
     max_people: int = Field(description="people in one picture (inputs.people)")
     fast: dict[str, FastPresetView] = Field(description="the few-step presets loaded (the request's fast)")

@@ -12,13 +12,13 @@ dropped at its next step, and the call stops when every job in it is cancelled.
 
 Every model a job may need beyond the model set is loaded with it, never inside a job (``Worker.equip``): the
 server's few-step LoRAs (``--fast``), identity methods (``--method-weights``, on the model sets of their families),
-ControlNets and style adapters onto each model set as it loads (kept with it,
+ControlNets (those of the set's family) and style adapters onto each model set as it loads (kept with it,
 counted in the memory budget: ``Loaded.attached``), and the control kinds' annotators (OpenPose, depth) once per
 worker at start (counted as ``LoadedModels.reserved``). A request can only name what was loaded
 (``capabilities.Capabilities.check``), so no request value starts a download.
 
 Input images (img2img, inpainting, ControlNet: ``faceid.service.inputs``) are read from the uploads when the batch
-runs (its jobs share them: they are in the batch key); each ControlNet is the server's one of its control kind, and
+runs (its jobs share them: they are in the batch key); each ControlNet is the server's one of its control kind for the model set's family, and
 its control image is made from the upload at the output's size. A swap job runs alone: one inpainting call per
 image. Several people in one picture go to the call as ``face`` with ``regions`` (their mask uploads, or the columns
 a photo's faces give); style references as ``style``, each read by the server's style adapter of its name.
@@ -116,7 +116,7 @@ class Worker(threading.Thread):
 
     def equip(self, pipeline: Any) -> dict[str, Any]:
         """Load onto ``pipeline`` (a model set just loaded) what the server runs with it: its few-step LoRAs
-        (``ServeConfig.fast``) and, on workers that run modes, its ControlNets and style adapters. Returns the models
+        (``ServeConfig.fast``) and, on workers that run modes, its ControlNets (of its family) and style adapters. Returns the models
         attached (``Loaded.attached``: ControlNets by source, style adapters by ``style adapter NAME``)."""
         from ..fast import PRESETS
 
@@ -129,13 +129,19 @@ class Worker(threading.Thread):
             modules = self._load_method(pipeline, name, source)
             if modules:
                 attached[f"method {name}"] = modules
-        if pipeline.adapter is None:  # FLUX.1: the server's SD ControlNets and style adapters are not for it
+        for source in dict.fromkeys(self._controlnet_sources(pipeline.family).values()):
+            attached[source] = pipeline.load_controlnet(source)  # (of its family only, by the config read at start)
+        if pipeline.adapter is None:  # FLUX.1: the server's style adapters are FaceID's, not for it
             return attached  # (requests for them there are refused at submit)
-        for source in dict.fromkeys(config.controlnets.values()):
-            attached[source] = pipeline.load_controlnet(source)
         for name in config.style_adapters:
             attached[f"style adapter {name}"] = self._load_style(pipeline, name)
         return attached
+
+    def _controlnet_sources(self, family: str) -> dict[str, str]:
+        """The server's ControlNet of each control kind made for ``family`` (``ServeConfig.controlnets``): kind ->
+        source. Kinds without one for it are refused at submit for model sets of that family."""
+        controlnets = self.service.config.controlnets
+        return {kind: nets[family] for kind, nets in controlnets.items() if family in nets}
 
     def _load_method(self, pipeline: Any, name: str, source: str) -> list:
         """Identity method ``name`` (``ServeConfig.methods``) onto ``pipeline`` when it runs on its family (a model
@@ -455,11 +461,11 @@ class Worker(threading.Thread):
         from ..control import make_control_image
 
         service = self.service
-        source = service.config.controlnets.get(spec.kind)
+        source = self._controlnet_sources(loaded.pipeline.family).get(spec.kind)
         if source is None or source not in loaded.attached:  # the server restarted without it while the job waited
             raise FaceIDError(
-                f"controls[{k}]: this server no longer has a ControlNet for {spec.kind!r}; submit the generation "
-                "again with a kind GET /v1/models lists"
+                f"controls[{k}]: this server no longer has a {loaded.pipeline.family} ControlNet for {spec.kind!r}; "
+                "submit the generation again with a kind GET /v1/models lists for the model set"
             )
         controlnet = loaded.attached[source]
         field = f"controls[{k}].image"
