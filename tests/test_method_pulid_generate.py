@@ -138,7 +138,9 @@ def test_num_zero_and_ortho_travel_with_the_call(pipe, photo, pulid_run, by_hand
     """pulid_num_zero / pulid_ortho: each changes the image, and a call equals the stock pipeline given
     ``PuLIDTokens`` with those values (num_zero 0 and ortho off: the plain additive branch, the module defaults;
     16 and v1: the authors' v1 "extremely style"); the defaults are the authors' app's (20, v2) and are recorded."""
-    assert (pulid_run.settings.pulid_num_zero, pulid_run.settings.pulid_ortho) == (V11_NUM_ZERO, V11_ORTHO) == (20, "v2")
+    assert (
+        (pulid_run.settings.pulid_num_zero, pulid_run.settings.pulid_ortho) == (V11_NUM_ZERO, V11_ORTHO) == (20, "v2")
+    )
     for num_zero, ortho in ((0, "off"), (16, "v1"), (20, "off")):
         result = pipe("a photo", photo, method="pulid", seed=1, pulid_num_zero=num_zero, pulid_ortho=ortho, **RUN)
         assert (result.settings.pulid_num_zero, result.settings.pulid_ortho) == (num_zero, ortho)
@@ -310,7 +312,11 @@ def test_cli_img2img_and_a_canny_controlnet_with_pulid(tmp_path, tiny_models, bo
 def test_the_method_table_says_pulid_generates():
     from faceid.methods import METHODS
 
-    assert METHODS["pulid"].wired and METHODS["pulid"].defaults == {"scale": 0.8, "pulid_num_zero": 20, "pulid_ortho": "v2"}
+    assert METHODS["pulid"].wired and METHODS["pulid"].defaults == {
+        "scale": 0.8,
+        "pulid_num_zero": 20,
+        "pulid_ortho": "v2",
+    }
     assert METHODS["pulid-flux"].wired and METHODS["pulid-flux"].defaults == {"scale": 1.0, "true_cfg_start": 1}
 
 
@@ -318,13 +324,25 @@ def test_the_options_flags_parse():
     """--pulid-num-zero, --pulid-ortho (its choices: the processor's modes) and --true-cfg-start."""
     import typing
 
-    from faceid.cli.main import build_parser
     from faceid.cli.flags import settings_from_args
+    from faceid.cli.main import build_parser
     from faceid.methods.pulid import ORTHO_MODES
     from faceid.settings import GenerationSettings
 
     assert typing.get_args(typing.get_args(GenerationSettings.model_fields["pulid_ortho"].annotation)[0]) == ORTHO_MODES
-    argv = ["generate", "--face", "me.jpg", "--out", "o", "--pulid-num-zero", "8", "--pulid-ortho", "v1", "--true-cfg-start", "2"]
+    argv = [
+        "generate",
+        "--face",
+        "me.jpg",
+        "--out",
+        "o",
+        "--pulid-num-zero",
+        "8",
+        "--pulid-ortho",
+        "v1",
+        "--true-cfg-start",
+        "2",
+    ]
     settings = settings_from_args(build_parser().parse_args(argv))
     assert (settings.pulid_num_zero, settings.pulid_ortho, settings.true_cfg_start) == (8, "v1", 2)
     with pytest.raises(SystemExit):

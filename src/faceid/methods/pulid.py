@@ -810,7 +810,9 @@ class PuLIDFluxTransformer:
         skipped = self.negative_embeds is not None and not self.call.negative_pass.open
         if negative and skipped:
             if self._prompt_output is None:
-                raise FaceIDError("internal error: a negative pass before the prompt's pass of its step; please report it")
+                raise FaceIDError(
+                    "internal error: a negative pass before the prompt's pass of its step; please report it"
+                )
             output, self._prompt_output = self._prompt_output, None
             return output
         identity = self.call.for_pass(negative=negative)
