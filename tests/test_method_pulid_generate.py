@@ -347,3 +347,14 @@ def test_the_options_flags_parse():
     assert (settings.pulid_num_zero, settings.pulid_ortho, settings.true_cfg_start) == (8, "v1", 2)
     with pytest.raises(SystemExit):
         build_parser().parse_args([*argv[:5], "--pulid-ortho", "v3"])
+
+
+def test_an_eval_over_several_methods_gives_the_pulid_options_to_pulid_alone():
+    from faceid.evaluation.methods import EvalMethod, settings_for_method
+    from faceid.settings import GenerationSettings
+
+    shared = GenerationSettings.parse({"num_inference_steps": 3, "pulid_num_zero": 8, "pulid_ortho": "v1"})
+    faceid = settings_for_method(shared, EvalMethod("faceid", "faceid"))
+    pulid = settings_for_method(shared, EvalMethod("pulid", "pulid"))
+    assert (faceid.pulid_num_zero, faceid.pulid_ortho, faceid.num_inference_steps) == (None, None, 3)
+    assert (pulid.method, pulid.pulid_num_zero, pulid.pulid_ortho) == ("pulid", 8, "v1")
