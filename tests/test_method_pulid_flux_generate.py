@@ -8,7 +8,8 @@ diffusers' stock ``FluxPipeline`` given the identity by hand (``joint_attention_
 the set without PuLID in a call is the base model (a stock call, scale 0, a window that opens at no step) and an
 InfiniteYou call on a set that also has PuLID-FLUX is the same as on one without it; the start step (identity
 window) and the scale act; true CFG gives its negative pass the unconditional identity (as the authors' denoise) and
-refuses a negative prompt without it; four threads equal each alone; img2img; the CLI end to end; and, where the
+refuses a negative prompt without it; true CFG's start step (the authors' timestep_to_start_cfg) equals two calls,
+the steps before it without true CFG and the rest with it; four threads equal each alone; img2img; the CLI end to end; and, where the
 golden folder is present, the whole call against the authors' final latents for each recorded setting.
 """
 
@@ -148,7 +149,8 @@ def test_true_cfg_gives_its_negative_pass_the_unconditional_identity(pipe, photo
     real = first.forward
     first.forward = lambda embedding, hidden: (seen.append(embedding[0].clone()), real(embedding, hidden))[1]
     try:
-        result = pipe(PROMPT, photo, true_cfg=3.0, negative_prompt="blurry", seed=3, **RUN)
+        # from the first step (the authors' default starts at the second: test_true_cfg_starts_at_its_step)
+        result = pipe(PROMPT, photo, true_cfg=3.0, true_cfg_start=0, negative_prompt="blurry", seed=3, **RUN)
     finally:
         del first.forward
     tokens = loaded.identity_tokens([pipe.face_analyzer.get(photo)])
@@ -163,6 +165,48 @@ def test_true_cfg_gives_its_negative_pass_the_unconditional_identity(pipe, photo
         pipe(PROMPT, photo, negative_prompt="blurry", seed=3, **RUN)  # no true CFG: FLUX has no negative prompt
 
 
+def test_true_cfg_starts_at_its_step(pipe, photo):
+    """true_cfg_start k (the authors' timestep_to_start_cfg, default 1): the first k steps run the prompt's pass
+    alone. Checked against two calls: k steps without true CFG (stopped there), then the rest of the same schedule
+    (diffusers' ``sigmas``: the tail of the FLUX pipeline's own) from those latents with true CFG at every step."""
+    plain, negative = pipe.encode(PROMPT, photo), pipe.encode(PROMPT, photo, negative_prompt="blurry")
+    steps = 3
+    run = {**RUN, "num_inference_steps": steps}
+
+    def call(conditioning, **extra):
+        return pipe(conditioning=conditioning, seed=3, **{**run, **extra})
+
+    default = call(negative, true_cfg=3.0)
+    assert default.settings.true_cfg_start == 1  # the authors' app
+    np.testing.assert_array_equal(default.images, call(negative, true_cfg=3.0, true_cfg_start=1).images)
+    from_the_first = call(negative, true_cfg=3.0, true_cfg_start=0).images
+    assert np.abs(default.images - from_the_first).max() > 1e-4
+    # past the last step: no negative pass at all, the call without true CFG bit for bit
+    np.testing.assert_array_equal(call(negative, true_cfg=3.0, true_cfg_start=steps).images, call(plain).images)
+
+    def stop_after(k):
+        def callback(pipeline, step, timestep, kwargs):
+            if step + 1 == k:
+                pipeline._interrupt = True  # diffusers skips the steps left: the latents after k steps
+            return kwargs
+
+        return callback
+
+    for k in (1, 2):
+        first = call(plain, output_type="latent", callback_on_step_end=stop_after(k)).images
+        tail = np.linspace(1.0, 1 / steps, steps)[k:].tolist()  # FluxPipeline's sigmas, the steps after k
+        rest = pipe(conditioning=negative, latents=first, true_cfg=3.0, true_cfg_start=0, sigmas=tail,
+                    **{**run, "num_inference_steps": steps - k}).images  # fmt: skip
+        mine = call(negative, true_cfg=3.0, true_cfg_start=k).images
+        difference = float(np.abs(mine - rest).max())
+        print(f"true_cfg_start {k}: max |difference| from the two calls {difference:.3g}")  # (pytest -s)
+        assert difference <= 1e-6, (k, difference)
+    with pytest.raises(FaceIDError, match="true_cfg_start: Input should be greater than or equal to 0"):
+        call(negative, true_cfg=3.0, true_cfg_start=-1)
+    with pytest.raises(FaceIDError, match=r"pulid_ortho belong\(s\) to PuLID v1.1 \(SDXL\), not pulid-flux"):
+        call(plain, pulid_ortho="v1")
+
+
 def test_four_threads_equal_each_alone(pipe, photo):
     plain, negative = pipe.encode(PROMPT, photo), pipe.encode(PROMPT, photo, negative_prompt="blurry")
     calls = [
@@ -170,6 +214,7 @@ def test_four_threads_equal_each_alone(pipe, photo):
         {"conditioning": plain, "scale": 1.2, "seed": 4},
         {"conditioning": plain, "identity_window": (0.5, 1.0)},
         {"conditioning": negative, "true_cfg": 2.0},
+        {"conditioning": negative, "true_cfg": 2.0, "true_cfg_start": 0},
     ]
 
     def one(extra):
@@ -264,12 +309,15 @@ def test_the_whole_call_against_the_authors_final_latents(tmp_path, both_packs, 
 
     assert flux["settings"]
     for setting in flux["settings"]:
-        assert setting["start_step"] == 0 and setting["timestep_to_start_cfg"] == 0  # what the pipeline runs
+        # the authors' start_step: the identity from that step on (an identity window on the full schedule)
+        window = {"identity_window": (setting["start_step"] / steps, 1.0)} if setting["start_step"] else {}
+        cfg = {"true_cfg": setting["true_cfg"], "true_cfg_start": setting["timestep_to_start_cfg"]}
         latents = pipe(
             conditioning=conditioning,
             latents=torch.from_numpy(inputs["flux_img"]),
             scale=setting["id_weight"],
-            **({"true_cfg": setting["true_cfg"]} if setting["true_cfg"] > 1 else {}),
+            **(cfg if abs(setting["true_cfg"] - 1.0) > 1e-2 else {}),  # the authors' use_true_cfg
+            **window,
             guidance_scale=flux["denoise"]["guidance"],
             num_inference_steps=steps,
             width=side,

@@ -71,7 +71,8 @@ def _tokens_by_hand(pipe, photos):
 def by_hand(pipe, photo):
     """The same call as ``pipe("a photo", photo, method="pulid", seed=1, scale=...)`` on a stock diffusers SDXL
     pipeline whose UNet (a copy, FaceID's identity LoRA off as in a PuLID call) has PuLID's processors set
-    directly, with ``PuLIDTokens`` at the authors' flags; ``identity=False``: without them. Memoised."""
+    directly, with ``PuLIDTokens`` at the authors' flags (or ``num_zero``/``ortho``); ``identity=False``: without
+    them. Memoised."""
     from diffusers import StableDiffusionXLPipeline
 
     pulid = pipe.loaded_method("pulid")
@@ -87,8 +88,8 @@ def by_hand(pipe, photo):
     names = ["prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds"]
     made: dict = {}
 
-    def run(scale=0.8, identity=True):
-        if (scale, identity) not in made:
+    def run(scale=0.8, identity=True, num_zero=V11_NUM_ZERO, ortho=V11_ORTHO):
+        if (scale, identity, num_zero, ortho) not in made:
             components = {
                 **pipe.pipe.components,
                 "unet": unet,
@@ -96,15 +97,15 @@ def by_hand(pipe, photo):
             }
             call = StableDiffusionXLPipeline(**components)
             call.set_progress_bar_config(disable=True)
-            tokens = PuLIDTokens(torch.cat([uncond, cond]), scale, V11_NUM_ZERO, V11_ORTHO)
-            made[scale, identity] = call(
+            tokens = PuLIDTokens(torch.cat([uncond, cond]), scale, num_zero, ortho)
+            made[scale, identity, num_zero, ortho] = call(
                 **dict(zip(names, text, strict=True)),
                 cross_attention_kwargs={"ip_hidden_states": tokens} if identity else None,
                 generator=torch.Generator("cpu").manual_seed(1),
                 guidance_scale=5.0,  # SDXL's default in faceid
                 **RUN,
             ).images
-        return made[scale, identity]
+        return made[scale, identity, num_zero, ortho]
 
     return run
 
@@ -131,6 +132,36 @@ def test_the_tokens_and_the_call_equal_the_pieces_by_hand(pipe, photo, pulid_run
     assert np.abs(ours - by_hand(0.8)).max() > 1e-4
     np.testing.assert_allclose(pulid_run.images, by_hand(0.8), atol=1e-6, rtol=0)
     assert np.abs(pulid_run.images - by_hand(identity=False)).max() > 1e-4
+
+
+def test_num_zero_and_ortho_travel_with_the_call(pipe, photo, pulid_run, by_hand):
+    """pulid_num_zero / pulid_ortho: each changes the image, and a call equals the stock pipeline given
+    ``PuLIDTokens`` with those values (num_zero 0 and ortho off: the plain additive branch, the module defaults;
+    16 and v1: the authors' v1 "extremely style"); the defaults are the authors' app's (20, v2) and are recorded."""
+    assert (
+        (pulid_run.settings.pulid_num_zero, pulid_run.settings.pulid_ortho) == (V11_NUM_ZERO, V11_ORTHO) == (20, "v2")
+    )
+    for num_zero, ortho in ((0, "off"), (16, "v1"), (20, "off")):
+        result = pipe("a photo", photo, method="pulid", seed=1, pulid_num_zero=num_zero, pulid_ortho=ortho, **RUN)
+        assert (result.settings.pulid_num_zero, result.settings.pulid_ortho) == (num_zero, ortho)
+        np.testing.assert_allclose(result.images, by_hand(num_zero=num_zero, ortho=ortho), atol=1e-6, rtol=0)
+        assert np.abs(result.images - pulid_run.images).max() > 1e-4, (num_zero, ortho)
+    fewer = pipe("a photo", photo, method="pulid", seed=1, pulid_num_zero=0, **RUN).images  # ortho: the default
+    np.testing.assert_allclose(fewer, by_hand(num_zero=0), atol=1e-6, rtol=0)
+    assert np.abs(fewer - pulid_run.images).max() > 1e-4
+
+
+def test_pulid_options_are_refused_with_other_methods(pipe, photo):
+    with pytest.raises(FaceIDError, match=r"pulid_num_zero belong\(s\) to PuLID v1.1 \(SDXL\), not faceid"):
+        pipe("a photo", photo, pulid_num_zero=8, **RUN)
+    with pytest.raises(FaceIDError, match=r"pulid_num_zero and pulid_ortho belong\(s\) to PuLID v1.1"):
+        pipe("a photo", photo, pulid_num_zero=8, pulid_ortho="v1", **RUN)
+    with pytest.raises(FaceIDError, match="true_cfg_start is PuLID-FLUX's true CFG start step, not pulid's"):
+        pipe("a photo", photo, method="pulid", true_cfg_start=2, **RUN)
+    with pytest.raises(FaceIDError, match=r"pulid_ortho: Input should be 'off', 'v1' or 'v2'"):
+        pipe("a photo", photo, method="pulid", pulid_ortho="v3", **RUN)
+    with pytest.raises(FaceIDError, match="pulid_num_zero: Input should be greater than or equal to 0"):
+        pipe("a photo", photo, method="pulid", pulid_num_zero=-1, **RUN)
 
 
 def test_the_identity_window_shuts_pulid_outside_it(pipe, photo, pulid_run, by_hand):
@@ -284,5 +315,49 @@ def test_cli_img2img_and_a_canny_controlnet_with_pulid(tmp_path, tiny_models, bo
 def test_the_method_table_says_pulid_generates():
     from faceid.methods import METHODS
 
-    assert METHODS["pulid"].wired and METHODS["pulid"].defaults == {"scale": 0.8}
-    assert METHODS["pulid-flux"].wired and METHODS["pulid-flux"].defaults == {"scale": 1.0}  # (test_method_pulid_flux)
+    assert METHODS["pulid"].wired and METHODS["pulid"].defaults == {
+        "scale": 0.8,
+        "pulid_num_zero": 20,
+        "pulid_ortho": "v2",
+    }
+    assert METHODS["pulid-flux"].wired and METHODS["pulid-flux"].defaults == {"scale": 1.0, "true_cfg_start": 1}
+
+
+def test_the_options_flags_parse():
+    """--pulid-num-zero, --pulid-ortho (its choices: the processor's modes) and --true-cfg-start."""
+    import typing
+
+    from faceid.cli.flags import settings_from_args
+    from faceid.cli.main import build_parser
+    from faceid.methods.pulid import ORTHO_MODES
+    from faceid.settings import GenerationSettings
+
+    assert typing.get_args(typing.get_args(GenerationSettings.model_fields["pulid_ortho"].annotation)[0]) == ORTHO_MODES
+    argv = [
+        "generate",
+        "--face",
+        "me.jpg",
+        "--out",
+        "o",
+        "--pulid-num-zero",
+        "8",
+        "--pulid-ortho",
+        "v1",
+        "--true-cfg-start",
+        "2",
+    ]
+    settings = settings_from_args(build_parser().parse_args(argv))
+    assert (settings.pulid_num_zero, settings.pulid_ortho, settings.true_cfg_start) == (8, "v1", 2)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*argv[:5], "--pulid-ortho", "v3"])
+
+
+def test_an_eval_over_several_methods_gives_the_pulid_options_to_pulid_alone():
+    from faceid.evaluation.methods import EvalMethod, settings_for_method
+    from faceid.settings import GenerationSettings
+
+    shared = GenerationSettings.parse({"num_inference_steps": 3, "pulid_num_zero": 8, "pulid_ortho": "v1"})
+    faceid = settings_for_method(shared, EvalMethod("faceid", "faceid"))
+    pulid = settings_for_method(shared, EvalMethod("pulid", "pulid"))
+    assert (faceid.pulid_num_zero, faceid.pulid_ortho, faceid.num_inference_steps) == (None, None, 3)
+    assert (pulid.method, pulid.pulid_num_zero, pulid.pulid_ortho) == ("pulid", 8, "v1")

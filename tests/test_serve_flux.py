@@ -272,13 +272,16 @@ def test_pulid_flux_served_with_true_cfg_equals_the_pipeline(make_client, flux_d
     error(generate(client, identity, negative_prompt="blurry", **SIZE), 422, "invalid_request", "negative_prompt",
           "true_cfg")  # fmt: skip
     error(generate(client, identity, method="pulid-flux", kps="x", **SIZE), 422, "invalid_request", "kps")
+    error(generate(client, identity, pulid_ortho="v1", **SIZE), 422, "invalid_request", "pulid_ortho (PuLID's)")
+    assert entry["methods"][0]["defaults"] == {"scale": 1.0, "true_cfg_start": 1}  # the authors' app_flux
     view = wait_finished(client, generate(client, identity, prompt=PROMPT, true_cfg=2.0, negative_prompt="blurry",
-                                          seed=3, **SIZE).json()["id"])  # fmt: skip
+                                          true_cfg_start=0, seed=3, **SIZE).json()["id"])  # fmt: skip
     assert view["status"] == "done", view["error"]
     settings = view["settings"]
-    assert (settings["method"], settings["true_cfg"], settings["negative_prompt"]) == ("pulid-flux", 2.0, "blurry")
-    direct = pulid(PROMPT, face_photo("obama.jpg"), true_cfg=2.0, negative_prompt="blurry", seed=3, output_type="np",
-                   **SIZE).images[0]  # fmt: skip
+    assert (settings["method"], settings["true_cfg"], settings["true_cfg_start"], settings["negative_prompt"]) == (
+        "pulid-flux", 2.0, 0, "blurry")  # fmt: skip
+    direct = pulid(PROMPT, face_photo("obama.jpg"), true_cfg=2.0, negative_prompt="blurry", true_cfg_start=0, seed=3,
+                   output_type="np", **SIZE).images[0]  # fmt: skip
     difference = np.abs(_png(client, view["images"][0]) - np.round(direct * 255)).max()
     assert difference <= 1, difference
 

@@ -8,8 +8,9 @@ lists each model set's methods with their licence and defaults; enrollment keeps
 equals the same call through ``FaceIDPipeline`` on the photo (same seed), without analysing the photo again, so
 the stored embedding and keypoints are the right ones; the refusals (a method not loaded, an identity enrolled
 before the method was, a method on a model set of the wrong family, a missing folder or antelopev2 pack at start,
-on the command line too); face files of an earlier version still read. PuLID: the menu lists it, enrollment
-keeps its FFHQ-aligned crop, and a generation for an enrolled identity equals the pipeline call on the photo.
+on the command line too); face files of an earlier version still read. PuLID: the menu lists it (with the
+authors' num_zero and ortho), enrollment keeps its FFHQ-aligned crop, and a generation for an enrolled identity equals
+the pipeline call on the photo, with its options too (pulid_num_zero/pulid_ortho, and the A1111 unit's pulid_mode).
 """
 
 from __future__ import annotations
@@ -178,7 +179,8 @@ def test_a_pulid_generation_for_an_enrolled_identity_equals_the_pipeline_call(ma
     client = make_client(pipeline=sdxl, methods={"pulid": str(pulid_dir)}, face_models=str(both_packs))
     (entry,) = client.get("/v1/models").json()["catalog"]
     (pulid,) = [m for m in entry["methods"] if m["name"] == "pulid"]  # the menu lists what is loaded
-    assert pulid["defaults"] == {"scale": 0.8} and pulid["face_pack"] == "antelopev2"
+    assert pulid["defaults"] == {"scale": 0.8, "pulid_num_zero": 20, "pulid_ortho": "v2"}  # the authors' app_v1_1
+    assert pulid["face_pack"] == "antelopev2"
     response = enroll(client, faces_dir, "obama.jpg")
     assert response.status_code == 201, response.text
     identity = response.json()["id"]
@@ -190,8 +192,33 @@ def test_a_pulid_generation_for_an_enrolled_identity_equals_the_pipeline_call(ma
     view = wait_finished(client, job.json()["id"])
     assert view["status"] == "done", view
     assert (view["settings"]["method"], view["settings"]["scale"]) == ("pulid", 0.8)
+    assert (view["settings"]["pulid_num_zero"], view["settings"]["pulid_ortho"]) == (20, "v2")
     direct = sdxl(PROMPT, face_photo("obama.jpg"), method="pulid", seed=3, output_type="np", **SIZE)
     assert np.abs(_png(client, view["images"][0]).astype(float) - np.round(direct.images[0] * 255)).max() <= 1
+
+    # PuLID's options travel with the job (and are refused with another method at submit) ...
+    error(generate(client, identity, pulid_num_zero=8, **SIZE), 422, "invalid_request", "pulid_num_zero (PuLID's)")
+    options = {"pulid_num_zero": 0, "pulid_ortho": "off"}
+    view = wait_finished(client, generate(client, identity, prompt=PROMPT, method="pulid", seed=3, **options,
+                                          **SIZE).json()["id"])  # fmt: skip
+    assert view["status"] == "done" and view["settings"]["pulid_ortho"] == "off", view
+    direct = sdxl(PROMPT, face_photo("obama.jpg"), method="pulid", seed=3, output_type="np", **options, **SIZE)
+    assert np.abs(_png(client, view["images"][0]).astype(float) - np.round(direct.images[0] * 255)).max() <= 1
+
+    # ... and the A1111 ControlNet extension's PuLID unit's pulid_mode is its num_zero and ortho
+    import base64
+
+    unit = {"module": "ip-adapter_pulid", "image": base64.b64encode((faces_dir / "obama.jpg").read_bytes()).decode(),
+            "weight": 0.8, "pulid_mode": "Extremely style"}  # fmt: skip
+    body = {"prompt": PROMPT, "seed": 3, "steps": 2, "width": 48, "height": 32,
+            "alwayson_scripts": {"ControlNet": {"args": [unit]}}}  # fmt: skip
+    answer = client.post("/sdapi/v1/txt2img", json=body)
+    assert answer.status_code == 200, answer.text
+    settings = client.get("/v1/generations").json()["generations"][0]["settings"]
+    assert (settings["method"], settings["pulid_num_zero"], settings["pulid_ortho"]) == ("pulid", 16, "v1")
+    refused = client.post("/sdapi/v1/txt2img", json=body | {"alwayson_scripts": {"ControlNet": {"args": [
+        unit | {"pulid_mode": "Balanced"}]}}})  # fmt: skip
+    assert refused.status_code == 422 and "Fidelity, Extremely style" in refused.json()["detail"], refused.text
 
 
 def test_refusals(make_client, serving, sdxl, faces_dir, tmp_path):  # noqa: F811

@@ -122,8 +122,10 @@ class CallPlan:
     # InfiniteYou: InfuseNet's conditioning scale (the call's ``scale``) and its window over the run, as IdentityNet's.
     infusenet_scale: float | None = None
     infusenet_window: Window | None = None
-    # PuLID-FLUX: the authors' true CFG scale where above 1 (a negative pass each step), else None.
+    # PuLID-FLUX: the authors' true CFG scale where above 1 (a negative pass each step), else None; and for each step
+    # that runs, whether its negative pass runs (from the settings' true_cfg_start on; empty without true CFG).
     true_cfg: float | None = None
+    true_cfg_open: tuple[bool, ...] = ()
 
     @property
     def weights_change(self) -> bool:
@@ -261,6 +263,14 @@ def check_method_settings(models: ModelSet, requested: GenerationSettings, input
     method = requested.method
     if method != "pulid-flux" and requested.true_cfg is not None:
         raise FaceIDError(f"true_cfg is PuLID-FLUX's true CFG scale, not {method}'s: leave it out")
+    if method != "pulid-flux" and requested.true_cfg_start is not None:
+        raise FaceIDError(f"true_cfg_start is PuLID-FLUX's true CFG start step, not {method}'s: leave it out")
+    pulid_only = [name for name in ("pulid_num_zero", "pulid_ortho") if getattr(requested, name) is not None]
+    if method != "pulid" and pulid_only:
+        raise FaceIDError(
+            f"{' and '.join(pulid_only)} belong(s) to PuLID v1.1 (SDXL), not {method}: give method='pulid' with "
+            f"{'it' if len(pulid_only) == 1 else 'them'}, or leave {'it' if len(pulid_only) == 1 else 'them'} out"
+        )
     if method == "faceid":
         if requested.identitynet_scale is not None:
             raise FaceIDError("identitynet_scale is InstantID's IdentityNet scale: give method='instantid' with it")
@@ -354,6 +364,11 @@ def plan_call(
     limit = max_batch if max_batch is not None else max_batch_size(models, run, guidance)
     identitynet = run.method == "instantid"
     infusenet = run.method == "infiniteyou"
+    true_cfg = float(run.true_cfg) if run.method == "pulid-flux" and (run.true_cfg or 1.0) > 1 else None
+    # The authors' timestep_to_start_cfg counts the steps of their (text to image) loop: here the full schedule's,
+    # as every step setting, so img2img's first steps that run are the full schedule's steps past the cut.
+    start = run.true_cfg_start or 0
+    true_cfg_open = tuple(schedule.skipped + i >= start for i in range(schedule.running)) if true_cfg else ()
     return CallPlan(
         settings=run,
         pipeline=inputs.class_name(models.family, identitynet=run.method in METHOD_CONTROLNETS),
@@ -375,7 +390,8 @@ def plan_call(
         identitynet_window=schedule.controlnet_window(run.identity_window or (0.0, 1.0)) if identitynet else None,
         infusenet_scale=float(run.scale) if infusenet else None,
         infusenet_window=schedule.controlnet_window(run.identity_window or (0.0, 1.0)) if infusenet else None,
-        true_cfg=float(run.true_cfg) if run.method == "pulid-flux" and (run.true_cfg or 1.0) > 1 else None,
+        true_cfg=true_cfg,
+        true_cfg_open=true_cfg_open,
     )
 
 

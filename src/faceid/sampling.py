@@ -89,7 +89,9 @@ def run_plan(
     if plan.method == "pulid":
         # PuLID's identity is not an added branch: one call object in place of the token groups, which FaceID's
         # processors hand each layer to (its window shuts it between steps like a group).
-        pulid = models.loaded_method("pulid").call(conditioning.identity_states(plan.guidance), plan.identity_scale)
+        pulid = models.loaded_method("pulid").call(
+            conditioning.identity_states(plan.guidance), plan.identity_scale, run.pulid_num_zero, run.pulid_ortho
+        )
         attention["ip_hidden_states"] = pulid
         gated = [] if all(plan.identity_open) else [(plan.identity_open, pulid)]
     elif plan.method not in ("infiniteyou", "pulid-flux"):
@@ -158,6 +160,8 @@ def run_plan(
         gated = [] if all(plan.identity_open) else [(plan.identity_open, call)]
         if plan.true_cfg is not None:
             kwargs["true_cfg_scale"] = plan.true_cfg
+            if not all(plan.true_cfg_open):  # the steps before true CFG's start: the prompt's pass alone
+                gated.append((plan.true_cfg_open, call.negative_pass))
     pipeline = models.call_pipeline(plan.pipeline, **parts)
     if plan.method == "infiniteyou":
         windows = (plan.infusenet_window, *plan.control_windows)

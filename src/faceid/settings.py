@@ -128,6 +128,31 @@ class GenerationSettings(BaseModel):
         "guidance only)",
         json_schema_extra=_flag("--true-cfg"),
     )
+    true_cfg_start: int | None = Field(
+        None,
+        ge=0,
+        description="pulid-flux: the step true CFG starts at (steps of the full schedule, from 0); the steps before "
+        "it run without the negative pass, as the authors' timestep_to_start_cfg (their default 1: the first step "
+        "unguided). Acts only with true_cfg above 1",
+        json_schema_extra=_flag("--true-cfg-start"),
+    )
+    # PuLID v1.1's two knobs, as the authors' app_v1_1.py offers them (a num_zero slider and an ortho choice, not
+    # the v1 app's named modes): the v1 modes are these values ("fidelity": 8 and v2, "extremely style": 16 and v1).
+    pulid_num_zero: int | None = Field(
+        None,
+        ge=0,
+        le=80,
+        description="pulid: zero tokens appended to the identity tokens, taking attention away from the identity: "
+        "more is more editable, less like the face (the authors' app_v1_1: 20, its slider 0-80)",
+        json_schema_extra=_flag("--pulid-num-zero"),
+    )
+    pulid_ortho: Literal["off", "v1", "v2"] | None = Field(
+        None,
+        description="pulid: how the identity attention joins the text attention: off adds it, v1 adds its part "
+        "orthogonal to the text attention, v2 adds that plus the parallel part weighed by the attention on the "
+        "identity (the authors' app_v1_1: v2)",
+        json_schema_extra=_flag("--pulid-ortho"),
+    )
     lora_scale: float | None = Field(
         None, description="weight of the identity LoRA (1.0)", json_schema_extra=_flag("--lora-scale")
     )

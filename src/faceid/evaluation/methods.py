@@ -43,9 +43,10 @@ __all__ = [
 ]
 
 # Settings of FaceID's adapter alone: another method refuses them (faceid.plan.check_method_settings), so a shared
-# value (a flag of the run) goes to the FaceID entry only. identitynet_scale, InstantID's, likewise to InstantID.
+# value (a flag of the run) goes to the FaceID entry only. identitynet_scale, InstantID's, likewise to InstantID;
+# PuLID's num_zero and ortho to PuLID.
 FACEID_ONLY = ("combine", "shortcut", "s_scale", "lora_scale", "identity_guidance")
-METHOD_ONLY = {"identitynet_scale": "instantid"}
+METHOD_ONLY = {"identitynet_scale": "instantid", "pulid_num_zero": "pulid", "pulid_ortho": "pulid"}
 
 
 @dataclass(frozen=True)
@@ -153,7 +154,8 @@ def resolve_methods(pipe, names: Sequence[str]) -> list[EvalMethod]:
 
 def settings_for_method(shared: GenerationSettings, entry: EvalMethod) -> GenerationSettings:
     """The run's shared settings as method ``entry`` takes them: its ``method``, without the values that belong to
-    another method (FaceID's combine, shortcut, LoRA scale, identity guidance; InstantID's IdentityNet scale)."""
+    another method (FaceID's combine, shortcut, LoRA scale, identity guidance; InstantID's IdentityNet scale; PuLID's
+    num_zero and ortho)."""
     drop = {k for k, owner in METHOD_ONLY.items() if owner != entry.method}
     if entry.method != "faceid":
         drop |= set(FACEID_ONLY)

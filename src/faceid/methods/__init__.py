@@ -300,9 +300,9 @@ METHODS: dict[str, IdentityMethod] = {
             licences=(("PuLID weights (guozinan/PuLID)", _L["apache-2.0"]), _EVA, _ANTELOPE, _FACEXLIB),
             wired=True,
             description="the ID encoder (antelopev2 embedding + EVA02-CLIP-L features of the parsed face) and its "
-            "attention in the SDXL UNet (num_zero 20, ortho v2); its folder also holds facexlib's parsing_bisenet.pth",
-            # The authors' app (app_v1_1.py): ID scale 0.8.
-            defaults={"scale": 0.8},
+            "attention in the SDXL UNet; its folder also holds facexlib's parsing_bisenet.pth",
+            # The authors' app (app_v1_1.py): ID scale 0.8, num_zero 20, ortho v2 (methods.pulid.V11_NUM_ZERO/V11_ORTHO).
+            defaults={"scale": 0.8, "pulid_num_zero": 20, "pulid_ortho": "v2"},
         ),
         IdentityMethod(
             "pulid-flux",
@@ -328,8 +328,9 @@ METHODS: dict[str, IdentityMethod] = {
             description="the ID encoder (antelopev2 embedding + EVA02-CLIP-L features of the parsed face) and its "
             "cross-attention after the FLUX.1 transformer's blocks (every 2nd double, every 4th single); its folder "
             "also holds EVA02_CLIP_L_336_psz14_s6B.pt and facexlib's parsing_bisenet.pth",
-            # The authors' app (app_flux.py): id_weight 1.0 (faceid's ``scale``), start step 0, true CFG 1 (off).
-            defaults={"scale": 1.0},
+            # The authors' app (app_flux.py): id_weight 1.0 (faceid's ``scale``), start step 0, true CFG 1 (off), and
+            # with true CFG on, timestep_to_start_cfg 1 (the first step without the negative pass).
+            defaults={"scale": 1.0, "true_cfg_start": 1},
         ),
         IdentityMethod(
             "infiniteyou",

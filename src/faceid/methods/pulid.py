@@ -431,8 +431,8 @@ class PuLIDSDXL(nn.Module):
 CHECKPOINT_V11 = "pulid_v1.1.safetensors"
 V11_NUM_ZERO = 20
 V11_ORTHO = "v2"
-"""The authors' app (``app_v1_1.py``) runs v1.1 with ``num_zero`` 20 and ``ortho`` v2 (its id_scale, 0.8, is the
-method row's ``scale``); generation runs every call with them."""
+"""The authors' app (``app_v1_1.py``) runs v1.1 with ``num_zero`` 20 and ``ortho`` v2 (its id_scale is 0.8): the
+method row's defaults of ``pulid_num_zero``, ``pulid_ortho`` and ``scale``, which a call may change."""
 
 
 def _method_files(folder: str | Path | None, checkpoint: str, title: str) -> tuple[Path, Path, Path]:
@@ -509,8 +509,6 @@ class PuLID:
         self.adapter = adapter
         self.face_encoder = face_encoder
         self.layers = layers
-        self.num_zero = V11_NUM_ZERO
-        self.ortho = V11_ORTHO
 
     @classmethod
     def load(cls, unet: nn.Module, checkpoint: str | Path, eva_clip: str | Path, parsing: str | Path) -> PuLID:
@@ -564,11 +562,18 @@ class PuLID:
         cond, uncond = self.adapter.encode([self.face_encoder(face) for face in faces])
         return IdentityTokens(cond=cond, uncond=uncond)
 
-    def call(self, context: torch.Tensor, scale: float | Sequence[float] | torch.Tensor) -> PuLIDCall:
+    def call(
+        self,
+        context: torch.Tensor,
+        scale: float | Sequence[float] | torch.Tensor,
+        num_zero: int = V11_NUM_ZERO,
+        ortho: str = V11_ORTHO,
+    ) -> PuLIDCall:
         """A call's ``PuLIDCall``: ``context`` the tokens of each sample of the UNet batch (uncond rows first
-        with classifier-free guidance), ``scale`` the id_scale, with the authors' num_zero and ortho."""
+        with classifier-free guidance), ``scale`` the id_scale, ``num_zero`` and ``ortho`` the call's (the
+        settings' ``pulid_num_zero`` and ``pulid_ortho``; default the authors' app's)."""
         dtype = next(iter(self.adapter.id_adapter_attn_layers.parameters())).dtype
-        return PuLIDCall(PuLIDTokens(context.to(dtype), scale, self.num_zero, self.ortho), self.layers)
+        return PuLIDCall(PuLIDTokens(context.to(dtype), scale, num_zero, ortho), self.layers)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -754,16 +759,29 @@ class PuLIDFlux(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+class StepGate:
+    """One per-call switch the call's step callback opens and shuts between steps (``set_open``)."""
+
+    def __init__(self) -> None:
+        self.open = True
+
+    def set_open(self, open_: bool) -> None:
+        self.open = bool(open_)
+
+
 class PuLIDFluxCall:
     """One call's PuLID-FLUX identity: the encoder's tokens of each image (``identity``, one row per image, or one
     for all), the unconditional ones (``uncond``: what the authors' true CFG gives its negative pass) and the
     id_weight. ``set_open`` shuts it for the steps before the call's start step (outside its identity window): the
-    blocks then run as the base model. Made per call and changed by that call only (its step callback)."""
+    blocks then run as the base model. ``negative_pass`` is shut for the steps before true CFG's start step (the
+    authors' ``timestep_to_start_cfg``): those steps are the prompt's pass alone. Made per call and changed by that
+    call only (its step callback)."""
 
     def __init__(self, identity: torch.Tensor, uncond: torch.Tensor, weight: float | Sequence[float] = 1.0):
         self.identity = PuLIDIdentity(identity, weight)
         self.uncond = PuLIDIdentity(uncond, weight)
         self._open = True
+        self.negative_pass = StepGate()
 
     def set_open(self, open_: bool) -> None:
         self._open = bool(open_)
@@ -786,24 +804,41 @@ class PuLIDFluxTransformer:
     whose ``encoder_hidden_states`` is the call's ``negative_prompt_embeds``: diffusers' FLUX pipelines hand the
     embeddings they are given to the transformer as they are, and give both passes the same
     ``joint_attention_kwargs``). The call's pipeline object gets this in place of its transformer; everything else
-    (config, dtype, device...) is the transformer's, and nothing is set on it."""
+    (config, dtype, device...) is the transformer's, and nothing is set on it.
+
+    True CFG's start step: diffusers runs the negative pass at every step and returns
+    ``negative + true_cfg * (prompt - negative)``. At a step before the start (``call.negative_pass`` shut) the
+    negative pass is not run: it answers with the prompt pass's own output of that step, so that sum is the
+    prompt's prediction exactly (``x + s * (x - x) == x``), what the authors' denoise gives a step without it."""
 
     def __init__(self, transformer: nn.Module, call: PuLIDFluxCall, negative_embeds: torch.Tensor | None = None):
         self.transformer = transformer
         self.call = call
         self.negative_embeds = negative_embeds
+        self._prompt_output: Any = None  # this step's prompt pass, while the negative pass is shut
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.transformer, name)
 
     def __call__(self, *args: Any, joint_attention_kwargs: dict[str, Any] | None = None, **kwargs: Any):
         negative = self.negative_embeds is not None and kwargs.get("encoder_hidden_states") is self.negative_embeds
+        skipped = self.negative_embeds is not None and not self.call.negative_pass.open
+        if negative and skipped:
+            if self._prompt_output is None:
+                raise FaceIDError(
+                    "internal error: a negative pass before the prompt's pass of its step; please report it"
+                )
+            output, self._prompt_output = self._prompt_output, None
+            return output
         identity = self.call.for_pass(negative=negative)
         extra = dict(joint_attention_kwargs or {})
         extra.pop(FLUX_KWARG, None)
         if identity is not None:
             extra[FLUX_KWARG] = identity
-        return self.transformer(*args, joint_attention_kwargs=extra or None, **kwargs)
+        output = self.transformer(*args, joint_attention_kwargs=extra or None, **kwargs)
+        if skipped:
+            self._prompt_output = output
+        return output
 
 
 CHECKPOINT_FLUX = "pulid_flux_v0.9.1.safetensors"

@@ -7,7 +7,8 @@ restarts). A face photo sent the way A1111 users send one today, as a ControlNet
 ``alwayson_scripts`` with an IP-Adapter FaceID module (``ip-adapter_face_id``, ``ip-adapter_face_id_plus``), is the
 person for that request instead; the extension's other identity modules name the identity method that draws them
 (``instant_id_face_embedding``: InstantID, with ``instant_id_face_keypoints`` for the photo whose face keypoints its
-IdentityNet follows; ``ip-adapter_pulid``: PuLID), run when the server has that method's weights. ``txt2img`` and ``img2img`` (with ``mask``: inpainting) run as ``/v1`` generations
+IdentityNet follows; ``ip-adapter_pulid``: PuLID, its ``pulid_mode`` the extension's Fidelity or Extremely style),
+run when the server has that method's weights. ``txt2img`` and ``img2img`` (with ``mask``: inpainting) run as ``/v1`` generations
 through ``Service`` (the same keys, limits, queue, batching and capabilities) and answer as A1111 does:
 ``{"images": [base64 PNG], "parameters", "info"}`` with ``info`` a JSON string.
 
@@ -56,6 +57,13 @@ FACE_MODULES: dict[str, tuple[str, bool | None]] = {
     "ip-adapter_face_id_plus": ("faceid", True),
     "instant_id_face_embedding": ("instantid", None),
     "ip-adapter_pulid": ("pulid", None),
+}
+# The extension's PuLID unit's ``pulid_mode`` (its enum ``PuLIDMode``) and the values its attention then runs with
+# (its ``PULID_SETTING_FIDELITY`` / ``PULID_SETTING_STYLE``: the PuLID authors' v1 app's two modes): PuLID's
+# ``pulid_num_zero`` and ``pulid_ortho``. A unit without it gets the method's defaults (the authors' v1.1 app's).
+PULID_MODES: dict[str, dict[str, Any]] = {
+    "Fidelity": {"pulid_num_zero": 8, "pulid_ortho": "v2"},
+    "Extremely style": {"pulid_num_zero": 16, "pulid_ortho": "v1"},
 }
 # InstantID's second unit in the extension: the face of its image gives the keypoints IdentityNet follows (the pose
 # and place of the face), its weight is IdentityNet's scale.
@@ -539,6 +547,7 @@ def _generate(service: Service, inflight: InFlight, owner: str, body: A1111Reque
                     settings["identity_window"] = window
                 if "weight" in faces[0][2]:
                     settings["scale"] = float(faces[0][2]["weight"])
+                settings.update(_pulid_mode(faces[0][2]))
                 with oneshot.person(service, owner, [(label, data) for label, data, _ in faces]) as identity:
                     view, image_ids = _run(service, inflight, owner, settings | {"identity_id": identity.id})
                 name = "ControlNet face unit"
@@ -573,6 +582,18 @@ def _mask(body: A1111Request) -> bytes:
     out = io.BytesIO()
     inverted.save(out, format="PNG")
     return out.getvalue()
+
+
+def _pulid_mode(unit: dict) -> dict[str, Any]:
+    """A PuLID unit's ``pulid_mode`` as PuLID's settings (``PULID_MODES``); nothing when the unit has none or is
+    not PuLID's (the extension sends its default, ``Fidelity``, with every unit)."""
+    mode = unit.get("pulid_mode")
+    if mode is None or FACE_MODULES[str(unit.get("module"))][0] != "pulid":
+        return {}
+    if mode not in PULID_MODES:
+        raise A1111Error(422, f"pulid_mode {str(mode)[:40]!r}: give one of {', '.join(PULID_MODES)} (the ControlNet "
+                         "extension's PuLID modes)")  # fmt: skip
+    return PULID_MODES[mode]
 
 
 def _window(unit: dict) -> tuple[float, float] | None:

@@ -89,6 +89,9 @@ class Capabilities:
             "identitynet_scale (InstantID's)": settings.method != "instantid"
             and settings.identitynet_scale is not None,
             "true_cfg (PuLID-FLUX's)": settings.method != "pulid-flux" and settings.true_cfg is not None,
+            "true_cfg_start (PuLID-FLUX's)": settings.method != "pulid-flux" and settings.true_cfg_start is not None,
+            "pulid_num_zero (PuLID's)": settings.method != "pulid" and settings.pulid_num_zero is not None,
+            "pulid_ortho (PuLID's)": settings.method != "pulid" and settings.pulid_ortho is not None,
             "combine (FaceID's)": settings.method != "faceid" and settings.combine is not None,
             "shortcut (FaceID's)": settings.method != "faceid" and settings.shortcut is not None,
             "lora_scale (FaceID's)": settings.method != "faceid" and settings.lora_scale is not None,

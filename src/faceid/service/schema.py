@@ -314,8 +314,9 @@ class MethodView(View):
     licence: str = Field(description="the licences of its weights and of the face models it needs")
     commercial: bool = Field(description="whether everything it loads allows commercial use")
     face_pack: str = Field(description="the insightface pack that embeds the face for it (buffalo_l, antelopev2)")
-    defaults: dict[str, float] = Field(
-        description="the settings it brings when the request leaves them open (InstantID: scale, identitynet_scale)"
+    defaults: dict[str, float | int | str] = Field(
+        description="the settings it brings when the request leaves them open (InstantID: scale, identitynet_scale; "
+        "PuLID: scale, pulid_num_zero, pulid_ortho; PuLID-FLUX: scale, true_cfg_start)"
     )
 
 
