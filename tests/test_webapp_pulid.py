@@ -61,29 +61,29 @@ def png(client, url) -> np.ndarray:
     return np.asarray(Image.open(BytesIO(response.content)).convert("RGB"))
 
 
-def enroll_on_page(browser, wait, faces_dir) -> None:
+def enroll_on_page(driver, wait, faces_dir) -> None:
     from selenium.webdriver.common.by import By
 
-    browser.find_element(By.ID, "photos").send_keys(str(faces_dir / "obama.jpg"))
-    browser.find_element(By.ID, "enroll").click()
+    driver.find_element(By.ID, "photos").send_keys(str(faces_dir / "obama.jpg"))
+    driver.find_element(By.ID, "enroll").click()
     wait.until(lambda d: loaded_images(d, "#crops img.crop") == 1)
 
 
-def shown(browser, element_id: str) -> bool:
+def shown(driver, element_id: str) -> bool:
     from selenium.webdriver.common.by import By
 
-    return browser.find_element(By.ID, element_id).is_displayed()
+    return driver.find_element(By.ID, element_id).is_displayed()
 
 
-def finished(browser, element_id: str) -> bool:
+def finished(driver, element_id: str) -> bool:
     """Whether the status line ``element_id`` says done or an error."""
     from selenium.webdriver.common.by import By
 
-    status = browser.find_element(By.ID, element_id)
+    status = driver.find_element(By.ID, element_id)
     return status.text.startswith("done") or "error" in status.get_attribute("class").split()
 
 
-def test_web_app_pulid_menu_and_a_generation_equal_to_the_api(make_server, browser, pipe, pulid_dir, both_packs,
+def test_web_app_pulid_menu_and_a_generation_equal_to_the_api(make_server, browser, pipe, pulid_dir, both_packs,  # noqa: F811
                                                               faces_dir, tmp_path):  # fmt: skip
     import httpx
     from selenium.webdriver.common.by import By
@@ -129,7 +129,7 @@ def test_web_app_pulid_menu_and_a_generation_equal_to_the_api(make_server, brows
         np.testing.assert_array_equal(png(client, page["images"][0]), png(client, api["images"][0]))
 
 
-def test_web_app_pulid_flux_true_cfg_field_reaches_only_its_job(make_server, browser, flux_folders, both_packs,
+def test_web_app_pulid_flux_true_cfg_field_reaches_only_its_job(make_server, browser, flux_folders, both_packs,  # noqa: F811
                                                                faces_dir, tmp_path):  # fmt: skip
     import httpx
     from selenium.webdriver.common.by import By
