@@ -324,10 +324,10 @@ def test_web_app_method_menu_instantid_and_compare(make_server, browser,  # noqa
     wait.until(lambda d: d.find_element(By.ID, "method-box").is_displayed())
     options = [o.text for o in browser.find_elements(By.CSS_SELECTOR, "#method option")]
     assert options == ["IP-Adapter-FaceID", "InstantID"], options
-    assert not browser.find_element(By.ID, "identitynet-field").is_displayed()  # FaceID has no IdentityNet
+    assert not browser.find_element(By.ID, "identitynet-scale-field").is_displayed()  # FaceID has no IdentityNet
     assert "non-commercial research only" in browser.find_element(By.ID, "method-licence").text
     Select(browser.find_element(By.ID, "method")).select_by_value("instantid")
-    assert browser.find_element(By.ID, "identitynet-field").is_displayed()
+    assert browser.find_element(By.ID, "identitynet-scale-field").is_displayed()
     assert browser.find_element(By.ID, "identitynet-scale").get_attribute("placeholder") == "default 0.8"
     assert browser.find_element(By.ID, "scale").get_attribute("value") == "0.8"  # InstantID's own default
     licence = browser.find_element(By.ID, "method-licence").text

@@ -198,9 +198,9 @@ function showDecoders(decoders) {
 function modelChanged() {
   const entry = selectedModel();
   showMethods();
-  // a FLUX.1 set: no negative prompt (its guidance is embedded), no ControlNet or swap (FaceID's); the server refuses
-  // them too (422)
-  $("negative-field").hidden = !!entry && entry.negative_prompt === false;
+  // a FLUX.1 set: no negative prompt (its guidance is embedded; but see negativeChanged), no ControlNet or swap
+  // (FaceID's); the server refuses them too (422)
+  negativeChanged();
   for (const option of $("mode").options) {
     if (option.hidden) continue;  // not served at all (showModes)
     option.disabled = !!entry && entry.faceid_adapter === false && ["controlnet", "swap"].includes(option.value);
@@ -215,6 +215,68 @@ function modelChanged() {
   }
   if ($("fast").selectedOptions[0]?.disabled) $("fast").value = "";
   fastChanged();
+}
+
+// ------------------------------------------------------------------ methods: the identity method and its own fields
+// Each identity method's own settings (GenerationSettings fields the server refuses with any other method), one entry
+// per setting: a number field and its slider, shown only while the method is chosen, sent only when set and only with
+// that method (a comparison's other method runs at its own defaults), named in the gallery's captions (`short`) and
+// kept by "same seed again". The placeholder is the method's default (GET /v1/models methods[].defaults) or, where
+// those do not name the setting, `unset` (what an empty field means). `negativeAbove`: above this value the setting
+// runs a pass with the negative prompt, so the negative prompt applies even on a model set whose guidance is
+// embedded (FLUX.1; the server accepts it there only then).
+const METHOD_FIELDS = {
+  instantid: [{
+    setting: "identitynet_scale", label: "IdentityNet scale", short: "IdentityNet", min: 0, max: 2, step: 0.05,
+    title: "how strongly InstantID's IdentityNet follows the face's keypoints (empty: the method's default)",
+  }],
+  "pulid-flux": [{
+    setting: "true_cfg", label: "True CFG", short: "true CFG", min: 1, max: 10, step: 0.5, unset: "1 (off)",
+    negativeAbove: 1,
+    title: "PuLID-FLUX's true classifier-free guidance scale: above 1 every step also runs a pass with the negative " +
+      "prompt and no identity, at twice the time (empty: 1, off)",
+  }],
+};
+const ALL_METHOD_SETTINGS = Object.values(METHOD_FIELDS).flat().map((f) => f.setting);
+
+const methodFields = (name) => METHOD_FIELDS[name] || [];
+const fieldId = (f) => f.setting.replaceAll("_", "-");  // the number field; its slider "-range", its label "-field"
+
+// The fields of every method in the table, hidden until their method is chosen (before the sliders are wired below).
+for (const [method, fields] of Object.entries(METHOD_FIELDS)) {
+  for (const f of fields) {
+    const id = fieldId(f);
+    const limits = { min: String(f.min), max: String(f.max), step: String(f.step) };
+    const label = el("label", { id: id + "-field", className: "slider", title: f.title, hidden: "" }, f.label,
+      el("input", { id, type: "number", placeholder: "default", ...limits }),
+      el("input", { id: id + "-range", type: "range", value: String(f.min), "data-for": id, ...limits }));
+    label.dataset.method = method;
+    label.addEventListener("input", negativeChanged);  // after the slider has set its field (the target's listener)
+    $("compare-field").before(label);
+  }
+}
+
+// The chosen method's settings that are set: setting -> number.
+function methodValues(method) {
+  const values = {};
+  for (const f of methodFields(method)) {
+    const value = parseFloat($(fieldId(f)).value);
+    if (!Number.isNaN(value)) values[f.setting] = value;
+  }
+  return values;
+}
+
+function chosenMethod() {
+  return $("method-box").hidden ? "faceid" : $("method").value || "faceid";
+}
+
+// The negative prompt: where the model set has an unconditional pass, or where the chosen method's setting runs a
+// negative pass (PuLID-FLUX's true CFG above 1 on FLUX.1).
+function negativeChanged() {
+  const entry = selectedModel();
+  const values = methodValues(chosenMethod());
+  const negativePass = methodFields(chosenMethod()).some((f) => f.negativeAbove !== undefined && values[f.setting] > f.negativeAbove);
+  $("negative-field").hidden = !!entry && entry.negative_prompt === false && !negativePass;
 }
 
 // The identity methods the chosen model set runs (GET /v1/models catalog[].methods: name, title, licence, defaults):
@@ -237,14 +299,22 @@ function methodOf(name) {
   return state.methods.find((m) => m.name === name) || { name: name || "faceid", title: name || "faceid", defaults: {} };
 }
 
-// The chosen method's own fields (InstantID: the IdentityNet scale), its defaults, its licence; the other methods to
-// compare it with.
+// The chosen method's own fields (METHOD_FIELDS), its defaults, its licence; the other methods to compare it with.
 function methodChanged() {
   const method = methodOf($("method").value);
   const d = method.defaults || {};
-  $("identitynet-field").hidden = method.name !== "instantid";
-  $("identitynet-scale").placeholder = d.identitynet_scale !== undefined ? "default " + d.identitynet_scale : "default";
-  if (d.identitynet_scale !== undefined && $("identitynet-scale").value === "") $("identitynet-scale-range").value = d.identitynet_scale;
+  for (const [name, fields] of Object.entries(METHOD_FIELDS)) {
+    for (const f of fields) {
+      const id = fieldId(f);
+      $(id + "-field").hidden = name !== method.name;
+      if (name !== method.name) continue;
+      const known = d[f.setting] !== undefined ? d[f.setting] : f.unset;
+      $(id).placeholder = known !== undefined ? "default " + known : "default";
+      // an empty field's slider rests at the default it stands for
+      if ($(id).value === "") $(id + "-range").value = d[f.setting] !== undefined ? d[f.setting] : f.min;
+    }
+  }
+  negativeChanged();
   // the identity strength starts at the method's own default (InstantID's IP-Adapter scale 0.8; FaceID's 1)
   const strength = d.scale !== undefined ? d.scale : 1;
   $("scale").value = strength;
@@ -692,10 +762,9 @@ async function requestBody() {
     body.base_model = entry.base_model;
     if (entry.adapter) body.adapter = entry.adapter;
   }
-  const method = $("method-box").hidden ? "faceid" : $("method").value || "faceid";
+  const method = chosenMethod();
   if (method !== "faceid") body.method = method;
-  const identitynet = parseFloat($("identitynet-scale").value);
-  if (method === "instantid" && !Number.isNaN(identitynet)) body.identitynet_scale = identitynet;
+  Object.assign(body, methodValues(method));  // the chosen method's own settings, those set
   if ($("fast").value) body.fast = $("fast").value;
   if ($("decoder").value === "tiny") body.decoder = "tiny";
   const cfg = parseFloat($("guidance").value);
@@ -874,7 +943,10 @@ function comparisonBodies(body, other) {
   first.num_images_per_prompt = 1;
   const second = { ...first, method: other };
   delete second.scale;
-  delete second.identitynet_scale;
+  for (const setting of ALL_METHOD_SETTINGS) delete second[setting];  // the first method's own: never the second's
+  // a negative prompt only the first method's setting allows (true CFG on FLUX.1) is not the second's either
+  const entry = selectedModel();
+  if (entry && entry.negative_prompt === false) delete second.negative_prompt;
   if (other === "faceid") delete second.method;
   return [first, second];
 }
@@ -1027,7 +1099,8 @@ function describe(settings, prompt, negative, seed, mode, people) {
   parts.push("seed " + seed, "steps " + settings.num_inference_steps, "strength " + settings.scale,
     "guidance " + settings.guidance_scale, settings.width + "×" + settings.height);
   if (settings.method && settings.method !== "faceid") {
-    parts.push("method " + settings.method + (settings.identitynet_scale !== undefined ? " (IdentityNet " + settings.identitynet_scale + ")" : ""));
+    const own = methodFields(settings.method).filter((f) => settings[f.setting] !== undefined && settings[f.setting] !== null);
+    parts.push("method " + settings.method + (own.length ? " (" + own.map((f) => f.short + " " + settings[f.setting]).join(", ") + ")" : ""));
   }
   if (settings.fast) parts.push("fast " + settings.fast);
   if (settings.identity_guidance) parts.push("identity guidance " + settings.identity_guidance);
@@ -1052,7 +1125,7 @@ function imageFigure(view, url, i) {
       const body = { identity_id: view.identity_ids[Math.floor(index / per)], seed, num_images_per_prompt: 1, prompt };
       if (negative) body.negative_prompt = negative;
       for (const k of ["num_inference_steps", "guidance_scale", "width", "height", "scale", "fast", "identity_guidance",
-        "scheduler", "eta", "strength", "base_model", "adapter", "decoder", "method", "identitynet_scale"]) {
+        "scheduler", "eta", "strength", "base_model", "adapter", "decoder", "method", ...ALL_METHOD_SETTINGS]) {
         if (settings[k] !== undefined && settings[k] !== null) body[k] = settings[k];
       }
       Object.assign(body, view.inputs || {});  // the same uploads (a swap's size is its target's: no width, height)
