@@ -20,6 +20,7 @@ import pytest
 import torch
 from conftest import load_tiny_sdxl
 from PIL import Image
+from test_flux_controlnets import make_flux_controlnet
 from test_method_infiniteyou_generate import tiny_irse_state
 from test_serve import wait_finished
 from test_webapp import WAIT, browser, loaded_images, make_server, screenshot, set_value  # noqa: F401 (fixtures)
@@ -102,6 +103,13 @@ def test_web_app_pulid_menu_and_a_generation_equal_to_the_api(make_server, brows
     assert browser.find_element(By.ID, "scale").get_attribute("value") == "0.8"  # PuLID's own ID scale
     assert not shown(browser, "identitynet-scale-field") and not shown(browser, "true-cfg-field")  # not PuLID's
     assert shown(browser, "negative-field")  # SDXL has an unconditional pass
+    # PuLID's own two: zero tokens and ortho, their defaults from GET /v1/models (the authors' app: 20, v2)
+    assert shown(browser, "pulid-num-zero-field") and shown(browser, "pulid-ortho-field")
+    assert browser.find_element(By.ID, "pulid-num-zero").get_attribute("placeholder") == "default 20"
+    ortho = Select(browser.find_element(By.ID, "pulid-ortho"))
+    assert [o.text for o in ortho.options] == ["default v2", "off", "v1", "v2"]
+    set_value(browser, "pulid-num-zero", 8)
+    ortho.select_by_value("v1")
 
     enroll_on_page(browser, wait, faces_dir)
     request = {"steps": 2, "width": 48, "height": 32, "seed": 7, "count": 1}
@@ -113,15 +121,18 @@ def test_web_app_pulid_menu_and_a_generation_equal_to_the_api(make_server, brows
     assert browser.find_element(By.ID, "generate-status").text.startswith("done"), "the page's generation failed"
     wait.until(lambda d: loaded_images(d, "#gallery img.generated") == 1)
     caption = browser.find_element(By.CSS_SELECTOR, "#gallery figcaption").text
-    assert "method pulid" in caption and "strength 0.8" in caption, caption
+    assert "method pulid (zero tokens 8, ortho v1)" in caption and "strength 0.8" in caption, caption
     screenshot(browser, tmp_path, "pulid-1-generated")
 
     # the same request sent to the API: the same image
     with httpx.Client(base_url=url, timeout=WAIT) as client:
         (page,) = client.get("/v1/generations").json()["generations"]
-        assert page["settings"]["method"] == "pulid" and page["settings"]["scale"] == 0.8, page["settings"]
+        settings = page["settings"]
+        assert (settings["method"], settings["scale"]) == ("pulid", 0.8), settings
+        assert (settings["pulid_num_zero"], settings["pulid_ortho"]) == (8, "v1"), settings
         body = {"identity_id": page["identity_ids"][0], "prompt": PROMPT, "method": "pulid", "scale": 0.8, "seed": 7,
-                "num_inference_steps": 2, "width": 48, "height": 32, "num_images_per_prompt": 1}  # fmt: skip
+                "num_inference_steps": 2, "width": 48, "height": 32, "num_images_per_prompt": 1,
+                "pulid_num_zero": 8, "pulid_ortho": "v1"}  # fmt: skip
         job = client.post("/v1/generations", json=body)
         assert job.status_code == 202, job.text
         api = wait_finished(client, job.json()["id"])
@@ -139,12 +150,21 @@ def test_web_app_pulid_flux_true_cfg_field_reaches_only_its_job(make_server, bro
     flux = FaceIDPipeline.from_pretrained(
         flux_dir, None, methods=methods, device="cpu", progress=False, face_models=both_packs
     )
-    url = make_server(pipeline=flux, methods=methods, face_models=str(both_packs))
+    net = tmp_path / "flux-canny"  # the server's ControlNet of the FLUX family: the set's ControlNet mode and kind
+    make_flux_controlnet(flux.pipe.transformer, seed=11).save_pretrained(net)
+    url = make_server(pipeline=flux, methods=methods, face_models=str(both_packs), controlnets={"canny": str(net)})
     wait = WebDriverWait(browser, WAIT)
     browser.get(url + "/")
     wait.until(lambda d: shown(d, "method-box"))
     options = [o.text for o in browser.find_elements(By.CSS_SELECTOR, "#method option")]
     assert options == ["InfiniteYou-FLUX v1.0", "PuLID-FLUX v0.9.1"], options
+    modes = {
+        o.get_attribute("value"): o.get_attribute("disabled")
+        for o in Select(browser.find_element(By.ID, "mode")).options
+    }
+    assert modes["controlnet"] is None and modes["swap"] == "true", modes  # FLUX: its ControlNet, no swap
+    kinds = Select(browser.find_element(By.ID, "control-kind")).options
+    assert [o.get_attribute("value") for o in kinds] == ["canny"]  # (hidden until the mode is chosen)
     method = Select(browser.find_element(By.ID, "method"))
     assert method.first_selected_option.get_attribute("value") == "infiniteyou"
     assert not shown(browser, "true-cfg-field") and not shown(browser, "negative-field")
@@ -162,6 +182,9 @@ def test_web_app_pulid_flux_true_cfg_field_reaches_only_its_job(make_server, bro
     method.select_by_value("pulid-flux")
     assert shown(browser, "true-cfg-field") and shown(browser, "negative-field")  # the values kept
     assert browser.find_element(By.ID, "true-cfg-range").get_attribute("value") == "2"  # the slider follows
+    assert browser.find_element(By.ID, "true-cfg-start").get_attribute("placeholder") == "default 1"
+    set_value(browser, "true-cfg-start", 0)
+    assert not shown(browser, "pulid-ortho-field")  # PuLID SDXL's, not PuLID-FLUX's
 
     # PuLID-FLUX compared with InfiniteYou: true CFG and the negative prompt go to PuLID-FLUX's job alone
     enroll_on_page(browser, wait, faces_dir)
@@ -178,7 +201,8 @@ def test_web_app_pulid_flux_true_cfg_field_reaches_only_its_job(make_server, bro
     assert [f.get_attribute("data-method") for f in figures] == ["pulid-flux", "infiniteyou"]
     wait.until(lambda d: loaded_images(d, "#gallery img.generated") == 2)
     captions = " | ".join(f.text for f in browser.find_elements(By.CSS_SELECTOR, "#gallery figcaption"))
-    assert "method pulid-flux (true CFG 2)" in captions and "negative: blurry" in captions, captions
+    assert "method pulid-flux (true CFG 2, true CFG from step 0)" in captions, captions
+    assert "negative: blurry" in captions, captions
     screenshot(browser, tmp_path, "pulid-flux-compared")
 
     with httpx.Client(base_url=url, timeout=WAIT) as client:
@@ -190,5 +214,7 @@ def test_web_app_pulid_flux_true_cfg_field_reaches_only_its_job(make_server, bro
             runs[view["settings"]["method"]] = view["settings"]
     assert set(runs) == {"pulid-flux", "infiniteyou"}, runs
     assert (runs["pulid-flux"]["true_cfg"], runs["pulid-flux"]["negative_prompt"]) == (2.0, "blurry")
+    assert runs["pulid-flux"]["true_cfg_start"] == 0
     assert runs["infiniteyou"].get("true_cfg") is None and runs["infiniteyou"]["negative_prompt"] == ""
+    assert runs["infiniteyou"].get("true_cfg_start") is None
     assert runs["pulid-flux"]["seed"] == runs["infiniteyou"]["seed"]  # one seed drawn for both

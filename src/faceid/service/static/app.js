@@ -198,13 +198,20 @@ function showDecoders(decoders) {
 function modelChanged() {
   const entry = selectedModel();
   showMethods();
-  // a FLUX.1 set: no negative prompt (its guidance is embedded; but see negativeChanged), no ControlNet or swap
-  // (FaceID's); the server refuses them too (422)
+  // a FLUX.1 set: no negative prompt (its guidance is embedded; but see negativeChanged), no swap (FaceID's); the
+  // ControlNet kinds are the chosen set's own (catalog[].controlnets: the server's ControlNets of its family). The
+  // server refuses the rest too (422).
   negativeChanged();
+  const kinds = controlKinds(entry);
+  const chosenKind = $("control-kind").value;
+  $("control-kind").replaceChildren(...Object.entries(kinds).map(([kind, source]) => el("option", { value: kind, title: source, text: kind })));
+  if (kinds[chosenKind] !== undefined) $("control-kind").value = chosenKind;
   for (const option of $("mode").options) {
     if (option.hidden) continue;  // not served at all (showModes)
-    option.disabled = !!entry && entry.faceid_adapter === false && ["controlnet", "swap"].includes(option.value);
-    option.title = option.disabled ? "not for " + entry.family + " models" : "";
+    const flux = !!entry && entry.faceid_adapter === false && option.value === "swap";
+    const noNet = option.value === "controlnet" && !Object.keys(kinds).length;
+    option.disabled = flux || noNet;
+    option.title = flux ? "not for " + entry.family + " models" : noNet ? "no ControlNet of this model's family" : "";
   }
   if ($("mode").selectedOptions[0]?.disabled) $("mode").value = "text-to-image";
   modeChanged();  // the size placeholders: the model's defaults, or the input image's
@@ -230,11 +237,24 @@ const METHOD_FIELDS = {
     setting: "identitynet_scale", label: "IdentityNet scale", short: "IdentityNet", min: 0, max: 2, step: 0.05,
     title: "how strongly InstantID's IdentityNet follows the face's keypoints (empty: the method's default)",
   }],
+  pulid: [{
+    setting: "pulid_num_zero", label: "Zero tokens", short: "zero tokens", min: 0, max: 80, step: 1,
+    title: "PuLID's zero tokens beside the identity tokens: more take attention away from the identity, for more " +
+      "style and less likeness (the authors' app: 0 to 80; empty: the method's default)",
+  }, {
+    setting: "pulid_ortho", label: "Ortho", short: "ortho", choices: ["off", "v1", "v2"],
+    title: "how PuLID's identity attention is added: off (plain sum), v1 (only its part orthogonal to the text's), " +
+      "v2 (the orthogonal part and a weighed parallel part); empty: the method's default",
+  }],
   "pulid-flux": [{
     setting: "true_cfg", label: "True CFG", short: "true CFG", min: 1, max: 10, step: 0.5, unset: "1 (off)",
     negativeAbove: 1,
     title: "PuLID-FLUX's true classifier-free guidance scale: above 1 every step also runs a pass with the negative " +
       "prompt and no identity, at twice the time (empty: 1, off)",
+  }, {
+    setting: "true_cfg_start", label: "True CFG from step", short: "true CFG from step", min: 0, max: 50, step: 1,
+    title: "the first step that runs true CFG's negative pass (the steps before run without it; empty: the method's " +
+      "default)",
   }],
 };
 const ALL_METHOD_SETTINGS = Object.values(METHOD_FIELDS).flat().map((f) => f.setting);
@@ -246,22 +266,29 @@ const fieldId = (f) => f.setting.replaceAll("_", "-");  // the number field; its
 for (const [method, fields] of Object.entries(METHOD_FIELDS)) {
   for (const f of fields) {
     const id = fieldId(f);
-    const limits = { min: String(f.min), max: String(f.max), step: String(f.step) };
-    const label = el("label", { id: id + "-field", className: "slider", title: f.title, hidden: "" }, f.label,
-      el("input", { id, type: "number", placeholder: "default", ...limits }),
-      el("input", { id: id + "-range", type: "range", value: String(f.min), "data-for": id, ...limits }));
+    let label;
+    if (f.choices) {  // a menu; its first entry, empty, leaves the choice to the method's default
+      const options = [el("option", { value: "", text: "default" }), ...f.choices.map((c) => el("option", { value: c, text: c }))];
+      label = el("label", { id: id + "-field", title: f.title, hidden: "" }, f.label, el("select", { id }, ...options));
+    } else {
+      const limits = { min: String(f.min), max: String(f.max), step: String(f.step) };
+      label = el("label", { id: id + "-field", className: "slider", title: f.title, hidden: "" }, f.label,
+        el("input", { id, type: "number", placeholder: "default", ...limits }),
+        el("input", { id: id + "-range", type: "range", value: String(f.min), "data-for": id, ...limits }));
+    }
     label.dataset.method = method;
     label.addEventListener("input", negativeChanged);  // after the slider has set its field (the target's listener)
     $("compare-field").before(label);
   }
 }
 
-// The chosen method's settings that are set: setting -> number.
+// The chosen method's settings that are set: setting -> number (a menu's: its choice).
 function methodValues(method) {
   const values = {};
   for (const f of methodFields(method)) {
-    const value = parseFloat($(fieldId(f)).value);
-    if (!Number.isNaN(value)) values[f.setting] = value;
+    const raw = $(fieldId(f)).value;
+    const value = f.choices ? raw : parseFloat(raw);
+    if (f.choices ? value !== "" : !Number.isNaN(value)) values[f.setting] = value;
   }
   return values;
 }
@@ -309,7 +336,12 @@ function methodChanged() {
       $(id + "-field").hidden = name !== method.name;
       if (name !== method.name) continue;
       const known = d[f.setting] !== undefined ? d[f.setting] : f.unset;
-      $(id).placeholder = known !== undefined ? "default " + known : "default";
+      const said = known !== undefined ? "default " + known : "default";
+      if (f.choices) {
+        $(id).options[0].textContent = said;
+        continue;
+      }
+      $(id).placeholder = said;
       // an empty field's slider rests at the default it stands for
       if ($(id).value === "") $(id + "-range").value = d[f.setting] !== undefined ? d[f.setting] : f.min;
     }
@@ -383,6 +415,11 @@ function showModes(modes, controlnets) {
   if ($("mode").selectedOptions[0]?.disabled) $("mode").value = "text-to-image";
   $("control-kind").replaceChildren(...kinds.map((kind) => el("option", { value: kind, title: controlnets[kind], text: kind })));
   modeChanged();
+}
+
+// The ControlNet kinds a model set runs: its catalog entry's (kind -> source), else the server's.
+function controlKinds(entry) {
+  return entry && entry.controlnets ? entry.controlnets : state.controlnets;
 }
 
 // Only the fields of the chosen mode show; swap makes an image of its target's size (no width and height).
