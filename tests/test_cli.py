@@ -89,6 +89,7 @@ def test_every_generation_setting_has_a_flag_that_sets_it(tmp_path):
         "combine": "concat", "shortcut": False, "s_scale": 0.5, "identity_window": (0.1, 0.9),
         "base_model": "base", "vae": "vae", "adapter": "adapter.bin", "loras": {"style.safetensors": 0.7},
         "tiny_vae": "taesd", "decoder": "tiny", "fast": "tcd", "scheduler": "euler-trailing", "eta": 0.2, "method": "pulid", "true_cfg": 2.0,
+        "true_cfg_start": 2, "pulid_num_zero": 8, "pulid_ortho": "v1",
         "identity_guidance": 1.5, "strength": 0.4, "regions": [(0.0, 0.0, 0.5, 1.0), (0.5, 0.25, 1.0, 1.0)],
         "style": [{"adapter": "plain", "scale": 0.4, "window": (0.1, 0.9)},
                   {"adapter": "plain", "scale": 0.5, "window": (0.1, 0.9)}],

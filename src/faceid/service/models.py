@@ -86,7 +86,9 @@ class ModelEntry:
         )
 
     def label(self) -> str:
-        parts = [f"{key}={value!r}" for key, value in self.models.to_json().items()]
+        # its models only (the settings object's other fields are at their defaults, not the entry's)
+        named = self.models.model_dump(mode="json", include=set(MODEL_FIELDS), exclude_none=True)
+        parts = [f"{key}={value!r}" for key, value in named.items()]
         return f"[{self.index}] {self.family}: " + ", ".join(parts)
 
     def describe(self) -> dict[str, Any]:
