@@ -222,3 +222,42 @@ def test_a_controlnet_of_a_family_the_server_does_not_serve_stops_the_start(make
     with pytest.raises(FaceIDError, match="is a FLUX.1 ControlNet, and this server serves SD1.5") as raised:
         make_client(controlnets={"canny": str(flux_controlnet_dir)})
     assert "--also-model" in str(raised.value)
+
+
+def test_flux_controlnets_that_cannot_run_together_are_refused_at_submit(flux_controlnet_dir, tmp_path):
+    """Each FLUX net's layout (blocks, XLabs-style) is read from its config at start: a request whose nets would
+    not line up (depths differ without InfuseNet; an XLabs-style net beside it) is a 422 before it is queued, with
+    the message the call itself gives."""
+    import json
+    from types import SimpleNamespace
+
+    from faceid.service.capabilities import Capabilities, NotServed
+    from faceid.service.config import check_controlnets
+    from faceid.service.inputs import JobInputs
+    from faceid.service.models import ModelEntry
+    from faceid.settings import GenerationSettings
+
+    base = json.loads((flux_controlnet_dir / "config.json").read_text())
+
+    def net(name: str, **changes) -> str:  # the config is all the start reads of it
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({**base, **changes}))
+        return str(folder)
+
+    nets = {"canny": str(flux_controlnet_dir), "depth": net("deeper", num_layers=base["num_layers"] + 1),
+            "pose": net("xlabs", conditioning_embedding_channels=16), "image": net("same")}  # fmt: skip
+    config = SimpleNamespace(controlnets=check_controlnets(nets), fast={}, style_adapters={}, methods={})
+    caps = Capabilities.of(config, tiny_vae=False)
+    entry = ModelEntry(0, GenerationSettings(base_model="flux"), "FLUX.1")
+
+    def check(method: str, *kinds: str) -> None:
+        inputs = JobInputs(controls=[{"kind": kind, "image": "u"} for kind in kinds])
+        caps.check_family(GenerationSettings(method=method), inputs, entry)
+
+    check("pulid-flux", "canny", "image")  # the same architecture: summed entry by entry
+    check("infiniteyou", "canny", "depth")  # beside InfuseNet any depths (summed per block)
+    with pytest.raises(NotServed, match="controls: these FLUX ControlNets differ in depth"):
+        check("pulid-flux", "canny", "depth")
+    with pytest.raises(NotServed, match=r"controls\[1\] is an XLabs-style FLUX ControlNet.*InfuseNet"):
+        check("infiniteyou", "canny", "pose")

@@ -98,16 +98,48 @@ def _check_flux_controlnet(controlnet: Any, transformer: Any, family: str, label
         )
 
 
-def controlnet_family(source: str | Path) -> str:
-    """The family of the ControlNet at ``source`` (a Hub id or diffusers folder), read from its ``config.json``
-    without loading its weights (``families.family_of_controlnet``): what ``faceid serve --controlnet`` files each
-    ControlNet under, so that each model set loads the ones of its family."""
+def flux_controlnet_layout(config: Any) -> tuple[int, int, bool]:
+    """A FLUX ControlNet's (double blocks, single blocks, XLabs-style) from its config: a loaded net's ``.config`` or
+    its ``config.json`` read (``controlnet_family``), so that a server can check a request's nets before it loads
+    anything. XLabs-style: an input hint block (``conditioning_embedding_channels``) that reads the raw image."""
+    return (
+        int(config.get("num_layers", 0)),
+        int(config.get("num_single_layers", 0)),
+        config.get("conditioning_embedding_channels") is not None,
+    )
+
+
+def check_flux_controlnet_layouts(layouts: Sequence[tuple[int, int, bool]], beside_infusenet: bool) -> None:
+    """Refuse FLUX ControlNets that would not run together (``flux_controlnet_layout`` each). Beside InfiniteYou's
+    InfuseNet the call sums the nets per block (any depths), but the pipeline encodes every control image as its
+    first net, InfuseNet, wants it (VAE-encoded): XLabs-style nets are refused there. Without it diffusers'
+    ``FluxMultiControlNetModel`` adds the nets' residual lists entry by entry (``zip``) and prepares every image as
+    the first net wants it: several nets must share depth and kind."""
+    if beside_infusenet:
+        for k, (_, _, xlabs) in enumerate(layouts):
+            if xlabs:
+                raise FaceIDError(
+                    f"control[{k}] is an XLabs-style FLUX ControlNet (an input hint block, reading the raw image): "
+                    "beside InfiniteYou's InfuseNet, which reads the VAE-encoded image, only ControlNets of that kind "
+                    "run (InstantX-style, e.g. FLUX.1-dev-Controlnet-Canny); use one, or another method"
+                )
+    elif len(set(layouts)) > 1:
+        raise FaceIDError(
+            "these FLUX ControlNets differ in depth (double and single blocks) or kind (XLabs-style input hint block "
+            "or not): diffusers' FluxMultiControlNetModel adds their residuals entry by entry, so they would not line "
+            "up; give one, or several of the same architecture"
+        )
+
+
+def controlnet_config(source: str | Path) -> dict[str, Any]:
+    """The ``config.json`` of the ControlNet at ``source`` (a Hub id or diffusers folder), its weights not loaded; one
+    that does not read is an error naming it."""
     from diffusers import ControlNetModel
 
     from .hub import model_not_found, offline
 
     try:  # (``load_config`` reads the JSON only: the same for every ControlNet class)
-        config = ControlNetModel.load_config(str(source), local_files_only=offline())
+        return dict(ControlNetModel.load_config(str(source), local_files_only=offline()))
     except Exception as exc:
         if Path(str(source)).expanduser().exists():
             raise FaceIDError(
@@ -115,6 +147,13 @@ def controlnet_family(source: str | Path) -> str:
                 f"{str(exc).splitlines()[0][:200]}); give a diffusers ControlNet folder (config.json and its weights)"
             ) from exc
         raise model_not_found(str(source), exc) from exc
+
+
+def controlnet_family(source: str | Path) -> str:
+    """The family of the ControlNet at ``source`` (a Hub id or diffusers folder), read from its ``config.json``
+    without loading its weights (``families.family_of_controlnet``): what ``faceid serve --controlnet`` files each
+    ControlNet under, so that each model set loads the ones of its family."""
+    config = controlnet_config(source)
     found = families.family_of_controlnet(config)
     if found is None:
         runs = [

@@ -195,30 +195,16 @@ def request(
 
 
 def check_flux_controlnets(models: ModelSet, inputs: ModeInputs, method: str) -> None:
-    """Several FLUX ControlNets run through diffusers' ``FluxMultiControlNetModel``, which adds the nets' residual
-    lists entry by entry (``zip``: nets of different depths would be misaligned and cut short) and prepares every
-    control image as the first net wants it: refuse nets that differ there. Beside InfiniteYou's InfuseNet the
-    call's ``InfuseNetCall`` sums per block instead (nets of any depth; ``check_beside_infusenet``)."""
+    """The FLUX ControlNets of a call, checked together (``modes.check_flux_controlnet_layouts``: several nets without
+    InfuseNet must share depth and kind; beside InfiniteYou's InfuseNet, whose ``InfuseNetCall`` sums per block,
+    no XLabs-style net)."""
     from .families import family
+    from .modes import check_flux_controlnet_layouts, flux_controlnet_layout
 
-    if len(inputs.controls) < 2 or family(models.family).denoiser != "transformer":
+    if not inputs.controls or family(models.family).denoiser != "transformer":
         return
-    if method == "infiniteyou":
-        return
-    shapes = {
-        (
-            len(c.controlnet.controlnet_blocks),
-            len(c.controlnet.controlnet_single_blocks),
-            c.controlnet.input_hint_block is None,
-        )
-        for c in inputs.controls
-    }
-    if len(shapes) > 1:
-        raise FaceIDError(
-            "these FLUX ControlNets differ in depth (double and single blocks) or kind (XLabs-style input hint block "
-            "or not): diffusers' FluxMultiControlNetModel adds their residuals entry by entry, so they would not line "
-            "up; give one, or several of the same architecture"
-        )
+    layouts = [flux_controlnet_layout(c.controlnet.config) for c in inputs.controls]
+    check_flux_controlnet_layouts(layouts, beside_infusenet=method == "infiniteyou")
 
 
 # The identity methods that bring a ControlNet of their own (InstantID's IdentityNet, InfiniteYou's InfuseNet):
@@ -282,10 +268,6 @@ def check_method_settings(models: ModelSet, requested: GenerationSettings, input
     models.loaded_method(method)  # loaded, or the error that says how
     if method != "instantid" and requested.identitynet_scale is not None:
         raise FaceIDError(f"identitynet_scale is InstantID's IdentityNet scale, not {method}'s: leave it out")
-    if method == "infiniteyou" and inputs.controls:
-        from .methods.infiniteyou import check_beside_infusenet
-
-        check_beside_infusenet([c.controlnet for c in inputs.controls])
     faceid_only = {
         "combine": requested.combine is not None,
         "shortcut": requested.shortcut is not None,

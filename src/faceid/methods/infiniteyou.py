@@ -478,15 +478,10 @@ class InfuseNetCall(FluxMultiControlNetModel):
 
 def check_beside_infusenet(nets: Sequence[Any]) -> None:
     """A user's FLUX ControlNet runs beside InfuseNet only if, like InfuseNet, it reads the VAE-encoded control
-    image (no input hint block: an InstantX-style net, not an XLabs one): the pipeline encodes every control image
-    as its first net (InfuseNet) wants it."""
-    for k, net in enumerate(nets):
-        if getattr(net, "input_hint_block", None) is not None:
-            raise FaceIDError(
-                f"control[{k}] is an XLabs-style FLUX ControlNet (an input hint block, reading the raw image): beside "
-                "InfiniteYou's InfuseNet, which reads the VAE-encoded image, only ControlNets of that kind run "
-                "(InstantX-style, e.g. FLUX.1-dev-Controlnet-Canny); use one, or another method"
-            )
+    image (no input hint block: an InstantX-style net, not an XLabs one): ``modes.check_flux_controlnet_layouts``."""
+    from ..modes import check_flux_controlnet_layouts, flux_controlnet_layout
+
+    check_flux_controlnet_layouts([flux_controlnet_layout(net.config) for net in nets], beside_infusenet=True)
 
 
 # ----------------------------------------------------------------------------------------------- control image

@@ -43,6 +43,9 @@ class Capabilities:
     controlnets: tuple[str, ...] = ()  # control kinds
     # the control kinds each family's model sets run (the ControlNets made for it): family -> kinds
     family_controlnets: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    # the layout of each FLUX ControlNet by kind (``modes.flux_controlnet_layout``: blocks, XLabs-style or not), read
+    # from its config at start, so that nets that cannot run together are refused at submit: kind -> layout
+    flux_controlnet_layouts: Mapping[str, tuple[int, int, bool]] = field(default_factory=dict)
     style_adapters: tuple[str, ...] = ()  # names
     annotators: tuple[str, ...] = ()  # the control kinds' annotator models (ANNOTATORS)
     modes: tuple[str, ...] = (TEXT_TO_IMAGE,)
@@ -53,16 +56,23 @@ class Capabilities:
     def of(cls, config: Any, tiny_vae: bool) -> Capabilities:
         """From ``config`` (a ``ServeConfig``; every worker, on one machine or a Ray replica, runs every mode with what
         it configures); ``tiny_vae``: whether the models were loaded with a tiny VAE."""
+        from ..families import family as family_row
+        from ..modes import controlnet_config, flux_controlnet_layout
+
         kinds = tuple(config.controlnets)
         by_family: dict[str, tuple[str, ...]] = {}
+        layouts: dict[str, tuple[int, int, bool]] = {}
         for kind, nets in config.controlnets.items():  # {kind: {family: source}} (``config.check_controlnets``)
-            for family in nets:
+            for family, source in nets.items():
                 by_family[family] = (*by_family.get(family, ()), kind)
+                if family_row(family).denoiser == "transformer":  # (one FLUX family: its nets by kind)
+                    layouts[kind] = flux_controlnet_layout(controlnet_config(source))
         return cls(
             fast=tuple(config.fast),
             decoders=("full", "tiny") if tiny_vae else ("full",),
             controlnets=kinds,
             family_controlnets=by_family,
+            flux_controlnet_layouts=layouts,
             style_adapters=tuple(config.style_adapters),
             annotators=tuple(dict.fromkeys(ANNOTATORS[kind] for kind in kinds if kind in ANNOTATORS)),
             modes=MODES,
@@ -166,6 +176,14 @@ class Capabilities:
                     f"/v1/models lists each one's controlnets), or start the server with --controlnet "
                     f"{control.kind}=SOURCE, SOURCE a {entry.family} ControlNet"
                 )
+        if row.denoiser == "transformer" and inputs.controls:
+            from ..modes import check_flux_controlnet_layouts
+
+            layouts = [self.flux_controlnet_layouts[control.kind] for control in inputs.controls]
+            try:  # the nets the job would run, as its call checks them (before it is queued)
+                check_flux_controlnet_layouts(layouts, beside_infusenet=settings.method == "infiniteyou")
+            except FaceIDError as exc:
+                raise NotServed(f"controls: {str(exc).replace('control[', 'controls[')}") from None
         if settings.fast is not None and entry.family not in PRESETS[settings.fast].loras:
             raise NotServed(
                 f"fast: the {settings.fast!r} preset exists for {', '.join(PRESETS[settings.fast].loras)} model sets, "
