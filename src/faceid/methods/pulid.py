@@ -435,6 +435,21 @@ V11_ORTHO = "v2"
 method row's defaults of ``pulid_num_zero``, ``pulid_ortho`` and ``scale``, which a call may change."""
 
 
+def _face_encoder_for(encoder: Any, checkpoint: str | Path, eva_clip: str | Path, parsing: str | Path):
+    """The face side (``PuLIDFaceEncoder``: EVA-CLIP's tower and BiSeNet, read strictly) for the ID encoder whose
+    config is ``encoder`` (of the file ``checkpoint``), refused unless the tower is the one it reads: its width, and
+    512 (the antelopev2 embedding) + its projection as the id condition."""
+    face_encoder = PuLIDFaceEncoder.from_files(eva_clip, parsing)
+    tower = face_encoder.eva.config
+    if (tower.width, tower.embed_dim + 512) != (encoder.eva_width, encoder.id_cond_dim):
+        raise CheckpointError(
+            f"the EVA-CLIP tower ({eva_clip}: width {tower.width}, projection {tower.embed_dim}) does not fit "
+            f"{Path(checkpoint).name} (it reads EVA width {encoder.eva_width} and a {encoder.id_cond_dim}-wide id "
+            "condition, 512 + the projection): use EVA02_CLIP_L_336_psz14_s6B.pt"
+        )
+    return face_encoder
+
+
 def _method_files(folder: str | Path | None, checkpoint: str, title: str) -> tuple[Path, Path, Path]:
     """The three files a PuLID release loads from one folder, by their released names: ``checkpoint``
     (guozinan/PuLID), ``EVA02_CLIP_L_336_psz14_s6B.pt`` (QuanSun/EVA-CLIP) and ``parsing_bisenet.pth`` (facexlib's
@@ -518,14 +533,7 @@ class PuLID:
         from ..attention import FaceIDAttnProcessor
 
         adapter = PuLIDSDXL.from_file(checkpoint, unet)
-        face_encoder = PuLIDFaceEncoder.from_files(eva_clip, parsing)
-        tower, encoder = face_encoder.eva.config, adapter.id_adapter.config
-        if (tower.width, tower.embed_dim + 512) != (encoder.eva_width, encoder.id_cond_dim):
-            raise CheckpointError(
-                f"the EVA-CLIP tower ({eva_clip}: width {tower.width}, projection {tower.embed_dim}) does not fit "
-                f"{Path(checkpoint).name} (it reads EVA width {encoder.eva_width} and a {encoder.id_cond_dim}-wide id "
-                "condition, 512 + the projection): use EVA02_CLIP_L_336_psz14_s6B.pt"
-            )
+        face_encoder = _face_encoder_for(adapter.id_adapter.config, checkpoint, eva_clip, parsing)
         processors = unet.attn_processors
         layers: dict[nn.Module, PuLIDAttnProcessor] = {}
         for index, name in adapter.processor_names.items():
@@ -879,14 +887,7 @@ class PuLIDFluxMethod:
         run in float32 on ``device`` (default: the transformer's; as the authors'); the cross-attention modules take
         the transformer's dtype and place (with CPU offload they move with it)."""
         adapter = PuLIDFlux.from_file(checkpoint)
-        face_encoder = PuLIDFaceEncoder.from_files(eva_clip, parsing)
-        tower, encoder = face_encoder.eva.config, adapter.pulid_encoder.config
-        if (tower.width, tower.embed_dim + 512) != (encoder.eva_width, encoder.id_cond_dim):
-            raise CheckpointError(
-                f"the EVA-CLIP tower ({eva_clip}: width {tower.width}, projection {tower.embed_dim}) does not fit "
-                f"{Path(checkpoint).name} (it reads EVA width {encoder.eva_width} and a {encoder.id_cond_dim}-wide id "
-                "condition, 512 + the projection): use EVA02_CLIP_L_336_psz14_s6B.pt"
-            )
+        face_encoder = _face_encoder_for(adapter.pulid_encoder.config, checkpoint, eva_clip, parsing)
         param = next(transformer.parameters())
         place = param.device
         runs = torch.device(device) if device is not None else place
