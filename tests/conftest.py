@@ -311,3 +311,34 @@ def local_ray():
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+# ---------------------------------------------------------------------- the tiny FLUX.1 folders (the FLUX modules')
+@pytest.fixture(scope="session")
+def flux_dir(tmp_path_factory):
+    """The tiny FLUX.1 pipeline folder (``tiny_models.build_flux``, seed 1), built once for the run: read only."""
+    from tiny_models import build_flux
+
+    return build_flux(tmp_path_factory.mktemp("flux") / "flux-tiny", seed=1)
+
+
+@pytest.fixture(scope="session")
+def infiniteyou_dir(flux_dir, tmp_path_factory):
+    """A tiny InfiniteYou of ``flux_dir`` in the release's layout (seed 2), with facexlib's recognizer file beside
+    infu_flux_v1.0/ (the tiny IR-SE the recording script fills), built once for the run: read only."""
+    from test_method_infiniteyou_generate import tiny_irse_state
+    from tiny_models import build_infiniteyou
+
+    from faceid.faces.irse50 import IRSE50_FILE
+
+    folder = build_infiniteyou(flux_dir, tmp_path_factory.mktemp("infiniteyou") / "InfiniteYou", seed=2)
+    torch.save(tiny_irse_state(), folder / IRSE50_FILE)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def pulid_flux_dir(flux_dir, tmp_path_factory):
+    """A tiny PuLID-FLUX of ``flux_dir`` (its checkpoint, EVA-CLIP and BiSeNet files, seed 3), built once: read only."""
+    from tiny_models import build_pulid_flux
+
+    return build_pulid_flux(flux_dir, tmp_path_factory.mktemp("pulid-flux") / "PuLID", seed=3)

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny_models import build_flux, build_infiniteyou
+from tiny_models import build_infiniteyou
 
 from faceid.errors import FaceIDError
 from faceid.methods.infiniteyou import control_image
@@ -28,11 +28,6 @@ from faceid.pipeline import FaceIDPipeline
 SIZE = {"width": 32, "height": 32}
 RUN = {**SIZE, "num_inference_steps": 2, "output_type": "np"}
 EMBEDDING = np.random.default_rng(3).standard_normal(512).astype(np.float32)
-
-
-@pytest.fixture(scope="module")
-def flux_dir(tmp_path_factory):
-    return build_flux(tmp_path_factory.mktemp("flux") / "flux-tiny", seed=1)
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from diffusers import FluxControlNetModel, FluxControlNetPipeline, FluxTransform
 from diffusers.models.controlnets.controlnet_flux import FluxMultiControlNetModel
 from face_helpers import face_photo
 from PIL import Image
-from tiny_models import build_flux, build_infiniteyou, build_pulid_flux
+from tiny_models import build_infiniteyou, build_pulid_flux
 
 from faceid.cli import main
 from faceid.errors import FaceIDError
@@ -46,11 +46,6 @@ def latents(pipe):
     side = SIZE["width"] // (2 * pipe.pipe.vae_scale_factor)
     channels = pipe.pipe.transformer.config.in_channels
     return torch.randn(1, side * side, channels, generator=torch.Generator().manual_seed(9))
-
-
-@pytest.fixture(scope="module")
-def flux_dir(tmp_path_factory):
-    return build_flux(tmp_path_factory.mktemp("flux") / "flux-tiny", seed=1)
 
 
 @pytest.fixture(scope="module")

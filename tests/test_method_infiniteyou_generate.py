@@ -25,7 +25,7 @@ import torch
 from conftest import METHODS_GOLDEN_DIR
 from face_helpers import face_photo
 from PIL import Image
-from tiny_models import build_flux, build_infiniteyou, flux_with_text_encoders
+from tiny_models import flux_with_text_encoders
 
 from faceid.cli import main
 from faceid.errors import CheckpointError, FaceIDError
@@ -52,19 +52,6 @@ SCRIPT = _recording_script()
 def tiny_irse_state() -> dict[str, torch.Tensor]:
     """The tiny IR-SE's weights as the recording script filled facexlib's (from each key's name and shape)."""
     return SCRIPT.fill(IRSE50(SCRIPT.TINY_UNITS).state_dict())
-
-
-@pytest.fixture(scope="module")
-def flux_dir(tmp_path_factory):
-    return build_flux(tmp_path_factory.mktemp("flux") / "flux-tiny", seed=1)
-
-
-@pytest.fixture(scope="module")
-def infiniteyou_dir(flux_dir, tmp_path_factory):
-    """The release's layout with facexlib's recognizer file beside infu_flux_v1.0/ (the tiny IR-SE)."""
-    folder = build_infiniteyou(flux_dir, tmp_path_factory.mktemp("infiniteyou") / "InfiniteYou", seed=2)
-    torch.save(tiny_irse_state(), folder / IRSE50_FILE)
-    return folder
 
 
 def load(flux_dir, source, face_models):

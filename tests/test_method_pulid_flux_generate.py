@@ -26,7 +26,7 @@ import torch
 from conftest import METHODS_GOLDEN_DIR
 from face_helpers import face_photo
 from PIL import Image
-from tiny_models import build_flux, build_infiniteyou, build_pulid_flux, flux_with_text_encoders
+from tiny_models import build_infiniteyou, flux_with_text_encoders
 
 from faceid.cli import main
 from faceid.errors import FaceIDError
@@ -37,16 +37,6 @@ from faceid.settings import GenerationSettings
 RUN = {"width": 32, "height": 32, "num_inference_steps": 2, "output_type": "np"}
 PROMPT = "a photo of a person"
 EMBEDDING = np.random.default_rng(3).standard_normal(512).astype(np.float32)
-
-
-@pytest.fixture(scope="module")
-def flux_dir(tmp_path_factory):
-    return build_flux(tmp_path_factory.mktemp("flux") / "flux-tiny", seed=1)
-
-
-@pytest.fixture(scope="module")
-def pulid_flux_dir(flux_dir, tmp_path_factory):
-    return build_pulid_flux(flux_dir, tmp_path_factory.mktemp("pulid-flux") / "PuLID", seed=3)
 
 
 def load(flux_dir, methods, face_models):

@@ -20,13 +20,10 @@ from io import BytesIO
 
 import numpy as np
 import pytest
-import torch
 from face_helpers import face_photo
 from PIL import Image
-from test_method_infiniteyou_generate import tiny_irse_state
 from test_serve import enroll, error, generate, make_client, wait_finished  # noqa: F401 (a fixture)
 from test_webapp import WAIT, browser, loaded_images, make_server, screenshot, set_value  # noqa: F401 (fixtures)
-from tiny_models import build_flux, build_infiniteyou
 
 from faceid.cli import main
 from faceid.faces import FaceAnalyzer
@@ -42,19 +39,6 @@ PROMPT = "a photo of a person in a garden"
 def analyzer(both_packs):
     """The server's face analysis as ``faceid serve`` loads it: buffalo_l's (the service adds the method's)."""
     return FaceAnalyzer.from_dir(both_packs)
-
-
-@pytest.fixture(scope="module")
-def flux_dir(tmp_path_factory):
-    return build_flux(tmp_path_factory.mktemp("flux") / "flux-tiny", seed=1)
-
-
-@pytest.fixture(scope="module")
-def infiniteyou_dir(flux_dir, tmp_path_factory):
-    """The release's layout with facexlib's recognizer file beside infu_flux_v1.0/ (the tiny IR-SE)."""
-    folder = build_infiniteyou(flux_dir, tmp_path_factory.mktemp("infiniteyou") / "InfiniteYou", seed=2)
-    torch.save(tiny_irse_state(), folder / IRSE50_FILE)
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -16,19 +16,15 @@ from io import BytesIO
 
 import numpy as np
 import pytest
-import torch
 from face_helpers import face_photo
 from PIL import Image
 from test_flux_controlnets import make_flux_controlnet
-from test_method_infiniteyou_generate import tiny_irse_state
 from test_modes import make_controlnet
 from test_serve import enroll, error, generate, make_client, wait_finished  # noqa: F401 (a fixture)
-from tiny_models import build_flux, build_infiniteyou, build_pulid_flux
 
 from faceid.control import make_control_image
 from faceid.errors import FaceIDError
 from faceid.faces import FaceAnalyzer
-from faceid.faces.irse50 import IRSE50_FILE
 from faceid.families import family_of_controlnet
 from faceid.modes import ControlInput, controlnet_family
 from faceid.pipeline import FaceIDPipeline
@@ -44,17 +40,9 @@ def analyzer(both_packs):
 
 
 @pytest.fixture(scope="module")
-def flux_dir(tmp_path_factory):
-    return build_flux(tmp_path_factory.mktemp("flux") / "flux-tiny", seed=1)
-
-
-@pytest.fixture(scope="module")
-def method_dirs(flux_dir, tmp_path_factory):
+def method_dirs(infiniteyou_dir, pulid_flux_dir):
     """InfiniteYou (with the tiny IR-SE as facexlib's recognizer file) and PuLID-FLUX, in their releases' layouts."""
-    infiniteyou = build_infiniteyou(flux_dir, tmp_path_factory.mktemp("infiniteyou") / "InfiniteYou", seed=2)
-    torch.save(tiny_irse_state(), infiniteyou / IRSE50_FILE)
-    pulid = build_pulid_flux(flux_dir, tmp_path_factory.mktemp("pulid-flux") / "PuLID", seed=3)
-    return {"infiniteyou": str(infiniteyou), "pulid-flux": str(pulid)}
+    return {"infiniteyou": str(infiniteyou_dir), "pulid-flux": str(pulid_flux_dir)}
 
 
 @pytest.fixture(scope="module")

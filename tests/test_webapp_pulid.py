@@ -17,17 +17,13 @@ from io import BytesIO
 
 import numpy as np
 import pytest
-import torch
 from conftest import load_tiny_sdxl
 from PIL import Image
 from test_flux_controlnets import make_flux_controlnet
-from test_method_infiniteyou_generate import tiny_irse_state
 from test_serve import wait_finished
 from test_webapp import WAIT, browser, loaded_images, make_server, screenshot, set_value  # noqa: F401 (fixtures)
-from tiny_models import build_flux, build_infiniteyou, build_pulid_flux
 
 from faceid.faces import FaceAnalyzer
-from faceid.faces.irse50 import IRSE50_FILE
 from faceid.pipeline import FaceIDPipeline
 
 PROMPT = "a photo of a person in a garden"
@@ -47,13 +43,9 @@ def pipe(tiny_models, both_packs):
 
 
 @pytest.fixture(scope="module")
-def flux_folders(tmp_path_factory):
+def flux_folders(flux_dir, infiniteyou_dir, pulid_flux_dir):
     """The tiny FLUX, a tiny InfiniteYou with facexlib's recognizer file beside it, a tiny PuLID-FLUX."""
-    flux = build_flux(tmp_path_factory.mktemp("flux") / "flux-tiny", seed=1)
-    infiniteyou = build_infiniteyou(flux, tmp_path_factory.mktemp("infiniteyou") / "InfiniteYou", seed=2)
-    torch.save(tiny_irse_state(), infiniteyou / IRSE50_FILE)
-    pulid_flux = build_pulid_flux(flux, tmp_path_factory.mktemp("pulid-flux") / "PuLID", seed=3)
-    return flux, {"infiniteyou": str(infiniteyou), "pulid-flux": str(pulid_flux)}
+    return flux_dir, {"infiniteyou": str(infiniteyou_dir), "pulid-flux": str(pulid_flux_dir)}
 
 
 def png(client, url) -> np.ndarray:
