@@ -137,8 +137,7 @@ def _pinned_method(name: str) -> None:
     from ..methods import identity_method
 
     method = identity_method(name)
-    unpinned = [f for f in method.all_files if f.revision is None or f.sha256 is None]
-    if unpinned:
+    if method.unpinned:
         raise FaceIDError(
             f"--method {name} needs --method-weights {name}=FOLDER: the folder of its released files "
             f"({', '.join(f.path_in_repo for f in method.files_for())} from {method.files_for()[0].repo}, in their "

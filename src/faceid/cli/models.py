@@ -107,8 +107,11 @@ def print_methods() -> None:
             if m.model_sets:
                 files.append(f"model sets {', '.join(m.model_sets)} (default {m.default_model_set})")
             repos = sorted({f.repo for f in m.all_files})
-            unpinned = [f for f in m.all_files if f.sha256 is None or f.revision is None]
-            pin = f" ({len(unpinned)} not pinned: download them yourself)" if unpinned else " (pinned, sha256-checked)"
+            pin = (
+                f" ({len(m.unpinned)} not pinned: download them yourself)"
+                if m.unpinned
+                else " (pinned, sha256-checked)"
+            )
             print(f"{pad}files ({', '.join(repos)}): {'; '.join(files)}{pin}")
             for asset in m.assets:
                 print(f"{pad}and {asset.filename} from {asset.url} (sha256 {asset.sha256[:12]}...)")

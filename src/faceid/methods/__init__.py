@@ -142,6 +142,12 @@ class IdentityMethod:
         return self.files + tuple(f for files in self.model_sets.values() for f in files)
 
     @property
+    def unpinned(self) -> tuple[HubFile, ...]:
+        """Its released files whose commit or sha256 is not known (``fetch_method_file`` refuses them): none means
+        faceid can fetch and check everything it needs (its folder is then optional)."""
+        return tuple(f for f in self.all_files if f.revision is None or f.sha256 is None)
+
+    @property
     def commercial(self) -> bool:
         """Whether everything it loads allows commercial use."""
         return all(licence.commercial for _, licence in self.licences)
@@ -373,9 +379,8 @@ def unpinned_files() -> list[HubFile]:
     """Every released file of the table whose commit or sha256 is not known."""
     seen: dict[tuple[str, str], HubFile] = {}
     for method in METHODS.values():
-        for file in method.all_files:
-            if file.revision is None or file.sha256 is None:
-                seen.setdefault((file.repo, file.path_in_repo), file)
+        for file in method.unpinned:
+            seen.setdefault((file.repo, file.path_in_repo), file)
     return list(seen.values())
 
 

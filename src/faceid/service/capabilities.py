@@ -262,7 +262,7 @@ def check_methods(methods: Mapping[str, Any]) -> dict[str, str | None]:
                 f"--method-weights {name}: {method.title} is not wired into generation yet; a server loads "
                 f"{_listed(wired)}"
             )
-        if source is None and not any(f.revision is None or f.sha256 is None for f in method.all_files):
+        if source is None and not method.unpinned:
             found[name] = None  # its released files, fetched at their pinned commits and sha256-checked
             continue
         if not isinstance(source, (str, os.PathLike)) or not str(source).strip() or not Path(source).is_dir():
