@@ -280,7 +280,7 @@ def test_what_stops_the_start(make_client, pipe, instantid_dir, tmp_path, capsys
     assert main([*base, "--method-weights", "instantid"]) == 2  # accepted; then the face models are missing
     assert "antelopev2" in capsys.readouterr().err
     assert main([*base, "--method-weights", "infiniteyou"]) == 2
-    assert "--method infiniteyou needs --method-weights infiniteyou=FOLDER" in capsys.readouterr().err
+    assert "--method-weights infiniteyou needs --method-weights infiniteyou=FOLDER" in capsys.readouterr().err
     assert check_methods({"pulid": None}) == {"pulid": None}
     with pytest.raises(FaceIDError, match=r"--method-weights infiniteyou=None: no such folder"):
         check_methods({"infiniteyou": None})

@@ -125,21 +125,21 @@ def method_weights(args: argparse.Namespace, method: str) -> dict[str, str | Non
                 "alone for its released files"
             )
         identity_method(name)  # a known method, or the list
-        weights[name] = folder or _pinned_method(name)
+        weights[name] = folder or _pinned_method(name, f"--method-weights {name}")
     if method != "faceid" and method not in weights:
-        weights[method] = _pinned_method(method)
+        weights[method] = _pinned_method(method, f"--method {method}")
     return weights
 
 
-def _pinned_method(name: str) -> None:
+def _pinned_method(name: str, given: str) -> None:
     """None (fetch the released files at their pins) for a method whose files the table pins; else the error that
-    asks for its folder."""
+    asks for its folder (``given``: the flag that named the method without one)."""
     from ..methods import identity_method
 
     method = identity_method(name)
     if method.unpinned:
         raise FaceIDError(
-            f"--method {name} needs --method-weights {name}=FOLDER: the folder of its released files "
+            f"{given} needs --method-weights {name}=FOLDER: the folder of its released files "
             f"({', '.join(f.path_in_repo for f in method.files_for())} from {method.files_for()[0].repo}, in their "
             "layout); faceid cannot download them itself, their commits and sha256 are not in its method table"
         )
